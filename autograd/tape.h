@@ -1,0 +1,64 @@
+#pragma once
+// The thread-local tape. While grad mode is on and some input requires grad,
+// every op appends a node {input slots, backward closure, output metadata};
+// the closure captures only what its backward needs (SavedTensor). Tape order
+// is topological, so backward() walks it in reverse and then frees it.
+//
+// Writing an op (see docs/extending.md):
+//
+//   Tensor y = ...forward...;
+//   if (autograd::needs_grad({x})) {
+//     autograd::record("exp", {x}, {y}, [saved = autograd::SavedTensor(y, "exp")](
+//                          const std::vector<Tensor>& grads) -> std::vector<Tensor> {
+//       return {ops::mul(grads[0], saved.get())};
+//     });
+//   }
+//
+// The closure receives one gradient per output (zeros where an output got
+// none) and returns one per input (undefined = no gradient for that input).
+#include <functional>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "autograd/grad_mode.h"
+#include "core/tensor.h"
+
+namespace minidl::autograd {
+
+using BackwardFn = std::function<std::vector<Tensor>(const std::vector<Tensor>& grad_outputs)>;
+
+// True when grad mode is on and some input requires grad: an op should then
+// save tensors and call record().
+bool needs_grad(std::initializer_list<Tensor> inputs);
+bool needs_grad(const std::vector<Tensor>& inputs);
+
+// Appends a node; marks each output as requiring grad and produced by it.
+// Does nothing when needs_grad(inputs) is false.
+void record(const char* op, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
+            BackwardFn backward);
+
+// A tensor kept for backward, with the storage version it had when saved:
+// get() throws if an in-place op changed it in between.
+class SavedTensor {
+ public:
+  SavedTensor() = default;
+  SavedTensor(const Tensor& t, const char* op);
+  Tensor get() const;
+  bool defined() const { return tensor_.defined(); }
+
+ private:
+  Tensor tensor_;
+  uint64_t version_ = 0;
+  const char* op_ = "";
+};
+
+// Walks the tape from `root` (seeded with `seed`, or 1 for a scalar) and
+// accumulates into .grad() of leaves; then frees the tape.
+void backward(const Tensor& root, const Tensor& seed = Tensor());
+
+// Drops every recorded node (e.g. after an evaluation that recorded ops).
+void clear_tape();
+size_t tape_size();
+
+}  // namespace minidl::autograd

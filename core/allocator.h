@@ -1,0 +1,44 @@
+#pragma once
+// Device memory. The CPU allocator hands out 64-byte aligned blocks; the CUDA
+// allocator caches freed blocks by size so a training step reuses memory
+// instead of calling cudaMalloc/cudaFree.
+#include <cstddef>
+
+#include "core/device.h"
+
+namespace minidl {
+
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual void* allocate(size_t nbytes) = 0;
+  virtual void deallocate(void* ptr, size_t nbytes) = 0;
+};
+
+Allocator& allocator_for(Device device);
+
+struct MemoryStats {
+  size_t allocated = 0;       // bytes held by live tensors
+  size_t peak_allocated = 0;  // high-water mark of `allocated` since the last reset
+  size_t reserved = 0;        // bytes obtained from the driver (live + cached)
+};
+
+MemoryStats memory_stats(Device device);
+void reset_peak_memory_stats(Device device);
+// Returns cached, unused CUDA blocks to the driver.
+void empty_cache(Device device);
+
+namespace backend {
+// Implemented by the CUDA layer (cuda/runtime.cpp) or by stubs that throw
+// when minidl is built without CUDA; core calls them, never the reverse.
+Allocator& cuda_allocator(int device);
+MemoryStats cuda_memory_stats(int device);
+void cuda_reset_peak_memory_stats(int device);
+void cuda_empty_cache(int device);
+int cuda_device_count();
+// Copies between any two devices (synchronous when the host is involved).
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes);
+void zero_bytes(void* dst, Device device, size_t nbytes);
+}  // namespace backend
+
+}  // namespace minidl

@@ -1,0 +1,33 @@
+#pragma once
+// minidl::Error and the checks that raise it. Messages name the op, the
+// shapes/dtypes/devices involved and what was expected.
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace minidl {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+template <typename... Args>
+std::string concat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+}  // namespace detail
+
+}  // namespace minidl
+
+// MINIDL_CHECK(cond, "op: ", what, ...) throws minidl::Error with the pieces
+// streamed together when cond is false.
+#define MINIDL_CHECK(cond, ...)                                        \
+  do {                                                                 \
+    if (!(cond)) throw ::minidl::Error(::minidl::detail::concat(__VA_ARGS__)); \
+  } while (0)
+
+#define MINIDL_FAIL(...) throw ::minidl::Error(::minidl::detail::concat(__VA_ARGS__))

@@ -1,0 +1,19 @@
+#pragma once
+// Shapes and strides are plain vectors of int64 (elements, not bytes).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace minidl {
+
+using Shape = std::vector<int64_t>;
+
+int64_t numel(const Shape& shape);
+Shape contiguous_strides(const Shape& shape);
+std::string shape_str(const Shape& shape);  // "[2, 3]"
+// Wraps a possibly negative dim into [0, ndim); `op` names the caller in errors.
+int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op);
+// NumPy broadcasting of two shapes; throws naming `op` when incompatible.
+Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op);
+
+}  // namespace minidl

@@ -1,0 +1,149 @@
+// The CUDA caching allocator and the core backend hooks (core/allocator.h).
+// Freed blocks go to a per-size free list and are handed out again; sizes
+// are rounded (512 B below 1 MiB, 1 MiB above) so a training loop's repeated
+// shapes hit the cache. All work runs on one stream per device, so a block
+// freed by the host can be reused by the next kernel without an event.
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "core/allocator.h"
+#include "cuda/runtime.h"
+
+namespace minidl {
+namespace {
+
+size_t round_size(size_t n) {
+  constexpr size_t kSmall = 512, kLarge = 1u << 20;
+  if (n < kLarge) return std::max<size_t>((n + kSmall - 1) / kSmall * kSmall, kSmall);
+  return (n + kLarge - 1) / kLarge * kLarge;
+}
+
+class CudaCachingAllocator final : public Allocator {
+ public:
+  explicit CudaCachingAllocator(int device) : device_(device) {}
+
+  void* allocate(size_t nbytes) override {
+    size_t size = round_size(nbytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    void* p = nullptr;
+    auto it = free_.find(size);
+    if (it != free_.end() && !it->second.empty()) {
+      p = it->second.back();
+      it->second.pop_back();
+    } else {
+      int prev = cuda::current_device();
+      MINIDL_CUDA_CHECK(cudaSetDevice(device_));
+      cudaError_t err = cudaMalloc(&p, size);
+      if (err == cudaErrorMemoryAllocation) {  // release the cache and try once more
+        (void)cudaGetLastError();
+        release_cached_locked();
+        err = cudaMalloc(&p, size);
+      }
+      MINIDL_CUDA_CHECK(cudaSetDevice(prev));
+      if (err != cudaSuccess) {
+        (void)cudaGetLastError();
+        MINIDL_FAIL("cuda allocator: out of memory allocating ", nbytes, " bytes on cuda:", device_,
+                    " (", stats_.allocated, " bytes in use, ", stats_.reserved, " reserved): ",
+                    cudaGetErrorString(err));
+      }
+      stats_.reserved += size;
+    }
+    stats_.allocated += size;
+    stats_.peak_allocated = std::max(stats_.peak_allocated, stats_.allocated);
+    return p;
+  }
+
+  void deallocate(void* ptr, size_t nbytes) override {
+    size_t size = round_size(nbytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_[size].push_back(ptr);
+    stats_.allocated -= size;
+  }
+
+  MemoryStats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return stats_;
+  }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.peak_allocated = stats_.allocated;
+  }
+  void empty_cache() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    release_cached_locked();
+  }
+
+ private:
+  void release_cached_locked() {
+    cudaStreamSynchronize(cuda::stream());
+    for (auto& [size, blocks] : free_) {
+      for (void* p : blocks) {
+        cudaFree(p);
+        stats_.reserved -= size;
+      }
+      blocks.clear();
+    }
+  }
+
+  int device_;
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  MemoryStats stats_;
+};
+
+CudaCachingAllocator& caching_allocator(int device) {
+  MINIDL_CHECK(device >= 0 && device < backend::cuda_device_count(), "cuda allocator: device cuda:",
+               device, " does not exist (", backend::cuda_device_count(), " CUDA devices)");
+  static auto* allocators = new std::vector<CudaCachingAllocator*>(16, nullptr);
+  static std::mutex m;
+  std::lock_guard<std::mutex> lock(m);
+  auto& a = allocators->at(static_cast<size_t>(device));
+  if (!a) a = new CudaCachingAllocator(device);  // leaked: outlives static tensors
+  return *a;
+}
+
+}  // namespace
+
+namespace backend {
+
+Allocator& cuda_allocator(int device) { return caching_allocator(device); }
+MemoryStats cuda_memory_stats(int device) { return caching_allocator(device).stats(); }
+void cuda_reset_peak_memory_stats(int device) { caching_allocator(device).reset_peak(); }
+void cuda_empty_cache(int device) { caching_allocator(device).empty_cache(); }
+
+int cuda_device_count() {
+  static int count = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return n;
+  }();
+  return count;
+}
+
+void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes) {
+  if (nbytes == 0) return;
+  if (dst_device.is_cpu() && src_device.is_cpu()) {
+    std::memcpy(dst, src, nbytes);
+    return;
+  }
+  cudaMemcpyKind kind = dst_device.is_cpu()   ? cudaMemcpyDeviceToHost
+                        : src_device.is_cpu() ? cudaMemcpyHostToDevice
+                                              : cudaMemcpyDeviceToDevice;
+  MINIDL_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, kind, cuda::stream()));
+  if (kind != cudaMemcpyDeviceToDevice) MINIDL_CUDA_CHECK(cudaStreamSynchronize(cuda::stream()));
+}
+
+void zero_bytes(void* dst, Device device, size_t nbytes) {
+  if (nbytes == 0) return;
+  if (device.is_cpu()) std::memset(dst, 0, nbytes);
+  else MINIDL_CUDA_CHECK(cudaMemsetAsync(dst, 0, nbytes, cuda::stream()));
+}
+
+}  // namespace backend
+}  // namespace minidl

@@ -1,0 +1,87 @@
+#include "cuda/runtime.h"
+
+#include <mutex>
+#include <vector>
+
+namespace minidl::cuda {
+
+void throw_cuda_error(cudaError_t err, const char* expr, const char* file, int line) {
+  MINIDL_FAIL("CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in ", expr,
+              " at ", file, ":", line);
+}
+
+void throw_cublas_error(cublasStatus_t st, const char* expr, const char* file, int line) {
+  MINIDL_FAIL("cuBLAS error ", cublasGetStatusName(st), " (", cublasGetStatusString(st), ") in ",
+              expr, " at ", file, ":", line);
+}
+
+namespace {
+
+constexpr size_t kLtWorkspace = 32u << 20;
+
+struct PerDevice {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cublasLtHandle_t lt = nullptr;
+  void* workspace = nullptr;
+  int sms = 0;
+};
+
+// Leaked on purpose: handles must outlive static tensors at exit.
+std::vector<PerDevice>& devices() {
+  static auto* v = new std::vector<PerDevice>(16);
+  return *v;
+}
+std::mutex g_mutex;
+
+PerDevice& current() {
+  int dev = current_device();
+  PerDevice& d = devices().at(static_cast<size_t>(dev));
+  if (!d.stream) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    if (!d.stream) {
+      cudaStream_t s;
+      MINIDL_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+      MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+      d.stream = s;
+    }
+  }
+  return d;
+}
+
+}  // namespace
+
+int current_device() {
+  int dev = 0;
+  MINIDL_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+cudaStream_t stream() { return current().stream; }
+int multiprocessor_count() { return current().sms; }
+
+cublasHandle_t cublas_handle() {
+  PerDevice& d = current();
+  if (!d.cublas) {
+    MINIDL_CUBLAS_CHECK(cublasCreate(&d.cublas));
+    MINIDL_CUBLAS_CHECK(cublasSetStream(d.cublas, d.stream));
+  }
+  return d.cublas;
+}
+
+cublasLtHandle_t cublaslt_handle() {
+  PerDevice& d = current();
+  if (!d.lt) MINIDL_CUBLAS_CHECK(cublasLtCreate(&d.lt));
+  return d.lt;
+}
+
+void* cublaslt_workspace(size_t* nbytes) {
+  PerDevice& d = current();
+  if (!d.workspace) MINIDL_CUDA_CHECK(cudaMalloc(&d.workspace, kLtWorkspace));
+  *nbytes = kLtWorkspace;
+  return d.workspace;
+}
+
+void synchronize() { MINIDL_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+
+}  // namespace minidl::cuda

@@ -1,0 +1,25 @@
+#pragma once
+// Internal helpers shared by op implementations (not a public header).
+#include "core/tensor.h"
+
+// Calls cpu::fn(args...) or cuda::fn(args...) for `device`. In a build
+// without CUDA the CUDA branch is compiled out and throws.
+#if defined(MINIDL_WITH_CUDA)
+#define MINIDL_DISPATCH(device, fn, ...) \
+  ((device).is_cuda() ? ::minidl::cuda::fn(__VA_ARGS__) : ::minidl::cpu::fn(__VA_ARGS__))
+#else
+#define MINIDL_DISPATCH(device, fn, ...)                                                   \
+  ((device).is_cuda() ? throw ::minidl::Error(#fn ": minidl was built without CUDA")      \
+                      : ::minidl::cpu::fn(__VA_ARGS__))
+#endif
+
+namespace minidl::ops::detail {
+
+// "op: <what> a is float32 [2, 3] on cpu, b is ..." checks.
+void check_defined(const char* op, const Tensor& t, const char* name);
+void check_same_device(const char* op, const Tensor& a, const Tensor& b);
+void check_same_dtype(const char* op, const Tensor& a, const Tensor& b);
+void check_floating(const char* op, const Tensor& t);
+std::string describe(const Tensor& t);  // "float32 [2, 3] on cuda:0"
+
+}  // namespace minidl::ops::detail

@@ -1,0 +1,138 @@
+#pragma once
+// minidl::ops — the differentiable operations. Each op checks its inputs
+// (errors name the op, shapes, dtypes and devices), runs the CPU kernel
+// (cpu/) or the CUDA launcher (cuda/) for the inputs' device, and records
+// its backward on the tape when an input requires grad.
+//
+// Conventions: no implicit dtype promotion (inputs of a binary op share a
+// dtype; use to(dtype)); inputs share a device; outputs are contiguous unless
+// the op is a view (reshape/view, permute, transpose, slice, narrow, expand,
+// squeeze/unsqueeze), which share storage with their input.
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "core/generator.h"
+#include "core/tensor.h"
+
+namespace minidl::ops {
+
+// ---- factories (options.requires_grad makes a leaf) ----
+Tensor empty(const Shape& shape, TensorOptions options = {});
+Tensor zeros(const Shape& shape, TensorOptions options = {});
+Tensor ones(const Shape& shape, TensorOptions options = {});
+Tensor full(const Shape& shape, double value, TensorOptions options = {});
+Tensor zeros_like(const Tensor& t);
+Tensor ones_like(const Tensor& t);
+Tensor arange(int64_t end, TensorOptions options = {});
+Tensor arange(double start, double end, double step, TensorOptions options = {});
+// Uniform [0, 1) and standard normal from the Philox stream of `gen`
+// (default_generator() when null): the same values on CPU and CUDA.
+Tensor rand(const Shape& shape, TensorOptions options = {}, Generator* gen = nullptr);
+Tensor randn(const Shape& shape, TensorOptions options = {}, Generator* gen = nullptr);
+
+// ---- elementwise, NumPy broadcasting ----
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor add(const Tensor& a, double s);
+Tensor mul(const Tensor& a, double s);
+Tensor pow(const Tensor& a, double exponent);
+Tensor neg(const Tensor& a);
+Tensor exp(const Tensor& a);
+Tensor log(const Tensor& a);
+Tensor tanh(const Tensor& a);
+Tensor sqrt(const Tensor& a);
+Tensor relu(const Tensor& a);
+Tensor gelu(const Tensor& a);  // tanh approximation
+Tensor sigmoid(const Tensor& a);
+// Comparisons give 1 or 0 in the inputs' dtype; not differentiable.
+Tensor gt(const Tensor& a, const Tensor& b);
+Tensor lt(const Tensor& a, const Tensor& b);
+Tensor eq(const Tensor& a, const Tensor& b);
+// cond != 0 ? a : b, broadcasting all three; cond may have any dtype.
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
+// value where mask != 0, else x.
+Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
+
+// ---- reductions ----
+Tensor sum(const Tensor& x);  // all elements -> scalar (shape [])
+Tensor sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim = false);
+Tensor mean(const Tensor& x);
+Tensor mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim = false);
+// Max over one dim: {values, indices (int32)}; gradient flows to the argmax.
+std::pair<Tensor, Tensor> max(const Tensor& x, int64_t dim, bool keepdim = false);
+Tensor max(const Tensor& x);  // global max -> scalar
+Tensor argmax(const Tensor& x, int64_t dim, bool keepdim = false);
+// Sums `x` down to `shape` (undoes broadcasting); used by backward passes.
+Tensor sum_to(const Tensor& x, const Shape& shape);
+
+// ---- linear algebra ----
+// (..., M, K) @ (..., K, N) with broadcast batch dims; 1-D operands are
+// promoted as in NumPy. CUDA: cuBLAS (TF32 for float32; bfloat16 with fp32
+// accumulation). CPU: blocked, vectorised, OpenMP-threaded GEMM.
+Tensor matmul(const Tensor& a, const Tensor& b);
+
+// ---- neural-network functions ----
+Tensor softmax(const Tensor& x);      // over the last dim
+Tensor log_softmax(const Tensor& x);  // over the last dim
+// Mean cross-entropy of logits (N, C) against int32 targets (N), skipping
+// targets equal to ignore_index; fused log-softmax + NLL.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
+// Over the last dim; weight/bias (C) may be undefined (no affine).
+Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
+// weight (V, C), indices int32 of any shape -> (*indices.shape, C).
+Tensor embedding(const Tensor& weight, const Tensor& indices);
+// Zeroes each element with probability p and scales the rest by 1/(1-p);
+// identity when !training or p == 0. The mask comes from the Philox stream,
+// so CPU and CUDA drop the same elements for the same generator state.
+Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullptr);
+
+// ---- shape and data movement ----
+Tensor reshape(const Tensor& x, const Shape& shape);  // one dim may be -1
+Tensor view(const Tensor& x, const Shape& shape);
+Tensor permute(const Tensor& x, const std::vector<int64_t>& dims);
+Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1);
+Tensor slice(const Tensor& x, int64_t dim, int64_t start, int64_t end, int64_t step = 1);
+Tensor narrow(const Tensor& x, int64_t dim, int64_t start, int64_t length);
+Tensor expand(const Tensor& x, const Shape& shape);
+Tensor unsqueeze(const Tensor& x, int64_t dim);
+Tensor squeeze(const Tensor& x, int64_t dim);
+Tensor contiguous(const Tensor& x);
+Tensor clone(const Tensor& x);
+Tensor to(const Tensor& x, Device device);
+Tensor to(const Tensor& x, DType dtype);
+Tensor cat(const std::vector<Tensor>& tensors, int64_t dim);
+Tensor stack(const std::vector<Tensor>& tensors, int64_t dim);
+std::vector<Tensor> split(const Tensor& x, int64_t split_size, int64_t dim);
+std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t dim);
+// Rows of x along dim picked by int32 indices (1-D).
+Tensor index_select(const Tensor& x, int64_t dim, const Tensor& indices);
+
+// ---- in-place (never recorded; for optimizers and initialisation) ----
+// Each bumps the storage version, so a tensor saved for backward and then
+// changed in place makes backward throw.
+void copy_(const Tensor& dst, const Tensor& src);  // broadcasts src; casts dtype
+void fill_(const Tensor& dst, double value);
+void zero_(const Tensor& dst);
+void add_(const Tensor& dst, const Tensor& src, double alpha = 1.0);  // dst += alpha * src
+void mul_(const Tensor& dst, double s);
+
+}  // namespace minidl::ops
+
+namespace minidl {
+// Operators for the common elementwise ops.
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return ops::add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return ops::sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return ops::mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return ops::div(a, b); }
+inline Tensor operator-(const Tensor& a) { return ops::neg(a); }
+inline Tensor operator+(const Tensor& a, double s) { return ops::add(a, s); }
+inline Tensor operator+(double s, const Tensor& a) { return ops::add(a, s); }
+inline Tensor operator-(const Tensor& a, double s) { return ops::add(a, -s); }
+inline Tensor operator-(double s, const Tensor& a) { return ops::add(ops::neg(a), s); }
+inline Tensor operator*(const Tensor& a, double s) { return ops::mul(a, s); }
+inline Tensor operator*(double s, const Tensor& a) { return ops::mul(a, s); }
+inline Tensor operator/(const Tensor& a, double s) { return ops::mul(a, 1.0 / s); }
+}  // namespace minidl

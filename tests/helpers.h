@@ -1,0 +1,50 @@
+#pragma once
+// Shared test helpers: random inputs, closeness checks, CUDA skipping.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "minidl.h"
+
+namespace minidl::testing {
+
+// Skips the rest of a CUDA test case, visibly, when no GPU is present.
+#define MINIDL_REQUIRE_CUDA()                                                           \
+  do {                                                                                  \
+    if (!::minidl::cuda_is_available()) {                                               \
+      MESSAGE("skipped: no CUDA device");                                               \
+      return;                                                                           \
+    }                                                                                   \
+  } while (0)
+
+// Fresh random values in [-1, 1) (never zeros), float64 on the CPU by default.
+inline Tensor random_tensor(const Shape& shape, TensorOptions options = {DType::Float64}) {
+  static Generator gen(20261126);
+  Tensor u = ops::rand(shape, {options.dtype, Device::cpu(), false}, &gen);
+  Tensor t = ops::add(ops::mul(u, 2.0), -1.0).to(options.device);
+  if (options.requires_grad) t.requires_grad_(true);
+  return t;
+}
+
+// Max |a - b| / (atol + rtol |b|) <= 1, elementwise, after moving both to
+// float64 on the CPU; reports the worst element on failure.
+inline void check_close(const Tensor& a, const Tensor& b, double atol, double rtol) {
+  REQUIRE(a.shape() == b.shape());
+  std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+  double worst = 0;
+  size_t at = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    double r = std::abs(x[i] - y[i]) / (atol + rtol * std::abs(y[i]));
+    if (!(r <= worst)) {
+      worst = r;
+      at = i;
+    }
+  }
+  INFO("worst element ", at, ": ", x.empty() ? 0.0 : x[at], " vs ", y.empty() ? 0.0 : y[at]);
+  CHECK(worst <= 1.0);
+}
+
+}  // namespace minidl::testing
