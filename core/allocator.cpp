@@ -60,5 +60,8 @@ void empty_cache(Device device) {
 
 bool cuda_is_available() { return backend::cuda_device_count() > 0; }
 int cuda_device_count() { return backend::cuda_device_count(); }
+void synchronize(Device device) {
+  if (device.is_cuda()) backend::synchronize(device.index);
+}
 
 }  // namespace minidl

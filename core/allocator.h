@@ -39,6 +39,7 @@ int cuda_device_count();
 // Copies between any two devices (synchronous when the host is involved).
 void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes);
 void zero_bytes(void* dst, Device device, size_t nbytes);
+void synchronize(int device);
 }  // namespace backend
 
 }  // namespace minidl

@@ -27,5 +27,8 @@ std::ostream& operator<<(std::ostream& os, const Device& device);
 // True when minidl was built with CUDA and at least one GPU is usable.
 bool cuda_is_available();
 int cuda_device_count();
+// Waits until all queued work on `device` has finished (no-op on the CPU).
+// Training code needs it only where a value is read on the host anyway.
+void synchronize(Device device);
 
 }  // namespace minidl

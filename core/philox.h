@@ -23,7 +23,7 @@ MINIDL_HD MINIDL_FORCEINLINE uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* 
 
 MINIDL_HD inline U32x4 philox4x32(U32x4 ctr, uint64_t key64) {
   uint32_t k0 = static_cast<uint32_t>(key64), k1 = static_cast<uint32_t>(key64 >> 32);
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {

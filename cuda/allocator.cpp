@@ -145,5 +145,12 @@ void zero_bytes(void* dst, Device device, size_t nbytes) {
   else MINIDL_CUDA_CHECK(cudaMemsetAsync(dst, 0, nbytes, cuda::stream()));
 }
 
+void synchronize(int device) {
+  int prev = cuda::current_device();
+  MINIDL_CUDA_CHECK(cudaSetDevice(device));
+  cuda::synchronize();
+  MINIDL_CUDA_CHECK(cudaSetDevice(prev));
+}
+
 }  // namespace backend
 }  // namespace minidl
