@@ -1,0 +1,440 @@
+// Dilated attention on CUDA: launchers plus the portable (SIMT, fp32 math)
+// kernels, used for float32 inputs and as the fallback for bfloat16.
+//
+// Branches run as one launch each and merge in place into fp32 (O, L)
+// accumulators with the log-sum-exp rule; rows of one launch are disjoint, so
+// the read-modify-write merge needs no atomics. Backward: one pass for
+// D = rowsum(dO * O) - dL, then per branch a query-centric pass for dQ and a
+// key-centric pass for dK/dV (each recomputes P = exp(S - L) with the global
+// L), accumulating into fp32 buffers; again no atomics, so it is deterministic.
+#include <cmath>
+
+#include "cuda/dilated_attention.h"
+#include "cuda/dilated_attention_common.cuh"
+#include "cuda/elementwise.h"
+#include "cuda/runtime.h"
+#include "ops/dispatch.h"
+
+namespace minidl::cuda {
+namespace {
+
+using namespace attn;
+
+constexpr int kThreads = 128;  // per block
+constexpr int kTile = 32;      // keys (forward, dQ) or queries (dK/dV) staged per step
+
+// A group of kTpr = D/32 consecutive lanes owns one row; lane `part` of the
+// group holds dims part, part + kTpr, ... (interleaved, so the lanes of a
+// group hit different shared-memory banks).
+template <int D>
+struct Split {
+  static constexpr int kTpr = D / 32;
+  static constexpr int kRows = kThreads / kTpr;
+  static __device__ __forceinline__ int dim(int i, int part) { return i * kTpr + part; }
+  static __device__ __forceinline__ float reduce(float x) {
+#pragma unroll
+    for (int off = 1; off < kTpr; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    return x;
+  }
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void load_row(const T* src, float scale, float (&dst)[32]) {
+  const int part = threadIdx.x % Split<D>::kTpr;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dst[i] = to_float(src[Split<D>::dim(i, part)]) * scale;
+}
+
+// Stages rows [t0, t0 + kTile) of a row set of `a` (and `b`) into shared
+// memory as fp32; rows past `count` are zero.
+template <typename T, int D>
+__device__ __forceinline__ void stage_rows(const Operand<T>& a, const Operand<T>& b, int64_t batch,
+                                           int64_t head, const RowSet& rows, int64_t t0,
+                                           float (*as)[D], float (*bs)[D]) {
+  for (int idx = threadIdx.x; idx < kTile * D; idx += kThreads) {
+    int j = idx / D, d = idx % D;
+    int64_t t = t0 + j;
+    float x = 0, y = 0;
+    if (t < rows.count) {
+      int64_t pos = rows.base + t * rows.stride;
+      x = to_float(a.row(batch, pos, head)[d]);
+      y = to_float(b.row(batch, pos, head)[d]);
+    }
+    as[j][d] = x;
+    bs[j][d] = y;
+  }
+}
+
+struct BlockWork {
+  int64_t batch, head, t0;
+  RowSet rows;
+};
+
+__device__ __forceinline__ BlockWork block_work(const BranchGrid& g, int rows_per_block) {
+  int64_t bh = blockIdx.y;
+  int64_t segment = blockIdx.x / g.tiles_per_segment;
+  int64_t tile = blockIdx.x % g.tiles_per_segment;
+  BlockWork w;
+  w.batch = bh / g.heads;
+  w.head = bh % g.heads;
+  w.rows = kept_rows(g.n, g.w, g.r, w.head, segment);
+  w.t0 = tile * rows_per_block;
+  return w;
+}
+
+__device__ __forceinline__ int64_t row_index(const BranchGrid& g, int64_t b, int64_t pos, int64_t h) {
+  return (b * g.n + pos) * g.heads + h;
+}
+
+template <typename T, int D, bool kCausal>
+__global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T> k, Operand<T> v,
+                                                         BranchGrid g, float scale_log2,
+                                                         float* __restrict__ o_acc,
+                                                         float* __restrict__ lse) {
+  using S = Split<D>;
+  __shared__ float ks[kTile][D], vs[kTile][D];
+  BlockWork w = block_work(g, S::kRows);
+  if (w.t0 >= w.rows.count) return;  // uniform across the block
+  const int part = threadIdx.x % S::kTpr;
+  const int64_t t = w.t0 + threadIdx.x / S::kTpr;
+  const bool active = t < w.rows.count;
+  const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
+
+  float qr[32], o[32];
+  load_row<T, D>(q.row(w.batch, pos, w.head), scale_log2, qr);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) o[i] = 0;
+  float m = -INFINITY, l = 0;
+  const int64_t key_end = kCausal ? min(w.t0 + S::kRows, w.rows.count) : w.rows.count;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
+    __syncthreads();
+    stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs);
+    __syncthreads();
+    float s[kTile];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      float acc = 0;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) acc += qr[i] * ks[j][S::dim(i, part)];
+      acc = S::reduce(acc);
+      int64_t tk = k0 + j;
+      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
+      s[j] = visible ? acc : -INFINITY;
+      tile_max = fmaxf(tile_max, s[j]);
+    }
+    float m_new = fmaxf(m, tile_max);
+    if (m_new == -INFINITY) continue;
+    float corr = exp2f(m - m_new);
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[i] *= corr;
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      float p = exp2f(s[j] - m_new);
+      l += p;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) o[i] += p * vs[j][S::dim(i, part)];
+    }
+    m = m_new;
+  }
+  // Merge (O_i, L_i) of this branch into the accumulators.
+  const int64_t ri = row_index(g, w.batch, pos, w.head);
+  float l_old = active ? lse[ri] : 0.f;
+  __syncwarp();  // every lane of the group has read lse before part 0 rewrites it
+  if (!active) return;
+  float l_branch = (m + log2f(l)) * kLn2;
+  float l_new = l_old == -INFINITY ? l_branch
+                                   : fmaxf(l_old, l_branch) + log1pf(expf(-fabsf(l_old - l_branch)));
+  float w_old = expf(l_old - l_new);
+  float w_branch = expf(l_branch - l_new) / l;
+  float* dst = o_acc + ri * D;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    int d = S::dim(i, part);
+    dst[d] = w_old * dst[d] + w_branch * o[i];
+  }
+  if (part == 0) lse[ri] = l_new;
+}
+
+// delta[row] = sum_d dO * O - dL (dL optional): one group of lanes per row.
+template <typename T, int D>
+__global__ void backward_delta(const T* __restrict__ out, const T* __restrict__ grad_out,
+                               const float* __restrict__ grad_lse, float* __restrict__ delta,
+                               int64_t rows) {
+  using S = Split<D>;
+  int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / S::kTpr;
+  int part = threadIdx.x % S::kTpr;
+  float acc = 0;
+  if (row < rows) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      int d = S::dim(i, part);
+      acc += to_float(out[row * D + d]) * to_float(grad_out[row * D + d]);
+    }
+  }
+  acc = S::reduce(acc);
+  if (row < rows && part == 0) delta[row] = acc - (grad_lse ? grad_lse[row] : 0.f);
+}
+
+template <typename T, int D, bool kCausal>
+__global__ __launch_bounds__(kThreads) void backward_dq_simt(
+    Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
+    const float* __restrict__ delta, BranchGrid g, float scale, float* __restrict__ dq_acc) {
+  using S = Split<D>;
+  __shared__ float ks[kTile][D], vs[kTile][D];
+  BlockWork w = block_work(g, S::kRows);
+  if (w.t0 >= w.rows.count) return;
+  const int part = threadIdx.x % S::kTpr;
+  const int64_t t = w.t0 + threadIdx.x / S::kTpr;
+  const bool active = t < w.rows.count;
+  const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
+  const int64_t ri = row_index(g, w.batch, pos, w.head);
+
+  float qr[32], dor[32], dq[32];
+  load_row<T, D>(q.row(w.batch, pos, w.head), scale * kLog2e, qr);
+  load_row<T, D>(dout.row(w.batch, pos, w.head), 1.f, dor);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dq[i] = 0;
+  const float l2 = active ? lse[ri] * kLog2e : 0.f;
+  const float dp_row = active ? delta[ri] : 0.f;
+  const int64_t key_end = kCausal ? min(w.t0 + S::kRows, w.rows.count) : w.rows.count;
+  for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
+    __syncthreads();
+    stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs);
+    __syncthreads();
+#pragma unroll 4
+    for (int j = 0; j < kTile; ++j) {
+      float s = 0, dp = 0;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        int d = S::dim(i, part);
+        s += qr[i] * ks[j][d];
+        dp += dor[i] * vs[j][d];
+      }
+      s = S::reduce(s);
+      dp = S::reduce(dp);
+      int64_t tk = k0 + j;
+      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
+      float ds = visible ? exp2f(s - l2) * (dp - dp_row) : 0.f;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) dq[i] += ds * ks[j][S::dim(i, part)];
+    }
+  }
+  if (!active) return;
+  float* dst = dq_acc + ri * D;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dst[S::dim(i, part)] += scale * dq[i];
+}
+
+template <typename T, int D, bool kCausal>
+__global__ __launch_bounds__(kThreads) void backward_dkv_simt(
+    Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
+    const float* __restrict__ delta, BranchGrid g, float scale, float* __restrict__ dk_acc,
+    float* __restrict__ dv_acc) {
+  using S = Split<D>;
+  __shared__ float qs[kTile][D], dos[kTile][D];
+  __shared__ float l2s[kTile], dps[kTile];
+  BlockWork w = block_work(g, S::kRows);
+  if (w.t0 >= w.rows.count) return;
+  const int part = threadIdx.x % S::kTpr;
+  const int64_t t = w.t0 + threadIdx.x / S::kTpr;  // this group's key row
+  const bool active = t < w.rows.count;
+  const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
+
+  float kr[32], vr[32], dk[32], dv[32];
+  load_row<T, D>(k.row(w.batch, pos, w.head), scale * kLog2e, kr);
+  load_row<T, D>(v.row(w.batch, pos, w.head), 1.f, vr);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0;
+  // Causal: only queries at or after the block's first key see it.
+  const int64_t q_begin = kCausal ? (w.t0 / kTile) * kTile : 0;
+  for (int64_t q0 = q_begin; q0 < w.rows.count; q0 += kTile) {
+    __syncthreads();
+    stage_rows<T, D>(q, dout, w.batch, w.head, w.rows, q0, qs, dos);
+    if (threadIdx.x < kTile) {
+      int64_t tq = q0 + threadIdx.x;
+      float l2 = INFINITY, dp = 0;  // +inf makes P = 0 for padding rows
+      if (tq < w.rows.count) {
+        int64_t ri = row_index(g, w.batch, w.rows.base + tq * w.rows.stride, w.head);
+        l2 = lse[ri] * kLog2e;
+        dp = delta[ri];
+      }
+      l2s[threadIdx.x] = l2;
+      dps[threadIdx.x] = dp;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int j = 0; j < kTile; ++j) {
+      float s = 0, dp = 0;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        int d = S::dim(i, part);
+        s += kr[i] * qs[j][d];
+        dp += vr[i] * dos[j][d];
+      }
+      s = S::reduce(s);
+      dp = S::reduce(dp);
+      int64_t tq = q0 + j;
+      bool visible = active && tq < w.rows.count && (!kCausal || tq >= t);
+      float p = visible ? exp2f(s - l2s[j]) : 0.f;
+      float ds = p * (dp - dps[j]);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        int d = S::dim(i, part);
+        dv[i] += p * dos[j][d];
+        dk[i] += ds * qs[j][d];
+      }
+    }
+  }
+  if (!active) return;
+  const int64_t ri = row_index(g, w.batch, pos, w.head);
+  float* dkr = dk_acc + ri * D;
+  float* dvr = dv_acc + ri * D;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    int d = S::dim(i, part);
+    dkr[d] += scale * dk[i];
+    dvr[d] += dv[i];
+  }
+}
+
+// ---- launch helpers ----
+
+struct Shape4 {
+  int64_t b, n, h, d;
+};
+
+Shape4 shape_of(const Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
+
+template <typename T>
+Operand<T> operand(const Tensor& t) {
+  return {static_cast<const T*>(t.raw_data()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+BranchGrid branch_grid(const Shape4& s, const DilatedBranch& br, int rows_per_block) {
+  BranchGrid g;
+  g.n = s.n;
+  g.heads = s.h;
+  g.w = std::min(br.segment, s.n);
+  g.r = br.dilation;
+  g.segments = (s.n + g.w - 1) / g.w;
+  int64_t max_kept = (g.w + g.r - 1) / g.r;
+  g.tiles_per_segment = (max_kept + rows_per_block - 1) / rows_per_block;
+  return g;
+}
+
+dim3 grid_of(const BranchGrid& g, const Shape4& s) {
+  int64_t x = g.segments * g.tiles_per_segment;
+  MINIDL_CHECK(x < (int64_t(1) << 31) && s.b * s.h <= 65535, "dilated_attention: problem too large "
+               "for one launch (", x, " row tiles, ", s.b * s.h, " batch-heads)");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(s.b * s.h));
+}
+
+// Calls f(T{}, std::integral_constant<int, D>{}) for the tensor's dtype and head dim.
+template <typename F>
+void visit_kernel_types(const char* op, DType dtype, int64_t d, F&& f) {
+  auto with_dim = [&](auto tag) {
+    switch (d) {
+      case 32: return f(tag, std::integral_constant<int, 32>{});
+      case 64: return f(tag, std::integral_constant<int, 64>{});
+      case 128: return f(tag, std::integral_constant<int, 128>{});
+      default:
+        MINIDL_FAIL(op, ": head dim ", d, " is not supported on CUDA (supported: 32, 64, 128)");
+    }
+  };
+  if (dtype == DType::Float32) return with_dim(float{});
+  if (dtype == DType::BFloat16) return with_dim(BFloat16{});
+  MINIDL_FAIL(op, ": dtype ", dtype, " is not supported on CUDA (float32, bfloat16)");
+}
+
+Tensor fp32_buffer(const Tensor& like) {
+  return Tensor::empty(like.shape(), {DType::Float32, like.device(), false});
+}
+
+void zero(const Tensor& t) { MINIDL_CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.nbytes(), stream())); }
+
+}  // namespace
+
+void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const DilatedAttentionConfig& config, const Tensor& out,
+                               const Tensor& lse) {
+  const char* op = "dilated_attention (cuda)";
+  Shape4 s = shape_of(q);
+  Tensor o_acc = out.dtype() == DType::Float32 ? out : fp32_buffer(out);
+  zero(o_acc);
+  unary(UnaryOp::Fill, lse, -INFINITY, lse);
+  if (s.b * s.n * s.h == 0) return;
+  float scale_log2 = static_cast<float>(config.scale) * kLog2e;
+  visit_kernel_types(op, q.dtype(), s.d, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    for (const DilatedBranch& br : config.branches) {
+      BranchGrid g = branch_grid(s, br, Split<D>::kRows);
+      auto kernel = config.causal ? forward_simt<T, D, true> : forward_simt<T, D, false>;
+      kernel<<<grid_of(g, s), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
+                                                         g, scale_log2,
+                                                         static_cast<float*>(o_acc.raw_data()),
+                                                         static_cast<float*>(lse.raw_data()));
+      MINIDL_CUDA_LAUNCH_CHECK();
+    }
+  });
+  if (o_acc.impl() != out.impl()) copy(o_acc, out);
+}
+
+void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                                const Tensor& grad_lse, const DilatedAttentionConfig& config,
+                                const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  const char* op = "dilated_attention backward (cuda)";
+  Shape4 s = shape_of(q);
+  bool fp32 = q.dtype() == DType::Float32;
+  Tensor dq_acc = fp32 ? dq : fp32_buffer(dq);
+  Tensor dk_acc = fp32 ? dk : fp32_buffer(dk);
+  Tensor dv_acc = fp32 ? dv : fp32_buffer(dv);
+  zero(dq_acc);
+  zero(dk_acc);
+  zero(dv_acc);
+  int64_t rows = s.b * s.n * s.h;
+  if (rows == 0) return;
+  Tensor out_c = out.is_contiguous() ? out : Tensor();
+  MINIDL_CHECK(out.is_contiguous() && grad_out.is_contiguous(), op,
+               ": out and grad_out must be contiguous");
+  Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
+  float scale = static_cast<float>(config.scale);
+  visit_kernel_types(op, q.dtype(), s.d, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int D = decltype(dim)::value;
+    using S = Split<D>;
+    unsigned blocks = static_cast<unsigned>((rows * S::kTpr + 255) / 256);
+    backward_delta<T, D><<<blocks, 256, 0, stream()>>>(
+        static_cast<const T*>(out.raw_data()), static_cast<const T*>(grad_out.raw_data()),
+        grad_lse.defined() ? static_cast<const float*>(grad_lse.raw_data()) : nullptr,
+        static_cast<float*>(delta.raw_data()), rows);
+    MINIDL_CUDA_LAUNCH_CHECK();
+    const float* l = static_cast<const float*>(lse.raw_data());
+    const float* dl = static_cast<const float*>(delta.raw_data());
+    for (const DilatedBranch& br : config.branches) {
+      BranchGrid g = branch_grid(s, br, S::kRows);
+      dim3 grid = grid_of(g, s);
+      auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
+      dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
+                                                 operand<T>(grad_out), l, dl, g, scale,
+                                                 static_cast<float*>(dq_acc.raw_data()));
+      MINIDL_CUDA_LAUNCH_CHECK();
+      auto dkv_kernel = config.causal ? backward_dkv_simt<T, D, true> : backward_dkv_simt<T, D, false>;
+      dkv_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
+                                                  operand<T>(grad_out), l, dl, g, scale,
+                                                  static_cast<float*>(dk_acc.raw_data()),
+                                                  static_cast<float*>(dv_acc.raw_data()));
+      MINIDL_CUDA_LAUNCH_CHECK();
+    }
+  });
+  if (!fp32) {
+    copy(dq_acc, dq);
+    copy(dk_acc, dk);
+    copy(dv_acc, dv);
+  }
+}
+
+}  // namespace minidl::cuda
