@@ -1,0 +1,16 @@
+#pragma once
+// CUDA gather and scatter-add along one dim; same contract as cpu/indexing.h,
+// except that indices are not range-checked (that needs the indices on the
+// host): out-of-range entries read as zeros forward and are skipped backward,
+// so a bad index gives wrong numbers but never touches memory out of bounds.
+#include "core/tensor.h"
+
+namespace minidl::cuda {
+
+void index_select(const Tensor& x, int64_t dim, const Tensor& indices, const Tensor& out);
+// Scatter-add with atomics into grad_x (float32 for bfloat16 gradients, so the
+// sum is kept in fp32); the summation order, hence the last bits, may vary
+// from run to run.
+void index_add(const Tensor& grad_out, int64_t dim, const Tensor& indices, const Tensor& grad_x);
+
+}  // namespace minidl::cuda
