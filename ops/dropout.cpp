@@ -1,0 +1,50 @@
+// Dropout with a mask that is never stored: element i is kept when
+// philox::uniform(seed, offset, i) >= p for the generator offset reserved at
+// forward time, so backward regenerates it, and CPU and CUDA agree.
+#include <cmath>
+
+#include "autograd/tape.h"
+#include "cpu/random.h"
+#include "cuda/random.h"
+#include "ops/dispatch.h"
+#include "ops/ops.h"
+
+namespace minidl::ops {
+namespace {
+
+struct DropoutMask {
+  uint64_t seed, offset;
+  float keep_threshold;  // u >= p  <=>  u >= keep_threshold, u on the 2^-24 grid
+  double scale;
+};
+
+// y = x * mask / (1 - p), with y contiguous.
+Tensor apply_mask(const Tensor& x, const DropoutMask& m) {
+  Tensor y = Tensor::empty(x.shape(), x.options());
+  MINIDL_DISPATCH(x.device(), dropout, x, m.seed, m.offset, m.keep_threshold, m.scale, y);
+  return y;
+}
+
+}  // namespace
+
+Tensor dropout(const Tensor& x, double p, bool training, Generator* gen) {
+  const char* name = "dropout";
+  detail::check_defined(name, x, "input");
+  detail::check_floating(name, x);
+  MINIDL_CHECK(p >= 0.0 && p < 1.0, name, ": p must be in [0, 1), got ", p);
+  if (!training || p == 0.0) return x;
+  Generator& g = gen ? *gen : default_generator();
+  // Uniforms are multiples of 2^-24, so the smallest one that is >= p is
+  // ceil(p 2^24) / 2^24: comparing against it in float is exactly u >= p.
+  DropoutMask mask{g.seed(), g.next_offset(),
+                   static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0), 1.0 / (1.0 - p)};
+  Tensor y = apply_mask(x, mask);
+  if (autograd::needs_grad({x})) {
+    autograd::record(name, {x}, {y}, [mask](const std::vector<Tensor>& grads) {
+      return std::vector<Tensor>{apply_mask(grads[0], mask)};
+    });
+  }
+  return y;
+}
+
+}  // namespace minidl::ops
