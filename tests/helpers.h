@@ -37,7 +37,8 @@ inline void check_close(const Tensor& a, const Tensor& b, double atol, double rt
   double worst = 0;
   size_t at = 0;
   for (size_t i = 0; i < x.size(); ++i) {
-    double r = std::abs(x[i] - y[i]) / (atol + rtol * std::abs(y[i]));
+    double diff = std::abs(x[i] - y[i]);
+    double r = diff == 0 ? 0 : diff / (atol + rtol * std::abs(y[i]));  // 0/0 with zero tolerances
     if (!(r <= worst)) {
       worst = r;
       at = i;
