@@ -39,6 +39,18 @@ struct Tape {
 
 thread_local Tape g_tape;
 
+// The gradient to store in a leaf: `g` itself when nothing else can see it
+// (its only handle, sole user of its storage, contiguous), else a contiguous
+// copy. Backward closures hand one tensor to several inputs (add), return
+// views of the upstream gradient (permute, cat) or pass the caller's seed on;
+// a leaf must not share memory with them, or an in-place update of one
+// gradient (clipping, an optimizer) would change another.
+Tensor owned_gradient(const Tensor& g) {
+  if (g.impl_ptr().use_count() == 1 && g.storage().use_count() == 1 && g.is_contiguous())
+    return g;
+  return detail::clone(g);
+}
+
 // True if `t` carries gradient: a leaf that requires grad, or the output of a
 // node on the live tape. Outputs of a freed tape act as constants.
 bool carries_grad(const Tensor& t) {
@@ -111,7 +123,7 @@ void backward(const Tensor& root, const Tensor& seed) {
   }
   const AutogradMeta& rm = root.impl()->autograd;
   if (rm.node < 0) {  // a leaf: its gradient is the seed
-    root.set_grad(root.grad().defined() ? detail::add(root.grad(), g0) : g0);
+    root.set_grad(root.grad().defined() ? detail::add(root.grad(), g0) : owned_gradient(g0));
     return;
   }
   MINIDL_CHECK(rm.tape_generation == g_tape.generation,
@@ -149,7 +161,10 @@ void backward(const Tensor& root, const Tensor& seed) {
         MINIDL_CHECK(g.shape() == leaf.shape(), node.op, " backward: gradient of shape ",
                      shape_str(g.shape()), " for input ", j, " of shape ", shape_str(leaf.shape()));
         Tensor acc = leaf.grad();
-        accumulate(acc, g.dtype() == leaf.dtype() ? g : detail::cast(g, leaf.dtype()));
+        if (acc.defined())
+          accumulate(acc, g.dtype() == leaf.dtype() ? g : detail::cast(g, leaf.dtype()));
+        else
+          acc = g.dtype() == leaf.dtype() ? owned_gradient(g) : detail::cast(g, leaf.dtype());
         leaf.set_grad(acc);
       } else {
         std::vector<Tensor>& target = grads[static_cast<size_t>(slot.node)];

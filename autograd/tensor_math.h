@@ -9,4 +9,5 @@ Tensor add(const Tensor& a, const Tensor& b);
 Tensor zeros(const Shape& shape, TensorOptions options);
 Tensor ones(const Shape& shape, TensorOptions options);
 Tensor cast(const Tensor& t, DType dtype);
+Tensor clone(const Tensor& t);  // a contiguous copy
 }  // namespace minidl::autograd::detail
