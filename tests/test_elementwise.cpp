@@ -1,0 +1,445 @@
+// Elementwise ops: exact values, float64 gradchecks (broadcasting,
+// non-contiguous inputs), where/masked_fill, comparisons, in-place ops and
+// the version counter, errors, and CPU-vs-CUDA parity.
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "tests/helpers.h"
+
+using namespace minidl;
+using minidl::testing::check_close;
+using minidl::testing::random_tensor;
+
+namespace {
+
+const TensorOptions kF64Grad{DType::Float64, Device::cpu(), true};
+
+Tensor f64(const std::vector<double>& v, const Shape& shape) { return from_vector(v, shape); }
+Tensor f64(const std::vector<double>& v) { return f64(v, {static_cast<int64_t>(v.size())}); }
+std::vector<double> vals(const Tensor& t) { return t.to_vector<double>(); }
+
+// Leaves for gradchecks: values in [-1, 1), or in [0.5, 1.5) for log, sqrt
+// and fractional powers; optionally laid out transposed (non-contiguous).
+Tensor leaf(const Shape& shape, bool positive = false, bool transposed = false) {
+  Shape storage_shape = shape;
+  if (transposed) std::swap(storage_shape[0], storage_shape[1]);
+  Tensor t = random_tensor(storage_shape);
+  if (positive) t = ops::add(ops::mul(t, 0.5), 1.0);
+  if (transposed) t = t.transpose(0, 1);
+  t.requires_grad_(true);
+  return t;
+}
+
+using UnaryFn = std::function<Tensor(const Tensor&)>;
+struct UnaryCase {
+  const char* name;
+  UnaryFn fn;
+  double (*reference)(double);
+  bool positive_domain;
+};
+
+double gelu_ref(double x) {
+  return 0.5 * x * (1.0 + std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+}
+
+const std::vector<UnaryCase>& unary_cases() {
+  static const std::vector<UnaryCase> cases = {
+      {"neg", [](const Tensor& x) { return ops::neg(x); }, [](double x) { return -x; }, false},
+      {"exp", [](const Tensor& x) { return ops::exp(x); }, [](double x) { return std::exp(x); }, false},
+      {"log", [](const Tensor& x) { return ops::log(x); }, [](double x) { return std::log(x); }, true},
+      {"tanh", [](const Tensor& x) { return ops::tanh(x); }, [](double x) { return std::tanh(x); }, false},
+      {"sqrt", [](const Tensor& x) { return ops::sqrt(x); }, [](double x) { return std::sqrt(x); }, true},
+      {"relu", [](const Tensor& x) { return ops::relu(x); }, [](double x) { return x > 0 ? x : 0.0; }, false},
+      {"gelu", [](const Tensor& x) { return ops::gelu(x); }, gelu_ref, false},
+      {"sigmoid", [](const Tensor& x) { return ops::sigmoid(x); },
+       [](double x) { return 1.0 / (1.0 + std::exp(-x)); }, false},
+      {"add scalar", [](const Tensor& x) { return ops::add(x, 0.75); }, [](double x) { return x + 0.75; }, false},
+      {"mul scalar", [](const Tensor& x) { return ops::mul(x, -1.5); }, [](double x) { return x * -1.5; }, false},
+      {"pow 3", [](const Tensor& x) { return ops::pow(x, 3.0); }, [](double x) { return x * x * x; }, false},
+      {"pow 2.5", [](const Tensor& x) { return ops::pow(x, 2.5); }, [](double x) { return std::pow(x, 2.5); },
+       true},
+      {"pow -1.5", [](const Tensor& x) { return ops::pow(x, -1.5); },
+       [](double x) { return std::pow(x, -1.5); }, true},
+  };
+  return cases;
+}
+
+using BinaryFn = std::function<Tensor(const Tensor&, const Tensor&)>;
+struct BinaryCase {
+  const char* name;
+  BinaryFn fn;
+  double (*reference)(double, double);
+};
+
+const std::vector<BinaryCase>& binary_cases() {
+  static const std::vector<BinaryCase> cases = {
+      {"add", [](const Tensor& a, const Tensor& b) { return ops::add(a, b); },
+       [](double a, double b) { return a + b; }},
+      {"sub", [](const Tensor& a, const Tensor& b) { return ops::sub(a, b); },
+       [](double a, double b) { return a - b; }},
+      {"mul", [](const Tensor& a, const Tensor& b) { return ops::mul(a, b); },
+       [](double a, double b) { return a * b; }},
+      {"div", [](const Tensor& a, const Tensor& b) { return ops::div(a, b); },
+       [](double a, double b) { return a / b; }},
+  };
+  return cases;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------ exact values
+
+TEST_CASE("unary ops on hand-computed values") {
+  CHECK(vals(ops::neg(f64({1, -2, 0}))) == std::vector<double>{-1, 2, 0});
+  CHECK(vals(ops::exp(f64({0}))) == std::vector<double>{1});
+  CHECK(vals(ops::log(f64({1}))) == std::vector<double>{0});
+  CHECK(vals(ops::sqrt(f64({4, 9, 0.25}))) == std::vector<double>{2, 3, 0.5});
+  CHECK(vals(ops::relu(f64({-1, 0, 2.5}))) == std::vector<double>{0, 0, 2.5});
+  CHECK(vals(ops::tanh(f64({0}))) == std::vector<double>{0});
+  CHECK(vals(ops::sigmoid(f64({0}))) == std::vector<double>{0.5});
+  CHECK(vals(ops::add(f64({1, -2}), 0.5)) == std::vector<double>{1.5, -1.5});
+  CHECK(vals(ops::mul(f64({1, -2}), -3.0)) == std::vector<double>{-3, 6});
+  CHECK(vals(ops::pow(f64({2, -3, 4}), 2.0)) == std::vector<double>{4, 9, 16});
+  CHECK(vals(ops::pow(f64({4, 0.25}), -0.5)) == std::vector<double>{0.5, 2});
+  std::vector<double> g = vals(ops::gelu(f64({0, 1, -1, 3})));
+  CHECK(g[0] == 0.0);
+  CHECK(g[1] == doctest::Approx(0.8411919906082768).epsilon(1e-12));
+  CHECK(g[2] == doctest::Approx(-0.15880800939172324).epsilon(1e-12));
+  CHECK(g[3] == doctest::Approx(2.99636259).epsilon(1e-8));
+  // float32 and bfloat16 run the same math in float.
+  CHECK(ops::exp(from_vector(std::vector<float>{1.0f}, {1})).item<float>() == std::exp(1.0f));
+  CHECK(ops::mul(ops::ones({2}, {DType::BFloat16}), 3.0).to_vector<float>() == std::vector<float>{3, 3});
+}
+
+TEST_CASE("unary ops match the float64 reference on random inputs") {
+  for (const UnaryCase& c : unary_cases()) {
+    CAPTURE(std::string(c.name));
+    Tensor x = random_tensor({7, 9});
+    if (c.positive_domain) x = ops::add(ops::mul(x, 0.5), 1.0);
+    std::vector<double> in = vals(x), out = vals(c.fn(x));
+    for (size_t i = 0; i < in.size(); ++i) CHECK(out[i] == doctest::Approx(c.reference(in[i])).epsilon(1e-14));
+    Tensor xt = x.transpose(0, 1);  // strided input, contiguous output
+    Tensor yt = c.fn(xt);
+    CHECK(yt.is_contiguous());
+    check_close(yt, c.fn(xt.contiguous()), 0, 0);
+  }
+}
+
+TEST_CASE("binary ops broadcast (NumPy rules)") {
+  Tensor a = f64({1, 2}, {2, 1});
+  Tensor b = f64({10, 20, 30}, {3});
+  CHECK(ops::add(a, b).shape() == Shape{2, 3});
+  CHECK(vals(ops::add(a, b)) == std::vector<double>{11, 21, 31, 12, 22, 32});
+  CHECK(vals(ops::sub(a, b)) == std::vector<double>{-9, -19, -29, -8, -18, -28});
+  CHECK(vals(ops::mul(a, b)) == std::vector<double>{10, 20, 30, 20, 40, 60});
+  CHECK(vals(ops::div(b, a)) == std::vector<double>{10, 20, 30, 5, 10, 15});
+  CHECK(ops::add(f64({1}, {}), f64({1, 2, 3, 4}, {2, 1, 2})).shape() == Shape{2, 1, 2});
+  CHECK(ops::mul(ops::zeros({0, 3}, {DType::Float64}), b).shape() == Shape{0, 3});
+  // Operators and scalar variants.
+  Tensor x = f64({2, -4});
+  CHECK(vals(x + x) == std::vector<double>{4, -8});
+  CHECK(vals(x - 1.0) == std::vector<double>{1, -5});
+  CHECK(vals(1.0 - x) == std::vector<double>{-1, 5});
+  CHECK(vals(x + 1.0) == std::vector<double>{3, -3});
+  CHECK(vals(1.0 + x) == std::vector<double>{3, -3});
+  CHECK(vals(x * 0.5) == std::vector<double>{1, -2});
+  CHECK(vals(0.5 * x) == std::vector<double>{1, -2});
+  CHECK(vals(x / 4.0) == std::vector<double>{0.5, -1});
+  CHECK(vals(-x) == std::vector<double>{-2, 4});
+  CHECK(vals(x * x / x - x) == std::vector<double>{0, 0});
+  for (const BinaryCase& c : binary_cases()) {
+    CAPTURE(std::string(c.name));
+    Tensor p = random_tensor({4, 1, 3}), q = random_tensor({5, 1});
+    std::vector<double> pv = vals(p.expand({4, 5, 3})), qv = vals(q.expand({4, 5, 3}));
+    std::vector<double> out = vals(c.fn(p, q));
+    for (size_t i = 0; i < out.size(); ++i) CHECK(out[i] == c.reference(pv[i], qv[i]));
+  }
+}
+
+TEST_CASE("comparisons give 1 or 0 in the input dtype and are not differentiable") {
+  Tensor a = f64({1, 2, 3});
+  Tensor b = f64({2}, {1});
+  CHECK(vals(ops::gt(a, b)) == std::vector<double>{0, 0, 1});
+  CHECK(vals(ops::lt(a, b)) == std::vector<double>{1, 0, 0});
+  CHECK(vals(ops::eq(a, b)) == std::vector<double>{0, 1, 0});
+  Tensor x = random_tensor({2, 3}, {DType::Float32, Device::cpu(), true});
+  Tensor m = ops::gt(x, ops::zeros({3}));
+  CHECK(m.dtype() == DType::Float32);
+  CHECK_FALSE(m.requires_grad());
+  CHECK(ops::lt(f64({1, 5}, {2, 1}), f64({2, 3, 4})).shape() == Shape{2, 3});
+  Tensor bf = ops::eq(ops::ones({2}, {DType::BFloat16}), ops::full({1}, 1.0, {DType::BFloat16}));
+  CHECK(bf.to_vector<float>() == std::vector<float>{1, 1});
+}
+
+TEST_CASE("where and masked_fill") {
+  Tensor cond = from_vector(std::vector<int32_t>{1, 0, -3}, {3});
+  Tensor a = f64({1, 2, 3, 4, 5, 6}, {2, 3});
+  Tensor b = f64({-1}, {1});
+  CHECK(vals(ops::where(cond, a, b)) == std::vector<double>{1, -1, 3, 4, -1, 6});
+  Tensor fcond = f64({0, 1}, {2, 1});  // a float condition, broadcast over columns
+  CHECK(vals(ops::where(fcond, a, b)) == std::vector<double>{-1, -1, -1, 4, 5, 6});
+  Tensor bcond = from_vector(std::vector<float>{0.5f, 0}, {2, 1}, {DType::BFloat16});
+  CHECK(vals(ops::where(bcond, a, b)) == std::vector<double>{1, 2, 3, -1, -1, -1});
+  CHECK(vals(ops::masked_fill(a, cond, -7.0)) == std::vector<double>{-7, 2, -7, -7, 5, -7});
+  // Gradients: each branch gets the upstream gradient where it was chosen.
+  Tensor ga = ops::zeros({2, 3}, kF64Grad), gb = ops::zeros({1}, kF64Grad);
+  ops::where(cond, ga, gb).backward(f64({1, 2, 3, 4, 5, 6}, {2, 3}));
+  CHECK(vals(ga.grad()) == std::vector<double>{1, 0, 3, 4, 0, 6});
+  CHECK(vals(gb.grad()) == std::vector<double>{2 + 5});
+  Tensor gx = ops::zeros({2, 3}, kF64Grad);
+  ops::sum(ops::mul(ops::masked_fill(gx, cond, 9.0), 2.0)).backward();
+  CHECK(vals(gx.grad()) == std::vector<double>{0, 2, 0, 0, 2, 0});
+  CHECK_THROWS_WITH_AS(ops::where(cond, a, ops::zeros({3})), doctest::Contains("where: dtype mismatch"), Error);
+  CHECK_THROWS_WITH_AS(ops::where(f64({1, 0}), a, b), doctest::Contains("where: shapes [2] and [2, 3] are not broadcastable"),
+                       Error);
+}
+
+// --------------------------------------------------------------- gradients
+
+TEST_CASE("gradcheck: every unary op, contiguous and non-contiguous") {
+  for (const UnaryCase& c : unary_cases()) {
+    for (bool transposed : {false, true}) {
+      CAPTURE(std::string(c.name));
+      CAPTURE(transposed);
+      Tensor x = leaf({3, 4}, c.positive_domain, transposed);
+      UnaryFn fn = c.fn;
+      CHECK(gradcheck([fn](const std::vector<Tensor>& in) { return fn(in[0]); }, {x}));
+    }
+  }
+}
+
+TEST_CASE("gradcheck: binary ops with broadcasting and non-contiguous inputs") {
+  struct Shapes {
+    Shape a, b;
+    bool a_transposed;
+  };
+  std::vector<Shapes> shapes = {{{3, 4}, {3, 4}, false}, {{3, 4}, {4}, true}, {{4, 1}, {4, 3}, false},
+                                {{2, 3}, {}, true},      {{3, 1, 2}, {4, 1}, false}};
+  for (const BinaryCase& c : binary_cases()) {
+    for (const Shapes& s : shapes) {
+      CAPTURE(std::string(c.name));
+      CAPTURE(shape_str(s.a));
+      CAPTURE(shape_str(s.b));
+      Tensor a = leaf(s.a, false, s.a_transposed);
+      // Divisors stay away from zero.
+      Tensor b = leaf(s.b, std::string(c.name) == "div");
+      BinaryFn fn = c.fn;
+      CHECK(gradcheck([fn](const std::vector<Tensor>& in) { return fn(in[0], in[1]); }, {a, b}));
+    }
+  }
+  // The same tensor on both sides.
+  Tensor x = leaf({2, 3}, true);
+  for (const BinaryCase& c : binary_cases()) {
+    CAPTURE(std::string(c.name));
+    BinaryFn fn = c.fn;
+    CHECK(gradcheck([fn](const std::vector<Tensor>& in) { return fn(in[0], in[0]); }, {x}));
+  }
+}
+
+TEST_CASE("gradcheck: where, masked_fill and compositions") {
+  Tensor cond = ops::gt(random_tensor({3, 1}), ops::zeros({1}, {DType::Float64}));
+  Tensor mask = from_vector(std::vector<int32_t>{0, 1, 1, 0}, {1, 4});
+  Tensor a = leaf({3, 4}, false, true), b = leaf({4});
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::where(cond, in[0], in[1]); }, {a, b}));
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::masked_fill(in[0], mask, -2.0); }, {a}));
+  CHECK(gradcheck(
+      [](const std::vector<Tensor>& in) {
+        Tensor h = ops::gelu(ops::add(ops::mul(in[0], in[1]), 0.1));
+        return ops::div(ops::sigmoid(h), ops::add(ops::exp(in[1]), 1.0)) - ops::tanh(in[0]) * 0.5;
+      },
+      {a, b}));
+}
+
+// ---------------------------------------------------------------- in-place
+
+TEST_CASE("in-place ops: values and version counter") {
+  Tensor x = f64({1, 2, 3, 4}, {2, 2});
+  uint64_t v0 = x.version();
+  ops::add_(x, f64({10, 20}), 0.5);  // broadcast src, scaled
+  CHECK(vals(x) == std::vector<double>{6, 12, 8, 14});
+  ops::mul_(x, 0.5);
+  CHECK(vals(x) == std::vector<double>{3, 6, 4, 7});
+  ops::add_(x.transpose(0, 1), f64({1, 2, 3, 4}, {2, 2}));  // strided destination
+  CHECK(vals(x) == std::vector<double>{4, 9, 6, 11});
+  ops::copy_(x, from_vector(std::vector<float>{1.5f}, {1}));
+  CHECK(vals(x) == std::vector<double>{1.5, 1.5, 1.5, 1.5});
+  ops::fill_(x.slice(1, 1, 2), -1.0);
+  CHECK(vals(x) == std::vector<double>{1.5, -1, 1.5, -1});
+  ops::zero_(x);
+  CHECK(vals(x) == std::vector<double>{0, 0, 0, 0});
+  CHECK(x.version() == v0 + 6);
+  Tensor y = ops::mul(x, 2.0);  // out-of-place ops leave the version alone
+  CHECK(x.version() == v0 + 6);
+  CHECK(y.version() == 0);
+}
+
+TEST_CASE("in-place change of a saved tensor makes backward throw") {
+  using Mutation = std::function<void(const Tensor&)>;
+  std::vector<std::pair<const char*, Mutation>> mutations = {
+      {"fill_", [](const Tensor& t) { ops::fill_(t, 1.0); }},
+      {"zero_", [](const Tensor& t) { ops::zero_(t); }},
+      {"copy_", [](const Tensor& t) { ops::copy_(t, ops::ones({}, {DType::Float64})); }},
+      {"add_", [](const Tensor& t) { ops::add_(t, t); }},
+      {"mul_", [](const Tensor& t) { ops::mul_(t, 2.0); }},
+  };
+  for (auto& [name, mutate] : mutations) {
+    CAPTURE(std::string(name));
+    Tensor x = leaf({4});
+    Tensor w = random_tensor({2, 4});
+    Tensor loss = ops::sum(ops::mul(x, w.slice(0, 1, 2)));  // saves a view of w
+    mutate(w.slice(0, 0, 1));  // another view of the same storage
+    CHECK_THROWS_WITH_AS(loss.backward(), doctest::Contains("mul backward: a tensor of shape [1, 4] saved for "
+                                                            "backward was modified in place"),
+                         Error);
+  }
+  // Outputs saved by exp are protected the same way.
+  Tensor x = leaf({3});
+  Tensor y = ops::exp(x);
+  Tensor loss = ops::sum(y);
+  {
+    NoGradGuard no_grad;
+    ops::mul_(y, 2.0);
+  }
+  CHECK_THROWS_WITH_AS(loss.backward(), doctest::Contains("exp backward"), Error);
+}
+
+TEST_CASE("in-place writes to tensors that require grad are refused outside NoGradGuard") {
+  Tensor p = leaf({3});
+  CHECK_THROWS_WITH_AS(ops::mul_(p, 2.0), doctest::Contains("mul_: in-place write to a tensor that requires "
+                                                            "grad (float64 [3] on cpu); wrap it in NoGradGuard"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::add_(p, p), doctest::Contains("add_: in-place write"), Error);
+  CHECK_THROWS_WITH_AS(ops::fill_(ops::exp(p), 0.0), doctest::Contains("fill_: in-place write"), Error);
+  std::vector<double> before = vals(p);
+  {
+    NoGradGuard no_grad;  // how optimizers update parameters
+    ops::add_(p, ops::ones({3}, {DType::Float64}), -0.5);
+  }
+  std::vector<double> after = vals(p);
+  for (size_t i = 0; i < after.size(); ++i) CHECK(after[i] == before[i] - 0.5);
+  autograd::clear_tape();
+}
+
+// ------------------------------------------------------------------ errors
+
+TEST_CASE("elementwise errors name the op, dtypes, shapes and devices") {
+  Tensor a = random_tensor({2}, {DType::Float32});
+  Tensor b = random_tensor({2}, {DType::Float64});
+  CHECK_THROWS_WITH_AS(ops::add(a, b), doctest::Contains("add: dtype mismatch (float32 [2] on cpu vs float64 [2] "
+                                                         "on cpu); convert one with to(dtype)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::mul(a, random_tensor({3}, {DType::Float32})),
+                       doctest::Contains("mul: shapes [2] and [3] are not broadcastable"), Error);
+  Tensor i = ops::zeros({2}, {DType::Int32});
+  CHECK_THROWS_WITH_AS(ops::exp(i), doctest::Contains("exp: expected a floating-point tensor, got int32 [2] on cpu"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::gt(i, i), doctest::Contains("gt: expected a floating-point tensor"), Error);
+  CHECK_THROWS_WITH_AS(ops::sub(Tensor(), a), doctest::Contains("sub: first input is an undefined tensor"), Error);
+  CHECK_THROWS_WITH_AS(ops::div(a, Tensor()), doctest::Contains("div: second input is an undefined tensor"), Error);
+  CHECK_THROWS_WITH_AS(ops::relu(Tensor()), doctest::Contains("relu: input is an undefined tensor"), Error);
+  CHECK_THROWS_WITH_AS(ops::add_(a, b), doctest::Contains("add_: dtype mismatch"), Error);
+  CHECK_THROWS_WITH_AS(ops::add_(a, random_tensor({3}, {DType::Float32})),
+                       doctest::Contains("expand: cannot expand [3] to [2]"), Error);
+}
+
+// ------------------------------------------------------------------- CUDA
+
+namespace {
+
+double parity_tol(DType dtype) { return dtype == DType::Float32 ? 1e-5 : 1e-2; }
+
+}  // namespace
+
+TEST_CASE("unary ops: CUDA matches CPU (float32, bfloat16), forward and float32 backward") {
+  MINIDL_REQUIRE_CUDA();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    for (const UnaryCase& c : unary_cases()) {
+      CAPTURE(dtype);
+      CAPTURE(std::string(c.name));
+      Tensor x = random_tensor({33, 65}, {dtype});
+      if (c.positive_domain) x = ops::add(ops::mul(x, 0.5), 1.0);
+      Tensor xg = x.to(Device::cuda());
+      double tol = parity_tol(dtype);
+      check_close(c.fn(xg), c.fn(x), 1e-6, tol);
+      check_close(c.fn(xg.transpose(0, 1)), c.fn(x.transpose(0, 1)), 1e-6, tol);  // strided
+      if (dtype != DType::Float32) continue;
+      Tensor lc = x.detach().requires_grad_(true), lg = xg.detach().requires_grad_(true);
+      Tensor seed = random_tensor({33, 65}, {dtype});
+      c.fn(lc).backward(seed);
+      c.fn(lg).backward(seed.to(Device::cuda()));
+      check_close(lg.grad(), lc.grad(), 1e-6, tol);
+    }
+  }
+}
+
+TEST_CASE("binary ops, comparisons and where: CUDA matches CPU (float32, bfloat16)") {
+  MINIDL_REQUIRE_CUDA();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    double tol = parity_tol(dtype);
+    Tensor a = random_tensor({17, 1, 40}, {dtype});
+    Tensor b_storage = ops::add(ops::mul(random_tensor({40, 9}, {dtype}), 0.5), 1.0);
+    Tensor b = b_storage.transpose(0, 1);  // (9, 40), strided; away from zero for div
+    Tensor ag = a.to(Device::cuda()), bg = b_storage.to(Device::cuda()).transpose(0, 1);
+    REQUIRE_FALSE(bg.is_contiguous());
+    for (const BinaryCase& c : binary_cases()) {
+      CAPTURE(std::string(c.name));
+      check_close(c.fn(ag, bg), c.fn(a, b), 1e-6, tol);
+      check_close(c.fn(bg, ag), c.fn(b, a), 1e-6, tol);
+    }
+    check_close(ops::gt(ag, bg), ops::gt(a, b), 0, 0);
+    check_close(ops::lt(ag, bg), ops::lt(a, b), 0, 0);
+    check_close(ops::eq(ag, ag), ops::eq(a, a), 0, 0);
+    Tensor cond = ops::gt(random_tensor({9, 1}, {DType::Float32}), ops::zeros({1}));
+    check_close(ops::where(cond.to(Device::cuda()), ag, bg), ops::where(cond, a, b), 0, 0);
+    check_close(ops::masked_fill(bg, cond.to(Device::cuda()), 3.0), ops::masked_fill(b, cond, 3.0), 0, 0);
+  }
+}
+
+TEST_CASE("binary ops: CUDA backward matches CPU (float32)") {
+  MINIDL_REQUIRE_CUDA();
+  for (const BinaryCase& c : binary_cases()) {
+    CAPTURE(std::string(c.name));
+    Tensor a = random_tensor({6, 1, 8}, {DType::Float32, Device::cpu(), true});
+    Tensor b = ops::add(ops::mul(random_tensor({5, 8}, {DType::Float32}), 0.5), 1.0).detach().requires_grad_(true);
+    Tensor ag = a.detach().to(Device::cuda()).requires_grad_(true);
+    Tensor bg = b.detach().to(Device::cuda()).requires_grad_(true);
+    Tensor seed = random_tensor({6, 5, 8}, {DType::Float32});
+    c.fn(a, b).backward(seed);
+    c.fn(ag, bg).backward(seed.to(Device::cuda()));
+    check_close(ag.grad(), a.grad(), 1e-5, 1e-5);
+    check_close(bg.grad(), b.grad(), 1e-5, 1e-5);
+  }
+}
+
+TEST_CASE("in-place ops on CUDA match CPU (float32, bfloat16)") {
+  MINIDL_REQUIRE_CUDA();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    Tensor x = random_tensor({8, 12}, {dtype});
+    Tensor xg = x.to(Device::cuda());
+    Tensor src = random_tensor({12}, {dtype});
+    Tensor srcg = src.to(Device::cuda());
+    auto mutate = [](const Tensor& t, const Tensor& s) {
+      ops::add_(t.slice(1, 0, 12, 2), s.slice(0, 0, 12, 2), -0.5);
+      ops::mul_(t.transpose(0, 1).narrow(1, 2, 3), 3.0);
+      ops::fill_(t.slice(0, 7, 8), 0.25);
+      ops::copy_(t.narrow(0, 0, 1), ops::full({12}, 2.0, {DType::Float64}));  // cast from float64
+    };
+    mutate(x, src);
+    mutate(xg, srcg);
+    check_close(xg, x, 0, 0);
+  }
+}
+
+TEST_CASE("elementwise on CUDA: device mismatch is an error") {
+  MINIDL_REQUIRE_CUDA();
+  Tensor a = random_tensor({2}, {DType::Float32});
+  Tensor g = random_tensor({2}, {DType::Float32, Device::cuda()});
+  CHECK_THROWS_WITH_AS(ops::mul(g, a), doctest::Contains("mul: inputs are on different devices (float32 [2] on "
+                                                         "cuda:0 vs float32 [2] on cpu)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::where(a, g, g), doctest::Contains("where: inputs are on different devices"), Error);
+  CHECK_THROWS_WITH_AS(ops::add_(g, a), doctest::Contains("add_: inputs are on different devices"), Error);
+}
