@@ -68,8 +68,16 @@ Tensor Tensor::empty(const Shape& shape, TensorOptions options) {
 
 const Shape& Tensor::shape() const { return checked(impl_).shape; }
 const Shape& Tensor::strides() const { return checked(impl_).strides; }
-int64_t Tensor::size(int64_t d) const { return shape()[wrap_dim(d, dim(), "size")]; }
-int64_t Tensor::stride(int64_t d) const { return strides()[wrap_dim(d, dim(), "stride")]; }
+// wrap_dim accepts dim 0 of a 0-d tensor (for squeeze and friends); there is
+// no size to read there.
+int64_t Tensor::size(int64_t d) const {
+  MINIDL_CHECK(dim() > 0, "size: dim ", d, " is out of range for a zero-dimensional tensor");
+  return shape()[wrap_dim(d, dim(), "size")];
+}
+int64_t Tensor::stride(int64_t d) const {
+  MINIDL_CHECK(dim() > 0, "stride: dim ", d, " is out of range for a zero-dimensional tensor");
+  return strides()[wrap_dim(d, dim(), "stride")];
+}
 int64_t Tensor::numel() const { return minidl::numel(shape()); }
 int64_t Tensor::offset() const { return checked(impl_).offset; }
 DType Tensor::dtype() const { return checked(impl_).dtype; }

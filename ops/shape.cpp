@@ -118,14 +118,17 @@ Tensor permute(const Tensor& x, const std::vector<int64_t>& dims) {
 
 Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1) {
   detail::check_defined("transpose", x, "input");
+  int64_t d0 = wrap_dim(dim0, x.dim(), "transpose"), d1 = wrap_dim(dim1, x.dim(), "transpose");
+  if (x.dim() == 0) return x;  // dims 0 and -1 of a scalar: nothing to swap
   std::vector<int64_t> dims(x.dim());
   std::iota(dims.begin(), dims.end(), 0);
-  std::swap(dims[wrap_dim(dim0, x.dim(), "transpose")], dims[wrap_dim(dim1, x.dim(), "transpose")]);
+  std::swap(dims[d0], dims[d1]);
   return permute(x, dims);
 }
 
 Tensor slice(const Tensor& x, int64_t dim, int64_t start, int64_t end, int64_t step) {
   detail::check_defined("slice", x, "input");
+  MINIDL_CHECK(x.dim() > 0, "slice: cannot slice a zero-dimensional tensor");
   int64_t d = wrap_dim(dim, x.dim(), "slice");
   int64_t size = x.shape()[d];
   MINIDL_CHECK(step >= 1, "slice: step must be >= 1, got ", step);
@@ -147,6 +150,7 @@ Tensor slice(const Tensor& x, int64_t dim, int64_t start, int64_t end, int64_t s
 
 Tensor narrow(const Tensor& x, int64_t dim, int64_t start, int64_t length) {
   detail::check_defined("narrow", x, "input");
+  MINIDL_CHECK(x.dim() > 0, "narrow: cannot narrow a zero-dimensional tensor");
   int64_t d = wrap_dim(dim, x.dim(), "narrow");
   MINIDL_CHECK(start >= 0 && length >= 0 && start + length <= x.shape()[d], "narrow: range [",
                start, ", ", start + length, ") is outside dim ", dim, " of size ", x.shape()[d]);
@@ -185,7 +189,7 @@ Tensor unsqueeze(const Tensor& x, int64_t dim) {
 Tensor squeeze(const Tensor& x, int64_t dim) {
   detail::check_defined("squeeze", x, "input");
   int64_t d = wrap_dim(dim, x.dim(), "squeeze");
-  if (x.shape()[d] != 1) return x;
+  if (x.dim() == 0 || x.shape()[d] != 1) return x;
   Shape shape = x.shape(), strides = x.strides();
   shape.erase(shape.begin() + d);
   strides.erase(strides.begin() + d);

@@ -281,3 +281,20 @@ TEST_CASE("ops mixing CPU and CUDA tensors fail clearly") {
   ops::copy_(c, a);
   check_close(c, a, 0, 0);
 }
+
+TEST_CASE("zero-dimensional tensors: views that make sense work, the rest fail clearly") {
+  Tensor s = ops::full({}, 3.0);
+  CHECK(s.squeeze(0).shape() == Shape{});
+  CHECK(s.transpose(0, 0).shape() == Shape{});
+  CHECK(s.permute({}).shape() == Shape{});
+  CHECK(s.reshape({1}).item<float>() == 3.0f);
+  CHECK(s.expand({2, 2}).to_vector<float>() == std::vector<float>{3, 3, 3, 3});
+  CHECK_THROWS_WITH_AS(s.slice(0, 0, 1), doctest::Contains("slice: cannot slice a zero-dimensional tensor"), Error);
+  CHECK_THROWS_WITH_AS(s.narrow(0, 0, 1), doctest::Contains("narrow: cannot narrow a zero-dimensional tensor"),
+                       Error);
+  CHECK_THROWS_WITH_AS(s.size(0), doctest::Contains("size: dim 0 is out of range for a zero-dimensional tensor"),
+                       Error);
+  CHECK_THROWS_WITH_AS(s.stride(0), doctest::Contains("stride: dim 0 is out of range for a zero-dimensional tensor"),
+                       Error);
+  CHECK_THROWS_WITH_AS(s.squeeze(1), doctest::Contains("squeeze: dim 1 is out of range"), Error);
+}
