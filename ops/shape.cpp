@@ -119,7 +119,7 @@ Tensor permute(const Tensor& x, const std::vector<int64_t>& dims) {
 Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1) {
   detail::check_defined("transpose", x, "input");
   int64_t d0 = wrap_dim(dim0, x.dim(), "transpose"), d1 = wrap_dim(dim1, x.dim(), "transpose");
-  if (x.dim() == 0) return x;  // dims 0 and -1 of a scalar: nothing to swap
+  if (x.dim() == 0) return x;  // transpose(0, 0) of a scalar: nothing to swap
   std::vector<int64_t> dims(x.dim());
   std::iota(dims.begin(), dims.end(), 0);
   std::swap(dims[d0], dims[d1]);
