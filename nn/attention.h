@@ -1,0 +1,66 @@
+#pragma once
+// Attention layers for the transformer blocks. A block holds an
+// AttentionLayer, built by name from a registry, so variants (dilated
+// attention, rotary embeddings) plug in without touching the blocks:
+//
+//   nn::register_attention("dilated", [](const nn::AttentionInit& init) {
+//     return std::make_shared<MyDilatedAttention>(init);
+//   });
+//   config.attention = "dilated";
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/generator.h"
+#include "nn/layers.h"
+#include "nn/transformer_config.h"
+
+namespace minidl::nn {
+
+// (B, T, C) -> (B, T, C): self-attention over T, including its output
+// projection (the residual add is the block's).
+class AttentionLayer : public Module {
+ public:
+  using Module::Module;
+  virtual Tensor forward(const Tensor& x) = 0;
+};
+
+// What a factory gets to build the attention layer of block `layer`.
+struct AttentionInit {
+  const CharTransformerConfig& config;
+  int64_t layer;
+  Generator& init_gen;     // parameter initialisation
+  Generator* dropout_gen;  // dropout masks (null: default_generator())
+  TensorOptions options;   // parameter dtype and device
+  double proj_init_std;    // for the output projection (0.02 / sqrt(2 n_layer))
+};
+
+using AttentionFactory = std::function<std::shared_ptr<AttentionLayer>(const AttentionInit&)>;
+
+// Adds or replaces a named attention kind. Call before building a model; the
+// registry is process-wide and not synchronised.
+void register_attention(const std::string& name, AttentionFactory factory);
+// Builds init.config.attention; throws listing the registered names if unknown.
+std::shared_ptr<AttentionLayer> make_attention(const AttentionInit& init);
+std::vector<std::string> registered_attentions();
+
+// Vanilla multi-head causal self-attention (registered as "causal"): a fused
+// QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no copy);
+// ops::attention(q, k, v, causal) is the fused attention op; heads merge back
+// to (B, T, C), then the output projection and residual dropout. The fused
+// op has no attention-probability dropout, so only the residual path drops.
+class CausalSelfAttention : public AttentionLayer {
+ public:
+  CausalSelfAttention(int64_t n_embd, int64_t n_head, bool bias, double dropout, Generator& gen,
+                      Generator* dropout_gen = nullptr, TensorOptions options = {},
+                      double proj_init_std = kDefaultInitStd);
+  explicit CausalSelfAttention(const AttentionInit& init);
+  Tensor forward(const Tensor& x) override;
+
+  int64_t n_embd, n_head;
+  std::shared_ptr<Linear> c_attn, c_proj;
+  std::shared_ptr<Dropout> resid_drop;
+};
+
+}  // namespace minidl::nn

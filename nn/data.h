@@ -1,0 +1,74 @@
+#pragma once
+// Character-level data: a vocabulary of the text's distinct bytes, the
+// 90/10 train/validation split of the encoded text, and a seeded sampler of
+// (x, y) batches of random windows (nanoGPT's get_batch).
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/device.h"
+#include "core/generator.h"
+#include "core/tensor.h"
+
+namespace minidl::nn {
+
+// Ids are the ranks of the text's distinct bytes in sorted order.
+class CharVocab {
+ public:
+  CharVocab() = default;
+  // Throws on empty text.
+  static CharVocab from_text(const std::string& text);
+  // Rebuilds from to_string() (e.g. checkpoint metadata); the characters
+  // must be sorted and distinct.
+  static CharVocab from_string(const std::string& chars);
+  // The characters in id order.
+  const std::string& to_string() const { return chars_; }
+
+  int64_t size() const { return static_cast<int64_t>(chars_.size()); }
+  bool contains(char c) const { return id_[static_cast<unsigned char>(c)] >= 0; }
+  // Throws naming the character and its position when it is not in the vocabulary.
+  std::vector<int32_t> encode(const std::string& text) const;
+  // Throws naming an id outside [0, size()).
+  std::string decode(const std::vector<int32_t>& ids) const;
+
+ private:
+  void build_index();
+  std::string chars_;
+  int32_t id_[256];
+};
+
+struct TrainValSplit {
+  std::vector<int32_t> train, val;
+};
+
+// The first floor(train_fraction * n) tokens train, the rest validate.
+TrainValSplit split_train_val(const std::vector<int32_t>& tokens, double train_fraction = 0.9);
+
+// Random windows of block_size + 1 consecutive tokens: x is the first
+// block_size, y the same shifted by one. Start positions come from the
+// Philox stream of the sampler's own Generator, so a seed fixes the batches
+// on every device.
+class BatchSampler {
+ public:
+  // Throws when tokens.size() < block_size + 1, naming both sizes.
+  BatchSampler(std::vector<int32_t> tokens, int64_t batch_size, int64_t block_size, uint64_t seed,
+               Device device = Device::cpu(), std::string name = "data");
+  // x, y: int32 (batch_size, block_size) on the sampler's device.
+  std::pair<Tensor, Tensor> next();
+
+  int64_t batch_size() const { return batch_size_; }
+  int64_t block_size() const { return block_size_; }
+  int64_t num_tokens() const { return static_cast<int64_t>(tokens_.size()); }
+  // Save/restore for exact resume.
+  Generator& generator() { return gen_; }
+
+ private:
+  std::vector<int32_t> tokens_;
+  int64_t batch_size_, block_size_;
+  Generator gen_;
+  Device device_;
+  std::string name_;
+};
+
+}  // namespace minidl::nn

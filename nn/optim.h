@@ -1,0 +1,143 @@
+#pragma once
+// Optimizers (libtorch names): parameter groups, zero_grad(), step(),
+// set_lr(), a state dict for resume; AdamW and SGD with momentum; and
+// clip_grad_norm_. Steps run under NoGradGuard with in-place ops and never
+// read a value back to the host, so a training step stays sync-free.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "nn/module.h"
+#include "nn/state_dict.h"
+
+namespace minidl::nn {
+
+struct ParamGroup {
+  std::vector<Tensor> params;
+  double weight_decay = 0;
+};
+
+class Optimizer {
+ public:
+  Optimizer(std::vector<ParamGroup> groups, double lr, std::string name);
+  virtual ~Optimizer() = default;
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
+
+  // Drops every parameter's gradient (set to none).
+  void zero_grad();
+  // One update of every parameter that has a gradient.
+  void step();
+
+  void set_lr(double lr) { lr_ = lr; }
+  double lr() const { return lr_; }
+  int64_t step_count() const { return step_count_; }
+  const std::vector<ParamGroup>& param_groups() const { return groups_; }
+
+  // "step" (float64 scalar) and per-parameter state "<group>.<index>.<name>"
+  // (e.g. "0.3.exp_avg"), sharing storage with the live state.
+  StateDict state_dict() const;
+  // Restores state_dict(); throws naming missing keys or mismatched shapes.
+  void load_state_dict(const StateDict& dict);
+
+ protected:
+  // Updates one parameter; called with step_count() already advanced.
+  virtual void update(size_t group, size_t index, const Tensor& param, const Tensor& grad) = 0;
+  // Per-parameter state of subclasses, one list per parameter, same order
+  // as the names in state_names().
+  virtual std::vector<std::string> state_names() const = 0;
+  std::vector<Tensor>& state(size_t group, size_t index) { return state_[group][index]; }
+  // Creates zero state tensors like each parameter (call from the subclass
+  // constructor).
+  void init_state();
+
+ private:
+  std::string name_;
+  std::vector<ParamGroup> groups_;
+  std::vector<std::vector<std::vector<Tensor>>> state_;  // [group][param][state]
+  double lr_;
+  int64_t step_count_ = 0;
+};
+
+// ---- AdamW ----
+
+struct AdamWOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;  // used by the single-group constructor
+};
+
+// Everything one AdamW parameter update needs.
+struct AdamWStep {
+  double lr, beta1, beta2, eps, weight_decay;
+  int64_t step;  // 1 for the first update (bias correction)
+};
+
+// One AdamW update in place (Loshchilov & Hutter, decoupled weight decay):
+//   p -= lr wd p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+//   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+// This reference is a few elementwise ops per parameter; it is the seam for
+// a fused CUDA kernel (one pass over p, g, m, v), which would dispatch here.
+void adamw_update_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
+                   const Tensor& exp_avg_sq, const AdamWStep& hyper);
+
+class AdamW : public Optimizer {
+ public:
+  AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {});
+  // One group with options.weight_decay.
+  AdamW(std::vector<Tensor> params, AdamWOptions options = {});
+  const AdamWOptions& options() const { return options_; }
+
+ protected:
+  void update(size_t group, size_t index, const Tensor& param, const Tensor& grad) override;
+  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
+
+ private:
+  AdamWOptions options_;
+};
+
+// Two groups for AdamW: {weights of Linear layers with 2+ dims, decayed by
+// weight_decay}, {everything else — biases, LayerNorm weights, embeddings —
+// not decayed}. Each parameter appears once, in named_parameters() order.
+std::vector<ParamGroup> weight_decay_groups(const Module& model, double weight_decay);
+
+// ---- SGD ----
+
+struct SGDOptions {
+  double lr = 1e-2;
+  double momentum = 0;
+  double dampening = 0;
+  double weight_decay = 0;  // L2 (added to the gradient); single-group constructor
+  bool nesterov = false;
+};
+
+// PyTorch's SGD: g += wd p; buf = momentum buf + (1 - dampening) g (buf = g
+// on the optimizer's first step); g = nesterov ? g + momentum buf : buf;
+// p -= lr g.
+class SGD : public Optimizer {
+ public:
+  SGD(std::vector<ParamGroup> groups, SGDOptions options = {});
+  SGD(std::vector<Tensor> params, SGDOptions options = {});
+  const SGDOptions& options() const { return options_; }
+
+ protected:
+  void update(size_t group, size_t index, const Tensor& param, const Tensor& grad) override;
+  std::vector<std::string> state_names() const override { return {"momentum_buffer"}; }
+
+ private:
+  SGDOptions options_;
+};
+
+// ---- gradient clipping ----
+
+// Scales the gradients of `params` in place so their global L2 norm is at
+// most max_norm (by min(1, max_norm / (norm + 1e-6)), computed on the
+// device), and returns the norm before clipping as a scalar tensor on the
+// gradients' device (float32, or float64 when a gradient is float64). No
+// host synchronisation; parameters without a gradient are skipped.
+Tensor clip_grad_norm_(const std::vector<Tensor>& params, double max_norm);
+
+}  // namespace minidl::nn

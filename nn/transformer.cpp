@@ -1,0 +1,207 @@
+#include "nn/transformer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+
+#include "autograd/grad_mode.h"
+#include "ops/ops.h"
+
+namespace minidl::nn {
+
+// ---- CharTransformerConfig ----
+
+void CharTransformerConfig::validate() const {
+  MINIDL_CHECK(vocab_size > 0, "CharTransformerConfig: vocab_size must be positive, got ", vocab_size);
+  MINIDL_CHECK(n_layer > 0, "CharTransformerConfig: n_layer must be positive, got ", n_layer);
+  MINIDL_CHECK(n_head > 0 && n_embd > 0 && n_embd % n_head == 0, "CharTransformerConfig: n_embd ",
+               n_embd, " must be a positive multiple of n_head ", n_head);
+  MINIDL_CHECK(block_size > 0, "CharTransformerConfig: block_size must be positive, got ", block_size);
+  MINIDL_CHECK(dropout >= 0 && dropout < 1, "CharTransformerConfig: dropout must be in [0, 1), got ",
+               dropout);
+}
+
+namespace {
+const char* kAttentionOptionPrefix = "model.attention.";
+
+std::string format_double(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  return os.str();
+}
+
+const std::string& required(const Metadata& m, const std::string& key) {
+  auto it = m.find(key);
+  MINIDL_CHECK(it != m.end(), "CharTransformerConfig::from_metadata: missing key '", key, "'");
+  return it->second;
+}
+
+int64_t parse_int(const Metadata& m, const std::string& key) {
+  const std::string& text = required(m, key);
+  size_t used = 0;
+  int64_t v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  MINIDL_CHECK(used == text.size() && !text.empty(), "CharTransformerConfig::from_metadata: key '",
+               key, "' is not an integer: '", text, "'");
+  return v;
+}
+
+double parse_double(const Metadata& m, const std::string& key) {
+  const std::string& text = required(m, key);
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  MINIDL_CHECK(used == text.size() && !text.empty(), "CharTransformerConfig::from_metadata: key '",
+               key, "' is not a number: '", text, "'");
+  return v;
+}
+
+bool parse_bool(const Metadata& m, const std::string& key) {
+  const std::string& text = required(m, key);
+  MINIDL_CHECK(text == "true" || text == "false", "CharTransformerConfig::from_metadata: key '", key,
+               "' must be true or false, got '", text, "'");
+  return text == "true";
+}
+}  // namespace
+
+Metadata CharTransformerConfig::to_metadata() const {
+  Metadata m;
+  m["model.vocab_size"] = std::to_string(vocab_size);
+  m["model.n_layer"] = std::to_string(n_layer);
+  m["model.n_head"] = std::to_string(n_head);
+  m["model.n_embd"] = std::to_string(n_embd);
+  m["model.block_size"] = std::to_string(block_size);
+  m["model.dropout"] = format_double(dropout);
+  m["model.bias"] = bias ? "true" : "false";
+  m["model.tie_weights"] = tie_weights ? "true" : "false";
+  m["model.attention"] = attention;
+  for (const auto& [key, value] : attention_options) m[kAttentionOptionPrefix + key] = value;
+  return m;
+}
+
+CharTransformerConfig CharTransformerConfig::from_metadata(const Metadata& m) {
+  CharTransformerConfig c;
+  c.vocab_size = parse_int(m, "model.vocab_size");
+  c.n_layer = parse_int(m, "model.n_layer");
+  c.n_head = parse_int(m, "model.n_head");
+  c.n_embd = parse_int(m, "model.n_embd");
+  c.block_size = parse_int(m, "model.block_size");
+  c.dropout = parse_double(m, "model.dropout");
+  c.bias = parse_bool(m, "model.bias");
+  c.tie_weights = parse_bool(m, "model.tie_weights");
+  c.attention = required(m, "model.attention");
+  const std::string prefix = kAttentionOptionPrefix;
+  for (auto it = m.lower_bound(prefix); it != m.end() && it->first.rfind(prefix, 0) == 0; ++it)
+    c.attention_options[it->first.substr(prefix.size())] = it->second;
+  c.validate();
+  return c;
+}
+
+// ---- TransformerBlock ----
+
+TransformerBlock::TransformerBlock(const CharTransformerConfig& config, int64_t layer,
+                                   Generator& init_gen, Generator* dropout_gen, TensorOptions options)
+    : Module("TransformerBlock") {
+  config.validate();
+  // GPT-2's scaled init: each block adds two residual projections.
+  const double proj_std = kDefaultInitStd / std::sqrt(2.0 * static_cast<double>(config.n_layer));
+  ln_1 = register_module("ln_1", std::make_shared<LayerNorm>(config.n_embd, config.bias, options));
+  attn = register_module(
+      "attn", make_attention({config, layer, init_gen, dropout_gen, options, proj_std}));
+  ln_2 = register_module("ln_2", std::make_shared<LayerNorm>(config.n_embd, config.bias, options));
+  mlp = register_module("mlp", std::make_shared<MLP>(config.n_embd, config.bias, config.dropout,
+                                                     init_gen, dropout_gen, options, proj_std));
+}
+
+Tensor TransformerBlock::forward(const Tensor& x) const {
+  Tensor h1 = ops::add(x, attn->forward(ln_1->forward(x)));
+  return ops::add(h1, mlp->forward(ln_2->forward(h1)));
+}
+
+// ---- CharTransformer ----
+
+namespace {
+// Keeps the dropout stream apart from the init stream of the same seed.
+constexpr uint64_t kDropoutSeedSalt = 0x9e3779b97f4a7c15ull;
+}  // namespace
+
+CharTransformer::CharTransformer(const CharTransformerConfig& config, uint64_t seed,
+                                 TensorOptions options)
+    : Module("CharTransformer"), config_(config), dropout_gen_(seed ^ kDropoutSeedSalt) {
+  config_.validate();
+  Generator init_gen(seed);
+  wte = register_module("wte", std::make_shared<Embedding>(config_.vocab_size, config_.n_embd,
+                                                           init_gen, options));
+  wpe = register_module("wpe", std::make_shared<Embedding>(config_.block_size, config_.n_embd,
+                                                           init_gen, options));
+  drop = register_module("drop", std::make_shared<Dropout>(config_.dropout, &dropout_gen_));
+  // Blocks register under "h.<i>"; a container module keeps the names dotted.
+  auto blocks = register_module("h", std::make_shared<Module>("ModuleList"));
+  for (int64_t i = 0; i < config_.n_layer; ++i)
+    h.push_back(blocks->register_module(
+        std::to_string(i),
+        std::make_shared<TransformerBlock>(config_, i, init_gen, &dropout_gen_, options)));
+  ln_f = register_module("ln_f", std::make_shared<LayerNorm>(config_.n_embd, config_.bias, options));
+  if (!config_.tie_weights)
+    lm_head = register_module("lm_head", std::make_shared<Linear>(config_.n_embd, config_.vocab_size,
+                                                                  false, init_gen, options));
+}
+
+Tensor CharTransformer::forward(const Tensor& idx) const {
+  MINIDL_CHECK(idx.defined() && idx.dim() == 2 && idx.dtype() == DType::Int32,
+               "CharTransformer: expected int32 token ids (B, T), got ",
+               idx.defined() ? ::minidl::detail::concat(idx.dtype(), " ", shape_str(idx.shape()))
+                             : std::string("an undefined tensor"));
+  const int64_t T = idx.size(1);
+  MINIDL_CHECK(T >= 1 && T <= config_.block_size, "CharTransformer: sequence length ", T,
+               " must be in [1, block_size = ", config_.block_size, "]");
+  // Position embeddings of 0..T-1 are the first T rows of wpe: a view, no
+  // index tensor, broadcast over the batch.
+  Tensor x = ops::add(wte->forward(idx), wpe->weight.narrow(0, 0, T));
+  x = drop->forward(x);
+  for (const auto& block : h) x = block->forward(x);
+  x = ln_f->forward(x);
+  return lm_head ? lm_head->forward(x) : ops::matmul(x, wte->weight.transpose(0, 1));
+}
+
+Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {
+  MINIDL_CHECK(targets.defined() && targets.shape() == idx.shape() && targets.dtype() == DType::Int32,
+               "CharTransformer::loss: targets must be int32 of the ids' shape ",
+               shape_str(idx.shape()), ", got ",
+               targets.defined() ? ::minidl::detail::concat(targets.dtype(), " ", shape_str(targets.shape()))
+                                 : std::string("an undefined tensor"));
+  Tensor logits = forward(idx);
+  const int64_t N = idx.numel();
+  return ops::cross_entropy(logits.reshape({N, config_.vocab_size}), targets.reshape({N}));
+}
+
+std::vector<int32_t> CharTransformer::generate(
+    std::vector<int32_t> tokens, int64_t max_new_tokens,
+    const std::function<int32_t(const std::vector<float>&)>& sample) const {
+  MINIDL_CHECK(!tokens.empty(), "CharTransformer::generate: the prompt must hold at least one token");
+  NoGradGuard no_grad;
+  const Device device = wte->weight.device();
+  for (int64_t step = 0; step < max_new_tokens; ++step) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    const int64_t T = std::min(n, config_.block_size);
+    std::vector<int32_t> context(tokens.end() - T, tokens.end());
+    Tensor idx = from_vector(context, {1, T}, {DType::Int32, device, false});
+    Tensor last = forward(idx).narrow(1, T - 1, 1).reshape({config_.vocab_size});
+    int32_t next = sample(last.to(DType::Float32).to_vector<float>());
+    MINIDL_CHECK(next >= 0 && next < config_.vocab_size, "CharTransformer::generate: sampled id ",
+                 next, " is outside the vocabulary [0, ", config_.vocab_size, ")");
+    tokens.push_back(next);
+  }
+  return tokens;
+}
+
+}  // namespace minidl::nn

@@ -1,0 +1,132 @@
+// Character vocabulary, train/val split and the batch sampler.
+#include <set>
+
+#include "tests/helpers.h"
+
+using namespace minidl;
+
+TEST_CASE("CharVocab: sorted distinct bytes, encode/decode round trip") {
+  nn::CharVocab vocab = nn::CharVocab::from_text("hello, world\n");
+  CHECK(vocab.to_string() == "\n ,dehlorw");
+  CHECK(vocab.size() == 10);
+  CHECK(vocab.encode("hello") == std::vector<int32_t>{5, 4, 6, 6, 7});
+  CHECK(vocab.decode({5, 4, 6, 6, 7}) == "hello");
+  CHECK(vocab.decode(vocab.encode("world, hello\n")) == "world, hello\n");
+  CHECK(vocab.contains('w'));
+  CHECK(!vocab.contains('z'));
+  CHECK(vocab.encode("").empty());
+
+  // Stored as a string (checkpoint metadata) and rebuilt identically.
+  nn::CharVocab back = nn::CharVocab::from_string(vocab.to_string());
+  CHECK(back.encode("hello, world\n") == vocab.encode("hello, world\n"));
+
+  // Bytes above 127 sort as unsigned.
+  nn::CharVocab bytes = nn::CharVocab::from_text(std::string("a\xff\x01", 3));
+  CHECK(bytes.to_string() == std::string("\x01" "a\xff", 3));
+}
+
+TEST_CASE("CharVocab errors") {
+  CHECK_THROWS_WITH_AS(nn::CharVocab::from_text(""), doctest::Contains("CharVocab: the text is empty"),
+                       Error);
+  nn::CharVocab vocab = nn::CharVocab::from_text("abc");
+  CHECK_THROWS_WITH_AS(vocab.encode("abz"),
+                       doctest::Contains("character 'z' at position 2 is not in the vocabulary of 3 characters"),
+                       Error);
+  CHECK_THROWS_WITH_AS(vocab.encode(std::string("a\tb")),
+                       doctest::Contains("character byte 0x09 at position 1"), Error);
+  CHECK_THROWS_WITH_AS(vocab.decode({0, 3}),
+                       doctest::Contains("id 3 at position 1 is outside the vocabulary [0, 3)"), Error);
+  CHECK_THROWS_WITH_AS(vocab.decode({-1}), doctest::Contains("id -1 at position 0"), Error);
+  CHECK_THROWS_WITH_AS(nn::CharVocab::from_string("ba"),
+                       doctest::Contains("must be sorted and distinct; 'b' is followed by 'a' at position 1"),
+                       Error);
+  CHECK_THROWS_WITH_AS(nn::CharVocab::from_string(""), doctest::Contains("string is empty"), Error);
+}
+
+TEST_CASE("split_train_val: first 90% train, rest validate") {
+  std::vector<int32_t> tokens(100);
+  for (int i = 0; i < 100; ++i) tokens[i] = i;
+  nn::TrainValSplit split = nn::split_train_val(tokens);
+  CHECK(split.train.size() == 90);
+  CHECK(split.val.size() == 10);
+  CHECK(split.train.front() == 0);
+  CHECK(split.train.back() == 89);
+  CHECK(split.val.front() == 90);
+  nn::TrainValSplit odd = nn::split_train_val(std::vector<int32_t>(7, 1));
+  CHECK(odd.train.size() == 6);  // floor(6.3)
+  CHECK(odd.val.size() == 1);
+  CHECK(nn::split_train_val(tokens, 0.5).train.size() == 50);
+  CHECK_THROWS_WITH_AS(nn::split_train_val(tokens, 1.0), doctest::Contains("train_fraction must be in (0, 1)"),
+                       Error);
+}
+
+TEST_CASE("BatchSampler: y is x shifted by one, windows in range, deterministic by seed") {
+  std::vector<int32_t> tokens(50);
+  for (int i = 0; i < 50; ++i) tokens[i] = i;  // token value = position
+  nn::BatchSampler a(tokens, 4, 8, 123), b(tokens, 4, 8, 123), c(tokens, 4, 8, 124);
+  std::set<int32_t> starts;
+  bool differs = false;
+  for (int step = 0; step < 50; ++step) {
+    auto [x, y] = a.next();
+    auto [xb, yb] = b.next();
+    auto [xc, yc] = c.next();
+    CHECK(x.shape() == Shape{4, 8});
+    CHECK(y.shape() == Shape{4, 8});
+    CHECK(x.dtype() == DType::Int32);
+    std::vector<int32_t> xv = x.to_vector<int32_t>(), yv = y.to_vector<int32_t>();
+    CHECK(xv == xb.to_vector<int32_t>());
+    CHECK(yv == yb.to_vector<int32_t>());
+    differs |= xv != xc.to_vector<int32_t>();
+    for (int r = 0; r < 4; ++r) {
+      int32_t start = xv[r * 8];
+      CHECK(start >= 0);
+      CHECK(start + 8 <= 49);  // the window of 9 tokens fits
+      starts.insert(start);
+      for (int t = 0; t < 8; ++t) {
+        CHECK(xv[r * 8 + t] == start + t);
+        CHECK(yv[r * 8 + t] == start + t + 1);
+      }
+    }
+  }
+  CHECK(differs);
+  // 200 draws from 42 possible starts reach both ends and most of the range.
+  CHECK(starts.count(0) == 1);
+  CHECK(starts.count(41) == 1);
+  CHECK(starts.size() > 35);
+  // Restoring the generator replays the stream.
+  nn::BatchSampler d(tokens, 4, 8, 123);
+  d.generator().set_state(123, 10);
+  nn::BatchSampler e(tokens, 4, 8, 123);
+  for (int i = 0; i < 10; ++i) e.next();
+  CHECK(d.next().first.to_vector<int32_t>() == e.next().first.to_vector<int32_t>());
+}
+
+TEST_CASE("BatchSampler: the shortest usable split is one context + 1") {
+  nn::BatchSampler exact(std::vector<int32_t>{4, 5, 6}, 2, 2, 1);
+  auto [x, y] = exact.next();
+  CHECK(x.to_vector<int32_t>() == std::vector<int32_t>{4, 5, 4, 5});
+  CHECK(y.to_vector<int32_t>() == std::vector<int32_t>{5, 6, 5, 6});
+  CHECK_THROWS_WITH_AS(nn::BatchSampler(std::vector<int32_t>{1, 2}, 2, 2, 1, Device::cpu(), "val"),
+                       doctest::Contains("BatchSampler(val): the split has 2 tokens, fewer than one "
+                                         "context + 1 = 3 (block_size 2)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(nn::BatchSampler(std::vector<int32_t>{}, 1, 4, 1),
+                       doctest::Contains("the split has 0 tokens"), Error);
+  CHECK_THROWS_WITH_AS(nn::BatchSampler(std::vector<int32_t>(10, 0), 0, 4, 1),
+                       doctest::Contains("batch_size and block_size must be positive"), Error);
+}
+
+TEST_CASE("BatchSampler on CUDA gives the CPU batches") {
+  MINIDL_REQUIRE_CUDA();
+  std::vector<int32_t> tokens(1000);
+  for (int i = 0; i < 1000; ++i) tokens[i] = (i * 37) % 65;
+  nn::BatchSampler cpu(tokens, 8, 16, 9), gpu(tokens, 8, 16, 9, Device::cuda());
+  for (int i = 0; i < 3; ++i) {
+    auto [xc, yc] = cpu.next();
+    auto [xg, yg] = gpu.next();
+    CHECK(xg.is_cuda());
+    CHECK(yg.is_cuda());
+    CHECK(xg.to_vector<int32_t>() == xc.to_vector<int32_t>());
+    CHECK(yg.to_vector<int32_t>() == yc.to_vector<int32_t>());
+  }
+}
