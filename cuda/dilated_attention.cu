@@ -7,10 +7,12 @@
 // D = rowsum(dO * O) - dL, then per branch a query-centric pass for dQ and a
 // key-centric pass for dK/dV (each recomputes P = exp(S - L) with the global
 // L), accumulating into fp32 buffers; again no atomics, so it is deterministic.
+#include <algorithm>
 #include <cmath>
 
 #include "cuda/dilated_attention.h"
 #include "cuda/dilated_attention_common.cuh"
+#include "cuda/dilated_attention_mma.cuh"
 #include "cuda/elementwise.h"
 #include "cuda/runtime.h"
 #include "ops/dispatch.h"
@@ -354,6 +356,42 @@ Tensor fp32_buffer(const Tensor& like) {
 
 void zero(const Tensor& t) { MINIDL_CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.nbytes(), stream())); }
 
+// bfloat16 on tensor cores. A branch with dilation 1 keeps every row, so
+// running it first lets it overwrite the accumulators (no init pass); a lone
+// such branch (vanilla attention) writes the bf16 output directly.
+void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
+                          const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse) {
+  Shape4 s = shape_of(q);
+  std::vector<DilatedBranch> order = config.branches;
+  auto dense = std::find_if(order.begin(), order.end(), [](const DilatedBranch& b) { return b.dilation == 1; });
+  if (dense != order.end()) std::rotate(order.begin(), dense, dense + 1);
+  const bool covers = order.front().dilation == 1;
+  const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
+  auto* lse_ptr = static_cast<float*>(lse.raw_data());
+  auto* out_ptr = static_cast<BFloat16*>(out.raw_data());
+  Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
+  if (order.size() == 1 && covers) {
+    BranchGrid g = branch_grid(s, order[0], kMmaRows);
+    grid_of(g, s);  // size check
+    forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, MergeMode::kSingle, nullptr,
+                lse_ptr, out_ptr);
+    return;
+  }
+  Tensor o_acc = fp32_buffer(out);
+  if (!covers) {
+    zero(o_acc);
+    unary(UnaryOp::Fill, lse, -INFINITY, lse);
+  }
+  for (size_t i = 0; i < order.size(); ++i) {
+    BranchGrid g = branch_grid(s, order[i], kMmaRows);
+    grid_of(g, s);
+    forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2,
+                i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge,
+                static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
+  }
+  copy(o_acc, out);
+}
+
 }  // namespace
 
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -361,6 +399,10 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
                                const Tensor& lse) {
   const char* op = "dilated_attention (cuda)";
   Shape4 s = shape_of(q);
+  if (s.b * s.n * s.h > 0 && q.dtype() == DType::BFloat16 && mma_head_dim(s.d)) {
+    forward_tensor_cores(q, k, v, config, out, lse);
+    return;
+  }
   Tensor o_acc = out.dtype() == DType::Float32 ? out : fp32_buffer(out);
   zero(o_acc);
   unary(UnaryOp::Fill, lse, -INFINITY, lse);
@@ -397,7 +439,6 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   zero(dv_acc);
   int64_t rows = s.b * s.n * s.h;
   if (rows == 0) return;
-  Tensor out_c = out.is_contiguous() ? out : Tensor();
   MINIDL_CHECK(out.is_contiguous() && grad_out.is_contiguous(), op,
                ": out and grad_out must be contiguous");
   Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
@@ -414,20 +455,30 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     MINIDL_CUDA_LAUNCH_CHECK();
     const float* l = static_cast<const float*>(lse.raw_data());
     const float* dl = static_cast<const float*>(delta.raw_data());
-    for (const DilatedBranch& br : config.branches) {
-      BranchGrid g = branch_grid(s, br, S::kRows);
-      dim3 grid = grid_of(g, s);
-      auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
-      dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                 operand<T>(grad_out), l, dl, g, scale,
-                                                 static_cast<float*>(dq_acc.raw_data()));
-      MINIDL_CUDA_LAUNCH_CHECK();
-      auto dkv_kernel = config.causal ? backward_dkv_simt<T, D, true> : backward_dkv_simt<T, D, false>;
-      dkv_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                  operand<T>(grad_out), l, dl, g, scale,
-                                                  static_cast<float*>(dk_acc.raw_data()),
-                                                  static_cast<float*>(dv_acc.raw_data()));
-      MINIDL_CUDA_LAUNCH_CHECK();
+    if constexpr (std::is_same_v<T, BFloat16>) {  // tensor cores
+      for (const DilatedBranch& br : config.branches) {
+        BranchGrid g = branch_grid(s, br, kMmaRows);
+        grid_of(g, s);
+        backward_mma(operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g,
+                     s.b, D, config.causal, scale, static_cast<float*>(dq_acc.raw_data()),
+                     static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
+      }
+    } else {
+      for (const DilatedBranch& br : config.branches) {
+        BranchGrid g = branch_grid(s, br, S::kRows);
+        dim3 grid = grid_of(g, s);
+        auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
+        dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
+                                                   operand<T>(grad_out), l, dl, g, scale,
+                                                   static_cast<float*>(dq_acc.raw_data()));
+        MINIDL_CUDA_LAUNCH_CHECK();
+        auto dkv_kernel = config.causal ? backward_dkv_simt<T, D, true> : backward_dkv_simt<T, D, false>;
+        dkv_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
+                                                    operand<T>(grad_out), l, dl, g, scale,
+                                                    static_cast<float*>(dk_acc.raw_data()),
+                                                    static_cast<float*>(dv_acc.raw_data()));
+        MINIDL_CUDA_LAUNCH_CHECK();
+      }
     }
   });
   if (!fp32) {

@@ -1,0 +1,541 @@
+// Tensor-core forward for one dilated-attention branch, FlashAttention-2
+// style: a block owns 64 kept query rows of one (batch, head, segment) (16
+// per warp), streams 64-key tiles of K and V through double-buffered shared
+// memory with cp.async, computes S = Q K^T and O += P V with mma.sync bf16
+// (fp32 accumulation) and keeps the online softmax in registers. Rows are a
+// strided set (base + t * dilation), gathered by address arithmetic.
+#include "cuda/dilated_attention_mma.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/runtime.h"
+
+namespace minidl::cuda::attn {
+namespace {
+
+using namespace mma;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBr = kMmaRows;  // query rows per block
+constexpr int kBc = 64;        // keys per tile
+
+template <int D>
+struct FwdSmem {
+  using QTile = SmemTile<kBr, D>;
+  using KTile = SmemTile<kBc, D>;
+  static constexpr int kQ = 0;
+  static constexpr int kK = QTile::kBytes;             // two buffers
+  static constexpr int kV = kK + 2 * KTile::kBytes;    // two buffers
+  static constexpr int kBytes = kV + 2 * KTile::kBytes;
+};
+
+// Issues cp.async for rows [t0, t0 + Rows) of a row set into a swizzled tile.
+template <int Rows, int D>
+__device__ __forceinline__ void load_tile_async(char* tile, const Operand<BFloat16>& x, int64_t batch,
+                                                int64_t head, const RowSet& rows, int64_t t0) {
+  using Tile = SmemTile<Rows, D>;
+  for (int i = threadIdx.x; i < Rows * Tile::kChunks; i += kThreads) {
+    int r = i / Tile::kChunks, c = i % Tile::kChunks;
+    int64_t t = t0 + r;
+    bool valid = t < rows.count;
+    const BFloat16* src = valid ? x.row(batch, rows.base + t * rows.stride, head) + c * 8 : x.ptr;
+    cp_async_16(Tile::at(tile, r, c), src, valid);
+  }
+}
+
+template <int D, bool kCausal, MergeMode kMode>
+__global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16> q, Operand<BFloat16> k,
+                                                               Operand<BFloat16> v, BranchGrid g,
+                                                               float scale_log2, float* o_acc,
+                                                               float* lse, BFloat16* out) {
+  using L = FwdSmem<D>;
+  using QT = typename L::QTile;
+  using KT = typename L::KTile;
+  constexpr int kSteps = D / 16;  // k-steps of Q K^T
+  constexpr int kDTiles = D / 8;  // n-tiles of the output
+  extern __shared__ __align__(128) char smem[];
+
+  const int64_t bh = blockIdx.y;
+  const int64_t batch = bh / g.heads, head = bh % g.heads;
+  const int64_t segment = blockIdx.x / g.tiles_per_segment;
+  // Heaviest (latest) causal tiles first, for a better tail.
+  const int64_t tile = g.tiles_per_segment - 1 - blockIdx.x % g.tiles_per_segment;
+  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
+  const int64_t t0 = tile * kBr;
+  if (t0 >= rows.count) return;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
+  const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
+
+  load_tile_async<kBr, D>(smem + L::kQ, q, batch, head, rows, t0);
+  load_tile_async<kBc, D>(smem + L::kK, k, batch, head, rows, 0);
+  load_tile_async<kBc, D>(smem + L::kV, v, batch, head, rows, 0);
+  cp_async_commit();
+
+  uint32_t qf[kSteps][4];
+  float o[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+  const int64_t q_row0 = t0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int buf = j & 1;
+    if (j + 1 < n_tiles) {  // prefetch the next tile into the other buffer
+      load_tile_async<kBc, D>(smem + L::kK + (buf ^ 1) * KT::kBytes, k, batch, head, rows,
+                              int64_t(j + 1) * kBc);
+      load_tile_async<kBc, D>(smem + L::kV + (buf ^ 1) * KT::kBytes, v, batch, head, rows,
+                              int64_t(j + 1) * kBc);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (j == 0) {
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks)
+        ldmatrix_x4(qf[ks], QT::at(smem + L::kQ, warp * 16 + lane % 16, 2 * ks + lane / 16));
+    }
+    char* ks_tile = smem + L::kK + buf * KT::kBytes;
+    char* vs_tile = smem + L::kV + buf * KT::kBytes;
+
+    // S = Q K^T for this warp's 16 rows and the 64 keys.
+    float s[kBc / 8][4];
+#pragma unroll
+    for (int i = 0; i < kBc / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+      for (int np = 0; np < kBc / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, KT::at(ks_tile, np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
+        mma_bf16(s[2 * np], qf[ks], b[0], b[1]);
+        mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
+      }
+    }
+
+    // Scale, mask, online softmax (two rows per lane, reduced over the quad).
+    const int64_t k0 = int64_t(j) * kBc;
+    const bool need_mask = k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > t0);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * scale_log2;
+        if (need_mask) {
+          int64_t tk = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
+          int64_t tq = q_row0 + (e >> 1) * 8;
+          if (tk >= rows.count || (kCausal && tk > tq)) x = -INFINITY;
+        }
+        s[nt][e] = x;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+      }
+    }
+    float corr[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      float m_new = fmaxf(m_row[r], tile_max[r]);
+      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a fully masked row: p = 0, no NaN
+      corr[r] = exp2f(m_row[r] - m_use[r]);
+      m_row[r] = m_new;
+      l_row[r] *= corr[r];
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      o[dt][0] *= corr[0];
+      o[dt][1] *= corr[0];
+      o[dt][2] *= corr[1];
+      o[dt][3] *= corr[1];
+    }
+    // P in bf16 as A fragments (the accumulator layout of two n-tiles is
+    // the A layout of one k-step), then O += P V.
+    uint32_t pf[kBc / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+      float p[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[h][e] = exp2f(s[2 * kk + h][e] - m_use[e >> 1]);
+          l_row[e >> 1] += p[h][e];
+        }
+      }
+      pf[kk][0] = pack_bf16(p[0][0], p[0][1]);
+      pf[kk][1] = pack_bf16(p[0][2], p[0][3]);
+      pf[kk][2] = pack_bf16(p[1][0], p[1][1]);
+      pf[kk][3] = pack_bf16(p[1][2], p[1][3]);
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, KT::at(vs_tile, kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
+        mma_bf16(o[2 * dp], pf[kk], b[0], b[1]);
+        mma_bf16(o[2 * dp + 1], pf[kk], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this buffer is refilled two iterations later
+  }
+
+  // Epilogue: finish the row sums, then store or merge.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
+    l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t tq = q_row0 + r * 8;
+    const bool valid = tq < rows.count;
+    const int64_t pos = rows.base + (valid ? tq : 0) * rows.stride;
+    const int64_t ri = (batch * g.n + pos) * g.heads + head;
+    const float lse_branch = (m_row[r] + log2f(l_row[r])) * kLn2;
+    const float inv_l = 1.f / l_row[r];
+    if constexpr (kMode == MergeMode::kSingle) {
+      if (valid) {
+        BFloat16* dst = out + ri * D;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          int col = dt * 8 + 2 * (lane % 4);
+          *reinterpret_cast<uint32_t*>(dst + col) =
+              pack_bf16(o[dt][2 * r] * inv_l, o[dt][2 * r + 1] * inv_l);
+        }
+        if (lane % 4 == 0) lse[ri] = lse_branch;
+      }
+    } else {
+      float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
+      if constexpr (kMode == MergeMode::kMerge) {
+        float lse_old = valid ? lse[ri] : -INFINITY;
+        if (lse_old != -INFINITY) {
+          lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
+          w_old = expf(lse_old - lse_new);
+          w_new = expf(lse_branch - lse_new) * inv_l;
+        }
+      }
+      __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
+      if (valid) {
+        float* dst = o_acc + ri * D;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          int col = dt * 8 + 2 * (lane % 4);
+          float2 prev = kMode == MergeMode::kMerge ? *reinterpret_cast<float2*>(dst + col)
+                                                   : make_float2(0.f, 0.f);
+          *reinterpret_cast<float2*>(dst + col) =
+              make_float2(w_old * prev.x + w_new * o[dt][2 * r], w_old * prev.y + w_new * o[dt][2 * r + 1]);
+        }
+        if (lane % 4 == 0) lse[ri] = lse_new;
+      }
+    }
+  }
+}
+
+template <int D, bool kCausal, MergeMode kMode>
+void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                    const BranchGrid& g, int64_t batch, float scale_log2, float* o_acc, float* lse,
+                    BFloat16* out) {
+  auto kernel = forward_mma_kernel<D, kCausal, kMode>;
+  constexpr int smem = FwdSmem<D>::kBytes;
+  static bool configured = false;  // one attribute call per instantiation
+  if (!configured) {
+    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured = true;
+  }
+  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
+  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, o_acc, lse, out);
+  MINIDL_CUDA_LAUNCH_CHECK();
+}
+
+template <int D, bool kCausal>
+void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                      const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, float scale_log2,
+                      float* o_acc, float* lse, BFloat16* out) {
+  switch (mode) {
+    case MergeMode::kWrite: return launch_forward<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    case MergeMode::kMerge: return launch_forward<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    case MergeMode::kSingle: return launch_forward<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+  }
+}
+
+}  // namespace
+
+void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                 const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
+                 MergeMode mode, float* o_acc, float* lse, BFloat16* out) {
+  auto run = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    if (causal) forward_for_mode<D, true>(mode, q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    else forward_for_mode<D, false>(mode, q, k, v, g, batch, scale_log2, o_acc, lse, out);
+  };
+  switch (d) {
+    case 32: return run(std::integral_constant<int, 32>{});
+    case 64: return run(std::integral_constant<int, 64>{});
+    case 128: return run(std::integral_constant<int, 128>{});
+    default: MINIDL_FAIL("dilated_attention (cuda): no tensor-core kernel for head dim ", d);
+  }
+}
+
+}  // namespace minidl::cuda::attn
+
+// ---------------------------------------------------------------------------
+// Backward for one branch, FlashAttention-2 style but key-major: a block owns
+// 64 kept key rows (16 per warp) of one (batch, head, segment) and walks the
+// query tiles that see them. Each warp computes S^T = K Q^T and dP^T = V dO^T
+// directly in the (key, query) orientation, so P^T and dS^T are already A
+// fragments for dV += P^T dO and dK += dS^T Q; dS^T goes through shared memory
+// once so the block can form dQ = dS K, which is added to global memory with
+// atomics.
+namespace minidl::cuda::attn {
+namespace {
+
+template <int D>
+struct BwdSmem {
+  using Tile = SmemTile<64, D>;
+  using STile = SmemTile<64, 64>;  // dS^T: 64 keys x 64 queries
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + Tile::kBytes;
+  static constexpr int kQ = kV + Tile::kBytes;          // two buffers
+  static constexpr int kDO = kQ + 2 * Tile::kBytes;     // two buffers
+  static constexpr int kDS = kDO + 2 * Tile::kBytes;
+  static constexpr int kL = kDS + STile::kBytes;        // 2 x 64 floats
+  static constexpr int kDelta = kL + 2 * 64 * 4;        // 2 x 64 floats
+  static constexpr int kBytes = kDelta + 2 * 64 * 4;
+};
+
+// Loads lse (as log2 units, +inf for padding rows) and delta of query rows
+// [t0, t0 + 64) into shared memory.
+__device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const float* lse,
+                                               const float* delta, const BranchGrid& g,
+                                               int64_t batch, int64_t head, const RowSet& rows,
+                                               int64_t t0) {
+  for (int i = threadIdx.x; i < 64; i += kThreads) {
+    int64_t t = t0 + i;
+    float l2 = INFINITY, dd = 0.f;
+    if (t < rows.count) {
+      int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+      l2 = lse[ri] * kLog2e;
+      dd = delta[ri];
+    }
+    l2s[i] = l2;
+    ds[i] = dd;
+  }
+}
+
+template <int D, bool kCausal>
+__global__ __launch_bounds__(kThreads) void backward_mma_kernel(
+    Operand<BFloat16> q, Operand<BFloat16> k, Operand<BFloat16> v, Operand<BFloat16> dout,
+    const float* __restrict__ lse, const float* __restrict__ delta, BranchGrid g, float scale,
+    float* __restrict__ dq_acc, float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
+  using L = BwdSmem<D>;
+  using T = typename L::Tile;
+  using ST = typename L::STile;
+  constexpr int kSteps = D / 16;
+  constexpr int kDTiles = D / 8;
+  constexpr int kQ = 64;  // queries per tile
+  extern __shared__ __align__(128) char smem[];
+
+  const int64_t bh = blockIdx.y;
+  const int64_t batch = bh / g.heads, head = bh % g.heads;
+  const int64_t segment = blockIdx.x / g.tiles_per_segment;
+  const int64_t tile = blockIdx.x % g.tiles_per_segment;  // earliest keys see the most queries: first
+  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
+  const int64_t kt0 = tile * 64;
+  if (kt0 >= rows.count) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float scale_log2 = scale * kLog2e;
+
+  const int64_t q_first = kCausal ? kt0 : 0;  // kt0 is a multiple of 64 = kQ
+  const int n_tiles = static_cast<int>((rows.count - q_first + kQ - 1) / kQ);
+  float* l2s = reinterpret_cast<float*>(smem + L::kL);
+  float* dls = reinterpret_cast<float*>(smem + L::kDelta);
+
+  load_tile_async<64, D>(smem + L::kK, k, batch, head, rows, kt0);
+  load_tile_async<64, D>(smem + L::kV, v, batch, head, rows, kt0);
+  load_tile_async<64, D>(smem + L::kQ, q, batch, head, rows, q_first);
+  load_tile_async<64, D>(smem + L::kDO, dout, batch, head, rows, q_first);
+  cp_async_commit();
+  load_row_stats(l2s, dls, lse, delta, g, batch, head, rows, q_first);
+
+  float dk[kDTiles][4], dv[kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
+  const int64_t key_row0 = kt0 + warp * 16 + lane / 4;  // this lane's keys: key_row0, key_row0 + 8
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int buf = j & 1;
+    const int64_t q0 = q_first + int64_t(j) * kQ;
+    if (j + 1 < n_tiles) {
+      load_tile_async<64, D>(smem + L::kQ + (buf ^ 1) * T::kBytes, q, batch, head, rows, q0 + kQ);
+      load_tile_async<64, D>(smem + L::kDO + (buf ^ 1) * T::kBytes, dout, batch, head, rows, q0 + kQ);
+      cp_async_commit();
+      load_row_stats(l2s + (buf ^ 1) * 64, dls + (buf ^ 1) * 64, lse, delta, g, batch, head, rows,
+                     q0 + kQ);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    char* qs = smem + L::kQ + buf * T::kBytes;
+    char* dos = smem + L::kDO + buf * T::kBytes;
+    const float* l2 = l2s + buf * 64;
+    const float* dl = dls + buf * 64;
+
+    // S^T = K Q^T and dP^T = V dO^T: 16 keys x 64 queries per warp.
+    float s[8][4], dp[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      uint32_t kf[4], vf[4];
+      ldmatrix_x4(kf, T::at(smem + L::kK, warp * 16 + lane % 16, 2 * ks + lane / 16));
+      ldmatrix_x4(vf, T::at(smem + L::kV, warp * 16 + lane % 16, 2 * ks + lane / 16));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        int row = np * 16 + lane % 8 + (lane / 16) * 8, chunk = 2 * ks + (lane / 8) % 2;
+        ldmatrix_x4(b, T::at(qs, row, chunk));
+        mma_bf16(s[2 * np], kf, b[0], b[1]);
+        mma_bf16(s[2 * np + 1], kf, b[2], b[3]);
+        ldmatrix_x4(b, T::at(dos, row, chunk));
+        mma_bf16(dp[2 * np], vf, b[0], b[1]);
+        mma_bf16(dp[2 * np + 1], vf, b[2], b[3]);
+      }
+    }
+    // P^T = exp2(S^T * scale_log2 - L2[q]), dS^T = P^T (dP^T - delta[q]).
+    const bool need_mask = kt0 + 64 > rows.count || q0 + kQ > rows.count || (kCausal && q0 < kt0 + 63);
+    uint32_t pf[4][4], dsf[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      float p[4], dsv[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+        float x = exp2f(s[nt][e] * scale_log2 - l2[col]);
+        if (need_mask) {
+          int64_t tk = key_row0 + (e >> 1) * 8, tq = q0 + col;
+          if (tk >= rows.count || tq >= rows.count || (kCausal && tq < tk)) x = 0.f;
+        }
+        p[e] = x;
+        dsv[e] = x * (dp[nt][e] - dl[col]);
+      }
+      // accumulator layout of n-tiles (2kk, 2kk+1) = A layout of k-step kk
+      const int kk = nt / 2, h = nt % 2;
+      pf[kk][2 * h] = pack_bf16(p[0], p[1]);
+      pf[kk][2 * h + 1] = pack_bf16(p[2], p[3]);
+      dsf[kk][2 * h] = pack_bf16(dsv[0], dsv[1]);
+      dsf[kk][2 * h + 1] = pack_bf16(dsv[2], dsv[3]);
+      // dS^T to shared memory for dQ: rows = keys, columns = queries
+      int key = warp * 16 + lane / 4, qc = nt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(ST::at(smem + L::kDS, key, qc / 8) + (qc % 8) * 2) = dsf[kk][2 * h];
+      *reinterpret_cast<uint32_t*>(ST::at(smem + L::kDS, key + 8, qc / 8) + (qc % 8) * 2) = dsf[kk][2 * h + 1];
+    }
+    // dV += P^T dO and dK += dS^T Q (B operands: dO and Q rows, transposed).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int dp2 = 0; dp2 < D / 16; ++dp2) {
+        int row = kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, chunk = 2 * dp2 + lane / 16;
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, T::at(dos, row, chunk));
+        mma_bf16(dv[2 * dp2], pf[kk], b[0], b[1]);
+        mma_bf16(dv[2 * dp2 + 1], pf[kk], b[2], b[3]);
+        ldmatrix_x4_trans(b, T::at(qs, row, chunk));
+        mma_bf16(dk[2 * dp2], dsf[kk], b[0], b[1]);
+        mma_bf16(dk[2 * dp2 + 1], dsf[kk], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // dS^T complete
+    // dQ (16 queries of this warp x D) = dS K, from dS^T (transposed load).
+    float dq[kDTiles][4];
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, ST::at(smem + L::kDS, kk * 16 + lane % 8 + (lane / 16) * 8, warp * 2 + (lane / 8) % 2));
+#pragma unroll
+      for (int dp2 = 0; dp2 < D / 16; ++dp2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, T::at(smem + L::kK, kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp2 + lane / 16));
+        mma_bf16(dq[2 * dp2], a, b[0], b[1]);
+        mma_bf16(dq[2 * dp2 + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
+      if (tq >= rows.count) continue;
+      float* dst = dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        int col = dt * 8 + 2 * (lane % 4);
+        atomicAdd(dst + col, scale * dq[dt][2 * r]);
+        atomicAdd(dst + col + 1, scale * dq[dt][2 * r + 1]);
+      }
+    }
+    __syncthreads();  // buffers of this iteration are reused
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    int64_t tk = key_row0 + r * 8;
+    if (tk >= rows.count) continue;
+    int64_t ri = (batch * g.n + rows.base + tk * rows.stride) * g.heads + head;
+    float* dkr = dk_acc + ri * D;
+    float* dvr = dv_acc + ri * D;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      int col = dt * 8 + 2 * (lane % 4);
+      float2 a = *reinterpret_cast<float2*>(dkr + col), b = *reinterpret_cast<float2*>(dvr + col);
+      *reinterpret_cast<float2*>(dkr + col) =
+          make_float2(a.x + scale * dk[dt][2 * r], a.y + scale * dk[dt][2 * r + 1]);
+      *reinterpret_cast<float2*>(dvr + col) = make_float2(b.x + dv[dt][2 * r], b.y + dv[dt][2 * r + 1]);
+    }
+  }
+}
+
+template <int D, bool kCausal>
+void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                     const Operand<BFloat16>& dout, const float* lse, const float* delta,
+                     const BranchGrid& g, int64_t batch, float scale, float* dq_acc, float* dk_acc,
+                     float* dv_acc) {
+  auto kernel = backward_mma_kernel<D, kCausal>;
+  constexpr int smem = BwdSmem<D>::kBytes;
+  static bool configured = false;
+  if (!configured) {
+    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured = true;
+  }
+  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
+  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, dq_acc, dk_acc, dv_acc);
+  MINIDL_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                  const Operand<BFloat16>& dout, const float* lse, const float* delta,
+                  const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
+                  float* dq_acc, float* dk_acc, float* dv_acc) {
+  auto run = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    if (causal) launch_backward<D, true>(q, k, v, dout, lse, delta, g, batch, scale, dq_acc, dk_acc, dv_acc);
+    else launch_backward<D, false>(q, k, v, dout, lse, delta, g, batch, scale, dq_acc, dk_acc, dv_acc);
+  };
+  switch (d) {
+    case 32: return run(std::integral_constant<int, 32>{});
+    case 64: return run(std::integral_constant<int, 64>{});
+    case 128: return run(std::integral_constant<int, 128>{});
+    default: MINIDL_FAIL("dilated_attention backward (cuda): no tensor-core kernel for head dim ", d);
+  }
+}
+
+}  // namespace minidl::cuda::attn

@@ -1,0 +1,32 @@
+#pragma once
+// bfloat16 tensor-core (mma.sync) kernels for one dilated-attention branch;
+// internal to cuda/dilated_attention.cu.
+#include "cuda/dilated_attention_common.cuh"
+
+namespace minidl::cuda::attn {
+
+// How a forward launch stores its branch result.
+enum class MergeMode {
+  kWrite,   // first branch covering every row: overwrite the fp32 accumulators
+  kMerge,   // combine with the accumulators by log-sum-exp
+  kSingle,  // the only branch: write the bf16 output and lse directly
+};
+
+constexpr int kMmaRows = 64;  // query rows per block (4 warps x 16)
+
+// head dims the tensor-core path handles
+inline bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
+
+void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                 const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
+                 MergeMode mode, float* o_acc, float* lse, BFloat16* out);
+
+// Adds this branch's dQ (atomically), dK and dV (rows of one launch are
+// disjoint) into the fp32 accumulators. lse and delta are the global
+// per-row values (B, N, H); delta = rowsum(dO * O) - dL.
+void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                  const Operand<BFloat16>& dout, const float* lse, const float* delta,
+                  const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
+                  float* dq_acc, float* dk_acc, float* dv_acc);
+
+}  // namespace minidl::cuda::attn
