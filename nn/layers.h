@@ -17,6 +17,12 @@ constexpr double kDefaultInitStd = 0.02;
 // A tensor of `shape` drawn from N(0, std^2); a fresh leaf, not requiring grad.
 Tensor normal_init(const Shape& shape, double std, Generator& gen, TensorOptions options = {});
 
+// x W^T (+ b) over the last dim: x (..., in) -> (..., out); W (out, in), b
+// (out) or undefined. Leading dims are flattened first, so the forward and
+// both backward products are single GEMMs (not one per batch element with a
+// broadcast weight, whose weight gradient would need a further reduction).
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
+
 // y = x W^T + b over the last dim: x (..., in) -> (..., out); W (out, in).
 class Linear : public Module {
  public:

@@ -325,6 +325,12 @@ TEST_CASE("gradcheck Linear (with and without bias, batched input)") {
   check_module_grads(lin, x, [&] { return lin.forward(x); });
   nn::Linear no_bias(3, 2, false, gen, kF64);
   check_module_grads(no_bias, x, [&] { return no_bias.forward(x); });
+  // 1-D and non-contiguous (transposed) inputs.
+  Tensor v = random_tensor({3}, grad_f64());
+  CHECK(lin.forward(v).shape() == Shape{4});
+  check_module_grads(lin, v, [&] { return lin.forward(v); });
+  Tensor base = random_tensor({3, 2, 2}, grad_f64());
+  check_module_grads(lin, base, [&] { return lin.forward(base.permute({1, 2, 0})); });
 }
 
 TEST_CASE("gradcheck Embedding (repeated indices accumulate)") {
