@@ -156,6 +156,7 @@ TEST_CASE("to(DType) casts in place: handles stay valid, leaves keep requires_gr
 TEST_CASE("to(Device) moves parameters in place to CUDA and back") {
   MINIDL_REQUIRE_CUDA();
   nn::CharTransformerConfig config = tiny_config();
+  config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
   nn::CharTransformer model(config, 11);
   nn::CharTransformer reference(config, 11);
   Tensor wte = model.wte->weight;

@@ -98,6 +98,28 @@ TEST_CASE("a tiny CharTransformer learns a repetitive text: loss falls from ln(V
   CHECK(out.substr(prompt.size()) == "lazy dog.");
 }
 
+TEST_CASE("the same training run learns on CUDA") {
+  MINIDL_REQUIRE_CUDA();
+  const std::string text = synthetic_text();
+  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  nn::CharTransformerConfig config = tiny_config(vocab.size());
+  config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
+  nn::CharTransformer model(config, 1337);
+  model.to(Device::cuda());
+  nn::BatchSampler train(split.train, 8, config.block_size, 1, Device::cuda());
+  nn::BatchSampler val(split.val, 8, config.block_size, 2, Device::cuda());
+  nn::AdamW opt(nn::weight_decay_groups(model, 0.1), {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.99});
+  nn::WarmupCosineLR schedule(1e-2, 1e-3, 20, 200);
+  const double ln_v = std::log(static_cast<double>(vocab.size()));
+  CHECK(eval_loss(model, val, 4) == doctest::Approx(ln_v).epsilon(0.1));
+  for (int step = 0; step < 200; ++step) train_step(model, opt, train, schedule);
+  const double final_val = eval_loss(model, val, 4);
+  MESSAGE("CUDA: val loss after 200 steps ", final_val);
+  CHECK(final_val < 0.5 * ln_v);
+  for (const Tensor& p : model.parameters()) CHECK(p.is_cuda());
+}
+
 TEST_CASE("resume from a checkpoint continues the run exactly") {
   use_one_thread();
   const std::string text = synthetic_text();
