@@ -19,6 +19,9 @@ void CharTransformerConfig::validate() const {
   MINIDL_CHECK(block_size > 0, "CharTransformerConfig: block_size must be positive, got ", block_size);
   MINIDL_CHECK(dropout >= 0 && dropout < 1, "CharTransformerConfig: dropout must be in [0, 1), got ",
                dropout);
+  MINIDL_CHECK(position_embedding == "learned" || position_embedding == "none",
+               "CharTransformerConfig: position_embedding must be \"learned\" or \"none\", got \"",
+               position_embedding, "\"");
 }
 
 namespace {
@@ -84,6 +87,7 @@ Metadata CharTransformerConfig::to_metadata() const {
   m["model.bias"] = bias ? "true" : "false";
   m["model.tie_weights"] = tie_weights ? "true" : "false";
   m["model.attention"] = attention;
+  m["model.position_embedding"] = position_embedding;
   for (const auto& [key, value] : attention_options) m[kAttentionOptionPrefix + key] = value;
   return m;
 }
@@ -99,6 +103,7 @@ CharTransformerConfig CharTransformerConfig::from_metadata(const Metadata& m) {
   c.bias = parse_bool(m, "model.bias");
   c.tie_weights = parse_bool(m, "model.tie_weights");
   c.attention = required(m, "model.attention");
+  c.position_embedding = required(m, "model.position_embedding");
   const std::string prefix = kAttentionOptionPrefix;
   for (auto it = m.lower_bound(prefix); it != m.end() && it->first.rfind(prefix, 0) == 0; ++it)
     c.attention_options[it->first.substr(prefix.size())] = it->second;
@@ -141,8 +146,9 @@ CharTransformer::CharTransformer(const CharTransformerConfig& config, uint64_t s
   Generator init_gen(seed);
   wte = register_module("wte", std::make_shared<Embedding>(config_.vocab_size, config_.n_embd,
                                                            init_gen, options));
-  wpe = register_module("wpe", std::make_shared<Embedding>(config_.block_size, config_.n_embd,
-                                                           init_gen, options));
+  if (config_.position_embedding == "learned")
+    wpe = register_module("wpe", std::make_shared<Embedding>(config_.block_size, config_.n_embd,
+                                                             init_gen, options));
   drop = register_module("drop", std::make_shared<Dropout>(config_.dropout, &dropout_gen_));
   // Blocks register under "h.<i>"; a container module keeps the names dotted.
   auto blocks = register_module("h", std::make_shared<Module>("ModuleList"));
@@ -166,7 +172,8 @@ Tensor CharTransformer::forward(const Tensor& idx) const {
                " must be in [1, block_size = ", config_.block_size, "]");
   // Position embeddings of 0..T-1 are the first T rows of wpe: a view, no
   // index tensor, broadcast over the batch.
-  Tensor x = ops::add(wte->forward(idx), wpe->weight.narrow(0, 0, T));
+  Tensor x = wte->forward(idx);
+  if (wpe) x = ops::add(x, wpe->weight.narrow(0, 0, T));
   x = drop->forward(x);
   for (const auto& block : h) x = block->forward(x);
   x = ln_f->forward(x);

@@ -50,7 +50,7 @@ class CharTransformer : public Module {
   // The dropout mask stream; save/restore its state for exact resume.
   Generator& dropout_generator() { return dropout_gen_; }
 
-  std::shared_ptr<Embedding> wte, wpe;
+  std::shared_ptr<Embedding> wte, wpe;  // wpe null when position_embedding == "none"
   std::shared_ptr<Dropout> drop;
   std::vector<std::shared_ptr<TransformerBlock>> h;
   std::shared_ptr<LayerNorm> ln_f;

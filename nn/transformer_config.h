@@ -23,6 +23,10 @@ struct CharTransformerConfig {
   // register their own, reading their settings from attention_options.
   std::string attention = "causal";
   std::map<std::string, std::string> attention_options;
+  // "learned": a (block_size, n_embd) position embedding added to the token
+  // embedding; "none": no position embedding (the attention layer encodes
+  // positions itself, e.g. rotary).
+  std::string position_embedding = "learned";
 
   // Throws minidl::Error naming the field when a value is out of range
   // (e.g. n_embd not divisible by n_head).

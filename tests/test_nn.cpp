@@ -470,6 +470,18 @@ TEST_CASE("CharTransformer: names, parameter count, shapes, initial loss and sca
   nn::CharTransformer untied(config, 42);
   CHECK(untied.lm_head != nullptr);
   CHECK(untied.num_parameters() == model.num_parameters() + V * C);
+
+  // Without learned positions (for attention that encodes them itself).
+  config.position_embedding = "none";
+  nn::CharTransformer no_pos(config, 42);
+  CHECK(no_pos.wpe == nullptr);
+  CHECK(!no_pos.state_dict().contains("wpe.weight"));
+  CHECK(no_pos.num_parameters() == untied.num_parameters() - Tm * C);
+  CHECK(no_pos.forward(idx).shape() == Shape{2, 16, 11});
+  config.position_embedding = "rope";
+  CHECK_THROWS_WITH_AS(nn::CharTransformer{config},
+                       doctest::Contains("position_embedding must be \"learned\" or \"none\", got \"rope\""),
+                       Error);
 }
 
 TEST_CASE("CharTransformer input errors") {
@@ -533,6 +545,7 @@ TEST_CASE("config metadata round trip and errors") {
   CHECK(r.tie_weights);
   CHECK(r.attention == "dilated");
   CHECK(r.attention_options == std::map<std::string, std::string>{{"segments", "4,8"}});
+  CHECK(r.position_embedding == "learned");
 
   m.erase("model.n_head");
   CHECK_THROWS_WITH_AS(nn::CharTransformerConfig::from_metadata(m),
