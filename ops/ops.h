@@ -88,6 +88,21 @@ Tensor embedding(const Tensor& weight, const Tensor& indices);
 // identity when !training or p == 0. The mask comes from the Philox stream,
 // so CPU and CUDA drop the same elements for the same generator state.
 Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullptr);
+// LongNet dilated attention, exact (DESIGN.md, "Dilated attention: the exact
+// semantics"). q, k, v: (B, N, H, D), any strides (a strided D dim is copied
+// once); branch i is (segments[i], dilations[i]) with w >= 1, r >= 1 (w > N
+// clamps to N); head h keeps offset h mod r. Returns {out (B, N, H, D),
+// lse (B, N, H)}: lse is float32 (float64 for float64 inputs), -inf and out 0
+// where a row is kept by no branch. Differentiable in q, k, v through both
+// outputs. scale 0 means 1/sqrt(D). float32/bfloat16 (fp32 accumulation);
+// float64 on the CPU only.
+std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::vector<int64_t>& segments,
+                                            const std::vector<int64_t>& dilations,
+                                            bool causal = true, double scale = 0);
+// Vanilla attention: dilated_attention with one branch w = N, r = 1 (same kernels).
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal = true,
+                 double scale = 0);
 
 // ---- shape and data movement ----
 Tensor reshape(const Tensor& x, const Shape& shape);  // one dim may be -1

@@ -1,0 +1,131 @@
+// Dilated attention (LongNet) and vanilla attention: one op, one kernel
+// family (cpu/dilated_attention, cuda/dilated_attention). Vanilla attention is
+// the single branch w = N, r = 1. Semantics: DESIGN.md, "Dilated attention:
+// the exact semantics".
+#include <cmath>
+
+#include "autograd/tape.h"
+#include "core/dilated.h"
+#include "cpu/dilated_attention.h"
+#include "cuda/dilated_attention.h"
+#include "ops/dispatch.h"
+#include "ops/ops.h"
+
+namespace minidl::ops {
+namespace {
+
+using autograd::SavedTensor;
+using Grads = std::vector<Tensor>;
+
+// lse is float32, except float64 for float64 inputs (CPU gradchecks).
+DType lse_dtype_for(DType dtype) { return dtype == DType::Float64 ? DType::Float64 : DType::Float32; }
+
+// The kernels need the D dim contiguous (other strides are free); a view
+// whose D dim is strided is copied once here rather than rejected.
+Tensor with_contiguous_head_dim(const Tensor& t) {
+  if (t.size(3) == 1 || t.stride(3) == 1) return t;
+  NoGradGuard no_grad;
+  return contiguous(t);
+}
+
+void check_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  detail::check_defined(op, q, "q");
+  detail::check_defined(op, k, "k");
+  detail::check_defined(op, v, "v");
+  MINIDL_CHECK(q.dim() == 4, op, ": q must be 4-D (B, N, H, D), got ", detail::describe(q));
+  MINIDL_CHECK(k.shape() == q.shape(), op, ": k must have q's shape ", shape_str(q.shape()),
+               ", got ", detail::describe(k));
+  MINIDL_CHECK(v.shape() == q.shape(), op, ": v must have q's shape ", shape_str(q.shape()),
+               ", got ", detail::describe(v));
+  detail::check_same_device(op, q, k);
+  detail::check_same_device(op, q, v);
+  detail::check_same_dtype(op, q, k);
+  detail::check_same_dtype(op, q, v);
+  DType dt = q.dtype();
+  MINIDL_CHECK(dt == DType::Float32 || dt == DType::BFloat16 || dt == DType::Float64, op,
+               ": unsupported dtype ", dt, " (q is ", detail::describe(q),
+               "); expected float32, bfloat16 or float64");
+  MINIDL_CHECK(!(dt == DType::Float64 && q.is_cuda()), op,
+               ": float64 is supported on the CPU only (q is ", detail::describe(q),
+               "); use float32 or bfloat16 on CUDA");
+  MINIDL_CHECK(q.size(3) >= 1, op, ": head dim D must be >= 1, got q ", detail::describe(q));
+}
+
+DilatedAttentionConfig make_config(const char* op, int64_t n, const std::vector<int64_t>& segments,
+                                   const std::vector<int64_t>& dilations, bool causal,
+                                   double scale, int64_t head_dim) {
+  MINIDL_CHECK(!segments.empty(), op,
+               ": segments is empty; give at least one branch (segment length w, dilation r)");
+  MINIDL_CHECK(segments.size() == dilations.size(), op, ": segments has ", segments.size(),
+               " entries but dilations has ", dilations.size(), "; give one dilation per segment");
+  MINIDL_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  DilatedAttentionConfig config;
+  config.causal = causal;
+  config.scale = scale != 0 ? scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+  for (size_t i = 0; i < segments.size(); ++i) {
+    MINIDL_CHECK(segments[i] >= 1, op, ": segment length must be >= 1, got ", segments[i],
+                 " (branch ", i, ")");
+    MINIDL_CHECK(dilations[i] >= 1, op, ": dilation must be >= 1, got ", dilations[i],
+                 " (branch ", i, ")");
+    // w > N covers the whole sequence: clamp, as the kernels expect.
+    config.branches.push_back({std::max<int64_t>(1, std::min(segments[i], n)), dilations[i]});
+  }
+  return config;
+}
+
+std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, const Tensor& k_in,
+                                            const Tensor& v_in, const DilatedAttentionConfig& config) {
+  Tensor q = with_contiguous_head_dim(q_in), k = with_contiguous_head_dim(k_in),
+         v = with_contiguous_head_dim(v_in);
+  const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
+  Tensor out = Tensor::empty(q.shape(), q.options());
+  Tensor lse = Tensor::empty({B, N, H}, {lse_dtype_for(q.dtype()), q.device(), false});
+  if (q.numel() > 0)
+    MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, out, lse);
+  if (autograd::needs_grad({q_in, k_in, v_in})) {
+    autograd::record(
+        op, {q_in, k_in, v_in}, {out, lse},
+        [sq = SavedTensor(q, op), sk = SavedTensor(k, op), sv = SavedTensor(v, op),
+         so = SavedTensor(out, op), sl = SavedTensor(lse, op), config](const Grads& g) {
+          Tensor q = sq.get(), k = sk.get(), v = sv.get(), out = so.get(), lse = sl.get();
+          Tensor dq = Tensor::empty(q.shape(), q.options());
+          Tensor dk = Tensor::empty(q.shape(), q.options());
+          Tensor dv = Tensor::empty(q.shape(), q.options());
+          if (q.numel() == 0) return Grads{dq, dk, dv};
+          // Upstream gradients may be broadcast views (stride 0): give the
+          // kernels the layout they expect.
+          Tensor grad_out = g[0].dtype() == q.dtype() ? g[0] : to(g[0], q.dtype());
+          grad_out = with_contiguous_head_dim(grad_out);
+          Tensor grad_lse = g[1];
+          if (grad_lse.defined()) {
+            if (grad_lse.dtype() != lse.dtype()) grad_lse = to(grad_lse, lse.dtype());
+            grad_lse = contiguous(grad_lse);
+          }
+          MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, out, lse, grad_out,
+                          grad_lse, config, dq, dk, dv);
+          return Grads{dq, dk, dv};
+        });
+  }
+  return {out, lse};
+}
+
+}  // namespace
+
+std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::vector<int64_t>& segments,
+                                            const std::vector<int64_t>& dilations, bool causal,
+                                            double scale) {
+  const char* op = "dilated_attention";
+  check_inputs(op, q, k, v);
+  return attention_forward(op, q, k, v,
+                           make_config(op, q.size(1), segments, dilations, causal, scale, q.size(3)));
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  const char* op = "attention";
+  check_inputs(op, q, k, v);
+  const int64_t n = std::max<int64_t>(1, q.size(1));
+  return attention_forward(op, q, k, v, make_config(op, n, {n}, {1}, causal, scale, q.size(3))).first;
+}
+
+}  // namespace minidl::ops
