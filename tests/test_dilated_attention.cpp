@@ -1,0 +1,701 @@
+// Dilated attention: the float64 reference against a brute force built
+// straight from DESIGN.md's definition, the fast CPU path against the
+// reference, float64 gradchecks of the op, CUDA against the CPU reference, and
+// the op's error messages.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include "core/dilated.h"
+#include "cpu/dilated_attention.h"
+#include "tests/helpers.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/dilated_attention.h"
+#endif
+
+using namespace minidl;
+using minidl::testing::check_close;
+using minidl::testing::random_tensor;
+
+namespace {
+
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+const double kInf = std::numeric_limits<double>::infinity();
+
+struct Case {
+  std::string name;
+  int64_t B, N, H, D;
+  std::vector<int64_t> segments, dilations;
+  bool causal = true;
+};
+
+std::string str(const Case& c) {
+  std::string s = c.name + (c.causal ? " (causal)" : " (non-causal)") + " B=" +
+                  std::to_string(c.B) + " N=" + std::to_string(c.N) + " H=" +
+                  std::to_string(c.H) + " D=" + std::to_string(c.D) + " w/r=";
+  for (size_t i = 0; i < c.segments.size(); ++i)
+    s += " " + std::to_string(c.segments[i]) + "/" + std::to_string(c.dilations[i]);
+  return s;
+}
+
+Case non_causal(Case c) {
+  c.causal = false;
+  return c;
+}
+
+// What the op hands the kernels: segments clamped to N, the scale filled in.
+DilatedAttentionConfig kernel_config(const Case& c, double scale = 0) {
+  DilatedAttentionConfig config;
+  config.causal = c.causal;
+  config.scale = scale != 0 ? scale : 1.0 / std::sqrt(static_cast<double>(c.D));
+  for (size_t i = 0; i < c.segments.size(); ++i)
+    config.branches.push_back({std::min(c.segments[i], c.N), c.dilations[i]});
+  return config;
+}
+
+// Small configurations covering every clause of the definition.
+std::vector<Case> spec_cases() {
+  std::vector<Case> base = {
+      {"single branch = dense attention", 2, 9, 2, 3, {9}, {1}},
+      {"several branches", 1, 16, 4, 3, {4, 8, 16}, {1, 2, 4}},
+      {"N not a multiple of any w", 1, 13, 3, 2, {4, 6}, {1, 2}},
+      {"w > N clamps to N", 1, 7, 2, 3, {20, 3}, {2, 1}},
+      {"w not a multiple of r", 1, 12, 3, 2, {5, 7}, {3, 2}},
+      {"r > H", 1, 11, 2, 2, {10, 6}, {3, 5}},
+      {"H not a multiple of r", 2, 10, 3, 2, {4, 10}, {2, 2}},
+      {"rows kept nowhere", 1, 9, 1, 2, {9}, {2}},
+      {"head offset beyond a short last segment", 1, 9, 4, 2, {4}, {4}},
+      {"duplicate branches count twice", 1, 8, 2, 2, {4, 4}, {1, 1}},
+  };
+  std::vector<Case> all;
+  for (const Case& c : base) {
+    all.push_back(c);
+    all.push_back(non_causal(c));
+  }
+  return all;
+}
+
+enum class Layout { Contiguous, Packed, HeadMajor, StridedHeadDim };
+
+// q, k, v of shape (B, N, H, D) in the given layout and dtype (values drawn
+// in float64, then cast): Packed = views of one (B, N, 3, H, D) projection,
+// HeadMajor = (B, H, N, D) permuted, StridedHeadDim = every other element of D.
+std::tuple<Tensor, Tensor, Tensor> make_qkv(const Case& c, DType dtype, Layout layout,
+                                            Device device = Device::cpu()) {
+  auto finish = [&](Tensor t) { return t.to(dtype).to(device); };
+  switch (layout) {
+    case Layout::Packed: {
+      Tensor qkv = finish(random_tensor({c.B, c.N, 3, c.H, c.D}));
+      return {qkv.slice(2, 0, 1).squeeze(2), qkv.slice(2, 1, 2).squeeze(2),
+              qkv.slice(2, 2, 3).squeeze(2)};
+    }
+    case Layout::HeadMajor: {
+      auto one = [&] { return finish(random_tensor({c.B, c.H, c.N, c.D})).permute({0, 2, 1, 3}); };
+      Tensor q = one(), k = one(), v = one();
+      return {q, k, v};
+    }
+    case Layout::StridedHeadDim: {
+      auto one = [&] { return finish(random_tensor({c.B, c.N, c.H, 2 * c.D})).slice(3, 0, 2 * c.D, 2); };
+      Tensor q = one(), k = one(), v = one();
+      return {q, k, v};
+    }
+    case Layout::Contiguous:
+      break;
+  }
+  Tensor q = finish(random_tensor({c.B, c.N, c.H, c.D})), k = finish(random_tensor({c.B, c.N, c.H, c.D})),
+         v = finish(random_tensor({c.B, c.N, c.H, c.D}));
+  return {q, k, v};
+}
+
+DType lse_dtype(DType dtype) { return dtype == DType::Float64 ? DType::Float64 : DType::Float32; }
+
+Tensor poisoned(const Shape& shape, DType dtype, Device device = Device::cpu()) {
+  return ops::full(shape, kNaN, {dtype, device, false});
+}
+
+// ---- brute force, straight from the definition ----
+
+// counts[(h * N + p) * N + j] = number of (branch, key) pairs of row p (head
+// h) whose key is j: for every branch, every segment's kept positions
+// s*w + h%r + t*r, each seeing the kept positions <= itself (causal) or all.
+std::vector<int> pair_counts(const Case& c) {
+  std::vector<int> counts(static_cast<size_t>(c.H * c.N * c.N), 0);
+  for (size_t i = 0; i < c.segments.size(); ++i) {
+    int64_t w = std::min(c.segments[i], c.N), r = c.dilations[i];
+    for (int64_t h = 0; h < c.H; ++h) {
+      for (int64_t start = 0; start < c.N; start += w) {
+        std::vector<int64_t> kept;
+        for (int64_t p = start + h % r; p < std::min(start + w, c.N); p += r) kept.push_back(p);
+        for (int64_t p : kept)
+          for (int64_t j : kept)
+            if (!c.causal || j <= p) ++counts[static_cast<size_t>((h * c.N + p) * c.N + j)];
+      }
+    }
+  }
+  return counts;
+}
+
+struct Dense {
+  std::vector<double> out, lse;
+};
+
+// L_p = log sum_j count_pj exp(s_pj), O_p = sum_j count_pj exp(s_pj - L_p) v_j;
+// q, k, v are row-major (B, N, H, D) values.
+Dense brute_force(const Case& c, const std::vector<double>& q, const std::vector<double>& k,
+                  const std::vector<double>& v, const std::vector<int>& counts, double scale) {
+  const int64_t N = c.N, H = c.H, D = c.D;
+  Dense r{std::vector<double>(q.size(), 0.0), std::vector<double>(static_cast<size_t>(c.B * N * H), -kInf)};
+  auto at = [&](int64_t b, int64_t n, int64_t h) { return static_cast<size_t>(((b * N + n) * H + h) * D); };
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t p = 0; p < N; ++p) {
+        std::vector<double> s(static_cast<size_t>(N), 0.0);
+        double m = -kInf;
+        for (int64_t j = 0; j < N; ++j) {
+          if (!counts[static_cast<size_t>((h * N + p) * N + j)]) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += q[at(b, p, h) + d] * k[at(b, j, h) + d];
+          s[j] = scale * dot;
+          m = std::max(m, s[j]);
+        }
+        if (m == -kInf) continue;  // kept nowhere: out 0, lse -inf
+        double z = 0;
+        for (int64_t j = 0; j < N; ++j) z += counts[static_cast<size_t>((h * N + p) * N + j)] * std::exp(s[j] - m);
+        double lse = m + std::log(z);
+        r.lse[static_cast<size_t>((b * N + p) * H + h)] = lse;
+        for (int64_t j = 0; j < N; ++j) {
+          int n_pairs = counts[static_cast<size_t>((h * N + p) * N + j)];
+          if (!n_pairs) continue;
+          double w = n_pairs * std::exp(s[j] - lse);
+          for (int64_t d = 0; d < D; ++d) r.out[at(b, p, h) + d] += w * v[at(b, j, h) + d];
+        }
+      }
+  return r;
+}
+
+// ---- checks ----
+
+// Closeness with an absolute floor relative to the reference's scale:
+// |a - b| <= tol (max|b| + |b|).
+void check_scaled(const Tensor& a, const Tensor& b, double tol) {
+  std::vector<double> y = b.to_vector<double>();
+  double peak = 0;
+  for (double x : y) peak = std::max(peak, std::abs(x));
+  check_close(a, b, tol * std::max(peak, 1e-30), tol);
+}
+
+// lse: -inf exactly where the reference has -inf, close elsewhere.
+void check_lse(const Tensor& a, const Tensor& b, double tol) {
+  REQUIRE(a.shape() == b.shape());
+  std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    bool ok = std::isinf(y[i]) ? (x[i] == y[i]) : std::abs(x[i] - y[i]) <= tol * (1 + std::abs(y[i]));
+    if (!ok && bad++ == 0) first = i;
+  }
+  INFO("first bad lse element ", first, ": ", x.empty() ? 0.0 : x[first], " vs ",
+       y.empty() ? 0.0 : y[first]);
+  CHECK(bad == 0);
+}
+
+void check_all_finite(const Tensor& t) {
+  std::vector<double> x = t.to_vector<double>();
+  CHECK(std::all_of(x.begin(), x.end(), [](double e) { return std::isfinite(e); }));
+}
+
+struct Forward {
+  Tensor out, lse;
+};
+struct Backward {
+  Tensor dq, dk, dv;
+};
+
+using ForwardFn = void (*)(const Tensor&, const Tensor&, const Tensor&, const DilatedAttentionConfig&,
+                           const Tensor&, const Tensor&);
+using BackwardFn = void (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                            const Tensor&, const Tensor&, const DilatedAttentionConfig&, const Tensor&,
+                            const Tensor&, const Tensor&);
+
+// Runs a kernel entry point into NaN-poisoned outputs (unwritten elements show).
+Forward run_forward(ForwardFn fn, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const DilatedAttentionConfig& config) {
+  Forward f{poisoned(q.shape(), q.dtype(), q.device()),
+            poisoned({q.size(0), q.size(1), q.size(2)}, lse_dtype(q.dtype()), q.device())};
+  fn(q, k, v, config, f.out, f.lse);
+  return f;
+}
+
+Backward run_backward(BackwardFn fn, const Tensor& q, const Tensor& k, const Tensor& v,
+                      const Forward& f, const Tensor& grad_out, const Tensor& grad_lse,
+                      const DilatedAttentionConfig& config) {
+  Backward g{poisoned(q.shape(), q.dtype(), q.device()), poisoned(q.shape(), q.dtype(), q.device()),
+             poisoned(q.shape(), q.dtype(), q.device())};
+  fn(q, k, v, f.out, f.lse, grad_out, grad_lse, config, g.dq, g.dk, g.dv);
+  return g;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// The reference against the definition.
+
+TEST_CASE("reference forward matches the brute force built from the definition") {
+  for (const Case& c : spec_cases()) {
+    CAPTURE(str(c));
+    auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
+    DilatedAttentionConfig config = kernel_config(c);
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+    Dense want = brute_force(c, q.to_vector<double>(), k.to_vector<double>(), v.to_vector<double>(),
+                             pair_counts(c), config.scale);
+    check_close(f.out, from_vector(want.out, q.shape()), 1e-12, 1e-12);
+    check_lse(f.lse, from_vector(want.lse, f.lse.shape()), 1e-12);
+  }
+}
+
+TEST_CASE("reference backward matches finite differences of the brute force") {
+  // F = sum(w_out * out) + sum over rows kept somewhere of w_lse * lse; the
+  // reference backward with grad_out = w_out, grad_lse = w_lse is dF.
+  for (const Case& c : spec_cases()) {
+    CAPTURE(str(c));
+    auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Contiguous);
+    DilatedAttentionConfig config = kernel_config(c);
+    Tensor w_out = random_tensor(q.shape()), w_lse = random_tensor({c.B, c.N, c.H});
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+    Backward g = run_backward(cpu::dilated_attention_backward_reference, q, k, v, f, w_out, w_lse, config);
+    std::vector<int> counts = pair_counts(c);
+    std::vector<double> wo = w_out.to_vector<double>(), wl = w_lse.to_vector<double>();
+    std::vector<std::vector<double>> x = {q.to_vector<double>(), k.to_vector<double>(), v.to_vector<double>()};
+    auto objective = [&] {
+      Dense d = brute_force(c, x[0], x[1], x[2], counts, config.scale);
+      double s = 0;
+      for (size_t i = 0; i < wo.size(); ++i) s += wo[i] * d.out[i];
+      for (size_t i = 0; i < wl.size(); ++i)
+        if (std::isfinite(d.lse[i])) s += wl[i] * d.lse[i];
+      return s;
+    };
+    const Tensor* analytic[3] = {&g.dq, &g.dk, &g.dv};
+    for (int t = 0; t < 3; ++t) {
+      std::vector<double> numeric(x[t].size());
+      for (size_t e = 0; e < x[t].size(); ++e) {
+        const double orig = x[t][e], eps = 1e-6;
+        x[t][e] = orig + eps;
+        double fp = objective();
+        x[t][e] = orig - eps;
+        double fm = objective();
+        x[t][e] = orig;
+        numeric[e] = (fp - fm) / (2 * eps);
+      }
+      CAPTURE(t);
+      check_close(*analytic[t], from_vector(numeric, q.shape()), 1e-7, 1e-6);
+    }
+  }
+}
+
+TEST_CASE("hand-computed values: dense causal rows, a dilated head split, duplicate branches") {
+  // N = 2, H = 1, D = 1, scale 1: row 0 sees key 0 only, row 1 sees keys 0, 1.
+  Tensor q = from_vector(std::vector<double>{1, 2}, {1, 2, 1, 1});
+  Tensor k = from_vector(std::vector<double>{0.5, -1}, {1, 2, 1, 1});
+  Tensor v = from_vector(std::vector<double>{3, 5}, {1, 2, 1, 1});
+  auto [out, lse] = ops::dilated_attention(q, k, v, {2}, {1}, true, 1.0);
+  double z1 = std::exp(1.0) + std::exp(-2.0);
+  check_close(out, from_vector(std::vector<double>{3, (3 * std::exp(1.0) + 5 * std::exp(-2.0)) / z1}, {1, 2, 1, 1}), 1e-14, 1e-14);
+  check_close(lse, from_vector(std::vector<double>{0.5, std::log(z1)}, {1, 2, 1}), 1e-14, 1e-14);
+  // The same branch twice: every pair counts twice, so out is unchanged and lse grows by log 2.
+  auto [out2, lse2] = ops::dilated_attention(q, k, v, {2, 2}, {1, 1}, true, 1.0);
+  check_close(out2, out, 1e-14, 1e-14);
+  check_close(lse2, ops::add(lse, std::log(2.0)), 1e-14, 1e-14);
+
+  // N = 4, H = 2, one segment w = 4, r = 2, non-causal: head 0 keeps 0 and 2,
+  // head 1 keeps 1 and 3; rows of the other parity are kept nowhere.
+  std::vector<double> qv(8), kv(8), vv(8);
+  for (int p = 0; p < 4; ++p)
+    for (int h = 0; h < 2; ++h) {
+      qv[p * 2 + h] = 0.5 * p - h;
+      kv[p * 2 + h] = 1.0 - 0.25 * p + h;
+      vv[p * 2 + h] = 10.0 * p + h;
+    }
+  Tensor q4 = from_vector(qv, {1, 4, 2, 1}), k4 = from_vector(kv, {1, 4, 2, 1}), v4 = from_vector(vv, {1, 4, 2, 1});
+  auto [o4, l4] = ops::dilated_attention(q4, k4, v4, {4}, {2}, false, 1.0);
+  std::vector<double> want_o(8, 0.0), want_l(8, -kInf);
+  for (int h = 0; h < 2; ++h)
+    for (int p = h; p < 4; p += 2) {
+      double s0 = qv[p * 2 + h] * kv[h * 2 + h], s1 = qv[p * 2 + h] * kv[(h + 2) * 2 + h];
+      double z = std::exp(s0) + std::exp(s1);
+      want_l[p * 2 + h] = std::log(z);
+      want_o[p * 2 + h] = (std::exp(s0) * vv[h * 2 + h] + std::exp(s1) * vv[(h + 2) * 2 + h]) / z;
+    }
+  check_close(o4, from_vector(want_o, {1, 4, 2, 1}), 1e-13, 1e-13);
+  check_lse(l4, from_vector(want_l, {1, 4, 2}), 1e-13);
+}
+
+// ---------------------------------------------------------------------------
+// The fast CPU path against the reference.
+
+namespace {
+std::vector<Case> tiled_cases() {
+  // Sizes that cross the fast path's query (32) and key (64) tiles.
+  std::vector<Case> base = {
+      {"dense", 1, 150, 2, 20, {150}, {1}},
+      {"LongNet-like, w > N, r > H, N not a multiple of w", 2, 200, 5, 16, {32, 64, 128, 256}, {1, 2, 4, 8}},
+      {"w not a multiple of r", 1, 130, 3, 9, {70, 45}, {3, 4}},
+      {"rows kept nowhere", 1, 100, 2, 8, {50}, {3}},
+  };
+  std::vector<Case> all;
+  for (const Case& c : base) {
+    all.push_back(c);
+    all.push_back(non_causal(c));
+  }
+  for (const Case& c : spec_cases()) all.push_back(c);
+  return all;
+}
+
+double fast_path_tolerance(DType dtype) {
+  switch (dtype) {
+    case DType::Float64: return 1e-11;
+    case DType::Float32: return 2e-5;
+    default: return 1e-2;  // bfloat16 outputs: both round to 8 bits
+  }
+}
+}  // namespace
+
+TEST_CASE("fast CPU path matches the reference, forward and backward") {
+  for (DType dtype : {DType::Float64, DType::Float32, DType::BFloat16}) {
+    const double tol = fast_path_tolerance(dtype);
+    for (const Case& c : tiled_cases()) {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      auto [q, k, v] = make_qkv(c, dtype, Layout::Packed);
+      DilatedAttentionConfig config = kernel_config(c);
+      Forward want = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+      Forward got = run_forward(cpu::dilated_attention_forward, q, k, v, config);
+      check_scaled(got.out, want.out, tol);
+      check_lse(got.lse, want.lse, tol);
+
+      // Same (out, lse) into both backward passes; grad_out strided, grad_lse
+      // defined and not.
+      Tensor grad_out = random_tensor({c.B, c.H, c.N, c.D}).to(dtype).permute({0, 2, 1, 3});
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(lse_dtype(dtype));
+      for (const Tensor& gl : {grad_lse, Tensor()}) {
+        CAPTURE(gl.defined());
+        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q, k, v, want, grad_out, gl, config);
+        Backward gg = run_backward(cpu::dilated_attention_backward, q, k, v, want, grad_out, gl, config);
+        check_scaled(gg.dq, gw.dq, tol);
+        check_scaled(gg.dk, gw.dk, tol);
+        check_scaled(gg.dv, gw.dv, tol);
+      }
+    }
+  }
+}
+
+TEST_CASE("rows kept nowhere: out 0, lse -inf, zero gradients and no NaN") {
+  // H = 2, r = 3: offsets 0 and 1; positions with (p mod w) mod 3 == 2 are kept
+  // by no head; for head 0 also every position with (p mod w) mod 3 == 1.
+  Case c{"kept nowhere", 2, 17, 2, 4, {9}, {3}};
+  for (bool causal : {true, false}) {
+    c.causal = causal;
+    CAPTURE(causal);
+    Tensor q = random_tensor({c.B, c.N, c.H, c.D}, {DType::Float64, Device::cpu(), true});
+    Tensor k = random_tensor({c.B, c.N, c.H, c.D}, {DType::Float64, Device::cpu(), true});
+    Tensor v = random_tensor({c.B, c.N, c.H, c.D}, {DType::Float64, Device::cpu(), true});
+    auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations, c.causal);
+    // Seeds for both outputs, nonzero everywhere (also on the -inf rows).
+    Tensor seed_out = random_tensor(out.shape()), seed_lse = random_tensor(lse.shape());
+    ops::add(ops::sum(ops::mul(out, seed_out)),
+             ops::sum(ops::mul(ops::masked_fill(lse, ops::eq(lse, ops::full({}, -kInf, {DType::Float64})), 0.0), seed_lse)))
+        .backward();
+    std::vector<double> o = out.to_vector<double>(), l = lse.to_vector<double>();
+    std::vector<double> gq = q.grad().to_vector<double>(), gk = k.grad().to_vector<double>(),
+                        gv = v.grad().to_vector<double>();
+    int nowhere = 0;
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t p = 0; p < c.N; ++p)
+        for (int64_t h = 0; h < c.H; ++h) {
+          bool kept = (p % 9) % 3 == h;
+          size_t row = static_cast<size_t>((b * c.N + p) * c.H + h);
+          CHECK(std::isinf(l[row]) == !kept);
+          if (kept) continue;
+          ++nowhere;
+          CHECK(l[row] < 0);
+          for (int64_t d = 0; d < c.D; ++d) {
+            size_t e = row * c.D + d;
+            CHECK(o[e] == 0.0);
+            CHECK(gq[e] == 0.0);  // a row kept nowhere is never a query ...
+            CHECK(gk[e] == 0.0);  // ... nor a key
+            CHECK(gv[e] == 0.0);
+          }
+        }
+    CHECK(nowhere > 0);
+    check_all_finite(q.grad());
+    check_all_finite(k.grad());
+    check_all_finite(v.grad());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The op: gradchecks, scale, layouts, vanilla attention.
+
+TEST_CASE("dilated_attention gradcheck (float64) through out and lse, strided views") {
+  std::vector<Case> cases = {
+      {"dense", 1, 6, 2, 3, {6}, {1}},
+      {"several branches, w > N, r > H", 2, 11, 3, 2, {4, 6, 20}, {1, 2, 4}},
+      {"rows kept nowhere", 1, 9, 2, 2, {5}, {3}},
+  };
+  const Layout layouts[] = {Layout::Packed, Layout::HeadMajor, Layout::StridedHeadDim};
+  int variant = 0;
+  for (const Case& base : cases)
+    for (bool causal : {true, false}) {
+      Case c = base;
+      c.causal = causal;
+      Layout layout = layouts[variant++ % 3];
+      CAPTURE(str(c));
+      CAPTURE(static_cast<int>(layout));
+      auto [q, k, v] = make_qkv(c, DType::Float64, layout);
+      q.requires_grad_(true);
+      k.requires_grad_(true);
+      v.requires_grad_(true);
+      Tensor nowhere;  // rows with lse = -inf, masked out of the lse objective
+      {
+        NoGradGuard no_grad;
+        Tensor lse = ops::dilated_attention(q, k, v, c.segments, c.dilations, c.causal).second;
+        nowhere = ops::eq(lse, ops::full({}, -kInf, {DType::Float64}));
+      }
+      Tensor w_out = random_tensor(q.shape()), w_lse = random_tensor({c.B, c.N, c.H});
+      auto attend = [&](const std::vector<Tensor>& x) {
+        return ops::dilated_attention(x[0], x[1], x[2], c.segments, c.dilations, c.causal);
+      };
+      // Both outputs at once (grad_out and grad_lse nonzero) ...
+      CHECK(gradcheck(
+          [&](const std::vector<Tensor>& x) {
+            auto [out, lse] = attend(x);
+            return ops::add(ops::sum(ops::mul(out, w_out)),
+                            ops::sum(ops::mul(ops::masked_fill(lse, nowhere, 0.0), w_lse)));
+          },
+          {q, k, v}));
+      // ... and each alone (the other output's gradient is zero).
+      if (variant <= 2) {
+        CHECK(gradcheck([&](const std::vector<Tensor>& x) { return attend(x).first; }, {q, k, v}));
+        CHECK(gradcheck(
+            [&](const std::vector<Tensor>& x) { return ops::masked_fill(attend(x).second, nowhere, 0.0); },
+            {q, k, v}));
+      }
+    }
+}
+
+TEST_CASE("attention is dilated_attention with one branch w = N, r = 1; scale defaults to 1/sqrt(D)") {
+  Case c{"dense", 2, 40, 3, 8, {40}, {1}};
+  for (bool causal : {true, false}) {
+    auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
+    Tensor a = ops::attention(q, k, v, causal);
+    Tensor d = ops::dilated_attention(q, k, v, {1000}, {1}, causal, 1.0 / std::sqrt(8.0)).first;
+    check_close(a, d, 1e-14, 1e-14);
+    // An explicit scale reaches the kernels.
+    c.causal = causal;
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, q, k, v, kernel_config(c, 0.3));
+    check_close(ops::attention(q, k, v, causal, 0.3), want.out, 1e-12, 1e-12);
+  }
+}
+
+TEST_CASE("dilated_attention op: float32 and bfloat16 on the CPU, lse dtype, non-contiguous D") {
+  Case c{"several", 2, 70, 4, 12, {16, 32, 128}, {1, 2, 4}};
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    auto [q, k, v] = make_qkv(c, dtype, Layout::StridedHeadDim);
+    auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations);
+    CHECK(out.dtype() == dtype);
+    CHECK(lse.dtype() == DType::Float32);
+    CHECK(out.is_contiguous());
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, q.contiguous(), k.contiguous(),
+                               v.contiguous(), kernel_config(c));
+    check_scaled(out, want.out, fast_path_tolerance(dtype));
+    check_lse(lse, want.lse, fast_path_tolerance(dtype));
+  }
+  Tensor q64 = random_tensor({1, 5, 2, 4});
+  CHECK(ops::dilated_attention(q64, q64, q64, {2}, {1}).second.dtype() == DType::Float64);
+}
+
+TEST_CASE("dilated_attention op: float32 autograd matches the float64 reference backward") {
+  Case c{"several", 2, 50, 3, 8, {16, 64}, {1, 2}};
+  Tensor q = random_tensor({c.B, c.N, c.H, c.D}, {DType::Float32, Device::cpu(), true});
+  Tensor k = random_tensor({c.B, c.N, c.H, c.D}, {DType::Float32, Device::cpu(), true});
+  Tensor v = random_tensor({c.B, c.N, c.H, c.D}, {DType::Float32, Device::cpu(), true});
+  Tensor seed_out = random_tensor(q.shape(), {DType::Float32}), seed_lse = random_tensor({c.B, c.N, c.H}, {DType::Float32});
+  auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations);
+  ops::add(ops::sum(ops::mul(out, seed_out)), ops::sum(ops::mul(lse, seed_lse))).backward();
+  Tensor q64 = q.detach().to(DType::Float64), k64 = k.detach().to(DType::Float64), v64 = v.detach().to(DType::Float64);
+  DilatedAttentionConfig config = kernel_config(c);
+  Forward f = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+  Backward g = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, f, seed_out.to(DType::Float64),
+                            seed_lse.to(DType::Float64), config);
+  check_scaled(q.grad(), g.dq, 1e-4);
+  check_scaled(k.grad(), g.dk, 1e-4);
+  check_scaled(v.grad(), g.dv, 1e-4);
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+
+TEST_CASE("dilated_attention errors name the bad value") {
+  Tensor q = random_tensor({1, 8, 2, 4});
+  auto attend = [&](const std::vector<int64_t>& w, const std::vector<int64_t>& r) {
+    return ops::dilated_attention(q, q, q, w, r);
+  };
+  CHECK_THROWS_WITH_AS(attend({}, {}), doctest::Contains("dilated_attention: segments is empty"), Error);
+  CHECK_THROWS_WITH_AS(attend({4, 8}, {1}), doctest::Contains("segments has 2 entries but dilations has 1"), Error);
+  CHECK_THROWS_WITH_AS(attend({4, 0}, {1, 1}), doctest::Contains("segment length must be >= 1, got 0 (branch 1)"), Error);
+  CHECK_THROWS_WITH_AS(attend({4, -3}, {1, 1}), doctest::Contains("got -3"), Error);
+  CHECK_THROWS_WITH_AS(attend({4}, {0}), doctest::Contains("dilation must be >= 1, got 0 (branch 0)"), Error);
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q, q, q, {4}, {1}, true, kNaN),
+                       doctest::Contains("scale must be finite"), Error);
+
+  Tensor q3 = random_tensor({8, 2, 4});
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q3, q3, q3, {4}, {1}),
+                       doctest::Contains("q must be 4-D (B, N, H, D), got float64 [8, 2, 4]"), Error);
+  Tensor other = random_tensor({1, 8, 2, 5});
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q, other, q, {4}, {1}),
+                       doctest::Contains("k must have q's shape [1, 8, 2, 4], got float64 [1, 8, 2, 5]"), Error);
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q, q, other, {4}, {1}), doctest::Contains("v must have q's shape"), Error);
+  Tensor q32 = q.to(DType::Float32);
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q, q32, q, {4}, {1}), doctest::Contains("dtype mismatch"), Error);
+  Tensor qi = ops::zeros({1, 8, 2, 4}, {DType::Int32});
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(qi, qi, qi, {4}, {1}), doctest::Contains("unsupported dtype int32"), Error);
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(Tensor(), q, q, {4}, {1}),
+                       doctest::Contains("q is an undefined tensor"), Error);
+  Tensor q0 = random_tensor({1, 8, 2, 0});
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q0, q0, q0, {4}, {1}), doctest::Contains("head dim D must be >= 1"), Error);
+  CHECK_THROWS_WITH_AS(ops::attention(q3, q3, q3), doctest::Contains("attention: q must be 4-D"), Error);
+
+  // The kernel entry points check their layout contract too.
+  Tensor out = Tensor::empty(q.shape(), q.options());
+  Tensor lse32 = Tensor::empty({1, 8, 2}, {DType::Float32});
+  CHECK_THROWS_WITH_AS(cpu::dilated_attention_forward(q, q, q, kernel_config({"", 1, 8, 2, 4, {4}, {1}}), out, lse32),
+                       doctest::Contains("lse must be a contiguous float64 (B, N, H) tensor"), Error);
+}
+
+TEST_CASE("dilated_attention: empty sequence gives empty outputs") {
+  Tensor q = random_tensor({2, 0, 3, 4}, {DType::Float64, Device::cpu(), true});
+  auto [out, lse] = ops::dilated_attention(q, q, q, {4}, {2});
+  CHECK(out.shape() == Shape{2, 0, 3, 4});
+  CHECK(lse.shape() == Shape{2, 0, 3});
+}
+
+// ---------------------------------------------------------------------------
+// CUDA against the float64 CPU reference (run on the H100 by the lead).
+
+namespace {
+
+[[maybe_unused]] std::vector<Case> cuda_cases() {
+  // LongNet's language-model branches (w = 2048 ... 32768, r = 1, 2, 4, 6, 12)
+  // with every w divided by 64; N = 700 leaves the last segment of every
+  // branch partial and the w = 512 branch has one full and one partial segment.
+  const std::vector<int64_t> longnet_w = {32, 64, 128, 256, 512}, longnet_r = {1, 2, 4, 6, 12};
+  return {
+      {"dense", 2, 300, 4, 32, {300}, {1}, true},
+      {"dense", 2, 300, 4, 32, {300}, {1}, false},
+      {"dense", 1, 257, 3, 64, {257}, {1}, true},
+      {"dense", 1, 257, 3, 128, {257}, {1}, false},
+      {"dense", 1, 200, 2, 128, {200}, {1}, true},
+      {"LongNet set / 64 (H = 8: r = 12 > H, H not a multiple of 6)", 1, 700, 8, 64, longnet_w, longnet_r, true},
+      {"LongNet set / 64 (H = 12)", 1, 700, 12, 32, longnet_w, longnet_r, true},
+      {"LongNet set / 64", 1, 700, 4, 128, longnet_w, longnet_r, true},
+      {"LongNet set / 64", 1, 700, 8, 64, longnet_w, longnet_r, false},
+      {"N not a multiple of any w", 2, 333, 4, 64, {40, 100}, {1, 3}, true},
+      {"r > H (rows kept nowhere)", 1, 200, 2, 64, {64, 96}, {3, 5}, true},
+      {"H not a multiple of r, w not a multiple of r", 1, 250, 3, 32, {50, 128}, {2, 3}, true},
+      {"w > N", 2, 90, 4, 64, {4096, 32}, {2, 1}, false},
+  };
+}
+
+[[maybe_unused]] double cuda_tolerance(DType dtype) { return dtype == DType::BFloat16 ? 2e-2 : 2e-3; }
+
+}  // namespace
+
+TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU reference") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    const double tol = cuda_tolerance(dtype);
+    for (const Case& c : cuda_cases()) {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      // One packed projection: the GPU gets strided views of it in `dtype`,
+      // the reference the same (rounded) values in float64.
+      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
+      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
+      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
+      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
+      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      DilatedAttentionConfig config = kernel_config(c);
+
+      Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+      Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
+      CHECK(got.lse.dtype() == DType::Float32);
+      check_scaled(got.out.to(Device::cpu()), want.out, tol);
+      check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+
+      Tensor grad_out = random_tensor(q.shape()).to(dtype);
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+      for (bool with_lse_grad : {true, false}) {
+        CAPTURE(with_lse_grad);
+        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                   grad_out.to(DType::Float64),
+                                   with_lse_grad ? grad_lse.to(DType::Float64) : Tensor(), config);
+        Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out.to(gpu),
+                                   with_lse_grad ? grad_lse.to(gpu) : Tensor(), config);
+        check_scaled(gg.dq.to(Device::cpu()), gw.dq, tol);
+        check_scaled(gg.dk.to(Device::cpu()), gw.dk, tol);
+        check_scaled(gg.dv.to(Device::cpu()), gw.dv, tol);
+      }
+    }
+  }
+#endif
+}
+
+TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference") {
+  MINIDL_REQUIRE_CUDA();
+  const Device gpu = Device::cuda(0);
+  Case c{"LongNet set / 64", 2, 700, 6, 64, {32, 64, 128, 256, 512}, {1, 2, 4, 6, 12}};
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    const double tol = cuda_tolerance(dtype);
+    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype),
+           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
+    Tensor q = q0.to(gpu).requires_grad_(true), k = k0.to(gpu).requires_grad_(true),
+           v = v0.to(gpu).requires_grad_(true);
+    Tensor seed_out = random_tensor(q.shape()).to(dtype), seed_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+    auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations);
+    CHECK(lse.dtype() == DType::Float32);
+    Tensor lse_finite = ops::masked_fill(lse, ops::eq(lse, ops::full({}, -kInf, {DType::Float32, gpu})), 0.0);
+    ops::add(ops::sum(ops::mul(out, seed_out.to(gpu))).to(DType::Float32),
+             ops::sum(ops::mul(lse_finite, seed_lse.to(gpu))))
+        .backward();
+    Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
+    DilatedAttentionConfig config = kernel_config(c);
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+    Backward g = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, f,
+                              seed_out.to(DType::Float64), seed_lse.to(DType::Float64), config);
+    check_scaled(out.to(Device::cpu()), f.out, tol);
+    check_scaled(q.grad().to(Device::cpu()), g.dq, tol);
+    check_scaled(k.grad().to(Device::cpu()), g.dk, tol);
+    check_scaled(v.grad().to(Device::cpu()), g.dv, tol);
+  }
+  // Vanilla attention runs the same kernels on the GPU.
+  Case d{"dense", 1, 128, 2, 64, {128}, {1}};
+  Tensor x = random_tensor({d.B, d.N, d.H, d.D}).to(DType::Float32);
+  Forward want = run_forward(cpu::dilated_attention_forward_reference, x.to(DType::Float64), x.to(DType::Float64),
+                             x.to(DType::Float64), kernel_config(d));
+  Tensor xg = x.to(gpu);
+  check_scaled(ops::attention(xg, xg, xg).to(Device::cpu()), want.out, cuda_tolerance(DType::Float32));
+}
+
+TEST_CASE("CUDA dilated_attention errors") {
+  MINIDL_REQUIRE_CUDA();
+  Tensor q = random_tensor({1, 8, 2, 4}).to(DType::Float32);
+  Tensor qg = q.to(Device::cuda(0));
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(qg, q, qg, {4}, {1}), doctest::Contains("different devices"), Error);
+  Tensor q64 = random_tensor({1, 8, 2, 4}, {DType::Float64, Device::cuda(0)});
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(q64, q64, q64, {4}, {1}),
+                       doctest::Contains("float64 is supported on the CPU only"), Error);
+}
