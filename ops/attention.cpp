@@ -92,10 +92,10 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
           Tensor dk = Tensor::empty(q.shape(), q.options());
           Tensor dv = Tensor::empty(q.shape(), q.options());
           if (q.numel() == 0) return Grads{dq, dk, dv};
-          // Upstream gradients may be broadcast views (stride 0): give the
-          // kernels the layout they expect.
+          // Upstream gradients may be broadcast or permuted views: the kernels
+          // get contiguous ones (the CUDA backward requires it; usually no copy).
           Tensor grad_out = g[0].dtype() == q.dtype() ? g[0] : to(g[0], q.dtype());
-          grad_out = with_contiguous_head_dim(grad_out);
+          if (!grad_out.is_contiguous()) grad_out = contiguous(grad_out);
           Tensor grad_lse = g[1];
           if (grad_lse.defined()) {
             if (grad_lse.dtype() != lse.dtype()) grad_lse = to(grad_lse, lse.dtype());
