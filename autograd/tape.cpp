@@ -24,16 +24,54 @@ struct Node {
   std::vector<InputSlot> inputs;  // one per op input; empty slot = no grad
   std::vector<OutputMeta> outputs;
   BackwardFn backward;
+  std::vector<std::weak_ptr<TensorImpl>> output_refs;  // to see when outputs die
+  bool freed = false;
+
+  void free() {
+    freed = true;
+    backward = nullptr;  // releases the saved tensors
+    inputs.clear();
+    output_refs.clear();
+  }
 };
 
 std::atomic<uint64_t> g_next_generation{1};
 
+// Nodes are freed when a backward pass runs through them, or when nothing
+// can reach them any more (their outputs are dead and no live node uses
+// them); once every node is freed the tape starts over.
 struct Tape {
   uint64_t generation = g_next_generation++;
   std::vector<Node> nodes;
+  size_t live = 0;
   void reset() {
     nodes.clear();
+    live = 0;
     generation = g_next_generation++;
+  }
+  void free(Node& node) {
+    if (node.freed) return;
+    node.free();
+    --live;
+  }
+  void reset_if_empty() {
+    if (live == 0) reset();
+  }
+  // Frees nodes whose outputs are all dead and that no live node reads.
+  void sweep() {
+    std::vector<bool> used(nodes.size(), false);
+    for (size_t i = nodes.size(); i-- > 0 && live > 0;) {
+      Node& node = nodes[i];
+      if (node.freed) continue;
+      bool alive = used[i];
+      for (const auto& ref : node.output_refs) alive = alive || !ref.expired();
+      if (!alive) {
+        free(node);
+        continue;
+      }
+      for (const InputSlot& slot : node.inputs)
+        if (slot.node >= 0) used[static_cast<size_t>(slot.node)] = true;
+    }
   }
 };
 
@@ -56,7 +94,8 @@ Tensor owned_gradient(const Tensor& g) {
 bool carries_grad(const Tensor& t) {
   if (!t.defined() || !t.requires_grad()) return false;
   const AutogradMeta& m = t.impl()->autograd;
-  return m.node < 0 || m.tape_generation == g_tape.generation;
+  if (m.node < 0) return true;
+  return m.tape_generation == g_tape.generation && !g_tape.nodes[static_cast<size_t>(m.node)].freed;
 }
 
 }  // namespace
@@ -88,6 +127,7 @@ void record(const char* op, const std::vector<Tensor>& inputs, const std::vector
   for (size_t k = 0; k < outputs.size(); ++k) {
     const Tensor& out = outputs[k];
     node.outputs.push_back({out.shape(), out.options()});
+    node.output_refs.push_back(out.impl_ptr());
     AutogradMeta& m = out.impl()->autograd;
     m.requires_grad = true;
     m.tape_generation = g_tape.generation;
@@ -95,6 +135,7 @@ void record(const char* op, const std::vector<Tensor>& inputs, const std::vector
     m.output_nr = static_cast<int32_t>(k);
   }
   g_tape.nodes.push_back(std::move(node));
+  ++g_tape.live;
 }
 
 SavedTensor::SavedTensor(const Tensor& t, const char* op)
@@ -126,14 +167,23 @@ void backward(const Tensor& root, const Tensor& seed) {
     root.set_grad(root.grad().defined() ? detail::add(root.grad(), g0) : owned_gradient(g0));
     return;
   }
-  MINIDL_CHECK(rm.tape_generation == g_tape.generation,
+  MINIDL_CHECK(rm.tape_generation == g_tape.generation &&
+                   !g_tape.nodes[static_cast<size_t>(rm.node)].freed,
                "backward: the graph of this tensor was freed (backward already ran through it, "
                "or clear_tape() was called); recompute the forward pass");
 
   NoGradGuard no_grad;
-  // Detach the nodes so a throwing closure still leaves a clean, empty tape.
-  std::vector<Node> nodes = std::move(g_tape.nodes);
-  g_tape.reset();
+  std::vector<Node>& nodes = g_tape.nodes;
+  std::vector<int64_t> visited;
+  // Whatever happens, the nodes this pass ran through are spent.
+  struct FreeVisited {
+    std::vector<int64_t>& visited;
+    ~FreeVisited() {
+      for (int64_t i : visited) g_tape.free(g_tape.nodes[static_cast<size_t>(i)]);
+      g_tape.sweep();
+      g_tape.reset_if_empty();
+    }
+  } free_visited{visited};
   std::vector<std::vector<Tensor>> grads(static_cast<size_t>(rm.node) + 1);
   auto accumulate = [](Tensor& slot, const Tensor& g) {
     slot = slot.defined() ? detail::add(slot, g) : g;
@@ -145,6 +195,7 @@ void backward(const Tensor& root, const Tensor& seed) {
     Node& node = nodes[static_cast<size_t>(i)];
     std::vector<Tensor>& out_grads = grads[static_cast<size_t>(i)];
     if (out_grads.empty()) continue;  // not on a path from the root
+    visited.push_back(i);
     for (size_t k = 0; k < node.outputs.size(); ++k)
       if (!out_grads[k].defined())
         out_grads[k] = detail::zeros(node.outputs[k].shape, node.outputs[k].options);
@@ -169,6 +220,9 @@ void backward(const Tensor& root, const Tensor& seed) {
       } else {
         std::vector<Tensor>& target = grads[static_cast<size_t>(slot.node)];
         const Node& producer = nodes[static_cast<size_t>(slot.node)];
+        MINIDL_CHECK(!producer.freed, "backward: ", node.op, " reads the output of ", producer.op,
+                     ", whose part of the graph an earlier backward already freed; recompute the "
+                     "forward pass");
         if (target.empty()) target.resize(producer.outputs.size());
         MINIDL_CHECK(g.shape() == producer.outputs[slot.output_nr].shape, node.op,
                      " backward: gradient of shape ", shape_str(g.shape()), " for input ", j,
@@ -181,7 +235,7 @@ void backward(const Tensor& root, const Tensor& seed) {
 }
 
 void clear_tape() { g_tape.reset(); }
-size_t tape_size() { return g_tape.nodes.size(); }
+size_t tape_size() { return g_tape.live; }
 
 }  // namespace minidl::autograd
 

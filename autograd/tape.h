@@ -2,7 +2,9 @@
 // The thread-local tape. While grad mode is on and some input requires grad,
 // every op appends a node {input slots, backward closure, output metadata};
 // the closure captures only what its backward needs (SavedTensor). Tape order
-// is topological, so backward() walks it in reverse and then frees it.
+// is topological, so backward() walks it in reverse and then frees the nodes
+// it walked (a second backward through them throws); nodes nothing can reach
+// any more are dropped at the same time, and an empty tape starts over.
 //
 // Writing an op (see docs/extending.md):
 //
@@ -54,11 +56,12 @@ class SavedTensor {
 };
 
 // Walks the tape from `root` (seeded with `seed`, or 1 for a scalar) and
-// accumulates into .grad() of leaves; then frees the tape.
+// accumulates into .grad() of leaves; then frees the nodes it walked. Outputs
+// of freed nodes act as constants in later computations.
 void backward(const Tensor& root, const Tensor& seed = Tensor());
 
 // Drops every recorded node (e.g. after an evaluation that recorded ops).
 void clear_tape();
-size_t tape_size();
+size_t tape_size();  // live (not yet freed) nodes
 
 }  // namespace minidl::autograd
