@@ -1,0 +1,86 @@
+"""PyTorch anchor for bench_attention: the same problems through SDPA.
+
+Dense: F.scaled_dot_product_attention(is_causal=True). Dilated: per branch,
+gather the kept rows of each head-offset group with strided slicing, run
+flash attention per segment (segments as batch), and merge branches by their
+log-sum-exp (LongNet's rule; weights detached, as in torchscale). Prints
+median milliseconds over repeated runs (CUDA events). Not part of the build.
+  python3 bench/pytorch/attention_baseline.py
+"""
+import math
+import torch
+import torch.nn.functional as F
+
+H, D = 8, 64
+SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
+
+
+def timed(fn, reps=10):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def flash(q, k, v):
+    # (batch, heads, rows, D) -> out, lse (batch, heads, rows)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[:2]
+    return out, lse
+
+
+def dilated(q, k, v):
+    b, n, h, d = q.shape
+    out_total = torch.zeros_like(q, dtype=torch.float32)
+    lse_total = torch.full((b, n, h), -math.inf, device=q.device)
+    outs = []
+    for w, r in zip(SEGMENTS, DILATIONS):
+        w = min(w, n)
+        assert n % w == 0 and w % r == 0, "anchor assumes divisible sizes"
+        s = n // w
+        o_b = torch.zeros(b, n, h, d, device=q.device, dtype=q.dtype)
+        l_b = torch.full((b, n, h), -math.inf, device=q.device)
+        for off in range(r):
+            heads = list(range(off, h, r))
+            def pick(x):
+                x = x.view(b, s, w, h, d)[:, :, off::r][:, :, :, heads]
+                return x.reshape(b * s, w // r, len(heads), d).transpose(1, 2)
+            o, l = flash(pick(q), pick(k), pick(v))
+            o = o.transpose(1, 2).reshape(b, s, w // r, len(heads), d)
+            l = l.transpose(1, 2).reshape(b, s, w // r, len(heads))
+            ob = o_b.view(b, s, w, h, d)
+            lb = l_b.view(b, s, w, h)
+            ob[:, :, off::r, heads] = o
+            lb[:, :, off::r, heads] = l
+        outs.append((o_b, l_b))
+    lse_total = torch.logsumexp(torch.stack([l for _, l in outs]), dim=0)
+    weights = [torch.exp(l - lse_total).nan_to_num(0.0).detach() for _, l in outs]
+    return sum(o.float() * wt.unsqueeze(-1) for (o, _), wt in zip(outs, weights)).to(q.dtype)
+
+
+def main():
+    torch.manual_seed(0)
+    dev = "cuda"
+    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
+    n = 32768
+    q, k, v = (torch.randn(1, H, n, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
+    print(f"dense causal N={n}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+    for n in [32768, 262144, 1 << 20]:
+        q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        fwd = timed(lambda: dilated(q, k, v), reps=5)
+        both = timed(lambda: dilated(q, k, v).backward(g), reps=5)
+        print(f"dilated N={n}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# On a GPU machine: builds minidl (sm_90), runs the whole test suite, the
+# CUDA kernel tests under compute-sanitizer (memcheck, racecheck) and the
+# CUDA benchmarks, and writes every log to $OUT (default: gpu-out/).
+#   scripts/gpu-check.sh [tests] [sanitize] [bench] [torch]   (default: all)
+# Dependencies may come from a prefix: MINIDL_PREFIX=$PWD/.deps/usr.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+steps=${*:-tests sanitize bench torch}
+export PATH=/usr/local/cuda/bin:$PATH
+prefix=${MINIDL_PREFIX:-}
+[ -n "$prefix" ] && export LD_LIBRARY_PATH=$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+build=${MINIDL_BUILD_DIR:-/tmp/minidl-gpu}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+cmake -S . -B "$build" ${prefix:+-DCMAKE_PREFIX_PATH=$prefix} -DCMAKE_BUILD_TYPE=Release >"$out/cmake.log" 2>&1 ||
+  { tail -20 "$out/cmake.log"; exit 1; }
+cmake --build "$build" -j"$(nproc)" >"$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head -20; exit 1; }
+export OMP_WAIT_POLICY=PASSIVE
+summary=()
+if [[ $steps == *tests* ]]; then
+  ctest --test-dir "$build" -j4 --timeout 300 --output-on-failure >"$out/ctest.log" 2>&1
+  summary+=("ctest: $(grep -E 'tests passed' "$out/ctest.log")")
+  grep -E "Failed|\*\*\*" "$out/ctest.log" | head -20
+fi
+if [[ $steps == *sanitize* ]]; then
+  for t in test_dilated_attention test_nn_functional test_reduce test_indexing test_elementwise test_matmul test_dropout test_rope; do
+    [ -x "$build/tests/$t" ] || continue
+    for tool in memcheck racecheck; do
+      compute-sanitizer --tool $tool --error-exitcode 9 "$build/tests/$t" -tc="*CUDA*,*cuda*" \
+        >"$out/sanitize-$t-$tool.log" 2>&1
+      summary+=("$tool $t: rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitize-$t-$tool.log" | tail -1)")
+    done
+  done
+fi
+if [[ $steps == *bench* ]]; then
+  for b in bench_attention bench_matmul bench_softmax bench_elementwise; do
+    [ -x "$build/bench/$b" ] || continue
+    "$build/bench/$b" --benchmark_filter="${MINIDL_BENCH_FILTER:-.}" --benchmark_out="$out/$b.json" \
+      --benchmark_out_format=json >"$out/$b.txt" 2>&1
+  done
+  summary+=("bench: see $out/bench_*.txt")
+fi
+if [[ $steps == *torch* ]] && python3 -c "import torch" 2>/dev/null; then
+  python3 bench/pytorch/attention_baseline.py >"$out/pytorch.txt" 2>&1
+  summary+=("pytorch: $(tr '\n' ';' <"$out/pytorch.txt")")
+fi
+printf '%s\n' "${summary[@]}"
