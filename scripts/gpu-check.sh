@@ -28,7 +28,7 @@ if [[ $steps == *sanitize* ]]; then
   for t in test_dilated_attention test_nn_functional test_reduce test_indexing test_elementwise test_matmul test_dropout test_rope; do
     [ -x "$build/tests/$t" ] || continue
     for tool in memcheck racecheck; do
-      compute-sanitizer --tool $tool --error-exitcode 9 "$build/tests/$t" -tc="*CUDA*,*cuda*" \
+      timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$build/tests/$t" -tc="*CUDA*,*cuda*" \
         >"$out/sanitize-$t-$tool.log" 2>&1
       summary+=("$tool $t: rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitize-$t-$tool.log" | tail -1)")
     done
