@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # On a GPU machine: builds minidl (sm_90), runs the whole test suite, the
 # CUDA kernel tests under compute-sanitizer (memcheck, racecheck) and the
-# CUDA benchmarks, and writes every log to $OUT (default: gpu-out/).
+# CUDA benchmarks; logs go to a work folder, packed into $OUT/gpu-logs.tar.gz
+# (default $OUT: gpu-out/) with a summary in $OUT/summary.txt.
 #   scripts/gpu-check.sh [tests] [sanitize] [bench] [torch]   (default: all)
 # Dependencies may come from a prefix: MINIDL_PREFIX=$PWD/.deps/usr.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-out}
-mkdir -p "$out"
+dest=${OUT:-gpu-out}
+out=$(mktemp -d)
+mkdir -p "$dest"
 steps=${*:-tests sanitize bench torch}
 export PATH=/usr/local/cuda/bin:$PATH
 prefix=${MINIDL_PREFIX:-}
@@ -35,9 +37,10 @@ if [[ $steps == *sanitize* ]]; then
   done
 fi
 if [[ $steps == *bench* ]]; then
-  for b in bench_attention bench_matmul bench_softmax bench_elementwise; do
+  for b in ${MINIDL_BENCHES:-bench_attention bench_matmul bench_softmax bench_elementwise}; do
     [ -x "$build/bench/$b" ] || continue
-    "$build/bench/$b" --benchmark_filter="${MINIDL_BENCH_FILTER:-.}" --benchmark_out="$out/$b.json" \
+    filter_var=MINIDL_FILTER_$b
+    "$build/bench/$b" --benchmark_filter="${!filter_var:-.}" --benchmark_out="$out/$b.json" \
       --benchmark_out_format=json >"$out/$b.txt" 2>&1
   done
   summary+=("bench: see $out/bench_*.txt")
@@ -46,4 +49,5 @@ if [[ $steps == *torch* ]] && python3 -c "import torch" 2>/dev/null; then
   python3 bench/pytorch/attention_baseline.py >"$out/pytorch.txt" 2>&1
   summary+=("pytorch: $(tr '\n' ';' <"$out/pytorch.txt")")
 fi
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$dest/summary.txt"
+tar -czf "$dest/gpu-logs.tar.gz" -C "$out" .
