@@ -103,6 +103,14 @@ std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, co
 // Vanilla attention: dilated_attention with one branch w = N, r = 1 (same kernels).
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal = true,
                  double scale = 0);
+// Rotary position embedding (RoFormer's interleaved pairs): x (B, N, H, D),
+// D even, any strides (a strided D dim is copied once); each pair
+// (x[2i], x[2i+1]) at sequence index n turns by the angle
+// (position_offset + n) * base^(-2i/D). Returns a contiguous tensor of x's
+// dtype; the gradient turns back by the negative angle. float32/bfloat16
+// (angles in double, reduced mod 2 pi, then fp32 sin/cos: accurate at
+// positions of 2^20 and beyond); float64 on the CPU only.
+Tensor rope(const Tensor& x, int64_t position_offset = 0, double base = 10000.0);
 
 // ---- shape and data movement ----
 Tensor reshape(const Tensor& x, const Shape& shape);  // one dim may be -1
