@@ -13,6 +13,7 @@
 #include "nn/attention.h"
 #include "nn/checkpoint.h"
 #include "nn/data.h"
+#include "nn/dilated_attention.h"
 #include "nn/layers.h"
 #include "nn/module.h"
 #include "nn/optim.h"

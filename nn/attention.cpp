@@ -1,8 +1,10 @@
 #include "nn/attention.h"
 
+#include <cmath>
 #include <map>
 #include <sstream>
 
+#include "nn/dilated_attention.h"
 #include "ops/ops.h"
 
 namespace minidl::nn {
@@ -10,15 +12,38 @@ namespace {
 
 std::map<std::string, AttentionFactory>& registry() {
   // Built on first use, so registering from another translation unit's
-  // static initialiser is safe.
+  // static initialiser is safe. The built-in kinds are listed here rather
+  // than registered by static initialisers in their own files: minidl is a
+  // static library, and the linker would drop an object file nothing refers to.
   static std::map<std::string, AttentionFactory> factories = {
-      {"causal", [](const AttentionInit& init) -> std::shared_ptr<AttentionLayer> {
+      {"causal",
+       [](const AttentionInit& init) -> std::shared_ptr<AttentionLayer> {
          return std::make_shared<CausalSelfAttention>(init);
+       }},
+      {"dilated", [](const AttentionInit& init) -> std::shared_ptr<AttentionLayer> {
+         return std::make_shared<DilatedAttention>(init);
        }}};
   return factories;
 }
 
 }  // namespace
+
+std::optional<double> rope_base_for(const CharTransformerConfig& config) {
+  if (config.position_embedding != "rope") return std::nullopt;
+  auto it = config.attention_options.find("rope_base");
+  if (it == config.attention_options.end()) return kDefaultRopeBase;
+  const std::string& text = it->second;
+  size_t used = 0;
+  double base = 0;
+  try {
+    base = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  MINIDL_CHECK(used == text.size() && !text.empty() && std::isfinite(base) && base > 0,
+               "attention option 'rope_base' must be a positive number, got '", text, "'");
+  return base;
+}
 
 void register_attention(const std::string& name, AttentionFactory factory) {
   MINIDL_CHECK(!name.empty() && factory, "register_attention: need a name and a factory");
@@ -47,10 +72,16 @@ std::shared_ptr<AttentionLayer> make_attention(const AttentionInit& init) {
 
 CausalSelfAttention::CausalSelfAttention(int64_t n_embd_, int64_t n_head_, bool bias, double dropout,
                                          Generator& gen, Generator* dropout_gen,
-                                         TensorOptions options, double proj_init_std)
-    : AttentionLayer("CausalSelfAttention"), n_embd(n_embd_), n_head(n_head_) {
+                                         TensorOptions options, double proj_init_std,
+                                         std::optional<double> rope_base_)
+    : AttentionLayer("CausalSelfAttention"), n_embd(n_embd_), n_head(n_head_), rope_base(rope_base_) {
   MINIDL_CHECK(n_head > 0 && n_embd > 0 && n_embd % n_head == 0, "CausalSelfAttention: n_embd ",
                n_embd, " must be a positive multiple of n_head ", n_head);
+  MINIDL_CHECK(!rope_base || (std::isfinite(*rope_base) && *rope_base > 0),
+               "CausalSelfAttention: rope_base must be positive and finite, got ", *rope_base);
+  MINIDL_CHECK(!rope_base || (n_embd / n_head) % 2 == 0, "CausalSelfAttention: rotary embeddings "
+               "need an even head dim, got n_embd ", n_embd, " / n_head ", n_head, " = ",
+               n_embd / n_head);
   c_attn = register_module("c_attn", std::make_shared<Linear>(n_embd, 3 * n_embd, bias, gen, options));
   c_proj = register_module("c_proj", std::make_shared<Linear>(n_embd, n_embd, bias, gen, options,
                                                               proj_init_std));
@@ -60,7 +91,7 @@ CausalSelfAttention::CausalSelfAttention(int64_t n_embd_, int64_t n_head_, bool 
 CausalSelfAttention::CausalSelfAttention(const AttentionInit& init)
     : CausalSelfAttention(init.config.n_embd, init.config.n_head, init.config.bias,
                           init.config.dropout, init.init_gen, init.dropout_gen, init.options,
-                          init.proj_init_std) {}
+                          init.proj_init_std, rope_base_for(init.config)) {}
 
 Tensor CausalSelfAttention::forward(const Tensor& x) {
   MINIDL_CHECK(x.dim() == 3 && x.size(2) == n_embd, "CausalSelfAttention: expected input (B, T, ",
@@ -69,7 +100,12 @@ Tensor CausalSelfAttention::forward(const Tensor& x) {
   Tensor qkv = c_attn->forward(x);  // (B, T, 3C), contiguous
   // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
   auto head_view = [&](int64_t which) { return qkv.narrow(2, which * n_embd, n_embd).view({B, T, H, D}); };
-  Tensor y = ops::attention(head_view(0), head_view(1), head_view(2), /*causal=*/true);
+  Tensor q = head_view(0), k = head_view(1);
+  if (rope_base) {
+    q = ops::rope(q, 0, *rope_base);
+    k = ops::rope(k, 0, *rope_base);
+  }
+  Tensor y = ops::attention(q, k, head_view(2), /*causal=*/true);
   return resid_drop->forward(c_proj->forward(y.reshape({B, T, n_embd})));
 }
 

@@ -3,12 +3,16 @@
 // AttentionLayer, built by name from a registry, so variants (dilated
 // attention, rotary embeddings) plug in without touching the blocks:
 //
-//   nn::register_attention("dilated", [](const nn::AttentionInit& init) {
-//     return std::make_shared<MyDilatedAttention>(init);
+//   nn::register_attention("my-attention", [](const nn::AttentionInit& init) {
+//     return std::make_shared<MyAttention>(init);
 //   });
-//   config.attention = "dilated";
+//   config.attention = "my-attention";
+//
+// Built in: "causal" (CausalSelfAttention, below) and "dilated"
+// (DilatedAttention, nn/dilated_attention.h).
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,8 +49,20 @@ void register_attention(const std::string& name, AttentionFactory factory);
 std::shared_ptr<AttentionLayer> make_attention(const AttentionInit& init);
 std::vector<std::string> registered_attentions();
 
+// Rotary position embeddings (config.position_embedding == "rope"): the
+// built-in layers apply ops::rope to q and k (positions 0..T-1) before
+// attention, and the model has no learned position table. The angles' base
+// is attention_options["rope_base"] when given, else this.
+constexpr double kDefaultRopeBase = 10000.0;
+
+// The rotary base the built-in layers use for `config`: nullopt unless
+// position_embedding is "rope"; then attention_options["rope_base"] (a
+// positive number; throws naming the key otherwise) or kDefaultRopeBase.
+std::optional<double> rope_base_for(const CharTransformerConfig& config);
+
 // Vanilla multi-head causal self-attention (registered as "causal"): a fused
 // QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no copy);
+// with rope_base set, q and k are rotated by ops::rope(., 0, *rope_base);
 // ops::attention(q, k, v, causal) is the fused attention op; heads merge back
 // to (B, T, C), then the output projection and residual dropout. The fused
 // op has no attention-probability dropout, so only the residual path drops.
@@ -54,11 +70,13 @@ class CausalSelfAttention : public AttentionLayer {
  public:
   CausalSelfAttention(int64_t n_embd, int64_t n_head, bool bias, double dropout, Generator& gen,
                       Generator* dropout_gen = nullptr, TensorOptions options = {},
-                      double proj_init_std = kDefaultInitStd);
+                      double proj_init_std = kDefaultInitStd,
+                      std::optional<double> rope_base = std::nullopt);
   explicit CausalSelfAttention(const AttentionInit& init);
   Tensor forward(const Tensor& x) override;
 
   int64_t n_embd, n_head;
+  std::optional<double> rope_base;  // rotary q and k when set
   std::shared_ptr<Linear> c_attn, c_proj;
   std::shared_ptr<Dropout> resid_drop;
 };

@@ -19,8 +19,10 @@ void CharTransformerConfig::validate() const {
   MINIDL_CHECK(block_size > 0, "CharTransformerConfig: block_size must be positive, got ", block_size);
   MINIDL_CHECK(dropout >= 0 && dropout < 1, "CharTransformerConfig: dropout must be in [0, 1), got ",
                dropout);
-  MINIDL_CHECK(position_embedding == "learned" || position_embedding == "none",
-               "CharTransformerConfig: position_embedding must be \"learned\" or \"none\", got \"",
+  MINIDL_CHECK(position_embedding == "learned" || position_embedding == "none" ||
+                   position_embedding == "rope",
+               "CharTransformerConfig: position_embedding must be \"learned\", \"none\" or "
+               "\"rope\", got \"",
                position_embedding, "\"");
 }
 

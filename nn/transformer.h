@@ -1,6 +1,7 @@
 #pragma once
 // A GPT-style character language model (nanoGPT's architecture): token +
-// learned position embeddings, n_layer pre-LayerNorm blocks, a final
+// learned position embeddings (or rotary ones inside the attention layers,
+// config.position_embedding), n_layer pre-LayerNorm blocks, a final
 // LayerNorm and an LM head (tied to the token embedding by default).
 #include <cstdint>
 #include <functional>
@@ -50,7 +51,7 @@ class CharTransformer : public Module {
   // The dropout mask stream; save/restore its state for exact resume.
   Generator& dropout_generator() { return dropout_gen_; }
 
-  std::shared_ptr<Embedding> wte, wpe;  // wpe null when position_embedding == "none"
+  std::shared_ptr<Embedding> wte, wpe;  // wpe null unless position_embedding == "learned"
   std::shared_ptr<Dropout> drop;
   std::vector<std::shared_ptr<TransformerBlock>> h;
   std::shared_ptr<LayerNorm> ln_f;

@@ -25,7 +25,10 @@ struct CharTransformerConfig {
   std::map<std::string, std::string> attention_options;
   // "learned": a (block_size, n_embd) position embedding added to the token
   // embedding; "none": no position embedding (the attention layer encodes
-  // positions itself, e.g. rotary).
+  // positions itself); "rope": no position table, and the built-in attention
+  // layers rotate q and k by position (ops::rope; base from
+  // attention_options["rope_base"], default 10000), so nothing limits the
+  // context but block_size, which then costs no parameters.
   std::string position_embedding = "learned";
 
   // Throws minidl::Error naming the field when a value is out of range

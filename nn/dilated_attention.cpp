@@ -1,0 +1,128 @@
+#include "nn/dilated_attention.h"
+
+#include <cmath>
+#include <sstream>
+
+#include "ops/ops.h"
+
+namespace minidl::nn {
+namespace {
+
+std::string list_str(const std::vector<int64_t>& values) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < values.size(); ++i) os << (i ? ", " : "") << values[i];
+  os << "]";
+  return os.str();
+}
+
+std::string trimmed(const std::string& s) {
+  size_t begin = s.find_first_not_of(" \t"), end = s.find_last_not_of(" \t");
+  return begin == std::string::npos ? std::string() : s.substr(begin, end - begin + 1);
+}
+
+const std::string& required_option(const CharTransformerConfig& config, const std::string& key,
+                                   const char* example) {
+  auto it = config.attention_options.find(key);
+  MINIDL_CHECK(it != config.attention_options.end(), "DilatedAttention: attention option '", key,
+               "' is missing; set config.attention_options[\"", key, "\"], e.g. \"", example, "\"");
+  return it->second;
+}
+
+// The options from config.attention_options, checked for unknown keys.
+struct DilatedOptions {
+  std::vector<int64_t> segments, dilations;
+};
+
+DilatedOptions dilated_options(const CharTransformerConfig& config) {
+  for (const auto& [key, value] : config.attention_options)
+    MINIDL_CHECK(key == "segments" || key == "dilations" || key == "rope_base",
+                 "DilatedAttention: unknown attention option '", key,
+                 "'; known: 'segments', 'dilations', 'rope_base'");
+  return {parse_attention_int_list("segments", required_option(config, "segments", "64,128,256")),
+          parse_attention_int_list("dilations", required_option(config, "dilations", "1,2,4"))};
+}
+
+}  // namespace
+
+std::vector<int64_t> parse_attention_int_list(const std::string& key, const std::string& text) {
+  std::vector<int64_t> values;
+  std::string rest = text;
+  while (true) {
+    size_t comma = rest.find(',');
+    std::string item = trimmed(rest.substr(0, comma));
+    size_t used = 0;
+    int64_t v = 0;
+    try {
+      v = std::stoll(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    MINIDL_CHECK(!item.empty() && used == item.size() && v >= 1, "attention option '", key,
+                 "' must be a comma-separated list of positive integers (e.g. \"64,128,256\"), got '",
+                 text, "' (bad entry '", item, "')");
+    values.push_back(v);
+    if (comma == std::string::npos) break;
+    rest = rest.substr(comma + 1);
+  }
+  return values;
+}
+
+DilatedAttention::DilatedAttention(int64_t n_embd_, int64_t n_head_, std::vector<int64_t> segments_,
+                                   std::vector<int64_t> dilations_, bool bias, double dropout,
+                                   Generator& gen, Generator* dropout_gen, TensorOptions options,
+                                   double proj_init_std, std::optional<double> rope_base_)
+    : AttentionLayer("DilatedAttention"),
+      n_embd(n_embd_),
+      n_head(n_head_),
+      segments(std::move(segments_)),
+      dilations(std::move(dilations_)),
+      rope_base(rope_base_) {
+  MINIDL_CHECK(n_head > 0 && n_embd > 0 && n_embd % n_head == 0, "DilatedAttention: n_embd ",
+               n_embd, " must be a positive multiple of n_head ", n_head);
+  MINIDL_CHECK(!segments.empty(), "DilatedAttention: segments is empty; give at least one branch "
+               "(segment length w, dilation r)");
+  MINIDL_CHECK(segments.size() == dilations.size(), "DilatedAttention: segments ",
+               list_str(segments), " has ", segments.size(), " entries but dilations ",
+               list_str(dilations), " has ", dilations.size(), "; give one dilation per segment");
+  for (size_t i = 0; i < segments.size(); ++i) {
+    MINIDL_CHECK(segments[i] >= 1, "DilatedAttention: segment lengths must be >= 1, got ",
+                 segments[i], " in segments ", list_str(segments));
+    MINIDL_CHECK(dilations[i] >= 1, "DilatedAttention: dilations must be >= 1, got ", dilations[i],
+                 " in dilations ", list_str(dilations));
+  }
+  MINIDL_CHECK(!rope_base || (std::isfinite(*rope_base) && *rope_base > 0),
+               "DilatedAttention: rope_base must be positive and finite, got ", *rope_base);
+  MINIDL_CHECK(!rope_base || (n_embd / n_head) % 2 == 0, "DilatedAttention: rotary embeddings "
+               "need an even head dim, got n_embd ", n_embd, " / n_head ", n_head, " = ",
+               n_embd / n_head);
+  c_attn = register_module("c_attn", std::make_shared<Linear>(n_embd, 3 * n_embd, bias, gen, options));
+  c_proj = register_module("c_proj", std::make_shared<Linear>(n_embd, n_embd, bias, gen, options,
+                                                              proj_init_std));
+  resid_drop = register_module("resid_drop", std::make_shared<Dropout>(dropout, dropout_gen));
+}
+
+// (The options are parsed once per argument; they are a few bytes of text.)
+DilatedAttention::DilatedAttention(const AttentionInit& init)
+    : DilatedAttention(init.config.n_embd, init.config.n_head, dilated_options(init.config).segments,
+                       dilated_options(init.config).dilations, init.config.bias, init.config.dropout,
+                       init.init_gen, init.dropout_gen, init.options, init.proj_init_std,
+                       rope_base_for(init.config)) {}
+
+Tensor DilatedAttention::forward(const Tensor& x) {
+  MINIDL_CHECK(x.dim() == 3 && x.size(2) == n_embd, "DilatedAttention: expected input (B, T, ",
+               n_embd, "), got ", shape_str(x.shape()));
+  const int64_t B = x.size(0), T = x.size(1), H = n_head, D = n_embd / n_head;
+  Tensor qkv = c_attn->forward(x);  // (B, T, 3C), contiguous
+  // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
+  auto head_view = [&](int64_t which) { return qkv.narrow(2, which * n_embd, n_embd).view({B, T, H, D}); };
+  Tensor q = head_view(0), k = head_view(1);
+  if (rope_base) {
+    q = ops::rope(q, 0, *rope_base);
+    k = ops::rope(k, 0, *rope_base);
+  }
+  Tensor y = ops::dilated_attention(q, k, head_view(2), segments, dilations, /*causal=*/true).first;
+  return resid_drop->forward(c_proj->forward(y.reshape({B, T, n_embd})));
+}
+
+}  // namespace minidl::nn

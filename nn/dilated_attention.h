@@ -1,0 +1,56 @@
+#pragma once
+// LongNet dilated multi-head self-attention as a transformer attention layer
+// (registered as "dilated"; built by CharTransformer when config.attention ==
+// "dilated"). Same structure and parameter names as CausalSelfAttention
+// (c_attn, c_proj), so checkpoints and weights carry over between the two:
+// a fused QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no
+// copy); with rope_base set, q and k are rotated by ops::rope; then
+// ops::dilated_attention(q, k, v, segments, dilations, causal = true) (exact
+// LongNet semantics, DESIGN.md), heads merge back to (B, T, C), the output
+// projection and residual dropout.
+//
+// Branch i attends within segments of segments[i] positions, keeping every
+// dilations[i]-th position (head h keeps offset h mod r). One branch with
+// w >= T and r = 1 is vanilla causal attention. A row that no branch keeps
+// for some head (e.g. no branch has r = 1) gets a zero attention output
+// there; include a branch with r = 1 for full coverage.
+//
+// Options read from config.attention_options (the checkpoint metadata keeps
+// them as "model.attention.<key>"):
+//   "segments"   comma-separated segment lengths w_i >= 1, e.g. "64,128,256"
+//   "dilations"  comma-separated dilations r_i >= 1, one per segment, e.g. "1,2,4"
+//   "rope_base"  optional rotary base when position_embedding == "rope"
+//                (default kDefaultRopeBase)
+// Any other key is an error (catches typos such as "dilation").
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "nn/attention.h"
+
+namespace minidl::nn {
+
+// Parses "64,128,256" (spaces around entries allowed) into positive
+// integers; errors name `key` and the offending text.
+std::vector<int64_t> parse_attention_int_list(const std::string& key, const std::string& text);
+
+class DilatedAttention : public AttentionLayer {
+ public:
+  DilatedAttention(int64_t n_embd, int64_t n_head, std::vector<int64_t> segments,
+                   std::vector<int64_t> dilations, bool bias, double dropout, Generator& gen,
+                   Generator* dropout_gen = nullptr, TensorOptions options = {},
+                   double proj_init_std = kDefaultInitStd,
+                   std::optional<double> rope_base = std::nullopt);
+  // From config.n_embd, n_head, bias, dropout and the attention options above.
+  explicit DilatedAttention(const AttentionInit& init);
+  Tensor forward(const Tensor& x) override;
+
+  int64_t n_embd, n_head;
+  std::vector<int64_t> segments, dilations;
+  std::optional<double> rope_base;  // rotary q and k when set
+  std::shared_ptr<Linear> c_attn, c_proj;
+  std::shared_ptr<Dropout> resid_drop;
+};
+
+}  // namespace minidl::nn
