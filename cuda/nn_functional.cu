@@ -9,6 +9,7 @@
 // online max/sum, so it reads the input twice, the second time from cache).
 // Compute is fp32 for float32/bfloat16 and fp64 for float64. Every reduction
 // combines partials in a fixed order (no atomics): results are deterministic.
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>

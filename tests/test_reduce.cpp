@@ -185,7 +185,8 @@ TEST_CASE("CUDA sum/mean parity: short rows, long rows, split rows, leading dims
     }
   }
   Tensor x = random_tensor({1000, 1000}, {DType::Float32});
-  CHECK(ops::sum(x.to(Device::cuda())).item<double>() == doctest::Approx(ops::sum(x).item<double>()).epsilon(1e-5));
+  // A full reduction of 10^6 floats: fp32 partials in a fixed order, error far below 1e-2.
+  CHECK(std::abs(ops::sum(x.to(Device::cuda())).item<double>() - ops::sum(x).item<double>()) < 1e-2);
 }
 
 TEST_CASE("CUDA max/argmax parity and gradient routing") {
