@@ -1,0 +1,437 @@
+#include "train.h"
+
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include "progress.h"
+#include "signals.h"
+
+namespace charlm {
+
+namespace fs = std::filesystem;
+namespace nn = minidl::nn;
+namespace ops = minidl::ops;
+using minidl::Device;
+using minidl::DType;
+using minidl::Tensor;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr const char* kFormatKey = "charlm.format";
+constexpr const char* kFormatVersion = "1";
+
+// Distinct Philox keys for the batch streams, derived from --seed (the model
+// uses the seed itself for its initialisation and dropout streams).
+uint64_t train_batch_seed(uint64_t seed) { return seed * 0x9e3779b97f4a7c15ull + 0x747261696eull; }
+uint64_t val_batch_seed(uint64_t seed) { return seed * 0x9e3779b97f4a7c15ull + 0x76616cull; }
+
+std::string hex64(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+const std::string& meta_at(const nn::Metadata& meta, const std::string& key, const std::string& path) {
+  auto it = meta.find(key);
+  MINIDL_CHECK(it != meta.end(), "charlm: ", path, " has no metadata '", key,
+               "' (not a checkpoint written by charlm train?)");
+  return it->second;
+}
+
+// The model being trained. With --dtype bfloat16 the optimizer owns float32
+// master weights and a bfloat16 copy runs forward and backward: the copy is
+// refreshed from the masters before use, and its gradients are cast back.
+// With float32 the master model runs directly.
+class TrainModel {
+ public:
+  TrainModel(const nn::CharTransformerConfig& config, uint64_t seed, Device device, bool bf16)
+      : master_(std::make_unique<nn::CharTransformer>(config, seed)) {
+    // Built on the CPU and moved, so the initial weights do not depend on the device.
+    master_->to(device);
+    master_params_ = master_->parameters();
+    if (bf16) {
+      compute_ = std::make_unique<nn::CharTransformer>(config, seed);
+      compute_->to(device);
+      compute_->to(DType::BFloat16);
+      compute_params_ = compute_->parameters();
+      MINIDL_CHECK(compute_params_.size() == master_params_.size(), "charlm: bf16 copy has ",
+                   compute_params_.size(), " parameters, the masters ", master_params_.size());
+    }
+  }
+
+  nn::CharTransformer& master() { return *master_; }
+  // The model that runs forward; its dropout stream is the run's.
+  nn::CharTransformer& compute() { return compute_ ? *compute_ : *master_; }
+  const std::vector<Tensor>& parameters() const { return master_params_; }
+
+  // Call after the masters change (optimizer step, checkpoint load).
+  void masters_changed() { stale_ = true; }
+
+  // Mean cross-entropy of the next-character predictions (in float32).
+  Tensor loss(const Tensor& x, const Tensor& y) {
+    refresh();
+    Tensor logits = compute().forward(x);
+    if (logits.dtype() != DType::Float32) logits = ops::to(logits, DType::Float32);
+    const int64_t n = x.numel();
+    return ops::cross_entropy(logits.reshape({n, logits.size(-1)}), y.reshape({n}));
+  }
+
+  // After backward: the masters' gradients (a no-op for float32).
+  void gradients_to_masters() {
+    if (!compute_) return;
+    minidl::NoGradGuard no_grad;
+    for (size_t i = 0; i < master_params_.size(); ++i) {
+      const Tensor g = compute_params_[i].grad();
+      if (g.defined()) master_params_[i].set_grad(ops::to(g, DType::Float32));
+    }
+    compute_->zero_grad();
+  }
+
+ private:
+  void refresh() {
+    if (!compute_ || !stale_) return;
+    minidl::NoGradGuard no_grad;
+    for (size_t i = 0; i < master_params_.size(); ++i) ops::copy_(compute_params_[i], master_params_[i]);
+    stale_ = false;
+  }
+
+  std::unique_ptr<nn::CharTransformer> master_, compute_;
+  std::vector<Tensor> master_params_, compute_params_;
+  bool stale_ = true;
+};
+
+}  // namespace
+
+std::string read_data_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in.good()) throw UsageError("--data: cannot read '" + path + "'");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  std::string text = ss.str();
+  if (text.empty()) throw UsageError("--data: '" + path + "' is empty");
+  return text;
+}
+
+RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const std::string& label) {
+  const Clock::time_point run_start = Clock::now();
+  install_stop_handlers();
+  if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
+  const Device device = resolve_device(o.device);
+  const std::string dir = o.out;
+  const std::string last_path = (fs::path(dir) / "last.ckpt").string();
+  const std::string best_path = (fs::path(dir) / "best.ckpt").string();
+  const std::string log_path = (fs::path(dir) / "log.csv").string();
+  const std::string plot_path = (fs::path(dir) / "loss.png").string();
+
+  // Data.
+  const std::string text = read_data_file(o.data);
+  const std::string data_hash = hex64(nn::fnv1a64(text.data(), text.size()));
+  nn::CharVocab vocab;
+  if (resume) {
+    const std::string& want = meta_at(resume->metadata, "data.fnv1a64", last_path);
+    if (want != data_hash)
+      throw UsageError("--data: '" + o.data + "' is not the text this run was trained on (checksum " +
+                       data_hash + ", the checkpoint has " + want + ")");
+    vocab = nn::CharVocab::from_string(meta_at(resume->metadata, "vocab", last_path));
+  } else {
+    vocab = nn::CharVocab::from_text(text);
+  }
+  const nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  const int64_t T = o.model.context, B = o.batch;
+  if (static_cast<int64_t>(split.val.size()) < T + 1 || static_cast<int64_t>(split.train.size()) < T + 1)
+    throw UsageError("--data: '" + o.data + "' is too small for --context " + std::to_string(T) +
+                     ": its 90/10 split has " + std::to_string(split.train.size()) + " training and " +
+                     std::to_string(split.val.size()) + " validation characters, each needs at least " +
+                     std::to_string(T + 1));
+  const nn::CharTransformerConfig config = make_config(o.model, vocab.size());
+
+  // Output directory.
+  fs::create_directories(dir);
+  if (!resume && fs::exists(last_path))
+    throw UsageError("--out: " + dir + " already holds a run (last.ckpt); continue it with --resume " +
+                     dir + " or choose another directory");
+
+  minidl::reset_peak_memory_stats(device);
+  TrainModel model(config, o.seed, device, o.dtype == "bfloat16");
+  nn::AdamW optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
+                      {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2});
+  const int64_t decay_iters = o.decay_iters > 0 ? o.decay_iters : o.iters;
+  const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, decay_iters);
+  nn::BatchSampler train_batches(split.train, B, T, train_batch_seed(o.seed), device, "train");
+  nn::BatchSampler val_batches(split.val, B, T, val_batch_seed(o.seed), device, "val");
+
+  // Progress of the run, all saved in checkpoints.
+  int64_t step = 0;
+  double best_val = INFINITY;
+  int64_t best_step = -1;
+  double last_val = NAN;
+  Tensor loss_sum = ops::zeros({}, {DType::Float32, device});  // train losses since the last row
+  int64_t loss_count = 0;
+  std::vector<LogRow> rows;
+
+  if (resume) {
+    nn::StateDict model_state, optim_state;
+    for (const auto& [name, tensor] : resume->tensors) {
+      if (name.rfind("model.", 0) == 0) model_state.insert(name.substr(6), tensor);
+      else if (name.rfind("optim.", 0) == 0) optim_state.insert(name.substr(6), tensor);
+    }
+    model.master().load_state_dict(model_state);
+    model.masters_changed();
+    optimizer.load_state_dict(optim_state);
+    const nn::Metadata& m = resume->metadata;
+    step = std::stoll(meta_at(m, "train.step", last_path));
+    best_val = std::stod(meta_at(m, "train.best_val_loss", last_path));
+    best_step = std::stoll(meta_at(m, "train.best_step", last_path));
+    last_val = std::stod(meta_at(m, "train.last_val_loss", last_path));
+    loss_count = std::stoll(meta_at(m, "train.loss_count", last_path));
+    const Tensor* saved_sum = resume->tensors.find("train.loss_sum");
+    MINIDL_CHECK(saved_sum != nullptr, "charlm: ", last_path, " has no tensor 'train.loss_sum'");
+    loss_sum = saved_sum->to(device).clone();
+    train_batches.generator().set_state(std::stoull(meta_at(m, "rng.train.seed", last_path)),
+                                        std::stoull(meta_at(m, "rng.train.offset", last_path)));
+    model.compute().dropout_generator().set_state(std::stoull(meta_at(m, "rng.dropout.seed", last_path)),
+                                                  std::stoull(meta_at(m, "rng.dropout.offset", last_path)));
+    // The log up to the checkpoint: rows written after it are repeated by this run.
+    if (fs::exists(log_path))
+      for (const LogRow& r : read_log(log_path))
+        if (r.step <= step) rows.push_back(r);
+  }
+  LogWriter log(log_path, rows);
+
+  auto save = [&](const std::string& path) {
+    nn::StateDict tensors;
+    for (const auto& [name, t] : model.master().state_dict()) tensors.insert("model." + name, t);
+    for (const auto& [name, t] : optimizer.state_dict()) tensors.insert("optim." + name, t);
+    tensors.insert("train.loss_sum", loss_sum);
+    nn::Metadata meta = recipe_metadata(o, vocab.size());
+    meta[kFormatKey] = kFormatVersion;
+    meta["vocab"] = vocab.to_string();
+    meta["data.fnv1a64"] = data_hash;
+    meta["train.step"] = std::to_string(step);
+    meta["train.best_val_loss"] = format_double(best_val);
+    meta["train.best_step"] = std::to_string(best_step);
+    meta["train.last_val_loss"] = format_double(last_val);
+    meta["train.loss_count"] = std::to_string(loss_count);
+    meta["rng.train.seed"] = std::to_string(train_batches.generator().seed());
+    meta["rng.train.offset"] = std::to_string(train_batches.generator().offset());
+    meta["rng.dropout.seed"] = std::to_string(model.compute().dropout_generator().seed());
+    meta["rng.dropout.offset"] = std::to_string(model.compute().dropout_generator().offset());
+    nn::save_checkpoint(path, tensors, meta);
+  };
+
+  // Mean loss over the same eval_iters validation batches every time (the
+  // stream restarts), so evaluations are comparable and need no saved state.
+  auto evaluate = [&]() {
+    minidl::NoGradGuard no_grad;
+    model.compute().eval();
+    val_batches.generator().set_state(val_batch_seed(o.seed), 0);
+    Tensor sum = ops::zeros({}, {DType::Float32, device});
+    for (int64_t i = 0; i < o.eval_iters; ++i) {
+      auto [x, y] = val_batches.next();
+      sum = ops::add(sum, model.loss(x, y));
+    }
+    model.compute().train();
+    return static_cast<double>(sum.item<float>()) / static_cast<double>(o.eval_iters);
+  };
+
+  Progress progress(label);
+  const std::string title = (o.model.attention == "dilated" ? "dilated" : "vanilla") + std::string(" attention, ") +
+                            std::to_string(o.model.layers) + "x" + std::to_string(o.model.width) +
+                            ", context " + std::to_string(T);
+  auto plot = [&] { write_loss_plot(rows, plot_path, title); };
+
+  // Records an evaluation at `step`; saves best.ckpt when it improves.
+  auto record_eval = [&](LogRow& row, ProgressState& state) {
+    last_val = evaluate();
+    row.val_loss = last_val;
+    state.val_loss = last_val;
+    if (last_val < best_val) {
+      best_val = last_val;
+      best_step = step;
+      state.new_best = true;
+      save(best_path);
+    }
+  };
+
+  if (!resume) {
+    progress.message("training " + std::to_string(model.master().num_parameters()) + " parameters on " +
+                     device.str() + " (" + o.dtype + "), vocabulary " + std::to_string(vocab.size()) +
+                     ", " + std::to_string(split.train.size()) + " train / " +
+                     std::to_string(split.val.size()) + " val characters -> " + dir);
+    LogRow row{.step = 0, .lr = schedule.lr_at(0)};
+    ProgressState state{.step = 0, .iters = o.iters, .lr = row.lr};
+    record_eval(row, state);
+    rows.push_back(row);
+    log.append(row);
+    save(last_path);
+    plot();
+    progress.update(state);
+    progress.keep();
+  } else {
+    progress.message("resuming " + dir + " at step " + std::to_string(step) + " of " + std::to_string(o.iters) +
+                     " on " + device.str() + " (" + o.dtype + ")");
+    if (step >= o.iters)
+      progress.message("already at step " + std::to_string(step) + "; pass a larger --iters to train further");
+  }
+
+  const int64_t first_step = step;
+  Clock::time_point interval_start = Clock::now();
+  int64_t interval_steps = 0;
+  double train_seconds = 0;
+  int64_t train_tokens = 0;
+  RunSummary summary;
+  summary.dir = dir;
+
+  while (step < o.iters) {
+    if (stop_signal() != 0) break;
+    // One step; nothing here waits for the device.
+    optimizer.set_lr(schedule.lr_at(step));
+    auto [x, y] = train_batches.next();
+    Tensor loss = model.loss(x, y);
+    optimizer.zero_grad();
+    loss.backward();
+    model.gradients_to_masters();
+    if (o.grad_clip > 0) nn::clip_grad_norm_(model.parameters(), o.grad_clip);
+    optimizer.step();
+    model.masters_changed();
+    {
+      minidl::NoGradGuard no_grad;
+      loss_sum = ops::add(loss_sum, loss.detach());
+    }
+    ++loss_count;
+    ++step;
+    ++interval_steps;
+
+    const bool eval_step = step % o.eval_interval == 0 || step == o.iters;
+    if (step % o.log_interval != 0 && !eval_step) continue;
+
+    // A logging step: the one place the host waits for the device.
+    const double train_loss = static_cast<double>(loss_sum.item<float>()) / static_cast<double>(loss_count);
+    const double interval_seconds = seconds_since(interval_start);
+    const int64_t interval_tokens = interval_steps * B * T;
+    train_seconds += interval_seconds;
+    train_tokens += interval_tokens;
+    if (!std::isfinite(train_loss))
+      MINIDL_FAIL("training diverged: the mean train loss of steps ", step - loss_count + 1, "..", step,
+                  " is ", train_loss, "; ", last_path, " holds the last evaluated step (try a lower --lr)");
+    loss_sum = ops::zeros({}, {DType::Float32, device});
+    loss_count = 0;
+
+    LogRow row{.step = step, .train_loss = train_loss, .lr = schedule.lr_at(step - 1),
+               .tokens_per_s = interval_tokens / std::max(interval_seconds, 1e-9)};
+    ProgressState state{.step = step, .iters = o.iters, .train_loss = train_loss, .val_loss = last_val,
+                        .lr = row.lr, .tokens_per_s = row.tokens_per_s};
+    if (eval_step) record_eval(row, state);
+    rows.push_back(row);
+    log.append(row);
+    if (eval_step) {
+      save(last_path);
+      plot();
+    }
+    state.seconds_left = seconds_since(run_start) / static_cast<double>(step - first_step) *
+                         static_cast<double>(o.iters - step);
+    progress.update(state);
+    if (eval_step) progress.keep();
+    interval_start = Clock::now();
+    interval_steps = 0;
+  }
+
+  summary.stop_signal = stop_signal();
+  if (summary.stop_signal != 0) {
+    save(last_path);
+    plot();
+    progress.message(std::string("interrupted by ") + signal_name(summary.stop_signal) + " at step " +
+                     std::to_string(step) + " of " + std::to_string(o.iters) + "; saved " + last_path +
+                     ". Continue with: charlm train --resume " + dir);
+  } else if (step > first_step) {
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "done: step %lld (%lld steps in %s), final val loss %.4f, best %.4f at step %lld",
+                  static_cast<long long>(step), static_cast<long long>(step - first_step),
+                  format_duration(seconds_since(run_start)).c_str(), last_val, best_val,
+                  static_cast<long long>(best_step));
+    progress.message(buf);
+  }
+  summary.step = step;
+  summary.final_val_loss = last_val;
+  summary.best_val_loss = best_val;
+  summary.best_step = best_step;
+  summary.tokens_per_s = train_seconds > 0 ? train_tokens / train_seconds : NAN;
+  summary.peak_bytes = minidl::memory_stats(device).peak_allocated;
+  summary.wall_seconds = seconds_since(run_start);
+  summary.log = rows;
+  return summary;
+}
+
+void add_train_command_flags(FlagSet& flags, TrainOptions& o) {
+  flags.group("data and output");
+  flags.add_string("data", &o.data, "FILE", "text file to learn (split 90/10 into train/validation)");
+  flags.add_string("out", &o.out, "DIR", "run directory: log.csv, last.ckpt, best.ckpt, loss.png");
+  flags.add_string("resume", &o.resume, "DIR", "continue the run in DIR from DIR/last.ckpt");
+  add_model_flags(flags, o.model);
+  add_training_flags(flags, o);
+}
+
+namespace {
+
+constexpr const char* kTrainUsage = "--data FILE --out DIR [flags]\n       charlm train --resume DIR [--iters N] [flags]";
+constexpr const char* kTrainHelp =
+    "Trains a character-level transformer language model on a text file. Every\n"
+    "--eval-interval steps it measures the validation loss, appends to DIR/log.csv,\n"
+    "saves DIR/last.ckpt (and DIR/best.ckpt when the loss improves) and redraws\n"
+    "DIR/loss.png. Ctrl-C finishes the current step, saves DIR/last.ckpt and exits;\n"
+    "--resume DIR continues exactly where the run stopped, with its recipe (the\n"
+    "model and optimisation flags) read from the checkpoint. The defaults are\n"
+    "nanoGPT's shakespeare_char recipe.";
+
+}  // namespace
+
+int cmd_train(const std::vector<std::string>& args) {
+  TrainOptions options;
+  FlagSet flags("charlm train", kTrainUsage, kTrainHelp);
+  add_train_command_flags(flags, options);
+  if (!flags.parse(args)) return 0;
+
+  if (options.resume.empty()) {
+    if (options.data.empty()) throw UsageError("--data is required (or --resume DIR to continue a run)");
+    if (options.out.empty()) throw UsageError("--out is required (or --resume DIR to continue a run)");
+    check_options(flags, options);
+    const RunSummary s = train_run(options, nullptr, "");
+    return s.stop_signal ? exit_code_for_signal(s.stop_signal) : 0;
+  }
+
+  // Resume: the recipe comes from the checkpoint; the command line may only
+  // change how the run continues (steps, evaluation, device).
+  const std::string dir = options.resume;
+  if (flags.given("out") && fs::weakly_canonical(options.out) != fs::weakly_canonical(dir))
+    throw UsageError("--out: a resumed run continues in its own directory " + dir + "; leave --out out");
+  const std::string path = (fs::path(dir) / "last.ckpt").string();
+  if (!fs::exists(path)) throw UsageError("--resume: " + path + " does not exist");
+  if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
+  const nn::Checkpoint checkpoint = nn::load_checkpoint(path, resolve_device(options.device));
+  MINIDL_CHECK(checkpoint.metadata.count(kFormatKey) != 0, "charlm: ", path,
+               " is not a checkpoint written by charlm train (no '", kFormatKey, "' metadata)");
+  const TrainOptions recipe = recipe_from_metadata(checkpoint.metadata);
+  TrainOptions resumed = recipe;
+  FlagSet resumed_flags("charlm train", kTrainUsage, kTrainHelp);
+  add_train_command_flags(resumed_flags, resumed);
+  resumed_flags.parse(args);
+  check_resume_flags(resumed_flags, resumed, recipe);
+  resumed.out = dir;
+  check_options(resumed_flags, resumed);
+  const RunSummary s = train_run(resumed, &checkpoint, "");
+  return s.stop_signal ? exit_code_for_signal(s.stop_signal) : 0;
+}
+
+}  // namespace charlm
