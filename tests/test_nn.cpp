@@ -478,9 +478,9 @@ TEST_CASE("CharTransformer: names, parameter count, shapes, initial loss and sca
   CHECK(!no_pos.state_dict().contains("wpe.weight"));
   CHECK(no_pos.num_parameters() == untied.num_parameters() - Tm * C);
   CHECK(no_pos.forward(idx).shape() == Shape{2, 16, 11});
-  config.position_embedding = "rope";
+  config.position_embedding = "alibi";
   CHECK_THROWS_WITH_AS(nn::CharTransformer{config},
-                       doctest::Contains("position_embedding must be \"learned\" or \"none\", got \"rope\""),
+                       doctest::Contains("position_embedding must be \"learned\", \"none\" or \"rope\", got \"alibi\""),
                        Error);
 }
 
