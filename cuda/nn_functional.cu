@@ -31,6 +31,7 @@ constexpr int kRowWarps = 4;        // rows (warps) per block in the warp-per-ro
 constexpr int kMaxIters = 8;        // register tile: up to 8 accesses per lane per row
 constexpr int kMaxLaneElems = 32;   // and up to 32 elements per lane (no spills in the LN backward)
 constexpr int kParamWarps = 8;      // warps per block in the fused layer-norm backward
+constexpr int kMaxBlockThreads = 1024;  // block-per-row kernels
 
 template <typename A> __host__ __device__ constexpr A inf() { return std::numeric_limits<A>::infinity(); }
 template <typename A> __host__ __device__ constexpr A nan() { return std::numeric_limits<A>::quiet_NaN(); }
@@ -191,7 +192,7 @@ __global__ void softmax_forward_warp(const S* x, S* y, int64_t rows, int cols, b
 }
 
 template <typename S, typename A, int V>
-__global__ void softmax_forward_block(const S* x, S* y, int64_t cols, bool log) {
+__global__ void __launch_bounds__(kMaxBlockThreads) softmax_forward_block(const S* x, S* y, int64_t cols, bool log) {
   const S* xr = x + int64_t(blockIdx.x) * cols;
   S* yr = y + int64_t(blockIdx.x) * cols;
   int64_t packs = cols / V;
@@ -236,7 +237,7 @@ __global__ void softmax_backward_warp(const S* y, const S* dy, S* dx, int64_t ro
 }
 
 template <typename S, typename A, int V>
-__global__ void softmax_backward_block(const S* y, const S* dy, S* dx, int64_t cols, bool log) {
+__global__ void __launch_bounds__(kMaxBlockThreads) softmax_backward_block(const S* y, const S* dy, S* dx, int64_t cols, bool log) {
   int64_t base = int64_t(blockIdx.x) * cols;
   int64_t packs = cols / V;
   A s = 0;
@@ -298,7 +299,7 @@ __global__ void cross_entropy_forward_warp(const S* x, const int32_t* targets, i
 }
 
 template <typename S, typename A, int V>
-__global__ void cross_entropy_forward_block(const S* x, const int32_t* targets, int64_t cols,
+__global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_forward_block(const S* x, const int32_t* targets, int64_t cols,
                                             int64_t ignore, A* row_loss, A* lse) {
   int64_t row = blockIdx.x;
   const S* xr = x + row * cols;
@@ -319,7 +320,7 @@ __global__ void cross_entropy_forward_block(const S* x, const int32_t* targets, 
 
 // One block: mean of the row losses over the rows that count, in a fixed order.
 template <typename S, typename A>
-__global__ void cross_entropy_finalize(const A* row_loss, const int32_t* targets, int64_t rows,
+__global__ void __launch_bounds__(1024) cross_entropy_finalize(const A* row_loss, const int32_t* targets, int64_t rows,
                                        int64_t ignore, S* loss, A* count) {
   A sum = 0, n = 0;
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
@@ -371,7 +372,7 @@ __global__ void cross_entropy_backward_warp(const S* grad, const A* count, const
 }
 
 template <typename S, typename A, int V>
-__global__ void cross_entropy_backward_block(const S* grad, const A* count, const S* x,
+__global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_backward_block(const S* grad, const A* count, const S* x,
                                              const int32_t* targets, const A* lse, int64_t cols,
                                              int64_t ignore, S* dx) {
   int64_t row = blockIdx.x;
@@ -436,7 +437,7 @@ __global__ void layer_norm_forward_warp(const S* x, const S* w, const S* b, S* y
 }
 
 template <typename S, typename A, int V>
-__global__ void layer_norm_forward_block(const S* x, const S* w, const S* b, S* y, A* mean, A* rstd,
+__global__ void __launch_bounds__(kMaxBlockThreads) layer_norm_forward_block(const S* x, const S* w, const S* b, S* y, A* mean, A* rstd,
                                          int64_t cols, A eps) {
   int64_t row = blockIdx.x;
   const S* xr = x + row * cols;
@@ -548,7 +549,7 @@ __global__ void layer_norm_backward_warp(const S* dy, const S* x, const S* w, co
 }
 
 template <typename S, typename A, int V>
-__global__ void layer_norm_backward_block(const S* dy, const S* x, const S* w, const A* mean,
+__global__ void __launch_bounds__(kMaxBlockThreads) layer_norm_backward_block(const S* dy, const S* x, const S* w, const A* mean,
                                           const A* rstd, S* dx, int64_t cols) {
   int64_t base = int64_t(blockIdx.x) * cols;
   int64_t packs = cols / V;
@@ -615,7 +616,7 @@ __global__ void layer_norm_param_grad_cols(const S* dy, const S* x, const A* mea
 // out_y[c] = sum_p partial_y[p, c] for y = blockIdx.y in {dweight, dbias};
 // a null output is skipped.
 template <typename A, typename S>
-__global__ void sum_partials(const A* partial_dw, const A* partial_db, S* dw, S* db, int64_t parts,
+__global__ void __launch_bounds__(1024) sum_partials(const A* partial_dw, const A* partial_db, S* dw, S* db, int64_t parts,
                              int64_t cols) {
   __shared__ A buf[32][33];
   const A* partial = blockIdx.y == 0 ? partial_dw : partial_db;
@@ -682,7 +683,7 @@ template <typename S, typename F> void with_block_vec(int64_t cols, bool aligned
 }
 
 unsigned warp_row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
-int row_block_threads(int64_t cols) { return cols >= 8192 ? 1024 : cols >= 2048 ? 512 : 256; }
+int row_block_threads(int64_t cols) { return cols >= 8192 ? kMaxBlockThreads : cols >= 2048 ? 512 : 256; }
 
 template <typename T> const T* cptr(const Tensor& t) {
   return t.defined() ? static_cast<const T*>(t.raw_data()) : nullptr;
@@ -855,15 +856,22 @@ void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight
       constexpr int V = decltype(vec)::value, K = decltype(iters)::value;
       // A persistent grid when the parameter sums are wanted (few partial rows
       // to add up), a block per kParamWarps rows otherwise.
+      auto kernel = layer_norm_backward_warp<S, A, V, K>;
+      size_t smem = params ? 2 * static_cast<size_t>(cols) * sizeof(A) : 0;
       int64_t blocks = (rows + kParamWarps - 1) / kParamWarps;
       if (params) {
-        blocks = std::min<int64_t>(blocks, 2 * sms);
+        // One wave of resident blocks (the wide tiles use many registers).
+        static int per_sm = [&] {
+          int n = 0;
+          MINIDL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kParamWarps * 32, smem));
+          return std::max(n, 1);
+        }();
+        blocks = std::min<int64_t>(blocks, per_sm * sms);
         parts = blocks;
         partial_dw = Tensor::empty({parts, cols}, stats);
         partial_db = Tensor::empty({parts, cols}, stats);
       }
-      size_t smem = params ? 2 * static_cast<size_t>(cols) * sizeof(A) : 0;
-      layer_norm_backward_warp<S, A, V, K><<<static_cast<unsigned>(blocks), kParamWarps * 32, smem, stream()>>>(
+      kernel<<<static_cast<unsigned>(blocks), kParamWarps * 32, smem, stream()>>>(
           gp, xp, wp, mp, rp, dxp, mptr<A>(partial_dw), mptr<A>(partial_db), rows, static_cast<int>(cols));
       MINIDL_CUDA_LAUNCH_CHECK();
     });
