@@ -3,8 +3,8 @@
 // included), plus the transposed-operand case backward uses. CUDA: cuBLAS
 // through ops::matmul at 4096³ and 8192³, float32 (TF32 tensor cores) and
 // bfloat16. Each timed iteration on the GPU ends with synchronize(device);
-// CUDA benchmarks skip without a GPU. Counters: GFLOP/s or TFLOP/s of
-// 2 m n k flops.
+// CUDA benchmarks skip without a GPU. Counters are rates of 2 m n k flops:
+// "GFLOP=150/s" reads 150 GFLOP/s.
 #include <benchmark/benchmark.h>
 
 #include <vector>
@@ -37,7 +37,7 @@ void BM_CpuGemmF32(benchmark::State& state, bool trans_a, bool trans_b) {
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
-  report_flops(state, 2.0 * n * n * n, "GFLOP/s", 1e9);
+  report_flops(state, 2.0 * n * n * n, "GFLOP", 1e9);
 }
 
 void BM_Matmul(benchmark::State& state, Device device, DType dtype) {
@@ -57,7 +57,7 @@ void BM_Matmul(benchmark::State& state, Device device, DType dtype) {
     benchmark::DoNotOptimize(c.raw_data());
   }
   bool gpu = device.is_cuda();
-  report_flops(state, 2.0 * n * n * n, gpu ? "TFLOP/s" : "GFLOP/s", gpu ? 1e12 : 1e9);
+  report_flops(state, 2.0 * n * n * n, gpu ? "TFLOP" : "GFLOP", gpu ? 1e12 : 1e9);
 }
 
 }  // namespace
