@@ -1,7 +1,7 @@
 #pragma once
 // Fused CUDA dilated attention (forward and backward). Layout: q, k, v, out,
 // grad_out are (B, N, H, D) with the D dim contiguous (other strides free);
-// lse is float32 (B, N, H) contiguous. Branch segments are already clamped to
+// lse is float32 (B, N, H) contiguous; grad_out is contiguous. Branch segments are clamped to
 // N. Inputs float32 or bfloat16 (fp32 accumulation). Same contract as
 // cpu/dilated_attention.h.
 #include "core/dilated.h"

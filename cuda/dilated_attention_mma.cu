@@ -1,6 +1,6 @@
 // Tensor-core forward for one dilated-attention branch, FlashAttention-2
-// style: a block owns 64 kept query rows of one (batch, head, segment) (16
-// per warp), streams 64-key tiles of K and V through double-buffered shared
+// style: a block owns 64 or 128 kept query rows of one (batch, head,
+// segment) (16 or 32 per warp), streams 64-key tiles of K and V through double-buffered shared
 // memory with cp.async, computes S = Q K^T and O += P V with mma.sync bf16
 // (fp32 accumulation) and keeps the online softmax in registers. Rows are a
 // strided set (base + t * dilation), gathered by address arithmetic.
@@ -15,17 +15,19 @@ using namespace mma;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBr = kMmaRows;  // query rows per block
-constexpr int kBc = 64;        // keys per tile
 
-template <int D>
-struct FwdSmem {
+// Forward tile shape: each warp owns kM m-tiles of 16 query rows (so a K/V
+// fragment loaded from shared memory feeds kM mma instructions); a block owns
+// kWarps * 16 * kM rows and streams kBc-key tiles.
+template <int D, int kM, int kBc>
+struct FwdShape {
+  static constexpr int kBr = kWarps * 16 * kM;
   using QTile = SmemTile<kBr, D>;
   using KTile = SmemTile<kBc, D>;
   static constexpr int kQ = 0;
-  static constexpr int kK = QTile::kBytes;             // two buffers
-  static constexpr int kV = kK + 2 * KTile::kBytes;    // two buffers
-  static constexpr int kBytes = kV + 2 * KTile::kBytes;
+  static constexpr int kK = QTile::kBytes;           // two buffers
+  static constexpr int kV = kK + 2 * KTile::kBytes;  // two buffers
+  static constexpr int kSmem = kV + 2 * KTile::kBytes;
 };
 
 // Issues cp.async for rows [t0, t0 + Rows) of a row set into a swizzled tile.
@@ -42,16 +44,18 @@ __device__ __forceinline__ void load_tile_async(char* tile, const Operand<BFloat
   }
 }
 
-template <int D, bool kCausal, MergeMode kMode>
+template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
 __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16> q, Operand<BFloat16> k,
                                                                Operand<BFloat16> v, BranchGrid g,
                                                                float scale_log2, float* o_acc,
                                                                float* lse, BFloat16* out) {
-  using L = FwdSmem<D>;
-  using QT = typename L::QTile;
-  using KT = typename L::KTile;
+  using F = FwdShape<D, kM, kBc>;
+  using QT = typename F::QTile;
+  using KT = typename F::KTile;
+  constexpr int kBr = F::kBr;
   constexpr int kSteps = D / 16;  // k-steps of Q K^T
   constexpr int kDTiles = D / 8;  // n-tiles of the output
+  constexpr int kNTiles = kBc / 8;
   extern __shared__ __align__(128) char smem[];
 
   const int64_t bh = blockIdx.y;
@@ -67,24 +71,32 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
   const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
 
-  load_tile_async<kBr, D>(smem + L::kQ, q, batch, head, rows, t0);
-  load_tile_async<kBc, D>(smem + L::kK, k, batch, head, rows, 0);
-  load_tile_async<kBc, D>(smem + L::kV, v, batch, head, rows, 0);
+  load_tile_async<kBr, D>(smem + F::kQ, q, batch, head, rows, t0);
+  load_tile_async<kBc, D>(smem + F::kK, k, batch, head, rows, 0);
+  load_tile_async<kBc, D>(smem + F::kV, v, batch, head, rows, 0);
   cp_async_commit();
 
-  uint32_t qf[kSteps][4];
-  float o[kDTiles][4];
+  uint32_t qf[kM][kSteps][4];
+  float o[kM][kDTiles][4];
+  // Row maxima are kept in raw score units; scale_log2 is applied inside the
+  // exponent with one FFMA: p = exp2(s * scale_log2 - m * scale_log2).
+  float m_row[kM][2], l_row[kM][2];
 #pragma unroll
-  for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-  const int64_t q_row0 = t0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    m_row[mt][0] = m_row[mt][1] = -INFINITY;
+    l_row[mt][0] = l_row[mt][1] = 0.f;
+  }
+  // This lane's rows: q_row0 + mt * 16 + {0, 8}.
+  const int64_t q_row0 = t0 + warp * 16 * kM + lane / 4;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j & 1;
     if (j + 1 < n_tiles) {  // prefetch the next tile into the other buffer
-      load_tile_async<kBc, D>(smem + L::kK + (buf ^ 1) * KT::kBytes, k, batch, head, rows,
+      load_tile_async<kBc, D>(smem + F::kK + (buf ^ 1) * KT::kBytes, k, batch, head, rows,
                               int64_t(j + 1) * kBc);
-      load_tile_async<kBc, D>(smem + L::kV + (buf ^ 1) * KT::kBytes, v, batch, head, rows,
+      load_tile_async<kBc, D>(smem + F::kV + (buf ^ 1) * KT::kBytes, v, batch, head, rows,
                               int64_t(j + 1) * kBc);
       cp_async_commit();
       cp_async_wait<1>();
@@ -94,90 +106,105 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
     __syncthreads();
     if (j == 0) {
 #pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks)
-        ldmatrix_x4(qf[ks], QT::at(smem + L::kQ, warp * 16 + lane % 16, 2 * ks + lane / 16));
-    }
-    char* ks_tile = smem + L::kK + buf * KT::kBytes;
-    char* vs_tile = smem + L::kV + buf * KT::kBytes;
-
-    // S = Q K^T for this warp's 16 rows and the 64 keys.
-    float s[kBc / 8][4];
+      for (int mt = 0; mt < kM; ++mt)
 #pragma unroll
-    for (int i = 0; i < kBc / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int ks = 0; ks < kSteps; ++ks)
+          ldmatrix_x4(qf[mt][ks], QT::at(smem + F::kQ, (warp * kM + mt) * 16 + lane % 16, 2 * ks + lane / 16));
+    }
+    char* ks_tile = smem + F::kK + buf * KT::kBytes;
+    char* vs_tile = smem + F::kV + buf * KT::kBytes;
+
+    // S = Q K^T for this warp's rows and the kBc keys.
+    float s[kM][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+      for (int i = 0; i < kNTiles; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
 #pragma unroll
       for (int np = 0; np < kBc / 16; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, KT::at(ks_tile, np * 16 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
-        mma_bf16(s[2 * np], qf[ks], b[0], b[1]);
-        mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          mma_bf16(s[mt][2 * np], qf[mt][ks], b[0], b[1]);
+          mma_bf16(s[mt][2 * np + 1], qf[mt][ks], b[2], b[3]);
+        }
       }
     }
 
-    // Scale, mask, online softmax (two rows per lane, reduced over the quad).
+    // Mask (only tiles that cross the causal diagonal or the end), then the
+    // online softmax: two rows per lane per m-tile, reduced over the quad.
     const int64_t k0 = int64_t(j) * kBc;
     const bool need_mask = k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > t0);
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    if (need_mask) {
+      const int64_t limit = rows.count - k0;  // keys at index >= limit do not exist
 #pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt) {
+      for (int mt = 0; mt < kM; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * scale_log2;
-        if (need_mask) {
-          int64_t tk = k0 + nt * 8 + 2 * (lane % 4) + (e & 1);
-          int64_t tq = q_row0 + (e >> 1) * 8;
-          if (tk >= rows.count || (kCausal && tk > tq)) x = -INFINITY;
-        }
-        s[nt][e] = x;
-        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], x);
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+            int64_t tq = q_row0 + mt * 16 + (e >> 1) * 8;
+            if (col >= limit || (kCausal && k0 + col > tq)) s[mt][nt][e] = -INFINITY;
+          }
+    }
+    uint32_t pf[kM][kBc / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < kM; ++mt) {
+      float m_scaled[2], corr[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = m_row[mt][r];
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // A row with nothing visible yet keeps m = -inf; use 0 so p = 0, not NaN.
+        m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
+        corr[r] = exp2f(m_row[mt][r] * scale_log2 - m_scaled[r]);
+        m_row[mt][r] = mx;
+        l_row[mt][r] *= corr[r];
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[mt][dt][0] *= corr[0];
+        o[mt][dt][1] *= corr[0];
+        o[mt][dt][2] *= corr[1];
+        o[mt][dt][3] *= corr[1];
+      }
+      // P in bf16 as A fragments: the accumulator layout of n-tiles (2kk,
+      // 2kk+1) is the A layout of k-step kk.
+#pragma unroll
+      for (int kk = 0; kk < kBc / 16; ++kk) {
+        float p[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            p[h][e] = exp2f(fmaf(s[mt][2 * kk + h][e], scale_log2, -m_scaled[e >> 1]));
+            l_row[mt][e >> 1] += p[h][e];
+          }
+        pf[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
+        pf[mt][kk][1] = pack_bf16(p[0][2], p[0][3]);
+        pf[mt][kk][2] = pack_bf16(p[1][0], p[1][1]);
+        pf[mt][kk][3] = pack_bf16(p[1][2], p[1][3]);
       }
     }
-    float corr[2], m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      float m_new = fmaxf(m_row[r], tile_max[r]);
-      m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // a fully masked row: p = 0, no NaN
-      corr[r] = exp2f(m_row[r] - m_use[r]);
-      m_row[r] = m_new;
-      l_row[r] *= corr[r];
-    }
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      o[dt][0] *= corr[0];
-      o[dt][1] *= corr[0];
-      o[dt][2] *= corr[1];
-      o[dt][3] *= corr[1];
-    }
-    // P in bf16 as A fragments (the accumulator layout of two n-tiles is
-    // the A layout of one k-step), then O += P V.
-    uint32_t pf[kBc / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-      float p[2][4];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          p[h][e] = exp2f(s[2 * kk + h][e] - m_use[e >> 1]);
-          l_row[e >> 1] += p[h][e];
-        }
-      }
-      pf[kk][0] = pack_bf16(p[0][0], p[0][1]);
-      pf[kk][1] = pack_bf16(p[0][2], p[0][3]);
-      pf[kk][2] = pack_bf16(p[1][0], p[1][1]);
-      pf[kk][3] = pack_bf16(p[1][2], p[1][3]);
-    }
+    // O += P V.
 #pragma unroll
     for (int kk = 0; kk < kBc / 16; ++kk) {
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, KT::at(vs_tile, kk * 16 + lane % 8 + ((lane / 8) % 2) * 8, 2 * dp + lane / 16));
-        mma_bf16(o[2 * dp], pf[kk], b[0], b[1]);
-        mma_bf16(o[2 * dp + 1], pf[kk], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          mma_bf16(o[mt][2 * dp], pf[mt][kk], b[0], b[1]);
+          mma_bf16(o[mt][2 * dp + 1], pf[mt][kk], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // this buffer is refilled two iterations later
@@ -185,70 +212,83 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 
   // Epilogue: finish the row sums, then store or merge.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
-    l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
-  }
+  for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t tq = q_row0 + r * 8;
-    const bool valid = tq < rows.count;
-    const int64_t pos = rows.base + (valid ? tq : 0) * rows.stride;
-    const int64_t ri = (batch * g.n + pos) * g.heads + head;
-    const float lse_branch = (m_row[r] + log2f(l_row[r])) * kLn2;
-    const float inv_l = 1.f / l_row[r];
-    if constexpr (kMode == MergeMode::kSingle) {
-      if (valid) {
-        BFloat16* dst = out + ri * D;
+    for (int r = 0; r < 2; ++r) {
+      float l = l_row[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int64_t tq = q_row0 + mt * 16 + r * 8;
+      const bool valid = tq < rows.count;
+      const int64_t pos = rows.base + (valid ? tq : 0) * rows.stride;
+      const int64_t ri = (batch * g.n + pos) * g.heads + head;
+      const float lse_branch = (m_row[mt][r] * scale_log2 + log2f(l)) * kLn2;
+      const float inv_l = 1.f / l;
+      if constexpr (kMode == MergeMode::kSingle) {
+        if (valid) {
+          BFloat16* dst = out + ri * D;
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          int col = dt * 8 + 2 * (lane % 4);
-          *reinterpret_cast<uint32_t*>(dst + col) =
-              pack_bf16(o[dt][2 * r] * inv_l, o[dt][2 * r + 1] * inv_l);
+          for (int dt = 0; dt < kDTiles; ++dt) {
+            int col = dt * 8 + 2 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(dst + col) =
+                pack_bf16(o[mt][dt][2 * r] * inv_l, o[mt][dt][2 * r + 1] * inv_l);
+          }
+          if (lane % 4 == 0) lse[ri] = lse_branch;
         }
-        if (lane % 4 == 0) lse[ri] = lse_branch;
-      }
-    } else {
-      float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
-      if constexpr (kMode == MergeMode::kMerge) {
-        float lse_old = valid ? lse[ri] : -INFINITY;
-        if (lse_old != -INFINITY) {
-          lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
-          w_old = expf(lse_old - lse_new);
-          w_new = expf(lse_branch - lse_new) * inv_l;
+      } else {
+        float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
+        if constexpr (kMode == MergeMode::kMerge) {
+          float lse_old = valid ? lse[ri] : -INFINITY;
+          if (lse_old != -INFINITY) {
+            lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
+            w_old = expf(lse_old - lse_new);
+            w_new = expf(lse_branch - lse_new) * inv_l;
+          }
         }
-      }
-      __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
-      if (valid) {
-        float* dst = o_acc + ri * D;
+        __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
+        if (valid) {
+          float* dst = o_acc + ri * D;
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          int col = dt * 8 + 2 * (lane % 4);
-          float2 prev = kMode == MergeMode::kMerge ? *reinterpret_cast<float2*>(dst + col)
-                                                   : make_float2(0.f, 0.f);
-          *reinterpret_cast<float2*>(dst + col) =
-              make_float2(w_old * prev.x + w_new * o[dt][2 * r], w_old * prev.y + w_new * o[dt][2 * r + 1]);
+          for (int dt = 0; dt < kDTiles; ++dt) {
+            int col = dt * 8 + 2 * (lane % 4);
+            float2 prev = kMode == MergeMode::kMerge ? *reinterpret_cast<float2*>(dst + col)
+                                                     : make_float2(0.f, 0.f);
+            *reinterpret_cast<float2*>(dst + col) = make_float2(
+                w_old * prev.x + w_new * o[mt][dt][2 * r], w_old * prev.y + w_new * o[mt][dt][2 * r + 1]);
+          }
+          if (lane % 4 == 0) lse[ri] = lse_new;
         }
-        if (lane % 4 == 0) lse[ri] = lse_new;
       }
     }
   }
 }
 
-template <int D, bool kCausal, MergeMode kMode>
+template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
 void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                    const BranchGrid& g, int64_t batch, float scale_log2, float* o_acc, float* lse,
+                    BranchGrid g, int64_t batch, float scale_log2, float* o_acc, float* lse,
                     BFloat16* out) {
-  auto kernel = forward_mma_kernel<D, kCausal, kMode>;
-  constexpr int smem = FwdSmem<D>::kBytes;
+  using F = FwdShape<D, kM, kBc>;
+  auto kernel = forward_mma_kernel<D, kM, kBc, kCausal, kMode>;
   static bool configured = false;  // one attribute call per instantiation
   if (!configured) {
-    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, F::kSmem));
     configured = true;
   }
+  g.tiles_per_segment = ((g.w + g.r - 1) / g.r + F::kBr - 1) / F::kBr;
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
-  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, o_acc, lse, out);
+  kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, o_acc, lse, out);
   MINIDL_CUDA_LAUNCH_CHECK();
+}
+
+// Tile shape per head dim, measured on an H100 (docs/BENCHMARKS.md): two
+// m-tiles per warp (128-row blocks) for D <= 64; D = 128 needs the registers
+// for one.
+template <int D, bool kCausal, MergeMode kMode>
+void forward_variants(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                      const BranchGrid& g, int64_t batch, float scale_log2, float* o_acc, float* lse,
+                      BFloat16* out) {
+  constexpr int kM = D <= 64 ? 2 : 1;
+  launch_forward<D, kM, 64, kCausal, kMode>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
 }
 
 template <int D, bool kCausal>
@@ -256,9 +296,9 @@ void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<
                       const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, float scale_log2,
                       float* o_acc, float* lse, BFloat16* out) {
   switch (mode) {
-    case MergeMode::kWrite: return launch_forward<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
-    case MergeMode::kMerge: return launch_forward<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
-    case MergeMode::kSingle: return launch_forward<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    case MergeMode::kWrite: return forward_variants<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    case MergeMode::kMerge: return forward_variants<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    case MergeMode::kSingle: return forward_variants<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
   }
 }
 
@@ -326,8 +366,8 @@ __device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const floa
   }
 }
 
-template <int D, bool kCausal>
-__global__ __launch_bounds__(kThreads) void backward_mma_kernel(
+template <int D, bool kCausal, int kMinBlocks>
+__global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
     Operand<BFloat16> q, Operand<BFloat16> k, Operand<BFloat16> v, Operand<BFloat16> dout,
     const float* __restrict__ lse, const float* __restrict__ delta, BranchGrid g, float scale,
     float* __restrict__ dq_acc, float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
@@ -478,8 +518,7 @@ __global__ __launch_bounds__(kThreads) void backward_mma_kernel(
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         int col = dt * 8 + 2 * (lane % 4);
-        atomicAdd(dst + col, scale * dq[dt][2 * r]);
-        atomicAdd(dst + col + 1, scale * dq[dt][2 * r + 1]);
+        red_add_v2(dst + col, scale * dq[dt][2 * r], scale * dq[dt][2 * r + 1]);
       }
     }
     __syncthreads();  // buffers of this iteration are reused
@@ -507,7 +546,10 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
                      const Operand<BFloat16>& dout, const float* lse, const float* delta,
                      const BranchGrid& g, int64_t batch, float scale, float* dq_acc, float* dk_acc,
                      float* dv_acc) {
-  auto kernel = backward_mma_kernel<D, kCausal>;
+  // Capping registers for 3 blocks per SM pays for D <= 64 (H100, measured);
+  // D = 128 needs them all.
+  constexpr int kMinBlocks = D <= 64 ? 3 : 1;
+  auto kernel = backward_mma_kernel<D, kCausal, kMinBlocks>;
   constexpr int smem = BwdSmem<D>::kBytes;
   static bool configured = false;
   if (!configured) {

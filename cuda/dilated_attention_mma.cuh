@@ -12,7 +12,7 @@ enum class MergeMode {
   kSingle,  // the only branch: write the bf16 output and lse directly
 };
 
-constexpr int kMmaRows = 64;  // query rows per block (4 warps x 16)
+constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 
 // head dims the tensor-core path handles
 inline bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }

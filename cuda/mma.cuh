@@ -53,6 +53,11 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// *p += {a, b} as one vector reduction (sm_90); p must be 8-byte aligned.
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
 // A tile of `Rows` rows of D bf16 in shared memory, stored in 16-byte chunks
 // whose index is XOR-swizzled by the row so that ldmatrix over 8 rows of one
 // chunk column touches 8 different bank groups.
