@@ -1,9 +1,10 @@
 #pragma once
-// Fused CUDA dilated attention (forward and backward). Layout: q, k, v, out,
-// grad_out are (B, N, H, D) with the D dim contiguous (other strides free);
-// lse is float32 (B, N, H) contiguous; grad_out is contiguous. Branch segments are clamped to
-// N. Inputs float32 or bfloat16 (fp32 accumulation). Same contract as
-// cpu/dilated_attention.h.
+// Fused CUDA dilated attention (forward and backward). q, k, v are
+// (B, N, H, D) with the D dim contiguous (other strides free, e.g. views of
+// one QKV projection); out, grad_out, dq, dk, dv are contiguous (B, N, H, D)
+// and lse, grad_lse contiguous float32 (B, N, H). Branch segments are
+// clamped to N. Inputs float32 or bfloat16 (fp32 accumulation). Same
+// contract as cpu/dilated_attention.h.
 #include "core/dilated.h"
 #include "core/tensor.h"
 
