@@ -108,17 +108,10 @@ void Optimizer::load_state_dict(const StateDict& dict) {
 
 void adamw_update_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
                    const Tensor& exp_avg_sq, const AdamWStep& h) {
-  NoGradGuard no_grad;
-  if (h.weight_decay != 0) ops::mul_(param, 1.0 - h.lr * h.weight_decay);
-  ops::mul_(exp_avg, h.beta1);
-  ops::add_(exp_avg, grad, 1.0 - h.beta1);
-  ops::mul_(exp_avg_sq, h.beta2);
-  ops::add_(exp_avg_sq, ops::mul(grad, grad), 1.0 - h.beta2);
-  const double t = static_cast<double>(h.step);
-  const double bias_correction1 = 1.0 - std::pow(h.beta1, t);
-  const double bias_correction2 = 1.0 - std::pow(h.beta2, t);
-  Tensor denom = ops::add(ops::mul(ops::sqrt(exp_avg_sq), 1.0 / std::sqrt(bias_correction2)), h.eps);
-  ops::add_(param, ops::div(exp_avg, denom), -h.lr / bias_correction1);
+  // Fused: one kernel reads param, grad and both moments once.
+  Tensor g = grad.is_contiguous() ? grad : grad.contiguous();
+  ops::adamw_step_(param, g, exp_avg, exp_avg_sq, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
+                   h.step);
 }
 
 namespace {

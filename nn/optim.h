@@ -79,8 +79,7 @@ struct AdamWStep {
 // One AdamW update in place (Loshchilov & Hutter, decoupled weight decay):
 //   p -= lr wd p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-// This reference is a few elementwise ops per parameter; it is the seam for
-// a fused CUDA kernel (one pass over p, g, m, v), which would dispatch here.
+// Runs as one fused kernel (ops::adamw_step_): a single pass over p, g, m, v.
 void adamw_update_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
                    const Tensor& exp_avg_sq, const AdamWStep& hyper);
 

@@ -141,6 +141,11 @@ void fill_(const Tensor& dst, double value);
 void zero_(const Tensor& dst);
 void add_(const Tensor& dst, const Tensor& src, double alpha = 1.0);  // dst += alpha * src
 void mul_(const Tensor& dst, double s);
+// One fused AdamW step (decoupled weight decay, bias-corrected, step >= 1)
+// on a contiguous parameter and its moment buffers, all of one dtype.
+void adamw_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
+                 const Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
+                 double weight_decay, int64_t step);
 
 }  // namespace minidl::ops
 
