@@ -114,7 +114,7 @@ bool needs_grad(std::initializer_list<Tensor> inputs) {
 void record(const char* op, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
             BackwardFn backward) {
   if (!needs_grad(inputs)) return;
-  Node node{op, {}, {}, std::move(backward)};
+  Node node{op, {}, {}, std::move(backward), {}, false};
   node.inputs.resize(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& t = inputs[i];
