@@ -99,7 +99,9 @@ Tensor CausalSelfAttention::forward(const Tensor& x) {
   const int64_t B = x.size(0), T = x.size(1), H = n_head, D = n_embd / n_head;
   Tensor qkv = c_attn->forward(x);  // (B, T, 3C), contiguous
   // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
-  auto head_view = [&](int64_t which) { return qkv.narrow(2, which * n_embd, n_embd).view({B, T, H, D}); };
+  // split records one node, so backward assembles d(qkv) with one concatenation.
+  std::vector<Tensor> parts = ops::split(qkv, n_embd, 2);
+  auto head_view = [&](int64_t which) { return parts[static_cast<size_t>(which)].view({B, T, H, D}); };
   Tensor q = head_view(0), k = head_view(1);
   if (rope_base) {
     q = ops::rope(q, 0, *rope_base);

@@ -1,6 +1,6 @@
 // Data movement: embedding and index_select (gather forward, scatter-add
 // backward), cat/stack (copy into slices of the output, backward slices the
-// gradient) and split (narrow views).
+// gradient) and split (views; one node whose backward concatenates).
 #include <string>
 
 #include "autograd/tape.h"
@@ -161,6 +161,27 @@ Tensor stack(const std::vector<Tensor>& tensors, int64_t dim) {
   return cat(expanded, d);
 }
 
+namespace {
+// The parts as views of x, recorded as one node whose backward concatenates
+// the parts' gradients: one allocation, instead of a zero-filled full-size
+// gradient per part summed together.
+std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& sizes, int64_t d) {
+  std::vector<Tensor> parts;
+  int64_t start = 0;
+  for (int64_t s : sizes) {
+    Shape shape = x.shape();
+    shape[static_cast<size_t>(d)] = s;
+    parts.push_back(x.as_strided(shape, x.strides(), x.offset() + start * x.stride(d)));
+    start += s;
+  }
+  if (autograd::needs_grad({x}))
+    autograd::record("split", {x}, parts, [d](const std::vector<Tensor>& g) {
+      return std::vector<Tensor>{cat(g, d)};
+    });
+  return parts;
+}
+}  // namespace
+
 std::vector<Tensor> split(const Tensor& x, int64_t split_size, int64_t dim) {
   const char* name = "split";
   detail::check_defined(name, x, "input");
@@ -170,10 +191,9 @@ std::vector<Tensor> split(const Tensor& x, int64_t split_size, int64_t dim) {
   MINIDL_CHECK(split_size > 0 || (split_size == 0 && size == 0), name, ": split_size must be "
                "positive, got ", split_size, " for dim ", d, " of ", detail::describe(x));
   if (size == 0) return {x};
-  std::vector<Tensor> parts;
-  for (int64_t start = 0; start < size; start += split_size)
-    parts.push_back(narrow(x, d, start, std::min(split_size, size - start)));
-  return parts;
+  std::vector<int64_t> sizes;
+  for (int64_t start = 0; start < size; start += split_size) sizes.push_back(std::min(split_size, size - start));
+  return split_views(x, sizes, d);
 }
 
 std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t dim) {
@@ -188,13 +208,7 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
   }
   MINIDL_CHECK(total == x.size(d), name, ": sizes ", shape_str(sizes), " sum to ", total,
                " but dim ", d, " of ", detail::describe(x), " has size ", x.size(d));
-  std::vector<Tensor> parts;
-  int64_t start = 0;
-  for (int64_t s : sizes) {
-    parts.push_back(narrow(x, d, start, s));
-    start += s;
-  }
-  return parts;
+  return split_views(x, sizes, d);
 }
 
 }  // namespace minidl::ops
