@@ -122,6 +122,22 @@ TEST_CASE("matmul output shapes follow NumPy") {
   }
 }
 
+TEST_CASE("matmul batch layouts: folded rows, strided and unmergeable batch dims") {
+  Tensor w = random_tensor({4, 3});
+  // Rows of a batch of row vectors are one (5, 4) matrix: a single GEMM.
+  Tensor rows = random_tensor({5, 1, 4});
+  check_close(ops::matmul(rows, w), reference_matmul(rows, w), 1e-12, 1e-12);
+  // Every other matrix: the batch stride is not M * lda, so no folding.
+  Tensor every_other = random_tensor({6, 2, 4}).slice(0, 0, 6, 2);
+  check_close(ops::matmul(every_other, w), reference_matmul(every_other, w), 1e-12, 1e-12);
+  // Permuted batch dims that do not merge into one.
+  Tensor x = random_tensor({2, 3, 4, 5}).permute({1, 0, 2, 3});
+  Tensor y = random_tensor({3, 2, 5, 2});
+  check_close(ops::matmul(x, y), reference_matmul(x, y), 1e-12, 1e-12);
+  check_close(ops::matmul(x, y.transpose(-1, -2).contiguous().transpose(-1, -2)),
+              reference_matmul(x, y), 1e-12, 1e-12);
+}
+
 TEST_CASE("matmul reads transposed and broadcast layouts without copying") {
   Tensor a = random_tensor({48, 64}, {DType::Float32}), b = random_tensor({32, 48}, {DType::Float32});
   Tensor w = random_tensor({64, 32}, {DType::Float32});
@@ -385,6 +401,7 @@ TEST_CASE("matmul CUDA matches CPU: float32 (TF32), bfloat16, float64, forward a
                           {{2, 1, 40, 512}, {3, 512, 24}, false},  // broadcast both ways, K = 512
                           {{5, 48}, {2, 48, 7}, false},            // shared left matrix
                           {{2, 64, 31}, {2, 64, 17}, true},        // transposed view
+                          {{3, 2, 16, 24}, {1, 2, 24, 8}, false},  // batch dims that do not merge
                           {{300}, {300, 20}, false},               // 1-D
                           {{4, 9, 70}, {70}, false}};
   for (const Case& c : cases) {
