@@ -182,7 +182,8 @@ bool FlagSet::parse(const std::vector<std::string>& args) {
         throw UsageError("--" + name + " needs a value (" + flag->metavar + ")");
       value = args[++i];
     }
-    if (flag->seen) throw UsageError("--" + name + " is given twice");
+    // A repeated flag takes its last value, so wrappers can pass defaults
+    // and let the user's arguments after them override.
     flag->set(value);
     flag->seen = true;
   }

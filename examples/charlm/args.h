@@ -1,7 +1,7 @@
 #pragma once
 // A small command-line flag parser: typed flags bound to variables that hold
 // their defaults, values checked as they are parsed, "--flag value" or
-// "--flag=value", and a generated --help. Any problem is a UsageError whose
+// "--flag=value" (a repeated flag keeps its last value), and a generated --help. Any problem is a UsageError whose
 // one-line message names the flag; main() prints it and exits with code 2.
 #include <cstdint>
 #include <functional>

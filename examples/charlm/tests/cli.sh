@@ -76,7 +76,7 @@ bad_flags)
   expect_usage_error "--data is required" train --out r
   expect_usage_error "--data: cannot read 'missing.txt'" train --data missing.txt --out r --iters 200
   expect_usage_error "--resume: nowhere/last.ckpt does not exist" train --resume nowhere
-  expect_usage_error "--layers is given twice" train --data text.txt --out r --layers 2 --layers 3
+  expect_usage_error "--layers must be >= 1, got 0" train --data text.txt --out r --layers 2 --layers 0
   expect_usage_error "unexpected argument 'extra'" train extra
   expect_usage_error "--ckpt is required" sample --tokens 5
   expect_usage_error "--temperature must be >= 0, got -1" sample --ckpt x.ckpt --temperature -1
