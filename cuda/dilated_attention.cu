@@ -40,30 +40,34 @@ struct Split {
   }
 };
 
+// Loads this lane's dims of a row of `d` elements (padding dims read 0).
 template <typename T, int D>
-__device__ __forceinline__ void load_row(const T* src, float scale, float (&dst)[32]) {
+__device__ __forceinline__ void load_row(const T* src, float scale, float (&dst)[32], int64_t d) {
   const int part = threadIdx.x % Split<D>::kTpr;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) dst[i] = to_float(src[Split<D>::dim(i, part)]) * scale;
+  for (int i = 0; i < 32; ++i) {
+    int c = Split<D>::dim(i, part);
+    dst[i] = c < d ? to_float(src[c]) * scale : 0.f;
+  }
 }
 
 // Stages rows [t0, t0 + kTile) of a row set of `a` (and `b`) into shared
-// memory as fp32; rows past `count` are zero.
+// memory as fp32; rows past `count` and padding dims (>= d) are zero.
 template <typename T, int D>
 __device__ __forceinline__ void stage_rows(const Operand<T>& a, const Operand<T>& b, int64_t batch,
                                            int64_t head, const RowSet& rows, int64_t t0,
-                                           float (*as)[D], float (*bs)[D]) {
+                                           float (*as)[D], float (*bs)[D], int64_t d) {
   for (int idx = threadIdx.x; idx < kTile * D; idx += kThreads) {
-    int j = idx / D, d = idx % D;
+    int j = idx / D, c = idx % D;
     int64_t t = t0 + j;
     float x = 0, y = 0;
-    if (t < rows.count) {
+    if (t < rows.count && c < d) {
       int64_t pos = rows.base + t * rows.stride;
-      x = to_float(a.row(batch, pos, head)[d]);
-      y = to_float(b.row(batch, pos, head)[d]);
+      x = to_float(a.row(batch, pos, head)[c]);
+      y = to_float(b.row(batch, pos, head)[c]);
     }
-    as[j][d] = x;
-    bs[j][d] = y;
+    as[j][c] = x;
+    bs[j][c] = y;
   }
 }
 
@@ -103,14 +107,14 @@ __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
 
   float qr[32], o[32];
-  load_row<T, D>(q.row(w.batch, pos, w.head), scale_log2, qr);
+  load_row<T, D>(q.row(w.batch, pos, w.head), scale_log2, qr, g.dim);
 #pragma unroll
   for (int i = 0; i < 32; ++i) o[i] = 0;
   float m = -INFINITY, l = 0;
   const int64_t key_end = kCausal ? min(w.t0 + S::kRows, w.rows.count) : w.rows.count;
   for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
     __syncthreads();
-    stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs);
+    stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs, g.dim);
     __syncthreads();
     float s[kTile];
     float tile_max = -INFINITY;
@@ -150,11 +154,11 @@ __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T
                                    : fmaxf(l_old, l_branch) + log1pf(expf(-fabsf(l_old - l_branch)));
   float w_old = expf(l_old - l_new);
   float w_branch = expf(l_branch - l_new) / l;
-  float* dst = o_acc + ri * D;
+  float* dst = o_acc + ri * g.dim;
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    int d = S::dim(i, part);
-    dst[d] = w_old * dst[d] + w_branch * o[i];
+    int c = S::dim(i, part);
+    if (c < g.dim) dst[c] = w_old * dst[c] + w_branch * o[i];
   }
   if (part == 0) lse[ri] = l_new;
 }
@@ -163,7 +167,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T
 template <typename T, int D>
 __global__ void backward_delta(const T* __restrict__ out, const T* __restrict__ grad_out,
                                const float* __restrict__ grad_lse, float* __restrict__ delta,
-                               int64_t rows) {
+                               int64_t rows, int64_t d) {
   using S = Split<D>;
   int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / S::kTpr;
   int part = threadIdx.x % S::kTpr;
@@ -171,8 +175,8 @@ __global__ void backward_delta(const T* __restrict__ out, const T* __restrict__ 
   if (row < rows) {
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-      int d = S::dim(i, part);
-      acc += to_float(out[row * D + d]) * to_float(grad_out[row * D + d]);
+      int c = S::dim(i, part);
+      if (c < d) acc += to_float(out[row * d + c]) * to_float(grad_out[row * d + c]);
     }
   }
   acc = S::reduce(acc);
@@ -194,8 +198,8 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   const int64_t ri = row_index(g, w.batch, pos, w.head);
 
   float qr[32], dor[32], dq[32];
-  load_row<T, D>(q.row(w.batch, pos, w.head), scale * kLog2e, qr);
-  load_row<T, D>(dout.row(w.batch, pos, w.head), 1.f, dor);
+  load_row<T, D>(q.row(w.batch, pos, w.head), scale * kLog2e, qr, g.dim);
+  load_row<T, D>(dout.row(w.batch, pos, w.head), 1.f, dor, g.dim);
 #pragma unroll
   for (int i = 0; i < 32; ++i) dq[i] = 0;
   const float l2 = active ? lse[ri] * kLog2e : 0.f;
@@ -203,7 +207,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   const int64_t key_end = kCausal ? min(w.t0 + S::kRows, w.rows.count) : w.rows.count;
   for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
     __syncthreads();
-    stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs);
+    stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs, g.dim);
     __syncthreads();
 #pragma unroll 4
     for (int j = 0; j < kTile; ++j) {
@@ -224,9 +228,12 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     }
   }
   if (!active) return;
-  float* dst = dq_acc + ri * D;
+  float* dst = dq_acc + ri * g.dim;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) dst[S::dim(i, part)] += scale * dq[i];
+  for (int i = 0; i < 32; ++i) {
+    int c = S::dim(i, part);
+    if (c < g.dim) dst[c] += scale * dq[i];
+  }
 }
 
 template <typename T, int D, bool kCausal>
@@ -245,15 +252,15 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
 
   float kr[32], vr[32], dk[32], dv[32];
-  load_row<T, D>(k.row(w.batch, pos, w.head), scale * kLog2e, kr);
-  load_row<T, D>(v.row(w.batch, pos, w.head), 1.f, vr);
+  load_row<T, D>(k.row(w.batch, pos, w.head), scale * kLog2e, kr, g.dim);
+  load_row<T, D>(v.row(w.batch, pos, w.head), 1.f, vr, g.dim);
 #pragma unroll
   for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0;
   // Causal: only queries at or after the block's first key see it.
   const int64_t q_begin = kCausal ? (w.t0 / kTile) * kTile : 0;
   for (int64_t q0 = q_begin; q0 < w.rows.count; q0 += kTile) {
     __syncthreads();
-    stage_rows<T, D>(q, dout, w.batch, w.head, w.rows, q0, qs, dos);
+    stage_rows<T, D>(q, dout, w.batch, w.head, w.rows, q0, qs, dos, g.dim);
     if (threadIdx.x < kTile) {
       int64_t tq = q0 + threadIdx.x;
       float l2 = INFINITY, dp = 0;  // +inf makes P = 0 for padding rows
@@ -291,13 +298,15 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   }
   if (!active) return;
   const int64_t ri = row_index(g, w.batch, pos, w.head);
-  float* dkr = dk_acc + ri * D;
-  float* dvr = dv_acc + ri * D;
+  float* dkr = dk_acc + ri * g.dim;
+  float* dvr = dv_acc + ri * g.dim;
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    int d = S::dim(i, part);
-    dkr[d] += scale * dk[i];
-    dvr[d] += dv[i];
+    int c = S::dim(i, part);
+    if (c < g.dim) {
+      dkr[c] += scale * dk[i];
+      dvr[c] += dv[i];
+    }
   }
 }
 
@@ -323,6 +332,7 @@ BranchGrid branch_grid(const Shape4& s, const DilatedBranch& br, int rows_per_bl
   g.segments = (s.n + g.w - 1) / g.w;
   int64_t max_kept = (g.w + g.r - 1) / g.r;
   g.tiles_per_segment = (max_kept + rows_per_block - 1) / rows_per_block;
+  g.dim = s.d;
   return g;
 }
 
@@ -333,17 +343,15 @@ dim3 grid_of(const BranchGrid& g, const Shape4& s) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(s.b * s.h));
 }
 
-// Calls f(T{}, std::integral_constant<int, D>{}) for the tensor's dtype and head dim.
+// Calls f(T{}, std::integral_constant<int, D>{}) for the tensor's dtype and
+// the head dim padded to the SIMT kernels' width (32, 64 or 128).
 template <typename F>
 void visit_kernel_types(const char* op, DType dtype, int64_t d, F&& f) {
   auto with_dim = [&](auto tag) {
-    switch (d) {
-      case 32: return f(tag, std::integral_constant<int, 32>{});
-      case 64: return f(tag, std::integral_constant<int, 64>{});
-      case 128: return f(tag, std::integral_constant<int, 128>{});
-      default:
-        MINIDL_FAIL(op, ": head dim ", d, " is not supported on CUDA (supported: 32, 64, 128)");
-    }
+    if (d <= 32) return f(tag, std::integral_constant<int, 32>{});
+    if (d <= 64) return f(tag, std::integral_constant<int, 64>{});
+    if (d <= 128) return f(tag, std::integral_constant<int, 128>{});
+    MINIDL_FAIL(op, ": head dim ", d, " is not supported on CUDA (at most 128)");
   };
   if (dtype == DType::Float32) return with_dim(float{});
   if (dtype == DType::BFloat16) return with_dim(BFloat16{});
@@ -451,19 +459,23 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     backward_delta<T, D><<<blocks, 256, 0, stream()>>>(
         static_cast<const T*>(out.raw_data()), static_cast<const T*>(grad_out.raw_data()),
         grad_lse.defined() ? static_cast<const float*>(grad_lse.raw_data()) : nullptr,
-        static_cast<float*>(delta.raw_data()), rows);
+        static_cast<float*>(delta.raw_data()), rows, s.d);
     MINIDL_CUDA_LAUNCH_CHECK();
     const float* l = static_cast<const float*>(lse.raw_data());
     const float* dl = static_cast<const float*>(delta.raw_data());
-    if constexpr (std::is_same_v<T, BFloat16>) {  // tensor cores
-      for (const DilatedBranch& br : config.branches) {
-        BranchGrid g = branch_grid(s, br, kMmaRows);
-        grid_of(g, s);
-        backward_mma(operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g,
-                     s.b, D, config.causal, scale, static_cast<float*>(dq_acc.raw_data()),
-                     static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (mma_head_dim(s.d)) {  // tensor cores
+        for (const DilatedBranch& br : config.branches) {
+          BranchGrid g = branch_grid(s, br, kMmaRows);
+          grid_of(g, s);
+          backward_mma(operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g,
+                       s.b, s.d, config.causal, scale, static_cast<float*>(dq_acc.raw_data()),
+                       static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
+        }
+        return;
       }
-    } else {
+    }
+    {
       for (const DilatedBranch& br : config.branches) {
         BranchGrid g = branch_grid(s, br, S::kRows);
         dim3 grid = grid_of(g, s);

@@ -44,6 +44,7 @@ struct BranchGrid {
   int64_t w, r;            // segment (clamped to n) and dilation
   int64_t segments;        // ceil(n / w)
   int64_t tiles_per_segment;
+  int64_t dim = 0;         // head dim D (the SIMT kernels pad it to a multiple of 32)
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }

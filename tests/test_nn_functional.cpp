@@ -226,6 +226,9 @@ void check_parity(Fn fn, const std::vector<Tensor>& cpu_inputs, Tol out, Tol gra
     if (t.defined() && t.requires_grad()) g.requires_grad_(true);
     gpu_inputs.push_back(g);
   }
+  // The CPU inputs are shared between calls: start their gradients afresh.
+  for (const Tensor& t : cpu_inputs)
+    if (t.defined()) t.zero_grad();
   Tensor yc = fn(cpu_inputs), yg = fn(gpu_inputs);
   REQUIRE(yg.is_cuda());
   check_close(yg, yc, out.atol, out.rtol);
