@@ -27,13 +27,19 @@ if [[ $steps == *tests* ]]; then
   grep -E "Failed|\*\*\*" "$out/ctest.log" | head -20
 fi
 if [[ $steps == *sanitize* ]]; then
-  for t in test_dilated_attention test_nn_functional test_reduce test_indexing test_elementwise test_matmul test_dropout test_rope; do
-    [ -x "$build/tests/$t" ] || continue
-    for tool in memcheck racecheck; do
-      timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 "$build/tests/$t" -tc="*CUDA*,*cuda*" \
-        >"$out/sanitize-$t-$tool.log" 2>&1
-      summary+=("$tool $t: rc=$? $(grep -E 'ERROR SUMMARY' "$out/sanitize-$t-$tool.log" | tail -1)")
-    done
+  # memcheck: every test program, whole; racecheck: the CUDA cases of the
+  # programs with hand-written kernels.
+  for t in "$build"/tests/test_*; do
+    [ -x "$t" ] || continue
+    n=$(basename "$t")
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$t" >"$out/memcheck-$n.log" 2>&1
+    summary+=("memcheck $n: rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck-$n.log" | tail -1)")
+  done
+  for n in test_dilated_attention test_nn_functional test_reduce test_indexing test_elementwise test_dropout test_rope test_optim; do
+    [ -x "$build/tests/$n" ] || continue
+    timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 "$build/tests/$n" -tc="*CUDA*,*cuda*" \
+      >"$out/racecheck-$n.log" 2>&1
+    summary+=("racecheck $n: rc=$? $(grep -E 'ERROR SUMMARY' "$out/racecheck-$n.log" | tail -1)")
   done
 fi
 if [[ $steps == *bench* ]]; then
