@@ -4,6 +4,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/macros.h"
+#include "core/philox.h"
+
 namespace minidl {
 
 // One branch: segment length w >= 1 and dilation r >= 1. For head h the
@@ -13,10 +16,34 @@ struct DilatedBranch {
   int64_t dilation = 1;
 };
 
+// Dropout on the attention probabilities (training only). Element (branch i,
+// batch b, head h, query position p, key t), where t is the key's index among
+// the kept rows of its segment, is kept iff
+//   philox::uniform(seed, offset, (row << 32) | t) >= keep_threshold,
+//   row = ((i * B + b) * H + h) * N + p,
+// and kept probabilities are scaled by 1 / (1 - p_drop). The log-sum-exp is
+// that of the undropped scores. keep_threshold = ceil(p_drop 2^24) / 2^24 makes
+// the float comparison exact (uniforms lie on the 2^-24 grid).
+struct AttentionDropout {
+  float keep_threshold = 0;  // 0: no dropout
+  float scale = 1;
+  uint64_t seed = 0, offset = 0;
+  MINIDL_HD bool enabled() const { return keep_threshold > 0; }
+};
+
+MINIDL_HD MINIDL_FORCEINLINE bool attention_keep(const AttentionDropout& d, uint64_t branch,
+                                                 uint64_t batch_size, uint64_t b, uint64_t heads,
+                                                 uint64_t h, uint64_t n, uint64_t pos,
+                                                 uint64_t key_index) {
+  uint64_t row = ((branch * batch_size + b) * heads + h) * n + pos;
+  return philox::uniform(d.seed, d.offset, (row << 32) | key_index) >= d.keep_threshold;
+}
+
 struct DilatedAttentionConfig {
   std::vector<DilatedBranch> branches;
   bool causal = true;
   double scale = 0;  // softmax scale; the op fills in 1/sqrt(D) when 0
+  AttentionDropout dropout;
 };
 
 }  // namespace minidl
