@@ -44,11 +44,28 @@ __device__ __forceinline__ void load_tile_async(char* tile, const Operand<BFloat
   }
 }
 
-template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
+// Keep decisions of the dropout mask (core/dilated.h) for keys t and t + 1 of
+// one query row, t even: both fall in the same Philox block.
+__device__ __forceinline__ void keep_pair(const BranchDropout& d, const BranchGrid& g, int64_t batch,
+                                          int64_t head, int64_t pos, int64_t t, bool& k0, bool& k1) {
+  uint64_t row = ((uint64_t(d.branch) * d.batch_size + batch) * g.heads + head) * g.n + pos;
+  uint64_t idx = (row << 32) | uint64_t(t);
+  philox::U32x4 blk = philox::block(d.mask.seed, d.mask.offset, idx >> 2);
+  int lane0 = static_cast<int>(idx & 3);
+  k0 = philox::to_unit_float(philox::lane(blk, lane0)) >= d.mask.keep_threshold;
+  k1 = philox::to_unit_float(philox::lane(blk, lane0 + 1)) >= d.mask.keep_threshold;
+}
+
+__device__ __forceinline__ bool keep_one(const BranchDropout& d, const BranchGrid& g, int64_t batch,
+                                         int64_t head, int64_t pos, int64_t t) {
+  return attention_keep(d.mask, d.branch, d.batch_size, batch, g.heads, head, g.n, pos, t);
+}
+
+template <int D, int kM, int kBc, bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16> q, Operand<BFloat16> k,
                                                                Operand<BFloat16> v, BranchGrid g,
-                                                               float scale_log2, float* o_acc,
-                                                               float* lse, BFloat16* out) {
+                                                               float scale_log2, BranchDropout drop,
+                                                               float* o_acc, float* lse, BFloat16* out) {
   using F = FwdShape<D, kM, kBc>;
   using QT = typename F::QTile;
   using KT = typename F::KTile;
@@ -185,8 +202,21 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             p[h][e] = exp2f(fmaf(s[mt][2 * kk + h][e], scale_log2, -m_scaled[e >> 1]));
-            l_row[mt][e >> 1] += p[h][e];
+            l_row[mt][e >> 1] += p[h][e];  // the normaliser counts every key
           }
+        if constexpr (kDropout) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              int64_t tq = q_row0 + mt * 16 + r * 8;
+              int64_t pos = rows.base + (tq < rows.count ? tq : 0) * rows.stride;
+              bool keep0, keep1;
+              keep_pair(drop, g, batch, head, pos, k0 + (2 * kk + h) * 8 + 2 * (lane % 4), keep0, keep1);
+              p[h][2 * r] = keep0 ? p[h][2 * r] * drop.mask.scale : 0.f;
+              p[h][2 * r + 1] = keep1 ? p[h][2 * r + 1] * drop.mask.scale : 0.f;
+            }
+        }
         pf[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
         pf[mt][kk][1] = pack_bf16(p[0][2], p[0][3]);
         pf[mt][kk][2] = pack_bf16(p[1][0], p[1][1]);
@@ -265,18 +295,23 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 
 template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
 void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                    BranchGrid g, int64_t batch, float scale_log2, float* o_acc, float* lse,
-                    BFloat16* out) {
+                    BranchGrid g, int64_t batch, float scale_log2, const BranchDropout& drop,
+                    float* o_acc, float* lse, BFloat16* out) {
   using F = FwdShape<D, kM, kBc>;
-  auto kernel = forward_mma_kernel<D, kM, kBc, kCausal, kMode>;
+  // Dropout is a separate instantiation: its mask arithmetic would otherwise
+  // cost registers (and spills) in the plain kernel.
+  auto kernel = drop.mask.enabled() ? forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>
+                                    : forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>;
   static bool configured = false;  // one attribute call per instantiation
   if (!configured) {
-    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, F::kSmem));
+    for (auto f : {forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>,
+                   forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>})
+      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, F::kSmem));
     configured = true;
   }
   g.tiles_per_segment = ((g.w + g.r - 1) / g.r + F::kBr - 1) / F::kBr;
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
-  kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, o_acc, lse, out);
+  kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse, out);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -285,20 +320,20 @@ void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, cons
 // for one.
 template <int D, bool kCausal, MergeMode kMode>
 void forward_variants(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                      const BranchGrid& g, int64_t batch, float scale_log2, float* o_acc, float* lse,
-                      BFloat16* out) {
+                      const BranchGrid& g, int64_t batch, float scale_log2, const BranchDropout& drop,
+                      float* o_acc, float* lse, BFloat16* out) {
   constexpr int kM = D <= 64 ? 2 : 1;
-  launch_forward<D, kM, 64, kCausal, kMode>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+  launch_forward<D, kM, 64, kCausal, kMode>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
 }
 
 template <int D, bool kCausal>
 void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
                       const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, float scale_log2,
-                      float* o_acc, float* lse, BFloat16* out) {
+                      const BranchDropout& drop, float* o_acc, float* lse, BFloat16* out) {
   switch (mode) {
-    case MergeMode::kWrite: return forward_variants<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
-    case MergeMode::kMerge: return forward_variants<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
-    case MergeMode::kSingle: return forward_variants<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    case MergeMode::kWrite: return forward_variants<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    case MergeMode::kMerge: return forward_variants<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    case MergeMode::kSingle: return forward_variants<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
   }
 }
 
@@ -306,11 +341,12 @@ void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<
 
 void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
-                 MergeMode mode, float* o_acc, float* lse, BFloat16* out) {
+                 const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
+                 BFloat16* out) {
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    if (causal) forward_for_mode<D, true>(mode, q, k, v, g, batch, scale_log2, o_acc, lse, out);
-    else forward_for_mode<D, false>(mode, q, k, v, g, batch, scale_log2, o_acc, lse, out);
+    if (causal) forward_for_mode<D, true>(mode, q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    else forward_for_mode<D, false>(mode, q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
   };
   switch (d) {
     case 32: return run(std::integral_constant<int, 32>{});
@@ -366,11 +402,12 @@ __device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const floa
   }
 }
 
-template <int D, bool kCausal, int kMinBlocks>
+template <int D, bool kCausal, int kMinBlocks, bool kDropout>
 __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
     Operand<BFloat16> q, Operand<BFloat16> k, Operand<BFloat16> v, Operand<BFloat16> dout,
     const float* __restrict__ lse, const float* __restrict__ delta, BranchGrid g, float scale,
-    float* __restrict__ dq_acc, float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
+    BranchDropout drop, float* __restrict__ dq_acc, float* __restrict__ dk_acc,
+    float* __restrict__ dv_acc) {
   using L = BwdSmem<D>;
   using T = typename L::Tile;
   using ST = typename L::STile;
@@ -464,8 +501,15 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
           int64_t tk = key_row0 + (e >> 1) * 8, tq = q0 + col;
           if (tk >= rows.count || tq >= rows.count || (kCausal && tq < tk)) x = 0.f;
         }
-        p[e] = x;
-        dsv[e] = x * (dp[nt][e] - dl[col]);
+        // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
+        float m = 1.f;
+        if constexpr (kDropout) {
+          int64_t tq = q0 + col;
+          int64_t pos = rows.base + (tq < rows.count ? tq : 0) * rows.stride;
+          m = keep_one(drop, g, batch, head, pos, key_row0 + (e >> 1) * 8) ? drop.mask.scale : 0.f;
+        }
+        p[e] = x * m;
+        dsv[e] = x * (m * dp[nt][e] - dl[col]);
       }
       // accumulator layout of n-tiles (2kk, 2kk+1) = A layout of k-step kk
       const int kk = nt / 2, h = nt % 2;
@@ -544,20 +588,25 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
 template <int D, bool kCausal>
 void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                      const Operand<BFloat16>& dout, const float* lse, const float* delta,
-                     const BranchGrid& g, int64_t batch, float scale, float* dq_acc, float* dk_acc,
-                     float* dv_acc) {
+                     const BranchGrid& g, int64_t batch, float scale, const BranchDropout& drop,
+                     float* dq_acc, float* dk_acc, float* dv_acc) {
   // Capping registers for 3 blocks per SM pays for D <= 64 (H100, measured);
   // D = 128 needs them all.
-  constexpr int kMinBlocks = D <= 64 ? 3 : 1;
-  auto kernel = backward_mma_kernel<D, kCausal, kMinBlocks>;
+  // The dropout variant needs the registers for its mask arithmetic.
+  constexpr int kMinBlocks = D <= 64 ? 3 : 1, kMinBlocksDropout = D <= 64 ? 2 : 1;
+  auto kernel = drop.mask.enabled() ? backward_mma_kernel<D, kCausal, kMinBlocksDropout, true>
+                                    : backward_mma_kernel<D, kCausal, kMinBlocks, false>;
   constexpr int smem = BwdSmem<D>::kBytes;
   static bool configured = false;
   if (!configured) {
-    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    for (auto f : {backward_mma_kernel<D, kCausal, kMinBlocksDropout, true>,
+                   backward_mma_kernel<D, kCausal, kMinBlocks, false>})
+      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;
   }
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
-  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, dq_acc, dk_acc, dv_acc);
+  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, dq_acc, dk_acc,
+                                             dv_acc);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -566,11 +615,11 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
 void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                   const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
-                  float* dq_acc, float* dk_acc, float* dv_acc) {
+                  const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc) {
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    if (causal) launch_backward<D, true>(q, k, v, dout, lse, delta, g, batch, scale, dq_acc, dk_acc, dv_acc);
-    else launch_backward<D, false>(q, k, v, dout, lse, delta, g, batch, scale, dq_acc, dk_acc, dv_acc);
+    if (causal) launch_backward<D, true>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
+    else launch_backward<D, false>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
   };
   switch (d) {
     case 32: return run(std::integral_constant<int, 32>{});

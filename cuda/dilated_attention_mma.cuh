@@ -1,6 +1,7 @@
 #pragma once
 // bfloat16 tensor-core (mma.sync) kernels for one dilated-attention branch;
 // internal to cuda/dilated_attention.cu.
+#include "core/dilated.h"
 #include "cuda/dilated_attention_common.cuh"
 
 namespace minidl::cuda::attn {
@@ -12,6 +13,14 @@ enum class MergeMode {
   kSingle,  // the only branch: write the bf16 output and lse directly
 };
 
+// Attention dropout of one branch launch: the config's mask parameters plus
+// what the element index needs (core/dilated.h).
+struct BranchDropout {
+  AttentionDropout mask;
+  int64_t branch = 0;      // index of the branch in the config
+  int64_t batch_size = 0;  // B
+};
+
 constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 
 // head dims the tensor-core path handles
@@ -19,7 +28,8 @@ inline bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
 void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
-                 MergeMode mode, float* o_acc, float* lse, BFloat16* out);
+                 const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
+                 BFloat16* out);
 
 // Adds this branch's dQ (atomically), dK and dV (rows of one launch are
 // disjoint) into the fp32 accumulators. lse and delta are the global
@@ -27,6 +37,21 @@ void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
 void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                   const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
-                  float* dq_acc, float* dk_acc, float* dv_acc);
+                  const BranchDropout& dropout, float* dq_acc, float* dk_acc, float* dv_acc);
+
+// Without dropout (transitional overloads while the launcher is updated).
+inline void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                        const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d,
+                        bool causal, float scale_log2, MergeMode mode, float* o_acc, float* lse,
+                        BFloat16* out) {
+  forward_mma(q, k, v, g, batch, d, causal, scale_log2, BranchDropout{}, mode, o_acc, lse, out);
+}
+inline void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                         const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse,
+                         const float* delta, const BranchGrid& g, int64_t batch, int64_t d,
+                         bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc) {
+  backward_mma(q, k, v, dout, lse, delta, g, batch, d, causal, scale, BranchDropout{}, dq_acc, dk_acc,
+               dv_acc);
+}
 
 }  // namespace minidl::cuda::attn
