@@ -38,6 +38,16 @@ int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op) {
   return d;
 }
 
+DimSplit split_around(const Shape& shape, int64_t dim) {
+  DimSplit s;
+  for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
+    if (d < dim) s.outer *= shape[d];
+    else if (d == dim) s.size = shape[d];
+    else s.inner *= shape[d];
+  }
+  return s;
+}
+
 Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
   size_t n = std::max(a.size(), b.size());
   Shape out(n);

@@ -7,24 +7,10 @@
 namespace minidl::cpu {
 namespace {
 
-struct Layout {
-  int64_t outer = 1, size = 1, inner = 1;
-};
-
-Layout layout_around(const Shape& shape, int64_t dim) {
-  Layout l;
-  for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
-    if (d < dim) l.outer *= shape[d];
-    else if (d == dim) l.size = shape[d];
-    else l.inner *= shape[d];
-  }
-  return l;
-}
-
 }  // namespace
 
 void index_select(const Tensor& x, int64_t dim, const Tensor& indices, const Tensor& out) {
-  Layout l = layout_around(x.shape(), dim);
+  DimSplit l = split_around(x.shape(), dim);
   int64_t n = indices.numel();
   const int32_t* idx = indices.data_ptr<int32_t>();
   visit_dtype(x.dtype(), [&](auto tag) {
@@ -45,7 +31,7 @@ void index_select(const Tensor& x, int64_t dim, const Tensor& indices, const Ten
 }
 
 void index_add(const Tensor& grad_out, int64_t dim, const Tensor& indices, const Tensor& grad_x) {
-  Layout l = layout_around(grad_x.shape(), dim);
+  DimSplit l = split_around(grad_x.shape(), dim);
   int64_t n = indices.numel();
   const int32_t* idx = indices.data_ptr<int32_t>();
   visit_dtype(grad_out.dtype(), [&](auto tag) {

@@ -7,20 +7,6 @@
 namespace minidl::cuda {
 namespace {
 
-struct Layout {
-  int64_t outer = 1, size = 1, inner = 1;
-};
-
-Layout layout_around(const Shape& shape, int64_t dim) {
-  Layout l;
-  for (int64_t d = 0; d < static_cast<int64_t>(shape.size()); ++d) {
-    if (d < dim) l.outer *= shape[d];
-    else if (d == dim) l.size = shape[d];
-    else l.inner *= shape[d];
-  }
-  return l;
-}
-
 // Both kernels walk the (outer * n) rows of the gathered side, each row a
 // contiguous run of `inner` elements: threadIdx.y picks the row, threadIdx.x
 // strides along it, so the row's index is looked up (and the 64-bit row
@@ -68,7 +54,7 @@ __global__ void index_add_kernel(const S* g, const int32_t* idx, Acc* acc, int64
 
 void index_select(const Tensor& x, int64_t dim, const Tensor& indices, const Tensor& out) {
   if (out.numel() == 0) return;
-  Layout l = layout_around(x.shape(), dim);
+  DimSplit l = split_around(x.shape(), dim);
   int64_t n = indices.numel(), rows = l.outer * n;
   RowLaunch launch = row_launch(rows, l.inner);
   visit_dtype(x.dtype(), [&](auto tag) {
@@ -82,7 +68,7 @@ void index_select(const Tensor& x, int64_t dim, const Tensor& indices, const Ten
 
 void index_add(const Tensor& grad_out, int64_t dim, const Tensor& indices, const Tensor& grad_x) {
   if (grad_out.numel() == 0) return;
-  Layout l = layout_around(grad_x.shape(), dim);
+  DimSplit l = split_around(grad_x.shape(), dim);
   int64_t n = indices.numel(), rows = l.outer * n;
   RowLaunch launch = row_launch(rows, l.inner);
   visit_dtype(grad_out.dtype(), [&](auto tag) {
