@@ -46,8 +46,10 @@ if [[ $steps == *bench* ]]; then
   for b in ${MINIDL_BENCHES:-bench_attention bench_matmul bench_softmax bench_elementwise}; do
     [ -x "$build/bench/$b" ] || continue
     filter_var=MINIDL_FILTER_$b
+    extra=()
+    [ "$b" = bench_attention ] && extra=(--plot="$dest/bench_attention.png")
     "$build/bench/$b" --benchmark_filter="${!filter_var:-.}" --benchmark_out="$out/$b.json" \
-      --benchmark_out_format=json >"$out/$b.txt" 2>&1
+      --benchmark_out_format=json "${extra[@]}" >"$out/$b.txt" 2>&1
   done
   summary+=("bench: see $out/bench_*.txt")
 fi
