@@ -357,10 +357,13 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
                      ". Continue with: charlm train --resume " + dir);
   } else if (step > first_step) {
     char buf[200];
-    std::snprintf(buf, sizeof buf, "done: step %lld (%lld steps in %s), final val loss %.4f, best %.4f at step %lld",
+    std::snprintf(buf, sizeof buf,
+                  "done: step %lld (%lld steps in %s), final val loss %.4f, best %.4f at step %lld, "
+                  "peak memory %.2f GiB",
                   static_cast<long long>(step), static_cast<long long>(step - first_step),
                   format_duration(seconds_since(run_start)).c_str(), last_val, best_val,
-                  static_cast<long long>(best_step));
+                  static_cast<long long>(best_step),
+                  double(minidl::memory_stats(device).peak_allocated) / double(1ull << 30));
     progress.message(buf);
   }
   summary.step = step;
