@@ -128,19 +128,67 @@ T from_compute(C x) {
 }
 
 // ---------------------------------------------------------------------------
+// Attention dropout (core/dilated.h): the mask is a pure function of
+// (branch, b, h, query position, key index), so the backward regenerates it.
+
+// Where one (branch, b, h) starts in the mask's row numbering:
+// row = first_row + query position.
+struct DropoutRows {
+  const AttentionDropout* d = nullptr;  // null: no dropout
+  uint64_t first_row = 0;
+  bool enabled() const { return d != nullptr; }
+};
+
+DropoutRows dropout_rows(const DilatedAttentionConfig& config, size_t branch, int64_t B, int64_t b,
+                         int64_t H, int64_t h, int64_t N) {
+  if (!config.dropout.enabled()) return {};
+  return {&config.dropout, ((static_cast<uint64_t>(branch) * B + b) * H + h) * N};
+}
+
+// factor[j] = keep * scale for keys key0 + j, j < n, of mask row `row`: the
+// element attention_keep() tests, drawn one Philox block (four consecutive
+// keys) at a time; key0 must be a multiple of 4.
+template <typename C>
+void dropout_factors(const AttentionDropout& d, uint64_t row, int64_t key0, int64_t n, C* factor) {
+  const C scale = static_cast<C>(d.scale);
+  for (int64_t j = 0; j < n; j += 4) {
+    const uint64_t element = (row << 32) | static_cast<uint64_t>(key0 + j);
+    const philox::U32x4 block = philox::block(d.seed, d.offset, element >> 2);
+    for (int l = 0; l < 4 && j + l < n; ++l)
+      factor[j + l] = philox::to_unit_float(philox::lane(block, l)) >= d.keep_threshold ? scale : C(0);
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Reference: per (b, h, p), the multiset of (branch, key) pairs, in double.
 
-// Appends the keys row p of head h sees in every branch where it is kept
-// (a key seen by two branches appears twice: the union is a multiset).
-void union_keys(int64_t p, int64_t h, int64_t n, const std::vector<Branch>& branches, bool causal,
-                std::vector<int64_t>& keys) {
+// One (branch, key) pair of a row: the key's position and its dropout factor
+// (keep * scale; 1 without dropout).
+struct KeyPair {
+  int64_t key;
+  double factor;
+};
+
+// Appends the pairs row p of head h (batch b) sees in every branch where it
+// is kept (a key seen by two branches appears twice: the union is a multiset).
+void union_keys(int64_t b, int64_t p, int64_t h, int64_t B, int64_t H, int64_t n,
+                const std::vector<Branch>& branches, const DilatedAttentionConfig& config,
+                std::vector<KeyPair>& keys) {
   keys.clear();
-  for (const Branch& br : branches) {
+  const AttentionDropout& drop = config.dropout;
+  for (size_t i = 0; i < branches.size(); ++i) {
+    const Branch& br = branches[i];
     int64_t offset = h % br.r, local = p % br.w;
     if (local % br.r != offset) continue;  // p is not kept by this branch for head h
     int64_t seg_start = p - local, seg_end = std::min(seg_start + br.w, n);
-    int64_t last = causal ? p : seg_end - 1;
-    for (int64_t j = seg_start + offset; j <= last; j += br.r) keys.push_back(j);
+    int64_t last = config.causal ? p : seg_end - 1;
+    int64_t t = 0;  // the key's index among the segment's kept rows
+    for (int64_t j = seg_start + offset; j <= last; j += br.r, ++t) {
+      double factor = 1;
+      if (drop.enabled())
+        factor = attention_keep(drop, i, B, b, H, h, n, p, t) ? static_cast<double>(drop.scale) : 0.0;
+      keys.push_back({j, factor});
+    }
   }
 }
 
@@ -171,12 +219,12 @@ void reference_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   T* o = static_cast<T*>(out.raw_data());
   L* lse_ptr = static_cast<L*>(lse.raw_data());
   parallel_for(B * H, reference_grain(B, H, N, D, branches, config.causal), [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> keys;
+    std::vector<KeyPair> keys;
     std::vector<double> scores, acc(static_cast<size_t>(D));
     for (int64_t bh = lo; bh < hi; ++bh) {
       int64_t b = bh / H, h = bh % H;
       for (int64_t p = 0; p < N; ++p) {
-        union_keys(p, h, N, branches, config.causal, keys);
+        union_keys(b, p, h, B, H, N, branches, config, keys);
         int64_t row = (b * N + p) * H + h;
         T* o_row = o + row * D;
         if (keys.empty()) {
@@ -187,7 +235,7 @@ void reference_forward(const Tensor& q, const Tensor& k, const Tensor& v,
         scores.resize(keys.size());
         double m = -std::numeric_limits<double>::infinity();
         for (size_t j = 0; j < keys.size(); ++j) {
-          scores[j] = scale * dot(Q.row(b, p, h), K.row(b, keys[j], h), D);
+          scores[j] = scale * dot(Q.row(b, p, h), K.row(b, keys[j].key, h), D);
           m = std::max(m, scores[j]);
         }
         double sum = 0;
@@ -195,8 +243,9 @@ void reference_forward(const Tensor& q, const Tensor& k, const Tensor& v,
         double lse_p = m + std::log(sum);
         std::fill(acc.begin(), acc.end(), 0.0);
         for (size_t j = 0; j < keys.size(); ++j) {
-          double pj = std::exp(scores[j] - lse_p);
-          const T* v_row = V.row(b, keys[j], h);
+          // L is that of the undropped scores; the mask scales the weights only.
+          double pj = std::exp(scores[j] - lse_p) * keys[j].factor;
+          const T* v_row = V.row(b, keys[j].key, h);
           for (int64_t d = 0; d < D; ++d) acc[d] += pj * to_compute<double>(v_row[d]);
         }
         for (int64_t d = 0; d < D; ++d) o_row[d] = from_compute<T>(acc[d]);
@@ -224,7 +273,7 @@ void reference_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
     *dv_ptr = static_cast<T*>(dv.raw_data());
   // Gradients of one (b, h) only touch rows of that (b, h): parallel over them.
   parallel_for(B * H, reference_grain(B, H, N, D, branches, config.causal), [&](int64_t lo, int64_t hi) {
-    std::vector<int64_t> keys;
+    std::vector<KeyPair> keys;
     std::vector<double> gq(static_cast<size_t>(N * D)), gk(gq.size()), gv(gq.size());
     for (int64_t bh = lo; bh < hi; ++bh) {
       int64_t b = bh / H, h = bh % H;
@@ -232,21 +281,24 @@ void reference_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
       std::fill(gk.begin(), gk.end(), 0.0);
       std::fill(gv.begin(), gv.end(), 0.0);
       for (int64_t p = 0; p < N; ++p) {
-        union_keys(p, h, N, branches, config.causal, keys);
+        union_keys(b, p, h, B, H, N, branches, config, keys);
         if (keys.empty()) continue;
         int64_t row = (b * N + p) * H + h;
         const T* q_row = Q.row(b, p, h);
         const T* do_row = dO.row(b, p, h);
         double lse_p = static_cast<double>(lse_ptr[row]);
-        double d_p = dot(do_row, o + row * D, D);  // D_p = dO_p . O_p
+        double d_p = dot(do_row, o + row * D, D);  // D_p = dO_p . O_p (O dropped)
         double g_p = static_cast<double>(g.at(b, p, h));
-        for (int64_t j : keys) {
+        for (const KeyPair& pair : keys) {
+          const int64_t j = pair.key;
           const T* k_row = K.row(b, j, h);
           const T* v_row = V.row(b, j, h);
           double pj = std::exp(scale * dot(q_row, k_row, D) - lse_p);
-          double ds = pj * (dot(do_row, v_row, D) - (d_p - g_p));
+          // dS = P (M dP' - D_p), dV += P M dO (M: the dropout factor).
+          double ds = pj * (pair.factor * dot(do_row, v_row, D) - (d_p - g_p));
+          double pm = pj * pair.factor;
           for (int64_t d = 0; d < D; ++d) {
-            gv[j * D + d] += pj * to_compute<double>(do_row[d]);
+            gv[j * D + d] += pm * to_compute<double>(do_row[d]);
             gq[p * D + d] += scale * ds * to_compute<double>(k_row[d]);
             gk[j * D + d] += scale * ds * to_compute<double>(q_row[d]);
           }
@@ -410,12 +462,14 @@ struct Scratch {
   // Tiles: q (scaled queries), kt/vt (transposed keys/values), kr/vr (row-major),
   // acc (forward output rows; backward dO rows), s (one score row), pbuf/dsbuf
   // (backward P and dS of a tile), dk/dv (backward key-tile gradients), m/l
-  // (online-softmax max and sum), lrow/drow (backward L and D - grad_lse per row).
-  std::vector<C> q, kt, kr, vr, vt, acc, s, pbuf, dsbuf, dk, dv, m, l, lrow, drow;
+  // (online-softmax max and sum), lrow/drow (backward L and D - grad_lse per row),
+  // mask (the dropout factors of one score row).
+  std::vector<C> q, kt, kr, vr, vt, acc, s, pbuf, dsbuf, dk, dv, m, l, lrow, drow, mask;
   explicit Scratch(int64_t D, int64_t max_rows = 0)
       : q(kTileQ * D), kt(D * kTileK), kr(kTileK * D), vr(kTileK * D), vt(D * kTileK),
         acc(kTileQ * D), s(kTileK), pbuf(kTileQ * kTileK), dsbuf(kTileQ * kTileK),
-        dk(kTileK * D), dv(kTileK * D), m(kTileQ), l(kTileQ), lrow(max_rows), drow(max_rows) {}
+        dk(kTileK * D), dv(kTileK * D), m(kTileQ), l(kTileQ), lrow(max_rows), drow(max_rows),
+        mask(kTileK) {}
 };
 
 // Below this many flops a branch runs on one thread: waking the OpenMP team
@@ -472,11 +526,14 @@ void load_rows(const Rows<const T>& X, int64_t b, int64_t h, const RowSet& rs, i
 }
 
 // One query tile [i0, i0 + nq) of one (branch, b, h, segment): online softmax
-// over its keys, then merge the branch result (O_i, L_i) into (O, L).
+// over its keys, then merge the branch result (O_i, L_i) into (O, L). With
+// dropout, the softmax sum (hence L) is that of the undropped weights, while
+// the output accumulates the masked ones.
 template <typename T, typename C>
 void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V,
                   int64_t b, int64_t h, const RowSet& rs, int64_t i0, int64_t N, int64_t H,
-                  int64_t D, bool causal, C scale, C* O, C* L, Scratch<C>& sc) {
+                  int64_t D, bool causal, C scale, const DropoutRows& drop, C* O, C* L,
+                  Scratch<C>& sc) {
   const C neg_inf = -std::numeric_limits<C>::infinity();
   const int64_t nq = std::min(kTileQ, rs.count - i0);
   load_rows(Q, b, h, rs, i0, nq, D, scale, sc.q.data());
@@ -503,6 +560,11 @@ void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<con
       }
       sc.l[i] += sum;
       sc.m[i] = m_new;
+      if (drop.enabled()) {  // keys j0 + j are the kept rows' indices t
+        dropout_factors(*drop.d, drop.first_row + rs.base + (i0 + i) * rs.stride, j0, valid,
+                        sc.mask.data());
+        for (int64_t j = 0; j < valid; ++j) s[j] *= sc.mask[j];
+      }
       accumulate_rows(s, 1, sc.vr.data(), D, valid, D, acc);
     }
   }
@@ -569,7 +631,8 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                    std::fill(O.ptr + r * D, O.ptr + (r + 1) * D, C(0));
                  }
                });
-  for (const Branch& br : branches) {
+  for (size_t bi = 0; bi < branches.size(); ++bi) {
+    const Branch& br = branches[bi];
     const int64_t segments = (N + br.w - 1) / br.w;
     const int64_t max_rows = (br.w + br.r - 1) / br.r;
     const int64_t tiles = (max_rows + kTileQ - 1) / kTileQ;
@@ -583,7 +646,7 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
           const RowSet rs = kept_rows(N, br, h, s);
           if (tile * kTileQ >= rs.count) return;
           forward_tile<T, C>(Q, K, V, b, h, rs, tile * kTileQ, N, H, D, config.causal, scale,
-                             O.ptr, L, sc);
+                             dropout_rows(config, bi, B, b, H, h, N), O.ptr, L, sc);
         });
   }
   if constexpr (!std::is_same_v<T, C>) O.write_to(out);
@@ -591,12 +654,13 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 
 // One (branch, b, h, segment), FlashAttention-2 style: per key tile, dK and dV
 // accumulate in the tile while the query tiles stream past; dQ (unscaled)
-// accumulates in place. Uses the global L and Dg = D - grad_lse per row.
+// accumulates in place. Uses the global L and Dg = D - grad_lse per row. With
+// dropout (factors M): dS = P (M dP' - Dg), dV += (P M)^T dO.
 template <typename T, typename C>
 void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V,
                    const Rows<const T>& dO, const C* L, const C* Dg, int64_t b, int64_t h,
-                   const RowSet& rs, int64_t N, int64_t H, int64_t D, bool causal, C scale, C* dQ,
-                   C* dK, C* dV, Scratch<C>& sc) {
+                   const RowSet& rs, int64_t N, int64_t H, int64_t D, bool causal, C scale,
+                   const DropoutRows& drop, C* dQ, C* dK, C* dV, Scratch<C>& sc) {
   const int64_t n = rs.count;
   sc.lrow.resize(n);
   sc.drow.resize(n);
@@ -630,7 +694,17 @@ void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<co
         row_times_tile(dot + i * D, sc.vt.data(), D, ds);
         const C l = sc.lrow[qi], dg = sc.drow[qi];
         exp_shifted(p, valid, l);
-        for (int64_t j = 0; j < kTileK; ++j) ds[j] = p[j] * (ds[j] - dg);  // 0 where masked
+        if (drop.enabled()) {
+          C* mask = sc.mask.data();
+          dropout_factors(*drop.d, drop.first_row + rs.base + qi * rs.stride, j0, valid, mask);
+          for (int64_t j = 0; j < valid; ++j) {
+            ds[j] = p[j] * (mask[j] * ds[j] - dg);
+            p[j] *= mask[j];
+          }
+          for (int64_t j = valid; j < kTileK; ++j) ds[j] = 0;  // p is 0 there already
+        } else {
+          for (int64_t j = 0; j < kTileK; ++j) ds[j] = p[j] * (ds[j] - dg);  // 0 where masked
+        }
         C* dq = dQ + ((b * N + rs.base + qi * rs.stride) * H + h) * D;
         accumulate_rows(ds, 1, sc.kr.data(), D, valid, D, dq);
       }
@@ -686,7 +760,8 @@ void fast_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    std::fill(dV.ptr + r * D, dV.ptr + (r + 1) * D, C(0));
                  }
                });
-  for (const Branch& br : branches) {
+  for (size_t bi = 0; bi < branches.size(); ++bi) {
+    const Branch& br = branches[bi];
     const int64_t segments = (N + br.w - 1) / br.w;
     const int64_t max_rows = (br.w + br.r - 1) / br.r;
     parallel_units(
@@ -697,7 +772,7 @@ void fast_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
           const RowSet rs = kept_rows(N, br, h, s);
           if (rs.count == 0) return;
           backward_item<T, C>(Q, K, V, dO, L, Dg.data(), b, h, rs, N, H, D, config.causal, scale,
-                              dQ.ptr, dK.ptr, dV.ptr, sc);
+                              dropout_rows(config, bi, B, b, H, h, N), dQ.ptr, dK.ptr, dV.ptr, sc);
         });
   }
   // dQ = scale * dS K: the scale is applied once here.

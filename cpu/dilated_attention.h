@@ -13,6 +13,14 @@
 // float (double for float64). Segments larger than N are clamped to N here as
 // well, so the functions are safe to call with an unclamped config.
 //
+// config.dropout (core/dilated.h), when enabled, masks the attention
+// probabilities: out_p = sum_j P_pj M_pj v_j with P_pj = exp(s_pj - L_p), L
+// the undropped log-sum-exp (lse is unchanged) and M_pj = keep_pj * scale.
+// The backward regenerates the mask from the config (pass the same one) and
+// takes `out` to be the dropped output: D_p = dO_p . O_p - dL_p,
+// dS = P (M dP' - D), dV += (P M)^T dO. Disabled, results are bit-identical
+// to the functions without dropout.
+//
 // Two implementations with the identical contract:
 //  - dilated_attention_forward/backward: the fast path (the default; what the
 //    op dispatches to). Per (branch, b, h, segment) a dense attention over the
