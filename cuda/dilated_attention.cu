@@ -7,6 +7,10 @@
 // D = rowsum(dO * O) - dL, then per branch a query-centric pass for dQ and a
 // key-centric pass for dK/dV (each recomputes P = exp(S - L) with the global
 // L), accumulating into fp32 buffers; again no atomics, so it is deterministic.
+//
+// Attention dropout (config.dropout, core/dilated.h) runs on these kernels for
+// every dtype: each weight P = exp(S - L) (L undropped) is multiplied by
+// M = keep * scale before it meets V (forward, dV), and dS = P (M dP' - D).
 #include <algorithm>
 #include <cmath>
 
@@ -92,9 +96,38 @@ __device__ __forceinline__ int64_t row_index(const BranchGrid& g, int64_t b, int
   return (b * g.n + pos) * g.heads + h;
 }
 
+// The dropout mask of one branch launch: element (query pos, key index t) of
+// (b, h) is attention_keep(d, branch, batch, b, heads, h, n, pos, t).
+struct DropoutGrid {
+  AttentionDropout d;
+  int64_t branch = 0, batch = 0;
+  MINIDL_HD bool enabled() const { return d.enabled(); }
+  // The mask row of query position pos.
+  __device__ __forceinline__ uint64_t row(const BranchGrid& g, int64_t b, int64_t h, int64_t pos) const {
+    return ((static_cast<uint64_t>(branch) * batch + b) * g.heads + h) * g.n + pos;
+  }
+  // M for key index t of mask row `row`, drawing from `bits`: the Philox block
+  // of keys t & ~3 .. t | 3, which the caller refreshes when t % 4 == 0.
+  __device__ __forceinline__ void refresh(philox::U32x4& bits, uint64_t row, int64_t t) const {
+    bits = philox::block(d.seed, d.offset, ((row << 32) | static_cast<uint64_t>(t)) >> 2);
+  }
+  __device__ __forceinline__ float factor(const philox::U32x4& bits, int64_t t) const {
+    return philox::to_unit_float(philox::lane(bits, static_cast<int>(t & 3))) >= d.keep_threshold
+               ? d.scale
+               : 0.f;
+  }
+  // M for one element (any t).
+  __device__ __forceinline__ float factor_at(uint64_t row, int64_t t) const {
+    return philox::uniform(d.seed, d.offset, (row << 32) | static_cast<uint64_t>(t)) >= d.keep_threshold
+               ? d.scale
+               : 0.f;
+  }
+};
+
 template <typename T, int D, bool kCausal>
 __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T> k, Operand<T> v,
                                                          BranchGrid g, float scale_log2,
+                                                         DropoutGrid drop,
                                                          float* __restrict__ o_acc,
                                                          float* __restrict__ lse) {
   using S = Split<D>;
@@ -105,6 +138,9 @@ __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T
   const int64_t t = w.t0 + threadIdx.x / S::kTpr;
   const bool active = t < w.rows.count;
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
+  const bool dropping = drop.enabled();
+  const uint64_t drop_row = drop.row(g, w.batch, w.head, pos);
+  philox::U32x4 bits{};
 
   float qr[32], o[32];
   load_row<T, D>(q.row(w.batch, pos, w.head), scale_log2, qr, g.dim);
@@ -138,7 +174,11 @@ __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
       float p = exp2f(s[j] - m_new);
-      l += p;
+      l += p;  // the softmax sum (hence L) is that of the undropped weights
+      if (dropping) {
+        if ((j & 3) == 0) drop.refresh(bits, drop_row, k0 + j);
+        p *= drop.factor(bits, k0 + j);
+      }
 #pragma unroll
       for (int i = 0; i < 32; ++i) o[i] += p * vs[j][S::dim(i, part)];
     }
@@ -186,7 +226,8 @@ __global__ void backward_delta(const T* __restrict__ out, const T* __restrict__ 
 template <typename T, int D, bool kCausal>
 __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, BranchGrid g, float scale, float* __restrict__ dq_acc) {
+    const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop,
+    float* __restrict__ dq_acc) {
   using S = Split<D>;
   __shared__ float ks[kTile][D], vs[kTile][D];
   BlockWork w = block_work(g, S::kRows);
@@ -196,6 +237,9 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   const bool active = t < w.rows.count;
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
   const int64_t ri = row_index(g, w.batch, pos, w.head);
+  const bool dropping = drop.enabled();
+  const uint64_t drop_row = drop.row(g, w.batch, w.head, pos);
+  philox::U32x4 bits{};
 
   float qr[32], dor[32], dq[32];
   load_row<T, D>(q.row(w.batch, pos, w.head), scale * kLog2e, qr, g.dim);
@@ -222,7 +266,13 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
       dp = S::reduce(dp);
       int64_t tk = k0 + j;
       bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
-      float ds = visible ? exp2f(s - l2) * (dp - dp_row) : 0.f;
+      float ds;
+      if (dropping) {  // dS = P (M dP' - D)
+        if ((j & 3) == 0) drop.refresh(bits, drop_row, tk);
+        ds = visible ? exp2f(s - l2) * (drop.factor(bits, tk) * dp - dp_row) : 0.f;
+      } else {
+        ds = visible ? exp2f(s - l2) * (dp - dp_row) : 0.f;
+      }
 #pragma unroll
       for (int i = 0; i < 32; ++i) dq[i] += ds * ks[j][S::dim(i, part)];
     }
@@ -239,8 +289,8 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
 template <typename T, int D, bool kCausal>
 __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, BranchGrid g, float scale, float* __restrict__ dk_acc,
-    float* __restrict__ dv_acc) {
+    const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop,
+    float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
   using S = Split<D>;
   __shared__ float qs[kTile][D], dos[kTile][D];
   __shared__ float l2s[kTile], dps[kTile];
@@ -250,6 +300,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   const int64_t t = w.t0 + threadIdx.x / S::kTpr;  // this group's key row
   const bool active = t < w.rows.count;
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
+  const bool dropping = drop.enabled();
 
   float kr[32], vr[32], dk[32], dv[32];
   load_row<T, D>(k.row(w.batch, pos, w.head), scale * kLog2e, kr, g.dim);
@@ -287,7 +338,14 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
       int64_t tq = q0 + j;
       bool visible = active && tq < w.rows.count && (!kCausal || tq >= t);
       float p = visible ? exp2f(s - l2s[j]) : 0.f;
-      float ds = p * (dp - dps[j]);
+      float ds;
+      if (dropping && visible) {  // this thread's key t in query tq's mask row
+        float m = drop.factor_at(drop.row(g, w.batch, w.head, w.rows.base + tq * w.rows.stride), t);
+        ds = p * (m * dp - dps[j]);
+        p *= m;  // dV takes P M
+      } else {
+        ds = p * (dp - dps[j]);
+      }
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         int d = S::dim(i, part);
@@ -336,6 +394,16 @@ BranchGrid branch_grid(const Shape4& s, const DilatedBranch& br, int rows_per_bl
   return g;
 }
 
+// Branch i (its index in config.branches, as the user listed them) of the
+// dropout mask; disabled when config.dropout is.
+DropoutGrid dropout_grid(const DilatedAttentionConfig& config, size_t branch, const Shape4& s) {
+  DropoutGrid drop;
+  drop.d = config.dropout;
+  drop.branch = static_cast<int64_t>(branch);
+  drop.batch = s.b;
+  return drop;
+}
+
 dim3 grid_of(const BranchGrid& g, const Shape4& s) {
   int64_t x = g.segments * g.tiles_per_segment;
   MINIDL_CHECK(x < (int64_t(1) << 31) && s.b * s.h <= 65535, "dilated_attention: problem too large "
@@ -364,25 +432,39 @@ Tensor fp32_buffer(const Tensor& like) {
 
 void zero(const Tensor& t) { MINIDL_CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.nbytes(), stream())); }
 
+// The tensor-core kernels' view of branch `branch` (its index in
+// config.branches) of the dropout mask.
+BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch, const Shape4& s) {
+  BranchDropout drop;
+  drop.mask = config.dropout;
+  drop.branch = static_cast<int64_t>(branch);
+  drop.batch_size = s.b;
+  return drop;
+}
+
 // bfloat16 on tensor cores. A branch with dilation 1 keeps every row, so
 // running it first lets it overwrite the accumulators (no init pass); a lone
-// such branch (vanilla attention) writes the bf16 output directly.
+// such branch (vanilla attention) writes the bf16 output directly. `order`
+// holds indices into config.branches: the dropout mask of a branch is keyed by
+// its index there, not by its place in the launch order.
 void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
                           const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse) {
   Shape4 s = shape_of(q);
-  std::vector<DilatedBranch> order = config.branches;
-  auto dense = std::find_if(order.begin(), order.end(), [](const DilatedBranch& b) { return b.dilation == 1; });
+  std::vector<size_t> order(config.branches.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto dense = std::find_if(order.begin(), order.end(),
+                            [&](size_t i) { return config.branches[i].dilation == 1; });
   if (dense != order.end()) std::rotate(order.begin(), dense, dense + 1);
-  const bool covers = order.front().dilation == 1;
+  const bool covers = config.branches[order.front()].dilation == 1;
   const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
   auto* lse_ptr = static_cast<float*>(lse.raw_data());
   auto* out_ptr = static_cast<BFloat16*>(out.raw_data());
   Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
   if (order.size() == 1 && covers) {
-    BranchGrid g = branch_grid(s, order[0], kMmaRows);
+    BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s);  // size check
-    forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, MergeMode::kSingle, nullptr,
-                lse_ptr, out_ptr);
+    forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, branch_dropout(config, 0, s),
+                MergeMode::kSingle, nullptr, lse_ptr, out_ptr);
     return;
   }
   Tensor o_acc = fp32_buffer(out);
@@ -391,9 +473,10 @@ void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
     unary(UnaryOp::Fill, lse, -INFINITY, lse);
   }
   for (size_t i = 0; i < order.size(); ++i) {
-    BranchGrid g = branch_grid(s, order[i], kMmaRows);
+    BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
     grid_of(g, s);
     forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2,
+                branch_dropout(config, order[i], s),
                 i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge,
                 static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
   }
@@ -407,7 +490,9 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
                                const Tensor& lse) {
   const char* op = "dilated_attention (cuda)";
   Shape4 s = shape_of(q);
-  if (s.b * s.n * s.h > 0 && q.dtype() == DType::BFloat16 && mma_head_dim(s.d)) {
+  // Dropout runs on the SIMT kernels until the tensor-core ones take it.
+  if (s.b * s.n * s.h > 0 && q.dtype() == DType::BFloat16 && mma_head_dim(s.d) &&
+      !config.dropout.enabled()) {
     forward_tensor_cores(q, k, v, config, out, lse);
     return;
   }
@@ -419,11 +504,11 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   visit_kernel_types(op, q.dtype(), s.d, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;
-    for (const DilatedBranch& br : config.branches) {
-      BranchGrid g = branch_grid(s, br, Split<D>::kRows);
+    for (size_t i = 0; i < config.branches.size(); ++i) {
+      BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
       auto kernel = config.causal ? forward_simt<T, D, true> : forward_simt<T, D, false>;
       kernel<<<grid_of(g, s), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                         g, scale_log2,
+                                                         g, scale_log2, dropout_grid(config, i, s),
                                                          static_cast<float*>(o_acc.raw_data()),
                                                          static_cast<float*>(lse.raw_data()));
       MINIDL_CUDA_LAUNCH_CHECK();
@@ -464,29 +549,31 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     const float* l = static_cast<const float*>(lse.raw_data());
     const float* dl = static_cast<const float*>(delta.raw_data());
     if constexpr (std::is_same_v<T, BFloat16>) {
-      if (mma_head_dim(s.d)) {  // tensor cores
-        for (const DilatedBranch& br : config.branches) {
-          BranchGrid g = branch_grid(s, br, kMmaRows);
+      if (mma_head_dim(s.d) && !config.dropout.enabled()) {  // tensor cores (no dropout yet)
+        for (size_t i = 0; i < config.branches.size(); ++i) {
+          BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
           grid_of(g, s);
           backward_mma(operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g,
-                       s.b, s.d, config.causal, scale, static_cast<float*>(dq_acc.raw_data()),
+                       s.b, s.d, config.causal, scale, branch_dropout(config, i, s),
+                       static_cast<float*>(dq_acc.raw_data()),
                        static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
         }
         return;
       }
     }
     {
-      for (const DilatedBranch& br : config.branches) {
-        BranchGrid g = branch_grid(s, br, S::kRows);
+      for (size_t i = 0; i < config.branches.size(); ++i) {
+        BranchGrid g = branch_grid(s, config.branches[i], S::kRows);
         dim3 grid = grid_of(g, s);
+        const DropoutGrid drop = dropout_grid(config, i, s);
         auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
         dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                   operand<T>(grad_out), l, dl, g, scale,
+                                                   operand<T>(grad_out), l, dl, g, scale, drop,
                                                    static_cast<float*>(dq_acc.raw_data()));
         MINIDL_CUDA_LAUNCH_CHECK();
         auto dkv_kernel = config.causal ? backward_dkv_simt<T, D, true> : backward_dkv_simt<T, D, false>;
         dkv_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                    operand<T>(grad_out), l, dl, g, scale,
+                                                    operand<T>(grad_out), l, dl, g, scale, drop,
                                                     static_cast<float*>(dk_acc.raw_data()),
                                                     static_cast<float*>(dv_acc.raw_data()));
         MINIDL_CUDA_LAUNCH_CHECK();
