@@ -107,7 +107,9 @@ Tensor CausalSelfAttention::forward(const Tensor& x) {
     q = ops::rope(q, 0, *rope_base);
     k = ops::rope(k, 0, *rope_base);
   }
-  Tensor y = ops::attention(q, k, head_view(2), /*causal=*/true);
+  // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
+  Tensor y = ops::attention(q, k, head_view(2), /*causal=*/true, /*scale=*/0,
+                            is_training() ? resid_drop->p : 0.0, resid_drop->gen);
   return resid_drop->forward(c_proj->forward(y.reshape({B, T, n_embd})));
 }
 

@@ -123,7 +123,11 @@ Tensor DilatedAttention::forward(const Tensor& x) {
     q = ops::rope(q, 0, *rope_base);
     k = ops::rope(k, 0, *rope_base);
   }
-  Tensor y = ops::dilated_attention(q, k, head_view(2), segments, dilations, /*causal=*/true).first;
+  // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
+  Tensor y = ops::dilated_attention(q, k, head_view(2), segments, dilations, /*causal=*/true,
+                                    /*scale=*/0, is_training() ? resid_drop->p : 0.0,
+                                    resid_drop->gen)
+                 .first;
   return resid_drop->forward(c_proj->forward(y.reshape({B, T, n_embd})));
 }
 

@@ -1,7 +1,7 @@
 // Dilated attention (LongNet) and vanilla attention: one op, one kernel
 // family (cpu/dilated_attention, cuda/dilated_attention). Vanilla attention is
 // the single branch w = N, r = 1. Semantics: DESIGN.md, "Dilated attention:
-// the exact semantics".
+// the exact semantics"; dropout on the attention probabilities: core/dilated.h.
 #include <cmath>
 
 #include "autograd/tape.h"
@@ -73,6 +73,20 @@ DilatedAttentionConfig make_config(const char* op, int64_t n, const std::vector<
   return config;
 }
 
+// Fills config.dropout for drop probability p, reserving one generator offset
+// (like ops::dropout) when p > 0; p == 0 leaves it disabled and reserves nothing.
+void set_dropout(const char* op, double p, Generator* gen, DilatedAttentionConfig& config) {
+  MINIDL_CHECK(p >= 0.0 && p < 1.0, op, ": dropout must be in [0, 1), got ", p);
+  if (p == 0.0) return;
+  Generator& g = gen ? *gen : default_generator();
+  config.dropout.seed = g.seed();
+  config.dropout.offset = g.next_offset();
+  // Uniforms are multiples of 2^-24, so the smallest one that is >= p is
+  // ceil(p 2^24) / 2^24: comparing against it in float is exactly u >= p.
+  config.dropout.keep_threshold = static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0);
+  config.dropout.scale = static_cast<float>(1.0 / (1.0 - p));
+}
+
 std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, const Tensor& k_in,
                                             const Tensor& v_in, const DilatedAttentionConfig& config) {
   Tensor q = with_contiguous_head_dim(q_in), k = with_contiguous_head_dim(k_in),
@@ -92,6 +106,7 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
           Tensor dk = Tensor::empty(q.shape(), q.options());
           Tensor dv = Tensor::empty(q.shape(), q.options());
           if (q.numel() == 0) return Grads{dq, dk, dv};
+          // config carries the dropout seed and offset: the same mask as forward.
           // Upstream gradients may be broadcast or permuted views: the kernels
           // get contiguous ones (the CUDA backward requires it; usually no copy).
           Tensor grad_out = g[0].dtype() == q.dtype() ? g[0] : to(g[0], q.dtype());
@@ -114,18 +129,23 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,
                                             const std::vector<int64_t>& dilations, bool causal,
-                                            double scale) {
+                                            double scale, double dropout, Generator* gen) {
   const char* op = "dilated_attention";
   check_inputs(op, q, k, v);
-  return attention_forward(op, q, k, v,
-                           make_config(op, q.size(1), segments, dilations, causal, scale, q.size(3)));
+  DilatedAttentionConfig config =
+      make_config(op, q.size(1), segments, dilations, causal, scale, q.size(3));
+  set_dropout(op, dropout, gen, config);
+  return attention_forward(op, q, k, v, config);
 }
 
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
+                 double dropout, Generator* gen) {
   const char* op = "attention";
   check_inputs(op, q, k, v);
   const int64_t n = std::max<int64_t>(1, q.size(1));
-  return attention_forward(op, q, k, v, make_config(op, n, {n}, {1}, causal, scale, q.size(3))).first;
+  DilatedAttentionConfig config = make_config(op, n, {n}, {1}, causal, scale, q.size(3));
+  set_dropout(op, dropout, gen, config);
+  return attention_forward(op, q, k, v, config).first;
 }
 
 }  // namespace minidl::ops

@@ -96,13 +96,22 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullpt
 // where a row is kept by no branch. Differentiable in q, k, v through both
 // outputs. scale 0 means 1/sqrt(D). float32/bfloat16 (fp32 accumulation);
 // float64 on the CPU only.
+// dropout in [0, 1) drops attention probabilities (pass it while training
+// only): each (branch, key) weight exp(s - lse) of a row is zeroed with
+// probability `dropout` and the rest scaled by 1/(1 - dropout); lse stays that
+// of the undropped scores. The mask (core/dilated.h, attention_keep) comes from
+// the Philox stream at one offset reserved from gen (default_generator() when
+// null), so the backward regenerates it and CPU and CUDA drop the same
+// weights. dropout 0 reserves nothing and is exactly the op without dropout.
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,
                                             const std::vector<int64_t>& dilations,
-                                            bool causal = true, double scale = 0);
-// Vanilla attention: dilated_attention with one branch w = N, r = 1 (same kernels).
+                                            bool causal = true, double scale = 0,
+                                            double dropout = 0, Generator* gen = nullptr);
+// Vanilla attention: dilated_attention with one branch w = N, r = 1 (same
+// kernels, same dropout).
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal = true,
-                 double scale = 0);
+                 double scale = 0, double dropout = 0, Generator* gen = nullptr);
 // Rotary position embedding (RoFormer's interleaved pairs): x (B, N, H, D),
 // D even, any strides (a strided D dim is copied once); each pair
 // (x[2i], x[2i+1]) at sequence index n turns by the angle
