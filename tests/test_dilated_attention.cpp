@@ -534,6 +534,377 @@ TEST_CASE("dilated_attention op: float32 autograd matches the float64 reference 
 }
 
 // ---------------------------------------------------------------------------
+// Attention dropout (core/dilated.h): the reference and the fast path against a
+// brute force of the formulas, the op's gradcheck with a fixed generator state,
+// the kept fraction, and dropout 0 leaving everything as it was.
+
+namespace {
+
+// What the op puts in config.dropout for drop probability p.
+AttentionDropout dropout_of(double p, uint64_t seed, uint64_t offset) {
+  AttentionDropout d;
+  d.keep_threshold = static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0);
+  d.scale = static_cast<float>(1.0 / (1.0 - p));
+  d.seed = seed;
+  d.offset = offset;
+  return d;
+}
+
+DilatedAttentionConfig dropout_config(const Case& c, double p, uint64_t seed = 99, uint64_t offset = 7) {
+  DilatedAttentionConfig config = kernel_config(c);
+  config.dropout = dropout_of(p, seed, offset);
+  return config;
+}
+
+// One (branch, key) pair of a row: the key's position, the branch's index and
+// the key's index t among its segment's kept rows.
+struct Pair {
+  int64_t key, branch, t;
+};
+
+// pairs[h * N + p]: for every branch, every segment's kept positions
+// s*w + h%r + t*r, each seeing the kept positions <= itself (causal) or all.
+std::vector<std::vector<Pair>> pair_lists(const Case& c) {
+  std::vector<std::vector<Pair>> pairs(static_cast<size_t>(c.H * c.N));
+  for (size_t i = 0; i < c.segments.size(); ++i) {
+    int64_t w = std::min(c.segments[i], c.N), r = c.dilations[i];
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t start = 0; start < c.N; start += w) {
+        std::vector<int64_t> kept;
+        for (int64_t p = start + h % r; p < std::min(start + w, c.N); p += r) kept.push_back(p);
+        for (int64_t p : kept)
+          for (size_t t = 0; t < kept.size(); ++t)
+            if (!c.causal || kept[t] <= p)
+              pairs[static_cast<size_t>(h * c.N + p)].push_back({kept[t], static_cast<int64_t>(i),
+                                                                 static_cast<int64_t>(t)});
+      }
+  }
+  return pairs;
+}
+
+// M_pj = keep_pj * scale for pair j of row (b, h, p).
+double mask_factor(const Case& c, const AttentionDropout& drop, int64_t b, int64_t h, int64_t p,
+                   const Pair& j) {
+  return attention_keep(drop, j.branch, c.B, b, c.H, h, c.N, p, j.t) ? drop.scale : 0.0;
+}
+
+struct Grads {
+  std::vector<double> dq, dk, dv;
+};
+
+// The formulas, per row (b, h, p) with pairs j: s_pj = scale q_p.k_j,
+// L_p = log sum_j exp(s_pj) (undropped), P_pj = exp(s_pj - L_p),
+// O_p = sum_j P_pj M_pj v_j (O_p = 0, L_p = -inf where p has no pairs).
+Dense brute_force_dropout(const Case& c, const std::vector<double>& q, const std::vector<double>& k,
+                          const std::vector<double>& v, const std::vector<std::vector<Pair>>& pairs,
+                          double scale, const AttentionDropout& drop) {
+  const int64_t N = c.N, H = c.H, D = c.D;
+  Dense r{std::vector<double>(q.size(), 0.0), std::vector<double>(static_cast<size_t>(c.B * N * H), -kInf)};
+  auto at = [&](int64_t b, int64_t n, int64_t h) { return static_cast<size_t>(((b * N + n) * H + h) * D); };
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t p = 0; p < N; ++p) {
+        const std::vector<Pair>& row = pairs[static_cast<size_t>(h * N + p)];
+        if (row.empty()) continue;
+        std::vector<double> s;
+        for (const Pair& j : row) {
+          double dot = 0;
+          for (int64_t d = 0; d < D; ++d) dot += q[at(b, p, h) + d] * k[at(b, j.key, h) + d];
+          s.push_back(scale * dot);
+        }
+        double z = 0;
+        for (double x : s) z += std::exp(x);
+        const double lse = std::log(z);
+        r.lse[static_cast<size_t>((b * N + p) * H + h)] = lse;
+        for (size_t j = 0; j < row.size(); ++j) {
+          double weight = std::exp(s[j] - lse) * mask_factor(c, drop, b, h, p, row[j]);
+          for (int64_t d = 0; d < D; ++d) r.out[at(b, p, h) + d] += weight * v[at(b, row[j].key, h) + d];
+        }
+      }
+  return r;
+}
+
+// D_p = dO_p . O_p - dL_p, dV_j += P M dO_p, dP'_pj = dO_p . v_j,
+// dS = P (M dP' - D_p), dQ_p += scale dS k_j, dK_j += scale dS q_p.
+Grads brute_force_dropout_backward(const Case& c, const std::vector<double>& q,
+                                   const std::vector<double>& k, const std::vector<double>& v,
+                                   const Dense& f, const std::vector<double>& grad_out,
+                                   const std::vector<double>& grad_lse,
+                                   const std::vector<std::vector<Pair>>& pairs, double scale,
+                                   const AttentionDropout& drop) {
+  const int64_t N = c.N, H = c.H, D = c.D;
+  Grads g{std::vector<double>(q.size(), 0.0), std::vector<double>(q.size(), 0.0),
+          std::vector<double>(q.size(), 0.0)};
+  auto at = [&](int64_t b, int64_t n, int64_t h) { return static_cast<size_t>(((b * N + n) * H + h) * D); };
+  auto dot = [&](const std::vector<double>& x, size_t i, const std::vector<double>& y, size_t j) {
+    double s = 0;
+    for (int64_t d = 0; d < D; ++d) s += x[i + d] * y[j + d];
+    return s;
+  };
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t p = 0; p < N; ++p) {
+        const std::vector<Pair>& row = pairs[static_cast<size_t>(h * N + p)];
+        if (row.empty()) continue;
+        const size_t rp = at(b, p, h), ri = static_cast<size_t>((b * N + p) * H + h);
+        const double delta = dot(grad_out, rp, f.out, rp) - grad_lse[ri];
+        for (const Pair& j : row) {
+          const size_t rj = at(b, j.key, h);
+          const double prob = std::exp(scale * dot(q, rp, k, rj) - f.lse[ri]);
+          const double m = mask_factor(c, drop, b, h, p, j);
+          const double ds = prob * (m * dot(grad_out, rp, v, rj) - delta);
+          for (int64_t d = 0; d < D; ++d) {
+            g.dv[rj + d] += prob * m * grad_out[rp + d];
+            g.dq[rp + d] += scale * ds * k[rj + d];
+            g.dk[rj + d] += scale * ds * q[rp + d];
+          }
+        }
+      }
+  return g;
+}
+
+// dq, dk and dv close with an absolute floor relative to the largest of the
+// three: where one is exactly zero in exact arithmetic (a row whose only key
+// is kept: P = 1, M dP' = D), its float value is rounding noise of terms the
+// size of the others.
+void check_gradients(const Backward& got, const Backward& want, double tol) {
+  double peak = 1e-30;
+  for (const Tensor* t : {&want.dq, &want.dk, &want.dv})
+    for (double x : t->to_vector<double>()) peak = std::max(peak, std::abs(x));
+  check_close(got.dq, want.dq, tol * peak, tol);
+  check_close(got.dk, want.dk, tol * peak, tol);
+  check_close(got.dv, want.dv, tol * peak, tol);
+}
+
+}  // namespace
+
+TEST_CASE("dropout: reference forward and backward match the formulas; the backward is the gradient") {
+  int64_t kept = 0, dropped = 0, rows_all_dropped = 0;
+  for (const Case& c : spec_cases()) {
+    CAPTURE(str(c));
+    auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
+    const DilatedAttentionConfig config = dropout_config(c, 0.35);
+    const std::vector<std::vector<Pair>> pairs = pair_lists(c);
+    std::vector<std::vector<double>> x = {q.to_vector<double>(), k.to_vector<double>(), v.to_vector<double>()};
+    Dense want = brute_force_dropout(c, x[0], x[1], x[2], pairs, config.scale, config.dropout);
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+    check_close(f.out, from_vector(want.out, q.shape()), 1e-12, 1e-12);
+    check_lse(f.lse, from_vector(want.lse, f.lse.shape()), 1e-12);
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t p = 0; p < c.N; ++p) {
+          const std::vector<Pair>& row = pairs[static_cast<size_t>(h * c.N + p)];
+          int64_t row_kept = 0;
+          for (const Pair& j : row) row_kept += mask_factor(c, config.dropout, b, h, p, j) != 0;
+          kept += row_kept;
+          dropped += static_cast<int64_t>(row.size()) - row_kept;
+          rows_all_dropped += !row.empty() && row_kept == 0;
+        }
+
+    // Backward: the formulas, the reference, and finite differences of
+    // F = sum(w_out * out) + sum over rows with pairs of w_lse * lse.
+    Tensor w_out = random_tensor(q.shape()), w_lse = random_tensor({c.B, c.N, c.H});
+    std::vector<double> wo = w_out.to_vector<double>(), wl = w_lse.to_vector<double>();
+    Grads formulas = brute_force_dropout_backward(c, x[0], x[1], x[2], want, wo, wl, pairs,
+                                                  config.scale, config.dropout);
+    Backward g = run_backward(cpu::dilated_attention_backward_reference, q, k, v, f, w_out, w_lse, config);
+    check_close(g.dq, from_vector(formulas.dq, q.shape()), 1e-12, 1e-11);
+    check_close(g.dk, from_vector(formulas.dk, q.shape()), 1e-12, 1e-11);
+    check_close(g.dv, from_vector(formulas.dv, q.shape()), 1e-12, 1e-11);
+    auto objective = [&] {
+      Dense d = brute_force_dropout(c, x[0], x[1], x[2], pairs, config.scale, config.dropout);
+      double s = 0;
+      for (size_t i = 0; i < wo.size(); ++i) s += wo[i] * d.out[i];
+      for (size_t i = 0; i < wl.size(); ++i)
+        if (std::isfinite(d.lse[i])) s += wl[i] * d.lse[i];
+      return s;
+    };
+    const std::vector<double>* analytic[3] = {&formulas.dq, &formulas.dk, &formulas.dv};
+    for (int t = 0; t < 3; ++t) {
+      std::vector<double> numeric(x[t].size());
+      for (size_t e = 0; e < x[t].size(); ++e) {
+        const double orig = x[t][e], eps = 1e-6;
+        x[t][e] = orig + eps;
+        double fp = objective();
+        x[t][e] = orig - eps;
+        double fm = objective();
+        x[t][e] = orig;
+        numeric[e] = (fp - fm) / (2 * eps);
+      }
+      CAPTURE(t);
+      check_close(from_vector(*analytic[t], q.shape()), from_vector(numeric, q.shape()), 1e-7, 1e-6);
+    }
+  }
+  // The cases exercise both outcomes, and rows whose every weight is dropped
+  // (out 0 with a finite lse).
+  CHECK(kept > 0);
+  CHECK(dropped > 0);
+  CHECK(rows_all_dropped > 0);
+}
+
+TEST_CASE("dropout: the fast CPU path matches the reference, forward and backward") {
+  for (DType dtype : {DType::Float64, DType::Float32, DType::BFloat16}) {
+    const double tol = fast_path_tolerance(dtype);
+    for (const Case& c : tiled_cases()) {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      auto [q, k, v] = make_qkv(c, dtype, Layout::Packed);
+      const DilatedAttentionConfig config = dropout_config(c, 0.2, 5, 123456789);
+      Forward want = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+      Forward got = run_forward(cpu::dilated_attention_forward, q, k, v, config);
+      check_scaled(got.out, want.out, tol);
+      check_lse(got.lse, want.lse, tol);
+      Tensor grad_out = random_tensor({c.B, c.H, c.N, c.D}).to(dtype).permute({0, 2, 1, 3});
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(lse_dtype(dtype));
+      for (const Tensor& gl : {grad_lse, Tensor()}) {
+        CAPTURE(gl.defined());
+        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q, k, v, want, grad_out, gl, config);
+        Backward gg = run_backward(cpu::dilated_attention_backward, q, k, v, want, grad_out, gl, config);
+        check_gradients(gg, gw, tol);
+      }
+    }
+  }
+}
+
+TEST_CASE("dropout: gradcheck (float64) of the op with the generator reset to one state per call") {
+  std::vector<Case> cases = {
+      {"dense", 1, 6, 2, 3, {6}, {1}},
+      {"several branches, w > N, r > H", 2, 11, 3, 2, {4, 6, 20}, {1, 2, 4}},
+      {"rows kept nowhere", 1, 9, 2, 2, {5}, {3}},
+  };
+  Generator gen;
+  for (const Case& base : cases)
+    for (bool causal : {true, false}) {
+      Case c = base;
+      c.causal = causal;
+      CAPTURE(str(c));
+      auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
+      q.requires_grad_(true);
+      k.requires_grad_(true);
+      v.requires_grad_(true);
+      // The mask is a function of the generator state: fixed state, fixed function.
+      auto attend = [&](const std::vector<Tensor>& x) {
+        gen.set_state(4242, 17);
+        return ops::dilated_attention(x[0], x[1], x[2], c.segments, c.dilations, c.causal, 0, 0.4, &gen);
+      };
+      Tensor nowhere;
+      {
+        NoGradGuard no_grad;
+        auto [out, lse] = attend({q, k, v});
+        CHECK(gen.offset() == 18);  // one offset reserved per call
+        nowhere = ops::eq(lse, ops::full({}, -kInf, {DType::Float64}));
+        // Dropout is on: the output differs from the op without it, lse does not.
+        auto [plain_out, plain_lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations, c.causal);
+        CHECK(out.to_vector<double>() != plain_out.to_vector<double>());
+        check_lse(lse, plain_lse, 1e-14);
+        CHECK(attend({q, k, v}).first.to_vector<double>() == out.to_vector<double>());
+      }
+      Tensor w_lse = random_tensor({c.B, c.N, c.H});
+      CHECK(gradcheck(
+          [&](const std::vector<Tensor>& x) {
+            auto [out, lse] = attend(x);
+            return ops::add(ops::sum(ops::mul(out, out)),
+                            ops::sum(ops::mul(ops::masked_fill(lse, nowhere, 0.0), w_lse)));
+          },
+          {q, k, v}));
+    }
+  // ops::attention takes the same dropout.
+  Case d{"dense", 2, 7, 2, 3, {7}, {1}};
+  auto [q, k, v] = make_qkv(d, DType::Float64, Layout::HeadMajor);
+  q.requires_grad_(true);
+  k.requires_grad_(true);
+  v.requires_grad_(true);
+  auto attend = [&](const std::vector<Tensor>& x) {
+    gen.set_state(3, 0);
+    return ops::attention(x[0], x[1], x[2], true, 0, 0.5, &gen);
+  };
+  CHECK(gradcheck(attend, {q, k, v}));
+  {
+    NoGradGuard no_grad;
+    gen.set_state(3, 0);
+    Tensor want = ops::dilated_attention(q, k, v, {7}, {1}, true, 0, 0.5, &gen).first;
+    CHECK(attend({q, k, v}).to_vector<double>() == want.to_vector<double>());
+  }
+}
+
+TEST_CASE("dropout: the kept fraction is 1 - p, and the kernels keep exactly attention_keep's elements") {
+  // q = 0 makes every weight 1/n_p for a row with n_p pairs, and v = 1 (D = 1)
+  // makes out_p = scale * kept_p / n_p: the kernel's kept count, read back exactly.
+  Case c{"two branches", 2, 500, 4, 1, {500, 200}, {1, 3}};
+  const std::vector<std::vector<Pair>> pairs = pair_lists(c);
+  Tensor q = ops::zeros({c.B, c.N, c.H, c.D}, {DType::Float64});
+  Tensor v = ops::ones({c.B, c.N, c.H, c.D}, {DType::Float64});
+  Generator gen(2026);
+  for (double p : {0.1, 0.5, 0.9}) {
+    CAPTURE(p);
+    gen.set_state(2026, 40);
+    std::vector<double> out = ops::dilated_attention(q, q, v, c.segments, c.dilations, true, 0, p, &gen)
+                                  .first.to_vector<double>();
+    const AttentionDropout drop = dropout_of(p, 2026, 40);
+    int64_t total = 0, kept = 0, mismatches = 0;
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t pos = 0; pos < c.N; ++pos) {
+          const std::vector<Pair>& row = pairs[static_cast<size_t>(h * c.N + pos)];
+          int64_t want = 0;
+          for (const Pair& j : row) want += mask_factor(c, drop, b, h, pos, j) != 0;
+          const double got = out[static_cast<size_t>((b * c.N + pos) * c.H + h)] *
+                             static_cast<double>(row.size()) / drop.scale;
+          mismatches += std::abs(got - static_cast<double>(want)) > 1e-6;
+          total += static_cast<int64_t>(row.size());
+          kept += want;
+        }
+    CHECK(mismatches == 0);
+    const double fraction = static_cast<double>(kept) / static_cast<double>(total);
+    MESSAGE("p = ", p, ": kept ", kept, " of ", total, " (", fraction, ")");
+    CHECK(total > 500000);
+    CHECK(std::abs(fraction - (1 - p)) < 0.005);  // ~7 standard deviations
+  }
+}
+
+TEST_CASE("dropout 0 is the op without dropout, bit for bit, and reserves no generator offset") {
+  Case c{"several", 2, 70, 4, 12, {16, 32, 128}, {1, 2, 4}};
+  for (DType dtype : {DType::Float64, DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    auto [q0, k0, v0] = make_qkv(c, dtype, Layout::Packed);
+    auto run = [&](bool explicit_zero, Generator* gen) {
+      Tensor q = q0.detach().requires_grad_(true), k = k0.detach().requires_grad_(true),
+             v = v0.detach().requires_grad_(true);
+      auto [out, lse] = explicit_zero
+                            ? ops::dilated_attention(q, k, v, c.segments, c.dilations, true, 0, 0.0, gen)
+                            : ops::dilated_attention(q, k, v, c.segments, c.dilations);
+      ops::add(ops::sum(ops::mul(out, out)).to(lse.dtype()), ops::sum(ops::mul(lse, lse))).backward();
+      return std::vector<std::vector<double>>{out.to_vector<double>(), lse.to_vector<double>(),
+                                              q.grad().to_vector<double>(), k.grad().to_vector<double>(),
+                                              v.grad().to_vector<double>()};
+    };
+    Generator gen(5);
+    const uint64_t default_offset = default_generator().offset();
+    CHECK(run(true, &gen) == run(false, nullptr));
+    CHECK(run(true, nullptr) == run(false, nullptr));
+    CHECK(gen.offset() == 0);
+    CHECK(default_generator().offset() == default_offset);
+    // dropout > 0 without a generator draws from the default one.
+    NoGradGuard no_grad;
+    ops::dilated_attention(q0, k0, v0, c.segments, c.dilations, true, 0, 0.1);
+    CHECK(default_generator().offset() == default_offset + 1);
+  }
+}
+
+TEST_CASE("dropout: errors name the op and the bad value") {
+  Tensor q = random_tensor({1, 8, 2, 4});
+  for (double p : {-0.1, 1.0, 2.0, kNaN}) {
+    CAPTURE(p);
+    CHECK_THROWS_WITH_AS(ops::dilated_attention(q, q, q, {4}, {1}, true, 0, p),
+                         doctest::Contains("dilated_attention: dropout must be in [0, 1), got "), Error);
+    CHECK_THROWS_WITH_AS(ops::attention(q, q, q, true, 0, p),
+                         doctest::Contains("attention: dropout must be in [0, 1), got "), Error);
+  }
+  CHECK_THROWS_WITH_AS(ops::attention(q, q, q, true, 0, 1.0),
+                       doctest::Contains("dropout must be in [0, 1), got 1"), Error);
+}
+
+// ---------------------------------------------------------------------------
 // Errors.
 
 TEST_CASE("dilated_attention errors name the bad value") {
@@ -702,4 +1073,86 @@ TEST_CASE("CUDA dilated_attention errors") {
   Tensor q64 = random_tensor({1, 8, 2, 4}, {DType::Float64, Device::cuda(0)});
   CHECK_THROWS_WITH_AS(ops::dilated_attention(q64, q64, q64, {4}, {1}),
                        doctest::Contains("float64 is supported on the CPU only"), Error);
+}
+
+TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU reference") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  std::vector<Case> cases = cuda_cases();
+  // The mask is keyed by the branch's index as listed, whatever order a
+  // backend runs the branches in (e.g. a dilation-1 branch first).
+  cases.push_back({"r = 1 branch listed last", 1, 300, 4, 64, {128, 64}, {2, 1}, true});
+  cases.push_back({"r = 1 branch listed last", 2, 200, 2, 32, {200, 50, 100}, {4, 1, 2}, false});
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    const double tol = cuda_tolerance(dtype);
+    for (const Case& c : cases) {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
+      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
+      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
+      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
+      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      const DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
+
+      Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+      Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
+      check_scaled(got.out.to(Device::cpu()), want.out, tol);
+      check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+
+      Tensor grad_out = random_tensor(q.shape()).to(dtype);
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+      for (bool with_lse_grad : {true, false}) {
+        CAPTURE(with_lse_grad);
+        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                   grad_out.to(DType::Float64),
+                                   with_lse_grad ? grad_lse.to(DType::Float64) : Tensor(), config);
+        Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out.to(gpu),
+                                   with_lse_grad ? grad_lse.to(gpu) : Tensor(), config);
+        check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())},
+                        gw, tol);
+      }
+    }
+  }
+#endif
+}
+
+TEST_CASE("CUDA dilated_attention op with dropout: the CPU's mask for the same generator state") {
+  MINIDL_REQUIRE_CUDA();
+  const Device gpu = Device::cuda(0);
+  Case c{"LongNet set / 64", 2, 700, 6, 64, {32, 64, 128, 256, 512}, {1, 2, 4, 6, 12}};
+  Generator gen;
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    const double tol = cuda_tolerance(dtype);
+    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype),
+           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
+    Tensor q = q0.to(gpu).requires_grad_(true), k = k0.to(gpu).requires_grad_(true),
+           v = v0.to(gpu).requires_grad_(true);
+    Tensor seed_out = random_tensor(q.shape()).to(dtype), seed_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+    gen.set_state(99, 1000);
+    auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations, true, 0, 0.15, &gen);
+    CHECK(gen.offset() == 1001);
+    Tensor lse_finite = ops::masked_fill(lse, ops::eq(lse, ops::full({}, -kInf, {DType::Float32, gpu})), 0.0);
+    ops::add(ops::sum(ops::mul(out, seed_out.to(gpu))).to(DType::Float32),
+             ops::sum(ops::mul(lse_finite, seed_lse.to(gpu))))
+        .backward();
+    Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
+    DilatedAttentionConfig config = kernel_config(c);
+    config.dropout = dropout_of(0.15, 99, 1000);
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+    Backward g = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, f,
+                              seed_out.to(DType::Float64), seed_lse.to(DType::Float64), config);
+    check_scaled(out.to(Device::cpu()), f.out, tol);
+    check_lse(lse.to(Device::cpu()), f.lse, tol);
+    check_gradients({q.grad().to(Device::cpu()), k.grad().to(Device::cpu()), v.grad().to(Device::cpu())}, g, tol);
+  }
+  // Vanilla attention: the GPU and the CPU op drop the same weights.
+  Tensor x = random_tensor({2, 160, 4, 32}).to(DType::Float32);
+  gen.set_state(7, 7);
+  Tensor on_cpu = ops::attention(x, x, x, true, 0, 0.5, &gen);
+  gen.set_state(7, 7);
+  Tensor on_gpu = ops::attention(x.to(gpu), x.to(gpu), x.to(gpu), true, 0, 0.5, &gen);
+  check_scaled(on_gpu.to(Device::cpu()), on_cpu, cuda_tolerance(DType::Float32));
 }

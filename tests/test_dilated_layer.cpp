@@ -333,6 +333,98 @@ TEST_CASE("a dilated + rope CharTransformer learns a tiny text and round-trips a
   CHECK(reloaded.forward(idx).to_vector<float>() == model.forward(idx).to_vector<float>());
 }
 
+// ---------------------------------------------------------------------------
+// Attention-probability dropout in the layers: the layer's p and dropout
+// generator reach the fused op while training, nothing changes in eval mode.
+
+namespace {
+
+const double kLayerDropout = 0.3;
+
+// The layer's forward spelled out with ops: the attention op draws its mask
+// first (one generator offset), then the residual dropout (the next).
+Tensor manual_forward(const nn::Linear& c_attn, const nn::Linear& c_proj, const Tensor& x,
+                      int64_t n_head, const std::vector<int64_t>& segments,
+                      const std::vector<int64_t>& dilations, double p, Generator& gen) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  std::vector<Tensor> parts = ops::split(c_attn.forward(x), C, 2);
+  auto head = [&](size_t i) { return parts[i].view({B, T, n_head, C / n_head}); };
+  Tensor y = ops::dilated_attention(head(0), head(1), head(2), segments, dilations, true, 0, p, &gen).first;
+  return ops::dropout(c_proj.forward(y.reshape({B, T, C})), p, true, &gen);
+}
+
+}  // namespace
+
+TEST_CASE("attention dropout: training uses the layer's p and generator; eval and p = 0 are unchanged") {
+  const std::vector<int64_t> segments = {3, 8}, dilations = {1, 2};
+  for (bool dilated : {true, false}) {
+    CAPTURE(dilated);
+    Generator init_a(11), init_b(11), drop_gen(77);
+    std::shared_ptr<nn::AttentionLayer> with_dropout, without;
+    std::shared_ptr<nn::Linear> c_attn, c_proj;
+    if (dilated) {
+      auto a = std::make_shared<nn::DilatedAttention>(16, 4, segments, dilations, true, kLayerDropout,
+                                                      init_a, &drop_gen, kF64);
+      with_dropout = a;
+      c_attn = a->c_attn;
+      c_proj = a->c_proj;
+      without = std::make_shared<nn::DilatedAttention>(16, 4, segments, dilations, true, 0.0, init_b,
+                                                       nullptr, kF64);
+    } else {
+      auto a = std::make_shared<nn::CausalSelfAttention>(16, 4, true, kLayerDropout, init_a, &drop_gen, kF64);
+      with_dropout = a;
+      c_attn = a->c_attn;
+      c_proj = a->c_proj;
+      without = std::make_shared<nn::CausalSelfAttention>(16, 4, true, 0.0, init_b, nullptr, kF64);
+    }
+    randomize(*with_dropout);
+    without->load_state_dict(with_dropout->state_dict());
+    Tensor x = random_tensor({2, 9, 16});
+    NoGradGuard no_grad;
+
+    // p = 0 draws nothing and trains exactly as it evaluates.
+    const uint64_t default_offset = default_generator().offset();
+    Tensor plain = without->forward(x);
+    without->eval();
+    CHECK(without->forward(x).to_vector<double>() == plain.to_vector<double>());
+    CHECK(default_generator().offset() == default_offset);
+
+    // Eval mode: exactly the layer without dropout, no offset drawn.
+    with_dropout->eval();
+    CHECK(with_dropout->forward(x).to_vector<double>() == plain.to_vector<double>());
+    CHECK(drop_gen.offset() == 0);
+
+    // Training: attention mask at offset 0, residual mask at offset 1, both from drop_gen.
+    with_dropout->train();
+    drop_gen.set_state(77, 0);
+    Tensor y = with_dropout->forward(x);
+    CHECK(drop_gen.offset() == 2);
+    Generator replay(77);
+    Tensor want = manual_forward(*c_attn, *c_proj, x, 4, dilated ? segments : std::vector<int64_t>{9},
+                                 dilated ? dilations : std::vector<int64_t>{1}, kLayerDropout, replay);
+    CHECK(y.to_vector<double>() == want.to_vector<double>());
+    // Only the residual dropout (ops::dropout at offset 1) would give another output.
+    Generator residual_only(77);
+    residual_only.next_offset();
+    Tensor resid = ops::dropout(plain, kLayerDropout, true, &residual_only);
+    CHECK(y.to_vector<double>() != resid.to_vector<double>());
+  }
+}
+
+TEST_CASE("gradcheck DilatedAttention and CausalSelfAttention with dropout, generator reset per call") {
+  Generator gen(3), drop_gen(5);
+  nn::DilatedAttention dilated(8, 2, {2, 4, 9}, {1, 2, 3}, true, 0.25, gen, &drop_gen, kF64, 0.02, 100.0);
+  nn::CausalSelfAttention causal(8, 2, true, 0.25, gen, &drop_gen, kF64);
+  for (nn::AttentionLayer* attn : std::vector<nn::AttentionLayer*>{&dilated, &causal}) {
+    randomize(*attn);
+    Tensor x = random_tensor({2, 7, 8}, grad_f64());
+    check_module_grads(*attn, x, [&] {
+      drop_gen.set_state(5, 3);  // the same masks at every evaluation
+      return attn->forward(x);
+    });
+  }
+}
+
 TEST_CASE("CUDA DilatedAttention with rope matches the CPU, forward and backward") {
   MINIDL_REQUIRE_CUDA();
   // Head dim 32: the CUDA attention kernels take 32, 64 or 128.
@@ -383,4 +475,32 @@ TEST_CASE("CUDA dilated + rope CharTransformer matches the CPU and trains") {
     (step == 0 ? first : last) = loss.item<float>();
   }
   CHECK(last < 0.5 * first);
+}
+
+TEST_CASE("CUDA DilatedAttention with dropout: the CPU's masks for the same generator state") {
+  MINIDL_REQUIRE_CUDA();
+  Generator gen_cpu(9), gen_cuda(9), drop_cpu(1), drop_cuda(1);
+  nn::DilatedAttention cpu_attn(64, 2, {8, 16, 64}, {2, 1, 4}, true, 0.2, gen_cpu, &drop_cpu);
+  nn::DilatedAttention cuda_attn(64, 2, {8, 16, 64}, {2, 1, 4}, true, 0.2, gen_cuda, &drop_cuda);
+  randomize(cpu_attn, 0.3);
+  cuda_attn.load_state_dict(cpu_attn.state_dict());
+  cuda_attn.to(Device::cuda());
+  Tensor x = random_tensor({2, 45, 64}, {DType::Float32});
+  Tensor seed = random_tensor({2, 45, 64}, {DType::Float32});
+  Tensor xc = x.clone().requires_grad_(true), xg = x.to(Device::cuda()).requires_grad_(true);
+  drop_cpu.set_state(42, 3);
+  drop_cuda.set_state(42, 3);
+  Tensor yc = cpu_attn.forward(xc), yg = cuda_attn.forward(xg);
+  CHECK(drop_cuda.offset() == 5);
+  check_scaled(yg, yc, 5e-3);  // TF32 projections, fp32 attention
+  ops::sum(ops::mul(yc, seed)).backward();
+  ops::sum(ops::mul(yg, seed.to(Device::cuda()))).backward();
+  check_scaled(xg.grad(), xc.grad(), 1e-2);
+  check_scaled(cuda_attn.c_attn->weight.grad(), cpu_attn.c_attn->weight.grad(), 1e-2);
+
+  // bfloat16 forward: one bf16 rounding of inputs, weights and outputs apart.
+  cuda_attn.to(DType::BFloat16);
+  NoGradGuard no_grad;
+  drop_cuda.set_state(42, 3);
+  check_scaled(cuda_attn.forward(x.to(Device::cuda()).to(DType::BFloat16)), yc, 5e-2);
 }
