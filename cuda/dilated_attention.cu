@@ -490,9 +490,7 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
                                const Tensor& lse) {
   const char* op = "dilated_attention (cuda)";
   Shape4 s = shape_of(q);
-  // Dropout runs on the SIMT kernels until the tensor-core ones take it.
-  if (s.b * s.n * s.h > 0 && q.dtype() == DType::BFloat16 && mma_head_dim(s.d) &&
-      !config.dropout.enabled()) {
+  if (s.b * s.n * s.h > 0 && q.dtype() == DType::BFloat16 && mma_head_dim(s.d)) {
     forward_tensor_cores(q, k, v, config, out, lse);
     return;
   }
@@ -549,7 +547,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     const float* l = static_cast<const float*>(lse.raw_data());
     const float* dl = static_cast<const float*>(delta.raw_data());
     if constexpr (std::is_same_v<T, BFloat16>) {
-      if (mma_head_dim(s.d) && !config.dropout.enabled()) {  // tensor cores (no dropout yet)
+      if (mma_head_dim(s.d)) {  // tensor cores
         for (size_t i = 0; i < config.branches.size(); ++i) {
           BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
           grid_of(g, s);

@@ -39,19 +39,4 @@ void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const 
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
                   const BranchDropout& dropout, float* dq_acc, float* dk_acc, float* dv_acc);
 
-// Without dropout (transitional overloads while the launcher is updated).
-inline void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k,
-                        const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d,
-                        bool causal, float scale_log2, MergeMode mode, float* o_acc, float* lse,
-                        BFloat16* out) {
-  forward_mma(q, k, v, g, batch, d, causal, scale_log2, BranchDropout{}, mode, o_acc, lse, out);
-}
-inline void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k,
-                         const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse,
-                         const float* delta, const BranchGrid& g, int64_t batch, int64_t d,
-                         bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc) {
-  backward_mma(q, k, v, dout, lse, delta, g, batch, d, causal, scale, BranchDropout{}, dq_acc, dk_acc,
-               dv_acc);
-}
-
 }  // namespace minidl::cuda::attn

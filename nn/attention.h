@@ -63,9 +63,9 @@ std::optional<double> rope_base_for(const CharTransformerConfig& config);
 // Vanilla multi-head causal self-attention (registered as "causal"): a fused
 // QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no copy);
 // with rope_base set, q and k are rotated by ops::rope(., 0, *rope_base);
-// ops::attention(q, k, v, causal) is the fused attention op; heads merge back
-// to (B, T, C), then the output projection and residual dropout. The fused
-// op has no attention-probability dropout, so only the residual path drops.
+// ops::attention(q, k, v, causal) is the fused attention op, which in training
+// also drops attention probabilities with the layer's dropout p; heads merge
+// back to (B, T, C), then the output projection and residual dropout.
 class CausalSelfAttention : public AttentionLayer {
  public:
   CausalSelfAttention(int64_t n_embd, int64_t n_head, bool bias, double dropout, Generator& gen,

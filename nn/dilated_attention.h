@@ -6,8 +6,9 @@
 // a fused QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no
 // copy); with rope_base set, q and k are rotated by ops::rope; then
 // ops::dilated_attention(q, k, v, segments, dilations, causal = true) (exact
-// LongNet semantics, DESIGN.md), heads merge back to (B, T, C), the output
-// projection and residual dropout.
+// LongNet semantics, DESIGN.md; in training it also drops attention
+// probabilities with the layer's dropout p), heads merge back to (B, T, C),
+// the output projection and residual dropout.
 //
 // Branch i attends within segments of segments[i] positions, keeping every
 // dilations[i]-th position (head h keeps offset h mod r). One branch with
