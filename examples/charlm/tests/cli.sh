@@ -113,7 +113,7 @@ resume)
   common=("${TINY[@]}" --eval-interval 10 --log-interval 3 --decay-iters 20)
   "$charlm" train "${common[@]}" --out whole --iters 20 >/dev/null || fail "the uninterrupted run failed"
   "$charlm" train "${common[@]}" --out split --iters 10 >/dev/null || fail "the first half failed"
-  "$charlm" train --resume split --iters 20 --threads 1 >out.txt || fail "the resumed run failed"
+  "$charlm" train --resume split --iters 20 --threads 1 --device cpu >out.txt || fail "the resumed run failed"
   grep -q "resuming split at step 10 of 20" out.txt || fail "no resume message: $(cat out.txt)"
   diff <(log_without_timing whole/log.csv) <(log_without_timing split/log.csv) >diff.txt ||
     fail "the resumed run's log differs from the uninterrupted one: $(cat diff.txt)"
@@ -144,7 +144,7 @@ interrupt)
   grep -q "charlm train --resume stopped" out.txt || fail "the message does not say how to resume"
   step=$(grep -o "interrupted by SIGINT at step [0-9]*" out.txt | grep -o "[0-9]*$")
   end=$((step + 10))
-  "$charlm" train --resume stopped --iters $end --threads 1 >/dev/null || fail "resuming failed"
+  "$charlm" train --resume stopped --iters $end --threads 1 --device cpu >/dev/null || fail "resuming failed"
   "$charlm" train "${common[@]}" --out fresh --iters $end >/dev/null || fail "the reference run failed"
   diff <(log_without_timing fresh/log.csv) <(log_without_timing stopped/log.csv) >diff.txt ||
     fail "stopped at step $step and resumed, the log differs from an uninterrupted run: $(cat diff.txt)"
