@@ -96,21 +96,27 @@ CausalSelfAttention::CausalSelfAttention(const AttentionInit& init)
 Tensor CausalSelfAttention::forward(const Tensor& x) {
   MINIDL_CHECK(x.dim() == 3 && x.size(2) == n_embd, "CausalSelfAttention: expected input (B, T, ",
                n_embd, "), got ", shape_str(x.shape()));
-  const int64_t B = x.size(0), T = x.size(1), H = n_head, D = n_embd / n_head;
-  Tensor qkv = c_attn->forward(x);  // (B, T, 3C), contiguous
+  HeadViews h = project_heads(*c_attn, x, n_head, rope_base);
+  // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
+  Tensor y = ops::attention(h.q, h.k, h.v, /*causal=*/true, /*scale=*/0,
+                            is_training() ? resid_drop->p : 0.0, resid_drop->gen);
+  return resid_drop->forward(c_proj->forward(y.reshape(x.shape())));
+}
+
+HeadViews project_heads(Linear& c_attn, const Tensor& x, int64_t n_head,
+                        const std::optional<double>& rope_base) {
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
+  Tensor qkv = c_attn.forward(x);  // (B, T, 3C), contiguous
   // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
   // split records one node, so backward assembles d(qkv) with one concatenation.
-  std::vector<Tensor> parts = ops::split(qkv, n_embd, 2);
-  auto head_view = [&](int64_t which) { return parts[static_cast<size_t>(which)].view({B, T, H, D}); };
-  Tensor q = head_view(0), k = head_view(1);
+  std::vector<Tensor> parts = ops::split(qkv, C, 2);
+  auto heads = [&](size_t which) { return parts[which].view({B, T, n_head, C / n_head}); };
+  HeadViews h{heads(0), heads(1), heads(2)};
   if (rope_base) {
-    q = ops::rope(q, 0, *rope_base);
-    k = ops::rope(k, 0, *rope_base);
+    h.q = ops::rope(h.q, 0, *rope_base);
+    h.k = ops::rope(h.k, 0, *rope_base);
   }
-  // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
-  Tensor y = ops::attention(q, k, head_view(2), /*causal=*/true, /*scale=*/0,
-                            is_training() ? resid_drop->p : 0.0, resid_drop->gen);
-  return resid_drop->forward(c_proj->forward(y.reshape({B, T, n_embd})));
+  return h;
 }
 
 }  // namespace minidl::nn

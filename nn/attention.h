@@ -60,6 +60,14 @@ constexpr double kDefaultRopeBase = 10000.0;
 // positive number; throws naming the key otherwise) or kDefaultRopeBase.
 std::optional<double> rope_base_for(const CharTransformerConfig& config);
 
+// q, k, v of a (B, T, C) input as (B, T, H, D) views of one fused QKV
+// projection (no copy), q and k rotated by ops::rope when rope_base is set.
+struct HeadViews {
+  Tensor q, k, v;
+};
+HeadViews project_heads(Linear& c_attn, const Tensor& x, int64_t n_head,
+                        const std::optional<double>& rope_base);
+
 // Vanilla multi-head causal self-attention (registered as "causal"): a fused
 // QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no copy);
 // with rope_base set, q and k are rotated by ops::rope(., 0, *rope_base);

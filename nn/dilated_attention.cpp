@@ -112,23 +112,13 @@ DilatedAttention::DilatedAttention(const AttentionInit& init)
 Tensor DilatedAttention::forward(const Tensor& x) {
   MINIDL_CHECK(x.dim() == 3 && x.size(2) == n_embd, "DilatedAttention: expected input (B, T, ",
                n_embd, "), got ", shape_str(x.shape()));
-  const int64_t B = x.size(0), T = x.size(1), H = n_head, D = n_embd / n_head;
-  Tensor qkv = c_attn->forward(x);  // (B, T, 3C), contiguous
-  // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
-  // split records one node, so backward assembles d(qkv) with one concatenation.
-  std::vector<Tensor> parts = ops::split(qkv, n_embd, 2);
-  auto head_view = [&](int64_t which) { return parts[static_cast<size_t>(which)].view({B, T, H, D}); };
-  Tensor q = head_view(0), k = head_view(1);
-  if (rope_base) {
-    q = ops::rope(q, 0, *rope_base);
-    k = ops::rope(k, 0, *rope_base);
-  }
+  HeadViews h = project_heads(*c_attn, x, n_head, rope_base);
   // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
-  Tensor y = ops::dilated_attention(q, k, head_view(2), segments, dilations, /*causal=*/true,
+  Tensor y = ops::dilated_attention(h.q, h.k, h.v, segments, dilations, /*causal=*/true,
                                     /*scale=*/0, is_training() ? resid_drop->p : 0.0,
                                     resid_drop->gen)
                  .first;
-  return resid_drop->forward(c_proj->forward(y.reshape({B, T, n_embd})));
+  return resid_drop->forward(c_proj->forward(y.reshape(x.shape())));
 }
 
 }  // namespace minidl::nn
