@@ -4,7 +4,11 @@
 // memory with cp.async, computes S = Q K^T and O += P V with mma.sync bf16
 // (fp32 accumulation) and keeps the online softmax in registers. Rows are a
 // strided set (base + t * dilation), gathered by address arithmetic.
+#include <cstdlib>
+#include <string_view>
+
 #include "cuda/dilated_attention_mma.cuh"
+#include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/runtime.h"
 
@@ -29,37 +33,6 @@ struct FwdShape {
   static constexpr int kV = kK + 2 * KTile::kBytes;  // two buffers
   static constexpr int kSmem = kV + 2 * KTile::kBytes;
 };
-
-// Issues cp.async for rows [t0, t0 + Rows) of a row set into a swizzled tile.
-template <int Rows, int D>
-__device__ __forceinline__ void load_tile_async(char* tile, const Operand<BFloat16>& x, int64_t batch,
-                                                int64_t head, const RowSet& rows, int64_t t0) {
-  using Tile = SmemTile<Rows, D>;
-  for (int i = threadIdx.x; i < Rows * Tile::kChunks; i += kThreads) {
-    int r = i / Tile::kChunks, c = i % Tile::kChunks;
-    int64_t t = t0 + r;
-    bool valid = t < rows.count;
-    const BFloat16* src = valid ? x.row(batch, rows.base + t * rows.stride, head) + c * 8 : x.ptr;
-    cp_async_16(Tile::at(tile, r, c), src, valid);
-  }
-}
-
-// Keep decisions of the dropout mask (core/dilated.h) for keys t and t + 1 of
-// one query row, t even: both fall in the same Philox block.
-__device__ __forceinline__ void keep_pair(const BranchDropout& d, const BranchGrid& g, int64_t batch,
-                                          int64_t head, int64_t pos, int64_t t, bool& k0, bool& k1) {
-  uint64_t row = ((uint64_t(d.branch) * d.batch_size + batch) * g.heads + head) * g.n + pos;
-  uint64_t idx = (row << 32) | uint64_t(t);
-  philox::U32x4 blk = philox::block(d.mask.seed, d.mask.offset, idx >> 2);
-  int lane0 = static_cast<int>(idx & 3);
-  k0 = philox::to_unit_float(philox::lane(blk, lane0)) >= d.mask.keep_threshold;
-  k1 = philox::to_unit_float(philox::lane(blk, lane0 + 1)) >= d.mask.keep_threshold;
-}
-
-__device__ __forceinline__ bool keep_one(const BranchDropout& d, const BranchGrid& g, int64_t batch,
-                                         int64_t head, int64_t pos, int64_t t) {
-  return attention_keep(d.mask, d.branch, d.batch_size, batch, g.heads, head, g.n, pos, t);
-}
 
 template <int D, int kM, int kBc, bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16> q, Operand<BFloat16> k,
@@ -88,9 +61,9 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
   const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
 
-  load_tile_async<kBr, D>(smem + F::kQ, q, batch, head, rows, t0);
-  load_tile_async<kBc, D>(smem + F::kK, k, batch, head, rows, 0);
-  load_tile_async<kBc, D>(smem + F::kV, v, batch, head, rows, 0);
+  load_tile_async<kBr, D, kThreads>(smem + F::kQ, q, batch, head, rows, t0);
+  load_tile_async<kBc, D, kThreads>(smem + F::kK, k, batch, head, rows, 0);
+  load_tile_async<kBc, D, kThreads>(smem + F::kV, v, batch, head, rows, 0);
   cp_async_commit();
 
   uint32_t qf[kM][kSteps][4];
@@ -111,9 +84,9 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j & 1;
     if (j + 1 < n_tiles) {  // prefetch the next tile into the other buffer
-      load_tile_async<kBc, D>(smem + F::kK + (buf ^ 1) * KT::kBytes, k, batch, head, rows,
+      load_tile_async<kBc, D, kThreads>(smem + F::kK + (buf ^ 1) * KT::kBytes, k, batch, head, rows,
                               int64_t(j + 1) * kBc);
-      load_tile_async<kBc, D>(smem + F::kV + (buf ^ 1) * KT::kBytes, v, batch, head, rows,
+      load_tile_async<kBc, D, kThreads>(smem + F::kV + (buf ^ 1) * KT::kBytes, v, batch, head, rows,
                               int64_t(j + 1) * kBc);
       cp_async_commit();
       cp_async_wait<1>();
@@ -242,55 +215,9 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 
   // Epilogue: finish the row sums, then store or merge.
 #pragma unroll
-  for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = l_row[mt][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const int64_t tq = q_row0 + mt * 16 + r * 8;
-      const bool valid = tq < rows.count;
-      const int64_t pos = rows.base + (valid ? tq : 0) * rows.stride;
-      const int64_t ri = (batch * g.n + pos) * g.heads + head;
-      const float lse_branch = (m_row[mt][r] * scale_log2 + log2f(l)) * kLn2;
-      const float inv_l = 1.f / l;
-      if constexpr (kMode == MergeMode::kSingle) {
-        if (valid) {
-          BFloat16* dst = out + ri * D;
-#pragma unroll
-          for (int dt = 0; dt < kDTiles; ++dt) {
-            int col = dt * 8 + 2 * (lane % 4);
-            *reinterpret_cast<uint32_t*>(dst + col) =
-                pack_bf16(o[mt][dt][2 * r] * inv_l, o[mt][dt][2 * r + 1] * inv_l);
-          }
-          if (lane % 4 == 0) lse[ri] = lse_branch;
-        }
-      } else {
-        float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
-        if constexpr (kMode == MergeMode::kMerge) {
-          float lse_old = valid ? lse[ri] : -INFINITY;
-          if (lse_old != -INFINITY) {
-            lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
-            w_old = expf(lse_old - lse_new);
-            w_new = expf(lse_branch - lse_new) * inv_l;
-          }
-        }
-        __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
-        if (valid) {
-          float* dst = o_acc + ri * D;
-#pragma unroll
-          for (int dt = 0; dt < kDTiles; ++dt) {
-            int col = dt * 8 + 2 * (lane % 4);
-            float2 prev = kMode == MergeMode::kMerge ? *reinterpret_cast<float2*>(dst + col)
-                                                     : make_float2(0.f, 0.f);
-            *reinterpret_cast<float2*>(dst + col) = make_float2(
-                w_old * prev.x + w_new * o[mt][dt][2 * r], w_old * prev.y + w_new * o[mt][dt][2 * r + 1]);
-          }
-          if (lane % 4 == 0) lse[ri] = lse_new;
-        }
-      }
-    }
-  }
+  for (int mt = 0; mt < kM; ++mt)
+    store_branch_rows<D, kMode>(o[mt], m_row[mt], l_row[mt], q_row0 + mt * 16, scale_log2, g, batch,
+                                head, rows, o_acc, lse, out);
 }
 
 template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
@@ -339,10 +266,26 @@ void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<
 
 }  // namespace
 
+bool wgmma_enabled() {
+#if MINIDL_WGMMA
+  static const bool disabled = [] {
+    const char* e = std::getenv("MINIDL_DISABLE_WGMMA");
+    return e && *e && std::string_view(e) != "0";
+  }();
+  return !disabled && compute_capability() == 90;
+#else
+  return false;
+#endif
+}
+
 void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
                  const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
                  BFloat16* out) {
+#if MINIDL_WGMMA
+  if (d == 64 && wgmma_enabled())
+    return forward_wgmma(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
+#endif
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     if (causal) forward_for_mode<D, true>(mode, q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
@@ -431,10 +374,10 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
   float* l2s = reinterpret_cast<float*>(smem + L::kL);
   float* dls = reinterpret_cast<float*>(smem + L::kDelta);
 
-  load_tile_async<64, D>(smem + L::kK, k, batch, head, rows, kt0);
-  load_tile_async<64, D>(smem + L::kV, v, batch, head, rows, kt0);
-  load_tile_async<64, D>(smem + L::kQ, q, batch, head, rows, q_first);
-  load_tile_async<64, D>(smem + L::kDO, dout, batch, head, rows, q_first);
+  load_tile_async<64, D, kThreads>(smem + L::kK, k, batch, head, rows, kt0);
+  load_tile_async<64, D, kThreads>(smem + L::kV, v, batch, head, rows, kt0);
+  load_tile_async<64, D, kThreads>(smem + L::kQ, q, batch, head, rows, q_first);
+  load_tile_async<64, D, kThreads>(smem + L::kDO, dout, batch, head, rows, q_first);
   cp_async_commit();
   load_row_stats(l2s, dls, lse, delta, g, batch, head, rows, q_first);
 
@@ -449,8 +392,8 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
     const int buf = j & 1;
     const int64_t q0 = q_first + int64_t(j) * kQ;
     if (j + 1 < n_tiles) {
-      load_tile_async<64, D>(smem + L::kQ + (buf ^ 1) * T::kBytes, q, batch, head, rows, q0 + kQ);
-      load_tile_async<64, D>(smem + L::kDO + (buf ^ 1) * T::kBytes, dout, batch, head, rows, q0 + kQ);
+      load_tile_async<64, D, kThreads>(smem + L::kQ + (buf ^ 1) * T::kBytes, q, batch, head, rows, q0 + kQ);
+      load_tile_async<64, D, kThreads>(smem + L::kDO + (buf ^ 1) * T::kBytes, dout, batch, head, rows, q0 + kQ);
       cp_async_commit();
       load_row_stats(l2s + (buf ^ 1) * 64, dls + (buf ^ 1) * 64, lse, delta, g, batch, head, rows,
                      q0 + kQ);

@@ -26,10 +26,25 @@ constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 // head dims the tensor-core path handles
 inline bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
+// Whether forward_mma runs the Hopper wgmma kernel at head dim 64: built for
+// sm_90a, on a compute capability 9.0 device, and not turned off with
+// MINIDL_DISABLE_WGMMA=1 (which tests and benchmarks use to compare).
+bool wgmma_enabled();
+
+// The tensor-core forward of one branch (mma.sync; wgmma where enabled).
 void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
                  const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
                  BFloat16* out);
+
+// The Hopper forward (cuda/sm90a/, built when sm_90 is a target): head dim 64
+// on a device of compute capability 9.0; the same contract as forward_mma.
+#if MINIDL_WGMMA
+void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                   const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
+                   const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
+                   BFloat16* out);
+#endif
 
 // Adds this branch's dQ (atomically), dK and dV (rows of one launch are
 // disjoint) into the fp32 accumulators. lse and delta are the global

@@ -25,6 +25,7 @@ struct PerDevice {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   int sms = 0;
+  int cc = 0;
 };
 
 // Leaked on purpose: handles must outlive static tensors at exit.
@@ -43,6 +44,10 @@ PerDevice& current() {
       cudaStream_t s;
       MINIDL_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+      int major = 0, minor = 0;
+      MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+      MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+      d.cc = major * 10 + minor;
       d.stream = s;
     }
   }
@@ -59,6 +64,7 @@ int current_device() {
 
 cudaStream_t stream() { return current().stream; }
 int multiprocessor_count() { return current().sms; }
+int compute_capability() { return current().cc; }
 
 cublasHandle_t cublas_handle() {
   PerDevice& d = current();

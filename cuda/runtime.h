@@ -20,6 +20,8 @@ cublasLtHandle_t cublaslt_handle();
 void* cublaslt_workspace(size_t* nbytes);
 int current_device();
 int multiprocessor_count();
+// major * 10 + minor of the current device, e.g. 90 for an H100.
+int compute_capability();
 void synchronize();
 
 // Launch configuration for a grid-stride loop over n elements.
