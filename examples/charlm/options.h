@@ -68,7 +68,7 @@ minidl::Device resolve_device(const std::string& device);
 // training settings ("train.*", "data.path").
 minidl::nn::Metadata recipe_metadata(const TrainOptions& options, int64_t vocab_size);
 // The recipe stored in a checkpoint (device, threads, out and resume are left
-// at their defaults). Throws minidl::Error naming a missing or bad key.
+// at their defaults; the resuming command reads "train.device" itself). Throws minidl::Error naming a missing or bad key.
 TrainOptions recipe_from_metadata(const minidl::nn::Metadata& metadata);
 // Throws UsageError for each flag given on the command line whose value
 // differs from the checkpoint's recipe (a resumed run keeps its recipe, so

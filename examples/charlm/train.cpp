@@ -219,6 +219,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     meta[kFormatKey] = kFormatVersion;
     meta["vocab"] = vocab.to_string();
     meta["data.fnv1a64"] = data_hash;
+    meta["train.device"] = device.is_cuda() ? "cuda" : "cpu";  // where --resume continues by default
     meta["train.step"] = std::to_string(step);
     meta["train.best_val_loss"] = format_double(best_val);
     meta["train.best_step"] = std::to_string(best_step);
@@ -395,8 +396,8 @@ constexpr const char* kTrainHelp =
     "saves DIR/last.ckpt (and DIR/best.ckpt when the loss improves) and redraws\n"
     "DIR/loss.png. Ctrl-C finishes the current step, saves DIR/last.ckpt and exits;\n"
     "--resume DIR continues exactly where the run stopped, with its recipe (the\n"
-    "model and optimisation flags) read from the checkpoint. The defaults are\n"
-    "nanoGPT's shakespeare_char recipe.";
+    "model and optimisation flags) and its device read from the checkpoint\n"
+    "(--device moves it). The defaults are nanoGPT's shakespeare_char recipe.";
 
 }  // namespace
 
@@ -422,7 +423,8 @@ int cmd_train(const std::vector<std::string>& args) {
   const std::string path = (fs::path(dir) / "last.ckpt").string();
   if (!fs::exists(path)) throw UsageError("--resume: " + path + " does not exist");
   if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
-  const nn::Checkpoint checkpoint = nn::load_checkpoint(path, resolve_device(options.device));
+  // Loaded on the CPU: the run's device is only known from its metadata.
+  const nn::Checkpoint checkpoint = nn::load_checkpoint(path, minidl::Device::cpu());
   MINIDL_CHECK(checkpoint.metadata.count(kFormatKey) != 0, "charlm: ", path,
                " is not a checkpoint written by charlm train (no '", kFormatKey, "' metadata)");
   const TrainOptions recipe = recipe_from_metadata(checkpoint.metadata);
@@ -431,6 +433,17 @@ int cmd_train(const std::vector<std::string>& args) {
   add_train_command_flags(resumed_flags, resumed);
   resumed_flags.parse(args);
   check_resume_flags(resumed_flags, resumed, recipe);
+  // Without --device the run continues where it trained (the same device
+  // keeps the curve bit-exact on the CPU).
+  if (!resumed_flags.given("device")) {
+    auto it = checkpoint.metadata.find("train.device");
+    if (it != checkpoint.metadata.end()) {
+      if (it->second == "cuda" && !minidl::cuda_is_available())
+        throw UsageError("--resume: " + dir + " trained on cuda and no CUDA device is available; add "
+                         "--device cpu to continue it on the CPU");
+      resumed.device = it->second;
+    }
+  }
   resumed.out = dir;
   check_options(resumed_flags, resumed);
   const RunSummary s = train_run(resumed, &checkpoint, "");

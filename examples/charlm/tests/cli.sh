@@ -113,7 +113,8 @@ resume)
   common=("${TINY[@]}" --eval-interval 10 --log-interval 3 --decay-iters 20)
   "$charlm" train "${common[@]}" --out whole --iters 20 >/dev/null || fail "the uninterrupted run failed"
   "$charlm" train "${common[@]}" --out split --iters 10 >/dev/null || fail "the first half failed"
-  "$charlm" train --resume split --iters 20 --threads 1 --device cpu >out.txt || fail "the resumed run failed"
+  # No --device: the run continues on the device it trained on (the CPU).
+  "$charlm" train --resume split --iters 20 --threads 1 >out.txt || fail "the resumed run failed"
   grep -q "resuming split at step 10 of 20" out.txt || fail "no resume message: $(cat out.txt)"
   diff <(log_without_timing whole/log.csv) <(log_without_timing split/log.csv) >diff.txt ||
     fail "the resumed run's log differs from the uninterrupted one: $(cat diff.txt)"
