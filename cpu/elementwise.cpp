@@ -1,5 +1,7 @@
 #include "cpu/elementwise.h"
 
+#include <algorithm>
+
 #include "core/strided.h"
 #include "cpu/parallel.h"
 
@@ -14,35 +16,61 @@ bool all_contiguous(std::initializer_list<const Tensor*> ts) {
 
 StridedIndex index_of(const Tensor& t) { return make_strided_index(t.shape(), t.strides()); }
 
-// Runs body(i, ox, ...) over every element with the operands' element
-// offsets, taking a flat loop when everything is contiguous.
+// Runs body(ox, ...) over every element with the operands' element offsets
+// (operands have the output's shape, broadcast dims with stride 0). All
+// contiguous: one flat loop. Otherwise row by row over the last dim: one index
+// computation per row, then constant strides, which the compiler vectorises
+// when they are 1 (or 0, for a broadcast operand).
 template <typename Body>
 void for_each2(const Tensor& x, const Tensor& out, Body body) {
-  int64_t n = out.numel();
+  const int64_t n = out.numel();
   if (all_contiguous({&x, &out})) {
     parallel_for(n, kParallelGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) body(i, i);
     });
     return;
   }
+  if (n == 0) return;
+  const int64_t inner = out.shape().back(), xs = x.strides().back(), os = out.strides().back();
   StridedIndex xi = index_of(x), oi = index_of(out);
-  parallel_for(n, kParallelGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) body(xi(i), oi(i));
+  parallel_for(n / inner, std::max<int64_t>(1, kParallelGrain / inner), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t x0 = xi(r * inner), o0 = oi(r * inner);
+      if (xs == 1 && os == 1) {
+        for (int64_t j = 0; j < inner; ++j) body(x0 + j, o0 + j);
+      } else {
+        for (int64_t j = 0; j < inner; ++j) body(x0 + j * xs, o0 + j * os);
+      }
+    }
   });
 }
 
 template <typename Body>
 void for_each3(const Tensor& a, const Tensor& b, const Tensor& out, Body body) {
-  int64_t n = out.numel();
+  const int64_t n = out.numel();
   if (all_contiguous({&a, &b, &out})) {
     parallel_for(n, kParallelGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) body(i, i, i);
     });
     return;
   }
+  if (n == 0) return;
+  const int64_t inner = out.shape().back();
+  const int64_t as = a.strides().back(), bs = b.strides().back(), os = out.strides().back();
   StridedIndex ai = index_of(a), bi = index_of(b), oi = index_of(out);
-  parallel_for(n, kParallelGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) body(ai(i), bi(i), oi(i));
+  parallel_for(n / inner, std::max<int64_t>(1, kParallelGrain / inner), [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t a0 = ai(r * inner), b0 = bi(r * inner), o0 = oi(r * inner);
+      if (os == 1 && as == 1 && bs == 1) {
+        for (int64_t j = 0; j < inner; ++j) body(a0 + j, b0 + j, o0 + j);
+      } else if (os == 1 && as == 1 && bs == 0) {  // b broadcast along the row (a bias)
+        for (int64_t j = 0; j < inner; ++j) body(a0 + j, b0, o0 + j);
+      } else if (os == 1 && as == 0 && bs == 1) {
+        for (int64_t j = 0; j < inner; ++j) body(a0, b0 + j, o0 + j);
+      } else {
+        for (int64_t j = 0; j < inner; ++j) body(a0 + j * as, b0 + j * bs, o0 + j * os);
+      }
+    }
   });
 }
 

@@ -1,6 +1,7 @@
 // Elementwise ops: exact values, float64 gradchecks (broadcasting,
 // non-contiguous inputs), where/masked_fill, comparisons, in-place ops and
 // the version counter, errors, and CPU-vs-CUDA parity.
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -110,6 +111,33 @@ TEST_CASE("unary ops on hand-computed values") {
   // float32 and bfloat16 run the same math in float.
   CHECK(ops::exp(from_vector(std::vector<float>{1.0f}, {1})).item<float>() == std::exp(1.0f));
   CHECK(ops::mul(ops::ones({2}, {DType::BFloat16}), 3.0).to_vector<float>() == std::vector<float>{3, 3});
+}
+
+TEST_CASE("float32 tanh and gelu on the CPU: within a few ulp of float64, special values kept") {
+  // The CPU evaluates float tanh with its own vectorisable formula
+  // (core/scalar_math.h); float64 and CUDA use the library's.
+  std::vector<float> xs;
+  for (int i = -200000; i <= 200000; ++i) xs.push_back(static_cast<float>(i) * 1e-4f);  // [-20, 20]
+  for (float x : {1e-30f, -1e-20f, 0.29999f, 0.3f, 0.30001f, 9.5f, -10.f, 87.f, -100.f}) xs.push_back(x);
+  const int64_t n = static_cast<int64_t>(xs.size());
+  Tensor x = from_vector(xs, {n});
+  std::vector<float> t = ops::tanh(x).to_vector<float>(), g = ops::gelu(x).to_vector<float>();
+  double worst_ulp = 0, worst_gelu = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float want = static_cast<float>(std::tanh(static_cast<double>(xs[i])));
+    const double ulp = std::nextafter(std::fabs(want), 2.f) - std::fabs(want);
+    worst_ulp = std::max(worst_ulp, std::fabs(static_cast<double>(t[i]) - want) / ulp);
+    worst_gelu = std::max(worst_gelu, std::fabs(g[i] - gelu_ref(xs[i])) / (1 + std::fabs(gelu_ref(xs[i]))));
+  }
+  CHECK(worst_ulp <= 3.0);
+  CHECK(worst_gelu <= 5e-7);
+  std::vector<float> special =
+      ops::tanh(from_vector(std::vector<float>{INFINITY, -INFINITY, -0.0f, NAN, 50.f}, {5})).to_vector<float>();
+  CHECK(special[0] == 1.0f);
+  CHECK(special[1] == -1.0f);
+  CHECK((special[2] == 0.0f && std::signbit(special[2])));
+  CHECK(std::isnan(special[3]));
+  CHECK(special[4] == 1.0f);  // saturates exactly, so 1 - tanh^2 in the GELU gradient is 0
 }
 
 TEST_CASE("unary ops match the float64 reference on random inputs") {
