@@ -242,9 +242,9 @@ void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, cons
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
-// Tile shape per head dim, measured on an H100 (docs/BENCHMARKS.md): two
-// m-tiles per warp (128-row blocks) for D <= 64; D = 128 needs the registers
-// for one.
+// Tile shape per head dim, measured on an H100 before the wgmma kernel took
+// D = 64 there (docs/kernel-notes.md): two m-tiles per warp (128-row blocks)
+// for D <= 64; D = 128 needs the registers for one.
 template <int D, bool kCausal, MergeMode kMode>
 void forward_variants(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                       const BranchGrid& g, int64_t batch, float scale_log2, const BranchDropout& drop,

@@ -1,6 +1,7 @@
 #pragma once
-// bfloat16 tensor-core (mma.sync) kernels for one dilated-attention branch;
-// internal to cuda/dilated_attention.cu.
+// bfloat16 tensor-core kernels for one dilated-attention branch (mma.sync,
+// and the Hopper wgmma forward in cuda/sm90a/); internal to
+// cuda/dilated_attention.cu.
 #include "core/dilated.h"
 #include "cuda/dilated_attention_common.cuh"
 

@@ -437,7 +437,12 @@ int cmd_train(const std::vector<std::string>& args) {
   // keeps the curve bit-exact on the CPU).
   if (!resumed_flags.given("device")) {
     auto it = checkpoint.metadata.find("train.device");
-    if (it != checkpoint.metadata.end()) {
+    if (it == checkpoint.metadata.end()) {
+      std::cerr << "[charlm] " << path << " does not record its device (an older checkpoint): --device "
+                << resumed.device << " picks one\n";
+    } else {
+      MINIDL_CHECK(it->second == "cpu" || it->second == "cuda", "charlm: ", path,
+                   " has an unknown train.device '", it->second, "'");
       if (it->second == "cuda" && !minidl::cuda_is_available())
         throw UsageError("--resume: " + dir + " trained on cuda and no CUDA device is available; add "
                          "--device cpu to continue it on the CPU");
