@@ -22,10 +22,10 @@ charlm=$build/examples/charlm/charlm
 scripts/get-data.sh "$(dirname "$data")"
 
 # The recipe: nanoGPT's shakespeare_char on a GPU. On a CPU a 2-layer,
-# width-64 model (108k parameters): measured on 2 shared cores, 1500 steps took
-# 3.5 minutes, passing validation loss 2.0 near step 750 and ending at 1.84
-# (a 2000-step run with the cores 4x oversubscribed by other jobs took 10.4
-# minutes and passed 2.0 after 3.8).
+# width-64 model (108k parameters): measured on 2 cores, 1500 steps took 45
+# seconds, passing validation loss 2.0 near step 750 and ending at 1.84
+# (docs/BENCHMARKS.md). That leaves room for busy machines: older, 4.5x slower
+# code with the cores 4x oversubscribed took 10.4 minutes for 2000 steps.
 if "$charlm" info | grep -q "^cuda: available"; then
   echo "[minidl] GPU found: nanoGPT's shakespeare_char recipe (6 layers, 6 heads, width 384, context 256)"
   recipe=(--device cuda --dtype bfloat16
