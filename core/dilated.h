@@ -1,6 +1,6 @@
 #pragma once
 // Dilated-attention configuration shared by the CPU and CUDA kernels and the
-// op (see DESIGN.md, "Dilated attention: the exact semantics").
+// op (see docs/dilated-attention.md).
 #include <cstdint>
 #include <vector>
 

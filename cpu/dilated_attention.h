@@ -1,7 +1,6 @@
 #pragma once
 // CPU dilated attention (forward and backward); same contract as
-// cuda/dilated_attention.h (see DESIGN.md, "Dilated attention: the exact
-// semantics").
+// cuda/dilated_attention.h (see docs/dilated-attention.md).
 //
 // Layout: q, k, v, out, grad_out are (B, N, H, D) with the D dim contiguous
 // (other strides free: q/k/v may be views of one (B, N, 3, H, D) projection).

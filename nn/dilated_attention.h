@@ -6,7 +6,7 @@
 // a fused QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no
 // copy); with rope_base set, q and k are rotated by ops::rope; then
 // ops::dilated_attention(q, k, v, segments, dilations, causal = true) (exact
-// LongNet semantics, DESIGN.md; in training it also drops attention
+// LongNet semantics, docs/dilated-attention.md; in training it also drops attention
 // probabilities with the layer's dropout p), heads merge back to (B, T, C),
 // the output projection and residual dropout.
 //

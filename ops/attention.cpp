@@ -1,7 +1,7 @@
 // Dilated attention (LongNet) and vanilla attention: one op, one kernel
 // family (cpu/dilated_attention, cuda/dilated_attention). Vanilla attention is
-// the single branch w = N, r = 1. Semantics: DESIGN.md, "Dilated attention:
-// the exact semantics"; dropout on the attention probabilities: core/dilated.h.
+// the single branch w = N, r = 1. Semantics: docs/dilated-attention.md;
+// dropout on the attention probabilities: core/dilated.h.
 #include <cmath>
 
 #include "autograd/tape.h"

@@ -88,8 +88,7 @@ Tensor embedding(const Tensor& weight, const Tensor& indices);
 // identity when !training or p == 0. The mask comes from the Philox stream,
 // so CPU and CUDA drop the same elements for the same generator state.
 Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullptr);
-// LongNet dilated attention, exact (DESIGN.md, "Dilated attention: the exact
-// semantics"). q, k, v: (B, N, H, D), any strides (a strided D dim is copied
+// LongNet dilated attention, exact (docs/dilated-attention.md). q, k, v: (B, N, H, D), any strides (a strided D dim is copied
 // once); branch i is (segments[i], dilations[i]) with w >= 1, r >= 1 (w > N
 // clamps to N); head h keeps offset h mod r. Returns {out (B, N, H, D),
 // lse (B, N, H)}: lse is float32 (float64 for float64 inputs), -inf and out 0

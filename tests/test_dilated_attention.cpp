@@ -1,5 +1,5 @@
 // Dilated attention: the float64 reference against a brute force built
-// straight from DESIGN.md's definition, the fast CPU path against the
+// straight from the definition (docs/dilated-attention.md), the fast CPU path against the
 // reference, float64 gradchecks of the op, CUDA against the CPU reference, and
 // the op's error messages.
 #include <algorithm>
