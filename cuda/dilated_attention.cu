@@ -19,7 +19,6 @@
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/elementwise.h"
 #include "cuda/runtime.h"
-#include "ops/dispatch.h"
 
 namespace minidl::cuda {
 namespace {

@@ -46,7 +46,7 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.add_double("min-lr", &o.min_lr, "learning rate at the end of the decay", 0, 10);
   flags.add_int("warmup", &o.warmup, "linear warmup steps", 0);
   flags.add_int("decay-iters", &o.decay_iters, "step where the cosine decay ends (0: --iters)", 0);
-  flags.add_double("weight-decay", &o.weight_decay, "AdamW weight decay of matrices", 0, 10);
+  flags.add_double("weight-decay", &o.weight_decay, "AdamW weight decay of Linear weight matrices", 0, 10);
   flags.add_double("beta1", &o.beta1, "AdamW beta1", 0, 0.999999);
   flags.add_double("beta2", &o.beta2, "AdamW beta2", 0, 0.999999);
   flags.add_double("grad-clip", &o.grad_clip, "clip the gradient norm to this (0: off)", 0, 1e9);

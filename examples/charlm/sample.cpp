@@ -72,8 +72,8 @@ constexpr const char* kSampleHelp =
     "Generates text with a model trained by charlm train. The model (vanilla or\n"
     "dilated attention, learned or rotary positions) is rebuilt from the\n"
     "checkpoint's metadata. Prints the prompt followed by --tokens generated\n"
-    "characters and a newline; the context fed to the model is the last --context\n"
-    "characters. Prompt characters must occur in the training text.";
+    "characters and a newline; the model sees the last block-size (its training\n"
+    "context) characters. Prompt characters must occur in the training text.";
 
 }  // namespace
 
@@ -81,7 +81,7 @@ int cmd_sample(const std::vector<std::string>& args) {
   SampleOptions o;
   FlagSet flags("charlm sample", "--ckpt FILE [--prompt TEXT] [--tokens N] [flags]", kSampleHelp);
   flags.add_string("ckpt", &o.ckpt, "FILE", "checkpoint (DIR/best.ckpt or DIR/last.ckpt)", /*required=*/true);
-  flags.add_string("prompt", &o.prompt, "TEXT", "text to continue (default: a newline)");
+  flags.add_string("prompt", &o.prompt, "TEXT", "text to continue (default: start after a newline, not printed)");
   flags.add_int("tokens", &o.tokens, "characters to generate", 0, 100000000);
   flags.add_double("temperature", &o.temperature, "softmax temperature; 0 = greedy", 0, 100);
   flags.add_int("top-k", &o.top_k, "sample among the k most likely characters (0: all)", 0);

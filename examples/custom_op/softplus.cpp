@@ -41,6 +41,8 @@ void softplus_grad_cpu(const Tensor& x, const Tensor& g, Tensor& dx) {
 
 Tensor softplus(const Tensor& x_in) {
   MINIDL_CHECK(x_in.defined() && is_floating(x_in.dtype()), "softplus: expected a floating-point tensor");
+  MINIDL_CHECK(!x_in.is_cuda() || x_in.dtype() != DType::Float64,
+               "softplus: float64 is CPU-only; the CUDA kernels take float32 and bfloat16");
   Tensor x = x_in.contiguous();  // the kernels read flat memory
   Tensor y = Tensor::empty(x.shape(), x.options());
   if (x.is_cuda()) {
