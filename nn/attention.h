@@ -60,33 +60,48 @@ constexpr double kDefaultRopeBase = 10000.0;
 // positive number; throws naming the key otherwise) or kDefaultRopeBase.
 std::optional<double> rope_base_for(const CharTransformerConfig& config);
 
-// q, k, v of a (B, T, C) input as (B, T, H, D) views of one fused QKV
-// projection (no copy), q and k rotated by ops::rope when rope_base is set.
-struct HeadViews {
-  Tensor q, k, v;
-};
-HeadViews project_heads(Linear& c_attn, const Tensor& x, int64_t n_head,
-                        const std::optional<double>& rope_base);
+// Multi-head self-attention with a fused QKV projection, the structure both
+// built-in layers share (and their parameter names, so weights carry over):
+// a Linear(C, 3C) c_attn whose output gives q, k, v as (B, T, H, D) views (no
+// copy); with rope_base set, q and k are rotated by ops::rope(., 0,
+// *rope_base); attend() mixes them; heads merge back to (B, T, C), then the
+// output projection c_proj and residual dropout. attend() gets the dropout p
+// to apply to attention probabilities (the residual's p in training, as
+// nanoGPT does; 0 in eval) and its generator.
+class MultiHeadSelfAttention : public AttentionLayer {
+ public:
+  Tensor forward(const Tensor& x) final;
 
-// Vanilla multi-head causal self-attention (registered as "causal"): a fused
-// QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no copy);
-// with rope_base set, q and k are rotated by ops::rope(., 0, *rope_base);
-// ops::attention(q, k, v, causal) is the fused attention op, which in training
-// also drops attention probabilities with the layer's dropout p; heads merge
-// back to (B, T, C), then the output projection and residual dropout.
-class CausalSelfAttention : public AttentionLayer {
+  int64_t n_embd, n_head;
+  std::optional<double> rope_base;  // rotary q and k when set
+  std::shared_ptr<Linear> c_attn, c_proj;
+  std::shared_ptr<Dropout> resid_drop;
+
+ protected:
+  // Checks the sizes (errors start with type_name) and registers the
+  // projections and the residual dropout.
+  MultiHeadSelfAttention(std::string type_name, int64_t n_embd, int64_t n_head, bool bias,
+                         double dropout, Generator& gen, Generator* dropout_gen,
+                         TensorOptions options, double proj_init_std,
+                         std::optional<double> rope_base);
+  // q, k, v: (B, T, H, D) -> (B, T, H, D).
+  virtual Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
+                        Generator* gen) = 0;
+};
+
+// Vanilla multi-head causal self-attention (registered as "causal"):
+// ops::attention(q, k, v, causal), the fused attention op.
+class CausalSelfAttention : public MultiHeadSelfAttention {
  public:
   CausalSelfAttention(int64_t n_embd, int64_t n_head, bool bias, double dropout, Generator& gen,
                       Generator* dropout_gen = nullptr, TensorOptions options = {},
                       double proj_init_std = kDefaultInitStd,
                       std::optional<double> rope_base = std::nullopt);
   explicit CausalSelfAttention(const AttentionInit& init);
-  Tensor forward(const Tensor& x) override;
 
-  int64_t n_embd, n_head;
-  std::optional<double> rope_base;  // rotary q and k when set
-  std::shared_ptr<Linear> c_attn, c_proj;
-  std::shared_ptr<Dropout> resid_drop;
+ protected:
+  Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
+                Generator* gen) override;
 };
 
 }  // namespace minidl::nn

@@ -68,18 +68,14 @@ std::vector<int64_t> parse_attention_int_list(const std::string& key, const std:
   return values;
 }
 
-DilatedAttention::DilatedAttention(int64_t n_embd_, int64_t n_head_, std::vector<int64_t> segments_,
+DilatedAttention::DilatedAttention(int64_t n_embd, int64_t n_head, std::vector<int64_t> segments_,
                                    std::vector<int64_t> dilations_, bool bias, double dropout,
                                    Generator& gen, Generator* dropout_gen, TensorOptions options,
-                                   double proj_init_std, std::optional<double> rope_base_)
-    : AttentionLayer("DilatedAttention"),
-      n_embd(n_embd_),
-      n_head(n_head_),
+                                   double proj_init_std, std::optional<double> rope_base)
+    : MultiHeadSelfAttention("DilatedAttention", n_embd, n_head, bias, dropout, gen, dropout_gen, options,
+                             proj_init_std, rope_base),
       segments(std::move(segments_)),
-      dilations(std::move(dilations_)),
-      rope_base(rope_base_) {
-  MINIDL_CHECK(n_head > 0 && n_embd > 0 && n_embd % n_head == 0, "DilatedAttention: n_embd ",
-               n_embd, " must be a positive multiple of n_head ", n_head);
+      dilations(std::move(dilations_)) {
   MINIDL_CHECK(!segments.empty(), "DilatedAttention: segments is empty; give at least one branch "
                "(segment length w, dilation r)");
   MINIDL_CHECK(segments.size() == dilations.size(), "DilatedAttention: segments ",
@@ -91,15 +87,6 @@ DilatedAttention::DilatedAttention(int64_t n_embd_, int64_t n_head_, std::vector
     MINIDL_CHECK(dilations[i] >= 1, "DilatedAttention: dilations must be >= 1, got ", dilations[i],
                  " in dilations ", list_str(dilations));
   }
-  MINIDL_CHECK(!rope_base || (std::isfinite(*rope_base) && *rope_base > 0),
-               "DilatedAttention: rope_base must be positive and finite, got ", *rope_base);
-  MINIDL_CHECK(!rope_base || (n_embd / n_head) % 2 == 0, "DilatedAttention: rotary embeddings "
-               "need an even head dim, got n_embd ", n_embd, " / n_head ", n_head, " = ",
-               n_embd / n_head);
-  c_attn = register_module("c_attn", std::make_shared<Linear>(n_embd, 3 * n_embd, bias, gen, options));
-  c_proj = register_module("c_proj", std::make_shared<Linear>(n_embd, n_embd, bias, gen, options,
-                                                              proj_init_std));
-  resid_drop = register_module("resid_drop", std::make_shared<Dropout>(dropout, dropout_gen));
 }
 
 // (The options are parsed once per argument; they are a few bytes of text.)
@@ -109,16 +96,10 @@ DilatedAttention::DilatedAttention(const AttentionInit& init)
                        init.init_gen, init.dropout_gen, init.options, init.proj_init_std,
                        rope_base_for(init.config)) {}
 
-Tensor DilatedAttention::forward(const Tensor& x) {
-  MINIDL_CHECK(x.dim() == 3 && x.size(2) == n_embd, "DilatedAttention: expected input (B, T, ",
-               n_embd, "), got ", shape_str(x.shape()));
-  HeadViews h = project_heads(*c_attn, x, n_head, rope_base);
-  // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
-  Tensor y = ops::dilated_attention(h.q, h.k, h.v, segments, dilations, /*causal=*/true,
-                                    /*scale=*/0, is_training() ? resid_drop->p : 0.0,
-                                    resid_drop->gen)
-                 .first;
-  return resid_drop->forward(c_proj->forward(y.reshape(x.shape())));
+Tensor DilatedAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
+                                Generator* gen) {
+  return ops::dilated_attention(q, k, v, segments, dilations, /*causal=*/true, /*scale=*/0, dropout_p, gen)
+      .first;
 }
 
 }  // namespace minidl::nn

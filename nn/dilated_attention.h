@@ -1,14 +1,11 @@
 #pragma once
 // LongNet dilated multi-head self-attention as a transformer attention layer
 // (registered as "dilated"; built by CharTransformer when config.attention ==
-// "dilated"). Same structure and parameter names as CausalSelfAttention
-// (c_attn, c_proj), so checkpoints and weights carry over between the two:
-// a fused QKV Linear(C, 3C); q, k, v are (B, T, H, D) views of its output (no
-// copy); with rope_base set, q and k are rotated by ops::rope; then
+// "dilated"). A MultiHeadSelfAttention (nn/attention.h) like
+// CausalSelfAttention, with the same parameter names, so checkpoints and
+// weights carry over between the two; it mixes heads with
 // ops::dilated_attention(q, k, v, segments, dilations, causal = true) (exact
-// LongNet semantics, docs/dilated-attention.md; in training it also drops attention
-// probabilities with the layer's dropout p), heads merge back to (B, T, C),
-// the output projection and residual dropout.
+// LongNet semantics, docs/dilated-attention.md).
 //
 // Branch i attends within segments of segments[i] positions, keeping every
 // dilations[i]-th position (head h keeps offset h mod r). One branch with
@@ -36,7 +33,7 @@ namespace minidl::nn {
 // integers; errors name `key` and the offending text.
 std::vector<int64_t> parse_attention_int_list(const std::string& key, const std::string& text);
 
-class DilatedAttention : public AttentionLayer {
+class DilatedAttention : public MultiHeadSelfAttention {
  public:
   DilatedAttention(int64_t n_embd, int64_t n_head, std::vector<int64_t> segments,
                    std::vector<int64_t> dilations, bool bias, double dropout, Generator& gen,
@@ -45,13 +42,12 @@ class DilatedAttention : public AttentionLayer {
                    std::optional<double> rope_base = std::nullopt);
   // From config.n_embd, n_head, bias, dropout and the attention options above.
   explicit DilatedAttention(const AttentionInit& init);
-  Tensor forward(const Tensor& x) override;
 
-  int64_t n_embd, n_head;
   std::vector<int64_t> segments, dilations;
-  std::optional<double> rope_base;  // rotary q and k when set
-  std::shared_ptr<Linear> c_attn, c_proj;
-  std::shared_ptr<Dropout> resid_drop;
+
+ protected:
+  Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
+                Generator* gen) override;
 };
 
 }  // namespace minidl::nn
