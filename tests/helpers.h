@@ -48,4 +48,15 @@ inline void check_close(const Tensor& a, const Tensor& b, double atol, double rt
   CHECK(worst <= 1.0);
 }
 
+// Float64 gradcheck of forward() over x (first, when defined) and every
+// parameter of `module`.
+template <typename F>
+void check_module_grads(const nn::Module& module, const Tensor& x, F forward,
+                        GradcheckOptions options = {}) {
+  std::vector<Tensor> inputs;
+  if (x.defined()) inputs.push_back(x);
+  for (const Tensor& p : module.parameters()) inputs.push_back(p);
+  CHECK(gradcheck([&](const std::vector<Tensor>&) { return forward(); }, inputs, options));
+}
+
 }  // namespace minidl::testing

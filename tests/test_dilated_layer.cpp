@@ -13,6 +13,7 @@
 
 using namespace minidl;
 using minidl::testing::check_close;
+using minidl::testing::check_module_grads;
 using minidl::testing::random_tensor;
 
 namespace {
@@ -20,14 +21,6 @@ namespace {
 const TensorOptions kF64{DType::Float64, Device::cpu(), false};
 
 TensorOptions grad_f64() { return {DType::Float64, Device::cpu(), true}; }
-
-// gradcheck over x and every parameter of `module`.
-template <typename F>
-void check_module_grads(const nn::Module& module, const Tensor& x, F forward) {
-  std::vector<Tensor> inputs{x};
-  for (const Tensor& p : module.parameters()) inputs.push_back(p);
-  CHECK(gradcheck([&](const std::vector<Tensor>&) { return forward(); }, inputs));
-}
 
 // Randomises every parameter (far from the small init, so attention weights
 // are far from uniform and rope's rotations matter).

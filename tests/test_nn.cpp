@@ -7,6 +7,7 @@
 
 using namespace minidl;
 using minidl::testing::check_close;
+using minidl::testing::check_module_grads;
 using minidl::testing::random_tensor;
 
 namespace {
@@ -14,16 +15,6 @@ namespace {
 const TensorOptions kF64{DType::Float64, Device::cpu(), false};
 
 TensorOptions grad_f64() { return {DType::Float64, Device::cpu(), true}; }
-
-// gradcheck over x (first) and every parameter of `module`.
-template <typename F>
-void check_module_grads(const nn::Module& module, const Tensor& x, F forward,
-                        GradcheckOptions options = {}) {
-  std::vector<Tensor> inputs;
-  if (x.defined()) inputs.push_back(x);
-  for (const Tensor& p : module.parameters()) inputs.push_back(p);
-  CHECK(gradcheck([&](const std::vector<Tensor>&) { return forward(); }, inputs, options));
-}
 
 nn::CharTransformerConfig tiny_config() {
   nn::CharTransformerConfig c;
