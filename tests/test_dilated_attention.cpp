@@ -236,6 +236,23 @@ Backward run_backward(BackwardFn fn, const Tensor& q, const Tensor& k, const Ten
   return g;
 }
 
+// d objective / d values[e] by central differences (step 1e-6), each value
+// perturbed in place and restored.
+template <typename Objective>
+std::vector<double> central_differences(std::vector<double>& values, Objective&& objective) {
+  std::vector<double> numeric(values.size());
+  for (size_t e = 0; e < values.size(); ++e) {
+    const double orig = values[e], eps = 1e-6;
+    values[e] = orig + eps;
+    double fp = objective();
+    values[e] = orig - eps;
+    double fm = objective();
+    values[e] = orig;
+    numeric[e] = (fp - fm) / (2 * eps);
+  }
+  return numeric;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -277,16 +294,7 @@ TEST_CASE("reference backward matches finite differences of the brute force") {
     };
     const Tensor* analytic[3] = {&g.dq, &g.dk, &g.dv};
     for (int t = 0; t < 3; ++t) {
-      std::vector<double> numeric(x[t].size());
-      for (size_t e = 0; e < x[t].size(); ++e) {
-        const double orig = x[t][e], eps = 1e-6;
-        x[t][e] = orig + eps;
-        double fp = objective();
-        x[t][e] = orig - eps;
-        double fm = objective();
-        x[t][e] = orig;
-        numeric[e] = (fp - fm) / (2 * eps);
-      }
+      std::vector<double> numeric = central_differences(x[t], objective);
       CAPTURE(t);
       check_close(*analytic[t], from_vector(numeric, q.shape()), 1e-7, 1e-6);
     }
@@ -721,16 +729,7 @@ TEST_CASE("dropout: reference forward and backward match the formulas; the backw
     };
     const std::vector<double>* analytic[3] = {&formulas.dq, &formulas.dk, &formulas.dv};
     for (int t = 0; t < 3; ++t) {
-      std::vector<double> numeric(x[t].size());
-      for (size_t e = 0; e < x[t].size(); ++e) {
-        const double orig = x[t][e], eps = 1e-6;
-        x[t][e] = orig + eps;
-        double fp = objective();
-        x[t][e] = orig - eps;
-        double fm = objective();
-        x[t][e] = orig;
-        numeric[e] = (fp - fm) / (2 * eps);
-      }
+      std::vector<double> numeric = central_differences(x[t], objective);
       CAPTURE(t);
       check_close(from_vector(*analytic[t], q.shape()), from_vector(numeric, q.shape()), 1e-7, 1e-6);
     }
