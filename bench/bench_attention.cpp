@@ -1,4 +1,5 @@
-// Dilated vs dense causal attention on CUDA (bf16, B=1, H=8, D=64): forward
+// Dilated vs dense causal attention on CUDA (bf16, B=1, H=8, D=64; dense also
+// at D=128): forward
 // and forward+backward time, effective TFLOP/s counting only useful FLOPs
 // (4·D per attended (query, key) pair forward, 2.5x that backward) and peak
 // memory. The dilated configuration is LongNet's: w = 2048, 4096, 8192, 16384
@@ -34,7 +35,7 @@ const std::vector<int64_t> kDilations = {1, 2, 4, 8};
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
-void run(benchmark::State& state, bool dilated, bool backward, const char* kernel) {
+void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -45,9 +46,9 @@ void run(benchmark::State& state, bool dilated, bool backward, const char* kerne
   std::vector<int64_t> segments = dilated ? kSegments : std::vector<int64_t>{n};
   std::vector<int64_t> dilations = dilated ? kDilations : std::vector<int64_t>{1};
   TensorOptions opts{DType::BFloat16, dev, backward};
-  Tensor q = ops::randn({1, n, kHeads, kDim}, opts), k = ops::randn({1, n, kHeads, kDim}, opts),
-         v = ops::randn({1, n, kHeads, kDim}, opts);
-  Tensor seed = backward ? ops::randn({1, n, kHeads, kDim}, {DType::BFloat16, dev, false}) : Tensor();
+  Tensor q = ops::randn({1, n, kHeads, dim}, opts), k = ops::randn({1, n, kHeads, dim}, opts),
+         v = ops::randn({1, n, kHeads, dim}, opts);
+  Tensor seed = backward ? ops::randn({1, n, kHeads, dim}, {DType::BFloat16, dev, false}) : Tensor();
   auto step = [&] {
     auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, true);
     if (backward) out.backward(seed);
@@ -61,14 +62,14 @@ void run(benchmark::State& state, bool dilated, bool backward, const char* kerne
   }
   DilatedAttentionConfig config;
   for (size_t i = 0; i < segments.size(); ++i) config.branches.push_back({segments[i], dilations[i]});
-  double flops = 4.0 * kDim * attended_pairs(n, kHeads, config) * (backward ? 3.5 : 1.0);
+  double flops = 4.0 * dim * attended_pairs(n, kHeads, config) * (backward ? 3.5 : 1.0);
   state.counters["TFLOP/s"] =
       benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_GiB"] = double(memory_stats(dev).peak_allocated) / double(1 << 30);
 }
 
-void sizes(benchmark::internal::Benchmark* b, int64_t max_n) {
-  for (int64_t n = 2048; n <= max_n; n *= 4) b->Arg(n);
+void sizes(benchmark::internal::Benchmark* b, int64_t min_n, int64_t max_n) {
+  for (int64_t n = min_n; n <= max_n; n *= 4) b->Arg(n);
   if (max_n >= (1 << 20)) b->Arg(1 << 20);
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
@@ -80,10 +81,14 @@ void register_benchmarks() {
   struct Problem {
     const char* name;
     bool dilated, backward;
-    int64_t max_n;
+    int64_t dim, min_n, max_n;
   };
-  const Problem problems[] = {{"dilated_fwd", true, false, 1 << 20}, {"dilated_fwd_bwd", true, true, 1 << 20},
-                              {"dense_fwd", false, false, 131072}, {"dense_fwd_bwd", false, true, 131072}};
+  const Problem problems[] = {{"dilated_fwd", true, false, kDim, 2048, 1 << 20},
+                              {"dilated_fwd_bwd", true, true, kDim, 2048, 1 << 20},
+                              {"dense_fwd", false, false, kDim, 2048, 131072},
+                              {"dense_fwd_bwd", false, true, kDim, 2048, 131072},
+                              {"dense_d128_fwd", false, false, 128, 16384, 16384},
+                              {"dense_d128_fwd_bwd", false, true, 128, 16384, 16384}};
   for (const Problem& p : problems)
     for (const char* name : {"mma", "wgmma", "ws"}) {
 #if defined(MINIDL_WITH_CUDA)
@@ -94,7 +99,7 @@ void register_benchmarks() {
         setenv("MINIDL_ATTENTION_KERNEL", name, 1);
         auto runs = [&](cuda::AttentionPass pass) {
           return std::string_view(name) == cuda::attention_kernel_name(
-                                                cuda::choose_attention_kernel(DType::BFloat16, kDim, false, pass));
+                                                cuda::choose_attention_kernel(DType::BFloat16, p.dim, false, pass));
         };
         if (!runs(cuda::AttentionPass::kForward) && !(p.backward && runs(cuda::AttentionPass::kBackward)))
           continue;
@@ -102,9 +107,10 @@ void register_benchmarks() {
 #else
       if (std::string_view(name) != "mma") continue;
 #endif
-      sizes(benchmark::RegisterBenchmark((std::string(p.name) + ":" + name).c_str(),
-                                         [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, name); }),
-            p.max_n);
+      sizes(benchmark::RegisterBenchmark(
+                (std::string(p.name) + ":" + name).c_str(),
+                [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, name); }),
+            p.min_n, p.max_n);
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");
 }

@@ -522,7 +522,8 @@ bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, Atten
     case AttentionKernel::kSimt: return true;
     case AttentionKernel::kMmaSync: return dtype == DType::BFloat16 && mma_head_dim(d);
     case AttentionKernel::kWgmma: return forward && hopper && dtype == DType::BFloat16 && d == 64;
-    case AttentionKernel::kWarpSpecialized: return false;  // not built yet
+    case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the wgmma kernel)
+      return forward && hopper && dtype == DType::BFloat16 && d == 64 && !dropout;
   }
   return false;
 }

@@ -38,6 +38,14 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
 // The Hopper forward (cuda/sm90a/, built when sm_90 is a target): head dim 64
 // on a device of compute capability 9.0; the same contract as forward_mma.
 #if MINIDL_WGMMA
+// The warp-specialised Hopper forward (TMA producer, consumer warpgroups):
+// takes q/k/v whose batch stride is N row strides and whose rows are 16-byte
+// aligned (ws_takes); no dropout. The same contract as forward_mma otherwise.
+bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+              const BranchGrid& g, int64_t batch);
+void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                const BranchGrid& g, int64_t batch, bool causal, float scale_log2, MergeMode mode,
+                float* o_acc, float* lse, BFloat16* out);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
                    const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
