@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <optional>
 
 #include "commands.h"
 #include "plot/plot.h"
@@ -226,6 +227,10 @@ int cmd_compare(const std::vector<std::string>& args) {
               << "effective segments are " << join(effective) << "\n";
 
   const std::string dir = o.out;
+  // A comparison that fails before its vanilla run has a directory (bad data,
+  // say) leaves nothing that would make --out refuse the directory.
+  std::optional<FreshDirGuard> fresh_guard;
+  if (!resuming) fresh_guard.emplace(dir, std::vector<std::string>{kCompareFile}, "vanilla");
   fs::create_directories(dir);
   save_compare_state(dir, o, id);
 

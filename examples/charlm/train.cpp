@@ -166,6 +166,20 @@ std::string new_run_id() {
   return hex64(nn::fnv1a64(&entropy, sizeof entropy));
 }
 
+FreshDirGuard::FreshDirGuard(std::string dir, std::vector<std::string> files, std::string resumable)
+    : dir_(std::move(dir)),
+      files_(std::move(files)),
+      resumable_(std::move(resumable)),
+      created_(!fs::exists(dir_)),
+      exceptions_(std::uncaught_exceptions()) {}
+
+FreshDirGuard::~FreshDirGuard() {
+  std::error_code ec;
+  if (std::uncaught_exceptions() == exceptions_ || fs::exists(fs::path(dir_) / resumable_, ec)) return;
+  for (const std::string& name : files_) fs::remove(fs::path(dir_) / name, ec);
+  if (created_) fs::remove(dir_, ec);  // fails, as it should, unless empty
+}
+
 const std::vector<std::string>& run_artifact_names() {
   static const std::vector<std::string> names = {"last.ckpt",   "best.ckpt",   "log.csv",     "loss.png",
                                                  "compare.run", "compare.csv", "compare.png", "summary.txt",
@@ -266,6 +280,10 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     }
     if (run_id.empty()) run_id = new_run_id();
   }
+  // A fresh run that fails before its first checkpoint (a bad device, out of
+  // memory) leaves no files that would make --out refuse the directory.
+  std::optional<FreshDirGuard> fresh_guard;
+  if (!resume) fresh_guard.emplace(dir, std::vector<std::string>{"log.csv", "loss.png", "best.ckpt"}, "last.ckpt");
   fs::create_directories(dir);
 
   minidl::reset_peak_memory_stats(device);

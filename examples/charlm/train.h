@@ -45,6 +45,25 @@ struct ResumedRun {
 };
 ResumedRun load_resumed_run(const std::string& dir, const FlagSet& flags, const TrainOptions& requested);
 
+// Undoes a fresh run directory when an exception ends the run before it has
+// anything to resume (`resumable`, a name in `dir`, does not exist), so that
+// the same --out can be used again: removes `files` from `dir`, then `dir`
+// itself if it did not exist when the guard was made and is now empty.
+class FreshDirGuard {
+ public:
+  FreshDirGuard(std::string dir, std::vector<std::string> files, std::string resumable);
+  ~FreshDirGuard();
+  FreshDirGuard(const FreshDirGuard&) = delete;
+  FreshDirGuard& operator=(const FreshDirGuard&) = delete;
+
+ private:
+  std::string dir_;
+  std::vector<std::string> files_;
+  std::string resumable_;
+  bool created_;
+  int exceptions_;  // std::uncaught_exceptions() when made
+};
+
 // The names of the files and folders charlm train and compare write into a
 // run directory, and those of them that `dir` holds.
 const std::vector<std::string>& run_artifact_names();

@@ -260,6 +260,12 @@ errors)
       fail "the log write error does not give the reason: $(cat err.txt)"
     [ -z "$(ls full)" ] || fail "a failed log write left files behind: $(ls full)"
   fi
+  # A comparison that fails before training leaves no directory that --out would then refuse.
+  head -c 300 text.txt >small.txt
+  "$charlm" compare "${TINY[@]}" --data small.txt --context 64 --out small >out.txt 2>err.txt
+  [ $? -eq 2 ] || fail "compare on too small a text should exit 2: $(cat err.txt)"
+  grep -q "too small for --context 64" err.txt || fail "unexpected error: $(cat err.txt)"
+  [ ! -e small ] || fail "the failed compare left $(ls -R small)"
   echo "not a checkpoint" >bad.ckpt
   "$charlm" sample --ckpt bad.ckpt >out.txt 2>err.txt
   [ $? -eq 1 ] || fail "sampling a bad checkpoint should exit 1"
