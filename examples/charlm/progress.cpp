@@ -71,7 +71,7 @@ void Progress::update(const ProgressState& s) {
   };
   line += " | train " + loss(s.train_loss) + " | val " + loss(s.val_loss);
   if (!std::isnan(s.val_loss)) {
-    if (s.val_step != s.step) line += " (step " + std::to_string(s.val_step) + ")";
+    if (s.val_step >= 0 && s.val_step != s.step) line += " (step " + std::to_string(s.val_step) + ")";
     else if (s.new_best) line += " (new best)";
   }
   std::snprintf(buf, sizeof buf, " | lr %.2e", s.lr);

@@ -18,7 +18,7 @@ struct ProgressState {
   int64_t step = 0, iters = 0;
   double train_loss = NAN;  // NaN: none yet
   double val_loss = NAN;    // latest measured; NaN: none yet
-  int64_t val_step = -1;    // the step val_loss was measured at
+  int64_t val_step = -1;    // the step val_loss was measured at; -1: unknown (older checkpoints)
   bool new_best = false;    // val_loss, measured at this step, is the best so far
   double lr = NAN;
   double tokens_per_s = NAN;

@@ -470,7 +470,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     // The evaluation a signal stopped: an evaluation step of the stopped run,
     // whatever the intervals now.
     if (eval_pending) stopped_in_eval = !log_step(/*eval_step=*/true);
-    if (step >= o.iters && !stopped_in_eval)
+    else if (step >= o.iters)
       progress.message("already at step " + std::to_string(step) + "; pass a larger --iters to train further");
   }
 
