@@ -58,6 +58,8 @@ int alignment_of(std::initializer_list<const void*> ptrs) {
   return align;
 }
 
+// Owns a cuBLASLt descriptor; destruction is unchecked (it only frees host
+// memory, and a destructor must not throw).
 template <typename T, void (*Destroy)(T)> struct Handle {
   T h = nullptr;
   ~Handle() {
