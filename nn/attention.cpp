@@ -100,14 +100,15 @@ Tensor attend_cached(const Tensor& q, const AttentionCache& cache, int64_t pos,
     if (std::find(covered.begin(), covered.end(), 0.0) != covered.end()) {
       // Rows no branch keeps: any finite scores (then zeroed) instead of 0/0.
       kept = from_vector(covered, {H, T, 1}).to(dtype).to(q.device());
-      count = ops::add(count, ops::sub(ops::ones_like(kept), kept));
+      count = count + (1.0 - kept);
     }
     bias = ops::log(count);
   }
-  // (B, H, T, D) @ (B, H, D, L) -> scores (B, H, T, L); views, no copies.
+  // Scaled queries (B, H, T, D) @ keys (B, H, D, L) -> scores (B, H, T, L);
+  // the window's keys and values are views of the cache, not copies.
   Tensor keys = cache.k.narrow(1, start, L), values = cache.v.narrow(1, start, L);
-  Tensor scores = ops::mul(ops::matmul(ops::to(q, dtype).permute({0, 2, 1, 3}), keys.permute({0, 2, 3, 1})),
-                           1.0 / std::sqrt(static_cast<double>(D)));
+  Tensor scaled = ops::mul(ops::to(q, dtype), 1.0 / std::sqrt(static_cast<double>(D)));
+  Tensor scores = ops::matmul(scaled.permute({0, 2, 1, 3}), keys.permute({0, 2, 3, 1}));
   if (bias.defined()) scores = ops::add(scores, bias);
   Tensor y = ops::matmul(ops::softmax(scores), values.permute({0, 2, 1, 3}));  // (B, H, T, D)
   if (kept.defined()) y = ops::mul(y, kept);
