@@ -109,7 +109,8 @@ constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequ
 // on x, as forward(x) does; later calls attend, for each new query, over the
 // cached keys that branches() names (a softmax over their multiset union,
 // computed with ops::matmul and ops::softmax over the window of keys the
-// query's segments cover), so a step costs O(longest segment), not O(T^2).
+// query's segments cover): a step costs O(cached positions) with one dense
+// branch, O(longest segment) with dilated branches.
 class MultiHeadSelfAttention : public AttentionLayer {
  public:
   Tensor forward(const Tensor& x) final;

@@ -74,9 +74,11 @@ class CharTransformer : public Module {
   // from 0 as in training: the last block_size ids of the prompt, growing by
   // one per new id; when the window is full (block_size ids), it restarts
   // from its last block_size / 2 ids (at least one), which are fed again
-  // from an empty cache. So every id is drawn from forward() of a window of
-  // the latest min(n, block_size / 2) to block_size ids, exactly; re-feeding
-  // half a window every block_size / 2 ids keeps the cost per id bounded.
+  // from an empty cache. So each id is drawn from exactly the logits
+  // forward() gives for a window of the latest ids: all of them while they
+  // fit in block_size, then between block_size / 2 and block_size of them.
+  // (Re-feeding half a window every block_size / 2 ids keeps the cost per id
+  // bounded; sliding by one id would re-feed the whole window every time.)
   // Runs without recording autograd; call eval() first to disable dropout.
   std::vector<int32_t> generate(std::vector<int32_t> prompt, int64_t max_new_tokens,
                                 const std::function<int32_t(const std::vector<float>&)>& sample) const;
