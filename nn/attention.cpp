@@ -1,9 +1,11 @@
 #include "nn/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <sstream>
 
+#include "autograd/grad_mode.h"
 #include "nn/dilated_attention.h"
 #include "ops/ops.h"
 
@@ -26,7 +28,102 @@ std::map<std::string, AttentionFactory>& registry() {
   return factories;
 }
 
+// Writes rows (B, T, ...) at positions [length, length + T) along dim 1 of
+// `buffer` (B, capacity, ...) in `dtype`, first reallocating it (doubling the
+// capacity, keeping the valid rows) when they do not fit.
+void append_rows(Tensor& buffer, int64_t length, const Tensor& rows, DType dtype) {
+  const int64_t needed = length + rows.size(1);
+  if (!buffer.defined() || buffer.size(1) < needed) {
+    Shape shape = rows.shape();
+    shape[1] = std::max<int64_t>({needed, 64, buffer.defined() ? 2 * buffer.size(1) : 0});
+    Tensor grown = ops::empty(shape, {dtype, rows.device(), false});
+    if (length > 0) ops::copy_(grown.narrow(1, 0, length), buffer.narrow(1, 0, length));
+    buffer = grown;
+  }
+  ops::copy_(buffer.narrow(1, length, rows.size(1)), rows);
+}
+
+// x must be (B, T >= 1, C) with the batch size of the rows already cached.
+void check_cached_input(const std::string& layer, const Tensor& x, const AttentionCache& cache,
+                        const Tensor& cached) {
+  MINIDL_CHECK(x.defined() && x.dim() == 3 && x.size(1) >= 1, layer,
+               ": cached forward expects input (B, T >= 1, C), got ",
+               x.defined() ? shape_str(x.shape()) : std::string("an undefined tensor"));
+  MINIDL_CHECK(cache.length >= 0 && (cache.length == 0 || (cached.defined() &&
+                                                           cached.size(1) >= cache.length)),
+               layer, ": the cache claims ", cache.length, " positions but holds ",
+               cached.defined() ? cached.size(1) : 0);
+  MINIDL_CHECK(cache.length == 0 || cached.size(0) == x.size(0), layer, ": input batch ", x.size(0),
+               " differs from the cached batch ", cached.size(0));
+}
+
+// Attention of the queries q (B, T, H, D) at positions pos .. pos + T - 1
+// over the cached keys and values (B, >= pos + T, H, D) that `branches` give
+// them (docs/dilated-attention.md): for each head and query, one softmax over
+// the multiset union of the keys of the branches that keep the query, i.e.
+// weights proportional to m_j exp(s_j), where m_j counts the branches that
+// give key j. It runs densely over the window of keys any branch gives (from
+// the earliest segment start), adding log m_j to the scores (-inf where no
+// branch gives j); a (head, query) that no branch keeps gets 0, as in the op.
+Tensor attend_cached(const Tensor& q, const AttentionCache& cache, int64_t pos,
+                     const AttentionBranches& branches) {
+  NoGradGuard no_grad;
+  const int64_t H = q.size(2), T = q.size(1), D = q.size(3), last = pos + T - 1;
+  const DType dtype = cache.k.dtype();
+  const TensorOptions options{dtype, q.device(), false};
+  int64_t start = pos;
+  for (int64_t w : branches.segments) start = std::min(start, pos / w * w);
+  const int64_t L = last - start + 1;
+
+  // The multiplicities m (H, T, L), one strided block per (query, branch):
+  // branch (w, r) keeps query p for the heads h = c, c + r, ... where
+  // c = (p - s) mod r, s = p's segment start, and gives them the keys
+  // s + c, s + c + r, ... <= p.
+  // (One branch with r = 1 gives one query every key of the window: no bias.)
+  const bool plain = T == 1 && branches.dilations.size() == 1 && branches.dilations[0] == 1;
+  Tensor bias, kept;
+  if (!plain) {
+    Tensor count = ops::zeros({H, T, L}, options);
+    const Tensor one = ops::ones({}, options);
+    std::vector<double> covered(static_cast<size_t>(H * T), 0.0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t p = pos + t;
+      for (size_t i = 0; i < branches.segments.size(); ++i) {
+        const int64_t w = branches.segments[i], r = branches.dilations[i];
+        const int64_t s = p / w * w, c = (p - s) % r;
+        if (c >= H) continue;  // no head has this offset
+        ops::add_(count.slice(0, c, H, r).narrow(1, t, 1).slice(2, s + c - start, p - start + 1, r),
+                  one);
+        for (int64_t h = c; h < H; h += r) covered[static_cast<size_t>(h * T + t)] = 1.0;
+      }
+    }
+    if (std::find(covered.begin(), covered.end(), 0.0) != covered.end()) {
+      // Rows no branch keeps: any finite scores (then zeroed) instead of 0/0.
+      kept = from_vector(covered, {H, T, 1}).to(dtype).to(q.device());
+      count = count + (1.0 - kept);
+    }
+    bias = ops::log(count);
+  }
+  // Scaled queries (B, H, T, D) @ keys (B, H, D, L) -> scores (B, H, T, L);
+  // the window's keys and values are views of the cache, not copies.
+  Tensor keys = cache.k.narrow(1, start, L), values = cache.v.narrow(1, start, L);
+  Tensor scaled = ops::mul(ops::to(q, dtype), 1.0 / std::sqrt(static_cast<double>(D)));
+  Tensor scores = ops::matmul(scaled.permute({0, 2, 1, 3}), keys.permute({0, 2, 3, 1}));
+  if (bias.defined()) scores = ops::add(scores, bias);
+  Tensor y = ops::matmul(ops::softmax(scores), values.permute({0, 2, 1, 3}));  // (B, H, T, D)
+  if (kept.defined()) y = ops::mul(y, kept);
+  return ops::to(y.permute({0, 2, 1, 3}), q.dtype());
+}
+
 }  // namespace
+
+Tensor AttentionLayer::forward(const Tensor& x, AttentionCache& cache) {
+  check_cached_input(type_name(), x, cache, cache.x);
+  const int64_t T = x.size(1);
+  append_rows(cache.x, cache.length, x, x.dtype());
+  cache.length += T;
+  return forward(cache.x.narrow(1, 0, cache.length)).narrow(1, cache.length - T, T);
+}
 
 std::optional<double> rope_base_for(const CharTransformerConfig& config) {
   if (config.position_embedding != "rope") return std::nullopt;
@@ -88,7 +185,7 @@ MultiHeadSelfAttention::MultiHeadSelfAttention(std::string type_name, int64_t n_
   resid_drop = register_module("resid_drop", std::make_shared<Dropout>(dropout, dropout_gen));
 }
 
-Tensor MultiHeadSelfAttention::forward(const Tensor& x) {
+std::vector<Tensor> MultiHeadSelfAttention::project_qkv(const Tensor& x, int64_t position) {
   MINIDL_CHECK(x.dim() == 3 && x.size(2) == n_embd, type_name(), ": expected input (B, T, ", n_embd,
                "), got ", shape_str(x.shape()));
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
@@ -96,14 +193,34 @@ Tensor MultiHeadSelfAttention::forward(const Tensor& x) {
   // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
   // split records one node, so backward assembles d(qkv) with one concatenation.
   std::vector<Tensor> parts = ops::split(qkv, C, 2);
-  auto heads = [&](size_t which) { return parts[which].view({B, T, n_head, C / n_head}); };
-  Tensor q = heads(0), k = heads(1), v = heads(2);
+  for (Tensor& part : parts) part = part.view({B, T, n_head, C / n_head});
   if (rope_base) {
-    q = ops::rope(q, 0, *rope_base);
-    k = ops::rope(k, 0, *rope_base);
+    parts[0] = ops::rope(parts[0], position, *rope_base);
+    parts[1] = ops::rope(parts[1], position, *rope_base);
   }
+  return parts;
+}
+
+Tensor MultiHeadSelfAttention::forward(const Tensor& x) {
+  std::vector<Tensor> qkv = project_qkv(x, 0);
   // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
-  Tensor y = attend(q, k, v, is_training() ? resid_drop->p : 0.0, resid_drop->gen);
+  Tensor y = attend(qkv[0], qkv[1], qkv[2], is_training() ? resid_drop->p : 0.0, resid_drop->gen);
+  return resid_drop->forward(c_proj->forward(y.reshape(x.shape())));
+}
+
+Tensor MultiHeadSelfAttention::forward(const Tensor& x, AttentionCache& cache) {
+  check_cached_input(type_name(), x, cache, cache.k);
+  MINIDL_CHECK(!is_training() || resid_drop->p == 0, type_name(),
+               ": cached decoding runs without dropout; call eval() first");
+  const int64_t position = cache.length, T = x.size(1);
+  std::vector<Tensor> qkv = project_qkv(x, position);
+  const DType dtype = qkv[1].dtype() == DType::Float64 ? DType::Float64 : DType::Float32;
+  append_rows(cache.k, position, qkv[1], dtype);
+  append_rows(cache.v, position, qkv[2], dtype);
+  cache.length = position + T;
+  // From an empty cache the new rows are the whole sequence: the fused op.
+  Tensor y = position == 0 ? attend(qkv[0], qkv[1], qkv[2], 0.0, nullptr)
+                           : attend_cached(qkv[0], cache, position, branches());
   return resid_drop->forward(c_proj->forward(y.reshape(x.shape())));
 }
 

@@ -10,6 +10,7 @@
 //
 // Built in: "causal" (CausalSelfAttention, below) and "dilated"
 // (DilatedAttention, nn/dilated_attention.h).
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -22,12 +23,36 @@
 
 namespace minidl::nn {
 
-// (B, T, C) -> (B, T, C): self-attention over T, including its output
+// What one attention layer keeps between forward(x, cache) calls during
+// incremental decoding (CharTransformer::forward(idx, cache) holds one per
+// block). Buffers are allocated on first use and grow by doubling; only
+// positions [0, length) are valid.
+struct AttentionCache {
+  // MultiHeadSelfAttention: keys (rotated under rope) and values,
+  // (B, capacity, H, D), float32 for float32 and bfloat16 models (the fused
+  // kernels' accumulation dtype, so a cached step scores in fp32 as they do),
+  // float64 for float64 ones.
+  Tensor k, v;
+  // The AttentionLayer default: the layer's inputs (B, capacity, C).
+  Tensor x;
+  int64_t length = 0;  // positions cached
+};
+
+// (B, T, C) -> (B, T, C): causal self-attention over T, including its output
 // projection (the residual add is the block's).
 class AttentionLayer : public Module {
  public:
   using Module::Module;
   virtual Tensor forward(const Tensor& x) = 0;
+  // Incremental decoding. x (B, T, C) holds positions cache.length ..
+  // cache.length + T - 1 of a sequence whose earlier positions went through
+  // this layer with `cache` (empty at first); returns their outputs, equal
+  // to forward() of the whole sequence at those positions, and appends them
+  // to the cache. Inference only: no dropout, no autograd needed. This
+  // default keeps the inputs and re-runs forward() on all of them (exact for
+  // any causal layer, but no faster); MultiHeadSelfAttention overrides it
+  // with a key/value cache.
+  virtual Tensor forward(const Tensor& x, AttentionCache& cache);
 };
 
 // What a factory gets to build the attention layer of block `layer`.
@@ -60,17 +85,36 @@ constexpr double kDefaultRopeBase = 10000.0;
 // positive number; throws naming the key otherwise) or kDefaultRopeBase.
 std::optional<double> rope_base_for(const CharTransformerConfig& config);
 
+// The keys a causal attention layer gives each query, as LongNet branches
+// (docs/dilated-attention.md): branch i splits the sequence into segments of
+// segments[i] positions and keeps every dilations[i]-th one (head h at offset
+// h mod r); a query attends the union (a multiset) of the kept keys at or
+// before it in the segments of the branches that keep it. Vanilla causal
+// attention is one branch {kWholeSequence, 1}.
+struct AttentionBranches {
+  std::vector<int64_t> segments, dilations;
+};
+constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequence
+
 // Multi-head self-attention with a fused QKV projection, the structure both
 // built-in layers share (and their parameter names, so weights carry over):
 // a Linear(C, 3C) c_attn whose output gives q, k, v as (B, T, H, D) views (no
-// copy); with rope_base set, q and k are rotated by ops::rope(., 0,
-// *rope_base); attend() mixes them; heads merge back to (B, T, C), then the
-// output projection c_proj and residual dropout. attend() gets the dropout p
-// to apply to attention probabilities (the residual's p in training, as
-// nanoGPT does; 0 in eval) and its generator.
+// copy); with rope_base set, q and k are rotated by ops::rope(., position of
+// the first row, *rope_base); attend() mixes them; heads merge back to
+// (B, T, C), then the output projection c_proj and residual dropout. attend()
+// gets the dropout p to apply to attention probabilities (the residual's p in
+// training, as nanoGPT does; 0 in eval) and its generator.
+//
+// forward(x, cache) keeps k and v. A first call (empty cache) runs attend()
+// on x, as forward(x) does; later calls attend, for each new query, over the
+// cached keys that branches() names (a softmax over their multiset union,
+// computed with ops::matmul and ops::softmax over the window of keys the
+// query's segments cover): a step costs O(cached positions) with one dense
+// branch, O(longest segment) with dilated branches.
 class MultiHeadSelfAttention : public AttentionLayer {
  public:
   Tensor forward(const Tensor& x) final;
+  Tensor forward(const Tensor& x, AttentionCache& cache) override;
 
   int64_t n_embd, n_head;
   std::optional<double> rope_base;  // rotary q and k when set
@@ -87,6 +131,14 @@ class MultiHeadSelfAttention : public AttentionLayer {
   // q, k, v: (B, T, H, D) -> (B, T, H, D).
   virtual Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
                         Generator* gen) = 0;
+  // The keys attend() gives each query; forward(x, cache) attends exactly
+  // these. (A subclass whose attend() has no such form overrides
+  // forward(x, cache) with AttentionLayer's.)
+  virtual AttentionBranches branches() const = 0;
+
+ private:
+  // q, k, v (B, T, H, D) of x, rotated for positions from `position`.
+  std::vector<Tensor> project_qkv(const Tensor& x, int64_t position);
 };
 
 // Vanilla multi-head causal self-attention (registered as "causal"):
@@ -102,6 +154,7 @@ class CausalSelfAttention : public MultiHeadSelfAttention {
  protected:
   Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
                 Generator* gen) override;
+  AttentionBranches branches() const override { return {{kWholeSequence}, {1}}; }
 };
 
 }  // namespace minidl::nn

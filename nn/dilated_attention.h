@@ -48,6 +48,7 @@ class DilatedAttention : public MultiHeadSelfAttention {
  protected:
   Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
                 Generator* gen) override;
+  AttentionBranches branches() const override { return {segments, dilations}; }
 };
 
 }  // namespace minidl::nn

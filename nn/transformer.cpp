@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <sstream>
 
 #include "autograd/grad_mode.h"
@@ -134,6 +135,11 @@ Tensor TransformerBlock::forward(const Tensor& x) const {
   return ops::add(h1, mlp->forward(ln_2->forward(h1)));
 }
 
+Tensor TransformerBlock::forward(const Tensor& x, AttentionCache& cache) const {
+  Tensor h1 = ops::add(x, attn->forward(ln_1->forward(x), cache));
+  return ops::add(h1, mlp->forward(ln_2->forward(h1)));
+}
+
 // ---- CharTransformer ----
 
 namespace {
@@ -164,22 +170,54 @@ CharTransformer::CharTransformer(const CharTransformerConfig& config, uint64_t s
                                                                   false, init_gen, options));
 }
 
-Tensor CharTransformer::forward(const Tensor& idx) const {
+namespace {
+void check_ids(const Tensor& idx) {
   MINIDL_CHECK(idx.defined() && idx.dim() == 2 && idx.dtype() == DType::Int32,
                "CharTransformer: expected int32 token ids (B, T), got ",
                idx.defined() ? ::minidl::detail::concat(idx.dtype(), " ", shape_str(idx.shape()))
                              : std::string("an undefined tensor"));
+}
+}  // namespace
+
+Tensor CharTransformer::embed(const Tensor& idx, int64_t position) const {
+  // Position embeddings of position.. are rows of wpe: a view, no index
+  // tensor, broadcast over the batch.
+  Tensor x = wte->forward(idx);
+  if (wpe) x = ops::add(x, wpe->weight.narrow(0, position, idx.size(1)));
+  return drop->forward(x);
+}
+
+Tensor CharTransformer::head(const Tensor& x) const {
+  Tensor y = ln_f->forward(x);
+  return lm_head ? lm_head->forward(y) : ops::linear(y, wte->weight);
+}
+
+Tensor CharTransformer::forward(const Tensor& idx) const {
+  check_ids(idx);
   const int64_t T = idx.size(1);
   MINIDL_CHECK(T >= 1 && T <= config_.block_size, "CharTransformer: sequence length ", T,
                " must be in [1, block_size = ", config_.block_size, "]");
-  // Position embeddings of 0..T-1 are the first T rows of wpe: a view, no
-  // index tensor, broadcast over the batch.
-  Tensor x = wte->forward(idx);
-  if (wpe) x = ops::add(x, wpe->weight.narrow(0, 0, T));
-  x = drop->forward(x);
+  Tensor x = embed(idx, 0);
   for (const auto& block : h) x = block->forward(x);
-  x = ln_f->forward(x);
-  return lm_head ? lm_head->forward(x) : ops::linear(x, wte->weight);
+  return head(x);
+}
+
+Tensor CharTransformer::forward(const Tensor& idx, KVCache& cache) const {
+  check_ids(idx);
+  const int64_t T = idx.size(1), position = cache.length;
+  MINIDL_CHECK(T >= 1 && position >= 0 && T <= config_.block_size - position,
+               "CharTransformer: cached forward of ", T, " positions after ", position,
+               " cached ones: need 1 <= T and cached + T <= block_size = ", config_.block_size);
+  MINIDL_CHECK(!is_training() || config_.dropout == 0,
+               "CharTransformer: cached decoding runs without dropout; call eval() first");
+  MINIDL_CHECK(cache.layers.empty() || cache.layers.size() == h.size(), "CharTransformer: the cache "
+               "holds ", cache.layers.size(), " layers, the model ", h.size());
+  NoGradGuard no_grad;
+  cache.layers.resize(h.size());
+  Tensor x = embed(idx, position);
+  for (size_t i = 0; i < h.size(); ++i) x = h[i]->forward(x, cache.layers[i]);
+  cache.length = position + T;
+  return head(x);
 }
 
 Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {
@@ -193,24 +231,77 @@ Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {
   return ops::cross_entropy(logits.reshape({N, config_.vocab_size}), targets.reshape({N}));
 }
 
+void check_state_dict(const CharTransformerConfig& config, const StateDict& weights) {
+  config.validate();
+  const int64_t V = config.vocab_size, C = config.n_embd;
+  const char* where = "check_state_dict: the weights do not fit the config";
+  // name must hold a tensor of `shape` exactly when `present`.
+  using ::minidl::detail::concat;
+  auto expect = [&](const std::string& name, bool present, const Shape& shape,
+                    const std::string& fields) {
+    const Tensor* t = weights.find(name);
+    MINIDL_CHECK(present == (t != nullptr), where, ": ", name,
+                 present ? " is missing" : " is present", " (", fields, ")");
+    MINIDL_CHECK(!t || t->shape() == shape, where, ": ", name, " is ", shape_str(t->shape()),
+                 ", expected ", shape_str(shape), " (", fields, ")");
+  };
+  expect("wte.weight", true, {V, C}, concat("vocab_size ", V, ", n_embd ", C));
+  expect("wpe.weight", config.position_embedding == "learned", {config.block_size, C},
+         concat("position_embedding ", config.position_embedding, ", block_size ", config.block_size,
+                ", n_embd ", C));
+  expect("lm_head.weight", !config.tie_weights, {V, C},
+         concat("tie_weights ", config.tie_weights ? "true" : "false", ", vocab_size ", V,
+                ", n_embd ", C));
+  // The blocks present: "h.<i>.<rest>" with i a decimal index.
+  std::set<int64_t> blocks;
+  for (const auto& [name, tensor] : weights) {
+    if (name.rfind("h.", 0) != 0) continue;
+    const size_t dot = name.find('.', 2);
+    const std::string index = name.substr(2, dot == std::string::npos ? std::string::npos : dot - 2);
+    MINIDL_CHECK(!index.empty() && index.size() <= 18 &&
+                     index.find_first_not_of("0123456789") == std::string::npos,
+                 where, ": unexpected tensor ", name, " (blocks are h.<index>.*)");
+    blocks.insert(std::stoll(index));
+  }
+  const int64_t found = static_cast<int64_t>(blocks.size());
+  MINIDL_CHECK(found == config.n_layer && (blocks.empty() || *blocks.rbegin() == found - 1), where,
+               ": n_layer is ", config.n_layer, " but the weights hold ", found, " blocks",
+               found ? concat(" (h.", *blocks.begin(), " .. h.", *blocks.rbegin(), ")") : std::string());
+  for (int64_t i = 0; i < config.n_layer; ++i) {
+    const std::string mlp = "h." + std::to_string(i) + ".mlp.";
+    expect(mlp + "c_fc.weight", true, {4 * C, C}, concat("n_embd ", C));
+    expect(mlp + "c_proj.weight", true, {C, 4 * C}, concat("n_embd ", C));
+  }
+}
+
 std::vector<int32_t> CharTransformer::generate(
     std::vector<int32_t> tokens, int64_t max_new_tokens,
     const std::function<int32_t(const std::vector<float>&)>& sample) const {
   MINIDL_CHECK(!tokens.empty(), "CharTransformer::generate: the prompt must hold at least one token");
+  if (max_new_tokens <= 0) return tokens;
   NoGradGuard no_grad;
   const Device device = wte->weight.device();
-  for (int64_t step = 0; step < max_new_tokens; ++step) {
-    const int64_t n = static_cast<int64_t>(tokens.size());
-    const int64_t T = std::min(n, config_.block_size);
-    std::vector<int32_t> context(tokens.end() - T, tokens.end());
-    Tensor idx = from_vector(context, {1, T}, {DType::Int32, device, false});
-    Tensor last = forward(idx).narrow(1, T - 1, 1).reshape({config_.vocab_size});
-    int32_t next = sample(last.to(DType::Float32).to_vector<float>());
+  KVCache cache;
+  // Feeds the last n ids (after the cached ones); returns the last logits.
+  auto feed = [&](int64_t n) {
+    std::vector<int32_t> ids(tokens.end() - n, tokens.end());
+    Tensor logits = forward(from_vector(ids, {1, n}, {DType::Int32, device, false}), cache);
+    return logits.narrow(1, n - 1, 1).reshape({config_.vocab_size}).to(DType::Float32).to_vector<float>();
+  };
+  std::vector<float> logits = feed(std::min<int64_t>(static_cast<int64_t>(tokens.size()), config_.block_size));
+  for (int64_t step = 0;; ++step) {
+    int32_t next = sample(logits);
     MINIDL_CHECK(next >= 0 && next < config_.vocab_size, "CharTransformer::generate: sampled id ",
                  next, " is outside the vocabulary [0, ", config_.vocab_size, ")");
     tokens.push_back(next);
+    if (step + 1 == max_new_tokens) return tokens;
+    if (cache.length < config_.block_size) {
+      logits = feed(1);
+    } else {  // the window is full: restart it from its latest half
+      cache.clear();
+      logits = feed(std::max<int64_t>(1, config_.block_size / 2));
+    }
   }
-  return tokens;
 }
 
 }  // namespace minidl::nn

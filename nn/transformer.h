@@ -11,6 +11,7 @@
 #include "core/generator.h"
 #include "nn/attention.h"
 #include "nn/layers.h"
+#include "nn/state_dict.h"
 #include "nn/transformer_config.h"
 
 namespace minidl::nn {
@@ -22,10 +23,25 @@ class TransformerBlock : public Module {
   TransformerBlock(const CharTransformerConfig& config, int64_t layer, Generator& init_gen,
                    Generator* dropout_gen = nullptr, TensorOptions options = {});
   Tensor forward(const Tensor& x) const;
+  // Incremental decoding through attn->forward(x, cache) (nn/attention.h).
+  Tensor forward(const Tensor& x, AttentionCache& cache) const;
 
   std::shared_ptr<LayerNorm> ln_1, ln_2;
   std::shared_ptr<AttentionLayer> attn;
   std::shared_ptr<MLP> mlp;
+};
+
+// The state of incremental decoding for one batch of sequences: one
+// AttentionCache per block. Start from KVCache{} (or clear()); the buffers
+// are allocated on first use.
+struct KVCache {
+  std::vector<AttentionCache> layers;
+  int64_t length = 0;  // positions cached; the next ids are at this position
+
+  void clear() {
+    layers.clear();
+    length = 0;
+  }
 };
 
 class CharTransformer : public Module {
@@ -40,10 +56,30 @@ class CharTransformer : public Module {
   // Mean cross-entropy of forward(idx) against int32 targets (B, T).
   Tensor loss(const Tensor& idx, const Tensor& targets) const;
 
+  // Incremental decoding: idx int32 (B, T) holds the ids at positions
+  // cache.length .. cache.length + T - 1 of sequences whose earlier ids went
+  // through forward(., cache) (cache empty at first); returns their logits
+  // (B, T, vocab_size), equal to forward() of the whole sequences at those
+  // positions, and appends them to the cache. cache.length + T <= block_size.
+  // Inference only: records no autograd, and refuses training mode with
+  // dropout (call eval()). The first call (the prompt) runs the fused
+  // attention op; each later call attends over the cached keys and values:
+  // one token costs O(context) with vanilla attention, O(longest segment)
+  // with dilated attention, instead of a forward over the whole context.
+  Tensor forward(const Tensor& idx, KVCache& cache) const;
+
   // Appends max_new_tokens ids to `prompt`, each picked by `sample` from the
-  // float32 logits of the last position (vocab_size values on the host). The
-  // context fed to the model is the last block_size ids. Runs without
-  // recording autograd; call eval() first to disable dropout.
+  // float32 logits of the last position (vocab_size values on the host),
+  // with a KVCache. The model sees a window of the latest ids, at positions
+  // from 0 as in training: the last block_size ids of the prompt, growing by
+  // one per new id; when the window is full (block_size ids), it restarts
+  // from its last block_size / 2 ids (at least one), which are fed again
+  // from an empty cache. So each id is drawn from exactly the logits
+  // forward() gives for a window of the latest ids: all of them while they
+  // fit in block_size, then between block_size / 2 and block_size of them.
+  // (Re-feeding half a window every block_size / 2 ids keeps the cost per id
+  // bounded; sliding by one id would re-feed the whole window every time.)
+  // Runs without recording autograd; call eval() first to disable dropout.
   std::vector<int32_t> generate(std::vector<int32_t> prompt, int64_t max_new_tokens,
                                 const std::function<int32_t(const std::vector<float>&)>& sample) const;
 
@@ -58,8 +94,24 @@ class CharTransformer : public Module {
   std::shared_ptr<Linear> lm_head;  // null when tie_weights (wte->weight is used)
 
  private:
+  // Token (+ learned position, from `position`) embeddings of idx, then dropout.
+  Tensor embed(const Tensor& idx, int64_t position) const;
+  // Final LayerNorm and LM head.
+  Tensor head(const Tensor& x) const;
+
   CharTransformerConfig config_;
   Generator dropout_gen_;
 };
+
+// Checks a CharTransformer state dict (e.g. a checkpoint's "model." tensors)
+// against `config` before a model is built from it, so that metadata read
+// from a file cannot make the constructor allocate far beyond what the file
+// holds: wte.weight is (vocab_size, n_embd); wpe.weight is
+// (block_size, n_embd) exactly when position_embedding is "learned";
+// lm_head.weight is (vocab_size, n_embd) exactly when !tie_weights; the
+// blocks are h.0 .. h.<n_layer - 1>, each with its MLP weights
+// (4 n_embd, n_embd) and (n_embd, 4 n_embd). Throws naming the field and the
+// tensor. (load_state_dict then checks every name and shape.)
+void check_state_dict(const CharTransformerConfig& config, const StateDict& weights);
 
 }  // namespace minidl::nn

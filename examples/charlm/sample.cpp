@@ -72,8 +72,11 @@ constexpr const char* kSampleHelp =
     "Generates text with a model trained by charlm train. The model (vanilla or\n"
     "dilated attention, learned or rotary positions) is rebuilt from the\n"
     "checkpoint's metadata. Prints the prompt followed by --tokens generated\n"
-    "characters and a newline; the model sees the last block-size (its training\n"
-    "context) characters. Prompt characters must occur in the training text.";
+    "characters and a newline. Generation keeps a key/value cache: each new\n"
+    "character costs one step, not a pass over the whole context. The model sees\n"
+    "the latest characters, at most its training context (block size); when that\n"
+    "is full, it restarts from the latest half of it. Prompt characters must\n"
+    "occur in the training text.";
 
 }  // namespace
 
@@ -92,23 +95,36 @@ int cmd_sample(const std::vector<std::string>& args) {
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
 
   if (!std::filesystem::exists(o.ckpt)) throw UsageError("--ckpt: " + o.ckpt + " does not exist");
+  if (std::filesystem::is_directory(o.ckpt))
+    throw UsageError("--ckpt: " + o.ckpt + " is a directory; give a checkpoint file in it, e.g. " +
+                     (std::filesystem::path(o.ckpt) / "best.ckpt").string());
   const minidl::Device device = resolve_device(o.device);
   const nn::Checkpoint ckpt = nn::load_checkpoint(o.ckpt, device);
+  // The metadata is checked against itself and against the tensors present
+  // before the model is built: a corrupt or hand-made file must fail here,
+  // not read outside the vocabulary or allocate without bound.
   auto vocab_it = ckpt.metadata.find("vocab");
   MINIDL_CHECK(vocab_it != ckpt.metadata.end(), "charlm sample: ", o.ckpt,
                " has no 'vocab' metadata (not a checkpoint written by charlm train?)");
   const nn::CharVocab vocab = nn::CharVocab::from_string(vocab_it->second);
   const nn::CharTransformerConfig config = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
+  MINIDL_CHECK(vocab.size() == config.vocab_size, "charlm sample: ", o.ckpt, ": the vocabulary has ",
+               vocab.size(), " characters but model.vocab_size is ", config.vocab_size);
   const std::vector<std::string> known = nn::registered_attentions();
   MINIDL_CHECK(std::find(known.begin(), known.end(), config.attention) != known.end(), "charlm sample: ",
                o.ckpt, " holds a model with '", config.attention,
                "' attention, which this build of minidl does not have");
-
-  nn::CharTransformer model(config, 0);
-  model.to(device);
   nn::StateDict weights;
   for (const auto& [name, tensor] : ckpt.tensors)
     if (name.rfind("model.", 0) == 0) weights.insert(name.substr(6), tensor);
+  try {
+    nn::check_state_dict(config, weights);
+  } catch (const minidl::Error& e) {
+    throw minidl::Error("charlm sample: " + o.ckpt + ": " + e.what());
+  }
+
+  nn::CharTransformer model(config, 0);
+  model.to(device);
   model.load_state_dict(weights);
   model.eval();
 
