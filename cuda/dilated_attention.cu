@@ -522,8 +522,8 @@ bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, Atten
     case AttentionKernel::kSimt: return true;
     case AttentionKernel::kMmaSync: return dtype == DType::BFloat16 && mma_head_dim(d);
     case AttentionKernel::kWgmma: return forward && hopper && dtype == DType::BFloat16 && d == 64;
-    case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the wgmma kernel)
-      return forward && hopper && dtype == DType::BFloat16 && d == 64 && !dropout;
+    case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the older kernels)
+      return hopper && dtype == DType::BFloat16 && d == 64 && !dropout;
   }
   return false;
 }
@@ -602,12 +602,13 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     const float* l = static_cast<const float*>(lse.raw_data());
     const float* dl = static_cast<const float*>(delta.raw_data());
     if constexpr (std::is_same_v<T, BFloat16>) {
-      if (choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) !=
-          AttentionKernel::kSimt) {  // tensor cores (mma.sync)
+      const AttentionKernel kernel =
+          choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward);
+      if (kernel != AttentionKernel::kSimt) {  // tensor cores
         for (size_t i = 0; i < config.branches.size(); ++i) {
           BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
           grid_of(g, s);
-          backward_mma(operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g,
+          backward_mma(kernel, operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g,
                        s.b, s.d, config.causal, scale, branch_dropout(config, i, s),
                        static_cast<float*>(dq_acc.raw_data()),
                        static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));

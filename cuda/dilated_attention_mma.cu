@@ -542,10 +542,14 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
 
 }  // namespace
 
-void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                  const Operand<BFloat16>& dout, const float* lse, const float* delta,
+void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                  const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
                   const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc) {
+#if MINIDL_WGMMA
+  if (kernel == AttentionKernel::kWarpSpecialized && !drop.mask.enabled() && ws_takes(q, k, v, g, batch, &dout))
+    return backward_ws(q, k, v, dout, lse, delta, g, batch, causal, scale, dq_acc, dk_acc, dv_acc);
+#endif
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     if (causal) launch_backward<D, true>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);

@@ -38,11 +38,15 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
 // The Hopper forward (cuda/sm90a/, built when sm_90 is a target): head dim 64
 // on a device of compute capability 9.0; the same contract as forward_mma.
 #if MINIDL_WGMMA
-// The warp-specialised Hopper forward (TMA producer, consumer warpgroups):
-// takes q/k/v whose batch stride is N row strides and whose rows are 16-byte
-// aligned (ws_takes); no dropout. The same contract as forward_mma otherwise.
+// The warp-specialised Hopper kernels (TMA producer, consumer warpgroups):
+// they take q/k/v (and dout) whose batch stride is N row strides and whose
+// rows are 16-byte aligned (ws_takes); no dropout. The same contracts as
+// forward_mma and backward_mma otherwise.
 bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-              const BranchGrid& g, int64_t batch);
+              const BranchGrid& g, int64_t batch, const Operand<BFloat16>* dout = nullptr);
+void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                 const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
+                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc);
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                 const BranchGrid& g, int64_t batch, bool causal, float scale_log2, MergeMode mode,
                 float* o_acc, float* lse, BFloat16* out);
@@ -55,8 +59,9 @@ void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const
 // Adds this branch's dQ (atomically), dK and dV (rows of one launch are
 // disjoint) into the fp32 accumulators. lse and delta are the global
 // per-row values (B, N, H); delta = rowsum(dO * O) - dL.
-void backward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                  const Operand<BFloat16>& dout, const float* lse, const float* delta,
+// `kernel`: kMmaSync, or the Hopper version choose_attention_kernel allowed.
+void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                  const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
                   const BranchDropout& dropout, float* dq_acc, float* dk_acc, float* dv_acc);
 

@@ -50,16 +50,17 @@ __device__ __forceinline__ void fence_operands(uint32_t (&d)[N]) {
 }
 
 // d = A B (kAccumulate = false) or d += A B, for A (64 x 16) and B (16 x 64)
-// both in shared memory and both K-major (16-element k runs contiguous: rows
-// of Q and of K for S = Q K^T).
-template <bool kAccumulate>
+// both in shared memory, K-major by default (16-element k runs contiguous:
+// rows of Q and of K for S = Q K^T); kTransA / kTransB = 1 reads an MN-major
+// operand (64-element m or n runs contiguous, e.g. dS^T and K for dQ = dS K).
+template <bool kAccumulate, int kTransA = 0, int kTransB = 0>
 __device__ __forceinline__ void mma_64x64x16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "n"(int(kAccumulate)));
+      : "l"(desc_a), "l"(desc_b), "n"(int(kAccumulate)), "n"(kTransA), "n"(kTransB));
 }
 
 // d = A B (kAccumulate = false) or d += A B at m64n128k16, A (64 x 16) and B

@@ -65,12 +65,12 @@ struct WsParams {
 // warp gathers the rows (zeros past the row set) and arrives itself.
 template <int kRows>
 __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, const Operand<BFloat16>& x,
-                                          uint64_t* bar, const WsParams& p, int64_t batch, int64_t head,
+                                          uint64_t* bar, int64_t map_rows, int64_t batch, int64_t head,
                                           const RowSet& rows, int o, int64_t j0, int64_t t_first) {
   using Tile = SmemTile<kRows, D>;
   const int lane = threadIdx.x % 32;
   const int64_t t_end = min(t_first + kRows, rows.count);
-  if (j0 + t_end - 1 < p.map_rows) {
+  if (j0 + t_end - 1 < map_rows) {
     if (lane == 0) {
       hopper::mbar_arrive_expect_tx(bar, Tile::kBytes);
       hopper::tma_load_4d(dst, map, bar, 0, static_cast<int>(head), o, static_cast<int>(j0 + t_first));
@@ -202,14 +202,14 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     const int64_t first = batch * g.n + rows.base;  // flattened position of row t = 0
     const int o = static_cast<int>(first % g.r);
     const int64_t j0 = first / g.r;
-    load_rows<kBr>(smem + Smem::kQ, &qmap, p.q, q_full, p, batch, head, rows, o, j0, t0);
+    load_rows<kBr>(smem + Smem::kQ, &qmap, p.q, q_full, p.map_rows, batch, head, rows, o, j0, t0);
     for (int j = 0; j < n_tiles; ++j) {
       const int s = j % kStages;
       hopper::mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
-      load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p, batch, head, rows, o, j0,
-                     int64_t(j) * kBc);
-      load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p, batch, head, rows, o, j0,
-                     int64_t(j) * kBc);
+      load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, batch, head, rows, o,
+                     j0, int64_t(j) * kBc);
+      load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, batch, head, rows, o,
+                     j0, int64_t(j) * kBc);
     }
     return;
   }
@@ -287,6 +287,271 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out);
 }
 
+// ---- backward ----
+//
+// A block owns 128 kept key rows (two consumer warpgroups x 64) of one
+// (batch, head, segment) and walks the 64-row query tiles that see them; the
+// producer warp streams Q, dO (TMA) and the rows' L and D (plain loads) into
+// a kBwdStages-deep ring. Per tile each consumer warpgroup computes, with
+// wgmma, S^T = K Q^T and dP^T = V dO^T (keys x queries), then P^T and dS^T
+// in registers, dV += P^T dO and dK += dS^T Q (A from registers), and its
+// share of dQ = dS K with dS^T read back from shared memory; dQ goes to the
+// fp32 accumulator by vector reductions. dK and dV stay in registers across
+// the query loop.
+
+constexpr int kBwdKeys = 128;  // key rows per block
+constexpr int kBm = 64;        // query rows per tile
+constexpr int kBwdStages = 3;
+
+using RowTile = SmemTile<kBm, D>;  // 64 rows: a Q or dO tile, or one warpgroup's dS^T
+
+struct BwdSmem {
+  static constexpr int kK = 0;
+  static constexpr int kV = kK + KTile::kBytes;
+  static constexpr int kQ = kV + KTile::kBytes;                       // [kBwdStages]
+  static constexpr int kDO = kQ + kBwdStages * RowTile::kBytes;       // [kBwdStages]
+  static constexpr int kDS = kDO + kBwdStages * RowTile::kBytes;      // [2 warpgroups][2 buffers]
+  static constexpr int kStats = kDS + 4 * RowTile::kBytes;            // [kBwdStages][L2 64, D 64] floats
+  static constexpr int kBars = kStats + kBwdStages * 2 * kBm * 4;
+  static constexpr int kNumBars = 1 + 2 * kBwdStages;                 // kv_full, q_full[], empty[]
+  static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
+};
+
+struct WsBwdParams {
+  BranchGrid g;
+  Operand<BFloat16> q, k, v, dout;
+  int64_t map_rows;
+  const float *lse, *delta;
+  float scale;
+  float *dq_acc, *dk_acc, *dv_acc;
+};
+
+template <bool kCausal>
+__global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
+                                                                  const __grid_constant__ CUtensorMap kmap,
+                                                                  const __grid_constant__ CUtensorMap vmap,
+                                                                  const __grid_constant__ CUtensorMap dmap,
+                                                                  const WsBwdParams p) {
+  using L = BwdSmem;
+  extern __shared__ __align__(128) char smem_raw[];
+  char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBars);
+  uint64_t* kv_full = bars;
+  uint64_t* q_full = bars + 1;
+  uint64_t* empty = bars + 1 + kBwdStages;
+  float* stats = reinterpret_cast<float*>(smem + L::kStats);
+
+  const BranchGrid& g = p.g;
+  const int64_t bh = blockIdx.y;
+  const int64_t batch = bh / g.heads, head = bh % g.heads;
+  const int64_t segment = blockIdx.x / g.tiles_per_segment;
+  const int64_t tile = blockIdx.x % g.tiles_per_segment;  // earliest keys see the most queries: first
+  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
+  const int64_t kt0 = tile * kBwdKeys;
+  if (kt0 >= rows.count) return;
+  const int64_t q_first = kCausal ? kt0 : 0;  // a multiple of kBm
+  const int n_tiles = static_cast<int>((rows.count - q_first + kBm - 1) / kBm);
+
+  if (threadIdx.x == 0) {
+    hopper::mbar_init(kv_full, 2);
+    for (int s = 0; s < kBwdStages; ++s) {
+      hopper::mbar_init(&q_full[s], 1);
+      hopper::mbar_init(&empty[s], kConsumerWarps);
+    }
+    hopper::mbar_fence_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {  // producer
+    hopper::regs_dec<kProducerRegs>();
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    const int64_t first = batch * g.n + rows.base;
+    const int o = static_cast<int>(first % g.r);
+    const int64_t j0 = first / g.r;
+    // K and V: one arrival each on kv_full (count 2).
+    load_rows<kBwdKeys>(smem + L::kK, &kmap, p.k, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
+    load_rows<kBwdKeys>(smem + L::kV, &vmap, p.v, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
+    for (int j = 0; j < n_tiles; ++j) {
+      const int s = j % kBwdStages;
+      const int64_t q0 = q_first + int64_t(j) * kBm;
+      hopper::mbar_wait(&empty[s], ((j / kBwdStages) & 1) ^ 1);
+      // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's rows.
+      float* st = stats + s * 2 * kBm;
+      for (int i = lane; i < kBm; i += 32) {
+        const int64_t t = q0 + i;
+        float l2 = INFINITY, dd = 0.f;
+        if (t < rows.count) {
+          const int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+          l2 = p.lse[ri] * kLog2e;
+          dd = p.delta[ri];
+        }
+        st[i] = l2;
+        st[kBm + i] = dd;
+      }
+      __syncwarp();
+      // Q and dO complete q_full[s] with one arrival: TMA when the maps reach
+      // every valid row, else gathered by the warp.
+      const int64_t t_end = min(q0 + kBm, rows.count);
+      if (j0 + t_end - 1 < p.map_rows) {
+        if (lane == 0) {
+          hopper::mbar_arrive_expect_tx(&q_full[s], 2 * RowTile::kBytes);
+          hopper::tma_load_4d(smem + L::kQ + s * RowTile::kBytes, &qmap, &q_full[s], 0, int(head), o, int(j0 + q0));
+          hopper::tma_load_4d(smem + L::kDO + s * RowTile::kBytes, &dmap, &q_full[s], 0, int(head), o, int(j0 + q0));
+        }
+      } else {
+        for (int i = lane; i < kBm * RowTile::kChunks; i += 32) {
+          const int r = i / RowTile::kChunks, c = i % RowTile::kChunks;
+          const int64_t t = q0 + r;
+          uint4 qv = make_uint4(0, 0, 0, 0), dv = qv;
+          if (t < rows.count) {
+            const int64_t pos = rows.base + t * rows.stride;
+            qv = *reinterpret_cast<const uint4*>(p.q.row(batch, pos, head) + c * 8);
+            dv = *reinterpret_cast<const uint4*>(p.dout.row(batch, pos, head) + c * 8);
+          }
+          *reinterpret_cast<uint4*>(RowTile::at(smem + L::kQ + s * RowTile::kBytes, r, c)) = qv;
+          *reinterpret_cast<uint4*>(RowTile::at(smem + L::kDO + s * RowTile::kBytes, r, c)) = dv;
+        }
+        wgmma::fence_proxy_async();
+        __syncwarp();
+        if (lane == 0) hopper::mbar_arrive(&q_full[s]);
+      }
+    }
+    return;
+  }
+
+  hopper::regs_inc<kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t key0 = kt0 + consumer * 64;                 // this warpgroup's first key row
+  const int64_t key_row0 = key0 + warp * 16 + lane / 4;      // this lane's keys: key_row0, key_row0 + 8
+  const char* k_tile = smem + L::kK + consumer * 64 * 128;
+  const char* v_tile = smem + L::kV + consumer * 64 * 128;
+
+  float dk[32], dv[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0.f;
+  hopper::mbar_wait(kv_full, 0);
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int s = j % kBwdStages;
+    const int64_t q0 = q_first + int64_t(j) * kBm;
+    const char* q_tile = smem + L::kQ + s * RowTile::kBytes;
+    const char* do_tile = smem + L::kDO + s * RowTile::kBytes;
+    const float* l2 = stats + s * 2 * kBm;
+    const float* dl = l2 + kBm;
+    char* ds_tile = smem + L::kDS + (consumer * 2 + (j & 1)) * RowTile::kBytes;
+    hopper::mbar_wait(&q_full[s], (j / kBwdStages) & 1);
+
+    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries.
+    float st[32], dpt[32];
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint64_t dk_desc = wgmma::desc_sw128(k_tile + ks * 32), dq_desc = wgmma::desc_sw128(q_tile + ks * 32);
+      if (ks == 0) wgmma::mma_64x64x16_ss<false>(st, dk_desc, dq_desc);
+      else wgmma::mma_64x64x16_ss<true>(st, dk_desc, dq_desc);
+    }
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint64_t dv_desc = wgmma::desc_sw128(v_tile + ks * 32), do_desc = wgmma::desc_sw128(do_tile + ks * 32);
+      if (ks == 0) wgmma::mma_64x64x16_ss<false>(dpt, dv_desc, do_desc);
+      else wgmma::mma_64x64x16_ss<true>(dpt, dv_desc, do_desc);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_operands(st);
+    wgmma::fence_operands(dpt);
+
+    // P^T = exp2(S^T scale_log2 - L2[q]), dS^T = P^T (dP^T - D[q]); element
+    // [4c + e]: key key_row0 + 8 (e >> 1), query q0 + 8c + 2 (lane % 4) + (e & 1).
+    const bool need_mask = key0 + 64 > rows.count || q0 + kBm > rows.count || (kCausal && q0 < key0 + 63);
+    const int64_t key_left = rows.count - key_row0, q_left = rows.count - q0, ahead = q0 - key_row0;
+    const int krow_limit = key_left > 16 ? 16 : static_cast<int>(key_left);   // valid iff 8 (e >> 1) < krow_limit
+    const int qcol_limit = q_left > kBm ? kBm : static_cast<int>(q_left);     // valid iff col < qcol_limit
+    const int causal_from = ahead > 16 ? 16 : ahead < -kBm ? -kBm : static_cast<int>(ahead);  // col + causal_from >= 8 (e>>1)
+    uint32_t pt[4][4], dst[4][4];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      float pv[4], dsv[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = c * 8 + 2 * (lane % 4) + (e & 1);
+        float x = exp2f(st[4 * c + e] * scale_log2 - l2[col]);
+        if (need_mask) {
+          const int kr = (e >> 1) * 8;
+          if (kr >= krow_limit || col >= qcol_limit || (kCausal && col + causal_from < kr)) x = 0.f;
+        }
+        pv[e] = x;
+        dsv[e] = x * (dpt[4 * c + e] - dl[col]);
+      }
+      const int kk = c / 2, h = c % 2;
+      pt[kk][2 * h] = mma::pack_bf16(pv[0], pv[1]);
+      pt[kk][2 * h + 1] = mma::pack_bf16(pv[2], pv[3]);
+      dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
+      dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
+      // dS^T to shared memory for dQ: rows = keys, columns = queries.
+      const int key = warp * 16 + lane / 4, qc = c * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(RowTile::at(ds_tile, key, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h];
+      *reinterpret_cast<uint32_t*>(RowTile::at(ds_tile, key + 8, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h + 1];
+    }
+    wgmma::fence_proxy_async();                 // dS^T stores, read next by wgmma
+    hopper::named_sync(1 + consumer, 128);      // this warpgroup's dS^T complete
+
+    // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major),
+    // dQ = dS K (A = dS^T from shared memory, MN-major; B = K rows, MN-major).
+    float dq[32];
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < kBm / 16; ++kk) {
+      wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_sw128(do_tile + kk * 16 * 128));
+      wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_sw128(q_tile + kk * 16 * 128));
+    }
+#pragma unroll
+    for (int kk = 0; kk < 64 / 16; ++kk) {
+      const uint64_t da = wgmma::desc_sw128(ds_tile + kk * 16 * 128), db = wgmma::desc_sw128(k_tile + kk * 16 * 128);
+      if (kk == 0) wgmma::mma_64x64x16_ss<false, 1, 1>(dq, da, db);
+      else wgmma::mma_64x64x16_ss<true, 1, 1>(dq, da, db);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_operands(dv);
+    wgmma::fence_operands(dk);
+    wgmma::fence_operands(dq);
+    if (lane == 0) hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read
+
+    // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
+      if (tq >= rows.count) continue;
+      float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c)
+        mma::red_add_v2(dst_row + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
+    }
+  }
+  // dK (scaled) and dV into the accumulators; rows of one launch are disjoint.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t tk = key_row0 + r * 8;
+    if (tk >= rows.count) continue;
+    const int64_t ri = (batch * g.n + rows.base + tk * rows.stride) * g.heads + head;
+    float* dkr = p.dk_acc + ri * D;
+    float* dvr = p.dv_acc + ri * D;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c) {
+      const int col = c * 8 + 2 * (lane % 4);
+      float2 a = *reinterpret_cast<float2*>(dkr + col), b = *reinterpret_cast<float2*>(dvr + col);
+      *reinterpret_cast<float2*>(dkr + col) =
+          make_float2(a.x + p.scale * dk[4 * c + 2 * r], a.y + p.scale * dk[4 * c + 2 * r + 1]);
+      *reinterpret_cast<float2*>(dvr + col) = make_float2(b.x + dv[4 * c + 2 * r], b.y + dv[4 * c + 2 * r + 1]);
+    }
+  }
+}
+
 // ---- host side ----
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
@@ -328,13 +593,27 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
+template <bool kCausal>
+void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
+                     const CUtensorMap& dm, int64_t batch) {
+  auto kernel = backward_ws_kernel<kCausal>;
+  static bool configured = false;
+  if (!configured) {
+    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdSmem::kBytes));
+    configured = true;
+  }
+  dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
+  kernel<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, p);
+  MINIDL_CUDA_LAUNCH_CHECK();
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
 bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
-              int64_t batch) {
-  for (const Operand<BFloat16>* x : {&q, &k, &v})
+              int64_t batch, const Operand<BFloat16>* dout) {
+  for (const Operand<BFloat16>* x : {&q, &k, &v, dout ? dout : &q})
     if (x->sb != g.n * x->sn || x->sh % 8 != 0 || x->sn % 8 != 0 || !aligned16(x->ptr)) return false;
   return batch * g.n < (int64_t(1) << 31) && g.heads < (int64_t(1) << 31);
 }
@@ -358,6 +637,25 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
   };
   if (causal) run(std::true_type{});
   else run(std::false_type{});
+}
+
+}  // namespace minidl::cuda::attn
+
+namespace minidl::cuda::attn {
+
+void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                 const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
+                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc) {
+  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, dq_acc, dk_acc, dv_acc};
+  p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
+  p.map_rows = batch * g.n / g.r;
+  if (p.map_rows == 0) p.map_rows = 1;
+  const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBm);
+  const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBwdKeys);
+  const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBwdKeys);
+  const CUtensorMap dm = rows_map(dout, g.heads, g.r, p.map_rows, kBm);
+  if (causal) launch_backward<true>(p, qm, km, vm, dm, batch);
+  else launch_backward<false>(p, qm, km, vm, dm, batch);
 }
 
 }  // namespace minidl::cuda::attn
