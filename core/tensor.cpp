@@ -101,7 +101,7 @@ Tensor Tensor::as_strided(const Shape& shape, const Shape& strides, int64_t offs
                           const char* op) const {
   const TensorImpl& src = checked(impl_);
   // Every view stays inside its storage, so kernels and to_vector can trust
-  // any tensor's geometry (and its offsets fit int64 once times the element size).
+  // any tensor's geometry, and its byte offsets fit int64 as the storage's do.
   Extent e = checked_extent(shape, strides, offset, op);
   if (minidl::numel(shape) > 0) {
     int64_t capacity = static_cast<int64_t>(src.storage->nbytes() / element_size(src.dtype));
