@@ -1,6 +1,7 @@
 #include "core/shape.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "core/error.h"
 
@@ -58,7 +59,47 @@ Shape broadcast_shapes(const Shape& a, const Shape& b, const char* op) {
                  shape_str(b), " are not broadcastable");
     out[i] = da == 1 ? db : da;
   }
+  checked_numel(out, op);
   return out;
+}
+
+bool checked_mul(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out); }
+bool checked_add(int64_t a, int64_t b, int64_t* out) { return !__builtin_add_overflow(a, b, out); }
+
+int64_t checked_numel(const Shape& shape, const char* op) {
+  int64_t n = 1, bound = 1;  // bound: the product with zero sizes taken as 1
+  for (int64_t s : shape) {
+    MINIDL_CHECK(s >= 0, op, ": negative size in shape ", shape_str(shape));
+    MINIDL_CHECK(checked_mul(bound, std::max<int64_t>(s, 1), &bound), op, ": shape ",
+                 shape_str(shape), " has more elements than int64 can count (at most ",
+                 std::numeric_limits<int64_t>::max(), ")");
+    n *= s;  // n <= bound: cannot overflow
+  }
+  return n;
+}
+
+int64_t checked_nbytes(const Shape& shape, size_t element_size, const char* op) {
+  int64_t n = checked_numel(shape, op), bytes = 0;
+  MINIDL_CHECK(checked_mul(n, static_cast<int64_t>(element_size), &bytes), op, ": shape ",
+               shape_str(shape), " of ", element_size, "-byte elements needs more bytes than int64 "
+               "can count (at most ", std::numeric_limits<int64_t>::max(), ")");
+  return bytes;
+}
+
+Extent checked_extent(const Shape& shape, const Shape& strides, int64_t offset, const char* op) {
+  MINIDL_CHECK(shape.size() == strides.size(), op, ": shape ", shape_str(shape), " and strides ",
+               shape_str(strides), " differ in length");
+  Extent e{offset, offset};
+  if (checked_numel(shape, op) == 0) return e;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    int64_t reach = 0;
+    bool ok = checked_mul(shape[d] - 1, strides[d], &reach) &&
+              checked_add(reach < 0 ? e.lo : e.hi, reach, reach < 0 ? &e.lo : &e.hi);
+    MINIDL_CHECK(ok, op, ": a view of shape ", shape_str(shape), " with strides ",
+                 shape_str(strides), " at offset ", offset,
+                 " reaches element offsets beyond what int64 can count");
+  }
+  return e;
 }
 
 }  // namespace minidl

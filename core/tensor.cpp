@@ -24,11 +24,7 @@ std::vector<double> gather_host(const Tensor& t) {
   int64_t n = t.numel();
   std::vector<double> out(static_cast<size_t>(n));
   if (n == 0) return out;
-  int64_t lo = impl.offset, hi = impl.offset;
-  for (size_t d = 0; d < impl.shape.size(); ++d) {
-    int64_t reach = (impl.shape[d] - 1) * impl.strides[d];
-    (reach < 0 ? lo : hi) += reach;
-  }
+  auto [lo, hi] = checked_extent(impl.shape, impl.strides, impl.offset, "to_vector");
   size_t es = element_size(impl.dtype);
   std::vector<unsigned char> bytes(static_cast<size_t>(hi - lo + 1) * es);
   const auto* base = static_cast<const unsigned char*>(impl.storage->data()) + lo * es;
@@ -53,11 +49,9 @@ std::vector<double> gather_host(const Tensor& t) {
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape, TensorOptions options) {
-  for (int64_t s : shape)
-    MINIDL_CHECK(s >= 0, "empty: negative size in shape ", shape_str(shape));
+  int64_t nbytes = checked_nbytes(shape, element_size(options.dtype), "empty");
   auto impl = std::make_shared<TensorImpl>();
-  size_t nbytes = static_cast<size_t>(minidl::numel(shape)) * element_size(options.dtype);
-  impl->storage = std::make_shared<Storage>(nbytes, options.device);
+  impl->storage = std::make_shared<Storage>(static_cast<size_t>(nbytes), options.device);
   impl->shape = shape;
   impl->strides = contiguous_strides(shape);
   impl->dtype = options.dtype;
@@ -103,10 +97,18 @@ void* Tensor::raw_data() const {
          impl.offset * static_cast<int64_t>(element_size(impl.dtype));
 }
 
-Tensor Tensor::as_strided(const Shape& shape, const Shape& strides, int64_t offset) const {
+Tensor Tensor::as_strided(const Shape& shape, const Shape& strides, int64_t offset,
+                          const char* op) const {
   const TensorImpl& src = checked(impl_);
-  MINIDL_CHECK(shape.size() == strides.size(), "as_strided: shape ", shape_str(shape),
-               " and strides ", shape_str(strides), " differ in length");
+  // Every view stays inside its storage, so kernels and to_vector can trust
+  // any tensor's geometry, and its byte offsets fit int64 as the storage's do.
+  Extent e = checked_extent(shape, strides, offset, op);
+  if (minidl::numel(shape) > 0) {
+    int64_t capacity = static_cast<int64_t>(src.storage->nbytes() / element_size(src.dtype));
+    MINIDL_CHECK(e.lo >= 0 && e.hi < capacity, op, ": a view of shape ", shape_str(shape),
+                 " with strides ", shape_str(strides), " at offset ", offset, " reaches elements [",
+                 e.lo, ", ", e.hi, "] but its storage holds ", capacity, " elements");
+  }
   auto impl = std::make_shared<TensorImpl>();
   impl->storage = src.storage;
   impl->shape = shape;
@@ -226,8 +228,8 @@ Tensor from_vector(const std::vector<T>& values, const Shape& shape) {
 
 template <typename T>
 Tensor from_vector(const std::vector<T>& values, const Shape& shape, TensorOptions options) {
-  MINIDL_CHECK(static_cast<int64_t>(values.size()) == minidl::numel(shape), "from_vector: ",
-               values.size(), " values do not fill shape ", shape_str(shape));
+  MINIDL_CHECK(static_cast<int64_t>(values.size()) == checked_numel(shape, "from_vector"),
+               "from_vector: ", values.size(), " values do not fill shape ", shape_str(shape));
   Tensor host = Tensor::empty(shape, {options.dtype, Device::cpu(), false});
   visit_dtype(options.dtype, [&](auto tag) {
     using D = decltype(tag);

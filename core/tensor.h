@@ -67,8 +67,10 @@ class Tensor {
   template <typename T> T item() const;
   std::string str() const;
 
-  // A view with explicit geometry over the same storage; no autograd.
-  Tensor as_strided(const Shape& shape, const Shape& strides, int64_t offset) const;
+  // A view with explicit geometry over the same storage; no autograd. Throws,
+  // naming `op`, when the view would reach outside the storage.
+  Tensor as_strided(const Shape& shape, const Shape& strides, int64_t offset,
+                    const char* op = "as_strided") const;
 
   // ---- autograd (state here, logic in autograd/) ----
   bool requires_grad() const;

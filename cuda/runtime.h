@@ -1,19 +1,16 @@
 #pragma once
-// CUDA runtime glue: checked calls, the per-device stream every kernel and
-// cuBLAS call runs on, and the cuBLAS handles.
+// CUDA runtime glue inside the library: the cuBLAS handles and device
+// queries. The stream, the checked-call macros and grid_for are public, in
+// cuda/launch.h.
 #include <cublasLt.h>
 #include <cublas_v2.h>
-#include <cuda_runtime.h>
 
-#include "core/error.h"
+#include "cuda/launch.h"
 
 namespace minidl::cuda {
 
-[[noreturn]] void throw_cuda_error(cudaError_t err, const char* expr, const char* file, int line);
 [[noreturn]] void throw_cublas_error(cublasStatus_t st, const char* expr, const char* file, int line);
 
-// The stream minidl uses on the current device (non-blocking, created lazily).
-cudaStream_t stream();
 cublasHandle_t cublas_handle();
 cublasLtHandle_t cublaslt_handle();
 // cuBLASLt workspace on the current device (sized once).
@@ -24,20 +21,7 @@ int multiprocessor_count();
 int compute_capability();
 void synchronize();
 
-// Launch configuration for a grid-stride loop over n elements.
-inline unsigned grid_for(int64_t n, int threads) {
-  int64_t blocks = (n + threads - 1) / threads;
-  return static_cast<unsigned>(blocks < 65535LL * 32 ? (blocks > 0 ? blocks : 1) : 65535LL * 32);
-}
-
 }  // namespace minidl::cuda
-
-#define MINIDL_CUDA_CHECK(expr)                                                    \
-  do {                                                                             \
-    cudaError_t minidl_err_ = (expr);                                              \
-    if (minidl_err_ != cudaSuccess)                                                \
-      ::minidl::cuda::throw_cuda_error(minidl_err_, #expr, __FILE__, __LINE__);    \
-  } while (0)
 
 #define MINIDL_CUBLAS_CHECK(expr)                                                  \
   do {                                                                             \
@@ -45,6 +29,3 @@ inline unsigned grid_for(int64_t n, int threads) {
     if (minidl_st_ != CUBLAS_STATUS_SUCCESS)                                       \
       ::minidl::cuda::throw_cublas_error(minidl_st_, #expr, __FILE__, __LINE__);   \
   } while (0)
-
-// After every kernel launch: surfaces launch-configuration errors at once.
-#define MINIDL_CUDA_LAUNCH_CHECK() MINIDL_CUDA_CHECK(cudaGetLastError())

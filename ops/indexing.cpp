@@ -57,6 +57,7 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
   check_index_range(name, idx, weight.size(0), "a weight with num_embeddings");
   Shape out_shape = indices.shape();
   out_shape.push_back(weight.size(1));
+  checked_nbytes(out_shape, element_size(weight.dtype()), name);
   Tensor out = Tensor::empty(out_shape, weight.options());
   {
     NoGradGuard no_grad;  // the contiguous copy is internal; the gradient goes to `weight`
@@ -82,6 +83,7 @@ Tensor index_select(const Tensor& x, int64_t dim, const Tensor& indices) {
   check_index_range(name, idx, x.size(d), minidl::detail::concat("dim ", d).c_str());
   Shape out_shape = x.shape();
   out_shape[d] = idx.numel();
+  checked_nbytes(out_shape, element_size(x.dtype()), name);
   Tensor out = Tensor::empty(out_shape, x.options());
   {
     NoGradGuard no_grad;
@@ -116,8 +118,11 @@ Tensor cat(const std::vector<Tensor>& tensors, int64_t dim) {
     for (int64_t k = 0; same && k < t.dim(); ++k) same = k == d || t.size(k) == first.size(k);
     MINIDL_CHECK(same, name, ": input ", i, " has shape ", shape_str(t.shape()), " but input 0 has ",
                  shape_str(first.shape()), "; sizes must match except in dim ", d);
-    out_shape[d] += t.size(d);
+    MINIDL_CHECK(checked_add(out_shape[d], t.size(d), &out_shape[d]), name, ": the sizes of dim ",
+                 d, " add up to more than int64 can count (input ", i, " has shape ",
+                 shape_str(t.shape()), ")");
   }
+  checked_nbytes(out_shape, element_size(first.dtype()), name);
   Tensor out = Tensor::empty(out_shape, first.options());
   std::vector<int64_t> sizes;
   int64_t start = 0;
@@ -126,7 +131,8 @@ Tensor cat(const std::vector<Tensor>& tensors, int64_t dim) {
     sizes.push_back(size);
     if (t.numel() > 0) {
       // out's slice [start, start + size) along d, written by the copy kernel.
-      Tensor dst = out.as_strided(t.shape(), out.strides(), out.offset() + start * out.stride(d));
+      Tensor dst =
+          out.as_strided(t.shape(), out.strides(), out.offset() + start * out.stride(d), "cat");
       MINIDL_DISPATCH(t.device(), copy, t, dst);
     }
     start += size;
@@ -155,6 +161,9 @@ Tensor stack(const std::vector<Tensor>& tensors, int64_t dim) {
                  "; all inputs need the same shape");
   }
   int64_t d = wrap_dim(dim, tensors[0].dim() + 1, name);
+  Shape out_shape = tensors[0].shape();
+  out_shape.insert(out_shape.begin() + d, static_cast<int64_t>(tensors.size()));
+  checked_nbytes(out_shape, element_size(tensors[0].dtype()), name);
   std::vector<Tensor> expanded;
   expanded.reserve(tensors.size());
   for (const Tensor& t : tensors) expanded.push_back(unsqueeze(t, d));
@@ -171,7 +180,7 @@ std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& siz
   for (int64_t s : sizes) {
     Shape shape = x.shape();
     shape[static_cast<size_t>(d)] = s;
-    parts.push_back(x.as_strided(shape, x.strides(), x.offset() + start * x.stride(d)));
+    parts.push_back(x.as_strided(shape, x.strides(), x.offset() + start * x.stride(d), "split"));
     start += s;
   }
   if (autograd::needs_grad({x}))
@@ -204,7 +213,8 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
   int64_t total = 0;
   for (int64_t s : sizes) {
     MINIDL_CHECK(s >= 0, name, ": negative size ", s, " in sizes ", shape_str(sizes));
-    total += s;
+    MINIDL_CHECK(checked_add(total, s, &total), name, ": sizes ", shape_str(sizes),
+                 " add up to more than int64 can count");
   }
   MINIDL_CHECK(total == x.size(d), name, ": sizes ", shape_str(sizes), " sum to ", total,
                " but dim ", d, " of ", detail::describe(x), " has size ", x.size(d));

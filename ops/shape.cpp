@@ -3,6 +3,7 @@
 // copy. All are differentiable.
 #include <algorithm>
 #include <numeric>
+#include <string>
 
 #include "autograd/tape.h"
 #include "core/allocator.h"
@@ -48,23 +49,24 @@ std::optional<Shape> view_strides(const Tensor& x, const Shape& shape) {
 
 Shape infer_shape(const Shape& shape, int64_t n, const char* op) {
   Shape out = shape;
-  int64_t known = 1, infer = -1;
+  int64_t infer = -1;
   for (size_t i = 0; i < out.size(); ++i) {
     if (out[i] == -1) {
       MINIDL_CHECK(infer < 0, op, ": only one dim may be -1 in ", shape_str(shape));
       infer = static_cast<int64_t>(i);
+      out[i] = 1;  // while the known sizes are multiplied
     } else {
       MINIDL_CHECK(out[i] >= 0, op, ": invalid size ", out[i], " in ", shape_str(shape));
-      known *= out[i];
     }
   }
+  int64_t known = checked_numel(out, op);
   if (infer >= 0) {
     MINIDL_CHECK(known > 0 && n % known == 0, op, ": cannot infer -1 in ", shape_str(shape),
                  " for ", n, " elements");
     out[static_cast<size_t>(infer)] = n / known;
   }
-  MINIDL_CHECK(numel(out) == n, op, ": shape ", shape_str(shape), " does not match ", n,
-               " elements");
+  MINIDL_CHECK(checked_numel(out, op) == n, op, ": shape ", shape_str(shape), " does not match ",
+               n, " elements");
   return out;
 }
 
@@ -72,7 +74,7 @@ Shape infer_shape(const Shape& shape, int64_t n, const char* op) {
 template <typename Back>
 Tensor make_view(const char* name, const Tensor& x, const Shape& shape, const Shape& strides,
                  int64_t offset, Back back) {
-  Tensor y = x.as_strided(shape, strides, offset);
+  Tensor y = x.as_strided(shape, strides, offset, name);
   if (autograd::needs_grad({x}))
     autograd::record(name, {x}, {y}, [back](const Grads& g) { return Grads{back(g[0])}; });
   return y;
@@ -137,8 +139,9 @@ Tensor slice(const Tensor& x, int64_t dim, int64_t start, int64_t end, int64_t s
   start = std::clamp<int64_t>(start, 0, size);
   end = std::clamp<int64_t>(end, start, size);
   Shape shape = x.shape(), strides = x.strides();
-  shape[d] = (end - start + step - 1) / step;
-  strides[d] *= step;
+  shape[d] = end == start ? 0 : (end - start - 1) / step + 1;  // no overflow for any step
+  // With two or more elements kept, step < size, so the stride stays inside the storage.
+  if (shape[d] > 1) strides[d] *= step;
   Shape in_shape = x.shape();
   return make_view("slice", x, shape, strides, x.offset() + start * x.strides()[d],
                    [in_shape, d, start, end, step](const Tensor& g) {
@@ -152,9 +155,12 @@ Tensor narrow(const Tensor& x, int64_t dim, int64_t start, int64_t length) {
   detail::check_defined("narrow", x, "input");
   MINIDL_CHECK(x.dim() > 0, "narrow: cannot narrow a zero-dimensional tensor");
   int64_t d = wrap_dim(dim, x.dim(), "narrow");
-  MINIDL_CHECK(start >= 0 && length >= 0 && start + length <= x.shape()[d], "narrow: range [",
-               start, ", ", start + length, ") is outside dim ", dim, " of size ", x.shape()[d]);
-  return slice(x, d, start, start + length);
+  int64_t end = 0;
+  bool fits = checked_add(start, length, &end);
+  MINIDL_CHECK(start >= 0 && length >= 0 && fits && end <= x.shape()[d], "narrow: range [", start,
+               ", ", fits ? std::to_string(end) : minidl::detail::concat(start, " + ", length),
+               ") is outside dim ", dim, " of size ", x.shape()[d]);
+  return slice(x, d, start, end);
 }
 
 Tensor expand(const Tensor& x, const Shape& shape) {
@@ -162,6 +168,7 @@ Tensor expand(const Tensor& x, const Shape& shape) {
   if (x.shape() == shape) return x;
   MINIDL_CHECK(shape.size() >= x.shape().size(), "expand: cannot expand ", shape_str(x.shape()),
                " to fewer dims ", shape_str(shape));
+  checked_numel(shape, "expand");  // negative sizes, element counts beyond int64
   size_t lead = shape.size() - x.shape().size();
   Shape strides(shape.size(), 0);
   for (size_t i = 0; i < x.shape().size(); ++i) {

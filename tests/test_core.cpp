@@ -1,3 +1,6 @@
+#include <cmath>
+#include <limits>
+
 #include "tests/helpers.h"
 
 using namespace minidl;
@@ -118,6 +121,86 @@ TEST_CASE("factories") {
   CHECK(like.dtype() == DType::BFloat16);
   CHECK(like.shape() == Shape{2, 3});
   CHECK_FALSE(ops::zeros_like(p).requires_grad());
+}
+
+// Sizes whose products overflow int64; nothing below allocates them.
+constexpr int64_t k2e31 = int64_t{1} << 31, k2e33 = int64_t{1} << 33, k2e61 = int64_t{1} << 61,
+                  k2e62 = int64_t{1} << 62, kInt64Max = std::numeric_limits<int64_t>::max();
+
+TEST_CASE("checked shape arithmetic refuses int64 overflow") {
+  int64_t r = 0;
+  CHECK(checked_mul(k2e31, k2e31, &r));
+  CHECK(r == k2e62);
+  CHECK_FALSE(checked_mul(k2e62, 2, &r));
+  CHECK(checked_add(kInt64Max - 1, 1, &r));
+  CHECK_FALSE(checked_add(kInt64Max, 1, &r));
+  CHECK(checked_numel({k2e62, 1}, "myop") == k2e62);  // near the limit: fine to describe
+  CHECK(checked_numel({kInt64Max}, "myop") == kInt64Max);
+  CHECK(checked_numel({0, k2e31, k2e31}, "myop") == 0);
+  CHECK_THROWS_WITH_AS(checked_numel({k2e33, k2e31}, "myop"),
+                       doctest::Contains("myop: shape [8589934592, 2147483648] has more elements than int64 can "
+                                         "count (at most 9223372036854775807)"),
+                       Error);
+  CHECK_THROWS_WITH_AS(checked_numel({k2e62, 2}, "myop"), doctest::Contains("more elements than int64"), Error);
+  // A zero size does not excuse the others: the contiguous strides must fit too.
+  CHECK_THROWS_WITH_AS(checked_numel({0, k2e33, k2e33}, "myop"), doctest::Contains("more elements than int64"),
+                       Error);
+  CHECK_THROWS_WITH_AS(checked_numel({3, -2}, "myop"), doctest::Contains("myop: negative size in shape [3, -2]"),
+                       Error);
+  CHECK(checked_nbytes({k2e61}, 2, "myop") == k2e62);
+  CHECK_THROWS_WITH_AS(checked_nbytes({k2e61}, 4, "myop"),
+                       doctest::Contains("myop: shape [2305843009213693952] of 4-byte elements needs more bytes "
+                                         "than int64 can count"),
+                       Error);
+  Extent e = checked_extent({2, 3}, {-1, 2}, 5, "myop");
+  CHECK(e.lo == 4);
+  CHECK(e.hi == 9);
+  CHECK(checked_extent({0, 4}, {4, 1}, 7, "myop").hi == 7);
+  // 2^62 elements, but the last one sits at 2^62 + (2^61 - 1) * 4 > int64 max.
+  CHECK_THROWS_WITH_AS(checked_extent({2, k2e61}, {k2e62, 4}, 0, "myop"),
+                       doctest::Contains("myop: a view of shape [2, 2305843009213693952] with strides "
+                                         "[4611686018427387904, 4] at offset 0 reaches element offsets beyond what "
+                                         "int64 can count"),
+                       Error);
+}
+
+TEST_CASE("factories refuse shapes whose element or byte count overflows int64") {
+  // The reproducer: this shape used to wrap to 0 elements, and a
+  // narrow and a sum of it then crashed.
+  CHECK_THROWS_WITH_AS(ops::ones({k2e33, k2e31}),
+                       doctest::Contains("ones: shape [8589934592, 2147483648] has more elements than int64"), Error);
+  CHECK_THROWS_WITH_AS(ops::zeros({k2e33, k2e31}), doctest::Contains("zeros: shape [8589934592, 2147483648]"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::full({k2e33, k2e33}, 2.0), doctest::Contains("full: shape"), Error);
+  CHECK_THROWS_WITH_AS(ops::rand({k2e33, k2e31}), doctest::Contains("rand: shape"), Error);
+  CHECK_THROWS_WITH_AS(ops::randn({k2e33, k2e31}), doctest::Contains("randn: shape"), Error);
+  CHECK_THROWS_WITH_AS(ops::empty({k2e33, k2e31}), doctest::Contains("empty: shape"), Error);
+  CHECK_THROWS_WITH_AS(Tensor::empty({-1, k2e33}), doctest::Contains("empty: negative size in shape"), Error);
+  // Elements that fit, bytes that do not.
+  CHECK_THROWS_WITH_AS(ops::zeros({k2e61}), doctest::Contains("zeros: shape [2305843009213693952] of 4-byte "
+                                                               "elements needs more bytes than int64 can count"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::ones({k2e62}, {DType::BFloat16}), doctest::Contains("ones: shape [4611686018427387904] "
+                                                                               "of 2-byte elements"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::arange(0, 1e300, 1), doctest::Contains("elements, more than int64 can count"), Error);
+  CHECK_THROWS_WITH_AS(ops::arange(0, 1, std::nan("")), doctest::Contains("arange: invalid range"), Error);
+  CHECK_THROWS_WITH_AS(from_vector(std::vector<float>{}, {k2e33, k2e31}),
+                       doctest::Contains("from_vector: shape [8589934592, 2147483648] has more elements"), Error);
+  CHECK(ops::zeros({0, k2e31, k2e31}).numel() == 0);  // empty, with strides that fit: allowed
+}
+
+TEST_CASE("as_strided refuses views that reach outside their storage") {
+  Tensor t = ops::zeros({4});
+  CHECK(t.as_strided({2, 2}, {2, 1}, 0).shape() == Shape{2, 2});
+  CHECK(t.as_strided({0, 9}, {9, 1}, 100).numel() == 0);  // empty views reach nothing
+  CHECK_THROWS_WITH_AS(t.as_strided({2, 2}, {2, 1}, 1),
+                       doctest::Contains("as_strided: a view of shape [2, 2] with strides [2, 1] at offset 1 "
+                                         "reaches elements [1, 4] but its storage holds 4 elements"),
+                       Error);
+  CHECK_THROWS_WITH_AS(t.as_strided({2}, {-1}, 0), doctest::Contains("reaches elements [-1, 0]"), Error);
+  CHECK_THROWS_WITH_AS(t.as_strided({2, k2e61}, {k2e62, 4}, 0, "myview"),
+                       doctest::Contains("myview: a view of shape"), Error);
 }
 
 TEST_CASE("CPU memory stats follow tensor lifetimes") {

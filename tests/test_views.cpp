@@ -1,6 +1,8 @@
 // Views (reshape/view, permute, transpose, slice, narrow, expand,
 // squeeze/unsqueeze) and copies (contiguous, clone, to): geometry, values,
 // sharing of storage, gradients and errors.
+#include <limits>
+
 #include "tests/helpers.h"
 
 using namespace minidl;
@@ -123,6 +125,58 @@ TEST_CASE("expand broadcasts with stride 0") {
   CHECK(x.expand({3, 1}).storage() == x.storage());
   CHECK_THROWS_WITH_AS(x.expand({3}), doctest::Contains("expand: cannot expand [3, 1] to fewer dims [3]"), Error);
   CHECK_THROWS_WITH_AS(x.expand({2, 4}), doctest::Contains("expand: cannot expand [3, 1] to [2, 4]"), Error);
+}
+
+TEST_CASE("views, broadcasting, cat and stack refuse shapes that overflow int64") {
+  const int64_t big = int64_t{1} << 32, huge = int64_t{1} << 62;
+  const int64_t max = std::numeric_limits<int64_t>::max();
+  // Near the limit is fine to describe: a stride-0 view of 2^62 elements
+  // allocates nothing.
+  Tensor e = ops::full({}, 2.0).expand({huge / big, big});
+  CHECK(e.numel() == huge);
+  CHECK(e.strides() == Shape{0, 0});
+  CHECK(e.narrow(1, big - 2, 2).slice(0, 0, 1).to_vector<float>() == std::vector<float>{2, 2});
+  CHECK_THROWS_WITH_AS(ops::full({}, 2.0).expand({big, big}),
+                       doctest::Contains("expand: shape [4294967296, 4294967296] has more elements than int64"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::zeros({3, 1}).expand({-2, 3, 1}),
+                       doctest::Contains("expand: negative size in shape [-2, 3, 1]"), Error);
+  // Broadcasting: two views of 2^32 elements whose broadcast has 2^64.
+  Tensor col = ops::zeros({1, 1}).expand({big, 1}), row = ops::zeros({1, 1}).expand({1, big});
+  CHECK_THROWS_WITH_AS(ops::add(col, row),
+                       doctest::Contains("add: shape [4294967296, 4294967296] has more elements than int64"), Error);
+  CHECK_THROWS_WITH_AS(broadcast_shapes({big, 1}, {1, big}, "myop"), doctest::Contains("myop: shape"), Error);
+  // view/reshape: sizes whose product overflows, with or without -1.
+  Tensor none = ops::zeros({0});
+  CHECK_THROWS_WITH_AS(none.reshape({0, big, big}),
+                       doctest::Contains("reshape: shape [0, 4294967296, 4294967296] has more elements"), Error);
+  CHECK_THROWS_WITH_AS(none.view({-1, big, big}), doctest::Contains("view: shape"), Error);
+  CHECK_THROWS_WITH_AS(e.reshape({big, big}), doctest::Contains("reshape: shape [4294967296, 4294967296] has more"),
+                       Error);
+  // narrow and slice with ranges or steps whose sums would overflow.
+  Tensor m = iota({4, 5});
+  CHECK_THROWS_WITH_AS(m.narrow(1, 3, max),
+                       doctest::Contains("narrow: range [3, 3 + 9223372036854775807) is outside dim 1 of size 5"),
+                       Error);
+  CHECK(vals(m.slice(1, 0, 5, max)) == std::vector<float>{0, 5, 10, 15});
+  CHECK(vals(m.slice(1, 2, max, max)) == std::vector<float>{2, 7, 12, 17});
+  CHECK(vals(m.slice(0, std::numeric_limits<int64_t>::min(), max).slice(1, 4, max)) ==
+        std::vector<float>{4, 9, 14, 19});
+  // cat and stack: sizes along the joined dim that add up past int64, then
+  // element counts that fit but byte counts that do not.
+  Tensor half = ops::zeros({1, 1}).expand({huge, 1});
+  CHECK_THROWS_WITH_AS(ops::cat({half, half}, 0),
+                       doctest::Contains("cat: the sizes of dim 0 add up to more than int64 can count"), Error);
+  Tensor quarter = ops::zeros({1, 1}).expand({huge / 2, 1});
+  CHECK_THROWS_WITH_AS(ops::cat({quarter, quarter}, 0),
+                       doctest::Contains("cat: shape [4611686018427387904, 1] of 4-byte elements needs more bytes"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::stack({half, half}, 0),
+                       doctest::Contains("stack: shape [2, 4611686018427387904, 1] has more elements"), Error);
+  CHECK_THROWS_WITH_AS(ops::split(m, {max, max, 7}, 1),
+                       doctest::Contains("split: sizes [9223372036854775807, 9223372036854775807, 7] add up to "
+                                         "more than int64 can count"),
+                       Error);
 }
 
 TEST_CASE("squeeze and unsqueeze") {

@@ -1,8 +1,7 @@
-// CUDA kernels of the user op: float32 and bfloat16, fp32 math.
-#include <cuda_runtime.h>
-
-#include <algorithm>
-
+// CUDA kernels of the user op: float32 and bfloat16, fp32 math. They launch
+// on minidl's stream (cuda/launch.h), so they run in order with minidl's own
+// kernels: no device synchronisation before or after.
+#include "cuda/launch.h"
 #include "softplus.h"
 
 namespace myops {
@@ -25,36 +24,26 @@ __global__ void softplus_grad_kernel(const T* x, const T* g, T* dx, int64_t n) {
   }
 }
 
-// Launches on the default stream after synchronising minidl's, so a user op
-// needs nothing from minidl's internal CUDA headers. (Ops inside the library
-// launch on cuda::stream() instead; see cuda/runtime.h.)
-template <typename Launch>
-void launch(const Tensor& x, Launch&& body) {
-  synchronize(x.device());
-  int64_t n = x.numel();
-  unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-  if (n > 0) body(blocks);
-  cudaError_t err = cudaDeviceSynchronize();
-  MINIDL_CHECK(err == cudaSuccess, "softplus (cuda): ", cudaGetErrorString(err));
+// Calls f with a float or BFloat16 tag: the dtypes these kernels take
+// (softplus() refuses the others on the GPU).
+template <typename F> void with_cuda_floats(const Tensor& t, F&& f) {
+  if (t.dtype() == DType::BFloat16) f(BFloat16{});
+  else f(float{});
 }
 }  // namespace
 
 void softplus_cuda(const Tensor& x, Tensor& y) {
-  launch(x, [&](unsigned blocks) {
-    if (x.dtype() == DType::Float32)
-      softplus_kernel<<<blocks, 256>>>(x.data_ptr<float>(), y.data_ptr<float>(), x.numel());
-    else
-      softplus_kernel<<<blocks, 256>>>(x.data_ptr<BFloat16>(), y.data_ptr<BFloat16>(), x.numel());
+  with_cuda_floats(x, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::launch_grid_stride(x.numel(), softplus_kernel<T>, x.data_ptr<T>(), y.data_ptr<T>(), x.numel());
   });
 }
 
 void softplus_grad_cuda(const Tensor& x, const Tensor& g, Tensor& dx) {
-  launch(x, [&](unsigned blocks) {
-    if (x.dtype() == DType::Float32)
-      softplus_grad_kernel<<<blocks, 256>>>(x.data_ptr<float>(), g.data_ptr<float>(), dx.data_ptr<float>(), x.numel());
-    else
-      softplus_grad_kernel<<<blocks, 256>>>(x.data_ptr<BFloat16>(), g.data_ptr<BFloat16>(),
-                                            dx.data_ptr<BFloat16>(), x.numel());
+  with_cuda_floats(x, [&](auto tag) {
+    using T = decltype(tag);
+    cuda::launch_grid_stride(x.numel(), softplus_grad_kernel<T>, x.data_ptr<T>(), g.data_ptr<T>(),
+                             dx.data_ptr<T>(), x.numel());
   });
 }
 
