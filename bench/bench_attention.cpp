@@ -1,19 +1,27 @@
-// Dilated vs dense causal attention on CUDA (bf16, B=1, H=8, D=64): forward
+// Dilated vs dense causal attention on CUDA (bf16, B=1, H=8, D=64; dense also
+// at D=128): forward
 // and forward+backward time, effective TFLOP/s counting only useful FLOPs
 // (4·D per attended (query, key) pair forward, 2.5x that backward) and peak
 // memory. The dilated configuration is LongNet's: w = 2048, 4096, 8192, 16384
-// with r = 1, 2, 4, 8 (segments clamp to N).
+// with r = 1, 2, 4, 8 (segments clamp to N). Each problem runs on every kernel
+// version that takes it (MINIDL_ATTENTION_KERNEL, cuda/dilated_attention.h),
+// side by side: "<problem>:<version>/N".
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "minidl.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/dilated_attention.h"
+#endif
 #include "plot/plot.h"
 
 using namespace minidl;
@@ -24,36 +32,23 @@ constexpr int64_t kHeads = 8, kDim = 64;
 const std::vector<int64_t> kSegments = {2048, 4096, 8192, 16384};
 const std::vector<int64_t> kDilations = {1, 2, 4, 8};
 
-// Attended (query, key) pairs, counted from the semantics (per branch, head
-// and segment: m kept rows give m(m+1)/2 causal pairs).
-double attended_pairs(int64_t n, const std::vector<int64_t>& segments,
-                      const std::vector<int64_t>& dilations) {
-  double pairs = 0;
-  for (size_t i = 0; i < segments.size(); ++i) {
-    int64_t w = std::min(segments[i], n), r = dilations[i];
-    for (int64_t h = 0; h < kHeads; ++h)
-      for (int64_t start = 0; start < n; start += w) {
-        int64_t first = start + h % r, end = std::min(start + w, n);
-        double m = first < end ? double((end - first + r - 1) / r) : 0;
-        pairs += m * (m + 1) / 2;
-      }
-  }
-  return pairs;
-}
 
-void run(benchmark::State& state, bool dilated, bool backward) {
+// Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
+// problem may use), restoring no state: every benchmark sets its own.
+void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
   }
+  setenv("MINIDL_ATTENTION_KERNEL", kernel, 1);
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
   std::vector<int64_t> segments = dilated ? kSegments : std::vector<int64_t>{n};
   std::vector<int64_t> dilations = dilated ? kDilations : std::vector<int64_t>{1};
   TensorOptions opts{DType::BFloat16, dev, backward};
-  Tensor q = ops::randn({1, n, kHeads, kDim}, opts), k = ops::randn({1, n, kHeads, kDim}, opts),
-         v = ops::randn({1, n, kHeads, kDim}, opts);
-  Tensor seed = backward ? ops::randn({1, n, kHeads, kDim}, {DType::BFloat16, dev, false}) : Tensor();
+  Tensor q = ops::randn({1, n, kHeads, dim}, opts), k = ops::randn({1, n, kHeads, dim}, opts),
+         v = ops::randn({1, n, kHeads, dim}, opts);
+  Tensor seed = backward ? ops::randn({1, n, kHeads, dim}, {DType::BFloat16, dev, false}) : Tensor();
   auto step = [&] {
     auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, true);
     if (backward) out.backward(seed);
@@ -65,24 +60,62 @@ void run(benchmark::State& state, bool dilated, bool backward) {
     step();
     synchronize(dev);
   }
-  double flops = 4.0 * kDim * attended_pairs(n, segments, dilations) * (backward ? 3.5 : 1.0);
+  DilatedAttentionConfig config;
+  for (size_t i = 0; i < segments.size(); ++i) config.branches.push_back({segments[i], dilations[i]});
+  double flops = 4.0 * dim * attended_pairs(n, kHeads, config) * (backward ? 3.5 : 1.0);
   state.counters["TFLOP/s"] =
       benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_GiB"] = double(memory_stats(dev).peak_allocated) / double(1 << 30);
 }
 
-void sizes(benchmark::internal::Benchmark* b, int64_t max_n) {
-  for (int64_t n = 2048; n <= max_n; n *= 4) b->Arg(n);
+void sizes(benchmark::internal::Benchmark* b, int64_t min_n, int64_t max_n) {
+  for (int64_t n = min_n; n <= max_n; n *= 4) b->Arg(n);
   if (max_n >= (1 << 20)) b->Arg(1 << 20);
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
-}  // namespace
+// One benchmark per (problem, tensor-core kernel version that runs its
+// forward or backward on this device); the SIMT kernels (fp32 math) are far
+// off these and are timed by the tests' sizes only.
+void register_benchmarks() {
+  struct Problem {
+    const char* name;
+    bool dilated, backward;
+    int64_t dim, min_n, max_n;
+  };
+  const Problem problems[] = {{"dilated_fwd", true, false, kDim, 2048, 1 << 20},
+                              {"dilated_fwd_bwd", true, true, kDim, 2048, 1 << 20},
+                              {"dense_fwd", false, false, kDim, 2048, 131072},
+                              {"dense_fwd_bwd", false, true, kDim, 2048, 131072},
+                              {"dense_d128_fwd", false, false, 128, 16384, 16384},
+                              {"dense_d128_fwd_bwd", false, true, 128, 16384, 16384}};
+  for (const Problem& p : problems)
+    for (const char* name : {"mma", "wgmma", "ws"}) {
+#if defined(MINIDL_WITH_CUDA)
+      if (!cuda_is_available()) {
+        if (std::string_view(name) != "mma") continue;  // one entry per problem reports the missing device
+      } else {
+        // Only the versions that run this problem's forward or backward here.
+        setenv("MINIDL_ATTENTION_KERNEL", name, 1);
+        auto runs = [&](cuda::AttentionPass pass) {
+          return std::string_view(name) == cuda::attention_kernel_name(
+                                                cuda::choose_attention_kernel(DType::BFloat16, p.dim, false, pass));
+        };
+        if (!runs(cuda::AttentionPass::kForward) && !(p.backward && runs(cuda::AttentionPass::kBackward)))
+          continue;
+      }
+#else
+      if (std::string_view(name) != "mma") continue;
+#endif
+      sizes(benchmark::RegisterBenchmark(
+                (std::string(p.name) + ":" + name).c_str(),
+                [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, name); }),
+            p.min_n, p.max_n);
+    }
+  unsetenv("MINIDL_ATTENTION_KERNEL");
+}
 
-BENCHMARK_CAPTURE(run, dilated_fwd, true, false)->Apply([](auto* b) { sizes(b, 1 << 20); });
-BENCHMARK_CAPTURE(run, dilated_fwd_bwd, true, true)->Apply([](auto* b) { sizes(b, 1 << 20); });
-BENCHMARK_CAPTURE(run, dense_fwd, false, false)->Apply([](auto* b) { sizes(b, 131072); });
-BENCHMARK_CAPTURE(run, dense_fwd_bwd, false, true)->Apply([](auto* b) { sizes(b, 131072); });
+}  // namespace
 
 namespace {
 
@@ -92,12 +125,12 @@ class PlotReporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
       if (run.error_occurred || run.run_type != Run::RT_Iteration) continue;
-      // "run/<family>/<N>/real_time"
+      // "<problem>:<kernel>/<N>/real_time"
       std::string name = run.benchmark_name();
-      size_t a = name.find('/'), b = name.find('/', a + 1), c = name.find('/', b + 1);
-      if (a == std::string::npos || b == std::string::npos) continue;
-      std::string family = name.substr(a + 1, b - a - 1);
-      double n = std::stod(name.substr(b + 1, c - b - 1));
+      size_t a = name.find('/'), b = name.find('/', a + 1);
+      if (a == std::string::npos) continue;
+      std::string family = name.substr(0, a);
+      double n = std::stod(name.substr(a + 1, b == std::string::npos ? std::string::npos : b - a - 1));
       points_[family].push_back({n, run.GetAdjustedRealTime()});
     }
     ConsoleReporter::ReportRuns(runs);
@@ -138,6 +171,7 @@ int main(int argc, char** argv) {
     else argv[kept++] = argv[i];
   }
   argc = kept;
+  register_benchmarks();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   PlotReporter reporter;

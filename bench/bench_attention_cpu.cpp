@@ -17,22 +17,6 @@ using namespace minidl;
 
 namespace {
 
-// Attended (branch, key) pairs summed over all rows of all heads of one
-// sequence, from the definition: each (branch, head, segment) is a dense
-// block of n kept rows.
-double attended_pairs(int64_t N, int64_t H, const DilatedAttentionConfig& config) {
-  double pairs = 0;
-  for (const DilatedBranch& br : config.branches) {
-    int64_t w = std::min(br.segment, N), r = br.dilation;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t start = 0; start < N; start += w) {
-        int64_t first = start + h % r, end = std::min(start + w, N);
-        double n = first < end ? static_cast<double>((end - first + r - 1) / r) : 0;
-        pairs += config.causal ? n * (n + 1) / 2 : n * n;
-      }
-  }
-  return pairs;
-}
 
 struct Problem {
   int64_t B, N, H, D;

@@ -39,11 +39,46 @@ MINIDL_HD MINIDL_FORCEINLINE bool attention_keep(const AttentionDropout& d, uint
   return philox::uniform(d.seed, d.offset, (row << 32) | key_index) >= d.keep_threshold;
 }
 
+// The kept positions of branch (w, r) for `head` in segment `segment` of a
+// sequence of length n (w already clamped to n): base + t * stride for t in
+// [0, count). The one statement of the geometry; every backend and bench uses it.
+struct KeptRows {
+  int64_t base, stride, count;
+};
+
+MINIDL_HD MINIDL_FORCEINLINE KeptRows kept_rows(int64_t n, int64_t w, int64_t r, int64_t head,
+                                                int64_t segment) {
+  int64_t start = segment * w;
+  int64_t end = start + w < n ? start + w : n;
+  int64_t first = start + head % r;
+  return {first, r, first < end ? (end - first + r - 1) / r : 0};
+}
+
 struct DilatedAttentionConfig {
   std::vector<DilatedBranch> branches;
   bool causal = true;
   double scale = 0;  // softmax scale; the op fills in 1/sqrt(D) when 0
   AttentionDropout dropout;
 };
+
+}  // namespace minidl
+
+namespace minidl {
+
+// Attended (query, key) pairs of one sequence over `heads` heads, summed over
+// branches (a key two branches share counts twice, as the kernels do the
+// work twice): what benchmarks turn into FLOPs.
+inline double attended_pairs(int64_t n, int64_t heads, const DilatedAttentionConfig& config) {
+  double pairs = 0;
+  for (const DilatedBranch& br : config.branches) {
+    const int64_t w = br.segment < n ? br.segment : n;
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t s = 0; s * w < n; ++s) {
+        const double m = static_cast<double>(kept_rows(n, w, br.dilation, h, s).count);
+        pairs += config.causal ? m * (m + 1) / 2 : m * m;
+      }
+  }
+  return pairs;
+}
 
 }  // namespace minidl

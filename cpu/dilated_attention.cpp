@@ -45,16 +45,10 @@ double resolved_scale(const DilatedAttentionConfig& config, int64_t d) {
   return config.scale != 0 ? config.scale : 1.0 / std::sqrt(static_cast<double>(d));
 }
 
-// The kept positions of (branch, head h, segment s): base + t * stride, t < count.
-struct RowSet {
-  int64_t base, stride, count;
-};
+// The kept positions of (branch, head h, segment s): core/dilated.h.
+using RowSet = KeptRows;
 
-RowSet kept_rows(int64_t n, const Branch& br, int64_t h, int64_t s) {
-  int64_t start = s * br.w, end = std::min(start + br.w, n);
-  int64_t first = start + h % br.r;
-  return {first, br.r, first < end ? (end - first + br.r - 1) / br.r : 0};
-}
+RowSet kept_rows(int64_t n, const Branch& br, int64_t h, int64_t s) { return minidl::kept_rows(n, br.w, br.r, h, s); }
 
 // Internal-contract checks (the op has already validated user input; these
 // catch direct callers that break the layout contract).

@@ -13,6 +13,8 @@
 // M = keep * scale before it meets V (forward, dV), and dS = P (M dP' - D).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 
 #include "cuda/dilated_attention.h"
 #include "cuda/dilated_attention_common.cuh"
@@ -446,7 +448,7 @@ BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch
 // such branch (vanilla attention) writes the bf16 output directly. `order`
 // holds indices into config.branches: the dropout mask of a branch is keyed by
 // its index there, not by its place in the launch order.
-void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
+void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor& k, const Tensor& v,
                           const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse) {
   Shape4 s = shape_of(q);
   std::vector<size_t> order(config.branches.size());
@@ -462,7 +464,7 @@ void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
   if (order.size() == 1 && covers) {
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s);  // size check
-    forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, branch_dropout(config, 0, s),
+    forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, branch_dropout(config, 0, s),
                 MergeMode::kSingle, nullptr, lse_ptr, out_ptr);
     return;
   }
@@ -474,7 +476,7 @@ void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
   for (size_t i = 0; i < order.size(); ++i) {
     BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
     grid_of(g, s);
-    forward_mma(qo, ko, vo, g, s.b, s.d, config.causal, scale_log2,
+    forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2,
                 branch_dropout(config, order[i], s),
                 i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge,
                 static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
@@ -484,13 +486,67 @@ void forward_tensor_cores(const Tensor& q, const Tensor& k, const Tensor& v,
 
 }  // namespace
 
+const char* attention_kernel_name(AttentionKernel kernel) {
+  switch (kernel) {
+    case AttentionKernel::kSimt: return "simt";
+    case AttentionKernel::kMmaSync: return "mma";
+    case AttentionKernel::kWgmma: return "wgmma";
+    case AttentionKernel::kWarpSpecialized: return "ws";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr AttentionKernel kAllKernels[] = {AttentionKernel::kSimt, AttentionKernel::kMmaSync,
+                                           AttentionKernel::kWgmma, AttentionKernel::kWarpSpecialized};
+
+// MINIDL_ATTENTION_KERNEL, read at every call so that a test can switch it.
+AttentionKernel kernel_cap() {
+  const char* e = std::getenv("MINIDL_ATTENTION_KERNEL");
+  if (!e || !*e) return AttentionKernel::kWarpSpecialized;
+  for (AttentionKernel k : kAllKernels)
+    if (std::string_view(e) == attention_kernel_name(k)) return k;
+  MINIDL_FAIL("MINIDL_ATTENTION_KERNEL='", e, "' is not a kernel version (simt, mma, wgmma, ws)");
+}
+
+// Whether `kernel` implements `pass` for this problem on the current device.
+bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, AttentionPass pass) {
+#if MINIDL_WGMMA
+  const bool hopper = compute_capability() == 90;  // the sm_90a kernels are built and can run
+#else
+  const bool hopper = false;
+#endif
+  const bool forward = pass == AttentionPass::kForward;
+  switch (kernel) {
+    case AttentionKernel::kSimt: return true;
+    case AttentionKernel::kMmaSync: return dtype == DType::BFloat16 && mma_head_dim(d);
+    case AttentionKernel::kWgmma: return forward && hopper && dtype == DType::BFloat16 && d == 64;
+    case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the wgmma kernel)
+      return forward && hopper && dtype == DType::BFloat16 && d == 64 && !dropout;
+  }
+  return false;
+}
+
+}  // namespace
+
+AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, bool dropout, AttentionPass pass) {
+  const AttentionKernel cap = kernel_cap();
+  AttentionKernel chosen = AttentionKernel::kSimt;
+  for (AttentionKernel k : kAllKernels)
+    if (k <= cap && handles(k, dtype, head_dim, dropout, pass)) chosen = k;
+  return chosen;
+}
+
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const DilatedAttentionConfig& config, const Tensor& out,
                                const Tensor& lse) {
   const char* op = "dilated_attention (cuda)";
   Shape4 s = shape_of(q);
-  if (s.b * s.n * s.h > 0 && q.dtype() == DType::BFloat16 && mma_head_dim(s.d)) {
-    forward_tensor_cores(q, k, v, config, out, lse);
+  const AttentionKernel kernel =
+      choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kForward);
+  if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt) {
+    forward_tensor_cores(kernel, q, k, v, config, out, lse);
     return;
   }
   Tensor o_acc = out.dtype() == DType::Float32 ? out : fp32_buffer(out);
@@ -546,7 +602,8 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     const float* l = static_cast<const float*>(lse.raw_data());
     const float* dl = static_cast<const float*>(delta.raw_data());
     if constexpr (std::is_same_v<T, BFloat16>) {
-      if (mma_head_dim(s.d)) {  // tensor cores
+      if (choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) !=
+          AttentionKernel::kSimt) {  // tensor cores (mma.sync)
         for (size_t i = 0; i < config.branches.size(); ++i) {
           BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
           grid_of(g, s);

@@ -10,6 +10,25 @@
 
 namespace minidl::cuda {
 
+// The attention kernel versions, oldest first; docs/kernel-notes.md has each
+// one's design and figures. Every version computes the same function.
+enum class AttentionKernel {
+  kSimt,     // portable fp32 math: float32, any head dim up to 128, any GPU
+  kMmaSync,  // bf16 tensor cores (mma.sync), head dims 32/64/128, any GPU
+  kWgmma,    // Hopper (sm_90a) warpgroup MMA forward, head dim 64
+  kWarpSpecialized,  // Hopper: TMA producer warp + consumer warpgroups (FlashAttention-3 structure)
+};
+enum class AttentionPass { kForward, kBackward };
+
+// "simt", "mma", "wgmma", "ws": the names MINIDL_ATTENTION_KERNEL takes.
+const char* attention_kernel_name(AttentionKernel kernel);
+
+// The kernel that runs one pass of a problem on the current device: the
+// newest version that handles its dtype, head dim and dropout, no newer than
+// the one MINIDL_ATTENTION_KERNEL names when it is set (tests and benchmarks
+// use it to run every version). An unknown name is an error.
+AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, bool dropout, AttentionPass pass);
+
 // Writes out (same dtype as q) and lse (-inf where a row is kept nowhere).
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const DilatedAttentionConfig& config, const Tensor& out,

@@ -3,6 +3,7 @@
 // (branch, head, segment) keeps, and the strided views of q/k/v.
 #include <cstdint>
 
+#include "core/dilated.h"
 #include "core/dtype.h"
 
 namespace minidl::cuda::attn {
@@ -10,22 +11,8 @@ namespace minidl::cuda::attn {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The kept positions of one (branch, head, segment): base + t * stride for
-// t in [0, count). Rows of different segments or heads never overlap.
-struct RowSet {
-  int64_t base;
-  int64_t stride;
-  int64_t count;
-};
-
-__device__ __forceinline__ RowSet kept_rows(int64_t n, int64_t w, int64_t r, int64_t head,
-                                            int64_t segment) {
-  int64_t start = segment * w;
-  int64_t end = start + w < n ? start + w : n;
-  int64_t first = start + head % r;
-  int64_t count = first < end ? (end - first + r - 1) / r : 0;
-  return {first, r, count};
-}
+// The kept positions of one (branch, head, segment): core/dilated.h.
+using RowSet = KeptRows;
 
 // A (B, N, H, D) operand with the D dim contiguous.
 template <typename T>

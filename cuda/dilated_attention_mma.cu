@@ -4,9 +4,6 @@
 // memory with cp.async, computes S = Q K^T and O += P V with mma.sync bf16
 // (fp32 accumulation) and keeps the online softmax in registers. Rows are a
 // strided set (base + t * dilation), gathered by address arithmetic.
-#include <cstdlib>
-#include <string_view>
-
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/mma.cuh"
@@ -266,24 +263,14 @@ void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<
 
 }  // namespace
 
-bool wgmma_enabled() {
-#if MINIDL_WGMMA
-  static const bool disabled = [] {
-    const char* e = std::getenv("MINIDL_DISABLE_WGMMA");
-    return e && *e && std::string_view(e) != "0";
-  }();
-  return !disabled && compute_capability() == 90;
-#else
-  return false;
-#endif
-}
-
-void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                 const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
-                 const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
+void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                 const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d, bool causal,
+                 float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
                  BFloat16* out) {
 #if MINIDL_WGMMA
-  if (d == 64 && wgmma_enabled())
+  if (kernel == AttentionKernel::kWarpSpecialized && !drop.mask.enabled() && ws_takes(q, k, v, g, batch))
+    return forward_ws(q, k, v, g, batch, causal, scale_log2, mode, o_acc, lse, out);
+  if (kernel >= AttentionKernel::kWgmma)
     return forward_wgmma(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
 #endif
   auto run = [&](auto dim) {

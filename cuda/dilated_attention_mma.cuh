@@ -3,6 +3,7 @@
 // and the Hopper wgmma forward in cuda/sm90a/); internal to
 // cuda/dilated_attention.cu.
 #include "core/dilated.h"
+#include "cuda/dilated_attention.h"
 #include "cuda/dilated_attention_common.cuh"
 
 namespace minidl::cuda::attn {
@@ -27,20 +28,24 @@ constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 // head dims the tensor-core path handles
 inline bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
-// Whether forward_mma runs the Hopper wgmma kernel at head dim 64: built for
-// sm_90a, on a compute capability 9.0 device, and not turned off with
-// MINIDL_DISABLE_WGMMA=1 (which tests and benchmarks use to compare).
-bool wgmma_enabled();
-
-// The tensor-core forward of one branch (mma.sync; wgmma where enabled).
-void forward_mma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                 const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale_log2,
-                 const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
+// The tensor-core forward of one branch with `kernel` (kMmaSync, or a Hopper
+// version that choose_attention_kernel allowed).
+void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
+                 const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d, bool causal,
+                 float scale_log2, const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
                  BFloat16* out);
 
 // The Hopper forward (cuda/sm90a/, built when sm_90 is a target): head dim 64
 // on a device of compute capability 9.0; the same contract as forward_mma.
 #if MINIDL_WGMMA
+// The warp-specialised Hopper forward (TMA producer, consumer warpgroups):
+// takes q/k/v whose batch stride is N row strides and whose rows are 16-byte
+// aligned (ws_takes); no dropout. The same contract as forward_mma otherwise.
+bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+              const BranchGrid& g, int64_t batch);
+void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
+                const BranchGrid& g, int64_t batch, bool causal, float scale_log2, MergeMode mode,
+                float* o_acc, float* lse, BFloat16* out);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
                    const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,

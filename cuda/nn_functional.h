@@ -1,5 +1,6 @@
 #pragma once
-// CUDA launchers of the fused neural-network functions; same contract as
+// CUDA launchers of the fused neural-network functions (one kernel file per
+// primitive: softmax.cu, cross_entropy.cu, layer_norm.cu); same contract as
 // cpu/nn_functional.h, except that cross_entropy_forward does not check the
 // targets on the host (that would need a sync): a target outside [0, cols)
 // that is not ignore_index makes the loss, and its row's gradient, NaN.

@@ -13,18 +13,6 @@ Tensor normal_init(const Shape& shape, double std, Generator& gen, TensorOptions
   return t;
 }
 
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  MINIDL_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "linear: input ",
-               shape_str(x.shape()), " does not match weight ", shape_str(weight.shape()),
-               " (expected (..., in) and (out, in))");
-  Shape out_shape = x.shape();
-  out_shape.back() = weight.size(0);
-  Tensor rows = x.dim() == 2 ? x : x.reshape({-1, weight.size(1)});
-  Tensor y = ops::matmul(rows, weight.transpose(0, 1));
-  if (bias.defined()) y = ops::add(y, bias);
-  return x.dim() == 2 ? y : y.reshape(out_shape);
-}
-
 Linear::Linear(int64_t in, int64_t out, bool with_bias, Generator& gen, TensorOptions options,
                double init_std)
     : Module("Linear"), in_features(in), out_features(out) {
@@ -38,7 +26,7 @@ Tensor Linear::forward(const Tensor& x) const {
   MINIDL_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "Linear: input ", shape_str(x.shape()),
                " does not end in in_features ", in_features, " (weight ", shape_str(weight.shape()),
                ")");
-  return linear(x, weight, bias);
+  return ops::linear(x, weight, bias);
 }
 
 Embedding::Embedding(int64_t num, int64_t dim, Generator& gen, TensorOptions options, double init_std)
@@ -82,7 +70,9 @@ MLP::MLP(int64_t n_embd, bool bias, double dropout, Generator& gen, Generator* d
 }
 
 Tensor MLP::forward(const Tensor& x) const {
-  return drop->forward(c_proj->forward(ops::gelu(c_fc->forward(x))));
+  MINIDL_CHECK(x.dim() >= 1 && x.size(-1) == c_fc->in_features, "MLP: input ",
+               shape_str(x.shape()), " does not end in n_embd ", c_fc->in_features);
+  return drop->forward(ops::mlp(x, c_fc->weight, c_fc->bias, c_proj->weight, c_proj->bias));
 }
 
 }  // namespace minidl::nn

@@ -17,13 +17,8 @@ constexpr double kDefaultInitStd = 0.02;
 // A tensor of `shape` drawn from N(0, std^2); a fresh leaf, not requiring grad.
 Tensor normal_init(const Shape& shape, double std, Generator& gen, TensorOptions options = {});
 
-// x W^T (+ b) over the last dim: x (..., in) -> (..., out); W (out, in), b
-// (out) or undefined. Leading dims are flattened first, so the forward and
-// both backward products are single GEMMs (not one per batch element with a
-// broadcast weight, whose weight gradient would need a further reduction).
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor());
-
 // y = x W^T + b over the last dim: x (..., in) -> (..., out); W (out, in).
+// ops::linear (one GEMM with a fused bias; gradients in the parameters' layout).
 class Linear : public Module {
  public:
   Linear(int64_t in_features, int64_t out_features, bool bias, Generator& gen,
@@ -70,7 +65,9 @@ class Dropout : public Module {
 };
 
 // The transformer feed-forward: Linear(C, 4C) -> GELU (tanh) -> Linear(4C, C)
-// -> dropout. `proj_init_std` initialises the output projection.
+// -> dropout. `proj_init_std` initialises the output projection. The two
+// Linears run as one ops::mlp, which fuses the bias and GELU into the GEMMs
+// forward and backward.
 class MLP : public Module {
  public:
   MLP(int64_t n_embd, bool bias, double dropout, Generator& gen, Generator* dropout_gen = nullptr,

@@ -179,7 +179,7 @@ Tensor CharTransformer::forward(const Tensor& idx) const {
   x = drop->forward(x);
   for (const auto& block : h) x = block->forward(x);
   x = ln_f->forward(x);
-  return lm_head ? lm_head->forward(x) : linear(x, wte->weight);
+  return lm_head ? lm_head->forward(x) : ops::linear(x, wte->weight);
 }
 
 Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {

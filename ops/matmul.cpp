@@ -9,6 +9,9 @@
 // irregular matrices (both strides > 1, broadcast rows) are made contiguous.
 //
 // Backward: dA = dC @ Bᵀ and dB = Aᵀ @ dC, summed over broadcast batch dims.
+// A 2-D operand that is a transpose view (x @ W.transpose(0, 1)) gets its
+// gradient computed transposed, i.e. in the layout of the matrix it views,
+// so the transpose's backward hands the leaf a contiguous gradient (no copy).
 #include <optional>
 
 #include "autograd/tape.h"
@@ -155,10 +158,21 @@ Shape broadcast_batch(const Tensor& a, const Tensor& b) {
 
 Tensor matmul_nd(const Tensor& a, const Tensor& b);
 
-// dB for b of shape `b_shape` given a and the output gradient g.
-Tensor grad_b_of(const Tensor& a, const Tensor& g, const Shape& b_shape) {
+// True for a 2-D view that transposes a contiguous matrix.
+bool is_transposed_matrix(const Tensor& t) {
+  return t.dim() == 2 && t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 &&
+         t.stride(1) == t.size(0);
+}
+
+// dB for b of shape `b_shape` given a and the output gradient g; transposed
+// (contiguous Bᵀ, viewed back) when b was a transposed matrix.
+Tensor grad_b_of(const Tensor& a, const Tensor& g, const Shape& b_shape, bool b_transposed) {
   int64_t k = a.size(-1), n = g.size(-1);
   int64_t g_batch = numel(batch_of(g));
+  if (b_transposed) {  // dBᵀ = dCᵀ A over all rows of the batch
+    Tensor a_rows = reshape(a, {-1, k}), g_rows = reshape(g, {-1, n});
+    return transpose(matmul_nd(transpose(g_rows, 0, 1), a_rows), 0, 1);
+  }
   // b shared by every batch entry (a Linear weight): one GEMM with the batch
   // folded into K, instead of a batched GEMM writing batch x K x N partial
   // products and a reduction.
@@ -183,11 +197,15 @@ Tensor matmul_nd(const Tensor& a, const Tensor& b) {
     autograd::record("matmul", {a, b}, {out},
                      [sa = grad_b ? SavedTensor(a, "matmul") : SavedTensor(),
                       sb = grad_a ? SavedTensor(b, "matmul") : SavedTensor(), a_shape = a.shape(),
-                      b_shape = b.shape()](const Grads& g) {
+                      b_shape = b.shape(), a_t = is_transposed_matrix(a) && b.dim() == 2,
+                      b_t = is_transposed_matrix(b)](const Grads& g) {
                        Tensor da, db;
-                       if (sb.defined())
-                         da = sum_to(matmul_nd(g[0], transpose(sb.get(), -1, -2)), a_shape);
-                       if (sa.defined()) db = grad_b_of(sa.get(), g[0], b_shape);
+                       if (sb.defined()) {
+                         Tensor bv = sb.get();
+                         da = a_t ? transpose(matmul_nd(bv, transpose(g[0], 0, 1)), 0, 1)  // dAᵀ = B dCᵀ
+                                  : sum_to(matmul_nd(g[0], transpose(bv, -1, -2)), a_shape);
+                       }
+                       if (sa.defined()) db = grad_b_of(sa.get(), g[0], b_shape, b_t);
                        return Grads{da, db};
                      });
   }

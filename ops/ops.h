@@ -73,6 +73,26 @@ Tensor sum_to(const Tensor& x, const Shape& shape);
 // promoted as in NumPy. CUDA: cuBLAS (TF32 for float32; bfloat16 with fp32
 // accumulation). CPU: blocked, vectorised, OpenMP-threaded GEMM.
 Tensor matmul(const Tensor& a, const Tensor& b);
+// The activation a linear layer may apply to its output; Gelu is the tanh
+// approximation, as gelu() (and cuBLASLt's GELU epilogue).
+enum class Activation { None, Gelu };
+// activation(x weight^T + bias) over the last dim: x (..., in), weight
+// (out, in), bias (out) or undefined -> (..., out). Gradients come out in the
+// parameters' own layouts (weight's is (out, in), contiguous). CUDA
+// float32/bfloat16: one cuBLASLt GEMM whose epilogue adds the bias and applies
+// the GELU (saving its input for backward); backward folds the bias gradient
+// into the weight-gradient GEMM. Elsewhere the GEMM and the epilogue are
+// separate kernels.
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(),
+              Activation activation = Activation::None);
+// The transformer feed-forward linear(linear(x, fc_weight, fc_bias, Gelu),
+// proj_weight, proj_bias) as one op: its backward also folds the GELU
+// derivative and fc_bias's gradient into the GEMM that computes the hidden
+// gradient (cuBLASLt's DGELU_BGRAD epilogue), which separate linear ops cannot
+// do. fc_weight (hidden, in), proj_weight (out, hidden); biases may be
+// undefined.
+Tensor mlp(const Tensor& x, const Tensor& fc_weight, const Tensor& fc_bias,
+           const Tensor& proj_weight, const Tensor& proj_bias);
 
 // ---- neural-network functions ----
 Tensor softmax(const Tensor& x);      // over the last dim

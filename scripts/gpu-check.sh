@@ -27,26 +27,21 @@ if [[ $steps == *tests* ]]; then
   grep -E "Failed|\*\*\*" "$out/ctest.log" | head -20
 fi
 if [[ $steps == *sanitize* ]]; then
-  # memcheck: every test program, whole, plus the CUDA attention cases on the
-  # mma.sync kernels (on Hopper the bf16 forward at head dim 64 is wgmma).
+  # memcheck: every test program, whole (the attention tests run every kernel
+  # version themselves, through MINIDL_ATTENTION_KERNEL).
   for t in "$build"/tests/test_*; do
     [ -x "$t" ] || continue
     n=$(basename "$t")
     timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$t" >"$out/memcheck-$n.log" 2>&1
     summary+=("memcheck $n: rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck-$n.log" | tail -1)")
   done
-  if [ -x "$build/tests/test_dilated_attention" ]; then
-    MINIDL_DISABLE_WGMMA=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
-      "$build/tests/test_dilated_attention" -tc="*CUDA*" >"$out/memcheck-attention-mma-sync.log" 2>&1
-    summary+=("memcheck attention (mma.sync): rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck-attention-mma-sync.log" | tail -1)")
-  fi
   # racecheck: each CUDA test case of the programs with hand-written kernels
   # in its own process (a whole program can run past the timeout), four at a
-  # time; the attention cases also on the mma.sync kernels. A job line is
+  # time. A job line is
   # "ENV|PROGRAM|CASE"; doctest splits -tc at commas, so they become '?'.
   racecheck_one() {
     local env=$1 t=$2 tc=$3 log
-    log="$out/racecheck-$(basename "$t")-${env:+mma-sync-}$(echo "$tc" | tr -c 'A-Za-z0-9' '_' | cut -c1-60).log"
+    log="$out/racecheck-$(basename "$t")-$(echo "$tc" | tr -c 'A-Za-z0-9' '_' | cut -c1-60).log"
     env OMP_NUM_THREADS=2 ${env:+$env} timeout 420 compute-sanitizer --tool racecheck --error-exitcode 9 \
       "$t" -tc="$tc" >"$log" 2>&1
     echo "rc=$?" >>"$log"
@@ -59,7 +54,6 @@ if [[ $steps == *sanitize* ]]; then
     "$t" -ltc -tc="*CUDA*,*cuda*" | grep -vE '^\[(doctest|minidl)\]|^=+$' | sed 's/^ *//; s/,/?/g' | grep -v '^$' |
       while IFS= read -r tc; do
         echo "|$t|$tc"
-        [ "$n" = test_dilated_attention ] && echo "MINIDL_DISABLE_WGMMA=1|$t|$tc"
       done
   done | while IFS='|' read -r env t tc; do printf '%s\0%s\0%s\0' "$env" "$t" "$tc"; done |
     xargs -0 -n 3 -P 4 bash -c 'racecheck_one "$0" "$1" "$2"'

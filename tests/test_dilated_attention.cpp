@@ -4,6 +4,7 @@
 // the op's error messages.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -983,6 +984,29 @@ namespace {
 
 [[maybe_unused]] double cuda_tolerance(DType dtype) { return dtype == DType::BFloat16 ? 2e-2 : 2e-3; }
 
+#if defined(MINIDL_WITH_CUDA)
+// Runs body() once per kernel version (MINIDL_ATTENTION_KERNEL) that would run
+// the forward or the backward of this problem, so every version meets the
+// reference; restores the variable after.
+template <typename F>
+void for_each_kernel(DType dtype, int64_t d, bool dropout, F&& body) {
+  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
+  const std::string restore = saved ? saved : "";
+  for (auto kernel : {cuda::AttentionKernel::kSimt, cuda::AttentionKernel::kMmaSync,
+                      cuda::AttentionKernel::kWgmma, cuda::AttentionKernel::kWarpSpecialized}) {
+    const char* name = cuda::attention_kernel_name(kernel);
+    setenv("MINIDL_ATTENTION_KERNEL", name, 1);
+    if (cuda::choose_attention_kernel(dtype, d, dropout, cuda::AttentionPass::kForward) != kernel &&
+        cuda::choose_attention_kernel(dtype, d, dropout, cuda::AttentionPass::kBackward) != kernel)
+      continue;  // this version does not take the problem: the ones below it cover it
+    CAPTURE(name);
+    body();
+  }
+  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
+  else unsetenv("MINIDL_ATTENTION_KERNEL");
+}
+#endif
+
 }  // namespace
 
 TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU reference") {
@@ -991,7 +1015,7 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
   const Device gpu = Device::cuda(0);
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     const double tol = cuda_tolerance(dtype);
-    for (const Case& c : cuda_cases()) {
+    for (const Case& c : cuda_cases()) for_each_kernel(dtype, c.D, false, [&] {
       CAPTURE(dtype);
       CAPTURE(str(c));
       // One packed projection: the GPU gets strided views of it in `dtype`,
@@ -1022,7 +1046,7 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
         check_scaled(gg.dk.to(Device::cpu()), gw.dk, tol);
         check_scaled(gg.dv.to(Device::cpu()), gw.dv, tol);
       }
-    }
+    });
   }
 #endif
 }
@@ -1064,6 +1088,28 @@ TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference
   check_scaled(ops::attention(xg, xg, xg).to(Device::cpu()), want.out, cuda_tolerance(DType::Float32));
 }
 
+TEST_CASE("CUDA attention kernel choice: MINIDL_ATTENTION_KERNEL caps the version; unknown names fail") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  using cuda::AttentionKernel;
+  using cuda::AttentionPass;
+  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
+  const std::string restore = saved ? saved : "";
+  setenv("MINIDL_ATTENTION_KERNEL", "simt", 1);
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward) == AttentionKernel::kSimt);
+  setenv("MINIDL_ATTENTION_KERNEL", "mma", 1);
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward) == AttentionKernel::kMmaSync);
+  CHECK(cuda::choose_attention_kernel(DType::Float32, 64, false, AttentionPass::kForward) == AttentionKernel::kSimt);
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 48, false, AttentionPass::kBackward) == AttentionKernel::kSimt);
+  setenv("MINIDL_ATTENTION_KERNEL", "bogus", 1);
+  CHECK_THROWS_WITH_AS(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward),
+                       doctest::Contains("simt, mma, wgmma, ws"), Error);
+  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
+  else unsetenv("MINIDL_ATTENTION_KERNEL");
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward) >= AttentionKernel::kMmaSync);
+#endif
+}
+
 TEST_CASE("CUDA dilated_attention errors") {
   MINIDL_REQUIRE_CUDA();
   Tensor q = random_tensor({1, 8, 2, 4}).to(DType::Float32);
@@ -1085,7 +1131,7 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
   cases.push_back({"r = 1 branch listed last", 2, 200, 2, 32, {200, 50, 100}, {4, 1, 2}, false});
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     const double tol = cuda_tolerance(dtype);
-    for (const Case& c : cases) {
+    for (const Case& c : cases) for_each_kernel(dtype, c.D, true, [&] {
       CAPTURE(dtype);
       CAPTURE(str(c));
       Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
@@ -1112,7 +1158,7 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
         check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())},
                         gw, tol);
       }
-    }
+    });
   }
 #endif
 }

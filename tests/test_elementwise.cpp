@@ -471,3 +471,118 @@ TEST_CASE("elementwise on CUDA: device mismatch is an error") {
   CHECK_THROWS_WITH_AS(ops::where(a, g, g), doctest::Contains("where: inputs are on different devices"), Error);
   CHECK_THROWS_WITH_AS(ops::add_(g, a), doctest::Contains("add_: inputs are on different devices"), Error);
 }
+
+// The CUDA fast paths (16-byte vectors over contiguous operands, row-vector /
+// per-row-scalar / scalar broadcasts) against the CPU and against the CUDA
+// strided path (an output that is not contiguous), on odd sizes, views that
+// start off 16-byte alignment, and broadcast shapes.
+namespace {
+
+// Views of fresh random values of `shape` on the GPU whose first element sits
+// `offset` elements into their storage (offset 1: misaligned for 16 bytes).
+Tensor gpu_view(const Shape& shape, DType dtype, int64_t offset) {
+  Tensor base = random_tensor({offset + numel(shape)}, {dtype}).to(Device::cuda());
+  return base.narrow(0, offset, numel(shape)).view(shape);
+}
+
+// a + b through the CUDA strided kernels: written in place into every other
+// element of a buffer (a non-contiguous output), then made contiguous.
+Tensor add_via_strided(const Tensor& a, const Tensor& b) {
+  Shape shape = broadcast_shapes(a.shape(), b.shape(), "test");
+  Shape doubled = shape;
+  doubled.push_back(2);
+  Tensor out = ops::empty(doubled, a.options()).narrow(-1, 0, 1).squeeze(-1);
+  REQUIRE_FALSE(out.is_contiguous());
+  ops::copy_(out, a);
+  ops::add_(out, b);
+  return out.contiguous();
+}
+
+}  // namespace
+
+TEST_CASE("CUDA elementwise fast paths match the CPU and the strided path") {
+  MINIDL_REQUIRE_CUDA();
+  struct Case {
+    Shape a, b;
+    int64_t a_offset, b_offset;
+  };
+  const std::vector<Case> cases{
+      {{1000003}, {1000003}, 0, 0},   // contiguous, odd length: vectors + tail
+      {{1000003}, {1000003}, 1, 0},   // misaligned: element by element
+      {{7, 13}, {7, 13}, 0, 1},
+      {{37, 24}, {24}, 0, 0},         // bias-like row vector, vectorised
+      {{37, 24}, {24}, 0, 1},         // misaligned bias
+      {{37, 65}, {65}, 0, 0},         // row length not a multiple of the vector
+      {{3, 5, 40}, {40}, 0, 0},       // leading dims merged into rows
+      {{24}, {37, 24}, 0, 0},         // broadcast first operand
+      {{37, 24}, {37, 1}, 0, 0},      // per-row scalar
+      {{2, 3, 16}, {2, 3, 1}, 1, 0},  // per-row scalar, misaligned matrix
+      {{37, 24}, {}, 0, 0},           // one scalar
+      {{4, 1, 6}, {1, 5, 6}, 0, 0},   // neither: the strided path
+      {{9, 1}, {1, 7}, 0, 0},         // outer product: per-row scalar with a row
+  };
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float64}) {
+    for (const Case& c : cases) {
+      CAPTURE(dtype);
+      CAPTURE(shape_str(c.a));
+      CAPTURE(shape_str(c.b));
+      CAPTURE(c.a_offset);
+      CAPTURE(c.b_offset);
+      Tensor a = gpu_view(c.a, dtype, c.a_offset);
+      Tensor b = gpu_view(c.b, dtype, c.b_offset);
+      Tensor ac = a.to(Device::cpu()), bc = b.to(Device::cpu());
+      check_close(ops::add(a, b), ops::add(ac, bc), 0, 0);
+      check_close(ops::mul(a, b), ops::mul(ac, bc), 0, 0);
+      check_close(ops::sub(b, a), ops::sub(bc, ac), 0, 0);
+      check_close(ops::add(a, b), add_via_strided(a, b), 0, 0);
+    }
+  }
+}
+
+TEST_CASE("CUDA unary and in-place fast paths: odd sizes and misaligned views") {
+  MINIDL_REQUIRE_CUDA();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    for (int64_t offset : {0, 1, 3}) {
+      CAPTURE(dtype);
+      CAPTURE(offset);
+      Tensor x = gpu_view({1001, 7}, dtype, offset);
+      Tensor xc = x.to(Device::cpu());
+      check_close(ops::mul(x, 1.5), ops::mul(xc, 1.5), 0, 0);
+      check_close(ops::tanh(x), ops::tanh(xc), 1e-6, parity_tol(dtype));
+      Tensor bias = gpu_view({7}, dtype, offset);
+      ops::add_(x, bias);  // in place, row-broadcast source
+      ops::add_(xc, bias.to(Device::cpu()));
+      check_close(x, xc, 0, 0);
+    }
+  }
+}
+
+TEST_CASE("CUDA copies and casts: contiguous, misaligned, broadcast sources") {
+  MINIDL_REQUIRE_CUDA();
+  const std::vector<std::pair<DType, DType>> casts{
+      {DType::Float32, DType::BFloat16}, {DType::BFloat16, DType::Float32},
+      {DType::Float32, DType::Float64},  {DType::Float64, DType::BFloat16},
+      {DType::Float32, DType::Float32},  {DType::BFloat16, DType::BFloat16}};
+  for (auto [from, to] : casts) {
+    for (int64_t offset : {0, 1}) {
+      CAPTURE(from);
+      CAPTURE(to);
+      CAPTURE(offset);
+      Tensor x = gpu_view({1000003}, from, offset);
+      check_close(from == to ? ops::clone(x) : x.to(to), x.to(Device::cpu()).to(to), 0, 0);
+      // Row-vector and per-row-scalar sources expanded into a contiguous output.
+      Tensor row = gpu_view({40}, from, offset), col = gpu_view({33, 1}, from, offset);
+      Tensor dst = ops::empty({33, 40}, {to, Device::cuda()});
+      ops::copy_(dst, row);
+      check_close(dst, row.to(Device::cpu()).to(to).expand({33, 40}), 0, 0);
+      ops::copy_(dst, col);
+      check_close(dst, col.to(Device::cpu()).to(to).expand({33, 40}), 0, 0);
+      // A transposed source: the strided copy.
+      Tensor m = gpu_view({40, 33}, from, offset).transpose(0, 1);
+      ops::copy_(dst, m);
+      check_close(dst, m.to(Device::cpu()).to(to), 0, 0);
+    }
+  }
+  Tensor ints = from_vector(std::vector<int32_t>{1, -2, 3, 40000, -5}, {5});
+  check_close(ints.to(Device::cuda()).to(DType::Float32), ints.to(DType::Float32), 0, 0);
+}

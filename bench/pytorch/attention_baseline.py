@@ -68,13 +68,13 @@ def main():
     torch.manual_seed(0)
     dev = "cuda"
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
-    n = 32768
-    q, k, v = (torch.randn(1, H, n, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = torch.randn_like(q)
-    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
-    print(f"dense causal N={n}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
-    for n in [32768, 262144, 1 << 20]:
+    for n, d in [(32768, 64), (16384, 128)]:
+        q, k, v = (torch.randn(1, H, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)
+        fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
+        print(f"dense causal N={n} D={d}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+    for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)
         fwd = timed(lambda: dilated(q, k, v), reps=5)

@@ -1,7 +1,11 @@
 #include "log.h"
 
-#include <cstdio>
-#include <filesystem>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <sstream>
 
 #include "core/error.h"
@@ -11,7 +15,9 @@ namespace charlm {
 
 namespace {
 
-constexpr const char* kHeader = "step,train_loss,val_loss,lr,tokens_per_s";
+constexpr const char* kHeader = "step,train_loss,val_loss,lr,tokens_per_s,elapsed_s,run_id";
+// The header before elapsed_s and run_id (read for resuming older runs).
+constexpr const char* kOldHeader = "step,train_loss,val_loss,lr,tokens_per_s";
 
 std::string cell(double v, const char* format) {
   if (std::isnan(v)) return "";
@@ -29,25 +35,31 @@ double parse_cell(const std::string& text, const std::string& path, int line) {
   return v;
 }
 
+std::string errno_text(int error) { return std::strerror(error); }
+
 }  // namespace
 
 std::string format_row(const LogRow& r) {
   // Losses with 9 significant digits: enough to tell float32 values apart,
   // so resumed and uninterrupted runs can be compared exactly.
   return std::to_string(r.step) + "," + cell(r.train_loss, "%.9g") + "," + cell(r.val_loss, "%.9g") +
-         "," + cell(r.lr, "%.6g") + "," + cell(r.tokens_per_s, "%.1f");
+         "," + cell(r.lr, "%.6g") + "," + cell(r.tokens_per_s, "%.1f") + "," + cell(r.elapsed_s, "%.3f") +
+         "," + r.run_id;
 }
 
 std::vector<LogRow> read_log(const std::string& path) {
   std::ifstream in(path);
-  MINIDL_CHECK(in.good(), "charlm: cannot read ", path);
+  MINIDL_CHECK(in.good(), "charlm: cannot read ", path, ": ", errno_text(errno));
   std::vector<LogRow> rows;
   std::string line;
   int number = 0;
+  size_t columns = 7;
   while (std::getline(in, line)) {
     ++number;
     if (number == 1) {
-      MINIDL_CHECK(line == kHeader, "charlm: ", path, " does not start with the header '", kHeader, "'");
+      MINIDL_CHECK(line == kHeader || line == kOldHeader, "charlm: ", path, " does not start with the header '",
+                   kHeader, "'");
+      if (line == kOldHeader) columns = 5;
       continue;
     }
     if (line.empty()) continue;
@@ -56,37 +68,59 @@ std::vector<LogRow> read_log(const std::string& path) {
     std::string c;
     while (std::getline(ss, c, ',')) cells.push_back(c);
     if (!line.empty() && line.back() == ',') cells.push_back("");
-    MINIDL_CHECK(cells.size() == 5, "charlm: ", path, ":", number, ": expected 5 cells, got ", cells.size());
+    MINIDL_CHECK(cells.size() == columns, "charlm: ", path, ":", number, ": expected ", columns, " cells, got ",
+                 cells.size());
     LogRow r;
     r.step = static_cast<int64_t>(parse_cell(cells[0], path, number));
     r.train_loss = parse_cell(cells[1], path, number);
     r.val_loss = parse_cell(cells[2], path, number);
     r.lr = parse_cell(cells[3], path, number);
     r.tokens_per_s = parse_cell(cells[4], path, number);
+    if (columns == 7) {
+      r.elapsed_s = parse_cell(cells[5], path, number);
+      r.run_id = cells[6];
+    }
     rows.push_back(r);
   }
   return rows;
 }
 
+void write_file_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  MINIDL_CHECK(fd >= 0, "charlm: cannot create ", tmp, ": ", errno_text(errno));
+  int error = 0;
+  for (size_t done = 0; done < text.size() && error == 0;) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n > 0) done += static_cast<size_t>(n);
+    else if (n < 0 && errno != EINTR) error = errno;
+  }
+  if (::close(fd) != 0 && error == 0) error = errno;
+  if (error == 0 && ::rename(tmp.c_str(), path.c_str()) != 0) error = errno;
+  if (error != 0) {
+    ::unlink(tmp.c_str());  // no half-written file left behind
+    MINIDL_FAIL("charlm: cannot write ", path, ": ", errno_text(error));
+  }
+}
+
 LogWriter::LogWriter(const std::string& path, const std::vector<LogRow>& rows) : path_(path) {
   // Rewritten aside and renamed, so a crash here keeps the old log.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << kHeader << "\n";
-    for (const LogRow& r : rows) out << format_row(r) << "\n";
-    out.flush();
-    MINIDL_CHECK(out.good(), "charlm: cannot write ", tmp);
-  }
-  std::filesystem::rename(tmp, path);
-  out_.open(path, std::ios::app);
-  MINIDL_CHECK(out_.good(), "charlm: cannot append to ", path);
+  std::string text = std::string(kHeader) + "\n";
+  for (const LogRow& r : rows) text += format_row(r) + "\n";
+  write_file_atomically(path, text);
+  out_ = std::fopen(path.c_str(), "a");
+  MINIDL_CHECK(out_ != nullptr, "charlm: cannot append to ", path, ": ", errno_text(errno));
+}
+
+LogWriter::~LogWriter() {
+  if (out_) std::fclose(out_);
 }
 
 void LogWriter::append(const LogRow& row) {
-  out_ << format_row(row) << "\n";
-  out_.flush();
-  MINIDL_CHECK(out_.good(), "charlm: cannot append to ", path_);
+  const std::string line = format_row(row) + "\n";
+  errno = 0;
+  const bool ok = std::fputs(line.c_str(), out_) >= 0 && std::fflush(out_) == 0;
+  MINIDL_CHECK(ok, "charlm: cannot append to ", path_, ": ", errno_text(errno));
 }
 
 void write_loss_plot(const std::vector<LogRow>& rows, const std::string& path, const std::string& title) {

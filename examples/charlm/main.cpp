@@ -10,6 +10,7 @@
 #include "args.h"
 #include "commands.h"
 #include "minidl.h"
+#include "progress.h"
 
 namespace {
 
@@ -69,11 +70,13 @@ int main(int argc, char** argv) {
                              "' (commands: train, sample, compare, info; see charlm --help)");
   } catch (const charlm::UsageError& e) {
     const bool known = command == "train" || command == "sample" || command == "compare" || command == "info";
+    charlm::end_progress_line();
     std::fprintf(stderr, "%s: %s\n", known ? ("charlm " + command).c_str() : "charlm", e.what());
     return 2;
   } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "\ncharlm %s: error: %s\n", command.c_str(), e.what());
+    // The error gets a line of its own, without a blank line before it.
+    charlm::end_progress_line();
+    std::fprintf(stderr, "charlm %s: error: %s\n", command.c_str(), e.what());
     return 1;
   }
 }

@@ -238,6 +238,18 @@ TrainOptions recipe_from_metadata(const nn::Metadata& meta) {
   return o;
 }
 
+TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested, TrainOptions recipe) {
+  if (flags.given("data")) recipe.data = requested.data;
+  if (flags.given("iters")) recipe.iters = requested.iters;
+  if (flags.given("eval-interval")) recipe.eval_interval = requested.eval_interval;
+  if (flags.given("eval-iters")) recipe.eval_iters = requested.eval_iters;
+  if (flags.given("log-interval")) recipe.log_interval = requested.log_interval;
+  if (flags.given("device")) recipe.device = requested.device;
+  if (flags.given("dtype")) recipe.dtype = requested.dtype;
+  if (flags.given("threads")) recipe.threads = requested.threads;
+  return recipe;
+}
+
 void check_resume_flags(const FlagSet& flags, const TrainOptions& requested, const TrainOptions& recipe) {
   const nn::Metadata want = recipe_metadata(requested, 1), have = recipe_metadata(recipe, 1);
   auto value = [](const nn::Metadata& m, const char* key) {

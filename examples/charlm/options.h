@@ -43,6 +43,8 @@ struct TrainOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "float32";
   int64_t threads = 0;  // CPU threads; 0 = OpenMP's default
+  // The run's id (checkpoints, log.csv); empty: a fresh run draws a new one.
+  std::string run_id;
 };
 
 // Registers the model-shape flags (--layers ... --pos); `with_attention`
@@ -76,6 +78,11 @@ TrainOptions recipe_from_metadata(const minidl::nn::Metadata& metadata);
 // logging intervals, --device, --dtype and --threads may change.
 void check_resume_flags(const FlagSet& flags, const TrainOptions& requested,
                         const TrainOptions& recipe);
+
+// `recipe` with the run-level flags given on the command line (--data,
+// --iters, --eval-interval, --eval-iters, --log-interval, --device, --dtype,
+// --threads) taken from `requested`: what a resumed run may change.
+TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested, TrainOptions recipe);
 
 std::string format_double(double v);  // shortest text that reads back exactly
 

@@ -1,7 +1,9 @@
 #pragma once
-// Ctrl-C and SIGTERM ask a training run to stop: the current step finishes,
-// last.ckpt is saved, and the program exits non-zero. A second signal ends
-// the program at once (the handler is one-shot); the checkpoint on disk is
+// Ctrl-C and SIGTERM ask a training run to stop: the current step (or the
+// evaluation under way, which is abandoned) ends, last.ckpt is saved with the
+// last completed step, and the program exits 128 + the signal. The first
+// signal says so on stderr. A second signal (either of the two) ends the
+// program at once: the handlers are one-shot, and the checkpoint on disk is
 // then still the previous, complete one (saves are atomic).
 
 namespace charlm {

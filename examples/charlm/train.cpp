@@ -2,12 +2,17 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <optional>
+#include <random>
 #include <sstream>
 
 #include "progress.h"
@@ -27,6 +32,8 @@ namespace {
 
 constexpr const char* kFormatKey = "charlm.format";
 constexpr const char* kFormatVersion = "1";
+// The run's id, also in every row of its log.csv (absent in checkpoints of older charlm).
+constexpr const char* kRunIdKey = "run.id";
 
 // Distinct Philox keys for the batch streams, derived from --seed (the model
 // uses the seed itself for its initialisation and dropout streams).
@@ -112,11 +119,88 @@ class TrainModel {
   bool stale_ = true;
 };
 
+std::string run_id_of(const nn::Metadata& meta) {
+  auto it = meta.find(kRunIdKey);
+  return it == meta.end() ? std::string() : it->second;
+}
+
+std::string shown_id(const std::string& id) { return id.empty() ? "(no run id: an older charlm)" : id; }
+
+// Resuming DIR: its log.csv and best.ckpt must belong to the run of
+// last.ckpt (`id`; empty for a checkpoint written before run ids).
+void check_run_files(const std::string& dir, const std::string& id, const std::vector<LogRow>& log_rows) {
+  for (const LogRow& r : log_rows)
+    if (r.run_id != id)
+      throw UsageError("--resume: " + (fs::path(dir) / "log.csv").string() + " has rows of run " +
+                       shown_id(r.run_id) + ", but last.ckpt is run " + shown_id(id) +
+                       ": the files come from different runs; start a new run in another directory");
+  const fs::path best = fs::path(dir) / "best.ckpt";
+  if (fs::exists(best)) {
+    const std::string best_id = run_id_of(nn::load_checkpoint(best.string()).metadata);
+    if (best_id != id)
+      throw UsageError("--resume: " + best.string() + " is run " + shown_id(best_id) + ", but last.ckpt is run " +
+                       shown_id(id) + ": the files come from different runs; start a new run in another directory");
+  }
+}
+
+// Training tokens per second over the whole run, from the log: each row's
+// rate covers the steps since the previous row (rows without one are skipped).
+double log_tokens_per_s(const std::vector<LogRow>& rows, int64_t tokens_per_step) {
+  double tokens = 0, seconds = 0;
+  for (size_t i = 1; i < rows.size(); ++i) {
+    const LogRow& r = rows[i];
+    if (!(r.tokens_per_s > 0)) continue;
+    const double n = static_cast<double>((r.step - rows[i - 1].step) * tokens_per_step);
+    tokens += n;
+    seconds += n / r.tokens_per_s;
+  }
+  return seconds > 0 ? tokens / seconds : NAN;
+}
+
 }  // namespace
 
+std::string new_run_id() {
+  std::random_device device;
+  const uint64_t entropy = (uint64_t{device()} << 32) ^ device() ^
+                           static_cast<uint64_t>(std::chrono::system_clock::now().time_since_epoch().count());
+  return hex64(nn::fnv1a64(&entropy, sizeof entropy));
+}
+
+FreshDirGuard::FreshDirGuard(std::string dir, std::vector<std::string> files, std::string resumable)
+    : dir_(std::move(dir)),
+      files_(std::move(files)),
+      resumable_(std::move(resumable)),
+      created_(!fs::exists(dir_)),
+      exceptions_(std::uncaught_exceptions()) {}
+
+FreshDirGuard::~FreshDirGuard() {
+  std::error_code ec;
+  if (std::uncaught_exceptions() == exceptions_ || fs::exists(fs::path(dir_) / resumable_, ec)) return;
+  for (const std::string& name : files_) fs::remove(fs::path(dir_) / name, ec);
+  if (created_) fs::remove(dir_, ec);  // fails, as it should, unless empty
+}
+
+const std::vector<std::string>& run_artifact_names() {
+  static const std::vector<std::string> names = {"last.ckpt",   "best.ckpt",   "log.csv",     "loss.png",
+                                                 "compare.run", "compare.csv", "compare.png", "summary.txt",
+                                                 "vanilla",     "dilated"};
+  return names;
+}
+
+std::vector<std::string> run_artifacts(const std::string& dir) {
+  std::vector<std::string> found;
+  std::error_code ec;
+  for (const std::string& name : run_artifact_names())
+    if (fs::exists(fs::path(dir) / name, ec)) found.push_back(name);
+  return found;
+}
+
 std::string read_data_file(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec))
+    throw UsageError("--data: '" + path + "' is a directory; give the text file to learn");
   std::ifstream in(path, std::ios::binary);
-  if (!in.good()) throw UsageError("--data: cannot read '" + path + "'");
+  if (!in.good()) throw UsageError("--data: cannot read '" + path + "': " + std::strerror(errno));
   std::ostringstream ss;
   ss << in.rdbuf();
   std::string text = ss.str();
@@ -124,7 +208,8 @@ std::string read_data_file(const std::string& path) {
   return text;
 }
 
-RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const std::string& label) {
+RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const std::string& label,
+                     const std::string& resume_command) {
   const Clock::time_point run_start = Clock::now();
   install_stop_handlers();
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
@@ -134,6 +219,8 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const std::string best_path = (fs::path(dir) / "best.ckpt").string();
   const std::string log_path = (fs::path(dir) / "log.csv").string();
   const std::string plot_path = (fs::path(dir) / "loss.png").string();
+  const std::string continue_with = resume_command.empty() ? "charlm train --resume " + dir : resume_command;
+  Progress progress(label);
 
   // Data.
   const std::string text = read_data_file(o.data);
@@ -157,11 +244,47 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
                      std::to_string(T + 1));
   const nn::CharTransformerConfig config = make_config(o.model, vocab.size());
 
-  // Output directory.
+  // Output directory and the run's identity.
+  std::string run_id = o.run_id;
+  std::vector<LogRow> rows;
+  if (resume) {
+    const std::string saved_id = run_id_of(resume->metadata);
+    if (!run_id.empty() && saved_id != run_id)
+      throw UsageError("--resume: " + last_path + " is run " + shown_id(saved_id) + ", not " + run_id +
+                       ": the directory holds another run");
+    std::vector<LogRow> log_rows;
+    if (fs::exists(log_path)) log_rows = read_log(log_path);
+    check_run_files(dir, saved_id, log_rows);
+    run_id = saved_id;
+    if (run_id.empty()) {
+      // Written before run ids: nothing to check it against; from now on it has one.
+      run_id = new_run_id();
+      progress.message(last_path + " predates run ids; the run continues as run " + run_id);
+    }
+    // The log up to the checkpoint: rows written after it are repeated by this run.
+    const int64_t saved_step = std::stoll(meta_at(resume->metadata, "train.step", last_path));
+    for (LogRow& r : log_rows)
+      if (r.step <= saved_step) {
+        r.run_id = run_id;
+        rows.push_back(r);
+      }
+  } else {
+    const std::vector<std::string> found = run_artifacts(dir);
+    if (!found.empty()) {
+      std::string list;
+      for (const std::string& name : found) list += (list.empty() ? "" : ", ") + name;
+      const bool resumable = fs::exists(last_path);
+      throw UsageError("--out: " + dir + " already holds a run (" + list + "); " +
+                       (resumable ? "continue it with --resume " + dir + " or choose" : "choose") +
+                       " another directory");
+    }
+    if (run_id.empty()) run_id = new_run_id();
+  }
+  // A fresh run that fails before its first checkpoint (a bad device, out of
+  // memory) leaves no files that would make --out refuse the directory.
+  std::optional<FreshDirGuard> fresh_guard;
+  if (!resume) fresh_guard.emplace(dir, std::vector<std::string>{"log.csv", "loss.png", "best.ckpt"}, "last.ckpt");
   fs::create_directories(dir);
-  if (!resume && fs::exists(last_path))
-    throw UsageError("--out: " + dir + " already holds a run (last.ckpt); continue it with --resume " +
-                     dir + " or choose another directory");
 
   minidl::reset_peak_memory_stats(device);
   TrainModel model(config, o.seed, device, o.dtype == "bfloat16");
@@ -177,9 +300,13 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   double best_val = INFINITY;
   int64_t best_step = -1;
   double last_val = NAN;
+  int64_t last_val_step = -1;
   Tensor loss_sum = ops::zeros({}, {DType::Float32, device});  // train losses since the last row
   int64_t loss_count = 0;
-  std::vector<LogRow> rows;
+  // A signal stopped the evaluation of `step`: its row is still to be written.
+  bool eval_pending = false;
+  double elapsed_before = 0;  // seconds the run spent in earlier processes
+  size_t earlier_peak_bytes = 0;
 
   if (resume) {
     nn::StateDict model_state, optim_state;
@@ -196,6 +323,15 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     best_step = std::stoll(meta_at(m, "train.best_step", last_path));
     last_val = std::stod(meta_at(m, "train.last_val_loss", last_path));
     loss_count = std::stoll(meta_at(m, "train.loss_count", last_path));
+    // Keys added later; older checkpoints lack them.
+    auto optional = [&](const char* key, const char* fallback) {
+      auto it = m.find(key);
+      return it == m.end() ? std::string(fallback) : it->second;
+    };
+    last_val_step = std::stoll(optional("train.last_val_step", "-1"));
+    eval_pending = optional("train.eval_pending", "0") == "1";
+    elapsed_before = std::stod(optional("train.elapsed_s", "0"));
+    earlier_peak_bytes = std::stoull(optional("train.peak_memory_bytes", "0"));
     const Tensor* saved_sum = resume->tensors.find("train.loss_sum");
     MINIDL_CHECK(saved_sum != nullptr, "charlm: ", last_path, " has no tensor 'train.loss_sum'");
     loss_sum = saved_sum->to(device).clone();
@@ -203,12 +339,13 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
                                         std::stoull(meta_at(m, "rng.train.offset", last_path)));
     model.compute().dropout_generator().set_state(std::stoull(meta_at(m, "rng.dropout.seed", last_path)),
                                                   std::stoull(meta_at(m, "rng.dropout.offset", last_path)));
-    // The log up to the checkpoint: rows written after it are repeated by this run.
-    if (fs::exists(log_path))
-      for (const LogRow& r : read_log(log_path))
-        if (r.step <= step) rows.push_back(r);
   }
   LogWriter log(log_path, rows);
+
+  // Wall-clock seconds of the run so far (this process: from here on).
+  const Clock::time_point segment_start = Clock::now();
+  auto elapsed = [&] { return elapsed_before + seconds_since(segment_start); };
+  auto peak_bytes = [&] { return std::max(earlier_peak_bytes, minidl::memory_stats(device).peak_allocated); };
 
   auto save = [&](const std::string& path) {
     nn::StateDict tensors;
@@ -217,6 +354,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     tensors.insert("train.loss_sum", loss_sum);
     nn::Metadata meta = recipe_metadata(o, vocab.size());
     meta[kFormatKey] = kFormatVersion;
+    meta[kRunIdKey] = run_id;
     meta["vocab"] = vocab.to_string();
     meta["data.fnv1a64"] = data_hash;
     meta["train.device"] = device.is_cuda() ? "cuda" : "cpu";  // where --resume continues by default
@@ -224,7 +362,11 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     meta["train.best_val_loss"] = format_double(best_val);
     meta["train.best_step"] = std::to_string(best_step);
     meta["train.last_val_loss"] = format_double(last_val);
+    meta["train.last_val_step"] = std::to_string(last_val_step);
     meta["train.loss_count"] = std::to_string(loss_count);
+    meta["train.eval_pending"] = eval_pending ? "1" : "0";
+    meta["train.elapsed_s"] = format_double(elapsed());
+    meta["train.peak_memory_bytes"] = std::to_string(peak_bytes());
     meta["rng.train.seed"] = std::to_string(train_batches.generator().seed());
     meta["rng.train.offset"] = std::to_string(train_batches.generator().offset());
     meta["rng.dropout.seed"] = std::to_string(model.compute().dropout_generator().seed());
@@ -234,68 +376,105 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
 
   // Mean loss over the same eval_iters validation batches every time (the
   // stream restarts), so evaluations are comparable and need no saved state.
-  auto evaluate = [&]() {
+  // Empty when a signal stopped it (checked between batches).
+  auto evaluate = [&]() -> std::optional<double> {
     minidl::NoGradGuard no_grad;
     model.compute().eval();
     val_batches.generator().set_state(val_batch_seed(o.seed), 0);
     Tensor sum = ops::zeros({}, {DType::Float32, device});
+    progress.evaluating(step, o.iters, 0, o.eval_iters);
     for (int64_t i = 0; i < o.eval_iters; ++i) {
+      if (stop_signal() != 0) {
+        model.compute().train();
+        return std::nullopt;
+      }
       auto [x, y] = val_batches.next();
       sum = ops::add(sum, model.loss(x, y));
+      progress.evaluating(step, o.iters, i + 1, o.eval_iters);
     }
     model.compute().train();
     return static_cast<double>(sum.item<float>()) / static_cast<double>(o.eval_iters);
   };
 
-  Progress progress(label);
   const std::string title = (o.model.attention == "dilated" ? "dilated" : "vanilla") + std::string(" attention, ") +
                             std::to_string(o.model.layers) + "x" + std::to_string(o.model.width) +
                             ", context " + std::to_string(T);
   auto plot = [&] { write_loss_plot(rows, plot_path, title); };
 
-  // Records an evaluation at `step`; saves best.ckpt when it improves.
-  auto record_eval = [&](LogRow& row, ProgressState& state) {
-    last_val = evaluate();
-    row.val_loss = last_val;
-    state.val_loss = last_val;
-    if (last_val < best_val) {
-      best_val = last_val;
-      best_step = step;
-      state.new_best = true;
-      save(best_path);
+  const int64_t first_step = step;
+  Clock::time_point interval_start = Clock::now();
+  int64_t interval_steps = 0;
+
+  // Writes the row of `step` (the one place the host waits for the device),
+  // evaluating first at evaluation steps, then checkpointing and plotting.
+  // Returns false when a signal stopped the evaluation: nothing is written,
+  // and the row is left to the resumed run (eval_pending).
+  auto log_step = [&](bool eval_step) -> bool {
+    const double interval_seconds = seconds_since(interval_start);
+    const double train_loss =
+        loss_count > 0 ? static_cast<double>(loss_sum.item<float>()) / static_cast<double>(loss_count) : NAN;
+    if (loss_count > 0 && !std::isfinite(train_loss))
+      MINIDL_FAIL("training diverged: the mean train loss of steps ", step - loss_count + 1, "..", step,
+                  " is ", train_loss, "; ", last_path, " holds the last evaluated step (try a lower --lr)");
+    LogRow row{.step = step, .train_loss = train_loss, .lr = schedule.lr_at(std::max<int64_t>(step - 1, 0)),
+               .run_id = run_id};
+    if (interval_steps > 0) row.tokens_per_s = static_cast<double>(interval_steps * B * T) / std::max(interval_seconds, 1e-9);
+    ProgressState state{.step = step, .iters = o.iters, .train_loss = train_loss, .val_loss = last_val,
+                        .val_step = last_val_step, .lr = row.lr, .tokens_per_s = row.tokens_per_s};
+    if (eval_step) {
+      eval_pending = true;
+      const std::optional<double> val = evaluate();
+      if (!val) return false;
+      eval_pending = false;
+      last_val = *val;
+      last_val_step = step;
+      row.val_loss = state.val_loss = last_val;
+      state.val_step = step;
+      if (last_val < best_val) {
+        best_val = last_val;
+        best_step = step;
+        state.new_best = true;
+        save(best_path);
+      }
     }
+    loss_sum = ops::zeros({}, {DType::Float32, device});
+    loss_count = 0;
+    row.elapsed_s = elapsed();
+    rows.push_back(row);
+    log.append(row);
+    if (eval_step) {
+      save(last_path);
+      plot();
+    }
+    if (step > first_step)
+      state.seconds_left = seconds_since(run_start) / static_cast<double>(step - first_step) *
+                           static_cast<double>(o.iters - step);
+    progress.update(state);
+    if (eval_step) progress.keep();
+    interval_start = Clock::now();
+    interval_steps = 0;
+    return true;
   };
 
+  bool stopped_in_eval = false;
   if (!resume) {
     progress.message("training " + std::to_string(model.master().num_parameters()) + " parameters on " +
                      device.str() + " (" + o.dtype + "), vocabulary " + std::to_string(vocab.size()) +
                      ", " + std::to_string(split.train.size()) + " train / " +
-                     std::to_string(split.val.size()) + " val characters -> " + dir);
-    LogRow row{.step = 0, .lr = schedule.lr_at(0)};
-    ProgressState state{.step = 0, .iters = o.iters, .lr = row.lr};
-    record_eval(row, state);
-    rows.push_back(row);
-    log.append(row);
-    save(last_path);
-    plot();
-    progress.update(state);
-    progress.keep();
+                     std::to_string(split.val.size()) + " val characters -> " + dir + " (run " + run_id + ")");
+    stopped_in_eval = !log_step(/*eval_step=*/true);
   } else {
     progress.message("resuming " + dir + " at step " + std::to_string(step) + " of " + std::to_string(o.iters) +
-                     " on " + device.str() + " (" + o.dtype + ")");
-    if (step >= o.iters)
+                     " on " + device.str() + " (" + o.dtype + ")" +
+                     (eval_pending ? ", first redoing the interrupted evaluation" : ""));
+    // The evaluation a signal stopped: an evaluation step of the stopped run,
+    // whatever the intervals now.
+    if (eval_pending) stopped_in_eval = !log_step(/*eval_step=*/true);
+    else if (step >= o.iters)
       progress.message("already at step " + std::to_string(step) + "; pass a larger --iters to train further");
   }
 
-  const int64_t first_step = step;
-  Clock::time_point interval_start = Clock::now();
-  int64_t interval_steps = 0;
-  double train_seconds = 0;
-  int64_t train_tokens = 0;
-  RunSummary summary;
-  summary.dir = dir;
-
-  while (step < o.iters) {
+  while (step < o.iters && !stopped_in_eval) {
     if (stop_signal() != 0) break;
     // One step; nothing here waits for the device.
     optimizer.set_lr(schedule.lr_at(step));
@@ -317,45 +496,20 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
 
     const bool eval_step = step % o.eval_interval == 0 || step == o.iters;
     if (step % o.log_interval != 0 && !eval_step) continue;
-
-    // A logging step: the one place the host waits for the device.
-    const double train_loss = static_cast<double>(loss_sum.item<float>()) / static_cast<double>(loss_count);
-    const double interval_seconds = seconds_since(interval_start);
-    const int64_t interval_tokens = interval_steps * B * T;
-    train_seconds += interval_seconds;
-    train_tokens += interval_tokens;
-    if (!std::isfinite(train_loss))
-      MINIDL_FAIL("training diverged: the mean train loss of steps ", step - loss_count + 1, "..", step,
-                  " is ", train_loss, "; ", last_path, " holds the last evaluated step (try a lower --lr)");
-    loss_sum = ops::zeros({}, {DType::Float32, device});
-    loss_count = 0;
-
-    LogRow row{.step = step, .train_loss = train_loss, .lr = schedule.lr_at(step - 1),
-               .tokens_per_s = interval_tokens / std::max(interval_seconds, 1e-9)};
-    ProgressState state{.step = step, .iters = o.iters, .train_loss = train_loss, .val_loss = last_val,
-                        .lr = row.lr, .tokens_per_s = row.tokens_per_s};
-    if (eval_step) record_eval(row, state);
-    rows.push_back(row);
-    log.append(row);
-    if (eval_step) {
-      save(last_path);
-      plot();
-    }
-    state.seconds_left = seconds_since(run_start) / static_cast<double>(step - first_step) *
-                         static_cast<double>(o.iters - step);
-    progress.update(state);
-    if (eval_step) progress.keep();
-    interval_start = Clock::now();
-    interval_steps = 0;
+    if (!log_step(eval_step)) stopped_in_eval = true;
   }
 
+  RunSummary summary;
+  summary.dir = dir;
+  summary.run_id = run_id;
   summary.stop_signal = stop_signal();
   if (summary.stop_signal != 0) {
     save(last_path);
     plot();
     progress.message(std::string("interrupted by ") + signal_name(summary.stop_signal) + " at step " +
-                     std::to_string(step) + " of " + std::to_string(o.iters) + "; saved " + last_path +
-                     ". Continue with: charlm train --resume " + dir);
+                     std::to_string(step) + " of " + std::to_string(o.iters) +
+                     (stopped_in_eval ? " (during its evaluation, which the resumed run redoes)" : "") + "; saved " +
+                     last_path + ". Continue with: " + continue_with);
   } else if (step > first_step) {
     char buf[200];
     std::snprintf(buf, sizeof buf,
@@ -363,17 +517,16 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
                   "peak memory %.2f GiB",
                   static_cast<long long>(step), static_cast<long long>(step - first_step),
                   format_duration(seconds_since(run_start)).c_str(), last_val, best_val,
-                  static_cast<long long>(best_step),
-                  double(minidl::memory_stats(device).peak_allocated) / double(1ull << 30));
+                  static_cast<long long>(best_step), double(peak_bytes()) / double(1ull << 30));
     progress.message(buf);
   }
   summary.step = step;
   summary.final_val_loss = last_val;
   summary.best_val_loss = best_val;
   summary.best_step = best_step;
-  summary.tokens_per_s = train_seconds > 0 ? train_tokens / train_seconds : NAN;
-  summary.peak_bytes = minidl::memory_stats(device).peak_allocated;
-  summary.wall_seconds = seconds_since(run_start);
+  summary.tokens_per_s = log_tokens_per_s(rows, B * T);
+  summary.peak_bytes = peak_bytes();
+  summary.elapsed_seconds = elapsed();
   summary.log = rows;
   return summary;
 }
@@ -381,10 +534,41 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
 void add_train_command_flags(FlagSet& flags, TrainOptions& o) {
   flags.group("data and output");
   flags.add_string("data", &o.data, "FILE", "text file to learn (split 90/10 into train/validation)");
-  flags.add_string("out", &o.out, "DIR", "run directory: log.csv, last.ckpt, best.ckpt, loss.png");
+  flags.add_string("out", &o.out, "DIR", "run directory (new or empty): log.csv, last.ckpt, best.ckpt, loss.png");
   flags.add_string("resume", &o.resume, "DIR", "continue the run in DIR from DIR/last.ckpt");
   add_model_flags(flags, o.model);
   add_training_flags(flags, o);
+}
+
+ResumedRun load_resumed_run(const std::string& dir, const FlagSet& flags, const TrainOptions& requested) {
+  const std::string path = (fs::path(dir) / "last.ckpt").string();
+  if (!fs::exists(path)) throw UsageError("--resume: " + path + " does not exist");
+  if (requested.threads > 0) omp_set_num_threads(static_cast<int>(requested.threads));
+  // Loaded on the CPU: the run's device is only known from its metadata.
+  ResumedRun run{nn::load_checkpoint(path, minidl::Device::cpu()), {}};
+  MINIDL_CHECK(run.checkpoint.metadata.count(kFormatKey) != 0, "charlm: ", path,
+               " is not a checkpoint written by charlm train (no '", kFormatKey, "' metadata)");
+  run.options = with_run_flags(flags, requested, recipe_from_metadata(run.checkpoint.metadata));
+  // Without --device the run continues where it trained (the same device
+  // keeps the curve bit-exact on the CPU).
+  if (!flags.given("device")) {
+    auto it = run.checkpoint.metadata.find("train.device");
+    if (it == run.checkpoint.metadata.end()) {
+      std::cerr << "[charlm] " << path << " does not record its device (an older checkpoint): --device "
+                << run.options.device << " picks one\n";
+    } else {
+      MINIDL_CHECK(it->second == "cpu" || it->second == "cuda", "charlm: ", path,
+                   " has an unknown train.device '", it->second, "'");
+      if (it->second == "cuda" && !minidl::cuda_is_available())
+        throw UsageError("--resume: " + dir + " trained on cuda and no CUDA device is available; add "
+                         "--device cpu to continue it on the CPU");
+      run.options.device = it->second;
+    }
+  }
+  run.options.out = dir;
+  // The recipe was checked when the run started; this checks the run-level changes.
+  check_options(FlagSet("", "", ""), run.options);
+  return run;
 }
 
 namespace {
@@ -394,10 +578,14 @@ constexpr const char* kTrainHelp =
     "Trains a character-level transformer language model on a text file. Every\n"
     "--eval-interval steps it measures the validation loss, appends to DIR/log.csv,\n"
     "saves DIR/last.ckpt (and DIR/best.ckpt when the loss improves) and redraws\n"
-    "DIR/loss.png. Ctrl-C finishes the current step, saves DIR/last.ckpt and exits;\n"
+    "DIR/loss.png. --out refuses a directory that already holds a run's files.\n"
+    "Ctrl-C (or SIGTERM) finishes the current step or abandons the evaluation under\n"
+    "way, saves DIR/last.ckpt and exits; a second Ctrl-C quits at once.\n"
     "--resume DIR continues exactly where the run stopped, with its recipe (the\n"
     "model and optimisation flags) and its device read from the checkpoint\n"
-    "(--device moves it). The defaults are nanoGPT's shakespeare_char recipe.";
+    "(--device moves it); it refuses files of another run (each run has an id,\n"
+    "in its checkpoints and log.csv). The defaults are nanoGPT's shakespeare_char\n"
+    "recipe.";
 
 }  // namespace
 
@@ -420,38 +608,9 @@ int cmd_train(const std::vector<std::string>& args) {
   const std::string dir = options.resume;
   if (flags.given("out") && fs::weakly_canonical(options.out) != fs::weakly_canonical(dir))
     throw UsageError("--out: a resumed run continues in its own directory " + dir + "; leave --out out");
-  const std::string path = (fs::path(dir) / "last.ckpt").string();
-  if (!fs::exists(path)) throw UsageError("--resume: " + path + " does not exist");
-  if (options.threads > 0) omp_set_num_threads(static_cast<int>(options.threads));
-  // Loaded on the CPU: the run's device is only known from its metadata.
-  const nn::Checkpoint checkpoint = nn::load_checkpoint(path, minidl::Device::cpu());
-  MINIDL_CHECK(checkpoint.metadata.count(kFormatKey) != 0, "charlm: ", path,
-               " is not a checkpoint written by charlm train (no '", kFormatKey, "' metadata)");
-  const TrainOptions recipe = recipe_from_metadata(checkpoint.metadata);
-  TrainOptions resumed = recipe;
-  FlagSet resumed_flags("charlm train", kTrainUsage, kTrainHelp);
-  add_train_command_flags(resumed_flags, resumed);
-  resumed_flags.parse(args);
-  check_resume_flags(resumed_flags, resumed, recipe);
-  // Without --device the run continues where it trained (the same device
-  // keeps the curve bit-exact on the CPU).
-  if (!resumed_flags.given("device")) {
-    auto it = checkpoint.metadata.find("train.device");
-    if (it == checkpoint.metadata.end()) {
-      std::cerr << "[charlm] " << path << " does not record its device (an older checkpoint): --device "
-                << resumed.device << " picks one\n";
-    } else {
-      MINIDL_CHECK(it->second == "cpu" || it->second == "cuda", "charlm: ", path,
-                   " has an unknown train.device '", it->second, "'");
-      if (it->second == "cuda" && !minidl::cuda_is_available())
-        throw UsageError("--resume: " + dir + " trained on cuda and no CUDA device is available; add "
-                         "--device cpu to continue it on the CPU");
-      resumed.device = it->second;
-    }
-  }
-  resumed.out = dir;
-  check_options(resumed_flags, resumed);
-  const RunSummary s = train_run(resumed, &checkpoint, "");
+  const ResumedRun run = load_resumed_run(dir, flags, options);
+  check_resume_flags(flags, options, recipe_from_metadata(run.checkpoint.metadata));
+  const RunSummary s = train_run(run.options, &run.checkpoint, "");
   return s.stop_signal ? exit_code_for_signal(s.stop_signal) : 0;
 }
 

@@ -56,6 +56,11 @@ void Image::outline(const Rect& r, Color c) {
   fill({r.x1 - 1, r.y0, r.x1, r.y1}, c);
 }
 
+void Image::draw(const Image& source, int x, int y) {
+  for (int sy = 0; sy < source.height(); ++sy)
+    for (int sx = 0; sx < source.width(); ++sx) set(x + sx, y + sy, source.pixel(sx, sy));
+}
+
 int text_width(const std::string& s, int scale) {
   return s.empty() ? 0 : static_cast<int>(s.size()) * (kGlyphColumns + 1) * scale - scale;
 }

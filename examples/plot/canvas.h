@@ -35,6 +35,9 @@ class Image {
   void fill(const Rect& r, Color c);
   // A 1-pixel outline just inside r.
   void outline(const Rect& r, Color c);
+  // Copies `source` with its top-left corner at (x, y); pixels falling
+  // outside this image are dropped.
+  void draw(const Image& source, int x, int y);
 
   // Text with its top-left corner at (x, y), each font pixel scale x scale.
   void text(int x, int y, const std::string& s, int scale, Color c);

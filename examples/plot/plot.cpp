@@ -317,4 +317,39 @@ Image render(const Figure& fig) {
 
 void save_png(const Figure& figure, const std::string& path) { render(figure).write_png(path); }
 
+Image render_grid(const std::vector<Figure>& panels, int columns) {
+  MINIDL_CHECK(!panels.empty(), "plot: render_grid needs at least one panel");
+  MINIDL_CHECK(columns >= 1, "plot: render_grid needs columns >= 1, got ", columns);
+  std::vector<Image> images;
+  for (const Figure& f : panels) images.push_back(render(f));
+  const size_t n = images.size(), cols = static_cast<size_t>(columns);
+  std::vector<int> row_height((n + cols - 1) / cols, 0);
+  int width = 0;
+  for (size_t row = 0; row < row_height.size(); ++row) {
+    int row_width = 0;
+    for (size_t i = row * cols; i < std::min(n, (row + 1) * cols); ++i) {
+      row_width += images[i].width();
+      row_height[row] = std::max(row_height[row], images[i].height());
+    }
+    width = std::max(width, row_width);
+  }
+  int height = 0;
+  for (int h : row_height) height += h;
+  Image grid(width, height);
+  int y = 0;
+  for (size_t row = 0; row < row_height.size(); ++row) {
+    int x = 0;
+    for (size_t i = row * cols; i < std::min(n, (row + 1) * cols); ++i) {
+      grid.draw(images[i], x, y);
+      x += images[i].width();
+    }
+    y += row_height[row];
+  }
+  return grid;
+}
+
+void save_png(const std::vector<Figure>& panels, int columns, const std::string& path) {
+  render_grid(panels, columns).write_png(path);
+}
+
 }  // namespace minidl::plot

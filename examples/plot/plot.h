@@ -74,4 +74,11 @@ Image render(const Figure& figure);
 // render() then Image::write_png (atomically: written aside, then renamed).
 void save_png(const Figure& figure, const std::string& path);
 
+// Several figures as panels of one image, `columns` to a row, filled left to
+// right then top to bottom; each panel keeps its own width and height, and a
+// row is as tall as its tallest panel. Throws minidl::Error for no panels or
+// columns < 1, and whatever render() throws for a panel.
+Image render_grid(const std::vector<Figure>& panels, int columns);
+void save_png(const std::vector<Figure>& panels, int columns, const std::string& path);
+
 }  // namespace minidl::plot

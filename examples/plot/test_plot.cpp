@@ -139,6 +139,27 @@ TEST_CASE("errors name the problem") {
   CHECK(render(empty).width() == 900);
 }
 
+TEST_CASE("render_grid places the panels row by row, each as render() draws it") {
+  Figure a, b, c;
+  a.series.push_back({.label = "a", .x = {1, 2, 3}, .y = {3, 1, 2}});
+  b.series.push_back({.label = "b", .x = {1, 2}, .y = {5, 6}});
+  c = a;
+  c.width = 400;
+  c.height = 300;
+  const Image grid = render_grid({a, b, c}, 2);
+  CHECK(grid.width() == 1800);
+  CHECK(grid.height() == 560 + 300);
+  const Image ra = render(a), rb = render(b), rc = render(c);
+  for (auto [x, y] : {std::pair{100, 100}, std::pair{450, 280}, std::pair{899, 559}}) {
+    CHECK(grid.pixel(x, y) == ra.pixel(x, y));
+    CHECK(grid.pixel(900 + x, y) == rb.pixel(x, y));
+  }
+  CHECK(grid.pixel(200, 560 + 150) == rc.pixel(200, 150));
+  CHECK(grid.pixel(1000, 560 + 150) == Color{255, 255, 255});  // no fourth panel
+  CHECK_THROWS_WITH_AS(render_grid({}, 2), doctest::Contains("at least one panel"), minidl::Error);
+  CHECK_THROWS_WITH_AS(render_grid({a}, 0), doctest::Contains("columns >= 1, got 0"), minidl::Error);
+}
+
 TEST_CASE("save_png writes a PNG file atomically") {
   const auto path = std::filesystem::temp_directory_path() / ("minidl_plot_" + std::to_string(::getpid()) + ".png");
   Figure fig;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Command-line tests of charlm, one case per ctest test:
 #   cli.sh CHARLM CASE SCRATCH_DIR
-# Cases: help bad_flags train resume interrupt sample compare. Each trains
-# tiny models on a small generated text on one CPU thread (a few seconds).
+# Cases: help bad_flags train resume interrupt interrupt_eval run_ids errors
+# sample compare compare_resume. Each trains tiny models on a small generated
+# text on one CPU thread (a few seconds).
 set -uo pipefail
 charlm=$1
 case_name=$2
@@ -25,8 +26,20 @@ make_text() {
 TINY=(--data text.txt --device cpu --layers 1 --heads 2 --width 16 --context 16 --batch 4 --eval-iters 2
       --threads 1 --warmup 2 --dropout 0.1)
 
-# The log without the tokens_per_s column (timing differs between runs).
+# The log without the timing and run id columns (they differ between runs).
 log_without_timing() { cut -d, -f1-4 "$1"; }
+
+# The run id of a run directory's log.csv (its last column, one value).
+log_run_id() { tail -n +2 "$1/log.csv" | cut -d, -f7 | sort -u; }
+
+# wait_for_rows FILE N: until FILE has at least N lines (gives up after 30 s).
+wait_for_rows() {
+  for _ in $(seq 1 600); do
+    [ "$({ wc -l <"$1"; } 2>/dev/null || echo 0)" -ge "$2" ] && return 0
+    sleep 0.05
+  done
+  return 1
+}
 
 # expect_usage_error "substring" ARGS...: exit code 2 and exactly one line
 # on stderr that contains the substring.
@@ -76,7 +89,11 @@ bad_flags)
   expect_usage_error "--segments applies to --attention dilated only" train --data text.txt --out r --segments 8,16
   expect_usage_error "--warmup 100 exceeds the decay length 10" train --data text.txt --out r --iters 10
   expect_usage_error "--data is required" train --out r
-  expect_usage_error "--data: cannot read 'missing.txt'" train --data missing.txt --out r --iters 200
+  expect_usage_error "--data: cannot read 'missing.txt': No such file or directory" train --data missing.txt --out r --iters 200
+  mkdir texts
+  expect_usage_error "--data: 'texts' is a directory; give the text file to learn" train --data texts --out r
+  expect_usage_error "--resume: nowhere/compare.run does not exist (not a directory written by charlm compare)" \
+    compare --resume nowhere
   expect_usage_error "--resume: nowhere/last.ckpt does not exist" train --resume nowhere
   expect_usage_error "--layers must be >= 1, got 0" train --data text.txt --out r --layers 2 --layers 0
   expect_usage_error "unexpected argument 'extra'" train extra
@@ -94,7 +111,8 @@ train)
     fail "training exited $?: $(cat err.txt)"
   for f in log.csv last.ckpt best.ckpt loss.png; do [ -s run/$f ] || fail "run/$f missing or empty"; done
   ls run | grep -q '\.tmp$' && fail "temporary files left in run/: $(ls run)"
-  [ "$(head -1 run/log.csv)" = "step,train_loss,val_loss,lr,tokens_per_s" ] || fail "log.csv header: $(head -1 run/log.csv)"
+  [ "$(head -1 run/log.csv)" = "step,train_loss,val_loss,lr,tokens_per_s,elapsed_s,run_id" ] ||
+    fail "log.csv header: $(head -1 run/log.csv)"
   [ "$(wc -l <run/log.csv)" -eq 8 ] || fail "log.csv should have a header and 7 rows (steps 0, 5, ..., 30): $(cat run/log.csv)"
   [ "$(tail -1 run/log.csv | cut -d, -f1)" = 30 ] || fail "the last row is not step 30"
   first_val=$(sed -n 2p run/log.csv | cut -d, -f3)
@@ -103,9 +121,19 @@ train)
     fail "validation loss did not fall: $first_val at step 0, $last_val at step 30"
   [ "$(head -c 8 run/loss.png | tail -c 7 | head -c 3)" = "PNG" ] || fail "loss.png is not a PNG"
   grep -q "step 30/30" out.txt || fail "no progress line for step 30"
+  # The validation loss is bare when measured, with its step after that.
+  grep -q "^step 10/30 | train [0-9.]* | val [0-9.]* (new best) | lr" out.txt || fail "no fresh val at step 10: $(cat out.txt)"
+  grep -q "^step 15/30 | train [0-9.]* | val [0-9.]* (step 10) | lr" out.txt || fail "no val (step 10) at step 15: $(cat out.txt)"
+  # elapsed_s grows; every row has the run's id, the one in the checkpoints.
+  cut -d, -f6 run/log.csv | tail -n +2 | sort -c -g || fail "elapsed_s does not grow: $(cat run/log.csv)"
+  id=$(log_run_id run)
+  [[ "$id" =~ ^[0-9a-f]{16}$ ]] || fail "log.csv run ids: '$id'"
+  grep -qa "$id" run/last.ckpt && grep -qa "$id" run/best.ckpt || fail "the checkpoints lack the run id $id"
+  grep -q "(run $id)" out.txt || fail "the first line does not name the run id"
   grep -q "done: step 30" out.txt || fail "no final summary"
   # A second run into the same directory is refused (it would clobber the first).
-  expect_usage_error "--out: run already holds a run" train "${TINY[@]}" --out run --iters 30
+  expect_usage_error "--out: run already holds a run (last.ckpt, best.ckpt, log.csv, loss.png); continue it with --resume run" \
+    train "${TINY[@]}" --out run --iters 30
   ;;
 
 resume)
@@ -124,6 +152,7 @@ resume)
     train --resume split --iters 30 --lr 0.002
   expect_usage_error "--attention: a resumed run keeps its recipe, and the checkpoint has vanilla" \
     train --resume split --attention dilated
+  [ "$(log_run_id split | wc -l)" -eq 1 ] || fail "the resumed run's log has several run ids: $(cat split/log.csv)"
   ;;
 
 interrupt)
@@ -133,10 +162,7 @@ interrupt)
   common=("${TINY[@]}" --eval-interval 20 --log-interval 4 --decay-iters 100000)
   "$charlm" train "${common[@]}" --out stopped --iters 100000 >out.txt 2>err.txt &
   pid=$!
-  for _ in $(seq 1 600); do
-    [ "$(wc -l <stopped/log.csv 2>/dev/null || echo 0)" -ge 4 ] && break
-    sleep 0.05
-  done
+  wait_for_rows stopped/log.csv 4 || fail "no rows logged: $(cat out.txt err.txt)"
   kill -INT $pid
   wait $pid
   rc=$?
@@ -149,6 +175,102 @@ interrupt)
   "$charlm" train "${common[@]}" --out fresh --iters $end >/dev/null || fail "the reference run failed"
   diff <(log_without_timing fresh/log.csv) <(log_without_timing stopped/log.csv) >diff.txt ||
     fail "stopped at step $step and resumed, the log differs from an uninterrupted run: $(cat diff.txt)"
+  ;;
+
+interrupt_eval)
+  make_text
+  # Many validation batches make each evaluation last most of a second.
+  common=("${TINY[@]}" --eval-iters 5000 --eval-interval 5 --log-interval 5 --decay-iters 10)
+  "$charlm" train "${common[@]}" --out stopped --iters 10 >out.txt 2>err.txt &
+  pid=$!
+  # The step-0 row is written: the evaluation of step 5 follows within milliseconds.
+  wait_for_rows stopped/log.csv 2 || fail "no step-0 row: $(cat out.txt err.txt)"
+  sleep 0.1
+  kill -INT $pid
+  wait $pid
+  rc=$?
+  [ $rc -eq 130 ] || fail "a run stopped during evaluation should exit 130, got $rc: $(cat err.txt)"
+  grep -q "interrupted by SIGINT at step 5 of 10 (during its evaluation" out.txt ||
+    fail "the evaluation was not abandoned at step 5: $(cat out.txt)"
+  grep -q "^\[charlm\] stopping: saving the last completed step" err.txt || fail "no notice of the signal: $(cat err.txt)"
+  [ "$(wc -l <stopped/log.csv)" -eq 2 ] || fail "the abandoned evaluation wrote a row: $(cat stopped/log.csv)"
+  # The resumed run redoes the evaluation of step 5, and its log matches an uninterrupted run.
+  "$charlm" train --resume stopped --iters 5 --threads 1 >out.txt || fail "resuming failed"
+  grep -q "resuming stopped at step 5 of 5 on cpu (float32), first redoing the interrupted evaluation" out.txt ||
+    fail "no resume message: $(cat out.txt)"
+  "$charlm" train "${common[@]}" --out fresh --iters 5 >/dev/null || fail "the reference run failed"
+  diff <(log_without_timing fresh/log.csv) <(log_without_timing stopped/log.csv) >diff.txt ||
+    fail "stopped during the evaluation and resumed, the log differs from an uninterrupted run: $(cat diff.txt)"
+  # A second signal quits at once. Both are made pending while the process is
+  # stopped; the handler of the first blocks the second, which then finds
+  # the default action (the program ends, by that signal, saving nothing).
+  "$charlm" train "${common[@]}" --out twice --iters 10 >out.txt 2>err.txt &
+  pid=$!
+  wait_for_rows twice/log.csv 1 || fail "the run did not start: $(cat out.txt err.txt)"
+  kill -STOP $pid
+  kill -INT $pid
+  kill -TERM $pid
+  kill -CONT $pid
+  wait $pid
+  rc=$?
+  [ $rc -eq 130 ] || [ $rc -eq 143 ] || fail "two signals should end the program by a signal, got exit $rc"
+  grep -q "interrupted by" out.txt && fail "after a second signal the run still saved: $(cat out.txt)"
+  grep -q "stopping: saving the last completed step" err.txt || fail "no notice of the first signal: $(cat err.txt)"
+  ;;
+
+run_ids)
+  make_text
+  "$charlm" train "${TINY[@]}" --out a --iters 5 --eval-interval 5 >/dev/null || fail "run a failed"
+  "$charlm" train "${TINY[@]}" --out b --iters 5 --eval-interval 5 --seed 2 >/dev/null || fail "run b failed"
+  [ "$(log_run_id a)" != "$(log_run_id b)" ] || fail "two runs have the same id $(log_run_id a)"
+  # Any run artifact refuses --out (an empty directory is fine).
+  for f in log.csv loss.png best.ckpt compare.csv; do
+    mkdir -p "with_$f" && touch "with_$f/$f"
+    expect_usage_error "--out: with_$f already holds a run ($f); choose another directory" \
+      train "${TINY[@]}" --out "with_$f" --iters 5
+  done
+  mkdir empty
+  "$charlm" train "${TINY[@]}" --out empty --iters 5 --eval-interval 5 >/dev/null || fail "an empty --out was refused"
+  # Files of another run are refused on resume.
+  cp -r a mixed && cp b/last.ckpt mixed/last.ckpt
+  expect_usage_error "--resume: mixed/log.csv has rows of run $(log_run_id a), but last.ckpt is run $(log_run_id b)" \
+    train --resume mixed --iters 10
+  cp -r a mixed_best && cp b/best.ckpt mixed_best/best.ckpt
+  expect_usage_error "--resume: mixed_best/best.ckpt is run $(log_run_id b), but last.ckpt is run $(log_run_id a)" \
+    train --resume mixed_best --iters 10
+  # A log of the older format (no run ids) does not go with a checkpoint that has one.
+  cp -r a old_log && { echo "step,train_loss,val_loss,lr,tokens_per_s"; tail -n +2 a/log.csv | cut -d, -f1-5; } >old_log/log.csv
+  expect_usage_error "--resume: old_log/log.csv has rows of run (no run id: an older charlm), but last.ckpt is run" \
+    train --resume old_log --iters 10
+  id_a=$(log_run_id a)
+  "$charlm" train --resume a --iters 10 --threads 1 >/dev/null || fail "resuming a failed"
+  [ "$(log_run_id a)" = "$id_a" ] || fail "the resumed run changed its id: $(cat a/log.csv)"
+  ;;
+
+errors)
+  make_text
+  # Errors other than usage: one line 'charlm CMD: error: ...' on stderr, no blank line before it.
+  if [ -w /dev/full ]; then
+    mkdir full && ln -s /dev/full full/log.csv.tmp
+    "$charlm" train "${TINY[@]}" --out full --iters 5 >out.txt 2>err.txt
+    rc=$?
+    [ $rc -eq 1 ] || fail "a failed log write should exit 1, got $rc: $(cat err.txt)"
+    [ "$(wc -l <err.txt)" -eq 1 ] || fail "expected a one-line error, got: $(cat -A err.txt)"
+    grep -q "^charlm train: error: charlm: cannot write full/log.csv: No space left on device$" err.txt ||
+      fail "the log write error does not give the reason: $(cat err.txt)"
+    [ -z "$(ls full)" ] || fail "a failed log write left files behind: $(ls full)"
+  fi
+  # A comparison that fails before training leaves no directory that --out would then refuse.
+  head -c 300 text.txt >small.txt
+  "$charlm" compare "${TINY[@]}" --data small.txt --context 64 --out small >out.txt 2>err.txt
+  [ $? -eq 2 ] || fail "compare on too small a text should exit 2: $(cat err.txt)"
+  grep -q "too small for --context 64" err.txt || fail "unexpected error: $(cat err.txt)"
+  [ ! -e small ] || fail "the failed compare left $(ls -R small)"
+  echo "not a checkpoint" >bad.ckpt
+  "$charlm" sample --ckpt bad.ckpt >out.txt 2>err.txt
+  [ $? -eq 1 ] || fail "sampling a bad checkpoint should exit 1"
+  [ "$(wc -l <err.txt)" -eq 1 ] && grep -q "^charlm sample: error: " err.txt ||
+    fail "expected one line 'charlm sample: error: ...', got: $(cat -A err.txt)"
   ;;
 
 sample)
@@ -176,13 +298,48 @@ compare)
   for f in compare.csv compare.png summary.txt vanilla/log.csv vanilla/best.ckpt dilated/log.csv dilated/best.ckpt; do
     [ -s cmp/$f ] || fail "cmp/$f missing or empty"
   done
-  [ "$(head -1 cmp/compare.csv)" = "step,vanilla_train_loss,vanilla_val_loss,dilated_train_loss,dilated_val_loss" ] ||
+  [ "$(head -1 cmp/compare.csv)" = "step,vanilla_train_loss,vanilla_val_loss,dilated_train_loss,dilated_val_loss,vanilla_elapsed_s,dilated_elapsed_s" ] ||
     fail "compare.csv header: $(head -1 cmp/compare.csv)"
   [ "$(wc -l <cmp/compare.csv)" -eq 4 ] || fail "compare.csv should have rows for steps 0, 5, 10: $(cat cmp/compare.csv)"
   grep -q "^attention  *final val  *best val" out.txt || fail "no summary table: $(tail -5 out.txt)"
   grep -q "^vanilla " out.txt && grep -q "^dilated " out.txt || fail "the table lacks a row"
   grep -qa "dilated" cmp/dilated/last.ckpt || fail "the dilated run's checkpoint is not dilated"
   grep -qa "dilated" cmp/vanilla/last.ckpt && fail "the vanilla run's checkpoint is dilated"
+  [ -s cmp/compare.run ] || fail "no cmp/compare.run"
+  grep -q "warning" err.txt && fail "a warning without clamped segments: $(cat err.txt)"
+  expect_usage_error "--out: cmp already holds a run (compare.run, compare.csv, compare.png, summary.txt, vanilla, dilated); continue it with --resume cmp" \
+    compare "${TINY[@]}" --out cmp --iters 10
+  ;;
+
+compare_resume)
+  make_text
+  # Segment 32 exceeds the context 16: dilated attention uses 16.
+  common=("${TINY[@]}" --eval-interval 20 --log-interval 4 --decay-iters 100000 --segments 4,8,32 --dilations 1,2,4)
+  "$charlm" compare "${common[@]}" --out stopped --iters 100000 >out.txt 2>err.txt &
+  pid=$!
+  wait_for_rows stopped/vanilla/log.csv 4 || fail "the vanilla run logged nothing: $(cat out.txt err.txt)"
+  kill -INT $pid
+  wait $pid
+  rc=$?
+  [ $rc -eq 130 ] || fail "an interrupted compare should exit 130, got $rc: $(cat err.txt)"
+  grep -q "^charlm compare: warning: --segments 4,8,32 exceed --context 16; .* the effective segments are 4,8,16$" err.txt ||
+    fail "no warning about the clamped segment: $(cat err.txt)"
+  grep -q "Continue with: charlm compare --resume stopped" err.txt || fail "no hint to resume: $(cat err.txt)"
+  step=$(grep -o "interrupted by SIGINT at step [0-9]*" out.txt | grep -o "[0-9]*$")
+  [ -n "$step" ] || fail "no interruption message: $(cat out.txt)"
+  end=$((step + 10))
+  expect_usage_error "--lr: a resumed run keeps its recipe, and the checkpoint has 0.001" \
+    compare --resume stopped --lr 0.01
+  "$charlm" compare --resume stopped --iters $end --threads 1 >out.txt 2>err.txt ||
+    fail "compare --resume failed: $(cat err.txt)"
+  grep -q "\[vanilla\] resuming stopped/vanilla at step $step of $end" out.txt || fail "vanilla did not resume: $(cat out.txt)"
+  "$charlm" compare "${common[@]}" --out fresh --iters $end >/dev/null 2>&1 || fail "the reference compare failed"
+  diff <(cut -d, -f1-5 fresh/compare.csv) <(cut -d, -f1-5 stopped/compare.csv) >diff.txt ||
+    fail "the resumed comparison differs from an uninterrupted one: $(cat diff.txt)"
+  grep -q "segments 4,8,32 (effective 4,8,16)" stopped/summary.txt || fail "summary.txt: $(cat stopped/summary.txt)"
+  # Run directories of another comparison are refused.
+  rm -r fresh/vanilla && cp -r stopped/vanilla fresh/vanilla
+  expect_usage_error "--resume: fresh/vanilla/last.ckpt is run $(log_run_id stopped/vanilla), not " compare --resume fresh
   ;;
 
 *)

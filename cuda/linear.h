@@ -1,0 +1,25 @@
+#pragma once
+// cuBLASLt GEMMs with epilogues behind ops::linear and ops::mlp; the same
+// contract as cpu/linear.h. float32 (TF32) and bfloat16 (fp32 accumulation)
+// run as one cuBLASLt call each: forward with the BIAS / GELU_AUX(_BIAS)
+// epilogue, weight gradient with BGRADB, input gradient with DGELU(_BGRAD).
+// Cases cuBLASLt has no kernel for (float64, a GELU width that is not a
+// multiple of 8) run the cuBLAS GEMM and separate kernels instead. Every call
+// uses the explicit workspace of cuda/runtime.h (no hidden allocation), is
+// asynchronous on cuda::stream() and never syncs.
+#include "core/tensor.h"
+
+namespace minidl::cuda {
+
+void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                    const Tensor& gelu_input, const Tensor& out);
+void linear_weight_grad(const Tensor& grad, const Tensor& x, const Tensor& grad_weight,
+                        const Tensor& grad_bias);
+void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& gelu_input,
+                       const Tensor& grad_x, const Tensor& grad_bias);
+
+// How many float32/bfloat16 calls cuBLASLt refused (and the cuBLAS path ran
+// instead) since start-up; tests assert the fused path ran.
+int64_t linear_fallbacks();
+
+}  // namespace minidl::cuda

@@ -1,0 +1,331 @@
+// ops::linear and ops::mlp: values against the matmul + add + gelu
+// composition, float64 gradchecks, gradients in the parameters' layout,
+// CPU-vs-CUDA parity (float32, bfloat16; fused cuBLASLt epilogues and the
+// fallback), the cuBLASLt GELU flavour, nn::Linear / nn::MLP, errors.
+#include <algorithm>
+#include <cmath>
+
+#include "tests/helpers.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/linear.h"
+#endif
+
+using namespace minidl;
+using minidl::testing::check_close;
+using minidl::testing::random_tensor;
+
+namespace {
+
+TensorOptions grad_f64() { return {DType::Float64, Device::cpu(), true}; }
+
+// The unfused composition the ops must equal.
+Tensor reference_linear(const Tensor& x, const Tensor& w, const Tensor& b, bool gelu) {
+  Tensor y = ops::matmul(x, w.transpose(0, 1));
+  if (b.defined()) y = ops::add(y, b);
+  return gelu ? ops::gelu(y) : y;
+}
+
+// max |actual - expected| <= tol * max |expected|.
+void check_scaled(const Tensor& actual, const Tensor& expected, double tol) {
+  std::vector<double> e = expected.to_vector<double>();
+  double scale = 0;
+  for (double v : e) scale = std::max(scale, std::abs(v));
+  check_close(actual, expected, tol * std::max(scale, 1e-30), 0);
+}
+
+}  // namespace
+
+// ---- CPU: values and gradchecks ----
+
+TEST_CASE("linear equals matmul + bias (+ gelu), any leading dims") {
+  Tensor x = random_tensor({2, 3, 5}), w = random_tensor({4, 5}), b = random_tensor({4});
+  for (bool gelu : {false, true}) {
+    CAPTURE(gelu);
+    ops::Activation act = gelu ? ops::Activation::Gelu : ops::Activation::None;
+    check_close(ops::linear(x, w, b, act), reference_linear(x, w, b, gelu), 1e-14, 1e-14);
+    check_close(ops::linear(x, w, Tensor(), act), reference_linear(x, w, Tensor(), gelu), 1e-14, 1e-14);
+  }
+  Tensor v = random_tensor({5});
+  CHECK(ops::linear(v, w, b).shape() == Shape{4});
+  check_close(ops::linear(v, w, b), reference_linear(v.reshape({1, 5}), w, b, false).reshape({4}),
+              1e-14, 1e-14);
+  // Non-contiguous input and weight.
+  Tensor xt = random_tensor({5, 3}).transpose(0, 1), wt = random_tensor({5, 4}).transpose(0, 1);
+  check_close(ops::linear(xt, wt, b), reference_linear(xt, wt, b, false), 1e-14, 1e-14);
+  CHECK(ops::linear(random_tensor({0, 5}), w, b).shape() == Shape{0, 4});
+}
+
+TEST_CASE("mlp equals linear(gelu) then linear") {
+  Tensor x = random_tensor({2, 3, 5}), w1 = random_tensor({8, 5}), b1 = random_tensor({8});
+  Tensor w2 = random_tensor({4, 8}), b2 = random_tensor({4});
+  check_close(ops::mlp(x, w1, b1, w2, b2),
+              reference_linear(reference_linear(x, w1, b1, true), w2, b2, false), 1e-14, 1e-14);
+  check_close(ops::mlp(x, w1, Tensor(), w2, Tensor()),
+              reference_linear(reference_linear(x, w1, Tensor(), true), w2, Tensor(), false), 1e-14,
+              1e-14);
+}
+
+TEST_CASE("gradcheck linear: with and without bias, with GELU, batched and 1-D inputs") {
+  Tensor x = random_tensor({2, 3, 5}, grad_f64()), w = random_tensor({4, 5}, grad_f64());
+  Tensor b = random_tensor({4}, grad_f64());
+  for (ops::Activation act : {ops::Activation::None, ops::Activation::Gelu}) {
+    CAPTURE(static_cast<int>(act));
+    CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::linear(in[0], in[1], in[2], act); },
+                    {x, w, b}));
+    CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::linear(in[0], in[1], Tensor(), act); },
+                    {x, w}));
+  }
+  Tensor v = random_tensor({5}, grad_f64());
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::linear(in[0], in[1], in[2]); },
+                  {v, w, b}));
+  // Only some inputs require grad.
+  Tensor xc = random_tensor({3, 5});
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) {
+                    return ops::linear(xc, in[0], in[1], ops::Activation::Gelu);
+                  },
+                  {w, b}));
+  Tensor wc = random_tensor({4, 5});
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::linear(in[0], wc, in[1]); },
+                  {x, b}));
+}
+
+TEST_CASE("gradcheck mlp: with and without biases") {
+  Tensor x = random_tensor({2, 3, 5}, grad_f64());
+  Tensor w1 = random_tensor({8, 5}, grad_f64()), b1 = random_tensor({8}, grad_f64());
+  Tensor w2 = random_tensor({4, 8}, grad_f64()), b2 = random_tensor({4}, grad_f64());
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::mlp(in[0], in[1], in[2], in[3], in[4]); },
+                  {x, w1, b1, w2, b2}));
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::mlp(in[0], in[1], Tensor(), in[2], Tensor()); },
+                  {x, w1, w2}));
+  Tensor xc = random_tensor({3, 5});
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::mlp(xc, w1, in[0], w2, in[1]); },
+                  {b1, b2}));
+}
+
+TEST_CASE("linear and mlp gradients come in the parameters' layout, contiguous") {
+  Tensor x = random_tensor({2, 3, 5}), w = random_tensor({4, 5}, grad_f64()),
+         b = random_tensor({4}, grad_f64());
+  ops::sum(ops::linear(x, w, b, ops::Activation::Gelu)).backward();
+  REQUIRE(w.grad().defined());
+  CHECK(w.grad().is_contiguous());
+  CHECK(w.grad().strides() == w.strides());
+  CHECK(b.grad().is_contiguous());
+  Tensor w2 = random_tensor({3, 4}, grad_f64());
+  ops::sum(ops::mlp(x, w, b, w2, Tensor())).backward();
+  CHECK(w.grad().strides() == w.strides());
+  CHECK(w2.grad().strides() == w2.strides());
+  // Empty batch: the parameters' gradients are zeros.
+  Tensor e = random_tensor({0, 5}, grad_f64());
+  w.zero_grad();
+  b.zero_grad();
+  ops::sum(ops::linear(e, w, b)).backward();
+  check_close(w.grad(), ops::zeros({4, 5}, {DType::Float64}), 0, 0);
+  check_close(b.grad(), ops::zeros({4}, {DType::Float64}), 0, 0);
+}
+
+TEST_CASE("matmul with a transposed weight gives its gradient in the weight's layout") {
+  Tensor x = random_tensor({2, 3, 5}, grad_f64()), w = random_tensor({4, 5}, grad_f64());
+  ops::sum(ops::mul(ops::matmul(x, w.transpose(0, 1)), random_tensor({2, 3, 4}))).backward();
+  CHECK(w.grad().is_contiguous());
+  CHECK(w.grad().strides() == w.strides());
+  // Values: the same gradient as the untransposed formulation.
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::matmul(in[0], in[1].transpose(0, 1)); },
+                  {x, w}));
+  Tensor a = random_tensor({5, 3}, grad_f64()), c = random_tensor({5, 4}, grad_f64());
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return ops::matmul(in[0].transpose(0, 1), in[1]); },
+                  {a, c}));
+  ops::sum(ops::matmul(a.transpose(0, 1), c)).backward();
+  CHECK(a.grad().strides() == a.strides());
+}
+
+TEST_CASE("nn::Linear and nn::MLP run ops::linear / ops::mlp") {
+  Generator gen(5);
+  nn::Linear lin(5, 4, true, gen, {DType::Float64});
+  Tensor x = random_tensor({2, 5});
+  check_close(lin.forward(x), reference_linear(x, lin.weight, lin.bias, false), 1e-14, 1e-14);
+  nn::MLP mlp(4, true, 0.0, gen, nullptr, {DType::Float64});
+  Tensor h = random_tensor({3, 4});
+  check_close(mlp.forward(h),
+              reference_linear(reference_linear(h, mlp.c_fc->weight, mlp.c_fc->bias, true),
+                               mlp.c_proj->weight, mlp.c_proj->bias, false),
+              1e-14, 1e-14);
+}
+
+TEST_CASE("linear and mlp error messages") {
+  Tensor x = random_tensor({2, 5}), w = random_tensor({4, 5});
+  CHECK_THROWS_WITH_AS(ops::linear(x, random_tensor({4, 3})),
+                       doctest::Contains("linear: weight float64 [4, 3] on cpu must be a non-empty "
+                                         "(out, in) matrix with in = 5"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::linear(x, w, random_tensor({3})),
+                       doctest::Contains("linear: bias float64 [3] on cpu does not match weight"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::linear(x, random_tensor({4, 5}, {DType::Float32})),
+                       doctest::Contains("linear: dtype mismatch"), Error);
+  CHECK_THROWS_WITH_AS(ops::mlp(x, random_tensor({8, 5}), Tensor(), random_tensor({4, 7}), Tensor()),
+                       doctest::Contains("mlp: proj_weight float64 [4, 7] on cpu must be a non-empty "
+                                         "(out, in) matrix with in = 8"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::linear(Tensor(), w), doctest::Contains("linear: input is an undefined tensor"),
+                       Error);
+}
+
+// ---- CUDA ----
+
+namespace {
+
+struct LayerCase {
+  int64_t m, k, n;
+  bool bias, gelu;
+};
+
+// Forward and every gradient of sum(linear(x, w, b) * proj) on the GPU in
+// `dtype` against the CPU in float64 from the same (rounded) values.
+void check_linear_parity(const LayerCase& c, DType dtype, double tol) {
+  CAPTURE(c.m);
+  CAPTURE(c.k);
+  CAPTURE(c.n);
+  CAPTURE(c.bias);
+  CAPTURE(c.gelu);
+  CAPTURE(dtype);
+  auto fresh = [&](const Shape& s) { return random_tensor(s, {dtype}).to(DType::Float64); };
+  Tensor x0 = fresh({c.m, c.k}), w0 = fresh({c.n, c.k}), b0 = c.bias ? fresh({c.n}) : Tensor();
+  Tensor p0 = fresh({c.m, c.n});
+  auto run = [&](Device device, DType dt) {
+    auto leaf = [&](const Tensor& t) { return t.to(dt).to(device).detach().requires_grad_(true); };
+    Tensor x = leaf(x0), w = leaf(w0), b = c.bias ? leaf(b0) : Tensor();
+    Tensor y = ops::linear(x, w, b, c.gelu ? ops::Activation::Gelu : ops::Activation::None);
+    ops::sum(ops::mul(y, p0.to(dt).to(device))).backward();
+    CHECK(w.grad().strides() == w.strides());
+    std::vector<Tensor> out{y, x.grad(), w.grad()};
+    if (c.bias) out.push_back(b.grad());
+    for (Tensor& t : out) t = t.to(Device::cpu());
+    return out;
+  };
+  std::vector<Tensor> ref = run(Device::cpu(), DType::Float64), gpu = run(Device::cuda(), dtype);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    CAPTURE(i);
+    check_scaled(gpu[i], ref[i], tol);
+  }
+}
+
+void check_mlp_parity(int64_t m, int64_t k, int64_t h, int64_t n, bool bias, DType dtype, double tol) {
+  CAPTURE(m);
+  CAPTURE(k);
+  CAPTURE(h);
+  CAPTURE(n);
+  CAPTURE(bias);
+  CAPTURE(dtype);
+  auto fresh = [&](const Shape& s) { return random_tensor(s, {dtype}).to(DType::Float64); };
+  Tensor x0 = fresh({2, m, k}), w10 = fresh({h, k}), w20 = fresh({n, h});
+  Tensor b10 = bias ? fresh({h}) : Tensor(), b20 = bias ? fresh({n}) : Tensor();
+  Tensor p0 = fresh({2, m, n});
+  auto run = [&](Device device, DType dt) {
+    auto leaf = [&](const Tensor& t) {
+      return t.defined() ? t.to(dt).to(device).detach().requires_grad_(true) : Tensor();
+    };
+    Tensor x = leaf(x0), w1 = leaf(w10), b1 = leaf(b10), w2 = leaf(w20), b2 = leaf(b20);
+    Tensor y = ops::mlp(x, w1, b1, w2, b2);
+    ops::sum(ops::mul(y, p0.to(dt).to(device))).backward();
+    std::vector<Tensor> out{y, x.grad(), w1.grad(), w2.grad()};
+    if (bias) {
+      out.push_back(b1.grad());
+      out.push_back(b2.grad());
+    }
+    for (Tensor& t : out) t = t.to(Device::cpu());
+    return out;
+  };
+  std::vector<Tensor> ref = run(Device::cpu(), DType::Float64), gpu = run(Device::cuda(), dtype);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    CAPTURE(i);
+    check_scaled(gpu[i], ref[i], tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("linear CUDA matches CPU: float32 and bfloat16, forward and gradients, fused epilogues") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  // Sizes that cuBLASLt's epilogues take: in bfloat16 (the training dtype)
+  // none of them may fall back; float32 (TF32) fallbacks are reported.
+  const std::vector<LayerCase> shapes{{64, 128, 96, false, false}, {37, 40, 24, false, false},
+                                      {300, 384, 1536, false, false}};
+  for (DType dtype : {DType::BFloat16, DType::Float32}) {
+    int64_t before = cuda::linear_fallbacks();
+    double tol = dtype == DType::BFloat16 ? 3e-2 : 1e-2;
+    for (bool bias : {false, true})
+      for (bool gelu : {false, true})
+        for (LayerCase c : shapes) {
+          c.bias = bias;
+          c.gelu = gelu;
+          check_linear_parity(c, dtype, tol);
+        }
+    check_mlp_parity(33, 48, 192, 48, true, dtype, tol);
+    check_mlp_parity(16, 64, 256, 64, false, dtype, tol);
+    CAPTURE(dtype);
+    if (dtype == DType::BFloat16) CHECK(cuda::linear_fallbacks() == before);
+    else WARN(cuda::linear_fallbacks() == before);
+  }
+#endif
+}
+
+TEST_CASE("linear CUDA fallbacks: odd widths, float64, misaligned views") {
+  MINIDL_REQUIRE_CUDA();
+  // A GELU width that is not a multiple of 8 cannot use the aux epilogue;
+  // float64 has no cuBLASLt epilogues; both take the cuBLAS path.
+  for (bool gelu : {false, true}) {
+    check_linear_parity({29, 33, 65, true, gelu}, DType::Float32, 1e-2);
+    check_linear_parity({29, 33, 65, true, gelu}, DType::BFloat16, 3e-2);
+    check_linear_parity({29, 33, 65, true, gelu}, DType::Float64, 1e-12);
+  }
+  check_mlp_parity(9, 17, 36, 5, true, DType::BFloat16, 3e-2);
+  check_mlp_parity(9, 17, 36, 5, true, DType::Float64, 1e-12);
+  // An input that starts one element into its storage (misaligned for
+  // 16-byte loads).
+  Tensor base = random_tensor({1 + 24 * 40}, {DType::BFloat16});
+  Tensor x = base.narrow(0, 1, 24 * 40).reshape({24, 40});
+  Tensor w = random_tensor({32, 40}, {DType::BFloat16}), b = random_tensor({32}, {DType::BFloat16});
+  Tensor expect = reference_linear(x.to(DType::Float64), w.to(DType::Float64), b.to(DType::Float64), true);
+  Tensor xg = base.to(Device::cuda()).narrow(0, 1, 24 * 40).reshape({24, 40});
+  check_scaled(ops::linear(xg, w.to(Device::cuda()), b.to(Device::cuda()), ops::Activation::Gelu)
+                   .to(Device::cpu()),
+               expect, 3e-2);
+}
+
+TEST_CASE("cuBLASLt's GELU epilogue is the tanh approximation, as minidl's gelu") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  // Pre-activations spread over [-4, 4], where tanh-GELU and erf-GELU differ
+  // by up to ~4e-4; compare the epilogue's output with both, computed from
+  // the GELU input it saved.
+  const int64_t m = 64, k = 32, n = 128;
+  Tensor x = ops::mul(random_tensor({m, k}, {DType::Float32}), 0.7).to(Device::cuda());
+  Tensor w = random_tensor({n, k}, {DType::Float32}).to(Device::cuda());
+  Tensor b = random_tensor({n}, {DType::Float32}).to(Device::cuda());
+  Tensor pre = ops::empty({m, n}, {DType::Float32, Device::cuda()});
+  Tensor out = ops::empty({m, n}, {DType::Float32, Device::cuda()});
+  int64_t before = cuda::linear_fallbacks();
+  cuda::linear_forward(x, w, b, pre, out);
+  if (cuda::linear_fallbacks() != before) {
+    MESSAGE("skipped: cuBLASLt has no float32 GELU epilogue here (the fallback ran)");
+    return;
+  }
+  std::vector<float> z = pre.to_vector<float>(), y = out.to_vector<float>();
+  double err_tanh = 0, err_erf = 0, spread = 0;
+  for (size_t i = 0; i < z.size(); ++i) {
+    double v = z[i];
+    double tanh_gelu = 0.5 * v * (1 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+    double erf_gelu = 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+    err_tanh = std::max(err_tanh, std::abs(y[i] - tanh_gelu));
+    err_erf = std::max(err_erf, std::abs(y[i] - erf_gelu));
+    spread = std::max(spread, std::abs(v));
+  }
+  CAPTURE(err_tanh);
+  CAPTURE(err_erf);
+  CAPTURE(spread);
+  CHECK(spread > 2.0);
+  CHECK(err_tanh < 1e-4);
+  CHECK(err_tanh < 0.5 * err_erf);
+#endif
+}
