@@ -7,6 +7,7 @@
 // (lr, the step counter, the clip coefficient) are read from device memory.
 #include "core/scalar_math.h"
 #include "cuda/optim.h"
+#include "cuda/reductions.cuh"
 #include "cuda/runtime.h"
 
 namespace minidl::cuda {
@@ -135,22 +136,6 @@ struct NormEntry {
   int32_t chunk_begin;
   uint8_t dtype;
 };
-
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); thread 0 gets the total.
-template <typename A> __device__ __forceinline__ A block_sum(A v) {
-  __shared__ A warp_sums[32];
-  v = warp_sum(v);
-  int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) v = warp_sum(lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : A(0));
-  return v;
-}
 
 // One partial sum of squares per block, written at partial_base + block.
 template <typename A>
