@@ -15,6 +15,7 @@
 #include "nn/data.h"
 #include "nn/dilated_attention.h"
 #include "nn/layers.h"
+#include "nn/mixed_precision.h"
 #include "nn/module.h"
 #include "nn/optim.h"
 #include "nn/schedule.h"

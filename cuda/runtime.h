@@ -21,6 +21,13 @@ int multiprocessor_count();
 int compute_capability();
 void synchronize();
 
+// ---- host synchronisation counter (debug) ----
+// Every host wait on the stream goes through synchronize() — explicit waits
+// and the blocking copies of the allocator backend (item(), to_vector(),
+// uploads) — which counts it, so a test can assert that a training step adds
+// none.
+uint64_t host_sync_count();
+
 }  // namespace minidl::cuda
 
 #define MINIDL_CUBLAS_CHECK(expr)                                                  \

@@ -12,6 +12,10 @@
 #include <vector>
 
 #include "autograd/grad_mode.h"
+#include "core/generator.h"
+#include "nn/mixed_precision.h"
+#include "nn/module.h"
+#include "nn/optim.h"
 #include "ops/ops.h"
 
 namespace minidl::nn {
@@ -311,6 +315,133 @@ Checkpoint load_checkpoint(const std::string& path, Device device) {
     ckpt.tensors.insert(e.name, device.is_cpu() ? host : host.to(device));
   }
   return ckpt;
+}
+
+// ---- train state ----
+
+namespace {
+
+constexpr const char* kModelPrefix = "model.";
+constexpr const char* kOptimPrefix = "optim.";
+
+bool starts_with(const std::string& s, const char* prefix) { return s.rfind(prefix, 0) == 0; }
+
+Module* model_of(const TrainState& state, const char* fn) {
+  if (state.mixed_precision == nullptr) return state.model;
+  Module* master = &state.mixed_precision->master();
+  MINIDL_CHECK(state.model == nullptr || state.model == master, fn,
+               ": give either model or mixed_precision (whose masters are the model), not another "
+               "module");
+  return master;
+}
+
+std::string rng_key(const std::string& name, const char* field) {
+  return "rng." + name + "." + field;
+}
+
+}  // namespace
+
+void save_train_state(const std::string& path, const TrainState& state) {
+  const Module* model = model_of(state, "save_train_state");
+  StateDict tensors;
+  auto add = [&](const std::string& name, const Tensor& t) {
+    MINIDL_CHECK(!tensors.contains(name), "save_train_state: tensor '", name, "' is given twice");
+    tensors.insert(name, t);
+  };
+  if (model)
+    for (const auto& [name, t] : model->state_dict()) add(kModelPrefix + name, t);
+  if (state.optimizer)
+    for (const auto& [name, t] : state.optimizer->state_dict()) add(kOptimPrefix + name, t);
+  for (const auto& [name, t] : state.tensors) {
+    MINIDL_CHECK(!starts_with(name, kModelPrefix) && !starts_with(name, kOptimPrefix),
+                 "save_train_state: tensor '", name, "' uses a prefix the library reserves ('",
+                 kModelPrefix, "', '", kOptimPrefix, "')");
+    add(name, t);
+  }
+  std::map<std::string, std::string> metadata = state.metadata;
+  for (const auto& [name, gen] : state.generators) {
+    MINIDL_CHECK(gen != nullptr, "save_train_state: generator '", name, "' is null");
+    for (const auto& [field, value] : {std::pair{"seed", gen->seed()}, std::pair{"offset", gen->offset()}})
+      MINIDL_CHECK(metadata.emplace(rng_key(name, field), std::to_string(value)).second,
+                   "save_train_state: metadata '", rng_key(name, field),
+                   "' is given twice (generator names must be unique and not used by the caller's "
+                   "metadata)");
+  }
+  save_checkpoint(path, tensors, metadata);
+}
+
+void restore_train_state(const Checkpoint& checkpoint, const TrainState& state) {
+  Module* model = model_of(state, "restore_train_state");
+  StateDict model_state, optim_state;
+  for (const auto& [name, t] : checkpoint.tensors) {
+    if (starts_with(name, kModelPrefix)) model_state.insert(name.substr(6), t);
+    else if (starts_with(name, kOptimPrefix)) optim_state.insert(name.substr(6), t);
+  }
+
+  // Every part is checked before any is restored, so a mismatch changes nothing.
+  std::vector<std::string> problems;
+  auto check_tensor = [&](const std::string& key, const Tensor* saved, const Tensor& live,
+                          bool same_dtype) {
+    if (saved == nullptr) problems.push_back("missing tensor '" + key + "'");
+    else if (saved->shape() != live.shape() || (same_dtype && saved->dtype() != live.dtype()))
+      problems.push_back(::minidl::detail::concat("tensor '", key, "' is ", saved->dtype(), " ",
+                                                  shape_str(saved->shape()), ", expected ",
+                                                  live.dtype(), " ", shape_str(live.shape())));
+  };
+  if (model) {
+    const StateDict live = model->state_dict();
+    for (const auto& [name, t] : live) check_tensor(kModelPrefix + name, model_state.find(name), t, true);
+    for (const auto& [name, t] : model_state)
+      if (!live.contains(name)) problems.push_back("unexpected tensor '" + (kModelPrefix + name) + "'");
+  }
+  if (state.optimizer)
+    for (const auto& [name, t] : state.optimizer->state_dict())
+      check_tensor(kOptimPrefix + name, optim_state.find(name), t, false);
+  for (const auto& [name, t] : state.tensors) check_tensor(name, checkpoint.tensors.find(name), t, false);
+  std::vector<std::pair<uint64_t, uint64_t>> rng;
+  for (const auto& [name, gen] : state.generators) {
+    MINIDL_CHECK(gen != nullptr, "restore_train_state: generator '", name, "' is null");
+    uint64_t values[2] = {0, 0};
+    const char* fields[2] = {"seed", "offset"};
+    for (int k = 0; k < 2; ++k) {
+      const std::string key = rng_key(name, fields[k]);
+      auto it = checkpoint.metadata.find(key);
+      size_t used = 0;
+      try {
+        if (it != checkpoint.metadata.end()) values[k] = std::stoull(it->second, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (it == checkpoint.metadata.end()) problems.push_back("missing metadata '" + key + "'");
+      else if (used == 0 || used != it->second.size() || it->second[0] == '-')
+        problems.push_back("metadata '" + key + "' is '" + it->second + "', not an unsigned integer");
+    }
+    rng.emplace_back(values[0], values[1]);
+  }
+  if (!problems.empty()) {
+    std::ostringstream msg;
+    msg << "restore_train_state: the checkpoint does not match the train state:";
+    for (size_t i = 0; i < problems.size(); ++i) msg << (i ? ", " : " ") << problems[i];
+    throw Error(msg.str());
+  }
+
+  if (model) model->load_state_dict(model_state);
+  if (state.mixed_precision) state.mixed_precision->sync_compute();
+  if (state.optimizer) state.optimizer->load_state_dict(optim_state);
+  for (size_t i = 0; i < state.generators.size(); ++i)
+    state.generators[i].second->set_state(rng[i].first, rng[i].second);
+  NoGradGuard no_grad;
+  for (const auto& [name, t] : state.tensors) ops::copy_(t, checkpoint.tensors.at(name));
+}
+
+Checkpoint load_train_state(const std::string& path, const TrainState& state, Device device) {
+  Checkpoint checkpoint = load_checkpoint(path, device);
+  try {
+    restore_train_state(checkpoint, state);
+  } catch (const Error& e) {
+    throw Error(::minidl::detail::concat("load_train_state: '", path, "': ", e.what()));
+  }
+  return checkpoint;
 }
 
 }  // namespace minidl::nn

@@ -6,11 +6,21 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/device.h"
 #include "nn/state_dict.h"
 
+namespace minidl {
+class Generator;
+}
+
 namespace minidl::nn {
+
+class Module;
+class MixedPrecision;
+class Optimizer;
 
 constexpr uint32_t kCheckpointFormatVersion = 1;
 
@@ -29,6 +39,43 @@ void save_checkpoint(const std::string& path, const StateDict& tensors,
 // unsupported format version, a truncated file (expected vs actual size), a
 // checksum mismatch, or a malformed table.
 Checkpoint load_checkpoint(const std::string& path, Device device = Device::cpu());
+
+// ---- train state ----
+
+// Everything a training run resumes from, as one checkpoint:
+//   "model.<name>"   the model's parameters and buffers (the float32 masters
+//                    under mixed precision),
+//   "optim.<key>"    the optimizer's state dict,
+//   metadata "rng.<name>.seed" / "rng.<name>.offset" for each generator,
+//   plus the caller's own tensors (under their names) and metadata.
+// The layout is the one charlm checkpoints have always had, so they load.
+// Pointers are not owned; null (or empty) parts are skipped.
+struct TrainState {
+  Module* model = nullptr;
+  // Instead of `model` with mixed precision: its masters are saved as the
+  // model, and loading refreshes the compute model.
+  MixedPrecision* mixed_precision = nullptr;
+  Optimizer* optimizer = nullptr;
+  std::vector<std::pair<std::string, Generator*>> generators;
+  // Saved as they are; loading copies into them in place (same shapes).
+  StateDict tensors;
+  // Saved; on load, read them from the returned checkpoint.
+  std::map<std::string, std::string> metadata;
+};
+
+// One atomic save_checkpoint of the whole state. Throws if a name of
+// `tensors` or `metadata` collides with the library's keys.
+void save_train_state(const std::string& path, const TrainState& state);
+
+// Restores the parts of `state` from a checkpoint already read (e.g. on the
+// CPU, to see its metadata first). Throws naming every missing or mismatched
+// key; nothing is restored when the checkpoint lacks a part.
+void restore_train_state(const Checkpoint& checkpoint, const TrainState& state);
+
+// load_checkpoint + restore_train_state; returns the checkpoint for the
+// caller's own metadata and tensors.
+Checkpoint load_train_state(const std::string& path, const TrainState& state,
+                            Device device = Device::cpu());
 
 // FNV-1a 64-bit hash of `n` bytes, continuing from `hash` (the checkpoint
 // checksum; exposed for tests and tools).

@@ -1,7 +1,8 @@
 #include "nn/optim.h"
 
-#include <cmath>
+#include <optional>
 #include <sstream>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "autograd/grad_mode.h"
@@ -15,6 +16,7 @@ namespace minidl::nn {
 Optimizer::Optimizer(std::vector<ParamGroup> groups, double lr, std::string name)
     : name_(std::move(name)), groups_(std::move(groups)), lr_(lr) {
   std::unordered_set<const TensorImpl*> seen;
+  std::optional<Device> device;
   for (size_t g = 0; g < groups_.size(); ++g) {
     for (size_t i = 0; i < groups_[g].params.size(); ++i) {
       const Tensor& p = groups_[g].params[i];
@@ -22,8 +24,15 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, double lr, std::string name
                    " of group ", g, " must be a leaf tensor that requires grad");
       MINIDL_CHECK(seen.insert(p.impl()).second, name_, ": parameter ", i, " of group ", g,
                    " appears more than once across the parameter groups");
+      if (!device) device = p.device();
+      MINIDL_CHECK(p.device() == *device, name_, ": parameter ", i, " of group ", g, " is on ",
+                   p.device(), ", earlier ones on ", *device, "; all must share one device");
     }
+    copies_.emplace_back(groups_[g].params.size());
   }
+  const TensorOptions f64{DType::Float64, device.value_or(Device::cpu()), false};
+  lr_tensor_ = ops::full({}, lr, f64);
+  step_ = ops::zeros({}, f64);
 }
 
 void Optimizer::init_state() {
@@ -38,6 +47,38 @@ void Optimizer::init_state() {
     }
 }
 
+void Optimizer::set_lr(double lr) {
+  if (lr == lr_) return;
+  lr_ = lr;
+  NoGradGuard no_grad;
+  ops::fill_(lr_tensor_, lr);
+}
+
+void Optimizer::set_compute_copies(const std::vector<Tensor>& params,
+                                   const std::vector<Tensor>& copies) {
+  MINIDL_CHECK(params.size() == copies.size(), name_, ".set_compute_copies: ", params.size(),
+               " parameters and ", copies.size(), " copies");
+  std::unordered_map<const TensorImpl*, std::pair<size_t, size_t>> where;
+  for (size_t g = 0; g < groups_.size(); ++g)
+    for (size_t i = 0; i < groups_[g].params.size(); ++i) where[groups_[g].params[i].impl()] = {g, i};
+  for (size_t k = 0; k < params.size(); ++k) {
+    auto it = where.find(params[k].impl());
+    MINIDL_CHECK(it != where.end(), name_, ".set_compute_copies: parameter ", k,
+                 " is not one of this optimizer's parameters");
+    const Tensor& p = params[k];
+    const Tensor& c = copies[k];
+    MINIDL_CHECK(c.defined() && c.dtype() == DType::BFloat16 && c.shape() == p.shape() &&
+                     c.device() == p.device() && c.is_contiguous(),
+                 name_, ".set_compute_copies: copy ", k, " is ",
+                 c.defined() ? ::minidl::detail::concat(c.dtype(), " ", shape_str(c.shape()), " on ",
+                                                        c.device())
+                             : std::string("undefined"),
+                 ", expected a contiguous bfloat16 tensor of shape ", shape_str(p.shape()), " on ",
+                 p.device());
+    copies_[it->second.first][it->second.second] = c;
+  }
+}
+
 void Optimizer::zero_grad() {
   for (const ParamGroup& group : groups_)
     for (const Tensor& p : group.params) p.zero_grad();
@@ -45,25 +86,27 @@ void Optimizer::zero_grad() {
 
 void Optimizer::step() {
   NoGradGuard no_grad;
-  ++step_count_;
+  std::vector<Item> items;
   for (size_t g = 0; g < groups_.size(); ++g)
     for (size_t i = 0; i < groups_[g].params.size(); ++i) {
       const Tensor& p = groups_[g].params[i];
       Tensor grad = p.grad();
       if (!grad.defined()) continue;
-      bool state_here = state_[g][i].empty() || state_[g][i][0].device() == p.device();
-      MINIDL_CHECK(grad.device() == p.device() && grad.dtype() == p.dtype() && state_here, name_,
-                   ".step: parameter ", i, " of group ", g, " is ", p.dtype(), " on ", p.device(),
-                   ", its gradient ", grad.dtype(), " on ", grad.device(), ", its state on ",
-                   state_here ? p.device() : state_[g][i][0].device(),
-                   "; all must match (move the model before building the optimizer)");
-      update(g, i, p, grad);
+      const bool state_here = state_[g][i].empty() || state_[g][i][0].device() == p.device();
+      MINIDL_CHECK(grad.device() == p.device() && p.device() == device() && state_here, name_,
+                   ".step: parameter ", i, " of group ", g, " is on ", p.device(), ", its gradient on ",
+                   grad.device(), ", its state on ",
+                   state_here ? p.device() : state_[g][i][0].device(), " and the optimizer on ",
+                   device(), "; all must match (move the model before building the optimizer)");
+      items.push_back({g, i, p, grad, copies_[g][i]});
     }
+  ++step_count_;
+  apply(items);
 }
 
 StateDict Optimizer::state_dict() const {
   StateDict dict;
-  dict.insert("step", from_vector(std::vector<double>{static_cast<double>(step_count_)}, {}));
+  dict.insert("step", step_);
   const std::vector<std::string> names = state_names();
   for (size_t g = 0; g < state_.size(); ++g)
     for (size_t i = 0; i < state_[g].size(); ++i)
@@ -97,6 +140,7 @@ void Optimizer::load_state_dict(const StateDict& dict) {
   }
   NoGradGuard no_grad;
   step_count_ = static_cast<int64_t>(step->item<double>());
+  ops::fill_(step_, static_cast<double>(step_count_));
   for (size_t g = 0; g < state_.size(); ++g)
     for (size_t i = 0; i < state_[g].size(); ++i)
       for (size_t k = 0; k < names.size(); ++k)
@@ -105,14 +149,6 @@ void Optimizer::load_state_dict(const StateDict& dict) {
 }
 
 // ---- AdamW ----
-
-void adamw_update_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
-                   const Tensor& exp_avg_sq, const AdamWStep& h) {
-  // Fused: one kernel reads param, grad and both moments once.
-  Tensor g = grad.is_contiguous() ? grad : grad.contiguous();
-  ops::adamw_step_(param, g, exp_avg, exp_avg_sq, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
-                   h.step);
-}
 
 namespace {
 void check_adamw(const AdamWOptions& o) {
@@ -131,11 +167,20 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
 AdamW::AdamW(std::vector<Tensor> params, AdamWOptions options)
     : AdamW(std::vector<ParamGroup>{{std::move(params), options.weight_decay}}, options) {}
 
-void AdamW::update(size_t group, size_t index, const Tensor& param, const Tensor& grad) {
-  std::vector<Tensor>& s = state(group, index);
-  adamw_update_(param, grad, s[0], s[1],
-                {lr(), options_.beta1, options_.beta2, options_.eps,
-                 param_groups()[group].weight_decay, step_count()});
+void AdamW::apply(const std::vector<Item>& items) {
+  std::vector<Tensor> params, grads, exp_avgs, exp_avg_sqs, copies;
+  std::vector<double> weight_decays;
+  for (const Item& item : items) {
+    const std::vector<Tensor>& s = state(item.group, item.index);
+    params.push_back(item.param);
+    grads.push_back(item.grad);
+    exp_avgs.push_back(s[0]);
+    exp_avg_sqs.push_back(s[1]);
+    copies.push_back(item.copy);
+    weight_decays.push_back(param_groups()[item.group].weight_decay);
+  }
+  ops::adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, weight_decays, lr_tensor(),
+                   step_tensor(), options_.beta1, options_.beta2, options_.eps);
 }
 
 std::vector<ParamGroup> weight_decay_groups(const Module& model, double weight_decay) {
@@ -165,20 +210,27 @@ SGD::SGD(std::vector<ParamGroup> groups, SGDOptions options)
 SGD::SGD(std::vector<Tensor> params, SGDOptions options)
     : SGD(std::vector<ParamGroup>{{std::move(params), options.weight_decay}}, options) {}
 
-void SGD::update(size_t group, size_t index, const Tensor& param, const Tensor& grad) {
-  const double wd = param_groups()[group].weight_decay;
-  Tensor g = wd != 0 ? ops::add(grad, ops::mul(param, wd)) : grad;
-  if (options_.momentum != 0) {
-    const Tensor& buf = state(group, index)[0];
-    if (step_count() == 1) {
-      ops::copy_(buf, g);
-    } else {
-      ops::mul_(buf, options_.momentum);
-      ops::add_(buf, g, 1.0 - options_.dampening);
+void SGD::apply(const std::vector<Item>& items) {
+  for (const Item& item : items) {
+    const Tensor& param = item.param;
+    const double wd = param_groups()[item.group].weight_decay;
+    Tensor g = item.grad.dtype() == param.dtype() ? item.grad : ops::to(item.grad, param.dtype());
+    if (wd != 0) g = ops::add(g, ops::mul(param, wd));
+    if (options_.momentum != 0) {
+      const Tensor& buf = state(item.group, item.index)[0];
+      if (step_count() == 1) {
+        ops::copy_(buf, g);
+      } else {
+        ops::mul_(buf, options_.momentum);
+        ops::add_(buf, g, 1.0 - options_.dampening);
+      }
+      g = options_.nesterov ? ops::add(g, ops::mul(buf, options_.momentum)) : buf;
     }
-    g = options_.nesterov ? ops::add(g, ops::mul(buf, options_.momentum)) : buf;
+    ops::add_(param, g, -lr());
+    if (item.copy.defined()) ops::copy_(item.copy, param);
   }
-  ops::add_(param, g, -lr());
+  // SGD reads lr and the step on the host; the device counter only mirrors them.
+  ops::fill_(step_tensor(), static_cast<double>(step_count()));
 }
 
 // ---- clip_grad_norm_ ----
@@ -187,32 +239,18 @@ Tensor clip_grad_norm_(const std::vector<Tensor>& params, double max_norm) {
   MINIDL_CHECK(max_norm > 0, "clip_grad_norm_: max_norm must be positive, got ", max_norm);
   NoGradGuard no_grad;
   std::vector<Tensor> grads;
-  bool any_double = false;
   for (const Tensor& p : params) {
     Tensor g = p.grad();
     if (!g.defined()) continue;
-    if (!grads.empty())
-      MINIDL_CHECK(g.device() == grads[0].device(), "clip_grad_norm_: gradients on ", g.device(),
-                   " and ", grads[0].device(), "; all must share a device");
-    any_double |= g.dtype() == DType::Float64;
+    if (!g.is_contiguous()) {
+      g = g.contiguous();
+      p.set_grad(g);
+    }
     grads.push_back(g);
   }
-  const DType acc = any_double ? DType::Float64 : DType::Float32;
-  if (grads.empty()) return ops::zeros({}, {acc, params.empty() ? Device::cpu() : params[0].device()});
-
-  // Sum of squares, accumulated in float32 (float64) whatever the grad dtype.
-  Tensor total;
-  for (const Tensor& g : grads) {
-    Tensor g_acc = ops::to(g, acc);
-    Tensor sq = ops::sum(ops::mul(g_acc, g_acc));
-    total = total.defined() ? ops::add(total, sq) : sq;
-  }
-  Tensor norm = ops::sqrt(total);
-  // coef = min(1, max_norm / (norm + 1e-6)) = 1 - relu(1 - ratio), on device.
-  Tensor ratio = ops::mul(ops::pow(ops::add(norm, 1e-6), -1.0), max_norm);
-  Tensor coef = ops::add(ops::neg(ops::relu(ops::add(ops::neg(ratio), 1.0))), 1.0);
-  for (const Tensor& g : grads) ops::copy_(g, ops::mul(g, ops::to(coef, g.dtype())));
-  return norm;
+  if (grads.empty())
+    return ops::zeros({}, {DType::Float32, params.empty() ? Device::cpu() : params[0].device()});
+  return ops::clip_by_global_norm_(grads, max_norm);
 }
 
 }  // namespace minidl::nn

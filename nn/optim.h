@@ -2,7 +2,8 @@
 // Optimizers (libtorch names): parameter groups, zero_grad(), step(),
 // set_lr(), a state dict for resume; AdamW and SGD with momentum; and
 // clip_grad_norm_. Steps run under NoGradGuard with in-place ops and never
-// read a value back to the host, so a training step stays sync-free.
+// read a value back to the host, so a training step stays sync-free; the
+// learning rate and step counter also live in device memory.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -20,6 +21,8 @@ struct ParamGroup {
 
 class Optimizer {
  public:
+  // All parameters must share one device (build the optimizer after moving
+  // the model); lr_tensor() and step_tensor() are created there.
   Optimizer(std::vector<ParamGroup> groups, double lr, std::string name);
   virtual ~Optimizer() = default;
   Optimizer(const Optimizer&) = delete;
@@ -27,23 +30,49 @@ class Optimizer {
 
   // Drops every parameter's gradient (set to none).
   void zero_grad();
-  // One update of every parameter that has a gradient.
+  // One update of every parameter that has a gradient. The gradient may be
+  // bfloat16 on a float32 parameter (mixed precision); no host sync.
   void step();
 
-  void set_lr(double lr) { lr_ = lr; }
+  // The learning rate of the next steps; when it changes, one small kernel
+  // writes it into lr_tensor().
+  void set_lr(double lr);
   double lr() const { return lr_; }
+  // Steps taken by step() in this process, plus those of a loaded state.
   int64_t step_count() const { return step_count_; }
   const std::vector<ParamGroup>& param_groups() const { return groups_; }
+  Device device() const { return step_.device(); }
+  // The learning rate and step counter as float64 scalars on device(): the
+  // fused kernels read them from memory (a captured CUDA graph then sees new
+  // values without new kernel arguments), and step() advances the counter
+  // there.
+  const Tensor& lr_tensor() const { return lr_tensor_; }
+  const Tensor& step_tensor() const { return step_; }
 
-  // "step" (float64 scalar) and per-parameter state "<group>.<index>.<name>"
-  // (e.g. "0.3.exp_avg"), sharing storage with the live state.
+  // Mixed precision: copies[i] (bfloat16, shape of params[i]) is the compute
+  // copy of parameter params[i]; every update of the parameter also writes its
+  // new value into the copy (AdamW does it in its fused kernel). Replaces
+  // earlier copies of the same parameters.
+  void set_compute_copies(const std::vector<Tensor>& params, const std::vector<Tensor>& copies);
+
+  // "step" (the float64 scalar step_tensor()) and per-parameter state
+  // "<group>.<index>.<name>" (e.g. "0.3.exp_avg"), sharing storage with the
+  // live state.
   StateDict state_dict() const;
-  // Restores state_dict(); throws naming missing keys or mismatched shapes.
+  // Restores state_dict() (tensors on any device); throws naming missing keys
+  // or mismatched shapes.
   void load_state_dict(const StateDict& dict);
 
  protected:
-  // Updates one parameter; called with step_count() already advanced.
-  virtual void update(size_t group, size_t index, const Tensor& param, const Tensor& grad) = 0;
+  // A parameter that has a gradient in this step, and its compute copy.
+  struct Item {
+    size_t group, index;
+    Tensor param, grad, copy;
+  };
+  // Updates every item (grad may be bfloat16 on a float32 param), writes
+  // the copies and advances step_tensor() by one; called after step_count()
+  // has advanced.
+  virtual void apply(const std::vector<Item>& items) = 0;
   // Per-parameter state of subclasses, one list per parameter, same order
   // as the names in state_names().
   virtual std::vector<std::string> state_names() const = 0;
@@ -56,8 +85,10 @@ class Optimizer {
   std::string name_;
   std::vector<ParamGroup> groups_;
   std::vector<std::vector<std::vector<Tensor>>> state_;  // [group][param][state]
+  std::vector<std::vector<Tensor>> copies_;               // [group][param], undefined if none
   double lr_;
   int64_t step_count_ = 0;
+  Tensor lr_tensor_, step_;
 };
 
 // ---- AdamW ----
@@ -70,19 +101,12 @@ struct AdamWOptions {
   double weight_decay = 0.01;  // used by the single-group constructor
 };
 
-// Everything one AdamW parameter update needs.
-struct AdamWStep {
-  double lr, beta1, beta2, eps, weight_decay;
-  int64_t step;  // 1 for the first update (bias correction)
-};
-
-// One AdamW update in place (Loshchilov & Hutter, decoupled weight decay):
+// AdamW (Loshchilov & Hutter, decoupled weight decay), PyTorch's algorithm:
 //   p -= lr wd p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-// Runs as one fused kernel (ops::adamw_step_): a single pass over p, g, m, v.
-void adamw_update_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
-                   const Tensor& exp_avg_sq, const AdamWStep& hyper);
-
+// Every parameter in one multi-tensor step (ops::adamw_step_: a step-counter
+// kernel and one kernel per parameter dtype on CUDA), which also writes the
+// compute copies of mixed precision.
 class AdamW : public Optimizer {
  public:
   AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {});
@@ -91,7 +115,7 @@ class AdamW : public Optimizer {
   const AdamWOptions& options() const { return options_; }
 
  protected:
-  void update(size_t group, size_t index, const Tensor& param, const Tensor& grad) override;
+  void apply(const std::vector<Item>& items) override;
   std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq"}; }
 
  private:
@@ -123,7 +147,7 @@ class SGD : public Optimizer {
   const SGDOptions& options() const { return options_; }
 
  protected:
-  void update(size_t group, size_t index, const Tensor& param, const Tensor& grad) override;
+  void apply(const std::vector<Item>& items) override;
   std::vector<std::string> state_names() const override { return {"momentum_buffer"}; }
 
  private:
@@ -136,7 +160,9 @@ class SGD : public Optimizer {
 // most max_norm (by min(1, max_norm / (norm + 1e-6)), computed on the
 // device), and returns the norm before clipping as a scalar tensor on the
 // gradients' device (float32, or float64 when a gradient is float64). No
-// host synchronisation; parameters without a gradient are skipped.
+// host synchronisation: a few kernels for all gradients
+// (ops::clip_by_global_norm_). Parameters without a gradient are skipped; a
+// non-contiguous gradient is replaced by a contiguous copy first.
 Tensor clip_grad_norm_(const std::vector<Tensor>& params, double max_norm);
 
 }  // namespace minidl::nn

@@ -169,11 +169,29 @@ void fill_(const Tensor& dst, double value);
 void zero_(const Tensor& dst);
 void add_(const Tensor& dst, const Tensor& src, double alpha = 1.0);  // dst += alpha * src
 void mul_(const Tensor& dst, double s);
-// One fused AdamW step (decoupled weight decay, bias-corrected, step >= 1)
-// on a contiguous parameter and its moment buffers, all of one dtype.
-void adamw_step_(const Tensor& param, const Tensor& grad, const Tensor& exp_avg,
-                 const Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-                 double weight_decay, int64_t step);
+
+// ---- multi-tensor optimizer steps (ops/optim.cpp; never recorded) ----
+// Both run as a few kernels whatever the number of tensors, with no host
+// synchronisation: what changes between steps is read from device memory.
+
+// One AdamW step (decoupled weight decay, bias-corrected) over every
+// parameter: advances the float64 scalar `step` by one, then for each i
+//   p = p (1 - lr wd_i);  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+//   p -= lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps)
+// with lr read from the float64 scalar `lr`; and, when copies[i] is defined,
+// writes the new p into it (the bfloat16 compute copy of mixed precision).
+// params, exp_avgs, exp_avg_sqs: one dtype per i (float32, float64 or
+// bfloat16); grads: the param's dtype, bfloat16 or float32; copies: empty or
+// one entry per parameter. Everything on one device; lr and step there too.
+void adamw_step_(const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+                 const std::vector<Tensor>& exp_avgs, const std::vector<Tensor>& exp_avg_sqs,
+                 const std::vector<Tensor>& copies, const std::vector<double>& weight_decays,
+                 const Tensor& lr, const Tensor& step, double beta1, double beta2, double eps);
+// Scales contiguous `grads` in place so that their global L2 norm is at most
+// max_norm, by min(1, max_norm / (norm + 1e-6)) computed on their device, and
+// returns the norm before clipping: a scalar on that device, float32 (float64
+// when a gradient is float64). An empty list gives a float32 zero on the CPU.
+Tensor clip_by_global_norm_(const std::vector<Tensor>& grads, double max_norm);
 
 }  // namespace minidl::ops
 

@@ -249,3 +249,179 @@ TEST_CASE("checkpoint tensors saved from CUDA and loaded to CUDA") {
   // And the CPU load of the same file is identical.
   check_same(nn::load_checkpoint(path).tensors, host);
 }
+
+// ---- train state ----
+
+namespace {
+
+nn::CharTransformerConfig run_config() {
+  nn::CharTransformerConfig c;
+  c.vocab_size = 9;
+  c.n_layer = 2;
+  c.n_head = 2;
+  c.n_embd = 8;
+  c.block_size = 8;
+  c.dropout = 0.1;
+  return c;
+}
+
+// A mixed-precision training run: masters, bf16 compute model, attached
+// AdamW, a batch generator and a running loss sum.
+struct Run {
+  std::shared_ptr<nn::CharTransformer> master, compute;
+  std::unique_ptr<nn::MixedPrecision> mp;
+  std::unique_ptr<nn::AdamW> opt;
+  Generator batches;
+  Tensor loss_sum = ops::zeros({});
+
+  Run(uint64_t seed, Device device) : batches(seed + 100) {
+    master = std::make_shared<nn::CharTransformer>(run_config(), seed);
+    master->to(device);
+    compute = std::make_shared<nn::CharTransformer>(run_config(), seed);
+    mp = std::make_unique<nn::MixedPrecision>(master, compute);
+    opt = std::make_unique<nn::AdamW>(nn::weight_decay_groups(*master, 0.1), nn::AdamWOptions{.lr = 1e-2});
+    mp->attach(*opt);
+    loss_sum = loss_sum.to(device);
+  }
+  nn::TrainState state() {
+    return {.mixed_precision = mp.get(),
+            .optimizer = opt.get(),
+            .generators = {{"train", &batches}, {"dropout", &compute->dropout_generator()}},
+            .tensors = [&] {
+              nn::StateDict d;
+              d.insert("train.loss_sum", loss_sum);
+              return d;
+            }(),
+            .metadata = {{"train.step", std::to_string(opt->step_count())}}};
+  }
+  void step() {
+    Device device = master->parameters()[0].device();
+    Tensor x = ops::mul(ops::rand({2, 8}, {DType::Float32}, &batches), 8.99).to(DType::Int32).to(device);
+    Tensor logits = ops::to(compute->forward(x), DType::Float32);
+    Tensor loss = ops::cross_entropy(logits.reshape({16, 9}), x.reshape({16}));
+    opt->zero_grad();
+    loss.backward();
+    mp->gradients_to_masters();
+    nn::clip_grad_norm_(mp->parameters(), 0.5);
+    opt->step();
+    NoGradGuard no_grad;
+    ops::add_(loss_sum, loss.detach());
+  }
+};
+
+void check_bit_identical(const nn::StateDict& a, const nn::StateDict& b) {
+  REQUIRE(a.keys() == b.keys());
+  for (const auto& [name, t] : a) {
+    INFO("tensor ", name);
+    CHECK(t.dtype() == b.at(name).dtype());
+    CHECK(t.to_vector<double>() == b.at(name).to_vector<double>());
+  }
+}
+
+void check_train_state_round_trip(Device device) {
+  TempDir dir;
+  const std::string path = dir.file("last.ckpt");
+  Run a(1, device);
+  a.step();
+  a.step();
+  nn::save_train_state(path, a.state());
+  CHECK(!fs::exists(path + ".tmp"));
+
+  Run b(2, device);  // a different initialisation, overwritten by the load
+  nn::TrainState into = b.state();
+  nn::Checkpoint ckpt = nn::load_train_state(path, into);
+  CHECK(ckpt.metadata.at("train.step") == "2");
+  check_bit_identical(b.master->state_dict(), a.master->state_dict());
+  check_bit_identical(b.compute->state_dict(), a.compute->state_dict());
+  check_bit_identical(b.opt->state_dict(), a.opt->state_dict());
+  CHECK(b.opt->step_count() == 2);
+  CHECK(b.loss_sum.to_vector<float>() == a.loss_sum.to_vector<float>());
+  CHECK(b.batches.seed() == a.batches.seed());
+  CHECK(b.batches.offset() == a.batches.offset());
+  CHECK(b.compute->dropout_generator().offset() == a.compute->dropout_generator().offset());
+  // Both continue identically.
+  a.step();
+  b.step();
+  check_bit_identical(b.master->state_dict(), a.master->state_dict());
+  check_bit_identical(b.compute->state_dict(), a.compute->state_dict());
+  CHECK(b.loss_sum.to_vector<float>() == a.loss_sum.to_vector<float>());
+}
+
+}  // namespace
+
+TEST_CASE("train state: save/load round trip is bit-identical and training continues identically (CPU)") {
+  check_train_state_round_trip(Device::cpu());
+}
+
+TEST_CASE("train state: save/load round trip is bit-identical and training continues identically (CUDA)") {
+  MINIDL_REQUIRE_CUDA();
+  check_train_state_round_trip(Device::cuda());
+}
+
+TEST_CASE("train state: the layout charlm checkpoints have (model./optim. prefixes, rng metadata)") {
+  TempDir dir;
+  const std::string path = dir.file("old.ckpt");
+  Run a(3, Device::cpu());
+  a.step();
+  // Hand-assembled exactly as examples/charlm/train.cpp wrote it before the library call.
+  nn::StateDict tensors;
+  for (const auto& [name, t] : a.master->state_dict()) tensors.insert("model." + name, t);
+  for (const auto& [name, t] : a.opt->state_dict()) tensors.insert("optim." + name, t);
+  tensors.insert("train.loss_sum", a.loss_sum);
+  nn::save_checkpoint(path, tensors,
+                      {{"charlm.format", "1"},
+                       {"rng.train.seed", std::to_string(a.batches.seed())},
+                       {"rng.train.offset", std::to_string(a.batches.offset())},
+                       {"rng.dropout.seed", std::to_string(a.compute->dropout_generator().seed())},
+                       {"rng.dropout.offset", std::to_string(a.compute->dropout_generator().offset())}});
+  // save_train_state writes the same file bytes for the same state.
+  nn::TrainState state = a.state();
+  state.metadata = {{"charlm.format", "1"}};
+  nn::save_train_state(dir.file("new.ckpt"), state);
+  CHECK(read_bytes(path) == read_bytes(dir.file("new.ckpt")));
+
+  Run b(4, Device::cpu());
+  nn::load_train_state(path, b.state());
+  check_bit_identical(b.master->state_dict(), a.master->state_dict());
+  check_bit_identical(b.opt->state_dict(), a.opt->state_dict());
+}
+
+TEST_CASE("train state: mismatches are named and restore nothing; reserved names refused") {
+  TempDir dir;
+  const std::string path = dir.file("run.ckpt");
+  Run a(5, Device::cpu());
+  a.step();
+  // Without generators and the loss sum: loading them fails, and nothing changes.
+  nn::TrainState partial = a.state();
+  partial.generators.clear();
+  partial.tensors = {};
+  nn::save_train_state(path, partial);
+  Run b(6, Device::cpu());
+  const std::vector<float> before = b.master->parameters()[0].to_vector<float>();
+  const std::string expected = "load_train_state: '" + path +
+                               "': restore_train_state: the checkpoint does not match the train "
+                               "state: missing tensor 'train.loss_sum', missing metadata "
+                               "'rng.train.seed', missing metadata 'rng.train.offset'";
+  CHECK_THROWS_WITH_AS(nn::load_train_state(path, b.state()), doctest::Contains(expected.c_str()), Error);
+  CHECK(b.master->parameters()[0].to_vector<float>() == before);
+  CHECK(b.opt->step_count() == 0);
+
+  // A different model: named per tensor.
+  nn::CharTransformerConfig other = run_config();
+  other.n_embd = 4;
+  nn::CharTransformer small(other, 1);
+  CHECK_THROWS_WITH_AS(nn::restore_train_state(nn::load_checkpoint(path), {.model = &small}),
+                       doctest::Contains("tensor 'model.wte.weight' is float32 [9, 8], expected float32 [9, 4]"),
+                       Error);
+
+  nn::TrainState clash = a.state();
+  clash.tensors.insert("model.extra", ops::zeros({1}));
+  CHECK_THROWS_WITH_AS(nn::save_train_state(path, clash),
+                       doctest::Contains("tensor 'model.extra' uses a prefix the library reserves"), Error);
+  clash = a.state();
+  clash.metadata["rng.train.seed"] = "1";
+  CHECK_THROWS_WITH_AS(nn::save_train_state(path, clash),
+                       doctest::Contains("metadata 'rng.train.seed' is given twice"), Error);
+  CHECK(!fs::exists(path + ".tmp"));
+  CHECK_NOTHROW(nn::load_checkpoint(path));  // the earlier file survives
+}

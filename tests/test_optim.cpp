@@ -1,12 +1,17 @@
 // Optimizers, gradient clipping and learning-rate schedules against
-// hand-computed values.
+// hand-computed values; the multi-tensor AdamW and clipping against a float64
+// per-element reference, CPU against CUDA, and without host syncs.
 #include <cmath>
 #include <set>
 
 #include "tests/helpers.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/runtime.h"
+#endif
 
 using namespace minidl;
 using minidl::testing::check_close;
+using minidl::testing::random_tensor;
 
 namespace {
 
@@ -271,6 +276,237 @@ TEST_CASE("AdamW and clip_grad_norm_ on CUDA match the CPU (float32)") {
   }
   check_close(gpu, cpu, 1e-6, 1e-6);
 }
+
+namespace {
+
+// A leaf on `device` holding `values` (made on the CPU, so CPU and CUDA
+// copies start equal).
+Tensor leaf_like(const Tensor& values, Device device) {
+  Tensor p = values.to(device).clone();
+  p.requires_grad_(true);
+  return p;
+}
+
+// Odd sizes: non-multiples of 4, one element, and more than one 8192-element
+// chunk of the CUDA kernels.
+const std::vector<int64_t> kOddSizes = {1, 3, 7, 13, 8193, 20001};
+
+// Several AdamW steps with a changing lr over float32 parameters in two
+// groups — decayed with float32 gradients, not decayed with bfloat16
+// gradients and bfloat16 compute copies — against ScalarAdamW in float64.
+void check_adamw_against_reference(Device device) {
+  const double b1 = 0.8, b2 = 0.95, eps = 1e-6, wd = 0.1;
+  std::vector<Tensor> decayed, plain, copies;
+  std::vector<std::vector<ScalarAdamW>> ref;
+  for (size_t i = 0; i < kOddSizes.size(); ++i) {
+    Tensor init = random_tensor({kOddSizes[i]}, {DType::Float32});
+    (i % 2 ? plain : decayed).push_back(leaf_like(init, device));
+    std::vector<ScalarAdamW> r;
+    for (double v : init.to_vector<double>()) r.push_back({v});
+    ref.push_back(std::move(r));
+  }
+  for (const Tensor& p : plain) copies.push_back(ops::to(p.detach(), DType::BFloat16));
+  nn::AdamW opt({{decayed, wd}, {plain, 0.0}}, {.lr = 0.05, .beta1 = b1, .beta2 = b2, .eps = eps});
+  opt.set_compute_copies(plain, copies);
+  const double lrs[] = {0.05, 0.02, 0.1};
+  for (int t = 1; t <= 3; ++t) {
+    opt.set_lr(lrs[t - 1]);
+    std::vector<std::vector<double>> grads;
+    for (size_t i = 0; i < kOddSizes.size(); ++i) {
+      const bool bf16 = i % 2;
+      Tensor g = random_tensor({kOddSizes[i]}, {bf16 ? DType::BFloat16 : DType::Float32});
+      (bf16 ? plain : decayed)[i / 2].set_grad(g.to(device));
+      grads.push_back(g.to_vector<double>());  // the values the optimizer sees
+    }
+    opt.step();
+    for (size_t i = 0; i < kOddSizes.size(); ++i)
+      for (size_t k = 0; k < ref[i].size(); ++k)
+        ref[i][k].step(grads[i][k], t, lrs[t - 1], b1, b2, eps, i % 2 ? 0.0 : wd);
+  }
+  CHECK(opt.step_count() == 3);
+  CHECK(opt.step_tensor().item<double>() == 3.0);
+  for (size_t i = 0; i < kOddSizes.size(); ++i) {
+    INFO("parameter ", i, " of ", kOddSizes[i], " elements");
+    const Tensor& p = (i % 2 ? plain : decayed)[i / 2];
+    std::vector<double> want;
+    for (const ScalarAdamW& r : ref[i]) want.push_back(r.p);
+    check_close(p, from_vector(want, p.shape()), 2e-6, 2e-6);
+  }
+  // The compute copies are exactly the masters rounded to bfloat16.
+  for (size_t i = 0; i < plain.size(); ++i)
+    CHECK(copies[i].to_vector<float>() == ops::to(plain[i].detach(), DType::BFloat16).to_vector<float>());
+}
+
+// clip_grad_norm_ over odd sizes with float32 and bfloat16 gradients against
+// the norm and scaling computed in float64.
+void check_clip_against_reference(Device device) {
+  std::vector<Tensor> params;
+  double sum = 0;
+  std::vector<std::vector<double>> before;
+  for (size_t i = 0; i < kOddSizes.size(); ++i) {
+    Tensor p = leaf_like(ops::zeros({kOddSizes[i]}), device);
+    Tensor g = random_tensor({kOddSizes[i]}, {i % 2 ? DType::BFloat16 : DType::Float32});
+    p.set_grad(g.to(device));
+    before.push_back(g.to_vector<double>());
+    for (double v : before.back()) sum += v * v;
+    params.push_back(p);
+  }
+  const double norm = std::sqrt(sum), max_norm = 2.5;
+  const double coef = max_norm / (norm + 1e-6);
+  REQUIRE(coef < 1);
+  Tensor got = nn::clip_grad_norm_(params, max_norm);
+  CHECK(got.device() == device);
+  CHECK(got.dtype() == DType::Float32);
+  CHECK(got.item<float>() == doctest::Approx(norm).epsilon(1e-5));
+  for (size_t i = 0; i < params.size(); ++i) {
+    INFO("gradient ", i);
+    std::vector<double> want;
+    for (double v : before[i]) want.push_back(v * coef);
+    // bfloat16 gradients are rounded after scaling: half an ulp, up to 2^-8.
+    const double tol = i % 2 ? 4e-3 : 1e-5;
+    check_close(params[i].grad(), from_vector(want, params[i].shape()), 1e-6, tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("multi-tensor AdamW: fp32 and bf16 gradients, odd sizes, bf16 copies, against float64 (CPU)") {
+  check_adamw_against_reference(Device::cpu());
+}
+
+TEST_CASE("multi-tensor AdamW: fp32 and bf16 gradients, odd sizes, bf16 copies, against float64 (CUDA)") {
+  MINIDL_REQUIRE_CUDA();
+  check_adamw_against_reference(Device::cuda());
+}
+
+TEST_CASE("multi-tensor clip_grad_norm_: fp32 and bf16 gradients, odd sizes, against float64 (CPU)") {
+  check_clip_against_reference(Device::cpu());
+}
+
+TEST_CASE("multi-tensor clip_grad_norm_: fp32 and bf16 gradients, odd sizes, against float64 (CUDA)") {
+  MINIDL_REQUIRE_CUDA();
+  check_clip_against_reference(Device::cuda());
+}
+
+TEST_CASE("AdamW reads lr and the step counter from device memory") {
+  for (Device device : {Device::cpu(), Device::cuda()}) {
+    if (device.is_cuda() && !cuda_is_available()) {
+      MESSAGE("skipped the CUDA half: no CUDA device");
+      continue;
+    }
+    CAPTURE(device);
+    Tensor p = leaf_like(from_vector(std::vector<double>{1.0, -2.0}, {2}), device);
+    nn::AdamW opt(std::vector<Tensor>{p}, {.lr = 0.1, .weight_decay = 0.0});
+    CHECK(opt.lr_tensor().device() == device);
+    CHECK(opt.lr_tensor().item<double>() == 0.1);
+    p.set_grad(from_vector(std::vector<double>{0.5, -1.0}, {2}, {DType::Float64, device}));
+    // Written behind the host's back, as a graph replay would see it: the
+    // kernel uses the tensor, not the host copy of lr.
+    {
+      NoGradGuard no_grad;
+      ops::fill_(opt.lr_tensor(), 0.0);
+    }
+    opt.step();
+    CHECK(p.to_vector<double>() == std::vector<double>{1.0, -2.0});
+    // The bias corrections follow the device counter: with step = 9 before
+    // the update, t = 10.
+    {
+      NoGradGuard no_grad;
+      ops::fill_(opt.lr_tensor(), 0.1);
+      ops::fill_(opt.step_tensor(), 9.0);
+    }
+    opt.step();
+    CHECK(opt.step_tensor().item<double>() == 10.0);
+    ScalarAdamW r{1.0};
+    r.m = 0.1 * 0.5;  // after the first (lr 0) step
+    r.v = 0.001 * 0.25;
+    r.step(0.5, 10, 0.1, 0.9, 0.999, 1e-8, 0.0);
+    CHECK(p.to_vector<double>()[0] == doctest::Approx(r.p).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("multi-tensor AdamW and clipping on CUDA match the CPU: 200 tensors, mixed dtypes") {
+  MINIDL_REQUIRE_CUDA();
+  // More tensors than one launch's table holds (192), chunk-crossing sizes,
+  // float32 params with float32 or bfloat16 gradients, bfloat16 params.
+  std::vector<Tensor> cpu, gpu, cpu_copies, gpu_copies, cpu_f32, gpu_f32;
+  for (int i = 0; i < 200; ++i) {
+    const int64_t n = i % 50 == 0 ? 2 * 8192 + 5 : (i * 37) % 101 + 1;
+    const DType dtype = i % 7 == 3 ? DType::BFloat16 : DType::Float32;
+    Tensor init = random_tensor({n}, {dtype});
+    cpu.push_back(leaf_like(init, Device::cpu()));
+    gpu.push_back(leaf_like(init, Device::cuda()));
+    if (dtype == DType::Float32) {
+      cpu_f32.push_back(cpu.back());
+      gpu_f32.push_back(gpu.back());
+      cpu_copies.push_back(ops::to(init, DType::BFloat16));
+      gpu_copies.push_back(ops::to(init, DType::BFloat16).to(Device::cuda()));
+    }
+  }
+  nn::AdamW opt_cpu(std::vector<Tensor>(cpu), {.lr = 0.01, .weight_decay = 0.1});
+  nn::AdamW opt_gpu(std::vector<Tensor>(gpu), {.lr = 0.01, .weight_decay = 0.1});
+  opt_cpu.set_compute_copies(cpu_f32, cpu_copies);
+  opt_gpu.set_compute_copies(gpu_f32, gpu_copies);
+  for (int t = 0; t < 3; ++t) {
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      const DType gd = cpu[i].dtype() == DType::BFloat16 || i % 2 ? DType::BFloat16 : DType::Float32;
+      Tensor g = random_tensor(cpu[i].shape(), {gd});
+      cpu[i].set_grad(g);
+      gpu[i].set_grad(g.to(Device::cuda()));
+    }
+    // Clipping on the first step, not on the others (the untouched path).
+    const double max_norm = t == 0 ? 1.0 : 1e9;
+    Tensor n_cpu = nn::clip_grad_norm_(cpu, max_norm), n_gpu = nn::clip_grad_norm_(gpu, max_norm);
+    CHECK(n_gpu.is_cuda());
+    check_close(n_gpu, n_cpu, 1e-5, 1e-5);
+    if (t == 1) {  // not clipped: gradients untouched, bit for bit
+      CHECK(gpu[1].grad().to_vector<float>() == cpu[1].grad().to_vector<float>());
+      CHECK(gpu[2].grad().to_vector<float>() == cpu[2].grad().to_vector<float>());
+    }
+    opt_cpu.set_lr(0.01 * (t + 1));
+    opt_gpu.set_lr(0.01 * (t + 1));
+    opt_cpu.step();
+    opt_gpu.step();
+  }
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    INFO("parameter ", i, " (", cpu[i].dtype(), ")");
+    // bfloat16 params may round one ulp apart (2^-8 relative).
+    const double tol = cpu[i].dtype() == DType::BFloat16 ? 8e-3 : 1e-5;
+    check_close(gpu[i], cpu[i], tol, tol);
+  }
+  for (size_t i = 0; i < gpu_copies.size(); ++i)
+    CHECK(gpu_copies[i].to_vector<float>() ==
+          ops::to(gpu_f32[i].detach(), DType::BFloat16).to_vector<float>());
+  // Deterministic: the same gradients give the same norm, bit for bit.
+  Tensor again = nn::clip_grad_norm_(gpu, 1e9);
+  CHECK(again.item<float>() == nn::clip_grad_norm_(gpu, 1e9).item<float>());
+}
+
+#if defined(MINIDL_WITH_CUDA)
+TEST_CASE("clip_grad_norm_ + AdamW step on CUDA: no host synchronisation") {
+  MINIDL_REQUIRE_CUDA();
+  std::vector<Tensor> params, copies;
+  for (int64_t n : kOddSizes) {
+    params.push_back(leaf_like(random_tensor({n}, {DType::Float32}), Device::cuda()));
+    copies.push_back(ops::to(params.back().detach(), DType::BFloat16));
+    params.back().set_grad(random_tensor({n}, {DType::BFloat16}).to(Device::cuda()));
+  }
+  nn::AdamW opt(std::vector<Tensor>(params), {.lr = 0.01});
+  opt.set_compute_copies(params, copies);
+  nn::clip_grad_norm_(params, 1.0);  // warm-up: allocator cache, lazy init
+  opt.step();
+  const uint64_t before = cuda::host_sync_count();
+  for (int step = 0; step < 3; ++step) {
+    opt.set_lr(0.01 / (step + 1));
+    Tensor norm = nn::clip_grad_norm_(params, 1.0);
+    opt.step();
+  }
+  CHECK(cuda::host_sync_count() == before);
+  // The counter does see a sync: reading a value back waits once.
+  (void)opt.step_tensor().item<double>();
+  CHECK(cuda::host_sync_count() == before + 1);
+}
+#endif
 
 TEST_CASE("WarmupCosineLR: warmup, peak, midpoint and floor") {
   nn::WarmupCosineLR s(1e-3, 1e-4, 10, 110);
