@@ -78,7 +78,7 @@ class CudaCachingAllocator final : public Allocator {
 
  private:
   void release_cached_locked() {
-    cudaStreamSynchronize(cuda::stream());
+    cuda::synchronize();  // counted: an out-of-memory retry inside a step is a host sync
     for (auto& [size, blocks] : free_) {
       for (void* p : blocks) {
         cudaFree(p);
@@ -136,7 +136,7 @@ void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device
                         : src_device.is_cpu() ? cudaMemcpyHostToDevice
                                               : cudaMemcpyDeviceToDevice;
   MINIDL_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, kind, cuda::stream()));
-  if (kind != cudaMemcpyDeviceToDevice) MINIDL_CUDA_CHECK(cudaStreamSynchronize(cuda::stream()));
+  if (kind != cudaMemcpyDeviceToDevice) cuda::synchronize();  // counted (cuda::host_sync_count)
 }
 
 void zero_bytes(void* dst, Device device, size_t nbytes) {

@@ -1,5 +1,6 @@
 #include "cuda/runtime.h"
 
+#include <atomic>
 #include <mutex>
 #include <vector>
 
@@ -88,6 +89,17 @@ void* cublaslt_workspace(size_t* nbytes) {
   return d.workspace;
 }
 
-void synchronize() { MINIDL_CUDA_CHECK(cudaStreamSynchronize(stream())); }
+// ---- host synchronisation counter ----
+
+namespace {
+std::atomic<uint64_t> g_host_syncs{0};
+}  // namespace
+
+void synchronize() {
+  g_host_syncs.fetch_add(1, std::memory_order_relaxed);
+  MINIDL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
+
+uint64_t host_sync_count() { return g_host_syncs.load(std::memory_order_relaxed); }
 
 }  // namespace minidl::cuda

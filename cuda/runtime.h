@@ -24,6 +24,13 @@ int multiprocessor_count();
 int compute_capability();
 void synchronize();
 
+// ---- host synchronisation counter (debug) ----
+// Every host wait on the stream goes through synchronize() — explicit waits
+// and the blocking copies of the allocator backend (item(), to_vector(),
+// uploads) — which counts it, so a test can assert that a training step adds
+// none.
+uint64_t host_sync_count();
+
 // Launch configuration for a grid-stride loop over n elements.
 inline unsigned grid_for(int64_t n, int threads) {
   int64_t blocks = (n + threads - 1) / threads;
