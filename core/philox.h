@@ -58,6 +58,13 @@ MINIDL_HD MINIDL_FORCEINLINE float uniform(uint64_t seed, uint64_t offset, uint6
   return to_unit_float(lane(block(seed, offset, i >> 2), static_cast<int>(i & 3)));
 }
 
+// Element i of a stream of integers uniform in [0, n), n <= 2^32: the
+// 32-bit word i (block i/4, lane i%4) scaled by a multiply-shift, which is
+// unbiased up to n / 2^32.
+MINIDL_HD MINIDL_FORCEINLINE uint64_t uniform_below(uint64_t seed, uint64_t offset, uint64_t i, uint64_t n) {
+  return (static_cast<uint64_t>(lane(block(seed, offset, i >> 2), static_cast<int>(i & 3))) * n) >> 32;
+}
+
 // Element i of a standard-normal stream (Box-Muller on the block i/2: even
 // i takes the cosine branch, odd i the sine branch).
 MINIDL_HD inline float normal(uint64_t seed, uint64_t offset, uint64_t i) {

@@ -78,7 +78,7 @@ class CudaCachingAllocator final : public Allocator {
 
  private:
   void release_cached_locked() {
-    cudaStreamSynchronize(cuda::stream());
+    cuda::synchronize();  // counted: an out-of-memory retry inside a step is a host sync
     for (auto& [size, blocks] : free_) {
       for (void* p : blocks) {
         cudaFree(p);

@@ -4,7 +4,7 @@
 #include <cmath>
 #include <sstream>
 
-#include "core/philox.h"
+#include "ops/ops.h"
 
 namespace minidl::nn {
 namespace {
@@ -77,35 +77,19 @@ TrainValSplit split_train_val(const std::vector<int32_t>& tokens, double train_f
           std::vector<int32_t>(tokens.begin() + n_train, tokens.end())};
 }
 
-BatchSampler::BatchSampler(std::vector<int32_t> tokens, int64_t batch_size, int64_t block_size,
+BatchSampler::BatchSampler(const std::vector<int32_t>& tokens, int64_t batch_size, int64_t block_size,
                            uint64_t seed, Device device, std::string name)
-    : tokens_(std::move(tokens)), batch_size_(batch_size), block_size_(block_size), gen_(seed),
-      device_(device), name_(std::move(name)) {
+    : batch_size_(batch_size), block_size_(block_size), gen_(seed), device_(device), name_(std::move(name)) {
   MINIDL_CHECK(batch_size > 0 && block_size > 0, "BatchSampler(", name_,
                "): batch_size and block_size must be positive, got ", batch_size, " and ", block_size);
-  MINIDL_CHECK(static_cast<int64_t>(tokens_.size()) >= block_size + 1, "BatchSampler(", name_,
-               "): the split has ", tokens_.size(), " tokens, fewer than one context + 1 = ",
+  MINIDL_CHECK(static_cast<int64_t>(tokens.size()) >= block_size + 1, "BatchSampler(", name_,
+               "): the split has ", tokens.size(), " tokens, fewer than one context + 1 = ",
                block_size + 1, " (block_size ", block_size, ")");
+  tokens_ = from_vector(tokens, {static_cast<int64_t>(tokens.size())}, {DType::Int32, device_, false});
 }
 
 std::pair<Tensor, Tensor> BatchSampler::next() {
-  // Starts are uniform in [0, n - block_size): every window of block_size + 1
-  // tokens. One Philox counter word per batch; 32-bit lanes mapped to the
-  // range by a multiply-shift.
-  const uint64_t range = tokens_.size() - static_cast<uint64_t>(block_size_);
-  const uint64_t seed = gen_.seed(), offset = gen_.next_offset();
-  const auto T = static_cast<size_t>(block_size_);
-  std::vector<int32_t> x(static_cast<size_t>(batch_size_) * T), y(x.size());
-  for (int64_t b = 0; b < batch_size_; ++b) {
-    const auto i = static_cast<uint64_t>(b);
-    uint32_t bits = philox::lane(philox::block(seed, offset, i >> 2), static_cast<int>(i & 3));
-    const size_t start = static_cast<size_t>((static_cast<uint64_t>(bits) * range) >> 32);
-    std::copy_n(tokens_.begin() + start, T, x.begin() + b * T);
-    std::copy_n(tokens_.begin() + start + 1, T, y.begin() + b * T);
-  }
-  const TensorOptions options{DType::Int32, device_, false};
-  return {from_vector(x, {batch_size_, block_size_}, options),
-          from_vector(y, {batch_size_, block_size_}, options)};
+  return ops::random_windows(tokens_, batch_size_, block_size_, &gen_);
 }
 
 }  // namespace minidl::nn

@@ -46,25 +46,27 @@ struct TrainValSplit {
 TrainValSplit split_train_val(const std::vector<int32_t>& tokens, double train_fraction = 0.9);
 
 // Random windows of block_size + 1 consecutive tokens: x is the first
-// block_size, y the same shifted by one. Start positions come from the
-// Philox stream of the sampler's own Generator, so a seed fixes the batches
-// on every device.
+// block_size, y the same shifted by one (ops::random_windows). Start
+// positions come from the Philox stream of the sampler's own Generator, so a
+// seed fixes the batches on every device. The tokens are copied to the
+// sampler's device once, when it is made; on CUDA next() is one kernel that
+// gathers the windows there, so sampling never waits for the device.
 class BatchSampler {
  public:
   // Throws when tokens.size() < block_size + 1, naming both sizes.
-  BatchSampler(std::vector<int32_t> tokens, int64_t batch_size, int64_t block_size, uint64_t seed,
+  BatchSampler(const std::vector<int32_t>& tokens, int64_t batch_size, int64_t block_size, uint64_t seed,
                Device device = Device::cpu(), std::string name = "data");
   // x, y: int32 (batch_size, block_size) on the sampler's device.
   std::pair<Tensor, Tensor> next();
 
   int64_t batch_size() const { return batch_size_; }
   int64_t block_size() const { return block_size_; }
-  int64_t num_tokens() const { return static_cast<int64_t>(tokens_.size()); }
+  int64_t num_tokens() const { return tokens_.numel(); }
   // Save/restore for exact resume.
   Generator& generator() { return gen_; }
 
  private:
-  std::vector<int32_t> tokens_;
+  Tensor tokens_;  // 1-D int32 on the sampler's device
   int64_t batch_size_, block_size_;
   Generator gen_;
   Device device_;

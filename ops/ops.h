@@ -30,6 +30,15 @@ Tensor arange(double start, double end, double step, TensorOptions options = {})
 // (default_generator() when null): the same values on CPU and CUDA.
 Tensor rand(const Shape& shape, TensorOptions options = {}, Generator* gen = nullptr);
 Tensor randn(const Shape& shape, TensorOptions options = {}, Generator* gen = nullptr);
+// Random windows of a token sequence (a language model's batches): row b
+// starts at s_b = philox::uniform_below(seed, offset, b, n - length), one
+// offset of `gen` per call, and x[b] = tokens[s_b, s_b + length),
+// y[b] = tokens[s_b + 1, s_b + length + 1). tokens: 1-D int32 with
+// n >= length + 1 and n - length <= 2^32. x, y: (batch, length) on the
+// tokens' device, the same on CPU and CUDA; on CUDA one kernel gathers them
+// and nothing waits for the device.
+std::pair<Tensor, Tensor> random_windows(const Tensor& tokens, int64_t batch, int64_t length,
+                                         Generator* gen = nullptr);
 
 // ---- elementwise, NumPy broadcasting ----
 Tensor add(const Tensor& a, const Tensor& b);

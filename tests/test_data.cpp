@@ -1,6 +1,8 @@
-// Character vocabulary, train/val split and the batch sampler.
+// Character vocabulary, train/val split, the batch sampler and the
+// random_windows op it samples with.
 #include <set>
 
+#include "core/philox.h"
 #include "tests/helpers.h"
 
 using namespace minidl;
@@ -129,4 +131,69 @@ TEST_CASE("BatchSampler on CUDA gives the CPU batches") {
     CHECK(xg.to_vector<int32_t>() == xc.to_vector<int32_t>());
     CHECK(yg.to_vector<int32_t>() == yc.to_vector<int32_t>());
   }
+}
+
+TEST_CASE("random_windows: row b starts at philox::uniform_below(seed, offset, b, n - length)") {
+  std::vector<int32_t> values(300);
+  for (int i = 0; i < 300; ++i) values[i] = 1000 + i;  // token = 1000 + position
+  Tensor tokens = from_vector(values, {300}, {DType::Int32});
+  Generator gen(77);
+  gen.set_state(77, 5);
+  auto [x, y] = ops::random_windows(tokens, 6, 10, &gen);
+  CHECK(gen.offset() == 6);  // one offset per call
+  CHECK(x.dtype() == DType::Int32);
+  CHECK(x.shape() == Shape{6, 10});
+  CHECK(y.shape() == Shape{6, 10});
+  std::vector<int32_t> xv = x.to_vector<int32_t>(), yv = y.to_vector<int32_t>();
+  std::set<int64_t> starts;
+  for (int b = 0; b < 6; ++b) {
+    const auto start = static_cast<int64_t>(philox::uniform_below(77, 5, static_cast<uint64_t>(b), 290));
+    starts.insert(start);
+    for (int t = 0; t < 10; ++t) {
+      CHECK(xv[b * 10 + t] == 1000 + start + t);
+      CHECK(yv[b * 10 + t] == 1001 + start + t);
+    }
+  }
+  CHECK(starts.size() > 1);
+  // A strided view of the tokens samples its own elements.
+  Tensor every_other = ops::arange(40, {DType::Int32}).slice(0, 0, 40, 2);  // 0, 2, ..., 38
+  auto [xs, ys] = ops::random_windows(every_other, 4, 5, &gen);
+  std::vector<int32_t> xsv = xs.to_vector<int32_t>(), ysv = ys.to_vector<int32_t>();
+  for (size_t i = 0; i < xsv.size(); ++i) {
+    CHECK(xsv[i] % 2 == 0);
+    CHECK(ysv[i] == xsv[i] + 2);
+  }
+}
+
+TEST_CASE("random_windows errors") {
+  Generator gen(1);
+  Tensor tokens = from_vector(std::vector<int32_t>{1, 2, 3}, {3}, {DType::Int32});
+  CHECK_THROWS_WITH_AS(ops::random_windows(tokens, 2, 3, &gen),
+                       doctest::Contains("random_windows: 3 tokens hold no window of length + 1 = 4"), Error);
+  CHECK_THROWS_WITH_AS(ops::random_windows(tokens, 0, 2, &gen),
+                       doctest::Contains("random_windows: batch and length must be positive, got 0 and 2"), Error);
+  CHECK_THROWS_WITH_AS(ops::random_windows(ops::zeros({2, 3}, {DType::Int32}), 1, 1, &gen),
+                       doctest::Contains("tokens must be a 1-D int32 tensor, got int32 [2, 3]"), Error);
+  CHECK_THROWS_WITH_AS(ops::random_windows(ops::zeros({8}, {DType::Float32}), 1, 1, &gen),
+                       doctest::Contains("tokens must be a 1-D int32 tensor, got float32 [8]"), Error);
+  CHECK(gen.offset() == 0);  // nothing reserved by a refused call
+}
+
+TEST_CASE("random_windows on CUDA: the CPU windows on a large sequence") {
+  MINIDL_REQUIRE_CUDA();
+  const int64_t n = (1 << 20) + 3;
+  std::vector<int32_t> values(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) values[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919) % 100003);
+  Tensor cpu_tokens = from_vector(values, {n}, {DType::Int32});
+  Tensor gpu_tokens = cpu_tokens.to(Device::cuda());
+  Generator cpu_gen(20261201), gpu_gen(20261201);
+  for (int i = 0; i < 4; ++i) {
+    auto [xc, yc] = ops::random_windows(cpu_tokens, 64, 257, &cpu_gen);  // length not a multiple of 32
+    auto [xg, yg] = ops::random_windows(gpu_tokens, 64, 257, &gpu_gen);
+    CHECK(xg.is_cuda());
+    CHECK(yg.is_cuda());
+    CHECK(xg.to_vector<int32_t>() == xc.to_vector<int32_t>());
+    CHECK(yg.to_vector<int32_t>() == yc.to_vector<int32_t>());
+  }
+  CHECK(gpu_gen.offset() == cpu_gen.offset());
 }

@@ -15,6 +15,7 @@
 #include <random>
 #include <sstream>
 
+#include "profile.h"
 #include "progress.h"
 #include "signals.h"
 
@@ -118,6 +119,41 @@ class TrainModel {
   std::vector<Tensor> master_params_, compute_params_;
   bool stale_ = true;
 };
+
+// One optimisation step at learning rate `lr`. Returns the loss, left on the
+// device: nothing here waits for it. `profiler` (may be null) marks where the
+// work of each phase ends.
+Tensor train_step(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double lr, double grad_clip,
+                  StepProfiler* profiler) {
+  auto end = [profiler](Phase phase) {
+    if (profiler) profiler->end_phase(phase);
+  };
+  if (profiler) profiler->begin_step();
+  auto [x, y] = batches.next();
+  end(Phase::Data);
+  Tensor loss = model.loss(x, y);
+  end(Phase::Forward);
+  optimizer.zero_grad();
+  loss.backward();
+  model.gradients_to_masters();
+  end(Phase::Backward);
+  optimizer.set_lr(lr);
+  if (grad_clip > 0) nn::clip_grad_norm_(model.parameters(), grad_clip);
+  optimizer.step();
+  model.masters_changed();
+  end(Phase::Optimizer);
+  return loss;
+}
+
+// The 90/10 split of the text must hold a context + 1 characters on each side.
+void check_split_fits(const TrainOptions& o, const nn::TrainValSplit& split) {
+  const int64_t T = o.model.context;
+  if (static_cast<int64_t>(split.val.size()) < T + 1 || static_cast<int64_t>(split.train.size()) < T + 1)
+    throw UsageError("--data: '" + o.data + "' is too small for --context " + std::to_string(T) +
+                     ": its 90/10 split has " + std::to_string(split.train.size()) + " training and " +
+                     std::to_string(split.val.size()) + " validation characters, each needs at least " +
+                     std::to_string(T + 1));
+}
 
 std::string run_id_of(const nn::Metadata& meta) {
   auto it = meta.find(kRunIdKey);
@@ -237,11 +273,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   }
   const nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   const int64_t T = o.model.context, B = o.batch;
-  if (static_cast<int64_t>(split.val.size()) < T + 1 || static_cast<int64_t>(split.train.size()) < T + 1)
-    throw UsageError("--data: '" + o.data + "' is too small for --context " + std::to_string(T) +
-                     ": its 90/10 split has " + std::to_string(split.train.size()) + " training and " +
-                     std::to_string(split.val.size()) + " validation characters, each needs at least " +
-                     std::to_string(T + 1));
+  check_split_fits(o, split);
   const nn::CharTransformerConfig config = make_config(o.model, vocab.size());
 
   // Output directory and the run's identity.
@@ -476,16 +508,9 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
 
   while (step < o.iters && !stopped_in_eval) {
     if (stop_signal() != 0) break;
-    // One step; nothing here waits for the device.
-    optimizer.set_lr(schedule.lr_at(step));
-    auto [x, y] = train_batches.next();
-    Tensor loss = model.loss(x, y);
-    optimizer.zero_grad();
-    loss.backward();
-    model.gradients_to_masters();
-    if (o.grad_clip > 0) nn::clip_grad_norm_(model.parameters(), o.grad_clip);
-    optimizer.step();
-    model.masters_changed();
+    // The batch is sampled on the device and the loss adds up there: the
+    // host waits only in log_step.
+    Tensor loss = train_step(model, optimizer, train_batches, schedule.lr_at(step), o.grad_clip, nullptr);
     {
       minidl::NoGradGuard no_grad;
       loss_sum = ops::add(loss_sum, loss.detach());
@@ -573,7 +598,9 @@ ResumedRun load_resumed_run(const std::string& dir, const FlagSet& flags, const 
 
 namespace {
 
-constexpr const char* kTrainUsage = "--data FILE --out DIR [flags]\n       charlm train --resume DIR [--iters N] [flags]";
+constexpr const char* kTrainUsage =
+    "--data FILE --out DIR [flags]\n       charlm train --resume DIR [--iters N] [flags]\n"
+    "       charlm train --data FILE --profile N [flags]";
 constexpr const char* kTrainHelp =
     "Trains a character-level transformer language model on a text file. Every\n"
     "--eval-interval steps it measures the validation loss, appends to DIR/log.csv,\n"
@@ -585,15 +612,118 @@ constexpr const char* kTrainHelp =
     "model and optimisation flags) and its device read from the checkpoint\n"
     "(--device moves it); it refuses files of another run (each run has an id,\n"
     "in its checkpoints and log.csv). The defaults are nanoGPT's shakespeare_char\n"
-    "recipe.";
+    "recipe.\n"
+    "--profile N writes nothing: after 3 warm-up steps it times N training steps\n"
+    "of the recipe per phase (data, forward, backward, optimizer) and prints a\n"
+    "table in ms per step with tokens/s; on CUDA also each phase's GPU time, the\n"
+    "time the GPU waits for the host, host syncs and kernels per step.";
+
+constexpr int64_t kProfileWarmupSteps = 3;
+
+std::string ms_cell(double ms, bool valid) {
+  char buf[32];
+  if (valid) std::snprintf(buf, sizeof buf, "%10.3f", ms);
+  else std::snprintf(buf, sizeof buf, "%10s", "n/a");
+  return buf;
+}
+
+// charlm train --profile N: the recipe's steps, timed per phase (profile.h).
+void profile_run(const TrainOptions& o, int64_t steps) {
+  if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
+  const Device device = resolve_device(o.device);
+  const std::string text = read_data_file(o.data);
+  const nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  const nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  check_split_fits(o, split);
+  TrainModel model(make_config(o.model, vocab.size()), o.seed, device, o.dtype == "bfloat16");
+  nn::AdamW optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
+                      {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2});
+  const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, o.decay_iters > 0 ? o.decay_iters : o.iters);
+  nn::BatchSampler batches(split.train, o.batch, o.model.context, train_batch_seed(o.seed), device, "train");
+  int64_t step = 0;
+  auto run_step = [&](StepProfiler* profiler) {
+    train_step(model, optimizer, batches, schedule.lr_at(step++), o.grad_clip, profiler);
+  };
+  for (int64_t i = 0; i < kProfileWarmupSteps; ++i) run_step(nullptr);
+  minidl::synchronize(device);
+
+  // The steps as training runs them.
+  StepProfiler issue(device, steps, StepProfiler::Mode::Issue);
+  const uint64_t syncs_before = host_syncs();
+  const Clock::time_point start = Clock::now();
+  for (int64_t i = 0; i < steps; ++i) run_step(&issue);
+  const uint64_t syncs = host_syncs() - syncs_before;
+  const StepProfiler::Result issued = issue.finish();
+  const double wall_ms = seconds_since(start) * 1e3 / static_cast<double>(steps);
+  const double tokens_per_s = static_cast<double>(o.batch * o.model.context) / (wall_ms * 1e-3);
+
+  // On CUDA: each phase's kernels alone, then one step captured as a graph.
+  const bool gpu = device.is_cuda();
+  StepProfiler::Result held;
+  StepGraphCounts graph;
+  if (gpu) {
+    StepProfiler device_only(device, steps, StepProfiler::Mode::DeviceOnly);
+    for (int64_t i = 0; i < steps; ++i) run_step(&device_only);
+    held = device_only.finish();
+    graph = count_step_graph_nodes([&] { run_step(nullptr); });
+  }
+
+  std::printf("profile: %lld steps after %lld warm-up steps, batch %lld x context %lld, %lld parameters, %s, %s\n",
+              static_cast<long long>(steps), static_cast<long long>(kProfileWarmupSteps),
+              static_cast<long long>(o.batch), static_cast<long long>(o.model.context),
+              static_cast<long long>(model.master().num_parameters()), device.str().c_str(), o.dtype.c_str());
+  if (gpu) std::printf("%-10s %10s %10s %10s\n", "phase", "host ms", "stream ms", "GPU ms");
+  else std::printf("%-10s %10s\n", "phase", "ms");
+  for (int p = 0; p <= kPhases; ++p) {
+    const bool total = p == kPhases;
+    const char* name = total ? "step" : phase_name(static_cast<Phase>(p));
+    const double host = total ? issued.host.total() : issued.host.ms[p];
+    std::string line = std::string(name) + std::string(10 - std::strlen(name), ' ') + " " + ms_cell(host, true);
+    if (gpu) {
+      line += " " + ms_cell(total ? issued.device.total() : issued.device.ms[p], issued.device_valid);
+      line += " " + ms_cell(total ? held.device.total() : held.device.ms[p], held.device_valid);
+    }
+    std::printf("%s\n", line.c_str());
+  }
+  std::printf("wall %.3f ms/step, %.0f tokens/s\n", wall_ms, tokens_per_s);
+  if (gpu) {
+    if (held.device_valid)
+      std::printf("GPU busy %.3f ms/step (%.0f%%), idle %.3f ms/step waiting for the host\n", held.device.total(),
+                  100.0 * held.device.total() / wall_ms, std::max(0.0, wall_ms - held.device.total()));
+    else
+      std::printf("GPU ms n/a: a phase could not be issued while held (more launches than the stream's queue "
+                  "takes, or a host sync in it)\n");
+    std::printf("host syncs per step: %.2f\n", static_cast<double>(syncs) / static_cast<double>(steps));
+    if (graph.captured)
+      std::printf("kernels per step: %lld (+ %lld memsets, %lld copies, %lld other nodes; a CUDA graph capture of one "
+                  "step)\n",
+                  static_cast<long long>(graph.kernels), static_cast<long long>(graph.memsets),
+                  static_cast<long long>(graph.copies), static_cast<long long>(graph.other));
+    else
+      std::printf("kernels per step: n/a (the step could not be captured as a CUDA graph: %s)\n", graph.error.c_str());
+  }
+}
 
 }  // namespace
 
 int cmd_train(const std::vector<std::string>& args) {
   TrainOptions options;
+  int64_t profile_steps = 0;
   FlagSet flags("charlm train", kTrainUsage, kTrainHelp);
   add_train_command_flags(flags, options);
+  flags.group("profiling");
+  flags.add_int("profile", &profile_steps, "time this many steps per phase, print the table and exit (0: train)", 0,
+                1 << 20);
   if (!flags.parse(args)) return 0;
+
+  if (profile_steps > 0) {
+    if (!options.resume.empty()) throw UsageError("--profile times a fresh model; leave --resume out");
+    if (flags.given("out")) throw UsageError("--profile writes nothing; leave --out out");
+    if (options.data.empty()) throw UsageError("--data is required");
+    check_options(flags, options);
+    profile_run(options, profile_steps);
+    return 0;
+  }
 
   if (options.resume.empty()) {
     if (options.data.empty()) throw UsageError("--data is required (or --resume DIR to continue a run)");

@@ -2,7 +2,7 @@
 # Command-line tests of charlm, one case per ctest test:
 #   cli.sh CHARLM CASE SCRATCH_DIR
 # Cases: help bad_flags train resume interrupt interrupt_eval run_ids errors
-# sample compare compare_resume. Each trains tiny models on a small generated
+# sample compare compare_resume profile. Each trains tiny models on a small generated
 # text on one CPU thread (a few seconds).
 set -uo pipefail
 charlm=$1
@@ -134,6 +134,21 @@ train)
   # A second run into the same directory is refused (it would clobber the first).
   expect_usage_error "--out: run already holds a run (last.ckpt, best.ckpt, log.csv, loss.png); continue it with --resume run" \
     train "${TINY[@]}" --out run --iters 30
+  ;;
+
+profile)
+  make_text
+  "$charlm" train "${TINY[@]}" --profile 4 >out.txt 2>err.txt || fail "--profile exited $?: $(cat err.txt)"
+  grep -q "^profile: 4 steps after 3 warm-up steps, batch 4 x context 16, .* parameters, cpu, float32$" out.txt ||
+    fail "no profile heading: $(cat out.txt)"
+  for phase in data forward backward optimizer step; do
+    grep -Eq "^$phase +[0-9]+\.[0-9]{3}$" out.txt || fail "no '$phase' row: $(cat out.txt)"
+  done
+  grep -Eq "^wall [0-9.]+ ms/step, [0-9]+ tokens/s$" out.txt || fail "no wall time and tokens/s: $(cat out.txt)"
+  [ "$(ls | tr '\n' ' ')" = "err.txt out.txt text.txt " ] || fail "--profile wrote files: $(ls)"
+  expect_usage_error "--profile writes nothing; leave --out out" train "${TINY[@]}" --profile 4 --out run
+  expect_usage_error "--profile times a fresh model; leave --resume out" train --resume run --profile 4
+  expect_usage_error "--profile must be" train "${TINY[@]}" --profile -1
   ;;
 
 resume)
