@@ -58,38 +58,34 @@ const std::string& meta_at(const nn::Metadata& meta, const std::string& key, con
   return it->second;
 }
 
-// The model being trained. With --dtype bfloat16 the optimizer owns float32
-// master weights and a bfloat16 copy runs forward and backward: the copy is
-// refreshed from the masters before use, and its gradients are cast back.
+// The model being trained. With --dtype bfloat16 the library's mixed
+// precision (nn::MixedPrecision) owns it: the optimizer updates float32
+// masters and writes their bfloat16 copy, which runs forward and backward.
 // With float32 the master model runs directly.
 class TrainModel {
  public:
   TrainModel(const nn::CharTransformerConfig& config, uint64_t seed, Device device, bool bf16)
-      : master_(std::make_unique<nn::CharTransformer>(config, seed)) {
+      : master_(std::make_shared<nn::CharTransformer>(config, seed)), compute_(master_) {
     // Built on the CPU and moved, so the initial weights do not depend on the device.
     master_->to(device);
-    master_params_ = master_->parameters();
     if (bf16) {
-      compute_ = std::make_unique<nn::CharTransformer>(config, seed);
-      compute_->to(device);
-      compute_->to(DType::BFloat16);
-      compute_params_ = compute_->parameters();
-      MINIDL_CHECK(compute_params_.size() == master_params_.size(), "charlm: bf16 copy has ",
-                   compute_params_.size(), " parameters, the masters ", master_params_.size());
+      compute_ = std::make_shared<nn::CharTransformer>(config, seed);
+      mixed_ = std::make_unique<nn::MixedPrecision>(master_, compute_);
     }
   }
 
   nn::CharTransformer& master() { return *master_; }
   // The model that runs forward; its dropout stream is the run's.
-  nn::CharTransformer& compute() { return compute_ ? *compute_ : *master_; }
-  const std::vector<Tensor>& parameters() const { return master_params_; }
-
-  // Call after the masters change (optimizer step, checkpoint load).
-  void masters_changed() { stale_ = true; }
+  nn::CharTransformer& compute() { return *compute_; }
+  nn::MixedPrecision* mixed_precision() { return mixed_.get(); }
+  const std::vector<Tensor>& parameters() { return mixed_ ? mixed_->parameters() : master_params(); }
+  // Call once the optimizer over master().parameters() exists.
+  void attach(nn::Optimizer& optimizer) {
+    if (mixed_) mixed_->attach(optimizer);
+  }
 
   // Mean cross-entropy of the next-character predictions (in float32).
   Tensor loss(const Tensor& x, const Tensor& y) {
-    refresh();
     Tensor logits = compute().forward(x);
     if (logits.dtype() != DType::Float32) logits = ops::to(logits, DType::Float32);
     const int64_t n = x.numel();
@@ -98,26 +94,17 @@ class TrainModel {
 
   // After backward: the masters' gradients (a no-op for float32).
   void gradients_to_masters() {
-    if (!compute_) return;
-    minidl::NoGradGuard no_grad;
-    for (size_t i = 0; i < master_params_.size(); ++i) {
-      const Tensor g = compute_params_[i].grad();
-      if (g.defined()) master_params_[i].set_grad(ops::to(g, DType::Float32));
-    }
-    compute_->zero_grad();
+    if (mixed_) mixed_->gradients_to_masters();
   }
 
  private:
-  void refresh() {
-    if (!compute_ || !stale_) return;
-    minidl::NoGradGuard no_grad;
-    for (size_t i = 0; i < master_params_.size(); ++i) ops::copy_(compute_params_[i], master_params_[i]);
-    stale_ = false;
+  const std::vector<Tensor>& master_params() {
+    if (params_.empty()) params_ = master_->parameters();
+    return params_;
   }
-
-  std::unique_ptr<nn::CharTransformer> master_, compute_;
-  std::vector<Tensor> master_params_, compute_params_;
-  bool stale_ = true;
+  std::shared_ptr<nn::CharTransformer> master_, compute_;
+  std::unique_ptr<nn::MixedPrecision> mixed_;
+  std::vector<Tensor> params_;
 };
 
 // One optimisation step at learning rate `lr`. Returns the loss, left on the
@@ -139,8 +126,7 @@ Tensor train_step(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& bat
   end(Phase::Backward);
   optimizer.set_lr(lr);
   if (grad_clip > 0) nn::clip_grad_norm_(model.parameters(), grad_clip);
-  optimizer.step();
-  model.masters_changed();
+  optimizer.step();  // also writes the bfloat16 copy (MixedPrecision::attach)
   end(Phase::Optimizer);
   return loss;
 }
@@ -322,6 +308,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   TrainModel model(config, o.seed, device, o.dtype == "bfloat16");
   nn::AdamW optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
                       {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2});
+  model.attach(optimizer);
   const int64_t decay_iters = o.decay_iters > 0 ? o.decay_iters : o.iters;
   const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, decay_iters);
   nn::BatchSampler train_batches(split.train, B, T, train_batch_seed(o.seed), device, "train");
@@ -340,15 +327,20 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   double elapsed_before = 0;  // seconds the run spent in earlier processes
   size_t earlier_peak_bytes = 0;
 
+  // Everything a resumed run needs, saved and restored as one train state.
+  auto train_state = [&](nn::Metadata meta) {
+    nn::StateDict extra;
+    extra.insert("train.loss_sum", loss_sum);
+    return nn::TrainState{.model = model.mixed_precision() ? nullptr : &model.master(),
+                          .mixed_precision = model.mixed_precision(),
+                          .optimizer = &optimizer,
+                          .generators = {{"train", &train_batches.generator()},
+                                         {"dropout", &model.compute().dropout_generator()}},
+                          .tensors = extra,
+                          .metadata = std::move(meta)};
+  };
   if (resume) {
-    nn::StateDict model_state, optim_state;
-    for (const auto& [name, tensor] : resume->tensors) {
-      if (name.rfind("model.", 0) == 0) model_state.insert(name.substr(6), tensor);
-      else if (name.rfind("optim.", 0) == 0) optim_state.insert(name.substr(6), tensor);
-    }
-    model.master().load_state_dict(model_state);
-    model.masters_changed();
-    optimizer.load_state_dict(optim_state);
+    nn::restore_train_state(*resume, train_state({}));  // also loss_sum, in place
     const nn::Metadata& m = resume->metadata;
     step = std::stoll(meta_at(m, "train.step", last_path));
     best_val = std::stod(meta_at(m, "train.best_val_loss", last_path));
@@ -364,13 +356,6 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     eval_pending = optional("train.eval_pending", "0") == "1";
     elapsed_before = std::stod(optional("train.elapsed_s", "0"));
     earlier_peak_bytes = std::stoull(optional("train.peak_memory_bytes", "0"));
-    const Tensor* saved_sum = resume->tensors.find("train.loss_sum");
-    MINIDL_CHECK(saved_sum != nullptr, "charlm: ", last_path, " has no tensor 'train.loss_sum'");
-    loss_sum = saved_sum->to(device).clone();
-    train_batches.generator().set_state(std::stoull(meta_at(m, "rng.train.seed", last_path)),
-                                        std::stoull(meta_at(m, "rng.train.offset", last_path)));
-    model.compute().dropout_generator().set_state(std::stoull(meta_at(m, "rng.dropout.seed", last_path)),
-                                                  std::stoull(meta_at(m, "rng.dropout.offset", last_path)));
   }
   LogWriter log(log_path, rows);
 
@@ -380,10 +365,6 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   auto peak_bytes = [&] { return std::max(earlier_peak_bytes, minidl::memory_stats(device).peak_allocated); };
 
   auto save = [&](const std::string& path) {
-    nn::StateDict tensors;
-    for (const auto& [name, t] : model.master().state_dict()) tensors.insert("model." + name, t);
-    for (const auto& [name, t] : optimizer.state_dict()) tensors.insert("optim." + name, t);
-    tensors.insert("train.loss_sum", loss_sum);
     nn::Metadata meta = recipe_metadata(o, vocab.size());
     meta[kFormatKey] = kFormatVersion;
     meta[kRunIdKey] = run_id;
@@ -399,11 +380,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     meta["train.eval_pending"] = eval_pending ? "1" : "0";
     meta["train.elapsed_s"] = format_double(elapsed());
     meta["train.peak_memory_bytes"] = std::to_string(peak_bytes());
-    meta["rng.train.seed"] = std::to_string(train_batches.generator().seed());
-    meta["rng.train.offset"] = std::to_string(train_batches.generator().offset());
-    meta["rng.dropout.seed"] = std::to_string(model.compute().dropout_generator().seed());
-    meta["rng.dropout.offset"] = std::to_string(model.compute().dropout_generator().offset());
-    nn::save_checkpoint(path, tensors, meta);
+    nn::save_train_state(path, train_state(std::move(meta)));
   };
 
   // Mean loss over the same eval_iters validation batches every time (the
@@ -638,6 +615,7 @@ void profile_run(const TrainOptions& o, int64_t steps) {
   TrainModel model(make_config(o.model, vocab.size()), o.seed, device, o.dtype == "bfloat16");
   nn::AdamW optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
                       {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2});
+  model.attach(optimizer);
   const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, o.decay_iters > 0 ? o.decay_iters : o.iters);
   nn::BatchSampler batches(split.train, o.batch, o.model.context, train_batch_seed(o.seed), device, "train");
   int64_t step = 0;
