@@ -132,6 +132,12 @@ bool run_lt(const LtProblem& p) {
       MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.h));
       MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
+      // The heuristic assumes 256-byte aligned pointers unless told otherwise,
+      // and a kernel chosen that way refuses a view that starts mid-vector.
+      const uint32_t align = static_cast<uint32_t>(std::get<4>(key));
+      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+        MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &align, sizeof(align)));
       cublasLtMatmulHeuristicResult_t result{};
       int count = 0;
       cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc.h, la.h, lb.h,

@@ -107,8 +107,12 @@ void check_against_manual_recipe(Device device, int steps) {
     CHECK(loss.item<float>() == ref_loss.item<float>());
   }
   const std::vector<Tensor> masters = mp.parameters();
-  for (size_t i = 0; i < masters.size(); ++i)
-    CHECK(masters[i].to_vector<float>() == ref_params[i].to_vector<float>());
+  for (size_t i = 0; i < masters.size(); ++i) {
+    // On the GPU the fused AdamW instantiated for bf16 and for fp32 gradients
+    // may contract its arithmetic differently: equal to a few ulp there.
+    if (device.is_cuda()) minidl::testing::check_close(masters[i], ref_params[i], 0, 1e-6);
+    else CHECK(masters[i].to_vector<float>() == ref_params[i].to_vector<float>());
+  }
 }
 
 }  // namespace
