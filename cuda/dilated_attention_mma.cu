@@ -104,6 +104,20 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
     char* ks_tile = smem + F::kK + buf * KT::kBytes;
     char* vs_tile = smem + F::kV + buf * KT::kBytes;
 
+    // Dropout mask words of this lane's rows, drawn before S is live:
+    // keep_words[mt][r][kk] holds keys (2kk + h) * 8 + 2 * (lane % 4) + e of
+    // row r of m-tile mt in byte 2h + e.
+    uint32_t keep_words[kM][2][4];
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t tq = q_row0 + mt * 16 + r * 8;
+          dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride,
+                             int64_t(j) * kBc, lane, keep_words[mt][r]);
+        }
+    }
     // S = Q K^T for this warp's rows and the kBc keys.
     float s[kM][kNTiles][4];
 #pragma unroll
@@ -165,17 +179,6 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
         o[mt][dt][2] *= corr[1];
         o[mt][dt][3] *= corr[1];
       }
-      // Dropout mask words of this m-tile's two rows: keep_words[r][kk] holds
-      // keys (2kk + h) * 8 + 2 * (lane % 4) + e of row r in byte 2h + e.
-      uint32_t keep_words[2][4];
-      if constexpr (kDropout) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int64_t tq = q_row0 + mt * 16 + r * 8;
-          dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride, k0,
-                             lane, keep_words[r]);
-        }
-      }
       // P in bf16 as A fragments: the accumulator layout of n-tiles (2kk,
       // 2kk+1) is the A layout of k-step kk.
 #pragma unroll
@@ -189,7 +192,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
             l_row[mt][e >> 1] += p[h][e];  // the normaliser counts every key
             // Dropped weights are zeroed; the kept ones' scale is applied at the store.
             if constexpr (kDropout)
-              if (!attention_keep_byte(keep_words[e >> 1][kk], 2 * h + (e & 1), drop.mask.threshold)) p[h][e] = 0.f;
+              if (!attention_keep_byte(keep_words[mt][e >> 1][kk], 2 * h + (e & 1), drop.mask.threshold)) p[h][e] = 0.f;
           }
         pf[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
         pf[mt][kk][1] = pack_bf16(p[0][2], p[0][3]);
