@@ -426,27 +426,29 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
         mma_bf16(dp[2 * np + 1], vf, b[2], b[3]);
       }
     }
-    // Dropout mask words: keep_words[2nt + e] is this lane's word of query
-    // q0 + 8nt + 2 * (lane % 4) + e.
-    uint32_t keep_words[16];
-    if constexpr (kDropout) {
-      const int64_t tq0 = q0 + 2 * (lane % 4);
-      dropout_words_keys(
-          drop.mask, kt0 + warp * 16, lane,
-          [&](int u) {
-            const int64_t tq = tq0 + 8 * (u >> 1) + (u & 1);
-            return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
-          },
-          keep_words);
-      // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
-#pragma unroll
-      for (int u = 0; u < 16; ++u) keep_words[u] >>= 8 * key_byte;
-    }
+    // Dropout mask words, drawn per half of the n-tiles (8 live words):
+    // keep_words[2 (nt % 4) + e] is this lane's word of query q0 + 8nt + 2 * (lane % 4) + e.
+    uint32_t keep_words[8];
+    const int64_t drop_tq0 = q0 + 2 * (lane % 4);
     // P^T = exp2(S^T * scale_log2 - L2[q]), dS^T = P^T (dP^T - delta[q]).
     const bool need_mask = kt0 + 64 > rows.count || q0 + kQ > rows.count || (kCausal && q0 < kt0 + 63);
     uint32_t pf[4][4], dsf[4][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
+      if constexpr (kDropout) {
+        if (nt % 4 == 0) {
+          dropout_words_keys(
+              drop.mask, kt0 + warp * 16, lane, nt / 4,
+              [&](int u) {
+                const int64_t tq = drop_tq0 + 8 * (u >> 1) + (u & 1);
+                return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+              },
+              keep_words);
+          // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
+#pragma unroll
+          for (int u = 0; u < 8; ++u) keep_words[u] >>= 8 * key_byte;
+        }
+      }
       float p[4], dsv[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -459,7 +461,7 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
         // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
         float m = 1.f;
         if constexpr (kDropout)
-          m = attention_keep_byte(keep_words[2 * nt + (e & 1)], 2 * (e >> 1), drop.mask.threshold)
+          m = attention_keep_byte(keep_words[2 * (nt % 4) + (e & 1)], 2 * (e >> 1), drop.mask.threshold)
                   ? drop.mask.scale
                   : 0.f;
         p[e] = x * m;
@@ -545,15 +547,15 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
                      const BranchGrid& g, int64_t batch, float scale, const BranchDropout& drop,
                      float* dq_acc, float* dk_acc, float* dv_acc) {
   // Capping registers for 3 blocks per SM pays for D <= 64 (H100, measured);
-  // D = 128 needs them all.
-  // The dropout variant needs the registers for its mask arithmetic.
-  constexpr int kMinBlocks = D <= 64 ? 3 : 1, kMinBlocksDropout = D <= 64 ? 2 : 1;
-  auto kernel = drop.mask.enabled() ? backward_mma_kernel<D, kCausal, kMinBlocksDropout, true>
+  // D = 128 needs them all. The dropout variant fits the same cap without
+  // spills since its mask takes 2 Philox calls per lane per tile (ptxas, sm_90).
+  constexpr int kMinBlocks = D <= 64 ? 3 : 1;
+  auto kernel = drop.mask.enabled() ? backward_mma_kernel<D, kCausal, kMinBlocks, true>
                                     : backward_mma_kernel<D, kCausal, kMinBlocks, false>;
   constexpr int smem = BwdSmem<D>::kBytes;
   static bool configured = false;
   if (!configured) {
-    for (auto f : {backward_mma_kernel<D, kCausal, kMinBlocksDropout, true>,
+    for (auto f : {backward_mma_kernel<D, kCausal, kMinBlocks, true>,
                    backward_mma_kernel<D, kCausal, kMinBlocks, false>})
       MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;

@@ -1,7 +1,7 @@
 #pragma once
-// Device helpers shared by the tensor-core forward kernels (mma.sync in
+// Device helpers shared by the tensor-core kernels (mma.sync in
 // cuda/dilated_attention_mma.cu, wgmma in cuda/sm90a/): tile loads, the
-// dropout mask words, and the epilogue that stores or merges a branch.
+// dropout mask words, and the forward epilogue that stores or merges a branch.
 #include "core/philox.h"
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/mma.cuh"
@@ -82,28 +82,26 @@ __device__ __forceinline__ void dropout_words_rows(const AttentionDropout& d, ui
 
 // Key-major layout, for the backward (S^T: a warp's 16 keys form the group
 // starting at key kt, a multiple of 16; lane = 4i + c holds keys kt + i and
-// kt + i + 8 for the queries q0 + 8nt + 2c + e, nt < 8, e < 2). On exit
-// words[2nt + e] = word i / 2 of that query's block; the lane's keys are
-// bytes (i & 1) and 2 + (i & 1). `row_of(u)` gives the mask row of query
-// q0 + 8 (u / 2) + 2c + (u % 2). Two Philox calls per lane (the floor: 64
-// blocks per warp): lanes with the same c and i & 1 transpose blocks of 4
+// kt + i + 8 for the queries q0 + 8nt + 2c + e, nt < 8, e < 2). Half `half`
+// (n-tiles 4 half .. 4 half + 3): on exit words[2 (nt % 4) + e] = word i / 2
+// of that query's block; the lane's keys are bytes (i & 1) and 2 + (i & 1).
+// `row_of(u)` gives the mask row of query q0 + 8 (u / 2) + 2c + (u % 2). One
+// Philox call per lane per half (two per 64 x 16 tile, the floor: 64 blocks
+// per warp): lanes with the same c and i & 1 transpose the blocks of 4
 // queries, then swap with the lanes of the other i & 1.
 template <typename RowOf>
-__device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, int64_t kt, int lane,
-                                                   RowOf row_of, uint32_t (&words)[16]) {
+__device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, int64_t kt, int lane, int half,
+                                                   RowOf row_of, uint32_t (&words)[8]) {
   const int w = lane >> 3, b = (lane >> 2) & 1;
+  uint32_t a[4];
+  // This lane draws query u = 8 half + 4b + w.
+  block_words(attention_dropout_block(d, row_of(8 * half + 4 * b + w), uint64_t(kt)), a);
+  transpose_words<16, 8>(a, lane);  // a[j]: word w of query 8 half + 4b + j
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    uint32_t a[4];
-    // This lane draws query u = 8 half + 4b + w.
-    block_words(attention_dropout_block(d, row_of(8 * half + 4 * b + w), uint64_t(kt)), a);
-    transpose_words<16, 8>(a, lane);  // a[j]: word w of query 8 half + 4b + j
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t other = __shfl_xor_sync(0xffffffffu, a[j], 4);  // query 8 half + 4(1-b) + j
-      words[8 * half + j] = b ? other : a[j];
-      words[8 * half + 4 + j] = b ? a[j] : other;
-    }
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, a[j], 4);  // query 8 half + 4(1-b) + j
+    words[j] = b ? other : a[j];
+    words[4 + j] = b ? a[j] : other;
   }
 }
 
