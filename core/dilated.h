@@ -1,6 +1,7 @@
 #pragma once
 // Dilated-attention configuration shared by the CPU and CUDA kernels and the
 // op (see docs/dilated-attention.md).
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -16,27 +17,92 @@ struct DilatedBranch {
   int64_t dilation = 1;
 };
 
-// Dropout on the attention probabilities (training only). Element (branch i,
-// batch b, head h, query position p, key t), where t is the key's index among
-// the kept rows of its segment, is kept iff
-//   philox::uniform(seed, offset, (row << 32) | t) >= keep_threshold,
-//   row = ((i * B + b) * H + h) * N + p,
-// and kept probabilities are scaled by 1 / (1 - p_drop). The log-sum-exp is
-// that of the undropped scores. keep_threshold = ceil(p_drop 2^24) / 2^24 makes
-// the float comparison exact (uniforms lie on the 2^-24 grid).
+// Dropout on the attention probabilities (training only): the one statement of
+// the mask, which the CPU and CUDA kernels all draw.
+//
+// Element (branch i, batch b, head h, query position p, key t), where t is the
+// key's index among the kept rows of its segment, belongs to mask row
+//   row = ((i * B + b) * H + h) * N + p.
+// Keys come in 16-key groups (t >> 4) that share one Philox-4x32-10 block:
+//   block = philox::block(seed, offset, ((row << 32) | t) >> 4),
+// whose 16 bytes (words x, y, z, w; little-endian bytes) hold one 8-bit
+// uniform per key: key t uses word (t & 7) >> 1, byte ((t >> 3) & 1) * 2 + (t & 1).
+// The key is kept iff that byte >= threshold (T8 = round(p_drop * 256) clamped
+// to [1, 255]), and kept probabilities are scaled by 256 / (256 - T8): the
+// expectation is exact for the effective rate T8 / 256. The log-sum-exp is
+// that of the undropped scores.
+//
+// Why this layout: in the mma.m16n8k16 / wgmma accumulator layout a lane holds,
+// for one row, keys {2l, 2l+1, 2l+8, 2l+9} of a 16-key group (l = lane % 4):
+// exactly word l. In the key-major backward (S^T, rows = keys) a lane holds
+// keys {i, i+8} (i = lane / 4) of a group for one query: bytes of word i / 2.
+// So one Philox call serves 16 decisions, and lanes share blocks by shuffles.
 struct AttentionDropout {
-  float keep_threshold = 0;  // 0: no dropout
-  float scale = 1;
+  uint32_t threshold = 0;  // T8 in [1, 255]; 0: no dropout
+  float scale = 1;         // 256 / (256 - T8)
   uint64_t seed = 0, offset = 0;
-  MINIDL_HD bool enabled() const { return keep_threshold > 0; }
+  MINIDL_HD bool enabled() const { return threshold != 0; }
 };
+
+// T8 for drop probability p in [0, 1): 0 (no dropout) for p == 0.
+inline uint32_t attention_dropout_threshold(double p) {
+  if (!(p > 0)) return 0;
+  const double t = std::floor(p * 256.0 + 0.5);
+  return static_cast<uint32_t>(t < 1 ? 1 : t > 255 ? 255 : t);
+}
+
+// The mask parameters for drop probability p and one generator (seed, offset).
+inline AttentionDropout make_attention_dropout(double p, uint64_t seed, uint64_t offset) {
+  AttentionDropout d;
+  d.threshold = attention_dropout_threshold(p);
+  d.scale = d.threshold ? static_cast<float>(256.0 / (256.0 - d.threshold)) : 1.f;
+  d.seed = seed;
+  d.offset = offset;
+  return d;
+}
+
+MINIDL_HD MINIDL_FORCEINLINE uint64_t attention_mask_row(uint64_t branch, uint64_t batch_size,
+                                                         uint64_t b, uint64_t heads, uint64_t h,
+                                                         uint64_t n, uint64_t pos) {
+  return ((branch * batch_size + b) * heads + h) * n + pos;
+}
+
+// The Philox block of the 16-key group holding key t of mask row `row`.
+MINIDL_HD MINIDL_FORCEINLINE philox::U32x4 attention_dropout_block(const AttentionDropout& d,
+                                                                  uint64_t row, uint64_t t) {
+  return philox::block(d.seed, d.offset, ((row << 32) | t) >> 4);
+}
+
+// Keep decision of byte `byte` (0..3) of a block word.
+MINIDL_HD MINIDL_FORCEINLINE bool attention_keep_byte(uint32_t word, int byte, uint32_t threshold) {
+  // byte >= T8 compared in place: one AND and one compare when `byte` is a constant.
+  return (word & (0xFFu << (8 * byte))) >= (threshold << (8 * byte));
+}
+
+// Keep decision of key t of a group (any t: t & 15 is its place) from the group's block.
+MINIDL_HD MINIDL_FORCEINLINE bool attention_keep_in_block(const philox::U32x4& block, uint64_t t,
+                                                          uint32_t threshold) {
+  return attention_keep_byte(philox::lane(block, static_cast<int>((t & 7) >> 1)),
+                             static_cast<int>(((t >> 3) & 1) * 2 + (t & 1)), threshold);
+}
+
+// The 16 decisions of a group: bit k is key 16 * group + k.
+MINIDL_HD MINIDL_FORCEINLINE uint32_t attention_keep_bits(const philox::U32x4& block, uint32_t threshold) {
+  uint32_t bits = 0;
+  for (int k = 0; k < 16; ++k) bits |= static_cast<uint32_t>(attention_keep_in_block(block, k, threshold)) << k;
+  return bits;
+}
+
+// One element (references; kernels draw a group's block once).
+MINIDL_HD MINIDL_FORCEINLINE bool attention_keep(const AttentionDropout& d, uint64_t row, uint64_t t) {
+  return attention_keep_in_block(attention_dropout_block(d, row, t), t, d.threshold);
+}
 
 MINIDL_HD MINIDL_FORCEINLINE bool attention_keep(const AttentionDropout& d, uint64_t branch,
                                                  uint64_t batch_size, uint64_t b, uint64_t heads,
                                                  uint64_t h, uint64_t n, uint64_t pos,
                                                  uint64_t key_index) {
-  uint64_t row = ((branch * batch_size + b) * heads + h) * n + pos;
-  return philox::uniform(d.seed, d.offset, (row << 32) | key_index) >= d.keep_threshold;
+  return attention_keep(d, attention_mask_row(branch, batch_size, b, heads, h, n, pos), key_index);
 }
 
 // The kept positions of branch (w, r) for `head` in segment `segment` of a

@@ -140,16 +140,15 @@ DropoutRows dropout_rows(const DilatedAttentionConfig& config, size_t branch, in
 }
 
 // factor[j] = keep * scale for keys key0 + j, j < n, of mask row `row`: the
-// element attention_keep() tests, drawn one Philox block (four consecutive
-// keys) at a time; key0 must be a multiple of 4.
+// elements attention_keep() tests, drawn one Philox block (a 16-key group) at
+// a time.
 template <typename C>
 void dropout_factors(const AttentionDropout& d, uint64_t row, int64_t key0, int64_t n, C* factor) {
   const C scale = static_cast<C>(d.scale);
-  for (int64_t j = 0; j < n; j += 4) {
-    const uint64_t element = (row << 32) | static_cast<uint64_t>(key0 + j);
-    const philox::U32x4 block = philox::block(d.seed, d.offset, element >> 2);
-    for (int l = 0; l < 4 && j + l < n; ++l)
-      factor[j + l] = philox::to_unit_float(philox::lane(block, l)) >= d.keep_threshold ? scale : C(0);
+  for (int64_t j = 0; j < n;) {
+    const uint64_t t = static_cast<uint64_t>(key0 + j);
+    const uint32_t keep = attention_keep_bits(attention_dropout_block(d, row, t), d.threshold);
+    for (uint64_t k = t & 15; k < 16 && j < n; ++k, ++j) factor[j] = (keep >> k) & 1 ? scale : C(0);
   }
 }
 

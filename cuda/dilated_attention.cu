@@ -105,23 +105,21 @@ struct DropoutGrid {
   MINIDL_HD bool enabled() const { return d.enabled(); }
   // The mask row of query position pos.
   __device__ __forceinline__ uint64_t row(const BranchGrid& g, int64_t b, int64_t h, int64_t pos) const {
-    return ((static_cast<uint64_t>(branch) * batch + b) * g.heads + h) * g.n + pos;
+    return attention_mask_row(branch, batch, b, g.heads, h, g.n, pos);
   }
   // M for key index t of mask row `row`, drawing from `bits`: the Philox block
-  // of keys t & ~3 .. t | 3, which the caller refreshes when t % 4 == 0.
+  // of t's 16-key group, which the caller refreshes when t % 16 == 0 (factor
+  // reads only t & 15).
   __device__ __forceinline__ void refresh(philox::U32x4& bits, uint64_t row, int64_t t) const {
-    bits = philox::block(d.seed, d.offset, ((row << 32) | static_cast<uint64_t>(t)) >> 2);
+    bits = attention_dropout_block(d, row, static_cast<uint64_t>(t));
   }
   __device__ __forceinline__ float factor(const philox::U32x4& bits, int64_t t) const {
-    return philox::to_unit_float(philox::lane(bits, static_cast<int>(t & 3))) >= d.keep_threshold
-               ? d.scale
-               : 0.f;
+    return attention_keep_in_block(bits, static_cast<uint64_t>(t), d.threshold) ? d.scale : 0.f;
   }
-  // M for one element (any t).
-  __device__ __forceinline__ float factor_at(uint64_t row, int64_t t) const {
-    return philox::uniform(d.seed, d.offset, (row << 32) | static_cast<uint64_t>(t)) >= d.keep_threshold
-               ? d.scale
-               : 0.f;
+  // M for key index t from its word of the group's block (word (t & 7) >> 1).
+  __device__ __forceinline__ float factor_from_word(uint32_t word, int64_t t) const {
+    return attention_keep_byte(word, static_cast<int>(((t >> 3) & 1) * 2 + (t & 1)), d.threshold) ? d.scale
+                                                                                                 : 0.f;
   }
 };
 
@@ -177,8 +175,8 @@ __global__ __launch_bounds__(kThreads) void forward_simt(Operand<T> q, Operand<T
       float p = exp2f(s[j] - m_new);
       l += p;  // the softmax sum (hence L) is that of the undropped weights
       if (dropping) {
-        if ((j & 3) == 0) drop.refresh(bits, drop_row, k0 + j);
-        p *= drop.factor(bits, k0 + j);
+        if ((j & 15) == 0) drop.refresh(bits, drop_row, k0 + j);
+        p *= drop.factor(bits, j);  // k0 is a multiple of 16: key k0 + j is place j & 15 of its group
       }
 #pragma unroll
       for (int i = 0; i < 32; ++i) o[i] += p * vs[j][S::dim(i, part)];
@@ -269,8 +267,8 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
       bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
       float ds;
       if (dropping) {  // dS = P (M dP' - D)
-        if ((j & 3) == 0) drop.refresh(bits, drop_row, tk);
-        ds = visible ? exp2f(s - l2) * (drop.factor(bits, tk) * dp - dp_row) : 0.f;
+        if ((j & 15) == 0) drop.refresh(bits, drop_row, tk);
+        ds = visible ? exp2f(s - l2) * (drop.factor(bits, j) * dp - dp_row) : 0.f;  // as j: k0 % 16 == 0
       } else {
         ds = visible ? exp2f(s - l2) * (dp - dp_row) : 0.f;
       }
@@ -293,8 +291,13 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop,
     float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
   using S = Split<D>;
+  // Dropout: the block's keys form kGroups 16-key groups (t0 is a multiple of
+  // 16); keep_words[j][4 * group + word] is one Philox block per (staged
+  // query, group), drawn once for the block instead of once per element.
+  constexpr int kGroups = S::kRows / 16;
   __shared__ float qs[kTile][D], dos[kTile][D];
   __shared__ float l2s[kTile], dps[kTile];
+  __shared__ uint32_t keep_words[kTile][4 * kGroups];
   BlockWork w = block_work(g, S::kRows);
   if (w.t0 >= w.rows.count) return;
   const int part = threadIdx.x % S::kTpr;
@@ -302,6 +305,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   const bool active = t < w.rows.count;
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
   const bool dropping = drop.enabled();
+  const int key_word = 4 * static_cast<int>((t - w.t0) / 16) + static_cast<int>((t & 7) >> 1);
 
   float kr[32], vr[32], dk[32], dv[32];
   load_row<T, D>(k.row(w.batch, pos, w.head), scale * kLog2e, kr, g.dim);
@@ -324,6 +328,18 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
       l2s[threadIdx.x] = l2;
       dps[threadIdx.x] = dp;
     }
+    if (dropping) {
+      for (int i = threadIdx.x; i < kTile * kGroups; i += kThreads) {
+        const int j = i / kGroups, group = i % kGroups;
+        const int64_t tq = q0 + j < w.rows.count ? q0 + j : 0;
+        philox::U32x4 bits;
+        drop.refresh(bits, drop.row(g, w.batch, w.head, w.rows.base + tq * w.rows.stride), w.t0 + 16 * group);
+        keep_words[j][4 * group] = bits.x;
+        keep_words[j][4 * group + 1] = bits.y;
+        keep_words[j][4 * group + 2] = bits.z;
+        keep_words[j][4 * group + 3] = bits.w;
+      }
+    }
     __syncthreads();
 #pragma unroll 4
     for (int j = 0; j < kTile; ++j) {
@@ -341,7 +357,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
       float p = visible ? exp2f(s - l2s[j]) : 0.f;
       float ds;
       if (dropping && visible) {  // this thread's key t in query tq's mask row
-        float m = drop.factor_at(drop.row(g, w.batch, w.head, w.rows.base + tq * w.rows.stride), t);
+        float m = drop.factor_from_word(keep_words[j][key_word], t);
         ds = p * (m * dp - dps[j]);
         p *= m;  // dV takes P M
       } else {

@@ -77,6 +77,9 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   }
   // This lane's rows: q_row0 + mt * 16 + {0, 8}.
   const int64_t q_row0 = t0 + warp * 16 * kM + lane / 4;
+  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
+  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
+  static_assert(!kDropout || kBc == 64, "the dropout words cover 4 16-key groups per tile");
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j & 1;
@@ -101,6 +104,20 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
     char* ks_tile = smem + F::kK + buf * KT::kBytes;
     char* vs_tile = smem + F::kV + buf * KT::kBytes;
 
+    // Dropout mask words of this lane's rows, drawn before S is live:
+    // keep_words[mt][r][kk] holds keys (2kk + h) * 8 + 2 * (lane % 4) + e of
+    // row r of m-tile mt in byte 2h + e.
+    uint32_t keep_words[kM][2][4];
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t tq = q_row0 + mt * 16 + r * 8;
+          dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride,
+                             int64_t(j) * kBc, lane, keep_words[mt][r]);
+        }
+    }
     // S = Q K^T for this warp's rows and the kBc keys.
     float s[kM][kNTiles][4];
 #pragma unroll
@@ -173,20 +190,10 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
           for (int e = 0; e < 4; ++e) {
             p[h][e] = exp2f(fmaf(s[mt][2 * kk + h][e], scale_log2, -m_scaled[e >> 1]));
             l_row[mt][e >> 1] += p[h][e];  // the normaliser counts every key
+            // Dropped weights are zeroed; the kept ones' scale is applied at the store.
+            if constexpr (kDropout)
+              if (!attention_keep_byte(keep_words[mt][e >> 1][kk], 2 * h + (e & 1), drop.mask.threshold)) p[h][e] = 0.f;
           }
-        if constexpr (kDropout) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              int64_t tq = q_row0 + mt * 16 + r * 8;
-              int64_t pos = rows.base + (tq < rows.count ? tq : 0) * rows.stride;
-              bool keep0, keep1;
-              keep_pair(drop, g, batch, head, pos, k0 + (2 * kk + h) * 8 + 2 * (lane % 4), keep0, keep1);
-              p[h][2 * r] = keep0 ? p[h][2 * r] * drop.mask.scale : 0.f;
-              p[h][2 * r + 1] = keep1 ? p[h][2 * r + 1] * drop.mask.scale : 0.f;
-            }
-        }
         pf[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
         pf[mt][kk][1] = pack_bf16(p[0][2], p[0][3]);
         pf[mt][kk][2] = pack_bf16(p[1][0], p[1][1]);
@@ -214,7 +221,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt)
     store_branch_rows<D, kMode>(o[mt], m_row[mt], l_row[mt], q_row0 + mt * 16, scale_log2, g, batch,
-                                head, rows, o_acc, lse, out);
+                                head, rows, o_acc, lse, out, kDropout ? drop.mask.scale : 1.f);
 }
 
 template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
@@ -374,6 +381,10 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   const int64_t key_row0 = kt0 + warp * 16 + lane / 4;  // this lane's keys: key_row0, key_row0 + 8
+  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h);
+  // this warp's 16 keys are one group; this lane's keys are bytes key_byte and key_byte + 2.
+  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
+  const int key_byte = (lane / 4) & 1;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j & 1;
@@ -417,11 +428,29 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
         mma_bf16(dp[2 * np + 1], vf, b[2], b[3]);
       }
     }
+    // Dropout mask words, drawn per half of the n-tiles (8 live words):
+    // keep_words[2 (nt % 4) + e] is this lane's word of query q0 + 8nt + 2 * (lane % 4) + e.
+    uint32_t keep_words[8];
+    const int64_t drop_tq0 = q0 + 2 * (lane % 4);
     // P^T = exp2(S^T * scale_log2 - L2[q]), dS^T = P^T (dP^T - delta[q]).
     const bool need_mask = kt0 + 64 > rows.count || q0 + kQ > rows.count || (kCausal && q0 < kt0 + 63);
     uint32_t pf[4][4], dsf[4][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
+      if constexpr (kDropout) {
+        if (nt % 4 == 0) {
+          dropout_words_keys(
+              drop.mask, kt0 + warp * 16, lane, nt / 4,
+              [&](int u) {
+                const int64_t tq = drop_tq0 + 8 * (u >> 1) + (u & 1);
+                return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+              },
+              keep_words);
+          // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
+#pragma unroll
+          for (int u = 0; u < 8; ++u) keep_words[u] >>= 8 * key_byte;
+        }
+      }
       float p[4], dsv[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -433,11 +462,10 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
         }
         // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
         float m = 1.f;
-        if constexpr (kDropout) {
-          int64_t tq = q0 + col;
-          int64_t pos = rows.base + (tq < rows.count ? tq : 0) * rows.stride;
-          m = keep_one(drop, g, batch, head, pos, key_row0 + (e >> 1) * 8) ? drop.mask.scale : 0.f;
-        }
+        if constexpr (kDropout)
+          m = attention_keep_byte(keep_words[2 * (nt % 4) + (e & 1)], 2 * (e >> 1), drop.mask.threshold)
+                  ? drop.mask.scale
+                  : 0.f;
         p[e] = x * m;
         dsv[e] = x * (m * dp[nt][e] - dl[col]);
       }
@@ -521,15 +549,15 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
                      const BranchGrid& g, int64_t batch, float scale, const BranchDropout& drop,
                      float* dq_acc, float* dk_acc, float* dv_acc) {
   // Capping registers for 3 blocks per SM pays for D <= 64 (H100, measured);
-  // D = 128 needs them all.
-  // The dropout variant needs the registers for its mask arithmetic.
-  constexpr int kMinBlocks = D <= 64 ? 3 : 1, kMinBlocksDropout = D <= 64 ? 2 : 1;
-  auto kernel = drop.mask.enabled() ? backward_mma_kernel<D, kCausal, kMinBlocksDropout, true>
+  // D = 128 needs them all. The dropout variant fits the same cap without
+  // spills since its mask takes 2 Philox calls per lane per tile (ptxas, sm_90).
+  constexpr int kMinBlocks = D <= 64 ? 3 : 1;
+  auto kernel = drop.mask.enabled() ? backward_mma_kernel<D, kCausal, kMinBlocks, true>
                                     : backward_mma_kernel<D, kCausal, kMinBlocks, false>;
   constexpr int smem = BwdSmem<D>::kBytes;
   static bool configured = false;
   if (!configured) {
-    for (auto f : {backward_mma_kernel<D, kCausal, kMinBlocksDropout, true>,
+    for (auto f : {backward_mma_kernel<D, kCausal, kMinBlocks, true>,
                    backward_mma_kernel<D, kCausal, kMinBlocks, false>})
       MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;

@@ -1,7 +1,7 @@
 #pragma once
-// Device helpers shared by the tensor-core forward kernels (mma.sync in
+// Device helpers shared by the tensor-core kernels (mma.sync in
 // cuda/dilated_attention_mma.cu, wgmma in cuda/sm90a/): tile loads, the
-// dropout keep decisions, and the epilogue that stores or merges a branch.
+// dropout mask words, and the forward epilogue that stores or merges a branch.
 #include "core/philox.h"
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/mma.cuh"
@@ -24,33 +24,98 @@ __device__ __forceinline__ void load_tile_async(char* tile, const Operand<BFloat
   }
 }
 
-// Keep decisions of the dropout mask (core/dilated.h) for keys t and t + 1 of
-// one query row, t even: both fall in the same Philox block.
-__device__ __forceinline__ void keep_pair(const BranchDropout& d, const BranchGrid& g, int64_t batch,
-                                          int64_t head, int64_t pos, int64_t t, bool& k0, bool& k1) {
-  uint64_t row = ((uint64_t(d.branch) * d.batch_size + batch) * g.heads + head) * g.n + pos;
-  uint64_t idx = (row << 32) | uint64_t(t);
-  philox::U32x4 blk = philox::block(d.mask.seed, d.mask.offset, idx >> 2);
-  int lane0 = static_cast<int>(idx & 3);
-  k0 = philox::to_unit_float(philox::lane(blk, lane0)) >= d.mask.keep_threshold;
-  k1 = philox::to_unit_float(philox::lane(blk, lane0 + 1)) >= d.mask.keep_threshold;
+// ---- Dropout (core/dilated.h): one Philox block per (mask row, 16-key
+// group), shared between lanes by shuffles. Word arrays stay statically
+// indexed (a runtime index would put them in local memory).
+
+// Mask row of query position pos in this branch launch.
+__device__ __forceinline__ uint64_t dropout_row(const BranchDropout& d, const BranchGrid& g, int64_t batch,
+                                                int64_t head, int64_t pos) {
+  return attention_mask_row(d.branch, d.batch_size, batch, g.heads, head, g.n, pos);
 }
 
-__device__ __forceinline__ bool keep_one(const BranchDropout& d, const BranchGrid& g, int64_t batch,
-                                         int64_t head, int64_t pos, int64_t t) {
-  return attention_keep(d.mask, d.branch, d.batch_size, batch, g.heads, head, g.n, pos, t);
+__device__ __forceinline__ void block_words(const philox::U32x4& b, uint32_t (&a)[4]) {
+  a[0] = b.x;
+  a[1] = b.y;
+  a[2] = b.z;
+  a[3] = b.w;
+}
+
+// 4x4 transpose across the 4 lanes that differ in lane bits kHi and kLo
+// (index = 2 * bit(kHi) + bit(kLo)): on entry a[] is the block of the lane
+// with index i, on exit a[i] is word `index` of lane i's block. Two butterfly
+// stages of 2 shuffles each; every lane of the warp must take part.
+template <int kHi, int kLo>
+__device__ __forceinline__ void transpose_words(uint32_t (&a)[4], int lane) {
+  const bool hi = lane & kHi;
+  uint32_t r0 = __shfl_xor_sync(0xffffffffu, hi ? a[0] : a[2], kHi);
+  uint32_t r1 = __shfl_xor_sync(0xffffffffu, hi ? a[1] : a[3], kHi);
+  if (hi) {
+    a[0] = r0;
+    a[1] = r1;
+  } else {
+    a[2] = r0;
+    a[3] = r1;
+  }
+  const bool lo = lane & kLo;
+  r0 = __shfl_xor_sync(0xffffffffu, lo ? a[0] : a[1], kLo);
+  r1 = __shfl_xor_sync(0xffffffffu, lo ? a[2] : a[3], kLo);
+  if (lo) {
+    a[0] = r0;
+    a[2] = r1;
+  } else {
+    a[1] = r0;
+    a[3] = r1;
+  }
+}
+
+// Row-major (accumulator) layout, for the forward: the mask words of one query
+// row (mask row `row`, the same for the 4 lanes of a quad) over the 64-key
+// tile starting at key k0 (a multiple of 16). On exit words[kk] = word
+// lane % 4 of group kk's block: bytes 2h + e hold keys kk*16 + 8h + 2*(lane%4) + e,
+// i.e. n-tile 2kk + h, element e of that row. One Philox call per lane.
+__device__ __forceinline__ void dropout_words_rows(const AttentionDropout& d, uint64_t row, int64_t k0,
+                                                   int lane, uint32_t (&words)[4]) {
+  block_words(attention_dropout_block(d, row, uint64_t(k0 + 16 * (lane % 4))), words);
+  transpose_words<2, 1>(words, lane);
+}
+
+// Key-major layout, for the backward (S^T: a warp's 16 keys form the group
+// starting at key kt, a multiple of 16; lane = 4i + c holds keys kt + i and
+// kt + i + 8 for the queries q0 + 8nt + 2c + e, nt < 8, e < 2). Half `half`
+// (n-tiles 4 half .. 4 half + 3): on exit words[2 (nt % 4) + e] = word i / 2
+// of that query's block; the lane's keys are bytes (i & 1) and 2 + (i & 1).
+// `row_of(u)` gives the mask row of query q0 + 8 (u / 2) + 2c + (u % 2). One
+// Philox call per lane per half (two per 64 x 16 tile, the floor: 64 blocks
+// per warp): lanes with the same c and i & 1 transpose the blocks of 4
+// queries, then swap with the lanes of the other i & 1.
+template <typename RowOf>
+__device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, int64_t kt, int lane, int half,
+                                                   RowOf row_of, uint32_t (&words)[8]) {
+  const int w = lane >> 3, b = (lane >> 2) & 1;
+  uint32_t a[4];
+  // This lane draws query u = 8 half + 4b + w.
+  block_words(attention_dropout_block(d, row_of(8 * half + 4 * b + w), uint64_t(kt)), a);
+  transpose_words<16, 8>(a, lane);  // a[j]: word w of query 8 half + 4b + j
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t other = __shfl_xor_sync(0xffffffffu, a[j], 4);  // query 8 half + 4(1-b) + j
+    words[j] = b ? other : a[j];
+    words[4 + j] = b ? a[j] : other;
+  }
 }
 
 // Finishes the two rows (q_row, q_row + 8) a lane holds in the accumulator
 // layout: sums l over the quad, then stores the normalised output and lse
 // (kSingle), or writes (kWrite) or log-sum-exp merges (kMerge) them into the
-// fp32 accumulators. o[dt] is 8-column chunk dt of both rows.
+// fp32 accumulators. o[dt] is 8-column chunk dt of both rows. The output is
+// o * out_scale / l: out_scale is the dropout scale when o summed unscaled kept weights.
 template <int D, MergeMode kMode>
 __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], const float (&m_row)[2],
                                                   const float (&l_row)[2], int64_t q_row, float scale_log2,
                                                   const BranchGrid& g, int64_t batch, int64_t head,
                                                   const RowSet& rows, float* o_acc, float* lse,
-                                                  BFloat16* out) {
+                                                  BFloat16* out, float out_scale = 1.f) {
   constexpr int kDTiles = D / 8;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -63,7 +128,7 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
     const int64_t pos = rows.base + (valid ? tq : 0) * rows.stride;
     const int64_t ri = (batch * g.n + pos) * g.heads + head;
     const float lse_branch = (m_row[r] * scale_log2 + log2f(l)) * kLn2;
-    const float inv_l = 1.f / l;
+    const float inv_l = out_scale / l;
     if constexpr (kMode == MergeMode::kSingle) {
       if (valid) {
         BFloat16* dst = out + ri * D;

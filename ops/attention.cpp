@@ -79,12 +79,9 @@ void set_dropout(const char* op, double p, Generator* gen, DilatedAttentionConfi
   MINIDL_CHECK(p >= 0.0 && p < 1.0, op, ": dropout must be in [0, 1), got ", p);
   if (p == 0.0) return;
   Generator& g = gen ? *gen : default_generator();
-  config.dropout.seed = g.seed();
-  config.dropout.offset = g.next_offset();
-  // Uniforms are multiples of 2^-24, so the smallest one that is >= p is
-  // ceil(p 2^24) / 2^24: comparing against it in float is exactly u >= p.
-  config.dropout.keep_threshold = static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0);
-  config.dropout.scale = static_cast<float>(1.0 / (1.0 - p));
+  // 8-bit thresholds (core/dilated.h): the effective rate is T8 / 256 = round(p 256) / 256.
+  const uint64_t seed = g.seed();
+  config.dropout = make_attention_dropout(p, seed, g.next_offset());
 }
 
 std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, const Tensor& k_in,

@@ -126,8 +126,8 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullpt
 // float64 on the CPU only.
 // dropout in [0, 1) drops attention probabilities (pass it while training
 // only): each (branch, key) weight exp(s - lse) of a row is zeroed with
-// probability `dropout` and the rest scaled by 1/(1 - dropout); lse stays that
-// of the undropped scores. The mask (core/dilated.h, attention_keep) comes from
+// probability T8/256, T8 = round(256 dropout) in [1, 255] (8-bit decisions),
+// and the rest scaled by 256/(256 - T8); lse stays that of the undropped scores. The mask (core/dilated.h, attention_keep) comes from
 // the Philox stream at one offset reserved from gen (default_generator() when
 // null), so the backward regenerates it and CPU and CUDA drop the same
 // weights. dropout 0 reserves nothing and is exactly the op without dropout.

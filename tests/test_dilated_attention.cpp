@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "core/dilated.h"
 #include "cpu/dilated_attention.h"
@@ -549,14 +550,27 @@ TEST_CASE("dilated_attention op: float32 autograd matches the float64 reference 
 
 namespace {
 
-// What the op puts in config.dropout for drop probability p.
+// What the op puts in config.dropout for drop probability p (the formulas are
+// checked against their definition below).
 AttentionDropout dropout_of(double p, uint64_t seed, uint64_t offset) {
-  AttentionDropout d;
-  d.keep_threshold = static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0);
-  d.scale = static_cast<float>(1.0 / (1.0 - p));
-  d.seed = seed;
-  d.offset = offset;
-  return d;
+  return make_attention_dropout(p, seed, offset);
+}
+
+// The mask straight from its definition (core/dilated.h, docs/dilated-attention.md),
+// without the header's helpers: the block's 16 bytes in little-endian order,
+// key t of its 16-key group at word (t & 7) >> 1, byte ((t >> 3) & 1) * 2 + (t & 1).
+int byte_of_key(uint64_t t) {
+  const uint64_t u = t & 15;
+  return static_cast<int>(4 * ((u & 7) >> 1) + ((u >> 3) & 1) * 2 + (u & 1));
+}
+
+bool keep_by_definition(uint64_t seed, uint64_t offset, uint32_t t8, uint64_t row, uint64_t t) {
+  const philox::U32x4 b = philox::block(seed, offset, ((row << 32) | t) >> 4);
+  const uint32_t words[4] = {b.x, b.y, b.z, b.w};
+  uint8_t bytes[16];
+  for (int w = 0; w < 4; ++w)
+    for (int k = 0; k < 4; ++k) bytes[4 * w + k] = static_cast<uint8_t>(words[w] >> (8 * k));
+  return bytes[byte_of_key(t)] >= t8;
 }
 
 DilatedAttentionConfig dropout_config(const Case& c, double p, uint64_t seed = 99, uint64_t offset = 7) {
@@ -686,6 +700,60 @@ void check_gradients(const Backward& got, const Backward& want, double tol) {
 }
 
 }  // namespace
+
+TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dilated.h defines it") {
+  // T8 = round(p 256) clamped to [1, 255]; 0 (no dropout) only for p = 0.
+  const std::pair<double, uint32_t> thresholds[] = {{0.0, 0},    {1e-9, 1},    {0.001, 1},   {0.1, 26},
+                                                    {0.2, 51},   {0.35, 90},   {0.5, 128},   {0.9, 230},
+                                                    {0.998, 255}, {0.9999, 255}};
+  for (auto [p, t8] : thresholds) {
+    CAPTURE(p);
+    const AttentionDropout d = make_attention_dropout(p, 1, 2);
+    CHECK(d.threshold == t8);
+    CHECK(d.enabled() == (p > 0));
+    // Kept weights scale by 256 / (256 - T8): exact expectation for the rate T8 / 256.
+    CHECK(d.scale == (t8 ? static_cast<float>(256.0 / (256 - t8)) : 1.f));
+    CHECK(attention_dropout_threshold(p) == t8);
+  }
+  // The byte layout is a bijection, and matches the tensor-core register
+  // layouts: lane l of a quad holds keys {2l, 2l+1, 2l+8, 2l+9} (word l, bytes
+  // 0..3), lane 4i + c of the key-major backward keys {i, i+8} (word i/2).
+  std::vector<int> seen(16, 0);
+  for (uint64_t t = 0; t < 16; ++t) ++seen[static_cast<size_t>(byte_of_key(t))];
+  CHECK(std::count(seen.begin(), seen.end(), 1) == 16);
+  for (int l = 0; l < 4; ++l) {
+    const int keys[4] = {2 * l, 2 * l + 1, 2 * l + 8, 2 * l + 9};
+    for (int k = 0; k < 4; ++k) CHECK(byte_of_key(static_cast<uint64_t>(keys[k])) == 4 * l + k);
+  }
+  for (int i = 0; i < 8; ++i) {
+    CHECK(byte_of_key(static_cast<uint64_t>(i)) / 4 == i / 2);
+    CHECK(byte_of_key(static_cast<uint64_t>(i + 8)) / 4 == i / 2);
+  }
+  // The header's helpers draw exactly the definition, for rows and keys that
+  // use the high bits of the counter too.
+  int64_t checked = 0, kept = 0;
+  for (double p : {0.2, 0.5, 0.9}) {
+    const AttentionDropout d = make_attention_dropout(p, 0x1234567890abcdefull, 77);
+    for (uint64_t row : {uint64_t(0), uint64_t(1), uint64_t(999), uint64_t(123456789012)}) {
+      for (uint64_t t0 : {uint64_t(0), uint64_t(4096), uint64_t(4294967232)}) {
+        for (uint64_t t = t0; t < t0 + 64; ++t) {
+          const bool want = keep_by_definition(d.seed, d.offset, d.threshold, row, t);
+          CHECK(attention_keep(d, row, t) == want);
+          CHECK(attention_keep_in_block(attention_dropout_block(d, row, t), t, d.threshold) == want);
+          CHECK(((attention_keep_bits(attention_dropout_block(d, row, t), d.threshold) >> (t & 15)) & 1) ==
+                static_cast<uint32_t>(want));
+          ++checked;
+          kept += want;
+        }
+      }
+    }
+    // The mask row: ((branch * B + b) * H + h) * N + pos.
+    CHECK(attention_keep(d, 2, 3, 1, 5, 4, 100, 37, 19) ==
+          keep_by_definition(d.seed, d.offset, d.threshold, ((2 * 3 + 1) * 5 + 4) * 100 + 37, 19));
+  }
+  CHECK(kept > 0);
+  CHECK(kept < checked);
+}
 
 TEST_CASE("dropout: reference forward and backward match the formulas; the backward is the gradient") {
   int64_t kept = 0, dropped = 0, rows_all_dropped = 0;
@@ -827,7 +895,7 @@ TEST_CASE("dropout: gradcheck (float64) of the op with the generator reset to on
   }
 }
 
-TEST_CASE("dropout: the kept fraction is 1 - p, and the kernels keep exactly attention_keep's elements") {
+TEST_CASE("dropout: the kept fraction is 1 - T8/256, and the kernels keep exactly attention_keep's elements") {
   // q = 0 makes every weight 1/n_p for a row with n_p pairs, and v = 1 (D = 1)
   // makes out_p = scale * kept_p / n_p: the kernel's kept count, read back exactly.
   Case c{"two branches", 2, 500, 4, 1, {500, 200}, {1, 3}};
@@ -856,9 +924,110 @@ TEST_CASE("dropout: the kept fraction is 1 - p, and the kernels keep exactly att
         }
     CHECK(mismatches == 0);
     const double fraction = static_cast<double>(kept) / static_cast<double>(total);
-    MESSAGE("p = ", p, ": kept ", kept, " of ", total, " (", fraction, ")");
+    const double rate = drop.threshold / 256.0;  // the effective drop rate T8 / 256
+    MESSAGE("p = ", p, " (T8 / 256 = ", rate, "): kept ", kept, " of ", total, " (", fraction, ")");
     CHECK(total > 500000);
-    CHECK(std::abs(fraction - (1 - p)) < 0.005);  // ~7 standard deviations
+    CHECK(std::abs(fraction - (1 - rate)) < 0.005);  // ~7 standard deviations
+    CHECK(std::abs(rate - p) <= 1.0 / 512);
+  }
+}
+
+namespace {
+
+// Reads a kernel's dropout mask back exactly, forward and backward, for one
+// branch (mask branch 0). With q = k = 0 every weight of row p is 1/n_p (n_p:
+// the keys it sees). v_j = e_{t_j} (one-hot at the key's index among its
+// segment's kept rows; D must cover them) makes out_p[t] = M_pt / n_p, and
+// dO_p = e_{t_p} makes dV_j[t_p] = M_pj / n_p: nonzero exactly where
+// attention_keep keeps, and zero for pairs p does not see.
+struct MaskReadback {
+  int64_t wrong_out = 0, wrong_dv = 0, kept = 0, pairs = 0;
+};
+
+MaskReadback mask_readback(const Case& c, DType dtype, Device device, ForwardFn fwd, BackwardFn bwd,
+                           const AttentionDropout& drop) {
+  REQUIRE(c.segments.size() == 1);
+  const int64_t B = c.B, N = c.N, H = c.H, D = c.D, w = std::min(c.segments[0], c.N), r = c.dilations[0];
+  REQUIRE((w + r - 1) / r <= D);
+  auto at = [&](int64_t b, int64_t pos, int64_t h) { return static_cast<size_t>(((b * N + pos) * H + h) * D); };
+  // index[pos * H + h]: the position's index among its segment's kept rows for head h, -1 if not kept.
+  std::vector<int64_t> index(static_cast<size_t>(N * H), -1);
+  std::vector<double> onehot(static_cast<size_t>(B * N * H * D), 0.0);
+  for (int64_t pos = 0; pos < N; ++pos)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t local = pos % w;
+      if (local % r != h % r) continue;
+      index[static_cast<size_t>(pos * H + h)] = (local - h % r) / r;
+      for (int64_t b = 0; b < B; ++b) onehot[at(b, pos, h) + static_cast<size_t>((local - h % r) / r)] = 1.0;
+    }
+  DilatedAttentionConfig config = kernel_config(c);
+  config.dropout = drop;
+  const TensorOptions options{dtype, device, false};
+  Tensor zeros = ops::zeros({B, N, H, D}, options);
+  Tensor v = from_vector(onehot, {B, N, H, D}).to(dtype).to(device);
+  Forward f = run_forward(fwd, zeros, zeros, v, config);
+  Backward g = run_backward(bwd, zeros, zeros, v, f, v, Tensor(), config);
+  const std::vector<double> out = f.out.to_vector<double>(), dv = g.dv.to_vector<double>();
+  MaskReadback m;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t pos = 0; pos < N; ++pos) {
+        const int64_t tp = index[static_cast<size_t>(pos * H + h)];
+        if (tp < 0) continue;
+        const KeptRows seg = kept_rows(N, w, r, h, pos / w);
+        const int64_t seen = c.causal ? tp + 1 : seg.count;
+        for (int64_t t = 0; t < D; ++t) {
+          const double got_out = out[at(b, pos, h) + static_cast<size_t>(t)];
+          if (t >= seen) {  // keys p does not see: no weight at all
+            m.wrong_out += got_out != 0;
+            continue;
+          }
+          const bool keep = attention_keep(drop, 0, B, b, H, h, N, pos, t);
+          const double want = keep ? drop.scale / static_cast<double>(seen) : 0.0;
+          const double got_dv = dv[at(b, seg.base + t * seg.stride, h) + static_cast<size_t>(tp)];
+          m.wrong_out += std::abs(got_out - want) > 1e-2 * want || (got_out != 0) != keep;
+          m.wrong_dv += std::abs(got_dv - want) > 1e-2 * want || (got_dv != 0) != keep;
+          m.kept += keep;
+          ++m.pairs;
+        }
+      }
+  return m;
+}
+
+// Single-branch problems whose segments cross the kernels' 16-key groups and
+// 64-row tiles (one-hot values need D >= kept rows per segment).
+std::vector<Case> readback_cases() {
+  std::vector<Case> base = {
+      {"dense segments", 2, 256, 4, 64, {64}, {1}},
+      {"dilated, partial last segment", 1, 300, 3, 64, {128}, {2}},
+      {"two 64-row tiles", 1, 256, 2, 128, {256}, {2}},
+      {"D = 32", 1, 100, 2, 32, {32}, {1}},
+  };
+  std::vector<Case> all;
+  for (const Case& c : base) {
+    all.push_back(c);
+    all.push_back(non_causal(c));
+  }
+  return all;
+}
+
+void check_readback(const MaskReadback& m) {
+  CHECK(m.wrong_out == 0);
+  CHECK(m.wrong_dv == 0);
+  CHECK(m.kept > 0);
+  CHECK(m.kept < m.pairs);
+}
+
+}  // namespace
+
+TEST_CASE("dropout: the CPU kernels' masks read back exactly, forward and backward") {
+  const AttentionDropout drop = dropout_of(0.3, 8080, 3);
+  for (const Case& c : readback_cases()) {
+    CAPTURE(str(c));
+    check_readback(mask_readback(c, DType::Float64, Device::cpu(), cpu::dilated_attention_forward_reference,
+                                 cpu::dilated_attention_backward_reference, drop));
+    check_readback(mask_readback(c, DType::Float32, Device::cpu(), cpu::dilated_attention_forward,
+                                 cpu::dilated_attention_backward, drop));
   }
 }
 
@@ -1160,6 +1329,20 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       }
     });
   }
+#endif
+}
+
+TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactly, forward and backward") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const AttentionDropout drop = dropout_of(0.3, 8080, 3);
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, true, [&] {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,
+                                   cuda::dilated_attention_backward, drop));
+    });
 #endif
 }
 

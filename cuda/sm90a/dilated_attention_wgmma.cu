@@ -69,6 +69,8 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
   const int64_t q_row0 = t0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
+  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
+  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
   const char* q_tile = smem + F::kQ + group * 64 * 128;
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -100,6 +102,18 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
         else wgmma::mma_64x64x16_ss<true>(s, da, db);
       }
       wgmma::commit();
+      // The dropout mask words of this lane's two rows, drawn while the
+      // tensor cores compute S: keep_words[r][kk] holds keys
+      // kk * 16 + c * 8 + 2 * (lane % 4) + e of row r in byte 2c + e.
+      uint32_t keep_words[2][4];
+      if constexpr (kDropout) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int64_t tq = q_row0 + r * 8;
+          dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride, k0,
+                             lane, keep_words[r]);
+        }
+      }
       wgmma::wait<0>();
       wgmma::fence_operands(s);
 
@@ -146,20 +160,10 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
           for (int e = 0; e < 4; ++e) {
             p[c][e] = exp2f(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
             l_row[e >> 1] += p[c][e];  // the normaliser counts every key
+            // Dropped weights are zeroed; the kept ones' scale is applied at the store.
+            if constexpr (kDropout)
+              if (!attention_keep_byte(keep_words[e >> 1][kk], 2 * c + (e & 1), drop.mask.threshold)) p[c][e] = 0.f;
           }
-        if constexpr (kDropout) {
-#pragma unroll
-          for (int c = 0; c < 2; ++c)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              int64_t tq = q_row0 + r * 8;
-              int64_t pos = rows.base + (tq < rows.count ? tq : 0) * rows.stride;
-              bool keep0, keep1;
-              keep_pair(drop, g, batch, head, pos, k0 + kk * 16 + c * 8 + 2 * (lane % 4), keep0, keep1);
-              p[c][2 * r] = keep0 ? p[c][2 * r] * drop.mask.scale : 0.f;
-              p[c][2 * r + 1] = keep1 ? p[c][2 * r + 1] * drop.mask.scale : 0.f;
-            }
-        }
         pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
         pf[kk][1] = mma::pack_bf16(p[0][2], p[0][3]);
         pf[kk][2] = mma::pack_bf16(p[1][0], p[1][1]);
@@ -176,7 +180,8 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
     }
     __syncthreads();  // this buffer is refilled next iteration
   }
-  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, scale_log2, g, batch, head, rows, o_acc, lse, out);
+  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, scale_log2, g, batch, head, rows, o_acc, lse, out,
+                              kDropout ? drop.mask.scale : 1.f);
 }
 
 
