@@ -593,18 +593,46 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   const char* op = "dilated_attention backward (cuda)";
   Shape4 s = shape_of(q);
   bool fp32 = q.dtype() == DType::Float32;
+  int64_t rows = s.b * s.n * s.h;
+  float scale = static_cast<float>(config.scale);
+#if MINIDL_WGMMA
+  // Vanilla attention on the warp-specialised kernel: dK and dV are written
+  // once in bf16; only dQ (reduced across key blocks) needs an accumulator.
+  if (rows > 0 && !fp32 && config.branches.size() == 1 && config.branches[0].dilation == 1 &&
+      choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) ==
+          AttentionKernel::kWarpSpecialized &&
+      out.is_contiguous() && grad_out.is_contiguous() && dk.is_contiguous() && dv.is_contiguous()) {
+    const BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
+    const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v),
+                            go = operand<BFloat16>(grad_out);
+    if (ws_takes(qo, ko, vo, g, s.b, &go)) {
+      grid_of(g, s);  // size check
+      Tensor dq_acc = fp32_buffer(dq);
+      zero(dq_acc);
+      Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
+      backward_delta<BFloat16, 64><<<static_cast<unsigned>((rows * Split<64>::kTpr + 255) / 256), 256, 0, stream()>>>(
+          static_cast<const BFloat16*>(out.raw_data()), static_cast<const BFloat16*>(grad_out.raw_data()),
+          grad_lse.defined() ? static_cast<const float*>(grad_lse.raw_data()) : nullptr,
+          static_cast<float*>(delta.raw_data()), rows, s.d);
+      MINIDL_CUDA_LAUNCH_CHECK();
+      backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()), static_cast<const float*>(delta.raw_data()),
+                  g, s.b, config.causal, scale, static_cast<float*>(dq_acc.raw_data()), nullptr, nullptr,
+                  static_cast<BFloat16*>(dk.raw_data()), static_cast<BFloat16*>(dv.raw_data()));
+      copy(dq_acc, dq);
+      return;
+    }
+  }
+#endif
   Tensor dq_acc = fp32 ? dq : fp32_buffer(dq);
   Tensor dk_acc = fp32 ? dk : fp32_buffer(dk);
   Tensor dv_acc = fp32 ? dv : fp32_buffer(dv);
   zero(dq_acc);
   zero(dk_acc);
   zero(dv_acc);
-  int64_t rows = s.b * s.n * s.h;
   if (rows == 0) return;
   MINIDL_CHECK(out.is_contiguous() && grad_out.is_contiguous(), op,
                ": out and grad_out must be contiguous");
   Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
-  float scale = static_cast<float>(config.scale);
   visit_kernel_types(op, q.dtype(), s.d, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int D = decltype(dim)::value;

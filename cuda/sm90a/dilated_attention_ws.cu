@@ -294,24 +294,24 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 // producer warp streams Q, dO (TMA) and the rows' L and D (plain loads) into
 // a kBwdStages-deep ring. Per tile each consumer warpgroup computes, with
 // wgmma, S^T = K Q^T and dP^T = V dO^T (keys x queries), then P^T and dS^T
-// in registers, dV += P^T dO and dK += dS^T Q (A from registers), and its
-// share of dQ = dS K with dS^T read back from shared memory; dQ goes to the
-// fp32 accumulator by vector reductions. dK and dV stay in registers across
-// the query loop.
+// in registers, dV += P^T dO and dK += dS^T Q (A from registers), and half
+// the columns of dQ = dS K over all 128 keys, with both warpgroups' dS^T read
+// back from shared memory; dQ goes to the fp32 accumulator by vector
+// reductions. dK and dV stay in registers across the query loop.
 
 constexpr int kBwdKeys = 128;  // key rows per block
 constexpr int kBm = 64;        // query rows per tile
 constexpr int kBwdStages = 3;
 
-using RowTile = SmemTile<kBm, D>;  // 64 rows: a Q or dO tile, or one warpgroup's dS^T
+using RowTile = SmemTile<kBm, D>;  // 64 rows: a Q or dO tile
 
 struct BwdSmem {
   static constexpr int kK = 0;
   static constexpr int kV = kK + KTile::kBytes;
   static constexpr int kQ = kV + KTile::kBytes;                       // [kBwdStages]
   static constexpr int kDO = kQ + kBwdStages * RowTile::kBytes;       // [kBwdStages]
-  static constexpr int kDS = kDO + kBwdStages * RowTile::kBytes;      // [2 warpgroups][2 buffers]
-  static constexpr int kStats = kDS + 4 * RowTile::kBytes;            // [kBwdStages][L2 64, D 64] floats
+  static constexpr int kDS = kDO + kBwdStages * RowTile::kBytes;      // [2 buffers] dS^T, 128 keys x 64 queries
+  static constexpr int kStats = kDS + 2 * KTile::kBytes;              // [kBwdStages][L2 64, D 64] floats
   static constexpr int kBars = kStats + kBwdStages * 2 * kBm * 4;
   static constexpr int kNumBars = 1 + 2 * kBwdStages;                 // kv_full, q_full[], empty[]
   static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
@@ -324,9 +324,10 @@ struct WsBwdParams {
   const float *lse, *delta;
   float scale;
   float *dq_acc, *dk_acc, *dv_acc;
+  BFloat16 *dk_out, *dv_out;  // kDirect: dK and dV written once here, in bf16
 };
 
-template <bool kCausal>
+template <bool kCausal, bool kDirect>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
@@ -442,7 +443,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const char* do_tile = smem + L::kDO + s * RowTile::kBytes;
     const float* l2 = stats + s * 2 * kBm;
     const float* dl = l2 + kBm;
-    char* ds_tile = smem + L::kDS + (consumer * 2 + (j & 1)) * RowTile::kBytes;
+    char* ds_tile = smem + L::kDS + (j & 1) * KTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
     hopper::mbar_wait(&q_full[s], (j / kBwdStages) & 1);
 
     // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries.
@@ -493,27 +494,32 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
       dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
       // dS^T to shared memory for dQ: rows = keys, columns = queries.
-      const int key = warp * 16 + lane / 4, qc = c * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(RowTile::at(ds_tile, key, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h];
-      *reinterpret_cast<uint32_t*>(RowTile::at(ds_tile, key + 8, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h + 1];
+      const int key = consumer * 64 + warp * 16 + lane / 4, qc = c * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(KTile::at(ds_tile, key, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h];
+      *reinterpret_cast<uint32_t*>(KTile::at(ds_tile, key + 8, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h + 1];
     }
-    wgmma::fence_proxy_async();                 // dS^T stores, read next by wgmma
-    hopper::named_sync(1 + consumer, 128);      // this warpgroup's dS^T complete
+    wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
+    // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
+    // tile also orders this tile's reads before the buffer's next write).
+    hopper::named_sync(1, 256);
 
     // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major),
-    // dQ = dS K (A = dS^T from shared memory, MN-major; B = K rows, MN-major).
-    float dq[32];
+    // and this warpgroup's 32 columns of dQ = dS K over all 128 keys (A = dS^T
+    // from shared memory, MN-major; B = K rows, MN-major): each dQ element is
+    // reduced into global memory once per tile, not once per warpgroup.
+    float dq[16];
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBm / 16; ++kk) {
       wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_sw128(do_tile + kk * 16 * 128));
       wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_sw128(q_tile + kk * 16 * 128));
     }
+    const char* k_cols = smem + L::kK + consumer * 64;  // columns 32 c .. 32 c + 31 of every K row
 #pragma unroll
-    for (int kk = 0; kk < 64 / 16; ++kk) {
-      const uint64_t da = wgmma::desc_sw128(ds_tile + kk * 16 * 128), db = wgmma::desc_sw128(k_tile + kk * 16 * 128);
-      if (kk == 0) wgmma::mma_64x64x16_ss<false, 1, 1>(dq, da, db);
-      else wgmma::mma_64x64x16_ss<true, 1, 1>(dq, da, db);
+    for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+      const uint64_t da = wgmma::desc_sw128(ds_tile + kk * 16 * 128), db = wgmma::desc_sw128(k_cols + kk * 16 * 128);
+      if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
+      else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
     }
     wgmma::commit();
     wgmma::wait<0>();
@@ -529,16 +535,29 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       if (tq >= rows.count) continue;
       float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
 #pragma unroll
-      for (int c = 0; c < D / 8; ++c)
-        mma::red_add_v2(dst_row + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
+      for (int c = 0; c < 4; ++c)
+        mma::red_add_v2(dst_row + consumer * 32 + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
+                        p.scale * dq[4 * c + 2 * r + 1]);
     }
   }
-  // dK (scaled) and dV into the accumulators; rows of one launch are disjoint.
+  // dK (scaled) and dV: written once (kDirect: the only branch, keeping every
+  // row) or added into the accumulators; rows of one launch are disjoint.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t tk = key_row0 + r * 8;
     if (tk >= rows.count) continue;
     const int64_t ri = (batch * g.n + rows.base + tk * rows.stride) * g.heads + head;
+    if constexpr (kDirect) {
+      BFloat16* dkr = p.dk_out + ri * D;
+      BFloat16* dvr = p.dv_out + ri * D;
+#pragma unroll
+      for (int c = 0; c < D / 8; ++c) {
+        const int col = c * 8 + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(dkr + col) = mma::pack_bf16(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
+        *reinterpret_cast<uint32_t*>(dvr + col) = mma::pack_bf16(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
+      }
+      continue;
+    }
     float* dkr = p.dk_acc + ri * D;
     float* dvr = p.dv_acc + ri * D;
 #pragma unroll
@@ -593,10 +612,10 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
-template <bool kCausal>
+template <bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
                      const CUtensorMap& dm, int64_t batch) {
-  auto kernel = backward_ws_kernel<kCausal>;
+  auto kernel = backward_ws_kernel<kCausal, kDirect>;
   static bool configured = false;
   if (!configured) {
     MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdSmem::kBytes));
@@ -645,8 +664,9 @@ namespace minidl::cuda::attn {
 
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
-                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc) {
-  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, dq_acc, dk_acc, dv_acc};
+                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc,
+                 BFloat16* dk_out, BFloat16* dv_out) {
+  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, dq_acc, dk_acc, dv_acc, dk_out, dv_out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
@@ -654,8 +674,14 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
   const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBwdKeys);
   const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBwdKeys);
   const CUtensorMap dm = rows_map(dout, g.heads, g.r, p.map_rows, kBm);
-  if (causal) launch_backward<true>(p, qm, km, vm, dm, batch);
-  else launch_backward<false>(p, qm, km, vm, dm, batch);
+  const bool direct = dk_out != nullptr;
+  if (causal) {
+    if (direct) launch_backward<true, true>(p, qm, km, vm, dm, batch);
+    else launch_backward<true, false>(p, qm, km, vm, dm, batch);
+  } else {
+    if (direct) launch_backward<false, true>(p, qm, km, vm, dm, batch);
+    else launch_backward<false, false>(p, qm, km, vm, dm, batch);
+  }
 }
 
 }  // namespace minidl::cuda::attn
