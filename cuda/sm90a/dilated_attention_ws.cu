@@ -20,8 +20,6 @@
 // last r - 1 positions) are gathered by the producer warp with plain loads.
 #include <cudaTypedefs.h>
 
-#include <algorithm>
-
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/hopper.cuh"
@@ -47,7 +45,7 @@ struct Smem {
   static constexpr int kK = kQ + QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
   static constexpr int kBars = kV + kStages * KTile::kBytes;
-  static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, q_empty, k_full[], v_full[], empty[]
+  static constexpr int kNumBars = 1 + 3 * kStages;  // q_full, k_full[], v_full[], empty[]
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
@@ -55,7 +53,6 @@ struct Smem {
 
 struct WsParams {
   BranchGrid g;
-  int64_t batch_heads;        // B H
   Operand<BFloat16> q, k, v;  // for the tail rows the maps cannot reach
   int64_t map_rows;           // J
   float scale_log2;
@@ -162,26 +159,6 @@ __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kB
   wgmma::commit();
 }
 
-// One work item of the persistent forward: a 128-row query tile of one
-// (batch, head, segment). Items are numbered heaviest first (the causal tile
-// rank is the slowest index), and block b takes items b, b + G, b + 2G, ...
-struct WorkItem {
-  int64_t batch, head, t0;
-  RowSet rows;
-};
-
-__device__ __forceinline__ WorkItem work_item(const BranchGrid& g, int64_t item, int64_t batch_heads) {
-  const int64_t per_rank = g.segments * batch_heads;
-  const int64_t rank = item / per_rank, rest = item % per_rank;
-  const int64_t segment = rest / batch_heads, bh = rest % batch_heads;
-  WorkItem w;
-  w.batch = bh / g.heads;
-  w.head = bh % g.heads;
-  w.rows = kept_rows(g.n, g.w, g.r, w.head, segment);
-  w.t0 = (g.tiles_per_segment - 1 - rank) * kBr;
-  return w;
-}
-
 template <bool kCausal, MergeMode kMode>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
@@ -191,22 +168,24 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
   uint64_t* q_full = bars;
-  uint64_t* q_empty = bars + 1;
-  uint64_t* k_full = bars + 2;
-  uint64_t* v_full = bars + 2 + kStages;
-  uint64_t* empty = bars + 2 + 2 * kStages;
+  uint64_t* k_full = bars + 1;
+  uint64_t* v_full = bars + 1 + kStages;
+  uint64_t* empty = bars + 1 + 2 * kStages;
 
   const BranchGrid& g = p.g;
-  const int64_t items = g.segments * g.tiles_per_segment * p.batch_heads;
-  auto key_tiles = [&](const WorkItem& w) {  // 0: nothing to do (a tile past the row set)
-    if (w.t0 >= w.rows.count) return 0;
-    const int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
-    return static_cast<int>((key_end + kBc - 1) / kBc);
-  };
+  const int64_t bh = blockIdx.y;
+  const int64_t batch = bh / g.heads, head = bh % g.heads;
+  const int64_t segment = blockIdx.x / g.tiles_per_segment;
+  // Heaviest (latest) causal tiles first, for a better tail.
+  const int64_t tile = g.tiles_per_segment - 1 - blockIdx.x % g.tiles_per_segment;
+  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
+  const int64_t t0 = tile * kBr;
+  if (t0 >= rows.count) return;  // uniform across the block
+  const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
+  const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
 
   if (threadIdx.x == 0) {
     hopper::mbar_init(q_full, 1);
-    hopper::mbar_init(q_empty, kConsumerWarps);
     for (int s = 0; s < kStages; ++s) {
       hopper::mbar_init(&k_full[s], 1);
       hopper::mbar_init(&v_full[s], 1);
@@ -217,28 +196,20 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   __syncthreads();
 
   const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {  // producer: Q of each item, then its K/V tiles, through the ring
+  if (warpgroup == 0) {  // producer
     hopper::regs_dec<kProducerRegs>();
     if (threadIdx.x >= 32) return;
-    int ring = 0, n_item = 0;  // ring slots used and items loaded so far
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-      const WorkItem w = work_item(g, item, p.batch_heads);
-      const int n_tiles = key_tiles(w);
-      if (n_tiles == 0) continue;
-      const int64_t first = w.batch * g.n + w.rows.base;  // flattened position of row t = 0
-      const int o = static_cast<int>(first % g.r);
-      const int64_t j0 = first / g.r;
-      hopper::mbar_wait(q_empty, (n_item & 1) ^ 1);  // the previous item's S products are done
-      load_rows<kBr>(smem + Smem::kQ, &qmap, p.q, q_full, p.map_rows, w.batch, w.head, w.rows, o, j0, w.t0);
-      for (int j = 0; j < n_tiles; ++j, ++ring) {
-        const int s = ring % kStages;
-        hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
-        load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
-                       w.rows, o, j0, int64_t(j) * kBc);
-        load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
-                       w.rows, o, j0, int64_t(j) * kBc);
-      }
-      ++n_item;
+    const int64_t first = batch * g.n + rows.base;  // flattened position of row t = 0
+    const int o = static_cast<int>(first % g.r);
+    const int64_t j0 = first / g.r;
+    load_rows<kBr>(smem + Smem::kQ, &qmap, p.q, q_full, p.map_rows, batch, head, rows, o, j0, t0);
+    for (int j = 0; j < n_tiles; ++j) {
+      const int s = j % kStages;
+      hopper::mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
+      load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, batch, head, rows, o,
+                     j0, int64_t(j) * kBc);
+      load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, batch, head, rows, o,
+                     j0, int64_t(j) * kBc);
     }
     return;
   }
@@ -246,86 +217,74 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   hopper::regs_inc<kConsumerRegs>();
   const int consumer = warpgroup - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int64_t group_row0 = t0 + consumer * 64;
+  const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
   const char* q_tile = smem + Smem::kQ + consumer * 64 * 128;
   auto k_tile = [&](int s) { return smem + Smem::kK + s * KTile::kBytes; };
   auto v_tile = [&](int s) { return smem + Smem::kV + s * KTile::kBytes; };
-  int ring = 0, n_item = 0;
 
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const WorkItem w = work_item(g, item, p.batch_heads);
-    const int n_tiles = key_tiles(w);
-    if (n_tiles == 0) continue;
-    const int64_t group_row0 = w.t0 + consumer * 64;
-    const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-
-    float o[D / 8][4];
+  float o[D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
-    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-    float s[64], corr[2];
-    uint32_t pf[kBc / 16][4];
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
+  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+  float s[64], corr[2];
+  uint32_t pf[kBc / 16][4];
 
-    hopper::mbar_wait(q_full, n_item & 1);
-    hopper::mbar_wait(&k_full[ring % kStages], (ring / kStages) & 1);
-    issue_s(s, q_tile, k_tile(ring % kStages));
-    wgmma::wait<0>();
+  hopper::mbar_wait(q_full, 0);
+  hopper::mbar_wait(&k_full[0], 0);
+  issue_s(s, q_tile, k_tile(0));
+  wgmma::wait<0>();
+  wgmma::fence_operands(s);
+  softmax_tile<kCausal>(s, pf, corr, m_row, l_row, 0, q_row0, group_row0, rows.count, p.scale_log2);
+
+  // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
+  // into the other P buffer. The loop is unrolled by two so that the buffers
+  // swap roles without a register copy (a copy into a wgmma operand makes
+  // ptxas serialise the wgmma: warning C7513).
+  auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
+    const int sj = j % kStages, sp = (j - 1) % kStages;
+    hopper::mbar_wait(&k_full[sj], (j / kStages) & 1);
+    issue_s(s, q_tile, k_tile(sj));
+    hopper::mbar_wait(&v_full[sp], ((j - 1) / kStages) & 1);
+    issue_pv(o_flat, p_in, v_tile(sp));
+    wgmma::wait<1>();
     wgmma::fence_operands(s);
-    softmax_tile<kCausal>(s, pf, corr, m_row, l_row, 0, q_row0, group_row0, w.rows.count, p.scale_log2);
-
-    // Tile j (ring slot ring + j): S(j) and O += P(j-1) V(j-1) in flight
-    // together, then softmax(j) into the other P buffer. The loop is unrolled
-    // by two so that the buffers swap roles without a register copy (a copy
-    // into a wgmma operand makes ptxas serialise the wgmma: warning C7513).
-    auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
-      const int rj = ring + j, rp = rj - 1;
-      hopper::mbar_wait(&k_full[rj % kStages], (rj / kStages) & 1);
-      issue_s(s, q_tile, k_tile(rj % kStages));
-      hopper::mbar_wait(&v_full[rp % kStages], (rp / kStages) & 1);
-      issue_pv(o_flat, p_in, v_tile(rp % kStages));
-      wgmma::wait<1>();
-      wgmma::fence_operands(s);
-      softmax_tile<kCausal>(s, p_out, corr, m_row, l_row, int64_t(j) * kBc, q_row0, group_row0, w.rows.count,
-                            p.scale_log2);
-      wgmma::wait<0>();
-      wgmma::fence_operands(o_flat);
-      if (lane == 0) hopper::mbar_arrive(&empty[rp % kStages]);  // K(j-1), V(j-1) read
+    softmax_tile<kCausal>(s, p_out, corr, m_row, l_row, int64_t(j) * kBc, q_row0, group_row0, rows.count,
+                          p.scale_log2);
+    wgmma::wait<0>();
+    wgmma::fence_operands(o_flat);
+    if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][0] *= corr[0];
-        o[dt][1] *= corr[0];
-        o[dt][2] *= corr[1];
-        o[dt][3] *= corr[1];
-      }
-    };
-    // The last tile: Q is no longer read (the producer may load the next
-    // item's), then O += P V.
-    auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
-      if (lane == 0) hopper::mbar_arrive(q_empty);
-      const int rl = ring + n_tiles - 1;
-      hopper::mbar_wait(&v_full[rl % kStages], (rl / kStages) & 1);
-      issue_pv(o_flat, p_last, v_tile(rl % kStages));
-      wgmma::wait<0>();
-      wgmma::fence_operands(o_flat);
-      if (lane == 0) hopper::mbar_arrive(&empty[rl % kStages]);
-    };
-    uint32_t pn[kBc / 16][4];
-    int j = 1;
-    for (; j + 1 < n_tiles; j += 2) {
-      step(j, pf, pn);
-      step(j + 1, pn, pf);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= corr[0];
+      o[dt][1] *= corr[0];
+      o[dt][2] *= corr[1];
+      o[dt][3] *= corr[1];
     }
-    if (j < n_tiles) {
-      step(j, pf, pn);
-      finish(pn);
-    } else {
-      finish(pf);
-    }
-    store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, w.batch, w.head, w.rows, p.o_acc, p.lse,
-                                p.out);
-    ring += n_tiles;
-    ++n_item;
+  };
+  // The last tile: O += P V.
+  auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
+    const int sl = (n_tiles - 1) % kStages;
+    hopper::mbar_wait(&v_full[sl], ((n_tiles - 1) / kStages) & 1);
+    issue_pv(o_flat, p_last, v_tile(sl));
+    wgmma::wait<0>();
+    wgmma::fence_operands(o_flat);
+    if (lane == 0) hopper::mbar_arrive(&empty[sl]);
+  };
+  uint32_t pn[kBc / 16][4];
+  int j = 1;
+  for (; j + 1 < n_tiles; j += 2) {
+    step(j, pf, pn);
+    step(j + 1, pn, pf);
   }
+  if (j < n_tiles) {
+    step(j, pf, pn);
+    finish(pn);
+  } else {
+    finish(pf);
+  }
+  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out);
 }
 
 // ---- backward ----
@@ -648,9 +607,7 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
     MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes));
     configured = true;
   }
-  // Persistent: one block per SM walks the work items.
-  const int64_t items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(items, multiprocessor_count()));
+  dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
   kernel<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
@@ -682,7 +639,7 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, MergeMode mode, float* o_acc, float* lse, BFloat16* out) {
-  WsParams p{g, batch * g.heads, q, k, v, 0, scale_log2, o_acc, lse, out};
+  WsParams p{g, q, k, v, 0, scale_log2, o_acc, lse, out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
