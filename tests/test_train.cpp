@@ -174,7 +174,6 @@ namespace {
 struct GraphRun {
   std::vector<float> losses;
   uint64_t dropout_offset = 0;
-  std::vector<float> first_weight;
 };
 
 GraphRun run_cuda_steps(const nn::TrainValSplit& split, const nn::CharTransformerConfig& config, bool bf16,
@@ -223,7 +222,6 @@ GraphRun run_cuda_steps(const nn::TrainValSplit& split, const nn::CharTransforme
   GraphRun r;
   for (const Tensor& l : losses) r.losses.push_back(l.item<float>());
   r.dropout_offset = compute->dropout_generator().offset();
-  r.first_weight = master->parameters()[0].to_vector<float>();
   return r;
 }
 

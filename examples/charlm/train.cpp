@@ -168,8 +168,13 @@ class StepRunner {
     }
     ops::copy_(x_, x);
     ops::copy_(y_, y);
-    if (!graph_->captured())
-      graph_->capture([this] { loss_ = step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {}); });
+    if (!graph_->captured()) {
+      try {
+        graph_->capture([this] { loss_ = step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {}); });
+      } catch (const minidl::Error& e) {
+        MINIDL_FAIL(e.what(), " (charlm: --no-graph trains without CUDA graphs)");
+      }
+    }
     graph_->replay();
     return loss_;
   }
@@ -646,7 +651,9 @@ constexpr const char* kTrainHelp =
     "--profile N writes nothing: after 3 warm-up steps it times N training steps\n"
     "of the recipe per phase (data, forward, backward, optimizer) and prints a\n"
     "table in ms per step with tokens/s; on CUDA also each phase's GPU time, the\n"
-    "time the GPU waits for the host, host syncs and kernels per step.";
+    "time the GPU waits for the host, host syncs and kernels per step, and\n"
+    "(unless --no-graph) the time per step of CUDA graph replays, as training\n"
+    "runs them.";
 
 constexpr int64_t kProfileWarmupSteps = 3;
 
@@ -698,6 +705,19 @@ void profile_run(const TrainOptions& o, int64_t steps) {
     held = device_only.finish();
     graph = count_step_graph_nodes([&] { run_step(nullptr); }, {&model.compute().dropout_generator()});
   }
+  // As training runs them by default on CUDA: replays of one graph of the
+  // step (after its eager warm-up step and the capture).
+  double graph_wall_ms = NAN, graph_host_ms = NAN;
+  if (gpu && o.graph) {
+    StepRunner runner(model, optimizer, batches, o.grad_clip, /*graph=*/true);
+    for (int i = 0; i < 2; ++i) runner.step(schedule.lr_at(step++));
+    minidl::synchronize(device);
+    const Clock::time_point replay_start = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) runner.step(schedule.lr_at(step++));
+    graph_host_ms = seconds_since(replay_start) * 1e3 / static_cast<double>(steps);
+    minidl::synchronize(device);
+    graph_wall_ms = seconds_since(replay_start) * 1e3 / static_cast<double>(steps);
+  }
 
   std::printf("profile: %lld steps after %lld warm-up steps, batch %lld x context %lld, %lld parameters, %s, %s\n",
               static_cast<long long>(steps), static_cast<long long>(kProfileWarmupSteps),
@@ -732,6 +752,10 @@ void profile_run(const TrainOptions& o, int64_t steps) {
                   static_cast<long long>(graph.copies), static_cast<long long>(graph.other));
     else
       std::printf("kernels per step: n/a (the step could not be captured as a CUDA graph: %s)\n", graph.error.c_str());
+    if (o.graph)
+      std::printf("graph: wall %.3f ms/step, %.0f tokens/s; host %.3f ms/step to issue (batch, copies, replay)\n",
+                  graph_wall_ms, static_cast<double>(o.batch * o.model.context) / (graph_wall_ms * 1e-3),
+                  graph_host_ms);
   }
 }
 
