@@ -55,6 +55,8 @@ struct CudaGraph::Impl {
 CudaGraph::CudaGraph(std::vector<Generator*> generators) : impl_(std::make_unique<Impl>()) {
   for (Generator* g : generators) {
     MINIDL_CHECK(g != nullptr, "CudaGraph: a null generator");
+    for (const BoundStream& s : impl_->streams)
+      MINIDL_CHECK(s.gen != g, "CudaGraph: a generator is listed twice");
     impl_->streams.push_back({g});
   }
 }
@@ -88,19 +90,20 @@ void CudaGraph::capture(const std::function<void()>& work) {
     MINIDL_FAIL("CudaGraph::capture: cudaStreamBeginCapture failed: ", cudaGetErrorString(began));
   }
   std::vector<uint64_t> start(m.streams.size());
-  for (size_t i = 0; i < m.streams.size(); ++i) {
-    BoundStream& s = m.streams[i];
-    start[i] = s.gen->offset();
-    s.seed = s.gen->seed();
-    s.gen->bind_device_offset(s.word);
-  }
+  size_t bound = 0;
   std::string error;
   try {
+    for (; bound < m.streams.size(); ++bound) {
+      BoundStream& s = m.streams[bound];
+      start[bound] = s.gen->offset();
+      s.seed = s.gen->seed();
+      s.gen->bind_device_offset(s.word);
+    }
     work();
   } catch (const std::exception& e) {
     error = e.what();
   }
-  for (size_t i = 0; i < m.streams.size(); ++i) {
+  for (size_t i = 0; i < bound; ++i) {
     BoundStream& s = m.streams[i];
     s.per_replay = s.gen->unbind_device_offset();
     // The capture ran nothing: the generator is where it was.
