@@ -22,6 +22,8 @@
 //     generator they would repeat one draw.
 //   - Scalars that change between steps live in device memory (the
 //     optimizers' lr_tensor() and step_tensor()); set_lr() runs outside.
+//     Host-side counters (Optimizer::step_count()) count the capture once,
+//     not the replays: read step_tensor() instead.
 //   - Gradients: zero_grad() inside the step (it only drops them), so that
 //     backward writes fresh ones instead of accumulating across replays.
 //   - Run it eagerly once first: one-time setup (kernel attributes, cuBLAS
