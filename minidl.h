@@ -12,6 +12,7 @@
 #include "ops/ops.h"
 #include "nn/attention.h"
 #include "nn/checkpoint.h"
+#include "nn/cuda_graph.h"
 #include "nn/data.h"
 #include "nn/dilated_attention.h"
 #include "nn/layers.h"

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/generator.h"
 #include "core/macros.h"
 #include "core/philox.h"
 
@@ -37,11 +38,16 @@ struct DilatedBranch {
 // exactly word l. In the key-major backward (S^T, rows = keys) a lane holds
 // keys {i, i+8} (i = lane / 4) of a group for one query: bytes of word i / 2.
 // So one Philox call serves 16 decisions, and lanes share blocks by shuffles.
+//
+// The Philox offset is offset_now(): `offset`, plus the device word at
+// offset_base when set (a captured CUDA graph; see PhiloxOffset).
 struct AttentionDropout {
   uint32_t threshold = 0;  // T8 in [1, 255]; 0: no dropout
   float scale = 1;         // 256 / (256 - T8)
   uint64_t seed = 0, offset = 0;
+  const uint64_t* offset_base = nullptr;  // device address, or null
   MINIDL_HD bool enabled() const { return threshold != 0; }
+  MINIDL_HD MINIDL_FORCEINLINE uint64_t offset_now() const { return PhiloxOffset{offset_base, offset}.value(); }
 };
 
 // T8 for drop probability p in [0, 1): 0 (no dropout) for p == 0.
@@ -52,13 +58,17 @@ inline uint32_t attention_dropout_threshold(double p) {
 }
 
 // The mask parameters for drop probability p and one generator (seed, offset).
-inline AttentionDropout make_attention_dropout(double p, uint64_t seed, uint64_t offset) {
+inline AttentionDropout make_attention_dropout(double p, uint64_t seed, PhiloxOffset offset) {
   AttentionDropout d;
   d.threshold = attention_dropout_threshold(p);
   d.scale = d.threshold ? static_cast<float>(256.0 / (256.0 - d.threshold)) : 1.f;
   d.seed = seed;
-  d.offset = offset;
+  d.offset = offset.delta;
+  d.offset_base = offset.base;
   return d;
+}
+inline AttentionDropout make_attention_dropout(double p, uint64_t seed, uint64_t offset) {
+  return make_attention_dropout(p, seed, PhiloxOffset{nullptr, offset});
 }
 
 MINIDL_HD MINIDL_FORCEINLINE uint64_t attention_mask_row(uint64_t branch, uint64_t batch_size,
@@ -70,7 +80,7 @@ MINIDL_HD MINIDL_FORCEINLINE uint64_t attention_mask_row(uint64_t branch, uint64
 // The Philox block of the 16-key group holding key t of mask row `row`.
 MINIDL_HD MINIDL_FORCEINLINE philox::U32x4 attention_dropout_block(const AttentionDropout& d,
                                                                   uint64_t row, uint64_t t) {
-  return philox::block(d.seed, d.offset, ((row << 32) | t) >> 4);
+  return philox::block(d.seed, d.offset_now(), ((row << 32) | t) >> 4);
 }
 
 // Keep decision of byte `byte` (0..3) of a block word.

@@ -3,7 +3,14 @@
 // are rounded (512 B below 1 MiB, 1 MiB above) so a training loop's repeated
 // shapes hit the cache. All work runs on one stream per device, so a block
 // freed by the host can be reused by the next kernel without an event.
+//
+// Graph-private pools (cuda/runtime.h): while a CUDA graph is captured, the
+// device's allocations come from the graph's pool and every block freed
+// joins it, whoever allocated it (the graph may still touch it). A pool's
+// blocks are never handed to other work, so the addresses baked into the
+// graph stay its own between replays; releasing the pool returns them.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
@@ -21,6 +28,8 @@ size_t round_size(size_t n) {
   return (n + kLarge - 1) / kLarge * kLarge;
 }
 
+using FreeLists = std::unordered_map<size_t, std::vector<void*>>;  // by rounded size
+
 class CudaCachingAllocator final : public Allocator {
  public:
   explicit CudaCachingAllocator(int device) : device_(device) {}
@@ -28,16 +37,18 @@ class CudaCachingAllocator final : public Allocator {
   void* allocate(size_t nbytes) override {
     size_t size = round_size(nbytes);
     std::lock_guard<std::mutex> lock(mutex_);
+    FreeLists& lists = capturing_ ? pools_[capturing_] : free_;
     void* p = nullptr;
-    auto it = free_.find(size);
-    if (it != free_.end() && !it->second.empty()) {
+    auto it = lists.find(size);
+    if (it != lists.end() && !it->second.empty()) {
       p = it->second.back();
       it->second.pop_back();
     } else {
       int prev = cuda::current_device();
       MINIDL_CUDA_CHECK(cudaSetDevice(device_));
       cudaError_t err = cudaMalloc(&p, size);
-      if (err == cudaErrorMemoryAllocation) {  // release the cache and try once more
+      // Release the cache and try once more (not while capturing: that waits for the stream).
+      if (err == cudaErrorMemoryAllocation && !capturing_) {
         (void)cudaGetLastError();
         release_cached_locked();
         err = cudaMalloc(&p, size);
@@ -46,10 +57,11 @@ class CudaCachingAllocator final : public Allocator {
       if (err != cudaSuccess) {
         (void)cudaGetLastError();
         MINIDL_FAIL("cuda allocator: out of memory allocating ", nbytes, " bytes on cuda:", device_,
-                    " (", stats_.allocated, " bytes in use, ", stats_.reserved, " reserved): ",
-                    cudaGetErrorString(err));
+                    " (", stats_.allocated, " bytes in use, ", stats_.reserved, " reserved",
+                    capturing_ ? ", during a CUDA graph capture" : "", "): ", cudaGetErrorString(err));
       }
       stats_.reserved += size;
+      if (capturing_) pool_of_[p] = capturing_;
     }
     stats_.allocated += size;
     stats_.peak_allocated = std::max(stats_.peak_allocated, stats_.allocated);
@@ -59,8 +71,38 @@ class CudaCachingAllocator final : public Allocator {
   void deallocate(void* ptr, size_t nbytes) override {
     size_t size = round_size(nbytes);
     std::lock_guard<std::mutex> lock(mutex_);
-    free_[size].push_back(ptr);
     stats_.allocated -= size;
+    if (capturing_) {
+      pool_of_[ptr] = capturing_;
+      pools_[capturing_][size].push_back(ptr);
+    } else if (auto owner = pool_of_.find(ptr); owner != pool_of_.end()) {
+      pools_[owner->second][size].push_back(ptr);
+    } else {
+      free_[size].push_back(ptr);
+    }
+  }
+
+  // ---- graph-private pools ----
+  void begin_pool(uint64_t pool) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    MINIDL_CHECK(capturing_ == 0, "cuda allocator: a graph pool is already active on cuda:", device_,
+                 " (one capture at a time)");
+    capturing_ = pool;
+    pools_[pool];
+  }
+  void end_pool() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    capturing_ = 0;
+  }
+  // The pool's free blocks return to the cache; its live ones do when freed.
+  void release_pool(uint64_t pool) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    MINIDL_CHECK(capturing_ != pool, "cuda allocator: releasing the graph pool of a capture under way");
+    auto it = pools_.find(pool);
+    if (it == pools_.end()) return;
+    for (auto& [size, blocks] : it->second) free_[size].insert(free_[size].end(), blocks.begin(), blocks.end());
+    pools_.erase(it);
+    std::erase_if(pool_of_, [pool](const auto& entry) { return entry.second == pool; });
   }
 
   MemoryStats stats() {
@@ -90,7 +132,10 @@ class CudaCachingAllocator final : public Allocator {
 
   int device_;
   std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
+  FreeLists free_;
+  std::unordered_map<uint64_t, FreeLists> pools_;  // graph-private pools by id
+  std::unordered_map<void*, uint64_t> pool_of_;    // blocks that belong to a pool
+  uint64_t capturing_ = 0;                          // the pool of the capture under way, 0: none
   MemoryStats stats_;
 };
 
@@ -106,6 +151,18 @@ CudaCachingAllocator& caching_allocator(int device) {
 }
 
 }  // namespace
+
+namespace cuda {
+
+uint64_t create_graph_pool() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1);
+}
+void begin_graph_pool(uint64_t pool) { caching_allocator(current_device()).begin_pool(pool); }
+void end_graph_pool() { caching_allocator(current_device()).end_pool(); }
+void release_graph_pool(int device, uint64_t pool) { caching_allocator(device).release_pool(pool); }
+
+}  // namespace cuda
 
 namespace backend {
 

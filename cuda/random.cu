@@ -34,7 +34,8 @@ void fill(const Tensor& out, uint64_t seed, uint64_t offset) {
 // four words are the uniforms of elements 4b .. 4b+3, as in philox::uniform.
 template <typename S, typename C, bool kFlat>
 __global__ void dropout_kernel(const S* x, S* out, int64_t n, StridedIndex xi, uint64_t seed,
-                               uint64_t offset, float keep_threshold, C scale) {
+                               PhiloxOffset philox_offset, float keep_threshold, C scale) {
+  const uint64_t offset = philox_offset.value();
   int64_t blocks = (n + 3) / 4;
   for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < blocks;
        b += int64_t(gridDim.x) * blockDim.x) {
@@ -51,12 +52,25 @@ __global__ void dropout_kernel(const S* x, S* out, int64_t n, StridedIndex xi, u
   }
 }
 
+__global__ void offset_word_kernel(uint64_t* word, uint64_t value, bool add) {
+  *word = add ? *word + value : value;
+}
+
+void offset_word(uint64_t* word, uint64_t value, bool add) {
+  MINIDL_CHECK(word != nullptr, "cuda offset word: null address");
+  offset_word_kernel<<<1, 1, 0, stream()>>>(word, value, add);
+  MINIDL_CUDA_LAUNCH_CHECK();
+}
+
 }  // namespace
+
+void set_offset_word(uint64_t* word, uint64_t value) { offset_word(word, value, false); }
+void advance_offset_word(uint64_t* word, uint64_t n) { offset_word(word, n, true); }
 
 void fill_uniform(const Tensor& out, uint64_t seed, uint64_t offset) { fill<false>(out, seed, offset); }
 void fill_normal(const Tensor& out, uint64_t seed, uint64_t offset) { fill<true>(out, seed, offset); }
 
-void dropout(const Tensor& x, uint64_t seed, uint64_t offset, float keep_threshold, double scale,
+void dropout(const Tensor& x, uint64_t seed, PhiloxOffset offset, float keep_threshold, double scale,
              const Tensor& out) {
   int64_t n = out.numel();
   if (n == 0) return;

@@ -19,12 +19,14 @@ void throw_cublas_error(cublasStatus_t st, const char* expr, const char* file, i
 namespace {
 
 constexpr size_t kLtWorkspace = 32u << 20;
+constexpr size_t kCublasWorkspace = 32u << 20;
 
 struct PerDevice {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
+  void* cublas_workspace = nullptr;
   int sms = 0;
   int cc = 0;
 };
@@ -72,6 +74,9 @@ cublasHandle_t cublas_handle() {
   if (!d.cublas) {
     MINIDL_CUBLAS_CHECK(cublasCreate(&d.cublas));
     MINIDL_CUBLAS_CHECK(cublasSetStream(d.cublas, d.stream));
+    // After cublasSetStream, which resets the workspace to cuBLAS's own pool.
+    MINIDL_CUDA_CHECK(cudaMalloc(&d.cublas_workspace, kCublasWorkspace));
+    MINIDL_CUBLAS_CHECK(cublasSetWorkspace(d.cublas, d.cublas_workspace, kCublasWorkspace));
   }
   return d.cublas;
 }

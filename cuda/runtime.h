@@ -11,9 +11,11 @@ namespace minidl::cuda {
 
 [[noreturn]] void throw_cublas_error(cublasStatus_t st, const char* expr, const char* file, int line);
 
+// Both libraries run in workspaces minidl allocates once per device, so that
+// a call captured in a CUDA graph allocates nothing: cublas_handle() is given
+// its own with cublasSetWorkspace; cuBLASLt calls pass cublaslt_workspace().
 cublasHandle_t cublas_handle();
 cublasLtHandle_t cublaslt_handle();
-// cuBLASLt workspace on the current device (sized once).
 void* cublaslt_workspace(size_t* nbytes);
 int current_device();
 int multiprocessor_count();
@@ -27,6 +29,16 @@ void synchronize();
 // uploads) — which counts it, so a test can assert that a training step adds
 // none.
 uint64_t host_sync_count();
+
+// ---- graph-private memory pools (cuda/allocator.cpp) ----
+// Between begin_graph_pool(pool) and end_graph_pool() (a CUDA graph capture on
+// the current device), the device's allocations come from `pool` and every
+// block freed joins it; its blocks are never handed to other work until
+// release_graph_pool, so a replayed graph's memory stays its own.
+uint64_t create_graph_pool();
+void begin_graph_pool(uint64_t pool);
+void end_graph_pool();
+void release_graph_pool(int device, uint64_t pool);
 
 }  // namespace minidl::cuda
 

@@ -75,13 +75,15 @@ DilatedAttentionConfig make_config(const char* op, int64_t n, const std::vector<
 
 // Fills config.dropout for drop probability p, reserving one generator offset
 // (like ops::dropout) when p > 0; p == 0 leaves it disabled and reserves nothing.
-void set_dropout(const char* op, double p, Generator* gen, DilatedAttentionConfig& config) {
+void set_dropout(const char* op, double p, Generator* gen, const Tensor& q, DilatedAttentionConfig& config) {
   MINIDL_CHECK(p >= 0.0 && p < 1.0, op, ": dropout must be in [0, 1), got ", p);
   if (p == 0.0) return;
   Generator& g = gen ? *gen : default_generator();
+  MINIDL_CHECK(!g.device_offset() || q.is_cuda(), op, ": the dropout generator is bound to a device offset "
+               "(CUDA graph capture) but q is ", detail::describe(q), "; device offsets are for CUDA only");
   // 8-bit thresholds (core/dilated.h): the effective rate is T8 / 256 = round(p 256) / 256.
   const uint64_t seed = g.seed();
-  config.dropout = make_attention_dropout(p, seed, g.next_offset());
+  config.dropout = make_attention_dropout(p, seed, g.next_philox_offset());
 }
 
 std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, const Tensor& k_in,
@@ -131,7 +133,7 @@ std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, co
   check_inputs(op, q, k, v);
   DilatedAttentionConfig config =
       make_config(op, q.size(1), segments, dilations, causal, scale, q.size(3));
-  set_dropout(op, dropout, gen, config);
+  set_dropout(op, dropout, gen, q, config);
   return attention_forward(op, q, k, v, config);
 }
 
@@ -141,7 +143,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
   check_inputs(op, q, k, v);
   const int64_t n = std::max<int64_t>(1, q.size(1));
   DilatedAttentionConfig config = make_config(op, n, {n}, {1}, causal, scale, q.size(3));
-  set_dropout(op, dropout, gen, config);
+  set_dropout(op, dropout, gen, q, config);
   return attention_forward(op, q, k, v, config).first;
 }
 

@@ -13,7 +13,8 @@ namespace minidl::ops {
 namespace {
 
 struct DropoutMask {
-  uint64_t seed, offset;
+  uint64_t seed;
+  PhiloxOffset offset;   // on the device while a CUDA graph is captured
   float keep_threshold;  // u >= p  <=>  u >= keep_threshold, u on the 2^-24 grid
   double scale;
 };
@@ -21,7 +22,13 @@ struct DropoutMask {
 // y = x * mask / (1 - p), with y contiguous.
 Tensor apply_mask(const Tensor& x, const DropoutMask& m) {
   Tensor y = Tensor::empty(x.shape(), x.options());
-  MINIDL_DISPATCH(x.device(), dropout, x, m.seed, m.offset, m.keep_threshold, m.scale, y);
+  if (m.offset.base) {  // CUDA only (checked by dropout())
+#if defined(MINIDL_WITH_CUDA)
+    cuda::dropout(x, m.seed, m.offset, m.keep_threshold, m.scale, y);
+#endif
+  } else {
+    MINIDL_DISPATCH(x.device(), dropout, x, m.seed, m.offset.delta, m.keep_threshold, m.scale, y);
+  }
   return y;
 }
 
@@ -34,9 +41,11 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen) {
   MINIDL_CHECK(p >= 0.0 && p < 1.0, name, ": p must be in [0, 1), got ", p);
   if (!training || p == 0.0) return x;
   Generator& g = gen ? *gen : default_generator();
+  MINIDL_CHECK(!g.device_offset() || x.is_cuda(), name, ": the generator is bound to a device offset (CUDA "
+               "graph capture) but x is ", detail::describe(x), "; device offsets are for CUDA only");
   // Uniforms are multiples of 2^-24, so the smallest one that is >= p is
   // ceil(p 2^24) / 2^24: comparing against it in float is exactly u >= p.
-  DropoutMask mask{g.seed(), g.next_offset(),
+  DropoutMask mask{g.seed(), g.next_philox_offset(),
                    static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0), 1.0 / (1.0 - p)};
   Tensor y = apply_mask(x, mask);
   if (autograd::needs_grad({x})) {

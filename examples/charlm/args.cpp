@@ -72,7 +72,13 @@ void FlagSet::group(const std::string& title) { group_ = title; }
 FlagSet::Flag& FlagSet::add(const std::string& name, const std::string& metavar,
                             const std::string& help, std::string default_text, bool required,
                             std::function<void(const std::string&)> set) {
-  flags_.push_back({name, metavar, help, std::move(default_text), group_, required, false, std::move(set)});
+  flags_.push_back({.name = name,
+                    .metavar = metavar,
+                    .help = help,
+                    .default_text = std::move(default_text),
+                    .group = group_,
+                    .required = required,
+                    .set = std::move(set)});
   return flags_.back();
 }
 
@@ -140,6 +146,11 @@ void FlagSet::add_int_list(const std::string& name, std::vector<int64_t>* value,
   });
 }
 
+void FlagSet::add_switch(const std::string& name, bool* value, bool when_given, const std::string& help) {
+  add(name, "", help, "", false, [value, when_given](const std::string&) { *value = when_given; }).takes_value =
+      false;
+}
+
 FlagSet::Flag* FlagSet::find(const std::string& name) {
   for (Flag& f : flags_)
     if (f.name == name) return &f;
@@ -177,7 +188,9 @@ bool FlagSet::parse(const std::vector<std::string>& args) {
     }
     Flag* flag = find(name);
     if (flag == nullptr) throw UsageError("unknown flag --" + name + " (see " + command_ + " --help)");
-    if (!has_value) {
+    if (!flag->takes_value) {
+      if (has_value) throw UsageError("--" + name + " takes no value, got '" + value + "'");
+    } else if (!has_value) {
       if (i + 1 >= args.size() || args[i + 1].rfind("--", 0) == 0)
         throw UsageError("--" + name + " needs a value (" + flag->metavar + ")");
       value = args[++i];

@@ -41,6 +41,8 @@ class FlagSet {
   // One of `choices`.
   void add_choice(const std::string& name, std::string* value, std::vector<std::string> choices,
                   const std::string& help);
+  // A flag without a value: sets *value = when_given (e.g. --no-graph).
+  void add_switch(const std::string& name, bool* value, bool when_given, const std::string& help);
   // Comma-separated integers >= min, e.g. "64,128,256".
   void add_int_list(const std::string& name, std::vector<int64_t>* value, const std::string& help,
                     int64_t min = 1);
@@ -57,7 +59,7 @@ class FlagSet {
  private:
   struct Flag {
     std::string name, metavar, help, default_text, group;
-    bool required = false, seen = false;
+    bool required = false, seen = false, takes_value = true;
     std::function<void(const std::string&)> set;  // parses and stores one value
   };
   Flag& add(const std::string& name, const std::string& metavar, const std::string& help,

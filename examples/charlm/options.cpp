@@ -61,6 +61,8 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.add_choice("dtype", &o.dtype, {"float32", "bfloat16"},
                    "compute dtype (bfloat16: bf16 compute, float32 master weights)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
+  flags.add_switch("no-graph", &o.graph, false,
+                   "CUDA: run every step eagerly instead of replaying it as one CUDA graph");
 }
 
 void check_options(const FlagSet& flags, const TrainOptions& o) {
@@ -247,6 +249,7 @@ TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested,
   if (flags.given("device")) recipe.device = requested.device;
   if (flags.given("dtype")) recipe.dtype = requested.dtype;
   if (flags.given("threads")) recipe.threads = requested.threads;
+  if (flags.given("no-graph")) recipe.graph = requested.graph;
   return recipe;
 }
 

@@ -43,6 +43,7 @@ struct TrainOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "float32";
   int64_t threads = 0;  // CPU threads; 0 = OpenMP's default
+  bool graph = true;    // CUDA: each step after the first replays one CUDA graph (--no-graph: eager)
   // The run's id (checkpoints, log.csv); empty: a fresh run draws a new one.
   std::string run_id;
 };
@@ -81,7 +82,7 @@ void check_resume_flags(const FlagSet& flags, const TrainOptions& requested,
 
 // `recipe` with the run-level flags given on the command line (--data,
 // --iters, --eval-interval, --eval-iters, --log-interval, --device, --dtype,
-// --threads) taken from `requested`: what a resumed run may change.
+// --threads, --no-graph) taken from `requested`: what a resumed run may change.
 TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested, TrainOptions recipe);
 
 std::string format_double(double v);  // shortest text that reads back exactly

@@ -180,49 +180,19 @@ uint64_t host_syncs() {
 #endif
 }
 
-StepGraphCounts count_step_graph_nodes(const std::function<void()>& step) {
+StepGraphCounts count_step_graph_nodes(const std::function<void()>& step,
+                                       const std::vector<minidl::Generator*>& generators) {
   StepGraphCounts counts;
-#if defined(MINIDL_WITH_CUDA)
-  cudaStream_t stream = minidl::cuda::stream();
-  // Relaxed: a cudaMalloc on an allocator cache miss may happen meanwhile.
-  MINIDL_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed));
   try {
-    step();
+    minidl::nn::CudaGraph graph(generators);
+    graph.capture(step);
+    const minidl::nn::CudaGraph::NodeCounts n = graph.node_counts();
+    counts = {.captured = true, .kernels = n.kernels, .memsets = n.memsets, .copies = n.copies, .other = n.other};
+    graph.replay();  // the capture only recorded the step: run it once
   } catch (const std::exception& e) {
+    counts.captured = false;
     counts.error = e.what();
   }
-  cudaGraph_t graph = nullptr;
-  const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
-  if (ended != cudaSuccess || !graph) {
-    (void)cudaGetLastError();
-    if (counts.error.empty()) counts.error = cudaGetErrorString(ended);
-    if (graph) cudaGraphDestroy(graph);
-    return counts;
-  }
-  size_t n = 0;
-  MINIDL_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
-  std::vector<cudaGraphNode_t> nodes(n);
-  MINIDL_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
-  for (cudaGraphNode_t node : nodes) {
-    cudaGraphNodeType type;
-    MINIDL_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-    if (type == cudaGraphNodeTypeKernel) ++counts.kernels;
-    else if (type == cudaGraphNodeTypeMemset) ++counts.memsets;
-    else if (type == cudaGraphNodeTypeMemcpy) ++counts.copies;
-    else ++counts.other;
-  }
-  // The capture only recorded the step: run it once.
-  cudaGraphExec_t exec = nullptr;
-  MINIDL_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  MINIDL_CUDA_CHECK(cudaGraphLaunch(exec, stream));
-  minidl::cuda::synchronize();
-  MINIDL_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MINIDL_CUDA_CHECK(cudaGraphDestroy(graph));
-  counts.captured = true;
-#else
-  (void)step;
-  counts.error = "CUDA only";
-#endif
   return counts;
 }
 

@@ -63,14 +63,15 @@ class StepProfiler {
 uint64_t host_syncs();
 
 // Kernels and other nodes of one step, from a CUDA graph capture of `step`
-// on minidl's stream; the captured graph is then launched once, so the step
-// takes effect. `error` says why a step could not be captured (for example
-// a host synchronisation inside it).
+// (nn::CudaGraph, drawing from `generators`); the captured graph is then
+// launched once, so the step takes effect. `error` says why a step could not
+// be captured (for example a host synchronisation inside it).
 struct StepGraphCounts {
   bool captured = false;
   int64_t kernels = 0, memsets = 0, copies = 0, other = 0;
   std::string error;
 };
-StepGraphCounts count_step_graph_nodes(const std::function<void()>& step);
+StepGraphCounts count_step_graph_nodes(const std::function<void()>& step,
+                                       const std::vector<minidl::Generator*>& generators);
 
 }  // namespace charlm

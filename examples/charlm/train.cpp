@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <memory>
 #include <optional>
@@ -107,29 +108,85 @@ class TrainModel {
   std::vector<Tensor> params_;
 };
 
-// One optimisation step at learning rate `lr`. Returns the loss, left on the
-// device: nothing here waits for it. `profiler` (may be null) marks where the
-// work of each phase ends.
-Tensor train_step(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double lr, double grad_clip,
-                  StepProfiler* profiler) {
-  auto end = [profiler](Phase phase) {
-    if (profiler) profiler->end_phase(phase);
+// Forward, backward, clipping and the update on the batch (x, y). Returns the
+// loss, left on the device: nothing here waits for it. `end` (may be empty)
+// marks where the work of each phase ends.
+Tensor step_on_batch(TrainModel& model, nn::AdamW& optimizer, const Tensor& x, const Tensor& y, double grad_clip,
+                     const std::function<void(Phase)>& end) {
+  auto mark = [&end](Phase phase) {
+    if (end) end(phase);
   };
-  if (profiler) profiler->begin_step();
-  auto [x, y] = batches.next();
-  end(Phase::Data);
   Tensor loss = model.loss(x, y);
-  end(Phase::Forward);
-  optimizer.zero_grad();
+  mark(Phase::Forward);
+  optimizer.zero_grad();  // drops the gradients: backward writes fresh ones
   loss.backward();
   model.gradients_to_masters();
-  end(Phase::Backward);
-  optimizer.set_lr(lr);
+  mark(Phase::Backward);
   if (grad_clip > 0) nn::clip_grad_norm_(model.parameters(), grad_clip);
   optimizer.step();  // also writes the bfloat16 copy (MixedPrecision::attach)
-  end(Phase::Optimizer);
+  mark(Phase::Optimizer);
   return loss;
 }
+
+// One optimisation step at learning rate `lr`, eagerly. `profiler` (may be
+// null) marks where the work of each phase ends.
+Tensor train_step(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double lr, double grad_clip,
+                  StepProfiler* profiler) {
+  if (profiler) profiler->begin_step();
+  auto [x, y] = batches.next();
+  optimizer.set_lr(lr);  // a device scalar the update reads
+  if (profiler) profiler->end_phase(Phase::Data);
+  std::function<void(Phase)> end;
+  if (profiler) end = [profiler](Phase phase) { profiler->end_phase(phase); };
+  return step_on_batch(model, optimizer, x, y, grad_clip, end);
+}
+
+// The training steps of a run: eager, or on CUDA with the graph on, the
+// first step eager (its lazy setup must not happen during a capture) and
+// every later one a replay of one CUDA graph of step_on_batch. The graph
+// reads its batch from static buffers (the first batch's tensors), which each
+// step refills from the sampler, and draws dropout from the model's
+// generator at device-side offsets: the same masks and batches as eager.
+class StepRunner {
+ public:
+  StepRunner(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double grad_clip, bool graph)
+      : model_(model), optimizer_(optimizer), batches_(batches), grad_clip_(grad_clip) {
+    if (graph)
+      graph_ = std::make_unique<nn::CudaGraph>(std::vector<minidl::Generator*>{&model.compute().dropout_generator()});
+  }
+
+  // The loss of the step, on the device. With the graph it is the graph's
+  // output tensor, which the next step overwrites: read it before then.
+  Tensor step(double lr) {
+    if (!graph_) return train_step(model_, optimizer_, batches_, lr, grad_clip_, nullptr);
+    auto [x, y] = batches_.next();
+    optimizer_.set_lr(lr);
+    if (!x_.defined()) {
+      x_ = x;
+      y_ = y;
+      return step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {});
+    }
+    ops::copy_(x_, x);
+    ops::copy_(y_, y);
+    if (!graph_->captured()) {
+      try {
+        graph_->capture([this] { loss_ = step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {}); });
+      } catch (const minidl::Error& e) {
+        MINIDL_FAIL(e.what(), " (charlm: --no-graph trains without CUDA graphs)");
+      }
+    }
+    graph_->replay();
+    return loss_;
+  }
+
+ private:
+  TrainModel& model_;
+  nn::AdamW& optimizer_;
+  nn::BatchSampler& batches_;
+  double grad_clip_;
+  std::unique_ptr<nn::CudaGraph> graph_;
+  Tensor x_, y_, loss_;  // the graph's static input and output
+};
 
 // The 90/10 split of the text must hold a context + 1 characters on each side.
 void check_split_fits(const TrainOptions& o, const nn::TrainValSplit& split) {
@@ -465,6 +522,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     return true;
   };
 
+  StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda());
   bool stopped_in_eval = false;
   if (!resume) {
     progress.message("training " + std::to_string(model.master().num_parameters()) + " parameters on " +
@@ -487,7 +545,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     if (stop_signal() != 0) break;
     // The batch is sampled on the device and the loss adds up there: the
     // host waits only in log_step.
-    Tensor loss = train_step(model, optimizer, train_batches, schedule.lr_at(step), o.grad_clip, nullptr);
+    Tensor loss = steps.step(schedule.lr_at(step));
     {
       minidl::NoGradGuard no_grad;
       loss_sum = ops::add(loss_sum, loss.detach());
@@ -593,7 +651,9 @@ constexpr const char* kTrainHelp =
     "--profile N writes nothing: after 3 warm-up steps it times N training steps\n"
     "of the recipe per phase (data, forward, backward, optimizer) and prints a\n"
     "table in ms per step with tokens/s; on CUDA also each phase's GPU time, the\n"
-    "time the GPU waits for the host, host syncs and kernels per step.";
+    "time the GPU waits for the host, host syncs and kernels per step, and\n"
+    "(unless --no-graph) the time per step of CUDA graph replays, as training\n"
+    "runs them.";
 
 constexpr int64_t kProfileWarmupSteps = 3;
 
@@ -643,7 +703,20 @@ void profile_run(const TrainOptions& o, int64_t steps) {
     StepProfiler device_only(device, steps, StepProfiler::Mode::DeviceOnly);
     for (int64_t i = 0; i < steps; ++i) run_step(&device_only);
     held = device_only.finish();
-    graph = count_step_graph_nodes([&] { run_step(nullptr); });
+    graph = count_step_graph_nodes([&] { run_step(nullptr); }, {&model.compute().dropout_generator()});
+  }
+  // As training runs them by default on CUDA: replays of one graph of the
+  // step (after its eager warm-up step and the capture).
+  double graph_wall_ms = NAN, graph_host_ms = NAN;
+  if (gpu && o.graph) {
+    StepRunner runner(model, optimizer, batches, o.grad_clip, /*graph=*/true);
+    for (int i = 0; i < 2; ++i) runner.step(schedule.lr_at(step++));
+    minidl::synchronize(device);
+    const Clock::time_point replay_start = Clock::now();
+    for (int64_t i = 0; i < steps; ++i) runner.step(schedule.lr_at(step++));
+    graph_host_ms = seconds_since(replay_start) * 1e3 / static_cast<double>(steps);
+    minidl::synchronize(device);
+    graph_wall_ms = seconds_since(replay_start) * 1e3 / static_cast<double>(steps);
   }
 
   std::printf("profile: %lld steps after %lld warm-up steps, batch %lld x context %lld, %lld parameters, %s, %s\n",
@@ -679,6 +752,10 @@ void profile_run(const TrainOptions& o, int64_t steps) {
                   static_cast<long long>(graph.copies), static_cast<long long>(graph.other));
     else
       std::printf("kernels per step: n/a (the step could not be captured as a CUDA graph: %s)\n", graph.error.c_str());
+    if (o.graph)
+      std::printf("graph: wall %.3f ms/step, %.0f tokens/s; host %.3f ms/step to issue (batch, copies, replay)\n",
+                  graph_wall_ms, static_cast<double>(o.batch * o.model.context) / (graph_wall_ms * 1e-3),
+                  graph_host_ms);
   }
 }
 
