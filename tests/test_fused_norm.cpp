@@ -333,7 +333,8 @@ TEST_CASE("CUDA dropout_add_layer_norm: CPU parity and the same mask, float32 an
                                          .to_vector<double>();
           std::vector<double> dh = rg.dh.to_vector<double>(), dhc = rc.dh.to_vector<double>();
           int64_t mismatches = 0;
-          for (size_t i = 0; i < kept.size(); ++i) mismatches += (kept[i] == 0) != (dh[i] == 0) || (dh[i] == 0) != (dhc[i] == 0);
+          for (size_t i = 0; i < kept.size(); ++i)
+            mismatches += (kept[i] == 0) != (dh[i] == 0) || (dh[i] == 0) != (dhc[i] == 0);
           CHECK(mismatches == 0);
         }
       }
@@ -348,7 +349,8 @@ TEST_CASE("CUDA dropout_add_layer_norm equals the unfused CUDA ops") {
       CAPTURE(dtype);
       CAPTURE(shape_str(shape));
       Inputs gpu = on(make_inputs(shape, dtype), Device::cuda());
-      Tensor ss = random_tensor(shape, {dtype}).to(Device::cuda()), sz = random_tensor(shape, {dtype}).to(Device::cuda());
+      Tensor ss = random_tensor(shape, {dtype}).to(Device::cuda());
+      Tensor sz = random_tensor(shape, {dtype}).to(Device::cuda());
       Result a = run(fused, gpu, 0.2, true, ss, sz), b = run(composed, gpu, 0.2, true, ss, sz);
       // The same kernels' arithmetic and roundings: the row values agree to
       // the last bit or nearly; the parameter sums may add in another order.
