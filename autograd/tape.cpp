@@ -25,6 +25,7 @@ struct Node {
   std::vector<OutputMeta> outputs;
   BackwardFn backward;
   std::vector<std::weak_ptr<TensorImpl>> output_refs;  // to see when outputs die
+  MissingGrad missing = MissingGrad::Zeros;
   bool freed = false;
 
   void free() {
@@ -112,9 +113,9 @@ bool needs_grad(std::initializer_list<Tensor> inputs) {
 }
 
 void record(const char* op, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-            BackwardFn backward) {
+            BackwardFn backward, MissingGrad missing) {
   if (!needs_grad(inputs)) return;
-  Node node{op, {}, {}, std::move(backward), {}, false};
+  Node node{op, {}, {}, std::move(backward), {}, missing, false};
   node.inputs.resize(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const Tensor& t = inputs[i];
@@ -196,9 +197,10 @@ void backward(const Tensor& root, const Tensor& seed) {
     std::vector<Tensor>& out_grads = grads[static_cast<size_t>(i)];
     if (out_grads.empty()) continue;  // not on a path from the root
     visited.push_back(i);
-    for (size_t k = 0; k < node.outputs.size(); ++k)
-      if (!out_grads[k].defined())
-        out_grads[k] = detail::zeros(node.outputs[k].shape, node.outputs[k].options);
+    if (node.missing == MissingGrad::Zeros)
+      for (size_t k = 0; k < node.outputs.size(); ++k)
+        if (!out_grads[k].defined())
+          out_grads[k] = detail::zeros(node.outputs[k].shape, node.outputs[k].options);
     std::vector<Tensor> in_grads = node.backward(out_grads);
     out_grads.clear();
     MINIDL_CHECK(in_grads.size() == node.inputs.size(), node.op, " backward returned ",

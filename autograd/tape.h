@@ -17,7 +17,8 @@
 //   }
 //
 // The closure receives one gradient per output (zeros where an output got
-// none) and returns one per input (undefined = no gradient for that input).
+// none, or undefined for a node recorded with MissingGrad::Undefined) and
+// returns one per input (undefined = no gradient for that input).
 #include <functional>
 #include <initializer_list>
 #include <string>
@@ -35,10 +36,15 @@ using BackwardFn = std::function<std::vector<Tensor>(const std::vector<Tensor>& 
 bool needs_grad(std::initializer_list<Tensor> inputs);
 bool needs_grad(const std::vector<Tensor>& inputs);
 
+// What a node's closure receives for an output that got no gradient: a
+// zero-filled tensor, or an undefined one when the closure handles that
+// (saving the fill: a kernel per unused output, e.g. attention's lse).
+enum class MissingGrad { Zeros, Undefined };
+
 // Appends a node; marks each output as requiring grad and produced by it.
 // Does nothing when needs_grad(inputs) is false.
 void record(const char* op, const std::vector<Tensor>& inputs, const std::vector<Tensor>& outputs,
-            BackwardFn backward);
+            BackwardFn backward, MissingGrad missing = MissingGrad::Zeros);
 
 // A tensor kept for backward, with the storage version it had when saved:
 // get() throws if an in-place op changed it in between.

@@ -202,10 +202,14 @@ std::vector<Tensor> MultiHeadSelfAttention::project_qkv(const Tensor& x, int64_t
 }
 
 Tensor MultiHeadSelfAttention::forward(const Tensor& x) {
+  return resid_drop->forward(forward_before_dropout(x));
+}
+
+Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
   std::vector<Tensor> qkv = project_qkv(x, 0);
   // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
   Tensor y = attend(qkv[0], qkv[1], qkv[2], is_training() ? resid_drop->p : 0.0, resid_drop->gen);
-  return resid_drop->forward(c_proj->forward(y.reshape(x.shape())));
+  return c_proj->forward(y.reshape(x.shape()));
 }
 
 Tensor MultiHeadSelfAttention::forward(const Tensor& x, AttentionCache& cache) {

@@ -114,6 +114,9 @@ constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequ
 class MultiHeadSelfAttention : public AttentionLayer {
  public:
   Tensor forward(const Tensor& x) final;
+  // forward(x) before the residual dropout resid_drop, for a caller that
+  // fuses that dropout into its residual add (TransformerBlock).
+  Tensor forward_before_dropout(const Tensor& x);
   Tensor forward(const Tensor& x, AttentionCache& cache) override;
 
   int64_t n_embd, n_head;

@@ -69,10 +69,12 @@ MLP::MLP(int64_t n_embd, bool bias, double dropout, Generator& gen, Generator* d
   drop = register_module("drop", std::make_shared<Dropout>(dropout, dropout_gen));
 }
 
-Tensor MLP::forward(const Tensor& x) const {
+Tensor MLP::forward(const Tensor& x) const { return drop->forward(forward_before_dropout(x)); }
+
+Tensor MLP::forward_before_dropout(const Tensor& x) const {
   MINIDL_CHECK(x.dim() >= 1 && x.size(-1) == c_fc->in_features, "MLP: input ",
                shape_str(x.shape()), " does not end in n_embd ", c_fc->in_features);
-  return drop->forward(ops::mlp(x, c_fc->weight, c_fc->bias, c_proj->weight, c_proj->bias));
+  return ops::mlp(x, c_fc->weight, c_fc->bias, c_proj->weight, c_proj->bias);
 }
 
 }  // namespace minidl::nn

@@ -73,6 +73,9 @@ class MLP : public Module {
   MLP(int64_t n_embd, bool bias, double dropout, Generator& gen, Generator* dropout_gen = nullptr,
       TensorOptions options = {}, double proj_init_std = kDefaultInitStd);
   Tensor forward(const Tensor& x) const;
+  // forward(x) before the dropout `drop`, for a caller that fuses that
+  // dropout into its residual add (TransformerBlock).
+  Tensor forward_before_dropout(const Tensor& x) const;
 
   std::shared_ptr<Linear> c_fc, c_proj;
   std::shared_ptr<Dropout> drop;

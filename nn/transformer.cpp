@@ -4,6 +4,7 @@
 #include <cmath>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "autograd/grad_mode.h"
 #include "ops/ops.h"
@@ -130,9 +131,35 @@ TransformerBlock::TransformerBlock(const CharTransformerConfig& config, int64_t 
                                                      init_gen, dropout_gen, options, proj_std));
 }
 
+namespace {
+// {residual + drop(branch), ln of that}: one op. drop null: none.
+std::pair<Tensor, Tensor> add_and_norm(const Tensor& residual, const Tensor& branch, const Dropout* drop,
+                                       const LayerNorm& ln) {
+  const bool training = drop && drop->is_training();
+  return ops::dropout_add_layer_norm(branch, residual, ln.weight, ln.bias, training ? drop->p : 0.0, training,
+                                     drop ? drop->gen : nullptr, ln.eps);
+}
+
+// {x + attn(x_ln), ln_2 of that}. The built-in attention layers leave their
+// residual dropout to the fused op; any other layer applies its own. The
+// generator gives out offsets in the unfused order (attention, its residual
+// dropout, then the MLP's), so the masks are the same.
+std::pair<Tensor, Tensor> attention_residual(const TransformerBlock& block, const Tensor& x, const Tensor& x_ln) {
+  auto* mhsa = dynamic_cast<MultiHeadSelfAttention*>(block.attn.get());
+  Tensor a = mhsa ? mhsa->forward_before_dropout(x_ln) : block.attn->forward(x_ln);
+  return add_and_norm(x, a, mhsa ? mhsa->resid_drop.get() : nullptr, *block.ln_2);
+}
+}  // namespace
+
 Tensor TransformerBlock::forward(const Tensor& x) const {
-  Tensor h1 = ops::add(x, attn->forward(ln_1->forward(x)));
-  return ops::add(h1, mlp->forward(ln_2->forward(h1)));
+  auto [h1, h1_ln] = attention_residual(*this, x, ln_1->forward(x));
+  return ops::add(h1, mlp->forward(h1_ln));
+}
+
+std::pair<Tensor, Tensor> TransformerBlock::forward(const Tensor& x, const Tensor& x_ln,
+                                                    const LayerNorm& next_ln) const {
+  auto [h1, h1_ln] = attention_residual(*this, x, x_ln);
+  return add_and_norm(h1, mlp->forward_before_dropout(h1_ln), mlp->drop.get(), next_ln);
 }
 
 Tensor TransformerBlock::forward(const Tensor& x, AttentionCache& cache) const {
@@ -187,9 +214,8 @@ Tensor CharTransformer::embed(const Tensor& idx, int64_t position) const {
   return drop->forward(x);
 }
 
-Tensor CharTransformer::head(const Tensor& x) const {
-  Tensor y = ln_f->forward(x);
-  return lm_head ? lm_head->forward(y) : ops::linear(y, wte->weight);
+Tensor CharTransformer::head(const Tensor& x_ln) const {
+  return lm_head ? lm_head->forward(x_ln) : ops::linear(x_ln, wte->weight);
 }
 
 Tensor CharTransformer::forward(const Tensor& idx) const {
@@ -198,8 +224,11 @@ Tensor CharTransformer::forward(const Tensor& idx) const {
   MINIDL_CHECK(T >= 1 && T <= config_.block_size, "CharTransformer: sequence length ", T,
                " must be in [1, block_size = ", config_.block_size, "]");
   Tensor x = embed(idx, 0);
-  for (const auto& block : h) x = block->forward(x);
-  return head(x);
+  // Each block's second residual add runs fused with the LayerNorm after it.
+  Tensor x_ln = h[0]->ln_1->forward(x);
+  for (size_t i = 0; i < h.size(); ++i)
+    std::tie(x, x_ln) = h[i]->forward(x, x_ln, i + 1 < h.size() ? *h[i + 1]->ln_1 : *ln_f);
+  return head(x_ln);
 }
 
 Tensor CharTransformer::forward(const Tensor& idx, KVCache& cache) const {
@@ -217,7 +246,7 @@ Tensor CharTransformer::forward(const Tensor& idx, KVCache& cache) const {
   Tensor x = embed(idx, position);
   for (size_t i = 0; i < h.size(); ++i) x = h[i]->forward(x, cache.layers[i]);
   cache.length = position + T;
-  return head(x);
+  return head(ln_f->forward(x));
 }
 
 Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {

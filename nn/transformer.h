@@ -16,13 +16,21 @@
 
 namespace minidl::nn {
 
-// x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+// x + attn(ln_1(x)), then x + mlp(ln_2(x)). Each residual dropout and add
+// runs fused with the LayerNorm that reads the sum
+// (ops::dropout_add_layer_norm): the same values and dropout masks as the
+// ops one by one, fewer kernels.
 class TransformerBlock : public Module {
  public:
   // The attention layer comes from the registry (config.attention).
   TransformerBlock(const CharTransformerConfig& config, int64_t layer, Generator& init_gen,
                    Generator* dropout_gen = nullptr, TensorOptions options = {});
   Tensor forward(const Tensor& x) const;
+  // For a stack of blocks: x_ln is ln_1(x) (the previous block's second
+  // result), next_ln the LayerNorm that reads this block's output (the next
+  // block's ln_1, or the final one). Returns {forward(x), next_ln(forward(x))}
+  // with the second residual add fused with next_ln too.
+  std::pair<Tensor, Tensor> forward(const Tensor& x, const Tensor& x_ln, const LayerNorm& next_ln) const;
   // Incremental decoding through attn->forward(x, cache) (nn/attention.h).
   Tensor forward(const Tensor& x, AttentionCache& cache) const;
 
@@ -96,8 +104,8 @@ class CharTransformer : public Module {
  private:
   // Token (+ learned position, from `position`) embeddings of idx, then dropout.
   Tensor embed(const Tensor& idx, int64_t position) const;
-  // Final LayerNorm and LM head.
-  Tensor head(const Tensor& x) const;
+  // The LM head, over the final LayerNorm's output.
+  Tensor head(const Tensor& x_ln) const;
 
   CharTransformerConfig config_;
   Generator dropout_gen_;

@@ -108,7 +108,11 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
           // config carries the dropout seed and offset: the same mask as forward.
           // Upstream gradients may be broadcast or permuted views: the kernels
           // get contiguous ones (the CUDA backward requires it; usually no copy).
-          Tensor grad_out = g[0].dtype() == q.dtype() ? g[0] : to(g[0], q.dtype());
+          // An output that got no gradient arrives undefined (MissingGrad::
+          // Undefined): the kernels take an undefined grad_lse as zeros, which
+          // saves filling one in every step (ops::attention drops lse).
+          Tensor grad_out = g[0].defined() ? g[0] : zeros(out.shape(), out.options());
+          if (grad_out.dtype() != q.dtype()) grad_out = to(grad_out, q.dtype());
           if (!grad_out.is_contiguous()) grad_out = contiguous(grad_out);
           Tensor grad_lse = g[1];
           if (grad_lse.defined()) {
@@ -118,7 +122,8 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
           MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, out, lse, grad_out,
                           grad_lse, config, dq, dk, dv);
           return Grads{dq, dk, dv};
-        });
+        },
+        autograd::MissingGrad::Undefined);
   }
   return {out, lse};
 }

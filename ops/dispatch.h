@@ -1,5 +1,6 @@
 #pragma once
 // Internal helpers shared by op implementations (not a public header).
+#include "core/generator.h"
 #include "core/tensor.h"
 
 // Calls cpu::fn(args...) or cuda::fn(args...) for `device`. In a build
@@ -21,5 +22,20 @@ void check_same_device(const char* op, const Tensor& a, const Tensor& b);
 void check_same_dtype(const char* op, const Tensor& a, const Tensor& b);
 void check_floating(const char* op, const Tensor& t);
 std::string describe(const Tensor& t);  // "float32 [2, 3] on cuda:0"
+
+// ops::dropout's mask for drop probability p in (0, 1): element i is kept
+// when philox::uniform(seed, offset, i) >= keep_threshold, for one offset
+// reserved from gen (default_generator() when null); kept elements are
+// scaled by 1 / (1 - p). Ops that fuse a dropout draw it here, so they drop
+// what ops::dropout would for the same generator state.
+struct DropoutMask {
+  uint64_t seed;
+  PhiloxOffset offset;  // on the device while a CUDA graph is captured
+  float keep_threshold;
+  double scale;
+};
+// `x` and `name` for the error when a generator bound to a device offset
+// (CUDA graph capture) meets a CPU tensor.
+DropoutMask reserve_dropout_mask(double p, Generator* gen, const Tensor& x, const char* name);
 
 }  // namespace minidl::ops::detail

@@ -12,12 +12,7 @@
 namespace minidl::ops {
 namespace {
 
-struct DropoutMask {
-  uint64_t seed;
-  PhiloxOffset offset;   // on the device while a CUDA graph is captured
-  float keep_threshold;  // u >= p  <=>  u >= keep_threshold, u on the 2^-24 grid
-  double scale;
-};
+using detail::DropoutMask;
 
 // y = x * mask / (1 - p), with y contiguous.
 Tensor apply_mask(const Tensor& x, const DropoutMask& m) {
@@ -34,19 +29,25 @@ Tensor apply_mask(const Tensor& x, const DropoutMask& m) {
 
 }  // namespace
 
+namespace detail {
+DropoutMask reserve_dropout_mask(double p, Generator* gen, const Tensor& x, const char* name) {
+  Generator& g = gen ? *gen : default_generator();
+  MINIDL_CHECK(!g.device_offset() || x.is_cuda(), name, ": the generator is bound to a device offset (CUDA "
+               "graph capture) but x is ", describe(x), "; device offsets are for CUDA only");
+  // Uniforms are multiples of 2^-24, so the smallest one that is >= p is
+  // ceil(p 2^24) / 2^24: comparing against it in float is exactly u >= p.
+  return {g.seed(), g.next_philox_offset(), static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0),
+          1.0 / (1.0 - p)};
+}
+}  // namespace detail
+
 Tensor dropout(const Tensor& x, double p, bool training, Generator* gen) {
   const char* name = "dropout";
   detail::check_defined(name, x, "input");
   detail::check_floating(name, x);
   MINIDL_CHECK(p >= 0.0 && p < 1.0, name, ": p must be in [0, 1), got ", p);
   if (!training || p == 0.0) return x;
-  Generator& g = gen ? *gen : default_generator();
-  MINIDL_CHECK(!g.device_offset() || x.is_cuda(), name, ": the generator is bound to a device offset (CUDA "
-               "graph capture) but x is ", detail::describe(x), "; device offsets are for CUDA only");
-  // Uniforms are multiples of 2^-24, so the smallest one that is >= p is
-  // ceil(p 2^24) / 2^24: comparing against it in float is exactly u >= p.
-  DropoutMask mask{g.seed(), g.next_philox_offset(),
-                   static_cast<float>(std::ceil(p * 16777216.0) / 16777216.0), 1.0 / (1.0 - p)};
+  DropoutMask mask = detail::reserve_dropout_mask(p, gen, x, name);
   Tensor y = apply_mask(x, mask);
   if (autograd::needs_grad({x})) {
     autograd::record(name, {x}, {y}, [mask](const std::vector<Tensor>& grads) {

@@ -8,6 +8,7 @@
 #include "cpu/nn_functional.h"
 #include "cuda/nn_functional.h"
 #include "ops/dispatch.h"
+#include "ops/last_dim.h"
 #include "ops/ops.h"
 
 namespace minidl::ops {
@@ -16,30 +17,11 @@ namespace {
 using autograd::SavedTensor;
 using Grads = std::vector<Tensor>;
 
-// float32 statistics for float32/bfloat16 inputs, float64 for float64.
-DType stats_dtype(DType dtype) { return dtype == DType::Float64 ? DType::Float64 : DType::Float32; }
-
-struct Rows {
-  int64_t rows = 0, cols = 0;
-};
-
-// Checks an input of an op over the last dim; returns it as (rows, cols).
-Rows last_dim_rows(const char* op, const Tensor& x) {
-  detail::check_defined(op, x, "input");
-  detail::check_floating(op, x);
-  MINIDL_CHECK(x.dim() >= 1, op, ": expected a tensor with at least 1 dim, got ", detail::describe(x));
-  Rows r;
-  r.cols = x.size(-1);
-  r.rows = r.cols == 0 ? 0 : x.numel() / r.cols;
-  return r;
-}
-
-// Contiguous input for a kernel; the copy is internal (the op records the
-// original tensor as its input).
-Tensor contiguous_input(const Tensor& x) {
-  NoGradGuard no_grad;
-  return contiguous(x);
-}
+using detail::check_param;
+using detail::contiguous_input;
+using detail::last_dim_rows;
+using detail::Rows;
+using detail::stats_dtype;
 
 Tensor softmax_impl(const char* op, const Tensor& x, bool log) {
   Rows r = last_dim_rows(op, x);
@@ -54,14 +36,6 @@ Tensor softmax_impl(const char* op, const Tensor& x, bool log) {
     });
   }
   return y;
-}
-
-void check_param(const char* op, const Tensor& p, const char* name, const Tensor& x, int64_t cols) {
-  if (!p.defined()) return;
-  detail::check_same_device(op, x, p);
-  detail::check_same_dtype(op, x, p);
-  MINIDL_CHECK(p.dim() == 1 && p.size(0) == cols, op, ": ", name, " must have shape [", cols,
-               "] (the last dim of the input ", detail::describe(x), "), got ", detail::describe(p));
 }
 
 }  // namespace

@@ -111,6 +111,18 @@ Tensor log_softmax(const Tensor& x);  // over the last dim
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int64_t ignore_index = -100);
 // Over the last dim; weight/bias (C) may be undefined (no affine).
 Tensor layer_norm(const Tensor& x, const Tensor& weight, const Tensor& bias, double eps = 1e-5);
+// The transformer's residual "add and norm" as one op: returns
+// {sum = residual + dropout(h, p, training, gen), layer_norm(sum, weight,
+// bias, eps)}. h and residual share shape, dtype and device (no
+// broadcasting). The mask is ops::dropout's for the same generator state
+// (one offset reserved when training and p > 0), and the values are those
+// of dropout, add and layer_norm composed, up to float rounding (rounded to
+// the dtype where they would store). Differentiable in every input through both outputs. One
+// kernel forward; one kernel and the parameter-gradient reduction backward.
+std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& h, const Tensor& residual,
+                                                 const Tensor& weight, const Tensor& bias, double p,
+                                                 bool training, Generator* gen = nullptr,
+                                                 double eps = 1e-5);
 // weight (V, C), indices int32 of any shape -> (*indices.shape, C).
 Tensor embedding(const Tensor& weight, const Tensor& indices);
 // Zeroes each element with probability p and scales the rest by 1/(1-p);

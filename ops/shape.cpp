@@ -145,6 +145,8 @@ Tensor slice(const Tensor& x, int64_t dim, int64_t start, int64_t end, int64_t s
   Shape in_shape = x.shape();
   return make_view("slice", x, shape, strides, x.offset() + start * x.strides()[d],
                    [in_shape, d, start, end, step](const Tensor& g) {
+                     // The whole dim (e.g. all position embeddings): no zeros, no copy.
+                     if (start == 0 && end == in_shape[d] && (step == 1 || end <= 1)) return g;
                      Tensor full_grad = zeros(in_shape, g.options());
                      copy_(slice(full_grad, d, start, end, step), g);
                      return full_grad;
