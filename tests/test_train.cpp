@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "examples/charlm/vocab.h"  // the text tokenizer
 #include "tests/helpers.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/runtime.h"
@@ -69,7 +70,7 @@ double eval_loss(nn::CharTransformer& model, nn::BatchSampler& sampler, int batc
 TEST_CASE("a tiny CharTransformer learns a repetitive text: loss falls from ln(V) to below half") {
   use_one_thread();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   nn::CharTransformer model(config, 1337);
@@ -105,7 +106,7 @@ TEST_CASE("a tiny CharTransformer learns a repetitive text: loss falls from ln(V
 TEST_CASE("the same training run learns on CUDA") {
   MINIDL_REQUIRE_CUDA();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
@@ -128,7 +129,7 @@ TEST_CASE("the same training run learns on CUDA") {
 TEST_CASE("a CUDA training step never waits for the device; reading the logged loss does, once") {
   MINIDL_REQUIRE_CUDA();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.n_embd = 64;     // head dim 32 for the CUDA attention kernels
@@ -165,7 +166,7 @@ TEST_CASE("a CUDA training step never waits for the device; reading the logged l
 TEST_CASE("resume from a checkpoint continues the run exactly") {
   use_one_thread();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   std::vector<int32_t> tokens = vocab.encode(text);
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.dropout = 0.1;  // the dropout stream must resume too
@@ -196,7 +197,7 @@ TEST_CASE("resume from a checkpoint continues the run exactly") {
   // Resumed: everything rebuilt from the file.
   nn::Checkpoint ckpt = nn::load_checkpoint(path);
   std::filesystem::remove(path);
-  nn::CharVocab vocab2 = nn::CharVocab::from_string(ckpt.metadata.at("vocab"));
+  charlm::CharVocab vocab2 = charlm::CharVocab::from_string(ckpt.metadata.at("vocab"));
   nn::CharTransformerConfig config2 = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
   nn::CharTransformer model2(config2, 999);  // a different init, overwritten below
   nn::StateDict model_sd, optim_sd;
