@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "examples/charlm/vocab.h"  // the text tokenizer
 #include "tests/helpers.h"
 
 using namespace minidl;
@@ -266,7 +267,7 @@ TEST_CASE("a dilated + rope CharTransformer learns a tiny text and round-trips a
   omp_set_num_threads(1);  // tiny matrices: threads cost more than they save
   std::string text;
   for (int i = 0; i < 40; ++i) text += "the quick brown fox jumps over the lazy dog.\n";
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = dilated_rope_config(vocab.size());
   nn::CharTransformer model(config, 1337);

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <memory>
 
+#include "examples/charlm/vocab.h"  // the text tokenizer
 #include "tests/helpers.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/runtime.h"
@@ -71,7 +72,7 @@ double eval_loss(nn::CharTransformer& model, nn::BatchSampler& sampler, int batc
 TEST_CASE("a tiny CharTransformer learns a repetitive text: loss falls from ln(V) to below half") {
   use_one_thread();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   nn::CharTransformer model(config, 1337);
@@ -107,7 +108,7 @@ TEST_CASE("a tiny CharTransformer learns a repetitive text: loss falls from ln(V
 TEST_CASE("the same training run learns on CUDA") {
   MINIDL_REQUIRE_CUDA();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
@@ -130,7 +131,7 @@ TEST_CASE("the same training run learns on CUDA") {
 TEST_CASE("a CUDA training step never waits for the device; reading the logged loss does, once") {
   MINIDL_REQUIRE_CUDA();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.n_embd = 64;     // head dim 32 for the CUDA attention kernels
@@ -230,7 +231,7 @@ GraphRun run_cuda_steps(const nn::TrainValSplit& split, const nn::CharTransforme
 TEST_CASE("the training step as one CUDA graph gives the eager losses over 200 steps") {
   MINIDL_REQUIRE_CUDA();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.n_embd = 64;    // head dim 32 for the CUDA attention kernels
@@ -260,7 +261,7 @@ TEST_CASE("the training step as one CUDA graph gives the eager losses over 200 s
 TEST_CASE("a training-step graph replay never waits for the device") {
   MINIDL_REQUIRE_CUDA();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.n_embd = 64;
@@ -297,7 +298,7 @@ TEST_CASE("a training-step graph replay never waits for the device") {
 TEST_CASE("resume from a checkpoint continues the run exactly") {
   use_one_thread();
   const std::string text = synthetic_text();
-  nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   std::vector<int32_t> tokens = vocab.encode(text);
   nn::CharTransformerConfig config = tiny_config(vocab.size());
   config.dropout = 0.1;  // the dropout stream must resume too
@@ -328,7 +329,7 @@ TEST_CASE("resume from a checkpoint continues the run exactly") {
   // Resumed: everything rebuilt from the file.
   nn::Checkpoint ckpt = nn::load_checkpoint(path);
   std::filesystem::remove(path);
-  nn::CharVocab vocab2 = nn::CharVocab::from_string(ckpt.metadata.at("vocab"));
+  charlm::CharVocab vocab2 = charlm::CharVocab::from_string(ckpt.metadata.at("vocab"));
   nn::CharTransformerConfig config2 = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
   nn::CharTransformer model2(config2, 999);  // a different init, overwritten below
   nn::StateDict model_sd, optim_sd;

@@ -11,6 +11,7 @@
 #include "args.h"
 #include "commands.h"
 #include "options.h"
+#include "vocab.h"
 
 namespace charlm {
 
@@ -106,7 +107,7 @@ int cmd_sample(const std::vector<std::string>& args) {
   auto vocab_it = ckpt.metadata.find("vocab");
   MINIDL_CHECK(vocab_it != ckpt.metadata.end(), "charlm sample: ", o.ckpt,
                " has no 'vocab' metadata (not a checkpoint written by charlm train?)");
-  const nn::CharVocab vocab = nn::CharVocab::from_string(vocab_it->second);
+  const CharVocab vocab = CharVocab::from_string(vocab_it->second);
   const nn::CharTransformerConfig config = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
   MINIDL_CHECK(vocab.size() == config.vocab_size, "charlm sample: ", o.ckpt, ": the vocabulary has ",
                vocab.size(), " characters but model.vocab_size is ", config.vocab_size);

@@ -19,6 +19,7 @@
 #include "profile.h"
 #include "progress.h"
 #include "signals.h"
+#include "vocab.h"
 
 namespace charlm {
 
@@ -304,15 +305,15 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   // Data.
   const std::string text = read_data_file(o.data);
   const std::string data_hash = hex64(nn::fnv1a64(text.data(), text.size()));
-  nn::CharVocab vocab;
+  CharVocab vocab;
   if (resume) {
     const std::string& want = meta_at(resume->metadata, "data.fnv1a64", last_path);
     if (want != data_hash)
       throw UsageError("--data: '" + o.data + "' is not the text this run was trained on (checksum " +
                        data_hash + ", the checkpoint has " + want + ")");
-    vocab = nn::CharVocab::from_string(meta_at(resume->metadata, "vocab", last_path));
+    vocab = CharVocab::from_string(meta_at(resume->metadata, "vocab", last_path));
   } else {
-    vocab = nn::CharVocab::from_text(text);
+    vocab = CharVocab::from_text(text);
   }
   const nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   const int64_t T = o.model.context, B = o.batch;
@@ -669,7 +670,7 @@ void profile_run(const TrainOptions& o, int64_t steps) {
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
   const Device device = resolve_device(o.device);
   const std::string text = read_data_file(o.data);
-  const nn::CharVocab vocab = nn::CharVocab::from_text(text);
+  const CharVocab vocab = CharVocab::from_text(text);
   const nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   check_split_fits(o, split);
   TrainModel model(make_config(o.model, vocab.size()), o.seed, device, o.dtype == "bfloat16");
