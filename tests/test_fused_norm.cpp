@@ -332,9 +332,14 @@ TEST_CASE("CUDA dropout_add_layer_norm: CPU parity and the same mask, float32 an
           std::vector<double> kept = ops::dropout(ops::add(ops::mul(gpu.h.detach(), 0.0), 1.0), p, true, &gen)
                                          .to_vector<double>();
           std::vector<double> dh = rg.dh.to_vector<double>(), dhc = rc.dh.to_vector<double>();
+          std::vector<double> dr = rg.dresidual.to_vector<double>(), drc = rc.dresidual.to_vector<double>();
           int64_t mismatches = 0;
-          for (size_t i = 0; i < kept.size(); ++i)
+          for (size_t i = 0; i < kept.size(); ++i) {
+            // dh = mask * scale * d residual: where a bf16 d residual cancels to
+            // exactly 0 (seen on an H200 for ~0.1% of elements) the mask cannot show.
+            if (dr[i] == 0 || drc[i] == 0) continue;
             mismatches += (kept[i] == 0) != (dh[i] == 0) || (dh[i] == 0) != (dhc[i] == 0);
+          }
           CHECK(mismatches == 0);
         }
       }
