@@ -125,7 +125,7 @@ Tensor AttentionLayer::forward(const Tensor& x, AttentionCache& cache) {
   return forward(cache.x.narrow(1, 0, cache.length)).narrow(1, cache.length - T, T);
 }
 
-std::optional<double> rope_base_for(const CharTransformerConfig& config) {
+std::optional<double> rope_base_for(const TransformerLMConfig& config) {
   if (config.position_embedding != "rope") return std::nullopt;
   auto it = config.attention_options.find("rope_base");
   if (it == config.attention_options.end()) return kDefaultRopeBase;

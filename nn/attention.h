@@ -24,7 +24,7 @@
 namespace minidl::nn {
 
 // What one attention layer keeps between forward(x, cache) calls during
-// incremental decoding (CharTransformer::forward(idx, cache) holds one per
+// incremental decoding (TransformerLM::forward(idx, cache) holds one per
 // block). Buffers are allocated on first use and grow by doubling; only
 // positions [0, length) are valid.
 struct AttentionCache {
@@ -57,7 +57,7 @@ class AttentionLayer : public Module {
 
 // What a factory gets to build the attention layer of block `layer`.
 struct AttentionInit {
-  const CharTransformerConfig& config;
+  const TransformerLMConfig& config;
   int64_t layer;
   Generator& init_gen;     // parameter initialisation
   Generator* dropout_gen;  // dropout masks (null: default_generator())
@@ -83,7 +83,7 @@ constexpr double kDefaultRopeBase = 10000.0;
 // The rotary base the built-in layers use for `config`: nullopt unless
 // position_embedding is "rope"; then attention_options["rope_base"] (a
 // positive number; throws naming the key otherwise) or kDefaultRopeBase.
-std::optional<double> rope_base_for(const CharTransformerConfig& config);
+std::optional<double> rope_base_for(const TransformerLMConfig& config);
 
 // The keys a causal attention layer gives each query, as LongNet branches
 // (docs/dilated-attention.md): branch i splits the sequence into segments of

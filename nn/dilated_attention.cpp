@@ -21,7 +21,7 @@ std::string trimmed(const std::string& s) {
   return begin == std::string::npos ? std::string() : s.substr(begin, end - begin + 1);
 }
 
-const std::string& required_option(const CharTransformerConfig& config, const std::string& key,
+const std::string& required_option(const TransformerLMConfig& config, const std::string& key,
                                    const char* example) {
   auto it = config.attention_options.find(key);
   MINIDL_CHECK(it != config.attention_options.end(), "DilatedAttention: attention option '", key,
@@ -34,7 +34,7 @@ struct DilatedOptions {
   std::vector<int64_t> segments, dilations;
 };
 
-DilatedOptions dilated_options(const CharTransformerConfig& config) {
+DilatedOptions dilated_options(const TransformerLMConfig& config) {
   for (const auto& [key, value] : config.attention_options)
     MINIDL_CHECK(key == "segments" || key == "dilations" || key == "rope_base",
                  "DilatedAttention: unknown attention option '", key,

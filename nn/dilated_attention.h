@@ -1,6 +1,6 @@
 #pragma once
 // LongNet dilated multi-head self-attention as a transformer attention layer
-// (registered as "dilated"; built by CharTransformer when config.attention ==
+// (registered as "dilated"; built by TransformerLM when config.attention ==
 // "dilated"). A MultiHeadSelfAttention (nn/attention.h) like
 // CausalSelfAttention, with the same parameter names, so checkpoints and
 // weights carry over between the two; it mixes heads with

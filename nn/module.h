@@ -36,7 +36,7 @@ class Module {
   Module(const Module&) = delete;
   Module& operator=(const Module&) = delete;
 
-  // The layer's kind ("Linear", "CharTransformer"), used in messages.
+  // The layer's kind ("Linear", "TransformerLM"), used in messages.
   const std::string& type_name() const { return type_name_; }
 
   // Registers `tensor` as a trainable leaf (requires_grad set when

@@ -11,19 +11,19 @@
 
 namespace minidl::nn {
 
-// ---- CharTransformerConfig ----
+// ---- TransformerLMConfig ----
 
-void CharTransformerConfig::validate() const {
-  MINIDL_CHECK(vocab_size > 0, "CharTransformerConfig: vocab_size must be positive, got ", vocab_size);
-  MINIDL_CHECK(n_layer > 0, "CharTransformerConfig: n_layer must be positive, got ", n_layer);
-  MINIDL_CHECK(n_head > 0 && n_embd > 0 && n_embd % n_head == 0, "CharTransformerConfig: n_embd ",
+void TransformerLMConfig::validate() const {
+  MINIDL_CHECK(vocab_size > 0, "TransformerLMConfig: vocab_size must be positive, got ", vocab_size);
+  MINIDL_CHECK(n_layer > 0, "TransformerLMConfig: n_layer must be positive, got ", n_layer);
+  MINIDL_CHECK(n_head > 0 && n_embd > 0 && n_embd % n_head == 0, "TransformerLMConfig: n_embd ",
                n_embd, " must be a positive multiple of n_head ", n_head);
-  MINIDL_CHECK(block_size > 0, "CharTransformerConfig: block_size must be positive, got ", block_size);
-  MINIDL_CHECK(dropout >= 0 && dropout < 1, "CharTransformerConfig: dropout must be in [0, 1), got ",
+  MINIDL_CHECK(block_size > 0, "TransformerLMConfig: block_size must be positive, got ", block_size);
+  MINIDL_CHECK(dropout >= 0 && dropout < 1, "TransformerLMConfig: dropout must be in [0, 1), got ",
                dropout);
   MINIDL_CHECK(position_embedding == "learned" || position_embedding == "none" ||
                    position_embedding == "rope",
-               "CharTransformerConfig: position_embedding must be \"learned\", \"none\" or "
+               "TransformerLMConfig: position_embedding must be \"learned\", \"none\" or "
                "\"rope\", got \"",
                position_embedding, "\"");
 }
@@ -40,7 +40,7 @@ std::string format_double(double v) {
 
 const std::string& required(const Metadata& m, const std::string& key) {
   auto it = m.find(key);
-  MINIDL_CHECK(it != m.end(), "CharTransformerConfig::from_metadata: missing key '", key, "'");
+  MINIDL_CHECK(it != m.end(), "TransformerLMConfig::from_metadata: missing key '", key, "'");
   return it->second;
 }
 
@@ -53,7 +53,7 @@ int64_t parse_int(const Metadata& m, const std::string& key) {
   } catch (const std::exception&) {
     used = 0;
   }
-  MINIDL_CHECK(used == text.size() && !text.empty(), "CharTransformerConfig::from_metadata: key '",
+  MINIDL_CHECK(used == text.size() && !text.empty(), "TransformerLMConfig::from_metadata: key '",
                key, "' is not an integer: '", text, "'");
   return v;
 }
@@ -67,20 +67,20 @@ double parse_double(const Metadata& m, const std::string& key) {
   } catch (const std::exception&) {
     used = 0;
   }
-  MINIDL_CHECK(used == text.size() && !text.empty(), "CharTransformerConfig::from_metadata: key '",
+  MINIDL_CHECK(used == text.size() && !text.empty(), "TransformerLMConfig::from_metadata: key '",
                key, "' is not a number: '", text, "'");
   return v;
 }
 
 bool parse_bool(const Metadata& m, const std::string& key) {
   const std::string& text = required(m, key);
-  MINIDL_CHECK(text == "true" || text == "false", "CharTransformerConfig::from_metadata: key '", key,
+  MINIDL_CHECK(text == "true" || text == "false", "TransformerLMConfig::from_metadata: key '", key,
                "' must be true or false, got '", text, "'");
   return text == "true";
 }
 }  // namespace
 
-Metadata CharTransformerConfig::to_metadata() const {
+Metadata TransformerLMConfig::to_metadata() const {
   Metadata m;
   m["model.vocab_size"] = std::to_string(vocab_size);
   m["model.n_layer"] = std::to_string(n_layer);
@@ -96,8 +96,8 @@ Metadata CharTransformerConfig::to_metadata() const {
   return m;
 }
 
-CharTransformerConfig CharTransformerConfig::from_metadata(const Metadata& m) {
-  CharTransformerConfig c;
+TransformerLMConfig TransformerLMConfig::from_metadata(const Metadata& m) {
+  TransformerLMConfig c;
   c.vocab_size = parse_int(m, "model.vocab_size");
   c.n_layer = parse_int(m, "model.n_layer");
   c.n_head = parse_int(m, "model.n_head");
@@ -117,7 +117,7 @@ CharTransformerConfig CharTransformerConfig::from_metadata(const Metadata& m) {
 
 // ---- TransformerBlock ----
 
-TransformerBlock::TransformerBlock(const CharTransformerConfig& config, int64_t layer,
+TransformerBlock::TransformerBlock(const TransformerLMConfig& config, int64_t layer,
                                    Generator& init_gen, Generator* dropout_gen, TensorOptions options)
     : Module("TransformerBlock") {
   config.validate();
@@ -167,16 +167,16 @@ Tensor TransformerBlock::forward(const Tensor& x, AttentionCache& cache) const {
   return ops::add(h1, mlp->forward(ln_2->forward(h1)));
 }
 
-// ---- CharTransformer ----
+// ---- TransformerLM ----
 
 namespace {
 // Keeps the dropout stream apart from the init stream of the same seed.
 constexpr uint64_t kDropoutSeedSalt = 0x9e3779b97f4a7c15ull;
 }  // namespace
 
-CharTransformer::CharTransformer(const CharTransformerConfig& config, uint64_t seed,
+TransformerLM::TransformerLM(const TransformerLMConfig& config, uint64_t seed,
                                  TensorOptions options)
-    : Module("CharTransformer"), config_(config), dropout_gen_(seed ^ kDropoutSeedSalt) {
+    : Module("TransformerLM"), config_(config), dropout_gen_(seed ^ kDropoutSeedSalt) {
   config_.validate();
   Generator init_gen(seed);
   wte = register_module("wte", std::make_shared<Embedding>(config_.vocab_size, config_.n_embd,
@@ -200,13 +200,13 @@ CharTransformer::CharTransformer(const CharTransformerConfig& config, uint64_t s
 namespace {
 void check_ids(const Tensor& idx) {
   MINIDL_CHECK(idx.defined() && idx.dim() == 2 && idx.dtype() == DType::Int32,
-               "CharTransformer: expected int32 token ids (B, T), got ",
+               "TransformerLM: expected int32 token ids (B, T), got ",
                idx.defined() ? ::minidl::detail::concat(idx.dtype(), " ", shape_str(idx.shape()))
                              : std::string("an undefined tensor"));
 }
 }  // namespace
 
-Tensor CharTransformer::embed(const Tensor& idx, int64_t position) const {
+Tensor TransformerLM::embed(const Tensor& idx, int64_t position) const {
   // Position embeddings of position.. are rows of wpe: a view, no index
   // tensor, broadcast over the batch.
   Tensor x = wte->forward(idx);
@@ -214,14 +214,14 @@ Tensor CharTransformer::embed(const Tensor& idx, int64_t position) const {
   return drop->forward(x);
 }
 
-Tensor CharTransformer::head(const Tensor& x_ln) const {
+Tensor TransformerLM::head(const Tensor& x_ln) const {
   return lm_head ? lm_head->forward(x_ln) : ops::linear(x_ln, wte->weight);
 }
 
-Tensor CharTransformer::forward(const Tensor& idx) const {
+Tensor TransformerLM::forward(const Tensor& idx) const {
   check_ids(idx);
   const int64_t T = idx.size(1);
-  MINIDL_CHECK(T >= 1 && T <= config_.block_size, "CharTransformer: sequence length ", T,
+  MINIDL_CHECK(T >= 1 && T <= config_.block_size, "TransformerLM: sequence length ", T,
                " must be in [1, block_size = ", config_.block_size, "]");
   Tensor x = embed(idx, 0);
   // Each block's second residual add runs fused with the LayerNorm after it.
@@ -231,15 +231,15 @@ Tensor CharTransformer::forward(const Tensor& idx) const {
   return head(x_ln);
 }
 
-Tensor CharTransformer::forward(const Tensor& idx, KVCache& cache) const {
+Tensor TransformerLM::forward(const Tensor& idx, KVCache& cache) const {
   check_ids(idx);
   const int64_t T = idx.size(1), position = cache.length;
   MINIDL_CHECK(T >= 1 && position >= 0 && T <= config_.block_size - position,
-               "CharTransformer: cached forward of ", T, " positions after ", position,
+               "TransformerLM: cached forward of ", T, " positions after ", position,
                " cached ones: need 1 <= T and cached + T <= block_size = ", config_.block_size);
   MINIDL_CHECK(!is_training() || config_.dropout == 0,
-               "CharTransformer: cached decoding runs without dropout; call eval() first");
-  MINIDL_CHECK(cache.layers.empty() || cache.layers.size() == h.size(), "CharTransformer: the cache "
+               "TransformerLM: cached decoding runs without dropout; call eval() first");
+  MINIDL_CHECK(cache.layers.empty() || cache.layers.size() == h.size(), "TransformerLM: the cache "
                "holds ", cache.layers.size(), " layers, the model ", h.size());
   NoGradGuard no_grad;
   cache.layers.resize(h.size());
@@ -249,9 +249,9 @@ Tensor CharTransformer::forward(const Tensor& idx, KVCache& cache) const {
   return head(ln_f->forward(x));
 }
 
-Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {
+Tensor TransformerLM::loss(const Tensor& idx, const Tensor& targets) const {
   MINIDL_CHECK(targets.defined() && targets.shape() == idx.shape() && targets.dtype() == DType::Int32,
-               "CharTransformer::loss: targets must be int32 of the ids' shape ",
+               "TransformerLM::loss: targets must be int32 of the ids' shape ",
                shape_str(idx.shape()), ", got ",
                targets.defined() ? ::minidl::detail::concat(targets.dtype(), " ", shape_str(targets.shape()))
                                  : std::string("an undefined tensor"));
@@ -260,7 +260,7 @@ Tensor CharTransformer::loss(const Tensor& idx, const Tensor& targets) const {
   return ops::cross_entropy(logits.reshape({N, config_.vocab_size}), targets.reshape({N}));
 }
 
-void check_state_dict(const CharTransformerConfig& config, const StateDict& weights) {
+void check_state_dict(const TransformerLMConfig& config, const StateDict& weights) {
   config.validate();
   const int64_t V = config.vocab_size, C = config.n_embd;
   const char* where = "check_state_dict: the weights do not fit the config";
@@ -303,10 +303,10 @@ void check_state_dict(const CharTransformerConfig& config, const StateDict& weig
   }
 }
 
-std::vector<int32_t> CharTransformer::generate(
+std::vector<int32_t> TransformerLM::generate(
     std::vector<int32_t> tokens, int64_t max_new_tokens,
     const std::function<int32_t(const std::vector<float>&)>& sample) const {
-  MINIDL_CHECK(!tokens.empty(), "CharTransformer::generate: the prompt must hold at least one token");
+  MINIDL_CHECK(!tokens.empty(), "TransformerLM::generate: the prompt must hold at least one token");
   if (max_new_tokens <= 0) return tokens;
   NoGradGuard no_grad;
   const Device device = wte->weight.device();
@@ -320,7 +320,7 @@ std::vector<int32_t> CharTransformer::generate(
   std::vector<float> logits = feed(std::min<int64_t>(static_cast<int64_t>(tokens.size()), config_.block_size));
   for (int64_t step = 0;; ++step) {
     int32_t next = sample(logits);
-    MINIDL_CHECK(next >= 0 && next < config_.vocab_size, "CharTransformer::generate: sampled id ",
+    MINIDL_CHECK(next >= 0 && next < config_.vocab_size, "TransformerLM::generate: sampled id ",
                  next, " is outside the vocabulary [0, ", config_.vocab_size, ")");
     tokens.push_back(next);
     if (step + 1 == max_new_tokens) return tokens;

@@ -1,5 +1,6 @@
 #pragma once
-// A GPT-style character language model (nanoGPT's architecture): token +
+// A GPT-style language model over any token vocabulary (nanoGPT's architecture; charlm
+// feeds it characters): token +
 // learned position embeddings (or rotary ones inside the attention layers,
 // config.position_embedding), n_layer pre-LayerNorm blocks, a final
 // LayerNorm and an LM head (tied to the token embedding by default).
@@ -23,7 +24,7 @@ namespace minidl::nn {
 class TransformerBlock : public Module {
  public:
   // The attention layer comes from the registry (config.attention).
-  TransformerBlock(const CharTransformerConfig& config, int64_t layer, Generator& init_gen,
+  TransformerBlock(const TransformerLMConfig& config, int64_t layer, Generator& init_gen,
                    Generator* dropout_gen = nullptr, TensorOptions options = {});
   Tensor forward(const Tensor& x) const;
   // For a stack of blocks: x_ln is ln_1(x) (the previous block's second
@@ -52,12 +53,12 @@ struct KVCache {
   }
 };
 
-class CharTransformer : public Module {
+class TransformerLM : public Module {
  public:
   // Parameters are drawn from Generator(seed); dropout masks come from the
   // model's own dropout_generator() (seeded from `seed` too).
-  explicit CharTransformer(const CharTransformerConfig& config, uint64_t seed = 1337,
-                           TensorOptions options = {});
+  explicit TransformerLM(const TransformerLMConfig& config, uint64_t seed = 1337,
+                         TensorOptions options = {});
 
   // idx int32 (B, T), T <= block_size -> logits (B, T, vocab_size).
   Tensor forward(const Tensor& idx) const;
@@ -91,7 +92,7 @@ class CharTransformer : public Module {
   std::vector<int32_t> generate(std::vector<int32_t> prompt, int64_t max_new_tokens,
                                 const std::function<int32_t(const std::vector<float>&)>& sample) const;
 
-  const CharTransformerConfig& config() const { return config_; }
+  const TransformerLMConfig& config() const { return config_; }
   // The dropout mask stream; save/restore its state for exact resume.
   Generator& dropout_generator() { return dropout_gen_; }
 
@@ -107,11 +108,11 @@ class CharTransformer : public Module {
   // The LM head, over the final LayerNorm's output.
   Tensor head(const Tensor& x_ln) const;
 
-  CharTransformerConfig config_;
+  TransformerLMConfig config_;
   Generator dropout_gen_;
 };
 
-// Checks a CharTransformer state dict (e.g. a checkpoint's "model." tensors)
+// Checks a TransformerLM state dict (e.g. a checkpoint's "model." tensors)
 // against `config` before a model is built from it, so that metadata read
 // from a file cannot make the constructor allocate far beyond what the file
 // holds: wte.weight is (vocab_size, n_embd); wpe.weight is
@@ -120,6 +121,6 @@ class CharTransformer : public Module {
 // blocks are h.0 .. h.<n_layer - 1>, each with its MLP weights
 // (4 n_embd, n_embd) and (n_embd, 4 n_embd). Throws naming the field and the
 // tensor. (load_state_dict then checks every name and shape.)
-void check_state_dict(const CharTransformerConfig& config, const StateDict& weights);
+void check_state_dict(const TransformerLMConfig& config, const StateDict& weights);
 
 }  // namespace minidl::nn

@@ -1,5 +1,5 @@
 #pragma once
-// The hyper-parameters of CharTransformer, kept apart from the layers so the
+// The hyper-parameters of TransformerLM, kept apart from the layers so the
 // attention registry and checkpoint code can use them without the model.
 #include <cstdint>
 #include <map>
@@ -9,7 +9,7 @@ namespace minidl::nn {
 
 using Metadata = std::map<std::string, std::string>;
 
-struct CharTransformerConfig {
+struct TransformerLMConfig {
   int64_t vocab_size = 0;
   int64_t n_layer = 6;
   int64_t n_head = 6;
@@ -39,7 +39,7 @@ struct CharTransformerConfig {
   // "model.attention.<option>"; from_metadata reads them back and throws
   // naming a missing or malformed key.
   Metadata to_metadata() const;
-  static CharTransformerConfig from_metadata(const Metadata& metadata);
+  static TransformerLMConfig from_metadata(const Metadata& metadata);
 };
 
 }  // namespace minidl::nn

@@ -112,31 +112,31 @@ TEST_CASE("checkpoint round trip: every dtype, scalars, empty and strided tensor
 
 TEST_CASE("checkpoint of a model restores it through load_state_dict") {
   TempDir dir;
-  nn::CharTransformerConfig config;
+  nn::TransformerLMConfig config;
   config.vocab_size = 9;
   config.n_layer = 2;
   config.n_head = 2;
   config.n_embd = 8;
   config.block_size = 8;
-  nn::CharTransformer a(config, 1);
+  nn::TransformerLM a(config, 1);
   std::string path = dir.file("model.ckpt");
   nn::save_checkpoint(path, a.state_dict(), config.to_metadata());
 
   nn::Checkpoint ckpt = nn::load_checkpoint(path);
-  nn::CharTransformer b(nn::CharTransformerConfig::from_metadata(ckpt.metadata), 2);
+  nn::TransformerLM b(nn::TransformerLMConfig::from_metadata(ckpt.metadata), 2);
   b.load_state_dict(ckpt.tensors);
   Tensor idx = from_vector(std::vector<int32_t>{1, 2, 3, 4, 5, 6, 7, 8}, {1, 8});
   CHECK(a.forward(idx).to_vector<float>() == b.forward(idx).to_vector<float>());
 
   // A checkpoint of a different model: load_state_dict names the problems.
   config.n_layer = 1;
-  nn::CharTransformer small(config);
+  nn::TransformerLM small(config);
   nn::save_checkpoint(path, small.state_dict(), {});
   CHECK_THROWS_WITH_AS(b.load_state_dict(nn::load_checkpoint(path).tensors),
                        doctest::Contains("missing keys (12): h.1.ln_1.weight"), Error);
   config.n_layer = 2;
   config.n_embd = 4;
-  nn::CharTransformer narrow(config);
+  nn::TransformerLM narrow(config);
   nn::save_checkpoint(path, narrow.state_dict(), {});
   CHECK_THROWS_WITH_AS(b.load_state_dict(nn::load_checkpoint(path).tensors),
                        doctest::Contains("'wte.weight': expected float32 [9, 8] on cpu, got float32 [9, 4]"),
@@ -254,8 +254,8 @@ TEST_CASE("checkpoint tensors saved from CUDA and loaded to CUDA") {
 
 namespace {
 
-nn::CharTransformerConfig run_config() {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig run_config() {
+  nn::TransformerLMConfig c;
   c.vocab_size = 9;
   c.n_layer = 2;
   c.n_head = 2;
@@ -268,16 +268,16 @@ nn::CharTransformerConfig run_config() {
 // A mixed-precision training run: masters, bf16 compute model, attached
 // AdamW, a batch generator and a running loss sum.
 struct Run {
-  std::shared_ptr<nn::CharTransformer> master, compute;
+  std::shared_ptr<nn::TransformerLM> master, compute;
   std::unique_ptr<nn::MixedPrecision> mp;
   std::unique_ptr<nn::AdamW> opt;
   Generator batches;
   Tensor loss_sum = ops::zeros({});
 
   Run(uint64_t seed, Device device) : batches(seed + 100) {
-    master = std::make_shared<nn::CharTransformer>(run_config(), seed);
+    master = std::make_shared<nn::TransformerLM>(run_config(), seed);
     master->to(device);
-    compute = std::make_shared<nn::CharTransformer>(run_config(), seed);
+    compute = std::make_shared<nn::TransformerLM>(run_config(), seed);
     mp = std::make_unique<nn::MixedPrecision>(master, compute);
     opt = std::make_unique<nn::AdamW>(nn::weight_decay_groups(*master, 0.1), nn::AdamWOptions{.lr = 1e-2});
     mp->attach(*opt);
@@ -407,9 +407,9 @@ TEST_CASE("train state: mismatches are named and restore nothing; reserved names
   CHECK(b.opt->step_count() == 0);
 
   // A different model: named per tensor.
-  nn::CharTransformerConfig other = run_config();
+  nn::TransformerLMConfig other = run_config();
   other.n_embd = 4;
-  nn::CharTransformer small(other, 1);
+  nn::TransformerLM small(other, 1);
   CHECK_THROWS_WITH_AS(nn::restore_train_state(nn::load_checkpoint(path), {.model = &small}),
                        doctest::Contains("tensor 'model.wte.weight' is float32 [9, 8], expected float32 [9, 4]"),
                        Error);

@@ -1,6 +1,6 @@
 // nn::DilatedAttention and rotary embeddings in the attention layers: shapes,
 // argument and option errors, float64 gradchecks, equivalence with
-// CausalSelfAttention for one dense branch, a dilated + rope CharTransformer
+// CausalSelfAttention for one dense branch, a dilated + rope TransformerLM
 // that learns and round-trips through a checkpoint, and CUDA parity.
 #include <omp.h>
 #include <unistd.h>
@@ -31,8 +31,8 @@ void randomize(const nn::Module& module, double scale = 1.0) {
     ops::copy_(p, ops::mul(random_tensor(p.shape(), {p.dtype()}), scale));
 }
 
-nn::CharTransformerConfig dilated_rope_config(int64_t vocab_size) {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig dilated_rope_config(int64_t vocab_size) {
+  nn::TransformerLMConfig c;
   c.vocab_size = vocab_size;
   c.n_layer = 2;
   c.n_head = 2;
@@ -80,9 +80,9 @@ TEST_CASE("DilatedAttention: shapes, parameter names, built by the registry from
   CHECK(std::find(kinds.begin(), kinds.end(), "dilated") != kinds.end());
   CHECK(std::find(kinds.begin(), kinds.end(), "causal") != kinds.end());
 
-  nn::CharTransformerConfig config = dilated_rope_config(7);
+  nn::TransformerLMConfig config = dilated_rope_config(7);
   config.attention_options["segments"] = " 8, 16 ,32";  // spaces are fine
-  nn::CharTransformer model(config, 3);
+  nn::TransformerLM model(config, 3);
   auto* layer = dynamic_cast<nn::DilatedAttention*>(model.h[1]->attn.get());
   REQUIRE(layer != nullptr);
   CHECK(layer->segments == std::vector<int64_t>{8, 16, 32});
@@ -93,24 +93,24 @@ TEST_CASE("DilatedAttention: shapes, parameter names, built by the registry from
   CHECK(model.forward(ops::zeros({2, 20}, {DType::Int32})).shape() == Shape{2, 20, 7});
 
   config.attention_options["rope_base"] = "500";
-  nn::CharTransformer based(config, 3);
+  nn::TransformerLM based(config, 3);
   CHECK(dynamic_cast<nn::DilatedAttention*>(based.h[0]->attn.get())->rope_base == 500.0);
   // "rope" reaches the causal layer too; "learned" keeps the table and no rotation.
   config.attention = "causal";
-  nn::CharTransformer causal(config, 3);
+  nn::TransformerLM causal(config, 3);
   CHECK(dynamic_cast<nn::CausalSelfAttention*>(causal.h[0]->attn.get())->rope_base == 500.0);
   CHECK(causal.wpe == nullptr);
   config.position_embedding = "learned";
-  nn::CharTransformer learned(config, 3);
+  nn::TransformerLM learned(config, 3);
   CHECK(!dynamic_cast<nn::CausalSelfAttention*>(learned.h[0]->attn.get())->rope_base.has_value());
   CHECK(learned.wpe != nullptr);
 }
 
 TEST_CASE("a rope model has no position table: block_size costs no parameters") {
-  nn::CharTransformerConfig config = dilated_rope_config(7);
-  nn::CharTransformer small(config, 1);
+  nn::TransformerLMConfig config = dilated_rope_config(7);
+  nn::TransformerLM small(config, 1);
   config.block_size = int64_t{1} << 20;
-  nn::CharTransformer huge(config, 1);
+  nn::TransformerLM huge(config, 1);
   CHECK(huge.num_parameters() == small.num_parameters());
   // Longer than any segment: runs, and positions beyond the training context are fine.
   NoGradGuard no_grad;
@@ -166,10 +166,10 @@ TEST_CASE("dilated attention options parse with clear errors") {
   }
   auto build = [](const std::map<std::string, std::string>& options,
                   const std::string& pos = "rope") {
-    nn::CharTransformerConfig config = dilated_rope_config(5);
+    nn::TransformerLMConfig config = dilated_rope_config(5);
     config.attention_options = options;
     config.position_embedding = pos;
-    return nn::CharTransformer(config);
+    return nn::TransformerLM(config);
   };
   CHECK_THROWS_WITH_AS(build({{"dilations", "1"}}),
                        doctest::Contains("DilatedAttention: attention option 'segments' is missing; set "
@@ -263,14 +263,14 @@ TEST_CASE("DilatedAttention is causal: later tokens do not change earlier output
   CHECK(y.narrow(1, 7, 1).to_vector<double>() != y2.narrow(1, 7, 1).to_vector<double>());
 }
 
-TEST_CASE("a dilated + rope CharTransformer learns a tiny text and round-trips a checkpoint") {
+TEST_CASE("a dilated + rope TransformerLM learns a tiny text and round-trips a checkpoint") {
   omp_set_num_threads(1);  // tiny matrices: threads cost more than they save
   std::string text;
   for (int i = 0; i < 40; ++i) text += "the quick brown fox jumps over the lazy dog.\n";
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
-  nn::CharTransformerConfig config = dilated_rope_config(vocab.size());
-  nn::CharTransformer model(config, 1337);
+  nn::TransformerLMConfig config = dilated_rope_config(vocab.size());
+  nn::TransformerLM model(config, 1337);
   nn::BatchSampler train(split.train, 8, config.block_size, 1);
   nn::BatchSampler val(split.val, 8, config.block_size, 2);
   nn::AdamW opt(nn::weight_decay_groups(model, 0.1), {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.99});
@@ -309,12 +309,12 @@ TEST_CASE("a dilated + rope CharTransformer learns a tiny text and round-trips a
   const std::string path = (dir.path / "dilated_rope.ckpt").string();
   nn::save_checkpoint(path, model.state_dict(), config.to_metadata());
   nn::Checkpoint ckpt = nn::load_checkpoint(path);
-  nn::CharTransformerConfig restored = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
+  nn::TransformerLMConfig restored = nn::TransformerLMConfig::from_metadata(ckpt.metadata);
   CHECK(restored.attention == "dilated");
   CHECK(restored.position_embedding == "rope");
   CHECK(restored.attention_options == config.attention_options);
   CHECK(!ckpt.tensors.contains("wpe.weight"));
-  nn::CharTransformer reloaded(restored, 99);
+  nn::TransformerLM reloaded(restored, 99);
   reloaded.load_state_dict(ckpt.tensors);
   auto* layer = dynamic_cast<nn::DilatedAttention*>(reloaded.h[0]->attn.get());
   REQUIRE(layer != nullptr);
@@ -448,11 +448,11 @@ TEST_CASE("CUDA DilatedAttention with rope matches the CPU, forward and backward
   check_scaled(cuda_attn.forward(x.to(Device::cuda()).to(DType::BFloat16)), yc, 5e-2);
 }
 
-TEST_CASE("CUDA dilated + rope CharTransformer matches the CPU and trains") {
+TEST_CASE("CUDA dilated + rope TransformerLM matches the CPU and trains") {
   MINIDL_REQUIRE_CUDA();
-  nn::CharTransformerConfig config = dilated_rope_config(11);
+  nn::TransformerLMConfig config = dilated_rope_config(11);
   config.n_embd = 64;  // head dim 32
-  nn::CharTransformer cpu_model(config, 21), cuda_model(config, 21);
+  nn::TransformerLM cpu_model(config, 21), cuda_model(config, 21);
   cuda_model.to(Device::cuda());
   std::vector<int32_t> ids(2 * 32);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 7) % 11);

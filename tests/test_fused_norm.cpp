@@ -229,8 +229,8 @@ TEST_CASE("dropout_add_layer_norm errors") {
 
 namespace {
 
-nn::CharTransformerConfig block_config() {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig block_config() {
+  nn::TransformerLMConfig c;
   c.vocab_size = 7;
   c.n_layer = 2;
   c.n_head = 2;
@@ -250,7 +250,7 @@ Tensor unfused_block(const nn::TransformerBlock& b, const Tensor& x) {
 }  // namespace
 
 TEST_CASE("TransformerBlock: fused forwards equal the unfused ops, masks and gradients included") {
-  nn::CharTransformerConfig config = block_config();
+  nn::TransformerLMConfig config = block_config();
   for (const char* attention : {"causal", "dilated"}) {
     CAPTURE(attention);
     config.attention = attention;

@@ -1,4 +1,4 @@
-// Incremental decoding with a KVCache (CharTransformer::forward(idx, cache),
+// Incremental decoding with a KVCache (TransformerLM::forward(idx, cache),
 // MultiHeadSelfAttention::forward(x, cache)): logits equal the full forward
 // at every position for vanilla and dilated attention, learned and rotary
 // positions, across segment boundaries, chunked and one id at a time (CPU
@@ -40,8 +40,8 @@ const std::vector<Variant> kVariants = {
     {"dilated rope, rows kept nowhere", "dilated", "4,7", "2,5", "rope"},
 };
 
-nn::CharTransformerConfig config_for(const Variant& variant, int64_t n_embd, int64_t block_size) {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig config_for(const Variant& variant, int64_t n_embd, int64_t block_size) {
+  nn::TransformerLMConfig c;
   c.vocab_size = 11;
   c.n_layer = 2;
   c.n_head = 4;
@@ -67,7 +67,7 @@ Tensor random_ids(int64_t batch, int64_t n, int64_t vocab_size, uint64_t seed) {
 
 // Feeds idx (B, N) through forward(., cache) in chunks of the given sizes
 // and returns the logits of all positions, concatenated.
-Tensor incremental_logits(const nn::CharTransformer& model, const Tensor& idx,
+Tensor incremental_logits(const nn::TransformerLM& model, const Tensor& idx,
                           const std::vector<int64_t>& chunks) {
   nn::KVCache cache;
   std::vector<Tensor> parts;
@@ -90,7 +90,7 @@ const std::vector<int64_t> kChunks = {4, 1, 1, 1, 1, 1, 3, 1};
 TEST_CASE("cached forward equals the full forward at every position (CPU float64)") {
   for (const Variant& variant : kVariants) {
     CAPTURE(variant.name);
-    nn::CharTransformer model(config_for(variant, 16, 13), 3, {DType::Float64});
+    nn::TransformerLM model(config_for(variant, 16, 13), 3, {DType::Float64});
     randomize(model, 1.0);
     model.eval();
     Tensor idx = random_ids(2, 13, 11, 7);
@@ -108,8 +108,8 @@ TEST_CASE("cached decoding attends exactly the dilated key sets") {
   // dense attention in disguise.
   const Variant& dilated = kVariants[3];
   Variant vanilla = kVariants[1];
-  nn::CharTransformer a(config_for(dilated, 16, 13), 3, {DType::Float64});
-  nn::CharTransformer b(config_for(vanilla, 16, 13), 3, {DType::Float64});
+  nn::TransformerLM a(config_for(dilated, 16, 13), 3, {DType::Float64});
+  nn::TransformerLM b(config_for(vanilla, 16, 13), 3, {DType::Float64});
   randomize(a, 1.0);
   b.load_state_dict(a.state_dict());
   a.eval();
@@ -125,7 +125,7 @@ TEST_CASE("cached decoding attends exactly the dilated key sets") {
 TEST_CASE("generate draws each id from the full forward of its window, past the context") {
   for (const Variant& variant : {kVariants[0], kVariants[3]}) {
     CAPTURE(variant.name);
-    nn::CharTransformer model(config_for(variant, 16, 7), 5, {DType::Float64});
+    nn::TransformerLM model(config_for(variant, 16, 7), 5, {DType::Float64});
     randomize(model, 1.0);
     model.eval();
     for (std::vector<int32_t> prompt : {std::vector<int32_t>{1, 2, 3}, std::vector<int32_t>(10, 4)}) {
@@ -172,7 +172,7 @@ TEST_CASE("attention layers without a key/value path decode by replaying their i
   });
   Variant variant = kVariants[1];
   variant.attention = "replay-test";
-  nn::CharTransformer model(config_for(variant, 16, 13), 3, {DType::Float64});
+  nn::TransformerLM model(config_for(variant, 16, 13), 3, {DType::Float64});
   randomize(model, 1.0);
   model.eval();
   Tensor idx = random_ids(2, 13, 11, 11);
@@ -180,7 +180,7 @@ TEST_CASE("attention layers without a key/value path decode by replaying their i
 }
 
 TEST_CASE("cached forward errors") {
-  nn::CharTransformer model(config_for(kVariants[2], 16, 13), 3);
+  nn::TransformerLM model(config_for(kVariants[2], 16, 13), 3);
   nn::KVCache cache;
   CHECK_THROWS_WITH_AS(model.forward(random_ids(1, 3, 11, 1), cache),
                        doctest::Contains("cached decoding runs without dropout; call eval() first"),
@@ -210,7 +210,7 @@ TEST_CASE("CUDA cached forward equals the full forward at bf16 tolerance") {
   };
   for (const Variant& variant : variants) {
     CAPTURE(variant.name);
-    nn::CharTransformer model(config_for(variant, 128, 37), 3);
+    nn::TransformerLM model(config_for(variant, 128, 37), 3);
     randomize(model, 0.5);
     model.eval();
     model.to(Device::cuda());

@@ -10,8 +10,8 @@ using namespace minidl;
 
 namespace {
 
-nn::CharTransformerConfig tiny_config() {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig tiny_config() {
+  nn::TransformerLMConfig c;
   c.vocab_size = 11;
   c.n_layer = 2;
   c.n_head = 2;
@@ -31,7 +31,7 @@ std::pair<Tensor, Tensor> batch(Device device, int seed) {
   return {from_vector(x, {3, 8}).to(device), from_vector(y, {3, 8}).to(device)};
 }
 
-Tensor loss_of(const nn::CharTransformer& model, const Tensor& x, const Tensor& y) {
+Tensor loss_of(const nn::TransformerLM& model, const Tensor& x, const Tensor& y) {
   Tensor logits = ops::to(model.forward(x), DType::Float32);
   const int64_t n = x.numel();
   return ops::cross_entropy(logits.reshape({n, logits.size(-1)}), y.reshape({n}));
@@ -55,10 +55,10 @@ void check_consistent(const nn::MixedPrecision& mp) {
 // hand-written recipe (separate models, float32 gradient casts, refresh by
 // copy_); the masters and losses must agree bit for bit.
 void check_against_manual_recipe(Device device, int steps) {
-  const nn::CharTransformerConfig config = tiny_config();
-  auto master = std::make_shared<nn::CharTransformer>(config, 5);
+  const nn::TransformerLMConfig config = tiny_config();
+  auto master = std::make_shared<nn::TransformerLM>(config, 5);
   master->to(device);
-  auto compute = std::make_shared<nn::CharTransformer>(config, 5);
+  auto compute = std::make_shared<nn::TransformerLM>(config, 5);
   nn::MixedPrecision mp(master, compute);
   CHECK(compute->parameters()[0].dtype() == DType::BFloat16);
   CHECK(compute->parameters()[0].device() == device);
@@ -66,7 +66,7 @@ void check_against_manual_recipe(Device device, int steps) {
   nn::AdamW opt(nn::weight_decay_groups(mp.master(), 0.1), {.lr = 3e-3});
   mp.attach(opt);
 
-  nn::CharTransformer ref_master(config, 5), ref_compute(config, 5);
+  nn::TransformerLM ref_master(config, 5), ref_compute(config, 5);
   ref_master.to(device);
   ref_compute.to(device);
   ref_compute.to(DType::BFloat16);
@@ -128,9 +128,9 @@ TEST_CASE("MixedPrecision: consistent copies, equal to the hand-written recipe (
 }
 
 TEST_CASE("MixedPrecision: clipping the bf16 gradients, gradient accumulation, sync_compute") {
-  const nn::CharTransformerConfig config = tiny_config();
-  auto master = std::make_shared<nn::CharTransformer>(config, 1);
-  auto compute = std::make_shared<nn::CharTransformer>(config, 1);
+  const nn::TransformerLMConfig config = tiny_config();
+  auto master = std::make_shared<nn::TransformerLM>(config, 1);
+  auto compute = std::make_shared<nn::TransformerLM>(config, 1);
   nn::MixedPrecision mp(master, compute);
   compute->eval();  // the same gradient from each pass
 
@@ -164,27 +164,27 @@ TEST_CASE("MixedPrecision: clipping the bf16 gradients, gradient accumulation, s
   check_consistent(mp);
 
   // Loading the masters, then sync_compute.
-  nn::CharTransformer other(config, 99);
+  nn::TransformerLM other(config, 99);
   mp.master().load_state_dict(other.state_dict());
   mp.sync_compute();
   check_consistent(mp);
 }
 
 TEST_CASE("MixedPrecision: errors") {
-  nn::CharTransformerConfig config = tiny_config();
-  auto master = std::make_shared<nn::CharTransformer>(config, 1);
-  nn::CharTransformerConfig wider = config;
+  nn::TransformerLMConfig config = tiny_config();
+  auto master = std::make_shared<nn::TransformerLM>(config, 1);
+  nn::TransformerLMConfig wider = config;
   wider.n_embd = 32;
-  CHECK_THROWS_WITH_AS(nn::MixedPrecision(master, std::make_shared<nn::CharTransformer>(wider, 1)),
+  CHECK_THROWS_WITH_AS(nn::MixedPrecision(master, std::make_shared<nn::TransformerLM>(wider, 1)),
                        doctest::Contains("in the compute model; pass two instances of one architecture"),
                        Error);
   CHECK_THROWS_WITH_AS(nn::MixedPrecision(master, master), doctest::Contains("two distinct modules"), Error);
-  auto bf16 = std::make_shared<nn::CharTransformer>(config, 1);
+  auto bf16 = std::make_shared<nn::TransformerLM>(config, 1);
   bf16->to(DType::BFloat16);
-  CHECK_THROWS_WITH_AS(nn::MixedPrecision(bf16, std::make_shared<nn::CharTransformer>(config, 1)),
+  CHECK_THROWS_WITH_AS(nn::MixedPrecision(bf16, std::make_shared<nn::TransformerLM>(config, 1)),
                        doctest::Contains("the masters must be float32"), Error);
   // attach: the optimizer must hold the masters.
-  nn::MixedPrecision mp(master, std::make_shared<nn::CharTransformer>(config, 1));
+  nn::MixedPrecision mp(master, std::make_shared<nn::TransformerLM>(config, 1));
   Tensor stranger = ops::zeros({2});
   stranger.requires_grad_(true);
   nn::AdamW opt(std::vector<Tensor>{stranger});
@@ -194,10 +194,10 @@ TEST_CASE("MixedPrecision: errors") {
 #if defined(MINIDL_WITH_CUDA)
 TEST_CASE("MixedPrecision step on CUDA: no host synchronisation") {
   MINIDL_REQUIRE_CUDA();
-  const nn::CharTransformerConfig config = tiny_config();
-  auto master = std::make_shared<nn::CharTransformer>(config, 2);
+  const nn::TransformerLMConfig config = tiny_config();
+  auto master = std::make_shared<nn::TransformerLM>(config, 2);
   master->to(Device::cuda());
-  auto compute = std::make_shared<nn::CharTransformer>(config, 2);
+  auto compute = std::make_shared<nn::TransformerLM>(config, 2);
   nn::MixedPrecision mp(master, compute);
   nn::AdamW opt(nn::weight_decay_groups(mp.master(), 0.1), {.lr = 1e-3});
   mp.attach(opt);

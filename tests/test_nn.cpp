@@ -16,8 +16,8 @@ const TensorOptions kF64{DType::Float64, Device::cpu(), false};
 
 TensorOptions grad_f64() { return {DType::Float64, Device::cpu(), true}; }
 
-nn::CharTransformerConfig tiny_config() {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig tiny_config() {
+  nn::TransformerLMConfig c;
   c.vocab_size = 5;
   c.n_layer = 2;
   c.n_head = 2;
@@ -96,7 +96,7 @@ TEST_CASE("module registration errors") {
 }
 
 TEST_CASE("train/eval propagate to every descendant") {
-  nn::CharTransformer model(tiny_config());
+  nn::TransformerLM model(tiny_config());
   CHECK(model.is_training());
   model.eval();
   for (const auto& [name, m] : model.named_modules()) CHECK(!m->is_training());
@@ -146,10 +146,10 @@ TEST_CASE("to(DType) casts in place: handles stay valid, leaves keep requires_gr
 
 TEST_CASE("to(Device) moves parameters in place to CUDA and back") {
   MINIDL_REQUIRE_CUDA();
-  nn::CharTransformerConfig config = tiny_config();
+  nn::TransformerLMConfig config = tiny_config();
   config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
-  nn::CharTransformer model(config, 11);
-  nn::CharTransformer reference(config, 11);
+  nn::TransformerLM model(config, 11);
+  nn::TransformerLM reference(config, 11);
   Tensor wte = model.wte->weight;
   model.to(Device::cuda());
   CHECK(wte.is_cuda());
@@ -176,7 +176,7 @@ TEST_CASE("to(Device) moves parameters in place to CUDA and back") {
 }
 
 TEST_CASE("zero_grad drops every gradient") {
-  nn::CharTransformer model(tiny_config());
+  nn::TransformerLM model(tiny_config());
   Tensor idx = from_vector(std::vector<int32_t>{0, 1, 2, 3}, {1, 4});
   model.loss(idx, idx).backward();
   for (const Tensor& p : model.parameters()) CHECK(p.grad().defined());
@@ -187,8 +187,8 @@ TEST_CASE("zero_grad drops every gradient") {
 // ---- state dicts ----
 
 TEST_CASE("state_dict round trip reproduces the model") {
-  nn::CharTransformerConfig config = tiny_config();
-  nn::CharTransformer a(config, 1), b(config, 2);
+  nn::TransformerLMConfig config = tiny_config();
+  nn::TransformerLM a(config, 1), b(config, 2);
   Tensor idx = from_vector(std::vector<int32_t>{0, 1, 2, 3, 4, 3}, {1, 6});
   CHECK(a.forward(idx).to_vector<float>() != b.forward(idx).to_vector<float>());
   nn::StateDict sd = a.state_dict();
@@ -380,7 +380,7 @@ TEST_CASE("CausalSelfAttention is causal: later tokens do not change earlier out
 }
 
 TEST_CASE("gradcheck TransformerBlock") {
-  nn::CharTransformerConfig config = tiny_config();
+  nn::TransformerLMConfig config = tiny_config();
   config.n_embd = 4;
   Generator gen(26);
   nn::TransformerBlock block(config, 0, gen, nullptr, kF64);
@@ -392,12 +392,12 @@ TEST_CASE("gradcheck TransformerBlock") {
   check_module_grads(block, x, [&] { return block.forward(x); });
 }
 
-TEST_CASE("gradcheck CharTransformer loss through tied embeddings") {
-  nn::CharTransformerConfig config = tiny_config();
+TEST_CASE("gradcheck TransformerLM loss through tied embeddings") {
+  nn::TransformerLMConfig config = tiny_config();
   config.n_layer = 1;
   config.n_embd = 4;
   config.block_size = 4;
-  nn::CharTransformer model(config, 3, kF64);
+  nn::TransformerLM model(config, 3, kF64);
   CHECK(model.lm_head == nullptr);
   {
     NoGradGuard no_grad;
@@ -408,16 +408,16 @@ TEST_CASE("gradcheck CharTransformer loss through tied embeddings") {
   check_module_grads(model, Tensor(), [&] { return model.loss(idx, targets); });
 }
 
-// ---- CharTransformer ----
+// ---- TransformerLM ----
 
-TEST_CASE("CharTransformer: names, parameter count, shapes, initial loss and scaled init") {
-  nn::CharTransformerConfig config;
+TEST_CASE("TransformerLM: names, parameter count, shapes, initial loss and scaled init") {
+  nn::TransformerLMConfig config;
   config.vocab_size = 11;
   config.n_layer = 3;
   config.n_head = 4;
   config.n_embd = 64;
   config.block_size = 16;
-  nn::CharTransformer model(config, 42);
+  nn::TransformerLM model(config, 42);
   const int64_t V = 11, C = 64, L = 3, Tm = 16;
   const int64_t per_block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) +
                             (4 * C * C + C);
@@ -458,25 +458,25 @@ TEST_CASE("CharTransformer: names, parameter count, shapes, initial loss and sca
   CHECK(std_of(model.h[1]->mlp->c_fc->weight) == doctest::Approx(0.02).epsilon(0.05));
 
   config.tie_weights = false;
-  nn::CharTransformer untied(config, 42);
+  nn::TransformerLM untied(config, 42);
   CHECK(untied.lm_head != nullptr);
   CHECK(untied.num_parameters() == model.num_parameters() + V * C);
 
   // Without learned positions (for attention that encodes them itself).
   config.position_embedding = "none";
-  nn::CharTransformer no_pos(config, 42);
+  nn::TransformerLM no_pos(config, 42);
   CHECK(no_pos.wpe == nullptr);
   CHECK(!no_pos.state_dict().contains("wpe.weight"));
   CHECK(no_pos.num_parameters() == untied.num_parameters() - Tm * C);
   CHECK(no_pos.forward(idx).shape() == Shape{2, 16, 11});
   config.position_embedding = "alibi";
-  CHECK_THROWS_WITH_AS(nn::CharTransformer{config},
+  CHECK_THROWS_WITH_AS(nn::TransformerLM{config},
                        doctest::Contains("position_embedding must be \"learned\", \"none\" or \"rope\", got \"alibi\""),
                        Error);
 }
 
-TEST_CASE("CharTransformer input errors") {
-  nn::CharTransformer model(tiny_config());
+TEST_CASE("TransformerLM input errors") {
+  nn::TransformerLM model(tiny_config());
   CHECK_THROWS_WITH_AS(model.forward(ops::zeros({1, 7}, {DType::Int32})),
                        doctest::Contains("sequence length 7 must be in [1, block_size = 6]"), Error);
   CHECK_THROWS_WITH_AS(model.forward(ops::zeros({1, 3})),
@@ -484,21 +484,21 @@ TEST_CASE("CharTransformer input errors") {
   Tensor idx = ops::zeros({1, 3}, {DType::Int32});
   CHECK_THROWS_WITH_AS(model.loss(idx, ops::zeros({3}, {DType::Int32})),
                        doctest::Contains("targets must be int32 of the ids' shape [1, 3]"), Error);
-  nn::CharTransformerConfig bad = tiny_config();
+  nn::TransformerLMConfig bad = tiny_config();
   bad.n_embd = 9;
-  CHECK_THROWS_WITH_AS(nn::CharTransformer{bad}, doctest::Contains("n_embd 9 must be a positive multiple of n_head 2"),
+  CHECK_THROWS_WITH_AS(nn::TransformerLM{bad}, doctest::Contains("n_embd 9 must be a positive multiple of n_head 2"),
                        Error);
 }
 
-TEST_CASE("CharTransformer is deterministic by seed") {
-  nn::CharTransformer a(tiny_config(), 5), b(tiny_config(), 5), c(tiny_config(), 6);
+TEST_CASE("TransformerLM is deterministic by seed") {
+  nn::TransformerLM a(tiny_config(), 5), b(tiny_config(), 5), c(tiny_config(), 6);
   CHECK(a.wte->weight.to_vector<float>() == b.wte->weight.to_vector<float>());
   CHECK(a.h[1]->mlp->c_fc->weight.to_vector<float>() == b.h[1]->mlp->c_fc->weight.to_vector<float>());
   CHECK(a.wte->weight.to_vector<float>() != c.wte->weight.to_vector<float>());
 }
 
 TEST_CASE("generate appends sampled ids and crops the context to block_size") {
-  nn::CharTransformer model(tiny_config(), 8);
+  nn::TransformerLM model(tiny_config(), 8);
   model.eval();
   autograd::clear_tape();  // earlier forwards without backward left nodes
   int calls = 0;
@@ -519,7 +519,7 @@ TEST_CASE("generate appends sampled ids and crops the context to block_size") {
 }
 
 TEST_CASE("config metadata round trip and errors") {
-  nn::CharTransformerConfig c = tiny_config();
+  nn::TransformerLMConfig c = tiny_config();
   c.dropout = 0.1;
   c.bias = false;
   c.attention = "dilated";
@@ -528,7 +528,7 @@ TEST_CASE("config metadata round trip and errors") {
   CHECK(m.at("model.n_embd") == "8");
   CHECK(m.at("model.attention.segments") == "4,8");
   m["unrelated.key"] = "x";  // other metadata is ignored
-  nn::CharTransformerConfig r = nn::CharTransformerConfig::from_metadata(m);
+  nn::TransformerLMConfig r = nn::TransformerLMConfig::from_metadata(m);
   CHECK(r.vocab_size == 5);
   CHECK(r.n_layer == 2);
   CHECK(r.dropout == 0.1);
@@ -539,10 +539,10 @@ TEST_CASE("config metadata round trip and errors") {
   CHECK(r.position_embedding == "learned");
 
   m.erase("model.n_head");
-  CHECK_THROWS_WITH_AS(nn::CharTransformerConfig::from_metadata(m),
+  CHECK_THROWS_WITH_AS(nn::TransformerLMConfig::from_metadata(m),
                        doctest::Contains("missing key 'model.n_head'"), Error);
   m["model.n_head"] = "two";
-  CHECK_THROWS_WITH_AS(nn::CharTransformerConfig::from_metadata(m),
+  CHECK_THROWS_WITH_AS(nn::TransformerLMConfig::from_metadata(m),
                        doctest::Contains("key 'model.n_head' is not an integer: 'two'"), Error);
 }
 
@@ -550,15 +550,15 @@ TEST_CASE("attention registry: custom layers plug into the blocks") {
   nn::register_attention("scale-test", [](const nn::AttentionInit& init) {
     return std::make_shared<ScaleAttention>(init);
   });
-  nn::CharTransformerConfig config = tiny_config();
+  nn::TransformerLMConfig config = tiny_config();
   config.attention = "scale-test";
-  nn::CharTransformer model(config);
+  nn::TransformerLM model(config);
   CHECK(dynamic_cast<ScaleAttention*>(model.h[0]->attn.get()) != nullptr);
   CHECK(model.state_dict().contains("h.1.attn.scale"));
   CHECK(model.forward(ops::zeros({1, 3}, {DType::Int32})).shape() == Shape{1, 3, 5});
 
   config.attention = "no-such-attention";
-  CHECK_THROWS_WITH_AS(nn::CharTransformer{config},
+  CHECK_THROWS_WITH_AS(nn::TransformerLM{config},
                        doctest::Contains("unknown attention 'no-such-attention'; registered: 'causal'"),
                        Error);
 }

@@ -40,8 +40,8 @@ struct ScalarAdamW {
   }
 };
 
-nn::CharTransformerConfig tiny_config() {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig tiny_config() {
+  nn::TransformerLMConfig c;
   c.vocab_size = 7;
   c.n_layer = 2;
   c.n_head = 2;
@@ -166,9 +166,9 @@ TEST_CASE("optimizer construction errors") {
 }
 
 TEST_CASE("weight_decay_groups: decay only Linear weights") {
-  nn::CharTransformerConfig config = tiny_config();
+  nn::TransformerLMConfig config = tiny_config();
   config.tie_weights = false;
-  nn::CharTransformer model(config);
+  nn::TransformerLM model(config);
   std::vector<nn::ParamGroup> groups = nn::weight_decay_groups(model, 0.1);
   REQUIRE(groups.size() == 2);
   CHECK(groups[0].weight_decay == 0.1);

@@ -1,4 +1,4 @@
-// End-to-end training on the CPU: a tiny CharTransformer learns a small
+// End-to-end training on the CPU: a tiny TransformerLM learns a small
 // repetitive text, and a run resumed from a checkpoint continues exactly.
 // On CUDA: the same run learns, a step never waits for the device, and the
 // step captured as one CUDA graph replays the eager run.
@@ -31,8 +31,8 @@ std::string synthetic_text() {
   return text;
 }
 
-nn::CharTransformerConfig tiny_config(int64_t vocab_size) {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig tiny_config(int64_t vocab_size) {
+  nn::TransformerLMConfig c;
   c.vocab_size = vocab_size;
   c.n_layer = 2;
   c.n_head = 2;
@@ -43,7 +43,7 @@ nn::CharTransformerConfig tiny_config(int64_t vocab_size) {
 }
 
 // One training step; returns the loss on the host.
-double train_step(nn::CharTransformer& model, nn::Optimizer& opt, nn::BatchSampler& sampler,
+double train_step(nn::TransformerLM& model, nn::Optimizer& opt, nn::BatchSampler& sampler,
                   const nn::LRSchedule& schedule) {
   opt.set_lr(schedule.lr_at(opt.step_count()));
   auto [x, y] = sampler.next();
@@ -55,7 +55,7 @@ double train_step(nn::CharTransformer& model, nn::Optimizer& opt, nn::BatchSampl
   return loss.item<float>();
 }
 
-double eval_loss(nn::CharTransformer& model, nn::BatchSampler& sampler, int batches) {
+double eval_loss(nn::TransformerLM& model, nn::BatchSampler& sampler, int batches) {
   NoGradGuard no_grad;
   model.eval();
   double total = 0;
@@ -69,13 +69,13 @@ double eval_loss(nn::CharTransformer& model, nn::BatchSampler& sampler, int batc
 
 }  // namespace
 
-TEST_CASE("a tiny CharTransformer learns a repetitive text: loss falls from ln(V) to below half") {
+TEST_CASE("a tiny TransformerLM learns a repetitive text: loss falls from ln(V) to below half") {
   use_one_thread();
   const std::string text = synthetic_text();
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
-  nn::CharTransformerConfig config = tiny_config(vocab.size());
-  nn::CharTransformer model(config, 1337);
+  nn::TransformerLMConfig config = tiny_config(vocab.size());
+  nn::TransformerLM model(config, 1337);
   nn::BatchSampler train(split.train, 8, config.block_size, 1);
   nn::BatchSampler val(split.val, 8, config.block_size, 2);
   nn::AdamW opt(nn::weight_decay_groups(model, 0.1), {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.99});
@@ -110,9 +110,9 @@ TEST_CASE("the same training run learns on CUDA") {
   const std::string text = synthetic_text();
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
-  nn::CharTransformerConfig config = tiny_config(vocab.size());
+  nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
-  nn::CharTransformer model(config, 1337);
+  nn::TransformerLM model(config, 1337);
   model.to(Device::cuda());
   nn::BatchSampler train(split.train, 8, config.block_size, 1, Device::cuda());
   nn::BatchSampler val(split.val, 8, config.block_size, 2, Device::cuda());
@@ -133,10 +133,10 @@ TEST_CASE("a CUDA training step never waits for the device; reading the logged l
   const std::string text = synthetic_text();
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
-  nn::CharTransformerConfig config = tiny_config(vocab.size());
+  nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;     // head dim 32 for the CUDA attention kernels
   config.dropout = 0.1;   // the dropout streams too
-  nn::CharTransformer model(config, 1337);
+  nn::TransformerLM model(config, 1337);
   model.to(Device::cuda());
   nn::BatchSampler train(split.train, 8, config.block_size, 1, Device::cuda());
   nn::AdamW opt(nn::weight_decay_groups(model, 0.1), {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.99});
@@ -177,15 +177,15 @@ struct GraphRun {
   uint64_t dropout_offset = 0;
 };
 
-GraphRun run_cuda_steps(const nn::TrainValSplit& split, const nn::CharTransformerConfig& config, bool bf16,
+GraphRun run_cuda_steps(const nn::TrainValSplit& split, const nn::TransformerLMConfig& config, bool bf16,
                         bool graph) {
   const Device cuda = Device::cuda();
-  auto master = std::make_shared<nn::CharTransformer>(config, 1337);
+  auto master = std::make_shared<nn::TransformerLM>(config, 1337);
   master->to(cuda);
-  std::shared_ptr<nn::CharTransformer> compute = master;
+  std::shared_ptr<nn::TransformerLM> compute = master;
   std::unique_ptr<nn::MixedPrecision> mp;
   if (bf16) {
-    compute = std::make_shared<nn::CharTransformer>(config, 1337);
+    compute = std::make_shared<nn::TransformerLM>(config, 1337);
     mp = std::make_unique<nn::MixedPrecision>(master, compute);
   }
   nn::AdamW opt(nn::weight_decay_groups(*master, 0.1), {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.99});
@@ -233,7 +233,7 @@ TEST_CASE("the training step as one CUDA graph gives the eager losses over 200 s
   const std::string text = synthetic_text();
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
-  nn::CharTransformerConfig config = tiny_config(vocab.size());
+  nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;    // head dim 32 for the CUDA attention kernels
   config.dropout = 0.1;  // residual and attention dropout: the device-offset streams
   for (const bool bf16 : {false, true}) {
@@ -268,10 +268,10 @@ TEST_CASE("a training-step graph replay never waits for the device") {
   const std::string text = synthetic_text();
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
-  nn::CharTransformerConfig config = tiny_config(vocab.size());
+  nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;
   config.dropout = 0.1;
-  nn::CharTransformer model(config, 1337);
+  nn::TransformerLM model(config, 1337);
   model.to(Device::cuda());
   nn::BatchSampler train(split.train, 8, config.block_size, 1, Device::cuda());
   nn::AdamW opt(nn::weight_decay_groups(model, 0.1), {.lr = 1e-2});
@@ -305,7 +305,7 @@ TEST_CASE("resume from a checkpoint continues the run exactly") {
   const std::string text = synthetic_text();
   charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
   std::vector<int32_t> tokens = vocab.encode(text);
-  nn::CharTransformerConfig config = tiny_config(vocab.size());
+  nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.dropout = 0.1;  // the dropout stream must resume too
   config.n_layer = 1;
   nn::WarmupCosineLR schedule(1e-2, 1e-3, 5, 30);
@@ -313,7 +313,7 @@ TEST_CASE("resume from a checkpoint continues the run exactly") {
                             ("minidl_resume_" + std::to_string(::getpid()) + ".ckpt")).string();
 
   // Uninterrupted: 8 steps, checkpoint, 6 more.
-  nn::CharTransformer model(config, 7);
+  nn::TransformerLM model(config, 7);
   nn::BatchSampler sampler(tokens, 4, config.block_size, 3);
   nn::AdamW opt(nn::weight_decay_groups(model, 0.1), {.lr = 1e-2});
   for (int i = 0; i < 8; ++i) train_step(model, opt, sampler, schedule);
@@ -335,8 +335,8 @@ TEST_CASE("resume from a checkpoint continues the run exactly") {
   nn::Checkpoint ckpt = nn::load_checkpoint(path);
   std::filesystem::remove(path);
   charlm::CharVocab vocab2 = charlm::CharVocab::from_string(ckpt.metadata.at("vocab"));
-  nn::CharTransformerConfig config2 = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
-  nn::CharTransformer model2(config2, 999);  // a different init, overwritten below
+  nn::TransformerLMConfig config2 = nn::TransformerLMConfig::from_metadata(ckpt.metadata);
+  nn::TransformerLM model2(config2, 999);  // a different init, overwritten below
   nn::StateDict model_sd, optim_sd;
   for (const auto& [name, t] : ckpt.tensors) {
     if (name.rfind("model.", 0) == 0) model_sd.insert(name.substr(6), t);

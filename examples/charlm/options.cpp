@@ -88,8 +88,8 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
 
 namespace {
 
-nn::CharTransformerConfig config_of(const ModelOptions& m, int64_t vocab_size) {
-  nn::CharTransformerConfig c;
+nn::TransformerLMConfig config_of(const ModelOptions& m, int64_t vocab_size) {
+  nn::TransformerLMConfig c;
   c.vocab_size = vocab_size;
   c.n_layer = m.layers;
   c.n_head = m.heads;
@@ -155,20 +155,20 @@ const std::vector<std::pair<const char*, const char*>> kRecipeFlags = {
 
 }  // namespace
 
-nn::CharTransformerConfig make_config(const ModelOptions& m, int64_t vocab_size) {
+nn::TransformerLMConfig make_config(const ModelOptions& m, int64_t vocab_size) {
   if (m.attention == "dilated") {
     const std::vector<std::string> known = nn::registered_attentions();
     if (std::find(known.begin(), known.end(), "dilated") == known.end())
       throw UsageError("--attention dilated: this build of minidl has no \"dilated\" attention layer "
                        "registered (nn::DilatedAttention); use --attention vanilla");
   }
-  nn::CharTransformerConfig c = config_of(m, vocab_size);
+  nn::TransformerLMConfig c = config_of(m, vocab_size);
   try {
     c.validate();
   } catch (const minidl::Error& e) {
     if (m.pos == "rope" && std::string(e.what()).find("position_embedding") != std::string::npos)
       throw UsageError("--pos rope: this build of minidl has no rotary position embeddings "
-                       "(CharTransformerConfig.position_embedding \"rope\"); use --pos learned");
+                       "(TransformerLMConfig.position_embedding \"rope\"); use --pos learned");
     throw;
   }
   return c;
@@ -208,7 +208,7 @@ nn::Metadata recipe_metadata(const TrainOptions& o, int64_t vocab_size) {
 }
 
 TrainOptions recipe_from_metadata(const nn::Metadata& meta) {
-  const nn::CharTransformerConfig c = nn::CharTransformerConfig::from_metadata(meta);
+  const nn::TransformerLMConfig c = nn::TransformerLMConfig::from_metadata(meta);
   TrainOptions o;
   o.model.layers = c.n_layer;
   o.model.heads = c.n_head;

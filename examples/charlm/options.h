@@ -61,7 +61,7 @@ void check_options(const FlagSet& flags, const TrainOptions& options);
 // The model config for a vocabulary of `vocab_size`. Throws UsageError when
 // this build of minidl lacks what the flags ask for (the "dilated" attention
 // or rotary position embeddings).
-minidl::nn::CharTransformerConfig make_config(const ModelOptions& model, int64_t vocab_size);
+minidl::nn::TransformerLMConfig make_config(const ModelOptions& model, int64_t vocab_size);
 
 // "cpu" or "cuda" for --device auto|cpu|cuda; throws UsageError when CUDA is
 // asked for and unavailable.

@@ -108,7 +108,7 @@ int cmd_sample(const std::vector<std::string>& args) {
   MINIDL_CHECK(vocab_it != ckpt.metadata.end(), "charlm sample: ", o.ckpt,
                " has no 'vocab' metadata (not a checkpoint written by charlm train?)");
   const CharVocab vocab = CharVocab::from_string(vocab_it->second);
-  const nn::CharTransformerConfig config = nn::CharTransformerConfig::from_metadata(ckpt.metadata);
+  const nn::TransformerLMConfig config = nn::TransformerLMConfig::from_metadata(ckpt.metadata);
   MINIDL_CHECK(vocab.size() == config.vocab_size, "charlm sample: ", o.ckpt, ": the vocabulary has ",
                vocab.size(), " characters but model.vocab_size is ", config.vocab_size);
   const std::vector<std::string> known = nn::registered_attentions();
@@ -124,7 +124,7 @@ int cmd_sample(const std::vector<std::string>& args) {
     throw minidl::Error("charlm sample: " + o.ckpt + ": " + e.what());
   }
 
-  nn::CharTransformer model(config, 0);
+  nn::TransformerLM model(config, 0);
   model.to(device);
   model.load_state_dict(weights);
   model.eval();

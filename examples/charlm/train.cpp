@@ -66,19 +66,19 @@ const std::string& meta_at(const nn::Metadata& meta, const std::string& key, con
 // With float32 the master model runs directly.
 class TrainModel {
  public:
-  TrainModel(const nn::CharTransformerConfig& config, uint64_t seed, Device device, bool bf16)
-      : master_(std::make_shared<nn::CharTransformer>(config, seed)), compute_(master_) {
+  TrainModel(const nn::TransformerLMConfig& config, uint64_t seed, Device device, bool bf16)
+      : master_(std::make_shared<nn::TransformerLM>(config, seed)), compute_(master_) {
     // Built on the CPU and moved, so the initial weights do not depend on the device.
     master_->to(device);
     if (bf16) {
-      compute_ = std::make_shared<nn::CharTransformer>(config, seed);
+      compute_ = std::make_shared<nn::TransformerLM>(config, seed);
       mixed_ = std::make_unique<nn::MixedPrecision>(master_, compute_);
     }
   }
 
-  nn::CharTransformer& master() { return *master_; }
+  nn::TransformerLM& master() { return *master_; }
   // The model that runs forward; its dropout stream is the run's.
-  nn::CharTransformer& compute() { return *compute_; }
+  nn::TransformerLM& compute() { return *compute_; }
   nn::MixedPrecision* mixed_precision() { return mixed_.get(); }
   const std::vector<Tensor>& parameters() { return mixed_ ? mixed_->parameters() : master_params(); }
   // Call once the optimizer over master().parameters() exists.
@@ -104,7 +104,7 @@ class TrainModel {
     if (params_.empty()) params_ = master_->parameters();
     return params_;
   }
-  std::shared_ptr<nn::CharTransformer> master_, compute_;
+  std::shared_ptr<nn::TransformerLM> master_, compute_;
   std::unique_ptr<nn::MixedPrecision> mixed_;
   std::vector<Tensor> params_;
 };
@@ -318,7 +318,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
   const int64_t T = o.model.context, B = o.batch;
   check_split_fits(o, split);
-  const nn::CharTransformerConfig config = make_config(o.model, vocab.size());
+  const nn::TransformerLMConfig config = make_config(o.model, vocab.size());
 
   // Output directory and the run's identity.
   std::string run_id = o.run_id;
