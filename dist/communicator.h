@@ -1,0 +1,46 @@
+#pragma once
+// Collective communication between ranks (DESIGN.md, "Scaling out"): the
+// interface every distributed algorithm in minidl is written against, with
+// two backends: NCCL (the real engine, one GPU per rank) and in-process (ranks
+// are threads sharing memory; CPU tensors, or CUDA tensors on one GPU as
+// virtual ranks), which tests and CPU runs use. Raw tensors in and out, never
+// autograd: ops/ builds differentiable algorithms from these.
+#include <functional>
+#include <memory>
+
+#include "core/tensor.h"
+
+namespace minidl::dist {
+
+// Every collective takes contiguous tensors of one dtype and device that all
+// ranks of the communicator pass in the same order (shapes as stated per
+// call). On CUDA tensors the work is ordered on minidl's stream; the host
+// does not wait for it.
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // output (size() * input.numel() elements) = the ranks' inputs, in rank order.
+  virtual void all_gather(const Tensor& input, const Tensor& output) = 0;
+  // output (input.numel() / size() elements) = chunk rank() of the sum over ranks of input.
+  virtual void reduce_scatter(const Tensor& input, const Tensor& output) = 0;
+  // tensor = the sum over ranks of tensor, in place.
+  virtual void all_reduce(const Tensor& tensor) = 0;
+  // tensor = root's tensor, in place.
+  virtual void broadcast(const Tensor& tensor, int root) = 0;
+  // Returns when every rank has called it (host side; CUDA work before it is
+  // not waited for).
+  virtual void barrier() = 0;
+  // The sub-communicator of the ranks that pass the same `color`, ordered by
+  // `key` (then by rank), as MPI_Comm_split. Every rank must call it.
+  virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+};
+
+// Runs fn(comm) on world_size threads of this process, one rank each, and
+// returns when all have; an exception on any rank is rethrown here (the other
+// ranks' collectives then throw too, instead of waiting forever).
+void run_in_process(int world_size, const std::function<void(Communicator&)>& fn);
+
+}  // namespace minidl::dist
