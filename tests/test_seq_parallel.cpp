@@ -29,6 +29,7 @@ struct Rendezvous {
   int arrived = 0;
   uint64_t generation = 0;
   bool aborted = false;
+  std::vector<int64_t> gathered;  // rank 0's all_gather input sizes, in order
 
   void arrive() {
     std::unique_lock<std::mutex> lock(mutex);
@@ -60,6 +61,7 @@ class ThreadComm final : public dist::Communicator {
     check(input);
     check(output);
     MINIDL_CHECK(output.numel() == input.numel() * size(), "all_gather: sizes");
+    if (rank_ == 0) rv_.gathered.push_back(input.numel());
     deposit(input);
     const int64_t n = input.numel();
     for (int p = 0; p < size(); ++p)
@@ -114,7 +116,8 @@ class ThreadComm final : public dist::Communicator {
   Rendezvous& rv_;
 };
 
-void run_threads(int world, const std::function<void(dist::Communicator&)>& fn) {
+// Returns rank 0's all_gather input sizes.
+std::vector<int64_t> run_threads(int world, const std::function<void(dist::Communicator&)>& fn) {
   Rendezvous rv(world);
   std::vector<std::exception_ptr> errors(world);
   std::vector<std::thread> threads;
@@ -131,6 +134,7 @@ void run_threads(int world, const std::function<void(dist::Communicator&)>& fn) 
   for (std::thread& t : threads) t.join();
   for (const std::exception_ptr& e : errors)
     if (e) std::rethrow_exception(e);
+  return rv.gathered;
 }
 
 struct Case {
@@ -219,7 +223,7 @@ void check_equal(const char* what, const Tensor& a, const Tensor& b, double tol)
       at = i;
     }
   }
-  INFO(what, ": worst element ", at, ": ", x.empty() ? 0.0 : x[at], " vs ", y.empty() ? 0.0 : y[at]);
+  INFO(std::string(what), ": worst element ", at, ": ", x.empty() ? 0.0 : x[at], " vs ", y.empty() ? 0.0 : y[at]);
   CHECK(worst <= tol);
 }
 
@@ -272,6 +276,21 @@ TEST_CASE("seq_parallel_dilated_attention: chunks holding many local segments an
   const Case many{2, 50, 2, 5, {{4, 1}, {7, 2}, {30, 3}}, true};
   check_case(many, even_chunks(many.N, 2));
   check_case(many, {17, 33});
+}
+
+TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
+  // One segment over 4 ranks of 16 tokens, r = 4, 2 heads: each rank ships
+  // its 4 kept rows per head of k and v (not its 16 dense rows): after the
+  // shape exchange (4 numbers), one all-gather of 2 * B * (4 * 2) * D.
+  const Case c{1, 64, 2, 3, {{64, 4}}, true};
+  const Inputs in = make_inputs(c);
+  DilatedAttentionConfig config;
+  config.branches = c.branches;
+  const std::vector<int64_t> sizes = run_threads(4, [&](dist::Communicator& comm) {
+    const Tensor q = in.q.narrow(1, 16 * comm.rank(), 16).contiguous();
+    ops::seq_parallel_dilated_attention(q, q, q, config, comm);
+  });
+  CHECK(sizes == std::vector<int64_t>{4, 2 * 1 * 8 * 3});
 }
 
 TEST_CASE("seq_parallel_dilated_attention: float32 inputs match the float32 op") {
