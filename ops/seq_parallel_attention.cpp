@@ -11,7 +11,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <tuple>
 #include <vector>
 
 #include "autograd/grad_mode.h"
