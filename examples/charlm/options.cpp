@@ -61,6 +61,8 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.add_choice("dtype", &o.dtype, {"float32", "bfloat16"},
                    "compute dtype (bfloat16: bf16 compute, float32 master weights)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
+  flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (CPU: threads of this process)",
+                1, 1024);
   flags.add_switch("no-graph", &o.graph, false,
                    "CUDA: run every step eagerly instead of replaying it as one CUDA graph");
 }
@@ -83,6 +85,9 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
   if (o.warmup > decay_iters)
     throw UsageError("--warmup " + std::to_string(o.warmup) + " exceeds the decay length " +
                      std::to_string(decay_iters) + " (--decay-iters, default --iters)");
+  if (o.batch % o.dp != 0)
+    throw UsageError("--batch " + std::to_string(o.batch) + " must be a multiple of --dp " + std::to_string(o.dp) +
+                     " (--batch is the global batch, split evenly over the ranks)");
   if (o.min_lr > o.lr) throw UsageError("--min-lr " + format_double(o.min_lr) + " exceeds --lr " + format_double(o.lr));
 }
 
@@ -249,6 +254,7 @@ TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested,
   if (flags.given("device")) recipe.device = requested.device;
   if (flags.given("dtype")) recipe.dtype = requested.dtype;
   if (flags.given("threads")) recipe.threads = requested.threads;
+  if (flags.given("dp")) recipe.dp = requested.dp;
   if (flags.given("no-graph")) recipe.graph = requested.graph;
   return recipe;
 }

@@ -43,6 +43,9 @@ struct TrainOptions {
   std::string device = "auto";  // auto | cpu | cuda
   std::string dtype = "float32";
   int64_t threads = 0;  // CPU threads; 0 = OpenMP's default
+  // Data-parallel ranks (on the CPU: threads of this process), each on
+  // batch / dp of the global --batch; a run-level flag (resume may change it).
+  int64_t dp = 1;
   bool graph = true;    // CUDA: each step after the first replays one CUDA graph (--no-graph: eager)
   // The run's id (checkpoints, log.csv); empty: a fresh run draws a new one.
   std::string run_id;
@@ -82,7 +85,7 @@ void check_resume_flags(const FlagSet& flags, const TrainOptions& requested,
 
 // `recipe` with the run-level flags given on the command line (--data,
 // --iters, --eval-interval, --eval-iters, --log-interval, --device, --dtype,
-// --threads, --no-graph) taken from `requested`: what a resumed run may change.
+// --threads, --dp, --no-graph) taken from `requested`: what a resumed run may change.
 TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested, TrainOptions recipe);
 
 std::string format_double(double v);  // shortest text that reads back exactly

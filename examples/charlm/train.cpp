@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -15,7 +16,10 @@
 #include <optional>
 #include <random>
 #include <sstream>
+#include <thread>
 
+#include "dist/communicator.h"
+#include "nn/data_parallel.h"
 #include "profile.h"
 #include "progress.h"
 #include "signals.h"
@@ -24,6 +28,7 @@
 namespace charlm {
 
 namespace fs = std::filesystem;
+namespace dist = minidl::dist;
 namespace nn = minidl::nn;
 namespace ops = minidl::ops;
 using minidl::Device;
@@ -109,37 +114,94 @@ class TrainModel {
   std::vector<Tensor> params_;
 };
 
-// Forward, backward, clipping and the update on the batch (x, y). Returns the
-// loss, left on the device: nothing here waits for it. `end` (may be empty)
-// marks where the work of each phase ends.
+// This rank's part in data parallelism (--dp N): every rank draws the same
+// global batch and computes on its rows (batch / N of them), DataParallel
+// averages the gradients, and losses are averaged over the ranks, so the run
+// equals one rank on the global batch up to float rounding (dropout masks
+// are each rank's own). Without a communicator (--dp 1) everything is a no-op.
+class Ranks {
+ public:
+  enum class Command { Step, EvalBegin, EvalBatch, EvalEnd, Stop };
+
+  explicit Ranks(dist::Communicator* comm) : comm_(comm) {}
+  // Once the model holds its initial (or restored) weights, on every rank:
+  // averages its gradients from now on; rank 0's weights everywhere (equal
+  // already: same seed or same checkpoint); ranks > 0 draw their own dropout.
+  void attach(TrainModel& model) {
+    if (!comm_) return;
+    dp_ = std::make_unique<nn::DataParallel>(model.parameters(), *comm_);
+    dp_->broadcast_parameters();
+    minidl::Generator& dropout = model.compute().dropout_generator();
+    if (comm_->rank() > 0)
+      dropout.set_state(dropout.seed() ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(comm_->rank())),
+                        dropout.offset());
+  }
+  // This rank's rows of a global batch.
+  Tensor rows(const Tensor& t) const {
+    if (!comm_) return t;
+    const int64_t n = t.size(0) / comm_->size();
+    return t.narrow(0, comm_->rank() * n, n).contiguous();
+  }
+  // The mean over ranks of a per-rank mean loss.
+  Tensor mean(const Tensor& loss) const {
+    if (!comm_) return loss;
+    minidl::NoGradGuard no_grad;
+    Tensor m = loss.detach().clone();
+    comm_->all_reduce(m);
+    ops::mul_(m, 1.0 / comm_->size());
+    return m;
+  }
+  void all_reduce_gradients() {
+    if (dp_) dp_->all_reduce_gradients();
+  }
+  // Rank 0 tells the other ranks what it does next (follow_rank0); the
+  // others call it without arguments to hear it.
+  std::pair<Command, double> command(Command c = Command::Stop, double arg = 0) const {
+    if (!comm_) return {c, arg};
+    Tensor msg = minidl::from_vector<double>({static_cast<double>(c), arg}, {2});
+    comm_->broadcast(msg, 0);
+    const std::vector<double> v = msg.to_vector<double>();
+    return {static_cast<Command>(static_cast<int>(v[0])), v[1]};
+  }
+
+ private:
+  dist::Communicator* comm_;
+  std::unique_ptr<nn::DataParallel> dp_;
+};
+
+// Forward, backward, clipping and the update on the batch (x, y) (with --dp,
+// on this rank's rows of it). Returns the loss (the mean over ranks), left on
+// the device: nothing here waits for it. `end` (may be empty) marks where the
+// work of each phase ends.
 Tensor step_on_batch(TrainModel& model, nn::AdamW& optimizer, const Tensor& x, const Tensor& y, double grad_clip,
-                     const std::function<void(Phase)>& end) {
+                     const std::function<void(Phase)>& end, Ranks* ranks = nullptr) {
   auto mark = [&end](Phase phase) {
     if (end) end(phase);
   };
-  Tensor loss = model.loss(x, y);
+  Tensor loss = ranks ? model.loss(ranks->rows(x), ranks->rows(y)) : model.loss(x, y);
   mark(Phase::Forward);
   optimizer.zero_grad();  // drops the gradients: backward writes fresh ones
   loss.backward();
   model.gradients_to_masters();
+  if (ranks) ranks->all_reduce_gradients();
   mark(Phase::Backward);
   if (grad_clip > 0) nn::clip_grad_norm_(model.parameters(), grad_clip);
   optimizer.step();  // also writes the bfloat16 copy (MixedPrecision::attach)
   mark(Phase::Optimizer);
-  return loss;
+  return ranks ? ranks->mean(loss) : loss;
 }
 
 // One optimisation step at learning rate `lr`, eagerly. `profiler` (may be
 // null) marks where the work of each phase ends.
 Tensor train_step(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double lr, double grad_clip,
-                  StepProfiler* profiler) {
+                  StepProfiler* profiler, Ranks* ranks = nullptr) {
   if (profiler) profiler->begin_step();
   auto [x, y] = batches.next();
   optimizer.set_lr(lr);  // a device scalar the update reads
   if (profiler) profiler->end_phase(Phase::Data);
   std::function<void(Phase)> end;
   if (profiler) end = [profiler](Phase phase) { profiler->end_phase(phase); };
-  return step_on_batch(model, optimizer, x, y, grad_clip, end);
+  return step_on_batch(model, optimizer, x, y, grad_clip, end, ranks);
 }
 
 // The training steps of a run: eager, or on CUDA with the graph on, the
@@ -150,8 +212,9 @@ Tensor train_step(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& bat
 // generator at device-side offsets: the same masks and batches as eager.
 class StepRunner {
  public:
-  StepRunner(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double grad_clip, bool graph)
-      : model_(model), optimizer_(optimizer), batches_(batches), grad_clip_(grad_clip) {
+  StepRunner(TrainModel& model, nn::AdamW& optimizer, nn::BatchSampler& batches, double grad_clip, bool graph,
+             Ranks* ranks = nullptr)
+      : model_(model), optimizer_(optimizer), batches_(batches), grad_clip_(grad_clip), ranks_(ranks) {
     if (graph)
       graph_ = std::make_unique<nn::CudaGraph>(std::vector<minidl::Generator*>{&model.compute().dropout_generator()});
   }
@@ -159,7 +222,7 @@ class StepRunner {
   // The loss of the step, on the device. With the graph it is the graph's
   // output tensor, which the next step overwrites: read it before then.
   Tensor step(double lr) {
-    if (!graph_) return train_step(model_, optimizer_, batches_, lr, grad_clip_, nullptr);
+    if (!graph_) return train_step(model_, optimizer_, batches_, lr, grad_clip_, nullptr, ranks_);
     auto [x, y] = batches_.next();
     optimizer_.set_lr(lr);
     if (!x_.defined()) {
@@ -185,8 +248,128 @@ class StepRunner {
   nn::AdamW& optimizer_;
   nn::BatchSampler& batches_;
   double grad_clip_;
+  Ranks* ranks_;
   std::unique_ptr<nn::CudaGraph> graph_;
   Tensor x_, y_, loss_;  // the graph's static input and output
+};
+
+// What each rank trains: the model, its optimizer and the batch streams
+// (with --dp every rank draws the global batches).
+struct Replica {
+  Replica(const TrainOptions& o, const nn::TransformerLMConfig& config, const nn::TrainValSplit& split, Device device)
+      : seed(o.seed),
+        model(config, o.seed, device, o.dtype == "bfloat16"),
+        optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
+                  {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2}),
+        train_batches(split.train, o.batch, o.model.context, train_batch_seed(o.seed), device, "train"),
+        val_batches(split.val, o.batch, o.model.context, val_batch_seed(o.seed), device, "val") {
+    model.attach(optimizer);
+  }
+
+  // Everything a resumed run needs, saved and restored as one train state.
+  nn::TrainState train_state(const Tensor& loss_sum, nn::Metadata meta) {
+    nn::StateDict extra;
+    extra.insert("train.loss_sum", loss_sum);
+    return nn::TrainState{.model = model.mixed_precision() ? nullptr : &model.master(),
+                          .mixed_precision = model.mixed_precision(),
+                          .optimizer = &optimizer,
+                          .generators = {{"train", &train_batches.generator()},
+                                         {"dropout", &model.compute().dropout_generator()}},
+                          .tensors = extra,
+                          .metadata = std::move(meta)};
+  }
+
+  // An evaluation: the same validation batches every time (the stream
+  // restarts), so evaluations are comparable and need no saved state.
+  void eval_begin() {
+    model.compute().eval();
+    val_batches.generator().set_state(val_batch_seed(seed), 0);
+  }
+  // The mean loss of the next validation batch (over the ranks).
+  Tensor val_loss(const Ranks& ranks) {
+    auto [x, y] = val_batches.next();
+    return ranks.mean(model.loss(ranks.rows(x), ranks.rows(y)));
+  }
+  void eval_end() { model.compute().train(); }
+
+  uint64_t seed;
+  TrainModel model;
+  nn::AdamW optimizer;
+  nn::BatchSampler train_batches, val_batches;
+};
+
+// Ranks 1..N-1 of --dp N: a replica each, doing what rank 0 announces.
+void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, const nn::TrainValSplit& split,
+                  Device device, const nn::Checkpoint* resume, dist::Communicator& comm) {
+  if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));  // per thread too
+  Replica replica(o, config, split, device);
+  if (resume) nn::restore_train_state(*resume, replica.train_state(ops::zeros({}, {DType::Float32, device}), {}));
+  Ranks ranks(&comm);
+  ranks.attach(replica.model);
+  for (;;) {
+    auto [command, lr] = ranks.command();
+    switch (command) {
+      case Ranks::Command::Step:
+        train_step(replica.model, replica.optimizer, replica.train_batches, lr, o.grad_clip, nullptr, &ranks);
+        break;
+      case Ranks::Command::EvalBegin: replica.eval_begin(); break;
+      case Ranks::Command::EvalBatch: {
+        minidl::NoGradGuard no_grad;
+        replica.val_loss(ranks);
+        break;
+      }
+      case Ranks::Command::EvalEnd: replica.eval_end(); break;
+      case Ranks::Command::Stop: return;
+    }
+  }
+}
+
+// The other ranks of --dp N (N > 1, on the CPU), on threads of their own
+// until destroyed. train_run's thread is rank 0: it uses the communicator of
+// run_in_process's rank 0, whose function only waits for this object's
+// destruction. A rank's failure reaches rank 0 through its next collective;
+// rank 0's failure (destruction during an exception) ends the others'.
+class OtherRanks {
+ public:
+  OtherRanks(int64_t n, std::function<void(dist::Communicator&)> follow) {
+    thread_ = std::thread([this, n, follow = std::move(follow)] {
+      try {
+        dist::run_in_process(static_cast<int>(n), [&](dist::Communicator& comm) {
+          if (comm.rank() != 0) return follow(comm);
+          std::unique_lock<std::mutex> lock(mu_);
+          rank0_ = &comm;
+          cv_.notify_all();
+          cv_.wait(lock, [&] { return released_; });
+          if (failed_) throw std::runtime_error("charlm: rank 0 stopped with an error");
+        });
+      } catch (...) {
+        // Rank 0's own collectives have reported it, or rank 0 failed first.
+      }
+    });
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return rank0_ != nullptr; });
+  }
+  ~OtherRanks() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+      failed_ = std::uncaught_exceptions() > exceptions_;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  OtherRanks(const OtherRanks&) = delete;
+  OtherRanks& operator=(const OtherRanks&) = delete;
+
+  dist::Communicator& rank0() { return *rank0_; }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  dist::Communicator* rank0_ = nullptr;
+  bool released_ = false, failed_ = false;
+  const int exceptions_ = std::uncaught_exceptions();
+  std::thread thread_;
 };
 
 // The 90/10 split of the text must hold a context + 1 characters on each side.
@@ -363,14 +546,20 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   fs::create_directories(dir);
 
   minidl::reset_peak_memory_stats(device);
-  TrainModel model(config, o.seed, device, o.dtype == "bfloat16");
-  nn::AdamW optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
-                      {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2});
-  model.attach(optimizer);
+  // --dp N: this thread is rank 0 and writes every file; the others follow it.
+  if (o.dp > 1 && !device.is_cpu())
+    throw UsageError("--dp " + std::to_string(o.dp) + " runs its ranks as threads on the CPU; add --device cpu "
+                     "(charlm has no multi-GPU data parallelism yet)");
+  std::optional<OtherRanks> other_ranks;
+  if (o.dp > 1)
+    other_ranks.emplace(o.dp, [&](dist::Communicator& comm) { follow_rank0(o, config, split, device, resume, comm); });
+  Ranks ranks(other_ranks ? &other_ranks->rank0() : nullptr);
+  Replica replica(o, config, split, device);
+  TrainModel& model = replica.model;
+  nn::AdamW& optimizer = replica.optimizer;
+  nn::BatchSampler& train_batches = replica.train_batches;
   const int64_t decay_iters = o.decay_iters > 0 ? o.decay_iters : o.iters;
   const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, decay_iters);
-  nn::BatchSampler train_batches(split.train, B, T, train_batch_seed(o.seed), device, "train");
-  nn::BatchSampler val_batches(split.val, B, T, val_batch_seed(o.seed), device, "val");
 
   // Progress of the run, all saved in checkpoints.
   int64_t step = 0;
@@ -385,18 +574,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   double elapsed_before = 0;  // seconds the run spent in earlier processes
   size_t earlier_peak_bytes = 0;
 
-  // Everything a resumed run needs, saved and restored as one train state.
-  auto train_state = [&](nn::Metadata meta) {
-    nn::StateDict extra;
-    extra.insert("train.loss_sum", loss_sum);
-    return nn::TrainState{.model = model.mixed_precision() ? nullptr : &model.master(),
-                          .mixed_precision = model.mixed_precision(),
-                          .optimizer = &optimizer,
-                          .generators = {{"train", &train_batches.generator()},
-                                         {"dropout", &model.compute().dropout_generator()}},
-                          .tensors = extra,
-                          .metadata = std::move(meta)};
-  };
+  auto train_state = [&](nn::Metadata meta) { return replica.train_state(loss_sum, std::move(meta)); };
   if (resume) {
     nn::restore_train_state(*resume, train_state({}));  // also loss_sum, in place
     const nn::Metadata& m = resume->metadata;
@@ -415,6 +593,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     elapsed_before = std::stod(optional("train.elapsed_s", "0"));
     earlier_peak_bytes = std::stoull(optional("train.peak_memory_bytes", "0"));
   }
+  ranks.attach(model);
   LogWriter log(log_path, rows);
 
   // Wall-clock seconds of the run so far (this process: from here on).
@@ -441,25 +620,27 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     nn::save_train_state(path, train_state(std::move(meta)));
   };
 
-  // Mean loss over the same eval_iters validation batches every time (the
-  // stream restarts), so evaluations are comparable and need no saved state.
-  // Empty when a signal stopped it (checked between batches).
+  // Mean loss over the same eval_iters validation batches every time
+  // (Replica::eval_begin). Empty when a signal stopped it (checked between
+  // batches).
   auto evaluate = [&]() -> std::optional<double> {
     minidl::NoGradGuard no_grad;
-    model.compute().eval();
-    val_batches.generator().set_state(val_batch_seed(o.seed), 0);
+    ranks.command(Ranks::Command::EvalBegin);
+    replica.eval_begin();
     Tensor sum = ops::zeros({}, {DType::Float32, device});
     progress.evaluating(step, o.iters, 0, o.eval_iters);
     for (int64_t i = 0; i < o.eval_iters; ++i) {
       if (stop_signal() != 0) {
-        model.compute().train();
+        ranks.command(Ranks::Command::EvalEnd);
+        replica.eval_end();
         return std::nullopt;
       }
-      auto [x, y] = val_batches.next();
-      sum = ops::add(sum, model.loss(x, y));
+      ranks.command(Ranks::Command::EvalBatch);
+      sum = ops::add(sum, replica.val_loss(ranks));
       progress.evaluating(step, o.iters, i + 1, o.eval_iters);
     }
-    model.compute().train();
+    ranks.command(Ranks::Command::EvalEnd);
+    replica.eval_end();
     return static_cast<double>(sum.item<float>()) / static_cast<double>(o.eval_iters);
   };
 
@@ -523,7 +704,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     return true;
   };
 
-  StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda());
+  StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda(), &ranks);
   bool stopped_in_eval = false;
   if (!resume) {
     progress.message("training " + std::to_string(model.master().num_parameters()) + " parameters on " +
@@ -546,6 +727,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     if (stop_signal() != 0) break;
     // The batch is sampled on the device and the loss adds up there: the
     // host waits only in log_step.
+    ranks.command(Ranks::Command::Step, schedule.lr_at(step));
     Tensor loss = steps.step(schedule.lr_at(step));
     {
       minidl::NoGradGuard no_grad;
@@ -559,6 +741,8 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     if (step % o.log_interval != 0 && !eval_step) continue;
     if (!log_step(eval_step)) stopped_in_eval = true;
   }
+
+  ranks.command(Ranks::Command::Stop);
 
   RunSummary summary;
   summary.dir = dir;
@@ -775,6 +959,7 @@ int cmd_train(const std::vector<std::string>& args) {
   if (profile_steps > 0) {
     if (!options.resume.empty()) throw UsageError("--profile times a fresh model; leave --resume out");
     if (flags.given("out")) throw UsageError("--profile writes nothing; leave --out out");
+    if (options.dp > 1) throw UsageError("--profile times one rank; leave --dp out");
     if (options.data.empty()) throw UsageError("--data is required");
     check_options(flags, options);
     profile_run(options, profile_steps);

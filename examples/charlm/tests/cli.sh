@@ -2,7 +2,7 @@
 # Command-line tests of charlm, one case per ctest test:
 #   cli.sh CHARLM CASE SCRATCH_DIR
 # Cases: help bad_flags train resume interrupt interrupt_eval run_ids errors
-# sample compare compare_resume profile. Each trains tiny models on a small generated
+# sample compare compare_resume profile data_parallel. Each trains tiny models on a small generated
 # text on one CPU thread (a few seconds).
 set -uo pipefail
 charlm=$1
@@ -355,6 +355,40 @@ compare_resume)
   # Run directories of another comparison are refused.
   rm -r fresh/vanilla && cp -r stopped/vanilla fresh/vanilla
   expect_usage_error "--resume: fresh/vanilla/last.ckpt is run $(log_run_id stopped/vanilla), not " compare --resume fresh
+  ;;
+
+data_parallel)
+  make_text
+  # --dp N: N in-process ranks, each on batch / N rows of the global batch.
+  # Without dropout (each rank draws its own masks) the losses equal one
+  # rank's on the same global batch, up to float rounding.
+  common=("${TINY[@]}" --dropout 0 --eval-interval 10 --log-interval 1 --decay-iters 30)
+  # same_losses A B: every row's train and validation losses agree to 1e-4 relative.
+  same_losses() {
+    [ "$(wc -l <"$1/log.csv")" -eq "$(wc -l <"$2/log.csv")" ] || fail "$1 and $2 have different rows"
+    paste -d, <(cut -d, -f1-3 "$1/log.csv" | tail -n +2) <(cut -d, -f1-3 "$2/log.csv" | tail -n +2) |
+      awk -F, '{ for (i = 2; i <= 3; ++i) { a = $i; b = $(i + 3); if (a == "" && b == "") continue;
+                   d = a - b; if (d < 0) d = -d; m = a < 0 ? -a : a;
+                   if ($1 != $4 || a == "" || b == "" || d > 1e-4 * m) { print "step " $1 ": " a " vs " b; exit 1 } } }' \
+      >diff.txt || fail "$1 and $2 differ: $(cat diff.txt)"
+  }
+  "$charlm" train "${common[@]}" --out one --iters 30 >/dev/null || fail "the one-rank run failed"
+  for n in 2 4; do
+    "$charlm" train "${common[@]}" --out dp$n --iters 30 --dp $n >out.txt 2>err.txt ||
+      fail "--dp $n exited $?: $(cat err.txt)"
+    [ "$(wc -l <dp$n/log.csv)" -eq 32 ] || fail "--dp $n: expected 31 rows: $(cat dp$n/log.csv)"
+    same_losses one dp$n
+    [ "$(ls dp$n | tr '\n' ' ')" = "best.ckpt last.ckpt log.csv loss.png " ] || fail "--dp $n wrote $(ls dp$n)"
+  done
+  # A run resumes at another --dp (the checkpoint does not depend on it).
+  "$charlm" train "${common[@]}" --out mixed --iters 10 --dp 2 >/dev/null || fail "the --dp 2 part failed"
+  "$charlm" train --resume mixed --iters 20 --threads 1 >/dev/null || fail "resuming at --dp 1 failed"
+  "$charlm" train --resume mixed --iters 30 --threads 1 --dp 4 >/dev/null || fail "resuming at --dp 4 failed"
+  same_losses one mixed
+  expect_usage_error "--batch 4 must be a multiple of --dp 3" train "${common[@]}" --out r --iters 5 --dp 3
+  expect_usage_error "--batch 4 must be a multiple of --dp 3" train --resume mixed --iters 40 --dp 3
+  expect_usage_error "--profile times one rank; leave --dp out" train "${common[@]}" --profile 2 --dp 2
+  grep -q -- "--dp" <("$charlm" train --help) || fail "train --help lacks --dp"
   ;;
 
 *)

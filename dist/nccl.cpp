@@ -1,0 +1,231 @@
+// The NCCL backend (dist/nccl.h): a Communicator over one ncclComm_t whose
+// collectives run on minidl's stream of the communicator's device.
+#include "dist/nccl.h"
+
+#include <nccl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cuda/launch.h"
+#include "cuda/runtime.h"
+
+namespace minidl::dist {
+namespace {
+
+#define MINIDL_NCCL_CHECK(expr)                                                                   \
+  do {                                                                                            \
+    ncclResult_t minidl_nccl_ = (expr);                                                           \
+    if (minidl_nccl_ != ncclSuccess)                                                              \
+      MINIDL_FAIL("NCCL call ", #expr, " failed: ", ncclGetErrorString(minidl_nccl_), " (", __FILE__, \
+                  ":", __LINE__, ")");                                                            \
+  } while (0)
+
+// NVLink multicast (NVLS) stays off unless the user's environment says otherwise.
+void disable_nvls_unless_set() { setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0); }
+
+ncclDataType_t nccl_type(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return ncclFloat32;
+    case DType::Float64: return ncclFloat64;
+    case DType::BFloat16: return ncclBfloat16;
+    case DType::Int32: return ncclInt32;
+  }
+  MINIDL_FAIL("dist (NCCL): no NCCL type for ", dtype);
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  // Takes ownership of `comm`, a communicator on CUDA device `device`.
+  NcclCommunicator(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+    MINIDL_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
+    MINIDL_NCCL_CHECK(ncclCommCount(comm_, &size_));
+  }
+  ~NcclCommunicator() override {
+    // Waits for the communicator's queued work; errors cannot be thrown here.
+    ncclCommFinalize(comm_);
+    ncclCommDestroy(comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+
+  void all_gather(const Tensor& input, const Tensor& output) override {
+    check("all_gather", input);
+    check("all_gather", output);
+    check_pair("all_gather", input, output, input.numel() * size_);
+    MINIDL_NCCL_CHECK(ncclAllGather(input.raw_data(), output.raw_data(), static_cast<size_t>(input.numel()),
+                                    nccl_type(input.dtype()), comm_, cuda::stream()));
+  }
+
+  void reduce_scatter(const Tensor& input, const Tensor& output) override {
+    check("reduce_scatter", input);
+    check("reduce_scatter", output);
+    MINIDL_CHECK(input.numel() % size_ == 0, "dist::reduce_scatter: input has ", input.numel(),
+                 " elements, not a multiple of the communicator size ", size_);
+    check_pair("reduce_scatter", input, output, input.numel() / size_);
+    MINIDL_NCCL_CHECK(ncclReduceScatter(input.raw_data(), output.raw_data(), static_cast<size_t>(output.numel()),
+                                        nccl_type(input.dtype()), ncclSum, comm_, cuda::stream()));
+  }
+
+  void all_reduce(const Tensor& tensor) override {
+    check("all_reduce", tensor);
+    MINIDL_NCCL_CHECK(ncclAllReduce(tensor.raw_data(), tensor.raw_data(), static_cast<size_t>(tensor.numel()),
+                                    nccl_type(tensor.dtype()), ncclSum, comm_, cuda::stream()));
+  }
+
+  void broadcast(const Tensor& tensor, int root) override {
+    check("broadcast", tensor);
+    MINIDL_CHECK(root >= 0 && root < size_, "dist::broadcast: root ", root, " is not a rank of a communicator of size ",
+                 size_);
+    MINIDL_NCCL_CHECK(ncclBroadcast(tensor.raw_data(), tensor.raw_data(), static_cast<size_t>(tensor.numel()),
+                                    nccl_type(tensor.dtype()), root, comm_, cuda::stream()));
+  }
+
+  // NCCL has no host barrier: an all-reduce of one element, waited for. So,
+  // unlike the in-process backend, it also waits for this rank's queued work.
+  void barrier() override {
+    ensure_device();
+    if (!token_.defined()) token_ = Tensor::empty({1}, {DType::Int32, Device::cuda(device_)});
+    MINIDL_NCCL_CHECK(ncclAllReduce(token_.raw_data(), token_.raw_data(), 1, ncclInt32, ncclSum, comm_, cuda::stream()));
+    cuda::synchronize();
+  }
+
+  std::unique_ptr<Communicator> split(int color, int key) override {
+    MINIDL_CHECK(color >= 0, "dist::split (NCCL): color must be >= 0, got ", color);
+    ensure_device();
+    ncclComm_t sub = nullptr;
+    MINIDL_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
+    return std::make_unique<NcclCommunicator>(sub, device_);
+  }
+
+ private:
+  void ensure_device() const {
+    MINIDL_CHECK(cuda::current_device() == device_, "dist (NCCL): rank ", rank_, "'s communicator is on cuda:", device_,
+                 " but the calling thread's current device is cuda:", cuda::current_device());
+  }
+  void check(const char* op, const Tensor& t) const {
+    MINIDL_CHECK(t.defined(), "dist::", op, " (NCCL): undefined tensor");
+    MINIDL_CHECK(t.is_cuda() && t.device().index == device_, "dist::", op, " (NCCL): tensor ", shape_str(t.shape()), " is on ",
+                 t.device(), ", expected cuda:", device_, " (the rank's device)");
+    MINIDL_CHECK(t.is_contiguous(), "dist::", op, " (NCCL): tensor ", shape_str(t.shape()), " must be contiguous");
+    ensure_device();
+  }
+  void check_pair(const char* op, const Tensor& input, const Tensor& output, int64_t want) const {
+    MINIDL_CHECK(input.dtype() == output.dtype(), "dist::", op, " (NCCL): input is ", input.dtype(), ", output ",
+                 output.dtype(), "; expected the same dtype");
+    MINIDL_CHECK(output.numel() == want, "dist::", op, " (NCCL): output ", shape_str(output.shape()), " has ", output.numel(),
+                 " elements, expected ", want, " (input ", shape_str(input.shape()), ", ", size_, " ranks)");
+  }
+
+  ncclComm_t comm_;
+  int device_;
+  int rank_ = 0, size_ = 1;
+  Tensor token_;  // barrier's one element
+};
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) {
+    MINIDL_CHECK(fallback >= 0, "dist::nccl_from_env: the environment variable ", name, " is not set");
+    return fallback;
+  }
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  MINIDL_CHECK(*end == '\0' && x >= 0 && x < (1L << 30), "dist::nccl_from_env: ", name, "='", v,
+               "' is not a non-negative integer");
+  return static_cast<int>(x);
+}
+
+}  // namespace
+
+bool nccl_available() { return true; }
+
+void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn) {
+  const int visible = minidl::cuda_device_count();
+  MINIDL_CHECK(num_gpus >= 1 && num_gpus <= visible, "dist::run_nccl: asked for ", num_gpus, " GPUs, ", visible,
+               " visible");
+  disable_nvls_unless_set();
+  std::vector<ncclComm_t> comms(static_cast<size_t>(num_gpus));
+  std::vector<int> devices(static_cast<size_t>(num_gpus));
+  for (int i = 0; i < num_gpus; ++i) devices[static_cast<size_t>(i)] = i;
+  MINIDL_NCCL_CHECK(ncclCommInitAll(comms.data(), num_gpus, devices.data()));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(num_gpus));
+  auto body = [&](int i) {
+    try {
+      MINIDL_CUDA_CHECK(cudaSetDevice(i));
+      NcclCommunicator comm(comms[static_cast<size_t>(i)], i);
+      fn(comm);
+    } catch (...) {
+      errors[static_cast<size_t>(i)] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int i = 0; i < num_gpus; ++i) threads.emplace_back(body, i);
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+std::unique_ptr<Communicator> nccl_from_env(const std::string& id_file_arg) {
+  namespace fs = std::filesystem;
+  const int world = env_int("WORLD_SIZE", -1), rank = env_int("RANK", -1);
+  MINIDL_CHECK(world >= 1 && rank < world, "dist::nccl_from_env: RANK=", rank, " is not a rank of WORLD_SIZE=", world);
+  const int visible = minidl::cuda_device_count();
+  MINIDL_CHECK(visible > 0, "dist::nccl_from_env: no CUDA device is visible");
+  const int device = env_int("LOCAL_RANK", rank % visible);
+  MINIDL_CHECK(device < visible, "dist::nccl_from_env: LOCAL_RANK=", device, " but only ", visible,
+               " GPUs are visible");
+  std::string id_file = id_file_arg;
+  if (id_file.empty()) {
+    const char* v = std::getenv("MINIDL_NCCL_ID_FILE");
+    id_file = v ? v : "";
+  }
+  MINIDL_CHECK(!id_file.empty(), "dist::nccl_from_env: no id file (pass a path on a shared filesystem, or set "
+                                 "MINIDL_NCCL_ID_FILE)");
+  MINIDL_CUDA_CHECK(cudaSetDevice(device));
+  disable_nvls_unless_set();
+
+  ncclUniqueId id;
+  if (rank == 0) {
+    MINIDL_NCCL_CHECK(ncclGetUniqueId(&id));
+    // Written whole under a temporary name, then renamed: readers never see half an id.
+    const std::string tmp = id_file + ".tmp." + std::to_string(getpid());
+    {
+      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+      out.write(id.internal, sizeof id.internal);
+      MINIDL_CHECK(out.good(), "dist::nccl_from_env: cannot write ", tmp, ": ", std::strerror(errno));
+    }
+    fs::rename(tmp, id_file);
+  } else {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(10);
+    for (;;) {
+      std::ifstream in(id_file, std::ios::binary);
+      if (in.good() && in.read(id.internal, sizeof id.internal) && in.gcount() == sizeof id.internal) break;
+      MINIDL_CHECK(std::chrono::steady_clock::now() < deadline, "dist::nccl_from_env: rank ", rank,
+                   " waited 10 minutes for rank 0 to write ", id_file);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+  ncclComm_t comm = nullptr;
+  MINIDL_NCCL_CHECK(ncclCommInitRank(&comm, world, id, rank));
+  auto result = std::make_unique<NcclCommunicator>(comm, device);
+  // Every rank has joined once a collective completes: the id file is no longer needed.
+  result->barrier();
+  if (rank == 0) {
+    std::error_code ec;
+    fs::remove(id_file, ec);
+  }
+  return result;
+}
+
+}  // namespace minidl::dist

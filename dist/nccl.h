@@ -1,0 +1,39 @@
+#pragma once
+// The NCCL backend of dist::Communicator: one GPU per rank, collectives
+// queued on minidl's stream of the rank's device (the host does not wait).
+// Built when minidl is built with CUDA and nccl.h and libnccl are found;
+// otherwise nccl_available() is false and the factories throw, saying so.
+//
+// Before creating a communicator minidl sets NCCL_NVLS_ENABLE=0 unless the
+// environment already sets it (NVLink multicast stays off: DESIGN.md,
+// "Scaling out").
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "dist/communicator.h"
+
+namespace minidl::dist {
+
+// Whether this build of minidl has the NCCL backend.
+bool nccl_available();
+
+// One process, several GPUs: runs fn(comm) on num_gpus threads, thread i on
+// CUDA device i (its current device) with rank i of one communicator made
+// for devices 0..num_gpus-1 (ncclCommInitAll), and returns when all have. An
+// exception on any rank is rethrown here; NCCL collectives of the other
+// ranks cannot be cancelled, so a failure on one rank mid-collective may
+// leave the others waiting (NCCL's own timeout or abort then applies).
+void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn);
+
+// Several processes (one GPU each, on one or many nodes): the rank and world
+// size come from the environment variables RANK and WORLD_SIZE, the device
+// from LOCAL_RANK (default: RANK modulo the visible GPU count), which becomes
+// this thread's current device. Rank 0 writes NCCL's unique id to `id_file`,
+// a path on a filesystem every rank sees (empty: $MINIDL_NCCL_ID_FILE); the
+// others wait for it (up to 10 minutes). Use a fresh path per job: a file
+// left by an earlier job would be read as this one's (rank 0 removes it once
+// every rank has joined).
+std::unique_ptr<Communicator> nccl_from_env(const std::string& id_file = "");
+
+}  // namespace minidl::dist

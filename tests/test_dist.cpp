@@ -1,0 +1,254 @@
+// dist/: the in-process backend's collectives for P = 1..4 on odd sizes,
+// split, error propagation; the same on CUDA tensors (virtual ranks on one
+// GPU); the NCCL backend with world size 1.
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <mutex>
+#include <string>
+#include <unistd.h>
+
+#include "dist/communicator.h"
+#include "dist/nccl.h"
+#include "helpers.h"
+
+using namespace minidl;
+using minidl::testing::random_tensor;
+
+namespace {
+
+// Fresh random float64 inputs, one per rank, made before the ranks start
+// (the test RNG is not shared across threads).
+std::vector<Tensor> inputs_per_rank(int P, int64_t n) {
+  std::vector<Tensor> xs;
+  for (int r = 0; r < P; ++r) xs.push_back(random_tensor({n}));
+  return xs;
+}
+
+// The sum over ranks in rank order, as the backend promises (bitwise).
+std::vector<double> rank_order_sum(const std::vector<Tensor>& xs) {
+  std::vector<double> sum = xs[0].to_vector<double>();
+  for (size_t r = 1; r < xs.size(); ++r) {
+    std::vector<double> x = xs[r].to_vector<double>();
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += x[i];
+  }
+  return sum;
+}
+
+// Every collective on one device, checked exactly against host arithmetic.
+void check_collectives(int P, int64_t n, Device device) {
+  std::vector<Tensor> xs = inputs_per_rank(P, n);
+  std::vector<Tensor> scatter_in = inputs_per_rank(P, n * P);
+  const std::vector<double> sum = rank_order_sum(xs);
+  const std::vector<double> scatter_sum = rank_order_sum(scatter_in);
+  std::mutex mu;  // doctest's assertions are not thread-safe
+  std::vector<std::vector<double>> gathered(P), reduced(P), scattered(P), broadcast(P);
+  dist::run_in_process(P, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    MINIDL_CHECK(comm.size() == P, "size ", comm.size());
+    Tensor x = xs[r].to(device);
+
+    Tensor all = Tensor::empty({n * P}, {DType::Float64, device});
+    comm.all_gather(x, all);
+
+    Tensor acc = x.clone();
+    comm.all_reduce(acc);
+
+    Tensor out = Tensor::empty({n}, {DType::Float64, device});
+    comm.reduce_scatter(scatter_in[r].to(device), out);
+
+    Tensor b = x.clone();
+    comm.broadcast(b, P - 1);
+    comm.barrier();
+
+    std::lock_guard<std::mutex> lock(mu);
+    gathered[r] = all.to_vector<double>();
+    reduced[r] = acc.to_vector<double>();
+    scattered[r] = out.to_vector<double>();
+    broadcast[r] = b.to_vector<double>();
+  });
+  for (int r = 0; r < P; ++r) {
+    CAPTURE(r);
+    for (int q = 0; q < P; ++q) {
+      const std::vector<double> x = xs[q].to_vector<double>();
+      CHECK(std::vector<double>(gathered[r].begin() + q * n, gathered[r].begin() + (q + 1) * n) == x);
+    }
+    CHECK(reduced[r] == sum);
+    CHECK(scattered[r] == std::vector<double>(scatter_sum.begin() + r * n, scatter_sum.begin() + (r + 1) * n));
+    CHECK(broadcast[r] == xs[P - 1].to_vector<double>());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("in-process collectives, P = 1..4, odd sizes: exact rank-order results") {
+  for (int P = 1; P <= 4; ++P)
+    for (int64_t n : {1, 3, 7, 1001}) {
+      CAPTURE(P);
+      CAPTURE(n);
+      check_collectives(P, n, Device::cpu());
+    }
+}
+
+TEST_CASE("in-process all_reduce: float32, bfloat16 and int32, fewer elements than ranks") {
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Int32}) {
+    CAPTURE(dtype);
+    std::vector<std::vector<double>> got(3);
+    std::mutex mu;
+    dist::run_in_process(3, [&](dist::Communicator& comm) {
+      // Ranks r = 0, 1, 2 hold {r + 1, 10 (r + 1)}: sums 6 and 60, exact in every dtype.
+      const double v = comm.rank() + 1;
+      Tensor t = from_vector<double>({v, 10 * v}, {2}, {dtype});
+      comm.all_reduce(t);
+      std::lock_guard<std::mutex> lock(mu);
+      got[comm.rank()] = t.to_vector<double>();
+    });
+    for (const auto& g : got) CHECK(g == std::vector<double>{6, 60});
+  }
+}
+
+TEST_CASE("in-process split: groups by color, ranks ordered by key then rank") {
+  const int P = 4;
+  std::vector<std::vector<double>> got(P);
+  std::vector<int> sub_rank(P), sub_size(P);
+  std::mutex mu;
+  dist::run_in_process(P, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    // Colors {0, 1, 0, 1}; keys reverse the order within each color.
+    std::unique_ptr<dist::Communicator> sub = comm.split(r % 2, -r);
+    Tensor t = from_vector<double>({double(1 << r)}, {1});
+    sub->all_reduce(t);
+    Tensor all = Tensor::empty({sub->size()}, {DType::Float64});
+    sub->all_gather(from_vector<double>({double(r)}, {1}), all);
+    // The world is still usable after the split, and a split of the split too.
+    comm.barrier();
+    std::unique_ptr<dist::Communicator> single = sub->split(sub->rank(), 0);
+    MINIDL_CHECK(single->size() == 1, "size ", single->size());
+    single->all_reduce(t);
+    std::lock_guard<std::mutex> lock(mu);
+    got[r] = {t.item<double>()};
+    for (double g : all.to_vector<double>()) got[r].push_back(g);
+    sub_rank[r] = sub->rank();
+    sub_size[r] = sub->size();
+  });
+  // Color 0 = world ranks {0, 2} ordered by key -r: {2, 0}; color 1: {3, 1}.
+  CHECK(got[0] == std::vector<double>{1 + 4, 2, 0});
+  CHECK(got[2] == std::vector<double>{1 + 4, 2, 0});
+  CHECK(got[1] == std::vector<double>{2 + 8, 3, 1});
+  CHECK(got[3] == std::vector<double>{2 + 8, 3, 1});
+  CHECK(sub_rank == std::vector<int>{1, 1, 0, 0});
+  CHECK(sub_size == std::vector<int>{2, 2, 2, 2});
+}
+
+TEST_CASE("in-process: an exception on one rank ends the others' collectives and is rethrown") {
+  for (int P : {2, 3, 4}) {
+    CAPTURE(P);
+    std::atomic<int> abandoned{0};
+    auto run = [&] {
+      dist::run_in_process(P, [&](dist::Communicator& comm) {
+        Tensor t = from_vector<double>({1.0}, {1});
+        comm.all_reduce(t);  // one collective completes first
+        if (comm.rank() == P - 1) throw std::runtime_error("rank failed on purpose");
+        try {
+          comm.all_reduce(t);  // would wait forever for the failed rank
+        } catch (const Error& e) {
+          CHECK(std::string(e.what()).find("abandoned because rank " + std::to_string(P - 1) +
+                                           " failed: rank failed on purpose") != std::string::npos);
+          ++abandoned;
+          throw;
+        }
+      });
+    };
+    CHECK_THROWS_WITH_AS(run(), "rank failed on purpose", std::runtime_error);
+    CHECK(abandoned == P - 1);
+  }
+}
+
+TEST_CASE("in-process: mismatched collectives and sizes are errors, not hangs") {
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
+                                            [](dist::Communicator& comm) {
+                                              Tensor t = from_vector<double>({1.0}, {1});
+                                              if (comm.rank() == 0) comm.all_reduce(t);
+                                              else comm.broadcast(t, 0);
+                                            }),
+                       doctest::Contains("every rank must call the same collectives"), Error);
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
+                                            [](dist::Communicator& comm) {
+                                              Tensor t = Tensor::empty({comm.rank() + 1}, {DType::Float64});
+                                              comm.all_reduce(t);
+                                            }),
+                       doctest::Contains("expected the same on every rank"), Error);
+  // Rank 1 returns while rank 0 waits in a barrier.
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
+                                            [](dist::Communicator& comm) {
+                                              if (comm.rank() == 0) comm.barrier();
+                                            }),
+                       doctest::Contains("rank 1 returned from run_in_process without joining it"), Error);
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
+                                            [](dist::Communicator& comm) {
+                                              Tensor in = Tensor::empty({3}, {DType::Float64});
+                                              Tensor out = Tensor::empty({3}, {DType::Float64});
+                                              comm.all_gather(in, out);
+                                            }),
+                       doctest::Contains("expected size() * input.numel() = 6"), Error);
+  CHECK_THROWS_WITH_AS(dist::run_in_process(0, [](dist::Communicator&) {}),
+                       doctest::Contains("world_size must be >= 1"), Error);
+}
+
+TEST_CASE("in-process collectives on CUDA tensors (virtual ranks on one GPU)") {
+  MINIDL_REQUIRE_CUDA();
+  for (int P = 1; P <= 4; ++P)
+    for (int64_t n : {1, 7, 100003}) {
+      CAPTURE(P);
+      CAPTURE(n);
+      check_collectives(P, n, Device::cuda());
+    }
+}
+
+TEST_CASE("NCCL backend: absent builds say so") {
+  if (dist::nccl_available()) return;
+  CHECK_THROWS_WITH_AS(dist::run_nccl(1, [](dist::Communicator&) {}), doctest::Contains("built without NCCL"), Error);
+}
+
+TEST_CASE("NCCL backend, world size 1: run_nccl and nccl_from_env") {
+  MINIDL_REQUIRE_CUDA();
+  if (!dist::nccl_available()) {
+    MESSAGE("skipped: minidl was built without NCCL");
+    return;
+  }
+  auto exercise = [](dist::Communicator& comm) {
+    REQUIRE(comm.rank() == 0);
+    REQUIRE(comm.size() == 1);
+    Tensor x = random_tensor({1001}, {DType::Float32, Device::cuda()});
+    const std::vector<float> want = x.to_vector<float>();
+    Tensor acc = x.clone();
+    comm.all_reduce(acc);
+    Tensor all = Tensor::empty({1001}, {DType::Float32, Device::cuda()});
+    comm.all_gather(x, all);
+    Tensor out = Tensor::empty({1001}, {DType::Float32, Device::cuda()});
+    comm.reduce_scatter(x, out);
+    Tensor b = x.clone();
+    comm.broadcast(b, 0);
+    comm.barrier();
+    CHECK(acc.to_vector<float>() == want);
+    CHECK(all.to_vector<float>() == want);
+    CHECK(out.to_vector<float>() == want);
+    CHECK(b.to_vector<float>() == want);
+    std::unique_ptr<dist::Communicator> sub = comm.split(0, 0);
+    CHECK(sub->size() == 1);
+    sub->all_reduce(acc);
+    CHECK(acc.to_vector<float>() == want);
+  };
+  dist::run_nccl(1, exercise);
+  CHECK(std::string(std::getenv("NCCL_NVLS_ENABLE")) == "0");
+
+  const std::string id_file =
+      (std::filesystem::temp_directory_path() / ("minidl_nccl_id_" + std::to_string(getpid()))).string();
+  setenv("RANK", "0", 1);
+  setenv("WORLD_SIZE", "1", 1);
+  std::unique_ptr<dist::Communicator> comm = dist::nccl_from_env(id_file);
+  exercise(*comm);
+  CHECK_FALSE(std::filesystem::exists(id_file));  // removed once every rank joined
+  unsetenv("RANK");
+  unsetenv("WORLD_SIZE");
+}
