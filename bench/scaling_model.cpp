@@ -276,8 +276,8 @@ std::vector<int64_t> gpu_counts() {
 void print_calibration(const KernelFit& fit) {
   const std::vector<Branch> measured = family(kMi, 4);
   std::printf("## Calibration\n\n");
-  std::printf("fit: %.3f ms per branch launch + %.3g ns per (query, key) pair (all heads)\n",
-              fit.launch_ms, fit.pair_ms * 1e6);
+  std::printf("fit: %.3f ms per branch launch + %.3g ps per attended (query, key) pair\n", fit.launch_ms,
+              fit.pair_ms * 1e9);
   std::printf("effective fwd+bwd rate: %.0f TFLOP/s (4*D*3.5 FLOPs per pair)\n",
               4.0 * kDim * 3.5 / (fit.pair_ms * 1e-3) / 1e12);
   for (int64_t N : {int64_t(32768), int64_t(131072), kMi, 8 * kMi})
@@ -317,12 +317,12 @@ void print_attention_table(const char* title, int64_t tokens_per_gpu, int64_t fi
 
 void print_lm_tables(const KernelFit& fit) {
   std::printf("## charlm step, 1M tokens per GPU (2 layers, H 4, width 256)\n\n");
-  std::printf("| P | N | today ms | today GiB | sub-group overlapped ms | tok/s | GiB |\n|---|---|---|---|---|---|---|\n");
+  std::printf("| P | N | today ms | today GiB | sub-group overlapped ms | M tok/s | GiB |\n|---|---|---|---|---|---|---|\n");
   for (int64_t P : gpu_counts()) {
     const int64_t N = kMi * P;
     const Step t = lm_step(N, P, kToday, fit), s = lm_step(N, P, kSubOverlap, fit);
-    std::printf("| %lld | %s | %.0f | %.1f | %.0f | %.3g | %.1f |\n", (long long)P, tokens(N).c_str(), t.ms,
-                t.gib, s.ms, double(N) / (s.ms * 1e-3), s.gib);
+    std::printf("| %lld | %s | %.0f | %.1f | %.0f | %.4g | %.1f |\n", (long long)P, tokens(N).c_str(), t.ms,
+                t.gib, s.ms, double(N) / (s.ms * 1e-3) / 1e6, s.gib);
   }
   std::printf("\n## charlm step (sub-group, overlapped) over N x P: ms / GiB per GPU (* = over %.0f GiB)\n\n",
               kCapacityGiB);
