@@ -156,10 +156,9 @@ Attention attention(int64_t N, int64_t P, int64_t H, Gather how, bool kernel_que
                     const KernelFit& fit) {
   const int64_t n = N / P;
   Attention a;
-  double local_pairs = 0, span_pairs = 0, packed_rows = 0, launches = 0;
+  double local_pairs = 0, span_pairs = 0, packed_rows = 0;
   for (const Branch& br : family(N)) {
     ++a.branches;
-    ++launches;
     const double keep = double(br.w / br.r);  // kept rows per head per segment
     if (br.w <= n) {
       local_pairs += double(H) * double(n / br.w) * causal_pairs(keep);
@@ -194,13 +193,13 @@ Attention attention(int64_t N, int64_t P, int64_t H, Gather how, bool kernel_que
     a.saved_bytes = double(P) * packed_rows * kRowBytesKV;
     a.transient_bytes = double(P) * packed_rows * kRowBytesGrad;
   }
-  const double local_launches = double(a.branches - a.spanning);
-  a.local_ms = fit.ms(local_launches, local_pairs);
-  a.span_ms = fit.ms(launches - local_launches, span_pairs);
+  a.local_ms = fit.ms(a.branches - a.spanning, local_pairs);
+  a.span_ms = fit.ms(a.spanning, span_pairs);  // one piece per spanning branch on this rank
   return a;
 }
 
-// The two implementations the model compares.
+// What the model compares: the code today, and per-segment sub-groups with a
+// kernel entry taking a query range, without and with overlap.
 struct Variant {
   const char* name;
   Gather gather;
