@@ -4,6 +4,7 @@
 
 #include "dist/communicator.h"
 #include "helpers.h"
+#include "nn/transformer.h"
 #include "ops/seq_parallel.h"
 
 using namespace minidl;
@@ -288,4 +289,61 @@ TEST_CASE("seq_parallel_dilated_attention: rejects dropout and mismatched ranks"
                                      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
                                    }),
                        doctest::Contains("every rank must pass"), Error);
+}
+
+TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
+  // Each of P ranks runs its chunk of every row at global positions; the sum
+  // over ranks of (1/P) x the chunk's mean loss is the whole mean loss, and
+  // so are its parameter gradients (keys' and values' gradients for other
+  // ranks' losses come back through the attention's backward).
+  const TensorOptions f64{DType::Float64, Device::cpu(), false};
+  const int64_t B = 2, T = 12, V = 11;
+  std::vector<int32_t> ids, next;
+  for (int64_t i = 0; i < B * T; ++i) {
+    ids.push_back(static_cast<int32_t>((i * 7 + 3) % V));
+    next.push_back(static_cast<int32_t>((i * 5 + 1) % V));
+  }
+  const Tensor idx = from_vector(ids, {B, T}), targets = from_vector(next, {B, T});
+  for (const char* attention : {"causal", "dilated"})
+    for (const char* pos : {"learned", "rope"}) {
+      CAPTURE(attention);
+      CAPTURE(pos);
+      nn::TransformerLMConfig config;
+      config.vocab_size = V;
+      config.n_layer = 2;
+      config.n_head = 2;
+      config.n_embd = 8;
+      config.block_size = T;
+      config.dropout = 0;
+      config.attention = attention;
+      config.position_embedding = pos;
+      if (std::string(attention) == "dilated") config.attention_options = {{"segments", "5,12"}, {"dilations", "1,3"}};
+      nn::TransformerLM one(config, 7, f64);
+      const Tensor want_loss = one.loss(idx, targets);
+      want_loss.backward();
+      for (int P : {2, 3}) {
+        CAPTURE(P);
+        const int64_t n = T / P;
+        std::vector<std::vector<Tensor>> grads(P);
+        std::vector<double> losses(P);
+        dist::run_in_process(P, [&](dist::Communicator& comm) {
+          nn::TransformerLM model(config, 7, f64);
+          model.set_sequence_parallel({&comm, comm.rank() * n});
+          auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
+          Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
+          loss.backward();
+          losses[comm.rank()] = loss.item<double>();
+          for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
+        });
+        double total = 0;
+        for (double l : losses) total += l;
+        CHECK(std::abs(total - want_loss.item<double>()) <= 1e-12);
+        const std::vector<Tensor> want = one.parameters();
+        for (size_t i = 0; i < want.size(); ++i) {
+          Tensor sum = grads[0][i];
+          for (int p = 1; p < P; ++p) sum = ops::add(sum, grads[p][i]);
+          check_equal("grad", sum, want[i].grad(), 1e-10);
+        }
+      }
+    }
 }
