@@ -8,6 +8,7 @@
 #include "autograd/grad_mode.h"
 #include "nn/dilated_attention.h"
 #include "ops/ops.h"
+#include "ops/seq_parallel.h"
 
 namespace minidl::nn {
 namespace {
@@ -206,14 +207,26 @@ Tensor MultiHeadSelfAttention::forward(const Tensor& x) {
 }
 
 Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
-  std::vector<Tensor> qkv = project_qkv(x, 0);
   // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
-  Tensor y = attend(qkv[0], qkv[1], qkv[2], is_training() ? resid_drop->p : 0.0, resid_drop->gen);
+  const double dropout_p = is_training() ? resid_drop->p : 0.0;
+  if (sequence_parallel.comm) {
+    MINIDL_CHECK(dropout_p == 0, type_name(), ": sequence-parallel attention has no attention dropout; "
+                 "train with dropout 0 or call eval()");
+    std::vector<Tensor> qkv = project_qkv(x, sequence_parallel.offset);
+    const AttentionBranches b = branches();
+    DilatedAttentionConfig config;
+    for (size_t i = 0; i < b.segments.size(); ++i) config.branches.push_back({b.segments[i], b.dilations[i]});
+    Tensor y = ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sequence_parallel.comm).first;
+    return c_proj->forward(y.reshape(x.shape()));
+  }
+  std::vector<Tensor> qkv = project_qkv(x, 0);
+  Tensor y = attend(qkv[0], qkv[1], qkv[2], dropout_p, resid_drop->gen);
   return c_proj->forward(y.reshape(x.shape()));
 }
 
 Tensor MultiHeadSelfAttention::forward(const Tensor& x, AttentionCache& cache) {
   check_cached_input(type_name(), x, cache, cache.k);
+  MINIDL_CHECK(!sequence_parallel.comm, type_name(), ": cached decoding is not sequence parallel");
   MINIDL_CHECK(!is_training() || resid_drop->p == 0, type_name(),
                ": cached decoding runs without dropout; call eval() first");
   const int64_t position = cache.length, T = x.size(1);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/generator.h"
+#include "dist/communicator.h"
 #include "nn/layers.h"
 #include "nn/transformer_config.h"
 
@@ -96,6 +97,18 @@ struct AttentionBranches {
 };
 constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequence
 
+// Sequence parallelism (LongNet; ops/seq_parallel.h): the ranks of `comm`
+// each hold a contiguous chunk of every sequence, in rank order, and this
+// rank's starts at global position `offset`. A layer given one (comm not
+// null) rotates q and k for global positions and attends through
+// ops::seq_parallel_dilated_attention with its branches(), a collective
+// every rank of comm runs; comm must outlive the backward. Training only
+// without attention dropout; no cached decoding.
+struct SequenceParallel {
+  dist::Communicator* comm = nullptr;  // null: the whole sequence is here
+  int64_t offset = 0;
+};
+
 // Multi-head self-attention with a fused QKV projection, the structure both
 // built-in layers share (and their parameter names, so weights carry over):
 // a Linear(C, 3C) c_attn whose output gives q, k, v as (B, T, H, D) views (no
@@ -123,6 +136,7 @@ class MultiHeadSelfAttention : public AttentionLayer {
   std::optional<double> rope_base;  // rotary q and k when set
   std::shared_ptr<Linear> c_attn, c_proj;
   std::shared_ptr<Dropout> resid_drop;
+  SequenceParallel sequence_parallel;  // off by default (see SequenceParallel)
 
  protected:
   // Checks the sizes (errors start with type_name) and registers the

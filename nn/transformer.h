@@ -92,6 +92,14 @@ class TransformerLM : public Module {
   std::vector<int32_t> generate(std::vector<int32_t> prompt, int64_t max_new_tokens,
                                 const std::function<int32_t(const std::vector<float>&)>& sample) const;
 
+  // Sequence parallelism (nn/attention.h, SequenceParallel): from now on
+  // forward() and loss() take this rank's chunk of each sequence, at global
+  // positions sp.offset .. (learned position rows and rotary angles of the
+  // chunk), and every attention layer attends across the ranks of sp.comm
+  // (every block's layer must be a MultiHeadSelfAttention). A default
+  // SequenceParallel{} turns it off. Cached decoding refuses it.
+  void set_sequence_parallel(const SequenceParallel& sp);
+
   const TransformerLMConfig& config() const { return config_; }
   // The dropout mask stream; save/restore its state for exact resume.
   Generator& dropout_generator() { return dropout_gen_; }
@@ -110,6 +118,7 @@ class TransformerLM : public Module {
 
   TransformerLMConfig config_;
   Generator dropout_gen_;
+  SequenceParallel sequence_parallel_;
 };
 
 // Checks a TransformerLM state dict (e.g. a checkpoint's "model." tensors)

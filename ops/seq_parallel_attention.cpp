@@ -38,17 +38,31 @@ struct Block {
 
 // One head of a spanning piece: its kept rows t in [t0, t1) are this rank's
 // queries (global position base + t·r); keys[t] (t < M, the assembled length)
-// names where kept row t lies: (rank, packed row of that rank).
+// names where kept row t lies: (rank within the exchange, packed row of that
+// rank).
 struct PieceHead {
   int64_t h, base, t0, t1;
   std::vector<std::pair<int, int64_t>> keys;
 };
 
 // The heads of one spanning (branch, segment) that share an assembled length
-// M: one dense attention problem (B, M, heads, D) for the CPU kernel.
+// M: one dense attention problem (B, M, heads, D) for the CPU kernel, whose
+// keys come from exchange `ex`.
 struct Piece {
   int64_t r, M;
+  size_t ex;
   std::vector<PieceHead> heads;
+};
+
+// One spanning segment this rank takes part in: its ranks [first, first +
+// comm->size()) (a sub-communicator of exactly them) all-gather their kept
+// rows of it, R packed rows each (the maximum over those ranks), and
+// reduce-scatter the rows' gradients back.
+struct Exchange {
+  std::shared_ptr<dist::Communicator> comm;
+  int first = 0;
+  int64_t R = 0;
+  std::vector<Block> own_blocks;  // this rank's packed rows, in packing order
 };
 
 // Branches whose segments lie wholly inside this chunk over the same global
@@ -68,8 +82,7 @@ struct Plan {
   double scale = 1;
   std::vector<LocalGroup> local;
   std::vector<Piece> pieces;
-  std::vector<Block> own_blocks;  // this rank's packed rows, in packing order
-  int64_t R = 0;                  // packed rows per rank (the maximum over ranks)
+  std::vector<Exchange> exchanges;  // in (branch, segment) order on every rank
   int64_t c0() const { return starts[rank]; }
   int64_t c1() const { return starts[rank + 1]; }
   int64_t n() const { return c1() - c0(); }
@@ -80,7 +93,8 @@ struct Plan {
 
 int64_t ceil_div_pos(int64_t a, int64_t r) { return a <= 0 ? 0 : (a + r - 1) / r; }
 
-// Chunk sizes and shapes of every rank (one all-gather), then the geometry.
+// Chunk sizes and shapes of every rank (one all-gather), then the geometry,
+// and one sub-communicator per spanning segment this rank takes part in.
 Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Communicator& comm) {
   Plan plan;
   plan.P = comm.size();
@@ -108,9 +122,6 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
   if (plan.N == 0) return plan;
 
   const int64_t c0 = plan.c0(), c1 = plan.c1();
-  // Packed-row counts of every rank: all ranks lay out every rank's rows the
-  // same way, so gathered rows are addressed without exchanging an index.
-  std::vector<int64_t> packed(plan.P, 0);
   for (const DilatedBranch& given : config.branches) {
     const int64_t w = std::max<int64_t>(1, std::min(given.segment, plan.N)), r = given.dilation;
     // Segments wholly inside [c0, c1): from the first boundary at or after c0
@@ -122,29 +133,47 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       if (it == plan.local.end()) it = plan.local.insert(plan.local.end(), {a, b, {}});
       it->branches.push_back({w, r});
     }
-    for (int64_t s = 0; s * w < plan.N; ++s) {
+    // Spanning segments (those holding a chunk boundary), in order. The i-th
+    // and the (i+2)-th never share a rank: a rank in both would hold all of
+    // the (i+1)-th between them, which holds a boundary. So two splits, by
+    // the parity of i, give every spanning segment its own communicator.
+    const int64_t segments = ceil_div_pos(plan.N, w);
+    int64_t my_segment[2] = {-1, -1};  // by parity
+    size_t my_exchange[2] = {0, 0};
+    int64_t spanning = 0;
+    for (int64_t s = 0; s < segments; ++s) {
       const int64_t lo = s * w, hi = std::min(lo + w, plan.N);
       const int first = plan.owner(lo), last = plan.owner(hi - 1);
       if (first == last) continue;  // local to one rank
-      const bool mine_too = first <= plan.rank && plan.rank <= last && c0 < c1;
+      const int64_t parity = spanning++ % 2;
+      if (plan.rank < first || plan.rank > last) continue;
+      MINIDL_CHECK(my_segment[parity] < 0, kOp, ": internal: rank ", plan.rank,
+                   " in two spanning segments of one parity (w ", w, ")");
+      my_segment[parity] = s;
+      my_exchange[parity] = plan.exchanges.size();
+      Exchange ex;
+      ex.first = first;
+      const bool has_rows = c0 < c1;
       std::map<int64_t, Piece> by_length;
+      std::vector<int64_t> packed(static_cast<size_t>(last - first + 1), 0);
       for (int64_t h = 0; h < plan.H; ++h) {
         const KeptRows kr = kept_rows(plan.N, w, r, h, s);
         PieceHead head{h, kr.base, 0, 0, {}};
         for (int p = first; p <= last; ++p) {
+          int64_t& at = packed[static_cast<size_t>(p - first)];
           const int64_t t0 = std::min(kr.count, ceil_div_pos(plan.starts[p] - kr.base, r));
           const int64_t t1 = std::min(kr.count, ceil_div_pos(plan.starts[p + 1] - kr.base, r));
           if (t0 >= t1) continue;
           if (p == plan.rank) {
-            plan.own_blocks.push_back({h, kr.base + t0 * r, r, t1 - t0, packed[p]});
+            ex.own_blocks.push_back({h, kr.base + t0 * r, r, t1 - t0, at});
             head.t0 = t0;
             head.t1 = t1;
           }
-          if (mine_too)
-            for (int64_t j = 0; j < t1 - t0; ++j) head.keys.push_back({p, packed[p] + j});
-          packed[p] += t1 - t0;
+          if (has_rows)
+            for (int64_t j = 0; j < t1 - t0; ++j) head.keys.push_back({p - first, at + j});
+          at += t1 - t0;
         }
-        if (!mine_too || head.t0 == head.t1) continue;
+        if (!has_rows || head.t0 == head.t1) continue;
         // Causal queries see kept rows up to themselves: those of lower ranks
         // and their own; non-causal ones see the whole segment.
         const int64_t M = plan.causal ? head.t1 : kr.count;
@@ -152,15 +181,24 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         Piece& piece = by_length[M];
         piece.r = r;
         piece.M = M;
+        piece.ex = plan.exchanges.size();
         piece.heads.push_back(std::move(head));
       }
+      ex.R = *std::max_element(packed.begin(), packed.end());
       for (auto& [M, piece] : by_length) plan.pieces.push_back(std::move(piece));
+      plan.exchanges.push_back(std::move(ex));
+    }
+    // Collective: every rank splits for each parity that has a segment; a
+    // rank in none of that parity's segments gets a color of its own.
+    for (int64_t parity = 0; parity < std::min<int64_t>(2, spanning); ++parity) {
+      const int64_t s = my_segment[parity];
+      std::unique_ptr<dist::Communicator> sub =
+          comm.split(static_cast<int>(s >= 0 ? s : segments + plan.rank), plan.rank);
+      if (s >= 0) plan.exchanges[my_exchange[parity]].comm = std::move(sub);
     }
   }
-  plan.R = *std::max_element(packed.begin(), packed.end());
   return plan;
 }
-
 
 // Row (b, x, h) of a contiguous float64 (B, n, H, W) tensor (W = 1 for lse).
 struct Rows {
@@ -170,9 +208,10 @@ struct Rows {
   double* row(int64_t b, int64_t x, int64_t h) const { return p + ((b * n + x) * H + h) * W; }
 };
 
-// Packed row j of rank g's k (kv = 0) or v (kv = 1) in a (P, 2, B, R, D) buffer.
-double* packed_row(const Tensor& buf, const Plan& plan, int64_t g, int kv, int64_t b, int64_t j) {
-  return buf.data_ptr<double>() + (((g * 2 + kv) * plan.B + b) * plan.R + j) * plan.D;
+// Packed row j of exchange rank g's k (kv = 0) or v (kv = 1) in a
+// (size, 2, B, R, D) buffer of exchange `ex`.
+double* packed_row(const Tensor& buf, const Plan& plan, const Exchange& ex, int64_t g, int kv, int64_t b, int64_t j) {
+  return buf.data_ptr<double>() + (((g * 2 + kv) * plan.B + b) * ex.R + j) * plan.D;
 }
 
 // The union softmax (docs/dilated-attention.md): merges a partial (o, l) of
@@ -218,7 +257,7 @@ Tensor to_piece(const Plan& plan, const Piece& piece, const Tensor& local, int64
 }
 
 // A piece's keys (kv = 0) or values (kv = 1) from the gathered kept rows.
-Tensor piece_keys(const Plan& plan, const Piece& piece, const Tensor& gathered, int kv) {
+Tensor piece_keys(const Plan& plan, const Piece& piece, const std::vector<Tensor>& gathered, int kv) {
   const int64_t G = static_cast<int64_t>(piece.heads.size());
   Tensor out = Tensor::empty({plan.B, piece.M, G, plan.D}, kF64);
   Rows dst(out, plan.D);
@@ -226,7 +265,7 @@ Tensor piece_keys(const Plan& plan, const Piece& piece, const Tensor& gathered, 
     for (int64_t g = 0; g < G; ++g)
       for (int64_t t = 0; t < piece.M; ++t) {
         const auto [rank, j] = piece.heads[g].keys[t];
-        const double* from = packed_row(gathered, plan, rank, kv, b, j);
+        const double* from = packed_row(gathered[piece.ex], plan, plan.exchanges[piece.ex], rank, kv, b, j);
         std::copy(from, from + plan.D, dst.row(b, t, g));
       }
   return out;
@@ -248,27 +287,27 @@ Tensor f64(const Tensor& t) { return contiguous(to(t, DType::Float64)); }
 Tensor rows_of(const Tensor& t, int64_t x0, int64_t len) { return contiguous(t.narrow(1, x0, len)); }
 
 struct Forward {
-  Tensor out, lse, gathered;  // float64; gathered: (P, 2, B, R, D), undefined when R = 0
+  Tensor out, lse;
+  std::vector<Tensor> gathered;  // float64, per exchange: (its size, 2, B, R, D)
 };
 
-Forward forward(const Plan& plan, const Tensor& q, const Tensor& k, const Tensor& v,
-                dist::Communicator& comm) {
+Forward forward(const Plan& plan, const Tensor& q, const Tensor& k, const Tensor& v) {
   Forward f;
   // Ship this rank's kept rows of spanning segments first: the local branches
   // below need nothing from other ranks (a backend that returns before the
   // data lands can overlap them; see the docs for what overlaps today).
-  if (plan.R > 0) {
-    Tensor send = zeros({2, plan.B, plan.R, plan.D}, kF64);
+  for (const Exchange& ex : plan.exchanges) {
+    Tensor send = zeros({2, plan.B, ex.R, plan.D}, kF64);
     Rows kr(k, plan.D), vr(v, plan.D);
-    for (const Block& blk : plan.own_blocks)
+    for (const Block& blk : ex.own_blocks)
       for (int64_t b = 0; b < plan.B; ++b)
         for (int64_t j = 0; j < blk.count; ++j) {
           const int64_t x = blk.x0 + j * blk.r - plan.c0();
-          std::copy(kr.row(b, x, blk.h), kr.row(b, x, blk.h) + plan.D, packed_row(send, plan, 0, 0, b, blk.offset + j));
-          std::copy(vr.row(b, x, blk.h), vr.row(b, x, blk.h) + plan.D, packed_row(send, plan, 0, 1, b, blk.offset + j));
+          std::copy(kr.row(b, x, blk.h), kr.row(b, x, blk.h) + plan.D, packed_row(send, plan, ex, 0, 0, b, blk.offset + j));
+          std::copy(vr.row(b, x, blk.h), vr.row(b, x, blk.h) + plan.D, packed_row(send, plan, ex, 0, 1, b, blk.offset + j));
         }
-    f.gathered = Tensor::empty({plan.P, 2, plan.B, plan.R, plan.D}, kF64);
-    comm.all_gather(send, f.gathered);
+    f.gathered.push_back(Tensor::empty({ex.comm->size(), 2, plan.B, ex.R, plan.D}, kF64));
+    ex.comm->all_gather(send, f.gathered.back());
   }
   f.out = zeros({plan.B, plan.n(), plan.H, plan.D}, kF64);
   f.lse = full({plan.B, plan.n(), plan.H}, kNegInf, kF64);
@@ -308,8 +347,8 @@ Forward forward(const Plan& plan, const Tensor& q, const Tensor& k, const Tensor
 
 // dq, dk, dv (float64) of this rank's rows; dO float64, dL float64 or undefined.
 std::vector<Tensor> backward(const Plan& plan, const Tensor& q, const Tensor& k, const Tensor& v,
-                             const Tensor& O, const Tensor& L, const Tensor& gathered,
-                             const Tensor& dO, const Tensor& dL, dist::Communicator& comm) {
+                             const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
+                             const Tensor& dO, const Tensor& dL) {
   Tensor dq = zeros(q.shape(), kF64), dk = zeros(q.shape(), kF64), dv = zeros(q.shape(), kF64);
   for (const LocalGroup& group : plan.local) {
     const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
@@ -323,10 +362,10 @@ std::vector<Tensor> backward(const Plan& plan, const Tensor& q, const Tensor& k,
     add_rows(dk, x0, gk);
     add_rows(dv, x0, gv);
   }
-  if (plan.R == 0) return {dq, dk, dv};
-  // Gradients of every gathered row, laid out as the gathered buffer: summed
-  // over ranks, each rank receives those of the rows it owns.
-  Tensor send = zeros({plan.P, 2, plan.B, plan.R, plan.D}, kF64);
+  // Gradients of every gathered row, laid out as the gathered buffers: summed
+  // over an exchange's ranks, each rank receives those of the rows it owns.
+  std::vector<Tensor> send;
+  for (const Tensor& g : gathered) send.push_back(zeros(g.shape(), kF64));
   Rows dQ(dq, plan.D);
   for (const Piece& piece : plan.pieces) {
     const int64_t G = static_cast<int64_t>(piece.heads.size());
@@ -348,8 +387,9 @@ std::vector<Tensor> backward(const Plan& plan, const Tensor& q, const Tensor& k,
         }
         for (int64_t t = 0; t < piece.M; ++t) {
           const auto [rank, j] = ph.keys[t];
-          double* tk = packed_row(send, plan, rank, 0, b, j);
-          double* tv = packed_row(send, plan, rank, 1, b, j);
+          const Exchange& ex = plan.exchanges[piece.ex];
+          double* tk = packed_row(send[piece.ex], plan, ex, rank, 0, b, j);
+          double* tv = packed_row(send[piece.ex], plan, ex, rank, 1, b, j);
           for (int64_t d = 0; d < plan.D; ++d) {
             tk[d] += rk.row(b, t, g)[d];
             tv[d] += rv.row(b, t, g)[d];
@@ -357,21 +397,24 @@ std::vector<Tensor> backward(const Plan& plan, const Tensor& q, const Tensor& k,
         }
       }
   }
-  Tensor mine = Tensor::empty({2, plan.B, plan.R, plan.D}, kF64);
-  comm.reduce_scatter(send, mine);
   Rows dK(dk, plan.D), dV(dv, plan.D);
-  for (const Block& blk : plan.own_blocks)
-    for (int64_t b = 0; b < plan.B; ++b)
-      for (int64_t j = 0; j < blk.count; ++j) {
-        const int64_t x = blk.x0 + j * blk.r - plan.c0();
-        const double* gk = packed_row(mine, plan, 0, 0, b, blk.offset + j);
-        const double* gv = packed_row(mine, plan, 0, 1, b, blk.offset + j);
-        double *tk = dK.row(b, x, blk.h), *tv = dV.row(b, x, blk.h);
-        for (int64_t d = 0; d < plan.D; ++d) {
-          tk[d] += gk[d];
-          tv[d] += gv[d];
+  for (size_t e = 0; e < plan.exchanges.size(); ++e) {
+    const Exchange& ex = plan.exchanges[e];
+    Tensor mine = Tensor::empty({2, plan.B, ex.R, plan.D}, kF64);
+    ex.comm->reduce_scatter(send[e], mine);
+    for (const Block& blk : ex.own_blocks)
+      for (int64_t b = 0; b < plan.B; ++b)
+        for (int64_t j = 0; j < blk.count; ++j) {
+          const int64_t x = blk.x0 + j * blk.r - plan.c0();
+          const double* gk = packed_row(mine, plan, ex, 0, 0, b, blk.offset + j);
+          const double* gv = packed_row(mine, plan, ex, 0, 1, b, blk.offset + j);
+          double *tk = dK.row(b, x, blk.h), *tv = dV.row(b, x, blk.h);
+          for (int64_t d = 0; d < plan.D; ++d) {
+            tk[d] += gk[d];
+            tv[d] += gv[d];
+          }
         }
-      }
+  }
   return {dq, dk, dv};
 }
 
@@ -418,14 +461,14 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q_in, con
     q = f64(q_in.detach());
     k = f64(k_in.detach());
     v = f64(v_in.detach());
-    f = forward(*plan, q, k, v, comm);
+    f = forward(*plan, q, k, v);
   }
   Tensor out = dtype == DType::Float64 ? f.out : to(f.out, dtype);
   Tensor lse = lse_dtype == DType::Float64 ? f.lse : to(f.lse, lse_dtype);
   if (autograd::needs_grad({q_in, k_in, v_in})) {
     autograd::record(
         kOp, {q_in, k_in, v_in}, {out, lse},
-        [plan, comm = &comm, dtype, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp),
+        [plan, dtype, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp),
          sv = SavedTensor(v, kOp), so = SavedTensor(f.out, kOp), sl = SavedTensor(f.lse, kOp),
          gathered = f.gathered](const Grads& g) {
           NoGradGuard no_grad;
@@ -433,7 +476,7 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q_in, con
           Tensor dO = g[0].defined() ? f64(g[0]) : zeros(q.shape(), kF64);
           Tensor dL = g[1].defined() ? f64(g[1]) : Tensor();
           std::vector<Tensor> grads =
-              backward(*plan, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL, *comm);
+              backward(*plan, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL);
           if (dtype != DType::Float64)
             for (Tensor& t : grads) t = to(t, dtype);
           return grads;

@@ -1,13 +1,10 @@
 // Sequence-parallel dilated attention (ops/seq_parallel.h) against the
 // single-device op, in float64, with ranks as threads.
-#include <condition_variable>
-#include <cstring>
-#include <exception>
 #include <mutex>
-#include <thread>
 
 #include "dist/communicator.h"
 #include "helpers.h"
+#include "nn/transformer.h"
 #include "ops/seq_parallel.h"
 
 using namespace minidl;
@@ -15,126 +12,44 @@ using minidl::testing::random_tensor;
 
 namespace {
 
-// A minimal in-process communicator for these tests (ranks are threads, CPU
-// float64 tensors): every collective deposits its tensor, meets the others at
-// a barrier, reads what it needs and meets them again before anyone reuses
-// a buffer. A rank that throws aborts the others' waits. (The project's
-// backend is dist::run_in_process; this one keeps the tests independent of it.)
-struct Rendezvous {
-  explicit Rendezvous(int size) : size(size), slots(size) {}
-  const int size;
-  std::vector<const Tensor*> slots;
-  std::mutex mutex;
-  std::condition_variable cv;
-  int arrived = 0;
-  uint64_t generation = 0;
-  bool aborted = false;
-  std::vector<int64_t> gathered;  // rank 0's all_gather input sizes, in order
-
-  void arrive() {
-    std::unique_lock<std::mutex> lock(mutex);
-    MINIDL_CHECK(!aborted, "test communicator: another rank failed");
-    const uint64_t gen = generation;
-    if (++arrived == size) {
-      arrived = 0;
-      ++generation;
-      cv.notify_all();
-    } else {
-      cv.wait(lock, [&] { return generation != gen || aborted; });
-    }
-    MINIDL_CHECK(!aborted, "test communicator: another rank failed");
-  }
-  void abort() {
-    std::lock_guard<std::mutex> lock(mutex);
-    aborted = true;
-    cv.notify_all();
-  }
-};
-
-class ThreadComm final : public dist::Communicator {
+// Wraps a rank's communicator (and the sub-communicators split from it) and
+// records, per all_gather, (input elements, communicator size): what this
+// rank sent and, times the size, what it received.
+class CountingComm final : public dist::Communicator {
  public:
-  ThreadComm(int rank, Rendezvous& rv) : rank_(rank), rv_(rv) {}
-  int rank() const override { return rank_; }
-  int size() const override { return rv_.size; }
-
+  using Log = std::vector<std::pair<int64_t, int>>;
+  CountingComm(std::unique_ptr<dist::Communicator> owned, dist::Communicator& inner, Log& log)
+      : owned_(std::move(owned)), inner_(inner), log_(log) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
   void all_gather(const Tensor& input, const Tensor& output) override {
-    check(input);
-    check(output);
-    MINIDL_CHECK(output.numel() == input.numel() * size(), "all_gather: sizes");
-    if (rank_ == 0) rv_.gathered.push_back(input.numel());
-    deposit(input);
-    const int64_t n = input.numel();
-    for (int p = 0; p < size(); ++p)
-      std::memcpy(output.data_ptr<double>() + p * n, rv_.slots[p]->data_ptr<double>(), n * sizeof(double));
-    rv_.arrive();
+    log_.push_back({input.numel(), size()});
+    inner_.all_gather(input, output);
   }
-  void reduce_scatter(const Tensor& input, const Tensor& output) override {
-    check(input);
-    check(output);
-    MINIDL_CHECK(input.numel() == output.numel() * size(), "reduce_scatter: sizes");
-    deposit(input);
-    const int64_t n = output.numel();
-    double* out = output.data_ptr<double>();
-    for (int64_t i = 0; i < n; ++i) {
-      double sum = 0;
-      for (int p = 0; p < size(); ++p) sum += rv_.slots[p]->data_ptr<double>()[rank_ * n + i];
-      out[i] = sum;
-    }
-    rv_.arrive();
-  }
-  void all_reduce(const Tensor& tensor) override {
-    check(tensor);
-    deposit(tensor);
-    std::vector<double> sum(static_cast<size_t>(tensor.numel()), 0.0);
-    for (int p = 0; p < size(); ++p)
-      for (size_t i = 0; i < sum.size(); ++i) sum[i] += rv_.slots[p]->data_ptr<double>()[i];
-    rv_.arrive();
-    std::copy(sum.begin(), sum.end(), tensor.data_ptr<double>());
-  }
-  void broadcast(const Tensor& tensor, int root) override {
-    check(tensor);
-    deposit(tensor);
-    if (rank_ != root)
-      std::memcpy(tensor.data_ptr<double>(), rv_.slots[root]->data_ptr<double>(), tensor.nbytes());
-    rv_.arrive();
-  }
-  void barrier() override { rv_.arrive(); }
-  std::unique_ptr<dist::Communicator> split(int, int) override {
-    MINIDL_FAIL("test communicator: split is not implemented");
+  void reduce_scatter(const Tensor& input, const Tensor& output) override { inner_.reduce_scatter(input, output); }
+  void all_reduce(const Tensor& tensor) override { inner_.all_reduce(tensor); }
+  void broadcast(const Tensor& tensor, int root) override { inner_.broadcast(tensor, root); }
+  void barrier() override { inner_.barrier(); }
+  std::unique_ptr<dist::Communicator> split(int color, int key) override {
+    std::unique_ptr<dist::Communicator> sub = inner_.split(color, key);
+    dist::Communicator& ref = *sub;
+    return std::make_unique<CountingComm>(std::move(sub), ref, log_);
   }
 
  private:
-  static void check(const Tensor& t) {
-    MINIDL_CHECK(t.dtype() == DType::Float64 && !t.is_cuda() && t.is_contiguous(),
-                 "test communicator: contiguous CPU float64 tensors only, got ", t.dtype());
-  }
-  void deposit(const Tensor& t) {
-    rv_.slots[rank_] = &t;
-    rv_.arrive();
-  }
-  int rank_;
-  Rendezvous& rv_;
+  std::unique_ptr<dist::Communicator> owned_;
+  dist::Communicator& inner_;
+  Log& log_;
 };
 
-// Returns rank 0's all_gather input sizes.
-std::vector<int64_t> run_threads(int world, const std::function<void(dist::Communicator&)>& fn) {
-  Rendezvous rv(world);
-  std::vector<std::exception_ptr> errors(world);
-  std::vector<std::thread> threads;
-  for (int p = 0; p < world; ++p)
-    threads.emplace_back([&, p] {
-      ThreadComm comm(p, rv);
-      try {
-        fn(comm);
-      } catch (...) {
-        errors[p] = std::current_exception();
-        rv.abort();
-      }
-    });
-  for (std::thread& t : threads) t.join();
-  for (const std::exception_ptr& e : errors)
-    if (e) std::rethrow_exception(e);
-  return rv.gathered;
+// Runs fn on `world` in-process ranks; returns each rank's all_gather log.
+std::vector<CountingComm::Log> run_ranks(int world, const std::function<void(dist::Communicator&)>& fn) {
+  std::vector<CountingComm::Log> logs(world);
+  dist::run_in_process(world, [&](dist::Communicator& comm) {
+    CountingComm counting(nullptr, comm, logs[comm.rank()]);
+    fn(counting);
+  });
+  return logs;
 }
 
 struct Case {
@@ -187,7 +102,7 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   DilatedAttentionConfig config;
   config.branches = c.branches;
   config.causal = c.causal;
-  run_threads(P, [&](dist::Communicator& comm) {
+  run_ranks(P, [&](dist::Communicator& comm) {
     const int p = comm.rank();
     auto rows = [&](const Tensor& t) { return t.narrow(1, starts[p], sizes[p]).contiguous(); };
     Tensor q = rows(in.q).requires_grad_(), k = rows(in.k).requires_grad_(),
@@ -281,16 +196,63 @@ TEST_CASE("seq_parallel_dilated_attention: chunks holding many local segments an
 TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
   // One segment over 4 ranks of 16 tokens, r = 4, 2 heads: each rank ships
   // its 4 kept rows per head of k and v (not its 16 dense rows): after the
-  // shape exchange (4 numbers), one all-gather of 2 * B * (4 * 2) * D.
+  // shape exchange (4 numbers over all ranks), one all-gather of
+  // 2 * B * (4 * 2) * D over the segment's 4 ranks.
   const Case c{1, 64, 2, 3, {{64, 4}}, true};
   const Inputs in = make_inputs(c);
   DilatedAttentionConfig config;
   config.branches = c.branches;
-  const std::vector<int64_t> sizes = run_threads(4, [&](dist::Communicator& comm) {
+  const std::vector<CountingComm::Log> logs = run_ranks(4, [&](dist::Communicator& comm) {
     const Tensor q = in.q.narrow(1, 16 * comm.rank(), 16).contiguous();
     ops::seq_parallel_dilated_attention(q, q, q, config, comm);
   });
-  CHECK(sizes == std::vector<int64_t>{4, 2 * 1 * 8 * 3});
+  for (const CountingComm::Log& log : logs) CHECK(log == CountingComm::Log{{4, 4}, {2 * 1 * 8 * 3, 4}});
+}
+
+TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in P at fixed N/P") {
+  // Chunks of n = 12 tokens, B = 1, H = 2, D = 3. Branch (24, 2): segment s
+  // covers chunks 2s and 2s + 1, so each rank gathers within its own pair
+  // only: 2 ranks x 2 (k, v) x B x (2 heads x 6 kept rows) x D. Branch (18, 3)
+  // straddles at odd offsets: segment s spans chunks, and a chunk meets at most
+  // two spanning segments (one per parity): each exchange is the segment's
+  // 2 ranks and the larger of their kept-row counts, whatever P is.
+  const int64_t n = 12, B = 1, H = 2, D = 3;
+  for (int P : {2, 4, 6}) {
+    CAPTURE(P);
+    const Case c{B, n * P, H, D, {{24, 2}}, true};
+    const Inputs in = make_inputs(c);
+    DilatedAttentionConfig config;
+    config.branches = c.branches;
+    const std::vector<CountingComm::Log> logs = run_ranks(P, [&](dist::Communicator& comm) {
+      const Tensor q = in.q.narrow(1, n * comm.rank(), n).contiguous();
+      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
+    });
+    for (const CountingComm::Log& log : logs) CHECK(log == CountingComm::Log{{4, P}, {2 * B * (H * 6) * D, 2}});
+    check_case(c, even_chunks(c.N, P));
+  }
+  for (int P : {3, 6}) {
+    CAPTURE(P);
+    // w = 18 over chunks of 12: segments [0,18) ranks 0-1, [18,36) ranks 1-2,
+    // [36,54) ranks 3-4, [54,72) ranks 4-5: a pattern of period 3 ranks.
+    // Kept rows (r = 3, offsets h mod 3 = 0, 1) per head: 6 per segment,
+    // 4 + 2 or 2 + 4 split between the two ranks, so R = 2 heads x 4.
+    const Case c{B, n * P, H, D, {{18, 3}}, true};
+    const Inputs in = make_inputs(c);
+    DilatedAttentionConfig config;
+    config.branches = c.branches;
+    const std::vector<CountingComm::Log> logs = run_ranks(P, [&](dist::Communicator& comm) {
+      const Tensor q = in.q.narrow(1, n * comm.rank(), n).contiguous();
+      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
+    });
+    for (int p = 0; p < P; ++p) {
+      CAPTURE(p);
+      // Ranks 3k and 3k + 2 take part in one segment, 3k + 1 in two.
+      CountingComm::Log want{{4, P}, {2 * B * (H * 4) * D, 2}};
+      if (p % 3 == 1) want.push_back({2 * B * (H * 4) * D, 2});
+      CHECK(logs[p] == want);
+    }
+    check_case(c, even_chunks(c.N, P));
+  }
 }
 
 TEST_CASE("seq_parallel_dilated_attention: float32 inputs match the float32 op") {
@@ -315,16 +277,73 @@ TEST_CASE("seq_parallel_dilated_attention: rejects dropout and mismatched ranks"
   config.dropout = make_attention_dropout(0.1, 1, 0);
   // (random_tensor's generator is not for threads: inputs are drawn here.)
   const Tensor q0 = random_tensor({1, 8, 2, 4}), q1 = random_tensor({1, 8, 3, 4});
-  run_threads(1, [&](dist::Communicator& comm) {
+  run_ranks(1, [&](dist::Communicator& comm) {
     const Tensor& q = q0;
     CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
                          doctest::Contains("dropout"), Error);
   });
   config.dropout = {};
-  CHECK_THROWS_WITH_AS(run_threads(2,
+  CHECK_THROWS_WITH_AS(run_ranks(2,
                                    [&](dist::Communicator& comm) {
                                      const Tensor& q = comm.rank() == 0 ? q0 : q1;
                                      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
                                    }),
                        doctest::Contains("every rank must pass"), Error);
+}
+
+TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
+  // Each of P ranks runs its chunk of every row at global positions; the sum
+  // over ranks of (1/P) x the chunk's mean loss is the whole mean loss, and
+  // so are its parameter gradients (keys' and values' gradients for other
+  // ranks' losses come back through the attention's backward).
+  const TensorOptions f64{DType::Float64, Device::cpu(), false};
+  const int64_t B = 2, T = 12, V = 11;
+  std::vector<int32_t> ids, next;
+  for (int64_t i = 0; i < B * T; ++i) {
+    ids.push_back(static_cast<int32_t>((i * 7 + 3) % V));
+    next.push_back(static_cast<int32_t>((i * 5 + 1) % V));
+  }
+  const Tensor idx = from_vector(ids, {B, T}), targets = from_vector(next, {B, T});
+  for (const char* attention : {"causal", "dilated"})
+    for (const char* pos : {"learned", "rope"}) {
+      CAPTURE(attention);
+      CAPTURE(pos);
+      nn::TransformerLMConfig config;
+      config.vocab_size = V;
+      config.n_layer = 2;
+      config.n_head = 2;
+      config.n_embd = 8;
+      config.block_size = T;
+      config.dropout = 0;
+      config.attention = attention;
+      config.position_embedding = pos;
+      if (std::string(attention) == "dilated") config.attention_options = {{"segments", "5,12"}, {"dilations", "1,3"}};
+      nn::TransformerLM one(config, 7, f64);
+      const Tensor want_loss = one.loss(idx, targets);
+      want_loss.backward();
+      for (int P : {2, 3}) {
+        CAPTURE(P);
+        const int64_t n = T / P;
+        std::vector<std::vector<Tensor>> grads(P);
+        std::vector<double> losses(P);
+        dist::run_in_process(P, [&](dist::Communicator& comm) {
+          nn::TransformerLM model(config, 7, f64);
+          model.set_sequence_parallel({&comm, comm.rank() * n});
+          auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
+          Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
+          loss.backward();
+          losses[comm.rank()] = loss.item<double>();
+          for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
+        });
+        double total = 0;
+        for (double l : losses) total += l;
+        CHECK(std::abs(total - want_loss.item<double>()) <= 1e-12);
+        const std::vector<Tensor> want = one.parameters();
+        for (size_t i = 0; i < want.size(); ++i) {
+          Tensor sum = grads[0][i];
+          for (int p = 1; p < P; ++p) sum = ops::add(sum, grads[p][i]);
+          check_equal("grad", sum, want[i].grad(), 1e-10);
+        }
+      }
+    }
 }

@@ -63,6 +63,10 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
   flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (CPU: threads of this process)",
                 1, 1024);
+  flags.add_int("sp", &o.sp,
+                "sequence-parallel ranks, each on --context / M consecutive positions of every sequence "
+                "(with --dp N: N*M ranks; CPU: threads of this process)",
+                1, 1024);
   flags.add_switch("no-graph", &o.graph, false,
                    "CUDA: run every step eagerly instead of replaying it as one CUDA graph");
 }
@@ -88,6 +92,12 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
   if (o.batch % o.dp != 0)
     throw UsageError("--batch " + std::to_string(o.batch) + " must be a multiple of --dp " + std::to_string(o.dp) +
                      " (--batch is the global batch, split evenly over the ranks)");
+  if (m.context % o.sp != 0)
+    throw UsageError("--context " + std::to_string(m.context) + " must be a multiple of --sp " + std::to_string(o.sp) +
+                     " (every rank holds context / sp positions of each sequence)");
+  if (o.sp > 1 && m.dropout > 0)
+    throw UsageError("--sp " + std::to_string(o.sp) + " needs --dropout 0 (sequence-parallel attention has no "
+                     "attention dropout)");
   if (o.min_lr > o.lr) throw UsageError("--min-lr " + format_double(o.min_lr) + " exceeds --lr " + format_double(o.lr));
 }
 
@@ -255,6 +265,7 @@ TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested,
   if (flags.given("dtype")) recipe.dtype = requested.dtype;
   if (flags.given("threads")) recipe.threads = requested.threads;
   if (flags.given("dp")) recipe.dp = requested.dp;
+  if (flags.given("sp")) recipe.sp = requested.sp;
   if (flags.given("no-graph")) recipe.graph = requested.graph;
   return recipe;
 }

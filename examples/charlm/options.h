@@ -46,6 +46,10 @@ struct TrainOptions {
   // Data-parallel ranks (on the CPU: threads of this process), each on
   // batch / dp of the global --batch; a run-level flag (resume may change it).
   int64_t dp = 1;
+  // Sequence-parallel ranks per data-parallel rank (on the CPU: threads of
+  // this process), each on context / sp consecutive positions of every
+  // sequence; dp * sp ranks in all; a run-level flag like dp.
+  int64_t sp = 1;
   bool graph = true;    // CUDA: each step after the first replays one CUDA graph (--no-graph: eager)
   // The run's id (checkpoints, log.csv); empty: a fresh run draws a new one.
   std::string run_id;

@@ -114,19 +114,31 @@ class TrainModel {
   std::vector<Tensor> params_;
 };
 
-// This rank's part in data parallelism (--dp N): every rank draws the same
-// global batch and computes on its rows (batch / N of them), DataParallel
-// averages the gradients, and losses are averaged over the ranks, so the run
-// equals one rank on the global batch up to float rounding (dropout masks
-// are each rank's own). Without a communicator (--dp 1) everything is a no-op.
+// This rank's part in data parallelism (--dp N) and sequence parallelism
+// (--sp M), over a world of N * M ranks (world rank = dp index * M + sp
+// index): every rank draws the same global batch and computes on its block
+// of it: batch / N rows (its dp index), and of each row context / M
+// consecutive positions (its sp index), which the model runs at their global
+// positions with attention across the M ranks of its sp group
+// (nn::TransformerLM::set_sequence_parallel). DataParallel averages the
+// gradients over all N * M ranks (each rank's gradient holds what its chunk's
+// keys and values did for the other chunks' losses, returned by the
+// attention's backward, so the average is that of the global mean loss), and
+// losses are averaged over the ranks (blocks of equal size), so the run
+// equals one rank on the global batch up to float rounding (dropout masks are
+// each rank's own). Without a communicator (one rank) everything is a no-op.
 class Ranks {
  public:
   enum class Command { Step, EvalBegin, EvalBatch, EvalEnd, Stop };
 
-  explicit Ranks(dist::Communicator* comm) : comm_(comm) {}
+  // Collective when comm is given (the sp split): every rank constructs one.
+  Ranks(dist::Communicator* comm, int64_t sp = 1) : comm_(comm), sp_(sp) {
+    if (comm_ && sp_ > 1) sp_comm_ = comm_->split(comm_->rank() / static_cast<int>(sp_), comm_->rank());
+  }
   // Once the model holds its initial (or restored) weights, on every rank:
   // averages its gradients from now on; rank 0's weights everywhere (equal
-  // already: same seed or same checkpoint); ranks > 0 draw their own dropout.
+  // already: same seed or same checkpoint); ranks > 0 draw their own dropout;
+  // with --sp, the model runs this rank's chunk across its sp group.
   void attach(TrainModel& model) {
     if (!comm_) return;
     dp_ = std::make_unique<nn::DataParallel>(model.parameters(), *comm_);
@@ -135,12 +147,22 @@ class Ranks {
     if (comm_->rank() > 0)
       dropout.set_state(dropout.seed() ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(comm_->rank())),
                         dropout.offset());
+    if (sp_comm_) {
+      const int64_t chunk = model.compute().config().block_size / sp_;
+      model.compute().set_sequence_parallel({sp_comm_.get(), sp_comm_->rank() * chunk});
+    }
   }
-  // This rank's rows of a global batch.
+  // This rank's block of a global batch (B, T): its rows, and with --sp its
+  // chunk of their positions.
   Tensor rows(const Tensor& t) const {
     if (!comm_) return t;
-    const int64_t n = t.size(0) / comm_->size();
-    return t.narrow(0, comm_->rank() * n, n).contiguous();
+    const int64_t dp = comm_->size() / sp_, n = t.size(0) / dp;
+    Tensor mine = t.narrow(0, comm_->rank() / sp_ * n, n);
+    if (sp_comm_) {
+      const int64_t chunk = t.size(1) / sp_;
+      mine = mine.narrow(1, sp_comm_->rank() * chunk, chunk);
+    }
+    return mine.contiguous();
   }
   // The mean over ranks of a per-rank mean loss.
   Tensor mean(const Tensor& loss) const {
@@ -166,6 +188,8 @@ class Ranks {
 
  private:
   dist::Communicator* comm_;
+  int64_t sp_;
+  std::unique_ptr<dist::Communicator> sp_comm_;  // this rank's sp group (--sp > 1)
   std::unique_ptr<nn::DataParallel> dp_;
 };
 
@@ -304,7 +328,7 @@ void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, 
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));  // per thread too
   Replica replica(o, config, split, device);
   if (resume) nn::restore_train_state(*resume, replica.train_state(ops::zeros({}, {DType::Float32, device}), {}));
-  Ranks ranks(&comm);
+  Ranks ranks(&comm, o.sp);
   ranks.attach(replica.model);
   for (;;) {
     auto [command, lr] = ranks.command();
@@ -546,14 +570,16 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   fs::create_directories(dir);
 
   minidl::reset_peak_memory_stats(device);
-  // --dp N: this thread is rank 0 and writes every file; the others follow it.
-  if (o.dp > 1 && !device.is_cpu())
-    throw UsageError("--dp " + std::to_string(o.dp) + " runs its ranks as threads on the CPU; add --device cpu "
-                     "(charlm has no multi-GPU data parallelism yet)");
+  // --dp N --sp M: this thread is rank 0 and writes every file; the others follow it.
+  const int64_t world = o.dp * o.sp;
+  if (world > 1 && !device.is_cpu())
+    throw UsageError(std::string(o.dp > 1 ? "--dp " + std::to_string(o.dp) : "--sp " + std::to_string(o.sp)) +
+                     " runs its ranks as threads on the CPU; add --device cpu "
+                     "(charlm has no multi-GPU data or sequence parallelism yet)");
   std::optional<OtherRanks> other_ranks;
-  if (o.dp > 1)
-    other_ranks.emplace(o.dp, [&](dist::Communicator& comm) { follow_rank0(o, config, split, device, resume, comm); });
-  Ranks ranks(other_ranks ? &other_ranks->rank0() : nullptr);
+  if (world > 1)
+    other_ranks.emplace(world, [&](dist::Communicator& comm) { follow_rank0(o, config, split, device, resume, comm); });
+  Ranks ranks(other_ranks ? &other_ranks->rank0() : nullptr, o.sp);
   Replica replica(o, config, split, device);
   TrainModel& model = replica.model;
   nn::AdamW& optimizer = replica.optimizer;
@@ -960,6 +986,7 @@ int cmd_train(const std::vector<std::string>& args) {
     if (!options.resume.empty()) throw UsageError("--profile times a fresh model; leave --resume out");
     if (flags.given("out")) throw UsageError("--profile writes nothing; leave --out out");
     if (options.dp > 1) throw UsageError("--profile times one rank; leave --dp out");
+    if (options.sp > 1) throw UsageError("--profile times one rank; leave --sp out");
     if (options.data.empty()) throw UsageError("--data is required");
     check_options(flags, options);
     profile_run(options, profile_steps);

@@ -26,6 +26,16 @@ make_text() {
 TINY=(--data text.txt --device cpu --layers 1 --heads 2 --width 16 --context 16 --batch 4 --eval-iters 2
       --threads 1 --warmup 2 --dropout 0.1)
 
+# same_losses A B: every log row's train and validation losses agree to 1e-4 relative.
+same_losses() {
+  [ "$(wc -l <"$1/log.csv")" -eq "$(wc -l <"$2/log.csv")" ] || fail "$1 and $2 have different rows"
+  paste -d, <(cut -d, -f1-3 "$1/log.csv" | tail -n +2) <(cut -d, -f1-3 "$2/log.csv" | tail -n +2) |
+    awk -F, '{ for (i = 2; i <= 3; ++i) { a = $i; b = $(i + 3); if (a == "" && b == "") continue;
+                 d = a - b; if (d < 0) d = -d; m = a < 0 ? -a : a;
+                 if ($1 != $4 || a == "" || b == "" || d > 1e-4 * m) { print "step " $1 ": " a " vs " b; exit 1 } } }' \
+    >diff.txt || fail "$1 and $2 differ: $(cat diff.txt)"
+}
+
 # The log without the timing and run id columns (they differ between runs).
 log_without_timing() { cut -d, -f1-4 "$1"; }
 
@@ -363,15 +373,6 @@ data_parallel)
   # Without dropout (each rank draws its own masks) the losses equal one
   # rank's on the same global batch, up to float rounding.
   common=("${TINY[@]}" --dropout 0 --eval-interval 10 --log-interval 1 --decay-iters 30)
-  # same_losses A B: every row's train and validation losses agree to 1e-4 relative.
-  same_losses() {
-    [ "$(wc -l <"$1/log.csv")" -eq "$(wc -l <"$2/log.csv")" ] || fail "$1 and $2 have different rows"
-    paste -d, <(cut -d, -f1-3 "$1/log.csv" | tail -n +2) <(cut -d, -f1-3 "$2/log.csv" | tail -n +2) |
-      awk -F, '{ for (i = 2; i <= 3; ++i) { a = $i; b = $(i + 3); if (a == "" && b == "") continue;
-                   d = a - b; if (d < 0) d = -d; m = a < 0 ? -a : a;
-                   if ($1 != $4 || a == "" || b == "" || d > 1e-4 * m) { print "step " $1 ": " a " vs " b; exit 1 } } }' \
-      >diff.txt || fail "$1 and $2 differ: $(cat diff.txt)"
-  }
   "$charlm" train "${common[@]}" --out one --iters 30 >/dev/null || fail "the one-rank run failed"
   for n in 2 4; do
     "$charlm" train "${common[@]}" --out dp$n --iters 30 --dp $n >out.txt 2>err.txt ||
@@ -389,6 +390,44 @@ data_parallel)
   expect_usage_error "--batch 4 must be a multiple of --dp 3" train --resume mixed --iters 40 --dp 3
   expect_usage_error "--profile times one rank; leave --dp out" train "${common[@]}" --profile 2 --dp 2
   grep -q -- "--dp" <("$charlm" train --help) || fail "train --help lacks --dp"
+  ;;
+
+sequence_parallel)
+  make_text
+  # --sp M: M in-process ranks, each on context / M consecutive positions of
+  # every sequence, attention across them (ops::seq_parallel_dilated_attention);
+  # --dp N --sp M: N * M ranks. Without dropout the losses equal one rank's on
+  # the same global batch, up to float rounding. Dilated: segments of 6 and 5
+  # straddle the chunk boundaries of --sp 2 and 4 (chunks of 8 and 4), r = 3
+  # with 2 heads; learned positions and rope.
+  common=("${TINY[@]}" --layers 2 --dropout 0 --eval-interval 10 --log-interval 1 --decay-iters 30 --iters 30)
+  dilated=(--attention dilated --segments 6,5,16 --dilations 1,3,2)
+  for kind in vanilla dilated rope; do
+    case $kind in
+      vanilla) model=(--attention vanilla) ;;
+      dilated) model=("${dilated[@]}") ;;
+      rope) model=("${dilated[@]}" --pos rope) ;;
+    esac
+    "$charlm" train "${common[@]}" "${model[@]}" --out $kind-one >/dev/null || fail "the one-rank $kind run failed"
+    for ranks in "--sp 2" "--sp 4" "--dp 2 --sp 2"; do
+      out=$kind-$(echo $ranks | tr -d ' -')
+      # shellcheck disable=SC2086
+      "$charlm" train "${common[@]}" "${model[@]}" --out $out $ranks >out.txt 2>err.txt ||
+        fail "$kind $ranks exited $?: $(cat err.txt)"
+      [ "$(wc -l <$out/log.csv)" -eq 32 ] || fail "$kind $ranks: expected 31 rows: $(cat $out/log.csv)"
+      same_losses $kind-one $out
+      [ "$(ls $out | tr '\n' ' ')" = "best.ckpt last.ckpt log.csv loss.png " ] || fail "$kind $ranks wrote $(ls $out)"
+    done
+  done
+  # A run resumes at another --sp (the checkpoint does not depend on it).
+  "$charlm" train "${common[@]}" "${dilated[@]}" --out mixed --iters 10 --sp 2 >/dev/null || fail "the --sp 2 part failed"
+  "$charlm" train --resume mixed --iters 20 --threads 1 >/dev/null || fail "resuming at --sp 1 failed"
+  "$charlm" train --resume mixed --iters 30 --threads 1 --sp 4 --dp 2 >/dev/null || fail "resuming at --dp 2 --sp 4 failed"
+  same_losses dilated-one mixed
+  expect_usage_error "--context 16 must be a multiple of --sp 3" train "${common[@]}" --out r --sp 3
+  expect_usage_error "--sp 2 needs --dropout 0" train "${TINY[@]}" --out r --iters 5 --sp 2
+  expect_usage_error "--profile times one rank; leave --sp out" train "${common[@]}" --profile 2 --sp 2
+  grep -q -- "--sp" <("$charlm" train --help) || fail "train --help lacks --sp"
   ;;
 
 *)
