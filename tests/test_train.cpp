@@ -31,6 +31,21 @@ std::string synthetic_text() {
   return text;
 }
 
+// The synthetic text, its vocabulary and its 90/10 token split: what the
+// training cases learn.
+struct SyntheticData {
+  std::string text;
+  charlm::CharVocab vocab;
+  nn::TrainValSplit split;
+};
+
+SyntheticData synthetic_data() {
+  std::string text = synthetic_text();
+  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
+  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  return {std::move(text), std::move(vocab), std::move(split)};
+}
+
 nn::TransformerLMConfig tiny_config(int64_t vocab_size) {
   nn::TransformerLMConfig c;
   c.vocab_size = vocab_size;
@@ -71,9 +86,7 @@ double eval_loss(nn::TransformerLM& model, nn::BatchSampler& sampler, int batche
 
 TEST_CASE("a tiny TransformerLM learns a repetitive text: loss falls from ln(V) to below half") {
   use_one_thread();
-  const std::string text = synthetic_text();
-  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
-  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  const auto& [text, vocab, split] = synthetic_data();
   nn::TransformerLMConfig config = tiny_config(vocab.size());
   nn::TransformerLM model(config, 1337);
   nn::BatchSampler train(split.train, 8, config.block_size, 1);
@@ -107,9 +120,7 @@ TEST_CASE("a tiny TransformerLM learns a repetitive text: loss falls from ln(V) 
 
 TEST_CASE("the same training run learns on CUDA") {
   MINIDL_REQUIRE_CUDA();
-  const std::string text = synthetic_text();
-  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
-  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  const auto& [text, vocab, split] = synthetic_data();
   nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;  // head dim 32: the CUDA attention kernels take 32, 64 or 128
   nn::TransformerLM model(config, 1337);
@@ -130,9 +141,7 @@ TEST_CASE("the same training run learns on CUDA") {
 #if defined(MINIDL_WITH_CUDA)
 TEST_CASE("a CUDA training step never waits for the device; reading the logged loss does, once") {
   MINIDL_REQUIRE_CUDA();
-  const std::string text = synthetic_text();
-  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
-  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  const auto& [text, vocab, split] = synthetic_data();
   nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;     // head dim 32 for the CUDA attention kernels
   config.dropout = 0.1;   // the dropout streams too
@@ -230,9 +239,7 @@ GraphRun run_cuda_steps(const nn::TrainValSplit& split, const nn::TransformerLMC
 
 TEST_CASE("the training step as one CUDA graph gives the eager losses over 200 steps") {
   MINIDL_REQUIRE_CUDA();
-  const std::string text = synthetic_text();
-  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
-  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  const auto& [text, vocab, split] = synthetic_data();
   nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;    // head dim 32 for the CUDA attention kernels
   config.dropout = 0.1;  // residual and attention dropout: the device-offset streams
@@ -265,9 +272,7 @@ TEST_CASE("the training step as one CUDA graph gives the eager losses over 200 s
 
 TEST_CASE("a training-step graph replay never waits for the device") {
   MINIDL_REQUIRE_CUDA();
-  const std::string text = synthetic_text();
-  charlm::CharVocab vocab = charlm::CharVocab::from_text(text);
-  nn::TrainValSplit split = nn::split_train_val(vocab.encode(text));
+  const auto& [text, vocab, split] = synthetic_data();
   nn::TransformerLMConfig config = tiny_config(vocab.size());
   config.n_embd = 64;
   config.dropout = 0.1;
