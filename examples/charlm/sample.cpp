@@ -2,6 +2,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -73,11 +74,12 @@ constexpr const char* kSampleHelp =
     "Generates text with a model trained by charlm train. The model (vanilla or\n"
     "dilated attention, learned or rotary positions) is rebuilt from the\n"
     "checkpoint's metadata. Prints the prompt followed by --tokens generated\n"
-    "characters and a newline. Generation keeps a key/value cache: each new\n"
-    "character costs one step, not a pass over the whole context. The model sees\n"
-    "the latest characters, at most its training context (block size); when that\n"
-    "is full, it restarts from the latest half of it. Prompt characters must\n"
-    "occur in the training text.";
+    "characters and a newline; then one line on stderr: the characters generated,\n"
+    "the seconds taken and the characters per second. Generation keeps a\n"
+    "key/value cache: each new character costs one step, not a pass over the\n"
+    "whole context. The model sees the latest characters, at most its training\n"
+    "context (block size); when that is full, it restarts from the latest half of\n"
+    "it. Prompt characters must occur in the training text.";
 
 }  // namespace
 
@@ -141,6 +143,7 @@ int cmd_sample(const std::vector<std::string>& args) {
   std::fflush(stdout);
   Sampler pick(o.temperature, o.top_k, o.seed);
   const std::string chars = vocab.to_string();
+  const auto start = std::chrono::steady_clock::now();
   model.generate(vocab.encode(prompt), o.tokens, [&](const std::vector<float>& logits) {
     const int32_t id = pick(logits);
     std::fputc(chars[static_cast<size_t>(id)], stdout);
@@ -148,6 +151,12 @@ int cmd_sample(const std::vector<std::string>& args) {
     return id;
   });
   std::fputc('\n', stdout);
+  std::fflush(stdout);
+  // The speed on stderr, so that stdout stays only the text. The time runs
+  // from the prompt's pass to the last character printed.
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::fprintf(stderr, "charlm sample: %lld characters in %.3f s (%.1f characters/s)\n",
+               static_cast<long long>(o.tokens), seconds, seconds > 0 ? static_cast<double>(o.tokens) / seconds : 0.0);
   return 0;
 }
 

@@ -305,6 +305,9 @@ sample)
     fail "sample exited $?: $(cat err.txt)"
   [ "$(wc -c <out.txt)" -eq 45 ] || fail "expected 'the ' + 40 characters + newline, got $(wc -c <out.txt) bytes"
   [ "$(head -c 4 out.txt)" = "the " ] || fail "the output does not start with the prompt"
+  # stdout is only the text; the speed is one line on stderr.
+  [ "$(wc -l <err.txt)" -eq 1 ] && grep -qE '^charlm sample: 40 characters in [0-9]+\.[0-9]{3} s \([0-9]+\.[0-9] characters/s\)$' err.txt ||
+    fail "expected one line 'charlm sample: 40 characters in S s (R characters/s)' on stderr, got: $(cat -A err.txt)"
   "$charlm" sample --ckpt run/best.ckpt --tokens 25 --temperature 0 >a.txt || fail "greedy sampling failed"
   "$charlm" sample --ckpt run/best.ckpt --tokens 25 --temperature 0 >b.txt || fail "greedy sampling failed"
   cmp -s a.txt b.txt || fail "greedy sampling is not deterministic"
