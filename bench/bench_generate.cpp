@@ -167,7 +167,7 @@ void register_benchmarks(bool min_time_flag) {
     int64_t before_iters;  // "before": tokens timed (0: Google Benchmark's choice)
     double min_time;       // default seconds per benchmark
   };
-  // Short CPU defaults (a full forward at 256 takes ~0.1 s on two cores);
+  // Short CPU defaults (a full forward at 256 takes ~50 ms on two cores);
   // GPU runs stay within ~60 s in all.
   const Run runs[] = {
       {recipe_model(), Device::cpu(), DType::Float32, 16, 0, 0.2},
