@@ -439,7 +439,8 @@ parallel_cuda)
   # backend; with N * M GPUs, one rank per GPU through NCCL. Either way the
   # losses equal one rank's on the same global batch, up to the dtype's
   # rounding (the one-rank run replays a CUDA graph, the ranks run eagerly):
-  # 1e-3 relative in float32, 3e-2 in bfloat16, over 30 steps.
+  # 2e-3 relative in float32 (its matmuls round to TF32), 3e-2 in bfloat16,
+  # over 30 steps.
   if ! "$charlm" train "${TINY[@]}" --device cuda --out probe --iters 2 >/dev/null 2>err.txt; then
     grep -q "no CUDA device is available" err.txt && { echo "skipped: no CUDA device"; exit 77; }
     fail "the probe run failed: $(cat err.txt)"
@@ -450,7 +451,7 @@ parallel_cuda)
        --warmup 2 --dropout 0 --eval-interval 10 --log-interval 1 --decay-iters 30 --iters 30
        --attention dilated --segments 6,5,16 --dilations 1,3,2)
   for dtype in float32 bfloat16; do
-    tol=$([ $dtype = float32 ] && echo 1e-3 || echo 3e-2)
+    tol=$([ $dtype = float32 ] && echo 2e-3 || echo 3e-2)
     "$charlm" train "${gpu[@]}" --dtype $dtype --out $dtype-one >/dev/null 2>err.txt ||
       fail "the one-rank $dtype run failed: $(cat err.txt)"
     for ranks in "--dp 2" "--sp 2" "--dp 2 --sp 2"; do
@@ -468,7 +469,7 @@ parallel_cuda)
     fail "the --dp 2 --sp 2 part failed: $(cat err.txt)"
   "$charlm" train --resume mixed --iters 20 >/dev/null 2>err.txt || fail "resuming at one rank failed: $(cat err.txt)"
   "$charlm" train --resume mixed --iters 30 --dp 4 >/dev/null 2>err.txt || fail "resuming at --dp 4 failed: $(cat err.txt)"
-  same_losses float32-one mixed 1e-3
+  same_losses float32-one mixed 2e-3
   ;;
 
 *)
