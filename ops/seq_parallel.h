@@ -19,8 +19,15 @@ namespace minidl::ops {
 // backward returns dq, dk, dv of the local rows, the gradients of keys and
 // values another rank gathered coming back by reduce-scatter. Every rank must
 // run the forward and the backward (they are collective), and comm must
-// outlive the backward. CPU tensors; no attention dropout (the mask is keyed
-// by global positions, not implemented here yet).
+// outlive the backward. No attention dropout (the mask is keyed by global
+// positions, not implemented here yet).
+//
+// CPU tensors (float64, float32, bfloat16; computed in float64), or CUDA
+// tensors (float32, bfloat16: the CUDA attention kernels in that dtype, the
+// union-softmax merge and gradient sums in float32) with a communicator that
+// moves device memory: the in-process backend (virtual ranks sharing one
+// GPU) or NCCL. Each call exchanges the ranks' chunk sizes first, which on
+// CUDA costs one host wait; a spanning segment also costs a split of comm.
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k,
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,

@@ -1,9 +1,21 @@
 // Sequence-parallel dilated attention (LongNet): forward and backward side by
 // side. The algorithm and what it communicates: docs/dilated-attention.md,
-// "Sequence parallel". Every piece of attention runs on the CPU kernels
-// (cpu/dilated_attention.h), in float64, on row sets assembled here; pieces
-// merge by the log-sum-exp rule into one softmax per row, and the backward
-// runs each piece with the global (O, L, dO, dL), as the single-device op does.
+// "Sequence parallel", and docs/scaling.md. Every piece of attention runs on
+// the device's dilated-attention kernels (cpu/ or cuda/dilated_attention.h) on
+// row sets assembled here; pieces merge by the log-sum-exp rule into one
+// softmax per row, and the backward runs each piece with the global
+// (O, L, dO, dL), as the single-device op does.
+//
+// A spanning piece is a dense causal problem the existing kernels take as is:
+// its keys are the segment's gathered kept rows in kept order (t = 0..M-1),
+// and this rank's queries sit at their kept index t (other rows zero, their
+// results dropped, their zero dO and dL giving exactly zero gradients), so
+// the kernel's causal mask (key t' <= query t) is the exact global one.
+//
+// On the CPU everything runs in float64; on CUDA the kernels run in the
+// inputs' dtype (bfloat16 or float32) and the merged (O, L) and every
+// gradient sum are float32. The data movement is one set of row maps (built
+// with the plan, uploaded once on CUDA) that both devices walk.
 #include "ops/seq_parallel.h"
 
 #include <algorithm>
@@ -18,6 +30,10 @@
 #include "cpu/dilated_attention.h"
 #include "ops/dispatch.h"
 #include "ops/ops.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/dilated_attention.h"
+#include "cuda/seq_parallel.h"
+#endif
 
 namespace minidl::ops {
 namespace {
@@ -27,7 +43,25 @@ using Grads = std::vector<Tensor>;
 
 constexpr const char* kOp = "seq_parallel_dilated_attention";
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-const TensorOptions kF64{DType::Float64, Device::cpu(), false};
+
+// Row pairs (dst row, src row) of one data movement, built with the plan on
+// the host; on CUDA also uploaded once as int32 device arrays.
+struct RowMap {
+  std::vector<int32_t> dst, src;
+  Tensor dst_dev, src_dev;
+  int64_t size() const { return static_cast<int64_t>(dst.size()); }
+  void add(int64_t d, int64_t s) {
+    MINIDL_CHECK(d <= INT32_MAX && s <= INT32_MAX, kOp, ": row index ", std::max(d, s),
+                 " does not fit the int32 row maps");
+    dst.push_back(static_cast<int32_t>(d));
+    src.push_back(static_cast<int32_t>(s));
+  }
+  void upload(Device device) {
+    if (!device.is_cuda() || dst.empty()) return;
+    dst_dev = from_vector<int32_t>(dst, {size()}).to(device);
+    src_dev = from_vector<int32_t>(src, {size()}).to(device);
+  }
+};
 
 // One head's kept rows of one spanning segment that one rank owns: positions
 // x0 + j·r (global), j < count, stored at rows [offset, offset + count) of
@@ -52,6 +86,10 @@ struct Piece {
   int64_t r, M;
   size_t ex;
   std::vector<PieceHead> heads;
+  // Rows of the piece's (B, M, heads) problem: `queries` from this rank's
+  // (B, n, H) rows (its queries only), `keys` from the exchange's gathered
+  // (size, 2, B, R) rows (the k half; the v half is B * R rows further).
+  RowMap queries, keys;
 };
 
 // One spanning segment this rank takes part in: its ranks [first, first +
@@ -63,6 +101,7 @@ struct Exchange {
   int first = 0;
   int64_t R = 0;
   std::vector<Block> own_blocks;  // this rank's packed rows, in packing order
+  RowMap pack;  // this rank's (B, R) packed rows from its (B, n, H) rows
 };
 
 // Branches whose segments lie wholly inside this chunk over the same global
@@ -102,10 +141,13 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
   plan.B = q.size(0);
   plan.H = q.size(2);
   plan.D = q.size(3);
+  // On q's device: NCCL moves device memory only. (On CUDA, reading the
+  // result back is a host wait: the one each call makes.)
   Tensor mine = from_vector<double>({static_cast<double>(q.size(1)), static_cast<double>(plan.B),
                                      static_cast<double>(plan.H), static_cast<double>(plan.D)},
-                                    {4});
-  Tensor all = Tensor::empty({plan.P, 4}, kF64);
+                                    {4})
+                    .to(q.device());
+  Tensor all = Tensor::empty({plan.P, 4}, {DType::Float64, q.device()});
   comm.all_gather(mine, all);
   const std::vector<double> dims = all.to_vector<double>();
   plan.starts.assign(1, 0);
@@ -185,7 +227,25 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         piece.heads.push_back(std::move(head));
       }
       ex.R = *std::max_element(packed.begin(), packed.end());
-      for (auto& [M, piece] : by_length) plan.pieces.push_back(std::move(piece));
+      const int64_t n = plan.n(), B = plan.B, H = plan.H;
+      for (const Block& blk : ex.own_blocks)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t j = 0; j < blk.count; ++j)
+            ex.pack.add(b * ex.R + blk.offset + j, (b * n + blk.x0 + j * blk.r - c0) * H + blk.h);
+      for (auto& [M, piece] : by_length) {
+        const int64_t G = static_cast<int64_t>(piece.heads.size());
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t g = 0; g < G; ++g) {
+            const PieceHead& ph = piece.heads[static_cast<size_t>(g)];
+            for (int64_t t = ph.t0; t < ph.t1; ++t)
+              piece.queries.add((b * M + t) * G + g, (b * n + ph.base + t * r - c0) * H + ph.h);
+            for (int64_t t = 0; t < M; ++t) {
+              const auto [rank, j] = ph.keys[static_cast<size_t>(t)];
+              piece.keys.add((b * M + t) * G + g, (rank * 2 * B + b) * ex.R + j);
+            }
+          }
+        plan.pieces.push_back(std::move(piece));
+      }
       plan.exchanges.push_back(std::move(ex));
     }
     // Collective: every rank splits for each parity that has a segment; a
@@ -197,21 +257,83 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       if (s >= 0) plan.exchanges[my_exchange[parity]].comm = std::move(sub);
     }
   }
+  for (Exchange& ex : plan.exchanges) ex.pack.upload(q.device());
+  for (Piece& piece : plan.pieces) {
+    piece.queries.upload(q.device());
+    piece.keys.upload(q.device());
+  }
   return plan;
 }
 
-// Row (b, x, h) of a contiguous float64 (B, n, H, W) tensor (W = 1 for lse).
-struct Rows {
-  double* p;
-  int64_t n, H, W;
-  Rows(const Tensor& t, int64_t W) : p(t.data_ptr<double>()), n(t.size(1)), H(t.size(2)), W(W) {}
-  double* row(int64_t b, int64_t x, int64_t h) const { return p + ((b * n + x) * H + h) * W; }
+// Which rows one call moves: a map's pairs (reversed: from its dst rows to
+// its src rows), or `count` affine pairs, src row i to dst row
+// (i / per) * dst_stride + dst_offset + i % per (a local group's run of rows
+// per batch inside this rank's rows).
+struct Pairs {
+  const RowMap* map = nullptr;
+  bool reverse = false;
+  int64_t count = 0, per = 1, dst_stride = 0, dst_offset = 0;
+
+  static Pairs along(const RowMap& m) { return {&m, false, m.size()}; }
+  static Pairs against(const RowMap& m) { return {&m, true, m.size()}; }
+  static Pairs affine(int64_t count, int64_t per, int64_t dst_stride, int64_t dst_offset) {
+    return {nullptr, false, count, per, dst_stride, dst_offset};
+  }
+  std::pair<int64_t, int64_t> at(int64_t i) const {  // (dst row, src row)
+    if (!map) return {i / per * dst_stride + dst_offset + i % per, i};
+    const int64_t d = map->dst[static_cast<size_t>(i)], s = map->src[static_cast<size_t>(i)];
+    return reverse ? std::pair{s, d} : std::pair{d, s};
+  }
+#if defined(MINIDL_WITH_CUDA)
+  cuda::RowPairs device() const {
+    cuda::RowPairs p;
+    p.count = count;
+    if (map && count > 0) {
+      p.dst = (reverse ? map->src_dev : map->dst_dev).data_ptr<int32_t>();
+      p.src = (reverse ? map->dst_dev : map->src_dev).data_ptr<int32_t>();
+    }
+    p.per = per;
+    p.dst_stride = dst_stride;
+    p.dst_offset = dst_offset;
+    return p;
+  }
+#endif
 };
 
-// Packed row j of exchange rank g's k (kv = 0) or v (kv = 1) in a
-// (size, 2, B, R, D) buffer of exchange `ex`.
-double* packed_row(const Tensor& buf, const Plan& plan, const Exchange& ex, int64_t g, int kv, int64_t b, int64_t j) {
-  return buf.data_ptr<double>() + (((g * 2 + kv) * plan.B + b) * ex.R + j) * plan.D;
+// The rows of contiguous t from row `first` on (rows of W elements): where the
+// v half of a (size, 2, B, R, D) buffer starts for the keys' maps.
+Tensor from_row(const Tensor& t, int64_t first, int64_t W) {
+  return t.as_strided({t.numel() - first * W}, {1}, t.offset() + first * W, kOp);
+}
+
+// The three movements; on the CPU float64 throughout, on CUDA dst of
+// add/merge float32 (cuda/seq_parallel.h). Tensors contiguous.
+void copy_rows(const Tensor& dst, const Tensor& src, int64_t W, const Pairs& p) {
+  if (dst.is_cuda()) {
+#if defined(MINIDL_WITH_CUDA)
+    return cuda::copy_rows(dst, src, W, p.device());
+#endif
+  }
+  double* d = dst.data_ptr<double>();
+  const double* s = src.data_ptr<double>();
+  for (int64_t i = 0; i < p.count; ++i) {
+    const auto [to, from] = p.at(i);
+    std::copy(s + from * W, s + (from + 1) * W, d + to * W);
+  }
+}
+
+void add_rows(const Tensor& dst, const Tensor& src, int64_t W, const Pairs& p) {
+  if (dst.is_cuda()) {
+#if defined(MINIDL_WITH_CUDA)
+    return cuda::add_rows(dst, src, W, p.device());
+#endif
+  }
+  double* d = dst.data_ptr<double>();
+  const double* s = src.data_ptr<double>();
+  for (int64_t i = 0; i < p.count; ++i) {
+    const auto [to, from] = p.at(i);
+    for (int64_t e = 0; e < W; ++e) d[to * W + e] += s[from * W + e];
+  }
 }
 
 // The union softmax (docs/dilated-attention.md): merges a partial (o, l) of
@@ -229,6 +351,20 @@ void merge_row(double* O, double& L, const double* o, double l, int64_t D) {
   L = merged;
 }
 
+void merge_rows(const Tensor& O, const Tensor& L, const Tensor& o, const Tensor& l, int64_t D, const Pairs& p) {
+  if (O.is_cuda()) {
+#if defined(MINIDL_WITH_CUDA)
+    return cuda::merge_rows(O, L, o, l, D, p.device());
+#endif
+  }
+  double *pO = O.data_ptr<double>(), *pL = L.data_ptr<double>();
+  const double *po = o.data_ptr<double>(), *pl = l.data_ptr<double>();
+  for (int64_t i = 0; i < p.count; ++i) {
+    const auto [to, from] = p.at(i);
+    merge_row(pO + to * D, pL[to], po + from * D, pl[from], D);
+  }
+}
+
 DilatedAttentionConfig kernel_config(const Plan& plan, std::vector<DilatedBranch> branches) {
   DilatedAttentionConfig c;
   c.branches = std::move(branches);
@@ -237,183 +373,140 @@ DilatedAttentionConfig kernel_config(const Plan& plan, std::vector<DilatedBranch
   return c;
 }
 
-// A piece's (B, M, heads, W) operand: this rank's query rows of `local`
-// ((B, n, H, W), or (B, n, H) for W = 1 with lse_shape) at their kept index,
-// zeros elsewhere (rows of other ranks' queries, whose results are dropped
-// and whose zero dO and dL make their backward contributions exactly zero).
-Tensor to_piece(const Plan& plan, const Piece& piece, const Tensor& local, int64_t W, bool lse_shape) {
+// The dtypes of one call: the kernels' operands (`compute`: float64 on the
+// CPU, the inputs' dtype on CUDA), their lse, and the sums (`acc`).
+struct Types {
+  DType compute, lse, acc;
+  Device device;
+  TensorOptions of(DType t) const { return {t, device, false}; }
+};
+
+Types types_of(const Tensor& q) {
+  if (!q.is_cuda()) return {DType::Float64, DType::Float64, DType::Float64, q.device()};
+  return {q.dtype(), DType::Float32, DType::Float32, q.device()};
+}
+
+void attend_forward(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionConfig& config,
+                    const Tensor& o, const Tensor& l) {
+  MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, o, l);
+}
+
+void attend_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& O, const Tensor& L,
+                     const Tensor& dO, const Tensor& dL, const DilatedAttentionConfig& config, const Tensor& dq,
+                     const Tensor& dk, const Tensor& dv) {
+  MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, O, L, dO, dL, config, dq, dk, dv);
+}
+
+// A piece's (B, M, heads, W) operand (W = 0: (B, M, heads), an lse): this
+// rank's query rows of `local` at their kept index, zeros elsewhere.
+Tensor piece_queries(const Plan& plan, const Piece& piece, const Tensor& local, int64_t W) {
   const int64_t G = static_cast<int64_t>(piece.heads.size());
-  Tensor out = zeros(lse_shape ? Shape{plan.B, piece.M, G} : Shape{plan.B, piece.M, G, W}, kF64);
-  Rows src(local, W), dst(out, W);
-  for (int64_t b = 0; b < plan.B; ++b)
-    for (int64_t g = 0; g < G; ++g) {
-      const PieceHead& ph = piece.heads[g];
-      for (int64_t t = ph.t0; t < ph.t1; ++t) {
-        const double* from = src.row(b, ph.base + t * piece.r - plan.c0(), ph.h);
-        std::copy(from, from + W, dst.row(b, t, g));
-      }
-    }
+  Tensor out = zeros(W ? Shape{plan.B, piece.M, G, W} : Shape{plan.B, piece.M, G}, local.options());
+  copy_rows(out, local, std::max<int64_t>(W, 1), Pairs::along(piece.queries));
   return out;
 }
 
-// A piece's keys (kv = 0) or values (kv = 1) from the gathered kept rows.
-Tensor piece_keys(const Plan& plan, const Piece& piece, const std::vector<Tensor>& gathered, int kv) {
+// A piece's keys (kv = 0) or values (kv = 1) from its exchange's gathered rows.
+Tensor piece_keys(const Plan& plan, const Piece& piece, const Tensor& gathered, int kv) {
   const int64_t G = static_cast<int64_t>(piece.heads.size());
-  Tensor out = Tensor::empty({plan.B, piece.M, G, plan.D}, kF64);
-  Rows dst(out, plan.D);
-  for (int64_t b = 0; b < plan.B; ++b)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t t = 0; t < piece.M; ++t) {
-        const auto [rank, j] = piece.heads[g].keys[t];
-        const double* from = packed_row(gathered[piece.ex], plan, plan.exchanges[piece.ex], rank, kv, b, j);
-        std::copy(from, from + plan.D, dst.row(b, t, g));
-      }
+  Tensor out = Tensor::empty({plan.B, piece.M, G, plan.D}, gathered.options());
+  copy_rows(out, from_row(gathered, kv * plan.B * plan.exchanges[piece.ex].R, plan.D), plan.D,
+            Pairs::along(piece.keys));
   return out;
 }
 
-// dst[:, x0 : x0 + len] += src, both float64 (B, *, H, D), dst contiguous.
-void add_rows(const Tensor& dst, int64_t x0, const Tensor& src) {
-  Rows d(dst, dst.size(3)), s(src, src.size(3));
-  for (int64_t b = 0; b < src.size(0); ++b)
-    for (int64_t x = 0; x < src.size(1); ++x)
-      for (int64_t h = 0; h < src.size(2); ++h) {
-        double* to = d.row(b, x0 + x, h);
-        const double* from = s.row(b, x, h);
-        for (int64_t i = 0; i < d.W; ++i) to[i] += from[i];
-      }
+// The rows [x0, x0 + len) of a local group, as affine pairs into this rank's rows.
+Pairs local_rows(const Plan& plan, int64_t x0, int64_t len) {
+  return Pairs::affine(plan.B * len * plan.H, len * plan.H, plan.n() * plan.H, x0 * plan.H);
 }
 
-Tensor f64(const Tensor& t) { return contiguous(to(t, DType::Float64)); }
 Tensor rows_of(const Tensor& t, int64_t x0, int64_t len) { return contiguous(t.narrow(1, x0, len)); }
 
 struct Forward {
-  Tensor out, lse;
-  std::vector<Tensor> gathered;  // float64, per exchange: (its size, 2, B, R, D)
+  Tensor O, L;                   // acc dtype: (B, n, H, D) and (B, n, H)
+  std::vector<Tensor> gathered;  // compute dtype, per exchange: (its size, 2, B, R, D)
 };
 
-Forward forward(const Plan& plan, const Tensor& q, const Tensor& k, const Tensor& v) {
+// q, k, v: contiguous, in the compute dtype.
+Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v) {
   Forward f;
   // Ship this rank's kept rows of spanning segments first: the local branches
   // below need nothing from other ranks (a backend that returns before the
-  // data lands can overlap them; see the docs for what overlaps today).
+  // data lands could overlap them; docs/scaling.md says what overlaps today).
   for (const Exchange& ex : plan.exchanges) {
-    Tensor send = zeros({2, plan.B, ex.R, plan.D}, kF64);
-    Rows kr(k, plan.D), vr(v, plan.D);
-    for (const Block& blk : ex.own_blocks)
-      for (int64_t b = 0; b < plan.B; ++b)
-        for (int64_t j = 0; j < blk.count; ++j) {
-          const int64_t x = blk.x0 + j * blk.r - plan.c0();
-          std::copy(kr.row(b, x, blk.h), kr.row(b, x, blk.h) + plan.D, packed_row(send, plan, ex, 0, 0, b, blk.offset + j));
-          std::copy(vr.row(b, x, blk.h), vr.row(b, x, blk.h) + plan.D, packed_row(send, plan, ex, 0, 1, b, blk.offset + j));
-        }
-    f.gathered.push_back(Tensor::empty({ex.comm->size(), 2, plan.B, ex.R, plan.D}, kF64));
+    Tensor send = zeros({2, plan.B, ex.R, plan.D}, ty.of(ty.compute));
+    copy_rows(send, k, plan.D, Pairs::along(ex.pack));
+    copy_rows(from_row(send, plan.B * ex.R, plan.D), v, plan.D, Pairs::along(ex.pack));
+    f.gathered.push_back(Tensor::empty({ex.comm->size(), 2, plan.B, ex.R, plan.D}, ty.of(ty.compute)));
     ex.comm->all_gather(send, f.gathered.back());
   }
-  f.out = zeros({plan.B, plan.n(), plan.H, plan.D}, kF64);
-  f.lse = full({plan.B, plan.n(), plan.H}, kNegInf, kF64);
-  Rows O(f.out, plan.D), L(f.lse, 1);
+  f.O = zeros({plan.B, plan.n(), plan.H, plan.D}, ty.of(ty.acc));
+  f.L = full({plan.B, plan.n(), plan.H}, kNegInf, ty.of(ty.acc));
   for (const LocalGroup& group : plan.local) {
     const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
-    Tensor o = Tensor::empty({plan.B, len, plan.H, plan.D}, kF64);
-    Tensor l = Tensor::empty({plan.B, len, plan.H}, kF64);
-    cpu::dilated_attention_forward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
-                                   kernel_config(plan, group.branches), o, l);
-    Rows ro(o, plan.D), rl(l, 1);
-    for (int64_t b = 0; b < plan.B; ++b)
-      for (int64_t x = 0; x < len; ++x)
-        for (int64_t h = 0; h < plan.H; ++h)
-          merge_row(O.row(b, x0 + x, h), *L.row(b, x0 + x, h), ro.row(b, x, h), *rl.row(b, x, h), plan.D);
+    Tensor o = Tensor::empty({plan.B, len, plan.H, plan.D}, ty.of(ty.compute));
+    Tensor l = Tensor::empty({plan.B, len, plan.H}, ty.of(ty.lse));
+    attend_forward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
+                   kernel_config(plan, group.branches), o, l);
+    merge_rows(f.O, f.L, o, l, plan.D, local_rows(plan, x0, len));
   }
   for (const Piece& piece : plan.pieces) {
     const int64_t G = static_cast<int64_t>(piece.heads.size());
-    Tensor o = Tensor::empty({plan.B, piece.M, G, plan.D}, kF64);
-    Tensor l = Tensor::empty({plan.B, piece.M, G}, kF64);
-    cpu::dilated_attention_forward(to_piece(plan, piece, q, plan.D, false),
-                                   piece_keys(plan, piece, f.gathered, 0),
-                                   piece_keys(plan, piece, f.gathered, 1),
-                                   kernel_config(plan, {{piece.M, 1}}), o, l);
-    Rows ro(o, plan.D), rl(l, 1);
-    for (int64_t b = 0; b < plan.B; ++b)
-      for (int64_t g = 0; g < G; ++g) {
-        const PieceHead& ph = piece.heads[g];
-        for (int64_t t = ph.t0; t < ph.t1; ++t) {
-          const int64_t x = ph.base + t * piece.r - plan.c0();
-          merge_row(O.row(b, x, ph.h), *L.row(b, x, ph.h), ro.row(b, t, g), *rl.row(b, t, g), plan.D);
-        }
-      }
+    Tensor o = Tensor::empty({plan.B, piece.M, G, plan.D}, ty.of(ty.compute));
+    Tensor l = Tensor::empty({plan.B, piece.M, G}, ty.of(ty.lse));
+    const Tensor& gathered = f.gathered[piece.ex];
+    attend_forward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, gathered, 0),
+                   piece_keys(plan, piece, gathered, 1), kernel_config(plan, {{piece.M, 1}}), o, l);
+    merge_rows(f.O, f.L, o, l, plan.D, Pairs::against(piece.queries));
   }
   return f;
 }
 
-// dq, dk, dv (float64) of this rank's rows; dO float64, dL float64 or undefined.
-std::vector<Tensor> backward(const Plan& plan, const Tensor& q, const Tensor& k, const Tensor& v,
+// dq, dk, dv (acc dtype) of this rank's rows. q, k, v, O, dO contiguous in
+// the compute dtype; L and dL (may be undefined) in the lse dtype.
+std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v,
                              const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
                              const Tensor& dO, const Tensor& dL) {
-  Tensor dq = zeros(q.shape(), kF64), dk = zeros(q.shape(), kF64), dv = zeros(q.shape(), kF64);
+  Tensor dq = zeros(q.shape(), ty.of(ty.acc)), dk = zeros(q.shape(), ty.of(ty.acc)), dv = zeros(q.shape(), ty.of(ty.acc));
   for (const LocalGroup& group : plan.local) {
     const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
     const Shape shape{plan.B, len, plan.H, plan.D};
-    Tensor gq = Tensor::empty(shape, kF64), gk = Tensor::empty(shape, kF64), gv = Tensor::empty(shape, kF64);
-    cpu::dilated_attention_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
-                                    rows_of(O, x0, len), rows_of(L, x0, len), rows_of(dO, x0, len),
-                                    dL.defined() ? rows_of(dL, x0, len) : Tensor(),
-                                    kernel_config(plan, group.branches), gq, gk, gv);
-    add_rows(dq, x0, gq);
-    add_rows(dk, x0, gk);
-    add_rows(dv, x0, gv);
+    Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
+           gv = Tensor::empty(shape, ty.of(ty.compute));
+    attend_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len), rows_of(O, x0, len),
+                    rows_of(L, x0, len), rows_of(dO, x0, len), dL.defined() ? rows_of(dL, x0, len) : Tensor(),
+                    kernel_config(plan, group.branches), gq, gk, gv);
+    const Pairs rows = local_rows(plan, x0, len);
+    add_rows(dq, gq, plan.D, rows);
+    add_rows(dk, gk, plan.D, rows);
+    add_rows(dv, gv, plan.D, rows);
   }
   // Gradients of every gathered row, laid out as the gathered buffers: summed
   // over an exchange's ranks, each rank receives those of the rows it owns.
   std::vector<Tensor> send;
-  for (const Tensor& g : gathered) send.push_back(zeros(g.shape(), kF64));
-  Rows dQ(dq, plan.D);
+  for (const Tensor& g : gathered) send.push_back(zeros(g.shape(), ty.of(ty.acc)));
   for (const Piece& piece : plan.pieces) {
     const int64_t G = static_cast<int64_t>(piece.heads.size());
     const Shape shape{plan.B, piece.M, G, plan.D};
-    Tensor gq = Tensor::empty(shape, kF64), gk = Tensor::empty(shape, kF64), gv = Tensor::empty(shape, kF64);
-    cpu::dilated_attention_backward(
-        to_piece(plan, piece, q, plan.D, false), piece_keys(plan, piece, gathered, 0),
-        piece_keys(plan, piece, gathered, 1), to_piece(plan, piece, O, plan.D, false),
-        to_piece(plan, piece, L, 1, true), to_piece(plan, piece, dO, plan.D, false),
-        dL.defined() ? to_piece(plan, piece, dL, 1, true) : Tensor(),
-        kernel_config(plan, {{piece.M, 1}}), gq, gk, gv);
-    Rows rq(gq, plan.D), rk(gk, plan.D), rv(gv, plan.D);
-    for (int64_t b = 0; b < plan.B; ++b)
-      for (int64_t g = 0; g < G; ++g) {
-        const PieceHead& ph = piece.heads[g];
-        for (int64_t t = ph.t0; t < ph.t1; ++t) {
-          double* to = dQ.row(b, ph.base + t * piece.r - plan.c0(), ph.h);
-          for (int64_t d = 0; d < plan.D; ++d) to[d] += rq.row(b, t, g)[d];
-        }
-        for (int64_t t = 0; t < piece.M; ++t) {
-          const auto [rank, j] = ph.keys[t];
-          const Exchange& ex = plan.exchanges[piece.ex];
-          double* tk = packed_row(send[piece.ex], plan, ex, rank, 0, b, j);
-          double* tv = packed_row(send[piece.ex], plan, ex, rank, 1, b, j);
-          for (int64_t d = 0; d < plan.D; ++d) {
-            tk[d] += rk.row(b, t, g)[d];
-            tv[d] += rv.row(b, t, g)[d];
-          }
-        }
-      }
+    Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
+           gv = Tensor::empty(shape, ty.of(ty.compute));
+    const Tensor& g = gathered[piece.ex];
+    attend_backward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, g, 0),
+                    piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
+                    piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
+                    dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, {{piece.M, 1}}),
+                    gq, gk, gv);
+    add_rows(dq, gq, plan.D, Pairs::against(piece.queries));
+    const Tensor& s = send[piece.ex];
+    add_rows(s, gk, plan.D, Pairs::against(piece.keys));
+    add_rows(from_row(s, plan.B * plan.exchanges[piece.ex].R, plan.D), gv, plan.D, Pairs::against(piece.keys));
   }
-  Rows dK(dk, plan.D), dV(dv, plan.D);
   for (size_t e = 0; e < plan.exchanges.size(); ++e) {
     const Exchange& ex = plan.exchanges[e];
-    Tensor mine = Tensor::empty({2, plan.B, ex.R, plan.D}, kF64);
+    Tensor mine = Tensor::empty({2, plan.B, ex.R, plan.D}, ty.of(ty.acc));
     ex.comm->reduce_scatter(send[e], mine);
-    for (const Block& blk : ex.own_blocks)
-      for (int64_t b = 0; b < plan.B; ++b)
-        for (int64_t j = 0; j < blk.count; ++j) {
-          const int64_t x = blk.x0 + j * blk.r - plan.c0();
-          const double* gk = packed_row(mine, plan, ex, 0, 0, b, blk.offset + j);
-          const double* gv = packed_row(mine, plan, ex, 0, 1, b, blk.offset + j);
-          double *tk = dK.row(b, x, blk.h), *tv = dV.row(b, x, blk.h);
-          for (int64_t d = 0; d < plan.D; ++d) {
-            tk[d] += gk[d];
-            tv[d] += gv[d];
-          }
-        }
+    add_rows(dk, mine, plan.D, Pairs::against(ex.pack));
+    add_rows(dv, from_row(mine, plan.B * ex.R, plan.D), plan.D, Pairs::against(ex.pack));
   }
   return {dq, dk, dv};
 }
@@ -428,12 +521,16 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
                detail::describe(k), ", v ", detail::describe(v));
   detail::check_same_dtype(kOp, q, k);
   detail::check_same_dtype(kOp, q, v);
-  for (const Tensor* t : {&q, &k, &v})
-    MINIDL_CHECK(!t->is_cuda(), kOp, ": CPU tensors only for now, got ", detail::describe(*t));
+  detail::check_same_device(kOp, q, k);
+  detail::check_same_device(kOp, q, v);
   const DType dt = q.dtype();
-  MINIDL_CHECK(dt == DType::Float32 || dt == DType::BFloat16 || dt == DType::Float64, kOp,
-               ": unsupported dtype ", dt, " (q is ", detail::describe(q),
-               "); expected float32, bfloat16 or float64");
+  if (q.is_cuda())
+    MINIDL_CHECK(dt == DType::Float32 || dt == DType::BFloat16, kOp, ": unsupported dtype ", dt, " (q is ",
+                 detail::describe(q), "); expected float32 or bfloat16 on CUDA");
+  else
+    MINIDL_CHECK(dt == DType::Float32 || dt == DType::BFloat16 || dt == DType::Float64, kOp,
+                 ": unsupported dtype ", dt, " (q is ", detail::describe(q),
+                 "); expected float32, bfloat16 or float64");
   MINIDL_CHECK(!config.branches.empty(), kOp,
                ": config has no branches; give at least one (segment length w, dilation r)");
   for (size_t i = 0; i < config.branches.size(); ++i)
@@ -452,33 +549,36 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q_in, con
                                                          const DilatedAttentionConfig& config,
                                                          dist::Communicator& comm) {
   check_inputs(q_in, k_in, v_in, config);
-  const DType dtype = q_in.dtype(), lse_dtype = dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+  const DType dtype = q_in.dtype();
+  const Types ty = types_of(q_in);
   auto plan = std::make_shared<const Plan>(make_plan(q_in, config, comm));
-  Tensor q, k, v;
-  Forward f;
+  // Inputs in the compute dtype, contiguous (no copy when they already are).
+  auto prepare = [&](const Tensor& t) { return contiguous(to(t.detach(), ty.compute)); };
+  Tensor q, k, v, O, L;
+  std::vector<Tensor> gathered;
   {
     NoGradGuard no_grad;
-    q = f64(q_in.detach());
-    k = f64(k_in.detach());
-    v = f64(v_in.detach());
-    f = forward(*plan, q, k, v);
+    q = prepare(q_in);
+    k = prepare(k_in);
+    v = prepare(v_in);
+    Forward f = forward(*plan, ty, q, k, v);
+    O = to(f.O, ty.compute);  // what the backward's D = dO . O reads, as the single-device op
+    L = f.L;
+    gathered = std::move(f.gathered);
   }
-  Tensor out = dtype == DType::Float64 ? f.out : to(f.out, dtype);
-  Tensor lse = lse_dtype == DType::Float64 ? f.lse : to(f.lse, lse_dtype);
+  const DType lse_dtype = dtype == DType::Float64 ? DType::Float64 : DType::Float32;
+  Tensor out = to(O, dtype), lse = to(L, lse_dtype);
   if (autograd::needs_grad({q_in, k_in, v_in})) {
     autograd::record(
         kOp, {q_in, k_in, v_in}, {out, lse},
-        [plan, dtype, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp),
-         sv = SavedTensor(v, kOp), so = SavedTensor(f.out, kOp), sl = SavedTensor(f.lse, kOp),
-         gathered = f.gathered](const Grads& g) {
+        [plan, ty, dtype, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp), sv = SavedTensor(v, kOp),
+         so = SavedTensor(O, kOp), sl = SavedTensor(L, kOp), gathered](const Grads& g) {
           NoGradGuard no_grad;
           Tensor q = sq.get();
-          Tensor dO = g[0].defined() ? f64(g[0]) : zeros(q.shape(), kF64);
-          Tensor dL = g[1].defined() ? f64(g[1]) : Tensor();
-          std::vector<Tensor> grads =
-              backward(*plan, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL);
-          if (dtype != DType::Float64)
-            for (Tensor& t : grads) t = to(t, dtype);
+          Tensor dO = g[0].defined() ? contiguous(to(g[0], ty.compute)) : zeros(q.shape(), ty.of(ty.compute));
+          Tensor dL = g[1].defined() ? contiguous(to(g[1], ty.lse)) : Tensor();
+          std::vector<Tensor> grads = backward(*plan, ty, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL);
+          for (Tensor& t : grads) t = to(t, dtype);
           return grads;
         },
         autograd::MissingGrad::Undefined);

@@ -1,9 +1,12 @@
 // nn::DataParallel over the in-process backend: averaged gradients of the
 // ranks' shares equal one rank's gradients on the whole batch (float64), in
-// one bucket or many; rank 0's parameters reach every rank.
+// one bucket or many; rank 0's parameters reach every rank. On CUDA: virtual
+// ranks sharing one GPU (in-process backend) and NCCL with world size 1.
+#include <functional>
 #include <mutex>
 
 #include "dist/communicator.h"
+#include "dist/nccl.h"
 #include "helpers.h"
 #include "nn/data_parallel.h"
 
@@ -99,4 +102,65 @@ TEST_CASE("DataParallel: buckets issued as they fill (any ready order) give the 
   });
   for (const Params& p : replicas)
     for (size_t k = 0; k < 3; ++k) testing::check_close(p.list()[k].grad(), single.list()[k].grad(), 1e-15, 1e-12);
+}
+
+namespace {
+
+// float32 on the GPU: the ranks' averaged gradients against one rank's on the
+// whole batch (both on the GPU; sums in another order, and float32 matmuls
+// round their inputs to TF32: 1e-3 relative).
+void check_cuda_data_parallel(int P, const std::function<void(int, const std::function<void(dist::Communicator&)>&)>& run) {
+  const TensorOptions gpu{DType::Float32, Device::cuda(), false};
+  const int64_t B = 12;
+  const Params init{random_tensor({5, 7}, gpu), random_tensor({7}, gpu), random_tensor({7, 3}, gpu),
+                    random_tensor({4}, gpu)};
+  const Tensor x = random_tensor({B, 5}, gpu);
+  Params single = fresh_copy(init);
+  loss_of(single, x).backward();
+  std::vector<Params> replicas;
+  for (int r = 0; r < P; ++r) {
+    Params p = fresh_copy(init);
+    if (r > 0)
+      for (const Tensor& t : p.list()) ops::add_(t.detach(), random_tensor(t.shape(), gpu));
+    replicas.push_back(p);
+  }
+  run(P, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    const Params& p = replicas[r];
+    nn::DataParallel dp(p.list(), comm, 64);
+    dp.broadcast_parameters();
+    const int64_t rows = B / P;
+    loss_of(p, x.narrow(0, r * rows, rows)).backward();
+    dp.all_reduce_gradients();
+  });
+  for (int r = 0; r < P; ++r) {
+    CAPTURE(r);
+    for (size_t k = 0; k < 3; ++k) {
+      testing::check_close(replicas[r].list()[k], init.list()[k], 0, 0);
+      testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-4, 1e-3);
+    }
+    REQUIRE(replicas[r].unused.grad().defined());
+    CHECK(replicas[r].unused.grad().to_vector<float>() == std::vector<float>(4, 0.0f));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("DataParallel on CUDA: virtual ranks on one GPU equal one rank (float32)") {
+  MINIDL_REQUIRE_CUDA();
+  for (int P : {1, 2, 3}) {
+    CAPTURE(P);
+    check_cuda_data_parallel(P, [](int n, const std::function<void(dist::Communicator&)>& fn) {
+      dist::run_in_process(n, fn);
+    });
+  }
+}
+
+TEST_CASE("DataParallel on CUDA over NCCL, world size 1") {
+  MINIDL_REQUIRE_CUDA();
+  if (!dist::nccl_available()) {
+    MESSAGE("skipped: minidl was built without NCCL");
+    return;
+  }
+  check_cuda_data_parallel(1, [](int n, const std::function<void(dist::Communicator&)>& fn) { dist::run_nccl(n, fn); });
 }

@@ -1,8 +1,11 @@
 // Sequence-parallel dilated attention (ops/seq_parallel.h) against the
-// single-device op, in float64, with ranks as threads.
+// single-device op, in float64, with ranks as threads; on CUDA (virtual ranks
+// sharing one GPU, and NCCL with one rank) in float32 and bfloat16 against
+// the float64 op on the same rounded inputs.
 #include <mutex>
 
 #include "dist/communicator.h"
+#include "dist/nccl.h"
 #include "helpers.h"
 #include "nn/transformer.h"
 #include "ops/seq_parallel.h"
@@ -64,9 +67,11 @@ struct Result {
 
 // Rows kept by no branch have lse = -inf: the loss reads lse through a mask
 // so that it stays finite (and those rows get no lse gradient).
+// (On CUDA the weights are float32 and a bfloat16 out is read in float32.)
 Tensor loss_of(const Tensor& out, const Tensor& lse, const Tensor& w_out, const Tensor& w_lse) {
   Tensor nowhere = ops::lt(lse.detach(), ops::full(lse.shape(), -1e30, lse.options()));
-  return ops::add(ops::sum(ops::mul(out, w_out)), ops::sum(ops::mul(ops::masked_fill(lse, nowhere, 0.0), w_lse)));
+  return ops::add(ops::sum(ops::mul(ops::to(out, w_out.dtype()), w_out)),
+                  ops::sum(ops::mul(ops::masked_fill(lse, nowhere, 0.0), w_lse)));
 }
 
 struct Inputs {
@@ -346,4 +351,158 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
         }
       }
     }
+}
+
+// ---- CUDA: virtual ranks on one GPU (in-process backend), NCCL world size 1 ----
+
+namespace {
+
+// The CUDA tests' inputs: the float64 inputs rounded to `dtype`, on the GPU
+// (loss weights float32), and the same rounded values in float64 on the CPU
+// for the reference.
+struct CudaInputs {
+  Inputs gpu, ref;
+};
+
+CudaInputs cuda_inputs(const Case& c, DType dtype) {
+  const Inputs in = make_inputs(c);
+  auto round = [&](const Tensor& t) { return t.to(dtype).to(DType::Float64); };
+  const Inputs ref{round(in.q), round(in.k), round(in.v), in.w_out.to(DType::Float32).to(DType::Float64),
+                   in.w_lse.to(DType::Float32).to(DType::Float64)};
+  auto gpu = [&](const Tensor& t, DType d) { return t.to(d).to(Device::cuda()); };
+  return {{gpu(ref.q, dtype), gpu(ref.k, dtype), gpu(ref.v, dtype), gpu(ref.w_out, DType::Float32),
+           gpu(ref.w_lse, DType::Float32)},
+          ref};
+}
+
+Result on_cpu(const Result& r) {
+  auto cpu = [](const Tensor& t) { return t.to(Device::cpu()); };
+  return {cpu(r.out), cpu(r.lse), cpu(r.dq), cpu(r.dk), cpu(r.dv)};
+}
+
+double cuda_tolerance(DType dtype) { return dtype == DType::BFloat16 ? 2e-2 : 2e-3; }
+
+// |a - b| <= tol * max|b| elementwise (lse: -inf exactly where b has it,
+// |a - b| <= tol (1 + |b|) elsewhere): the CUDA attention tests' measure.
+void check_scaled(const char* what, const Tensor& a, const Tensor& b, double tol) {
+  CAPTURE(what);
+  const std::vector<double> y = b.to_vector<double>();
+  double peak = 1e-30;
+  for (double x : y) peak = std::max(peak, std::abs(x));
+  minidl::testing::check_close(a, b, tol * peak, tol);
+}
+
+void check_lse(const Tensor& a, const Tensor& b, double tol) {
+  REQUIRE(a.shape() == b.shape());
+  const std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const bool ok = std::isinf(y[i]) ? x[i] == y[i] : std::abs(x[i] - y[i]) <= tol * (1 + std::abs(y[i]));
+    if (!ok && bad++ == 0) first = i;
+  }
+  INFO("lse: first bad element ", first, ": ", x.empty() ? 0.0 : x[first], " vs ", y.empty() ? 0.0 : y[first]);
+  CHECK(bad == 0);
+}
+
+void check_result(const Result& got, const Result& want, double tol) {
+  check_scaled("out", got.out.to(DType::Float64), want.out.to(DType::Float64), tol);
+  check_lse(got.lse, want.lse, tol);
+  check_scaled("dq", got.dq.to(DType::Float64), want.dq.to(DType::Float64), tol);
+  check_scaled("dk", got.dk.to(DType::Float64), want.dk.to(DType::Float64), tol);
+  check_scaled("dv", got.dv.to(DType::Float64), want.dv.to(DType::Float64), tol);
+}
+
+// The odd geometry of kOdd at head dims the CUDA kernels take in both dtypes.
+const Case kOddCuda{2, 37, 3, 32, {{8, 1}, {10, 3}, {16, 5}, {64, 2}}, true};
+
+}  // namespace
+
+TEST_CASE("CUDA seq_parallel_dilated_attention (virtual ranks) equals the op: float32, bfloat16, P = 2, 3") {
+  MINIDL_REQUIRE_CUDA();
+  // Odd geometry (N/P not a multiple of w, odd straddles, w % r != 0, r > H,
+  // w > N), an uneven split with a one-row chunk, and a larger problem on the
+  // tensor-core kernels (D = 64; chunks of 100 with w = 64, 128, 256).
+  struct Split {
+    Case c;
+    std::vector<int64_t> sizes;
+  };
+  std::vector<Split> splits;
+  for (bool causal : {true, false}) {
+    Case c = kOddCuda;
+    c.causal = causal;
+    splits.push_back({c, even_chunks(c.N, 2)});
+    splits.push_back({c, even_chunks(c.N, 3)});
+    splits.push_back({c, {13, 1, 23}});
+  }
+  splits.push_back({{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true}, even_chunks(300, 3)});
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (const Split& sp : splits) {
+      CAPTURE(dtype);
+      CAPTURE(sp.c.N);
+      CAPTURE(sp.c.D);
+      CAPTURE(sp.c.causal);
+      CAPTURE(sp.sizes.size());
+      CAPTURE(sp.sizes[0]);
+      const CudaInputs in = cuda_inputs(sp.c, dtype);
+      const Result want = single_device(sp.c, in.ref);
+      const Result one = on_cpu(single_device(sp.c, in.gpu));
+      const Result got = on_cpu(sequence_parallel(sp.c, in.gpu, sp.sizes));
+      CHECK(got.out.dtype() == dtype);
+      CHECK(got.lse.dtype() == DType::Float32);
+      CHECK(got.dq.dtype() == dtype);
+      // Both within the CUDA kernels' tolerance of the float64 op, and of each other.
+      check_result(one, want, cuda_tolerance(dtype));
+      check_result(got, want, cuda_tolerance(dtype));
+      check_result(got, one, cuda_tolerance(dtype));
+    }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-process and NCCL)") {
+  MINIDL_REQUIRE_CUDA();
+  // One rank runs all branches in one kernel call on its rows and merges into
+  // empty accumulators (exact copies): the forward is the op's bit for bit;
+  // the backward adds each gradient once to zeros, so it equals the op's up
+  // to the kernels' own run-to-run variation (dq sums by atomics).
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    const CudaInputs in = cuda_inputs(kOddCuda, dtype);
+    const Result want = on_cpu(single_device(kOddCuda, in.gpu));
+    auto check_one = [&](const Result& got) {
+      check_equal("out", got.out, want.out, 0.0);
+      check_equal("lse", got.lse, want.lse, 0.0);
+      check_scaled("dq", got.dq.to(DType::Float64), want.dq.to(DType::Float64), cuda_tolerance(dtype) / 4);
+      check_scaled("dk", got.dk.to(DType::Float64), want.dk.to(DType::Float64), cuda_tolerance(dtype) / 4);
+      check_scaled("dv", got.dv.to(DType::Float64), want.dv.to(DType::Float64), cuda_tolerance(dtype) / 4);
+    };
+    check_one(on_cpu(sequence_parallel(kOddCuda, in.gpu, {kOddCuda.N})));
+    if (!dist::nccl_available()) {
+      MESSAGE("NCCL part skipped: minidl was built without NCCL");
+      continue;
+    }
+    DilatedAttentionConfig config;
+    config.branches = kOddCuda.branches;
+    Result got;
+    dist::run_nccl(1, [&](dist::Communicator& comm) {
+      Tensor q = in.gpu.q.clone().requires_grad_(), k = in.gpu.k.clone().requires_grad_(),
+             v = in.gpu.v.clone().requires_grad_();
+      auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm);
+      loss_of(out, lse, in.gpu.w_out, in.gpu.w_lse).backward();
+      got = on_cpu({out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()});
+    });
+    check_one(got);
+  }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention: CUDA tensors need float32 or bfloat16 and one device") {
+  MINIDL_REQUIRE_CUDA();
+  DilatedAttentionConfig config;
+  config.branches = {{4, 1}};
+  const Tensor q64 = random_tensor({1, 8, 2, 32}, {DType::Float64, Device::cuda()});
+  const Tensor q = random_tensor({1, 8, 2, 32}, {DType::Float32, Device::cuda()});
+  const Tensor cpu = random_tensor({1, 8, 2, 32}, {DType::Float32});
+  run_ranks(1, [&](dist::Communicator& comm) {
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q64, q64, q64, config, comm),
+                         doctest::Contains("expected float32 or bfloat16 on CUDA"), Error);
+    CHECK_THROWS_AS(ops::seq_parallel_dilated_attention(q, cpu, q, config, comm), Error);
+  });
 }

@@ -61,11 +61,12 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.add_choice("dtype", &o.dtype, {"float32", "bfloat16"},
                    "compute dtype (bfloat16: bf16 compute, float32 master weights)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
-  flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (CPU: threads of this process)",
+  flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (threads of this process: "
+                "sharing the device, or one GPU each through NCCL when there are enough GPUs)",
                 1, 1024);
   flags.add_int("sp", &o.sp,
                 "sequence-parallel ranks, each on --context / M consecutive positions of every sequence "
-                "(with --dp N: N*M ranks; CPU: threads of this process)",
+                "(with --dp N: N*M ranks, placed as for --dp)",
                 1, 1024);
   flags.add_switch("no-graph", &o.graph, false,
                    "CUDA: run every step eagerly instead of replaying it as one CUDA graph");

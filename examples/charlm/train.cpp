@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "dist/communicator.h"
+#include "dist/nccl.h"
 #include "nn/data_parallel.h"
 #include "profile.h"
 #include "progress.h"
@@ -127,12 +128,15 @@ class TrainModel {
 // losses are averaged over the ranks (blocks of equal size), so the run
 // equals one rank on the global batch up to float rounding (dropout masks are
 // each rank's own). Without a communicator (one rank) everything is a no-op.
+// `messages`: where rank 0's commands travel (the CPU for the in-process
+// backend; the rank's GPU for NCCL, which moves device memory only).
 class Ranks {
  public:
   enum class Command { Step, EvalBegin, EvalBatch, EvalEnd, Stop };
 
   // Collective when comm is given (the sp split): every rank constructs one.
-  Ranks(dist::Communicator* comm, int64_t sp = 1) : comm_(comm), sp_(sp) {
+  Ranks(dist::Communicator* comm, int64_t sp = 1, Device messages = Device::cpu())
+      : comm_(comm), sp_(sp), messages_(messages) {
     if (comm_ && sp_ > 1) sp_comm_ = comm_->split(comm_->rank() / static_cast<int>(sp_), comm_->rank());
   }
   // Once the model holds its initial (or restored) weights, on every rank:
@@ -180,7 +184,7 @@ class Ranks {
   // others call it without arguments to hear it.
   std::pair<Command, double> command(Command c = Command::Stop, double arg = 0) const {
     if (!comm_) return {c, arg};
-    Tensor msg = minidl::from_vector<double>({static_cast<double>(c), arg}, {2});
+    Tensor msg = minidl::from_vector<double>({static_cast<double>(c), arg}, {2}).to(messages_);
     comm_->broadcast(msg, 0);
     const std::vector<double> v = msg.to_vector<double>();
     return {static_cast<Command>(static_cast<int>(v[0])), v[1]};
@@ -189,6 +193,7 @@ class Ranks {
  private:
   dist::Communicator* comm_;
   int64_t sp_;
+  Device messages_;
   std::unique_ptr<dist::Communicator> sp_comm_;  // this rank's sp group (--sp > 1)
   std::unique_ptr<nn::DataParallel> dp_;
 };
@@ -323,12 +328,13 @@ struct Replica {
 };
 
 // Ranks 1..N-1 of --dp N: a replica each, doing what rank 0 announces.
+// `device`: this rank's (with NCCL, its own GPU); `messages`: see Ranks.
 void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, const nn::TrainValSplit& split,
-                  Device device, const nn::Checkpoint* resume, dist::Communicator& comm) {
+                  Device device, Device messages, const nn::Checkpoint* resume, dist::Communicator& comm) {
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));  // per thread too
   Replica replica(o, config, split, device);
   if (resume) nn::restore_train_state(*resume, replica.train_state(ops::zeros({}, {DType::Float32, device}), {}));
-  Ranks ranks(&comm, o.sp);
+  Ranks ranks(&comm, o.sp, messages);
   ranks.attach(replica.model);
   for (;;) {
     auto [command, lr] = ranks.command();
@@ -348,17 +354,21 @@ void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, 
   }
 }
 
-// The other ranks of --dp N (N > 1, on the CPU), on threads of their own
+// The other ranks of --dp N --sp M (N * M > 1), on threads of their own
 // until destroyed. train_run's thread is rank 0: it uses the communicator of
-// run_in_process's rank 0, whose function only waits for this object's
-// destruction. A rank's failure reaches rank 0 through its next collective;
-// rank 0's failure (destruction during an exception) ends the others'.
+// the backend's rank 0, whose function only waits for this object's
+// destruction. The backend: NCCL, one GPU per rank (GPUs 0..N*M-1), when
+// `nccl`; else in-process (CPU ranks, or virtual ranks sharing one GPU). A
+// rank's failure reaches rank 0 through its next collective (in-process; an
+// NCCL collective cannot be abandoned, so there a failure may hang the
+// others); rank 0's failure (destruction during an exception) ends the others'.
 class OtherRanks {
  public:
-  OtherRanks(int64_t n, std::function<void(dist::Communicator&)> follow) {
-    thread_ = std::thread([this, n, follow = std::move(follow)] {
+  OtherRanks(int64_t n, bool nccl, std::function<void(dist::Communicator&)> follow) {
+    thread_ = std::thread([this, n, nccl, follow = std::move(follow)] {
       try {
-        dist::run_in_process(static_cast<int>(n), [&](dist::Communicator& comm) {
+        auto run = nccl ? dist::run_nccl : dist::run_in_process;
+        run(static_cast<int>(n), [&](dist::Communicator& comm) {
           if (comm.rank() != 0) return follow(comm);
           std::unique_lock<std::mutex> lock(mu_);
           rank0_ = &comm;
@@ -570,16 +580,19 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   fs::create_directories(dir);
 
   minidl::reset_peak_memory_stats(device);
-  // --dp N --sp M: this thread is rank 0 and writes every file; the others follow it.
+  // --dp N --sp M: this thread is rank 0 and writes every file; the others
+  // follow it. On CUDA with N * M GPUs (from cuda:0) and NCCL: one GPU per
+  // rank; otherwise the ranks are threads sharing `device` (in-process).
   const int64_t world = o.dp * o.sp;
-  if (world > 1 && !device.is_cpu())
-    throw UsageError(std::string(o.dp > 1 ? "--dp " + std::to_string(o.dp) : "--sp " + std::to_string(o.sp)) +
-                     " runs its ranks as threads on the CPU; add --device cpu "
-                     "(charlm has no multi-GPU data or sequence parallelism yet)");
+  const bool nccl = world > 1 && device.is_cuda() && device.index == 0 && dist::nccl_available() &&
+                    minidl::cuda_device_count() >= world;
   std::optional<OtherRanks> other_ranks;
   if (world > 1)
-    other_ranks.emplace(world, [&](dist::Communicator& comm) { follow_rank0(o, config, split, device, resume, comm); });
-  Ranks ranks(other_ranks ? &other_ranks->rank0() : nullptr, o.sp);
+    other_ranks.emplace(world, nccl, [&](dist::Communicator& comm) {
+      const Device mine = nccl ? Device::cuda(comm.rank()) : device;
+      follow_rank0(o, config, split, mine, nccl ? mine : Device::cpu(), resume, comm);
+    });
+  Ranks ranks(other_ranks ? &other_ranks->rank0() : nullptr, o.sp, nccl ? device : Device::cpu());
   Replica replica(o, config, split, device);
   TrainModel& model = replica.model;
   nn::AdamW& optimizer = replica.optimizer;
@@ -730,7 +743,9 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     return true;
   };
 
-  StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda(), &ranks);
+  // Collectives are host rendezvous (in-process) and the sequence-parallel
+  // plan waits on the host: with several ranks the steps run eagerly.
+  StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda() && world == 1, &ranks);
   bool stopped_in_eval = false;
   if (!resume) {
     progress.message("training " + std::to_string(model.master().num_parameters()) + " parameters on " +
