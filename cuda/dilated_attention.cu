@@ -527,7 +527,7 @@ AttentionKernel kernel_cap() {
 }
 
 // Whether `kernel` implements `pass` for this problem on the current device.
-bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, AttentionPass pass) {
+bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool /*dropout: every version takes it*/, AttentionPass pass) {
 #if MINIDL_WGMMA
   const bool hopper = compute_capability() == 90;  // the sm_90a kernels are built and can run
 #else
@@ -539,7 +539,7 @@ bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, Atten
     case AttentionKernel::kMmaSync: return dtype == DType::BFloat16 && mma_head_dim(d);
     case AttentionKernel::kWgmma: return forward && hopper && dtype == DType::BFloat16 && d == 64;
     case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the older kernels)
-      return hopper && dtype == DType::BFloat16 && d == 64 && !dropout;
+      return hopper && dtype == DType::BFloat16 && d == 64;
   }
   return false;
 }
@@ -616,7 +616,8 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
           static_cast<float*>(delta.raw_data()), rows, s.d);
       MINIDL_CUDA_LAUNCH_CHECK();
       backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()), static_cast<const float*>(delta.raw_data()),
-                  g, s.b, config.causal, scale, static_cast<float*>(dq_acc.raw_data()), nullptr, nullptr,
+                  g, s.b, config.causal, scale, branch_dropout(config, 0, s), static_cast<float*>(dq_acc.raw_data()),
+                  nullptr, nullptr,
                   static_cast<BFloat16*>(dk.raw_data()), static_cast<BFloat16*>(dv.raw_data()));
       copy(dq_acc, dq);
       return;

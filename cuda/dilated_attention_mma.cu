@@ -275,8 +275,8 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
                  float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
                  BFloat16* out) {
 #if MINIDL_WGMMA
-  if (kernel == AttentionKernel::kWarpSpecialized && !drop.mask.enabled() && ws_takes(q, k, v, g, batch))
-    return forward_ws(q, k, v, g, batch, causal, scale_log2, mode, o_acc, lse, out);
+  if (kernel == AttentionKernel::kWarpSpecialized && ws_takes(q, k, v, g, batch))
+    return forward_ws(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
   if (kernel >= AttentionKernel::kWgmma)
     return forward_wgmma(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
 #endif
@@ -575,8 +575,8 @@ void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Oper
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
                   const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc) {
 #if MINIDL_WGMMA
-  if (kernel == AttentionKernel::kWarpSpecialized && !drop.mask.enabled() && ws_takes(q, k, v, g, batch, &dout))
-    return backward_ws(q, k, v, dout, lse, delta, g, batch, causal, scale, dq_acc, dk_acc, dv_acc);
+  if (kernel == AttentionKernel::kWarpSpecialized && ws_takes(q, k, v, g, batch, &dout))
+    return backward_ws(q, k, v, dout, lse, delta, g, batch, causal, scale, drop, dq_acc, dk_acc, dv_acc);
 #endif
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;

@@ -40,8 +40,8 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
 #if MINIDL_WGMMA
 // The warp-specialised Hopper kernels (TMA producer, consumer warpgroups):
 // they take q/k/v (and dout) whose batch stride is N row strides and whose
-// rows are 16-byte aligned (ws_takes); no dropout. The same contracts as
-// forward_mma and backward_mma otherwise.
+// rows are 16-byte aligned (ws_takes). The same contracts as forward_mma and
+// backward_mma otherwise.
 bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
               const BranchGrid& g, int64_t batch, const Operand<BFloat16>* dout = nullptr);
 // With dk_out and dv_out (bf16, contiguous) the kernel writes dK and dV there
@@ -49,11 +49,11 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 // every row (vanilla attention), which then needs no dK/dV accumulators.
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
-                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc,
-                 BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr);
+                 int64_t batch, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
+                 float* dk_acc, float* dv_acc, BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr);
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                const BranchGrid& g, int64_t batch, bool causal, float scale_log2, MergeMode mode,
-                float* o_acc, float* lse, BFloat16* out);
+                const BranchGrid& g, int64_t batch, bool causal, float scale_log2, const BranchDropout& dropout,
+                MergeMode mode, float* o_acc, float* lse, BFloat16* out);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
                    const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,

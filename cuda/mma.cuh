@@ -26,6 +26,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(p)));
 }
 
+// 2^x in one MUFU instruction, results below 2^-126 flushed to zero (exp2f
+// without -ftz wraps the same instruction in a range check and two multiplies:
+// four issue slots for every softmax weight). 2^-inf = +0.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // d += a * b for a 16x16 (row) by 16x8 (col) bf16 tile, fp32 accumulation.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
