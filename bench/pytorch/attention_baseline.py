@@ -74,6 +74,9 @@ def main():
         fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
         print(f"dense causal N={n} D={d}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+        if d == 64:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
+            both = timed(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).backward(g))
+            print(f"dense causal N={n} D={d} dropout 0.2: fwd+bwd {both:.2f} ms")
     for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)

@@ -404,7 +404,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     hopper::mbar_init(kv_full, 2 * kLoadArrivals);
     for (int s = 0; s < kBwdStages; ++s) {
       hopper::mbar_init(&q_full[s], kLoadArrivals);
-      hopper::mbar_init(&empty[s], kConsumerWarps);
+      hopper::mbar_init(&empty[s], kConsumerWarps * 32);
     }
     hopper::mbar_fence_init();
   }
@@ -597,21 +597,25 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         hopper::stmatrix_x4(KTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2], dst[kk][3]);
     }
     wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
-    // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
-    // tile also orders this tile's reads before the buffer's next write).
-    hopper::named_sync(1, 256);
-
     // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major),
-    // and this warpgroup's 32 columns of dQ = dS K over all 128 keys (A = dS^T
-    // from shared memory, MN-major; B = K rows, MN-major): each dQ element is
-    // reduced into global memory once per tile, not once per warpgroup.
-    float dq[16];
+    // issued before the barrier: the tensor cores start on them while the
+    // other warpgroup still finishes its element-wise pass.
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBm / 16; ++kk) {
       wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_desc, kk * 16 * 128));
       wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_desc, kk * 16 * 128));
     }
+    wgmma::commit();
+    // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
+    // tile also orders this tile's reads before the buffer's next write).
+    hopper::named_sync(1, 256);
+
+    // This warpgroup's 32 columns of dQ = dS K over all 128 keys (A = dS^T
+    // from shared memory, MN-major; B = K rows, MN-major): each dQ element is
+    // reduced into global memory once per tile, not once per warpgroup.
+    float dq[16];
+    wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
       const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128), db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
@@ -623,7 +627,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     wgmma::fence_operands(dv);
     wgmma::fence_operands(dk);
     wgmma::fence_operands(dq);
-    if (lane == 0) hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read
+    hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
 
     // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
 #pragma unroll
