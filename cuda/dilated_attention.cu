@@ -623,11 +623,15 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   float scale = static_cast<float>(config.scale);
 #if MINIDL_WGMMA
   // Vanilla attention on the warp-specialised kernel: dK and dV are written
-  // once in bf16; only dQ (reduced across key blocks) needs an accumulator.
+  // once in bf16 (rows of any stride: e.g. the parts of one fused q/k/v
+  // gradient); only dQ (reduced across key blocks) needs an accumulator.
+  auto rows_of_heads = [&](const Tensor& t) {  // (B, N, H, D) with each position's H x D block dense
+    return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
+  };
   if (rows > 0 && !fp32 && config.branches.size() == 1 && config.branches[0].dilation == 1 &&
       choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) ==
           AttentionKernel::kWarpSpecialized &&
-      out.is_contiguous() && grad_out.is_contiguous() && dk.is_contiguous() && dv.is_contiguous()) {
+      out.is_contiguous() && grad_out.is_contiguous() && rows_of_heads(dk) && dk.strides() == dv.strides()) {
     const BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v),
                             go = operand<BFloat16>(grad_out);
@@ -643,16 +647,18 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       MINIDL_CUDA_LAUNCH_CHECK();
       backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()), static_cast<const float*>(delta.raw_data()),
                   g, s.b, config.causal, scale, branch_dropout(config, 0, s), static_cast<float*>(dq_acc.raw_data()),
-                  nullptr, nullptr,
-                  static_cast<BFloat16*>(dk.raw_data()), static_cast<BFloat16*>(dv.raw_data()));
+                  nullptr, nullptr, static_cast<BFloat16*>(dk.raw_data()), static_cast<BFloat16*>(dv.raw_data()),
+                  dk.stride(1));
       copy(dq_acc, dq);
       return;
     }
   }
 #endif
-  Tensor dq_acc = fp32 ? dq : fp32_buffer(dq);
-  Tensor dk_acc = fp32 ? dk : fp32_buffer(dk);
-  Tensor dv_acc = fp32 ? dv : fp32_buffer(dv);
+  // Accumulators: the outputs themselves when float32 and contiguous, else
+  // fp32 buffers copied into them at the end (bf16, or strided views such as
+  // the parts of one fused q/k/v gradient).
+  auto accumulator = [&](const Tensor& t) { return fp32 && t.is_contiguous() ? t : fp32_buffer(t); };
+  Tensor dq_acc = accumulator(dq), dk_acc = accumulator(dk), dv_acc = accumulator(dv);
   zero(dq_acc);
   zero(dk_acc);
   zero(dv_acc);
@@ -720,11 +726,8 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       }
     }
   });
-  if (!fp32) {
-    copy(dq_acc, dq);
-    copy(dk_acc, dk);
-    copy(dv_acc, dv);
-  }
+  for (auto [acc, grad] : {std::pair{dq_acc, dq}, std::pair{dk_acc, dk}, std::pair{dv_acc, dv}})
+    if (acc.impl() != grad.impl()) copy(acc, grad);
 }
 
 }  // namespace minidl::cuda

@@ -86,6 +86,20 @@ void set_dropout(const char* op, double p, Generator* gen, const Tensor& q, Dila
   config.dropout = make_attention_dropout(p, seed, g.next_philox_offset());
 }
 
+// q, k, v as the three parts of one fused projection, (B, N, 3, H, D) or its
+// (B, N, 3C) view split three ways: the gradients can then go to one buffer in
+// that layout, which the split that made q, k, v takes back without a
+// concatenation (ops::split).
+bool parts_of_one_projection(const Tensor& q, const Tensor& k, const Tensor& v) {
+  if (q.storage() != k.storage() || q.storage() != v.storage() || q.shape() != k.shape() ||
+      q.shape() != v.shape() || q.strides() != k.strides() || q.strides() != v.strides())
+    return false;
+  const int64_t N = q.size(1), HD = q.size(2) * q.size(3);
+  const Shape& st = q.strides();
+  return st[3] == 1 && st[2] == q.size(3) && st[1] == 3 * HD && st[0] == N * st[1] &&
+         k.offset() == q.offset() + HD && v.offset() == k.offset() + HD;
+}
+
 std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, const Tensor& k_in,
                                             const Tensor& v_in, const DilatedAttentionConfig& config) {
   Tensor q = with_contiguous_head_dim(q_in), k = with_contiguous_head_dim(k_in),
@@ -96,14 +110,27 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
   if (q.numel() > 0)
     MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, out, lse);
   if (autograd::needs_grad({q_in, k_in, v_in})) {
+    // On CUDA the kernels take strided gradients: those of a fused projection's
+    // parts go straight into one packed buffer (the CPU path keeps its own).
+    const bool packed = q.device().is_cuda() && parts_of_one_projection(q_in, k_in, v_in);
     autograd::record(
         op, {q_in, k_in, v_in}, {out, lse},
         [sq = SavedTensor(q, op), sk = SavedTensor(k, op), sv = SavedTensor(v, op),
-         so = SavedTensor(out, op), sl = SavedTensor(lse, op), config](const Grads& g) {
+         so = SavedTensor(out, op), sl = SavedTensor(lse, op), config, packed, op](const Grads& g) {
           Tensor q = sq.get(), k = sk.get(), v = sv.get(), out = so.get(), lse = sl.get();
-          Tensor dq = Tensor::empty(q.shape(), q.options());
-          Tensor dk = Tensor::empty(q.shape(), q.options());
-          Tensor dv = Tensor::empty(q.shape(), q.options());
+          Tensor dq, dk, dv;
+          if (packed) {
+            const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+            Tensor qkv = Tensor::empty({B, N, 3, H, D}, q.options());
+            const Shape strides = {N * 3 * H * D, 3 * H * D, D, 1};
+            dq = qkv.as_strided(q.shape(), strides, 0, op);
+            dk = qkv.as_strided(q.shape(), strides, H * D, op);
+            dv = qkv.as_strided(q.shape(), strides, 2 * H * D, op);
+          } else {
+            dq = Tensor::empty(q.shape(), q.options());
+            dk = Tensor::empty(q.shape(), q.options());
+            dv = Tensor::empty(q.shape(), q.options());
+          }
           if (q.numel() == 0) return Grads{dq, dk, dv};
           // config carries the dropout seed and offset: the same mask as forward.
           // Upstream gradients may be broadcast or permuted views: the kernels

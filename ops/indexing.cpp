@@ -171,6 +171,29 @@ Tensor stack(const std::vector<Tensor>& tensors, int64_t dim) {
 }
 
 namespace {
+// When the parts' gradients already lie side by side along d in one
+// contiguous buffer (an op that wrote them as slices of one allocation, as
+// the attention backward does for q, k, v of a fused projection), that buffer
+// is their concatenation: returned as a view, no copy. Undefined otherwise.
+Tensor concatenated_in_place(const std::vector<Tensor>& g, int64_t d) {
+  if (g.empty() || !g[0].defined()) return Tensor();
+  const Tensor& first = g[0];
+  Shape shape = first.shape();
+  int64_t offset = first.offset();
+  shape[static_cast<size_t>(d)] = 0;
+  for (const Tensor& t : g) {
+    if (!t.defined() || t.storage() != first.storage() || t.strides() != first.strides() ||
+        t.dim() != first.dim() || t.offset() != offset)
+      return Tensor();
+    for (int64_t k = 0; k < t.dim(); ++k)
+      if (k != d && t.size(k) != first.size(k)) return Tensor();
+    offset += t.size(d) * t.stride(d);
+    shape[static_cast<size_t>(d)] += t.size(d);
+  }
+  Tensor whole = first.as_strided(shape, first.strides(), first.offset(), "split");
+  return whole.is_contiguous() ? whole : Tensor();
+}
+
 // The parts as views of x, recorded as one node whose backward concatenates
 // the parts' gradients: one allocation, instead of a zero-filled full-size
 // gradient per part summed together.
@@ -185,7 +208,8 @@ std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& siz
   }
   if (autograd::needs_grad({x}))
     autograd::record("split", {x}, parts, [d](const std::vector<Tensor>& g) {
-      return std::vector<Tensor>{cat(g, d)};
+      Tensor whole = concatenated_in_place(g, d);
+      return std::vector<Tensor>{whole.defined() ? whole : cat(g, d)};
     });
   return parts;
 }

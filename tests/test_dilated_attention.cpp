@@ -1273,6 +1273,49 @@ TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference
   check_scaled(ops::attention(xg, xg, xg).to(Device::cpu()), want.out, cuda_tolerance(DType::Float32, d.D));
 }
 
+TEST_CASE("CUDA attention on the parts of one fused projection: gradients in one buffer, split takes it whole") {
+  // q, k, v split from one (B, N, 3C) projection: the backward writes their
+  // gradients into one packed buffer, which split's backward returns without
+  // concatenating. Same values, to the bit, as for separate q, k, v.
+  MINIDL_REQUIRE_CUDA();
+  const Device gpu = Device::cuda(0);
+  const int64_t B = 2, N = 300, H = 4, D = 64, C = H * D;
+  struct Config {
+    std::vector<int64_t> segments, dilations;
+    double dropout;
+  };
+  for (const Config& cfg : {Config{{N}, {1}, 0.0}, Config{{N}, {1}, 0.2}, Config{{64, 128}, {1, 2}, 0.0}})
+    for (DType dtype : {DType::BFloat16, DType::Float32}) {
+      CAPTURE(dtype);
+      CAPTURE(cfg.segments.size());
+      CAPTURE(cfg.dropout);
+      Tensor x0 = random_tensor({B, N, 3 * C}).to(dtype).to(gpu), seed = random_tensor({B, N, H, D}).to(dtype).to(gpu);
+      auto run = [&](bool fused) {
+        Tensor x = x0.detach().clone().requires_grad_(true);
+        std::vector<Tensor> parts = ops::split(x, C, 2);
+        std::vector<Tensor> leaves;
+        for (Tensor& p : parts) {
+          p = p.view({B, N, H, D});
+          if (!fused) {  // separate contiguous leaves, as before the packed path
+            leaves.push_back(ops::contiguous(p.detach()).requires_grad_(true));
+            p = leaves.back();
+          }
+        }
+        Generator gen(7);
+        auto [out, lse] = ops::dilated_attention(parts[0], parts[1], parts[2], cfg.segments, cfg.dilations, true, 0,
+                                                 cfg.dropout, &gen);
+        ops::sum(ops::mul(out, seed).to(DType::Float32)).backward();
+        if (fused) return x.grad();
+        return ops::cat({leaves[0].grad().view({B, N, C}), leaves[1].grad().view({B, N, C}),
+                         leaves[2].grad().view({B, N, C})}, 2);
+      };
+      const std::vector<double> fused = run(true).to(DType::Float64).to_vector<double>(),
+                                separate = run(false).to(DType::Float64).to_vector<double>();
+      CHECK(fused == separate);
+      CHECK(std::any_of(separate.begin(), separate.end(), [](double g) { return g != 0; }));
+    }
+}
+
 TEST_CASE("CUDA attention kernel choice: MINIDL_ATTENTION_KERNEL caps the version; unknown names fail") {
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)

@@ -1,6 +1,7 @@
 // embedding, index_select, cat, stack, split: exact values, float64
 // gradchecks (repeated indices, non-contiguous inputs), errors, and
 // CPU-vs-CUDA parity.
+#include "autograd/tape.h"
 #include "tests/helpers.h"
 
 using namespace minidl;
@@ -370,6 +371,36 @@ TEST_CASE("split gradcheck: gradients of all parts meet in the input") {
   Tensor y = random_tensor({4, 2}, kF64Grad);
   ops::sum(ops::split(y, 2, 0)[1]).backward();
   CHECK(y.grad().to_vector<double>() == std::vector<double>{0, 0, 0, 0, 1, 1, 1, 1});
+}
+
+TEST_CASE("split: parts' gradients lying side by side in one buffer come back as that buffer") {
+  // An op may write its inputs' gradients as slices of one allocation (the
+  // attention backward does for q, k, v of a fused projection): split's
+  // backward then hands that buffer on instead of concatenating a copy.
+  Tensor w = random_tensor({2, 3, 6}).requires_grad_(true);
+  Tensor packed = random_tensor({2, 3, 6});
+  auto slice = [&](int64_t i) { return packed.as_strided({2, 3, 2}, packed.strides(), 2 * i); };
+  // Returns the gradient that split's backward passed to x's producer.
+  auto split_gradient = [&](std::vector<Tensor> grads) {
+    Tensor seen;
+    Tensor x = w.detach().clone();
+    autograd::record("probe", {w}, {x}, [&seen](const std::vector<Tensor>& g) {
+      seen = g[0];
+      return g;
+    });
+    std::vector<Tensor> parts = ops::split(x, 2, 2);
+    Tensor z = Tensor::empty({1}, {DType::Float64});
+    autograd::record("packed_grads", parts, {z}, [grads](const std::vector<Tensor>&) { return grads; });
+    z.backward(ops::ones({1}, {DType::Float64}));
+    return seen;
+  };
+  Tensor in_order = split_gradient({slice(0), slice(1), slice(2)});
+  CHECK(in_order.storage() == packed.storage());
+  CHECK(in_order.to_vector<double>() == packed.to_vector<double>());
+  // Out of order: concatenated, as cat would.
+  Tensor swapped = split_gradient({slice(1), slice(0), slice(2)});
+  CHECK(swapped.storage() != packed.storage());
+  CHECK(swapped.to_vector<double>() == ops::cat({slice(1), slice(0), slice(2)}, 2).to_vector<double>());
 }
 
 TEST_CASE("split errors") {

@@ -372,6 +372,7 @@ struct WsBwdParams {
   BranchDropout drop;
   float *dq_acc, *dk_acc, *dv_acc;
   BFloat16 *dk_out, *dv_out;  // kDirect: dK and dV written once here, in bf16
+  int64_t out_sn;             // their position stride (elements)
 };
 
 template <bool kCausal, bool kDirect, bool kDropout>
@@ -647,10 +648,10 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   for (int r = 0; r < 2; ++r) {
     const int64_t tk = key_row0 + r * 8;
     if (tk >= rows.count) continue;
-    const int64_t ri = (batch * g.n + rows.base + tk * rows.stride) * g.heads + head;
+    const int64_t position = batch * g.n + rows.base + tk * rows.stride;  // flattened (b, pos)
     if constexpr (kDirect) {
-      BFloat16* dkr = p.dk_out + ri * D;
-      BFloat16* dvr = p.dv_out + ri * D;
+      BFloat16* dkr = p.dk_out + position * p.out_sn + head * D;
+      BFloat16* dvr = p.dv_out + position * p.out_sn + head * D;
 #pragma unroll
       for (int c = 0; c < D / 8; ++c) {
         const int col = c * 8 + 2 * (lane % 4);
@@ -659,8 +660,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       }
       continue;
     }
-    float* dkr = p.dk_acc + ri * D;
-    float* dvr = p.dv_acc + ri * D;
+    float* dkr = p.dk_acc + (position * g.heads + head) * D;
+    float* dvr = p.dv_acc + (position * g.heads + head) * D;
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) {
       const int col = c * 8 + 2 * (lane % 4);
@@ -771,8 +772,8 @@ namespace minidl::cuda::attn {
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
                  int64_t batch, bool causal, float scale, const BranchDropout& drop, float* dq_acc, float* dk_acc,
-                 float* dv_acc, BFloat16* dk_out, BFloat16* dv_out) {
-  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out};
+                 float* dv_acc, BFloat16* dk_out, BFloat16* dv_out, int64_t out_row_stride) {
+  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
