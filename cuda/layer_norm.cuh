@@ -222,6 +222,43 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   }
 }
 
+// The parameter gradients from the grid's partial rows without a second
+// launch, in sum_partials' order (so the same bits): row p of the partials
+// belongs to group p mod kParamGroups; the last block of a group to finish
+// sums the group's rows in order into row parts + group, and the last group
+// to finish adds the group sums in order and writes dweight/dbias (either may
+// be null). Needs room for parts + kParamGroups rows in each partial.
+constexpr int kParamGroups = 32;
+static __device__ unsigned int g_param_group_arrivals[kParamGroups];
+static __device__ unsigned int g_param_groups_done;
+
+template <typename A, typename S>
+__device__ void finish_param_grads(A* partial_dw, A* partial_db, S* dweight, S* dbias, int64_t parts, int cols) {
+  const int64_t group = blockIdx.x % kParamGroups;
+  const auto members = static_cast<unsigned>((parts - group + kParamGroups - 1) / kParamGroups);
+  if (!last_block_to_arrive(&g_param_group_arrivals[group], members)) return;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    A sw = 0, sb = 0;
+    for (int64_t p = group; p < parts; p += kParamGroups) {
+      sw += __ldcg(partial_dw + p * cols + c);
+      sb += __ldcg(partial_db + p * cols + c);
+    }
+    partial_dw[(parts + group) * cols + c] = sw;
+    partial_db[(parts + group) * cols + c] = sb;
+  }
+  const auto groups = static_cast<unsigned>(parts < kParamGroups ? parts : kParamGroups);
+  if (!last_block_to_arrive(&g_param_groups_done, groups)) return;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    A sw = __ldcg(partial_dw + parts * cols + c), sb = __ldcg(partial_db + parts * cols + c);
+    for (int k = 1; k < kParamGroups; ++k) {  // empty groups add the zero sum_partials adds
+      sw += k < static_cast<int>(groups) ? __ldcg(partial_dw + (parts + k) * cols + c) : A(0);
+      sb += k < static_cast<int>(groups) ? __ldcg(partial_db + (parts + k) * cols + c) : A(0);
+    }
+    if (dweight) dweight[c] = static_cast<S>(sw);
+    if (dbias) dbias[c] = static_cast<S>(sb);
+  }
+}
+
 // dx for one row (when dx is given; fused, through the residual epilogue)
 // and, per block, partial dweight/dbias: each warp walks rows warp, warp +
 // all warps, ... keeping its column sums in registers; the block adds its
@@ -229,8 +266,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 // partial_dw / partial_db (cols each).
 template <typename S, typename A, int V, int K, bool kFused>
 __global__ void layer_norm_backward_warp(const S* dy, const S* x, const S* w, const A* mean,
-                                         const A* rstd, S* dx, A* partial_dw, A* partial_db,
-                                         int64_t rows, int cols, ResidualGrad<S> rg) {
+                                         const A* rstd, S* dx, A* partial_dw, A* partial_db, S* dweight,
+                                         S* dbias, int64_t rows, int cols, ResidualGrad<S> rg) {
   extern __shared__ unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);  // [2][cols]: dweight, dbias
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -300,6 +337,7 @@ __global__ void layer_norm_backward_warp(const S* dy, const S* x, const S* w, co
     partial_dw[int64_t(blockIdx.x) * cols + c] = smem[c];
     partial_db[int64_t(blockIdx.x) * cols + c] = smem[cols + c];
   }
+  finish_param_grads<A, S>(partial_dw, partial_db, dweight, dbias, gridDim.x, cols);
 }
 
 template <typename S, typename A, int V, bool kFused>
@@ -475,12 +513,13 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Ten
           return std::max(n, 1);
         }();
         blocks = std::min<int64_t>(blocks, per_sm * sms);
-        parts = blocks;
-        partial_dw = Tensor::empty({parts, cols}, stats);
-        partial_db = Tensor::empty({parts, cols}, stats);
+        // Partial rows, then the group sums of finish_param_grads.
+        partial_dw = Tensor::empty({blocks + kParamGroups, cols}, stats);
+        partial_db = Tensor::empty({blocks + kParamGroups, cols}, stats);
       }
       kernel<<<static_cast<unsigned>(blocks), kParamWarps * 32, smem, stream()>>>(
-          gp, xp, wp, mp, rp, dxp, mptr<A>(partial_dw), mptr<A>(partial_db), rows, static_cast<int>(cols), rg);
+          gp, xp, wp, mp, rp, dxp, mptr<A>(partial_dw), mptr<A>(partial_db), mptr<S>(dweight), mptr<S>(dbias),
+          rows, static_cast<int>(cols), rg);
       MINIDL_CUDA_LAUNCH_CHECK();
     });
     if (!warp) {
@@ -505,7 +544,7 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Ten
         MINIDL_CUDA_LAUNCH_CHECK();
       }
     }
-    if (params) {
+    if (params && !warp) {  // the warp kernel finished the sums itself
       dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);
       sum_partials<A, S><<<grid, dim3(32, 32), 0, stream()>>>(cptr<A>(partial_dw), cptr<A>(partial_db),
                                                               mptr<S>(dweight), mptr<S>(dbias), parts, cols);

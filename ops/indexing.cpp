@@ -125,11 +125,22 @@ Tensor cat(const std::vector<Tensor>& tensors, int64_t dim) {
   checked_nbytes(out_shape, element_size(first.dtype()), name);
   Tensor out = Tensor::empty(out_shape, first.options());
   std::vector<int64_t> sizes;
+  bool contiguous_inputs = true;
+  for (const Tensor& t : tensors) {
+    sizes.push_back(t.size(d));
+    contiguous_inputs = contiguous_inputs && t.is_contiguous();
+  }
+#if defined(MINIDL_WITH_CUDA)
+  // Contiguous inputs on CUDA: one launch for all of them (a step's qkv gradient).
+  const bool one_launch = out.is_cuda() && contiguous_inputs;
+  if (one_launch) cuda::cat(tensors, d, out);
+#else
+  const bool one_launch = false;
+#endif
   int64_t start = 0;
   for (const Tensor& t : tensors) {
     int64_t size = t.size(d);
-    sizes.push_back(size);
-    if (t.numel() > 0) {
+    if (!one_launch && t.numel() > 0) {
       // out's slice [start, start + size) along d, written by the copy kernel.
       Tensor dst =
           out.as_strided(t.shape(), out.strides(), out.offset() + start * out.stride(d), "cat");

@@ -288,6 +288,37 @@ TEST_CASE("cat CUDA matches CPU (float32, bfloat16); device mismatch error") {
                        Error);
 }
 
+TEST_CASE("cat CUDA of contiguous inputs (one launch per 8): every pack width, empty inputs, more than 8 inputs") {
+  MINIDL_REQUIRE_CUDA();
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float64}) {
+    CAPTURE(dtype);
+    // widths per row: 16-byte packs (8, 16, 24), odd widths (3: one element
+    // per thread), an empty input, and a split like the qkv gradient's.
+    for (const std::vector<int64_t>& sizes :
+         {std::vector<int64_t>{8, 16, 24}, std::vector<int64_t>{3, 0, 5, 2}, std::vector<int64_t>{64, 64, 64},
+          std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}}) {
+      CAPTURE(shape_str(sizes));
+      for (int64_t dim : {0, 1, 2}) {
+        CAPTURE(dim);
+        std::vector<Tensor> cpu, gpu;
+        for (int64_t size : sizes) {
+          Shape shape{5, 3, 2};
+          shape[static_cast<size_t>(dim)] = size;
+          cpu.push_back(random_tensor(shape, {dtype}));
+          gpu.push_back(cpu.back().to(Device::cuda()));
+        }
+        check_close(ops::cat(gpu, dim), ops::cat(cpu, dim), 0, 0);  // a copy is exact
+      }
+    }
+  }
+  // Inputs that start mid-pack (storage offset 1): narrower packs, the same values.
+  Tensor flat = random_tensor({68}, {DType::BFloat16}), b = random_tensor({4, 8}, {DType::BFloat16});
+  Tensor a = flat.narrow(0, 1, 64).reshape({4, 16});
+  Tensor ga = flat.to(Device::cuda()).narrow(0, 1, 64).reshape({4, 16});
+  REQUIRE(ga.is_contiguous());
+  check_close(ops::cat({ga, b.to(Device::cuda())}, 1), ops::cat({a, b}, 1), 0, 0);
+}
+
 // ------------------------------------------------------------------- stack
 
 TEST_CASE("stack adds a new dim") {
