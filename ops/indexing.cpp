@@ -182,9 +182,29 @@ Tensor stack(const std::vector<Tensor>& tensors, int64_t dim) {
 }
 
 namespace {
+// The whole of `parts` when they are, in order, the slices along d of one
+// contiguous tensor (an op that wrote its gradients into one buffer, as
+// views); undefined otherwise.
+Tensor joined_view(const std::vector<Tensor>& parts, int64_t d) {
+  const Tensor& first = parts[0];
+  Shape shape = first.shape();
+  shape[static_cast<size_t>(d)] = 0;
+  for (const Tensor& p : parts) shape[static_cast<size_t>(d)] += p.size(d);
+  const Shape strides = contiguous_strides(shape);
+  int64_t offset = first.offset();
+  for (const Tensor& p : parts) {
+    if (p.storage() != first.storage() || p.offset() != offset) return Tensor();
+    for (int64_t k = 0; k < p.dim(); ++k)
+      if (p.size(k) > 1 && p.stride(k) != strides[static_cast<size_t>(k)]) return Tensor();
+    offset += p.size(d) * strides[static_cast<size_t>(d)];
+  }
+  return first.as_strided(shape, strides, first.offset());
+}
+
 // The parts as views of x, recorded as one node whose backward concatenates
 // the parts' gradients: one allocation, instead of a zero-filled full-size
-// gradient per part summed together.
+// gradient per part summed together; no copy at all when the gradients
+// already lie side by side in one buffer.
 std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& sizes, int64_t d) {
   std::vector<Tensor> parts;
   int64_t start = 0;
@@ -196,7 +216,8 @@ std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& siz
   }
   if (autograd::needs_grad({x}))
     autograd::record("split", {x}, parts, [d](const std::vector<Tensor>& g) {
-      return std::vector<Tensor>{cat(g, d)};
+      Tensor whole = joined_view(g, d);
+      return std::vector<Tensor>{whole.defined() ? whole : cat(g, d)};
     });
   return parts;
 }

@@ -403,6 +403,28 @@ TEST_CASE("split gradcheck: gradients of all parts meet in the input") {
   CHECK(y.grad().to_vector<double>() == std::vector<double>{0, 0, 0, 0, 1, 1, 1, 1});
 }
 
+TEST_CASE("split backward: gradients that lie side by side in one buffer are used in place, others concatenated") {
+  // cat's backward hands out slices of its upstream gradient: in the split's
+  // order they tile it (no copy), in another order they do not (a copy).
+  for (int64_t dim : {0, 1}) {
+    CAPTURE(dim);
+    for (bool in_order : {true, false}) {
+      CAPTURE(in_order);
+      Tensor x = random_tensor({6, 6}, kF64Grad);
+      std::vector<Tensor> p = ops::split(x, 2, dim);  // three parts
+      Tensor y = ops::cat(in_order ? p : std::vector<Tensor>{p[1], p[0], p[2]}, dim);
+      Tensor seed = random_tensor(y.shape());
+      y.backward(seed);
+      std::vector<Tensor> s = ops::split(seed, 2, dim);
+      Tensor expected = in_order ? seed : ops::cat({s[1], s[0], s[2]}, dim);
+      CHECK(x.grad().to_vector<double>() == expected.to_vector<double>());
+      // The leaf's gradient never shares memory with the caller's seed.
+      const bool shared = x.grad().storage() == seed.storage();
+      CHECK_FALSE(shared);
+    }
+  }
+}
+
 TEST_CASE("split errors") {
   Tensor x = random_tensor({4, 3});
   CHECK_THROWS_WITH_AS(ops::split(x, 0, 0), doctest::Contains("split: split_size must be positive, got 0"),
