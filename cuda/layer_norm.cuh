@@ -12,6 +12,7 @@
 #include "core/generator.h"
 #include "core/philox.h"
 #include "core/scalar_math.h"
+#include "cuda/dropout_mask.cuh"
 #include "cuda/reductions.cuh"
 #include "cuda/row_kernels.cuh"
 #include "cuda/runtime.h"
@@ -22,16 +23,6 @@ using namespace rows;
 using math::sqrt_;
 
 constexpr int kParamWarps = 8;  // warps per block in the fused layer-norm backward
-
-// ops::dropout's mask: element i is kept when philox::uniform(seed, offset, i)
-// >= keep_threshold. keep_threshold <= 0 keeps everything (no dropout; no
-// random numbers drawn), and then scale is 1.
-struct DropoutMask {
-  uint64_t seed = 0;
-  PhiloxOffset offset;  // read on the device: a CUDA graph replay advances it
-  float keep_threshold = 0;
-  double scale = 1;
-};
 
 // Forward prologue: the layer norm's input row is sum = residual + dropout(h),
 // stored to `sum` (the op's first output) as it is made.
@@ -50,30 +41,6 @@ template <typename S> struct ResidualGrad {
   S* dh = nullptr;
   DropoutMask mask;
 };
-
-// The value a tensor of type S would hold: the fused kernels round where the
-// unfused ops store, so they give the same results as the ops composed.
-template <typename S, typename A> __device__ __forceinline__ A round_to(A v) {
-  return static_cast<A>(static_cast<S>(v));
-}
-
-// keep[j] for elements index .. index + V - 1 of the mask. With V a multiple
-// of 4, index is too (the callers' packs are V-aligned), so each Philox block
-// gives four consecutive decisions, as in the dropout kernel.
-template <int V> __device__ __forceinline__ void keep_mask(const DropoutMask& m, int64_t index, bool (&keep)[V]) {
-  if constexpr (V % 4 == 0) {
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q) {
-      philox::U32x4 r = philox::block(m.seed, m.offset.value(), static_cast<uint64_t>(index / 4 + q));
-#pragma unroll
-      for (int l = 0; l < 4; ++l) keep[4 * q + l] = philox::to_unit_float(philox::lane(r, l)) >= m.keep_threshold;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      keep[j] = philox::uniform(m.seed, m.offset.value(), static_cast<uint64_t>(index + j)) >= m.keep_threshold;
-  }
-}
 
 // v = residual + dropout(h) at elements index .. index + V - 1, also stored to in.sum.
 template <typename S, typename A, int V>

@@ -7,6 +7,7 @@
 #include "cpu/elementwise.h"
 #include "cpu/indexing.h"
 #include "cuda/elementwise.h"
+#include "cuda/embedding.h"
 #include "cuda/indexing.h"
 #include "ops/dispatch.h"
 #include "ops/ops.h"
@@ -70,6 +71,60 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
                      });
   }
   return out;
+}
+
+Tensor embedding_dropout(const Tensor& weight, const Tensor& indices, const Tensor& positions, double p,
+                         bool training, Generator* gen) {
+  const char* name = "embedding_dropout";
+  detail::check_defined(name, weight, "weight");
+  check_indices(name, weight, indices);
+  MINIDL_CHECK(weight.dim() == 2, name, ": weight must be 2-D (num_embeddings, embedding_dim), got ",
+               detail::describe(weight));
+  MINIDL_CHECK(indices.dim() >= 1, name, ": indices must have a last dim (positions), got ", detail::describe(indices));
+  if (positions.defined()) {
+    detail::check_same_device(name, weight, positions);
+    detail::check_same_dtype(name, weight, positions);
+    MINIDL_CHECK(positions.dim() == 2 && positions.size(0) == indices.size(-1) && positions.size(1) == weight.size(1),
+                 name, ": positions ", detail::describe(positions), " must be (T, C) = (", indices.size(-1), ", ",
+                 weight.size(1), ") for indices ", detail::describe(indices), " and weight ", detail::describe(weight));
+  }
+  MINIDL_CHECK(p >= 0.0 && p < 1.0, name, ": p must be in [0, 1), got ", p);
+  if (!weight.is_cuda()) {  // the ops composed: the same values and draws
+    Tensor x = embedding(weight, indices);
+    if (positions.defined()) x = add(x, positions);
+    return dropout(x, p, training, gen);
+  }
+#if defined(MINIDL_WITH_CUDA)
+  detail::check_floating(name, weight);
+  const bool drop = training && p > 0.0;
+  const detail::DropoutMask mask =
+      drop ? detail::reserve_dropout_mask(p, gen, weight, name) : detail::DropoutMask{0, {}, 0.0f, 1.0};
+  Tensor idx = contiguous(indices);
+  Shape out_shape = indices.shape();
+  out_shape.push_back(weight.size(1));
+  checked_nbytes(out_shape, element_size(weight.dtype()), name);
+  Tensor out = Tensor::empty(out_shape, weight.options());
+  {
+    NoGradGuard no_grad;  // the contiguous copies are internal; the gradients go to weight and positions
+    cuda::embedding_dropout_forward(contiguous(weight), idx, positions.defined() ? contiguous(positions) : Tensor(),
+                                    mask.seed, mask.offset, mask.keep_threshold, mask.scale, out);
+  }
+  const bool gw = autograd::needs_grad({weight}), gp = autograd::needs_grad({positions});
+  if (gw || gp) {
+    // The three ops' backward: the mask, then the positions' sum over the
+    // leading dims and the embedding's scatter-add.
+    autograd::record(name, {weight, positions}, {out},
+                     [si = SavedTensor(idx, name), wshape = weight.shape(),
+                      pshape = positions.defined() ? positions.shape() : Shape{}, mask, drop, gw, gp](const Grads& g) {
+                       Tensor d = drop ? detail::apply_dropout_mask(g[0], mask) : g[0];
+                       return Grads{gw ? scatter_add_grad(d, 0, si.get(), wshape) : Tensor(),
+                                    gp ? sum_to(d, pshape) : Tensor()};
+                     });
+  }
+  return out;
+#else
+  MINIDL_FAIL(name, ": minidl was built without CUDA");
+#endif
 }
 
 Tensor index_select(const Tensor& x, int64_t dim, const Tensor& indices) {

@@ -128,6 +128,86 @@ TEST_CASE("embedding errors on CUDA: device mismatch") {
                        doctest::Contains("embedding: inputs are on different devices"), Error);
 }
 
+// ------------------------------------------------------- embedding_dropout
+
+namespace {
+// dropout(embedding(w, idx) + pos) as the three ops, drawing from a
+// generator of `seed` (so a fused call with the same seed draws the same mask).
+Tensor unfused_embedding_dropout(const Tensor& w, const Tensor& idx, const Tensor& pos, double p, bool training,
+                                 uint64_t seed) {
+  Generator gen(seed);
+  Tensor x = ops::embedding(w, idx);
+  if (pos.defined()) x = ops::add(x, pos);
+  return ops::dropout(x, p, training, &gen);
+}
+Tensor fused_embedding_dropout(const Tensor& w, const Tensor& idx, const Tensor& pos, double p, bool training,
+                               uint64_t seed) {
+  Generator gen(seed);
+  return ops::embedding_dropout(w, idx, pos, p, training, &gen);
+}
+}  // namespace
+
+TEST_CASE("embedding_dropout: the three ops composed, float64 gradcheck, errors") {
+  Tensor w = random_tensor({7, 5}, kF64Grad), pos = random_tensor({4, 5}, kF64Grad);
+  Tensor idx = random_indices(12, 7, 3).reshape({3, 4});
+  for (double p : {0.0, 0.3}) {
+    CAPTURE(p);
+    Tensor a = fused_embedding_dropout(w, idx, pos, p, true, 11), b = unfused_embedding_dropout(w, idx, pos, p, true, 11);
+    CHECK(a.to_vector<double>() == b.to_vector<double>());
+    CHECK(gradcheck([&](const std::vector<Tensor>& in) { return fused_embedding_dropout(in[0], idx, in[1], p, true, 11); },
+                    {w, pos}));
+  }
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return fused_embedding_dropout(in[0], idx, Tensor(), 0.3, true, 5); },
+                  {w}));
+  CHECK_THROWS_WITH_AS(ops::embedding_dropout(w, idx, random_tensor({3, 5}), 0.1, true),
+                       doctest::Contains("positions float64 [3, 5] on cpu must be (T, C) = (4, 5)"), Error);
+  CHECK_THROWS_WITH_AS(ops::embedding_dropout(w, idx, pos, 1.0, true), doctest::Contains("p must be in [0, 1)"), Error);
+}
+
+TEST_CASE("embedding_dropout CUDA: the bits of the three CUDA ops, forward and backward; CPU parity") {
+  MINIDL_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    for (int64_t C : {64, 5}) {  // 16-byte packs, and one element per thread
+      for (bool with_pos : {true, false}) {
+        for (double p : {0.0, 0.25}) {
+          for (bool training : {true, false}) {
+            CAPTURE(dtype);
+            CAPTURE(C);
+            CAPTURE(with_pos);
+            CAPTURE(p);
+            CAPTURE(training);
+            const int64_t V = 9, B = 3, T = 16;
+            Tensor w_cpu = random_tensor({V, C}, {dtype}), pos_cpu = random_tensor({T, C}, {dtype});
+            std::vector<int32_t> ids(static_cast<size_t>(B * T));
+            for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 5 + 2) % V);
+            Tensor idx = int_tensor(ids, {B, T}, gpu);
+            auto leaf = [&](const Tensor& t) { return t.to(gpu).requires_grad_(true); };
+            Tensor w1 = leaf(w_cpu), w2 = leaf(w_cpu), p1 = leaf(pos_cpu), p2 = leaf(pos_cpu);
+            Tensor fused = fused_embedding_dropout(w1, idx, with_pos ? p1 : Tensor(), p, training, 21);
+            Tensor unfused = unfused_embedding_dropout(w2, idx, with_pos ? p2 : Tensor(), p, training, 21);
+            check_close(fused, unfused, 0, 0);
+            Tensor seed = random_tensor({B, T, C}, {dtype}).to(gpu);
+            fused.backward(seed);
+            unfused.backward(seed);
+            check_close(w1.grad(), w2.grad(), 0, 0);
+            if (with_pos) check_close(p1.grad(), p2.grad(), 0, 0);
+            // Against the CPU composition (the same mask).
+            Tensor cpu = unfused_embedding_dropout(w_cpu, idx.to(Device::cpu()), with_pos ? pos_cpu : Tensor(), p,
+                                                   training, 21);
+            check_close(fused, cpu, dtype == DType::BFloat16 ? 1e-2 : 1e-6, dtype == DType::BFloat16 ? 1e-2 : 1e-6);
+          }
+        }
+      }
+    }
+  }
+  // Out-of-range ids read zeros (positions still added), as the embedding kernel does.
+  Tensor w = random_tensor({3, 8}, {DType::Float32}).to(gpu), pos = random_tensor({2, 8}, {DType::Float32}).to(gpu);
+  Tensor bad = int_tensor({1, 7}, {1, 2}, gpu);
+  check_close(ops::embedding_dropout(w, bad, pos, 0.0, false),
+              ops::add(ops::embedding(w, bad), pos), 0, 0);
+}
+
 // ------------------------------------------------------------- index_select
 
 TEST_CASE("index_select picks rows along any dim") {
