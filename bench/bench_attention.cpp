@@ -5,7 +5,8 @@
 // memory. The dilated configuration is LongNet's: w = 2048, 4096, 8192, 16384
 // with r = 1, 2, 4, 8 (segments clamp to N). Each problem runs on every kernel
 // version that takes it (MINIDL_ATTENTION_KERNEL, cuda/dilated_attention.h),
-// side by side: "<problem>:<version>/N".
+// side by side: "<problem>:<version>/N". The "_drop" problems train with
+// attention dropout 0.2 (the char-LM recipe's), against the same problem without.
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -35,7 +36,7 @@ const std::vector<int64_t> kDilations = {1, 2, 4, 8};
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
-void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, const char* kernel) {
+void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, double dropout, const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -50,7 +51,7 @@ void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, cons
          v = ops::randn({1, n, kHeads, dim}, opts);
   Tensor seed = backward ? ops::randn({1, n, kHeads, dim}, {DType::BFloat16, dev, false}) : Tensor();
   auto step = [&] {
-    auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, true);
+    auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, true, 0, dropout);
     if (backward) out.backward(seed);
   };
   step();  // warm-up: module load, allocator cache
@@ -82,13 +83,16 @@ void register_benchmarks() {
     const char* name;
     bool dilated, backward;
     int64_t dim, min_n, max_n;
+    double dropout = 0;
   };
   const Problem problems[] = {{"dilated_fwd", true, false, kDim, 2048, 1 << 20},
                               {"dilated_fwd_bwd", true, true, kDim, 2048, 1 << 20},
                               {"dense_fwd", false, false, kDim, 2048, 131072},
                               {"dense_fwd_bwd", false, true, kDim, 2048, 131072},
                               {"dense_d128_fwd", false, false, 128, 16384, 16384},
-                              {"dense_d128_fwd_bwd", false, true, 128, 16384, 16384}};
+                              {"dense_d128_fwd_bwd", false, true, 128, 16384, 16384},
+                              {"dense_drop_fwd_bwd", false, true, kDim, 2048, 32768, 0.2},
+                              {"dilated_drop_fwd_bwd", true, true, kDim, 131072, 1 << 20, 0.2}};
   for (const Problem& p : problems)
     for (const char* name : {"mma", "wgmma", "ws"}) {
 #if defined(MINIDL_WITH_CUDA)
@@ -99,7 +103,7 @@ void register_benchmarks() {
         setenv("MINIDL_ATTENTION_KERNEL", name, 1);
         auto runs = [&](cuda::AttentionPass pass) {
           return std::string_view(name) == cuda::attention_kernel_name(
-                                                cuda::choose_attention_kernel(DType::BFloat16, p.dim, false, pass));
+                                                cuda::choose_attention_kernel(DType::BFloat16, p.dim, p.dropout > 0, pass));
         };
         if (!runs(cuda::AttentionPass::kForward) && !(p.backward && runs(cuda::AttentionPass::kBackward)))
           continue;
@@ -109,7 +113,7 @@ void register_benchmarks() {
 #endif
       sizes(benchmark::RegisterBenchmark(
                 (std::string(p.name) + ":" + name).c_str(),
-                [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, name); }),
+                [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, name); }),
             p.min_n, p.max_n);
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");

@@ -1,5 +1,6 @@
 // Dilated attention on CUDA: launchers plus the portable (SIMT, fp32 math)
-// kernels, used for float32 inputs and as the fallback for bfloat16.
+// kernels, the fallback for both dtypes (float32 runs on TF32 tensor cores on
+// sm_80+, like float32 matmuls; MINIDL_ATTENTION_KERNEL=simt keeps it here).
 //
 // Branches run as one launch each and merge in place into fp32 (O, L)
 // accumulators with the log-sum-exp rule; rows of one launch are disjoint, so
@@ -459,6 +460,15 @@ BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch
   return drop;
 }
 
+// float32 runs on the TF32 kernels only when every operand's rows are 16-byte
+// aligned (views at odd offsets run SIMT); bfloat16 needs no check here.
+bool tf32_takes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* dout = nullptr) {
+  if (q.dtype() != DType::Float32) return true;
+  for (const Tensor* t : {&q, &k, &v, dout})
+    if (t && !tf32_rows_aligned(operand<float>(*t))) return false;
+  return true;
+}
+
 // bfloat16 on tensor cores. A branch with dilation 1 keeps every row, so
 // running it first lets it overwrite the accumulators (no init pass); a lone
 // such branch (vanilla attention) writes the bf16 output directly. `order`
@@ -475,6 +485,21 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   const bool covers = config.branches[order.front()].dilation == 1;
   const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
   auto* lse_ptr = static_cast<float*>(lse.raw_data());
+  if (q.dtype() == DType::Float32) {  // TF32: the float32 output is its own accumulator
+    if (!covers) {
+      zero(out);
+      unary(UnaryOp::Fill, lse, -INFINITY, lse);
+    }
+    for (size_t i = 0; i < order.size(); ++i) {
+      BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
+      grid_of(g, s);
+      forward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), g, s.b, s.d, config.causal,
+                   scale_log2, branch_dropout(config, order[i], s),
+                   i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge, static_cast<float*>(out.raw_data()),
+                   lse_ptr);
+    }
+    return;
+  }
   auto* out_ptr = static_cast<BFloat16*>(out.raw_data());
   Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
   if (order.size() == 1 && covers) {
@@ -527,7 +552,7 @@ AttentionKernel kernel_cap() {
 }
 
 // Whether `kernel` implements `pass` for this problem on the current device.
-bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, AttentionPass pass) {
+bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool /*dropout: every version takes it*/, AttentionPass pass) {
 #if MINIDL_WGMMA
   const bool hopper = compute_capability() == 90;  // the sm_90a kernels are built and can run
 #else
@@ -536,10 +561,11 @@ bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool dropout, Atten
   const bool forward = pass == AttentionPass::kForward;
   switch (kernel) {
     case AttentionKernel::kSimt: return true;
-    case AttentionKernel::kMmaSync: return dtype == DType::BFloat16 && mma_head_dim(d);
+    case AttentionKernel::kMmaSync:  // float32 as TF32 (mma.sync m16n8k8, sm_80+)
+      return mma_head_dim(d) && (dtype == DType::BFloat16 || (dtype == DType::Float32 && compute_capability() >= 80));
     case AttentionKernel::kWgmma: return forward && hopper && dtype == DType::BFloat16 && d == 64;
     case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the older kernels)
-      return hopper && dtype == DType::BFloat16 && d == 64 && !dropout;
+      return hopper && dtype == DType::BFloat16 && d == 64;
   }
   return false;
 }
@@ -561,7 +587,7 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   Shape4 s = shape_of(q);
   const AttentionKernel kernel =
       choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kForward);
-  if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt) {
+  if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt && tf32_takes(q, k, v)) {
     forward_tensor_cores(kernel, q, k, v, config, out, lse);
     return;
   }
@@ -616,7 +642,8 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
           static_cast<float*>(delta.raw_data()), rows, s.d);
       MINIDL_CUDA_LAUNCH_CHECK();
       backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()), static_cast<const float*>(delta.raw_data()),
-                  g, s.b, config.causal, scale, static_cast<float*>(dq_acc.raw_data()), nullptr, nullptr,
+                  g, s.b, config.causal, scale, branch_dropout(config, 0, s), static_cast<float*>(dq_acc.raw_data()),
+                  nullptr, nullptr,
                   static_cast<BFloat16*>(dk.raw_data()), static_cast<BFloat16*>(dv.raw_data()));
       copy(dq_acc, dq);
       return;
@@ -656,6 +683,20 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                        s.b, s.d, config.causal, scale, branch_dropout(config, i, s),
                        static_cast<float*>(dq_acc.raw_data()),
                        static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
+        }
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<T, float>) {  // TF32 tensor cores
+      if (choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) !=
+              AttentionKernel::kSimt &&
+          tf32_takes(q, k, v, &grad_out)) {
+        for (size_t i = 0; i < config.branches.size(); ++i) {
+          BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
+          grid_of(g, s);
+          backward_tf32(operand<T>(q), operand<T>(k), operand<T>(v), operand<T>(grad_out), l, dl, g, s.b, s.d,
+                        config.causal, scale, branch_dropout(config, i, s), static_cast<float*>(dq_acc.raw_data()),
+                        static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
         }
         return;
       }

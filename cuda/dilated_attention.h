@@ -13,8 +13,8 @@ namespace minidl::cuda {
 // The attention kernel versions, oldest first; docs/kernel-notes.md has each
 // one's design and figures. Every version computes the same function.
 enum class AttentionKernel {
-  kSimt,     // portable fp32 math: float32, any head dim up to 128, any GPU
-  kMmaSync,  // bf16 tensor cores (mma.sync), head dims 32/64/128, any GPU
+  kSimt,     // portable fp32 math: both dtypes, any head dim up to 128, any GPU
+  kMmaSync,  // tensor cores (mma.sync), head dims 32/64/128: bf16, and float32 as TF32 on sm_80+
   kWgmma,    // Hopper (sm_90a) warpgroup MMA forward, head dim 64
   kWarpSpecialized,  // Hopper: TMA producer warp + consumer warpgroups (FlashAttention-3 structure)
 };

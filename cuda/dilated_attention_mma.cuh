@@ -1,7 +1,7 @@
 #pragma once
-// bfloat16 tensor-core kernels for one dilated-attention branch (mma.sync,
-// and the Hopper wgmma forward in cuda/sm90a/); internal to
-// cuda/dilated_attention.cu.
+// Tensor-core kernels for one dilated-attention branch: bfloat16 (mma.sync,
+// and the Hopper kernels in cuda/sm90a/) and float32 on TF32 (mma.sync);
+// internal to cuda/dilated_attention.cu.
 #include "core/dilated.h"
 #include "cuda/dilated_attention.h"
 #include "cuda/dilated_attention_common.cuh"
@@ -40,8 +40,8 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
 #if MINIDL_WGMMA
 // The warp-specialised Hopper kernels (TMA producer, consumer warpgroups):
 // they take q/k/v (and dout) whose batch stride is N row strides and whose
-// rows are 16-byte aligned (ws_takes); no dropout. The same contracts as
-// forward_mma and backward_mma otherwise.
+// rows are 16-byte aligned (ws_takes). The same contracts as forward_mma and
+// backward_mma otherwise.
 bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
               const BranchGrid& g, int64_t batch, const Operand<BFloat16>* dout = nullptr);
 // With dk_out and dv_out (bf16, contiguous) the kernel writes dK and dV there
@@ -49,11 +49,11 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 // every row (vanilla attention), which then needs no dK/dV accumulators.
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
-                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc,
-                 BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr);
+                 int64_t batch, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
+                 float* dk_acc, float* dv_acc, BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr);
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
-                const BranchGrid& g, int64_t batch, bool causal, float scale_log2, MergeMode mode,
-                float* o_acc, float* lse, BFloat16* out);
+                const BranchGrid& g, int64_t batch, bool causal, float scale_log2, const BranchDropout& dropout,
+                MergeMode mode, float* o_acc, float* lse, BFloat16* out);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
                    const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
@@ -68,5 +68,22 @@ void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Oper
                   const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
                   const BranchDropout& dropout, float* dq_acc, float* dk_acc, float* dv_acc);
+
+// float32 on TF32 tensor cores (mma.sync m16n8k8, sm_80+; head dims 32, 64,
+// 128): the contracts of forward_mma (mode kWrite or kMerge only: o_acc may be
+// the float32 output itself) and backward_mma. The rows of every operand must
+// be 16-byte aligned (tf32_rows_aligned).
+void forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v, const BranchGrid& g,
+                  int64_t batch, int64_t d, bool causal, float scale_log2, const BranchDropout& dropout,
+                  MergeMode mode, float* o_acc, float* lse);
+void backward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v,
+                   const Operand<float>& dout, const float* lse, const float* delta, const BranchGrid& g,
+                   int64_t batch, int64_t d, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
+                   float* dk_acc, float* dv_acc);
+
+// Whether every row of x starts on a 16-byte boundary (the tiles load by cp.async of 16 bytes).
+inline bool tf32_rows_aligned(const Operand<float>& x) {
+  return reinterpret_cast<uintptr_t>(x.ptr) % 16 == 0 && x.sb % 4 == 0 && x.sn % 4 == 0 && x.sh % 4 == 0;
+}
 
 }  // namespace minidl::cuda::attn

@@ -24,6 +24,35 @@ __device__ __forceinline__ void load_tile_async(char* tile, const Operand<BFloat
   }
 }
 
+// A tile of `Rows` rows of D floats (float32 kernels, TF32 mma) with a row
+// stride of D + 4 floats: the scalar fragment loads of m16n8k8, rows r + l/4
+// and columns c + l%4 (or rows r + 2(l%4), columns c + l/4), then touch 32
+// different banks.
+template <int Rows, int D>
+struct F32Tile {
+  static constexpr int kStride = D + 4;  // floats
+  static constexpr int kBytes = Rows * kStride * 4;
+  static __device__ __forceinline__ float* at(char* base, int row, int col) {
+    return reinterpret_cast<float*>(base) + row * kStride + col;
+  }
+};
+
+// Issues cp.async for rows [t0, t0 + Rows) of a float32 row set into an
+// F32Tile (rows past the set are zero-filled). Rows of x must be 16-byte
+// aligned (tf32_rows_aligned).
+template <int Rows, int D, int Threads>
+__device__ __forceinline__ void load_tile_f32_async(char* tile, const Operand<float>& x, int64_t batch,
+                                                    int64_t head, const RowSet& rows, int64_t t0) {
+  constexpr int kChunks = D / 4;
+  for (int i = threadIdx.x; i < Rows * kChunks; i += Threads) {
+    int r = i / kChunks, c = i % kChunks;
+    int64_t t = t0 + r;
+    bool valid = t < rows.count;
+    const float* src = valid ? x.row(batch, rows.base + t * rows.stride, head) + c * 4 : x.ptr;
+    mma::cp_async_16(F32Tile<Rows, D>::at(tile, r, c * 4), src, valid);
+  }
+}
+
 // ---- Dropout (core/dilated.h): one Philox block per (mask row, 16-key
 // group), shared between lanes by shuffles. Word arrays stay statically
 // indexed (a runtime index would put them in local memory).

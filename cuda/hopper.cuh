@@ -59,6 +59,18 @@ __device__ __forceinline__ void tma_prefetch_descriptor(const CUtensorMap* map) 
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
+// ---- shared-memory stores of accumulator fragments ----
+
+// Stores four 8x8 bf16 matrices held in the accumulator layout (lane l: row
+// l / 4, columns 2 (l % 4) and + 1 of each, packed in r[i]); lane l gives the
+// address of row l % 8 of matrix l / 8. One instruction for four per-lane stores,
+// without the bank conflicts of per-lane stores into a swizzled tile.
+__device__ __forceinline__ void stmatrix_x4(void* row_addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(mma::smem_addr(row_addr)),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+
 // ---- registers and barriers between warpgroups ----
 
 // Every warp of a warpgroup runs the same one; needs a register cap at entry

@@ -10,7 +10,10 @@
 // - two consumer warpgroups of 64 query rows each. Within a warpgroup,
 //   S(j) = Q K(j)^T is issued before O += P(j-1) V(j-1), and the softmax of
 //   tile j runs while that product is in flight.
-// setmaxnreg gives the producer's registers to the consumers.
+// setmaxnreg gives the producer's registers to the consumers. Attention
+// dropout (core/dilated.h) draws the mask words of each 64-key half of a tile
+// within its softmax (8 live words per lane, not 16: the consumers' registers
+// are full).
 //
 // A branch's kept rows are a strided row set (stride r rows). The tensor maps
 // see the (B, N) positions of q/k/v flattened to P = b N + pos and split as
@@ -56,9 +59,15 @@ struct WsParams {
   Operand<BFloat16> q, k, v;  // for the tail rows the maps cannot reach
   int64_t map_rows;           // J
   float scale_log2;
+  BranchDropout drop;
   float *o_acc, *lse;
   BFloat16* out;
 };
+
+// Every barrier a producer warp completes takes one arrival per lane: each
+// lane's own plain stores (gathered rows, row statistics) are then released
+// by its own arrival, which the consumers' wait acquires.
+constexpr uint32_t kLoadArrivals = 32;
 
 // Loads rows [t_first, t_first + kRows) of a row set into a swizzled tile and
 // completes `bar`: one TMA box when the map reaches every valid row, else the
@@ -74,6 +83,8 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
     if (lane == 0) {
       hopper::mbar_arrive_expect_tx(bar, Tile::kBytes);
       hopper::tma_load_4d(dst, map, bar, 0, static_cast<int>(head), o, static_cast<int>(j0 + t_first));
+    } else {
+      hopper::mbar_arrive(bar);
     }
     return;
   }
@@ -85,21 +96,25 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
     *reinterpret_cast<uint4*>(Tile::at(dst, r, c)) = val;
   }
   wgmma::fence_proxy_async();  // ordinary stores, read next by wgmma (async proxy)
-  __syncwarp();
-  if (lane == 0) hopper::mbar_arrive(bar);
+  hopper::mbar_arrive(bar);
 }
 
 // The online-softmax step of one tile for a lane's two rows: masks S, updates
 // m and l, and returns P as bf16 A fragments and the factor that rescales O.
-template <bool kCausal>
+// With dropout the dropped weights are zeroed after l counts them (the
+// normaliser is that of the undropped scores); the store applies the scale.
+// mask_rows: the dropout mask rows of the lane's two rows. kMask: the tile
+// reaches past the row set or across the causal diagonal (a separate
+// instantiation: predicated, the mask would cost every tile its issue slots).
+template <bool kCausal, bool kDropout, bool kMask>
 __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
-                                             int64_t group_row0, int64_t count, float scale_log2) {
+                                             int64_t group_row0, int64_t count, float scale_log2,
+                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
   const int lane = threadIdx.x % 32;
-  // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). Only
-  // the tiles at the end of the row set or on the causal diagonal need a mask,
-  // computed in 32-bit from offsets clamped to the tile.
-  if (k0 + kBc > count || (kCausal && k0 + kBc - 1 > group_row0)) {
+  // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
+  // mask is computed in 32-bit from offsets clamped to the tile.
+  if constexpr (kMask) {
     const int64_t left = count - k0, ahead = q_row0 - k0;
     const int limit = left < kBc ? static_cast<int>(left) : kBc;
     // key col > diag (+ 8 for the lane's second row) is in the row's future
@@ -120,19 +135,27 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     // A row with nothing visible yet keeps m = -inf; use 0 so p = 0, not NaN.
     m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
-    corr[r] = exp2f(m_row[r] * scale_log2 - m_scaled[r]);
+    corr[r] = mma::exp2_ftz(m_row[r] * scale_log2 - m_scaled[r]);
     m_row[r] = mx;
     l_row[r] *= corr[r];
   }
+  // keep[r][g]: keys 16 g + 8 c + 2 (lane % 4) + e of the half, row r, in byte 2 c + e.
+  uint32_t keep[2][4];
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
+    if constexpr (kDropout)
+      if (kk % 4 == 0)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) dropout_words_rows(drop, mask_rows[r], k0 + 16 * kk, lane, keep[r]);
     float p[2][4];
 #pragma unroll
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[c][e] = exp2f(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
+        p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
         l_row[e >> 1] += p[c][e];
+        if constexpr (kDropout)
+          if (!attention_keep_byte(keep[e >> 1][kk % 4], 2 * c + (e & 1), drop.threshold)) p[c][e] = 0.f;
       }
     pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
     pf[kk][1] = mma::pack_bf16(p[0][2], p[0][3]);
@@ -141,25 +164,26 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
   }
 }
 
-__device__ __forceinline__ void issue_s(float (&s)[64], const char* q_tile, const char* k_tile) {
+// q_desc, k_desc, v_desc: descriptors of the tiles (wgmma::desc_sw128).
+__device__ __forceinline__ void issue_s(float (&s)[64], uint64_t q_desc, uint64_t k_desc) {
   wgmma::fence();
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
-    const uint64_t da = wgmma::desc_sw128(q_tile + ks * 32), db = wgmma::desc_sw128(k_tile + ks * 32);
+    const uint64_t da = wgmma::desc_offset(q_desc, ks * 32), db = wgmma::desc_offset(k_desc, ks * 32);
     if (ks == 0) wgmma::mma_64x128x16_ss<false>(s, da, db);
     else wgmma::mma_64x128x16_ss<true>(s, da, db);
   }
   wgmma::commit();
 }
 
-__device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kBc / 16][4], const char* v_tile) {
+__device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kBc / 16][4], uint64_t v_desc) {
   wgmma::fence();
 #pragma unroll
-  for (int kk = 0; kk < kBc / 16; ++kk) wgmma::mma_64x64x16_rs_mn(o, pf[kk], wgmma::desc_sw128(v_tile + kk * 16 * 128));
+  for (int kk = 0; kk < kBc / 16; ++kk) wgmma::mma_64x64x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
   wgmma::commit();
 }
 
-template <bool kCausal, MergeMode kMode>
+template <bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
@@ -185,10 +209,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
 
   if (threadIdx.x == 0) {
-    hopper::mbar_init(q_full, 1);
+    hopper::mbar_init(q_full, kLoadArrivals);
     for (int s = 0; s < kStages; ++s) {
-      hopper::mbar_init(&k_full[s], 1);
-      hopper::mbar_init(&v_full[s], 1);
+      hopper::mbar_init(&k_full[s], kLoadArrivals);
+      hopper::mbar_init(&v_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps);
     }
     hopper::mbar_fence_init();
@@ -215,13 +239,16 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   }
 
   hopper::regs_inc<kConsumerRegs>();
-  const int consumer = warpgroup - 1;
+  // Broadcast from lane 0, the compiler knows the index is warp-uniform: the
+  // tile descriptors below then live in uniform registers.
+  const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int64_t group_row0 = t0 + consumer * 64;
   const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-  const char* q_tile = smem + Smem::kQ + consumer * 64 * 128;
-  auto k_tile = [&](int s) { return smem + Smem::kK + s * KTile::kBytes; };
-  auto v_tile = [&](int s) { return smem + Smem::kV + s * KTile::kBytes; };
+  const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + consumer * 64 * 128);
+  const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK), v_desc0 = wgmma::desc_sw128(smem + Smem::kV);
+  auto k_desc = [&](int s) { return wgmma::desc_offset(k_desc0, s * KTile::kBytes); };
+  auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
   float o[D / 8][4];
 #pragma unroll
@@ -230,13 +257,32 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
   float s[64], corr[2];
   uint32_t pf[kBc / 16][4];
+  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
+  uint64_t mask_rows[2] = {0, 0};
+  if constexpr (kDropout) {
+    const uint64_t drop_row0 = dropout_row(p.drop, g, batch, head, rows.base);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t tq = q_row0 + 8 * r;
+      mask_rows[r] = drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+    }
+  }
+
+  auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
+    if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
+      softmax_tile<kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+                                            p.scale_log2, p.drop.mask, mask_rows);
+    else
+      softmax_tile<kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+                                             p.scale_log2, p.drop.mask, mask_rows);
+  };
 
   hopper::mbar_wait(q_full, 0);
   hopper::mbar_wait(&k_full[0], 0);
-  issue_s(s, q_tile, k_tile(0));
+  issue_s(s, q_desc, k_desc(0));
   wgmma::wait<0>();
   wgmma::fence_operands(s);
-  softmax_tile<kCausal>(s, pf, corr, m_row, l_row, 0, q_row0, group_row0, rows.count, p.scale_log2);
+  softmax(0, pf);
 
   // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
   // into the other P buffer. The loop is unrolled by two so that the buffers
@@ -245,13 +291,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
     const int sj = j % kStages, sp = (j - 1) % kStages;
     hopper::mbar_wait(&k_full[sj], (j / kStages) & 1);
-    issue_s(s, q_tile, k_tile(sj));
+    issue_s(s, q_desc, k_desc(sj));
     hopper::mbar_wait(&v_full[sp], ((j - 1) / kStages) & 1);
-    issue_pv(o_flat, p_in, v_tile(sp));
+    issue_pv(o_flat, p_in, v_desc(sp));
     wgmma::wait<1>();
     wgmma::fence_operands(s);
-    softmax_tile<kCausal>(s, p_out, corr, m_row, l_row, int64_t(j) * kBc, q_row0, group_row0, rows.count,
-                          p.scale_log2);
+    softmax(int64_t(j) * kBc, p_out);
     wgmma::wait<0>();
     wgmma::fence_operands(o_flat);
     if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
@@ -267,7 +312,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
     const int sl = (n_tiles - 1) % kStages;
     hopper::mbar_wait(&v_full[sl], ((n_tiles - 1) / kStages) & 1);
-    issue_pv(o_flat, p_last, v_tile(sl));
+    issue_pv(o_flat, p_last, v_desc(sl));
     wgmma::wait<0>();
     wgmma::fence_operands(o_flat);
     if (lane == 0) hopper::mbar_arrive(&empty[sl]);
@@ -284,7 +329,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   } else {
     finish(pf);
   }
-  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out);
+  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
+                              kDropout ? p.drop.mask.scale : 1.f);
 }
 
 // ---- backward ----
@@ -323,11 +369,12 @@ struct WsBwdParams {
   int64_t map_rows;
   const float *lse, *delta;
   float scale;
+  BranchDropout drop;
   float *dq_acc, *dk_acc, *dv_acc;
   BFloat16 *dk_out, *dv_out;  // kDirect: dK and dV written once here, in bf16
 };
 
-template <bool kCausal, bool kDirect>
+template <bool kCausal, bool kDirect, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
@@ -354,9 +401,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int n_tiles = static_cast<int>((rows.count - q_first + kBm - 1) / kBm);
 
   if (threadIdx.x == 0) {
-    hopper::mbar_init(kv_full, 2);
+    hopper::mbar_init(kv_full, 2 * kLoadArrivals);
     for (int s = 0; s < kBwdStages; ++s) {
-      hopper::mbar_init(&q_full[s], 1);
+      hopper::mbar_init(&q_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps);
     }
     hopper::mbar_fence_init();
@@ -391,15 +438,17 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         st[i] = l2;
         st[kBm + i] = dd;
       }
-      __syncwarp();
-      // Q and dO complete q_full[s] with one arrival: TMA when the maps reach
-      // every valid row, else gathered by the warp.
+      // Q and dO complete q_full[s] with the lanes' arrivals (each releasing
+      // its own L, D stores): TMA when the maps reach every valid row, else
+      // gathered by the warp.
       const int64_t t_end = min(q0 + kBm, rows.count);
       if (j0 + t_end - 1 < p.map_rows) {
         if (lane == 0) {
           hopper::mbar_arrive_expect_tx(&q_full[s], 2 * RowTile::kBytes);
           hopper::tma_load_4d(smem + L::kQ + s * RowTile::kBytes, &qmap, &q_full[s], 0, int(head), o, int(j0 + q0));
           hopper::tma_load_4d(smem + L::kDO + s * RowTile::kBytes, &dmap, &q_full[s], 0, int(head), o, int(j0 + q0));
+        } else {
+          hopper::mbar_arrive(&q_full[s]);
         }
       } else {
         for (int i = lane; i < kBm * RowTile::kChunks; i += 32) {
@@ -415,32 +464,40 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           *reinterpret_cast<uint4*>(RowTile::at(smem + L::kDO + s * RowTile::kBytes, r, c)) = dv;
         }
         wgmma::fence_proxy_async();
-        __syncwarp();
-        if (lane == 0) hopper::mbar_arrive(&q_full[s]);
+        hopper::mbar_arrive(&q_full[s]);
       }
     }
     return;
   }
 
   hopper::regs_inc<kConsumerRegs>();
-  const int consumer = warpgroup - 1;
+  const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;  // warp-uniform, as in the forward
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
   const int64_t key0 = kt0 + consumer * 64;                 // this warpgroup's first key row
   const int64_t key_row0 = key0 + warp * 16 + lane / 4;      // this lane's keys: key_row0, key_row0 + 8
-  const char* k_tile = smem + L::kK + consumer * 64 * 128;
-  const char* v_tile = smem + L::kV + consumer * 64 * 128;
+  // Tile descriptors, built once and stepped by constants (wgmma::desc_offset).
+  const uint64_t k_desc = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
+  const uint64_t v_desc = wgmma::desc_sw128(smem + L::kV + consumer * 64 * 128);
+  const uint64_t k_cols_desc = wgmma::desc_sw128(smem + L::kK + consumer * 64);  // columns 32 c .. 32 c + 31
+  const uint64_t q_desc0 = wgmma::desc_sw128(smem + L::kQ), do_desc0 = wgmma::desc_sw128(smem + L::kDO);
+  const uint64_t ds_desc0 = wgmma::desc_sw128(smem + L::kDS);
 
   float dk[32], dv[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0.f;
+  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h);
+  // this warp's 16 keys are one group; this lane's keys are bytes key_byte and key_byte + 2.
+  const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
+  const int key_byte = (lane / 4) & 1;
   hopper::mbar_wait(kv_full, 0);
 
   for (int j = 0; j < n_tiles; ++j) {
     const int s = j % kBwdStages;
     const int64_t q0 = q_first + int64_t(j) * kBm;
-    const char* q_tile = smem + L::kQ + s * RowTile::kBytes;
-    const char* do_tile = smem + L::kDO + s * RowTile::kBytes;
+    const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
+    const uint64_t do_desc = wgmma::desc_offset(do_desc0, s * RowTile::kBytes);
+    const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (j & 1) * KTile::kBytes);
     const float* l2 = stats + s * 2 * kBm;
     const float* dl = l2 + kBm;
     char* ds_tile = smem + L::kDS + (j & 1) * KTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
@@ -451,17 +508,36 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      const uint64_t dk_desc = wgmma::desc_sw128(k_tile + ks * 32), dq_desc = wgmma::desc_sw128(q_tile + ks * 32);
-      if (ks == 0) wgmma::mma_64x64x16_ss<false>(st, dk_desc, dq_desc);
-      else wgmma::mma_64x64x16_ss<true>(st, dk_desc, dq_desc);
+      const uint64_t a = wgmma::desc_offset(k_desc, ks * 32), b = wgmma::desc_offset(q_desc, ks * 32);
+      if (ks == 0) wgmma::mma_64x64x16_ss<false>(st, a, b);
+      else wgmma::mma_64x64x16_ss<true>(st, a, b);
     }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      const uint64_t dv_desc = wgmma::desc_sw128(v_tile + ks * 32), do_desc = wgmma::desc_sw128(do_tile + ks * 32);
-      if (ks == 0) wgmma::mma_64x64x16_ss<false>(dpt, dv_desc, do_desc);
-      else wgmma::mma_64x64x16_ss<true>(dpt, dv_desc, do_desc);
+      const uint64_t a = wgmma::desc_offset(v_desc, ks * 32), b = wgmma::desc_offset(do_desc, ks * 32);
+      if (ks == 0) wgmma::mma_64x64x16_ss<false>(dpt, a, b);
+      else wgmma::mma_64x64x16_ss<true>(dpt, a, b);
     }
     wgmma::commit();
+    // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
+    // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
+    uint32_t keep[2][8];
+    if constexpr (kDropout) {
+      const int64_t tq0 = q0 + 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        dropout_words_keys(
+            p.drop.mask, key0 + warp * 16, lane, h,
+            [&](int u) {
+              const int64_t tq = tq0 + 8 * (u >> 1) + (u & 1);
+              return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+            },
+            keep[h]);
+        // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
+#pragma unroll
+        for (int u = 0; u < 8; ++u) keep[h][u] >>= 8 * key_byte;
+      }
+    }
     wgmma::wait<0>();
     wgmma::fence_operands(st);
     wgmma::fence_operands(dpt);
@@ -469,34 +545,56 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // P^T = exp2(S^T scale_log2 - L2[q]), dS^T = P^T (dP^T - D[q]); element
     // [4c + e]: key key_row0 + 8 (e >> 1), query q0 + 8c + 2 (lane % 4) + (e & 1).
     const bool need_mask = key0 + 64 > rows.count || q0 + kBm > rows.count || (kCausal && q0 < key0 + 63);
-    const int64_t key_left = rows.count - key_row0, q_left = rows.count - q0, ahead = q0 - key_row0;
-    const int krow_limit = key_left > 16 ? 16 : static_cast<int>(key_left);   // valid iff 8 (e >> 1) < krow_limit
-    const int qcol_limit = q_left > kBm ? kBm : static_cast<int>(q_left);     // valid iff col < qcol_limit
-    const int causal_from = ahead > 16 ? 16 : ahead < -kBm ? -kBm : static_cast<int>(ahead);  // col + causal_from >= 8 (e>>1)
     uint32_t pt[4][4], dst[4][4];
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      float pv[4], dsv[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = c * 8 + 2 * (lane % 4) + (e & 1);
-        float x = exp2f(st[4 * c + e] * scale_log2 - l2[col]);
-        if (need_mask) {
-          const int kr = (e >> 1) * 8;
-          if (kr >= krow_limit || col >= qcol_limit || (kCausal && col + causal_from < kr)) x = 0.f;
-        }
-        pv[e] = x;
-        dsv[e] = x * (dpt[4 * c + e] - dl[col]);
+    // kMask: the tile reaches past the row set or across the causal diagonal
+    // (a separate instantiation, as softmax_tile's in the forward).
+    auto elementwise = [&](auto mask_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value;
+      int krow_limit = 16, qcol_limit = kBm, causal_from = 16;
+      if constexpr (kMask) {
+        const int64_t key_left = rows.count - key_row0, q_left = rows.count - q0, ahead = q0 - key_row0;
+        krow_limit = key_left > 16 ? 16 : static_cast<int>(key_left);  // valid iff 8 (e >> 1) < krow_limit
+        qcol_limit = q_left > kBm ? kBm : static_cast<int>(q_left);    // valid iff col < qcol_limit
+        causal_from = ahead > 16 ? 16 : ahead < -kBm ? -kBm : static_cast<int>(ahead);  // col + causal_from >= 8 (e>>1)
       }
-      const int kk = c / 2, h = c % 2;
-      pt[kk][2 * h] = mma::pack_bf16(pv[0], pv[1]);
-      pt[kk][2 * h + 1] = mma::pack_bf16(pv[2], pv[3]);
-      dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
-      dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
-      // dS^T to shared memory for dQ: rows = keys, columns = queries.
-      const int key = consumer * 64 + warp * 16 + lane / 4, qc = c * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(KTile::at(ds_tile, key, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h];
-      *reinterpret_cast<uint32_t*>(KTile::at(ds_tile, key + 8, qc / 8) + (qc % 8) * 2) = dst[kk][2 * h + 1];
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const float2 lc = *reinterpret_cast<const float2*>(l2 + c * 8 + 2 * (lane % 4));
+        const float2 dc = *reinterpret_cast<const float2*>(dl + c * 8 + 2 * (lane % 4));
+        float pv[4], dsv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = mma::exp2_ftz(st[4 * c + e] * scale_log2 - (e & 1 ? lc.y : lc.x));
+          if constexpr (kMask) {
+            const int col = c * 8 + 2 * (lane % 4) + (e & 1), kr = (e >> 1) * 8;
+            if (kr >= krow_limit || col >= qcol_limit || (kCausal && col + causal_from < kr)) x = 0.f;
+          }
+          // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
+          float m = 1.f;
+          if constexpr (kDropout)
+            m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), p.drop.mask.threshold)
+                    ? p.drop.mask.scale
+                    : 0.f;
+          pv[e] = x * m;
+          dsv[e] = x * (m * dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
+        }
+        const int kk = c / 2, h = c % 2;
+        pt[kk][2 * h] = mma::pack_bf16(pv[0], pv[1]);
+        pt[kk][2 * h + 1] = mma::pack_bf16(pv[2], pv[3]);
+        dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
+        dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
+      }
+    };
+    if (need_mask) elementwise(std::true_type{});
+    else elementwise(std::false_type{});
+    // dS^T to shared memory for dQ (rows = keys, columns = queries). Matrix i
+    // of k-step kk's stmatrix is dst[kk][i]: query chunk 2 kk + i / 2, keys
+    // 8 (i % 2) .. + 7 of this warp's 16; lane l addresses row l % 8 of matrix l / 8.
+    {
+      const int mat = lane / 8, key = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        hopper::stmatrix_x4(KTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2], dst[kk][3]);
     }
     wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
     // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
@@ -511,13 +609,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBm / 16; ++kk) {
-      wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_sw128(do_tile + kk * 16 * 128));
-      wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_sw128(q_tile + kk * 16 * 128));
+      wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_desc, kk * 16 * 128));
+      wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_desc, kk * 16 * 128));
     }
-    const char* k_cols = smem + L::kK + consumer * 64;  // columns 32 c .. 32 c + 31 of every K row
 #pragma unroll
     for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
-      const uint64_t da = wgmma::desc_sw128(ds_tile + kk * 16 * 128), db = wgmma::desc_sw128(k_cols + kk * 16 * 128);
+      const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128), db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
       if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
       else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
     }
@@ -601,28 +698,32 @@ CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64
 
 template <bool kCausal, MergeMode kMode>
 void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
-  auto kernel = forward_ws_kernel<kCausal, kMode>;
+  auto plain = forward_ws_kernel<kCausal, kMode, false>;
+  auto dropout = forward_ws_kernel<kCausal, kMode, true>;
   static bool configured = false;  // one attribute call per instantiation
   if (!configured) {
-    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes));
+    for (auto f : {plain, dropout})
+      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes));
     configured = true;
   }
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
-  kernel<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
 template <bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
                      const CUtensorMap& dm, int64_t batch) {
-  auto kernel = backward_ws_kernel<kCausal, kDirect>;
+  auto plain = backward_ws_kernel<kCausal, kDirect, false>;
+  auto dropout = backward_ws_kernel<kCausal, kDirect, true>;
   static bool configured = false;
   if (!configured) {
-    MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdSmem::kBytes));
+    for (auto f : {plain, dropout})
+      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdSmem::kBytes));
     configured = true;
   }
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
-  kernel<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -638,8 +739,9 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 }
 
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
-                int64_t batch, bool causal, float scale_log2, MergeMode mode, float* o_acc, float* lse, BFloat16* out) {
-  WsParams p{g, q, k, v, 0, scale_log2, o_acc, lse, out};
+                int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
+                float* lse, BFloat16* out) {
+  WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
@@ -664,9 +766,9 @@ namespace minidl::cuda::attn {
 
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
-                 int64_t batch, bool causal, float scale, float* dq_acc, float* dk_acc, float* dv_acc,
-                 BFloat16* dk_out, BFloat16* dv_out) {
-  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, dq_acc, dk_acc, dv_acc, dk_out, dv_out};
+                 int64_t batch, bool causal, float scale, const BranchDropout& drop, float* dq_acc, float* dk_acc,
+                 float* dv_acc, BFloat16* dk_out, BFloat16* dv_out) {
+  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
