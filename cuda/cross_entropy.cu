@@ -37,11 +37,17 @@ template <typename S, typename A>
 __device__ void finish_mean(const A* row_loss, const int32_t* targets, int64_t rows, int64_t ignore, S* loss,
                             A* count) {
   if (!last_block_to_arrive(&g_rows_done, gridDim.x)) return;
-  const A sum = strided_sum_as<1024, A>(rows, [&](int64_t r) { return __ldcg(row_loss + r); });
-  const A n = strided_sum_as<1024, A>(rows, [&](int64_t r) { return targets[r] != ignore ? A(1) : A(0); });
+  A sums[2];  // the row losses and the rows that count, in one pass
+  strided_sums_as<1024>(
+      rows,
+      [&](int64_t r, A (&v)[2]) {
+        v[0] = __ldcg(row_loss + r);
+        v[1] = targets[r] != ignore ? A(1) : A(0);
+      },
+      sums);
   if (threadIdx.x == 0) {
-    count[0] = n;
-    loss[0] = static_cast<S>(n > 0 ? sum / n : A(0));
+    count[0] = sums[1];
+    loss[0] = static_cast<S>(sums[1] > 0 ? sums[0] / sums[1] : A(0));
   }
 }
 

@@ -206,6 +206,8 @@ __device__ void finish_param_grads(A* partial_dw, A* partial_db, S* dweight, S* 
   if (!last_block_to_arrive(&g_param_group_arrivals[group], members)) return;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
     A sw = 0, sb = 0;
+    // Unrolled: many loads in flight (the tail of the kernel); the adds keep their order.
+#pragma unroll 8
     for (int64_t p = group; p < parts; p += kParamGroups) {
       sw += __ldcg(partial_dw + p * cols + c);
       sb += __ldcg(partial_db + p * cols + c);
@@ -217,6 +219,7 @@ __device__ void finish_param_grads(A* partial_dw, A* partial_db, S* dweight, S* 
   if (!last_block_to_arrive(&g_param_groups_done, groups)) return;
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
     A sw = __ldcg(partial_dw + parts * cols + c), sb = __ldcg(partial_db + parts * cols + c);
+#pragma unroll
     for (int k = 1; k < kParamGroups; ++k) {  // empty groups add the zero sum_partials adds
       sw += k < static_cast<int>(groups) ? __ldcg(partial_dw + (parts + k) * cols + c) : A(0);
       sb += k < static_cast<int>(groups) ? __ldcg(partial_db + (parts + k) * cols + c) : A(0);

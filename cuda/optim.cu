@@ -154,9 +154,10 @@ __device__ unsigned int g_norm_arrivals;
 template <typename A>
 __device__ void finalize_norm(const A* __restrict__ partials, int64_t n, A max_norm, A* __restrict__ norm,
                               A* __restrict__ coef) {
-  const A acc = strided_sum_as<1024, A>(n, [&](int64_t i) { return __ldcg(partials + i); });
+  A acc[1];
+  strided_sums_as<1024>(n, [&](int64_t i, A (&v)[1]) { v[0] = __ldcg(partials + i); }, acc);
   if (threadIdx.x == 0) {
-    A total = sqrt(acc);
+    A total = sqrt(acc[0]);
     *norm = total;
     *coef = clip_coefficient(total, max_norm);
   }

@@ -45,26 +45,42 @@ template <typename A> __device__ __forceinline__ A block_sum(A v) {
   return total;
 }
 
-// The sum over i < n of load(i) exactly as a block of kAs threads gets it
-// with block_sum (thread t adding i = t, t + kAs, ... in turn), computed by a
-// block of any size up to kAs (blockDim.x a multiple of 32): a kernel's last
-// block can finish what a separate kAs-thread launch did, to the same bits.
-// Returned to every thread.
-template <int kAs, typename A, typename Load> __device__ __forceinline__ A strided_sum_as(int64_t n, Load&& load) {
-  static_assert(kAs % 32 == 0 && kAs <= 1024, "strided_sum_as: kAs must be a multiple of 32, at most 1024");
-  __shared__ A warps[kAs / 32];
+// The N sums over i < n of load(i, v) (which sets v[0..N-1] for element i)
+// exactly as a block of kAs threads gets each with block_sum (thread t adding
+// i = t, t + kAs, ... in turn), computed by a block of any size up to kAs
+// (blockDim.x a multiple of 32): a kernel's last block can finish what a
+// separate kAs-thread launch did, to the same bits. The loads of a stride
+// are unrolled (the adds keep their order), so one block keeps many in
+// flight. Returned to every thread.
+template <int kAs, int N, typename A, typename Load>
+__device__ __forceinline__ void strided_sums_as(int64_t n, Load&& load, A (&total)[N]) {
+  static_assert(kAs % 32 == 0 && kAs <= 1024, "strided_sums_as: kAs must be a multiple of 32, at most 1024");
+  __shared__ A warps[N][kAs / 32];
   const int lane = threadIdx.x % 32;
   for (int w = threadIdx.x / 32; w < kAs / 32; w += blockDim.x / 32) {  // uniform per warp
-    A v = 0;
-    for (int64_t i = w * 32 + lane; i < n; i += kAs) v += load(i);
-    v = warp_sum(v);
-    if (lane == 0) warps[w] = v;
+    A v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = 0;
+#pragma unroll 8
+    for (int64_t i = w * 32 + lane; i < n; i += kAs) {
+      A x[N];
+      load(i, x);
+#pragma unroll
+      for (int k = 0; k < N; ++k) v[k] += x[k];
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      v[k] = warp_sum(v[k]);
+      if (lane == 0) warps[k][w] = v[k];
+    }
   }
   __syncthreads();
-  A total = 0;
-  for (int w = 0; w < kAs / 32; ++w) total += warps[w];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    total[k] = 0;
+    for (int w = 0; w < kAs / 32; ++w) total[k] += warps[k][w];
+  }
   __syncthreads();
-  return total;
 }
 
 // Grid completion without a second launch: every thread of each of the
