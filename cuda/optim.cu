@@ -145,7 +145,6 @@ struct NormEntry {
   uint8_t dtype;
 };
 
-// One partial sum of squares per block, written at partial_base + block.
 // Counts the blocks of a norm's sum_squares launches (last_block_to_arrive).
 __device__ unsigned int g_norm_arrivals;
 
