@@ -1,7 +1,7 @@
 // CUDA cross-entropy (fused log-softmax + NLL), forward and backward
 // (launchers declared in cuda/nn_functional.h). Row statistics as in
-// softmax.cu; the mean over counted rows is one block in a fixed order, so the
-// loss is deterministic.
+// softmax.cu; the mean over counted rows is taken by the row kernel's last
+// block in a fixed order, so the loss is deterministic.
 #include <algorithm>
 #include <cstdint>
 
@@ -28,11 +28,32 @@ __device__ __forceinline__ A row_nll(const S* xr, int64_t target, int64_t cols, 
   return lse - static_cast<A>(xr[target]);
 }
 
+// The mean of the row losses over the rows that count, written by the last
+// block of the row kernel to finish, in the order of a 1024-thread block
+// (deterministic).
+static __device__ unsigned int g_rows_done;
+
+template <typename S, typename A>
+__device__ void finish_mean(const A* row_loss, const int32_t* targets, int64_t rows, int64_t ignore, S* loss,
+                            A* count) {
+  if (!last_block_to_arrive(&g_rows_done, gridDim.x)) return;
+  A sums[2];  // the row losses and the rows that count, in one pass
+  strided_sums_as<1024>(
+      rows,
+      [&](int64_t r, A (&v)[2]) {
+        v[0] = __ldcg(row_loss + r);
+        v[1] = targets[r] != ignore ? A(1) : A(0);
+      },
+      sums);
+  if (threadIdx.x == 0) {
+    count[0] = sums[1];
+    loss[0] = static_cast<S>(sums[1] > 0 ? sums[0] / sums[1] : A(0));
+  }
+}
+
 template <typename S, typename A, int V, int K>
-__global__ void cross_entropy_forward_warp(const S* x, const int32_t* targets, int64_t rows, int cols,
-                                           int64_t ignore, A* row_loss, A* lse) {
-  int64_t row = warp_row();
-  if (row >= rows) return;
+__device__ __forceinline__ void cross_entropy_row_warp(const S* x, const int32_t* targets, int64_t row, int cols,
+                                                       int64_t ignore, A* row_loss, A* lse) {
   int lane = threadIdx.x % 32;
   const S* xr = x + row * cols;
   A v[K][V];
@@ -57,9 +78,18 @@ __global__ void cross_entropy_forward_warp(const S* x, const int32_t* targets, i
   }
 }
 
+template <typename S, typename A, int V, int K>
+__global__ void cross_entropy_forward_warp(const S* x, const int32_t* targets, int64_t rows, int cols,
+                                           int64_t ignore, A* row_loss, A* lse, S* loss, A* count) {
+  const int64_t row = warp_row();
+  if (row < rows) cross_entropy_row_warp<S, A, V, K>(x, targets, row, cols, ignore, row_loss, lse);
+  finish_mean(row_loss, targets, rows, ignore, loss, count);
+}
+
 template <typename S, typename A, int V>
-__global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_forward_block(const S* x, const int32_t* targets, int64_t cols,
-                                            int64_t ignore, A* row_loss, A* lse) {
+__global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_forward_block(const S* x, const int32_t* targets,
+                                                                                int64_t rows, int64_t cols, int64_t ignore,
+                                                                                A* row_loss, A* lse, S* loss, A* count) {
   int64_t row = blockIdx.x;
   const S* xr = x + row * cols;
   A m = -inf<A>(), s = 0;
@@ -75,23 +105,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_forward_block(
     lse[row] = l;
     row_loss[row] = row_nll<S, A>(xr, targets[row], cols, ignore, l);
   }
+  finish_mean(row_loss, targets, rows, ignore, loss, count);
 }
 
-// One block: mean of the row losses over the rows that count, in a fixed order.
-template <typename S, typename A>
-__global__ void __launch_bounds__(1024) cross_entropy_finalize(const A* row_loss, const int32_t* targets, int64_t rows,
-                                       int64_t ignore, S* loss, A* count) {
-  A sum = 0, n = 0;
-  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
-    sum += row_loss[r];
-    n += targets[r] != ignore ? A(1) : A(0);
-  }
-  sum = block_sum(sum);
-  n = block_sum(n);
-  if (threadIdx.x == 0) {
-    count[0] = n;
-    loss[0] = static_cast<S>(n > 0 ? sum / n : A(0));
-  }
+// No rows: the loss and the count are 0.
+template <typename S, typename A> __global__ void cross_entropy_empty(S* loss, A* count) {
+  count[0] = A(0);
+  loss[0] = S(0.0f);
 }
 
 // Gradient scale grad / count for a row, NaN for an out-of-range target.
@@ -163,24 +183,25 @@ void cross_entropy_forward(const Tensor& logits, const Tensor& targets, int64_t 
     A* lp = mptr<A>(lse);
     Tensor row_loss = Tensor::empty({std::max<int64_t>(rows, 1)}, lse.options());
     A* rp = mptr<A>(row_loss);
-    if (rows > 0) {
+    S* loss_p = mptr<S>(loss);
+    A* count_p = mptr<A>(count);
+    if (rows > 0) {  // the row kernel's last block also writes the mean
       bool aligned = aligned16({&logits});
       bool warp = with_warp_tile<S>(cols, aligned, [&](auto vec, auto iters) {
         cross_entropy_forward_warp<S, A, decltype(vec)::value, decltype(iters)::value>
             <<<warp_row_blocks(rows), kRowWarps * 32, 0, stream()>>>(xp, tp, rows, static_cast<int>(cols),
-                                                                     ignore_index, rp, lp);
+                                                                     ignore_index, rp, lp, loss_p, count_p);
       });
       if (!warp) {
         with_block_vec<S>(cols, aligned, [&](auto vec) {
           cross_entropy_forward_block<S, A, decltype(vec)::value>
-              <<<static_cast<unsigned>(rows), row_block_threads(cols), 0, stream()>>>(xp, tp, cols,
-                                                                                      ignore_index, rp, lp);
+              <<<static_cast<unsigned>(rows), row_block_threads(cols), 0, stream()>>>(
+                  xp, tp, rows, cols, ignore_index, rp, lp, loss_p, count_p);
         });
       }
-      MINIDL_CUDA_LAUNCH_CHECK();
+    } else {
+      cross_entropy_empty<S, A><<<1, 1, 0, stream()>>>(loss_p, count_p);
     }
-    cross_entropy_finalize<S, A><<<1, 1024, 0, stream()>>>(rp, tp, rows, ignore_index, mptr<S>(loss),
-                                                          mptr<A>(count));
     MINIDL_CUDA_LAUNCH_CHECK();
   });
 }

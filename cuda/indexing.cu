@@ -3,6 +3,7 @@
 
 #include "cuda/indexing.h"
 #include "cuda/runtime.h"
+#include "cuda/vec.cuh"
 
 namespace minidl::cuda {
 namespace {
@@ -50,7 +51,73 @@ __global__ void index_add_kernel(const S* g, const int32_t* idx, Acc* acc, int64
   }
 }
 
+// Concatenation as rows: input k holds columns [end[k-1], end[k]) of each
+// of the `outer` rows of out (row stride `stride`), and is itself a
+// contiguous (outer, end[k] - end[k-1]) matrix. A thread per V-element pack;
+// V divides every input's width and keeps every row start aligned.
+struct CatTable {
+  const void* src[kMaxCatInputs];
+  int64_t end[kMaxCatInputs];
+  int count;
+};
+
+template <typename S, int V>
+__global__ void cat_kernel(const __grid_constant__ CatTable t, S* out, int64_t outer, int64_t stride) {
+  const int64_t cols = t.end[t.count - 1], row_packs = cols / V, packs = outer * row_packs;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < packs; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t o = i / row_packs, j = (i - o * row_packs) * V;
+    int k = 0;
+    while (j >= t.end[k]) ++k;
+    const int64_t begin = k ? t.end[k - 1] : 0;
+    const S* src = static_cast<const S*>(t.src[k]) + o * (t.end[k] - begin) + (j - begin);
+    *reinterpret_cast<Pack<S, V>*>(out + o * stride + j) = *reinterpret_cast<const Pack<S, V>*>(src);
+  }
+}
+
 }  // namespace
+
+void cat(const std::vector<Tensor>& inputs, int64_t dim, const Tensor& out) {
+  if (out.numel() == 0) return;
+  const DimSplit l = split_around(out.shape(), dim);
+  const int64_t stride = l.size * l.inner;
+  visit_dtype(out.dtype(), [&](auto tag) {
+    using S = decltype(tag);
+    // The widest pack that divides every width and keeps every row start aligned.
+    int v = kVec<S>;
+    auto fits = [&](const void* p, int64_t w) {
+      return w % v == 0 && reinterpret_cast<uintptr_t>(p) % (static_cast<uintptr_t>(v) * sizeof(S)) == 0;
+    };
+    int64_t start = 0;
+    for (const Tensor& t : inputs) {
+      const int64_t w = t.size(dim) * l.inner;
+      while (v > 1 && !(fits(t.raw_data(), w) && fits(static_cast<const S*>(out.raw_data()) + start, stride))) v /= 2;
+      start += w;
+    }
+    start = 0;
+    for (size_t first = 0; first < inputs.size(); first += kMaxCatInputs) {
+      CatTable table{};
+      int64_t cols = 0;
+      for (size_t i = first; i < inputs.size() && table.count < kMaxCatInputs; ++i) {
+        const int64_t w = inputs[i].size(dim) * l.inner;
+        if (w == 0) continue;
+        cols += w;
+        table.src[table.count] = inputs[i].raw_data();
+        table.end[table.count++] = cols;
+      }
+      if (cols == 0) continue;
+      S* dst = static_cast<S*>(out.raw_data()) + start;
+      const unsigned blocks = grid_for(l.outer * cols / v, 256);
+      switch (v) {
+        case 8: cat_kernel<S, 8><<<blocks, 256, 0, stream()>>>(table, dst, l.outer, stride); break;
+        case 4: cat_kernel<S, 4><<<blocks, 256, 0, stream()>>>(table, dst, l.outer, stride); break;
+        case 2: cat_kernel<S, 2><<<blocks, 256, 0, stream()>>>(table, dst, l.outer, stride); break;
+        default: cat_kernel<S, 1><<<blocks, 256, 0, stream()>>>(table, dst, l.outer, stride); break;
+      }
+      MINIDL_CUDA_LAUNCH_CHECK();
+      start += cols;
+    }
+  });
+}
 
 void index_select(const Tensor& x, int64_t dim, const Tensor& indices, const Tensor& out) {
   if (out.numel() == 0) return;

@@ -12,6 +12,7 @@
 #include "core/generator.h"
 #include "core/philox.h"
 #include "core/scalar_math.h"
+#include "cuda/dropout_mask.cuh"
 #include "cuda/reductions.cuh"
 #include "cuda/row_kernels.cuh"
 #include "cuda/runtime.h"
@@ -22,16 +23,6 @@ using namespace rows;
 using math::sqrt_;
 
 constexpr int kParamWarps = 8;  // warps per block in the fused layer-norm backward
-
-// ops::dropout's mask: element i is kept when philox::uniform(seed, offset, i)
-// >= keep_threshold. keep_threshold <= 0 keeps everything (no dropout; no
-// random numbers drawn), and then scale is 1.
-struct DropoutMask {
-  uint64_t seed = 0;
-  PhiloxOffset offset;  // read on the device: a CUDA graph replay advances it
-  float keep_threshold = 0;
-  double scale = 1;
-};
 
 // Forward prologue: the layer norm's input row is sum = residual + dropout(h),
 // stored to `sum` (the op's first output) as it is made.
@@ -50,30 +41,6 @@ template <typename S> struct ResidualGrad {
   S* dh = nullptr;
   DropoutMask mask;
 };
-
-// The value a tensor of type S would hold: the fused kernels round where the
-// unfused ops store, so they give the same results as the ops composed.
-template <typename S, typename A> __device__ __forceinline__ A round_to(A v) {
-  return static_cast<A>(static_cast<S>(v));
-}
-
-// keep[j] for elements index .. index + V - 1 of the mask. With V a multiple
-// of 4, index is too (the callers' packs are V-aligned), so each Philox block
-// gives four consecutive decisions, as in the dropout kernel.
-template <int V> __device__ __forceinline__ void keep_mask(const DropoutMask& m, int64_t index, bool (&keep)[V]) {
-  if constexpr (V % 4 == 0) {
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q) {
-      philox::U32x4 r = philox::block(m.seed, m.offset.value(), static_cast<uint64_t>(index / 4 + q));
-#pragma unroll
-      for (int l = 0; l < 4; ++l) keep[4 * q + l] = philox::to_unit_float(philox::lane(r, l)) >= m.keep_threshold;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-      keep[j] = philox::uniform(m.seed, m.offset.value(), static_cast<uint64_t>(index + j)) >= m.keep_threshold;
-  }
-}
 
 // v = residual + dropout(h) at elements index .. index + V - 1, also stored to in.sum.
 template <typename S, typename A, int V>
@@ -222,6 +189,46 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   }
 }
 
+// The parameter gradients from the grid's partial rows without a second
+// launch, in sum_partials' order (so the same bits): row p of the partials
+// belongs to group p mod kParamGroups; the last block of a group to finish
+// sums the group's rows in order into row parts + group, and the last group
+// to finish adds the group sums in order and writes dweight/dbias (either may
+// be null). Needs room for parts + kParamGroups rows in each partial.
+constexpr int kParamGroups = 32;
+static __device__ unsigned int g_param_group_arrivals[kParamGroups];
+static __device__ unsigned int g_param_groups_done;
+
+template <typename A, typename S>
+__device__ void finish_param_grads(A* partial_dw, A* partial_db, S* dweight, S* dbias, int64_t parts, int cols) {
+  const int64_t group = blockIdx.x % kParamGroups;
+  const auto members = static_cast<unsigned>((parts - group + kParamGroups - 1) / kParamGroups);
+  if (!last_block_to_arrive(&g_param_group_arrivals[group], members)) return;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    A sw = 0, sb = 0;
+    // Unrolled: many loads in flight (the tail of the kernel); the adds keep their order.
+#pragma unroll 8
+    for (int64_t p = group; p < parts; p += kParamGroups) {
+      sw += __ldcg(partial_dw + p * cols + c);
+      sb += __ldcg(partial_db + p * cols + c);
+    }
+    partial_dw[(parts + group) * cols + c] = sw;
+    partial_db[(parts + group) * cols + c] = sb;
+  }
+  const auto groups = static_cast<unsigned>(parts < kParamGroups ? parts : kParamGroups);
+  if (!last_block_to_arrive(&g_param_groups_done, groups)) return;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    A sw = __ldcg(partial_dw + parts * cols + c), sb = __ldcg(partial_db + parts * cols + c);
+#pragma unroll
+    for (int k = 1; k < kParamGroups; ++k) {  // empty groups add the zero sum_partials adds
+      sw += k < static_cast<int>(groups) ? __ldcg(partial_dw + (parts + k) * cols + c) : A(0);
+      sb += k < static_cast<int>(groups) ? __ldcg(partial_db + (parts + k) * cols + c) : A(0);
+    }
+    if (dweight) dweight[c] = static_cast<S>(sw);
+    if (dbias) dbias[c] = static_cast<S>(sb);
+  }
+}
+
 // dx for one row (when dx is given; fused, through the residual epilogue)
 // and, per block, partial dweight/dbias: each warp walks rows warp, warp +
 // all warps, ... keeping its column sums in registers; the block adds its
@@ -229,8 +236,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 // partial_dw / partial_db (cols each).
 template <typename S, typename A, int V, int K, bool kFused>
 __global__ void layer_norm_backward_warp(const S* dy, const S* x, const S* w, const A* mean,
-                                         const A* rstd, S* dx, A* partial_dw, A* partial_db,
-                                         int64_t rows, int cols, ResidualGrad<S> rg) {
+                                         const A* rstd, S* dx, A* partial_dw, A* partial_db, S* dweight,
+                                         S* dbias, int64_t rows, int cols, ResidualGrad<S> rg) {
   extern __shared__ unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);  // [2][cols]: dweight, dbias
   int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -300,6 +307,7 @@ __global__ void layer_norm_backward_warp(const S* dy, const S* x, const S* w, co
     partial_dw[int64_t(blockIdx.x) * cols + c] = smem[c];
     partial_db[int64_t(blockIdx.x) * cols + c] = smem[cols + c];
   }
+  finish_param_grads<A, S>(partial_dw, partial_db, dweight, dbias, gridDim.x, cols);
 }
 
 template <typename S, typename A, int V, bool kFused>
@@ -475,12 +483,13 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Ten
           return std::max(n, 1);
         }();
         blocks = std::min<int64_t>(blocks, per_sm * sms);
-        parts = blocks;
-        partial_dw = Tensor::empty({parts, cols}, stats);
-        partial_db = Tensor::empty({parts, cols}, stats);
+        // Partial rows, then the group sums of finish_param_grads.
+        partial_dw = Tensor::empty({blocks + kParamGroups, cols}, stats);
+        partial_db = Tensor::empty({blocks + kParamGroups, cols}, stats);
       }
       kernel<<<static_cast<unsigned>(blocks), kParamWarps * 32, smem, stream()>>>(
-          gp, xp, wp, mp, rp, dxp, mptr<A>(partial_dw), mptr<A>(partial_db), rows, static_cast<int>(cols), rg);
+          gp, xp, wp, mp, rp, dxp, mptr<A>(partial_dw), mptr<A>(partial_db), mptr<S>(dweight), mptr<S>(dbias),
+          rows, static_cast<int>(cols), rg);
       MINIDL_CUDA_LAUNCH_CHECK();
     });
     if (!warp) {
@@ -505,7 +514,7 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Ten
         MINIDL_CUDA_LAUNCH_CHECK();
       }
     }
-    if (params) {
+    if (params && !warp) {  // the warp kernel finished the sums itself
       dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);
       sum_partials<A, S><<<grid, dim3(32, 32), 0, stream()>>>(cptr<A>(partial_dw), cptr<A>(partial_db),
                                                               mptr<S>(dweight), mptr<S>(dbias), parts, cols);

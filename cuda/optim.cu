@@ -113,17 +113,25 @@ __device__ __forceinline__ void adamw_chunk(const AdamWEntry& e, int64_t begin, 
   }
 }
 
+// Counts the blocks of a step's AdamW launches (last_block_to_arrive).
+__device__ unsigned int g_adamw_arrivals;
+
+// Updates with the step counter's next value; the last of the step's
+// `blocks` blocks (over all its launches, which run in order) stores it.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(const __grid_constant__ Table<AdamWEntry> table, const double* __restrict__ lr,
-                 const double* __restrict__ step, double beta1, double beta2, double eps) {
+                 double* __restrict__ step, double beta1, double beta2, double eps, unsigned blocks) {
   const AdamWEntry& e = entry_of_block(table);
   const int64_t begin = int64_t(blockIdx.x - e.chunk_begin) * kChunk;
   const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
-  const AdamWScalars s = adamw_scalars(*lr, *step, beta1, beta2, e.weight_decay);
+  const double next = *step + 1;
+  const AdamWScalars s = adamw_scalars(*lr, next, beta1, beta2, e.weight_decay);
   visit_code(e.grad_dtype, [&](auto gtag) {
     adamw_chunk<P, decltype(gtag)>(e, begin, end, s, beta1, beta2, eps);
   });
+  // Every block has read the counter before the last one arrives.
+  if (last_block_to_arrive(&g_adamw_arrivals, blocks) && threadIdx.x == 0) *step = next;
 }
 
 __global__ void advance_step_kernel(double* step) { *step += 1; }
@@ -137,11 +145,38 @@ struct NormEntry {
   uint8_t dtype;
 };
 
-// One partial sum of squares per block, written at partial_base + block.
+// Counts the blocks of a norm's sum_squares launches (last_block_to_arrive).
+__device__ unsigned int g_norm_arrivals;
+
+// The norm and the clip coefficient from the partials, in a fixed order
+// (that of the 1024-thread finalizing launch this replaces: the same bits).
+template <typename A>
+__device__ void finalize_norm(const A* __restrict__ partials, int64_t n, A max_norm, A* __restrict__ norm,
+                              A* __restrict__ coef) {
+  A acc[1];
+  strided_sums_as<1024>(n, [&](int64_t i, A (&v)[1]) { v[0] = __ldcg(partials + i); }, acc);
+  if (threadIdx.x == 0) {
+    A total = sqrt(acc[0]);
+    *norm = total;
+    *coef = clip_coefficient(total, max_norm);
+  }
+}
+
+// The empty case (no sum_squares blocks): one block finalizes nothing.
+template <typename A>
+__global__ void finalize_norm_kernel(const A* __restrict__ partials, int64_t n, A max_norm, A* __restrict__ norm,
+                                     A* __restrict__ coef) {
+  finalize_norm(partials, n, max_norm, norm, coef);
+}
+
+// One partial sum of squares per block, written at partial_base + block; the
+// last of the norm's `blocks` blocks (over all its launches, which run in
+// order) finalizes the norm.
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     sum_squares_kernel(const __grid_constant__ Table<NormEntry> table, A* __restrict__ partials,
-                       int64_t partial_base) {
+                       int64_t partial_base, unsigned blocks, A max_norm, A* __restrict__ norm,
+                       A* __restrict__ coef) {
   const NormEntry& e = entry_of_block(table);
   const int64_t begin = int64_t(blockIdx.x - e.chunk_begin) * kChunk;
   const int64_t end = begin + kChunk < e.numel ? begin + kChunk : e.numel;
@@ -156,21 +191,7 @@ __global__ void __launch_bounds__(kThreads)
   });
   acc = block_sum(acc);
   if (threadIdx.x == 0) partials[partial_base + blockIdx.x] = acc;
-}
-
-// One block: the partials in a fixed order (deterministic), then the norm
-// and the clip coefficient.
-template <typename A>
-__global__ void finalize_norm_kernel(const A* __restrict__ partials, int64_t n, A max_norm,
-                                     A* __restrict__ norm, A* __restrict__ coef) {
-  A acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partials[i];
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) {
-    A total = sqrt(acc);
-    *norm = total;
-    *coef = clip_coefficient(total, max_norm);
-  }
+  if (last_block_to_arrive(&g_norm_arrivals, blocks)) finalize_norm(partials, blocks, max_norm, norm, coef);
 }
 
 template <typename A>
@@ -194,8 +215,14 @@ __global__ void __launch_bounds__(kThreads)
 void adamw_step(const std::vector<AdamWTensors>& params, const Tensor& lr, const Tensor& step,
                 const AdamWHyper& h) {
   cudaStream_t s = stream();
-  advance_step_kernel<<<1, 1, 0, s>>>(static_cast<double*>(step.raw_data()));
-  MINIDL_CUDA_LAUNCH_CHECK();
+  int64_t blocks = 0;
+  for (const AdamWTensors& t : params) blocks += chunks_of(t.param.numel());
+  if (blocks == 0) {  // nothing to update: the counter still advances
+    advance_step_kernel<<<1, 1, 0, s>>>(static_cast<double*>(step.raw_data()));
+    MINIDL_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  MINIDL_CHECK(blocks <= INT32_MAX, "adamw_step (cuda): ", blocks, " blocks of ", kChunk, " elements; at most 2^31 - 1");
   // One kernel per parameter dtype (all float32 masters in mixed precision).
   for (DType dtype : {DType::Float32, DType::Float64, DType::BFloat16}) {
     std::vector<AdamWEntry> entries;
@@ -213,8 +240,8 @@ void adamw_step(const std::vector<AdamWTensors>& params, const Tensor& lr, const
       if constexpr (!std::is_same_v<P, int32_t>) {
         for_each_table(entries, numels, [&](const Table<AdamWEntry>& table) {
           adamw_kernel<P><<<table.chunks, kThreads, 0, s>>>(
-              table, static_cast<const double*>(lr.raw_data()),
-              static_cast<const double*>(step.raw_data()), h.beta1, h.beta2, h.eps);
+              table, static_cast<const double*>(lr.raw_data()), static_cast<double*>(step.raw_data()), h.beta1,
+              h.beta2, h.eps, static_cast<unsigned>(blocks));
           MINIDL_CUDA_LAUNCH_CHECK();
         });
       }
@@ -240,15 +267,18 @@ void clip_by_global_norm(const std::vector<Tensor>& grads, double max_norm, cons
     if constexpr (std::is_same_v<A, float> || std::is_same_v<A, double>) {
       A* p = static_cast<A*>(partials.raw_data());
       A* c = static_cast<A*>(coef.raw_data());
+      A* nrm = static_cast<A*>(norm.raw_data());
       int64_t base = 0;
       for_each_table(entries, numels, [&](const Table<NormEntry>& table) {
-        sum_squares_kernel<A><<<table.chunks, kThreads, 0, s>>>(table, p, base);
+        sum_squares_kernel<A><<<table.chunks, kThreads, 0, s>>>(table, p, base, static_cast<unsigned>(total_chunks),
+                                                                A(max_norm), nrm, c);
         MINIDL_CUDA_LAUNCH_CHECK();
         base += table.chunks;
       });
-      finalize_norm_kernel<A><<<1, 1024, 0, s>>>(p, total_chunks, A(max_norm),
-                                                 static_cast<A*>(norm.raw_data()), c);
-      MINIDL_CUDA_LAUNCH_CHECK();
+      if (total_chunks == 0) {  // no elements: the norm is 0
+        finalize_norm_kernel<A><<<1, kThreads, 0, s>>>(p, 0, A(max_norm), nrm, c);
+        MINIDL_CUDA_LAUNCH_CHECK();
+      }
       for_each_table(entries, numels, [&](const Table<NormEntry>& table) {
         scale_kernel<A><<<table.chunks, kThreads, 0, s>>>(table, c);
         MINIDL_CUDA_LAUNCH_CHECK();

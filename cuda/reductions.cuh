@@ -45,6 +45,65 @@ template <typename A> __device__ __forceinline__ A block_sum(A v) {
   return total;
 }
 
+// The N sums over i < n of load(i, v) (which sets v[0..N-1] for element i)
+// exactly as a block of kAs threads gets each with block_sum (thread t adding
+// i = t, t + kAs, ... in turn), computed by a block of any size up to kAs
+// (blockDim.x a multiple of 32): a kernel's last block can finish what a
+// separate kAs-thread launch did, to the same bits. The loads of a stride
+// are unrolled (the adds keep their order), so one block keeps many in
+// flight. Returned to every thread.
+template <int kAs, int N, typename A, typename Load>
+__device__ __forceinline__ void strided_sums_as(int64_t n, Load&& load, A (&total)[N]) {
+  static_assert(kAs % 32 == 0 && kAs <= 1024, "strided_sums_as: kAs must be a multiple of 32, at most 1024");
+  __shared__ A warps[N][kAs / 32];
+  const int lane = threadIdx.x % 32;
+  for (int w = threadIdx.x / 32; w < kAs / 32; w += blockDim.x / 32) {  // uniform per warp
+    A v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = 0;
+#pragma unroll 8
+    for (int64_t i = w * 32 + lane; i < n; i += kAs) {
+      A x[N];
+      load(i, x);
+#pragma unroll
+      for (int k = 0; k < N; ++k) v[k] += x[k];
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      v[k] = warp_sum(v[k]);
+      if (lane == 0) warps[k][w] = v[k];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    total[k] = 0;
+    for (int w = 0; w < kAs / 32; ++w) total[k] += warps[k][w];
+  }
+  __syncthreads();
+}
+
+// Grid completion without a second launch: every thread of each of the
+// `expected` blocks calls this after the block's writes; it returns true in
+// exactly one block, the last to arrive, which may then read the others'
+// writes (through L2: __ldcg, they are not in its L1) and finish the work in
+// a fixed order (deterministic). The counter is zero again when it returns,
+// ready for the next launch: counters are static __device__ words (zero at
+// load), so launches that share one must not overlap (minidl's kernels run in
+// order on one stream per device).
+__device__ __forceinline__ bool last_block_to_arrive(unsigned int* counter, unsigned int expected) {
+  __shared__ bool last;
+  __threadfence();  // this block's writes reach every SM before it counts itself
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    last = atomicAdd(counter, 1u) + 1u == expected;
+    if (last) atomicExch(counter, 0u);
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // Online softmax statistics: (m, s) stands for sum_i exp(x_i - m) = s.
 template <typename A> __device__ __forceinline__ void online_add(A& m, A& s, A v) {
   if (v > m) {

@@ -1,11 +1,18 @@
 #include "nn/cuda_graph.h"
 
+#include <algorithm>
+#include <map>
 #include <string>
 
 #include "core/allocator.h"
 #include "core/error.h"
 
 #if defined(MINIDL_WITH_CUDA)
+#include <cuda.h>  // driver types only: the functions are fetched as entry points
+#include <cxxabi.h>
+
+#include <cstdlib>
+
 #include "cuda/random.h"
 #include "cuda/runtime.h"
 #endif
@@ -175,6 +182,99 @@ CudaGraph::NodeCounts CudaGraph::node_counts() const {
   return counts;
 }
 
+namespace {
+
+// The driver's name of a captured kernel node's function (mangled), or null.
+// Through driver entry points (no libcuda link), which also see the kernels
+// that libraries launch with the driver API (cuBLASLt), unlike
+// cudaGraphKernelNodeGetParams + cudaFuncGetName.
+const char* driver_kernel_name(cudaGraphNode_t node) {
+  using GetParams = CUresult (*)(CUgraphNode, CUDA_KERNEL_NODE_PARAMS*);
+  using FuncName = CUresult (*)(const char**, CUfunction);
+  using KernelName = CUresult (*)(const char**, CUkernel);
+  struct Entry {
+    GetParams get_params = nullptr;
+    FuncName func_name = nullptr;
+    KernelName kernel_name = nullptr;
+  };
+  static const Entry e = [] {
+    Entry r;
+    auto fetch = [](const char* symbol, void** fn) {
+      cudaDriverEntryPointQueryResult found{};
+      if (cudaGetDriverEntryPointByVersion(symbol, fn, 12030, cudaEnableDefault, &found) != cudaSuccess ||
+          found != cudaDriverEntryPointSuccess) {
+        (void)cudaGetLastError();
+        *fn = nullptr;
+      }
+    };
+    fetch("cuGraphKernelNodeGetParams", reinterpret_cast<void**>(&r.get_params));
+    fetch("cuFuncGetName", reinterpret_cast<void**>(&r.func_name));
+    fetch("cuKernelGetName", reinterpret_cast<void**>(&r.kernel_name));
+    return r;
+  }();
+  if (!e.get_params) return nullptr;
+  CUDA_KERNEL_NODE_PARAMS p{};
+  if (e.get_params(reinterpret_cast<CUgraphNode>(node), &p) != CUDA_SUCCESS) return nullptr;
+  const char* name = nullptr;
+  if (p.func && e.func_name && e.func_name(&name, p.func) == CUDA_SUCCESS) return name;
+  if (p.kern && e.kernel_name && e.kernel_name(&name, p.kern) == CUDA_SUCCESS) return name;
+  return nullptr;
+}
+
+// "void minidl::cuda::(anonymous namespace)::k<float, 4>(float const*, int)"
+// -> "k<float, 4>": demangled, without return type, parameters or minidl's
+// namespaces (so one kernel's instantiations stay apart, its launches together).
+std::string short_kernel_name(const char* mangled) {
+  if (!mangled) return "?";
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  std::string s = status == 0 && demangled ? demangled : mangled;
+  std::free(demangled);
+  // Cut the parameter list: the last top-level '(' (templates may hold parens).
+  int depth = 0;
+  for (size_t i = s.size(); i-- > 0;) {
+    const char c = s[i];
+    if (c == ')' || c == '>') ++depth;
+    else if ((c == '(' || c == '<') && --depth == 0 && c == '(') {
+      s.resize(i);
+      break;
+    }
+  }
+  // Cut the return type: up to the last top-level space before the name.
+  depth = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (c == '<' || c == '(') ++depth;
+    else if (c == '>' || c == ')') --depth;
+    else if (c == ' ' && depth == 0) {
+      s.erase(0, i + 1);
+      i = static_cast<size_t>(-1);
+    }
+  }
+  for (const char* prefix : {"minidl::cuda::(anonymous namespace)::", "minidl::cuda::", "(anonymous namespace)::"})
+    for (size_t at; (at = s.find(prefix)) != std::string::npos;) s.erase(at, std::string(prefix).size());
+  return s;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, int64_t>> CudaGraph::kernel_names() const {
+  MINIDL_CHECK(impl_->graph != nullptr, "CudaGraph::kernel_names: nothing captured");
+  size_t n = 0;
+  MINIDL_CUDA_CHECK(cudaGraphGetNodes(impl_->graph, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  MINIDL_CUDA_CHECK(cudaGraphGetNodes(impl_->graph, nodes.data(), &n));
+  std::map<std::string, int64_t> by_name;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type;
+    MINIDL_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type == cudaGraphNodeTypeKernel) ++by_name[short_kernel_name(driver_kernel_name(node))];
+  }
+  std::vector<std::pair<std::string, int64_t>> out(by_name.begin(), by_name.end());
+  std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  return out;
+}
+
 #else  // CPU-only build
 
 struct CudaGraph::Impl {};
@@ -188,6 +288,9 @@ void CudaGraph::capture(const std::function<void()>&) {
 void CudaGraph::replay() { MINIDL_FAIL("CudaGraph::replay: nothing captured (minidl was built without CUDA)"); }
 CudaGraph::NodeCounts CudaGraph::node_counts() const {
   MINIDL_FAIL("CudaGraph::node_counts: nothing captured (minidl was built without CUDA)");
+}
+std::vector<std::pair<std::string, int64_t>> CudaGraph::kernel_names() const {
+  MINIDL_FAIL("CudaGraph::kernel_names: nothing captured (minidl was built without CUDA)");
 }
 
 #endif

@@ -34,6 +34,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/generator.h"
@@ -65,6 +67,10 @@ class CudaGraph {
     int64_t kernels = 0, memsets = 0, copies = 0, other = 0;
   };
   NodeCounts node_counts() const;
+  // The graph's kernel nodes grouped by kernel: {name, nodes}, most nodes
+  // first. Names are demangled, without return type, parameters or the
+  // minidl namespaces; a kernel whose name the driver does not give is "?".
+  std::vector<std::pair<std::string, int64_t>> kernel_names() const;
 
  private:
   struct Impl;

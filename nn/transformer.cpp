@@ -208,10 +208,10 @@ void check_ids(const Tensor& idx) {
 
 Tensor TransformerLM::embed(const Tensor& idx, int64_t position) const {
   // Position embeddings of position.. are rows of wpe: a view, no index
-  // tensor, broadcast over the batch.
-  Tensor x = wte->forward(idx);
-  if (wpe) x = ops::add(x, wpe->weight.narrow(0, position, idx.size(1)));
-  return drop->forward(x);
+  // tensor, broadcast over the batch. Token lookup, position add and dropout
+  // are one op (one kernel on CUDA).
+  const Tensor positions = wpe ? wpe->weight.narrow(0, position, idx.size(1)) : Tensor();
+  return ops::embedding_dropout(wte->weight, idx, positions, drop->p, drop->is_training(), drop->gen);
 }
 
 Tensor TransformerLM::head(const Tensor& x_ln) const {

@@ -37,5 +37,8 @@ struct DropoutMask {
 // `x` and `name` for the error when a generator bound to a device offset
 // (CUDA graph capture) meets a CPU tensor.
 DropoutMask reserve_dropout_mask(double p, Generator* gen, const Tensor& x, const char* name);
+// x with the mask applied (a fresh contiguous tensor): dropout's forward, and
+// the backward of every op that drops with a mask.
+Tensor apply_dropout_mask(const Tensor& x, const DropoutMask& mask);
 
 }  // namespace minidl::ops::detail

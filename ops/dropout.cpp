@@ -10,12 +10,11 @@
 #include "ops/ops.h"
 
 namespace minidl::ops {
-namespace {
-
 using detail::DropoutMask;
 
+namespace detail {
 // y = x * mask / (1 - p), with y contiguous.
-Tensor apply_mask(const Tensor& x, const DropoutMask& m) {
+Tensor apply_dropout_mask(const Tensor& x, const DropoutMask& m) {
   Tensor y = Tensor::empty(x.shape(), x.options());
   if (m.offset.base) {  // CUDA only (checked by dropout())
 #if defined(MINIDL_WITH_CUDA)
@@ -27,9 +26,6 @@ Tensor apply_mask(const Tensor& x, const DropoutMask& m) {
   return y;
 }
 
-}  // namespace
-
-namespace detail {
 DropoutMask reserve_dropout_mask(double p, Generator* gen, const Tensor& x, const char* name) {
   Generator& g = gen ? *gen : default_generator();
   MINIDL_CHECK(!g.device_offset() || x.is_cuda(), name, ": the generator is bound to a device offset (CUDA "
@@ -48,10 +44,10 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen) {
   MINIDL_CHECK(p >= 0.0 && p < 1.0, name, ": p must be in [0, 1), got ", p);
   if (!training || p == 0.0) return x;
   DropoutMask mask = detail::reserve_dropout_mask(p, gen, x, name);
-  Tensor y = apply_mask(x, mask);
+  Tensor y = detail::apply_dropout_mask(x, mask);
   if (autograd::needs_grad({x})) {
     autograd::record(name, {x}, {y}, [mask](const std::vector<Tensor>& grads) {
-      return std::vector<Tensor>{apply_mask(grads[0], mask)};
+      return std::vector<Tensor>{detail::apply_dropout_mask(grads[0], mask)};
     });
   }
   return y;

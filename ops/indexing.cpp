@@ -7,6 +7,7 @@
 #include "cpu/elementwise.h"
 #include "cpu/indexing.h"
 #include "cuda/elementwise.h"
+#include "cuda/embedding.h"
 #include "cuda/indexing.h"
 #include "ops/dispatch.h"
 #include "ops/ops.h"
@@ -72,6 +73,60 @@ Tensor embedding(const Tensor& weight, const Tensor& indices) {
   return out;
 }
 
+Tensor embedding_dropout(const Tensor& weight, const Tensor& indices, const Tensor& positions, double p,
+                         bool training, Generator* gen) {
+  const char* name = "embedding_dropout";
+  detail::check_defined(name, weight, "weight");
+  check_indices(name, weight, indices);
+  MINIDL_CHECK(weight.dim() == 2, name, ": weight must be 2-D (num_embeddings, embedding_dim), got ",
+               detail::describe(weight));
+  MINIDL_CHECK(indices.dim() >= 1, name, ": indices must have a last dim (positions), got ", detail::describe(indices));
+  if (positions.defined()) {
+    detail::check_same_device(name, weight, positions);
+    detail::check_same_dtype(name, weight, positions);
+    MINIDL_CHECK(positions.dim() == 2 && positions.size(0) == indices.size(-1) && positions.size(1) == weight.size(1),
+                 name, ": positions ", detail::describe(positions), " must be (T, C) = (", indices.size(-1), ", ",
+                 weight.size(1), ") for indices ", detail::describe(indices), " and weight ", detail::describe(weight));
+  }
+  MINIDL_CHECK(p >= 0.0 && p < 1.0, name, ": p must be in [0, 1), got ", p);
+  if (!weight.is_cuda()) {  // the ops composed: the same values and draws
+    Tensor x = embedding(weight, indices);
+    if (positions.defined()) x = add(x, positions);
+    return dropout(x, p, training, gen);
+  }
+#if defined(MINIDL_WITH_CUDA)
+  detail::check_floating(name, weight);
+  const bool drop = training && p > 0.0;
+  const detail::DropoutMask mask =
+      drop ? detail::reserve_dropout_mask(p, gen, weight, name) : detail::DropoutMask{0, {}, 0.0f, 1.0};
+  Tensor idx = contiguous(indices);
+  Shape out_shape = indices.shape();
+  out_shape.push_back(weight.size(1));
+  checked_nbytes(out_shape, element_size(weight.dtype()), name);
+  Tensor out = Tensor::empty(out_shape, weight.options());
+  {
+    NoGradGuard no_grad;  // the contiguous copies are internal; the gradients go to weight and positions
+    cuda::embedding_dropout_forward(contiguous(weight), idx, positions.defined() ? contiguous(positions) : Tensor(),
+                                    mask.seed, mask.offset, mask.keep_threshold, mask.scale, out);
+  }
+  const bool gw = autograd::needs_grad({weight}), gp = autograd::needs_grad({positions});
+  if (gw || gp) {
+    // The three ops' backward: the mask, then the positions' sum over the
+    // leading dims and the embedding's scatter-add.
+    autograd::record(name, {weight, positions}, {out},
+                     [si = SavedTensor(idx, name), wshape = weight.shape(),
+                      pshape = positions.defined() ? positions.shape() : Shape{}, mask, drop, gw, gp](const Grads& g) {
+                       Tensor d = drop ? detail::apply_dropout_mask(g[0], mask) : g[0];
+                       return Grads{gw ? scatter_add_grad(d, 0, si.get(), wshape) : Tensor(),
+                                    gp ? sum_to(d, pshape) : Tensor()};
+                     });
+  }
+  return out;
+#else
+  MINIDL_FAIL(name, ": minidl was built without CUDA");
+#endif
+}
+
 Tensor index_select(const Tensor& x, int64_t dim, const Tensor& indices) {
   const char* name = "index_select";
   detail::check_defined(name, x, "input");
@@ -125,11 +180,22 @@ Tensor cat(const std::vector<Tensor>& tensors, int64_t dim) {
   checked_nbytes(out_shape, element_size(first.dtype()), name);
   Tensor out = Tensor::empty(out_shape, first.options());
   std::vector<int64_t> sizes;
+  bool contiguous_inputs = true;
+  for (const Tensor& t : tensors) {
+    sizes.push_back(t.size(d));
+    contiguous_inputs = contiguous_inputs && t.is_contiguous();
+  }
+#if defined(MINIDL_WITH_CUDA)
+  // Contiguous inputs on CUDA: one launch for all of them (a step's qkv gradient).
+  const bool one_launch = out.is_cuda() && contiguous_inputs;
+  if (one_launch) cuda::cat(tensors, d, out);
+#else
+  const bool one_launch = false;
+#endif
   int64_t start = 0;
   for (const Tensor& t : tensors) {
     int64_t size = t.size(d);
-    sizes.push_back(size);
-    if (t.numel() > 0) {
+    if (!one_launch && t.numel() > 0) {
       // out's slice [start, start + size) along d, written by the copy kernel.
       Tensor dst =
           out.as_strided(t.shape(), out.strides(), out.offset() + start * out.stride(d), "cat");
@@ -171,32 +237,29 @@ Tensor stack(const std::vector<Tensor>& tensors, int64_t dim) {
 }
 
 namespace {
-// When the parts' gradients already lie side by side along d in one
-// contiguous buffer (an op that wrote them as slices of one allocation, as
-// the attention backward does for q, k, v of a fused projection), that buffer
-// is their concatenation: returned as a view, no copy. Undefined otherwise.
-Tensor concatenated_in_place(const std::vector<Tensor>& g, int64_t d) {
-  if (g.empty() || !g[0].defined()) return Tensor();
-  const Tensor& first = g[0];
+// The whole of `parts` when they are, in order, the slices along d of one
+// contiguous tensor (an op that wrote its gradients into one buffer, as
+// views); undefined otherwise.
+Tensor joined_view(const std::vector<Tensor>& parts, int64_t d) {
+  const Tensor& first = parts[0];
   Shape shape = first.shape();
-  int64_t offset = first.offset();
   shape[static_cast<size_t>(d)] = 0;
-  for (const Tensor& t : g) {
-    if (!t.defined() || t.storage() != first.storage() || t.strides() != first.strides() ||
-        t.dim() != first.dim() || t.offset() != offset)
-      return Tensor();
-    for (int64_t k = 0; k < t.dim(); ++k)
-      if (k != d && t.size(k) != first.size(k)) return Tensor();
-    offset += t.size(d) * t.stride(d);
-    shape[static_cast<size_t>(d)] += t.size(d);
+  for (const Tensor& p : parts) shape[static_cast<size_t>(d)] += p.size(d);
+  const Shape strides = contiguous_strides(shape);
+  int64_t offset = first.offset();
+  for (const Tensor& p : parts) {
+    if (p.storage() != first.storage() || p.offset() != offset) return Tensor();
+    for (int64_t k = 0; k < p.dim(); ++k)
+      if (p.size(k) > 1 && p.stride(k) != strides[static_cast<size_t>(k)]) return Tensor();
+    offset += p.size(d) * strides[static_cast<size_t>(d)];
   }
-  Tensor whole = first.as_strided(shape, first.strides(), first.offset(), "split");
-  return whole.is_contiguous() ? whole : Tensor();
+  return first.as_strided(shape, strides, first.offset());
 }
 
 // The parts as views of x, recorded as one node whose backward concatenates
 // the parts' gradients: one allocation, instead of a zero-filled full-size
-// gradient per part summed together.
+// gradient per part summed together; no copy at all when the gradients
+// already lie side by side in one buffer.
 std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& sizes, int64_t d) {
   std::vector<Tensor> parts;
   int64_t start = 0;
@@ -208,7 +271,7 @@ std::vector<Tensor> split_views(const Tensor& x, const std::vector<int64_t>& siz
   }
   if (autograd::needs_grad({x}))
     autograd::record("split", {x}, parts, [d](const std::vector<Tensor>& g) {
-      Tensor whole = concatenated_in_place(g, d);
+      Tensor whole = joined_view(g, d);
       return std::vector<Tensor>{whole.defined() ? whole : cat(g, d)};
     });
   return parts;

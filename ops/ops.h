@@ -125,6 +125,12 @@ std::pair<Tensor, Tensor> dropout_add_layer_norm(const Tensor& h, const Tensor& 
                                                  double eps = 1e-5);
 // weight (V, C), indices int32 of any shape -> (*indices.shape, C).
 Tensor embedding(const Tensor& weight, const Tensor& indices);
+// dropout(embedding(weight, indices) + positions, p, training, gen): a
+// language model's input as one op (one kernel forward on CUDA, with the bits
+// and the mask of the three ops). positions (T, C), T the last dim of
+// indices, broadcast over the others; undefined for none.
+Tensor embedding_dropout(const Tensor& weight, const Tensor& indices, const Tensor& positions, double p,
+                         bool training, Generator* gen = nullptr);
 // Zeroes each element with probability p and scales the rest by 1/(1-p);
 // identity when !training or p == 0. The mask comes from the Philox stream,
 // so CPU and CUDA drop the same elements for the same generator state.

@@ -129,6 +129,86 @@ TEST_CASE("embedding errors on CUDA: device mismatch") {
                        doctest::Contains("embedding: inputs are on different devices"), Error);
 }
 
+// ------------------------------------------------------- embedding_dropout
+
+namespace {
+// dropout(embedding(w, idx) + pos) as the three ops, drawing from a
+// generator of `seed` (so a fused call with the same seed draws the same mask).
+Tensor unfused_embedding_dropout(const Tensor& w, const Tensor& idx, const Tensor& pos, double p, bool training,
+                                 uint64_t seed) {
+  Generator gen(seed);
+  Tensor x = ops::embedding(w, idx);
+  if (pos.defined()) x = ops::add(x, pos);
+  return ops::dropout(x, p, training, &gen);
+}
+Tensor fused_embedding_dropout(const Tensor& w, const Tensor& idx, const Tensor& pos, double p, bool training,
+                               uint64_t seed) {
+  Generator gen(seed);
+  return ops::embedding_dropout(w, idx, pos, p, training, &gen);
+}
+}  // namespace
+
+TEST_CASE("embedding_dropout: the three ops composed, float64 gradcheck, errors") {
+  Tensor w = random_tensor({7, 5}, kF64Grad), pos = random_tensor({4, 5}, kF64Grad);
+  Tensor idx = random_indices(12, 7, 3).reshape({3, 4});
+  for (double p : {0.0, 0.3}) {
+    CAPTURE(p);
+    Tensor a = fused_embedding_dropout(w, idx, pos, p, true, 11), b = unfused_embedding_dropout(w, idx, pos, p, true, 11);
+    CHECK(a.to_vector<double>() == b.to_vector<double>());
+    CHECK(gradcheck([&](const std::vector<Tensor>& in) { return fused_embedding_dropout(in[0], idx, in[1], p, true, 11); },
+                    {w, pos}));
+  }
+  CHECK(gradcheck([&](const std::vector<Tensor>& in) { return fused_embedding_dropout(in[0], idx, Tensor(), 0.3, true, 5); },
+                  {w}));
+  CHECK_THROWS_WITH_AS(ops::embedding_dropout(w, idx, random_tensor({3, 5}), 0.1, true),
+                       doctest::Contains("positions float64 [3, 5] on cpu must be (T, C) = (4, 5)"), Error);
+  CHECK_THROWS_WITH_AS(ops::embedding_dropout(w, idx, pos, 1.0, true), doctest::Contains("p must be in [0, 1)"), Error);
+}
+
+TEST_CASE("embedding_dropout CUDA: the bits of the three CUDA ops, forward and backward; CPU parity") {
+  MINIDL_REQUIRE_CUDA();
+  const Device gpu = Device::cuda();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    for (int64_t C : {64, 5}) {  // 16-byte packs, and one element per thread
+      for (bool with_pos : {true, false}) {
+        for (double p : {0.0, 0.25}) {
+          for (bool training : {true, false}) {
+            CAPTURE(dtype);
+            CAPTURE(C);
+            CAPTURE(with_pos);
+            CAPTURE(p);
+            CAPTURE(training);
+            const int64_t V = 9, B = 3, T = 16;
+            Tensor w_cpu = random_tensor({V, C}, {dtype}), pos_cpu = random_tensor({T, C}, {dtype});
+            std::vector<int32_t> ids(static_cast<size_t>(B * T));
+            for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 5 + 2) % V);
+            Tensor idx = int_tensor(ids, {B, T}, gpu);
+            auto leaf = [&](const Tensor& t) { return t.to(gpu).requires_grad_(true); };
+            Tensor w1 = leaf(w_cpu), w2 = leaf(w_cpu), p1 = leaf(pos_cpu), p2 = leaf(pos_cpu);
+            Tensor fused = fused_embedding_dropout(w1, idx, with_pos ? p1 : Tensor(), p, training, 21);
+            Tensor unfused = unfused_embedding_dropout(w2, idx, with_pos ? p2 : Tensor(), p, training, 21);
+            check_close(fused, unfused, 0, 0);
+            Tensor seed = random_tensor({B, T, C}, {dtype}).to(gpu);
+            fused.backward(seed);
+            unfused.backward(seed);
+            check_close(w1.grad(), w2.grad(), 0, 0);
+            if (with_pos) check_close(p1.grad(), p2.grad(), 0, 0);
+            // Against the CPU composition (the same mask).
+            Tensor cpu = unfused_embedding_dropout(w_cpu, idx.to(Device::cpu()), with_pos ? pos_cpu : Tensor(), p,
+                                                   training, 21);
+            check_close(fused, cpu, dtype == DType::BFloat16 ? 1e-2 : 1e-6, dtype == DType::BFloat16 ? 1e-2 : 1e-6);
+          }
+        }
+      }
+    }
+  }
+  // Out-of-range ids read zeros (positions still added), as the embedding kernel does.
+  Tensor w = random_tensor({3, 8}, {DType::Float32}).to(gpu), pos = random_tensor({2, 8}, {DType::Float32}).to(gpu);
+  Tensor bad = int_tensor({1, 7}, {1, 2}, gpu);
+  check_close(ops::embedding_dropout(w, bad, pos, 0.0, false),
+              ops::add(ops::embedding(w, bad), pos), 0, 0);
+}
+
 // ------------------------------------------------------------- index_select
 
 TEST_CASE("index_select picks rows along any dim") {
@@ -289,6 +369,37 @@ TEST_CASE("cat CUDA matches CPU (float32, bfloat16); device mismatch error") {
                        Error);
 }
 
+TEST_CASE("cat CUDA of contiguous inputs (one launch per 8): every pack width, empty inputs, more than 8 inputs") {
+  MINIDL_REQUIRE_CUDA();
+  for (DType dtype : {DType::Float32, DType::BFloat16, DType::Float64}) {
+    CAPTURE(dtype);
+    // widths per row: 16-byte packs (8, 16, 24), odd widths (3: one element
+    // per thread), an empty input, and a split like the qkv gradient's.
+    for (const std::vector<int64_t>& sizes :
+         {std::vector<int64_t>{8, 16, 24}, std::vector<int64_t>{3, 0, 5, 2}, std::vector<int64_t>{64, 64, 64},
+          std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}}) {
+      CAPTURE(shape_str(sizes));
+      for (int64_t dim : {0, 1, 2}) {
+        CAPTURE(dim);
+        std::vector<Tensor> cpu, gpu;
+        for (int64_t size : sizes) {
+          Shape shape{5, 3, 2};
+          shape[static_cast<size_t>(dim)] = size;
+          cpu.push_back(random_tensor(shape, {dtype}));
+          gpu.push_back(cpu.back().to(Device::cuda()));
+        }
+        check_close(ops::cat(gpu, dim), ops::cat(cpu, dim), 0, 0);  // a copy is exact
+      }
+    }
+  }
+  // Inputs that start mid-pack (storage offset 1): narrower packs, the same values.
+  Tensor flat = random_tensor({68}, {DType::BFloat16}), b = random_tensor({4, 8}, {DType::BFloat16});
+  Tensor a = flat.narrow(0, 1, 64).reshape({4, 16});
+  Tensor ga = flat.to(Device::cuda()).narrow(0, 1, 64).reshape({4, 16});
+  REQUIRE(ga.is_contiguous());
+  check_close(ops::cat({ga, b.to(Device::cuda())}, 1), ops::cat({a, b}, 1), 0, 0);
+}
+
 // ------------------------------------------------------------------- stack
 
 TEST_CASE("stack adds a new dim") {
@@ -401,6 +512,28 @@ TEST_CASE("split: parts' gradients lying side by side in one buffer come back as
   Tensor swapped = split_gradient({slice(1), slice(0), slice(2)});
   CHECK(swapped.storage() != packed.storage());
   CHECK(swapped.to_vector<double>() == ops::cat({slice(1), slice(0), slice(2)}, 2).to_vector<double>());
+}
+
+TEST_CASE("split backward: gradients that lie side by side in one buffer are used in place, others concatenated") {
+  // cat's backward hands out slices of its upstream gradient: in the split's
+  // order they tile it (no copy), in another order they do not (a copy).
+  for (int64_t dim : {0, 1}) {
+    CAPTURE(dim);
+    for (bool in_order : {true, false}) {
+      CAPTURE(in_order);
+      Tensor x = random_tensor({6, 6}, kF64Grad);
+      std::vector<Tensor> p = ops::split(x, 2, dim);  // three parts
+      Tensor y = ops::cat(in_order ? p : std::vector<Tensor>{p[1], p[0], p[2]}, dim);
+      Tensor seed = random_tensor(y.shape());
+      y.backward(seed);
+      std::vector<Tensor> s = ops::split(seed, 2, dim);
+      Tensor expected = in_order ? seed : ops::cat({s[1], s[0], s[2]}, dim);
+      CHECK(x.grad().to_vector<double>() == expected.to_vector<double>());
+      // The leaf's gradient never shares memory with the caller's seed.
+      const bool shared = x.grad().storage() == seed.storage();
+      CHECK_FALSE(shared);
+    }
+  }
 }
 
 TEST_CASE("split errors") {

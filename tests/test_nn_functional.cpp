@@ -367,6 +367,50 @@ TEST_CASE("CUDA kernels on rows that are not 16-byte aligned") {
 }
 
 #if defined(MINIDL_WITH_CUDA)
+TEST_CASE("CUDA layer_norm and cross_entropy finish their reductions in the last block: the same bits every call") {
+  // The parameter gradients and the mean loss are completed by the last
+  // block of the row kernel (counters in device memory that each launch
+  // leaves at zero): calls of different grid sizes, one after another, must
+  // each give the bits of a first call.
+  MINIDL_REQUIRE_CUDA();
+  Device gpu = Device::cuda();
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    // rows: fewer blocks than the 32 groups of the partial sums, many more, a
+    // partial last group; 384 columns take the warp kernel, 1500 the column one.
+    for (const Shape& shape : {Shape{5, 384}, Shape{16384, 384}, Shape{4099, 384}, Shape{300, 1500}, Shape{37, 65}}) {
+      CAPTURE(shape_str(shape));
+      const int64_t rows = shape[0], cols = shape[1];
+      Tensor x = random_tensor(shape, {dtype}).to(gpu), dy = random_tensor(shape, {dtype}).to(gpu);
+      Tensor w = param(cols, dtype, 1.0, false).to(gpu);
+      Tensor mean = ops::empty({rows}, {DType::Float32, gpu}), rstd = ops::empty({rows}, {DType::Float32, gpu});
+      cuda::layer_norm_forward(x, w, Tensor(), rows, cols, 1e-5, ops::empty(shape, x.options()), mean, rstd);
+      Tensor targets = make_targets(rows, cols, gpu);
+      std::vector<double> first_dw, first_db, first_loss;
+      for (int call = 0; call < 3; ++call) {
+        CAPTURE(call);
+        Tensor dx = ops::empty(shape, x.options()), dw = ops::full({cols}, std::nan(""), x.options()),
+               db = ops::full({cols}, std::nan(""), x.options());
+        cuda::layer_norm_backward(dy, x, w, mean, rstd, rows, cols, dx, dw, db);
+        Tensor loss = ops::full({}, std::nan(""), x.options()), lse = ops::empty({rows}, {DType::Float32, gpu}),
+               count = ops::empty({}, {DType::Float32, gpu});
+        cuda::cross_entropy_forward(x, targets, rows, cols, -100, loss, lse, count);
+        CHECK(count.item<double>() == static_cast<double>(rows - (rows + 1) / 5));  // make_targets ignores i % 5 == 3
+        if (call == 0) {
+          first_dw = values(dw), first_db = values(db), first_loss = values(loss);
+          for (double v : first_dw) REQUIRE(std::isfinite(v));
+          for (double v : first_db) REQUIRE(std::isfinite(v));
+          REQUIRE(std::isfinite(first_loss[0]));
+        } else {
+          CHECK(values(dw) == first_dw);
+          CHECK(values(db) == first_db);
+          CHECK(values(loss) == first_loss);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA nn_functional kernels write every output (poisoned buffers)") {
   MINIDL_REQUIRE_CUDA();
   Device gpu = Device::cuda();

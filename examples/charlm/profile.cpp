@@ -1,6 +1,7 @@
 #include "profile.h"
 
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 
 #if defined(MINIDL_WITH_CUDA)
@@ -187,13 +188,38 @@ StepGraphCounts count_step_graph_nodes(const std::function<void()>& step,
     minidl::nn::CudaGraph graph(generators);
     graph.capture(step);
     const minidl::nn::CudaGraph::NodeCounts n = graph.node_counts();
-    counts = {.captured = true, .kernels = n.kernels, .memsets = n.memsets, .copies = n.copies, .other = n.other};
+    counts = {.captured = true,
+              .kernels = n.kernels,
+              .memsets = n.memsets,
+              .copies = n.copies,
+              .other = n.other,
+              .kernels_by_name = graph.kernel_names()};
     graph.replay();  // the capture only recorded the step: run it once
   } catch (const std::exception& e) {
     counts.captured = false;
     counts.error = e.what();
   }
   return counts;
+}
+
+void print_kernels_by_name(const StepGraphCounts& counts, size_t width) {
+  for (const auto& [name, n] : counts.kernels_by_name) {
+    const std::string shown = name.size() > width ? name.substr(0, width - 3) + "..." : name;
+    std::printf("  %5lld  %s\n", static_cast<long long>(n), shown.c_str());
+  }
+}
+
+double host_issue_ms(minidl::Device device, int64_t steps, const std::function<void()>& step) {
+  MINIDL_CHECK(steps > 0, "host_issue_ms: steps must be positive, got ", steps);
+  double total = 0;
+  for (int64_t i = 0; i < steps; ++i) {
+    minidl::synchronize(device);
+    const Clock::time_point start = Clock::now();
+    step();
+    total += std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  }
+  minidl::synchronize(device);
+  return total / static_cast<double>(steps);
 }
 
 }  // namespace charlm

@@ -6,7 +6,10 @@
 // one of two modes:
 //   - Issue: the steps run as in training. Per phase: the host's time to
 //     issue it, and its span on the stream (which includes the time the GPU
-//     waits for the host inside the phase).
+//     waits for the host inside the phase). The host time is the host's
+//     work alone only when each step starts on an idle device (the caller
+//     synchronises before begin_step); back to back, the host waits for the
+//     GPU once the launch queue is full.
 //   - DeviceOnly: each phase is held back on the stream (a host function
 //     that waits for a release) until the host has issued all of its work,
 //     so the events time the phase's kernels alone, without launch gaps.
@@ -16,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "minidl.h"
@@ -69,9 +73,22 @@ uint64_t host_syncs();
 struct StepGraphCounts {
   bool captured = false;
   int64_t kernels = 0, memsets = 0, copies = 0, other = 0;
+  // The kernel nodes by kernel name, most launches first (memsets and copies
+  // are only counted above: they have no kernel).
+  std::vector<std::pair<std::string, int64_t>> kernels_by_name;
   std::string error;
 };
 StepGraphCounts count_step_graph_nodes(const std::function<void()>& step,
                                        const std::vector<minidl::Generator*>& generators);
+
+// Prints counts.kernels_by_name as a table (count, name), names cut to
+// `width` characters.
+void print_kernels_by_name(const StepGraphCounts& counts, size_t width = 100);
+
+// The host's time to issue `step` on an idle device, ms per step, the mean of
+// `steps` calls: the device is synchronised before each call (not timed), so
+// the figure is the host's work alone. Back-to-back calls would instead wait
+// for the device once its launch queue is full, and tend to the GPU time.
+double host_issue_ms(minidl::Device device, int64_t steps, const std::function<void()>& step);
 
 }  // namespace charlm

@@ -876,10 +876,11 @@ constexpr const char* kTrainHelp =
     "recipe.\n"
     "--profile N writes nothing: after 3 warm-up steps it times N training steps\n"
     "of the recipe per phase (data, forward, backward, optimizer) and prints a\n"
-    "table in ms per step with tokens/s; on CUDA also each phase's GPU time, the\n"
-    "time the GPU waits for the host, host syncs and kernels per step, and\n"
-    "(unless --no-graph) the time per step of CUDA graph replays, as training\n"
-    "runs them.";
+    "table in ms per step with tokens/s; on CUDA also the host's time to issue\n"
+    "each phase on an idle GPU, each phase's GPU time, the time the GPU waits for\n"
+    "the host, host syncs per step, the launches of one step (kernels by name,\n"
+    "memsets) and (unless --no-graph) the wall time of CUDA graph replays, as\n"
+    "training runs them, with the host's time to issue one.";
 
 constexpr int64_t kProfileWarmupSteps = 3;
 
@@ -911,7 +912,8 @@ void profile_run(const TrainOptions& o, int64_t steps) {
   for (int64_t i = 0; i < kProfileWarmupSteps; ++i) run_step(nullptr);
   minidl::synchronize(device);
 
-  // The steps as training runs them.
+  // The steps as training runs them, back to back: the wall time and each
+  // phase's span on the stream.
   StepProfiler issue(device, steps, StepProfiler::Mode::Issue);
   const uint64_t syncs_before = host_syncs();
   const Clock::time_point start = Clock::now();
@@ -921,18 +923,28 @@ void profile_run(const TrainOptions& o, int64_t steps) {
   const double wall_ms = seconds_since(start) * 1e3 / static_cast<double>(steps);
   const double tokens_per_s = static_cast<double>(o.batch * o.model.context) / (wall_ms * 1e-3);
 
-  // On CUDA: each phase's kernels alone, then one step captured as a graph.
+  // On CUDA: the host's issue time per phase with each step started on an
+  // idle device (back to back, the host waits for the GPU once the launch
+  // queue is full, and its time tends to the GPU's), each phase's kernels
+  // alone, then one step captured as a graph.
   const bool gpu = device.is_cuda();
-  StepProfiler::Result held;
+  StepProfiler::Result idle = issued, held;
   StepGraphCounts graph;
   if (gpu) {
+    StepProfiler from_idle(device, steps, StepProfiler::Mode::Issue);
+    for (int64_t i = 0; i < steps; ++i) {
+      minidl::synchronize(device);  // before begin_step: not timed
+      run_step(&from_idle);
+    }
+    idle = from_idle.finish();
     StepProfiler device_only(device, steps, StepProfiler::Mode::DeviceOnly);
     for (int64_t i = 0; i < steps; ++i) run_step(&device_only);
     held = device_only.finish();
     graph = count_step_graph_nodes([&] { run_step(nullptr); }, {&model.compute().dropout_generator()});
   }
   // As training runs them by default on CUDA: replays of one graph of the
-  // step (after its eager warm-up step and the capture).
+  // step (after its eager warm-up step and the capture), back to back for
+  // the wall time, then each from an idle device for the host's issue time.
   double graph_wall_ms = NAN, graph_host_ms = NAN;
   if (gpu && o.graph) {
     StepRunner runner(model, optimizer, batches, o.grad_clip, /*graph=*/true);
@@ -940,9 +952,9 @@ void profile_run(const TrainOptions& o, int64_t steps) {
     minidl::synchronize(device);
     const Clock::time_point replay_start = Clock::now();
     for (int64_t i = 0; i < steps; ++i) runner.step(schedule.lr_at(step++));
-    graph_host_ms = seconds_since(replay_start) * 1e3 / static_cast<double>(steps);
     minidl::synchronize(device);
     graph_wall_ms = seconds_since(replay_start) * 1e3 / static_cast<double>(steps);
+    graph_host_ms = host_issue_ms(device, steps, [&] { runner.step(schedule.lr_at(step++)); });
   }
 
   std::printf("profile: %lld steps after %lld warm-up steps, batch %lld x context %lld, %lld parameters, %s, %s\n",
@@ -954,7 +966,7 @@ void profile_run(const TrainOptions& o, int64_t steps) {
   for (int p = 0; p <= kPhases; ++p) {
     const bool total = p == kPhases;
     const char* name = total ? "step" : phase_name(static_cast<Phase>(p));
-    const double host = total ? issued.host.total() : issued.host.ms[p];
+    const double host = total ? idle.host.total() : idle.host.ms[p];
     std::string line = std::string(name) + std::string(10 - std::strlen(name), ' ') + " " + ms_cell(host, true);
     if (gpu) {
       line += " " + ms_cell(total ? issued.device.total() : issued.device.ms[p], issued.device_valid);
@@ -962,6 +974,9 @@ void profile_run(const TrainOptions& o, int64_t steps) {
     }
     std::printf("%s\n", line.c_str());
   }
+  if (gpu)
+    std::printf("(host ms: issuing each phase, every step started on an idle GPU; stream ms: the phase's span on "
+                "the stream, steps back to back; GPU ms: its kernels alone)\n");
   std::printf("wall %.3f ms/step, %.0f tokens/s\n", wall_ms, tokens_per_s);
   if (gpu) {
     if (held.device_valid)
@@ -971,15 +986,19 @@ void profile_run(const TrainOptions& o, int64_t steps) {
       std::printf("GPU ms n/a: a phase could not be issued while held (more launches than the stream's queue "
                   "takes, or a host sync in it)\n");
     std::printf("host syncs per step: %.2f\n", static_cast<double>(syncs) / static_cast<double>(steps));
-    if (graph.captured)
-      std::printf("kernels per step: %lld (+ %lld memsets, %lld copies, %lld other nodes; a CUDA graph capture of one "
-                  "step)\n",
-                  static_cast<long long>(graph.kernels), static_cast<long long>(graph.memsets),
-                  static_cast<long long>(graph.copies), static_cast<long long>(graph.other));
-    else
+    if (graph.captured) {
+      std::printf("launches per step: %lld = %lld kernels + %lld memsets (+ %lld copies, %lld other nodes; a CUDA "
+                  "graph capture of one step); kernels by name:\n",
+                  static_cast<long long>(graph.kernels + graph.memsets), static_cast<long long>(graph.kernels),
+                  static_cast<long long>(graph.memsets), static_cast<long long>(graph.copies),
+                  static_cast<long long>(graph.other));
+      print_kernels_by_name(graph);
+    } else {
       std::printf("kernels per step: n/a (the step could not be captured as a CUDA graph: %s)\n", graph.error.c_str());
+    }
     if (o.graph)
-      std::printf("graph: wall %.3f ms/step, %.0f tokens/s; host %.3f ms/step to issue (batch, copies, replay)\n",
+      std::printf("graph: wall %.3f ms/step, %.0f tokens/s (replays back to back); host %.3f ms/step to issue a "
+                  "step on an idle GPU (batch, copies, replay)\n",
                   graph_wall_ms, static_cast<double>(o.batch * o.model.context) / (graph_wall_ms * 1e-3),
                   graph_host_ms);
   }
