@@ -108,7 +108,9 @@ namespace {
 
 // float32 on the GPU: the ranks' averaged gradients against one rank's on the
 // whole batch (both on the GPU; sums in another order, and float32 matmuls
-// round their inputs to TF32: 1e-3 relative).
+// round their inputs to TF32 in the kernels cuBLAS picks for some shapes and
+// not others: measured up to 6e-3 relative on an H200; wrong averaging would
+// be off by a factor of P).
 void check_cuda_data_parallel(int P, const std::function<void(int, const std::function<void(dist::Communicator&)>&)>& run) {
   const TensorOptions gpu{DType::Float32, Device::cuda(), false};
   const int64_t B = 12;
@@ -137,7 +139,7 @@ void check_cuda_data_parallel(int P, const std::function<void(int, const std::fu
     CAPTURE(r);
     for (size_t k = 0; k < 3; ++k) {
       testing::check_close(replicas[r].list()[k], init.list()[k], 0, 0);
-      testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-4, 1e-3);
+      testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-3, 1e-2);
     }
     REQUIRE(replicas[r].unused.grad().defined());
     CHECK(replicas[r].unused.grad().to_vector<float>() == std::vector<float>(4, 0.0f));

@@ -191,8 +191,11 @@ TEST_CASE("embedding_dropout CUDA: the bits of the three CUDA ops, forward and b
             Tensor seed = random_tensor({B, T, C}, {dtype}).to(gpu);
             fused.backward(seed);
             unfused.backward(seed);
-            check_close(w1.grad(), w2.grad(), 0, 0);
-            if (with_pos) check_close(p1.grad(), p2.grad(), 0, 0);
+            // The gradients sum rows with atomics: float32 differs in the last
+            // bits from run to run (bfloat16 rounds that away).
+            const double gtol = dtype == DType::Float32 ? 1e-5 : 0;
+            check_close(w1.grad(), w2.grad(), gtol, gtol);
+            if (with_pos) check_close(p1.grad(), p2.grad(), gtol, gtol);
             // Against the CPU composition (the same mask).
             Tensor cpu = unfused_embedding_dropout(w_cpu, idx.to(Device::cpu()), with_pos ? pos_cpu : Tensor(), p,
                                                    training, 21);
