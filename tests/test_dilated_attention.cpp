@@ -1274,9 +1274,10 @@ TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference
 }
 
 TEST_CASE("CUDA attention on the parts of one fused projection: gradients in one buffer, split takes it whole") {
-  // q, k, v split from one (B, N, 3C) projection: the backward writes their
-  // gradients into one packed buffer, which split's backward returns without
-  // concatenating. Same values, to the bit, as for separate q, k, v.
+  // q, k, v split from one (B, N, 3C) projection: in bf16 the backward writes
+  // their gradients into one packed buffer, which split's backward returns
+  // without concatenating (float32 keeps separate ones). Same values, to the
+  // bit, as for separate q, k, v.
   MINIDL_REQUIRE_CUDA();
   const Device gpu = Device::cuda(0);
   const int64_t B = 2, N = 300, H = 4, D = 64, C = H * D;

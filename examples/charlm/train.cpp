@@ -704,9 +704,11 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   // Returns false when a signal stopped the evaluation: nothing is written,
   // and the row is left to the resumed run (eval_pending).
   auto log_step = [&](bool eval_step) -> bool {
-    const double interval_seconds = seconds_since(interval_start);
     const double train_loss =
         loss_count > 0 ? static_cast<double>(loss_sum.item<float>()) / static_cast<double>(loss_count) : NAN;
+    // Read after the wait above: the host issues a replayed step in well
+    // under a millisecond and runs ahead of the device until it waits.
+    const double interval_seconds = seconds_since(interval_start);
     if (loss_count > 0 && !std::isfinite(train_loss))
       MINIDL_FAIL("training diverged: the mean train loss of steps ", step - loss_count + 1, "..", step,
                   " is ", train_loss, "; ", last_path, " holds the last evaluated step (try a lower --lr)");
