@@ -103,7 +103,7 @@ void register_benchmarks() {
         setenv("MINIDL_ATTENTION_KERNEL", name, 1);
         auto runs = [&](cuda::AttentionPass pass) {
           return std::string_view(name) == cuda::attention_kernel_name(
-                                                cuda::choose_attention_kernel(DType::BFloat16, p.dim, p.dropout > 0, pass));
+                                                cuda::choose_attention_kernel(DType::BFloat16, p.dim, pass));
         };
         if (!runs(cuda::AttentionPass::kForward) && !(p.backward && runs(cuda::AttentionPass::kBackward)))
           continue;

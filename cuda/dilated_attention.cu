@@ -552,7 +552,7 @@ AttentionKernel kernel_cap() {
 }
 
 // Whether `kernel` implements `pass` for this problem on the current device.
-bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool /*dropout: every version takes it*/, AttentionPass pass) {
+bool handles(AttentionKernel kernel, DType dtype, int64_t d, AttentionPass pass) {
 #if MINIDL_WGMMA
   const bool hopper = compute_capability() == 90;  // the sm_90a kernels are built and can run
 #else
@@ -572,11 +572,11 @@ bool handles(AttentionKernel kernel, DType dtype, int64_t d, bool /*dropout: eve
 
 }  // namespace
 
-AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, bool dropout, AttentionPass pass) {
+AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, AttentionPass pass) {
   const AttentionKernel cap = kernel_cap();
   AttentionKernel chosen = AttentionKernel::kSimt;
   for (AttentionKernel k : kAllKernels)
-    if (k <= cap && handles(k, dtype, head_dim, dropout, pass)) chosen = k;
+    if (k <= cap && handles(k, dtype, head_dim, pass)) chosen = k;
   return chosen;
 }
 
@@ -586,7 +586,7 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   const char* op = "dilated_attention (cuda)";
   Shape4 s = shape_of(q);
   const AttentionKernel kernel =
-      choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kForward);
+      choose_attention_kernel(q.dtype(), s.d, AttentionPass::kForward);
   if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt && tf32_takes(q, k, v)) {
     forward_tensor_cores(kernel, q, k, v, config, out, lse);
     return;
@@ -629,7 +629,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
   };
   if (rows > 0 && !fp32 && config.branches.size() == 1 && config.branches[0].dilation == 1 &&
-      choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) ==
+      choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward) ==
           AttentionKernel::kWarpSpecialized &&
       out.is_contiguous() && grad_out.is_contiguous() && rows_of_heads(dk) && dk.strides() == dv.strides()) {
     const BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
@@ -680,7 +680,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     const float* dl = static_cast<const float*>(delta.raw_data());
     if constexpr (std::is_same_v<T, BFloat16>) {
       const AttentionKernel kernel =
-          choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward);
+          choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward);
       if (kernel != AttentionKernel::kSimt) {  // tensor cores
         for (size_t i = 0; i < config.branches.size(); ++i) {
           BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
@@ -694,7 +694,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       }
     }
     if constexpr (std::is_same_v<T, float>) {  // TF32 tensor cores
-      if (choose_attention_kernel(q.dtype(), s.d, config.dropout.enabled(), AttentionPass::kBackward) !=
+      if (choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward) !=
               AttentionKernel::kSimt &&
           tf32_takes(q, k, v, &grad_out)) {
         for (size_t i = 0; i < config.branches.size(); ++i) {

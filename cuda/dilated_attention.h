@@ -24,10 +24,11 @@ enum class AttentionPass { kForward, kBackward };
 const char* attention_kernel_name(AttentionKernel kernel);
 
 // The kernel that runs one pass of a problem on the current device: the
-// newest version that handles its dtype, head dim and dropout, no newer than
+// newest version that handles its dtype and head dim (every version takes
+// attention dropout), no newer than
 // the one MINIDL_ATTENTION_KERNEL names when it is set (tests and benchmarks
 // use it to run every version). An unknown name is an error.
-AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, bool dropout, AttentionPass pass);
+AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, AttentionPass pass);
 
 // Writes out (same dtype as q) and lse (-inf where a row is kept nowhere).
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,

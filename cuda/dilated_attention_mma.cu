@@ -233,13 +233,8 @@ void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, cons
   // cost registers (and spills) in the plain kernel.
   auto kernel = drop.mask.enabled() ? forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>
                                     : forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>;
-  static bool configured = false;  // one attribute call per instantiation
-  if (!configured) {
-    for (auto f : {forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>,
-                   forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, F::kSmem));
-    configured = true;
-  }
+  allow_dynamic_smem(F::kSmem, forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>,
+                     forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>);
   g.tiles_per_segment = ((g.w + g.r - 1) / g.r + F::kBr - 1) / F::kBr;
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
   kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse, out);
@@ -555,13 +550,8 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
   auto kernel = drop.mask.enabled() ? backward_mma_kernel<D, kCausal, kMinBlocks, true>
                                     : backward_mma_kernel<D, kCausal, kMinBlocks, false>;
   constexpr int smem = BwdSmem<D>::kBytes;
-  static bool configured = false;
-  if (!configured) {
-    for (auto f : {backward_mma_kernel<D, kCausal, kMinBlocks, true>,
-                   backward_mma_kernel<D, kCausal, kMinBlocks, false>})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured = true;
-  }
+  allow_dynamic_smem(smem, backward_mma_kernel<D, kCausal, kMinBlocks, true>,
+                     backward_mma_kernel<D, kCausal, kMinBlocks, false>);
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
   kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, dq_acc, dk_acc,
                                              dv_acc);
@@ -794,12 +784,7 @@ void launch_forward_tf32(const Operand<float>& q, const Operand<float>& k, const
   constexpr int smem = Tf32FwdSmem<D>::kBytes;
   auto kernel = drop.mask.enabled() ? forward_tf32_kernel<D, kCausal, kMode, true>
                                     : forward_tf32_kernel<D, kCausal, kMode, false>;
-  static bool configured = false;  // one attribute call per instantiation
-  if (!configured) {
-    for (auto f : {forward_tf32_kernel<D, kCausal, kMode, true>, forward_tf32_kernel<D, kCausal, kMode, false>})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured = true;
-  }
+  allow_dynamic_smem(smem, forward_tf32_kernel<D, kCausal, kMode, true>, forward_tf32_kernel<D, kCausal, kMode, false>);
   g.tiles_per_segment = ((g.w + g.r - 1) / g.r + 63) / 64;
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
   kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse);
@@ -1034,12 +1019,7 @@ void launch_backward_tf32(const Operand<float>& q, const Operand<float>& k, cons
                           float* dq_acc, float* dk_acc, float* dv_acc) {
   auto kernel = drop.mask.enabled() ? backward_tf32_kernel<D, kCausal, true> : backward_tf32_kernel<D, kCausal, false>;
   constexpr int smem = Tf32BwdSmem<D>::kBytes;
-  static bool configured = false;
-  if (!configured) {
-    for (auto f : {backward_tf32_kernel<D, kCausal, true>, backward_tf32_kernel<D, kCausal, false>})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured = true;
-  }
+  allow_dynamic_smem(smem, backward_tf32_kernel<D, kCausal, true>, backward_tf32_kernel<D, kCausal, false>);
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
   kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, dq_acc, dk_acc, dv_acc);
   MINIDL_CUDA_LAUNCH_CHECK();

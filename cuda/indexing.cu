@@ -94,14 +94,16 @@ void cat(const std::vector<Tensor>& inputs, int64_t dim, const Tensor& out) {
       start += w;
     }
     start = 0;
-    for (size_t first = 0; first < inputs.size(); first += kMaxCatInputs) {
+    // Launches take up to kMaxCatInputs non-empty inputs each; `next` is the
+    // first input the last launch did not take (empty ones are skipped).
+    for (size_t next = 0; next < inputs.size();) {
       CatTable table{};
       int64_t cols = 0;
-      for (size_t i = first; i < inputs.size() && table.count < kMaxCatInputs; ++i) {
-        const int64_t w = inputs[i].size(dim) * l.inner;
+      for (; next < inputs.size() && table.count < kMaxCatInputs; ++next) {
+        const int64_t w = inputs[next].size(dim) * l.inner;
         if (w == 0) continue;
         cols += w;
-        table.src[table.count] = inputs[i].raw_data();
+        table.src[table.count] = inputs[next].raw_data();
         table.end[table.count++] = cols;
       }
       if (cols == 0) continue;

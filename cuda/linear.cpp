@@ -154,6 +154,8 @@ bool run_lt(const LtProblem& p) {
     return false;
   }
   const float one = 1.0f, zero = 0.0f;
+  // A split-K algorithm is two kernels around the shared workspace.
+  const std::unique_lock<std::mutex> queue = lock_device_queue();
   MINIDL_CUBLAS_CHECK(cublasLtMatmul(cublaslt_handle(), desc.h, &one, p.a, la.h, p.b, lb.h, &zero,
                                      p.d, ld.h, p.d, ld.h, &chosen.algo, ws, ws_bytes, stream()));
   return true;

@@ -73,6 +73,8 @@ void matmul(const Tensor& a, bool trans_a, int64_t lda, const Tensor& b, bool tr
   cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
 
   cublasHandle_t handle = cublas_handle();
+  // cuBLAS may split a product into kernels that meet in its workspace.
+  const std::unique_lock<std::mutex> queue = lock_device_queue();
   const char* a_base = static_cast<const char*>(a.raw_data());
   const char* b_base = static_cast<const char*>(b.raw_data());
   char* c_base = static_cast<char*>(out.raw_data());

@@ -223,6 +223,8 @@ void adamw_step(const std::vector<AdamWTensors>& params, const Tensor& lr, const
     return;
   }
   MINIDL_CHECK(blocks <= INT32_MAX, "adamw_step (cuda): ", blocks, " blocks of ", kChunk, " elements; at most 2^31 - 1");
+  // The launches below count their blocks together in g_adamw_arrivals.
+  const std::unique_lock<std::mutex> queue = lock_device_queue();
   // One kernel per parameter dtype (all float32 masters in mixed precision).
   for (DType dtype : {DType::Float32, DType::Float64, DType::BFloat16}) {
     std::vector<AdamWEntry> entries;
@@ -262,6 +264,8 @@ void clip_by_global_norm(const std::vector<Tensor>& grads, double max_norm, cons
   // Freed at return: later work on the one stream is ordered after these kernels.
   Tensor partials = Tensor::empty({std::max<int64_t>(total_chunks, 1)}, norm.options());
   Tensor coef = Tensor::empty({}, norm.options());
+  // The sum-of-squares launches count their blocks together in g_norm_arrivals.
+  const std::unique_lock<std::mutex> queue = lock_device_queue();
   visit_dtype(norm.dtype(), [&](auto tag) {
     using A = decltype(tag);
     if constexpr (std::is_same_v<A, float> || std::is_same_v<A, double>) {

@@ -90,7 +90,9 @@ __device__ __forceinline__ void strided_sums_as(int64_t n, Load&& load, A (&tota
 // a fixed order (deterministic). The counter is zero again when it returns,
 // ready for the next launch: counters are static __device__ words (zero at
 // load), so launches that share one must not overlap (minidl's kernels run in
-// order on one stream per device).
+// order on one stream per device), and a host function whose several launches
+// count into one word enqueues them under lock_device_queue() (host threads
+// sharing a device would interleave them).
 __device__ __forceinline__ bool last_block_to_arrive(unsigned int* counter, unsigned int expected) {
   __shared__ bool last;
   __threadfence();  // this block's writes reach every SM before it counts itself

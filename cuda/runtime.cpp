@@ -1,6 +1,7 @@
 #include "cuda/runtime.h"
 
 #include <atomic>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -22,6 +23,7 @@ constexpr size_t kLtWorkspace = 32u << 20;
 constexpr size_t kCublasWorkspace = 32u << 20;
 
 struct PerDevice {
+  std::mutex queue;  // lock_device_queue()
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   cublasLtHandle_t lt = nullptr;
@@ -69,29 +71,49 @@ cudaStream_t stream() { return current().stream; }
 int multiprocessor_count() { return current().sms; }
 int compute_capability() { return current().cc; }
 
+// The handles and workspaces are made on first use, under g_mutex: threads
+// sharing a device may ask at the same moment, and a handle must not be seen
+// before its stream is set.
 cublasHandle_t cublas_handle() {
   PerDevice& d = current();
+  std::lock_guard<std::mutex> lock(g_mutex);
   if (!d.cublas) {
-    MINIDL_CUBLAS_CHECK(cublasCreate(&d.cublas));
-    MINIDL_CUBLAS_CHECK(cublasSetStream(d.cublas, d.stream));
+    cublasHandle_t h;
+    MINIDL_CUBLAS_CHECK(cublasCreate(&h));
+    MINIDL_CUBLAS_CHECK(cublasSetStream(h, d.stream));
     // After cublasSetStream, which resets the workspace to cuBLAS's own pool.
     MINIDL_CUDA_CHECK(cudaMalloc(&d.cublas_workspace, kCublasWorkspace));
-    MINIDL_CUBLAS_CHECK(cublasSetWorkspace(d.cublas, d.cublas_workspace, kCublasWorkspace));
+    MINIDL_CUBLAS_CHECK(cublasSetWorkspace(h, d.cublas_workspace, kCublasWorkspace));
+    d.cublas = h;
   }
   return d.cublas;
 }
 
 cublasLtHandle_t cublaslt_handle() {
   PerDevice& d = current();
+  std::lock_guard<std::mutex> lock(g_mutex);
   if (!d.lt) MINIDL_CUBLAS_CHECK(cublasLtCreate(&d.lt));
   return d.lt;
 }
 
 void* cublaslt_workspace(size_t* nbytes) {
   PerDevice& d = current();
+  std::lock_guard<std::mutex> lock(g_mutex);
   if (!d.workspace) MINIDL_CUDA_CHECK(cudaMalloc(&d.workspace, kLtWorkspace));
   *nbytes = kLtWorkspace;
   return d.workspace;
+}
+
+std::unique_lock<std::mutex> lock_device_queue() { return std::unique_lock<std::mutex>(current().queue); }
+
+void allow_dynamic_smem(const void* kernel, int bytes) {
+  static auto* raised = new std::map<std::pair<int, const void*>, int>();  // leaked: used until exit
+  const std::pair<int, const void*> key{current_device(), kernel};
+  std::lock_guard<std::mutex> lock(g_mutex);
+  int& done = (*raised)[key];
+  if (done >= bytes) return;
+  MINIDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done = bytes;
 }
 
 // ---- host synchronisation counter ----

@@ -5,6 +5,8 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <mutex>
+
 #include "cuda/launch.h"
 
 namespace minidl::cuda {
@@ -17,6 +19,23 @@ namespace minidl::cuda {
 cublasHandle_t cublas_handle();
 cublasLtHandle_t cublaslt_handle();
 void* cublaslt_workspace(size_t* nbytes);
+
+// Host threads that share a device (virtual ranks of the in-process backend)
+// share its stream, handles and workspaces. Stream order keeps one kernel's
+// buffers safe, not a sequence of kernels that hands state from one to the
+// next: a split-K GEMM and its reduction through the workspace, or launches
+// that count blocks in one device word. Whoever enqueues such a sequence
+// holds this lock (per device) while enqueueing it.
+std::unique_lock<std::mutex> lock_device_queue();
+
+// Raises the dynamic shared-memory limit of each kernel to `bytes` on the
+// current device: the attribute is per device, so once per (device, kernel),
+// from any thread.
+void allow_dynamic_smem(const void* kernel, int bytes);
+template <typename... Kernels>
+void allow_dynamic_smem(int bytes, Kernels... kernels) {
+  (allow_dynamic_smem(reinterpret_cast<const void*>(kernels), bytes), ...);
+}
 int current_device();
 int multiprocessor_count();
 // major * 10 + minor of the current device, e.g. 90 for an H100.

@@ -192,7 +192,9 @@ std::vector<Tensor> MultiHeadSelfAttention::project_qkv(const Tensor& x, int64_t
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
   Tensor qkv = c_attn->forward(x);  // (B, T, 3C), contiguous
   // Each of q, k, v is a (B, T, H, D) view into qkv with row stride 3C.
-  // split records one node, so backward assembles d(qkv) with one concatenation.
+  // split records one node, so backward assembles d(qkv) with at most one
+  // concatenation (none in bf16 on CUDA: the attention backward writes the
+  // three gradients into one packed buffer, which split takes as it is).
   std::vector<Tensor> parts = ops::split(qkv, C, 2);
   for (Tensor& part : parts) part = part.view({B, T, n_head, C / n_head});
   if (rope_base) {

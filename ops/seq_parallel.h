@@ -26,8 +26,9 @@ namespace minidl::ops {
 // tensors (float32, bfloat16: the CUDA attention kernels in that dtype, the
 // union-softmax merge and gradient sums in float32) with a communicator that
 // moves device memory: the in-process backend (virtual ranks sharing one
-// GPU) or NCCL. Each call exchanges the ranks' chunk sizes first, which on
-// CUDA costs one host wait; a spanning segment also costs a split of comm.
+// GPU) or NCCL. Each call exchanges the ranks' chunk sizes first and, on
+// CUDA, uploads its row maps: host waits each; a spanning segment also costs
+// a split of comm.
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k,
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,

@@ -1167,7 +1167,7 @@ namespace {
   if (dtype == DType::BFloat16) return 2e-2;
 #if defined(MINIDL_WITH_CUDA)
   for (auto pass : {cuda::AttentionPass::kForward, cuda::AttentionPass::kBackward})
-    if (cuda::choose_attention_kernel(dtype, d, dropout, pass) != cuda::AttentionKernel::kSimt) return 3e-3;
+    if (cuda::choose_attention_kernel(dtype, d, pass) != cuda::AttentionKernel::kSimt) return 3e-3;
 #endif
   return 2e-3;
 }
@@ -1177,15 +1177,15 @@ namespace {
 // the forward or the backward of this problem, so every version meets the
 // reference; restores the variable after.
 template <typename F>
-void for_each_kernel(DType dtype, int64_t d, bool dropout, F&& body) {
+void for_each_kernel(DType dtype, int64_t d, F&& body) {
   const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
   const std::string restore = saved ? saved : "";
   for (auto kernel : {cuda::AttentionKernel::kSimt, cuda::AttentionKernel::kMmaSync,
                       cuda::AttentionKernel::kWgmma, cuda::AttentionKernel::kWarpSpecialized}) {
     const char* name = cuda::attention_kernel_name(kernel);
     setenv("MINIDL_ATTENTION_KERNEL", name, 1);
-    if (cuda::choose_attention_kernel(dtype, d, dropout, cuda::AttentionPass::kForward) != kernel &&
-        cuda::choose_attention_kernel(dtype, d, dropout, cuda::AttentionPass::kBackward) != kernel)
+    if (cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kForward) != kernel &&
+        cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kBackward) != kernel)
       continue;  // this version does not take the problem: the ones below it cover it
     CAPTURE(name);
     body();
@@ -1202,7 +1202,7 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
 #if defined(MINIDL_WITH_CUDA)
   const Device gpu = Device::cuda(0);
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
-    for (const Case& c : cuda_cases()) for_each_kernel(dtype, c.D, false, [&] {
+    for (const Case& c : cuda_cases()) for_each_kernel(dtype, c.D, [&] {
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D);
@@ -1328,31 +1328,30 @@ TEST_CASE("CUDA attention kernel choice: MINIDL_ATTENTION_KERNEL caps the versio
   const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
   const std::string restore = saved ? saved : "";
   setenv("MINIDL_ATTENTION_KERNEL", "simt", 1);
-  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward) == AttentionKernel::kSimt);
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward) == AttentionKernel::kSimt);
   setenv("MINIDL_ATTENTION_KERNEL", "mma", 1);
-  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward) == AttentionKernel::kMmaSync);
-  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 48, false, AttentionPass::kBackward) == AttentionKernel::kSimt);
-  // float32 takes the TF32 tensor cores (mma.sync) on sm_80+, both passes, with or
-  // without dropout, at head dims 32/64/128; never a Hopper bf16 version.
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward) == AttentionKernel::kMmaSync);
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 48, AttentionPass::kBackward) == AttentionKernel::kSimt);
+  // float32 takes the TF32 tensor cores (mma.sync) on sm_80+, both passes, at
+  // head dims 32/64/128; never a Hopper bf16 version.
   const AttentionKernel f32_mma = cuda::compute_capability() >= 80 ? AttentionKernel::kMmaSync : AttentionKernel::kSimt;
   for (const char* cap : {"mma", "wgmma", "ws"}) {
     CAPTURE(cap);
     setenv("MINIDL_ATTENTION_KERNEL", cap, 1);
     for (int64_t d : {32, 64, 128})
-      for (bool dropout : {false, true})
-        for (AttentionPass pass : {AttentionPass::kForward, AttentionPass::kBackward})
-          CHECK(cuda::choose_attention_kernel(DType::Float32, d, dropout, pass) == f32_mma);
-    CHECK(cuda::choose_attention_kernel(DType::Float32, 48, false, AttentionPass::kForward) == AttentionKernel::kSimt);
+      for (AttentionPass pass : {AttentionPass::kForward, AttentionPass::kBackward})
+        CHECK(cuda::choose_attention_kernel(DType::Float32, d, pass) == f32_mma);
+    CHECK(cuda::choose_attention_kernel(DType::Float32, 48, AttentionPass::kForward) == AttentionKernel::kSimt);
   }
   setenv("MINIDL_ATTENTION_KERNEL", "simt", 1);
-  CHECK(cuda::choose_attention_kernel(DType::Float32, 64, true, AttentionPass::kBackward) == AttentionKernel::kSimt);
+  CHECK(cuda::choose_attention_kernel(DType::Float32, 64, AttentionPass::kBackward) == AttentionKernel::kSimt);
   setenv("MINIDL_ATTENTION_KERNEL", "bogus", 1);
-  CHECK_THROWS_WITH_AS(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward),
+  CHECK_THROWS_WITH_AS(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward),
                        doctest::Contains("simt, mma, wgmma, ws"), Error);
   if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
   else unsetenv("MINIDL_ATTENTION_KERNEL");
-  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, false, AttentionPass::kForward) >= AttentionKernel::kMmaSync);
-  CHECK(cuda::choose_attention_kernel(DType::Float32, 64, true, AttentionPass::kBackward) == f32_mma);
+  CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward) >= AttentionKernel::kMmaSync);
+  CHECK(cuda::choose_attention_kernel(DType::Float32, 64, AttentionPass::kBackward) == f32_mma);
 #endif
 }
 
@@ -1432,7 +1431,7 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
   cases.push_back({"r = 1 branch listed last", 1, 300, 4, 64, {128, 64}, {2, 1}, true});
   cases.push_back({"r = 1 branch listed last", 2, 200, 2, 32, {200, 50, 100}, {4, 1, 2}, false});
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
-    for (const Case& c : cases) for_each_kernel(dtype, c.D, true, [&] {
+    for (const Case& c : cases) for_each_kernel(dtype, c.D, [&] {
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
@@ -1470,7 +1469,7 @@ TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactl
 #if defined(MINIDL_WITH_CUDA)
   const AttentionDropout drop = dropout_of(0.3, 8080, 3);
   for (DType dtype : {DType::Float32, DType::BFloat16})
-    for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, true, [&] {
+    for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, [&] {
       CAPTURE(dtype);
       CAPTURE(str(c));
       check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,

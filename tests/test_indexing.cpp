@@ -380,7 +380,9 @@ TEST_CASE("cat CUDA of contiguous inputs (one launch per 8): every pack width, e
     // per thread), an empty input, and a split like the qkv gradient's.
     for (const std::vector<int64_t>& sizes :
          {std::vector<int64_t>{8, 16, 24}, std::vector<int64_t>{3, 0, 5, 2}, std::vector<int64_t>{64, 64, 64},
-          std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}}) {
+          std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11},
+          // more than 8, with empty ones among the first 8: a launch takes 8 non-empty inputs
+          std::vector<int64_t>{1, 0, 2, 3, 0, 4, 5, 6, 7, 8, 9, 0, 10}}) {
       CAPTURE(shape_str(sizes));
       for (int64_t dim : {0, 1, 2}) {
         CAPTURE(dim);

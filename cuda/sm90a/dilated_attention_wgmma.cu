@@ -192,12 +192,7 @@ void launch(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operan
   constexpr int smem = WgShape::kSmem;
   auto plain = forward_wgmma_kernel<kCausal, kMode, false>;
   auto dropout = forward_wgmma_kernel<kCausal, kMode, true>;
-  static bool configured = false;  // one attribute call per instantiation
-  if (!configured) {
-    for (auto f : {plain, dropout})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    configured = true;
-  }
+  allow_dynamic_smem(smem, plain, dropout);
   g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
   (drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, drop,

@@ -419,7 +419,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const int64_t first = batch * g.n + rows.base;
     const int o = static_cast<int>(first % g.r);
     const int64_t j0 = first / g.r;
-    // K and V: one arrival each on kv_full (count 2).
+    // K and V: 32 arrivals each on kv_full (count 2 x 32).
     load_rows<kBwdKeys>(smem + L::kK, &kmap, p.k, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
     load_rows<kBwdKeys>(smem + L::kV, &vmap, p.v, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
     for (int j = 0; j < n_tiles; ++j) {
@@ -705,12 +705,7 @@ template <bool kCausal, MergeMode kMode>
 void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
   auto plain = forward_ws_kernel<kCausal, kMode, false>;
   auto dropout = forward_ws_kernel<kCausal, kMode, true>;
-  static bool configured = false;  // one attribute call per instantiation
-  if (!configured) {
-    for (auto f : {plain, dropout})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, Smem::kBytes));
-    configured = true;
-  }
+  allow_dynamic_smem(Smem::kBytes, plain, dropout);
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
@@ -721,12 +716,7 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
                      const CUtensorMap& dm, int64_t batch) {
   auto plain = backward_ws_kernel<kCausal, kDirect, false>;
   auto dropout = backward_ws_kernel<kCausal, kDirect, true>;
-  static bool configured = false;
-  if (!configured) {
-    for (auto f : {plain, dropout})
-      MINIDL_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, BwdSmem::kBytes));
-    configured = true;
-  }
+  allow_dynamic_smem(BwdSmem::kBytes, plain, dropout);
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, p);
   MINIDL_CUDA_LAUNCH_CHECK();

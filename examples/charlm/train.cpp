@@ -588,8 +588,9 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
 
   minidl::reset_peak_memory_stats(device);
   // --dp N --sp M: this thread is rank 0 and writes every file; the others
-  // follow it. On CUDA with N * M GPUs (from cuda:0) and NCCL: one GPU per
-  // rank; otherwise the ranks are threads sharing `device` (in-process).
+  // follow it, as threads sharing `device` (in-process). Held back by the
+  // refusal at the top of train_run until a GPU run agrees with one rank: on
+  // CUDA with N * M GPUs (from cuda:0) and NCCL, one GPU per rank.
   const int64_t world = o.dp * o.sp;
   const bool nccl = world > 1 && device.is_cuda() && device.index == 0 && dist::nccl_available() &&
                     minidl::cuda_device_count() >= world;
