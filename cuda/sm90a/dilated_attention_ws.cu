@@ -350,6 +350,9 @@ constexpr int kBm = 64;        // query rows per tile
 constexpr int kBwdStages = 3;
 
 using RowTile = SmemTile<kBm, D>;  // 64 rows: a Q or dO tile
+// A warpgroup's dQ tile: 64 queries x its 32 columns in fp32, 128-byte rows
+// with TMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8)).
+constexpr int kDQTileBytes = kBm * 32 * 4;
 
 struct BwdSmem {
   static constexpr int kK = 0;
@@ -357,7 +360,8 @@ struct BwdSmem {
   static constexpr int kQ = kV + KTile::kBytes;                       // [kBwdStages]
   static constexpr int kDO = kQ + kBwdStages * RowTile::kBytes;       // [kBwdStages]
   static constexpr int kDS = kDO + kBwdStages * RowTile::kBytes;      // [2 buffers] dS^T, 128 keys x 64 queries
-  static constexpr int kStats = kDS + 2 * KTile::kBytes;              // [kBwdStages][L2 64, D 64] floats
+  static constexpr int kDQ = kDS + 2 * KTile::kBytes;                 // [2 buffers][2 warpgroups] dQ, 64 x 32 fp32
+  static constexpr int kStats = kDQ + 2 * 2 * kDQTileBytes;           // [kBwdStages][L2 64, D 64] floats
   static constexpr int kBars = kStats + kBwdStages * 2 * kBm * 4;
   static constexpr int kNumBars = 1 + 2 * kBwdStages;                 // kv_full, q_full[], empty[]
   static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
@@ -380,6 +384,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
                                                                   const __grid_constant__ CUtensorMap dmap,
+                                                                  const __grid_constant__ CUtensorMap dqmap,
                                                                   const WsBwdParams p) {
   using L = BwdSmem;
   extern __shared__ __align__(128) char smem_raw[];
@@ -411,14 +416,15 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   }
   __syncthreads();
 
+  // The tensor maps' coordinates of row t = 0 (see the top comment).
+  const int64_t first = batch * g.n + rows.base;
+  const int o = static_cast<int>(first % g.r);
+  const int64_t j0 = first / g.r;
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<kProducerRegs>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
-    const int64_t first = batch * g.n + rows.base;
-    const int o = static_cast<int>(first % g.r);
-    const int64_t j0 = first / g.r;
     // K and V: 32 arrivals each on kv_full (count 2 x 32).
     load_rows<kBwdKeys>(smem + L::kK, &kmap, p.k, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
     load_rows<kBwdKeys>(smem + L::kV, &vmap, p.v, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
@@ -630,18 +636,48 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     wgmma::fence_operands(dq);
     hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
 
-    // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
+    // dQ: where the map reaches the tile's rows, the warpgroup writes its
+    // 64 x 32 tile to shared memory and one thread adds it to dq_acc with one
+    // TMA reduction (full 128-byte lines, no per-thread atomics); past the
+    // map, per-thread vector reductions. Padding rows of a tile hold dQ = 0
+    // (their P is 0), so adding them to the next segment's rows changes nothing.
+    const int64_t t_end = min(q0 + kBm, rows.count);
+    if (j0 + t_end - 1 < p.map_rows) {
+      char* dq_tile = smem + L::kDQ + ((j & 1) * 2 + consumer) * kDQTileBytes;
+      // The reduction issued from this buffer two tiles ago has read it.
+      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<1>();
+      hopper::named_sync(2 + consumer, 128);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
-      if (tq >= rows.count) continue;
-      float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp * 16 + lane / 4 + r * 8;
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        mma::red_add_v2(dst_row + consumer * 32 + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
-                        p.scale * dq[4 * c + 2 * r + 1]);
+        for (int c = 0; c < 4; ++c) {
+          const int chunk = (2 * c + (lane % 4) / 2) ^ (row % 8);
+          *reinterpret_cast<float2*>(dq_tile + row * 128 + chunk * 16 + (lane % 2) * 8) =
+              make_float2(p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
+        }
+      }
+      wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
+      hopper::named_sync(2 + consumer, 128);
+      if (threadIdx.x % 128 == 0) {
+        hopper::tma_reduce_add_4d(&dqmap, dq_tile, consumer * 32, int(head), o, int(j0 + q0));
+        hopper::bulk_commit();
+      }
+    } else {
+      // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
+        if (tq >= rows.count) continue;
+        float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          mma::red_add_v2(dst_row + consumer * 32 + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
+                          p.scale * dq[4 * c + 2 * r + 1]);
+      }
     }
   }
+  if (threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // shared memory must outlive the reductions
   // dK (scaled) and dV: written once (kDirect: the only branch, keeping every
   // row) or added into the accumulators; rows of one launch are disjoint.
 #pragma unroll
@@ -713,13 +749,29 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
 
 template <bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
-                     const CUtensorMap& dm, int64_t batch) {
+                     const CUtensorMap& dm, const CUtensorMap& dqm, int64_t batch) {
   auto plain = backward_ws_kernel<kCausal, kDirect, false>;
   auto dropout = backward_ws_kernel<kCausal, kDirect, true>;
   allow_dynamic_smem(BwdSmem::kBytes, plain, dropout);
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
+}
+
+// The fp32 dQ accumulator (B, N, H, D contiguous) as the same (d, head, o, j)
+// map, boxes of 32 columns x kBm rows with the 128-byte swizzle.
+CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {D, cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
+  const cuuint64_t row = cuuint64_t(heads) * D * 4;
+  const cuuint64_t strides[3] = {D * 4, row, cuuint64_t(r) * row};
+  const cuuint32_t box[4] = {32, 1, 1, kBm};
+  const cuuint32_t elem[4] = {1, 1, 1, 1};
+  CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, dq_acc, dims, strides, box, elem,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MINIDL_CHECK(res == CUDA_SUCCESS, "dilated_attention (cuda): cuTensorMapEncodeTiled (dQ) failed (", int(res), ")");
+  return map;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -771,13 +823,14 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
   const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBwdKeys);
   const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBwdKeys);
   const CUtensorMap dm = rows_map(dout, g.heads, g.r, p.map_rows, kBm);
+  const CUtensorMap dqm = dq_rows_map(dq_acc, g.heads, g.r, p.map_rows);
   const bool direct = dk_out != nullptr;
   if (causal) {
-    if (direct) launch_backward<true, true>(p, qm, km, vm, dm, batch);
-    else launch_backward<true, false>(p, qm, km, vm, dm, batch);
+    if (direct) launch_backward<true, true>(p, qm, km, vm, dm, dqm, batch);
+    else launch_backward<true, false>(p, qm, km, vm, dm, dqm, batch);
   } else {
-    if (direct) launch_backward<false, true>(p, qm, km, vm, dm, batch);
-    else launch_backward<false, false>(p, qm, km, vm, dm, batch);
+    if (direct) launch_backward<false, true>(p, qm, km, vm, dm, dqm, batch);
+    else launch_backward<false, false>(p, qm, km, vm, dm, dqm, batch);
   }
 }
 
