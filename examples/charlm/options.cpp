@@ -61,8 +61,8 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.add_choice("dtype", &o.dtype, {"float32", "bfloat16"},
                    "compute dtype (bfloat16: bf16 compute, float32 master weights)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
-  flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (threads of this process "
-                "on the CPU; refused on CUDA for now)",
+  flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (threads of this process: "
+                "on the CPU, sharing one GPU, or one GPU each through NCCL when N*M are visible)",
                 1, 1024);
   flags.add_int("sp", &o.sp,
                 "sequence-parallel ranks, each on --context / M consecutive positions of every sequence "

@@ -511,13 +511,6 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   install_stop_handlers();
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
   const Device device = resolve_device(o.device);
-  // Measured on an H200 (2026-12-02): --dp 2 on CUDA (virtual ranks) logged a
-  // first loss 0.8% away from one rank's on the same batch, where the CPU
-  // ranks agree to 1e-7; refused until that is understood. The library's
-  // CUDA pieces (DataParallel, the sequence-parallel op, NCCL) pass their tests.
-  if (o.dp * o.sp > 1 && !device.is_cpu())
-    throw UsageError(std::string(o.dp > 1 ? "--dp " + std::to_string(o.dp) : "--sp " + std::to_string(o.sp)) +
-                     " trains its ranks on the CPU for now; add --device cpu");
   const std::string dir = o.out;
   const std::string last_path = (fs::path(dir) / "last.ckpt").string();
   const std::string best_path = (fs::path(dir) / "best.ckpt").string();
@@ -588,9 +581,8 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
 
   minidl::reset_peak_memory_stats(device);
   // --dp N --sp M: this thread is rank 0 and writes every file; the others
-  // follow it, as threads sharing `device` (in-process). Held back by the
-  // refusal at the top of train_run until a GPU run agrees with one rank: on
-  // CUDA with N * M GPUs (from cuda:0) and NCCL, one GPU per rank.
+  // follow it, as threads sharing `device` (in-process); on CUDA with N * M
+  // GPUs (from cuda:0) and NCCL, one GPU per rank.
   const int64_t world = o.dp * o.sp;
   const bool nccl = world > 1 && device.is_cuda() && device.index == 0 && dist::nccl_available() &&
                     minidl::cuda_device_count() >= world;
