@@ -469,6 +469,26 @@ bool tf32_takes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor*
   return true;
 }
 
+#if MINIDL_WGMMA
+// The order in which the ws backward runs a config's branches when one of
+// them keeps every row (dilation 1): the others first, as listed, then that
+// one, which finishes every row's dK and dV in the gradients' dtype, so that
+// no dK/dV accumulator is zeroed or converted. Empty when no branch keeps
+// every row. (The forward runs that branch first: finishing with it measured
+// slower, docs/kernel-notes.md.)
+std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
+  const auto& branches = config.branches;
+  const auto dense = std::find_if(branches.begin(), branches.end(), [](const DilatedBranch& b) { return b.dilation == 1; });
+  if (dense == branches.end()) return {};
+  const size_t last = static_cast<size_t>(dense - branches.begin());
+  std::vector<size_t> order;
+  for (size_t i = 0; i < branches.size(); ++i)
+    if (i != last) order.push_back(i);
+  order.push_back(last);
+  return order;
+}
+#endif
+
 // bfloat16 on tensor cores. A branch with dilation 1 keeps every row, so
 // running it first lets it overwrite the accumulators (no init pass); a lone
 // such branch (vanilla attention) writes the bf16 output directly. `order`
@@ -622,33 +642,50 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   int64_t rows = s.b * s.n * s.h;
   float scale = static_cast<float>(config.scale);
 #if MINIDL_WGMMA
-  // Vanilla attention on the warp-specialised kernel: dK and dV are written
-  // once in bf16 (rows of any stride: e.g. the parts of one fused q/k/v
-  // gradient); only dQ (reduced across key blocks) needs an accumulator.
+  // The ws kernels, when a branch keeps every row (vanilla attention, or
+  // dilation 1 among the branches): that branch runs last and writes dK and
+  // dV once in bf16 (rows of any stride: e.g. the parts of one fused q/k/v
+  // gradient), adding what the others left in fp32 accumulators for the rows
+  // they wrote (a byte per row marks them); only dQ (reduced across key blocks)
+  // needs a zeroed accumulator.
   auto rows_of_heads = [&](const Tensor& t) {  // (B, N, H, D) with each position's H x D block dense
     return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
   };
-  if (rows > 0 && !fp32 && config.branches.size() == 1 && config.branches[0].dilation == 1 &&
+  const std::vector<size_t> finish = finishing_order(config);
+  if (rows > 0 && !fp32 && !finish.empty() &&
       choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward) ==
           AttentionKernel::kWarpSpecialized &&
       out.is_contiguous() && grad_out.is_contiguous() && rows_of_heads(dk) && dk.strides() == dv.strides()) {
-    const BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v),
                             go = operand<BFloat16>(grad_out);
-    if (ws_takes(qo, ko, vo, g, s.b, &go)) {
-      grid_of(g, s);  // size check
+    if (ws_takes(qo, ko, vo, branch_grid(s, config.branches[0], kMmaRows), s.b, &go)) {
       Tensor dq_acc = fp32_buffer(dq);
       zero(dq_acc);
+      Tensor dk_acc, dv_acc, written;  // for the branches before the last
+      if (finish.size() > 1) {
+        dk_acc = fp32_buffer(dk);
+        dv_acc = fp32_buffer(dv);
+        written = Tensor::empty({(rows + 3) / 4}, {DType::Int32, q.device(), false});  // a byte per row
+        zero(written);
+      }
+      auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<float*>(t.raw_data()) : nullptr; };
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
       backward_delta<BFloat16, 64><<<static_cast<unsigned>((rows * Split<64>::kTpr + 255) / 256), 256, 0, stream()>>>(
           static_cast<const BFloat16*>(out.raw_data()), static_cast<const BFloat16*>(grad_out.raw_data()),
           grad_lse.defined() ? static_cast<const float*>(grad_lse.raw_data()) : nullptr,
           static_cast<float*>(delta.raw_data()), rows, s.d);
       MINIDL_CUDA_LAUNCH_CHECK();
-      backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()), static_cast<const float*>(delta.raw_data()),
-                  g, s.b, config.causal, scale, branch_dropout(config, 0, s), static_cast<float*>(dq_acc.raw_data()),
-                  nullptr, nullptr, static_cast<BFloat16*>(dk.raw_data()), static_cast<BFloat16*>(dv.raw_data()),
-                  dk.stride(1));
+      for (size_t i = 0; i < finish.size(); ++i) {
+        const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
+        grid_of(g, s);  // size check
+        const bool last = i + 1 == finish.size();
+        backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
+                    static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
+                    branch_dropout(config, finish[i], s), static_cast<float*>(dq_acc.raw_data()), ptr(dk_acc),
+                    ptr(dv_acc), last ? static_cast<BFloat16*>(dk.raw_data()) : nullptr,
+                    last ? static_cast<BFloat16*>(dv.raw_data()) : nullptr, dk.stride(1),
+                    written.defined() ? static_cast<uint8_t*>(written.raw_data()) : nullptr);
+      }
       copy(dq_acc, dq);
       return;
     }

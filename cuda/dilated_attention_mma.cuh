@@ -44,15 +44,19 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
 // backward_mma otherwise.
 bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
               const BranchGrid& g, int64_t batch, const Operand<BFloat16>* dout = nullptr);
-// With dk_out and dv_out (bf16; position p's H x D block at p * out_row_stride)
-// the kernel writes dK and dV there once instead of adding into dk_acc /
-// dv_acc: for a lone branch that keeps every row (vanilla attention), which
-// then needs no dK/dV accumulators.
+// dK and dV go into dk_acc / dv_acc: added where kv_written marks the row
+// (one byte per (b, position, head), set here for every row written), else
+// written; without kv_written, always added (zeroed accumulators). With dk_out
+// and dv_out (bf16; position p's H x D block at p * out_row_stride) the launch
+// finishes them instead: it writes dK and dV there once, plus the
+// accumulators' values where kv_written marks the row (none without it). That is for the last
+// branch, one keeping every row: vanilla attention, or the dilation-1 branch of
+// a dilated config, which then needs no zeroed or converted dK/dV accumulators.
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
                  int64_t batch, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
                  float* dk_acc, float* dv_acc, BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr,
-                 int64_t out_row_stride = 0);
+                 int64_t out_row_stride = 0, uint8_t* kv_written = nullptr);
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                 const BranchGrid& g, int64_t batch, bool causal, float scale_log2, const BranchDropout& dropout,
                 MergeMode mode, float* o_acc, float* lse, BFloat16* out);

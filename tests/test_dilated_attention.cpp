@@ -1145,6 +1145,11 @@ namespace {
       {"r > H (rows kept nowhere)", 1, 200, 2, 64, {64, 96}, {3, 5}, true},
       {"H not a multiple of r, w not a multiple of r", 1, 250, 3, 32, {50, 128}, {2, 3}, true},
       {"w > N", 2, 90, 4, 64, {4096, 32}, {2, 1}, false},
+      // The ws kernels run the dilation-1 branch last, finishing every row;
+      // the others' rows are not nested (w % r != 0, r 3 and 4).
+      {"dilation 1 listed between others", 2, 300, 4, 64, {50, 300, 96}, {3, 1, 4}, true},
+      // Many merges before the finishing branch.
+      {"9 branches", 1, 130, 2, 64, {16, 24, 32, 40, 48, 56, 64, 72, 130}, {2, 3, 4, 5, 6, 7, 8, 9, 1}, true},
       // charlm's --dp test model (B = 4: tail rows of r = 3 in a later batch
       // than any case above); that run disagreed with one rank on the H200.
       {"B = 4, segments 6, 5, 16, r 1, 3, 2", 4, 16, 2, 32, {6, 5, 16}, {1, 3, 2}, true},

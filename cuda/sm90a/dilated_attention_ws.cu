@@ -377,6 +377,7 @@ struct WsBwdParams {
   float *dq_acc, *dk_acc, *dv_acc;
   BFloat16 *dk_out, *dv_out;  // kDirect: dK and dV written once here, in bf16
   int64_t out_sn;             // their position stride (elements)
+  uint8_t* kv_written;        // rows whose dK/dV accumulators hold data, or null: all (backward_ws)
 };
 
 template <bool kCausal, bool kDirect, bool kDropout>
@@ -385,7 +386,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                                                                   const __grid_constant__ CUtensorMap vmap,
                                                                   const __grid_constant__ CUtensorMap dmap,
                                                                   const __grid_constant__ CUtensorMap dqmap,
-                                                                  const WsBwdParams p) {
+                                                                  const __grid_constant__ WsBwdParams p) {
   using L = BwdSmem;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
@@ -678,34 +679,50 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     }
   }
   if (threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // shared memory must outlive the reductions
-  // dK (scaled) and dV: written once (kDirect: the only branch, keeping every
-  // row) or added into the accumulators; rows of one launch are disjoint.
+  // dK (scaled) and dV of this block's keys. kDirect: the last branch, keeping
+  // every row, writes them once in bf16, adding the accumulators of the rows
+  // earlier branches wrote; else they go into the accumulators, added where an
+  // earlier branch wrote the row (rows of one launch are disjoint).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t tk = key_row0 + r * 8;
     if (tk >= rows.count) continue;
-    const int64_t position = batch * g.n + rows.base + tk * rows.stride;  // flattened (b, pos)
-    if constexpr (kDirect) {
-      BFloat16* dkr = p.dk_out + position * p.out_sn + head * D;
-      BFloat16* dvr = p.dv_out + position * p.out_sn + head * D;
-#pragma unroll
-      for (int c = 0; c < D / 8; ++c) {
-        const int col = c * 8 + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(dkr + col) = mma::pack_bf16(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
-        *reinterpret_cast<uint32_t*>(dvr + col) = mma::pack_bf16(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
-      }
-      continue;
-    }
-    float* dkr = p.dk_acc + (position * g.heads + head) * D;
-    float* dvr = p.dv_acc + (position * g.heads + head) * D;
+    const int64_t pos = rows.base + tk * rows.stride;
+    const int64_t position = batch * g.n + pos;  // flattened (b, pos)
+    const int64_t ri = position * g.heads + head;  // (b, pos, head) row
+    float* dkr = p.dk_acc + ri * D;
+    float* dvr = p.dv_acc + ri * D;
+    // kDirect adds only marked rows (none without kv_written); the others
+    // add unless kv_written says the row holds nothing yet. The accumulators
+    // are loaded whatever the marker says, so that all loads are in flight
+    // together; an unwritten one may hold anything, so it is selected away.
+    const bool load = !kDirect || p.kv_written;
+    const bool add = kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri];
 #pragma unroll
     for (int c = 0; c < D / 8; ++c) {
       const int col = c * 8 + 2 * (lane % 4);
-      float2 a = *reinterpret_cast<float2*>(dkr + col), b = *reinterpret_cast<float2*>(dvr + col);
-      *reinterpret_cast<float2*>(dkr + col) =
-          make_float2(a.x + p.scale * dk[4 * c + 2 * r], a.y + p.scale * dk[4 * c + 2 * r + 1]);
-      *reinterpret_cast<float2*>(dvr + col) = make_float2(b.x + dv[4 * c + 2 * r], b.y + dv[4 * c + 2 * r + 1]);
+      float2 a = make_float2(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
+      float2 b = make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
+      float2 a0 = make_float2(0.f, 0.f), b0 = a0;
+      if (load) {
+        a0 = *reinterpret_cast<const float2*>(dkr + col);
+        b0 = *reinterpret_cast<const float2*>(dvr + col);
+      }
+      if (add) {
+        a.x += a0.x;
+        a.y += a0.y;
+        b.x += b0.x;
+        b.y += b0.y;
+      }
+      if constexpr (kDirect) {
+        *reinterpret_cast<uint32_t*>(p.dk_out + position * p.out_sn + head * D + col) = mma::pack_bf16(a.x, a.y);
+        *reinterpret_cast<uint32_t*>(p.dv_out + position * p.out_sn + head * D + col) = mma::pack_bf16(b.x, b.y);
+      } else {
+        *reinterpret_cast<float2*>(dkr + col) = a;
+        *reinterpret_cast<float2*>(dvr + col) = b;
+      }
     }
+    if (!kDirect && p.kv_written && lane % 4 == 0) p.kv_written[ri] = 1;
   }
 }
 
@@ -814,8 +831,10 @@ namespace minidl::cuda::attn {
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
                  int64_t batch, bool causal, float scale, const BranchDropout& drop, float* dq_acc, float* dk_acc,
-                 float* dv_acc, BFloat16* dk_out, BFloat16* dv_out, int64_t out_row_stride) {
-  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride};
+                 float* dv_acc, BFloat16* dk_out, BFloat16* dv_out, int64_t out_row_stride,
+                 uint8_t* kv_written) {
+  WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
+                kv_written};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
