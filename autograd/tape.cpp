@@ -1,6 +1,8 @@
 #include "autograd/tape.h"
 
+#include <algorithm>
 #include <atomic>
+#include <unordered_map>
 
 #include "autograd/tensor_math.h"
 
@@ -77,6 +79,56 @@ struct Tape {
 };
 
 thread_local Tape g_tape;
+
+std::atomic<uint64_t> g_next_hook_id{1};
+std::atomic<int64_t> g_hook_count{0};  // registered anywhere: a pass without any skips the scan
+
+// Runs a leaf's hooks (a copy of the list: a hook may remove itself).
+void run_grad_hooks(const std::shared_ptr<TensorImpl>& leaf) {
+  const auto hooks = leaf->autograd.grad_hooks;
+  const Tensor t(leaf);
+  for (const auto& [id, hook] : hooks) hook(t);
+}
+
+// The leaves of one backward pass that have hooks, with the earliest node
+// reading each: the last node the pass runs that can add to its gradient.
+// Once the pass has gone below that node, the gradient is final.
+class HookedLeaves {
+ public:
+  HookedLeaves(const std::vector<Node>& nodes, int64_t last) {
+    for (int64_t i = 0; i <= last; ++i) {
+      const Node& node = nodes[static_cast<size_t>(i)];
+      if (node.freed) continue;
+      for (const InputSlot& slot : node.inputs)
+        if (slot.leaf && !slot.leaf->autograd.grad_hooks.empty() && index_.try_emplace(slot.leaf.get(), 0).second)
+          leaves_.push_back({i, slot.leaf});  // ascending i: the first reader seen is the earliest
+    }
+    // Latest last readers first: the order in which the pass finishes them.
+    std::stable_sort(leaves_.begin(), leaves_.end(),
+                     [](const Leaf& a, const Leaf& b) { return a.last_reader > b.last_reader; });
+    for (size_t k = 0; k < leaves_.size(); ++k) index_[leaves_[k].impl.get()] = k;
+  }
+  bool empty() const { return leaves_.empty(); }
+  void got_gradient(TensorImpl* leaf) {
+    if (auto it = index_.find(leaf); it != index_.end()) leaves_[it->second].got = true;
+  }
+  // Calls the hooks of every leaf whose readers all lie above node `below`
+  // (pass -1 at the end); leaves the pass gave no gradient are skipped.
+  void finished_above(int64_t below) {
+    for (; next_ < leaves_.size() && leaves_[next_].last_reader > below; ++next_)
+      if (leaves_[next_].got) run_grad_hooks(leaves_[next_].impl);
+  }
+
+ private:
+  struct Leaf {
+    int64_t last_reader;
+    std::shared_ptr<TensorImpl> impl;
+    bool got = false;
+  };
+  std::vector<Leaf> leaves_;
+  std::unordered_map<TensorImpl*, size_t> index_;  // leaf -> its place in leaves_
+  size_t next_ = 0;
+};
 
 // The gradient to store in a leaf: `g` itself when nothing else can see it
 // (its only handle, sole user of its storage, contiguous), else a contiguous
@@ -166,6 +218,7 @@ void backward(const Tensor& root, const Tensor& seed) {
   const AutogradMeta& rm = root.impl()->autograd;
   if (rm.node < 0) {  // a leaf: its gradient is the seed
     root.set_grad(root.grad().defined() ? detail::add(root.grad(), g0) : owned_gradient(g0));
+    run_grad_hooks(root.impl_ptr());
     return;
   }
   MINIDL_CHECK(rm.tape_generation == g_tape.generation &&
@@ -191,8 +244,10 @@ void backward(const Tensor& root, const Tensor& seed) {
   };
   grads[static_cast<size_t>(rm.node)].resize(nodes[static_cast<size_t>(rm.node)].outputs.size());
   grads[static_cast<size_t>(rm.node)][static_cast<size_t>(rm.output_nr)] = g0;
+  HookedLeaves hooked(nodes, g_hook_count > 0 ? rm.node : -1);
 
   for (int64_t i = rm.node; i >= 0; --i) {
+    if (!hooked.empty()) hooked.finished_above(i);
     Node& node = nodes[static_cast<size_t>(i)];
     std::vector<Tensor>& out_grads = grads[static_cast<size_t>(i)];
     if (out_grads.empty()) continue;  // not on a path from the root
@@ -219,6 +274,7 @@ void backward(const Tensor& root, const Tensor& seed) {
         else
           acc = g.dtype() == leaf.dtype() ? owned_gradient(g) : detail::cast(g, leaf.dtype());
         leaf.set_grad(acc);
+        if (!hooked.empty()) hooked.got_gradient(slot.leaf.get());
       } else {
         std::vector<Tensor>& target = grads[static_cast<size_t>(slot.node)];
         const Node& producer = nodes[static_cast<size_t>(slot.node)];
@@ -234,6 +290,24 @@ void backward(const Tensor& root, const Tensor& seed) {
     }
     node.backward = nullptr;  // free saved tensors early
   }
+  if (!hooked.empty()) hooked.finished_above(-1);
+}
+
+uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook) {
+  MINIDL_CHECK(leaf.defined() && leaf.requires_grad() && leaf.is_leaf(),
+               "register_post_accumulate_grad_hook: the tensor must be a leaf that requires grad");
+  MINIDL_CHECK(static_cast<bool>(hook), "register_post_accumulate_grad_hook: an empty function");
+  const uint64_t id = g_next_hook_id++;
+  leaf.impl()->autograd.grad_hooks.emplace_back(id, std::move(hook));
+  ++g_hook_count;
+  return id;
+}
+
+void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id) {
+  auto& hooks = leaf.impl()->autograd.grad_hooks;
+  const auto gone = std::remove_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.first == id; });
+  g_hook_count -= hooks.end() - gone;
+  hooks.erase(gone, hooks.end());
 }
 
 void clear_tape() { g_tape.reset(); }

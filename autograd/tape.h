@@ -66,6 +66,17 @@ class SavedTensor {
 // of freed nodes act as constants in later computations.
 void backward(const Tensor& root, const Tensor& seed = Tensor());
 
+// A function that backward calls once a leaf's gradient for the pass is
+// final, every contribution of the pass accumulated into leaf.grad() (as
+// PyTorch's register_post_accumulate_grad_hook): on the thread running
+// backward, before the pass goes on to its remaining nodes. That is what lets
+// data parallelism reduce the gradients of the last layers while backward
+// still runs through the first. Not called for a leaf the pass gives no
+// gradient. `leaf` must be a leaf that requires grad; the id removes the hook.
+using PostAccumulateGradHook = std::function<void(const Tensor& leaf)>;
+uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook);
+void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id);
+
 // Drops every recorded node (e.g. after an evaluation that recorded ops).
 void clear_tape();
 size_t tape_size();  // live (not yet freed) nodes

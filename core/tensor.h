@@ -7,6 +7,7 @@
 // are declared here for convenience and defined in ops/tensor_methods.cpp;
 // they are thin calls into minidl::ops.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -116,6 +117,8 @@ struct AutogradMeta {
   uint64_t tape_generation = 0;  // which tape recorded the producing node
   int64_t node = -1;             // index of the producing node; -1 for leaves
   int32_t output_nr = 0;         // which output of that node
+  // A leaf's post-accumulate-grad hooks, by id (autograd/tape.h).
+  std::vector<std::pair<uint64_t, std::function<void(const Tensor&)>>> grad_hooks;
 };
 
 struct TensorImpl {

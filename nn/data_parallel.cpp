@@ -1,6 +1,7 @@
 #include "nn/data_parallel.h"
 
 #include "autograd/grad_mode.h"
+#include "autograd/tape.h"
 #include "ops/ops.h"
 
 namespace minidl::nn {
@@ -23,6 +24,21 @@ DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& c
     b->numel += p.numel();
     bucket_of_[k] = buckets_.size() - 1;
   }
+  hook_ids_.assign(parameters_.size(), 0);
+  for (size_t k = 0; k < parameters_.size(); ++k)
+    if (parameters_[k].requires_grad() && parameters_[k].is_leaf())
+      hook_ids_[k] = autograd::register_post_accumulate_grad_hook(parameters_[k], [this, k](const Tensor&) {
+        if (!reduce_in_backward_) return;
+        MINIDL_CHECK(!ready_[k], "DataParallel: parameter ", k, " got a gradient after it was reduced this step "
+                     "(a second backward pass before all_reduce_gradients(); for gradient accumulation, call "
+                     "set_reduce_in_backward(false) before the passes that only accumulate)");
+        mark_ready(k);
+      });
+}
+
+DataParallel::~DataParallel() {
+  for (size_t k = 0; k < parameters_.size(); ++k)
+    if (hook_ids_[k]) autograd::remove_post_accumulate_grad_hook(parameters_[k], hook_ids_[k]);
 }
 
 void DataParallel::broadcast_parameters(int root) {
@@ -37,8 +53,8 @@ void DataParallel::mark_ready(size_t i) {
   MINIDL_CHECK(i < parameters_.size(), "DataParallel::mark_ready: parameter ", i, " of ", parameters_.size());
   MINIDL_CHECK(!ready_[i], "DataParallel::mark_ready: parameter ", i, " marked twice in one step");
   ready_[i] = true;
-  Bucket& b = buckets_[bucket_of_[i]];
-  if (++b.ready == b.params.size()) issue(b);
+  ++buckets_[bucket_of_[i]].ready;
+  while (next_ < buckets_.size() && buckets_[next_].ready == buckets_[next_].params.size()) issue(buckets_[next_++]);
 }
 
 void DataParallel::issue(Bucket& b) {
@@ -53,13 +69,11 @@ void DataParallel::issue(Bucket& b) {
     else ops::copy_(slot, ops::zeros({}, first.options()));
   }
   comm_.all_reduce(b.flat);
-  b.issued = true;
 }
 
 void DataParallel::finish() {
   NoGradGuard no_grad;
-  for (Bucket& b : buckets_)
-    if (!b.issued) issue(b);
+  for (; next_ < buckets_.size(); ++next_) issue(buckets_[next_]);
   const double scale = 1.0 / static_cast<double>(comm_.size());
   for (Bucket& b : buckets_) {
     ops::mul_(b.flat, scale);
@@ -71,9 +85,9 @@ void DataParallel::finish() {
       else p.set_grad(mean.clone());
     }
     b.ready = 0;
-    b.issued = false;
   }
   ready_.assign(ready_.size(), false);
+  next_ = 0;
 }
 
 void DataParallel::all_reduce_gradients() {

@@ -14,15 +14,15 @@
 // Gradients travel in buckets: parameters are taken in reverse order (the
 // order backward finishes their gradients), grouped by dtype and device, and
 // packed into flat buffers of about `bucket_bytes` each, one all-reduce per
-// bucket. mark_ready/finish let a caller that knows when each gradient is
-// final start a bucket's reduction as soon as the bucket is full; on a CUDA
-// backend (NCCL) that reduction is queued on minidl's stream. What overlaps
-// today: nothing with the backward itself (the tape has no per-gradient
-// hooks yet, so all_reduce_gradients runs after backward, and NCCL shares
-// the compute stream); bucket reductions are issued back to back without a
-// host wait, and with an asynchronous backend the first buckets' transfers
-// overlap the packing of the later ones. A backward hook calling mark_ready,
-// plus a communication stream with events, would give the full overlap.
+// bucket. Each parameter that requires grad gets a post-accumulate-grad hook
+// (autograd/tape.h) that marks it ready, so a bucket is packed and its
+// all-reduce issued during backward, as soon as it and every earlier bucket
+// are complete: in bucket order on every rank, whatever gradients a rank's
+// pass leaves out (those count as zeros and go at the end). On a CUDA
+// backend (NCCL) the reductions are queued on minidl's stream, behind the
+// backward's kernels: running them beside the backward needs a
+// communication stream with events, not built yet. With the in-process
+// backend a rank's thread does each reduction when issuing it.
 #include <cstddef>
 #include <vector>
 
@@ -36,6 +36,9 @@ class DataParallel {
   // `parameters` must be the same list (shapes, dtypes, order) on every rank,
   // e.g. Module::parameters(). The communicator must outlive this object.
   DataParallel(std::vector<Tensor> parameters, dist::Communicator& comm, size_t bucket_bytes = size_t{25} << 20);
+  ~DataParallel();  // removes the hooks
+  DataParallel(const DataParallel&) = delete;
+  DataParallel& operator=(const DataParallel&) = delete;
 
   // Copies rank `root`'s parameter values to every rank (at the start, or
   // after rank root loaded a checkpoint).
@@ -44,17 +47,25 @@ class DataParallel {
   // After backward: every parameter's gradient becomes the mean over ranks of
   // the ranks' gradients, in place when defined. An undefined gradient counts
   // as zeros and is set (so all ranks agree on which parameters have one).
-  // Equivalent to mark_ready(i) for every parameter, then finish().
+  // Equivalent to mark_ready(i) for every parameter not marked yet (the
+  // hooks mark those backward reached), then finish().
   void all_reduce_gradients();
 
-  // Parameter i's gradient is final: when it completes its bucket, the
-  // bucket is packed and its all-reduce issued.
+  // Parameter i's gradient is final (the hooks call this): once its bucket
+  // and every earlier one are complete, they are packed and their
+  // all-reduces issued, in order. Marking a parameter twice in a step throws.
   void mark_ready(size_t i);
   // Issues the buckets not yet issued, then scales by 1 / size() and writes
   // the averaged gradients back; resets the ready marks for the next step.
   void finish();
 
+  // While off, the hooks do nothing: backward passes only accumulate local
+  // gradients (gradient accumulation; PyTorch's no_sync), and
+  // all_reduce_gradients() reduces their sum. On by default.
+  void set_reduce_in_backward(bool on) { reduce_in_backward_ = on; }
+
   size_t num_buckets() const { return buckets_.size(); }
+  size_t issued_buckets() const { return next_; }  // this step's, so far
   dist::Communicator& communicator() const { return comm_; }
 
  private:
@@ -64,7 +75,6 @@ class DataParallel {
     int64_t numel = 0;
     Tensor flat;                   // allocated on first use, kept
     size_t ready = 0;
-    bool issued = false;
   };
   void issue(Bucket& bucket);
 
@@ -73,6 +83,9 @@ class DataParallel {
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;  // parameter -> bucket
   std::vector<bool> ready_;
+  size_t next_ = 0;                // buckets issued this step (a prefix)
+  std::vector<uint64_t> hook_ids_;  // per parameter; 0: none
+  bool reduce_in_backward_ = true;
 };
 
 }  // namespace minidl::nn

@@ -1,5 +1,8 @@
 // The tape: accumulation, grad mode, detach, seeds, freed graphs and the
 // errors the design promises.
+#include <string>
+
+#include "autograd/tape.h"
 #include "tests/helpers.h"
 
 using namespace minidl;
@@ -207,4 +210,43 @@ TEST_CASE("gradcheck reports the first mismatching element") {
                        Error);
   CHECK_THROWS_WITH_AS(gradcheck(wrong, {random_tensor({3}, {DType::Float32, Device::cpu(), true})}),
                        doctest::Contains("gradcheck needs float64 CPU tensors"), Error);
+}
+
+TEST_CASE("post-accumulate-grad hooks: once per pass, with the final gradient, as soon as it is final") {
+  Tensor a = values({1, 2}, true), b = values({3, -1}, true), unused = values({5}, true);
+  std::vector<std::string> events;
+  std::vector<std::vector<double>> seen_a;
+  const uint64_t ha = autograd::register_post_accumulate_grad_hook(a, [&](const Tensor& leaf) {
+    events.push_back("a");
+    seen_a.push_back(leaf.grad().to_vector<double>());
+  });
+  autograd::register_post_accumulate_grad_hook(b, [&](const Tensor&) { events.push_back("b"); });
+  autograd::register_post_accumulate_grad_hook(unused, [&](const Tensor&) { events.push_back("unused"); });
+  // a is read twice (a * a and + a); b only by the last op of the forward, so
+  // b's gradient is final first. A closure of a node that runs after b's is
+  // final logs itself: the hook must have run before it.
+  Tensor u = ops::add(ops::mul(a, a), a);  // da = 2a + 1
+  Tensor marker = u.detach().clone();  // an identity op whose backward logs
+  autograd::record("log", {u}, {marker}, [&](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+    events.push_back("node before u");
+    return {g[0]};
+  });
+  ops::sum(ops::mul(marker, b)).backward();  // db = u = a^2 + a, da = b (2a + 1)
+  CHECK(events == std::vector<std::string>{"b", "node before u", "a"});
+  REQUIRE(seen_a.size() == 1);
+  CHECK(seen_a[0] == std::vector<double>{3 * 3, -1 * 5});
+  // A second pass: the hooks run again, seeing the accumulated gradient.
+  events.clear();
+  ops::sum(ops::mul(a, 2.0)).backward();
+  CHECK(events == std::vector<std::string>{"a"});
+  CHECK(seen_a.back() == std::vector<double>{11, -3});
+  // Removed: no longer called. A leaf that is itself the root runs its hooks.
+  autograd::remove_post_accumulate_grad_hook(a, ha);
+  events.clear();
+  ops::sum(ops::mul(a, b)).backward();
+  CHECK(events == std::vector<std::string>{"b"});
+  b.backward(values({1, 1}));
+  CHECK(events == std::vector<std::string>{"b", "b"});
+  CHECK_THROWS_WITH_AS(autograd::register_post_accumulate_grad_hook(ops::mul(a, 2.0), [](const Tensor&) {}),
+                       doctest::Contains("must be a leaf that requires grad"), Error);
 }

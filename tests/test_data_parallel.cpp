@@ -1,10 +1,13 @@
 // nn::DataParallel over the in-process backend: averaged gradients of the
 // ranks' shares equal one rank's gradients on the whole batch (float64), in
-// one bucket or many; rank 0's parameters reach every rank. On CUDA: virtual
+// one bucket or many, reduced during backward in bucket order; gradient
+// accumulation; rank 0's parameters reach every rank. On CUDA: virtual
 // ranks sharing one GPU (in-process backend) and NCCL with world size 1.
 #include <functional>
 #include <mutex>
+#include <string>
 
+#include "autograd/tape.h"
 #include "dist/communicator.h"
 #include "dist/nccl.h"
 #include "helpers.h"
@@ -84,24 +87,77 @@ TEST_CASE("DataParallel: averaged gradients equal one rank's on the concatenated
     }
 }
 
-TEST_CASE("DataParallel: buckets issued as they fill (any ready order) give the same result") {
+TEST_CASE("DataParallel: buckets are reduced during backward, in bucket order") {
+  // No unused parameter: with 64-byte buckets w2, b1 and w1 each fill one
+  // (reverse order), and each is issued as backward finishes its gradient.
   const Params init{random_tensor({5, 7}), random_tensor({7}), random_tensor({7, 3}), random_tensor({4})};
   const Tensor x = random_tensor({6, 5});
   Params single = fresh_copy(init);
   loss_of(single, x).backward();
   std::vector<Params> replicas = {fresh_copy(init), fresh_copy(init)};
+  std::vector<std::vector<size_t>> issued_at_hook(2);  // dp.issued_buckets() when w2's, b1's, w1's hook ran
+  std::vector<size_t> issued_after_backward(2);
   dist::run_in_process(2, [&](dist::Communicator& comm) {
-    const Params& p = replicas[comm.rank()];
-    nn::DataParallel dp(p.list(), comm, 64);
-    for (int step = 0; step < 2; ++step) {  // ready marks reset between steps
+    const int r = comm.rank();
+    const Params& p = replicas[r];
+    nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, 64);
+    REQUIRE(dp.num_buckets() == 3);
+    std::vector<uint64_t> ids;
+    for (const Tensor& t : {p.w2, p.b1, p.w1})  // after dp's own hooks, so they see its bucket issued
+      ids.push_back(autograd::register_post_accumulate_grad_hook(
+          t, [&, r](const Tensor&) { issued_at_hook[r].push_back(dp.issued_buckets()); }));
+    for (int step = 0; step < 2; ++step) {  // marks reset between steps
+      issued_at_hook[r].clear();
       for (const Tensor& t : p.list()) t.zero_grad();
-      loss_of(p, x.narrow(0, 3 * comm.rank(), 3)).backward();
-      for (size_t k : {1, 3, 0}) dp.mark_ready(k);
-      dp.finish();
+      loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+      issued_after_backward[r] = dp.issued_buckets();
+      dp.all_reduce_gradients();
     }
+    for (size_t i = 0; i < ids.size(); ++i) autograd::remove_post_accumulate_grad_hook(std::vector{p.w2, p.b1, p.w1}[i], ids[i]);
   });
-  for (const Params& p : replicas)
-    for (size_t k = 0; k < 3; ++k) testing::check_close(p.list()[k].grad(), single.list()[k].grad(), 1e-15, 1e-12);
+  for (int r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    CHECK(issued_at_hook[r] == std::vector<size_t>{1, 2, 3});
+    CHECK(issued_after_backward[r] == 3);
+    for (size_t k = 0; k < 3; ++k)
+      testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-15, 1e-12);
+  }
+}
+
+TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false); a second pass otherwise throws") {
+  const Params init{random_tensor({5, 7}), random_tensor({7}), random_tensor({7, 3}), random_tensor({4})};
+  const Tensor x = random_tensor({6, 5});
+  Params single = fresh_copy(init);
+  loss_of(single, x).backward();  // twice the batch's mean loss: twice these gradients
+  std::vector<Params> replicas = {fresh_copy(init), fresh_copy(init)};
+  std::vector<std::string> errors(2);
+  std::vector<std::vector<Tensor>> accumulated(2);
+  dist::run_in_process(2, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    const Params& p = replicas[r];
+    nn::DataParallel dp(p.list(), comm, 64);
+    dp.set_reduce_in_backward(false);
+    loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+    dp.set_reduce_in_backward(true);
+    loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+    dp.all_reduce_gradients();
+    for (size_t k = 0; k < 3; ++k) accumulated[r].push_back(p.list()[k].grad().clone());
+    // Two passes that both reduce: the second finds gradients already reduced.
+    try {
+      loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+      loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+    } catch (const Error& e) {
+      errors[r] = e.what();
+    }
+    dp.set_reduce_in_backward(false);
+    dp.all_reduce_gradients();  // the ranks meet again (a thrown pass issued part of a step)
+  });
+  for (int r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    for (size_t k = 0; k < 3; ++k)
+      testing::check_close(accumulated[r][k], ops::mul(single.list()[k].grad(), 2.0), 1e-15, 1e-12);
+    CHECK(errors[r].find("set_reduce_in_backward(false)") != std::string::npos);
+  }
 }
 
 namespace {
