@@ -81,7 +81,6 @@ struct Tape {
 thread_local Tape g_tape;
 
 std::atomic<uint64_t> g_next_hook_id{1};
-std::atomic<int64_t> g_hook_count{0};  // registered anywhere: a pass without any skips the scan
 
 // Runs a leaf's hooks (a copy of the list: a hook may remove itself).
 void run_grad_hooks(const std::shared_ptr<TensorImpl>& leaf) {
@@ -218,6 +217,7 @@ void backward(const Tensor& root, const Tensor& seed) {
   const AutogradMeta& rm = root.impl()->autograd;
   if (rm.node < 0) {  // a leaf: its gradient is the seed
     root.set_grad(root.grad().defined() ? detail::add(root.grad(), g0) : owned_gradient(g0));
+    NoGradGuard no_grad;  // as for the hooks a pass runs
     run_grad_hooks(root.impl_ptr());
     return;
   }
@@ -244,7 +244,7 @@ void backward(const Tensor& root, const Tensor& seed) {
   };
   grads[static_cast<size_t>(rm.node)].resize(nodes[static_cast<size_t>(rm.node)].outputs.size());
   grads[static_cast<size_t>(rm.node)][static_cast<size_t>(rm.output_nr)] = g0;
-  HookedLeaves hooked(nodes, g_hook_count > 0 ? rm.node : -1);
+  HookedLeaves hooked(nodes, rm.node);
 
   for (int64_t i = rm.node; i >= 0; --i) {
     if (!hooked.empty()) hooked.finished_above(i);
@@ -299,15 +299,13 @@ uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGr
   MINIDL_CHECK(static_cast<bool>(hook), "register_post_accumulate_grad_hook: an empty function");
   const uint64_t id = g_next_hook_id++;
   leaf.impl()->autograd.grad_hooks.emplace_back(id, std::move(hook));
-  ++g_hook_count;
   return id;
 }
 
 void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id) {
+  MINIDL_CHECK(leaf.defined(), "remove_post_accumulate_grad_hook: an undefined tensor");
   auto& hooks = leaf.impl()->autograd.grad_hooks;
-  const auto gone = std::remove_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.first == id; });
-  g_hook_count -= hooks.end() - gone;
-  hooks.erase(gone, hooks.end());
+  hooks.erase(std::remove_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.first == id; }), hooks.end());
 }
 
 void clear_tape() { g_tape.reset(); }

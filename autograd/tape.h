@@ -72,7 +72,9 @@ void backward(const Tensor& root, const Tensor& seed = Tensor());
 // backward, before the pass goes on to its remaining nodes. That is what lets
 // data parallelism reduce the gradients of the last layers while backward
 // still runs through the first. Not called for a leaf the pass gives no
-// gradient. `leaf` must be a leaf that requires grad; the id removes the hook.
+// gradient. Hooks run with grad mode off. `leaf` must be a leaf that
+// requires grad; the id removes the hook. Register and remove hooks while no
+// other thread runs a backward pass through the leaf.
 using PostAccumulateGradHook = std::function<void(const Tensor& leaf)>;
 uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook);
 void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id);

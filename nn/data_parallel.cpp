@@ -54,7 +54,8 @@ void DataParallel::mark_ready(size_t i) {
   MINIDL_CHECK(!ready_[i], "DataParallel::mark_ready: parameter ", i, " marked twice in one step");
   ready_[i] = true;
   ++buckets_[bucket_of_[i]].ready;
-  while (next_ < buckets_.size() && buckets_[next_].ready == buckets_[next_].params.size()) issue(buckets_[next_++]);
+  for (; next_ < buckets_.size() && buckets_[next_].ready == buckets_[next_].params.size(); ++next_)
+    issue(buckets_[next_]);
 }
 
 void DataParallel::issue(Bucket& b) {

@@ -17,8 +17,14 @@
 // bucket. Each parameter that requires grad gets a post-accumulate-grad hook
 // (autograd/tape.h) that marks it ready, so a bucket is packed and its
 // all-reduce issued during backward, as soon as it and every earlier bucket
-// are complete: in bucket order on every rank, whatever gradients a rank's
-// pass leaves out (those count as zeros and go at the end). On a CUDA
+// are complete, in bucket order. A parameter the pass gives no gradient holds
+// its bucket and every later one back until all_reduce_gradients() (where it
+// counts as zeros); parameters whose gradients are set after backward (the
+// float32 masters of nn::MixedPrecision) are reduced there too. Every rank
+// must run the same computation (the same parameters get gradients, in the
+// same order); where ranks differ, or collectives of another communicator run
+// inside backward in a rank-dependent order, set_reduce_in_backward(false).
+// On a CUDA
 // backend (NCCL) the reductions are queued on minidl's stream, behind the
 // backward's kernels: running them beside the backward needs a
 // communication stream with events, not built yet. With the in-process

@@ -220,8 +220,9 @@ TEST_CASE("post-accumulate-grad hooks: once per pass, with the final gradient, a
     events.push_back("a");
     seen_a.push_back(leaf.grad().to_vector<double>());
   });
-  autograd::register_post_accumulate_grad_hook(b, [&](const Tensor&) { events.push_back("b"); });
-  autograd::register_post_accumulate_grad_hook(unused, [&](const Tensor&) { events.push_back("unused"); });
+  const uint64_t hb = autograd::register_post_accumulate_grad_hook(b, [&](const Tensor&) { events.push_back("b"); });
+  const uint64_t hu =
+      autograd::register_post_accumulate_grad_hook(unused, [&](const Tensor&) { events.push_back("unused"); });
   // a is read twice (a * a and + a); b only by the last op of the forward, so
   // b's gradient is final first. A closure of a node that runs after b's is
   // final logs itself: the hook must have run before it.
@@ -249,4 +250,7 @@ TEST_CASE("post-accumulate-grad hooks: once per pass, with the final gradient, a
   CHECK(events == std::vector<std::string>{"b", "b"});
   CHECK_THROWS_WITH_AS(autograd::register_post_accumulate_grad_hook(ops::mul(a, 2.0), [](const Tensor&) {}),
                        doctest::Contains("must be a leaf that requires grad"), Error);
+  autograd::remove_post_accumulate_grad_hook(b, hb);
+  autograd::remove_post_accumulate_grad_hook(unused, hu);
+  CHECK(b.impl()->autograd.grad_hooks.empty());
 }

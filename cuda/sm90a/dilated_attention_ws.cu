@@ -342,8 +342,9 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 // wgmma, S^T = K Q^T and dP^T = V dO^T (keys x queries), then P^T and dS^T
 // in registers, dV += P^T dO and dK += dS^T Q (A from registers), and half
 // the columns of dQ = dS K over all 128 keys, with both warpgroups' dS^T read
-// back from shared memory; dQ goes to the fp32 accumulator by vector
-// reductions. dK and dV stay in registers across the query loop.
+// back from shared memory; dQ goes to the fp32 accumulator by one TMA bulk
+// reduction per warpgroup and tile (per-thread vector reductions where the
+// map cannot reach). dK and dV stay in registers across the query loop.
 
 constexpr int kBwdKeys = 128;  // key rows per block
 constexpr int kBm = 64;        // query rows per tile
@@ -722,7 +723,16 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         *reinterpret_cast<float2*>(dvr + col) = b;
       }
     }
-    if (!kDirect && p.kv_written && lane % 4 == 0) p.kv_written[ri] = 1;
+  }
+  // Mark the rows written, once every lane of a quad has read their markers.
+  if (!kDirect && p.kv_written) {
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t tk = key_row0 + r * 8;
+      if (tk < rows.count && lane % 4 == 0)
+        p.kv_written[(batch * g.n + rows.base + tk * rows.stride) * g.heads + head] = 1;
+    }
   }
 }
 
