@@ -23,6 +23,7 @@ struct BranchDropout {
   int64_t batch_size = 0;  // B
 };
 
+constexpr int kMmaWarps = 4;  // warps per block of the mma.sync kernels (bf16 and TF32)
 constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 
 // head dims the tensor-core path handles

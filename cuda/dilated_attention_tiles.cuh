@@ -53,6 +53,26 @@ __device__ __forceinline__ void load_tile_f32_async(char* tile, const Operand<fl
   }
 }
 
+// Loads lse (as log2 units, +inf for padding rows) and delta of query rows
+// [t0, t0 + 64) into shared memory (the block's kThreads threads).
+template <int kThreads>
+__device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const float* lse,
+                                               const float* delta, const BranchGrid& g,
+                                               int64_t batch, int64_t head, const RowSet& rows,
+                                               int64_t t0) {
+  for (int i = threadIdx.x; i < 64; i += kThreads) {
+    int64_t t = t0 + i;
+    float l2 = INFINITY, dd = 0.f;
+    if (t < rows.count) {
+      int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+      l2 = lse[ri] * kLog2e;
+      dd = delta[ri];
+    }
+    l2s[i] = l2;
+    ds[i] = dd;
+  }
+}
+
 // ---- Dropout (core/dilated.h): one Philox block per (mask row, 16-key
 // group), shared between lanes by shuffles. Word arrays stay statically
 // indexed (a runtime index would put them in local memory).
