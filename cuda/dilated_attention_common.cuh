@@ -1,10 +1,13 @@
 #pragma once
-// Geometry shared by the dilated-attention kernels: which positions a
-// (branch, head, segment) keeps, and the strided views of q/k/v.
+// Geometry shared by the dilated-attention kernels and their launchers:
+// which positions a (branch, head, segment) keeps, the strided views of
+// q/k/v, and one branch's launch grid.
+#include <algorithm>
 #include <cstdint>
 
 #include "core/dilated.h"
 #include "core/dtype.h"
+#include "core/tensor.h"
 
 namespace minidl::cuda::attn {
 
@@ -33,6 +36,38 @@ struct BranchGrid {
   int64_t tiles_per_segment;
   int64_t dim = 0;         // head dim D (the SIMT kernels pad it to a multiple of 32)
 };
+
+// The host's view of a (B, N, H, D) problem and of one branch's launch.
+struct Shape4 {
+  int64_t b, n, h, d;
+};
+
+inline Shape4 shape_of(const Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.size(3)}; }
+
+template <typename T>
+Operand<T> operand(const Tensor& t) {
+  return {static_cast<const T*>(t.raw_data()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+inline BranchGrid branch_grid(const Shape4& s, const DilatedBranch& br, int rows_per_block) {
+  BranchGrid g;
+  g.n = s.n;
+  g.heads = s.h;
+  g.w = std::min(br.segment, s.n);
+  g.r = br.dilation;
+  g.segments = (s.n + g.w - 1) / g.w;
+  int64_t max_kept = (g.w + g.r - 1) / g.r;
+  g.tiles_per_segment = (max_kept + rows_per_block - 1) / rows_per_block;
+  g.dim = s.d;
+  return g;
+}
+
+inline dim3 grid_of(const BranchGrid& g, const Shape4& s) {
+  int64_t x = g.segments * g.tiles_per_segment;
+  MINIDL_CHECK(x < (int64_t(1) << 31) && s.b * s.h <= 65535, "dilated_attention: problem too large "
+               "for one launch (", x, " row tiles, ", s.b * s.h, " batch-heads)");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(s.b * s.h));
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(BFloat16 x) { return static_cast<float>(x); }
