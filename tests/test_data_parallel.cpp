@@ -167,7 +167,10 @@ namespace {
 // round their inputs to TF32 in the kernels cuBLAS picks for some shapes and
 // not others: measured up to 6e-3 relative on an H200; wrong averaging would
 // be off by a factor of P).
-void check_cuda_data_parallel(int P, const std::function<void(int, const std::function<void(dist::Communicator&)>&)>& run) {
+// with_unused: the unused parameter holds every bucket back to
+// all_reduce_gradients(); without it the buckets go during backward.
+void check_cuda_data_parallel(int P, const std::function<void(int, const std::function<void(dist::Communicator&)>&)>& run,
+                              bool with_unused) {
   const TensorOptions gpu{DType::Float32, Device::cuda(), false};
   const int64_t B = 12;
   const Params init{random_tensor({5, 7}, gpu), random_tensor({7}, gpu), random_tensor({7, 3}, gpu),
@@ -182,21 +185,25 @@ void check_cuda_data_parallel(int P, const std::function<void(int, const std::fu
       for (const Tensor& t : p.list()) ops::add_(t.detach(), random_tensor(t.shape(), gpu));
     replicas.push_back(p);
   }
+  std::vector<size_t> issued_in_backward(static_cast<size_t>(P));
   run(P, [&](dist::Communicator& comm) {
     const int r = comm.rank();
     const Params& p = replicas[r];
-    nn::DataParallel dp(p.list(), comm, 64);
+    nn::DataParallel dp(with_unused ? p.list() : std::vector<Tensor>{p.w1, p.b1, p.w2}, comm, 64);
     dp.broadcast_parameters();
     const int64_t rows = B / P;
     loss_of(p, x.narrow(0, r * rows, rows)).backward();
+    issued_in_backward[static_cast<size_t>(r)] = dp.issued_buckets();
     dp.all_reduce_gradients();
   });
   for (int r = 0; r < P; ++r) {
     CAPTURE(r);
+    CHECK(issued_in_backward[static_cast<size_t>(r)] == (with_unused ? 0u : 3u));
     for (size_t k = 0; k < 3; ++k) {
       testing::check_close(replicas[r].list()[k], init.list()[k], 0, 0);
       testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-3, 1e-2);
     }
+    if (!with_unused) continue;
     REQUIRE(replicas[r].unused.grad().defined());
     CHECK(replicas[r].unused.grad().to_vector<float>() == std::vector<float>(4, 0.0f));
   }
@@ -206,12 +213,14 @@ void check_cuda_data_parallel(int P, const std::function<void(int, const std::fu
 
 TEST_CASE("DataParallel on CUDA: virtual ranks on one GPU equal one rank (float32)") {
   MINIDL_REQUIRE_CUDA();
-  for (int P : {1, 2, 3}) {
-    CAPTURE(P);
-    check_cuda_data_parallel(P, [](int n, const std::function<void(dist::Communicator&)>& fn) {
-      dist::run_in_process(n, fn);
-    });
-  }
+  for (int P : {1, 2, 3})
+    for (bool with_unused : {true, false}) {
+      CAPTURE(P);
+      CAPTURE(with_unused);
+      check_cuda_data_parallel(
+          P, [](int n, const std::function<void(dist::Communicator&)>& fn) { dist::run_in_process(n, fn); },
+          with_unused);
+    }
 }
 
 TEST_CASE("DataParallel on CUDA over NCCL, world size 1") {
@@ -220,5 +229,9 @@ TEST_CASE("DataParallel on CUDA over NCCL, world size 1") {
     MESSAGE("skipped: minidl was built without NCCL");
     return;
   }
-  check_cuda_data_parallel(1, [](int n, const std::function<void(dist::Communicator&)>& fn) { dist::run_nccl(n, fn); });
+  for (bool with_unused : {true, false}) {
+    CAPTURE(with_unused);
+    check_cuda_data_parallel(
+        1, [](int n, const std::function<void(dist::Communicator&)>& fn) { dist::run_nccl(n, fn); }, with_unused);
+  }
 }
