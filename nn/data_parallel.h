@@ -24,9 +24,8 @@
 // must run the same computation (the same parameters get gradients, in the
 // same order); where ranks differ, or collectives of another communicator run
 // inside backward in a rank-dependent order, set_reduce_in_backward(false).
-// On a CUDA
-// backend (NCCL) the reductions are queued on minidl's stream, behind the
-// backward's kernels: running them beside the backward needs a
+// On a CUDA backend (NCCL) the reductions are queued on minidl's stream,
+// behind the backward's kernels: running them beside the backward needs a
 // communication stream with events, not built yet. With the in-process
 // backend a rank's thread does each reduction when issuing it.
 #include <cstddef>
