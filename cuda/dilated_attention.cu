@@ -31,16 +31,6 @@ Tensor fp32_buffer(const Tensor& like) {
 
 void zero(const Tensor& t) { MINIDL_CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.nbytes(), stream())); }
 
-// The tensor-core kernels' view of branch `branch` (its index in
-// config.branches) of the dropout mask.
-BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch, const Shape4& s) {
-  BranchDropout drop;
-  drop.mask = config.dropout;
-  drop.branch = static_cast<int64_t>(branch);
-  drop.batch_size = s.b;
-  return drop;
-}
-
 // float32 runs on the TF32 kernels only when every operand's rows are 16-byte
 // aligned (views at odd offsets run SIMT); bfloat16 needs no check here.
 bool tf32_takes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* dout = nullptr) {

@@ -69,6 +69,54 @@ inline dim3 grid_of(const BranchGrid& g, const Shape4& s) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(s.b * s.h));
 }
 
+// The rows one block of a branch launch owns: (batch, head) from blockIdx.y;
+// from blockIdx.x the segment and its tile of rows_per_block kept rows (t0
+// the first). kLatestFirst numbers the tiles from the segment's end: a
+// forward's later causal tiles see more keys and start first, for a better
+// tail; a backward's earliest key tiles see the most queries and go first.
+struct BlockRows {
+  int64_t batch, head, t0;
+  RowSet rows;  // the segment's kept rows
+};
+
+template <bool kLatestFirst>
+__device__ __forceinline__ BlockRows block_rows(const BranchGrid& g, int64_t rows_per_block) {
+  const int64_t bh = blockIdx.y, segment = blockIdx.x / g.tiles_per_segment;
+  const int64_t in_segment = blockIdx.x % g.tiles_per_segment;
+  const int64_t tile = kLatestFirst ? g.tiles_per_segment - 1 - in_segment : in_segment;
+  BlockRows b;
+  b.batch = bh / g.heads;
+  b.head = bh % g.heads;
+  b.rows = kept_rows(g.n, g.w, g.r, b.head, segment);
+  b.t0 = tile * rows_per_block;
+  return b;
+}
+
+// Attention dropout of one branch launch: the config's mask parameters plus
+// what the element index needs (core/dilated.h).
+struct BranchDropout {
+  AttentionDropout mask;
+  int64_t branch = 0;      // index of the branch in the config
+  int64_t batch_size = 0;  // B
+};
+
+// Branch `branch` (its index in config.branches, as the user listed them, not
+// its place in the launch order) of the dropout mask; disabled when
+// config.dropout is.
+inline BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch, const Shape4& s) {
+  BranchDropout drop;
+  drop.mask = config.dropout;
+  drop.branch = static_cast<int64_t>(branch);
+  drop.batch_size = s.b;
+  return drop;
+}
+
+// Mask row of query position pos in this branch launch.
+__device__ __forceinline__ uint64_t dropout_row(const BranchDropout& d, const BranchGrid& g, int64_t batch,
+                                                int64_t head, int64_t pos) {
+  return attention_mask_row(d.branch, d.batch_size, batch, g.heads, head, g.n, pos);
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(BFloat16 x) { return static_cast<float>(x); }
 

@@ -45,13 +45,9 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   constexpr int kNTiles = kBc / 8;
   extern __shared__ __align__(128) char smem[];
 
-  const int64_t bh = blockIdx.y;
-  const int64_t batch = bh / g.heads, head = bh % g.heads;
-  const int64_t segment = blockIdx.x / g.tiles_per_segment;
-  // Heaviest (latest) causal tiles first, for a better tail.
-  const int64_t tile = g.tiles_per_segment - 1 - blockIdx.x % g.tiles_per_segment;
-  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
-  const int64_t t0 = tile * kBr;
+  const BlockRows block = block_rows<true>(g, kBr);
+  const int64_t batch = block.batch, head = block.head, t0 = block.t0;
+  const RowSet rows = block.rows;
   if (t0 >= rows.count) return;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -329,12 +325,9 @@ __global__ __launch_bounds__(kThreads, kMinBlocks) void backward_mma_kernel(
   constexpr int kQ = 64;  // queries per tile
   extern __shared__ __align__(128) char smem[];
 
-  const int64_t bh = blockIdx.y;
-  const int64_t batch = bh / g.heads, head = bh % g.heads;
-  const int64_t segment = blockIdx.x / g.tiles_per_segment;
-  const int64_t tile = blockIdx.x % g.tiles_per_segment;  // earliest keys see the most queries: first
-  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
-  const int64_t kt0 = tile * 64;
+  const BlockRows block = block_rows<false>(g, 64);
+  const int64_t batch = block.batch, head = block.head, kt0 = block.t0;
+  const RowSet rows = block.rows;
   if (kt0 >= rows.count) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale_log2 = scale * kLog2e;

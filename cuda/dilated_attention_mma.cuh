@@ -15,14 +15,6 @@ enum class MergeMode {
   kSingle,  // the only branch: write the bf16 output and lse directly
 };
 
-// Attention dropout of one branch launch: the config's mask parameters plus
-// what the element index needs (core/dilated.h).
-struct BranchDropout {
-  AttentionDropout mask;
-  int64_t branch = 0;      // index of the branch in the config
-  int64_t batch_size = 0;  // B
-};
-
 constexpr int kMmaWarps = 4;  // warps per block of the mma.sync kernels (bf16 and TF32)
 constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 

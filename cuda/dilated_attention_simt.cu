@@ -70,50 +70,32 @@ __device__ __forceinline__ void stage_rows(const Operand<T>& a, const Operand<T>
   }
 }
 
-struct BlockWork {
-  int64_t batch, head, t0;
-  RowSet rows;
-};
-
-__device__ __forceinline__ BlockWork block_work(const BranchGrid& g, int rows_per_block) {
-  int64_t bh = blockIdx.y;
-  int64_t segment = blockIdx.x / g.tiles_per_segment;
-  int64_t tile = blockIdx.x % g.tiles_per_segment;
-  BlockWork w;
-  w.batch = bh / g.heads;
-  w.head = bh % g.heads;
-  w.rows = kept_rows(g.n, g.w, g.r, w.head, segment);
-  w.t0 = tile * rows_per_block;
-  return w;
-}
-
 __device__ __forceinline__ int64_t row_index(const BranchGrid& g, int64_t b, int64_t pos, int64_t h) {
   return (b * g.n + pos) * g.heads + h;
 }
 
-// The dropout mask of one branch launch: element (query pos, key index t) of
-// (b, h) is attention_keep(d, branch, batch, b, heads, h, n, pos, t).
+// The SIMT kernels' view of one branch launch's dropout mask (BranchDropout).
 struct DropoutGrid {
-  AttentionDropout d;
-  int64_t branch = 0, batch = 0;
-  MINIDL_HD bool enabled() const { return d.enabled(); }
+  BranchDropout b;
+  explicit DropoutGrid(const BranchDropout& drop) : b(drop) {}
+  MINIDL_HD bool enabled() const { return b.mask.enabled(); }
   // The mask row of query position pos.
-  __device__ __forceinline__ uint64_t row(const BranchGrid& g, int64_t b, int64_t h, int64_t pos) const {
-    return attention_mask_row(branch, batch, b, g.heads, h, g.n, pos);
+  __device__ __forceinline__ uint64_t row(const BranchGrid& g, int64_t batch, int64_t h, int64_t pos) const {
+    return dropout_row(b, g, batch, h, pos);
   }
   // M for key index t of mask row `row`, drawing from `bits`: the Philox block
   // of t's 16-key group, which the caller refreshes when t % 16 == 0 (factor
   // reads only t & 15).
   __device__ __forceinline__ void refresh(philox::U32x4& bits, uint64_t row, int64_t t) const {
-    bits = attention_dropout_block(d, row, static_cast<uint64_t>(t));
+    bits = attention_dropout_block(b.mask, row, static_cast<uint64_t>(t));
   }
   __device__ __forceinline__ float factor(const philox::U32x4& bits, int64_t t) const {
-    return attention_keep_in_block(bits, static_cast<uint64_t>(t), d.threshold) ? d.scale : 0.f;
+    return attention_keep_in_block(bits, static_cast<uint64_t>(t), b.mask.threshold) ? b.mask.scale : 0.f;
   }
   // M for key index t from its word of the group's block (word (t & 7) >> 1).
   __device__ __forceinline__ float factor_from_word(uint32_t word, int64_t t) const {
-    return attention_keep_byte(word, static_cast<int>(((t >> 3) & 1) * 2 + (t & 1)), d.threshold) ? d.scale
-                                                                                                 : 0.f;
+    const int byte = static_cast<int>(((t >> 3) & 1) * 2 + (t & 1));
+    return attention_keep_byte(word, byte, b.mask.threshold) ? b.mask.scale : 0.f;
   }
 };
 
@@ -125,7 +107,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
                                                          float* __restrict__ lse) {
   using S = Split<D>;
   __shared__ float ks[kTile][D], vs[kTile][D];
-  BlockWork w = block_work(g, S::kRows);
+  const BlockRows w = block_rows<false>(g, S::kRows);
   if (w.t0 >= w.rows.count) return;  // uniform across the block
   const int part = threadIdx.x % S::kTpr;
   const int64_t t = w.t0 + threadIdx.x / S::kTpr;
@@ -223,7 +205,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     float* __restrict__ dq_acc) {
   using S = Split<D>;
   __shared__ float ks[kTile][D], vs[kTile][D];
-  BlockWork w = block_work(g, S::kRows);
+  const BlockRows w = block_rows<false>(g, S::kRows);
   if (w.t0 >= w.rows.count) return;
   const int part = threadIdx.x % S::kTpr;
   const int64_t t = w.t0 + threadIdx.x / S::kTpr;
@@ -292,7 +274,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   __shared__ float qs[kTile][D], dos[kTile][D];
   __shared__ float l2s[kTile], dps[kTile];
   __shared__ uint32_t keep_words[kTile][4 * kGroups];
-  BlockWork w = block_work(g, S::kRows);
+  const BlockRows w = block_rows<false>(g, S::kRows);
   if (w.t0 >= w.rows.count) return;
   const int part = threadIdx.x % S::kTpr;
   const int64_t t = w.t0 + threadIdx.x / S::kTpr;  // this group's key row
@@ -379,16 +361,6 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   }
 }
 
-// Branch i (its index in config.branches, as the user listed them) of the
-// dropout mask; disabled when config.dropout is.
-DropoutGrid dropout_grid(const DilatedAttentionConfig& config, size_t branch, const Shape4& s) {
-  DropoutGrid drop;
-  drop.d = config.dropout;
-  drop.branch = static_cast<int64_t>(branch);
-  drop.batch = s.b;
-  return drop;
-}
-
 // Calls f(T{}, std::integral_constant<int, D>{}) for the tensor's dtype and
 // the head dim padded to the SIMT kernels' width (32, 64 or 128).
 template <typename F>
@@ -417,7 +389,7 @@ void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
       auto kernel = config.causal ? forward_simt_kernel<T, D, true> : forward_simt_kernel<T, D, false>;
       kernel<<<grid_of(g, s), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                         g, scale_log2, dropout_grid(config, i, s),
+                                                         g, scale_log2, DropoutGrid(branch_dropout(config, i, s)),
                                                          static_cast<float*>(o_acc.raw_data()),
                                                          static_cast<float*>(lse.raw_data()));
       MINIDL_CUDA_LAUNCH_CHECK();
@@ -454,7 +426,7 @@ void backward_simt(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
       dim3 grid = grid_of(g, s);
-      const DropoutGrid drop = dropout_grid(config, i, s);
+      const DropoutGrid drop(branch_dropout(config, i, s));
       auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
       dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
                                                  operand<T>(grad_out), l, dl, g, scale, drop,

@@ -77,12 +77,6 @@ __device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const floa
 // group), shared between lanes by shuffles. Word arrays stay statically
 // indexed (a runtime index would put them in local memory).
 
-// Mask row of query position pos in this branch launch.
-__device__ __forceinline__ uint64_t dropout_row(const BranchDropout& d, const BranchGrid& g, int64_t batch,
-                                                int64_t head, int64_t pos) {
-  return attention_mask_row(d.branch, d.batch_size, batch, g.heads, head, g.n, pos);
-}
-
 __device__ __forceinline__ void block_words(const philox::U32x4& b, uint32_t (&a)[4]) {
   a[0] = b.x;
   a[1] = b.y;

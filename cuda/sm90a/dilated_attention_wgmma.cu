@@ -44,13 +44,9 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
 
-  const int64_t bh = blockIdx.y;
-  const int64_t batch = bh / g.heads, head = bh % g.heads;
-  const int64_t segment = blockIdx.x / g.tiles_per_segment;
-  // Heaviest (latest) causal tiles first, for a better tail.
-  const int64_t tile = g.tiles_per_segment - 1 - blockIdx.x % g.tiles_per_segment;
-  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
-  const int64_t t0 = tile * kBr;
+  const BlockRows block = block_rows<true>(g, kBr);
+  const int64_t batch = block.batch, head = block.head, t0 = block.t0;
+  const RowSet rows = block.rows;
   if (t0 >= rows.count) return;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = warp / 4;

@@ -197,13 +197,9 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   uint64_t* empty = bars + 1 + 2 * kStages;
 
   const BranchGrid& g = p.g;
-  const int64_t bh = blockIdx.y;
-  const int64_t batch = bh / g.heads, head = bh % g.heads;
-  const int64_t segment = blockIdx.x / g.tiles_per_segment;
-  // Heaviest (latest) causal tiles first, for a better tail.
-  const int64_t tile = g.tiles_per_segment - 1 - blockIdx.x % g.tiles_per_segment;
-  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
-  const int64_t t0 = tile * kBr;
+  const BlockRows block = block_rows<true>(g, kBr);
+  const int64_t batch = block.batch, head = block.head, t0 = block.t0;
+  const RowSet rows = block.rows;
   if (t0 >= rows.count) return;  // uniform across the block
   const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
   const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
@@ -398,12 +394,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   float* stats = reinterpret_cast<float*>(smem + L::kStats);
 
   const BranchGrid& g = p.g;
-  const int64_t bh = blockIdx.y;
-  const int64_t batch = bh / g.heads, head = bh % g.heads;
-  const int64_t segment = blockIdx.x / g.tiles_per_segment;
-  const int64_t tile = blockIdx.x % g.tiles_per_segment;  // earliest keys see the most queries: first
-  const RowSet rows = kept_rows(g.n, g.w, g.r, head, segment);
-  const int64_t kt0 = tile * kBwdKeys;
+  const BlockRows block = block_rows<false>(g, kBwdKeys);
+  const int64_t batch = block.batch, head = block.head, kt0 = block.t0;
+  const RowSet rows = block.rows;
   if (kt0 >= rows.count) return;
   const int64_t q_first = kCausal ? kt0 : 0;  // a multiple of kBm
   const int n_tiles = static_cast<int>((rows.count - q_first + kBm - 1) / kBm);
