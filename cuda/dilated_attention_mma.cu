@@ -155,19 +155,8 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 #pragma unroll
     for (int mt = 0; mt < kM; ++mt) {
       float m_scaled[2], corr[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m_row[mt][r];
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // A row with nothing visible yet keeps m = -inf; use 0 so p = 0, not NaN.
-        m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr[r] = exp2f(m_row[mt][r] * scale_log2 - m_scaled[r]);
-        m_row[mt][r] = mx;
-        l_row[mt][r] *= corr[r];
-      }
+      online_softmax_max<kNTiles>(reinterpret_cast<const float(&)[kNTiles * 4]>(s[mt]), m_row[mt], l_row[mt],
+                                  m_scaled, corr, scale_log2);
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         o[mt][dt][0] *= corr[0];

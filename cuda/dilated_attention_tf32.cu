@@ -140,19 +140,8 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
         }
     }
     float m_scaled[2], corr[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_row[r];
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row with nothing visible yet keeps m = -inf; use 0 so p = 0, not NaN.
-      m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
-      corr[r] = exp2f(m_row[r] * scale_log2 - m_scaled[r]);
-      m_row[r] = mx;
-      l_row[r] *= corr[r];
-    }
+    online_softmax_max<kNTiles>(reinterpret_cast<const float(&)[kNTiles * 4]>(s), m_row, l_row, m_scaled, corr,
+                                scale_log2);
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
       o[dt][0] *= corr[0];

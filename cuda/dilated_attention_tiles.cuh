@@ -73,6 +73,31 @@ __device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const floa
   }
 }
 
+// The online-softmax step of a lane's two rows (q_row, q_row + 8) in the
+// mma.sync / wgmma accumulator layout: s holds the tile's scores as kN
+// n-tiles of 4 (elements 2r and 2r + 1 of each belong to row r; the row's
+// other columns are on the other lanes of the quad). Updates the running max
+// m_row and rescales l_row; corr is the factor that rescales O, m_scaled the
+// new max in log2 units (0 while a row has seen nothing visible, so that
+// p = 0, not NaN). kFtz: exp2 flushing denormal results (mma::exp2_ftz).
+template <int kN, bool kFtz = false>
+__device__ __forceinline__ void online_softmax_max(const float (&s)[kN * 4], float (&m_row)[2], float (&l_row)[2],
+                                                   float (&m_scaled)[2], float (&corr)[2], float scale_log2) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m_row[r];
+#pragma unroll
+    for (int c = 0; c < kN; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * r], s[4 * c + 2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
+    const float x = m_row[r] * scale_log2 - m_scaled[r];
+    corr[r] = kFtz ? mma::exp2_ftz(x) : exp2f(x);
+    m_row[r] = mx;
+    l_row[r] *= corr[r];
+  }
+}
+
 // ---- Dropout (core/dilated.h): one Philox block per (mask row, 16-key
 // group), shared between lanes by shuffles. Word arrays stay statically
 // indexed (a runtime index would put them in local memory).

@@ -126,19 +126,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
     }
   }
   float m_scaled[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float mx = m_row[r];
-#pragma unroll
-    for (int c = 0; c < kBc / 8; ++c) mx = fmaxf(mx, fmaxf(s[4 * c + 2 * r], s[4 * c + 2 * r + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    // A row with nothing visible yet keeps m = -inf; use 0 so p = 0, not NaN.
-    m_scaled[r] = mx == -INFINITY ? 0.f : mx * scale_log2;
-    corr[r] = mma::exp2_ftz(m_row[r] * scale_log2 - m_scaled[r]);
-    m_row[r] = mx;
-    l_row[r] *= corr[r];
-  }
+  online_softmax_max<kBc / 8, true>(s, m_row, l_row, m_scaled, corr, scale_log2);
   // keep[r][g]: keys 16 g + 8 c + 2 (lane % 4) + e of the half, row r, in byte 2 c + e.
   uint32_t keep[2][4];
 #pragma unroll
