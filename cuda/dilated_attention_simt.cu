@@ -70,6 +70,21 @@ __device__ __forceinline__ void stage_rows(const Operand<T>& a, const Operand<T>
   }
 }
 
+// The backward's two products of a row with staged row j, summed over the
+// lane group that owns the row: (x . a, y . b), x and y this lane's dims.
+template <int D>
+__device__ __forceinline__ float2 dot_pair(const float (&x)[32], const float (&a)[D], const float (&y)[32],
+                                           const float (&b)[D], int part) {
+  float s = 0, t = 0;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const int d = Split<D>::dim(i, part);
+    s += x[i] * a[d];
+    t += y[i] * b[d];
+  }
+  return make_float2(Split<D>::reduce(s), Split<D>::reduce(t));
+}
+
 __device__ __forceinline__ int64_t row_index(const BranchGrid& g, int64_t b, int64_t pos, int64_t h) {
   return (b * g.n + pos) * g.heads + h;
 }
@@ -230,15 +245,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     __syncthreads();
 #pragma unroll 4
     for (int j = 0; j < kTile; ++j) {
-      float s = 0, dp = 0;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        int d = S::dim(i, part);
-        s += qr[i] * ks[j][d];
-        dp += dor[i] * vs[j][d];
-      }
-      s = S::reduce(s);
-      dp = S::reduce(dp);
+      const auto [s, dp] = dot_pair<D>(qr, ks[j], dor, vs[j], part);
       int64_t tk = k0 + j;
       bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
       float ds;
@@ -319,15 +326,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     __syncthreads();
 #pragma unroll 4
     for (int j = 0; j < kTile; ++j) {
-      float s = 0, dp = 0;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        int d = S::dim(i, part);
-        s += kr[i] * qs[j][d];
-        dp += vr[i] * dos[j][d];
-      }
-      s = S::reduce(s);
-      dp = S::reduce(dp);
+      const auto [s, dp] = dot_pair<D>(kr, qs[j], vr, dos[j], part);
       int64_t tq = q0 + j;
       bool visible = active && tq < w.rows.count && (!kCausal || tq >= t);
       float p = visible ? exp2f(s - l2s[j]) : 0.f;
