@@ -60,7 +60,7 @@ std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
 }
 #endif
 
-// bfloat16 on tensor cores. A branch with dilation 1 keeps every row, so
+// bfloat16 (and float32 as TF32) on tensor cores. A branch with dilation 1 keeps every row, so
 // running it first lets it overwrite the accumulators (no init pass); a lone
 // such branch (vanilla attention) writes the bf16 output directly. `order`
 // holds indices into config.branches: the dropout mask of a branch is keyed by
@@ -76,31 +76,18 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   const bool covers = config.branches[order.front()].dilation == 1;
   const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
   auto* lse_ptr = static_cast<float*>(lse.raw_data());
-  if (q.dtype() == DType::Float32) {  // TF32: the float32 output is its own accumulator
-    if (!covers) {
-      zero(out);
-      unary(UnaryOp::Fill, lse, -INFINITY, lse);
-    }
-    for (size_t i = 0; i < order.size(); ++i) {
-      BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
-      grid_of(g, s);
-      forward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), g, s.b, s.d, config.causal,
-                   scale_log2, branch_dropout(config, order[i], s),
-                   i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge, static_cast<float*>(out.raw_data()),
-                   lse_ptr);
-    }
-    return;
-  }
-  auto* out_ptr = static_cast<BFloat16*>(out.raw_data());
-  Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
-  if (order.size() == 1 && covers) {
+  const bool fp32 = q.dtype() == DType::Float32;
+  auto* out_ptr = fp32 ? nullptr : static_cast<BFloat16*>(out.raw_data());
+  if (!fp32 && order.size() == 1 && covers) {
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s);  // size check
-    forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, branch_dropout(config, 0, s),
-                MergeMode::kSingle, nullptr, lse_ptr, out_ptr);
+    forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,
+                config.causal, scale_log2, branch_dropout(config, 0, s), MergeMode::kSingle, nullptr, lse_ptr,
+                out_ptr);
     return;
   }
-  Tensor o_acc = fp32_buffer(out);
+  // The fp32 accumulator: float32's output itself (TF32), else a buffer.
+  Tensor o_acc = fp32 ? out : fp32_buffer(out);
   if (!covers) {
     zero(o_acc);
     unary(UnaryOp::Fill, lse, -INFINITY, lse);
@@ -108,12 +95,17 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   for (size_t i = 0; i < order.size(); ++i) {
     BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
     grid_of(g, s);
-    forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2,
-                branch_dropout(config, order[i], s),
-                i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge,
-                static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
+    const MergeMode mode = i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge;
+    const BranchDropout drop = branch_dropout(config, order[i], s);
+    auto* acc = static_cast<float*>(o_acc.raw_data());
+    if (fp32)
+      forward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), g, s.b, s.d, config.causal, scale_log2,
+                   drop, mode, acc, lse_ptr);
+    else
+      forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,
+                  config.causal, scale_log2, drop, mode, acc, lse_ptr, out_ptr);
   }
-  copy(o_acc, out);
+  if (!fp32) copy(o_acc, out);
 }
 
 }  // namespace

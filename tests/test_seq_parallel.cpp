@@ -214,6 +214,21 @@ TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
   for (const CountingComm::Log& log : logs) CHECK(log == CountingComm::Log{{4, 4}, {2 * 1 * 8 * 3, 4}});
 }
 
+namespace {
+
+// Each rank's collectives for one forward of case c over P chunks of n tokens (q = k = v).
+std::vector<CountingComm::Log> communication_logs(const Case& c, int64_t n, int P) {
+  const Inputs in = make_inputs(c);
+  DilatedAttentionConfig config;
+  config.branches = c.branches;
+  return run_ranks(P, [&](dist::Communicator& comm) {
+    const Tensor q = in.q.narrow(1, n * comm.rank(), n).contiguous();
+    ops::seq_parallel_dilated_attention(q, q, q, config, comm);
+  });
+}
+
+}  // namespace
+
 TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in P at fixed N/P") {
   // Chunks of n = 12 tokens, B = 1, H = 2, D = 3. Branch (24, 2): segment s
   // covers chunks 2s and 2s + 1, so each rank gathers within its own pair
@@ -225,13 +240,7 @@ TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in
   for (int P : {2, 4, 6}) {
     CAPTURE(P);
     const Case c{B, n * P, H, D, {{24, 2}}, true};
-    const Inputs in = make_inputs(c);
-    DilatedAttentionConfig config;
-    config.branches = c.branches;
-    const std::vector<CountingComm::Log> logs = run_ranks(P, [&](dist::Communicator& comm) {
-      const Tensor q = in.q.narrow(1, n * comm.rank(), n).contiguous();
-      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
-    });
+    const std::vector<CountingComm::Log> logs = communication_logs(c, n, P);
     for (const CountingComm::Log& log : logs) CHECK(log == CountingComm::Log{{4, P}, {2 * B * (H * 6) * D, 2}});
     check_case(c, even_chunks(c.N, P));
   }
@@ -242,13 +251,7 @@ TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in
     // Kept rows (r = 3, offsets h mod 3 = 0, 1) per head: 6 per segment,
     // 4 + 2 or 2 + 4 split between the two ranks, so R = 2 heads x 4.
     const Case c{B, n * P, H, D, {{18, 3}}, true};
-    const Inputs in = make_inputs(c);
-    DilatedAttentionConfig config;
-    config.branches = c.branches;
-    const std::vector<CountingComm::Log> logs = run_ranks(P, [&](dist::Communicator& comm) {
-      const Tensor q = in.q.narrow(1, n * comm.rank(), n).contiguous();
-      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
-    });
+    const std::vector<CountingComm::Log> logs = communication_logs(c, n, P);
     for (int p = 0; p < P; ++p) {
       CAPTURE(p);
       // Ranks 3k and 3k + 2 take part in one segment, 3k + 1 in two.
