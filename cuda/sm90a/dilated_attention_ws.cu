@@ -292,11 +292,15 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       o[dt][3] *= corr[1];
     }
   };
+  // kMerge: the rows' lse and accumulators, loaded under the last product.
+  MergeInputs<D> merge_in;
   // The last tile: O += P V.
   auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
     const int sl = (n_tiles - 1) % kStages;
     hopper::mbar_wait(&v_full[sl], ((n_tiles - 1) / kStages) & 1);
     issue_pv(o_flat, p_last, v_desc(sl));
+    if constexpr (kMode == MergeMode::kMerge)
+      load_merge_inputs<D>(merge_in, q_row0, g, batch, head, rows, p.o_acc, p.lse);
     wgmma::wait<0>();
     wgmma::fence_operands(o_flat);
     if (lane == 0) hopper::mbar_arrive(&empty[sl]);
@@ -314,7 +318,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     finish(pf);
   }
   store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
-                              kDropout ? p.drop.mask.scale : 1.f);
+                              kDropout ? p.drop.mask.scale : 1.f, kMode == MergeMode::kMerge ? &merge_in : nullptr);
 }
 
 // ---- backward ----
