@@ -29,6 +29,7 @@ struct PerDevice {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   void* cublas_workspace = nullptr;
+  int* counters = nullptr;
   int sms = 0;
   int cc = 0;
 };
@@ -102,6 +103,17 @@ void* cublaslt_workspace(size_t* nbytes) {
   if (!d.workspace) MINIDL_CUDA_CHECK(cudaMalloc(&d.workspace, kLtWorkspace));
   *nbytes = kLtWorkspace;
   return d.workspace;
+}
+
+int* scheduler_counters() {
+  PerDevice& d = current();
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!d.counters) {  // once per device, before any launch that uses them
+    MINIDL_CUDA_CHECK(cudaMalloc(&d.counters, 2 * sizeof(int)));
+    MINIDL_CUDA_CHECK(cudaMemset(d.counters, 0, 2 * sizeof(int)));
+    MINIDL_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  return d.counters;
 }
 
 std::unique_lock<std::mutex> lock_device_queue() { return std::unique_lock<std::mutex>(current().queue); }
