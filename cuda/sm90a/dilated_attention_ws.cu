@@ -51,10 +51,10 @@ struct Smem {
   static constexpr int kV = kK + kStages * KTile::kBytes;
   static constexpr int kBars = kV + kStages * KTile::kBytes;
   static constexpr int kNumBars = 4 + 3 * kStages;  // q_full[2], q_empty[2], k_full[], v_full[], empty[]
-  static constexpr int kItems = kBars + kNumBars * 8;  // [2] int64: the item in each Q slot, -1: none left
+  static constexpr int kItems = kBars + kNumBars * 8;  // [2] FwdItem: the item in each Q slot
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
-  static constexpr int kBytes = kItems + 2 * 8 + 1024;
+  static constexpr int kBytes = kItems + 2 * 64 + 1024;
 };
 
 struct WsParams {
@@ -67,6 +67,7 @@ struct WsParams {
   BFloat16* out;
   int64_t batch_heads;  // B H
   int64_t items;        // segments x tiles_per_segment x B H
+  int64_t group;        // (segment, batch-head) pairs whose K/V share L2: fwd_item
   int* work;            // [2] zero at launch: items handed out, blocks done (the last one zeroes both)
 };
 
@@ -178,19 +179,26 @@ __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kB
 }
 
 // One work item of the persistent forward: a 128-row query tile of one
-// (batch, head, segment). Items are numbered heaviest first (the causal tile
-// rank is the slowest index), so the last ones handed out are the shortest.
+// (batch, head, segment). Items come in groups of p.group (segment,
+// batch-head) pairs, as many as keep their K and V within about half of L2
+// (tiles of one pair read the same K/V); inside a group the causal tile rank
+// is the slowest index, heaviest first, so the last items handed out are the
+// shortest. n_tiles: key tiles; 0: the tile lies past the row set; -1: no
+// items left (the producer's stop mark to the consumers).
 struct FwdItem {
   int64_t batch, head, t0;
   RowSet rows;
-  int n_tiles;  // key tiles; 0: the tile lies past the row set
+  int n_tiles;
 };
 
 template <bool kCausal>
-__device__ __forceinline__ FwdItem fwd_item(const BranchGrid& g, int64_t batch_heads, int64_t item) {
-  const int64_t per_rank = g.segments * batch_heads;
-  const int64_t rank = item / per_rank, rest = item % per_rank;
-  const int64_t segment = rest / batch_heads, bh = rest % batch_heads;
+__device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
+  const BranchGrid& g = p.g;
+  const int64_t pairs = g.segments * p.batch_heads, per_group = p.group * g.tiles_per_segment;
+  const int64_t first_pair = item / per_group * p.group, in_group = item % per_group;
+  const int64_t group_pairs = min(p.group, pairs - first_pair);
+  const int64_t rank = in_group / group_pairs, pair = first_pair + in_group % group_pairs;
+  const int64_t segment = pair / p.batch_heads, bh = pair % p.batch_heads;
   FwdItem w;
   w.batch = bh / g.heads;
   w.head = bh % g.heads;
@@ -219,7 +227,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   uint64_t* k_full = bars + 4;
   uint64_t* v_full = bars + 4 + kStages;
   uint64_t* empty = bars + 4 + 2 * kStages;
-  volatile int64_t* item_of_slot = reinterpret_cast<int64_t*>(smem + Smem::kItems);
+  FwdItem* item_of_slot = reinterpret_cast<FwdItem*>(smem + Smem::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
 
   if (threadIdx.x == 0) {
@@ -250,10 +258,13 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     int ring = 0;  // K/V tiles loaded so far
     for (int n = 0;; ++n) {
       FwdItem w{};
-      while (item < p.items && (w = fwd_item<kCausal>(g, p.batch_heads, item)).n_tiles == 0) item = next_item();
+      while (item < p.items && (w = fwd_item<kCausal>(p, item)).n_tiles == 0) item = next_item();
+      if (item >= p.items) w.n_tiles = -1;
       const int slot = n & 1;
       hopper::mbar_wait(&q_empty[slot], ((n >> 1) & 1) ^ 1);
-      if (lane == 0) item_of_slot[slot] = item < p.items ? item : -1;
+      // Decoded once, here: the consumers read it after q_full[slot] (each
+      // lane's arrival releases its own stores; lane 0 made these).
+      if (lane == 0) item_of_slot[slot] = w;
       if (item >= p.items) {  // none left: the consumers stop at this slot
         hopper::mbar_arrive(&q_full[slot]);
         break;
@@ -278,6 +289,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     if (lane == 0) {
       __threadfence();
       if (atomicAdd(&p.work[1], 1) == static_cast<int>(gridDim.x) - 1) {
+        __threadfence();  // every other block's takes and counts before the reset
         p.work[0] = 0;
         p.work[1] = 0;
       }
@@ -298,9 +310,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   for (int n = 0;; ++n) {
     const int slot = n & 1;
     hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
-    const int64_t item = item_of_slot[slot];
-    if (item < 0) break;
-    const FwdItem w = fwd_item<kCausal>(g, p.batch_heads, item);
+    const FwdItem w = item_of_slot[slot];
+    if (w.n_tiles < 0) break;
     const int64_t batch = w.batch, head = w.head;
     const RowSet& rows = w.rows;
     const int n_tiles = w.n_tiles;
@@ -885,6 +896,9 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
+  // Pairs per group: their K and V (kept rows x D x 2 bytes, twice) within ~24 MB, half the H200's L2.
+  const int64_t kv_bytes = ((g.w + g.r - 1) / g.r) * D * 2 * 2;
+  p.group = std::max<int64_t>(1, (int64_t(24) << 20) / std::max<int64_t>(kv_bytes, 1));
   p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
