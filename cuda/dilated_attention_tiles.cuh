@@ -173,17 +173,47 @@ __device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, in
   }
 }
 
+// What a merge reads for the two rows (q_row, q_row + 8) a lane holds: their
+// lse and this lane's columns of their fp32 accumulators. A kernel can load
+// them ahead of its epilogue (load_merge_inputs), under its last products:
+// with one block per SM an epilogue's load latency is otherwise exposed.
+template <int D>
+struct MergeInputs {
+  float lse[2];
+  float2 acc[2][D / 8];
+};
+
+template <int D>
+__device__ __forceinline__ void load_merge_inputs(MergeInputs<D>& in, int64_t q_row, const BranchGrid& g,
+                                                  int64_t batch, int64_t head, const RowSet& rows,
+                                                  const float* o_acc, const float* lse) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t tq = q_row + r * 8;
+    const bool valid = tq < rows.count;
+    const int64_t ri = (batch * g.n + rows.base + (valid ? tq : 0) * rows.stride) * g.heads + head;
+    in.lse[r] = valid ? lse[ri] : -INFINITY;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      in.acc[r][dt] = valid ? *reinterpret_cast<const float2*>(o_acc + ri * D + dt * 8 + 2 * (lane % 4))
+                            : make_float2(0.f, 0.f);
+  }
+}
+
 // Finishes the two rows (q_row, q_row + 8) a lane holds in the accumulator
 // layout: sums l over the quad, then stores the normalised output and lse
 // (kSingle), or writes (kWrite) or log-sum-exp merges (kMerge) them into the
 // fp32 accumulators. o[dt] is 8-column chunk dt of both rows. The output is
 // o * out_scale / l: out_scale is the dropout scale when o summed unscaled kept weights.
+// kMerge reads `pre` when given (load_merge_inputs), else loads its inputs here.
 template <int D, MergeMode kMode>
 __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], const float (&m_row)[2],
                                                   const float (&l_row)[2], int64_t q_row, float scale_log2,
                                                   const BranchGrid& g, int64_t batch, int64_t head,
                                                   const RowSet& rows, float* o_acc, float* lse,
-                                                  BFloat16* out, float out_scale = 1.f) {
+                                                  BFloat16* out, float out_scale = 1.f,
+                                                  const MergeInputs<D>* pre = nullptr) {
   constexpr int kDTiles = D / 8;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -211,7 +241,7 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
     } else {
       float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
       if constexpr (kMode == MergeMode::kMerge) {
-        float lse_old = valid ? lse[ri] : -INFINITY;
+        float lse_old = pre ? pre->lse[r] : valid ? lse[ri] : -INFINITY;
         if (lse_old != -INFINITY) {
           lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
           w_old = expf(lse_old - lse_new);
@@ -224,8 +254,9 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           int col = dt * 8 + 2 * (lane % 4);
-          float2 prev = kMode == MergeMode::kMerge ? *reinterpret_cast<float2*>(dst + col)
-                                                   : make_float2(0.f, 0.f);
+          float2 prev = kMode != MergeMode::kMerge ? make_float2(0.f, 0.f)
+                        : pre                     ? pre->acc[r][dt]
+                                                  : *reinterpret_cast<float2*>(dst + col);
           *reinterpret_cast<float2*>(dst + col) = make_float2(
               w_old * prev.x + w_new * o[dt][2 * r], w_old * prev.y + w_new * o[dt][2 * r + 1]);
         }

@@ -29,6 +29,7 @@ struct PerDevice {
   cublasLtHandle_t lt = nullptr;
   void* workspace = nullptr;
   void* cublas_workspace = nullptr;
+  int* counters = nullptr;
   int sms = 0;
   int cc = 0;
 };
@@ -53,6 +54,10 @@ PerDevice& current() {
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
       d.cc = major * 10 + minor;
+      // Made with the stream, before any capture could be under way; zeroed
+      // in stream order ahead of every launch that uses them.
+      MINIDL_CUDA_CHECK(cudaMalloc(&d.counters, 2 * sizeof(int)));
+      MINIDL_CUDA_CHECK(cudaMemsetAsync(d.counters, 0, 2 * sizeof(int), s));
       d.stream = s;
     }
   }
@@ -103,6 +108,8 @@ void* cublaslt_workspace(size_t* nbytes) {
   *nbytes = kLtWorkspace;
   return d.workspace;
 }
+
+int* scheduler_counters() { return current().counters; }
 
 std::unique_lock<std::mutex> lock_device_queue() { return std::unique_lock<std::mutex>(current().queue); }
 

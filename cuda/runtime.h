@@ -36,6 +36,11 @@ template <typename... Kernels>
 void allow_dynamic_smem(int bytes, Kernels... kernels) {
   (allow_dynamic_smem(reinterpret_cast<const void*>(kernels), bytes), ...);
 }
+// Two ints of device memory per device, zero between launches, for the
+// work counters of persistent kernels: a launch hands out work items from
+// [0] and counts finished blocks in [1]; its last block zeroes both again.
+// One stream per device orders the launches that use them.
+int* scheduler_counters();
 int current_device();
 int multiprocessor_count();
 // major * 10 + minor of the current device, e.g. 90 for an H100.

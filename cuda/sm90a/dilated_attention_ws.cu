@@ -23,6 +23,8 @@
 // last r - 1 positions) are gathered by the producer warp with plain loads.
 #include <cudaTypedefs.h>
 
+#include <algorithm>
+
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/hopper.cuh"
@@ -44,14 +46,15 @@ using QTile = SmemTile<kBr, D>;
 using KTile = SmemTile<kBc, D>;
 
 struct Smem {
-  static constexpr int kQ = 0;
-  static constexpr int kK = kQ + QTile::kBytes;
+  static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
+  static constexpr int kK = kQ + 2 * QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
   static constexpr int kBars = kV + kStages * KTile::kBytes;
-  static constexpr int kNumBars = 1 + 3 * kStages;  // q_full, k_full[], v_full[], empty[]
+  static constexpr int kNumBars = 4 + 3 * kStages;  // q_full[2], q_empty[2], k_full[], v_full[], empty[]
+  static constexpr int kItems = kBars + kNumBars * 8;  // [2] FwdItem: the item in each Q slot
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
-  static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
+  static constexpr int kBytes = kItems + 2 * 64 + 1024;
 };
 
 struct WsParams {
@@ -62,6 +65,10 @@ struct WsParams {
   BranchDropout drop;
   float *o_acc, *lse;
   BFloat16* out;
+  int64_t batch_heads;  // B H
+  int64_t items;        // segments x tiles_per_segment x B H
+  int64_t group;        // (segment, batch-head) pairs whose K/V share L2: fwd_item
+  int* work;            // [2] zero at launch: items handed out, blocks done (the last one zeroes both)
 };
 
 // Every barrier a producer warp completes takes one arrival per lane: each
@@ -171,6 +178,42 @@ __device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kB
   wgmma::commit();
 }
 
+// One work item of the persistent forward: a 128-row query tile of one
+// (batch, head, segment). Items come in groups of p.group (segment,
+// batch-head) pairs, as many as keep their K and V within about half of L2
+// (tiles of one pair read the same K/V); inside a group the causal tile rank
+// is the slowest index, heaviest first, so the last items handed out are the
+// shortest. n_tiles: key tiles; 0: the tile lies past the row set; -1: no
+// items left (the producer's stop mark to the consumers).
+struct FwdItem {
+  int64_t batch, head, t0;
+  RowSet rows;
+  int n_tiles;
+};
+
+template <bool kCausal>
+__device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
+  const BranchGrid& g = p.g;
+  const int64_t pairs = g.segments * p.batch_heads, per_group = p.group * g.tiles_per_segment;
+  const int64_t first_pair = item / per_group * p.group, in_group = item % per_group;
+  const int64_t group_pairs = min(p.group, pairs - first_pair);
+  const int64_t rank = in_group / group_pairs, pair = first_pair + in_group % group_pairs;
+  const int64_t segment = pair / p.batch_heads, bh = pair % p.batch_heads;
+  FwdItem w;
+  w.batch = bh / g.heads;
+  w.head = bh % g.heads;
+  w.rows = kept_rows(g.n, g.w, g.r, w.head, segment);
+  w.t0 = (g.tiles_per_segment - 1 - rank) * kBr;
+  const int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
+  w.n_tiles = w.t0 < w.rows.count ? static_cast<int>((key_end + kBc - 1) / kBc) : 0;
+  return w;
+}
+
+// Persistent: each block walks work items, its first one blockIdx.x, the next
+// ones from a device counter (dynamic: a block takes the next item when it
+// can start it). Q is double-buffered and the K/V ring runs on across items,
+// so the producer loads the next item's Q and first K/V tiles while the
+// consumers finish the current one (its last products, its epilogue).
 template <bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
@@ -180,20 +223,18 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
   uint64_t* q_full = bars;
-  uint64_t* k_full = bars + 1;
-  uint64_t* v_full = bars + 1 + kStages;
-  uint64_t* empty = bars + 1 + 2 * kStages;
-
+  uint64_t* q_empty = bars + 2;
+  uint64_t* k_full = bars + 4;
+  uint64_t* v_full = bars + 4 + kStages;
+  uint64_t* empty = bars + 4 + 2 * kStages;
+  FwdItem* item_of_slot = reinterpret_cast<FwdItem*>(smem + Smem::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
-  const BlockRows block = block_rows<true>(g, kBr);
-  const int64_t batch = block.batch, head = block.head, t0 = block.t0;
-  const RowSet rows = block.rows;
-  if (t0 >= rows.count) return;  // uniform across the block
-  const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
-  const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
 
   if (threadIdx.x == 0) {
-    hopper::mbar_init(q_full, kLoadArrivals);
+    for (int q = 0; q < 2; ++q) {
+      hopper::mbar_init(&q_full[q], kLoadArrivals);
+      hopper::mbar_init(&q_empty[q], kConsumerWarps);
+    }
     for (int s = 0; s < kStages; ++s) {
       hopper::mbar_init(&k_full[s], kLoadArrivals);
       hopper::mbar_init(&v_full[s], kLoadArrivals);
@@ -207,17 +248,51 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<kProducerRegs>();
     if (threadIdx.x >= 32) return;
-    const int64_t first = batch * g.n + rows.base;  // flattened position of row t = 0
-    const int o = static_cast<int>(first % g.r);
-    const int64_t j0 = first / g.r;
-    load_rows<kBr>(smem + Smem::kQ, &qmap, p.q, q_full, p.map_rows, batch, head, rows, o, j0, t0);
-    for (int j = 0; j < n_tiles; ++j) {
-      const int s = j % kStages;
-      hopper::mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
-      load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, batch, head, rows, o,
-                     j0, int64_t(j) * kBc);
-      load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, batch, head, rows, o,
-                     j0, int64_t(j) * kBc);
+    const int lane = threadIdx.x;
+    auto next_item = [&] {
+      int64_t next = 0;
+      if (lane == 0) next = gridDim.x + int64_t(atomicAdd(&p.work[0], 1));
+      return __shfl_sync(0xffffffffu, next, 0);
+    };
+    int64_t item = blockIdx.x;
+    int ring = 0;  // K/V tiles loaded so far
+    for (int n = 0;; ++n) {
+      FwdItem w{};
+      while (item < p.items && (w = fwd_item<kCausal>(p, item)).n_tiles == 0) item = next_item();
+      if (item >= p.items) w.n_tiles = -1;
+      const int slot = n & 1;
+      hopper::mbar_wait(&q_empty[slot], ((n >> 1) & 1) ^ 1);
+      // Decoded once, here: the consumers read it after q_full[slot] (each
+      // lane's arrival releases its own stores; lane 0 made these).
+      if (lane == 0) item_of_slot[slot] = w;
+      if (item >= p.items) {  // none left: the consumers stop at this slot
+        hopper::mbar_arrive(&q_full[slot]);
+        break;
+      }
+      const int64_t first = w.batch * g.n + w.rows.base;  // flattened position of row t = 0
+      const int o = static_cast<int>(first % g.r);
+      const int64_t j0 = first / g.r;
+      load_rows<kBr>(smem + Smem::kQ + slot * QTile::kBytes, &qmap, p.q, &q_full[slot], p.map_rows, w.batch, w.head,
+                     w.rows, o, j0, w.t0);
+      for (int j = 0; j < w.n_tiles; ++j, ++ring) {
+        const int s = ring % kStages;
+        hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
+        load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
+                       w.rows, o, j0, int64_t(j) * kBc);
+        load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
+                       w.rows, o, j0, int64_t(j) * kBc);
+      }
+      item = next_item();
+    }
+    // The last block out zeroes the counters for the next launch (every
+    // block's last take precedes its count here).
+    if (lane == 0) {
+      __threadfence();
+      if (atomicAdd(&p.work[1], 1) == static_cast<int>(gridDim.x) - 1) {
+        __threadfence();  // every other block's takes and counts before the reset
+        p.work[0] = 0;
+        p.work[1] = 0;
+      }
     }
     return;
   }
@@ -227,94 +302,114 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   // tile descriptors below then live in uniform registers.
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const int64_t group_row0 = t0 + consumer * 64;
-  const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-  const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + consumer * 64 * 128);
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK), v_desc0 = wgmma::desc_sw128(smem + Smem::kV);
   auto k_desc = [&](int s) { return wgmma::desc_offset(k_desc0, s * KTile::kBytes); };
   auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
-  float o[D / 8][4];
+  int ring = 0;  // K/V tiles consumed so far
+  for (int n = 0;; ++n) {
+    const int slot = n & 1;
+    hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
+    const FwdItem w = item_of_slot[slot];
+    if (w.n_tiles < 0) break;
+    const int64_t batch = w.batch, head = w.head;
+    const RowSet& rows = w.rows;
+    const int n_tiles = w.n_tiles;
+    const int64_t group_row0 = w.t0 + consumer * 64;
+    const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
+    const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
+
+    float o[D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
-  float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-  float s[64], corr[2];
-  uint32_t pf[kBc / 16][4];
-  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
-  uint64_t mask_rows[2] = {0, 0};
-  if constexpr (kDropout) {
-    const uint64_t drop_row0 = dropout_row(p.drop, g, batch, head, rows.base);
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
+    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+    float s[64], corr[2];
+    uint32_t pf[kBc / 16][4];
+    // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
+    uint64_t mask_rows[2] = {0, 0};
+    if constexpr (kDropout) {
+      const uint64_t drop_row0 = dropout_row(p.drop, g, batch, head, rows.base);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t tq = q_row0 + 8 * r;
-      mask_rows[r] = drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+      for (int r = 0; r < 2; ++r) {
+        const int64_t tq = q_row0 + 8 * r;
+        mask_rows[r] = drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+      }
     }
-  }
 
-  auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
-    if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
-      softmax_tile<kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                            p.scale_log2, p.drop.mask, mask_rows);
-    else
-      softmax_tile<kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                             p.scale_log2, p.drop.mask, mask_rows);
-  };
+    auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
+      if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
+        softmax_tile<kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+                                              p.scale_log2, p.drop.mask, mask_rows);
+      else
+        softmax_tile<kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+                                               p.scale_log2, p.drop.mask, mask_rows);
+    };
+    // Ring slot and phase of this item's key tile j.
+    auto stage = [&](int j) { return (ring + j) % kStages; };
+    auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
 
-  hopper::mbar_wait(q_full, 0);
-  hopper::mbar_wait(&k_full[0], 0);
-  issue_s(s, q_desc, k_desc(0));
-  wgmma::wait<0>();
-  wgmma::fence_operands(s);
-  softmax(0, pf);
-
-  // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
-  // into the other P buffer. The loop is unrolled by two so that the buffers
-  // swap roles without a register copy (a copy into a wgmma operand makes
-  // ptxas serialise the wgmma: warning C7513).
-  auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
-    const int sj = j % kStages, sp = (j - 1) % kStages;
-    hopper::mbar_wait(&k_full[sj], (j / kStages) & 1);
-    issue_s(s, q_desc, k_desc(sj));
-    hopper::mbar_wait(&v_full[sp], ((j - 1) / kStages) & 1);
-    issue_pv(o_flat, p_in, v_desc(sp));
-    wgmma::wait<1>();
+    hopper::mbar_wait(&k_full[stage(0)], phase(0));
+    issue_s(s, q_desc, k_desc(stage(0)));
+    wgmma::wait<0>();
     wgmma::fence_operands(s);
-    softmax(int64_t(j) * kBc, p_out);
-    wgmma::wait<0>();
-    wgmma::fence_operands(o_flat);
-    if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
+    softmax(0, pf);
+
+    // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
+    // into the other P buffer. The loop is unrolled by two so that the buffers
+    // swap roles without a register copy (a copy into a wgmma operand makes
+    // ptxas serialise the wgmma: warning C7513).
+    auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
+      const int sj = stage(j), sp = stage(j - 1);
+      hopper::mbar_wait(&k_full[sj], phase(j));
+      issue_s(s, q_desc, k_desc(sj));
+      hopper::mbar_wait(&v_full[sp], phase(j - 1));
+      issue_pv(o_flat, p_in, v_desc(sp));
+      wgmma::wait<1>();
+      wgmma::fence_operands(s);
+      softmax(int64_t(j) * kBc, p_out);
+      wgmma::wait<0>();
+      wgmma::fence_operands(o_flat);
+      if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= corr[0];
-      o[dt][1] *= corr[0];
-      o[dt][2] *= corr[1];
-      o[dt][3] *= corr[1];
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][0] *= corr[0];
+        o[dt][1] *= corr[0];
+        o[dt][2] *= corr[1];
+        o[dt][3] *= corr[1];
+      }
+    };
+    // kMerge: the rows' lse and accumulators, loaded under the last product.
+    MergeInputs<D> merge_in;
+    // The last tile: every S is done, so Q's slot goes back to the producer
+    // (the item after next loads there); then O += P V.
+    auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
+      if (lane == 0) hopper::mbar_arrive(&q_empty[slot]);
+      const int sl = stage(n_tiles - 1);
+      hopper::mbar_wait(&v_full[sl], phase(n_tiles - 1));
+      issue_pv(o_flat, p_last, v_desc(sl));
+      if constexpr (kMode == MergeMode::kMerge)
+        load_merge_inputs<D>(merge_in, q_row0, g, batch, head, rows, p.o_acc, p.lse);
+      wgmma::wait<0>();
+      wgmma::fence_operands(o_flat);
+      if (lane == 0) hopper::mbar_arrive(&empty[sl]);
+    };
+    uint32_t pn[kBc / 16][4];
+    int j = 1;
+    for (; j + 1 < n_tiles; j += 2) {
+      step(j, pf, pn);
+      step(j + 1, pn, pf);
     }
-  };
-  // The last tile: O += P V.
-  auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
-    const int sl = (n_tiles - 1) % kStages;
-    hopper::mbar_wait(&v_full[sl], ((n_tiles - 1) / kStages) & 1);
-    issue_pv(o_flat, p_last, v_desc(sl));
-    wgmma::wait<0>();
-    wgmma::fence_operands(o_flat);
-    if (lane == 0) hopper::mbar_arrive(&empty[sl]);
-  };
-  uint32_t pn[kBc / 16][4];
-  int j = 1;
-  for (; j + 1 < n_tiles; j += 2) {
-    step(j, pf, pn);
-    step(j + 1, pn, pf);
+    if (j < n_tiles) {
+      step(j, pf, pn);
+      finish(pn);
+    } else {
+      finish(pf);
+    }
+    store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
+                                kDropout ? p.drop.mask.scale : 1.f, kMode == MergeMode::kMerge ? &merge_in : nullptr);
+    ring += n_tiles;
   }
-  if (j < n_tiles) {
-    step(j, pf, pn);
-    finish(pn);
-  } else {
-    finish(pf);
-  }
-  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
-                              kDropout ? p.drop.mask.scale : 1.f);
 }
 
 // ---- backward ----
@@ -750,7 +845,8 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   auto plain = forward_ws_kernel<kCausal, kMode, false>;
   auto dropout = forward_ws_kernel<kCausal, kMode, true>;
   allow_dynamic_smem(Smem::kBytes, plain, dropout);
-  dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
+  // Persistent: one block per SM (at most one item each when there are fewer).
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
@@ -798,6 +894,12 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
                 float* lse, BFloat16* out) {
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
+  p.batch_heads = batch * g.heads;
+  p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
+  // Pairs per group: their K and V (kept rows x D x 2 bytes, twice) within ~24 MB, half the H200's L2.
+  const int64_t kv_bytes = ((g.w + g.r - 1) / g.r) * D * 2 * 2;
+  p.group = std::max<int64_t>(1, (int64_t(24) << 20) / std::max<int64_t>(kv_bytes, 1));
+  p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
   const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBr);
