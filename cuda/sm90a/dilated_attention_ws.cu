@@ -577,19 +577,15 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int key_byte = (lane / 4) & 1;
   hopper::mbar_wait(kv_full, 0);
 
-  for (int j = 0; j < n_tiles; ++j) {
+  // S^T = K Q^T and dP^T = V dO^T of tile j (64 keys x 64 queries), issued
+  // one tile ahead: tile j + 1's run on the tensor cores while tile j's dQ
+  // goes out (its shared-memory tile, the bulk reduction).
+  float st[32], dpt[32];
+  auto issue_sdp = [&](int j) {
     const int s = j % kBwdStages;
-    const int64_t q0 = q_first + int64_t(j) * kBm;
     const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
     const uint64_t do_desc = wgmma::desc_offset(do_desc0, s * RowTile::kBytes);
-    const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (j & 1) * KTile::kBytes);
-    const float* l2 = stats + s * 2 * kBm;
-    const float* dl = l2 + kBm;
-    char* ds_tile = smem + L::kDS + (j & 1) * KTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
     hopper::mbar_wait(&q_full[s], (j / kBwdStages) & 1);
-
-    // S^T = K Q^T and dP^T = V dO^T: 64 keys x 64 queries.
-    float st[32], dpt[32];
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
@@ -604,6 +600,20 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       else wgmma::mma_64x64x16_ss<true>(dpt, a, b);
     }
     wgmma::commit();
+  };
+  issue_sdp(0);
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int s = j % kBwdStages;
+    const int64_t q0 = q_first + int64_t(j) * kBm;
+    const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
+    const uint64_t do_desc = wgmma::desc_offset(do_desc0, s * RowTile::kBytes);
+    const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (j & 1) * KTile::kBytes);
+    const float* l2 = stats + s * 2 * kBm;
+    const float* dl = l2 + kBm;
+    char* ds_tile = smem + L::kDS + (j & 1) * KTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
+    const bool has_next = j + 1 < n_tiles;
+
     // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
     // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
     uint32_t keep[2][8];
@@ -708,7 +718,13 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
     }
     wgmma::commit();
-    wgmma::wait<0>();
+    // The next tile's S^T and dP^T behind them; then wait for all but those.
+    if (has_next) {
+      issue_sdp(j + 1);
+      wgmma::wait<1>();
+    } else {
+      wgmma::wait<0>();
+    }
     wgmma::fence_operands(dv);
     wgmma::fence_operands(dk);
     wgmma::fence_operands(dq);
