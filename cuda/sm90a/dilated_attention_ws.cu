@@ -1,5 +1,7 @@
-// Hopper (sm_90a) warp-specialised forward for one dilated-attention branch at
-// head dim 64: the FlashAttention-3 structure (docs/kernel-notes.md, "ws").
+// Hopper (sm_90a) warp-specialised forward (head dim 64 or 128) and backward
+// (64) for one dilated-attention branch: the FlashAttention-3 structure
+// (docs/kernel-notes.md, "ws"). At head dim 128 the forward's key tiles hold
+// 64 keys (O takes 64 registers), and every tile is two 64-column atoms.
 //
 // A block owns 128 kept query rows of one (batch, head, segment) and runs
 // three warpgroups:
@@ -32,18 +34,34 @@
 namespace minidl::cuda::attn {
 namespace {
 
-constexpr int D = 64;
+constexpr int D = 64;     // the backward's head dim (the forward takes 64 and 128)
 constexpr int kBr = 128;  // query rows per block: two consumer warpgroups x 64
-constexpr int kBc = 128;  // keys per tile: S is one m64n128 accumulator per warpgroup
 constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three tiles ahead
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
 constexpr int kConsumerWarps = 8;
 
-using QTile = SmemTile<kBr, D>;
-using KTile = SmemTile<kBc, D>;
+// A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
+// boxes of 64 columns: one [Rows][64] atom per 64 columns, 16-byte chunk c
+// of a row's atom at c ^ (row % 8). At kD = 64, mma::SmemTile's layout.
+template <int Rows, int kD>
+struct AtomTile {
+  static constexpr int kAtoms = kD / 64;
+  static constexpr int kChunks = kD / 8;
+  static constexpr int kAtomBytes = Rows * 128;
+  static constexpr int kBytes = kAtoms * kAtomBytes;
+  static __device__ __forceinline__ char* at(char* base, int row, int chunk) {
+    return base + (chunk / 8) * kAtomBytes + row * 128 + ((chunk % 8) ^ (row & 7)) * 16;
+  }
+};
 
-struct Smem {
+// The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
+// accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
+template <int kD>
+struct FwdShape {
+  static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
+  using QTile = AtomTile<kBr, kD>;
+  using KTile = AtomTile<kBc, kD>;
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
@@ -53,6 +71,7 @@ struct Smem {
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
 };
+using KTile = AtomTile<128, D>;  // the backward's K and V tiles (128 keys)
 
 struct WsParams {
   BranchGrid g;
@@ -70,19 +89,22 @@ struct WsParams {
 constexpr uint32_t kLoadArrivals = 32;
 
 // Loads rows [t_first, t_first + kRows) of a row set into a swizzled tile and
-// completes `bar`: one TMA box when the map reaches every valid row, else the
-// warp gathers the rows (zeros past the row set) and arrives itself.
-template <int kRows>
+// completes `bar`: one TMA box per 64 columns when the map reaches every valid
+// row, else the warp gathers the rows (zeros past the row set) and arrives itself.
+template <int kRows, int kD = D>
 __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, const Operand<BFloat16>& x,
                                           uint64_t* bar, int64_t map_rows, int64_t batch, int64_t head,
                                           const RowSet& rows, int o, int64_t j0, int64_t t_first) {
-  using Tile = SmemTile<kRows, D>;
+  using Tile = AtomTile<kRows, kD>;
   const int lane = threadIdx.x % 32;
   const int64_t t_end = min(t_first + kRows, rows.count);
   if (j0 + t_end - 1 < map_rows) {
     if (lane == 0) {
       hopper::mbar_arrive_expect_tx(bar, Tile::kBytes);
-      hopper::tma_load_4d(dst, map, bar, 0, static_cast<int>(head), o, static_cast<int>(j0 + t_first));
+#pragma unroll
+      for (int a = 0; a < Tile::kAtoms; ++a)
+        hopper::tma_load_4d(dst + a * Tile::kAtomBytes, map, bar, 64 * a, static_cast<int>(head), o,
+                            static_cast<int>(j0 + t_first));
     } else {
       hopper::mbar_arrive(bar);
     }
@@ -106,8 +128,8 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
 // mask_rows: the dropout mask rows of the lane's two rows. kMask: the tile
 // reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
-template <bool kCausal, bool kDropout, bool kMask>
-__device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
+template <int kBc, bool kCausal, bool kDropout, bool kMask>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
                                              const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
@@ -120,7 +142,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
     // key col > diag (+ 8 for the lane's second row) is in the row's future
     const int diag = ahead > kBc ? kBc : ahead < -16 ? -16 : static_cast<int>(ahead);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < kBc / 2; ++i) {
       const int col = (i / 4) * 8 + 2 * (lane % 4) + (i & 1);
       if (col >= limit || (kCausal && col > diag + ((i >> 1) & 1) * 8)) s[i] = -INFINITY;
     }
@@ -152,30 +174,48 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
   }
 }
 
-// q_desc, k_desc, v_desc: descriptors of the tiles (wgmma::desc_sw128).
-__device__ __forceinline__ void issue_s(float (&s)[64], uint64_t q_desc, uint64_t k_desc) {
+// q_desc, k_desc, v_desc: descriptors of the tiles' first atoms
+// (wgmma::desc_sw128); the k-steps past column 64 read the next atom.
+template <int kD, int kBc>
+__device__ __forceinline__ void issue_s(float (&s)[kBc / 2], uint64_t q_desc, uint64_t k_desc) {
+  using S = FwdShape<kD>;
   wgmma::fence();
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    const uint64_t da = wgmma::desc_offset(q_desc, ks * 32), db = wgmma::desc_offset(k_desc, ks * 32);
-    if (ks == 0) wgmma::mma_64x128x16_ss<false>(s, da, db);
-    else wgmma::mma_64x128x16_ss<true>(s, da, db);
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint64_t da = wgmma::desc_offset(q_desc, (ks / 4) * S::QTile::kAtomBytes + (ks % 4) * 32);
+    const uint64_t db = wgmma::desc_offset(k_desc, (ks / 4) * S::KTile::kAtomBytes + (ks % 4) * 32);
+    if constexpr (kBc == 128) {
+      if (ks == 0) wgmma::mma_64x128x16_ss<false>(s, da, db);
+      else wgmma::mma_64x128x16_ss<true>(s, da, db);
+    } else {
+      if (ks == 0) wgmma::mma_64x64x16_ss<false>(s, da, db);
+      else wgmma::mma_64x64x16_ss<true>(s, da, db);
+    }
   }
   wgmma::commit();
 }
 
-__device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kBc / 16][4], uint64_t v_desc) {
+// O += P V; at head dim 128 V's two atoms are one MN-major operand (the
+// descriptor's lbo steps between them).
+template <int kD, int kBc>
+__device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pf)[kBc / 16][4], uint64_t v_desc) {
   wgmma::fence();
 #pragma unroll
-  for (int kk = 0; kk < kBc / 16; ++kk) wgmma::mma_64x64x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
+  for (int kk = 0; kk < kBc / 16; ++kk) {
+    if constexpr (kD == 128) wgmma::mma_64x128x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
+    else wgmma::mma_64x64x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
+  }
   wgmma::commit();
 }
 
-template <bool kCausal, MergeMode kMode, bool kDropout>
+template <int kD, bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const WsParams p) {
+  using Smem = FwdShape<kD>;
+  using KTile = typename Smem::KTile;
+  constexpr int kBc = Smem::kBc;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
@@ -210,13 +250,13 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     const int64_t first = batch * g.n + rows.base;  // flattened position of row t = 0
     const int o = static_cast<int>(first % g.r);
     const int64_t j0 = first / g.r;
-    load_rows<kBr>(smem + Smem::kQ, &qmap, p.q, q_full, p.map_rows, batch, head, rows, o, j0, t0);
+    load_rows<kBr, kD>(smem + Smem::kQ, &qmap, p.q, q_full, p.map_rows, batch, head, rows, o, j0, t0);
     for (int j = 0; j < n_tiles; ++j) {
       const int s = j % kStages;
       hopper::mbar_wait(&empty[s], ((j / kStages) & 1) ^ 1);
-      load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, batch, head, rows, o,
+      load_rows<kBc, kD>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, batch, head, rows, o,
                      j0, int64_t(j) * kBc);
-      load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, batch, head, rows, o,
+      load_rows<kBc, kD>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, batch, head, rows, o,
                      j0, int64_t(j) * kBc);
     }
     return;
@@ -230,16 +270,18 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   const int64_t group_row0 = t0 + consumer * 64;
   const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
   const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + consumer * 64 * 128);
-  const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK), v_desc0 = wgmma::desc_sw128(smem + Smem::kV);
+  const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK);
+  // At head dim 128, lbo steps P V's n from V's first atom to its second.
+  const uint64_t v_desc0 = wgmma::desc_sw128(smem + Smem::kV, 1024, kD == 128 ? KTile::kAtomBytes : 0);
   auto k_desc = [&](int s) { return wgmma::desc_offset(k_desc0, s * KTile::kBytes); };
   auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
-  float o[D / 8][4];
+  float o[kD / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
+  for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float(&o_flat)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(o);
   float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-  float s[64], corr[2];
+  float s[kBc / 2], corr[2];
   uint32_t pf[kBc / 16][4];
   // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
   uint64_t mask_rows[2] = {0, 0};
@@ -254,16 +296,16 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 
   auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
     if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
-      softmax_tile<kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+      softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
                                             p.scale_log2, p.drop.mask, mask_rows);
     else
-      softmax_tile<kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+      softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
                                              p.scale_log2, p.drop.mask, mask_rows);
   };
 
   hopper::mbar_wait(q_full, 0);
   hopper::mbar_wait(&k_full[0], 0);
-  issue_s(s, q_desc, k_desc(0));
+  issue_s<kD, kBc>(s, q_desc, k_desc(0));
   wgmma::wait<0>();
   wgmma::fence_operands(s);
   softmax(0, pf);
@@ -275,9 +317,9 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
     const int sj = j % kStages, sp = (j - 1) % kStages;
     hopper::mbar_wait(&k_full[sj], (j / kStages) & 1);
-    issue_s(s, q_desc, k_desc(sj));
+    issue_s<kD, kBc>(s, q_desc, k_desc(sj));
     hopper::mbar_wait(&v_full[sp], ((j - 1) / kStages) & 1);
-    issue_pv(o_flat, p_in, v_desc(sp));
+    issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
     wgmma::wait<1>();
     wgmma::fence_operands(s);
     softmax(int64_t(j) * kBc, p_out);
@@ -285,7 +327,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     wgmma::fence_operands(o_flat);
     if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
+    for (int dt = 0; dt < kD / 8; ++dt) {
       o[dt][0] *= corr[0];
       o[dt][1] *= corr[0];
       o[dt][2] *= corr[1];
@@ -296,7 +338,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
     const int sl = (n_tiles - 1) % kStages;
     hopper::mbar_wait(&v_full[sl], ((n_tiles - 1) / kStages) & 1);
-    issue_pv(o_flat, p_last, v_desc(sl));
+    issue_pv<kD, kBc>(o_flat, p_last, v_desc(sl));
     wgmma::wait<0>();
     wgmma::fence_operands(o_flat);
     if (lane == 0) hopper::mbar_arrive(&empty[sl]);
@@ -313,7 +355,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   } else {
     finish(pf);
   }
-  store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
+  store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
                               kDropout ? p.drop.mask.scale : 1.f);
 }
 
@@ -731,12 +773,15 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// The (d, head, o, j) map of one operand for dilation r (see the top comment).
-CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64_t map_rows, int box_rows) {
+// The (d, head, o, j) map of one operand for dilation r (see the top comment),
+// at head dim d: boxes of 64 columns (the 128-byte swizzle's width), one per
+// AtomTile atom.
+CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64_t map_rows, int box_rows,
+                     int64_t d = D) {
   CUtensorMap map;
-  const cuuint64_t dims[4] = {D, cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
+  const cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
   const cuuint64_t strides[3] = {cuuint64_t(x.sh) * 2, cuuint64_t(x.sn) * 2, cuuint64_t(r * x.sn) * 2};
-  const cuuint32_t box[4] = {D, 1, 1, cuuint32_t(box_rows)};
+  const cuuint32_t box[4] = {64, 1, 1, cuuint32_t(box_rows)};
   const cuuint32_t elem[4] = {1, 1, 1, 1};
   CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<BFloat16*>(x.ptr), dims,
                                 strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -745,13 +790,14 @@ CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64
   return map;
 }
 
-template <bool kCausal, MergeMode kMode>
+template <int kD, bool kCausal, MergeMode kMode>
 void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
-  auto plain = forward_ws_kernel<kCausal, kMode, false>;
-  auto dropout = forward_ws_kernel<kCausal, kMode, true>;
-  allow_dynamic_smem(Smem::kBytes, plain, dropout);
+  auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
+  auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
+  constexpr int kBytes = FwdShape<kD>::kBytes;
+  allow_dynamic_smem(kBytes, plain, dropout);
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -800,19 +846,26 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
-  const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBr);
-  const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBc);
-  const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBc);
-  auto run = [&](auto causal_tag) {
+  MINIDL_CHECK(g.dim == 64 || g.dim == 128, "dilated_attention (cuda, ws): head dim ", g.dim, " (64 or 128)");
+  auto run = [&](auto dim, auto causal_tag) {
+    constexpr int kD = decltype(dim)::value;
     constexpr bool kCausal = decltype(causal_tag)::value;
+    constexpr int kBc = FwdShape<kD>::kBc;
+    const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBr, kD);
+    const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBc, kD);
+    const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBc, kD);
     switch (mode) {
-      case MergeMode::kWrite: return launch<kCausal, MergeMode::kWrite>(p, qm, km, vm, batch);
-      case MergeMode::kMerge: return launch<kCausal, MergeMode::kMerge>(p, qm, km, vm, batch);
-      case MergeMode::kSingle: return launch<kCausal, MergeMode::kSingle>(p, qm, km, vm, batch);
+      case MergeMode::kWrite: return launch<kD, kCausal, MergeMode::kWrite>(p, qm, km, vm, batch);
+      case MergeMode::kMerge: return launch<kD, kCausal, MergeMode::kMerge>(p, qm, km, vm, batch);
+      case MergeMode::kSingle: return launch<kD, kCausal, MergeMode::kSingle>(p, qm, km, vm, batch);
     }
   };
-  if (causal) run(std::true_type{});
-  else run(std::false_type{});
+  auto with_dim = [&](auto dim) {
+    if (causal) run(dim, std::true_type{});
+    else run(dim, std::false_type{});
+  };
+  if (g.dim == 128) with_dim(std::integral_constant<int, 128>{});
+  else with_dim(std::integral_constant<int, 64>{});
 }
 
 }  // namespace minidl::cuda::attn
