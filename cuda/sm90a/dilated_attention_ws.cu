@@ -5,8 +5,8 @@
 //
 // A block owns 128 kept query rows of one (batch, head, segment) and runs
 // three warpgroups:
-// - a producer, whose first warp loads Q once and streams 128-key K and V
-//   tiles with TMA into a kStages-deep shared-memory ring; each slot has
+// - a producer, whose first warp loads Q once and streams K and V tiles (128
+//   keys at head dim 64, 64 at 128) with TMA into a kStages-deep ring; each slot has
 //   "full" mbarriers (K and V apart, so S can start before V lands) and an
 //   "empty" mbarrier the consumers release it on;
 // - two consumer warpgroups of 64 query rows each. Within a warpgroup,
@@ -20,7 +20,7 @@
 // A branch's kept rows are a strided row set (stride r rows). The tensor maps
 // see the (B, N) positions of q/k/v flattened to P = b N + pos and split as
 // P = o + r j: dims (d, head, o < r, j < J), so the rows of one (batch, head,
-// segment) are the box at (0, h, o, j0 + t). J = floor(B N / r) keeps every
+// segment) are the boxes at (64 a, h, o, j0 + t) for each 64-column atom a. J = floor(B N / r) keeps every
 // address the map can form inside the tensor; the few tail rows past J (the
 // last r - 1 positions) are gathered by the producer warp with plain loads.
 #include <cudaTypedefs.h>
