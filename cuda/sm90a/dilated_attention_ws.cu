@@ -1,10 +1,12 @@
-// Hopper (sm_90a) warp-specialised forward for one dilated-attention branch at
-// head dim 64: the FlashAttention-3 structure (docs/kernel-notes.md, "ws").
+// Hopper (sm_90a) warp-specialised forward (head dim 64 or 128) and backward
+// (64) for one dilated-attention branch: the FlashAttention-3 structure
+// (docs/kernel-notes.md, "ws"). At head dim 128 the forward's key tiles hold
+// 64 keys (O takes 64 registers), and every tile is two 64-column atoms.
 //
 // A block owns 128 kept query rows of one (batch, head, segment) and runs
 // three warpgroups:
-// - a producer, whose first warp loads Q once and streams 128-key K and V
-//   tiles with TMA into a kStages-deep shared-memory ring; each slot has
+// - a producer, whose first warp loads Q once and streams K and V tiles (128
+//   keys at head dim 64, 64 at 128) with TMA into a kStages-deep ring; each slot has
 //   "full" mbarriers (K and V apart, so S can start before V lands) and an
 //   "empty" mbarrier the consumers release it on;
 // - two consumer warpgroups of 64 query rows each. Within a warpgroup,
@@ -18,7 +20,7 @@
 // A branch's kept rows are a strided row set (stride r rows). The tensor maps
 // see the (B, N) positions of q/k/v flattened to P = b N + pos and split as
 // P = o + r j: dims (d, head, o < r, j < J), so the rows of one (batch, head,
-// segment) are the box at (0, h, o, j0 + t). J = floor(B N / r) keeps every
+// segment) are the boxes at (64 a, h, o, j0 + t) for each 64-column atom a. J = floor(B N / r) keeps every
 // address the map can form inside the tensor; the few tail rows past J (the
 // last r - 1 positions) are gathered by the producer warp with plain loads.
 #include <cudaTypedefs.h>
@@ -34,18 +36,34 @@
 namespace minidl::cuda::attn {
 namespace {
 
-constexpr int D = 64;
+constexpr int D = 64;     // the backward's head dim (the forward takes 64 and 128)
 constexpr int kBr = 128;  // query rows per block: two consumer warpgroups x 64
-constexpr int kBc = 128;  // keys per tile: S is one m64n128 accumulator per warpgroup
 constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three tiles ahead
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
 constexpr int kConsumerWarps = 8;
 
-using QTile = SmemTile<kBr, D>;
-using KTile = SmemTile<kBc, D>;
+// A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
+// boxes of 64 columns: one [Rows][64] atom per 64 columns, 16-byte chunk c
+// of a row's atom at c ^ (row % 8). At kD = 64, mma::SmemTile's layout.
+template <int Rows, int kD>
+struct AtomTile {
+  static constexpr int kAtoms = kD / 64;
+  static constexpr int kChunks = kD / 8;
+  static constexpr int kAtomBytes = Rows * 128;
+  static constexpr int kBytes = kAtoms * kAtomBytes;
+  static __device__ __forceinline__ char* at(char* base, int row, int chunk) {
+    return base + (chunk / 8) * kAtomBytes + row * 128 + ((chunk % 8) ^ (row & 7)) * 16;
+  }
+};
 
-struct Smem {
+// The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
+// accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
+template <int kD>
+struct FwdShape {
+  static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
+  using QTile = AtomTile<kBr, kD>;
+  using KTile = AtomTile<kBc, kD>;
   static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
   static constexpr int kK = kQ + 2 * QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
@@ -56,6 +74,7 @@ struct Smem {
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kItems + 2 * 64 + 1024;
 };
+using KTile = AtomTile<128, D>;  // the backward's K and V tiles (128 keys)
 
 struct WsParams {
   BranchGrid g;
@@ -77,19 +96,22 @@ struct WsParams {
 constexpr uint32_t kLoadArrivals = 32;
 
 // Loads rows [t_first, t_first + kRows) of a row set into a swizzled tile and
-// completes `bar`: one TMA box when the map reaches every valid row, else the
-// warp gathers the rows (zeros past the row set) and arrives itself.
-template <int kRows>
+// completes `bar`: one TMA box per 64 columns when the map reaches every valid
+// row, else the warp gathers the rows (zeros past the row set) and arrives itself.
+template <int kRows, int kD = D>
 __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, const Operand<BFloat16>& x,
                                           uint64_t* bar, int64_t map_rows, int64_t batch, int64_t head,
                                           const RowSet& rows, int o, int64_t j0, int64_t t_first) {
-  using Tile = SmemTile<kRows, D>;
+  using Tile = AtomTile<kRows, kD>;
   const int lane = threadIdx.x % 32;
   const int64_t t_end = min(t_first + kRows, rows.count);
   if (j0 + t_end - 1 < map_rows) {
     if (lane == 0) {
       hopper::mbar_arrive_expect_tx(bar, Tile::kBytes);
-      hopper::tma_load_4d(dst, map, bar, 0, static_cast<int>(head), o, static_cast<int>(j0 + t_first));
+#pragma unroll
+      for (int a = 0; a < Tile::kAtoms; ++a)
+        hopper::tma_load_4d(dst + a * Tile::kAtomBytes, map, bar, 64 * a, static_cast<int>(head), o,
+                            static_cast<int>(j0 + t_first));
     } else {
       hopper::mbar_arrive(bar);
     }
@@ -113,8 +135,8 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
 // mask_rows: the dropout mask rows of the lane's two rows. kMask: the tile
 // reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
-template <bool kCausal, bool kDropout, bool kMask>
-__device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
+template <int kBc, bool kCausal, bool kDropout, bool kMask>
+__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
                                              const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
@@ -127,7 +149,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
     // key col > diag (+ 8 for the lane's second row) is in the row's future
     const int diag = ahead > kBc ? kBc : ahead < -16 ? -16 : static_cast<int>(ahead);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < kBc / 2; ++i) {
       const int col = (i / 4) * 8 + 2 * (lane % 4) + (i & 1);
       if (col >= limit || (kCausal && col > diag + ((i >> 1) & 1) * 8)) s[i] = -INFINITY;
     }
@@ -159,22 +181,37 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], uint32_t (&pf)[kBc 
   }
 }
 
-// q_desc, k_desc, v_desc: descriptors of the tiles (wgmma::desc_sw128).
-__device__ __forceinline__ void issue_s(float (&s)[64], uint64_t q_desc, uint64_t k_desc) {
+// q_desc, k_desc, v_desc: descriptors of the tiles' first atoms
+// (wgmma::desc_sw128); the k-steps past column 64 read the next atom.
+template <int kD, int kBc>
+__device__ __forceinline__ void issue_s(float (&s)[kBc / 2], uint64_t q_desc, uint64_t k_desc) {
+  using S = FwdShape<kD>;
   wgmma::fence();
 #pragma unroll
-  for (int ks = 0; ks < D / 16; ++ks) {
-    const uint64_t da = wgmma::desc_offset(q_desc, ks * 32), db = wgmma::desc_offset(k_desc, ks * 32);
-    if (ks == 0) wgmma::mma_64x128x16_ss<false>(s, da, db);
-    else wgmma::mma_64x128x16_ss<true>(s, da, db);
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint64_t da = wgmma::desc_offset(q_desc, (ks / 4) * S::QTile::kAtomBytes + (ks % 4) * 32);
+    const uint64_t db = wgmma::desc_offset(k_desc, (ks / 4) * S::KTile::kAtomBytes + (ks % 4) * 32);
+    if constexpr (kBc == 128) {
+      if (ks == 0) wgmma::mma_64x128x16_ss<false>(s, da, db);
+      else wgmma::mma_64x128x16_ss<true>(s, da, db);
+    } else {
+      if (ks == 0) wgmma::mma_64x64x16_ss<false>(s, da, db);
+      else wgmma::mma_64x64x16_ss<true>(s, da, db);
+    }
   }
   wgmma::commit();
 }
 
-__device__ __forceinline__ void issue_pv(float (&o)[32], const uint32_t (&pf)[kBc / 16][4], uint64_t v_desc) {
+// O += P V; at head dim 128 V's two atoms are one MN-major operand (the
+// descriptor's lbo steps between them).
+template <int kD, int kBc>
+__device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pf)[kBc / 16][4], uint64_t v_desc) {
   wgmma::fence();
 #pragma unroll
-  for (int kk = 0; kk < kBc / 16; ++kk) wgmma::mma_64x64x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
+  for (int kk = 0; kk < kBc / 16; ++kk) {
+    if constexpr (kD == 128) wgmma::mma_64x128x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
+    else wgmma::mma_64x64x16_rs_mn(o, pf[kk], wgmma::desc_offset(v_desc, kk * 16 * 128));
+  }
   wgmma::commit();
 }
 
@@ -191,7 +228,7 @@ struct FwdItem {
   int n_tiles;
 };
 
-template <bool kCausal>
+template <int kBc, bool kCausal>
 __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   const BranchGrid& g = p.g;
   const int64_t pairs = g.segments * p.batch_heads, per_group = p.group * g.tiles_per_segment;
@@ -214,11 +251,15 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
 // can start it). Q is double-buffered and the K/V ring runs on across items,
 // so the producer loads the next item's Q and first K/V tiles while the
 // consumers finish the current one (its last products, its epilogue).
-template <bool kCausal, MergeMode kMode, bool kDropout>
+template <int kD, bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const WsParams p) {
+  using Smem = FwdShape<kD>;
+  using QTile = typename Smem::QTile;
+  using KTile = typename Smem::KTile;
+  constexpr int kBc = Smem::kBc;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Smem::kBars);
@@ -258,7 +299,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     int ring = 0;  // K/V tiles loaded so far
     for (int n = 0;; ++n) {
       FwdItem w{};
-      while (item < p.items && (w = fwd_item<kCausal>(p, item)).n_tiles == 0) item = next_item();
+      while (item < p.items && (w = fwd_item<kBc, kCausal>(p, item)).n_tiles == 0) item = next_item();
       if (item >= p.items) w.n_tiles = -1;
       const int slot = n & 1;
       hopper::mbar_wait(&q_empty[slot], ((n >> 1) & 1) ^ 1);
@@ -272,14 +313,14 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       const int64_t first = w.batch * g.n + w.rows.base;  // flattened position of row t = 0
       const int o = static_cast<int>(first % g.r);
       const int64_t j0 = first / g.r;
-      load_rows<kBr>(smem + Smem::kQ + slot * QTile::kBytes, &qmap, p.q, &q_full[slot], p.map_rows, w.batch, w.head,
+      load_rows<kBr, kD>(smem + Smem::kQ + slot * QTile::kBytes, &qmap, p.q, &q_full[slot], p.map_rows, w.batch, w.head,
                      w.rows, o, j0, w.t0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
         const int s = ring % kStages;
         hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
-        load_rows<kBc>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
+        load_rows<kBc, kD>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
                        w.rows, o, j0, int64_t(j) * kBc);
-        load_rows<kBc>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
+        load_rows<kBc, kD>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
                        w.rows, o, j0, int64_t(j) * kBc);
       }
       item = next_item();
@@ -302,7 +343,9 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   // tile descriptors below then live in uniform registers.
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-  const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK), v_desc0 = wgmma::desc_sw128(smem + Smem::kV);
+  const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK);
+  // At head dim 128, lbo steps P V's n from V's first atom to its second.
+  const uint64_t v_desc0 = wgmma::desc_sw128(smem + Smem::kV, 1024, kD == 128 ? KTile::kAtomBytes : 0);
   auto k_desc = [&](int s) { return wgmma::desc_offset(k_desc0, s * KTile::kBytes); };
   auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
@@ -319,12 +362,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
     const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
 
-    float o[D / 8][4];
+    float o[kD / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
+    for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float(&o_flat)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(o);
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-    float s[64], corr[2];
+    float s[kBc / 2], corr[2];
     uint32_t pf[kBc / 16][4];
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     uint64_t mask_rows[2] = {0, 0};
@@ -339,10 +382,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 
     auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
       if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
-        softmax_tile<kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+        softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
                                               p.scale_log2, p.drop.mask, mask_rows);
       else
-        softmax_tile<kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+        softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
                                                p.scale_log2, p.drop.mask, mask_rows);
     };
     // Ring slot and phase of this item's key tile j.
@@ -350,7 +393,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
 
     hopper::mbar_wait(&k_full[stage(0)], phase(0));
-    issue_s(s, q_desc, k_desc(stage(0)));
+    issue_s<kD, kBc>(s, q_desc, k_desc(stage(0)));
     wgmma::wait<0>();
     wgmma::fence_operands(s);
     softmax(0, pf);
@@ -362,9 +405,9 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
       const int sj = stage(j), sp = stage(j - 1);
       hopper::mbar_wait(&k_full[sj], phase(j));
-      issue_s(s, q_desc, k_desc(sj));
+      issue_s<kD, kBc>(s, q_desc, k_desc(sj));
       hopper::mbar_wait(&v_full[sp], phase(j - 1));
-      issue_pv(o_flat, p_in, v_desc(sp));
+      issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
       wgmma::wait<1>();
       wgmma::fence_operands(s);
       softmax(int64_t(j) * kBc, p_out);
@@ -372,7 +415,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
+      for (int dt = 0; dt < kD / 8; ++dt) {
         o[dt][0] *= corr[0];
         o[dt][1] *= corr[0];
         o[dt][2] *= corr[1];
@@ -380,16 +423,16 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       }
     };
     // kMerge: the rows' lse and accumulators, loaded under the last product.
-    MergeInputs<D> merge_in;
+    MergeInputs<kD> merge_in;
     // The last tile: every S is done, so Q's slot goes back to the producer
     // (the item after next loads there); then O += P V.
     auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
       if (lane == 0) hopper::mbar_arrive(&q_empty[slot]);
       const int sl = stage(n_tiles - 1);
       hopper::mbar_wait(&v_full[sl], phase(n_tiles - 1));
-      issue_pv(o_flat, p_last, v_desc(sl));
+      issue_pv<kD, kBc>(o_flat, p_last, v_desc(sl));
       if constexpr (kMode == MergeMode::kMerge)
-        load_merge_inputs<D>(merge_in, q_row0, g, batch, head, rows, p.o_acc, p.lse);
+        load_merge_inputs<kD>(merge_in, q_row0, g, batch, head, rows, p.o_acc, p.lse);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sl]);
@@ -406,7 +449,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     } else {
       finish(pf);
     }
-    store_branch_rows<D, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
+    store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
                                 kDropout ? p.drop.mask.scale : 1.f, kMode == MergeMode::kMerge ? &merge_in : nullptr);
     ring += n_tiles;
   }
@@ -842,12 +885,15 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// The (d, head, o, j) map of one operand for dilation r (see the top comment).
-CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64_t map_rows, int box_rows) {
+// The (d, head, o, j) map of one operand for dilation r (see the top comment),
+// at head dim d: boxes of 64 columns (the 128-byte swizzle's width), one per
+// AtomTile atom.
+CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64_t map_rows, int box_rows,
+                     int64_t d = D) {
   CUtensorMap map;
-  const cuuint64_t dims[4] = {D, cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
+  const cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
   const cuuint64_t strides[3] = {cuuint64_t(x.sh) * 2, cuuint64_t(x.sn) * 2, cuuint64_t(r * x.sn) * 2};
-  const cuuint32_t box[4] = {D, 1, 1, cuuint32_t(box_rows)};
+  const cuuint32_t box[4] = {64, 1, 1, cuuint32_t(box_rows)};
   const cuuint32_t elem[4] = {1, 1, 1, 1};
   CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<BFloat16*>(x.ptr), dims,
                                 strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -856,14 +902,15 @@ CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64
   return map;
 }
 
-template <bool kCausal, MergeMode kMode>
+template <int kD, bool kCausal, MergeMode kMode>
 void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
-  auto plain = forward_ws_kernel<kCausal, kMode, false>;
-  auto dropout = forward_ws_kernel<kCausal, kMode, true>;
-  allow_dynamic_smem(Smem::kBytes, plain, dropout);
+  auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
+  auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
+  constexpr int kBytes = FwdShape<kD>::kBytes;
+  allow_dynamic_smem(kBytes, plain, dropout);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, Smem::kBytes, stream()>>>(qm, km, vm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -912,25 +959,32 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
-  // Pairs per group: their K and V (kept rows x D x 2 bytes, twice) within ~24 MB, half the H200's L2.
-  const int64_t kv_bytes = ((g.w + g.r - 1) / g.r) * D * 2 * 2;
+  // Pairs per group: their K and V (kept rows x d x 2 bytes, twice) within ~24 MB, half the H200's L2.
+  const int64_t kv_bytes = ((g.w + g.r - 1) / g.r) * g.dim * 2 * 2;
   p.group = std::max<int64_t>(1, (int64_t(24) << 20) / std::max<int64_t>(kv_bytes, 1));
   p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
-  const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBr);
-  const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBc);
-  const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBc);
-  auto run = [&](auto causal_tag) {
+  MINIDL_CHECK(g.dim == 64 || g.dim == 128, "dilated_attention (cuda, ws): head dim ", g.dim, " (64 or 128)");
+  auto run = [&](auto dim, auto causal_tag) {
+    constexpr int kD = decltype(dim)::value;
     constexpr bool kCausal = decltype(causal_tag)::value;
+    constexpr int kBc = FwdShape<kD>::kBc;
+    const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBr, kD);
+    const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBc, kD);
+    const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBc, kD);
     switch (mode) {
-      case MergeMode::kWrite: return launch<kCausal, MergeMode::kWrite>(p, qm, km, vm, batch);
-      case MergeMode::kMerge: return launch<kCausal, MergeMode::kMerge>(p, qm, km, vm, batch);
-      case MergeMode::kSingle: return launch<kCausal, MergeMode::kSingle>(p, qm, km, vm, batch);
+      case MergeMode::kWrite: return launch<kD, kCausal, MergeMode::kWrite>(p, qm, km, vm, batch);
+      case MergeMode::kMerge: return launch<kD, kCausal, MergeMode::kMerge>(p, qm, km, vm, batch);
+      case MergeMode::kSingle: return launch<kD, kCausal, MergeMode::kSingle>(p, qm, km, vm, batch);
     }
   };
-  if (causal) run(std::true_type{});
-  else run(std::false_type{});
+  auto with_dim = [&](auto dim) {
+    if (causal) run(dim, std::true_type{});
+    else run(dim, std::false_type{});
+  };
+  if (g.dim == 128) with_dim(std::integral_constant<int, 128>{});
+  else with_dim(std::integral_constant<int, 64>{});
 }
 
 }  // namespace minidl::cuda::attn
