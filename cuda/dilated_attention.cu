@@ -148,7 +148,7 @@ bool handles(AttentionKernel kernel, DType dtype, int64_t d, AttentionPass pass)
       return mma_head_dim(d) && (dtype == DType::BFloat16 || (dtype == DType::Float32 && compute_capability() >= 80));
     case AttentionKernel::kWgmma: return forward && hopper && dtype == DType::BFloat16 && d == 64;
     case AttentionKernel::kWarpSpecialized:  // (views it cannot map run the older kernels)
-      return hopper && dtype == DType::BFloat16 && (d == 64 || (forward && d == 128));
+      return hopper && dtype == DType::BFloat16 && (d == 64 || d == 128);
   }
   return false;
 }

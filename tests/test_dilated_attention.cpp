@@ -1137,6 +1137,8 @@ namespace {
       {"dense", 1, 257, 3, 64, {257}, {1}, true},
       {"dense", 1, 257, 3, 128, {257}, {1}, false},
       {"dense", 1, 200, 2, 128, {200}, {1}, true},
+      // D = 128 on the ws backward: several key blocks and query tiles, a partial last one, B = 2
+      {"dense", 2, 520, 2, 128, {520}, {1}, true},
       {"LongNet set / 64 (H = 8: r = 12 > H, H not a multiple of 6)", 1, 700, 8, 64, longnet_w, longnet_r, true},
       {"LongNet set / 64 (H = 12)", 1, 700, 12, 32, longnet_w, longnet_r, true},
       {"LongNet set / 64", 1, 700, 4, 128, longnet_w, longnet_r, true},

@@ -1,5 +1,5 @@
-// Hopper (sm_90a) warp-specialised forward (head dim 64 or 128) and backward
-// (64) for one dilated-attention branch: the FlashAttention-3 structure
+// Hopper (sm_90a) warp-specialised forward and backward (head dim 64 or 128)
+// for one dilated-attention branch: the FlashAttention-3 structure
 // (docs/kernel-notes.md, "ws"). At head dim 128 the forward's key tiles hold
 // 64 keys (O takes 64 registers), and every tile is two 64-column atoms.
 //
@@ -36,7 +36,6 @@
 namespace minidl::cuda::attn {
 namespace {
 
-constexpr int D = 64;     // the backward's head dim (the forward takes 64 and 128)
 constexpr int kBr = 128;  // query rows per block: two consumer warpgroups x 64
 constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three tiles ahead
 constexpr int kThreads = 3 * 128;
@@ -74,7 +73,6 @@ struct FwdShape {
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kItems + 2 * 64 + 1024;
 };
-using KTile = AtomTile<128, D>;  // the backward's K and V tiles (128 keys)
 
 struct WsParams {
   BranchGrid g;
@@ -98,7 +96,7 @@ constexpr uint32_t kLoadArrivals = 32;
 // Loads rows [t_first, t_first + kRows) of a row set into a swizzled tile and
 // completes `bar`: one TMA box per 64 columns when the map reaches every valid
 // row, else the warp gathers the rows (zeros past the row set) and arrives itself.
-template <int kRows, int kD = D>
+template <int kRows, int kD>
 __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, const Operand<BFloat16>& x,
                                           uint64_t* bar, int64_t map_rows, int64_t batch, int64_t head,
                                           const RowSet& rows, int o, int64_t j0, int64_t t_first) {
@@ -470,24 +468,37 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 
 constexpr int kBwdKeys = 128;  // key rows per block
 constexpr int kBm = 64;        // query rows per tile
-constexpr int kBwdStages = 3;
+// A dQ box: 64 queries x 32 fp32 columns, 128-byte rows with TMA's 128-byte
+// swizzle (16-byte chunk c of row r at c ^ (r % 8)); a warpgroup's kD / 2
+// columns of dQ are kD / 64 boxes.
+constexpr int kDQBoxBytes = kBm * 32 * 4;
 
-using RowTile = SmemTile<kBm, D>;  // 64 rows: a Q or dO tile
-// A warpgroup's dQ tile: 64 queries x its 32 columns in fp32, 128-byte rows
-// with TMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8)).
-constexpr int kDQTileBytes = kBm * 32 * 4;
-
-struct BwdSmem {
+// The backward's shape at head dim kD. At 128, dK and dV take 128 of a
+// consumer's registers: it gets 232 (the producer 40; at 24 it spills), the next tile's S^T
+// and dP^T are not issued ahead (they would be live beside dQ), and shared
+// memory (227 KB) holds two Q/dO stages and one dQ buffer.
+template <int kD>
+struct BwdShape {
+  static constexpr int kStages = kD == 64 ? 3 : 2;  // Q, dO ring depth
+  static constexpr int kDQBuffers = kD == 64 ? 2 : 1;
+  static constexpr bool kAhead = kD == 64;
+  static constexpr int kProducerRegs = kD == 64 ? 56 : 40, kConsumerRegs = kD == 64 ? 224 : 232;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "one block's registers");
+  using KTile = AtomTile<kBwdKeys, kD>;  // K, V
+  using RowTile = AtomTile<kBm, kD>;     // a Q or dO tile
+  using DsTile = AtomTile<kBwdKeys, kBm>;  // dS^T: keys x queries
+  static constexpr int kDQBoxes = kD / 64;  // per warpgroup
   static constexpr int kK = 0;
   static constexpr int kV = kK + KTile::kBytes;
-  static constexpr int kQ = kV + KTile::kBytes;                       // [kBwdStages]
-  static constexpr int kDO = kQ + kBwdStages * RowTile::kBytes;       // [kBwdStages]
-  static constexpr int kDS = kDO + kBwdStages * RowTile::kBytes;      // [2 buffers] dS^T, 128 keys x 64 queries
-  static constexpr int kDQ = kDS + 2 * KTile::kBytes;                 // [2 buffers][2 warpgroups] dQ, 64 x 32 fp32
-  static constexpr int kStats = kDQ + 2 * 2 * kDQTileBytes;           // [kBwdStages][L2 64, D 64] floats
-  static constexpr int kBars = kStats + kBwdStages * 2 * kBm * 4;
-  static constexpr int kNumBars = 1 + 2 * kBwdStages;                 // kv_full, q_full[], empty[]
+  static constexpr int kQ = kV + KTile::kBytes;                    // [kStages]
+  static constexpr int kDO = kQ + kStages * RowTile::kBytes;       // [kStages]
+  static constexpr int kDS = kDO + kStages * RowTile::kBytes;      // [2 buffers]
+  static constexpr int kDQ = kDS + 2 * DsTile::kBytes;             // [kDQBuffers][2 warpgroups][kDQBoxes]
+  static constexpr int kStats = kDQ + kDQBuffers * 2 * kDQBoxes * kDQBoxBytes;  // [kStages][L2 64, D 64] floats
+  static constexpr int kBars = kStats + kStages * 2 * kBm * 4;
+  static constexpr int kNumBars = 1 + 2 * kStages;                 // kv_full, q_full[], empty[]
   static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
 struct WsBwdParams {
@@ -503,14 +514,18 @@ struct WsBwdParams {
   uint8_t* kv_written;        // rows whose dK/dV accumulators hold data, or null: all (backward_ws)
 };
 
-template <bool kCausal, bool kDirect, bool kDropout>
+template <int kD, bool kCausal, bool kDirect, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
                                                                   const __grid_constant__ CUtensorMap dmap,
                                                                   const __grid_constant__ CUtensorMap dqmap,
                                                                   const __grid_constant__ WsBwdParams p) {
-  using L = BwdSmem;
+  using L = BwdShape<kD>;
+  using KTile = typename L::KTile;
+  using RowTile = typename L::RowTile;
+  using DsTile = typename L::DsTile;
+  constexpr int kBwdStages = L::kStages;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBars);
@@ -543,12 +558,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int64_t j0 = first / g.r;
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
-    hopper::regs_dec<kProducerRegs>();
+    hopper::regs_dec<L::kProducerRegs>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
     // K and V: 32 arrivals each on kv_full (count 2 x 32).
-    load_rows<kBwdKeys>(smem + L::kK, &kmap, p.k, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
-    load_rows<kBwdKeys>(smem + L::kV, &vmap, p.v, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
+    load_rows<kBwdKeys, kD>(smem + L::kK, &kmap, p.k, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
+    load_rows<kBwdKeys, kD>(smem + L::kV, &vmap, p.v, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
     for (int j = 0; j < n_tiles; ++j) {
       const int s = j % kBwdStages;
       const int64_t q0 = q_first + int64_t(j) * kBm;
@@ -573,8 +588,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       if (j0 + t_end - 1 < p.map_rows) {
         if (lane == 0) {
           hopper::mbar_arrive_expect_tx(&q_full[s], 2 * RowTile::kBytes);
-          hopper::tma_load_4d(smem + L::kQ + s * RowTile::kBytes, &qmap, &q_full[s], 0, int(head), o, int(j0 + q0));
-          hopper::tma_load_4d(smem + L::kDO + s * RowTile::kBytes, &dmap, &q_full[s], 0, int(head), o, int(j0 + q0));
+#pragma unroll
+          for (int a = 0; a < RowTile::kAtoms; ++a) {
+            const int at = s * RowTile::kBytes + a * RowTile::kAtomBytes;
+            hopper::tma_load_4d(smem + L::kQ + at, &qmap, &q_full[s], 64 * a, int(head), o, int(j0 + q0));
+            hopper::tma_load_4d(smem + L::kDO + at, &dmap, &q_full[s], 64 * a, int(head), o, int(j0 + q0));
+          }
         } else {
           hopper::mbar_arrive(&q_full[s]);
         }
@@ -598,7 +617,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     return;
   }
 
-  hopper::regs_inc<kConsumerRegs>();
+  hopper::regs_inc<L::kConsumerRegs>();
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;  // warp-uniform, as in the forward
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
@@ -607,22 +626,27 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   // Tile descriptors, built once and stepped by constants (wgmma::desc_offset).
   const uint64_t k_desc = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
   const uint64_t v_desc = wgmma::desc_sw128(smem + L::kV + consumer * 64 * 128);
-  const uint64_t k_cols_desc = wgmma::desc_sw128(smem + L::kK + consumer * 64);  // columns 32 c .. 32 c + 31
+  // K's columns c kD / 2 .. (c + 1) kD / 2 - 1 (dQ's B): at 64, half a 128-byte row; at 128, atom c.
+  const uint64_t k_cols_desc = wgmma::desc_sw128(smem + L::kK + consumer * (kD == 64 ? 64 : KTile::kAtomBytes));
   const uint64_t q_desc0 = wgmma::desc_sw128(smem + L::kQ), do_desc0 = wgmma::desc_sw128(smem + L::kDO);
+  // Q and dO as dK's and dV's MN-major B: at 128, lbo steps n to the second atom.
+  constexpr uint32_t kMnLbo = kD == 128 ? RowTile::kAtomBytes : 0;
+  const uint64_t q_mn_desc0 = wgmma::desc_sw128(smem + L::kQ, 1024, kMnLbo);
+  const uint64_t do_mn_desc0 = wgmma::desc_sw128(smem + L::kDO, 1024, kMnLbo);
   const uint64_t ds_desc0 = wgmma::desc_sw128(smem + L::kDS);
 
-  float dk[32], dv[32];
+  float dk[kD / 2], dv[kD / 2];
 #pragma unroll
-  for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0.f;
+  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
   // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h);
   // this warp's 16 keys are one group; this lane's keys are bytes key_byte and key_byte + 2.
   const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
   const int key_byte = (lane / 4) & 1;
   hopper::mbar_wait(kv_full, 0);
 
-  // S^T = K Q^T and dP^T = V dO^T of tile j (64 keys x 64 queries), issued
-  // one tile ahead: tile j + 1's run on the tensor cores while tile j's dQ
-  // goes out (its shared-memory tile, the bulk reduction).
+  // S^T = K Q^T and dP^T = V dO^T of tile j (64 keys x 64 queries); at head
+  // dim 64 issued one tile ahead: tile j + 1's run on the tensor cores while
+  // tile j's dQ goes out (its shared-memory tile, the bulk reduction).
   float st[32], dpt[32];
   auto issue_sdp = [&](int j) {
     const int s = j % kBwdStages;
@@ -631,30 +655,33 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     hopper::mbar_wait(&q_full[s], (j / kBwdStages) & 1);
     wgmma::fence();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint64_t a = wgmma::desc_offset(k_desc, ks * 32), b = wgmma::desc_offset(q_desc, ks * 32);
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      const uint64_t a = wgmma::desc_offset(k_desc, (ks / 4) * KTile::kAtomBytes + (ks % 4) * 32);
+      const uint64_t b = wgmma::desc_offset(q_desc, (ks / 4) * RowTile::kAtomBytes + (ks % 4) * 32);
       if (ks == 0) wgmma::mma_64x64x16_ss<false>(st, a, b);
       else wgmma::mma_64x64x16_ss<true>(st, a, b);
     }
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint64_t a = wgmma::desc_offset(v_desc, ks * 32), b = wgmma::desc_offset(do_desc, ks * 32);
+    for (int ks = 0; ks < kD / 16; ++ks) {
+      const uint64_t a = wgmma::desc_offset(v_desc, (ks / 4) * KTile::kAtomBytes + (ks % 4) * 32);
+      const uint64_t b = wgmma::desc_offset(do_desc, (ks / 4) * RowTile::kAtomBytes + (ks % 4) * 32);
       if (ks == 0) wgmma::mma_64x64x16_ss<false>(dpt, a, b);
       else wgmma::mma_64x64x16_ss<true>(dpt, a, b);
     }
     wgmma::commit();
   };
-  issue_sdp(0);
+  if constexpr (L::kAhead) issue_sdp(0);
 
   for (int j = 0; j < n_tiles; ++j) {
+    if constexpr (!L::kAhead) issue_sdp(j);
     const int s = j % kBwdStages;
     const int64_t q0 = q_first + int64_t(j) * kBm;
-    const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
-    const uint64_t do_desc = wgmma::desc_offset(do_desc0, s * RowTile::kBytes);
-    const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (j & 1) * KTile::kBytes);
+    const uint64_t q_mn_desc = wgmma::desc_offset(q_mn_desc0, s * RowTile::kBytes);
+    const uint64_t do_mn_desc = wgmma::desc_offset(do_mn_desc0, s * RowTile::kBytes);
+    const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (j & 1) * DsTile::kBytes);
     const float* l2 = stats + s * 2 * kBm;
     const float* dl = l2 + kBm;
-    char* ds_tile = smem + L::kDS + (j & 1) * KTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
+    char* ds_tile = smem + L::kDS + (j & 1) * DsTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
     const bool has_next = j + 1 < n_tiles;
 
     // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
@@ -732,7 +759,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const int mat = lane / 8, key = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        hopper::stmatrix_x4(KTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2], dst[kk][3]);
+        hopper::stmatrix_x4(DsTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2], dst[kk][3]);
     }
     wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
     // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major),
@@ -741,28 +768,38 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBm / 16; ++kk) {
-      wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_desc, kk * 16 * 128));
-      wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_desc, kk * 16 * 128));
+      if constexpr (kD == 128) {
+        wgmma::mma_64x128x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
+        wgmma::mma_64x128x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+      } else {
+        wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
+        wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+      }
     }
     wgmma::commit();
     // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
     // tile also orders this tile's reads before the buffer's next write).
     hopper::named_sync(1, 256);
 
-    // This warpgroup's 32 columns of dQ = dS K over all 128 keys (A = dS^T
-    // from shared memory, MN-major; B = K rows, MN-major): each dQ element is
-    // reduced into global memory once per tile, not once per warpgroup.
-    float dq[16];
+    // This warpgroup's kD / 2 columns of dQ = dS K over all 128 keys (A =
+    // dS^T from shared memory, MN-major; B = K rows, MN-major): each dQ
+    // element is reduced into global memory once per tile, not once per warpgroup.
+    float dq[kD / 4];
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
       const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128), db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
-      if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
-      else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
+      if constexpr (kD == 128) {
+        if (kk == 0) wgmma::mma_64x64x16_ss<false, 1, 1>(dq, da, db);
+        else wgmma::mma_64x64x16_ss<true, 1, 1>(dq, da, db);
+      } else {
+        if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
+        else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
+      }
     }
     wgmma::commit();
-    // The next tile's S^T and dP^T behind them; then wait for all but those.
-    if (has_next) {
+    // At 64, the next tile's S^T and dP^T behind them; then wait for all but those.
+    if (L::kAhead && has_next) {
       issue_sdp(j + 1);
       wgmma::wait<1>();
     } else {
@@ -774,30 +811,34 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
 
     // dQ: where the map reaches the tile's rows, the warpgroup writes its
-    // 64 x 32 tile to shared memory and one thread adds it to dq_acc with one
-    // TMA reduction (full 128-byte lines, no per-thread atomics); past the
-    // map, per-thread vector reductions. Padding rows of a tile hold dQ = 0
-    // (their P is 0), so adding them to the next segment's rows changes nothing.
+    // 64 x kD / 2 tile to shared memory and one thread adds it to dq_acc with
+    // one TMA reduction per 32-column box (full 128-byte lines, no per-thread
+    // atomics); past the map, per-thread vector reductions. Padding rows of a
+    // tile hold dQ = 0 (their P is 0), so adding them to the next segment's
+    // rows changes nothing.
     const int64_t t_end = min(q0 + kBm, rows.count);
     if (j0 + t_end - 1 < p.map_rows) {
-      char* dq_tile = smem + L::kDQ + ((j & 1) * 2 + consumer) * kDQTileBytes;
-      // The reduction issued from this buffer two tiles ago has read it.
-      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<1>();
+      char* dq_tile = smem + L::kDQ + ((j % L::kDQBuffers) * 2 + consumer) * L::kDQBoxes * kDQBoxBytes;
+      // The reduction issued from this buffer kDQBuffers tiles ago has read it.
+      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<L::kDQBuffers - 1>();
       hopper::named_sync(2 + consumer, 128);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = warp * 16 + lane / 4 + r * 8;
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int chunk = (2 * c + (lane % 4) / 2) ^ (row % 8);
-          *reinterpret_cast<float2*>(dq_tile + row * 128 + chunk * 16 + (lane % 2) * 8) =
+        for (int c = 0; c < kD / 16; ++c) {  // box c / 4, its 8-column chunk c % 4
+          const int chunk = (2 * (c % 4) + (lane % 4) / 2) ^ (row % 8);
+          *reinterpret_cast<float2*>(dq_tile + (c / 4) * kDQBoxBytes + row * 128 + chunk * 16 + (lane % 2) * 8) =
               make_float2(p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
         }
       }
       wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
       hopper::named_sync(2 + consumer, 128);
       if (threadIdx.x % 128 == 0) {
-        hopper::tma_reduce_add_4d(&dqmap, dq_tile, consumer * 32, int(head), o, int(j0 + q0));
+#pragma unroll
+        for (int b = 0; b < L::kDQBoxes; ++b)
+          hopper::tma_reduce_add_4d(&dqmap, dq_tile + b * kDQBoxBytes, consumer * (kD / 2) + 32 * b, int(head), o,
+                                    int(j0 + q0));
         hopper::bulk_commit();
       }
     } else {
@@ -806,10 +847,10 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       for (int r = 0; r < 2; ++r) {
         const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
         if (tq >= rows.count) continue;
-        float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
+        float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * kD;
 #pragma unroll
-        for (int c = 0; c < 4; ++c)
-          mma::red_add_v2(dst_row + consumer * 32 + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
+        for (int c = 0; c < kD / 16; ++c)
+          mma::red_add_v2(dst_row + consumer * (kD / 2) + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
                           p.scale * dq[4 * c + 2 * r + 1]);
       }
     }
@@ -826,8 +867,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const int64_t pos = rows.base + tk * rows.stride;
     const int64_t position = batch * g.n + pos;  // flattened (b, pos)
     const int64_t ri = position * g.heads + head;  // (b, pos, head) row
-    float* dkr = p.dk_acc + ri * D;
-    float* dvr = p.dv_acc + ri * D;
+    float* dkr = p.dk_acc + ri * kD;
+    float* dvr = p.dv_acc + ri * kD;
     // kDirect adds only marked rows (none without kv_written); the others
     // add unless kv_written says the row holds nothing yet. The accumulators
     // are loaded whatever the marker says, so that all loads are in flight
@@ -835,7 +876,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const bool load = !kDirect || p.kv_written;
     const bool add = kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri];
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
+    for (int c = 0; c < kD / 8; ++c) {
       const int col = c * 8 + 2 * (lane % 4);
       float2 a = make_float2(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
       float2 b = make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
@@ -851,8 +892,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         b.y += b0.y;
       }
       if constexpr (kDirect) {
-        *reinterpret_cast<uint32_t*>(p.dk_out + position * p.out_sn + head * D + col) = mma::pack_bf16(a.x, a.y);
-        *reinterpret_cast<uint32_t*>(p.dv_out + position * p.out_sn + head * D + col) = mma::pack_bf16(b.x, b.y);
+        *reinterpret_cast<uint32_t*>(p.dk_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(a.x, a.y);
+        *reinterpret_cast<uint32_t*>(p.dv_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(b.x, b.y);
       } else {
         *reinterpret_cast<float2*>(dkr + col) = a;
         *reinterpret_cast<float2*>(dvr + col) = b;
@@ -889,7 +930,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 // at head dim d: boxes of 64 columns (the 128-byte swizzle's width), one per
 // AtomTile atom.
 CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64_t map_rows, int box_rows,
-                     int64_t d = D) {
+                     int64_t d) {
   CUtensorMap map;
   const cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
   const cuuint64_t strides[3] = {cuuint64_t(x.sh) * 2, cuuint64_t(x.sn) * 2, cuuint64_t(r * x.sn) * 2};
@@ -914,24 +955,25 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
-template <bool kCausal, bool kDirect>
+template <int kD, bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
                      const CUtensorMap& dm, const CUtensorMap& dqm, int64_t batch) {
-  auto plain = backward_ws_kernel<kCausal, kDirect, false>;
-  auto dropout = backward_ws_kernel<kCausal, kDirect, true>;
-  allow_dynamic_smem(BwdSmem::kBytes, plain, dropout);
+  auto plain = backward_ws_kernel<kD, kCausal, kDirect, false>;
+  auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true>;
+  constexpr int kBytes = BwdShape<kD>::kBytes;
+  allow_dynamic_smem(kBytes, plain, dropout);
   dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, BwdSmem::kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
-// The fp32 dQ accumulator (B, N, H, D contiguous) as the same (d, head, o, j)
+// The fp32 dQ accumulator (B, N, H, d contiguous) as the same (d, head, o, j)
 // map, boxes of 32 columns x kBm rows with the 128-byte swizzle.
-CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_rows) {
+CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_rows, int64_t d) {
   CUtensorMap map;
-  const cuuint64_t dims[4] = {D, cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
-  const cuuint64_t row = cuuint64_t(heads) * D * 4;
-  const cuuint64_t strides[3] = {D * 4, row, cuuint64_t(r) * row};
+  const cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(heads), cuuint64_t(r), cuuint64_t(map_rows)};
+  const cuuint64_t row = cuuint64_t(heads) * d * 4;
+  const cuuint64_t strides[3] = {cuuint64_t(d) * 4, row, cuuint64_t(r) * row};
   const cuuint32_t box[4] = {32, 1, 1, kBm};
   const cuuint32_t elem[4] = {1, 1, 1, 1};
   CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, dq_acc, dims, strides, box, elem,
@@ -1001,19 +1043,25 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
-  const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBm);
-  const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBwdKeys);
-  const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBwdKeys);
-  const CUtensorMap dm = rows_map(dout, g.heads, g.r, p.map_rows, kBm);
-  const CUtensorMap dqm = dq_rows_map(dq_acc, g.heads, g.r, p.map_rows);
+  MINIDL_CHECK(g.dim == 64 || g.dim == 128, "dilated_attention backward (cuda, ws): head dim ", g.dim, " (64 or 128)");
+  const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBm, g.dim);
+  const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBwdKeys, g.dim);
+  const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBwdKeys, g.dim);
+  const CUtensorMap dm = rows_map(dout, g.heads, g.r, p.map_rows, kBm, g.dim);
+  const CUtensorMap dqm = dq_rows_map(dq_acc, g.heads, g.r, p.map_rows, g.dim);
   const bool direct = dk_out != nullptr;
-  if (causal) {
-    if (direct) launch_backward<true, true>(p, qm, km, vm, dm, dqm, batch);
-    else launch_backward<true, false>(p, qm, km, vm, dm, dqm, batch);
-  } else {
-    if (direct) launch_backward<false, true>(p, qm, km, vm, dm, dqm, batch);
-    else launch_backward<false, false>(p, qm, km, vm, dm, dqm, batch);
-  }
+  auto run = [&](auto dim) {
+    constexpr int kD = decltype(dim)::value;
+    if (causal) {
+      if (direct) launch_backward<kD, true, true>(p, qm, km, vm, dm, dqm, batch);
+      else launch_backward<kD, true, false>(p, qm, km, vm, dm, dqm, batch);
+    } else {
+      if (direct) launch_backward<kD, false, true>(p, qm, km, vm, dm, dqm, batch);
+      else launch_backward<kD, false, false>(p, qm, km, vm, dm, dqm, batch);
+    }
+  };
+  if (g.dim == 128) run(std::integral_constant<int, 128>{});
+  else run(std::integral_constant<int, 64>{});
 }
 
 }  // namespace minidl::cuda::attn
