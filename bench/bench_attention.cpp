@@ -123,12 +123,17 @@ void register_benchmarks() {
 
 namespace {
 
-// Console output as usual, plus (N, milliseconds) per benchmark family for the plot.
+// Console output as usual, plus (N, milliseconds) per benchmark family for the
+// plot: the median of the repetitions when there are several
+// (--benchmark_repetitions), else the one run.
 class PlotReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
-      if (run.error_occurred || run.run_type != Run::RT_Iteration) continue;
+      if (run.error_occurred) continue;
+      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
+      if (run.run_type != Run::RT_Iteration && !median) continue;
+      if (!median && run.repetitions > 1) continue;
       // "<problem>:<kernel>/<N>/real_time"
       std::string name = run.benchmark_name();
       size_t a = name.find('/'), b = name.find('/', a + 1);
