@@ -35,22 +35,6 @@ __device__ __forceinline__ float exp2_ftz(float x) {
   return y;
 }
 
-// 2^x for x <= 0 on the FMA and integer pipes, no MUFU: x = j + f with j =
-// rint(x), |f| <= 1/2; 2^f by a cubic (relative error 1.8e-4, a tenth of a
-// bf16 rounding), 2^j added to the exponent bits. Results below 2^-126 are
-// tiny denormals or 0 (x = -inf gives 0). A softmax at head dim 64 issues as
-// many exponentials as the tensor cores' time allows MUFU (16 a clock per SM):
-// computing some of them here leaves MUFU room (FlashAttention-4's trick).
-__device__ __forceinline__ float exp2_poly(float x) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: x + kRound rounds x to an integer in the low bits
-  x = fmaxf(x, -127.f);
-  const float t = x + kRound;
-  const float f = x - (t - kRound);
-  const float p = fmaf(fmaf(fmaf(0.0546022821f, f, 0.241924800f), f, 0.693316612f), f, 1.f);
-  // (t's bits) << 23 is j << 23 modulo 2^32: kRound's bits vanish in the shift.
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // d += a * b for a 16x16 (row) by 16x8 (col) bf16 tile, fp32 accumulation.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {

@@ -167,9 +167,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBc / 2], uint32_t (&pf)
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        // At 128-key tiles (head dim 64) one weight in four on the FMA pipes (mma::exp2_poly).
-        const float x = fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]);
-        p[c][e] = kBc == 128 && c == 1 && (e & 1) ? mma::exp2_poly(x) : mma::exp2_ftz(x);
+        p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
         l_row[e >> 1] += p[c][e];
         if constexpr (kDropout)
           if (!attention_keep_byte(keep[e >> 1][kk % 4], 2 * c + (e & 1), drop.threshold)) p[c][e] = 0.f;
