@@ -476,10 +476,10 @@ constexpr int kDQBoxBytes = kBm * 32 * 4;
 // The backward's shape at head dim kD. At 128, dK and dV take 128 of a
 // consumer's registers: it gets 232 (the producer 40; at 24 it spills), the next tile's S^T
 // and dP^T are not issued ahead (they would be live beside dQ), and shared
-// memory (227 KB) holds two Q/dO stages and one dQ buffer.
+// memory (227 KB) holds three Q/dO stages and one dQ buffer.
 template <int kD>
 struct BwdShape {
-  static constexpr int kStages = kD == 64 ? 3 : 2;  // Q, dO ring depth
+  static constexpr int kStages = 3;  // Q, dO ring depth
   static constexpr int kDQBuffers = kD == 64 ? 2 : 1;
   static constexpr bool kAhead = kD == 64;
   static constexpr int kProducerRegs = kD == 64 ? 56 : 40, kConsumerRegs = kD == 64 ? 224 : 232;
@@ -661,6 +661,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       if (ks == 0) wgmma::mma_64x64x16_ss<false>(st, a, b);
       else wgmma::mma_64x64x16_ss<true>(st, a, b);
     }
+    // Not issued ahead: S^T its own group, so P^T's exponentials run under dP^T.
+    if constexpr (!L::kAhead) wgmma::commit();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
       const uint64_t a = wgmma::desc_offset(v_desc, (ks / 4) * KTile::kAtomBytes + (ks % 4) * 32);
@@ -703,9 +705,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         for (int u = 0; u < 8; ++u) keep[h][u] >>= 8 * key_byte;
       }
     }
-    wgmma::wait<0>();
+    wgmma::wait<L::kAhead ? 0 : 1>();  // S^T (at head dim 64 one group with dP^T)
     wgmma::fence_operands(st);
-    wgmma::fence_operands(dpt);
 
     // P^T = exp2(S^T scale_log2 - L2[q]), dS^T = P^T (dP^T - D[q]); element
     // [4c + e]: key key_row0 + 8 (e >> 1), query q0 + 8c + 2 (lane % 4) + (e & 1).
@@ -722,11 +723,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         qcol_limit = q_left > kBm ? kBm : static_cast<int>(q_left);    // valid iff col < qcol_limit
         causal_from = ahead > 16 ? 16 : ahead < -kBm ? -kBm : static_cast<int>(ahead);  // col + causal_from >= 8 (e>>1)
       }
-#pragma unroll
-      for (int c = 0; c < 8; ++c) {
+      // P^T in place of S^T (probs), then dV's and dK's operands (grads), a
+      // column chunk c at a time: fused at head dim 64 (dP^T is there), at
+      // 128 all of P^T first, while dP^T finishes on the tensor cores.
+      auto probs = [&](int c) {
         const float2 lc = *reinterpret_cast<const float2*>(l2 + c * 8 + 2 * (lane % 4));
-        const float2 dc = *reinterpret_cast<const float2*>(dl + c * 8 + 2 * (lane % 4));
-        float pv[4], dsv[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float x = mma::exp2_ftz(st[4 * c + e] * scale_log2 - (e & 1 ? lc.y : lc.x));
@@ -734,6 +735,15 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             const int col = c * 8 + 2 * (lane % 4) + (e & 1), kr = (e >> 1) * 8;
             if (kr >= krow_limit || col >= qcol_limit || (kCausal && col + causal_from < kr)) x = 0.f;
           }
+          st[4 * c + e] = x;
+        }
+      };
+      auto grads = [&](int c) {
+        const float2 dc = *reinterpret_cast<const float2*>(dl + c * 8 + 2 * (lane % 4));
+        float pv[4], dsv[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = st[4 * c + e];
           // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
           float m = 1.f;
           if constexpr (kDropout)
@@ -748,6 +758,21 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         pt[kk][2 * h + 1] = mma::pack_bf16(pv[2], pv[3]);
         dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
         dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
+      };
+      if constexpr (L::kAhead) {
+        wgmma::fence_operands(dpt);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          probs(c);
+          grads(c);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) probs(c);
+        wgmma::wait<0>();
+        wgmma::fence_operands(dpt);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) grads(c);
       }
     };
     if (need_mask) elementwise(std::true_type{});
