@@ -18,6 +18,7 @@
 
 #include "cuda/launch.h"
 #include "cuda/runtime.h"
+#include "dist/launch.h"
 
 namespace minidl::dist {
 namespace {
@@ -133,19 +134,6 @@ class NcclCommunicator final : public Communicator {
   Tensor token_;  // barrier's one element
 };
 
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) {
-    MINIDL_CHECK(fallback >= 0, "dist::nccl_from_env: the environment variable ", name, " is not set");
-    return fallback;
-  }
-  char* end = nullptr;
-  const long x = std::strtol(v, &end, 10);
-  MINIDL_CHECK(*end == '\0' && x >= 0 && x < (1L << 30), "dist::nccl_from_env: ", name, "='", v,
-               "' is not a non-negative integer");
-  return static_cast<int>(x);
-}
-
 }  // namespace
 
 bool nccl_available() { return true; }
@@ -178,11 +166,11 @@ void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn) {
 
 std::unique_ptr<Communicator> nccl_from_env(const std::string& id_file_arg) {
   namespace fs = std::filesystem;
-  const int world = env_int("WORLD_SIZE", -1), rank = env_int("RANK", -1);
-  MINIDL_CHECK(world >= 1 && rank < world, "dist::nccl_from_env: RANK=", rank, " is not a rank of WORLD_SIZE=", world);
+  MINIDL_CHECK(std::getenv("WORLD_SIZE"), "dist::nccl_from_env: the environment variable WORLD_SIZE is not set");
+  const ProcessRank me = process_rank_from_env();
+  const int world = me.world, rank = me.rank, device = me.local;
   const int visible = minidl::cuda_device_count();
   MINIDL_CHECK(visible > 0, "dist::nccl_from_env: no CUDA device is visible");
-  const int device = env_int("LOCAL_RANK", rank % visible);
   MINIDL_CHECK(device < visible, "dist::nccl_from_env: LOCAL_RANK=", device, " but only ", visible,
                " GPUs are visible");
   std::string id_file = id_file_arg;

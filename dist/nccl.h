@@ -26,10 +26,10 @@ bool nccl_available();
 // leave the others waiting (NCCL's own timeout or abort then applies).
 void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn);
 
-// Several processes (one GPU each, on one or many nodes): the rank and world
-// size come from the environment variables RANK and WORLD_SIZE, the device
-// from LOCAL_RANK (default: RANK modulo the visible GPU count), which becomes
-// this thread's current device. Rank 0 writes NCCL's unique id to `id_file`,
+// Several processes (one GPU each, on one or many nodes): the rank, world
+// size and device come from the environment (dist::process_rank_from_env,
+// dist/launch.h; WORLD_SIZE must be set); the device becomes this thread's
+// current device. Rank 0 writes NCCL's unique id to `id_file`,
 // a path on a filesystem every rank sees (empty: $MINIDL_NCCL_ID_FILE); the
 // others wait for it (up to 10 minutes). Use a fresh path per job: a file
 // left by an earlier job would be read as this one's (rank 0 removes it once

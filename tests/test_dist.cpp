@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "dist/communicator.h"
+#include "dist/launch.h"
 #include "dist/nccl.h"
 #include "helpers.h"
 
@@ -203,6 +204,34 @@ TEST_CASE("in-process collectives on CUDA tensors (virtual ranks on one GPU)") {
       CAPTURE(n);
       check_collectives(P, n, Device::cuda());
     }
+}
+
+TEST_CASE("process_rank_from_env: alone without WORLD_SIZE; RANK, LOCAL_RANK and errors that name the variable") {
+  auto clear = [] {
+    for (const char* v : {"WORLD_SIZE", "RANK", "LOCAL_RANK"}) unsetenv(v);
+  };
+  clear();
+  dist::ProcessRank p = dist::process_rank_from_env();
+  CHECK(p.rank == 0);
+  CHECK(p.world == 1);
+  CHECK(p.local == 0);
+  setenv("WORLD_SIZE", "1", 1);  // one process: RANK may be left out
+  CHECK(dist::process_rank_from_env().world == 1);
+  setenv("WORLD_SIZE", "8", 1);
+  setenv("RANK", "5", 1);
+  setenv("LOCAL_RANK", "1", 1);
+  p = dist::process_rank_from_env();
+  CHECK(p.rank == 5);
+  CHECK(p.world == 8);
+  CHECK(p.local == 1);
+  unsetenv("RANK");
+  CHECK_THROWS_WITH_AS(dist::process_rank_from_env(), doctest::Contains("RANK is not set"), Error);
+  setenv("RANK", "8", 1);
+  CHECK_THROWS_WITH_AS(dist::process_rank_from_env(), doctest::Contains("RANK=8 is not a rank of WORLD_SIZE=8"), Error);
+  setenv("RANK", "2x", 1);
+  CHECK_THROWS_WITH_AS(dist::process_rank_from_env(), doctest::Contains("RANK='2x' is not a non-negative integer"),
+                       Error);
+  clear();
 }
 
 TEST_CASE("NCCL backend: absent builds say so") {

@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "dist/communicator.h"
+#include "dist/launch.h"
 #include "dist/nccl.h"
 #include "nn/data_parallel.h"
 #include "profile.h"
@@ -406,6 +407,62 @@ class OtherRanks {
   std::thread thread_;
 };
 
+// Several processes: rank 0 checks the run (its directory, the checkpoint,
+// the model's memory) before the others start their collectives, and tells
+// them whether it goes on. Destroyed unopened (rank 0 threw), it tells them
+// to stop, so they exit instead of waiting in a collective for ever.
+class StartGate {
+ public:
+  StartGate(dist::Communicator& comm, Device device) : comm_(comm), device_(device) {}
+  ~StartGate() {
+    if (opened_) return;
+    try {
+      send(0);
+    } catch (...) {
+      // Already failing: the others are left to NCCL's own error handling.
+    }
+  }
+  StartGate(const StartGate&) = delete;
+  StartGate& operator=(const StartGate&) = delete;
+  void open() {
+    send(1);
+    opened_ = true;
+  }
+  // Ranks > 0: whether rank 0 goes on.
+  static bool wait(dist::Communicator& comm, Device device) { return exchange(comm, device, 0) != 0; }
+
+ private:
+  void send(double go) { exchange(comm_, device_, go); }
+  static double exchange(dist::Communicator& comm, Device device, double go) {
+    Tensor msg = minidl::from_vector<double>({go}, {1}).to(device);
+    comm.broadcast(msg, 0);
+    return msg.to_vector<double>()[0];
+  }
+  dist::Communicator& comm_;
+  Device device_;
+  bool opened_ = false;
+};
+
+// Launched as one of several processes (WORLD_SIZE > 1 in the environment):
+// this process is rank RANK of the --dp x --sp ranks, on its node's GPU
+// LOCAL_RANK, joined to the others through NCCL (the unique id through the
+// file $MINIDL_NCCL_ID_FILE). Null when launched alone.
+std::unique_ptr<dist::Communicator> join_process_ranks(const TrainOptions& o, Device* device) {
+  const dist::ProcessRank me = dist::process_rank_from_env();
+  if (me.world <= 1) return nullptr;
+  if (me.world != o.dp * o.sp)
+    throw UsageError("WORLD_SIZE=" + std::to_string(me.world) + " processes, but --dp " + std::to_string(o.dp) +
+                     " --sp " + std::to_string(o.sp) + " make " + std::to_string(o.dp * o.sp) +
+                     " ranks: launch one process per rank");
+  if (o.device == "cpu" || !minidl::cuda_is_available() || !dist::nccl_available())
+    throw UsageError("WORLD_SIZE=" + std::to_string(me.world) +
+                     ": several processes train on CUDA through NCCL (this build or machine has " +
+                     (!minidl::cuda_is_available() ? "no CUDA device" : o.device == "cpu" ? "--device cpu" : "no NCCL") +
+                     "); on one machine, leave WORLD_SIZE unset: --dp/--sp run the ranks as threads");
+  *device = Device::cuda(me.local);
+  return dist::nccl_from_env();
+}
+
 // The 90/10 split of the text must hold a context + 1 characters on each side.
 void check_split_fits(const TrainOptions& o, const nn::TrainValSplit& split) {
   const int64_t T = o.model.context;
@@ -510,7 +567,9 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const Clock::time_point run_start = Clock::now();
   install_stop_handlers();
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
-  const Device device = resolve_device(o.device);
+  Device device;
+  std::unique_ptr<dist::Communicator> process_comm = join_process_ranks(o, &device);
+  if (!process_comm) device = resolve_device(o.device);
   const std::string dir = o.out;
   const std::string last_path = (fs::path(dir) / "last.ckpt").string();
   const std::string best_path = (fs::path(dir) / "best.ckpt").string();
@@ -536,6 +595,17 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const int64_t T = o.model.context, B = o.batch;
   check_split_fits(o, split);
   const nn::TransformerLMConfig config = make_config(o.model, vocab.size());
+  // A process of rank > 0 follows rank 0's commands and writes nothing.
+  if (process_comm && process_comm->rank() != 0) {
+    if (!StartGate::wait(*process_comm, device))
+      throw std::runtime_error("charlm: rank 0 stopped before training (its output says why)");
+    follow_rank0(o, config, split, device, device, resume, *process_comm);
+    RunSummary summary;
+    summary.dir = dir;
+    return summary;
+  }
+  std::optional<StartGate> start_gate;
+  if (process_comm) start_gate.emplace(*process_comm, device);
 
   // Output directory and the run's identity.
   std::string run_id = o.run_id;
@@ -580,23 +650,26 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   fs::create_directories(dir);
 
   minidl::reset_peak_memory_stats(device);
-  // --dp N --sp M: this thread is rank 0 and writes every file; the others
-  // follow it, as threads sharing `device` (in-process); on CUDA with N * M
-  // GPUs (from cuda:0) and NCCL, one GPU per rank.
-  const int64_t world = o.dp * o.sp;
-  const bool nccl = world > 1 && device.is_cuda() && device.index == 0 && dist::nccl_available() &&
-                    minidl::cuda_device_count() >= world;
-  std::optional<OtherRanks> other_ranks;
-  if (world > 1)
-    other_ranks.emplace(world, nccl, [&](dist::Communicator& comm) {
-      const Device mine = nccl ? Device::cuda(comm.rank()) : device;
-      follow_rank0(o, config, split, mine, nccl ? mine : Device::cpu(), resume, comm);
-    });
-  Ranks ranks(other_ranks ? &other_ranks->rank0() : nullptr, o.sp, nccl ? device : Device::cpu());
   Replica replica(o, config, split, device);
   TrainModel& model = replica.model;
   nn::AdamW& optimizer = replica.optimizer;
   nn::BatchSampler& train_batches = replica.train_batches;
+  // --dp N --sp M: this thread is rank 0 and writes every file; the others
+  // follow it, as threads sharing `device` (in-process); on CUDA with N * M
+  // GPUs (from cuda:0) and NCCL, one GPU per rank; or as processes of their
+  // own (process_comm).
+  const int64_t world = o.dp * o.sp;
+  const bool nccl = process_comm || (world > 1 && device.is_cuda() && device.index == 0 &&
+                                     dist::nccl_available() && minidl::cuda_device_count() >= world);
+  std::optional<OtherRanks> other_ranks;
+  if (world > 1 && !process_comm)
+    other_ranks.emplace(world, nccl, [&](dist::Communicator& comm) {
+      const Device mine = nccl ? Device::cuda(comm.rank()) : device;
+      follow_rank0(o, config, split, mine, nccl ? mine : Device::cpu(), resume, comm);
+    });
+  if (start_gate) start_gate->open();  // the run is checked and its model built: the other processes start
+  dist::Communicator* comm = process_comm ? process_comm.get() : other_ranks ? &other_ranks->rank0() : nullptr;
+  Ranks ranks(comm, o.sp, nccl ? device : Device::cpu());
   const int64_t decay_iters = o.decay_iters > 0 ? o.decay_iters : o.iters;
   const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, decay_iters);
 

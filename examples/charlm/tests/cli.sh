@@ -395,6 +395,13 @@ data_parallel)
   expect_usage_error "--batch 4 must be a multiple of --dp 3" train --resume mixed --iters 40 --dp 3
   expect_usage_error "--profile times one rank; leave --dp out" train "${common[@]}" --profile 2 --dp 2
   grep -q -- "--dp" <("$charlm" train --help) || fail "train --help lacks --dp"
+  # Launched as several processes (WORLD_SIZE > 1): the ranks must match
+  # --dp x --sp, and they train on CUDA through NCCL; nothing is written first.
+  WORLD_SIZE=3 RANK=0 expect_usage_error "WORLD_SIZE=3 processes, but --dp 2 --sp 1 make 2 ranks" \
+    train "${common[@]}" --out procs --iters 5 --dp 2
+  WORLD_SIZE=2 RANK=1 expect_usage_error "several processes train on CUDA through NCCL" \
+    train "${common[@]}" --out procs --iters 5 --dp 2 --device cpu
+  [ ! -e procs ] || fail "a refused multi-process run wrote procs/"
   ;;
 
 sequence_parallel)
