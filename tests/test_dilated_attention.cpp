@@ -1246,6 +1246,49 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
 #endif
 }
 
+// The ws kernels are persistent: a block takes work items until none are
+// left, and only problems with more items than the GPU has SMs give a block a
+// second one (buffers and rings that run on across items, the next item's
+// loads under this one). cuda_cases() are too small for that: these are not.
+// B N % r != 0 puts a tail tile (past the tensor maps) at the end of items.
+TEST_CASE("CUDA ws kernels: blocks that take several work items match the float64 CPU reference") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
+  const std::string restore = saved ? saved : "";
+  setenv("MINIDL_ATTENTION_KERNEL", "ws", 1);
+  const std::vector<Case> cases = {
+      {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true},
+      {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(str(c));
+    const double tol = cuda_tolerance(DType::BFloat16, c.D);
+    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16),
+           k0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16),
+           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16);
+    const DilatedAttentionConfig config = kernel_config(c);
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, q0.to(DType::Float64),
+                               k0.to(DType::Float64), v0.to(DType::Float64), config);
+    Forward got = run_forward(cuda::dilated_attention_forward, q0.to(gpu), k0.to(gpu), v0.to(gpu), config);
+    check_scaled(got.out.to(Device::cpu()), want.out, tol);
+    check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+    Tensor grad_out = random_tensor(q0.shape()).to(DType::BFloat16);
+    Backward gw = run_backward(cpu::dilated_attention_backward_reference, q0.to(DType::Float64),
+                               k0.to(DType::Float64), v0.to(DType::Float64), want, grad_out.to(DType::Float64),
+                               Tensor(), config);
+    Backward gg = run_backward(cuda::dilated_attention_backward, q0.to(gpu), k0.to(gpu), v0.to(gpu), got,
+                               grad_out.to(gpu), Tensor(), config);
+    check_scaled(gg.dq.to(Device::cpu()), gw.dq, tol);
+    check_scaled(gg.dk.to(Device::cpu()), gw.dk, tol);
+    check_scaled(gg.dv.to(Device::cpu()), gw.dv, tol);
+  }
+  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
+  else unsetenv("MINIDL_ATTENTION_KERNEL");
+#endif
+}
+
 TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference") {
   MINIDL_REQUIRE_CUDA();
   const Device gpu = Device::cuda(0);
