@@ -3,10 +3,12 @@
 // (docs/kernel-notes.md, "ws"). At head dim 128 the forward's key tiles hold
 // 64 keys (O takes 64 registers), and every tile is two 64-column atoms.
 //
-// A block owns 128 kept query rows of one (batch, head, segment) and runs
-// three warpgroups:
-// - a producer, whose first warp loads Q once and streams K and V tiles (128
-//   keys at head dim 64, 64 at 128) with TMA into a kStages-deep ring; each slot has
+// The forward is persistent (one block per SM): a block takes work items,
+// each 128 kept query rows of one (batch, head, segment), and runs three
+// warpgroups:
+// - a producer, whose first warp loads each item's Q (double-buffered) and
+//   streams K and V tiles (128 keys at head dim 64, 64 at 128) with TMA into
+//   a kStages-deep ring that runs on across items; each slot has
 //   "full" mbarriers (K and V apart, so S can start before V lands) and an
 //   "empty" mbarrier the consumers release it on;
 // - two consumer warpgroups of 64 query rows each. Within a warpgroup,
