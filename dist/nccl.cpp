@@ -52,7 +52,13 @@ class NcclCommunicator final : public Communicator {
     MINIDL_NCCL_CHECK(ncclCommCount(comm_, &size_));
   }
   ~NcclCommunicator() override {
-    // Waits for the communicator's queued work; errors cannot be thrown here.
+    // Unwinding an error: abort (finalize would wait for the other ranks,
+    // which may be waiting in a collective this rank will never join).
+    // Else wait for the communicator's queued work. Errors cannot be thrown here.
+    if (std::uncaught_exceptions() > 0) {
+      ncclCommAbort(comm_);
+      return;
+    }
     ncclCommFinalize(comm_);
     ncclCommDestroy(comm_);
   }

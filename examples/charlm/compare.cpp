@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "commands.h"
+#include "dist/launch.h"
 #include "plot/plot.h"
 #include "progress.h"
 #include "signals.h"
@@ -182,6 +183,8 @@ int cmd_compare(const std::vector<std::string>& args) {
   add_model_flags(flags, o.model, /*with_attention=*/false);
   add_training_flags(flags, o);
   if (!flags.parse(args)) return 0;
+  if (minidl::dist::process_rank_from_env().world > 1)
+    throw UsageError("compare runs in one process (WORLD_SIZE is set above 1): its --dp ranks are threads");
   o.model.attention = "dilated";
 
   std::string id;

@@ -328,13 +328,52 @@ struct Replica {
   nn::BatchSampler train_batches, val_batches;
 };
 
+// Several processes: every rank votes once, before the run's first
+// collectives, whether it can train (rank 0: the run's directory and
+// checkpoint checked, its model built; the others: their data read, their
+// model built and restored); all go on only if all can. Destroyed without a
+// vote (its rank threw first), it votes no, so that the others stop instead
+// of waiting in a collective for ever.
+class StartVote {
+ public:
+  StartVote(dist::Communicator& comm, Device device) : comm_(comm), device_(device) {}
+  ~StartVote() {
+    if (cast_) return;
+    try {
+      exchange(0);
+    } catch (...) {
+      // Already failing: the others are left to NCCL's own error handling.
+    }
+  }
+  StartVote(const StartVote&) = delete;
+  StartVote& operator=(const StartVote&) = delete;
+  // This rank can train: whether every rank can.
+  bool cast() {
+    cast_ = true;
+    return exchange(1) == comm_.size();
+  }
+
+ private:
+  double exchange(double ok) {
+    Tensor votes = minidl::from_vector<double>({ok}, {1}).to(device_);
+    comm_.all_reduce(votes);
+    return votes.to_vector<double>()[0];
+  }
+  dist::Communicator& comm_;
+  Device device_;
+  bool cast_ = false;
+};
+
 // Ranks 1..N-1 of --dp N: a replica each, doing what rank 0 announces.
-// `device`: this rank's (with NCCL, its own GPU); `messages`: see Ranks.
+// `device`: this rank's (with NCCL, its own GPU); `messages`: see Ranks;
+// `vote`: several processes' start vote (StartVote), cast once the replica is built.
 void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, const nn::TrainValSplit& split,
-                  Device device, Device messages, const nn::Checkpoint* resume, dist::Communicator& comm) {
+                  Device device, Device messages, const nn::Checkpoint* resume, dist::Communicator& comm,
+                  StartVote* vote = nullptr) {
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));  // per thread too
   Replica replica(o, config, split, device);
   if (resume) nn::restore_train_state(*resume, replica.train_state(ops::zeros({}, {DType::Float32, device}), {}));
+  if (vote && !vote->cast()) return;  // another rank cannot start (rank 0 says why, or the failing rank)
   Ranks ranks(&comm, o.sp, messages);
   ranks.attach(replica.model);
   for (;;) {
@@ -407,42 +446,6 @@ class OtherRanks {
   std::thread thread_;
 };
 
-// Several processes: rank 0 checks the run (its directory, the checkpoint,
-// the model's memory) before the others start their collectives, and tells
-// them whether it goes on. Destroyed unopened (rank 0 threw), it tells them
-// to stop, so they exit instead of waiting in a collective for ever.
-class StartGate {
- public:
-  StartGate(dist::Communicator& comm, Device device) : comm_(comm), device_(device) {}
-  ~StartGate() {
-    if (opened_) return;
-    try {
-      send(0);
-    } catch (...) {
-      // Already failing: the others are left to NCCL's own error handling.
-    }
-  }
-  StartGate(const StartGate&) = delete;
-  StartGate& operator=(const StartGate&) = delete;
-  void open() {
-    send(1);
-    opened_ = true;
-  }
-  // Ranks > 0: whether rank 0 goes on.
-  static bool wait(dist::Communicator& comm, Device device) { return exchange(comm, device, 0) != 0; }
-
- private:
-  void send(double go) { exchange(comm_, device_, go); }
-  static double exchange(dist::Communicator& comm, Device device, double go) {
-    Tensor msg = minidl::from_vector<double>({go}, {1}).to(device);
-    comm.broadcast(msg, 0);
-    return msg.to_vector<double>()[0];
-  }
-  dist::Communicator& comm_;
-  Device device_;
-  bool opened_ = false;
-};
-
 // Launched as one of several processes (WORLD_SIZE > 1 in the environment):
 // this process is rank RANK of the --dp x --sp ranks, on its node's GPU
 // LOCAL_RANK, joined to the others through NCCL (the unique id through the
@@ -457,7 +460,9 @@ std::unique_ptr<dist::Communicator> join_process_ranks(const TrainOptions& o, De
   if (o.device == "cpu" || !minidl::cuda_is_available() || !dist::nccl_available())
     throw UsageError("WORLD_SIZE=" + std::to_string(me.world) +
                      ": several processes train on CUDA through NCCL (this build or machine has " +
-                     (!minidl::cuda_is_available() ? "no CUDA device" : o.device == "cpu" ? "--device cpu" : "no NCCL") +
+                     (!minidl::cuda_is_available() ? "no CUDA device"
+                      : o.device == "cpu"           ? "--device cpu, given or resumed from a CPU run: add --device cuda"
+                                                    : "no NCCL") +
                      "); on one machine, leave WORLD_SIZE unset: --dp/--sp run the ranks as threads");
   *device = Device::cuda(me.local);
   return dist::nccl_from_env();
@@ -569,7 +574,9 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));
   Device device;
   std::unique_ptr<dist::Communicator> process_comm = join_process_ranks(o, &device);
-  if (!process_comm) device = resolve_device(o.device);
+  std::optional<StartVote> vote;
+  if (process_comm) vote.emplace(*process_comm, device);
+  else device = resolve_device(o.device);
   const std::string dir = o.out;
   const std::string last_path = (fs::path(dir) / "last.ckpt").string();
   const std::string best_path = (fs::path(dir) / "best.ckpt").string();
@@ -597,15 +604,11 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const nn::TransformerLMConfig config = make_config(o.model, vocab.size());
   // A process of rank > 0 follows rank 0's commands and writes nothing.
   if (process_comm && process_comm->rank() != 0) {
-    if (!StartGate::wait(*process_comm, device))
-      throw std::runtime_error("charlm: rank 0 stopped before training (its output says why)");
-    follow_rank0(o, config, split, device, device, resume, *process_comm);
+    follow_rank0(o, config, split, device, device, resume, *process_comm, &*vote);
     RunSummary summary;
     summary.dir = dir;
     return summary;
   }
-  std::optional<StartGate> start_gate;
-  if (process_comm) start_gate.emplace(*process_comm, device);
 
   // Output directory and the run's identity.
   std::string run_id = o.run_id;
@@ -667,7 +670,9 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
       const Device mine = nccl ? Device::cuda(comm.rank()) : device;
       follow_rank0(o, config, split, mine, nccl ? mine : Device::cpu(), resume, comm);
     });
-  if (start_gate) start_gate->open();  // the run is checked and its model built: the other processes start
+  // The run is checked and its model built: rank 0 votes.
+  if (vote && !vote->cast())
+    throw std::runtime_error("charlm: another rank could not start training (its output says why)");
   dist::Communicator* comm = process_comm ? process_comm.get() : other_ranks ? &other_ranks->rank0() : nullptr;
   Ranks ranks(comm, o.sp, nccl ? device : Device::cpu());
   const int64_t decay_iters = o.decay_iters > 0 ? o.decay_iters : o.iters;
@@ -1096,6 +1101,8 @@ int cmd_train(const std::vector<std::string>& args) {
     if (flags.given("out")) throw UsageError("--profile writes nothing; leave --out out");
     if (options.dp > 1) throw UsageError("--profile times one rank; leave --dp out");
     if (options.sp > 1) throw UsageError("--profile times one rank; leave --sp out");
+    if (dist::process_rank_from_env().world > 1)
+      throw UsageError("--profile times one process; leave WORLD_SIZE unset");
     if (options.data.empty()) throw UsageError("--data is required");
     check_options(flags, options);
     profile_run(options, profile_steps);

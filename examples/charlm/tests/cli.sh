@@ -402,6 +402,8 @@ data_parallel)
   WORLD_SIZE=2 RANK=1 expect_usage_error "several processes train on CUDA through NCCL" \
     train "${common[@]}" --out procs --iters 5 --dp 2 --device cpu
   [ ! -e procs ] || fail "a refused multi-process run wrote procs/"
+  WORLD_SIZE=2 RANK=0 expect_usage_error "--profile times one process; leave WORLD_SIZE unset" \
+    train "${common[@]}" --profile 2
   ;;
 
 sequence_parallel)
