@@ -6,7 +6,9 @@
 // virtual ranks), which tests and CPU runs use. Raw tensors in and out, never
 // autograd: ops/ builds differentiable algorithms from these.
 #include <functional>
+#include <map>
 #include <memory>
+#include <string>
 
 #include "core/tensor.h"
 
@@ -36,6 +38,15 @@ class Communicator {
   // The sub-communicator of the ranks that pass the same `color`, ordered by
   // `key` (then by rank), as MPI_Comm_split. Every rank must call it.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
+
+  // What callers derive from this communicator and keep with it, one slot
+  // per key, released with it (ops/ keeps its sequence-parallel plans here,
+  // sub-communicators included). Each rank has its own communicator object,
+  // so a slot is used by one thread.
+  std::shared_ptr<void>& attachment(const std::string& key) { return attachments_[key]; }
+
+ private:
+  std::map<std::string, std::shared_ptr<void>> attachments_;
 };
 
 // Runs fn(comm) on world_size threads of this process, one rank each, and

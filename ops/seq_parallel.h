@@ -26,9 +26,11 @@ namespace minidl::ops {
 // tensors (float32, bfloat16: the CUDA attention kernels in that dtype, the
 // union-softmax merge and gradient sums in float32) with a communicator that
 // moves device memory: the in-process backend (virtual ranks sharing one
-// GPU) or NCCL. Each call exchanges the ranks' chunk sizes first and, on
-// CUDA, uploads its row maps: host waits each; a spanning segment also costs
-// a split of comm.
+// GPU) or NCCL. Each call exchanges the ranks' chunk sizes first (on CUDA a
+// host wait); the plan of that layout (a split of comm per spanning
+// segment, the row maps, uploaded on CUDA) is built by the first call that
+// meets it and kept with comm (dist::Communicator::attachment) for later
+// ones, the last 8 layouts.
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k,
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,

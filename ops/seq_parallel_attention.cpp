@@ -23,6 +23,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "autograd/grad_mode.h"
@@ -132,32 +133,42 @@ struct Plan {
 
 int64_t ceil_div_pos(int64_t a, int64_t r) { return a <= 0 ? 0 : (a + r - 1) / r; }
 
-// Chunk sizes and shapes of every rank (one all-gather), then the geometry,
-// and one sub-communicator per spanning segment this rank takes part in.
-Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Communicator& comm) {
+// The chunk boundaries of every rank (one all-gather of the ranks' shapes,
+// which must agree but for the chunk length).
+std::vector<int64_t> chunk_starts(const Tensor& q, dist::Communicator& comm) {
+  const int P = comm.size();
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
+  // On q's device: NCCL moves device memory only. (On CUDA, reading the
+  // result back is a host wait: the one each call makes.)
+  Tensor mine = from_vector<double>({static_cast<double>(q.size(1)), static_cast<double>(B),
+                                     static_cast<double>(H), static_cast<double>(D)},
+                                    {4})
+                    .to(q.device());
+  Tensor all = Tensor::empty({P, 4}, {DType::Float64, q.device()});
+  comm.all_gather(mine, all);
+  const std::vector<double> dims = all.to_vector<double>();
+  std::vector<int64_t> starts{0};
+  for (int p = 0; p < P; ++p) {
+    MINIDL_CHECK(dims[4 * p + 1] == B && dims[4 * p + 2] == H && dims[4 * p + 3] == D, kOp,
+                 ": every rank must pass q of one (B, *, H, D); rank ", comm.rank(), " has q ",
+                 detail::describe(q), " but rank ", p, " has B ", dims[4 * p + 1], ", H ", dims[4 * p + 2], ", D ",
+                 dims[4 * p + 3]);
+    starts.push_back(starts.back() + static_cast<int64_t>(dims[4 * p]));
+  }
+  return starts;
+}
+
+// The geometry of the chunks `starts`, and one sub-communicator per spanning
+// segment this rank takes part in (collective: every rank builds its plan).
+Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Communicator& comm,
+               std::vector<int64_t> starts) {
   Plan plan;
   plan.P = comm.size();
   plan.rank = comm.rank();
   plan.B = q.size(0);
   plan.H = q.size(2);
   plan.D = q.size(3);
-  // On q's device: NCCL moves device memory only. (On CUDA, reading the
-  // result back is a host wait: the one each call makes.)
-  Tensor mine = from_vector<double>({static_cast<double>(q.size(1)), static_cast<double>(plan.B),
-                                     static_cast<double>(plan.H), static_cast<double>(plan.D)},
-                                    {4})
-                    .to(q.device());
-  Tensor all = Tensor::empty({plan.P, 4}, {DType::Float64, q.device()});
-  comm.all_gather(mine, all);
-  const std::vector<double> dims = all.to_vector<double>();
-  plan.starts.assign(1, 0);
-  for (int p = 0; p < plan.P; ++p) {
-    MINIDL_CHECK(dims[4 * p + 1] == plan.B && dims[4 * p + 2] == plan.H && dims[4 * p + 3] == plan.D,
-                 kOp, ": every rank must pass q of one (B, *, H, D); rank ", plan.rank, " has q ",
-                 detail::describe(q), " but rank ", p, " has B ", dims[4 * p + 1], ", H ",
-                 dims[4 * p + 2], ", D ", dims[4 * p + 3]);
-    plan.starts.push_back(plan.starts.back() + static_cast<int64_t>(dims[4 * p]));
-  }
+  plan.starts = std::move(starts);
   plan.N = plan.starts.back();
   plan.causal = config.causal;
   plan.scale = config.scale != 0 ? config.scale : 1.0 / std::sqrt(static_cast<double>(plan.D));
@@ -262,6 +273,45 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
     piece.queries.upload(q.device());
     piece.keys.upload(q.device());
   }
+  return plan;
+}
+
+// Plans by layout, kept with the communicator (Communicator::attachment).
+// Building one splits the communicator for the spanning segments (a
+// collective) and uploads the row maps; a call with a layout seen before
+// reuses its plan. Every rank gathers the same layout each call and finds it
+// in its own communicator's list, so all ranks find or all build, in step.
+// The last kPlans layouts are kept.
+constexpr size_t kPlans = 8;
+
+struct PlanKey {
+  std::vector<int64_t> starts;
+  int64_t B, H, D;
+  std::vector<std::pair<int64_t, int64_t>> branches;
+  bool causal;
+  double scale;
+  Device device;
+  bool operator==(const PlanKey&) const = default;
+};
+
+std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionConfig& config,
+                                        dist::Communicator& comm) {
+  using Plans = std::vector<std::pair<PlanKey, std::shared_ptr<const Plan>>>;  // newest first
+  std::shared_ptr<void>& slot = comm.attachment("ops::seq_parallel_dilated_attention plans");
+  if (!slot) slot = std::make_shared<Plans>();
+  Plans& plans = *static_cast<Plans*>(slot.get());
+  std::vector<int64_t> starts = chunk_starts(q, comm);
+  PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, q.device()};
+  for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
+  for (size_t i = 0; i < plans.size(); ++i)
+    if (plans[i].first == key) {
+      std::rotate(plans.begin(), plans.begin() + static_cast<std::ptrdiff_t>(i),
+                  plans.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      return plans.front().second;
+    }
+  auto plan = std::make_shared<const Plan>(make_plan(q, config, comm, std::move(starts)));
+  plans.insert(plans.begin(), {std::move(key), plan});
+  if (plans.size() > kPlans) plans.pop_back();
   return plan;
 }
 
@@ -551,7 +601,7 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q_in, con
   check_inputs(q_in, k_in, v_in, config);
   const DType dtype = q_in.dtype();
   const Types ty = types_of(q_in);
-  auto plan = std::make_shared<const Plan>(make_plan(q_in, config, comm));
+  std::shared_ptr<const Plan> plan = cached_plan(q_in, config, comm);
   // Inputs in the compute dtype, contiguous (no copy when they already are).
   auto prepare = [&](const Tensor& t) { return contiguous(to(t.detach(), ty.compute)); };
   Tensor q, k, v, O, L;

@@ -2,6 +2,7 @@
 // single-device op, in float64, with ranks as threads; on CUDA (virtual ranks
 // sharing one GPU, and NCCL with one rank) in float32 and bfloat16 against
 // the float64 op on the same rounded inputs.
+#include <atomic>
 #include <mutex>
 
 #include "dist/communicator.h"
@@ -21,6 +22,7 @@ namespace {
 class CountingComm final : public dist::Communicator {
  public:
   using Log = std::vector<std::pair<int64_t, int>>;
+  static inline std::atomic<int64_t> splits{0};  // by every CountingComm of the process
   CountingComm(std::unique_ptr<dist::Communicator> owned, dist::Communicator& inner, Log& log)
       : owned_(std::move(owned)), inner_(inner), log_(log) {}
   int rank() const override { return inner_.rank(); }
@@ -34,6 +36,7 @@ class CountingComm final : public dist::Communicator {
   void broadcast(const Tensor& tensor, int root) override { inner_.broadcast(tensor, root); }
   void barrier() override { inner_.barrier(); }
   std::unique_ptr<dist::Communicator> split(int color, int key) override {
+    ++splits;
     std::unique_ptr<dist::Communicator> sub = inner_.split(color, key);
     dist::Communicator& ref = *sub;
     return std::make_unique<CountingComm>(std::move(sub), ref, log_);
@@ -260,6 +263,50 @@ TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in
       CHECK(logs[p] == want);
     }
     check_case(c, even_chunks(c.N, P));
+  }
+}
+
+TEST_CASE("seq_parallel_dilated_attention: a layout seen before reuses its plan (no splits), same results") {
+  // Spanning segments at P = 3 (splits); then other chunk sizes (a new plan),
+  // then the first layout again (its plan still kept).
+  const Case c = kOdd;
+  const Inputs in = make_inputs(c);
+  DilatedAttentionConfig config;
+  config.branches = c.branches;
+  const std::vector<int64_t> a = even_chunks(c.N, 3), b = {5, 20, 12};
+  std::vector<int64_t> splits(5);
+  std::vector<std::vector<Tensor>> outs(3);
+  run_ranks(3, [&](dist::Communicator& comm) {
+    const int p = comm.rank();
+    auto call = [&](const std::vector<int64_t>& sizes) {
+      int64_t start = 0;
+      for (int i = 0; i < p; ++i) start += sizes[static_cast<size_t>(i)];
+      const Tensor q = in.q.narrow(1, start, sizes[static_cast<size_t>(p)]).contiguous();
+      return ops::seq_parallel_dilated_attention(q, q, q, config, comm).first;
+    };
+    auto count = [&](size_t i) {
+      comm.barrier();
+      if (p == 0) splits[i] = CountingComm::splits.load();
+      comm.barrier();
+    };
+    count(0);
+    Tensor first = call(a);
+    count(1);
+    Tensor again = call(a);
+    count(2);
+    call(b);
+    count(3);
+    Tensor back = call(a);
+    count(4);
+    outs[static_cast<size_t>(p)] = {first, again, back};
+  });
+  CHECK(splits[1] > splits[0]);   // the first layout split the communicator
+  CHECK(splits[2] == splits[1]);  // the same layout again: none
+  CHECK(splits[3] > splits[2]);   // another layout: a plan of its own
+  CHECK(splits[4] == splits[3]);  // the first layout's plan was kept
+  for (const auto& o : outs) {
+    check_equal("again", o[1], o[0], 0);
+    check_equal("back", o[2], o[0], 0);
   }
 }
 
