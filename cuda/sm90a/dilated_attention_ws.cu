@@ -750,7 +750,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   };
   int ring = 0;         // Q/dO tiles consumed so far, all items
   int n = 0;            // items begun
-  bool ahead = false;   // the item's first S^T and dP^T are in flight
+  bool issued = false;  // the item's first S^T and dP^T are in flight
   hopper::mbar_wait(&kv_full[0], 0);
   BwdItem w = item_of_slot[0];
   while (w.n_tiles >= 0) {
@@ -771,7 +771,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     float dk[kD / 2], dv[kD / 2];
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
-    if (L::kAhead && !ahead) issue_sdp(slot, ring);
+    if (L::kAhead && !issued) issue_sdp(slot, ring);
 
     for (int j = 0; j < n_tiles; ++j) {
       const int t = ring + j;  // the tile's place in the Q/dO ring and the dS and dQ buffers
@@ -970,6 +970,10 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           hopper::bulk_commit();
         }
       } else {
+        // An empty bulk group keeps the groups in step with the tiles, so that
+        // bulk_wait_read above covers the reduction of tile t - kDQBuffers
+        // when this tail tile ends an item and a mapped one follows.
+        if (threadIdx.x % 128 == 0) hopper::bulk_commit();
         // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -986,14 +990,21 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     ring += n_tiles;
     // K and V of this slot are read (the last tile's products are waited): back to the producer.
     hopper::mbar_arrive(&kv_empty[slot]);
-    // The next item; at head dim 64 its first S^T and dP^T run on the tensor
-    // cores under this item's epilogue.
+    // The next item: at head dim 64 its first S^T and dP^T run on the tensor
+    // cores under this item's epilogue; at 128 (one K/V buffer, loaded once
+    // this item released it) the epilogue runs while its K and V load.
     ++n;
     const int next_slot = n % kKvSlots;
-    hopper::mbar_wait(&kv_full[next_slot], (n / kKvSlots) & 1);
-    const BwdItem next = item_of_slot[next_slot];
-    ahead = L::kAhead && next.n_tiles >= 0;
-    if (ahead) issue_sdp(next_slot, ring);
+    BwdItem next;
+    auto take_next = [&] {
+      hopper::mbar_wait(&kv_full[next_slot], (n / kKvSlots) & 1);
+      next = item_of_slot[next_slot];
+    };
+    if constexpr (L::kAhead) {
+      take_next();
+      issued = next.n_tiles >= 0;
+      if (issued) issue_sdp(next_slot, ring);
+    }
     // dK (scaled) and dV of this item's keys. kDirect: the last branch, keeping
     // every row, writes them once in bf16, adding the accumulators of the rows
     // earlier branches wrote; else they go into the accumulators, added where an
@@ -1048,6 +1059,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           p.kv_written[(batch * g.n + rows.base + tk * rows.stride) * g.heads + head] = 1;
       }
     }
+    if constexpr (!L::kAhead) take_next();
     w = next;
   }
   if (threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // shared memory must outlive the reductions
