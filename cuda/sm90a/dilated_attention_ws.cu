@@ -889,21 +889,26 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                               dst[kk][3]);
       }
       wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
-      // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major),
-      // issued before the barrier: the tensor cores start on them while the
-      // other warpgroup still finishes its element-wise pass.
-      wgmma::fence();
+      // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major).
+      auto issue_dkv = [&] {
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < kBm / 16; ++kk) {
-        if constexpr (kD == 128) {
-          wgmma::mma_64x128x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
-          wgmma::mma_64x128x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
-        } else {
-          wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
-          wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+        for (int kk = 0; kk < kBm / 16; ++kk) {
+          if constexpr (kD == 128) {
+            wgmma::mma_64x128x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
+            wgmma::mma_64x128x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+          } else {
+            wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
+            wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+          }
         }
-      }
-      wgmma::commit();
+        wgmma::commit();
+      };
+      // At 64 issued before the barrier: the tensor cores start on them while
+      // the other warpgroup still finishes its element-wise pass (the next
+      // tile's S^T/dP^T then fill the dQ epilogue). At 128, where nothing is
+      // issued ahead, after dQ: they run under the dQ epilogue instead.
+      if constexpr (L::kAhead) issue_dkv();
       // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
       // tile also orders this tile's reads before the buffer's next write).
       hopper::named_sync(1, 256);
@@ -926,17 +931,22 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         }
       }
       wgmma::commit();
-      // At 64, the next tile's S^T and dP^T behind them; then wait for all but those.
-      if (L::kAhead && has_next) {
-        issue_sdp(slot, t + 1);
-        wgmma::wait<1>();
+      if constexpr (L::kAhead) {
+        // The next tile's S^T and dP^T behind them; then wait for all but those.
+        if (has_next) {
+          issue_sdp(slot, t + 1);
+          wgmma::wait<1>();
+        } else {
+          wgmma::wait<0>();
+        }
+        wgmma::fence_operands(dv);
+        wgmma::fence_operands(dk);
+        hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
       } else {
-        wgmma::wait<0>();
+        issue_dkv();
+        wgmma::wait<1>();  // dQ's group: dV and dK may still run
       }
-      wgmma::fence_operands(dv);
-      wgmma::fence_operands(dk);
       wgmma::fence_operands(dq);
-      hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
 
       // dQ: where the map reaches the tile's rows, the warpgroup writes its
       // 64 x kD / 2 tile to shared memory and one thread adds it to dq_acc with
@@ -985,6 +995,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             mma::red_add_v2(dst_row + consumer * (kD / 2) + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
                             p.scale * dq[4 * c + 2 * r + 1]);
         }
+      }
+      if constexpr (!L::kAhead) {
+        wgmma::wait<0>();
+        wgmma::fence_operands(dv);
+        wgmma::fence_operands(dk);
+        hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
       }
     }
     ring += n_tiles;
