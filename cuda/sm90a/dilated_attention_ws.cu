@@ -228,14 +228,48 @@ struct FwdItem {
   int n_tiles;
 };
 
-template <int kBc, bool kCausal>
-__device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
+// Item `item` of a persistent launch's list (forward or backward: the params'
+// g, batch_heads and group): its (segment, batch-head) pair and its rank, the
+// tile's position in the heaviest-first order inside the group.
+struct ItemPlace {
+  int64_t segment, bh, rank;
+};
+
+template <class Params>
+__device__ __forceinline__ ItemPlace item_place(const Params& p, int64_t item) {
   const BranchGrid& g = p.g;
   const int64_t pairs = g.segments * p.batch_heads, per_group = p.group * g.tiles_per_segment;
   const int64_t first_pair = item / per_group * p.group, in_group = item % per_group;
   const int64_t group_pairs = min(p.group, pairs - first_pair);
-  const int64_t rank = in_group / group_pairs, pair = first_pair + in_group % group_pairs;
-  const int64_t segment = pair / p.batch_heads, bh = pair % p.batch_heads;
+  const int64_t pair = first_pair + in_group % group_pairs;
+  return {pair / p.batch_heads, pair % p.batch_heads, in_group / group_pairs};
+}
+
+// The producer warp's next item after its first (blockIdx.x): lane 0 takes
+// one from the launch's counter, the warp shares it.
+__device__ __forceinline__ int64_t next_item(int* work, int lane) {
+  int64_t next = 0;
+  if (lane == 0) next = gridDim.x + int64_t(atomicAdd(&work[0], 1));
+  return __shfl_sync(0xffffffffu, next, 0);
+}
+
+// The producer warp's last act: the last block out zeroes the counters for
+// the next launch (every block's last take precedes its count here).
+__device__ __forceinline__ void finish_items(int* work, int lane) {
+  if (lane != 0) return;
+  __threadfence();
+  if (atomicAdd(&work[1], 1) == static_cast<int>(gridDim.x) - 1) {
+    __threadfence();  // every other block's takes and counts before the reset
+    work[0] = 0;
+    work[1] = 0;
+  }
+}
+
+template <int kBc, bool kCausal>
+__device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
+  const BranchGrid& g = p.g;
+  const ItemPlace at = item_place(p, item);
+  const int64_t segment = at.segment, bh = at.bh, rank = at.rank;
   FwdItem w;
   w.batch = bh / g.heads;
   w.head = bh % g.heads;
@@ -290,16 +324,11 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     hopper::regs_dec<kProducerRegs>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
-    auto next_item = [&] {
-      int64_t next = 0;
-      if (lane == 0) next = gridDim.x + int64_t(atomicAdd(&p.work[0], 1));
-      return __shfl_sync(0xffffffffu, next, 0);
-    };
     int64_t item = blockIdx.x;
     int ring = 0;  // K/V tiles loaded so far
     for (int n = 0;; ++n) {
       FwdItem w{};
-      while (item < p.items && (w = fwd_item<kBc, kCausal>(p, item)).n_tiles == 0) item = next_item();
+      while (item < p.items && (w = fwd_item<kBc, kCausal>(p, item)).n_tiles == 0) item = next_item(p.work, lane);
       if (item >= p.items) w.n_tiles = -1;
       const int slot = n & 1;
       hopper::mbar_wait(&q_empty[slot], ((n >> 1) & 1) ^ 1);
@@ -316,25 +345,16 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       load_rows<kBr, kD>(smem + Smem::kQ + slot * QTile::kBytes, &qmap, p.q, &q_full[slot], p.map_rows, w.batch, w.head,
                      w.rows, o, j0, w.t0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
-        const int s = ring % kStages;
-        hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
-        load_rows<kBc, kD>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
-                       w.rows, o, j0, int64_t(j) * kBc);
-        load_rows<kBc, kD>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
-                       w.rows, o, j0, int64_t(j) * kBc);
+          const int s = ring % kStages;
+          hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
+          load_rows<kBc, kD>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
+                         w.rows, o, j0, int64_t(j) * kBc);
+          load_rows<kBc, kD>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
+                         w.rows, o, j0, int64_t(j) * kBc);
       }
-      item = next_item();
+      item = next_item(p.work, lane);
     }
-    // The last block out zeroes the counters for the next launch (every
-    // block's last take precedes its count here).
-    if (lane == 0) {
-      __threadfence();
-      if (atomicAdd(&p.work[1], 1) == static_cast<int>(gridDim.x) - 1) {
-        __threadfence();  // every other block's takes and counts before the reset
-        p.work[0] = 0;
-        p.work[1] = 0;
-      }
-    }
+    finish_items(p.work, lane);
     return;
   }
 
@@ -457,10 +477,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 
 // ---- backward ----
 //
-// A block owns 128 kept key rows (two consumer warpgroups x 64) of one
-// (batch, head, segment) and walks the 64-row query tiles that see them; the
-// producer warp streams Q, dO (TMA) and the rows' L and D (plain loads) into
-// a kBwdStages-deep ring. Per tile each consumer warpgroup computes, with
+// Persistent, as the forward: a block takes work items, each 128 kept key
+// rows (two consumer warpgroups x 64) of one (batch, head, segment), and walks
+// the 64-row query tiles that see them; the producer warp streams each item's
+// K and V (into one of kKvSlots buffers, so at head dim 64 the next item's
+// load while this one runs), then Q, dO (TMA) and the rows' L and D (plain
+// loads) into a kBwdStages-deep ring that runs on across items. Per tile each consumer warpgroup computes, with
 // wgmma, S^T = K Q^T and dP^T = V dO^T (keys x queries), then P^T and dS^T
 // in registers, dV += P^T dO and dK += dS^T Q (A from registers), and half
 // the columns of dQ = dS K over all 128 keys, with both warpgroups' dS^T read
@@ -475,31 +497,37 @@ constexpr int kBm = 64;        // query rows per tile
 // columns of dQ are kD / 64 boxes.
 constexpr int kDQBoxBytes = kBm * 32 * 4;
 
-// The backward's shape at head dim kD. At 128, dK and dV take 128 of a
-// consumer's registers: it gets 232 (the producer 40; at 24 it spills), the next tile's S^T
-// and dP^T are not issued ahead (they would be live beside dQ), and shared
-// memory (227 KB) holds three Q/dO stages and one dQ buffer.
+// The backward's shape at head dim kD. The producer walks work items
+// (persistent launch), which takes it 88 registers at 64 without spilling (the
+// consumers keep 208). At 128, dK and dV take 128 of a consumer's registers:
+// it gets 232 (the producer 40, and spills there: 16-150 bytes), the next
+// tile's S^T and dP^T are not issued ahead (they would be live beside dQ), and
+// shared memory (227 KB) holds three Q/dO stages, one dQ buffer and one K/V pair.
 template <int kD>
 struct BwdShape {
   static constexpr int kStages = 3;  // Q, dO ring depth
   static constexpr int kDQBuffers = kD == 64 ? 2 : 1;
   static constexpr bool kAhead = kD == 64;
-  static constexpr int kProducerRegs = kD == 64 ? 56 : 40, kConsumerRegs = kD == 64 ? 224 : 232;
+  static constexpr int kProducerRegs = kD == 64 ? 88 : 40, kConsumerRegs = kD == 64 ? 208 : 232;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "one block's registers");
   using KTile = AtomTile<kBwdKeys, kD>;  // K, V
   using RowTile = AtomTile<kBm, kD>;     // a Q or dO tile
   using DsTile = AtomTile<kBwdKeys, kBm>;  // dS^T: keys x queries
   static constexpr int kDQBoxes = kD / 64;  // per warpgroup
-  static constexpr int kK = 0;
-  static constexpr int kV = kK + KTile::kBytes;
-  static constexpr int kQ = kV + KTile::kBytes;                    // [kStages]
+  // K/V buffers: at 64 two, so the next item's K and V load during this one
+  // (persistent launch); at 128 one (no room), loaded after it.
+  static constexpr int kKvSlots = kD == 64 ? 2 : 1;
+  static constexpr int kK = 0;                                     // [kKvSlots]
+  static constexpr int kV = kK + kKvSlots * KTile::kBytes;         // [kKvSlots]
+  static constexpr int kQ = kV + kKvSlots * KTile::kBytes;         // [kStages]
   static constexpr int kDO = kQ + kStages * RowTile::kBytes;       // [kStages]
   static constexpr int kDS = kDO + kStages * RowTile::kBytes;      // [2 buffers]
   static constexpr int kDQ = kDS + 2 * DsTile::kBytes;             // [kDQBuffers][2 warpgroups][kDQBoxes]
   static constexpr int kStats = kDQ + kDQBuffers * 2 * kDQBoxes * kDQBoxBytes;  // [kStages][L2 64, D 64] floats
   static constexpr int kBars = kStats + kStages * 2 * kBm * 4;
-  static constexpr int kNumBars = 1 + 2 * kStages;                 // kv_full, q_full[], empty[]
-  static constexpr int kBytes = kBars + kNumBars * 8 + 1024;
+  static constexpr int kNumBars = 2 * kKvSlots + 2 * kStages;      // kv_full[], kv_empty[], q_full[], empty[]
+  static constexpr int kItems = kBars + kNumBars * 8;              // [kKvSlots] BwdItem: the item of each K/V slot
+  static constexpr int kBytes = kItems + kKvSlots * 64 + 1024;
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -514,7 +542,35 @@ struct WsBwdParams {
   BFloat16 *dk_out, *dv_out;  // kDirect: dK and dV written once here, in bf16
   int64_t out_sn;             // their position stride (elements)
   uint8_t* kv_written;        // rows whose dK/dV accumulators hold data, or null: all (backward_ws)
+  int64_t batch_heads;        // B H
+  int64_t items;              // segments x tiles_per_segment x B H
+  int64_t group;              // (segment, batch-head) pairs whose Q/dO share L2: item_place
+  int* work;                  // [2] zero at launch (the forward's scheme)
 };
+
+// One work item of the persistent backward: a 128-key block of one (batch,
+// head, segment); heaviest first in a group (causal: the first key block sees
+// every query tile). n_tiles: query tiles; 0: past the row set; -1: stop.
+struct BwdItem {
+  int64_t batch, head, kt0;
+  RowSet rows;
+  int n_tiles;
+};
+static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per item");
+
+template <bool kCausal>
+__device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) {
+  const BranchGrid& g = p.g;
+  const ItemPlace at = item_place(p, item);
+  BwdItem w;
+  w.batch = at.bh / g.heads;
+  w.head = at.bh % g.heads;
+  w.rows = kept_rows(g.n, g.w, g.r, w.head, at.segment);
+  w.kt0 = at.rank * kBwdKeys;
+  const int64_t q_first = kCausal ? w.kt0 : 0;  // a multiple of kBm
+  w.n_tiles = w.kt0 < w.rows.count ? static_cast<int>((w.rows.count - q_first + kBm - 1) / kBm) : 0;
+  return w;
+}
 
 template <int kD, bool kCausal, bool kDirect, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
@@ -530,22 +586,21 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   constexpr int kBwdStages = L::kStages;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
+  constexpr int kKvSlots = L::kKvSlots;
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + L::kBars);
-  uint64_t* kv_full = bars;
-  uint64_t* q_full = bars + 1;
-  uint64_t* empty = bars + 1 + kBwdStages;
+  uint64_t* kv_full = bars;                  // [kKvSlots]
+  uint64_t* kv_empty = bars + kKvSlots;      // [kKvSlots]
+  uint64_t* q_full = bars + 2 * kKvSlots;    // [kBwdStages]
+  uint64_t* empty = q_full + kBwdStages;     // [kBwdStages]
   float* stats = reinterpret_cast<float*>(smem + L::kStats);
-
+  BwdItem* item_of_slot = reinterpret_cast<BwdItem*>(smem + L::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
-  const BlockRows block = block_rows<false>(g, kBwdKeys);
-  const int64_t batch = block.batch, head = block.head, kt0 = block.t0;
-  const RowSet rows = block.rows;
-  if (kt0 >= rows.count) return;
-  const int64_t q_first = kCausal ? kt0 : 0;  // a multiple of kBm
-  const int n_tiles = static_cast<int>((rows.count - q_first + kBm - 1) / kBm);
 
   if (threadIdx.x == 0) {
-    hopper::mbar_init(kv_full, 2 * kLoadArrivals);
+    for (int k = 0; k < kKvSlots; ++k) {
+      hopper::mbar_init(&kv_full[k], 2 * kLoadArrivals);
+      hopper::mbar_init(&kv_empty[k], kConsumerWarps * 32);
+    }
     for (int s = 0; s < kBwdStages; ++s) {
       hopper::mbar_init(&q_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps * 32);
@@ -554,22 +609,43 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   }
   __syncthreads();
 
-  // The tensor maps' coordinates of row t = 0 (see the top comment).
-  const int64_t first = batch * g.n + rows.base;
-  const int o = static_cast<int>(first % g.r);
-  const int64_t j0 = first / g.r;
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<L::kProducerRegs>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
-    // K and V: 32 arrivals each on kv_full (count 2 x 32).
-    load_rows<kBwdKeys, kD>(smem + L::kK, &kmap, p.k, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
-    load_rows<kBwdKeys, kD>(smem + L::kV, &vmap, p.v, kv_full, p.map_rows, batch, head, rows, o, j0, kt0);
-    for (int j = 0; j < n_tiles; ++j) {
-      const int s = j % kBwdStages;
+    int64_t item = blockIdx.x;
+    int ring = 0;  // Q/dO tiles loaded so far, all items
+    for (int n = 0;; ++n) {
+      BwdItem w{};
+      while (item < p.items && (w = bwd_item<kCausal>(p, item)).n_tiles == 0) item = next_item(p.work, lane);
+      if (item >= p.items) w.n_tiles = -1;
+      const int slot = n % kKvSlots;
+      hopper::mbar_wait(&kv_empty[slot], ((n / kKvSlots) & 1) ^ 1);
+      // Decoded once, here: the consumers read it after kv_full[slot] (lane
+      // 0's arrival releases its store).
+      if (lane == 0) item_of_slot[slot] = w;
+      if (item >= p.items) {  // none left: the consumers stop at this slot (2 x 32 arrivals)
+        hopper::mbar_arrive(&kv_full[slot]);
+        hopper::mbar_arrive(&kv_full[slot]);
+        break;
+      }
+      const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
+      const RowSet rows = w.rows;
+      const int64_t q_first = kCausal ? kt0 : 0;
+      // The tensor maps' coordinates of row t = 0 (see the top comment).
+      const int64_t first = batch * g.n + rows.base;
+      const int o = static_cast<int>(first % g.r);
+      const int64_t j0 = first / g.r;
+      // K and V: 32 arrivals each on kv_full[slot] (count 2 x 32).
+      load_rows<kBwdKeys, kD>(smem + L::kK + slot * KTile::kBytes, &kmap, p.k, &kv_full[slot], p.map_rows, batch,
+                              head, rows, o, j0, kt0);
+      load_rows<kBwdKeys, kD>(smem + L::kV + slot * KTile::kBytes, &vmap, p.v, &kv_full[slot], p.map_rows, batch,
+                              head, rows, o, j0, kt0);
+      for (int j = 0; j < w.n_tiles; ++j, ++ring) {
+      const int s = ring % kBwdStages;
       const int64_t q0 = q_first + int64_t(j) * kBm;
-      hopper::mbar_wait(&empty[s], ((j / kBwdStages) & 1) ^ 1);
+      hopper::mbar_wait(&empty[s], ((ring / kBwdStages) & 1) ^ 1);
       // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's rows.
       float* st = stats + s * 2 * kBm;
       for (int i = lane; i < kBm; i += 32) {
@@ -615,7 +691,10 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         wgmma::fence_proxy_async();
         hopper::mbar_arrive(&q_full[s]);
       }
+      }
+      item = next_item(p.work, lane);
     }
+    finish_items(p.work, lane);
     return;
   }
 
@@ -623,13 +702,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;  // warp-uniform, as in the forward
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
-  const int64_t key0 = kt0 + consumer * 64;                 // this warpgroup's first key row
-  const int64_t key_row0 = key0 + warp * 16 + lane / 4;      // this lane's keys: key_row0, key_row0 + 8
-  // Tile descriptors, built once and stepped by constants (wgmma::desc_offset).
-  const uint64_t k_desc = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
-  const uint64_t v_desc = wgmma::desc_sw128(smem + L::kV + consumer * 64 * 128);
+  // Tile descriptors, built once and stepped by constants (wgmma::desc_offset);
+  // K's and V's per slot below.
+  const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
+  const uint64_t v_desc0 = wgmma::desc_sw128(smem + L::kV + consumer * 64 * 128);
   // K's columns c kD / 2 .. (c + 1) kD / 2 - 1 (dQ's B): at 64, half a 128-byte row; at 128, atom c.
-  const uint64_t k_cols_desc = wgmma::desc_sw128(smem + L::kK + consumer * (kD == 64 ? 64 : KTile::kAtomBytes));
+  const uint64_t k_cols_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * (kD == 64 ? 64 : KTile::kAtomBytes));
   const uint64_t q_desc0 = wgmma::desc_sw128(smem + L::kQ), do_desc0 = wgmma::desc_sw128(smem + L::kDO);
   // Q and dO as dK's and dV's MN-major B: at 128, lbo steps n to the second atom.
   constexpr uint32_t kMnLbo = kD == 128 ? RowTile::kAtomBytes : 0;
@@ -637,24 +715,22 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const uint64_t do_mn_desc0 = wgmma::desc_sw128(smem + L::kDO, 1024, kMnLbo);
   const uint64_t ds_desc0 = wgmma::desc_sw128(smem + L::kDS);
 
-  float dk[kD / 2], dv[kD / 2];
-#pragma unroll
-  for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
-  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h);
-  // this warp's 16 keys are one group; this lane's keys are bytes key_byte and key_byte + 2.
-  const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
+  // Dropout: this warp's 16 keys are one group; this lane's keys are bytes
+  // key_byte and key_byte + 2 of a mask word.
   const int key_byte = (lane / 4) & 1;
-  hopper::mbar_wait(kv_full, 0);
 
-  // S^T = K Q^T and dP^T = V dO^T of tile j (64 keys x 64 queries); at head
-  // dim 64 issued one tile ahead: tile j + 1's run on the tensor cores while
-  // tile j's dQ goes out (its shared-memory tile, the bulk reduction).
+  // S^T = K Q^T and dP^T = V dO^T of ring tile t (64 keys x 64 queries) with
+  // the K and V of slot kv; at head dim 64 issued one tile ahead: tile j + 1's
+  // run on the tensor cores while tile j's dQ goes out (its shared-memory
+  // tile, the bulk reduction), and an item's first under the last one's epilogue.
   float st[32], dpt[32];
-  auto issue_sdp = [&](int j) {
-    const int s = j % kBwdStages;
+  auto issue_sdp = [&](int kv, int t) {
+    const int s = t % kBwdStages;
     const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
     const uint64_t do_desc = wgmma::desc_offset(do_desc0, s * RowTile::kBytes);
-    hopper::mbar_wait(&q_full[s], (j / kBwdStages) & 1);
+    const uint64_t k_desc = wgmma::desc_offset(k_desc0, kv * KTile::kBytes);
+    const uint64_t v_desc = wgmma::desc_offset(v_desc0, kv * KTile::kBytes);
+    hopper::mbar_wait(&q_full[s], (t / kBwdStages) & 1);
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
@@ -674,269 +750,337 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     }
     wgmma::commit();
   };
-  if constexpr (L::kAhead) issue_sdp(0);
-
-  for (int j = 0; j < n_tiles; ++j) {
-    if constexpr (!L::kAhead) issue_sdp(j);
-    const int s = j % kBwdStages;
-    const int64_t q0 = q_first + int64_t(j) * kBm;
-    const uint64_t q_mn_desc = wgmma::desc_offset(q_mn_desc0, s * RowTile::kBytes);
-    const uint64_t do_mn_desc = wgmma::desc_offset(do_mn_desc0, s * RowTile::kBytes);
-    const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (j & 1) * DsTile::kBytes);
-    const float* l2 = stats + s * 2 * kBm;
-    const float* dl = l2 + kBm;
-    char* ds_tile = smem + L::kDS + (j & 1) * DsTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
-    const bool has_next = j + 1 < n_tiles;
-
-    // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
-    // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
-    uint32_t keep[2][8];
-    if constexpr (kDropout) {
-      const int64_t tq0 = q0 + 2 * (lane % 4);
+  int ring = 0;         // Q/dO tiles consumed so far, all items
+  int n = 0;            // items begun
+  bool issued = false;  // the item's first S^T and dP^T are in flight
+  hopper::mbar_wait(&kv_full[0], 0);
+  BwdItem w = item_of_slot[0];
+  while (w.n_tiles >= 0) {
+    const int slot = n % kKvSlots;
+    const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
+    const RowSet rows = w.rows;
+    const int n_tiles = w.n_tiles;
+    const int64_t q_first = kCausal ? kt0 : 0;  // a multiple of kBm
+    // The tensor maps' coordinates of row t = 0 (see the top comment).
+    const int64_t first = batch * g.n + rows.base;
+    const int o = static_cast<int>(first % g.r);
+    const int64_t j0 = first / g.r;
+    const int64_t key0 = kt0 + consumer * 64;             // this warpgroup's first key row
+    const int64_t key_row0 = key0 + warp * 16 + lane / 4;  // this lane's keys: key_row0, key_row0 + 8
+    const uint64_t k_cols_desc = wgmma::desc_offset(k_cols_desc0, slot * KTile::kBytes);
+    // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
+    const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
+    float dk[kD / 2], dv[kD / 2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        dropout_words_keys(
-            p.drop.mask, key0 + warp * 16, lane, h,
-            [&](int u) {
-              const int64_t tq = tq0 + 8 * (u >> 1) + (u & 1);
-              return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
-            },
-            keep[h]);
-        // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
+    for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
+    if (L::kAhead && !issued) issue_sdp(slot, ring);
+
+    for (int j = 0; j < n_tiles; ++j) {
+      const int t = ring + j;  // the tile's place in the Q/dO ring and the dS and dQ buffers
+      if constexpr (!L::kAhead) issue_sdp(slot, t);
+      const int s = t % kBwdStages;
+      const int64_t q0 = q_first + int64_t(j) * kBm;
+      const uint64_t q_mn_desc = wgmma::desc_offset(q_mn_desc0, s * RowTile::kBytes);
+      const uint64_t do_mn_desc = wgmma::desc_offset(do_mn_desc0, s * RowTile::kBytes);
+      const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (t & 1) * DsTile::kBytes);
+      const float* l2 = stats + s * 2 * kBm;
+      const float* dl = l2 + kBm;
+      char* ds_tile = smem + L::kDS + (t & 1) * DsTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
+      const bool has_next = j + 1 < n_tiles;
+
+      // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
+      // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
+      uint32_t keep[2][8];
+      if constexpr (kDropout) {
+        const int64_t tq0 = q0 + 2 * (lane % 4);
 #pragma unroll
-        for (int u = 0; u < 8; ++u) keep[h][u] >>= 8 * key_byte;
+        for (int h = 0; h < 2; ++h) {
+          dropout_words_keys(
+              p.drop.mask, key0 + warp * 16, lane, h,
+              [&](int u) {
+                const int64_t tq = tq0 + 8 * (u >> 1) + (u & 1);
+                return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+              },
+              keep[h]);
+          // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
+#pragma unroll
+          for (int u = 0; u < 8; ++u) keep[h][u] >>= 8 * key_byte;
+        }
       }
-    }
-    wgmma::wait<L::kAhead ? 0 : 1>();  // S^T (at head dim 64 one group with dP^T)
-    wgmma::fence_operands(st);
+      wgmma::wait<L::kAhead ? 0 : 1>();  // S^T (at head dim 64 one group with dP^T)
+      wgmma::fence_operands(st);
 
-    // P^T = exp2(S^T scale_log2 - L2[q]), dS^T = P^T (dP^T - D[q]); element
-    // [4c + e]: key key_row0 + 8 (e >> 1), query q0 + 8c + 2 (lane % 4) + (e & 1).
-    const bool need_mask = key0 + 64 > rows.count || q0 + kBm > rows.count || (kCausal && q0 < key0 + 63);
-    uint32_t pt[4][4], dst[4][4];
-    // kMask: the tile reaches past the row set or across the causal diagonal
-    // (a separate instantiation, as softmax_tile's in the forward).
-    auto elementwise = [&](auto mask_tag) {
-      constexpr bool kMask = decltype(mask_tag)::value;
-      int krow_limit = 16, qcol_limit = kBm, causal_from = 16;
-      if constexpr (kMask) {
-        const int64_t key_left = rows.count - key_row0, q_left = rows.count - q0, ahead = q0 - key_row0;
-        krow_limit = key_left > 16 ? 16 : static_cast<int>(key_left);  // valid iff 8 (e >> 1) < krow_limit
-        qcol_limit = q_left > kBm ? kBm : static_cast<int>(q_left);    // valid iff col < qcol_limit
-        causal_from = ahead > 16 ? 16 : ahead < -kBm ? -kBm : static_cast<int>(ahead);  // col + causal_from >= 8 (e>>1)
-      }
-      // P^T in place of S^T (probs), then dV's and dK's operands (grads), a
-      // column chunk c at a time: fused at head dim 64 (dP^T is there), at
-      // 128 all of P^T first, while dP^T finishes on the tensor cores.
-      auto probs = [&](int c) {
-        const float2 lc = *reinterpret_cast<const float2*>(l2 + c * 8 + 2 * (lane % 4));
+      // P^T = exp2(S^T scale_log2 - L2[q]), dS^T = P^T (dP^T - D[q]); element
+      // [4c + e]: key key_row0 + 8 (e >> 1), query q0 + 8c + 2 (lane % 4) + (e & 1).
+      const bool need_mask = key0 + 64 > rows.count || q0 + kBm > rows.count || (kCausal && q0 < key0 + 63);
+      uint32_t pt[4][4], dst[4][4];
+      // kMask: the tile reaches past the row set or across the causal diagonal
+      // (a separate instantiation, as softmax_tile's in the forward).
+      auto elementwise = [&](auto mask_tag) {
+        constexpr bool kMask = decltype(mask_tag)::value;
+        int krow_limit = 16, qcol_limit = kBm, causal_from = 16;
+        if constexpr (kMask) {
+          const int64_t key_left = rows.count - key_row0, q_left = rows.count - q0, ahead = q0 - key_row0;
+          krow_limit = key_left > 16 ? 16 : static_cast<int>(key_left);  // valid iff 8 (e >> 1) < krow_limit
+          qcol_limit = q_left > kBm ? kBm : static_cast<int>(q_left);    // valid iff col < qcol_limit
+          // valid iff col + causal_from >= 8 (e >> 1)
+          causal_from = ahead > 16 ? 16 : ahead < -kBm ? -kBm : static_cast<int>(ahead);
+        }
+        // P^T in place of S^T (probs), then dV's and dK's operands (grads), a
+        // column chunk c at a time: fused at head dim 64 (dP^T is there), at
+        // 128 all of P^T first, while dP^T finishes on the tensor cores.
+        auto probs = [&](int c) {
+          const float2 lc = *reinterpret_cast<const float2*>(l2 + c * 8 + 2 * (lane % 4));
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = mma::exp2_ftz(st[4 * c + e] * scale_log2 - (e & 1 ? lc.y : lc.x));
-          if constexpr (kMask) {
-            const int col = c * 8 + 2 * (lane % 4) + (e & 1), kr = (e >> 1) * 8;
-            if (kr >= krow_limit || col >= qcol_limit || (kCausal && col + causal_from < kr)) x = 0.f;
+          for (int e = 0; e < 4; ++e) {
+            float x = mma::exp2_ftz(st[4 * c + e] * scale_log2 - (e & 1 ? lc.y : lc.x));
+            if constexpr (kMask) {
+              const int col = c * 8 + 2 * (lane % 4) + (e & 1), kr = (e >> 1) * 8;
+              if (kr >= krow_limit || col >= qcol_limit || (kCausal && col + causal_from < kr)) x = 0.f;
+            }
+            st[4 * c + e] = x;
           }
-          st[4 * c + e] = x;
-        }
-      };
-      auto grads = [&](int c) {
-        const float2 dc = *reinterpret_cast<const float2*>(dl + c * 8 + 2 * (lane % 4));
-        float pv[4], dsv[4];
+        };
+        auto grads = [&](int c) {
+          const float2 dc = *reinterpret_cast<const float2*>(dl + c * 8 + 2 * (lane % 4));
+          float pv[4], dsv[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float x = st[4 * c + e];
-          // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
-          float m = 1.f;
-          if constexpr (kDropout)
-            m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), p.drop.mask.threshold)
-                    ? p.drop.mask.scale
-                    : 0.f;
-          pv[e] = x * m;
-          dsv[e] = x * (m * dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
+          for (int e = 0; e < 4; ++e) {
+            const float x = st[4 * c + e];
+            // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
+            float m = 1.f;
+            if constexpr (kDropout)
+              m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), p.drop.mask.threshold)
+                      ? p.drop.mask.scale
+                      : 0.f;
+            pv[e] = x * m;
+            dsv[e] = x * (m * dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
+          }
+          const int kk = c / 2, h = c % 2;
+          pt[kk][2 * h] = mma::pack_bf16(pv[0], pv[1]);
+          pt[kk][2 * h + 1] = mma::pack_bf16(pv[2], pv[3]);
+          dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
+          dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
+        };
+        if constexpr (L::kAhead) {
+          wgmma::fence_operands(dpt);
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            probs(c);
+            grads(c);
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < 8; ++c) probs(c);
+          wgmma::wait<0>();
+          wgmma::fence_operands(dpt);
+#pragma unroll
+          for (int c = 0; c < 8; ++c) grads(c);
         }
-        const int kk = c / 2, h = c % 2;
-        pt[kk][2 * h] = mma::pack_bf16(pv[0], pv[1]);
-        pt[kk][2 * h + 1] = mma::pack_bf16(pv[2], pv[3]);
-        dst[kk][2 * h] = mma::pack_bf16(dsv[0], dsv[1]);
-        dst[kk][2 * h + 1] = mma::pack_bf16(dsv[2], dsv[3]);
       };
+      if (need_mask) elementwise(std::true_type{});
+      else elementwise(std::false_type{});
+      // dS^T to shared memory for dQ (rows = keys, columns = queries). Matrix i
+      // of k-step kk's stmatrix is dst[kk][i]: query chunk 2 kk + i / 2, keys
+      // 8 (i % 2) .. + 7 of this warp's 16; lane l addresses row l % 8 of matrix l / 8.
+      {
+        const int mat = lane / 8, key = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+          hopper::stmatrix_x4(DsTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2],
+                              dst[kk][3]);
+      }
+      wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
+      // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major).
+      auto issue_dkv = [&] {
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < kBm / 16; ++kk) {
+          if constexpr (kD == 128) {
+            wgmma::mma_64x128x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
+            wgmma::mma_64x128x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+          } else {
+            wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
+            wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
+          }
+        }
+        wgmma::commit();
+      };
+      // At 64 issued before the barrier: the tensor cores start on them while
+      // the other warpgroup still finishes its element-wise pass (the next
+      // tile's S^T/dP^T then fill the dQ epilogue). At 128, where nothing is
+      // issued ahead, after dQ: they run under the dQ epilogue instead.
+      if constexpr (L::kAhead) issue_dkv();
+      // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
+      // tile also orders this tile's reads before the buffer's next write).
+      hopper::named_sync(1, 256);
+
+      // This warpgroup's kD / 2 columns of dQ = dS K over all 128 keys (A =
+      // dS^T from shared memory, MN-major; B = K rows, MN-major): each dQ
+      // element is reduced into global memory once per tile, not once per warpgroup.
+      float dq[kD / 4];
+      wgmma::fence();
+#pragma unroll
+      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+        const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128);
+        const uint64_t db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
+        if constexpr (kD == 128) {
+          if (kk == 0) wgmma::mma_64x64x16_ss<false, 1, 1>(dq, da, db);
+          else wgmma::mma_64x64x16_ss<true, 1, 1>(dq, da, db);
+        } else {
+          if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
+          else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
+        }
+      }
+      wgmma::commit();
       if constexpr (L::kAhead) {
-        wgmma::fence_operands(dpt);
+        // The next tile's S^T and dP^T behind them; then wait for all but those.
+        if (has_next) {
+          issue_sdp(slot, t + 1);
+          wgmma::wait<1>();
+        } else {
+          wgmma::wait<0>();
+        }
+        wgmma::fence_operands(dv);
+        wgmma::fence_operands(dk);
+        hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
+      } else {
+        issue_dkv();
+        wgmma::wait<1>();  // dQ's group: dV and dK may still run
+      }
+      wgmma::fence_operands(dq);
+
+      // dQ: where the map reaches the tile's rows, the warpgroup writes its
+      // 64 x kD / 2 tile to shared memory and one thread adds it to dq_acc with
+      // one TMA reduction per 32-column box (full 128-byte lines, no per-thread
+      // atomics); past the map, per-thread vector reductions. Padding rows of a
+      // tile hold dQ = 0 (their P is 0), so adding them to the next segment's
+      // rows changes nothing.
+      const int64_t t_end = min(q0 + kBm, rows.count);
+      if (j0 + t_end - 1 < p.map_rows) {
+        char* dq_tile = smem + L::kDQ + ((t % L::kDQBuffers) * 2 + consumer) * L::kDQBoxes * kDQBoxBytes;
+        // The reduction issued from this buffer kDQBuffers tiles ago has read it.
+        if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<L::kDQBuffers - 1>();
+        hopper::named_sync(2 + consumer, 128);
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          probs(c);
-          grads(c);
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp * 16 + lane / 4 + r * 8;
+#pragma unroll
+          for (int c = 0; c < kD / 16; ++c) {  // box c / 4, its 8-column chunk c % 4
+            const int chunk = (2 * (c % 4) + (lane % 4) / 2) ^ (row % 8);
+            *reinterpret_cast<float2*>(dq_tile + (c / 4) * kDQBoxBytes + row * 128 + chunk * 16 + (lane % 2) * 8) =
+                make_float2(p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
+          }
+        }
+        wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
+        hopper::named_sync(2 + consumer, 128);
+        if (threadIdx.x % 128 == 0) {
+#pragma unroll
+          for (int b = 0; b < L::kDQBoxes; ++b)
+            hopper::tma_reduce_add_4d(&dqmap, dq_tile + b * kDQBoxBytes, consumer * (kD / 2) + 32 * b, int(head), o,
+                                      int(j0 + q0));
+          hopper::bulk_commit();
         }
       } else {
+        // An empty bulk group keeps the groups in step with the tiles, so that
+        // bulk_wait_read above covers the reduction of tile t - kDQBuffers
+        // when this tail tile ends an item and a mapped one follows.
+        if (threadIdx.x % 128 == 0) hopper::bulk_commit();
+        // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
 #pragma unroll
-        for (int c = 0; c < 8; ++c) probs(c);
+        for (int r = 0; r < 2; ++r) {
+          const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
+          if (tq >= rows.count) continue;
+          float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * kD;
+#pragma unroll
+          for (int c = 0; c < kD / 16; ++c)
+            mma::red_add_v2(dst_row + consumer * (kD / 2) + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
+                            p.scale * dq[4 * c + 2 * r + 1]);
+        }
+      }
+      if constexpr (!L::kAhead) {
         wgmma::wait<0>();
-        wgmma::fence_operands(dpt);
-#pragma unroll
-        for (int c = 0; c < 8; ++c) grads(c);
+        wgmma::fence_operands(dv);
+        wgmma::fence_operands(dk);
+        hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
       }
+    }
+    ring += n_tiles;
+    // K and V of this slot are read (the last tile's products are waited): back to the producer.
+    hopper::mbar_arrive(&kv_empty[slot]);
+    // The next item: at head dim 64 its first S^T and dP^T run on the tensor
+    // cores under this item's epilogue; at 128 (one K/V buffer, loaded once
+    // this item released it) the epilogue runs while its K and V load.
+    ++n;
+    const int next_slot = n % kKvSlots;
+    BwdItem next;
+    auto take_next = [&] {
+      hopper::mbar_wait(&kv_full[next_slot], (n / kKvSlots) & 1);
+      next = item_of_slot[next_slot];
     };
-    if (need_mask) elementwise(std::true_type{});
-    else elementwise(std::false_type{});
-    // dS^T to shared memory for dQ (rows = keys, columns = queries). Matrix i
-    // of k-step kk's stmatrix is dst[kk][i]: query chunk 2 kk + i / 2, keys
-    // 8 (i % 2) .. + 7 of this warp's 16; lane l addresses row l % 8 of matrix l / 8.
-    {
-      const int mat = lane / 8, key = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        hopper::stmatrix_x4(DsTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2], dst[kk][3]);
+    if constexpr (L::kAhead) {
+      take_next();
+      issued = next.n_tiles >= 0;
+      if (issued) issue_sdp(next_slot, ring);
     }
-    wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
-    // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major),
-    // issued before the barrier: the tensor cores start on them while the
-    // other warpgroup still finishes its element-wise pass.
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kBm / 16; ++kk) {
-      if constexpr (kD == 128) {
-        wgmma::mma_64x128x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
-        wgmma::mma_64x128x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
-      } else {
-        wgmma::mma_64x64x16_rs_mn(dv, pt[kk], wgmma::desc_offset(do_mn_desc, kk * 16 * 128));
-        wgmma::mma_64x64x16_rs_mn(dk, dst[kk], wgmma::desc_offset(q_mn_desc, kk * 16 * 128));
-      }
-    }
-    wgmma::commit();
-    // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
-    // tile also orders this tile's reads before the buffer's next write).
-    hopper::named_sync(1, 256);
-
-    // This warpgroup's kD / 2 columns of dQ = dS K over all 128 keys (A =
-    // dS^T from shared memory, MN-major; B = K rows, MN-major): each dQ
-    // element is reduced into global memory once per tile, not once per warpgroup.
-    float dq[kD / 4];
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
-      const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128), db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
-      if constexpr (kD == 128) {
-        if (kk == 0) wgmma::mma_64x64x16_ss<false, 1, 1>(dq, da, db);
-        else wgmma::mma_64x64x16_ss<true, 1, 1>(dq, da, db);
-      } else {
-        if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
-        else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
-      }
-    }
-    wgmma::commit();
-    // At 64, the next tile's S^T and dP^T behind them; then wait for all but those.
-    if (L::kAhead && has_next) {
-      issue_sdp(j + 1);
-      wgmma::wait<1>();
-    } else {
-      wgmma::wait<0>();
-    }
-    wgmma::fence_operands(dv);
-    wgmma::fence_operands(dk);
-    wgmma::fence_operands(dq);
-    hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
-
-    // dQ: where the map reaches the tile's rows, the warpgroup writes its
-    // 64 x kD / 2 tile to shared memory and one thread adds it to dq_acc with
-    // one TMA reduction per 32-column box (full 128-byte lines, no per-thread
-    // atomics); past the map, per-thread vector reductions. Padding rows of a
-    // tile hold dQ = 0 (their P is 0), so adding them to the next segment's
-    // rows changes nothing.
-    const int64_t t_end = min(q0 + kBm, rows.count);
-    if (j0 + t_end - 1 < p.map_rows) {
-      char* dq_tile = smem + L::kDQ + ((j % L::kDQBuffers) * 2 + consumer) * L::kDQBoxes * kDQBoxBytes;
-      // The reduction issued from this buffer kDQBuffers tiles ago has read it.
-      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<L::kDQBuffers - 1>();
-      hopper::named_sync(2 + consumer, 128);
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + lane / 4 + r * 8;
-#pragma unroll
-        for (int c = 0; c < kD / 16; ++c) {  // box c / 4, its 8-column chunk c % 4
-          const int chunk = (2 * (c % 4) + (lane % 4) / 2) ^ (row % 8);
-          *reinterpret_cast<float2*>(dq_tile + (c / 4) * kDQBoxBytes + row * 128 + chunk * 16 + (lane % 2) * 8) =
-              make_float2(p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
-        }
-      }
-      wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
-      hopper::named_sync(2 + consumer, 128);
-      if (threadIdx.x % 128 == 0) {
-#pragma unroll
-        for (int b = 0; b < L::kDQBoxes; ++b)
-          hopper::tma_reduce_add_4d(&dqmap, dq_tile + b * kDQBoxBytes, consumer * (kD / 2) + 32 * b, int(head), o,
-                                    int(j0 + q0));
-        hopper::bulk_commit();
-      }
-    } else {
-      // dQ rows: q0 + warp * 16 + lane / 4 (+ 8), in the accumulator layout.
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
-        if (tq >= rows.count) continue;
-        float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * kD;
-#pragma unroll
-        for (int c = 0; c < kD / 16; ++c)
-          mma::red_add_v2(dst_row + consumer * (kD / 2) + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
-                          p.scale * dq[4 * c + 2 * r + 1]);
-      }
-    }
-  }
-  if (threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // shared memory must outlive the reductions
-  // dK (scaled) and dV of this block's keys. kDirect: the last branch, keeping
-  // every row, writes them once in bf16, adding the accumulators of the rows
-  // earlier branches wrote; else they go into the accumulators, added where an
-  // earlier branch wrote the row (rows of one launch are disjoint).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t tk = key_row0 + r * 8;
-    if (tk >= rows.count) continue;
-    const int64_t pos = rows.base + tk * rows.stride;
-    const int64_t position = batch * g.n + pos;  // flattened (b, pos)
-    const int64_t ri = position * g.heads + head;  // (b, pos, head) row
-    float* dkr = p.dk_acc + ri * kD;
-    float* dvr = p.dv_acc + ri * kD;
-    // kDirect adds only marked rows (none without kv_written); the others
-    // add unless kv_written says the row holds nothing yet. The accumulators
-    // are loaded whatever the marker says, so that all loads are in flight
-    // together; an unwritten one may hold anything, so it is selected away.
-    const bool load = !kDirect || p.kv_written;
-    const bool add = kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri];
-#pragma unroll
-    for (int c = 0; c < kD / 8; ++c) {
-      const int col = c * 8 + 2 * (lane % 4);
-      float2 a = make_float2(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
-      float2 b = make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
-      float2 a0 = make_float2(0.f, 0.f), b0 = a0;
-      if (load) {
-        a0 = *reinterpret_cast<const float2*>(dkr + col);
-        b0 = *reinterpret_cast<const float2*>(dvr + col);
-      }
-      if (add) {
-        a.x += a0.x;
-        a.y += a0.y;
-        b.x += b0.x;
-        b.y += b0.y;
-      }
-      if constexpr (kDirect) {
-        *reinterpret_cast<uint32_t*>(p.dk_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(a.x, a.y);
-        *reinterpret_cast<uint32_t*>(p.dv_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(b.x, b.y);
-      } else {
-        *reinterpret_cast<float2*>(dkr + col) = a;
-        *reinterpret_cast<float2*>(dvr + col) = b;
-      }
-    }
-  }
-  // Mark the rows written, once every lane of a quad has read their markers.
-  if (!kDirect && p.kv_written) {
-    __syncwarp();
+    // dK (scaled) and dV of this item's keys. kDirect: the last branch, keeping
+    // every row, writes them once in bf16, adding the accumulators of the rows
+    // earlier branches wrote; else they go into the accumulators, added where an
+    // earlier branch wrote the row (rows of one launch are disjoint).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t tk = key_row0 + r * 8;
-      if (tk < rows.count && lane % 4 == 0)
-        p.kv_written[(batch * g.n + rows.base + tk * rows.stride) * g.heads + head] = 1;
+      if (tk >= rows.count) continue;
+      const int64_t pos = rows.base + tk * rows.stride;
+      const int64_t position = batch * g.n + pos;  // flattened (b, pos)
+      const int64_t ri = position * g.heads + head;  // (b, pos, head) row
+      float* dkr = p.dk_acc + ri * kD;
+      float* dvr = p.dv_acc + ri * kD;
+      // kDirect adds only marked rows (none without kv_written); the others
+      // add unless kv_written says the row holds nothing yet. The accumulators
+      // are loaded whatever the marker says, so that all loads are in flight
+      // together; an unwritten one may hold anything, so it is selected away.
+      const bool load = !kDirect || p.kv_written;
+      const bool add = kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri];
+#pragma unroll
+      for (int c = 0; c < kD / 8; ++c) {
+        const int col = c * 8 + 2 * (lane % 4);
+        float2 a = make_float2(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
+        float2 b = make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
+        float2 a0 = make_float2(0.f, 0.f), b0 = a0;
+        if (load) {
+          a0 = *reinterpret_cast<const float2*>(dkr + col);
+          b0 = *reinterpret_cast<const float2*>(dvr + col);
+        }
+        if (add) {
+          a.x += a0.x;
+          a.y += a0.y;
+          b.x += b0.x;
+          b.y += b0.y;
+        }
+        if constexpr (kDirect) {
+          *reinterpret_cast<uint32_t*>(p.dk_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(a.x, a.y);
+          *reinterpret_cast<uint32_t*>(p.dv_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(b.x, b.y);
+        } else {
+          *reinterpret_cast<float2*>(dkr + col) = a;
+          *reinterpret_cast<float2*>(dvr + col) = b;
+        }
+      }
     }
+    // Mark the rows written, once every lane of a quad has read their markers.
+    if (!kDirect && p.kv_written) {
+      __syncwarp();
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t tk = key_row0 + r * 8;
+        if (tk < rows.count && lane % 4 == 0)
+          p.kv_written[(batch * g.n + rows.base + tk * rows.stride) * g.heads + head] = 1;
+      }
+    }
+    if constexpr (!L::kAhead) take_next();
+    w = next;
   }
+  if (threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // shared memory must outlive the reductions
 }
 
 // ---- host side ----
@@ -989,7 +1133,8 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true>;
   constexpr int kBytes = BwdShape<kD>::kBytes;
   allow_dynamic_smem(kBytes, plain, dropout);
-  dim3 grid(static_cast<unsigned>(p.g.segments * p.g.tiles_per_segment), static_cast<unsigned>(batch * p.g.heads));
+  // Persistent: one block per SM (at most one item each when there are fewer).
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
@@ -1012,6 +1157,13 @@ CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_row
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Work items come in groups of (segment, batch-head) pairs (item_place): as
+// many pairs as keep the data their items share within ~24 MB, half the
+// H200's L2.
+int64_t pairs_in_l2(int64_t bytes_per_pair) {
+  return std::max<int64_t>(1, (int64_t(24) << 20) / std::max<int64_t>(bytes_per_pair, 1));
+}
+
 }  // namespace
 
 bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
@@ -1028,9 +1180,8 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
-  // Pairs per group: their K and V (kept rows x d x 2 bytes, twice) within ~24 MB, half the H200's L2.
-  const int64_t kv_bytes = ((g.w + g.r - 1) / g.r) * g.dim * 2 * 2;
-  p.group = std::max<int64_t>(1, (int64_t(24) << 20) / std::max<int64_t>(kv_bytes, 1));
+  // The items of a pair read its K and V (kept rows x d, bf16, twice).
+  p.group = pairs_in_l2(((g.w + g.r - 1) / g.r) * g.dim * 2 * 2);
   p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
@@ -1068,6 +1219,11 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
+  p.batch_heads = batch * g.heads;
+  p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
+  // The items of a pair read its Q and dO (kept rows x d, bf16) and add to its dQ (fp32).
+  p.group = pairs_in_l2(((g.w + g.r - 1) / g.r) * g.dim * (2 + 2 + 4));
+  p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
   MINIDL_CHECK(g.dim == 64 || g.dim == 128, "dilated_attention backward (cuda, ws): head dim ", g.dim, " (64 or 128)");
