@@ -175,8 +175,7 @@ __device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, in
 
 // What a merge reads for the two rows (q_row, q_row + 8) a lane holds: their
 // lse and this lane's columns of their fp32 accumulators (zeros where the lse
-// is -inf: the row holds nothing yet, its accumulator may hold anything, and
-// is not read). A kernel can load them ahead of its epilogue
+// is -inf: the row holds nothing yet, and its accumulator may hold anything). A kernel can load them ahead of its epilogue
 // (load_merge_inputs), under its last products: with one block per SM an
 // epilogue's load latency is otherwise exposed.
 template <int D>
@@ -196,11 +195,15 @@ __device__ __forceinline__ void load_merge_inputs(MergeInputs<D>& in, int64_t q_
     const bool valid = tq < rows.count;
     const int64_t ri = (batch * g.n + rows.base + (valid ? tq : 0) * rows.stride) * g.heads + head;
     in.lse[r] = valid ? lse[ri] : -INFINITY;
-    const bool held = in.lse[r] != -INFINITY;
+    // Loaded whatever the lse says (the loads run together, not behind the
+    // lse's), then selected away where it is -inf.
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      in.acc[r][dt] = held ? *reinterpret_cast<const float2*>(o_acc + ri * D + dt * 8 + 2 * (lane % 4))
-                           : make_float2(0.f, 0.f);
+      in.acc[r][dt] = valid ? *reinterpret_cast<const float2*>(o_acc + ri * D + dt * 8 + 2 * (lane % 4))
+                            : make_float2(0.f, 0.f);
+    if (in.lse[r] == -INFINITY)
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) in.acc[r][dt] = make_float2(0.f, 0.f);
   }
 }
 
