@@ -41,12 +41,11 @@ bool tf32_takes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor*
 }
 
 #if MINIDL_WGMMA
-// The order in which the ws backward runs a config's branches when one of
-// them keeps every row (dilation 1): the others first, as listed, then that
-// one, which finishes every row's dK and dV in the gradients' dtype, so that
-// no dK/dV accumulator is zeroed or converted. Empty when no branch keeps
-// every row. (The forward runs that branch first: finishing with it measured
-// slower, docs/kernel-notes.md.)
+// The order in which the ws kernels run a config's branches when one of them
+// keeps every row (dilation 1): the others first, as listed, then that one,
+// which finishes every row in the output's dtype (the forward's O and lse,
+// the backward's dK and dV), so that no accumulator is zeroed or converted.
+// Empty when no branch keeps every row.
 std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
   const auto& branches = config.branches;
   const auto dense = std::find_if(branches.begin(), branches.end(), [](const DilatedBranch& b) { return b.dilation == 1; });
@@ -86,6 +85,32 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
                 out_ptr);
     return;
   }
+#if MINIDL_WGMMA
+  // ws, bfloat16, several branches, one keeping every row: the others write
+  // and merge into the fp32 accumulators the rows they keep (lse -inf marks
+  // the rows none has written: their accumulators are never read), then that
+  // branch merges every row and writes the output (MergeMode::kFinish).
+  const std::vector<size_t> finish = finishing_order(config);
+  if (!fp32 && kernel == AttentionKernel::kWarpSpecialized && finish.size() > 1) {
+    const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
+    bool ws = true;
+    for (size_t i : finish) ws = ws && ws_takes(qo, ko, vo, branch_grid(s, config.branches[i], kMmaRows), s.b);
+    if (ws) {
+      Tensor o_acc = fp32_buffer(out);
+      unary(UnaryOp::Fill, lse, -INFINITY, lse);
+      for (size_t i = 0; i < finish.size(); ++i) {
+        BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
+        grid_of(g, s);  // size check
+        const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
+                               : i == 0               ? MergeMode::kWrite
+                                                      : MergeMode::kMerge;
+        forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, branch_dropout(config, finish[i], s),
+                    mode, static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
+      }
+      return;
+    }
+  }
+#endif
   // The fp32 accumulator: float32's output itself (TF32), else a buffer.
   Tensor o_acc = fp32 ? out : fp32_buffer(out);
   if (!covers) {

@@ -245,6 +245,7 @@ void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<
     case MergeMode::kWrite: return forward_variants<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
     case MergeMode::kMerge: return forward_variants<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
     case MergeMode::kSingle: return forward_variants<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    case MergeMode::kFinish: MINIDL_FAIL("dilated_attention (cuda, mma): kFinish is the ws kernel's");
   }
 }
 

@@ -13,6 +13,8 @@ enum class MergeMode {
   kWrite,   // first branch covering every row: overwrite the fp32 accumulators
   kMerge,   // combine with the accumulators by log-sum-exp
   kSingle,  // the only branch: write the bf16 output and lse directly
+  kFinish,  // the last branch, covering every row: merge with the accumulators
+            // (rows with lse -inf hold nothing yet), write the bf16 output and lse (ws only)
 };
 
 constexpr int kMmaWarps = 4;  // warps per block of the mma.sync kernels (bf16 and TF32)

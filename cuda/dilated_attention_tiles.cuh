@@ -174,9 +174,10 @@ __device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, in
 }
 
 // What a merge reads for the two rows (q_row, q_row + 8) a lane holds: their
-// lse and this lane's columns of their fp32 accumulators. A kernel can load
-// them ahead of its epilogue (load_merge_inputs), under its last products:
-// with one block per SM an epilogue's load latency is otherwise exposed.
+// lse and this lane's columns of their fp32 accumulators (zeros where the lse
+// is -inf: the row holds nothing yet, and its accumulator may hold anything). A kernel can load them ahead of its epilogue
+// (load_merge_inputs), under its last products: with one block per SM an
+// epilogue's load latency is otherwise exposed.
 template <int D>
 struct MergeInputs {
   float lse[2];
@@ -194,17 +195,23 @@ __device__ __forceinline__ void load_merge_inputs(MergeInputs<D>& in, int64_t q_
     const bool valid = tq < rows.count;
     const int64_t ri = (batch * g.n + rows.base + (valid ? tq : 0) * rows.stride) * g.heads + head;
     in.lse[r] = valid ? lse[ri] : -INFINITY;
+    // Loaded whatever the lse says (the loads run together, not behind the
+    // lse's), then selected away where it is -inf.
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
       in.acc[r][dt] = valid ? *reinterpret_cast<const float2*>(o_acc + ri * D + dt * 8 + 2 * (lane % 4))
                             : make_float2(0.f, 0.f);
+    if (in.lse[r] == -INFINITY)
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) in.acc[r][dt] = make_float2(0.f, 0.f);
   }
 }
 
 // Finishes the two rows (q_row, q_row + 8) a lane holds in the accumulator
 // layout: sums l over the quad, then stores the normalised output and lse
 // (kSingle), or writes (kWrite) or log-sum-exp merges (kMerge) them into the
-// fp32 accumulators. o[dt] is 8-column chunk dt of both rows. The output is
+// fp32 accumulators, or merges them with the accumulators into the output
+// (kFinish, which needs `pre`). o[dt] is 8-column chunk dt of both rows. The output is
 // o * out_scale / l: out_scale is the dropout scale when o summed unscaled kept weights.
 // kMerge reads `pre` when given (load_merge_inputs), else loads its inputs here.
 template <int D, MergeMode kMode>
@@ -240,7 +247,7 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
       }
     } else {
       float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
-      if constexpr (kMode == MergeMode::kMerge) {
+      if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish) {
         float lse_old = pre ? pre->lse[r] : valid ? lse[ri] : -INFINITY;
         if (lse_old != -INFINITY) {
           lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
@@ -249,6 +256,19 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
         }
       }
       __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
+      if constexpr (kMode == MergeMode::kFinish) {
+        if (valid) {
+#pragma unroll
+          for (int dt = 0; dt < kDTiles; ++dt) {
+            const int col = dt * 8 + 2 * (lane % 4);
+            const float2 prev = pre->acc[r][dt];
+            *reinterpret_cast<uint32_t*>(out + ri * D + col) = mma::pack_bf16(
+                w_old * prev.x + w_new * o[dt][2 * r], w_old * prev.y + w_new * o[dt][2 * r + 1]);
+          }
+          if (lane % 4 == 0) lse[ri] = lse_new;
+        }
+        continue;
+      }
       if (valid) {
         float* dst = o_acc + ri * D;
 #pragma unroll

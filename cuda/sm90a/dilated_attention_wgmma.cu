@@ -193,6 +193,7 @@ void launch_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<BFloa
     case MergeMode::kWrite: return launch<kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
     case MergeMode::kMerge: return launch<kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
     case MergeMode::kSingle: return launch<kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    case MergeMode::kFinish: MINIDL_FAIL("dilated_attention (cuda, wgmma): kFinish is the ws kernel's");
   }
 }
 

@@ -442,7 +442,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         o[dt][3] *= corr[1];
       }
     };
-    // kMerge: the rows' lse and accumulators, loaded under the last product.
+    // kMerge, kFinish: the rows' lse and accumulators, loaded under the last product.
     MergeInputs<kD> merge_in;
     // The last tile: every S is done, so Q's slot goes back to the producer
     // (the item after next loads there); then O += P V.
@@ -451,7 +451,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       const int sl = stage(n_tiles - 1);
       hopper::mbar_wait(&v_full[sl], phase(n_tiles - 1));
       issue_pv<kD, kBc>(o_flat, p_last, v_desc(sl));
-      if constexpr (kMode == MergeMode::kMerge)
+      if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish)
         load_merge_inputs<kD>(merge_in, q_row0, g, batch, head, rows, p.o_acc, p.lse);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
@@ -470,7 +470,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       finish(pf);
     }
     store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
-                                kDropout ? p.drop.mask.scale : 1.f, kMode == MergeMode::kMerge ? &merge_in : nullptr);
+                                kDropout ? p.drop.mask.scale : 1.f,
+                                  kMode == MergeMode::kMerge || kMode == MergeMode::kFinish ? &merge_in : nullptr);
     ring += n_tiles;
   }
 }
@@ -1197,6 +1198,7 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
       case MergeMode::kWrite: return launch<kD, kCausal, MergeMode::kWrite>(p, qm, km, vm, batch);
       case MergeMode::kMerge: return launch<kD, kCausal, MergeMode::kMerge>(p, qm, km, vm, batch);
       case MergeMode::kSingle: return launch<kD, kCausal, MergeMode::kSingle>(p, qm, km, vm, batch);
+      case MergeMode::kFinish: return launch<kD, kCausal, MergeMode::kFinish>(p, qm, km, vm, batch);
     }
   };
   auto with_dim = [&](auto dim) {
