@@ -1,7 +1,10 @@
 // float32 dilated attention on TF32 tensor cores: forward and backward for
 // one branch (cuda/dilated_attention_mma.cuh). Split from the bf16 mma.sync
-// kernels (cuda/dilated_attention_mma.cu), whose tile helpers it shares.
+// kernels (cuda/dilated_attention_mma.cu), whose tile helpers it shares; the
+// backward is their kernel with the MmaTf32 traits
+// (cuda/dilated_attention_mma_backward.cuh).
 #include "cuda/dilated_attention_mma.cuh"
+#include "cuda/dilated_attention_mma_backward.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/runtime.h"
@@ -203,237 +206,6 @@ void launch_forward_tf32(const Operand<float>& q, const Operand<float>& k, const
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
-// Backward: the bf16 kernel's key-major structure (64 keys per block, 16 per
-// warp; 64-query tiles), with Q and dO single-buffered: the next tile's loads
-// are issued once dV and dK are done with the current one, and run under dQ.
-template <int D>
-struct Tf32BwdSmem {
-  using Tile = F32Tile<64, D>;
-  using STile = F32Tile<64, 64>;  // dS^T (tf32 values): 64 keys x 64 queries
-  static constexpr int kK = 0;
-  static constexpr int kV = Tile::kBytes;
-  static constexpr int kQ = 2 * Tile::kBytes;
-  static constexpr int kDO = 3 * Tile::kBytes;
-  static constexpr int kDS = 4 * Tile::kBytes;
-  static constexpr int kL = kDS + STile::kBytes;  // 64 floats
-  static constexpr int kDelta = kL + 64 * 4;      // 64 floats
-  static constexpr int kBytes = kDelta + 64 * 4;  // D = 64: 86 KiB, D = 128: 150 KiB
-};
-
-template <int D, bool kCausal, bool kDropout>
-__global__ __launch_bounds__(kThreads) void backward_tf32_kernel(
-    Operand<float> q, Operand<float> k, Operand<float> v, Operand<float> dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, BranchGrid g, float scale, BranchDropout drop,
-    float* __restrict__ dq_acc, float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
-  using L = Tf32BwdSmem<D>;
-  using T = typename L::Tile;
-  using ST = typename L::STile;
-  constexpr int kSteps = D / 8;
-  constexpr int kDTiles = D / 8;
-  constexpr int kQRows = 64;  // queries per tile
-  extern __shared__ __align__(128) char smem[];
-
-  const BlockRows block = block_rows<false>(g, 64);
-  const int64_t batch = block.batch, head = block.head, kt0 = block.t0;
-  const RowSet rows = block.rows;
-  if (kt0 >= rows.count) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int lr = lane / 4, lc = lane % 4;
-  const float scale_log2 = scale * kLog2e;
-
-  const int64_t q_first = kCausal ? kt0 : 0;  // kt0 is a multiple of 64 = kQRows
-  const int n_tiles = static_cast<int>((rows.count - q_first + kQRows - 1) / kQRows);
-  float* l2s = reinterpret_cast<float*>(smem + L::kL);
-  float* dls = reinterpret_cast<float*>(smem + L::kDelta);
-  char* ks_tile = smem + L::kK;
-  char* vs_tile = smem + L::kV;
-  char* qs = smem + L::kQ;
-  char* dos = smem + L::kDO;
-  char* dst_tile = smem + L::kDS;
-
-  load_tile_f32_async<64, D, kThreads>(ks_tile, k, batch, head, rows, kt0);
-  load_tile_f32_async<64, D, kThreads>(vs_tile, v, batch, head, rows, kt0);
-  load_tile_f32_async<64, D, kThreads>(qs, q, batch, head, rows, q_first);
-  load_tile_f32_async<64, D, kThreads>(dos, dout, batch, head, rows, q_first);
-  cp_async_commit();
-  load_row_stats<kThreads>(l2s, dls, lse, delta, g, batch, head, rows, q_first);
-
-  float dk[kDTiles][4], dv[kDTiles][4];
-#pragma unroll
-  for (int i = 0; i < kDTiles; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
-  const int kw = warp * 16;                 // this warp's keys in the tile
-  const int64_t key_row0 = kt0 + kw + lr;  // this lane's keys: key_row0, key_row0 + 8
-  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
-  const int key_byte = (lane / 4) & 1;
-
-  for (int j = 0; j < n_tiles; ++j) {
-    const int64_t q0 = q_first + int64_t(j) * kQRows;
-    cp_async_wait<0>();
-    __syncthreads();  // Q, dO and the row stats of tile j are in; dQ of tile j - 1 is done with dS^T
-
-    // S^T = K Q^T and dP^T = V dO^T: 16 keys x 64 queries per warp.
-    float s[8][4], dp[8][4];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-      const int c = ks * 8 + lc;
-      const uint32_t kf[4] = {to_tf32(*T::at(ks_tile, kw + lr, c)), to_tf32(*T::at(ks_tile, kw + lr + 8, c)),
-                              to_tf32(*T::at(ks_tile, kw + lr, c + 4)),
-                              to_tf32(*T::at(ks_tile, kw + lr + 8, c + 4))};
-      const uint32_t vf[4] = {to_tf32(*T::at(vs_tile, kw + lr, c)), to_tf32(*T::at(vs_tile, kw + lr + 8, c)),
-                              to_tf32(*T::at(vs_tile, kw + lr, c + 4)),
-                              to_tf32(*T::at(vs_tile, kw + lr + 8, c + 4))};
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        mma_tf32(s[nt], kf, to_tf32(*T::at(qs, nt * 8 + lr, c)), to_tf32(*T::at(qs, nt * 8 + lr, c + 4)));
-        mma_tf32(dp[nt], vf, to_tf32(*T::at(dos, nt * 8 + lr, c)), to_tf32(*T::at(dos, nt * 8 + lr, c + 4)));
-      }
-    }
-    // P^T = exp2(S^T * scale_log2 - L2[q]), dS^T = P^T (M dP^T - delta[q]);
-    // dropout words as in the bf16 kernel.
-    uint32_t keep_words[8];
-    const int64_t drop_tq0 = q0 + 2 * lc;
-    const bool need_mask = kt0 + 64 > rows.count || q0 + kQRows > rows.count || (kCausal && q0 < kt0 + 63);
-    uint32_t pf[8][4], dsf[8][4];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      if constexpr (kDropout) {
-        if (nt % 4 == 0) {
-          dropout_words_keys(
-              drop.mask, kt0 + kw, lane, nt / 4,
-              [&](int u) {
-                const int64_t tq = drop_tq0 + 8 * (u >> 1) + (u & 1);
-                return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
-              },
-              keep_words);
-#pragma unroll
-          for (int u = 0; u < 8; ++u) keep_words[u] >>= 8 * key_byte;
-        }
-      }
-      float p[4], dsv[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * lc + (e & 1);
-        float x = exp2f(s[nt][e] * scale_log2 - l2s[col]);
-        if (need_mask) {
-          const int64_t tk = key_row0 + (e >> 1) * 8, tq = q0 + col;
-          if (tk >= rows.count || tq >= rows.count || (kCausal && tq < tk)) x = 0.f;
-        }
-        float m = 1.f;
-        if constexpr (kDropout)
-          m = attention_keep_byte(keep_words[2 * (nt % 4) + (e & 1)], 2 * (e >> 1), drop.mask.threshold)
-                  ? drop.mask.scale
-                  : 0.f;
-        p[e] = x * m;
-        dsv[e] = x * (m * dp[nt][e] - dls[col]);
-      }
-      // n-tile nt is k-step nt of dV and dK: queries 2c, 2c + 1 in A slots c, c + 4.
-      pf[nt][0] = to_tf32(p[0]);
-      pf[nt][1] = to_tf32(p[2]);
-      pf[nt][2] = to_tf32(p[1]);
-      pf[nt][3] = to_tf32(p[3]);
-      dsf[nt][0] = to_tf32(dsv[0]);
-      dsf[nt][1] = to_tf32(dsv[2]);
-      dsf[nt][2] = to_tf32(dsv[1]);
-      dsf[nt][3] = to_tf32(dsv[3]);
-      // dS^T to shared memory for dQ: rows = keys, columns = queries.
-      *reinterpret_cast<uint2*>(ST::at(dst_tile, kw + lr, nt * 8 + 2 * lc)) = make_uint2(dsf[nt][0], dsf[nt][2]);
-      *reinterpret_cast<uint2*>(ST::at(dst_tile, kw + lr + 8, nt * 8 + 2 * lc)) = make_uint2(dsf[nt][1], dsf[nt][3]);
-    }
-    // dV += P^T dO and dK += dS^T Q: B[slot][d] = dO / Q[query of slot][d].
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk)
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int r = kk * 8 + 2 * lc, c = dt * 8 + lr;
-        mma_tf32(dv[dt], pf[kk], to_tf32(*T::at(dos, r, c)), to_tf32(*T::at(dos, r + 1, c)));
-        mma_tf32(dk[dt], dsf[kk], to_tf32(*T::at(qs, r, c)), to_tf32(*T::at(qs, r + 1, c)));
-      }
-    __syncthreads();  // dS^T complete; Q, dO and the row stats of tile j are no longer read
-
-    // Tile j + 1: Q and dO by cp.async, the row stats into registers; both land during dQ.
-    const bool more = j + 1 < n_tiles;
-    float next_l2 = INFINITY, next_dl = 0.f;  // +inf makes P = 0 for padding rows
-    if (more) {
-      load_tile_f32_async<64, D, kThreads>(qs, q, batch, head, rows, q0 + kQRows);
-      load_tile_f32_async<64, D, kThreads>(dos, dout, batch, head, rows, q0 + kQRows);
-      cp_async_commit();
-      const int64_t t = q0 + kQRows + threadIdx.x;
-      if (threadIdx.x < 64 && t < rows.count) {
-        const int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
-        next_l2 = lse[ri] * kLog2e;
-        next_dl = delta[ri];
-      }
-    }
-
-    // dQ (this warp's 16 queries x D) = dS K, A from dS^T: keys 2c, 2c + 1 in A slots c, c + 4.
-    const int qw = warp * 16;
-    float dq[kDTiles][4];
-#pragma unroll
-    for (int i = 0; i < kDTiles; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const int r = kk * 8 + 2 * lc;
-      const uint32_t a[4] = {__float_as_uint(*ST::at(dst_tile, r, qw + lr)),
-                             __float_as_uint(*ST::at(dst_tile, r, qw + lr + 8)),
-                             __float_as_uint(*ST::at(dst_tile, r + 1, qw + lr)),
-                             __float_as_uint(*ST::at(dst_tile, r + 1, qw + lr + 8))};
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt)
-        mma_tf32(dq[dt], a, to_tf32(*T::at(ks_tile, r, dt * 8 + lr)), to_tf32(*T::at(ks_tile, r + 1, dt * 8 + lr)));
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t tq = q0 + qw + lr + r * 8;
-      if (tq >= rows.count) continue;
-      float* dst = dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        const int col = dt * 8 + 2 * lc;
-        red_add_v2(dst + col, scale * dq[dt][2 * r], scale * dq[dt][2 * r + 1]);
-      }
-    }
-    if (more && threadIdx.x < 64) {
-      l2s[threadIdx.x] = next_l2;
-      dls[threadIdx.x] = next_dl;
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t tk = key_row0 + r * 8;
-    if (tk >= rows.count) continue;
-    const int64_t ri = (batch * g.n + rows.base + tk * rows.stride) * g.heads + head;
-    float* dkr = dk_acc + ri * D;
-    float* dvr = dv_acc + ri * D;
-#pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      const int col = dt * 8 + 2 * lc;
-      float2 a = *reinterpret_cast<float2*>(dkr + col), b = *reinterpret_cast<float2*>(dvr + col);
-      *reinterpret_cast<float2*>(dkr + col) =
-          make_float2(a.x + scale * dk[dt][2 * r], a.y + scale * dk[dt][2 * r + 1]);
-      *reinterpret_cast<float2*>(dvr + col) = make_float2(b.x + dv[dt][2 * r], b.y + dv[dt][2 * r + 1]);
-    }
-  }
-}
-
-template <int D, bool kCausal>
-void launch_backward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v,
-                          const Operand<float>& dout, const float* lse, const float* delta,
-                          const BranchGrid& g, int64_t batch, float scale, const BranchDropout& drop,
-                          float* dq_acc, float* dk_acc, float* dv_acc) {
-  auto kernel = drop.mask.enabled() ? backward_tf32_kernel<D, kCausal, true> : backward_tf32_kernel<D, kCausal, false>;
-  constexpr int smem = Tf32BwdSmem<D>::kBytes;
-  allow_dynamic_smem(smem, backward_tf32_kernel<D, kCausal, true>, backward_tf32_kernel<D, kCausal, false>);
-  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
-  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, dq_acc, dk_acc, dv_acc);
-  MINIDL_CUDA_LAUNCH_CHECK();
-}
-
 // Calls f(std::integral_constant<int, D>{}) for a head dim the kernels take.
 template <typename F>
 void with_head_dim(const char* op, int64_t d, F&& f) {
@@ -472,8 +244,9 @@ void backward_tf32(const Operand<float>& q, const Operand<float>& k, const Opera
                    float* dk_acc, float* dv_acc) {
   with_head_dim("dilated_attention backward (cuda, tf32)", d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    if (causal) launch_backward_tf32<D, true>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
-    else launch_backward_tf32<D, false>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
+    // No minimum of blocks per SM: ptxas's own register choice (the bf16 cap does not apply).
+    if (causal) launch_backward_mma<MmaTf32, D, true, 0>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
+    else launch_backward_mma<MmaTf32, D, false, 0>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
   });
 }
 

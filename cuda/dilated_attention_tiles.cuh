@@ -53,6 +53,130 @@ __device__ __forceinline__ void load_tile_f32_async(char* tile, const Operand<fl
   }
 }
 
+// Element-type traits of the mma.sync kernels that share one flow for bf16
+// (mma.m16n8k16, swizzled SmemTile, ldmatrix) and float32 on TF32
+// (mma.m16n8k8, F32Tile, scalar loads rounded by cvt.rna): the k-step kK, the
+// n-tiles one B load covers (kNB), the tile, the mma and the fragment loads.
+// "n-tile n" is columns 8n..8n+7 of a product; `lane` is the lane in the warp.
+// An A fragment built from an accumulator (acc_to_a) orders its reduction
+// index as the accumulator's columns for bf16, and permuted within each
+// 8-wide k-step for TF32 (slot c = column 2c, slot c + 4 = column 2c + 1,
+// the m16n8k8 A layout): its B comes from load_b_trans, which reads rows in
+// that same order, as load_a_trans does for an A read back from a tile that
+// store_acc wrote.
+struct MmaBf16 {
+  using Elem = BFloat16;
+  static constexpr int kK = 16;
+  static constexpr int kNB = 2;  // ldmatrix.x4: two n-tiles of a 16-wide k-step
+  template <int Rows, int D>
+  using Tile = SmemTile<Rows, D>;
+  template <int Rows, int D, int Threads>
+  static __device__ __forceinline__ void load_tile(char* tile, const Operand<Elem>& x, int64_t batch,
+                                                   int64_t head, const RowSet& rows, int64_t t0) {
+    load_tile_async<Rows, D, Threads>(tile, x, batch, head, rows, t0);
+  }
+  static __device__ __forceinline__ void mma_sync(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+    mma::mma_bf16(d, a, b0, b1);
+  }
+  // A[m][k] = X[row0 + m][ks * kK + k], m < 16.
+  template <class T>
+  static __device__ __forceinline__ void load_a(uint32_t (&a)[4], char* x, int row0, int ks, int lane) {
+    mma::ldmatrix_x4(a, T::at(x, row0 + lane % 16, 2 * ks + lane / 16));
+  }
+  // B of n-tiles n0, n0 + 1 (b[2h], b[2h + 1] for n-tile n0 + h): B[k][n] = X[8 n0 + n][ks * kK + k].
+  template <class T>
+  static __device__ __forceinline__ void load_b(uint32_t (&b)[4], char* x, int n0, int ks, int lane) {
+    mma::ldmatrix_x4(b, T::at(x, n0 * 8 + lane % 8 + (lane / 16) * 8, 2 * ks + (lane / 8) % 2));
+  }
+  // B of n-tiles n0, n0 + 1: B[k][n] = X[ks * kK + k][8 n0 + n].
+  template <class T>
+  static __device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], char* x, int ks, int n0, int lane) {
+    mma::ldmatrix_x4_trans(b, T::at(x, ks * 16 + lane % 8 + ((lane / 8) % 2) * 8, n0 + lane / 16));
+  }
+  // A[m][k] = X[ks * kK + k][16 mt + m], m < 16 (X written by store_acc).
+  template <class T>
+  static __device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], char* x, int ks, int mt, int lane) {
+    mma::ldmatrix_x4_trans(a, T::at(x, ks * 16 + lane % 8 + (lane / 16) * 8, mt * 2 + (lane / 8) % 2));
+  }
+  // n-tile nt of an accumulator (its 4 values p) into the A fragments f of
+  // the product that reduces over its columns: n-tiles 2kk, 2kk + 1 form k-step kk.
+  template <int N>
+  static __device__ __forceinline__ void acc_to_a(uint32_t (&f)[N][4], int nt, const float (&p)[4]) {
+    const int kk = nt / 2, h = nt % 2;
+    f[kk][2 * h] = mma::pack_bf16(p[0], p[1]);
+    f[kk][2 * h + 1] = mma::pack_bf16(p[2], p[3]);
+  }
+  // Stores n-tile nt of f (acc_to_a's) as X[row0 + m][8 nt + n], m < 16.
+  template <class T, int N>
+  static __device__ __forceinline__ void store_acc(char* x, const uint32_t (&f)[N][4], int nt, int row0, int lane) {
+    const int kk = nt / 2, h = nt % 2, row = row0 + lane / 4, col = nt * 8 + 2 * (lane % 4);
+    *reinterpret_cast<uint32_t*>(T::at(x, row, col / 8) + (col % 8) * 2) = f[kk][2 * h];
+    *reinterpret_cast<uint32_t*>(T::at(x, row + 8, col / 8) + (col % 8) * 2) = f[kk][2 * h + 1];
+  }
+};
+
+struct MmaTf32 {
+  using Elem = float;
+  static constexpr int kK = 8;
+  static constexpr int kNB = 1;
+  template <int Rows, int D>
+  using Tile = F32Tile<Rows, D>;
+  template <int Rows, int D, int Threads>
+  static __device__ __forceinline__ void load_tile(char* tile, const Operand<Elem>& x, int64_t batch,
+                                                   int64_t head, const RowSet& rows, int64_t t0) {
+    load_tile_f32_async<Rows, D, Threads>(tile, x, batch, head, rows, t0);
+  }
+  static __device__ __forceinline__ void mma_sync(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+    mma::mma_tf32(d, a, b0, b1);
+  }
+  template <class T>
+  static __device__ __forceinline__ void load_a(uint32_t (&a)[4], char* x, int row0, int ks, int lane) {
+    const int r = row0 + lane / 4, c = ks * 8 + lane % 4;
+    a[0] = mma::to_tf32(*T::at(x, r, c));
+    a[1] = mma::to_tf32(*T::at(x, r + 8, c));
+    a[2] = mma::to_tf32(*T::at(x, r, c + 4));
+    a[3] = mma::to_tf32(*T::at(x, r + 8, c + 4));
+  }
+  template <class T>
+  static __device__ __forceinline__ void load_b(uint32_t (&b)[2], char* x, int n0, int ks, int lane) {
+    const int r = n0 * 8 + lane / 4, c = ks * 8 + lane % 4;
+    b[0] = mma::to_tf32(*T::at(x, r, c));
+    b[1] = mma::to_tf32(*T::at(x, r, c + 4));
+  }
+  // Rows in acc_to_a's order: slots c, c + 4 = rows 2c, 2c + 1 of the k-step.
+  template <class T>
+  static __device__ __forceinline__ void load_b_trans(uint32_t (&b)[2], char* x, int ks, int n0, int lane) {
+    const int r = ks * 8 + 2 * (lane % 4), c = n0 * 8 + lane / 4;
+    b[0] = mma::to_tf32(*T::at(x, r, c));
+    b[1] = mma::to_tf32(*T::at(x, r + 1, c));
+  }
+  // X holds tf32 values already (store_acc): read as they are.
+  template <class T>
+  static __device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], char* x, int ks, int mt, int lane) {
+    const int r = ks * 8 + 2 * (lane % 4), c = mt * 16 + lane / 4;
+    a[0] = __float_as_uint(*T::at(x, r, c));
+    a[1] = __float_as_uint(*T::at(x, r, c + 8));
+    a[2] = __float_as_uint(*T::at(x, r + 1, c));
+    a[3] = __float_as_uint(*T::at(x, r + 1, c + 8));
+  }
+  // n-tile nt is k-step nt: columns 2c, 2c + 1 in A slots c, c + 4.
+  template <int N>
+  static __device__ __forceinline__ void acc_to_a(uint32_t (&f)[N][4], int nt, const float (&p)[4]) {
+    f[nt][0] = mma::to_tf32(p[0]);
+    f[nt][1] = mma::to_tf32(p[2]);
+    f[nt][2] = mma::to_tf32(p[1]);
+    f[nt][3] = mma::to_tf32(p[3]);
+  }
+  template <class T, int N>
+  static __device__ __forceinline__ void store_acc(char* x, const uint32_t (&f)[N][4], int nt, int row0, int lane) {
+    const int row = row0 + lane / 4, col = nt * 8 + 2 * (lane % 4);
+    *reinterpret_cast<uint2*>(T::at(x, row, col)) = make_uint2(f[nt][0], f[nt][2]);
+    *reinterpret_cast<uint2*>(T::at(x, row + 8, col)) = make_uint2(f[nt][1], f[nt][3]);
+  }
+};
+
 // Loads lse (as log2 units, +inf for padding rows) and delta of query rows
 // [t0, t0 + 64) into shared memory (the block's kThreads threads).
 template <int kThreads>
