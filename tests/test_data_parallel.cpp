@@ -1,13 +1,15 @@
 // nn::DataParallel over the in-process backend: averaged gradients of the
 // ranks' shares equal one rank's gradients on the whole batch (float64), in
-// one bucket or many, reduced during backward in bucket order; gradient
-// accumulation; rank 0's parameters reach every rank. On CUDA: virtual
+// one bucket or many, reduced during backward in bucket order, async (in
+// flight until finish(), bitwise the plain results); gradient accumulation;
+// rank 0's parameters reach every rank. On CUDA: virtual
 // ranks sharing one GPU (in-process backend) and NCCL with world size 1.
 #include <functional>
 #include <mutex>
 #include <string>
 
 #include "autograd/tape.h"
+#include "deferred_comm.h"
 #include "dist/communicator.h"
 #include "dist/nccl.h"
 #include "helpers.h"
@@ -122,6 +124,55 @@ TEST_CASE("DataParallel: buckets are reduced during backward, in bucket order") 
     for (size_t k = 0; k < 3; ++k)
       testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-15, 1e-12);
   }
+}
+
+TEST_CASE("DataParallel: async bucket all-reduces, in flight until finish(), equal the plain ones bit for bit") {
+  // testing::DeferredComm completes an async collective only when it is
+  // waited for: every bucket started during backward is still in flight when
+  // finish() begins, which must wait for each before reading it.
+  const Params init{random_tensor({5, 7}), random_tensor({7}), random_tensor({7, 3}), random_tensor({4})};
+  const Tensor x = random_tensor({12, 5});
+  for (int P : {2, 3})
+    for (size_t bucket_bytes : {size_t{1} << 20, size_t{64}}) {
+      CAPTURE(P);
+      CAPTURE(bucket_bytes);
+      std::vector<Params> plain, deferred;
+      for (int r = 0; r < P; ++r) {
+        plain.push_back(fresh_copy(init));
+        deferred.push_back(fresh_copy(init));
+      }
+      std::vector<int> started_in_backward(P), most_in_flight(P);
+      std::vector<size_t> buckets(P);
+      dist::run_in_process(P, [&](dist::Communicator& comm) {
+        const int r = comm.rank();
+        const int64_t rows = 12 / P;
+        const Tensor mine = x.narrow(0, r * rows, rows);
+        {
+          const Params& p = plain[r];
+          nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, bucket_bytes);
+          loss_of(p, mine).backward();
+          dp.all_reduce_gradients();
+        }
+        const Params& p = deferred[r];
+        testing::DeferredComm deferring(comm);
+        nn::DataParallel dp({p.w1, p.b1, p.w2}, deferring, bucket_bytes);
+        loss_of(p, mine).backward();
+        started_in_backward[r] = deferring.started();
+        dp.all_reduce_gradients();
+        most_in_flight[r] = deferring.most_in_flight();
+        buckets[r] = dp.num_buckets();
+      });
+      for (int r = 0; r < P; ++r) {
+        CAPTURE(r);
+        CHECK(buckets[r] == (bucket_bytes == 64 ? 3u : 1u));
+        CHECK(started_in_backward[r] == static_cast<int>(buckets[r]));
+        CHECK(most_in_flight[r] == static_cast<int>(buckets[r]));
+        for (size_t k = 0; k < 3; ++k) {
+          CHECK(deferred[r].list()[k].grad().to_vector<double>() == plain[r].list()[k].grad().to_vector<double>());
+          CHECK(deferred[r].list()[k].grad().to_vector<double>() == deferred[0].list()[k].grad().to_vector<double>());
+        }
+      }
+    }
 }
 
 TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false); a second pass otherwise throws") {
