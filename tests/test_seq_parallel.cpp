@@ -6,6 +6,7 @@
 #include <mutex>
 
 #include "dist/communicator.h"
+#include "deferred_comm.h"
 #include "dist/nccl.h"
 #include "helpers.h"
 #include "nn/transformer.h"
@@ -101,7 +102,11 @@ Result single_device(const Case& c, const Inputs& in) {
 }
 
 // Rank p holds rows [starts[p], starts[p + 1]); results concatenated over ranks.
-Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes) {
+// `in_flight` (optional): run through testing::DeferredComm (async
+// collectives complete only when waited for) and return per rank how many
+// were in flight at most.
+Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes,
+                         std::vector<int>* in_flight = nullptr) {
   const int P = static_cast<int>(sizes.size());
   std::vector<int64_t> starts{0};
   for (int64_t n : sizes) starts.push_back(starts.back() + n);
@@ -115,9 +120,13 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
     auto rows = [&](const Tensor& t) { return t.narrow(1, starts[p], sizes[p]).contiguous(); };
     Tensor q = rows(in.q).requires_grad_(), k = rows(in.k).requires_grad_(),
            v = rows(in.v).requires_grad_();
-    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm);
+    std::unique_ptr<testing::DeferredComm> deferred;
+    if (in_flight) deferred = std::make_unique<testing::DeferredComm>(comm);
+    dist::Communicator& used = deferred ? *deferred : comm;
+    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, used);
     loss_of(out, lse, rows(in.w_out), rows(in.w_lse)).backward();
     parts[p] = {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
+    if (in_flight) (*in_flight)[static_cast<size_t>(p)] = deferred->most_in_flight();
   });
   auto cat = [&](Tensor Result::*field) {
     std::vector<Tensor> ts;
@@ -307,6 +316,29 @@ TEST_CASE("seq_parallel_dilated_attention: a layout seen before reuses its plan 
   for (const auto& o : outs) {
     check_equal("again", o[1], o[0], 0);
     check_equal("back", o[2], o[0], 0);
+  }
+}
+
+TEST_CASE("seq_parallel_dilated_attention: async gathers and reduce-scatters give the plain results bit for bit") {
+  // Collectives that complete only when waited for (the latest a backend may)
+  // give what the in-process backend's immediate ones give, so the op waits
+  // before it reads what they deliver; the middle rank of kOdd at P = 3 has
+  // several spanning segments' exchanges in flight at once (all started
+  // before the local branches).
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    Case c = kOdd;
+    c.causal = causal;
+    const Inputs in = make_inputs(c);
+    const std::vector<int64_t> sizes = even_chunks(c.N, 3);
+    std::vector<int> in_flight(3);
+    const Result plain = sequence_parallel(c, in, sizes), deferred = sequence_parallel(c, in, sizes, &in_flight);
+    check_equal("out", deferred.out, plain.out, 0);
+    check_equal("lse", deferred.lse, plain.lse, 0);
+    check_equal("dq", deferred.dq, plain.dq, 0);
+    check_equal("dk", deferred.dk, plain.dk, 0);
+    check_equal("dv", deferred.dv, plain.dv, 0);
+    CHECK(in_flight[1] >= 2);
   }
 }
 
