@@ -387,3 +387,54 @@ TEST_CASE("NCCL backend, world size 1: async collectives captured in a CUDA grap
     }
   });
 }
+
+TEST_CASE("NCCL backend on every visible GPU (2 or more): plain and async collectives, exact") {
+  MINIDL_REQUIRE_CUDA();
+  const int P = cuda_device_count();
+  if (!dist::nccl_available() || P < 2) {
+    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", P, " visible)");
+    return;
+  }
+  // Integer values: the sums are exact in any order NCCL adds them.
+  const int64_t n = 1003;
+  auto value = [](int r, int64_t i) { return static_cast<float>((i * 7 + r * 13) % 101 - 50); };
+  std::mutex mu;
+  std::vector<std::string> failures;
+  dist::run_nccl(P, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    const Device gpu = Device::cuda(r);
+    auto filled = [&](int rank, int64_t count) {
+      std::vector<float> v(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) v[static_cast<size_t>(i)] = value(rank, i);
+      return from_vector<float>(v, {count}).to(gpu);
+    };
+    std::vector<float> sum(static_cast<size_t>(n * P), 0.0f), gathered;
+    for (int q = 0; q < P; ++q)
+      for (int64_t i = 0; i < n * P; ++i) sum[static_cast<size_t>(i)] += value(q, i);
+    for (int q = 0; q < P; ++q)
+      for (int64_t i = 0; i < n; ++i) gathered.push_back(value(q, i));
+    const std::vector<float> my_chunk(sum.begin() + r * n, sum.begin() + (r + 1) * n);
+    const std::vector<float> sum_n(sum.begin(), sum.begin() + n);
+    for (bool async : {false, true}) {
+      Tensor x = filled(r, n), acc = filled(r, n), big = filled(r, n * P);
+      Tensor all = Tensor::empty({n * P}, {DType::Float32, gpu}), out = Tensor::empty({n}, {DType::Float32, gpu});
+      if (async) {
+        dist::Work a = comm.all_gather_async(x, all), b = comm.all_reduce_async(acc),
+                   c = comm.reduce_scatter_async(big, out);
+        c.wait();
+        a.wait();
+        b.wait();
+      } else {
+        comm.all_gather(x, all);
+        comm.all_reduce(acc);
+        comm.reduce_scatter(big, out);
+      }
+      const bool ok = all.to_vector<float>() == gathered && acc.to_vector<float>() == sum_n &&
+                      out.to_vector<float>() == my_chunk;
+      std::lock_guard<std::mutex> lock(mu);
+      if (!ok) failures.push_back("rank " + std::to_string(r) + (async ? " async" : " plain"));
+    }
+  });
+  CHECK(failures.empty());
+  for (const std::string& f : failures) MESSAGE(f);
+}

@@ -101,12 +101,18 @@ Result single_device(const Case& c, const Inputs& in) {
   return {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
 }
 
+// How sequence_parallel runs the ranks: in-process threads on the inputs'
+// device, optionally through testing::DeferredComm (async collectives
+// complete only when waited for; `in_flight` then receives per rank how many
+// were in flight at most), or over NCCL with rank p on cuda:p (results
+// copied to the CPU by the rank's thread).
+struct How {
+  std::vector<int>* in_flight = nullptr;
+  bool nccl = false;
+};
+
 // Rank p holds rows [starts[p], starts[p + 1]); results concatenated over ranks.
-// `in_flight` (optional): run through testing::DeferredComm (async
-// collectives complete only when waited for) and return per rank how many
-// were in flight at most.
-Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes,
-                         std::vector<int>* in_flight = nullptr) {
+Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes, How how = {}) {
   const int P = static_cast<int>(sizes.size());
   std::vector<int64_t> starts{0};
   for (int64_t n : sizes) starts.push_back(starts.back() + n);
@@ -115,19 +121,26 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   DilatedAttentionConfig config;
   config.branches = c.branches;
   config.causal = c.causal;
-  run_ranks(P, [&](dist::Communicator& comm) {
+  auto cpu = [](const Tensor& t) { return t.to(Device::cpu()); };
+  // NCCL ranks take their rows from the CPU (ops run on the thread's device).
+  const Inputs src = how.nccl ? Inputs{cpu(in.q), cpu(in.k), cpu(in.v), cpu(in.w_out), cpu(in.w_lse)} : in;
+  auto body = [&](dist::Communicator& comm) {
     const int p = comm.rank();
-    auto rows = [&](const Tensor& t) { return t.narrow(1, starts[p], sizes[p]).contiguous(); };
-    Tensor q = rows(in.q).requires_grad_(), k = rows(in.k).requires_grad_(),
-           v = rows(in.v).requires_grad_();
+    const Device device = how.nccl ? Device::cuda(p) : in.q.device();
+    auto rows = [&](const Tensor& t) { return t.narrow(1, starts[p], sizes[p]).contiguous().to(device); };
+    Tensor q = rows(src.q).requires_grad_(), k = rows(src.k).requires_grad_(),
+           v = rows(src.v).requires_grad_();
     std::unique_ptr<testing::DeferredComm> deferred;
-    if (in_flight) deferred = std::make_unique<testing::DeferredComm>(comm);
+    if (how.in_flight) deferred = std::make_unique<testing::DeferredComm>(comm);
     dist::Communicator& used = deferred ? *deferred : comm;
     auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, used);
-    loss_of(out, lse, rows(in.w_out), rows(in.w_lse)).backward();
+    loss_of(out, lse, rows(src.w_out), rows(src.w_lse)).backward();
     parts[p] = {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
-    if (in_flight) (*in_flight)[static_cast<size_t>(p)] = deferred->most_in_flight();
-  });
+    if (how.nccl) parts[p] = {cpu(parts[p].out), cpu(parts[p].lse), cpu(parts[p].dq), cpu(parts[p].dk), cpu(parts[p].dv)};
+    if (how.in_flight) (*how.in_flight)[static_cast<size_t>(p)] = deferred->most_in_flight();
+  };
+  if (how.nccl) dist::run_nccl(P, body);
+  else run_ranks(P, body);
   auto cat = [&](Tensor Result::*field) {
     std::vector<Tensor> ts;
     for (const Result& r : parts) ts.push_back(r.*field);
@@ -332,7 +345,7 @@ TEST_CASE("seq_parallel_dilated_attention: async gathers and reduce-scatters giv
     const Inputs in = make_inputs(c);
     const std::vector<int64_t> sizes = even_chunks(c.N, 3);
     std::vector<int> in_flight(3);
-    const Result plain = sequence_parallel(c, in, sizes), deferred = sequence_parallel(c, in, sizes, &in_flight);
+    const Result plain = sequence_parallel(c, in, sizes), deferred = sequence_parallel(c, in, sizes, {&in_flight});
     check_equal("out", deferred.out, plain.out, 0);
     check_equal("lse", deferred.lse, plain.lse, 0);
     check_equal("dq", deferred.dq, plain.dq, 0);
@@ -573,6 +586,34 @@ TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-
     });
     check_one(got);
   }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention over NCCL on 2 or 3 GPUs equals the op: float32, bfloat16") {
+  MINIDL_REQUIRE_CUDA();
+  const int gpus = cuda_device_count();
+  if (!dist::nccl_available() || gpus < 2) {
+    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", gpus, " visible)");
+    return;
+  }
+  // The real async path: gathers on the communication stream beside the
+  // local branches, reduce-scatters beside the local backward.
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (bool causal : {true, false})
+      for (int P : {2, 3}) {
+        if (P > gpus) continue;
+        CAPTURE(dtype);
+        CAPTURE(causal);
+        CAPTURE(P);
+        Case c = kOddCuda;
+        c.causal = causal;
+        const CudaInputs in = cuda_inputs(c, dtype);
+        const Result want = single_device(c, in.ref);
+        const Result got = sequence_parallel(c, in.gpu, even_chunks(c.N, P), {.nccl = true});
+        CHECK(got.out.dtype() == dtype);
+        check_result(got, want, cuda_tolerance(dtype));
+        // The same against the virtual ranks on one GPU (synchronous collectives).
+        check_result(got, on_cpu(sequence_parallel(c, in.gpu, even_chunks(c.N, P))), cuda_tolerance(dtype));
+      }
 }
 
 TEST_CASE("CUDA seq_parallel_dilated_attention: CUDA tensors need float32 or bfloat16 and one device") {
