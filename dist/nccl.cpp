@@ -1,5 +1,16 @@
 // The NCCL backend (dist/nccl.h): a Communicator over one ncclComm_t whose
-// collectives run on minidl's stream of the communicator's device.
+// collectives run on minidl's stream of the communicator's device, and whose
+// async collectives run on a communication stream, forked from and joined
+// back to minidl's stream with events.
+//
+// Why the async path is safe with the caching allocator (cuda/allocator.cpp),
+// which hands a freed block to the next kernel without an event because all
+// work of a device runs on one stream: the blocks the communication stream
+// touches are those of the collective's tensors, which the caller (and the
+// Work, which holds references) keeps alive until wait(); wait() orders
+// minidl's stream behind the collective, so a block freed after it is reused
+// only by work that runs after the collective. Blocks other work frees
+// meanwhile are never touched by the communication stream.
 #include "dist/nccl.h"
 
 #include <nccl.h>
@@ -13,6 +24,8 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -44,10 +57,78 @@ ncclDataType_t nccl_type(DType dtype) {
   MINIDL_FAIL("dist (NCCL): no NCCL type for ", dtype);
 }
 
+// The communication stream of one rank's communicators: the one a rank was
+// given and every communicator split from it share it, so that the rank's
+// async collectives run in the order it starts them, as the plain ones do on
+// minidl's stream. (NCCL kernels block until every rank has joined; the
+// collectives of several communicators on several streams may deadlock:
+// NCCL's user guide, "Using multiple NCCL communicators concurrently".)
+// Non-blocking (not ordered with the legacy default stream) and of the
+// highest priority, so that its kernels are scheduled ahead of the compute
+// work they run beside. Events come from a pool: one fork event, reused
+// (cudaStreamWaitEvent reads an event's state when it is called), and done
+// events, lent to a Work until it waits.
+class CommStream {
+ public:
+  explicit CommStream(int device) {
+    const int prev = cuda::current_device();
+    MINIDL_CUDA_CHECK(cudaSetDevice(device));
+    int least = 0, greatest = 0;
+    MINIDL_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    MINIDL_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
+    MINIDL_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    MINIDL_CUDA_CHECK(cudaSetDevice(prev));
+  }
+  ~CommStream() {
+    for (cudaEvent_t e : free_) cudaEventDestroy(e);
+    cudaEventDestroy(fork_);
+    cudaStreamDestroy(stream_);  // returns at once; queued work still completes
+  }
+  CommStream(const CommStream&) = delete;
+  CommStream& operator=(const CommStream&) = delete;
+
+  cudaStream_t stream() const { return stream_; }
+  // Makes this stream wait for the work queued on `compute` so far.
+  void fork_from(cudaStream_t compute) {
+    std::lock_guard<std::mutex> lock(mu_);
+    MINIDL_CUDA_CHECK(cudaEventRecord(fork_, compute));
+    MINIDL_CUDA_CHECK(cudaStreamWaitEvent(stream_, fork_, 0));
+  }
+  // An event recorded on this stream now (after the collective just queued).
+  cudaEvent_t record_done() {
+    cudaEvent_t e = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        e = free_.back();
+        free_.pop_back();
+      }
+    }
+    if (!e) MINIDL_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    const cudaError_t err = cudaEventRecord(e, stream_);
+    if (err != cudaSuccess) give_back(e);
+    MINIDL_CUDA_CHECK(err);
+    return e;
+  }
+  void give_back(cudaEvent_t e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(e);
+  }
+
+ private:
+  std::mutex mu_;  // guards free_ and the fork event's record-then-wait
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t fork_ = nullptr;
+  std::vector<cudaEvent_t> free_;
+};
+
 class NcclCommunicator final : public Communicator {
  public:
-  // Takes ownership of `comm`, a communicator on CUDA device `device`.
-  NcclCommunicator(ncclComm_t comm, int device) : comm_(comm), device_(device) {
+  // Takes ownership of `comm`, a communicator on CUDA device `device`;
+  // `stream`: the communication stream of the communicator it was split
+  // from (null: a new one).
+  NcclCommunicator(ncclComm_t comm, int device, std::shared_ptr<CommStream> stream = nullptr)
+      : comm_(comm), device_(device), comm_stream_(stream ? std::move(stream) : std::make_shared<CommStream>(device)) {
     MINIDL_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     MINIDL_NCCL_CHECK(ncclCommCount(comm_, &size_));
   }
@@ -67,27 +148,21 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return size_; }
 
   void all_gather(const Tensor& input, const Tensor& output) override {
-    check("all_gather", input);
-    check("all_gather", output);
-    check_pair("all_gather", input, output, input.numel() * size_);
-    MINIDL_NCCL_CHECK(ncclAllGather(input.raw_data(), output.raw_data(), static_cast<size_t>(input.numel()),
-                                    nccl_type(input.dtype()), comm_, cuda::stream()));
+    launch_all_gather(input, output, cuda::stream());
   }
-
   void reduce_scatter(const Tensor& input, const Tensor& output) override {
-    check("reduce_scatter", input);
-    check("reduce_scatter", output);
-    MINIDL_CHECK(input.numel() % size_ == 0, "dist::reduce_scatter: input has ", input.numel(),
-                 " elements, not a multiple of the communicator size ", size_);
-    check_pair("reduce_scatter", input, output, input.numel() / size_);
-    MINIDL_NCCL_CHECK(ncclReduceScatter(input.raw_data(), output.raw_data(), static_cast<size_t>(output.numel()),
-                                        nccl_type(input.dtype()), ncclSum, comm_, cuda::stream()));
+    launch_reduce_scatter(input, output, cuda::stream());
   }
+  void all_reduce(const Tensor& tensor) override { launch_all_reduce(tensor, cuda::stream()); }
 
-  void all_reduce(const Tensor& tensor) override {
-    check("all_reduce", tensor);
-    MINIDL_NCCL_CHECK(ncclAllReduce(tensor.raw_data(), tensor.raw_data(), static_cast<size_t>(tensor.numel()),
-                                    nccl_type(tensor.dtype()), ncclSum, comm_, cuda::stream()));
+  Work all_gather_async(const Tensor& input, const Tensor& output) override {
+    return start({input, output}, [&](cudaStream_t s) { launch_all_gather(input, output, s); });
+  }
+  Work reduce_scatter_async(const Tensor& input, const Tensor& output) override {
+    return start({input, output}, [&](cudaStream_t s) { launch_reduce_scatter(input, output, s); });
+  }
+  Work all_reduce_async(const Tensor& tensor) override {
+    return start({tensor}, [&](cudaStream_t s) { launch_all_reduce(tensor, s); });
   }
 
   void broadcast(const Tensor& tensor, int root) override {
@@ -112,10 +187,54 @@ class NcclCommunicator final : public Communicator {
     ensure_device();
     ncclComm_t sub = nullptr;
     MINIDL_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
-    return std::make_unique<NcclCommunicator>(sub, device_);
+    return std::make_unique<NcclCommunicator>(sub, device_, comm_stream_);
   }
 
  private:
+  void launch_all_gather(const Tensor& input, const Tensor& output, cudaStream_t stream) {
+    check("all_gather", input);
+    check("all_gather", output);
+    check_pair("all_gather", input, output, input.numel() * size_);
+    MINIDL_NCCL_CHECK(ncclAllGather(input.raw_data(), output.raw_data(), static_cast<size_t>(input.numel()),
+                                    nccl_type(input.dtype()), comm_, stream));
+  }
+  void launch_reduce_scatter(const Tensor& input, const Tensor& output, cudaStream_t stream) {
+    check("reduce_scatter", input);
+    check("reduce_scatter", output);
+    MINIDL_CHECK(input.numel() % size_ == 0, "dist::reduce_scatter: input has ", input.numel(),
+                 " elements, not a multiple of the communicator size ", size_);
+    check_pair("reduce_scatter", input, output, input.numel() / size_);
+    MINIDL_NCCL_CHECK(ncclReduceScatter(input.raw_data(), output.raw_data(), static_cast<size_t>(output.numel()),
+                                        nccl_type(input.dtype()), ncclSum, comm_, stream));
+  }
+  void launch_all_reduce(const Tensor& tensor, cudaStream_t stream) {
+    check("all_reduce", tensor);
+    MINIDL_NCCL_CHECK(ncclAllReduce(tensor.raw_data(), tensor.raw_data(), static_cast<size_t>(tensor.numel()),
+                                    nccl_type(tensor.dtype()), ncclSum, comm_, stream));
+  }
+
+  // An async collective: the communication stream waits for minidl's stream
+  // (the input as of now), runs `launch`, and records a done event that
+  // wait() makes minidl's stream wait for; the host never waits. A fork and
+  // join by events, which a CUDA graph capture records as graph edges: the
+  // communication stream joins the capture at the fork and leaves it at the
+  // join, so the same path serves while capturing (provided wait() comes
+  // before the capture ends, as the interface requires). The Work holds
+  // `keep` (the collective's tensors) until it waits.
+  template <typename Launch>
+  Work start(std::vector<Tensor> keep, Launch&& launch) {
+    ensure_device();
+    const cudaStream_t compute = cuda::stream();
+    comm_stream_->fork_from(compute);
+    launch(comm_stream_->stream());
+    const cudaEvent_t done = comm_stream_->record_done();
+    return Work([cs = comm_stream_, compute, done, keep = std::move(keep)] {
+      const cudaError_t err = cudaStreamWaitEvent(compute, done, 0);
+      cs->give_back(done);
+      MINIDL_CUDA_CHECK(err);
+    });
+  }
+
   void ensure_device() const {
     MINIDL_CHECK(cuda::current_device() == device_, "dist (NCCL): rank ", rank_, "'s communicator is on cuda:", device_,
                  " but the calling thread's current device is cuda:", cuda::current_device());
@@ -136,6 +255,7 @@ class NcclCommunicator final : public Communicator {
 
   ncclComm_t comm_;
   int device_;
+  std::shared_ptr<CommStream> comm_stream_;  // shared with the communicators split from this one
   int rank_ = 0, size_ = 1;
   Tensor token_;  // barrier's one element
 };

@@ -69,7 +69,7 @@ void DataParallel::issue(Bucket& b) {
     if (g.defined()) ops::copy_(slot, g);
     else ops::copy_(slot, ops::zeros({}, first.options()));
   }
-  comm_.all_reduce(b.flat);
+  b.reduction = comm_.all_reduce_async(b.flat);
 }
 
 void DataParallel::finish() {
@@ -77,6 +77,7 @@ void DataParallel::finish() {
   for (; next_ < buckets_.size(); ++next_) issue(buckets_[next_]);
   const double scale = 1.0 / static_cast<double>(comm_.size());
   for (Bucket& b : buckets_) {
+    b.reduction.wait();
     ops::mul_(b.flat, scale);
     for (size_t j = 0; j < b.params.size(); ++j) {
       const Tensor& p = parameters_[b.params[j]];

@@ -24,10 +24,13 @@
 // must run the same computation (the same parameters get gradients, in the
 // same order); where ranks differ, or collectives of another communicator run
 // inside backward in a rank-dependent order, set_reduce_in_backward(false).
-// On a CUDA backend (NCCL) the reductions are queued on minidl's stream,
-// behind the backward's kernels: running them beside the backward needs a
-// communication stream with events, not built yet. With the in-process
-// backend a rank's thread does each reduction when issuing it.
+// Each bucket's all-reduce is started asynchronously
+// (Communicator::all_reduce_async): on NCCL it runs on the communication
+// stream beside the rest of the backward, and finish() makes minidl's stream
+// wait for the buckets, in order, before unpacking them; the host never
+// waits. The flat buffers are allocated once and kept, so a bucket's memory
+// is never freed under its reduction. With the in-process backend a rank's
+// thread does each reduction when issuing it.
 #include <cstddef>
 #include <vector>
 
@@ -60,8 +63,9 @@ class DataParallel {
   // and every earlier one are complete, they are packed and their
   // all-reduces issued, in order. Marking a parameter twice in a step throws.
   void mark_ready(size_t i);
-  // Issues the buckets not yet issued, then scales by 1 / size() and writes
-  // the averaged gradients back; resets the ready marks for the next step.
+  // Issues the buckets not yet issued, waits for each bucket's all-reduce,
+  // then scales by 1 / size() and writes the averaged gradients back; resets
+  // the ready marks for the next step.
   void finish();
 
   // While off, the hooks do nothing: backward passes only accumulate local
@@ -80,6 +84,7 @@ class DataParallel {
     int64_t numel = 0;
     Tensor flat;                   // allocated on first use, kept
     size_t ready = 0;
+    dist::Work reduction;          // this step's all-reduce of flat, until finish()
   };
   void issue(Bucket& bucket);
 

@@ -480,15 +480,18 @@ struct Forward {
 // q, k, v: contiguous, in the compute dtype.
 Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v) {
   Forward f;
-  // Ship this rank's kept rows of spanning segments first: the local branches
-  // below need nothing from other ranks (a backend that returns before the
-  // data lands could overlap them; docs/scaling.md says what overlaps today).
+  // Start shipping this rank's kept rows of spanning segments first, async:
+  // the local branches below need nothing from other ranks, so on NCCL the
+  // gathers run beside them (docs/scaling.md); each is waited for just before
+  // the first piece that reads it.
+  std::vector<Tensor> sends;  // alive until the gathers are waited for
+  std::vector<dist::Work> gathers;
   for (const Exchange& ex : plan.exchanges) {
-    Tensor send = zeros({2, plan.B, ex.R, plan.D}, ty.of(ty.compute));
+    Tensor& send = sends.emplace_back(zeros({2, plan.B, ex.R, plan.D}, ty.of(ty.compute)));
     copy_rows(send, k, plan.D, Pairs::along(ex.pack));
     copy_rows(from_row(send, plan.B * ex.R, plan.D), v, plan.D, Pairs::along(ex.pack));
     f.gathered.push_back(Tensor::empty({ex.comm->size(), 2, plan.B, ex.R, plan.D}, ty.of(ty.compute)));
-    ex.comm->all_gather(send, f.gathered.back());
+    gathers.push_back(ex.comm->all_gather_async(send, f.gathered.back()));
   }
   f.O = zeros({plan.B, plan.n(), plan.H, plan.D}, ty.of(ty.acc));
   f.L = full({plan.B, plan.n(), plan.H}, kNegInf, ty.of(ty.acc));
@@ -504,11 +507,13 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
     const int64_t G = static_cast<int64_t>(piece.heads.size());
     Tensor o = Tensor::empty({plan.B, piece.M, G, plan.D}, ty.of(ty.compute));
     Tensor l = Tensor::empty({plan.B, piece.M, G}, ty.of(ty.lse));
+    gathers[piece.ex].wait();
     const Tensor& gathered = f.gathered[piece.ex];
     attend_forward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, gathered, 0),
                    piece_keys(plan, piece, gathered, 1), kernel_config(plan, {{piece.M, 1}}), o, l);
     merge_rows(f.O, f.L, o, l, plan.D, Pairs::against(piece.queries));
   }
+  for (dist::Work& w : gathers) w.wait();  // those no piece of this rank read: the backward reads them all
   return f;
 }
 
@@ -518,6 +523,41 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
                              const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
                              const Tensor& dO, const Tensor& dL) {
   Tensor dq = zeros(q.shape(), ty.of(ty.acc)), dk = zeros(q.shape(), ty.of(ty.acc)), dv = zeros(q.shape(), ty.of(ty.acc));
+  // The spanning pieces first, so that the reduce-scatters returning their
+  // key and value gradients run (async; on NCCL beside them) while the local
+  // branches do. The sums keep the order they had with the pieces last, so
+  // the results are bitwise those of that order: into dq the local
+  // branches' gradients, then the pieces' (held until then); into dk and dv
+  // the local branches', then the reduce-scatters'.
+  //
+  // Gradients of every gathered row, laid out as the gathered buffers: summed
+  // over an exchange's ranks, each rank receives those of the rows it owns.
+  std::vector<Tensor> send;
+  for (const Tensor& g : gathered) send.push_back(zeros(g.shape(), ty.of(ty.acc)));
+  std::vector<Tensor> piece_dq;
+  for (const Piece& piece : plan.pieces) {
+    const int64_t G = static_cast<int64_t>(piece.heads.size());
+    const Shape shape{plan.B, piece.M, G, plan.D};
+    Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
+           gv = Tensor::empty(shape, ty.of(ty.compute));
+    const Tensor& g = gathered[piece.ex];
+    attend_backward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, g, 0),
+                    piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
+                    piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
+                    dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, {{piece.M, 1}}),
+                    gq, gk, gv);
+    piece_dq.push_back(gq);
+    const Tensor& s = send[piece.ex];
+    add_rows(s, gk, plan.D, Pairs::against(piece.keys));
+    add_rows(from_row(s, plan.B * plan.exchanges[piece.ex].R, plan.D), gv, plan.D, Pairs::against(piece.keys));
+  }
+  std::vector<Tensor> mine;  // this rank's rows' gradients, per exchange
+  std::vector<dist::Work> scatters;
+  for (size_t e = 0; e < plan.exchanges.size(); ++e) {
+    const Exchange& ex = plan.exchanges[e];
+    mine.push_back(Tensor::empty({2, plan.B, ex.R, plan.D}, ty.of(ty.acc)));
+    scatters.push_back(ex.comm->reduce_scatter_async(send[e], mine.back()));
+  }
   for (const LocalGroup& group : plan.local) {
     const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
     const Shape shape{plan.B, len, plan.H, plan.D};
@@ -531,32 +571,13 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
     add_rows(dk, gk, plan.D, rows);
     add_rows(dv, gv, plan.D, rows);
   }
-  // Gradients of every gathered row, laid out as the gathered buffers: summed
-  // over an exchange's ranks, each rank receives those of the rows it owns.
-  std::vector<Tensor> send;
-  for (const Tensor& g : gathered) send.push_back(zeros(g.shape(), ty.of(ty.acc)));
-  for (const Piece& piece : plan.pieces) {
-    const int64_t G = static_cast<int64_t>(piece.heads.size());
-    const Shape shape{plan.B, piece.M, G, plan.D};
-    Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
-           gv = Tensor::empty(shape, ty.of(ty.compute));
-    const Tensor& g = gathered[piece.ex];
-    attend_backward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, g, 0),
-                    piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
-                    piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
-                    dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, {{piece.M, 1}}),
-                    gq, gk, gv);
-    add_rows(dq, gq, plan.D, Pairs::against(piece.queries));
-    const Tensor& s = send[piece.ex];
-    add_rows(s, gk, plan.D, Pairs::against(piece.keys));
-    add_rows(from_row(s, plan.B * plan.exchanges[piece.ex].R, plan.D), gv, plan.D, Pairs::against(piece.keys));
-  }
+  for (size_t i = 0; i < plan.pieces.size(); ++i)
+    add_rows(dq, piece_dq[i], plan.D, Pairs::against(plan.pieces[i].queries));
   for (size_t e = 0; e < plan.exchanges.size(); ++e) {
     const Exchange& ex = plan.exchanges[e];
-    Tensor mine = Tensor::empty({2, plan.B, ex.R, plan.D}, ty.of(ty.acc));
-    ex.comm->reduce_scatter(send[e], mine);
-    add_rows(dk, mine, plan.D, Pairs::against(ex.pack));
-    add_rows(dv, from_row(mine, plan.B * ex.R, plan.D), plan.D, Pairs::against(ex.pack));
+    scatters[e].wait();
+    add_rows(dk, mine[e], plan.D, Pairs::against(ex.pack));
+    add_rows(dv, from_row(mine[e], plan.B * ex.R, plan.D), plan.D, Pairs::against(ex.pack));
   }
   return {dq, dk, dv};
 }

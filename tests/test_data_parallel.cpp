@@ -1,13 +1,15 @@
 // nn::DataParallel over the in-process backend: averaged gradients of the
 // ranks' shares equal one rank's gradients on the whole batch (float64), in
-// one bucket or many, reduced during backward in bucket order; gradient
-// accumulation; rank 0's parameters reach every rank. On CUDA: virtual
+// one bucket or many, reduced during backward in bucket order, async (in
+// flight until finish(), bitwise the plain results); gradient accumulation;
+// rank 0's parameters reach every rank. On CUDA: virtual
 // ranks sharing one GPU (in-process backend) and NCCL with world size 1.
 #include <functional>
 #include <mutex>
 #include <string>
 
 #include "autograd/tape.h"
+#include "deferred_comm.h"
 #include "dist/communicator.h"
 #include "dist/nccl.h"
 #include "helpers.h"
@@ -124,6 +126,55 @@ TEST_CASE("DataParallel: buckets are reduced during backward, in bucket order") 
   }
 }
 
+TEST_CASE("DataParallel: async bucket all-reduces, in flight until finish(), equal the plain ones bit for bit") {
+  // testing::DeferredComm completes an async collective only when it is
+  // waited for: every bucket started during backward is still in flight when
+  // finish() begins, which must wait for each before reading it.
+  const Params init{random_tensor({5, 7}), random_tensor({7}), random_tensor({7, 3}), random_tensor({4})};
+  const Tensor x = random_tensor({12, 5});
+  for (int P : {2, 3})
+    for (size_t bucket_bytes : {size_t{1} << 20, size_t{64}}) {
+      CAPTURE(P);
+      CAPTURE(bucket_bytes);
+      std::vector<Params> plain, deferred;
+      for (int r = 0; r < P; ++r) {
+        plain.push_back(fresh_copy(init));
+        deferred.push_back(fresh_copy(init));
+      }
+      std::vector<int> started_in_backward(P), most_in_flight(P);
+      std::vector<size_t> buckets(P);
+      dist::run_in_process(P, [&](dist::Communicator& comm) {
+        const int r = comm.rank();
+        const int64_t rows = 12 / P;
+        const Tensor mine = x.narrow(0, r * rows, rows);
+        {
+          const Params& p = plain[r];
+          nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, bucket_bytes);
+          loss_of(p, mine).backward();
+          dp.all_reduce_gradients();
+        }
+        const Params& p = deferred[r];
+        testing::DeferredComm deferring(comm);
+        nn::DataParallel dp({p.w1, p.b1, p.w2}, deferring, bucket_bytes);
+        loss_of(p, mine).backward();
+        started_in_backward[r] = deferring.started();
+        dp.all_reduce_gradients();
+        most_in_flight[r] = deferring.most_in_flight();
+        buckets[r] = dp.num_buckets();
+      });
+      for (int r = 0; r < P; ++r) {
+        CAPTURE(r);
+        CHECK(buckets[r] == (bucket_bytes == 64 ? 3u : 1u));
+        CHECK(started_in_backward[r] == static_cast<int>(buckets[r]));
+        CHECK(most_in_flight[r] == static_cast<int>(buckets[r]));
+        for (size_t k = 0; k < 3; ++k) {
+          CHECK(deferred[r].list()[k].grad().to_vector<double>() == plain[r].list()[k].grad().to_vector<double>());
+          CHECK(deferred[r].list()[k].grad().to_vector<double>() == deferred[0].list()[k].grad().to_vector<double>());
+        }
+      }
+    }
+}
+
 TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false); a second pass otherwise throws") {
   const Params init{random_tensor({5, 7}), random_tensor({7}), random_tensor({7, 3}), random_tensor({4})};
   const Tensor x = random_tensor({6, 5});
@@ -169,8 +220,9 @@ namespace {
 // be off by a factor of P).
 // with_unused: the unused parameter holds every bucket back to
 // all_reduce_gradients(); without it the buckets go during backward.
+// gpu_per_rank: rank r's replica on cuda:r (NCCL), else all on cuda:0.
 void check_cuda_data_parallel(int P, const std::function<void(int, const std::function<void(dist::Communicator&)>&)>& run,
-                              bool with_unused) {
+                              bool with_unused, bool gpu_per_rank = false) {
   const TensorOptions gpu{DType::Float32, Device::cuda(), false};
   const int64_t B = 12;
   const Params init{random_tensor({5, 7}, gpu), random_tensor({7}, gpu), random_tensor({7, 3}, gpu),
@@ -178,34 +230,48 @@ void check_cuda_data_parallel(int P, const std::function<void(int, const std::fu
   const Tensor x = random_tensor({B, 5}, gpu);
   Params single = fresh_copy(init);
   loss_of(single, x).backward();
-  std::vector<Params> replicas;
+  // Made on the CPU here, moved to the rank's device by its thread (ops run
+  // on the calling thread's current device).
+  std::vector<Params> start;
   for (int r = 0; r < P; ++r) {
-    Params p = fresh_copy(init);
+    Params p{init.w1.to(Device::cpu()), init.b1.to(Device::cpu()), init.w2.to(Device::cpu()),
+             init.unused.to(Device::cpu())};
     if (r > 0)
-      for (const Tensor& t : p.list()) ops::add_(t.detach(), random_tensor(t.shape(), gpu));
-    replicas.push_back(p);
+      for (Tensor* t : {&p.w1, &p.b1, &p.w2, &p.unused})
+        *t = ops::add(*t, random_tensor(t->shape(), {DType::Float32, Device::cpu(), false}));
+    start.push_back(p);
   }
+  const Tensor x_cpu = x.to(Device::cpu());
+  // What each rank ends with, copied to the CPU by its thread: parameters
+  // and gradients (w1, b1, w2, unused).
+  std::vector<std::vector<Tensor>> values(static_cast<size_t>(P)), grads(static_cast<size_t>(P));
   std::vector<size_t> issued_in_backward(static_cast<size_t>(P));
   run(P, [&](dist::Communicator& comm) {
     const int r = comm.rank();
-    const Params& p = replicas[r];
+    const Device d = Device::cuda(gpu_per_rank ? r : 0);
+    const Params& s0 = start[static_cast<size_t>(r)];
+    const Params p = fresh_copy({s0.w1.to(d), s0.b1.to(d), s0.w2.to(d), s0.unused.to(d)});
     nn::DataParallel dp(with_unused ? p.list() : std::vector<Tensor>{p.w1, p.b1, p.w2}, comm, 64);
     dp.broadcast_parameters();
     const int64_t rows = B / P;
-    loss_of(p, x.narrow(0, r * rows, rows)).backward();
+    loss_of(p, x_cpu.narrow(0, r * rows, rows).to(d)).backward();
     issued_in_backward[static_cast<size_t>(r)] = dp.issued_buckets();
     dp.all_reduce_gradients();
+    for (const Tensor& t : p.list()) {
+      values[static_cast<size_t>(r)].push_back(t.detach().to(Device::cpu()));
+      grads[static_cast<size_t>(r)].push_back(t.grad().defined() ? t.grad().to(Device::cpu()) : Tensor());
+    }
   });
   for (int r = 0; r < P; ++r) {
     CAPTURE(r);
     CHECK(issued_in_backward[static_cast<size_t>(r)] == (with_unused ? 0u : 3u));
     for (size_t k = 0; k < 3; ++k) {
-      testing::check_close(replicas[r].list()[k], init.list()[k], 0, 0);
-      testing::check_close(replicas[r].list()[k].grad(), single.list()[k].grad(), 1e-3, 1e-2);
+      testing::check_close(values[r][k], init.list()[k], 0, 0);
+      testing::check_close(grads[r][k], single.list()[k].grad(), 1e-3, 1e-2);
     }
     if (!with_unused) continue;
-    REQUIRE(replicas[r].unused.grad().defined());
-    CHECK(replicas[r].unused.grad().to_vector<float>() == std::vector<float>(4, 0.0f));
+    REQUIRE(grads[r][3].defined());
+    CHECK(grads[r][3].to_vector<float>() == std::vector<float>(4, 0.0f));
   }
 }
 
@@ -233,5 +299,24 @@ TEST_CASE("DataParallel on CUDA over NCCL, world size 1") {
     CAPTURE(with_unused);
     check_cuda_data_parallel(
         1, [](int n, const std::function<void(dist::Communicator&)>& fn) { dist::run_nccl(n, fn); }, with_unused);
+  }
+}
+
+TEST_CASE("DataParallel over NCCL on 2 or 3 GPUs: async buckets beside the backward equal one rank") {
+  MINIDL_REQUIRE_CUDA();
+  const int gpus = cuda_device_count();
+  if (!dist::nccl_available() || gpus < 2) {
+    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", gpus, " visible)");
+    return;
+  }
+  for (int P : {2, 3}) {
+    if (P > gpus) continue;
+    for (bool with_unused : {true, false}) {
+      CAPTURE(P);
+      CAPTURE(with_unused);
+      check_cuda_data_parallel(
+          P, [](int n, const std::function<void(dist::Communicator&)>& fn) { dist::run_nccl(n, fn); }, with_unused,
+          /*gpu_per_rank=*/true);
+    }
   }
 }

@@ -1,6 +1,7 @@
 // dist/: the in-process backend's collectives for P = 1..4 on odd sizes,
-// split, error propagation; the same on CUDA tensors (virtual ranks on one
-// GPU); the NCCL backend with world size 1.
+// plain and async, split, error propagation; the same on CUDA tensors
+// (virtual ranks on one GPU); dist::Work; the NCCL backend with world size 1,
+// its async collectives included (many in flight, split, in a CUDA graph).
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include "dist/launch.h"
 #include "dist/nccl.h"
 #include "helpers.h"
+#include "nn/cuda_graph.h"
 
 using namespace minidl;
 using minidl::testing::random_tensor;
@@ -36,8 +38,10 @@ std::vector<double> rank_order_sum(const std::vector<Tensor>& xs) {
   return sum;
 }
 
-// Every collective on one device, checked exactly against host arithmetic.
-void check_collectives(int P, int64_t n, Device device) {
+// Every collective on one device, checked exactly against host arithmetic;
+// `async`: all_gather, all_reduce and reduce_scatter through their async
+// forms, all three in flight at once.
+void check_collectives(int P, int64_t n, Device device, bool async = false) {
   std::vector<Tensor> xs = inputs_per_rank(P, n);
   std::vector<Tensor> scatter_in = inputs_per_rank(P, n * P);
   const std::vector<double> sum = rank_order_sum(xs);
@@ -50,13 +54,21 @@ void check_collectives(int P, int64_t n, Device device) {
     Tensor x = xs[r].to(device);
 
     Tensor all = Tensor::empty({n * P}, {DType::Float64, device});
-    comm.all_gather(x, all);
-
     Tensor acc = x.clone();
-    comm.all_reduce(acc);
-
     Tensor out = Tensor::empty({n}, {DType::Float64, device});
-    comm.reduce_scatter(scatter_in[r].to(device), out);
+    const Tensor to_scatter = scatter_in[r].to(device);
+    if (async) {
+      dist::Work gather = comm.all_gather_async(x, all);
+      dist::Work reduce = comm.all_reduce_async(acc);
+      dist::Work scatter = comm.reduce_scatter_async(to_scatter, out);
+      scatter.wait();  // in any order
+      gather.wait();
+      reduce.wait();
+    } else {
+      comm.all_gather(x, all);
+      comm.all_reduce(acc);
+      comm.reduce_scatter(to_scatter, out);
+    }
 
     Tensor b = x.clone();
     comm.broadcast(b, P - 1);
@@ -89,6 +101,38 @@ TEST_CASE("in-process collectives, P = 1..4, odd sizes: exact rank-order results
       CAPTURE(n);
       check_collectives(P, n, Device::cpu());
     }
+}
+
+TEST_CASE("in-process async collectives equal the plain ones, P = 1..4, odd sizes") {
+  for (int P = 1; P <= 4; ++P)
+    for (int64_t n : {1, 7, 1001}) {
+      CAPTURE(P);
+      CAPTURE(n);
+      check_collectives(P, n, Device::cpu(), /*async=*/true);
+    }
+}
+
+TEST_CASE("dist::Work: wait runs the backend's finish once; moving, reassigning and destroying wait") {
+  int finished = 0;
+  auto counting = [&finished] { return dist::Work([&finished] { ++finished; }); };
+  dist::Work().wait();  // complete already
+  {
+    dist::Work w = counting();
+    CHECK(finished == 0);
+    w.wait();
+    w.wait();
+    CHECK(finished == 1);
+  }
+  CHECK(finished == 1);
+  {
+    dist::Work a = counting();
+    dist::Work b = std::move(a);
+    a.wait();  // moved from: nothing to wait for
+    CHECK(finished == 1);
+    b = counting();  // waits for what b held
+    CHECK(finished == 2);
+  }  // b's destructor waits for the second
+  CHECK(finished == 3);
 }
 
 TEST_CASE("in-process all_reduce: float32, bfloat16 and int32, fewer elements than ranks") {
@@ -203,6 +247,7 @@ TEST_CASE("in-process collectives on CUDA tensors (virtual ranks on one GPU)") {
       CAPTURE(P);
       CAPTURE(n);
       check_collectives(P, n, Device::cuda());
+      check_collectives(P, n, Device::cuda(), /*async=*/true);
     }
 }
 
@@ -267,6 +312,34 @@ TEST_CASE("NCCL backend, world size 1: run_nccl and nccl_from_env") {
     CHECK(sub->size() == 1);
     sub->all_reduce(acc);
     CHECK(acc.to_vector<float>() == want);
+
+    // The async forms, on the communication stream: the inputs as written
+    // just before the call, the outputs ready for the work after wait().
+    Tensor acc2 = ops::mul(x, 2.0), all2 = Tensor::empty({1001}, {DType::Float32, Device::cuda()}),
+           out2 = Tensor::empty({1001}, {DType::Float32, Device::cuda()});
+    dist::Work reduce = comm.all_reduce_async(acc2);
+    dist::Work gather = comm.all_gather_async(x, all2);
+    dist::Work scatter = sub->reduce_scatter_async(x, out2);  // a split shares the stream
+    scatter.wait();
+    gather.wait();
+    reduce.wait();
+    Tensor doubled = ops::mul(acc2, 0.5);  // enqueued after wait(): sees the reduced values
+    CHECK(doubled.to_vector<float>() == want);
+    CHECK(all2.to_vector<float>() == want);
+    CHECK(out2.to_vector<float>() == want);
+
+    // More in flight than any event pool holds at first, waited for in reverse.
+    std::vector<Tensor> many;
+    std::vector<dist::Work> works;
+    for (int i = 0; i < 40; ++i) {
+      many.push_back(ops::mul(x, static_cast<double>(i)));
+      works.push_back(comm.all_reduce_async(many.back()));
+    }
+    for (int i = 39; i >= 0; --i) works[static_cast<size_t>(i)].wait();
+    for (int i = 0; i < 40; ++i) {
+      CAPTURE(i);
+      CHECK(many[static_cast<size_t>(i)].to_vector<float>() == ops::mul(x, static_cast<double>(i)).to_vector<float>());
+    }
   };
   dist::run_nccl(1, exercise);
   CHECK(std::string(std::getenv("NCCL_NVLS_ENABLE")) == "0");
@@ -280,4 +353,88 @@ TEST_CASE("NCCL backend, world size 1: run_nccl and nccl_from_env") {
   CHECK_FALSE(std::filesystem::exists(id_file));  // removed once every rank joined
   unsetenv("RANK");
   unsetenv("WORLD_SIZE");
+}
+
+TEST_CASE("NCCL backend, world size 1: async collectives captured in a CUDA graph and replayed") {
+  MINIDL_REQUIRE_CUDA();
+  if (!dist::nccl_available()) {
+    MESSAGE("skipped: minidl was built without NCCL");
+    return;
+  }
+  dist::run_nccl(1, [](dist::Communicator& comm) {
+    const TensorOptions gpu{DType::Float32, Device::cuda(), false};
+    Tensor x = random_tensor({4099}, gpu), acc = Tensor::empty({4099}, gpu), all = Tensor::empty({4099}, gpu);
+    // The fork to the communication stream and the join back become graph
+    // edges; the capture fails if the join is missing.
+    auto step = [&] {
+      ops::copy_(acc, x);
+      dist::Work reduce = comm.all_reduce_async(acc);
+      dist::Work gather = comm.all_gather_async(x, all);
+      gather.wait();
+      reduce.wait();
+      ops::mul_(acc, 3.0);
+    };
+    step();  // eagerly first: NCCL's and minidl's lazy setup
+    nn::CudaGraph graph;
+    graph.capture(step);
+    for (int replay = 0; replay < 3; ++replay) {
+      CAPTURE(replay);
+      const Tensor fresh = random_tensor({4099}, gpu);
+      ops::copy_(x, fresh);
+      graph.replay();
+      CHECK(acc.to_vector<float>() == ops::mul(fresh, 3.0).to_vector<float>());
+      CHECK(all.to_vector<float>() == fresh.to_vector<float>());
+    }
+  });
+}
+
+TEST_CASE("NCCL backend on every visible GPU (2 or more): plain and async collectives, exact") {
+  MINIDL_REQUIRE_CUDA();
+  const int P = cuda_device_count();
+  if (!dist::nccl_available() || P < 2) {
+    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", P, " visible)");
+    return;
+  }
+  // Integer values: the sums are exact in any order NCCL adds them.
+  const int64_t n = 1003;
+  auto value = [](int r, int64_t i) { return static_cast<float>((i * 7 + r * 13) % 101 - 50); };
+  std::mutex mu;
+  std::vector<std::string> failures;
+  dist::run_nccl(P, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    const Device gpu = Device::cuda(r);
+    auto filled = [&](int rank, int64_t count) {
+      std::vector<float> v(static_cast<size_t>(count));
+      for (int64_t i = 0; i < count; ++i) v[static_cast<size_t>(i)] = value(rank, i);
+      return from_vector<float>(v, {count}).to(gpu);
+    };
+    std::vector<float> sum(static_cast<size_t>(n * P), 0.0f), gathered;
+    for (int q = 0; q < P; ++q)
+      for (int64_t i = 0; i < n * P; ++i) sum[static_cast<size_t>(i)] += value(q, i);
+    for (int q = 0; q < P; ++q)
+      for (int64_t i = 0; i < n; ++i) gathered.push_back(value(q, i));
+    const std::vector<float> my_chunk(sum.begin() + r * n, sum.begin() + (r + 1) * n);
+    const std::vector<float> sum_n(sum.begin(), sum.begin() + n);
+    for (bool async : {false, true}) {
+      Tensor x = filled(r, n), acc = filled(r, n), big = filled(r, n * P);
+      Tensor all = Tensor::empty({n * P}, {DType::Float32, gpu}), out = Tensor::empty({n}, {DType::Float32, gpu});
+      if (async) {
+        dist::Work a = comm.all_gather_async(x, all), b = comm.all_reduce_async(acc),
+                   c = comm.reduce_scatter_async(big, out);
+        c.wait();
+        a.wait();
+        b.wait();
+      } else {
+        comm.all_gather(x, all);
+        comm.all_reduce(acc);
+        comm.reduce_scatter(big, out);
+      }
+      const bool ok = all.to_vector<float>() == gathered && acc.to_vector<float>() == sum_n &&
+                      out.to_vector<float>() == my_chunk;
+      std::lock_guard<std::mutex> lock(mu);
+      if (!ok) failures.push_back("rank " + std::to_string(r) + (async ? " async" : " plain"));
+    }
+  });
+  CHECK(failures.empty());
+  for (const std::string& f : failures) MESSAGE(f);
 }

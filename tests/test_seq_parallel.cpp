@@ -6,6 +6,7 @@
 #include <mutex>
 
 #include "dist/communicator.h"
+#include "deferred_comm.h"
 #include "dist/nccl.h"
 #include "helpers.h"
 #include "nn/transformer.h"
@@ -100,8 +101,18 @@ Result single_device(const Case& c, const Inputs& in) {
   return {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
 }
 
+// How sequence_parallel runs the ranks: in-process threads on the inputs'
+// device, optionally through testing::DeferredComm (async collectives
+// complete only when waited for; `in_flight` then receives per rank how many
+// were in flight at most), or over NCCL with rank p on cuda:p (results
+// copied to the CPU by the rank's thread).
+struct How {
+  std::vector<int>* in_flight = nullptr;
+  bool nccl = false;
+};
+
 // Rank p holds rows [starts[p], starts[p + 1]); results concatenated over ranks.
-Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes) {
+Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes, How how = {}) {
   const int P = static_cast<int>(sizes.size());
   std::vector<int64_t> starts{0};
   for (int64_t n : sizes) starts.push_back(starts.back() + n);
@@ -110,15 +121,26 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   DilatedAttentionConfig config;
   config.branches = c.branches;
   config.causal = c.causal;
-  run_ranks(P, [&](dist::Communicator& comm) {
+  auto cpu = [](const Tensor& t) { return t.to(Device::cpu()); };
+  // NCCL ranks take their rows from the CPU (ops run on the thread's device).
+  const Inputs src = how.nccl ? Inputs{cpu(in.q), cpu(in.k), cpu(in.v), cpu(in.w_out), cpu(in.w_lse)} : in;
+  auto body = [&](dist::Communicator& comm) {
     const int p = comm.rank();
-    auto rows = [&](const Tensor& t) { return t.narrow(1, starts[p], sizes[p]).contiguous(); };
-    Tensor q = rows(in.q).requires_grad_(), k = rows(in.k).requires_grad_(),
-           v = rows(in.v).requires_grad_();
-    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm);
-    loss_of(out, lse, rows(in.w_out), rows(in.w_lse)).backward();
+    const Device device = how.nccl ? Device::cuda(p) : in.q.device();
+    auto rows = [&](const Tensor& t) { return t.narrow(1, starts[p], sizes[p]).contiguous().to(device); };
+    Tensor q = rows(src.q).requires_grad_(), k = rows(src.k).requires_grad_(),
+           v = rows(src.v).requires_grad_();
+    std::unique_ptr<testing::DeferredComm> deferred;
+    if (how.in_flight) deferred = std::make_unique<testing::DeferredComm>(comm);
+    dist::Communicator& used = deferred ? *deferred : comm;
+    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, used);
+    loss_of(out, lse, rows(src.w_out), rows(src.w_lse)).backward();
     parts[p] = {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
-  });
+    if (how.nccl) parts[p] = {cpu(parts[p].out), cpu(parts[p].lse), cpu(parts[p].dq), cpu(parts[p].dk), cpu(parts[p].dv)};
+    if (how.in_flight) (*how.in_flight)[static_cast<size_t>(p)] = deferred->most_in_flight();
+  };
+  if (how.nccl) dist::run_nccl(P, body);
+  else run_ranks(P, body);
   auto cat = [&](Tensor Result::*field) {
     std::vector<Tensor> ts;
     for (const Result& r : parts) ts.push_back(r.*field);
@@ -307,6 +329,29 @@ TEST_CASE("seq_parallel_dilated_attention: a layout seen before reuses its plan 
   for (const auto& o : outs) {
     check_equal("again", o[1], o[0], 0);
     check_equal("back", o[2], o[0], 0);
+  }
+}
+
+TEST_CASE("seq_parallel_dilated_attention: async gathers and reduce-scatters give the plain results bit for bit") {
+  // Collectives that complete only when waited for (the latest a backend may)
+  // give what the in-process backend's immediate ones give, so the op waits
+  // before it reads what they deliver; the middle rank of kOdd at P = 3 has
+  // several spanning segments' exchanges in flight at once (all started
+  // before the local branches).
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    Case c = kOdd;
+    c.causal = causal;
+    const Inputs in = make_inputs(c);
+    const std::vector<int64_t> sizes = even_chunks(c.N, 3);
+    std::vector<int> in_flight(3);
+    const Result plain = sequence_parallel(c, in, sizes), deferred = sequence_parallel(c, in, sizes, {&in_flight});
+    check_equal("out", deferred.out, plain.out, 0);
+    check_equal("lse", deferred.lse, plain.lse, 0);
+    check_equal("dq", deferred.dq, plain.dq, 0);
+    check_equal("dk", deferred.dk, plain.dk, 0);
+    check_equal("dv", deferred.dv, plain.dv, 0);
+    CHECK(in_flight[1] >= 2);
   }
 }
 
@@ -541,6 +586,34 @@ TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-
     });
     check_one(got);
   }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention over NCCL on 2 or 3 GPUs equals the op: float32, bfloat16") {
+  MINIDL_REQUIRE_CUDA();
+  const int gpus = cuda_device_count();
+  if (!dist::nccl_available() || gpus < 2) {
+    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", gpus, " visible)");
+    return;
+  }
+  // The real async path: gathers on the communication stream beside the
+  // local branches, reduce-scatters beside the local backward.
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (bool causal : {true, false})
+      for (int P : {2, 3}) {
+        if (P > gpus) continue;
+        CAPTURE(dtype);
+        CAPTURE(causal);
+        CAPTURE(P);
+        Case c = kOddCuda;
+        c.causal = causal;
+        const CudaInputs in = cuda_inputs(c, dtype);
+        const Result want = single_device(c, in.ref);
+        const Result got = sequence_parallel(c, in.gpu, even_chunks(c.N, P), {.nccl = true});
+        CHECK(got.out.dtype() == dtype);
+        check_result(got, want, cuda_tolerance(dtype));
+        // The same against the virtual ranks on one GPU (synchronous collectives).
+        check_result(got, on_cpu(sequence_parallel(c, in.gpu, even_chunks(c.N, P))), cuda_tolerance(dtype));
+      }
 }
 
 TEST_CASE("CUDA seq_parallel_dilated_attention: CUDA tensors need float32 or bfloat16 and one device") {

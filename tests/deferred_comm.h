@@ -1,0 +1,67 @@
+#pragma once
+// A communicator for tests of algorithms built on the async collectives
+// (dist::Communicator::all_gather_async and the others): it wraps a rank's
+// communicator (and those split from it) and runs each async collective only
+// when its Work is waited for, the latest a backend may complete it. An
+// algorithm that reads an output before wait(), or writes an input before
+// it, then gives results that differ from the plain collectives'. It counts
+// the async collectives in flight (started, not waited for) at most.
+#include <algorithm>
+#include <memory>
+
+#include "dist/communicator.h"
+
+namespace minidl::testing {
+
+class DeferredComm final : public dist::Communicator {
+ public:
+  explicit DeferredComm(dist::Communicator& inner) : inner_(inner), counts_(std::make_shared<Counts>()) {}
+
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  void all_gather(const Tensor& input, const Tensor& output) override { inner_.all_gather(input, output); }
+  void reduce_scatter(const Tensor& input, const Tensor& output) override { inner_.reduce_scatter(input, output); }
+  void all_reduce(const Tensor& tensor) override { inner_.all_reduce(tensor); }
+  void broadcast(const Tensor& tensor, int root) override { inner_.broadcast(tensor, root); }
+  void barrier() override { inner_.barrier(); }
+  std::unique_ptr<dist::Communicator> split(int color, int key) override {
+    return std::unique_ptr<dist::Communicator>(new DeferredComm(inner_.split(color, key), counts_));
+  }
+
+  dist::Work all_gather_async(const Tensor& input, const Tensor& output) override {
+    return defer([this, input, output] { inner_.all_gather(input, output); });
+  }
+  dist::Work reduce_scatter_async(const Tensor& input, const Tensor& output) override {
+    return defer([this, input, output] { inner_.reduce_scatter(input, output); });
+  }
+  dist::Work all_reduce_async(const Tensor& tensor) override {
+    return defer([this, tensor] { inner_.all_reduce(tensor); });
+  }
+
+  // Over this communicator and those split from it (one rank's thread).
+  int started() const { return counts_->started; }
+  int most_in_flight() const { return counts_->most; }
+
+ private:
+  struct Counts {
+    int started = 0, in_flight = 0, most = 0;
+  };
+  DeferredComm(std::unique_ptr<dist::Communicator> owned, std::shared_ptr<Counts> counts)
+      : owned_(std::move(owned)), inner_(*owned_), counts_(std::move(counts)) {}
+
+  template <typename Run>
+  dist::Work defer(Run run) {
+    ++counts_->started;
+    counts_->most = std::max(counts_->most, ++counts_->in_flight);
+    return dist::Work([counts = counts_, run] {
+      --counts->in_flight;
+      run();
+    });
+  }
+
+  std::unique_ptr<dist::Communicator> owned_;  // a split's own communicator
+  dist::Communicator& inner_;
+  std::shared_ptr<Counts> counts_;
+};
+
+}  // namespace minidl::testing
