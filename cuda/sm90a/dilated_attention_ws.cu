@@ -136,20 +136,13 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
 // reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
 template <int kBc, bool kCausal, bool kDropout, bool kMask>
-__device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
+__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
                                              const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
   const int lane = threadIdx.x % 32;
   // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
-  // mask is computed in 32-bit from offsets clamped to the tile. It goes into
-  // a copy: the S accumulators are written by wgmma only, since the forward
-  // keeps an item's first S in flight across the loop (a plain write to them
-  // anywhere makes ptxas serialise every wgmma, C7515); unmasked, the copy is
-  // a renaming.
-  float s[kBc / 2];
-#pragma unroll
-  for (int i = 0; i < kBc / 2; ++i) s[i] = s_in[i];
+  // mask is computed in 32-bit from offsets clamped to the tile.
   if constexpr (kMask) {
     const int64_t left = count - k0, ahead = q_row0 - k0;
     const int limit = left < kBc ? static_cast<int>(left) : kBc;
@@ -377,21 +370,6 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
   int ring = 0;  // K/V tiles consumed so far
-  // kAhead: S of an item's first key tile is issued before the item begins,
-  // under the previous item's epilogue (finish, below), the first item's
-  // here. Not with dropout: S live across the epilogue spills its registers.
-  constexpr bool kAhead = !kDropout;
-  float s[kBc / 2];
-  auto q_desc_of = [&](int slot) {
-    return wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
-  };
-  if constexpr (kAhead) {
-    hopper::mbar_wait(&q_full[0], 0);
-    if (item_of_slot[0].n_tiles > 0) {
-      hopper::mbar_wait(&k_full[0], 0);
-      issue_s<kD, kBc>(s, q_desc_of(0), k_desc(0));
-    }
-  }
   for (int n = 0;; ++n) {
     const int slot = n & 1;
     hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
@@ -402,12 +380,14 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     const int n_tiles = w.n_tiles;
     const int64_t group_row0 = w.t0 + consumer * 64;
     const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-    const uint64_t q_desc = q_desc_of(slot);
+    const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
 
     float o[kD / 8][4];
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float(&o_flat)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(o);
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-    float corr[2];
+    float s[kBc / 2], corr[2];
     uint32_t pf[kBc / 16][4];
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     uint64_t mask_rows[2] = {0, 0};
@@ -432,16 +412,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
 
-    if constexpr (!kAhead) {
-      hopper::mbar_wait(&k_full[stage(0)], phase(0));
-      issue_s<kD, kBc>(s, q_desc, k_desc(stage(0)));
-    }
+    hopper::mbar_wait(&k_full[stage(0)], phase(0));
+    issue_s<kD, kBc>(s, q_desc, k_desc(stage(0)));
     wgmma::wait<0>();
     wgmma::fence_operands(s);
-    // Zeroed only now: a plain write to an accumulator while a wgmma (S(0),
-    // issued ahead) is in flight makes ptxas serialise every wgmma (C7515).
-#pragma unroll
-    for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     softmax(0, pf);
 
     // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
@@ -471,10 +445,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     // kMerge, kFinish: the rows' lse and accumulators, loaded under the last product.
     MergeInputs<kD> merge_in;
     // The last tile: every S is done, so Q's slot goes back to the producer
-    // (the item after next loads there); then O += P V, and after it the
-    // next item's S(0), which runs under this item's epilogue. Its Q and K
-    // tiles were loaded while this item's last tiles ran (the producer works
-    // up to three tiles ahead), so the waits for them rarely block.
+    // (the item after next loads there); then O += P V.
     auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
       if (lane == 0) hopper::mbar_arrive(&q_empty[slot]);
       const int sl = stage(n_tiles - 1);
@@ -485,15 +456,6 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sl]);
-      // Issued after O is final: from here to the next item's wait nothing may
-      // write an accumulator (ptxas would serialise every wgmma: C7515).
-      if constexpr (kAhead) {
-        hopper::mbar_wait(&q_full[slot ^ 1], ((n + 1) >> 1) & 1);
-        if (item_of_slot[slot ^ 1].n_tiles > 0) {  // else -1: no item left
-          hopper::mbar_wait(&k_full[stage(n_tiles)], phase(n_tiles));
-          issue_s<kD, kBc>(s, q_desc_of(slot ^ 1), k_desc(stage(n_tiles)));
-        }
-      }
     };
     uint32_t pn[kBc / 16][4];
     int j = 1;
