@@ -553,31 +553,54 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
       nn::TransformerLM one(config, 7, f64);
       const Tensor want_loss = one.loss(idx, targets);
       want_loss.backward();
-      for (int P : {2, 3}) {
-        CAPTURE(P);
-        const int64_t n = T / P;
-        std::vector<std::vector<Tensor>> grads(P);
-        std::vector<double> losses(P);
-        dist::run_in_process(P, [&](dist::Communicator& comm) {
-          nn::TransformerLM model(config, 7, f64);
-          model.set_sequence_parallel({&comm, comm.rank() * n});
-          auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
-          Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
-          loss.backward();
-          losses[comm.rank()] = loss.item<double>();
-          for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
-        });
-        double total = 0;
-        for (double l : losses) total += l;
-        CHECK(std::abs(total - want_loss.item<double>()) <= 1e-12);
-        const std::vector<Tensor> want = one.parameters();
-        for (size_t i = 0; i < want.size(); ++i) {
-          Tensor sum = grads[0][i];
-          for (int p = 1; p < P; ++p) sum = ops::add(sum, grads[p][i]);
-          check_equal("grad", sum, want[i].grad(), 1e-10);
+      for (int P : {2, 3})
+        for (bool given : {false, true}) {  // the layout exchanged, or given (nn::SequenceParallel::layout)
+          CAPTURE(P);
+          CAPTURE(given);
+          const int64_t n = T / P;
+          std::vector<std::vector<Tensor>> grads(P);
+          std::vector<double> losses(P);
+          dist::run_in_process(P, [&](dist::Communicator& comm) {
+            nn::TransformerLM model(config, 7, f64);
+            std::optional<ops::SequenceLayout> layout;
+            if (given) layout = ops::SequenceLayout::even(T, P);
+            model.set_sequence_parallel({&comm, comm.rank() * n, layout});
+            auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
+            Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
+            loss.backward();
+            losses[comm.rank()] = loss.item<double>();
+            for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
+          });
+          double total = 0;
+          for (double l : losses) total += l;
+          CHECK(std::abs(total - want_loss.item<double>()) <= 1e-12);
+          const std::vector<Tensor> want = one.parameters();
+          for (size_t i = 0; i < want.size(); ++i) {
+            Tensor sum = grads[0][i];
+            for (int p = 1; p < P; ++p) sum = ops::add(sum, grads[p][i]);
+            check_equal("grad", sum, want[i].grad(), 1e-10);
+          }
         }
-      }
     }
+}
+
+TEST_CASE("TransformerLM: a sequence-parallel layout must agree with the offset") {
+  nn::TransformerLMConfig config;
+  config.vocab_size = 5;
+  config.n_layer = 1;
+  config.n_head = 2;
+  config.n_embd = 4;
+  config.block_size = 12;
+  config.dropout = 0;
+  const Tensor idx = from_vector<int32_t>({0, 1, 2, 3, 4, 0}, {1, 6});
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
+                                            [&](dist::Communicator& comm) {
+                                              nn::TransformerLM model(config, 7);
+                                              // Rank 1's chunk starts at 6, not 0.
+                                              model.set_sequence_parallel({&comm, 0, ops::SequenceLayout::even(12, 2)});
+                                              model.forward(idx);
+                                            }),
+                       doctest::Contains("sequence-parallel offset 0 is not rank 1's start in its layout, 6"), Error);
 }
 
 // ---- CUDA: virtual ranks on one GPU (in-process backend), NCCL world size 1 ----
