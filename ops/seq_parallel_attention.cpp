@@ -651,9 +651,9 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
 }
 
 // Both forms of the op; layout null: exchanged.
-std::pair<Tensor, Tensor> attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
-                                    const DilatedAttentionConfig& config, dist::Communicator& comm,
-                                    const SequenceLayout* layout) {
+std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                       const DilatedAttentionConfig& config, dist::Communicator& comm,
+                                       const SequenceLayout* layout) {
   check_inputs(q_in, k_in, v_in, config);
   if (layout) check_layout(q_in, *layout, comm);
   const DType dtype = q_in.dtype();
@@ -717,13 +717,13 @@ int64_t SequenceLayout::start(int p) const {
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                          const DilatedAttentionConfig& config,
                                                          dist::Communicator& comm) {
-  return attention(q, k, v, config, comm, nullptr);
+  return seq_parallel(q, k, v, config, comm, nullptr);
 }
 
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                                          const DilatedAttentionConfig& config,
                                                          dist::Communicator& comm, const SequenceLayout& layout) {
-  return attention(q, k, v, config, comm, &layout);
+  return seq_parallel(q, k, v, config, comm, &layout);
 }
 
 }  // namespace minidl::ops
