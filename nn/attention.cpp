@@ -218,7 +218,14 @@ Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
     const AttentionBranches b = branches();
     DilatedAttentionConfig config;
     for (size_t i = 0; i < b.segments.size(); ++i) config.branches.push_back({b.segments[i], b.dilations[i]});
-    Tensor y = ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sequence_parallel.comm).first;
+    const SequenceParallel& sp = sequence_parallel;
+    MINIDL_CHECK(!sp.layout || sp.layout->chunk_sizes.size() != static_cast<size_t>(sp.comm->size()) ||
+                     sp.layout->start(sp.comm->rank()) == sp.offset,
+                 type_name(), ": sequence-parallel offset ", sp.offset, " is not rank ", sp.comm->rank(),
+                 "'s start in its layout, ", sp.layout->start(sp.comm->rank()));
+    Tensor y = (sp.layout ? ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm, *sp.layout)
+                          : ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm))
+                   .first;
     return c_proj->forward(y.reshape(x.shape()));
   }
   std::vector<Tensor> qkv = project_qkv(x, 0);

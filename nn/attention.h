@@ -21,6 +21,7 @@
 #include "dist/communicator.h"
 #include "nn/layers.h"
 #include "nn/transformer_config.h"
+#include "ops/seq_parallel.h"
 
 namespace minidl::nn {
 
@@ -103,10 +104,14 @@ constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequ
 // null) rotates q and k for global positions and attends through
 // ops::seq_parallel_dilated_attention with its branches(), a collective
 // every rank of comm runs; comm must outlive the backward. Training only
-// without attention dropout; no cached decoding.
+// without attention dropout; no cached decoding. With `layout` (the same on
+// every rank; offset must be its start of this rank) the attention exchanges
+// no chunk sizes and, once its plan is built, never waits on the host
+// (ops::SequenceLayout); without it each call exchanges them.
 struct SequenceParallel {
   dist::Communicator* comm = nullptr;  // null: the whole sequence is here
   int64_t offset = 0;
+  std::optional<ops::SequenceLayout> layout;
 };
 
 // Multi-head self-attention with a fused QKV projection, the structure both

@@ -133,28 +133,61 @@ struct Plan {
 
 int64_t ceil_div_pos(int64_t a, int64_t r) { return a <= 0 ? 0 : (a + r - 1) / r; }
 
-// The chunk boundaries of every rank (one all-gather of the ranks' shapes,
-// which must agree but for the chunk length).
-std::vector<int64_t> chunk_starts(const Tensor& q, dist::Communicator& comm) {
+// The chunk boundaries of a layout.
+std::vector<int64_t> starts_of(const SequenceLayout& layout) {
+  std::vector<int64_t> starts{0};
+  for (int64_t n : layout.chunk_sizes) starts.push_back(starts.back() + n);
+  return starts;
+}
+
+// This rank's checks of a given layout (no communication): one size >= 0 per
+// rank, its own q's length.
+void check_layout(const Tensor& q, const SequenceLayout& layout, const dist::Communicator& comm) {
+  const std::vector<int64_t>& sizes = layout.chunk_sizes;
+  MINIDL_CHECK(static_cast<int64_t>(sizes.size()) == comm.size(), kOp, ": layout has ", sizes.size(),
+               " chunk sizes ", shape_str(sizes), " for a communicator of ", comm.size(),
+               " ranks; expected one per rank");
+  for (size_t p = 0; p < sizes.size(); ++p)
+    MINIDL_CHECK(sizes[p] >= 0, kOp, ": layout gives rank ", p, " chunk size ", sizes[p], " (chunk sizes ",
+                 shape_str(sizes), "); sizes must be >= 0");
+  MINIDL_CHECK(sizes[static_cast<size_t>(comm.rank())] == q.size(1), kOp, ": layout gives rank ", comm.rank(),
+               " chunk size ", sizes[static_cast<size_t>(comm.rank())], " (chunk sizes ", shape_str(sizes),
+               ") but its q ", detail::describe(q), " has ", q.size(1), " rows");
+}
+
+// The chunk boundaries of every rank, from one all-gather of the ranks' q
+// shapes (which must agree but for the chunk length) and, when given, of the
+// layouts the ranks were given, which must all be the one the shapes make.
+// Every rank checks every rank's part, so all ranks throw or none.
+std::vector<int64_t> exchange_starts(const Tensor& q, dist::Communicator& comm, const SequenceLayout* layout) {
   const int P = comm.size();
-  const int64_t B = q.size(0), H = q.size(2), D = q.size(3);
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3), W = 4 + (layout ? P : 0);
+  std::vector<double> message{static_cast<double>(q.size(1)), static_cast<double>(B), static_cast<double>(H),
+                              static_cast<double>(D)};
+  if (layout)
+    for (int64_t n : layout->chunk_sizes) message.push_back(static_cast<double>(n));
   // On q's device: NCCL moves device memory only. (On CUDA, reading the
-  // result back is a host wait: the one each call makes.)
-  Tensor mine = from_vector<double>({static_cast<double>(q.size(1)), static_cast<double>(B),
-                                     static_cast<double>(H), static_cast<double>(D)},
-                                    {4})
-                    .to(q.device());
-  Tensor all = Tensor::empty({P, 4}, {DType::Float64, q.device()});
+  // result back is a host wait.)
+  Tensor mine = from_vector<double>(message, {W}).to(q.device());
+  Tensor all = Tensor::empty({P, W}, {DType::Float64, q.device()});
   comm.all_gather(mine, all);
   const std::vector<double> dims = all.to_vector<double>();
-  std::vector<int64_t> starts{0};
+  auto at = [&](int p, int64_t i) { return dims[static_cast<size_t>(W * p + i)]; };
+  std::vector<int64_t> starts{0}, sizes;
   for (int p = 0; p < P; ++p) {
-    MINIDL_CHECK(dims[4 * p + 1] == B && dims[4 * p + 2] == H && dims[4 * p + 3] == D, kOp,
-                 ": every rank must pass q of one (B, *, H, D); rank ", comm.rank(), " has q ",
-                 detail::describe(q), " but rank ", p, " has B ", dims[4 * p + 1], ", H ", dims[4 * p + 2], ", D ",
-                 dims[4 * p + 3]);
-    starts.push_back(starts.back() + static_cast<int64_t>(dims[4 * p]));
+    MINIDL_CHECK(at(p, 1) == B && at(p, 2) == H && at(p, 3) == D, kOp,
+                 ": every rank must pass q of one (B, *, H, D); rank ", comm.rank(), " has q ", detail::describe(q),
+                 " but rank ", p, " has B ", at(p, 1), ", H ", at(p, 2), ", D ", at(p, 3));
+    sizes.push_back(static_cast<int64_t>(at(p, 0)));
+    starts.push_back(starts.back() + sizes.back());
   }
+  if (layout)
+    for (int p = 0; p < P; ++p) {
+      std::vector<int64_t> given;
+      for (int i = 0; i < P; ++i) given.push_back(static_cast<int64_t>(at(p, 4 + i)));
+      MINIDL_CHECK(given == sizes, kOp, ": every rank must pass the same layout, the chunk sizes of its q: rank ",
+                   p, " passed chunk sizes ", shape_str(given), " but the ranks' q have ", shape_str(sizes), " rows");
+    }
   return starts;
 }
 
@@ -279,9 +312,9 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
 // Plans by layout, kept with the communicator (Communicator::attachment).
 // Building one splits the communicator for the spanning segments (a
 // collective) and uploads the row maps; a call with a layout seen before
-// reuses its plan. Every rank gathers the same layout each call and finds it
-// in its own communicator's list, so all ranks find or all build, in step.
-// The last kPlans layouts are kept.
+// reuses its plan. Every rank has the same layout each call (exchanged, or
+// given alike) and finds it in its own communicator's list, so all ranks
+// find or all build, in step. The last kPlans layouts are kept.
 constexpr size_t kPlans = 8;
 
 struct PlanKey {
@@ -294,13 +327,14 @@ struct PlanKey {
   bool operator==(const PlanKey&) const = default;
 };
 
+// layout null: exchanged on this call.
 std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionConfig& config,
-                                        dist::Communicator& comm) {
+                                        dist::Communicator& comm, const SequenceLayout* layout) {
   using Plans = std::vector<std::pair<PlanKey, std::shared_ptr<const Plan>>>;  // newest first
   std::shared_ptr<void>& slot = comm.attachment("ops::seq_parallel_dilated_attention plans");
   if (!slot) slot = std::make_shared<Plans>();
   Plans& plans = *static_cast<Plans*>(slot.get());
-  std::vector<int64_t> starts = chunk_starts(q, comm);
+  std::vector<int64_t> starts = layout ? starts_of(*layout) : exchange_starts(q, comm, nullptr);
   PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, q.device()};
   for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
   for (size_t i = 0; i < plans.size(); ++i)
@@ -309,6 +343,9 @@ std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionC
                   plans.begin() + static_cast<std::ptrdiff_t>(i) + 1);
       return plans.front().second;
     }
+  // A given layout is checked against every rank's once, when its plan is
+  // built (which communicates anyway), not on the calls that reuse it.
+  if (layout) exchange_starts(q, comm, layout);
   auto plan = std::make_shared<const Plan>(make_plan(q, config, comm, std::move(starts)));
   plans.insert(plans.begin(), {std::move(key), plan});
   if (plans.size() > kPlans) plans.pop_back();
@@ -613,16 +650,15 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
                ": attention dropout is not supported (its mask is keyed by global positions)");
 }
 
-}  // namespace
-
-std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q_in, const Tensor& k_in,
-                                                         const Tensor& v_in,
-                                                         const DilatedAttentionConfig& config,
-                                                         dist::Communicator& comm) {
+// Both forms of the op; layout null: exchanged.
+std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                       const DilatedAttentionConfig& config, dist::Communicator& comm,
+                                       const SequenceLayout* layout) {
   check_inputs(q_in, k_in, v_in, config);
+  if (layout) check_layout(q_in, *layout, comm);
   const DType dtype = q_in.dtype();
   const Types ty = types_of(q_in);
-  std::shared_ptr<const Plan> plan = cached_plan(q_in, config, comm);
+  std::shared_ptr<const Plan> plan = cached_plan(q_in, config, comm, layout);
   // Inputs in the compute dtype, contiguous (no copy when they already are).
   auto prepare = [&](const Tensor& t) { return contiguous(to(t.detach(), ty.compute)); };
   Tensor q, k, v, O, L;
@@ -655,6 +691,39 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q_in, con
         autograd::MissingGrad::Undefined);
   }
   return {out, lse};
+}
+
+}  // namespace
+
+SequenceLayout SequenceLayout::even(int64_t n, int ranks) {
+  MINIDL_CHECK(n >= 0 && ranks >= 1, "SequenceLayout::even: ", n, " tokens over ", ranks,
+               " ranks; expected n >= 0 and ranks >= 1");
+  // floor(p·n/ranks) without forming p·n: p·(n / ranks) + floor(p·(n % ranks) / ranks).
+  const int64_t q = n / ranks, r = n % ranks;
+  auto floor_at = [&](int64_t p) { return p * q + p * r / ranks; };
+  SequenceLayout layout;
+  for (int p = 0; p < ranks; ++p) layout.chunk_sizes.push_back(floor_at(p + 1) - floor_at(p));
+  return layout;
+}
+
+int64_t SequenceLayout::start(int p) const {
+  MINIDL_CHECK(p >= 0 && static_cast<size_t>(p) <= chunk_sizes.size(), "SequenceLayout::start: rank ", p,
+               " of a layout of ", chunk_sizes.size(), " ranks");
+  int64_t sum = 0;
+  for (int i = 0; i < p; ++i) sum += chunk_sizes[static_cast<size_t>(i)];
+  return sum;
+}
+
+std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const DilatedAttentionConfig& config,
+                                                         dist::Communicator& comm) {
+  return seq_parallel(q, k, v, config, comm, nullptr);
+}
+
+std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const DilatedAttentionConfig& config,
+                                                         dist::Communicator& comm, const SequenceLayout& layout) {
+  return seq_parallel(q, k, v, config, comm, &layout);
 }
 
 }  // namespace minidl::ops

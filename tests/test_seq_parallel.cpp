@@ -2,15 +2,22 @@
 // single-device op, in float64, with ranks as threads; on CUDA (virtual ranks
 // sharing one GPU, and NCCL with one rank) in float32 and bfloat16 against
 // the float64 op on the same rounded inputs.
+#include <array>
 #include <atomic>
+#include <functional>
+#include <limits>
 #include <mutex>
 
 #include "dist/communicator.h"
 #include "deferred_comm.h"
 #include "dist/nccl.h"
 #include "helpers.h"
+#include "nn/cuda_graph.h"
 #include "nn/transformer.h"
 #include "ops/seq_parallel.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/runtime.h"
+#endif
 
 using namespace minidl;
 using minidl::testing::random_tensor;
@@ -105,10 +112,12 @@ Result single_device(const Case& c, const Inputs& in) {
 // device, optionally through testing::DeferredComm (async collectives
 // complete only when waited for; `in_flight` then receives per rank how many
 // were in flight at most), or over NCCL with rank p on cuda:p (results
-// copied to the CPU by the rank's thread).
+// copied to the CPU by the rank's thread); with `layout`, each rank passes
+// the chunk sizes (ops::SequenceLayout) instead of having them exchanged.
 struct How {
   std::vector<int>* in_flight = nullptr;
   bool nccl = false;
+  bool layout = false;
 };
 
 // Rank p holds rows [starts[p], starts[p + 1]); results concatenated over ranks.
@@ -133,7 +142,8 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
     std::unique_ptr<testing::DeferredComm> deferred;
     if (how.in_flight) deferred = std::make_unique<testing::DeferredComm>(comm);
     dist::Communicator& used = deferred ? *deferred : comm;
-    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, used);
+    auto [out, lse] = how.layout ? ops::seq_parallel_dilated_attention(q, k, v, config, used, {sizes})
+                                 : ops::seq_parallel_dilated_attention(q, k, v, config, used);
     loss_of(out, lse, rows(src.w_out), rows(src.w_lse)).backward();
     parts[p] = {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
     if (how.nccl) parts[p] = {cpu(parts[p].out), cpu(parts[p].lse), cpu(parts[p].dq), cpu(parts[p].dk), cpu(parts[p].dv)};
@@ -149,11 +159,6 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   return {cat(&Result::out), cat(&Result::lse), cat(&Result::dq), cat(&Result::dk), cat(&Result::dv)};
 }
 
-std::vector<int64_t> even_chunks(int64_t n, int P) {
-  std::vector<int64_t> sizes;
-  for (int p = 0; p < P; ++p) sizes.push_back((p + 1) * n / P - p * n / P);
-  return sizes;
-}
 
 // |a - b| <= tol elementwise, equal infinities equal; tol 0 means bit-equal.
 void check_equal(const char* what, const Tensor& a, const Tensor& b, double tol) {
@@ -203,7 +208,7 @@ TEST_CASE("seq_parallel_dilated_attention: P = 2, 3, 4 equal the op, causal and 
       CAPTURE(P);
       Case c = kOdd;
       c.causal = causal;
-      check_case(c, even_chunks(c.N, P));
+      check_case(c, ops::SequenceLayout::even(c.N, P).chunk_sizes);
     }
 }
 
@@ -211,7 +216,7 @@ TEST_CASE("seq_parallel_dilated_attention: uneven and empty chunks, rows kept by
   // No dilation-1 branch and r > H: some rows are kept nowhere (lse = -inf).
   const Case sparse{1, 41, 2, 3, {{6, 4}, {15, 7}, {23, 3}}, true};
   check_case(sparse, {5, 0, 20, 16});
-  check_case(sparse, even_chunks(sparse.N, 3));
+  check_case(sparse, ops::SequenceLayout::even(sparse.N, 3).chunk_sizes);
   Case non_causal = sparse;
   non_causal.causal = false;
   check_case(non_causal, {13, 1, 27});
@@ -219,7 +224,7 @@ TEST_CASE("seq_parallel_dilated_attention: uneven and empty chunks, rows kept by
 
 TEST_CASE("seq_parallel_dilated_attention: chunks holding many local segments and a straddling one") {
   const Case many{2, 50, 2, 5, {{4, 1}, {7, 2}, {30, 3}}, true};
-  check_case(many, even_chunks(many.N, 2));
+  check_case(many, ops::SequenceLayout::even(many.N, 2).chunk_sizes);
   check_case(many, {17, 33});
 }
 
@@ -267,7 +272,7 @@ TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in
     const Case c{B, n * P, H, D, {{24, 2}}, true};
     const std::vector<CountingComm::Log> logs = communication_logs(c, n, P);
     for (const CountingComm::Log& log : logs) CHECK(log == CountingComm::Log{{4, P}, {2 * B * (H * 6) * D, 2}});
-    check_case(c, even_chunks(c.N, P));
+    check_case(c, ops::SequenceLayout::even(c.N, P).chunk_sizes);
   }
   for (int P : {3, 6}) {
     CAPTURE(P);
@@ -284,7 +289,7 @@ TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in
       if (p % 3 == 1) want.push_back({2 * B * (H * 4) * D, 2});
       CHECK(logs[p] == want);
     }
-    check_case(c, even_chunks(c.N, P));
+    check_case(c, ops::SequenceLayout::even(c.N, P).chunk_sizes);
   }
 }
 
@@ -295,7 +300,7 @@ TEST_CASE("seq_parallel_dilated_attention: a layout seen before reuses its plan 
   const Inputs in = make_inputs(c);
   DilatedAttentionConfig config;
   config.branches = c.branches;
-  const std::vector<int64_t> a = even_chunks(c.N, 3), b = {5, 20, 12};
+  const std::vector<int64_t> a = ops::SequenceLayout::even(c.N, 3).chunk_sizes, b = {5, 20, 12};
   std::vector<int64_t> splits(5);
   std::vector<std::vector<Tensor>> outs(3);
   run_ranks(3, [&](dist::Communicator& comm) {
@@ -343,7 +348,7 @@ TEST_CASE("seq_parallel_dilated_attention: async gathers and reduce-scatters giv
     Case c = kOdd;
     c.causal = causal;
     const Inputs in = make_inputs(c);
-    const std::vector<int64_t> sizes = even_chunks(c.N, 3);
+    const std::vector<int64_t> sizes = ops::SequenceLayout::even(c.N, 3).chunk_sizes;
     std::vector<int> in_flight(3);
     const Result plain = sequence_parallel(c, in, sizes), deferred = sequence_parallel(c, in, sizes, {&in_flight});
     check_equal("out", deferred.out, plain.out, 0);
@@ -360,7 +365,8 @@ TEST_CASE("seq_parallel_dilated_attention: float32 inputs match the float32 op")
   const Inputs in64 = make_inputs(c);
   auto f32 = [](const Tensor& t) { return t.to(DType::Float32); };
   const Inputs in{f32(in64.q), f32(in64.k), f32(in64.v), f32(in64.w_out), f32(in64.w_lse)};
-  const Result want = single_device(c, in), got = sequence_parallel(c, in, even_chunks(c.N, 3));
+  const Result want = single_device(c, in),
+               got = sequence_parallel(c, in, ops::SequenceLayout::even(c.N, 3).chunk_sizes);
   CHECK(got.out.dtype() == DType::Float32);
   CHECK(got.lse.dtype() == DType::Float32);
   CHECK(got.dq.dtype() == DType::Float32);
@@ -389,6 +395,132 @@ TEST_CASE("seq_parallel_dilated_attention: rejects dropout and mismatched ranks"
                                      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
                                    }),
                        doctest::Contains("every rank must pass"), Error);
+}
+
+TEST_CASE("SequenceLayout::even: floor((p+1)N/P) - floor(pN/P), starts") {
+  CHECK(ops::SequenceLayout::even(37, 4).chunk_sizes == std::vector<int64_t>{9, 9, 9, 10});
+  CHECK(ops::SequenceLayout::even(5, 3).chunk_sizes == std::vector<int64_t>{1, 2, 2});
+  CHECK(ops::SequenceLayout::even(2, 4).chunk_sizes == std::vector<int64_t>{0, 1, 0, 1});
+  CHECK(ops::SequenceLayout::even(0, 2).chunk_sizes == std::vector<int64_t>{0, 0});
+  CHECK(ops::SequenceLayout::even(12, 1).chunk_sizes == std::vector<int64_t>{12});
+  // No overflow where p * N would not fit.
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  const ops::SequenceLayout huge = ops::SequenceLayout::even(big, 3);
+  CHECK(huge.chunk_sizes == std::vector<int64_t>{big / 3, big / 3, big / 3 + 1});
+  CHECK(huge.start(3) == big);
+  const ops::SequenceLayout layout{{5, 0, 20, 12}};
+  CHECK(layout.start(0) == 0);
+  CHECK(layout.start(2) == 5);
+  CHECK(layout.start(4) == 37);
+  CHECK_THROWS_WITH_AS(layout.start(5), doctest::Contains("SequenceLayout::start: rank 5"), Error);
+  CHECK_THROWS_WITH_AS(ops::SequenceLayout::even(4, 0), doctest::Contains("SequenceLayout::even"), Error);
+}
+
+TEST_CASE("seq_parallel_dilated_attention with a layout equals the exchanging call bit for bit, P = 2, 3, 4") {
+  // Each run_ranks is a fresh world: the layout call builds its own plan.
+  for (bool causal : {true, false})
+    for (const std::vector<int64_t>& sizes : std::vector<std::vector<int64_t>>{
+             {18, 19}, {12, 12, 13}, {9, 9, 9, 10}, {5, 0, 20, 12}, {13, 1, 23}}) {
+      CAPTURE(causal);
+      CAPTURE(sizes.size());
+      CAPTURE(sizes[0]);
+      Case c = kOdd;
+      c.causal = causal;
+      const Inputs in = make_inputs(c);
+      const Result exchanged = sequence_parallel(c, in, sizes);
+      const Result given = sequence_parallel(c, in, sizes, {.layout = true});
+      check_equal("out", given.out, exchanged.out, 0);
+      check_equal("lse", given.lse, exchanged.lse, 0);
+      check_equal("dq", given.dq, exchanged.dq, 0);
+      check_equal("dk", given.dk, exchanged.dk, 0);
+      check_equal("dv", given.dv, exchanged.dv, 0);
+    }
+}
+
+TEST_CASE("seq_parallel_dilated_attention with a layout exchanges no sizes once its plan is built") {
+  // Forward and backward, three times per rank with the layout: the first
+  // call builds the plan and checks the layout once (one all-gather over all
+  // ranks of 4 + P numbers per rank: its q's shape and the layout it was
+  // given), later ones gather only kept rows, over the spanning segments'
+  // sub-communicators. The exchanging call's all-gathers are the same plus
+  // the size exchange (4 numbers over all ranks) on every call.
+  for (int P : {2, 3, 4}) {
+    CAPTURE(P);
+    const Case c = kOdd;
+    const Inputs in = make_inputs(c);
+    const ops::SequenceLayout layout = ops::SequenceLayout::even(c.N, P);
+    DilatedAttentionConfig config;
+    config.branches = c.branches;
+    auto run = [&](bool given) {
+      return run_ranks(P, [&](dist::Communicator& comm) {
+        const int p = comm.rank();
+        auto rows = [&](const Tensor& t) { return t.narrow(1, layout.start(p), layout.chunk_sizes[p]).contiguous(); };
+        for (int call = 0; call < 3; ++call) {
+          Tensor q = rows(in.q).requires_grad_(), k = rows(in.k).requires_grad_(), v = rows(in.v).requires_grad_();
+          auto [out, lse] = given ? ops::seq_parallel_dilated_attention(q, k, v, config, comm, layout)
+                                  : ops::seq_parallel_dilated_attention(q, k, v, config, comm);
+          loss_of(out, lse, rows(in.w_out), rows(in.w_lse)).backward();
+        }
+      });
+    };
+    // (A log holds every all_gather of a rank, in order; in the exchanging
+    // run each call's begins with {4, P}.)
+    const std::vector<CountingComm::Log> exchanged = run(false), given = run(true);
+    for (int p = 0; p < P; ++p) {
+      CAPTURE(p);
+      const CountingComm::Log& ex = exchanged[static_cast<size_t>(p)];
+      const CountingComm::Log& gv = given[static_cast<size_t>(p)];
+      std::vector<size_t> starts;  // where each exchanging call's log begins
+      for (size_t i = 0; i < ex.size(); ++i)
+        if (ex[i] == std::pair<int64_t, int>{4, P}) starts.push_back(i);
+      REQUIRE(starts.size() == 3);
+      // The first call: the layout check instead of the size exchange, then the same.
+      REQUIRE(gv.size() == ex.size() - 2);
+      CHECK(gv[0] == std::pair<int64_t, int>{4 + P, P});
+      CountingComm::Log want;
+      for (size_t i = 0; i < ex.size(); ++i)
+        if (ex[i] != std::pair<int64_t, int>{4, P}) want.push_back(ex[i]);
+      want.insert(want.begin(), {4 + P, P});
+      CHECK(gv == want);
+      // Later calls: nothing over all P ranks (only the segments' own exchanges).
+      for (size_t i = 1; i < gv.size(); ++i) CHECK(gv[i].first != 4 + P);
+      CHECK(ex.size() - starts[1] > 1);  // the later calls do gather kept rows
+    }
+  }
+}
+
+TEST_CASE("seq_parallel_dilated_attention rejects a wrong layout clearly") {
+  DilatedAttentionConfig config;
+  config.branches = {{4, 1}, {8, 2}};
+  const Tensor q4 = random_tensor({1, 4, 2, 3}), q5 = random_tensor({1, 5, 2, 3});
+  auto on_two = [&](const std::function<void(dist::Communicator&)>& fn) { run_ranks(2, fn); };
+  // Rank 0's size is not its q's length (checked before any collective;
+  // rank 1's collective then fails too).
+  CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
+                         const Tensor& q = comm.rank() == 0 ? q4 : q5;
+                         ops::seq_parallel_dilated_attention(q, q, q, config, comm, {{3, 5}});
+                       }),
+                       doctest::Contains("seq_parallel_dilated_attention: layout gives rank 0 chunk size 3 "
+                                         "(chunk sizes [3, 5]) but its q float64 [1, 4, 2, 3]"),
+                       Error);
+  CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
+                         ops::seq_parallel_dilated_attention(q4, q4, q4, config, comm, {{4, 4, 0}});
+                       }),
+                       doctest::Contains("layout has 3 chunk sizes [4, 4, 0] for a communicator of 2 ranks"), Error);
+  CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
+                         ops::seq_parallel_dilated_attention(q4, q4, q4, config, comm, {{4, -1}});
+                       }),
+                       doctest::Contains("layout gives rank 1 chunk size -1"), Error);
+  // Rank 1's q has 5 rows but rank 0 was told 4: caught when the plan is
+  // built, on every rank.
+  CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
+                         const Tensor& q = comm.rank() == 0 ? q4 : q5;
+                         const ops::SequenceLayout layout{{4, comm.rank() == 0 ? 4 : 5}};
+                         ops::seq_parallel_dilated_attention(q, q, q, config, comm, layout);
+                       }),
+                       doctest::Contains("every rank must pass the same layout, the chunk sizes of its q: rank 0 "
+                                         "passed chunk sizes [4, 4] but the ranks' q have [4, 5] rows"),
+                       Error);
 }
 
 TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
@@ -421,31 +553,54 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
       nn::TransformerLM one(config, 7, f64);
       const Tensor want_loss = one.loss(idx, targets);
       want_loss.backward();
-      for (int P : {2, 3}) {
-        CAPTURE(P);
-        const int64_t n = T / P;
-        std::vector<std::vector<Tensor>> grads(P);
-        std::vector<double> losses(P);
-        dist::run_in_process(P, [&](dist::Communicator& comm) {
-          nn::TransformerLM model(config, 7, f64);
-          model.set_sequence_parallel({&comm, comm.rank() * n});
-          auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
-          Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
-          loss.backward();
-          losses[comm.rank()] = loss.item<double>();
-          for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
-        });
-        double total = 0;
-        for (double l : losses) total += l;
-        CHECK(std::abs(total - want_loss.item<double>()) <= 1e-12);
-        const std::vector<Tensor> want = one.parameters();
-        for (size_t i = 0; i < want.size(); ++i) {
-          Tensor sum = grads[0][i];
-          for (int p = 1; p < P; ++p) sum = ops::add(sum, grads[p][i]);
-          check_equal("grad", sum, want[i].grad(), 1e-10);
+      for (int P : {2, 3})
+        for (bool given : {false, true}) {  // the layout exchanged, or given (nn::SequenceParallel::layout)
+          CAPTURE(P);
+          CAPTURE(given);
+          const int64_t n = T / P;
+          std::vector<std::vector<Tensor>> grads(P);
+          std::vector<double> losses(P);
+          dist::run_in_process(P, [&](dist::Communicator& comm) {
+            nn::TransformerLM model(config, 7, f64);
+            std::optional<ops::SequenceLayout> layout;
+            if (given) layout = ops::SequenceLayout::even(T, P);
+            model.set_sequence_parallel({&comm, comm.rank() * n, layout});
+            auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
+            Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
+            loss.backward();
+            losses[comm.rank()] = loss.item<double>();
+            for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
+          });
+          double total = 0;
+          for (double l : losses) total += l;
+          CHECK(std::abs(total - want_loss.item<double>()) <= 1e-12);
+          const std::vector<Tensor> want = one.parameters();
+          for (size_t i = 0; i < want.size(); ++i) {
+            Tensor sum = grads[0][i];
+            for (int p = 1; p < P; ++p) sum = ops::add(sum, grads[p][i]);
+            check_equal("grad", sum, want[i].grad(), 1e-10);
+          }
         }
-      }
     }
+}
+
+TEST_CASE("TransformerLM: a sequence-parallel layout must agree with the offset") {
+  nn::TransformerLMConfig config;
+  config.vocab_size = 5;
+  config.n_layer = 1;
+  config.n_head = 2;
+  config.n_embd = 4;
+  config.block_size = 12;
+  config.dropout = 0;
+  const Tensor idx = from_vector<int32_t>({0, 1, 2, 3, 4, 0}, {1, 6});
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
+                                            [&](dist::Communicator& comm) {
+                                              nn::TransformerLM model(config, 7);
+                                              // Rank 1's chunk starts at 6, not 0.
+                                              model.set_sequence_parallel({&comm, 0, ops::SequenceLayout::even(12, 2)});
+                                              model.forward(idx);
+                                            }),
+                       doctest::Contains("sequence-parallel offset 0 is not rank 1's start in its layout, 6"), Error);
 }
 
 // ---- CUDA: virtual ranks on one GPU (in-process backend), NCCL world size 1 ----
@@ -525,11 +680,12 @@ TEST_CASE("CUDA seq_parallel_dilated_attention (virtual ranks) equals the op: fl
   for (bool causal : {true, false}) {
     Case c = kOddCuda;
     c.causal = causal;
-    splits.push_back({c, even_chunks(c.N, 2)});
-    splits.push_back({c, even_chunks(c.N, 3)});
+    splits.push_back({c, ops::SequenceLayout::even(c.N, 2).chunk_sizes});
+    splits.push_back({c, ops::SequenceLayout::even(c.N, 3).chunk_sizes});
     splits.push_back({c, {13, 1, 23}});
   }
-  splits.push_back({{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true}, even_chunks(300, 3)});
+  splits.push_back(
+      {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true}, ops::SequenceLayout::even(300, 3).chunk_sizes});
   for (DType dtype : {DType::Float32, DType::BFloat16})
     for (const Split& sp : splits) {
       CAPTURE(dtype);
@@ -608,11 +764,12 @@ TEST_CASE("CUDA seq_parallel_dilated_attention over NCCL on 2 or 3 GPUs equals t
         c.causal = causal;
         const CudaInputs in = cuda_inputs(c, dtype);
         const Result want = single_device(c, in.ref);
-        const Result got = sequence_parallel(c, in.gpu, even_chunks(c.N, P), {.nccl = true});
+        const std::vector<int64_t> sizes = ops::SequenceLayout::even(c.N, P).chunk_sizes;
+        const Result got = sequence_parallel(c, in.gpu, sizes, {.nccl = true});
         CHECK(got.out.dtype() == dtype);
         check_result(got, want, cuda_tolerance(dtype));
         // The same against the virtual ranks on one GPU (synchronous collectives).
-        check_result(got, on_cpu(sequence_parallel(c, in.gpu, even_chunks(c.N, P))), cuda_tolerance(dtype));
+        check_result(got, on_cpu(sequence_parallel(c, in.gpu, sizes)), cuda_tolerance(dtype));
       }
 }
 
@@ -628,4 +785,161 @@ TEST_CASE("CUDA seq_parallel_dilated_attention: CUDA tensors need float32 or bfl
                          doctest::Contains("expected float32 or bfloat16 on CUDA"), Error);
     CHECK_THROWS_AS(ops::seq_parallel_dilated_attention(q, cpu, q, config, comm), Error);
   });
+}
+
+namespace {
+
+uint64_t host_syncs() {
+#if defined(MINIDL_WITH_CUDA)
+  return cuda::host_sync_count();
+#else
+  return 0;
+#endif
+}
+
+// Rank p's rows of a CudaInputs reference tensor under `layout`, in float32 on `device`.
+Tensor rank_rows(const Tensor& ref, const ops::SequenceLayout& layout, int p, Device device) {
+  return ref.narrow(1, layout.start(p), layout.chunk_sizes[static_cast<size_t>(p)])
+      .contiguous()
+      .to(DType::Float32)
+      .to(device);
+}
+
+}  // namespace
+
+TEST_CASE("CUDA seq_parallel_dilated_attention with a layout and a kept plan makes no host waits") {
+  MINIDL_REQUIRE_CUDA();
+  // Forward and backward of every rank, counted by cuda::host_sync_count
+  // (process-wide): virtual ranks on one GPU at P = 2, 3 (their collectives
+  // are device copies; the in-process barrier waits on the host only), and
+  // NCCL with one rank. The first call builds the plan (host waits: the
+  // layout check, the row maps' uploads); a call that exchanges the sizes
+  // waits for them.
+  const CudaInputs in = cuda_inputs(kOddCuda, DType::Float32);
+  DilatedAttentionConfig config;
+  config.branches = kOddCuda.branches;
+  struct Counts {
+    uint64_t given = 0, exchanged = 0;
+  };
+  auto count = [&](int P, bool nccl) {
+    const ops::SequenceLayout layout = ops::SequenceLayout::even(kOddCuda.N, P);
+    uint64_t marks[3] = {};
+    auto body = [&](dist::Communicator& comm) {
+      const int p = comm.rank();
+      auto rows = [&](const Tensor& t) { return rank_rows(t, layout, p, nccl ? Device::cuda(p) : Device::cuda()); };
+      // Uploaded before counting (host waits); gradients accumulate over the calls.
+      const Tensor q = rows(in.ref.q).requires_grad_(), k = rows(in.ref.k).requires_grad_(),
+                   v = rows(in.ref.v).requires_grad_(), w_out = rows(in.ref.w_out), w_lse = rows(in.ref.w_lse);
+      auto call = [&](bool given) {
+        auto [out, lse] = given ? ops::seq_parallel_dilated_attention(q, k, v, config, comm, layout)
+                                : ops::seq_parallel_dilated_attention(q, k, v, config, comm);
+        loss_of(out, lse, w_out, w_lse).backward();
+      };
+      auto mark = [&](int i) {
+        if (comm.size() > 1) comm.barrier();  // (in-process: on the host only; NCCL's would wait)
+        if (p == 0) marks[i] = host_syncs();
+        if (comm.size() > 1) comm.barrier();
+      };
+      call(true);  // builds the plan
+      mark(0);
+      call(true);
+      call(true);
+      mark(1);
+      call(false);
+      mark(2);
+    };
+    if (nccl) dist::run_nccl(P, body);
+    else run_ranks(P, body);
+    return Counts{marks[1] - marks[0], marks[2] - marks[1]};
+  };
+  for (int P : {2, 3}) {
+    CAPTURE(P);
+    const Counts n = count(P, false);
+    CHECK(n.given == 0);
+    CHECK(n.exchanged > 0);
+  }
+  if (!dist::nccl_available()) {
+    MESSAGE("NCCL part skipped: minidl was built without NCCL");
+    return;
+  }
+  const Counts n = count(1, true);
+  CHECK(n.given == 0);
+  CHECK(n.exchanged > 0);
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention with a layout: forward and backward replayed from a CUDA graph") {
+  MINIDL_REQUIRE_CUDA();
+  if (!dist::nccl_available()) {
+    MESSAGE("skipped: minidl was built without NCCL");
+    return;
+  }
+  // NCCL, one GPU per rank (virtual ranks share one stream, so they cannot
+  // each capture): one rank, and two where two GPUs are visible (then the
+  // gathers and reduce-scatters are captured too). After an eager call (the
+  // plan is built), each rank captures the call and its backward, replays it
+  // on the same inputs and on new ones copied in place, and compares with
+  // eager calls: (out, lse) bit for bit, the gradients to the kernels'
+  // run-to-run variation (dq sums by atomics).
+  const int gpus = cuda_device_count();
+  DilatedAttentionConfig config;
+  config.branches = kOddCuda.branches;
+  const CudaInputs first = cuda_inputs(kOddCuda, DType::Float32), second = cuda_inputs(kOddCuda, DType::Float32);
+  for (int P : {1, 2}) {
+    if (P > gpus) {
+      MESSAGE("P = ", P, " skipped: ", gpus, " GPU(s) visible");
+      continue;
+    }
+    CAPTURE(P);
+    const ops::SequenceLayout layout = ops::SequenceLayout::even(kOddCuda.N, P);
+    // Per rank: eager and replayed, on the first inputs and on the second.
+    std::vector<std::array<Result, 4>> results(static_cast<size_t>(P));
+    dist::run_nccl(P, [&](dist::Communicator& comm) {
+      const int p = comm.rank();
+      auto rows = [&](const Tensor& t) { return rank_rows(t, layout, p, Device::cuda(p)); };
+      Tensor q = rows(first.ref.q).requires_grad_(), k = rows(first.ref.k).requires_grad_(),
+             v = rows(first.ref.v).requires_grad_(), w_out = rows(first.ref.w_out), w_lse = rows(first.ref.w_lse);
+      Result r;
+      auto step = [&] {
+        for (const Tensor& t : {q, k, v}) t.zero_grad();  // backward writes fresh gradients
+        auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm, layout);
+        loss_of(out, lse, w_out, w_lse).backward();
+        r = {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
+      };
+      auto refill = [&](const Inputs& ref) {
+        NoGradGuard no_grad;
+        ops::copy_(q, rows(ref.q));
+        ops::copy_(k, rows(ref.k));
+        ops::copy_(v, rows(ref.v));
+        ops::copy_(w_out, rows(ref.w_out));
+        ops::copy_(w_lse, rows(ref.w_lse));
+      };
+      std::array<Result, 4>& mine = results[static_cast<size_t>(p)];
+      step();
+      mine[0] = on_cpu(r);
+      nn::CudaGraph graph;
+      graph.capture(step);
+      graph.replay();
+      mine[1] = on_cpu(r);
+      refill(second.ref);
+      graph.replay();
+      mine[3] = on_cpu(r);
+      step();
+      mine[2] = on_cpu(r);
+    });
+    for (int p = 0; p < P; ++p)
+      for (int i : {0, 2}) {
+        CAPTURE(p);
+        CAPTURE(i);
+        const Result& eager = results[static_cast<size_t>(p)][static_cast<size_t>(i)];
+        const Result& replayed = results[static_cast<size_t>(p)][static_cast<size_t>(i + 1)];
+        check_equal("out", replayed.out, eager.out, 0.0);
+        check_equal("lse", replayed.lse, eager.lse, 0.0);
+        const double tol = cuda_tolerance(DType::Float32) / 4;
+        check_scaled("dq", replayed.dq.to(DType::Float64), eager.dq.to(DType::Float64), tol);
+        check_scaled("dk", replayed.dk.to(DType::Float64), eager.dk.to(DType::Float64), tol);
+        check_scaled("dv", replayed.dv.to(DType::Float64), eager.dv.to(DType::Float64), tol);
+      }
+    // The second inputs gave other results (the replay read the refilled buffers).
+    CHECK(results[0][3].out.to_vector<double>() != results[0][1].out.to_vector<double>());
+  }
 }

@@ -22,6 +22,7 @@
 #include "dist/launch.h"
 #include "dist/nccl.h"
 #include "nn/data_parallel.h"
+#include "ops/seq_parallel.h"
 #include "profile.h"
 #include "progress.h"
 #include "signals.h"
@@ -153,8 +154,11 @@ class Ranks {
       dropout.set_state(dropout.seed() ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(comm_->rank())),
                         dropout.offset());
     if (sp_comm_) {
-      const int64_t chunk = model.compute().config().block_size / sp_;
-      model.compute().set_sequence_parallel({sp_comm_.get(), sp_comm_->rank() * chunk});
+      // Every sequence is block_size long (--context, a multiple of --sp):
+      // the attention is given the even split and exchanges no chunk sizes.
+      const ops::SequenceLayout layout =
+          ops::SequenceLayout::even(model.compute().config().block_size, sp_comm_->size());
+      model.compute().set_sequence_parallel({sp_comm_.get(), layout.start(sp_comm_->rank()), layout});
     }
   }
   // This rank's block of a global batch (B, T): its rows, and with --sp its
@@ -823,8 +827,11 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     return true;
   };
 
-  // Collectives are host rendezvous (in-process) and the sequence-parallel
-  // plan waits on the host: with several ranks the steps run eagerly.
+  // With several ranks the steps run eagerly. The sequence-parallel
+  // attention no longer waits on the host (it is given its layout), but the
+  // in-process collectives are host rendezvous of threads that share one
+  // stream (virtual ranks cannot each capture their step), and capturing a
+  // multi-GPU NCCL step (data-parallel reductions included) is not tested.
   StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda() && world == 1, &ranks);
   bool stopped_in_eval = false;
   if (!resume) {
