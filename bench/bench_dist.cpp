@@ -1,11 +1,11 @@
 // Several GPUs (issue 11, "Benchmarks"): one rank per visible GPU, threads of
 // this process joined by NCCL (dist::run_nccl), measuring
 //  - the collectives all_gather, reduce_scatter and all_reduce of bf16
-//    buffers of 1 MiB to 1 GiB ("size" as nccl-tests: all_gather's output,
-//    reduce_scatter's input, all_reduce's buffer) on all the GPUs, as bus
-//    bandwidth with nccl-tests' definitions: algbw = size / time, busbw =
-//    algbw·(P-1)/P for all_gather and reduce_scatter, algbw·2(P-1)/P for
-//    all_reduce;
+//    buffers of 64 KiB (for the latency) to 1 GiB ("size" as in nccl-tests:
+//    all_gather's output, reduce_scatter's input, all_reduce's buffer) on
+//    all the GPUs, as time and bus bandwidth with nccl-tests' definitions:
+//    algbw = size / time, busbw = algbw·(P-1)/P for all_gather and
+//    reduce_scatter, algbw·2(P-1)/P for all_reduce;
 //  - ops::seq_parallel_dilated_attention forward+backward (bf16, B = 1, H = 8,
 //    D = 64, causal): weak scaling at 1M tokens per GPU on P = 1, 2, 4, ...
 //    and all visible GPUs, and strong scaling of one sequence of --strong_n
@@ -337,7 +337,9 @@ std::map<std::string, Case> g_cases;  // by registered name
 std::vector<std::string> g_order;     // the names in registration order
 
 std::string size_text(int64_t bytes) {
-  return bytes >= (1 << 30) ? std::to_string(bytes >> 30) + "GiB" : std::to_string(bytes >> 20) + "MiB";
+  return bytes >= (1 << 30)   ? std::to_string(bytes >> 30) + "GiB"
+         : bytes >= (1 << 20) ? std::to_string(bytes >> 20) + "MiB"
+                              : std::to_string(bytes >> 10) + "KiB";
 }
 
 // The GPU counts of the scaling runs: 1, 2, 4, ... below G, and G.
@@ -351,7 +353,7 @@ std::vector<int> scaling_counts(int G) {
 void register_benchmarks(int G, int64_t strong_n) {
   if (G >= 2) {
     for (Collective op : {Collective::AllGather, Collective::ReduceScatter, Collective::AllReduce})
-      for (int64_t bytes : {int64_t{1} << 20, int64_t{16} << 20, int64_t{128} << 20, int64_t{1} << 30}) {
+      for (int64_t bytes : {int64_t{64} << 10, int64_t{1} << 20, int64_t{16} << 20, int64_t{128} << 20, int64_t{1} << 30}) {
         const std::string name =
             std::string(collective_name(op)) + "/P:" + std::to_string(G) + "/" + size_text(bytes);
         g_cases[name] = {Case::Coll, collective_name(op), G, bytes};
@@ -413,10 +415,10 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     for (const std::string& name : g_order) {
       const Case& c = g_cases.at(name);
       if (c.kind != Case::Coll || !results_.count(name)) continue;
-      if (!any) std::printf("%-16s %8s %12s\n", "collective", "size", "busbw GB/s");
+      if (!any) std::printf("%-16s %8s %10s %12s\n", "collective", "size", "us", "busbw GB/s");
       any = true;
-      std::printf("%-16s %8s %12.1f\n", c.op_or_config.c_str(), size_text(c.bytes_or_n).c_str(),
-                  results_.at(name).busbw);
+      std::printf("%-16s %8s %10.1f %12.1f\n", c.op_or_config.c_str(), size_text(c.bytes_or_n).c_str(),
+                  1e6 * results_.at(name).seconds, results_.at(name).busbw);
     }
     // Efficiency against P0, the smallest P measured (1 unless filtered out).
     for (Case::Kind kind : {Case::Weak, Case::Strong}) {
