@@ -352,8 +352,10 @@ std::vector<int> scaling_counts(int G) {
 
 void register_benchmarks(int G, int64_t strong_n) {
   if (G >= 2) {
+    const int64_t sizes[] = {int64_t{64} << 10, int64_t{1} << 20, int64_t{16} << 20, int64_t{128} << 20,
+                             int64_t{1} << 30};
     for (Collective op : {Collective::AllGather, Collective::ReduceScatter, Collective::AllReduce})
-      for (int64_t bytes : {int64_t{64} << 10, int64_t{1} << 20, int64_t{16} << 20, int64_t{128} << 20, int64_t{1} << 30}) {
+      for (int64_t bytes : sizes) {
         const std::string name =
             std::string(collective_name(op)) + "/P:" + std::to_string(G) + "/" + size_text(bytes);
         g_cases[name] = {Case::Coll, collective_name(op), G, bytes};
@@ -464,14 +466,18 @@ int main(int argc, char** argv) {
   int64_t strong_n = int64_t{8} << 20;
   int kept = 1;
   for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--strong_n=", 11) == 0) strong_n = std::atoll(argv[i] + 11);
-    else argv[kept++] = argv[i];
+    if (std::strncmp(argv[i], "--strong_n=", 11) == 0) {
+      char* end = nullptr;
+      strong_n = std::strtoll(argv[i] + 11, &end, 10);
+      if (end == argv[i] + 11 || *end != '\0' || strong_n < 1) {
+        std::fprintf(stderr, "bench_dist: --strong_n takes a positive token count, got '%s'\n", argv[i] + 11);
+        return 1;
+      }
+    } else {
+      argv[kept++] = argv[i];
+    }
   }
   argc = kept;
-  if (strong_n < 1) {
-    std::fprintf(stderr, "bench_dist: --strong_n must be a positive token count\n");
-    return 1;
-  }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   const int G = cuda_is_available() ? cuda_device_count() : 0;

@@ -24,6 +24,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
+usage_error() { echo "bench_multi_gpu: $*" >&2; exit 2; }
 build=${MINIDL_BUILD_DIR:-build-multi-gpu}
 reps=3 strong_n=8388608 dp_steps=150 dp_global=0 ctx8m=0 steps8m=10
 while [ $# -gt 0 ]; do
@@ -36,12 +37,12 @@ while [ $# -gt 0 ]; do
     --charlm-8m) ctx8m=1 ;;
     --8m-steps) steps8m=$2; shift ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) echo "bench_multi_gpu: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) usage_error "unknown option $1 (see --help)" ;;
   esac
   shift
 done
-[ "$dp_steps" -ge 40 ] || { echo "bench_multi_gpu: --dp-steps must be at least 40 (steps 21 on are timed)" >&2; exit 2; }
-[ "$steps8m" -ge 4 ] || { echo "bench_multi_gpu: --8m-steps must be at least 4 (steps 3 on are timed)" >&2; exit 2; }
+[ "$dp_steps" -ge 40 ] || usage_error "--dp-steps must be at least 40 (steps 21 on are timed)"
+[ "$steps8m" -ge 4 ] || usage_error "--8m-steps must be at least 4 (steps 3 on are timed)"
 
 dest=${OUT:-out/multi-gpu}
 mkdir -p "$dest"
@@ -90,7 +91,7 @@ log_tok_s() {
 }
 # Scaling efficiency of $tok at dp $n against the dp 1 rate $1 (empty: none).
 eff() {
-  [ -n "$1" ] && awk -v t="$tok" -v b="$1" -v n="$n" -v g="$dp_global" 'BEGIN { printf "%.1f%%", 100 * t / (b * (g ? 1 : n)) }'
+  [ -n "$1" ] && awk -v t="$tok" -v b="$1" -v n="$n" 'BEGIN { printf "%.1f%%", 100 * t / (b * n) }'
 }
 join_commas() { local IFS=,; echo "$*"; }
 dp_table=()
@@ -113,11 +114,12 @@ if [ "$gpus" -ge 1 ] && scripts/get-data.sh data >"$dest/data.log" 2>&1; then
     [ -f "$run/log.csv" ] && cp "$run/log.csv" "$dest/charlm-dp$dp.csv"
     tok=$([ $rc -eq 0 ] && log_tok_s "$run" $((batch * 256)) 20)
     stamp "charlm --dp $n${extra[*]:+ ${extra[*]}} --batch $batch: rc=$rc, ${tok:-?} tok/s"
-    if [ -z "$tok" ]; then dp_table+=("$(printf '%-4s %8s %14s' "$dp" "$batch" "failed (rc $rc)")"); continue; fi
+    label=${dp/#1e/1 eager}
+    if [ -z "$tok" ]; then dp_table+=("$(printf '%-8s %8s %14s' "$label" "$batch" "failed (rc $rc)")"); continue; fi
     case $dp in
-      1) dp_tok_1=$tok; dp_table+=("$(printf '%-4s %8s %14s %9s' "$dp" "$batch" "$tok" "100.0%")") ;;
-      1e) dp_tok_1e=$tok; dp_table+=("$(printf '%-4s %8s %14s %9s' "1 eager" "$batch" "$tok" "")") ;;
-      *) dp_table+=("$(printf '%-4s %8s %14s %9s %9s' "$dp" "$batch" "$tok" "$(eff "$dp_tok_1")" \
+      1) dp_tok_1=$tok; dp_table+=("$(printf '%-8s %8s %14s %9s' "$dp" "$batch" "$tok" "100.0%")") ;;
+      1e) dp_tok_1e=$tok; dp_table+=("$(printf '%-8s %8s %14s' "$label" "$batch" "$tok")") ;;
+      *) dp_table+=("$(printf '%-8s %8s %14s %9s %9s' "$dp" "$batch" "$tok" "$(eff "$dp_tok_1")" \
                        "$(eff "${dp_tok_1e:-}")")") ;;
     esac
   done
@@ -141,15 +143,16 @@ if [ "$ctx8m" = 1 ]; then
     segs=() dils=()
     for ((w = 2048, r = 1; w <= ctx; w *= 2, r *= 2)); do segs+=("$w"); dils+=("$r"); done
     timeout "${CTX8M_TIMEOUT:-420}" "$charlm" train --data "$work/text80.txt" --out "$work/ctx8m" --device cuda \
-      --dtype bfloat16 --attention dilated --segments "$(join_commas "${segs[@]}")" --dilations "$(join_commas "${dils[@]}")" --pos rope \
-      --context $ctx --batch 1 --layers 2 --heads 4 --width 256 --dropout 0 --sp "$gpus" \
+      --dtype bfloat16 --attention dilated --pos rope --context $ctx \
+      --segments "$(join_commas "${segs[@]}")" --dilations "$(join_commas "${dils[@]}")" \
+      --batch 1 --layers 2 --heads 4 --width 256 --dropout 0 --sp "$gpus" \
       --iters "$steps8m" --warmup 0 --eval-interval "$steps8m" --eval-iters 1 --log-interval 1 \
       >"$dest/charlm-ctx8m.log" 2>&1
     rc=$?
     [ -f "$work/ctx8m/log.csv" ] && cp "$work/ctx8m/log.csv" "$dest/charlm-ctx8m.csv"
     tok=$([ $rc -eq 0 ] && log_tok_s "$work/ctx8m" $ctx 2)
-    ctx_line="context $ctx, --sp $gpus, $steps8m steps: rc=$rc, ${tok:-?} tok/s (steps 3 on), $(grep -o \
-      'peak memory [0-9.]* GiB' "$dest/charlm-ctx8m.log" | tail -1)"
+    peak=$(grep -o 'peak memory [0-9.]* GiB' "$dest/charlm-ctx8m.log" | tail -1)
+    ctx_line="context $ctx, --sp $gpus, $steps8m steps: rc=$rc, ${tok:-?} tok/s (steps 3 on)${peak:+, $peak}"
     stamp "charlm 8M: $ctx_line"
   fi
 fi
@@ -157,15 +160,16 @@ fi
 # ---- The table ----
 {
   echo
-  echo "== multi-GPU benchmarks: $gpus x ${gpu_name:-?}, $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null) =="
+  commit=$(git rev-parse --short HEAD 2>/dev/null)
+  echo "== multi-GPU benchmarks: $gpus x ${gpu_name:-?}, $(date -u +%Y-%m-%d), commit ${commit:-?} =="
   sed -n '/^== bench_dist summary/,$p' "$dest/bench_dist.txt" | sed 1d
-  grep -q "^== bench_dist summary" "$dest/bench_dist.txt" || { echo "bench_dist: no summary; its last lines:"; tail -5 "$dest/bench_dist.txt"; }
-  if [ "$dp_global" = 1 ]; then
-    echo "charlm data parallel (recipe, bf16, global batch 64, $dp_steps steps): efficiency = tok/s(dp) / tok/s(dp 1)"
-  else
-    echo "charlm data parallel (recipe, bf16, 64 sequences per GPU, $dp_steps steps): efficiency = tok/s(dp) / (dp · tok/s(dp 1))"
+  if ! grep -q "^== bench_dist summary" "$dest/bench_dist.txt"; then
+    echo "bench_dist: no summary; its last lines:"
+    tail -5 "$dest/bench_dist.txt"
   fi
-  printf '%-4s %8s %14s %9s %9s\n' dp batch "tok/s" "vs dp 1" "vs eager"
+  echo "charlm data parallel (recipe, bf16, $([ "$dp_global" = 1 ] && echo "global batch 64" ||
+    echo "64 sequences per GPU"), $dp_steps steps): efficiency = tok/s(dp) / (dp · tok/s(dp 1))"
+  printf '%-8s %8s %14s %9s %9s\n' dp batch "tok/s" "vs dp 1" "vs eager"
   printf '%s\n' "${dp_table[@]}"
-  [ -n "$ctx_line" ] && echo "charlm long context: $ctx_line"
+  if [ -n "$ctx_line" ]; then echo "charlm long context: $ctx_line"; fi
 } | tee "$dest/summary.txt"
