@@ -19,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "bench/bench_common.h"
 #include "minidl.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/dilated_attention.h"
@@ -30,9 +31,6 @@ using namespace minidl;
 namespace {
 
 constexpr int64_t kHeads = 8, kDim = 64;
-const std::vector<int64_t> kSegments = {2048, 4096, 8192, 16384};
-const std::vector<int64_t> kDilations = {1, 2, 4, 8};
-
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
@@ -44,8 +42,14 @@ void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, doub
   setenv("MINIDL_ATTENTION_KERNEL", kernel, 1);
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
-  std::vector<int64_t> segments = dilated ? kSegments : std::vector<int64_t>{n};
-  std::vector<int64_t> dilations = dilated ? kDilations : std::vector<int64_t>{1};
+  DilatedAttentionConfig config;
+  if (dilated) config = bench::longnet_config();
+  else config.branches.push_back({n, 1});
+  std::vector<int64_t> segments, dilations;
+  for (const DilatedBranch& b : config.branches) {
+    segments.push_back(b.segment);
+    dilations.push_back(b.dilation);
+  }
   TensorOptions opts{DType::BFloat16, dev, backward};
   Tensor q = ops::randn({1, n, kHeads, dim}, opts), k = ops::randn({1, n, kHeads, dim}, opts),
          v = ops::randn({1, n, kHeads, dim}, opts);
@@ -61,8 +65,6 @@ void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, doub
     step();
     synchronize(dev);
   }
-  DilatedAttentionConfig config;
-  for (size_t i = 0; i < segments.size(); ++i) config.branches.push_back({segments[i], dilations[i]});
   double flops = 4.0 * dim * attended_pairs(n, kHeads, config) * (backward ? 3.5 : 1.0);
   state.counters["TFLOP/s"] =
       benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
@@ -130,10 +132,7 @@ class PlotReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
-      if (run.error_occurred) continue;
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      if (run.run_type != Run::RT_Iteration && !median) continue;
-      if (!median && run.repetitions > 1) continue;
+      if (!bench::reported_run(run)) continue;
       // "<problem>:<kernel>/<N>/real_time"
       std::string name = run.benchmark_name();
       size_t a = name.find('/'), b = name.find('/', a + 1);

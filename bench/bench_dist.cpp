@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_common.h"
 #include "cuda/launch.h"
 #include "dist/nccl.h"
 #include "minidl.h"
@@ -58,16 +59,6 @@ constexpr int64_t kMaxStrongPerGpu = int64_t{1} << 22;  // strong scaling runs w
 constexpr int kAttentionWarmup = 2, kAttentionIters = 5;
 constexpr int kCollectiveWarmup = 5, kCollectiveIters = 20;
 
-// LongNet's geometric branches w_i = 2048·2^i, r_i = 2^i: the first four
-// (bench_attention's configuration), or, with `whole`, until one segment
-// covers the n tokens.
-DilatedAttentionConfig longnet_config(int64_t n, bool whole) {
-  DilatedAttentionConfig config;
-  for (int64_t w = 2048, r = 1; whole ? config.branches.empty() || config.branches.back().segment < n : w <= 16384;
-       w *= 2, r *= 2)
-    config.branches.push_back({w, r});
-  return config;
-}
 
 // ---- The ranks ----
 
@@ -298,7 +289,7 @@ void attention_on_rank(dist::Communicator& comm, Device dev, int64_t n, const Di
 }
 
 void run_attention(benchmark::State& state, int64_t n, int P, bool whole) {
-  const DilatedAttentionConfig config = longnet_config(n, whole);
+  const DilatedAttentionConfig config = bench::longnet_config(n, whole);
   const int G = g_ranks->size();
   std::vector<std::vector<double>> times(static_cast<size_t>(G));
   std::vector<double> peak(static_cast<size_t>(G), 0.0);
@@ -397,10 +388,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const Run& run : runs) {
-      if (run.error_occurred) continue;
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      if (run.run_type != Run::RT_Iteration && !median) continue;
-      if (!median && run.repetitions > 1) continue;
+      if (!bench::reported_run(run)) continue;
       const auto it = g_cases.find(run.run_name.function_name);
       if (it == g_cases.end()) continue;
       Result& r = results_[run.run_name.function_name];
