@@ -1,7 +1,7 @@
 // The NCCL backend (dist/nccl.h): a Communicator over one ncclComm_t whose
-// collectives run on minidl's stream of the communicator's device, and whose
-// async collectives run on a communication stream, forked from and joined
-// back to minidl's stream with events.
+// collectives run on a communication stream of the communicator's device,
+// forked from and joined back to minidl's stream with events (the plain
+// collectives join at once, the async ones at Work::wait()).
 //
 // Why the async path is safe with the caching allocator (cuda/allocator.cpp),
 // which hands a freed block to the next kernel without an event because all
@@ -147,13 +147,16 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
-  void all_gather(const Tensor& input, const Tensor& output) override {
-    launch_all_gather(input, output, cuda::stream());
-  }
+  // The plain collectives are the async ones waited at once: every NCCL
+  // call of a rank then runs on its one communication stream, in the order
+  // the rank makes them, never beside another of its collectives on
+  // minidl's stream (collectives of several communicators on several
+  // streams may deadlock). wait() enqueues no host wait.
+  void all_gather(const Tensor& input, const Tensor& output) override { all_gather_async(input, output).wait(); }
   void reduce_scatter(const Tensor& input, const Tensor& output) override {
-    launch_reduce_scatter(input, output, cuda::stream());
+    reduce_scatter_async(input, output).wait();
   }
-  void all_reduce(const Tensor& tensor) override { launch_all_reduce(tensor, cuda::stream()); }
+  void all_reduce(const Tensor& tensor) override { all_reduce_async(tensor).wait(); }
 
   Work all_gather_async(const Tensor& input, const Tensor& output) override {
     return start({input, output}, [&](cudaStream_t s) { launch_all_gather(input, output, s); });
@@ -169,8 +172,10 @@ class NcclCommunicator final : public Communicator {
     check("broadcast", tensor);
     MINIDL_CHECK(root >= 0 && root < size_, "dist::broadcast: root ", root, " is not a rank of a communicator of size ",
                  size_);
-    MINIDL_NCCL_CHECK(ncclBroadcast(tensor.raw_data(), tensor.raw_data(), static_cast<size_t>(tensor.numel()),
-                                    nccl_type(tensor.dtype()), root, comm_, cuda::stream()));
+    start({tensor}, [&](cudaStream_t s) {
+      MINIDL_NCCL_CHECK(ncclBroadcast(tensor.raw_data(), tensor.raw_data(), static_cast<size_t>(tensor.numel()),
+                                      nccl_type(tensor.dtype()), root, comm_, s));
+    }).wait();
   }
 
   // NCCL has no host barrier: an all-reduce of one element, waited for. So,
@@ -178,7 +183,7 @@ class NcclCommunicator final : public Communicator {
   void barrier() override {
     ensure_device();
     if (!token_.defined()) token_ = Tensor::empty({1}, {DType::Int32, Device::cuda(device_)});
-    MINIDL_NCCL_CHECK(ncclAllReduce(token_.raw_data(), token_.raw_data(), 1, ncclInt32, ncclSum, comm_, cuda::stream()));
+    all_reduce(token_);
     cuda::synchronize();
   }
 
