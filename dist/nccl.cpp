@@ -94,21 +94,31 @@ class CommStream {
     MINIDL_CUDA_CHECK(cudaEventRecord(fork_, compute));
     MINIDL_CUDA_CHECK(cudaStreamWaitEvent(stream_, fork_, 0));
   }
-  // An event recorded on this stream now (after the collective just queued).
-  cudaEvent_t record_done() {
-    cudaEvent_t e = nullptr;
+  // A done event from the pool (taken before a collective is queued, so that
+  // failing to get one queues nothing).
+  cudaEvent_t take_event() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!free_.empty()) {
-        e = free_.back();
+        cudaEvent_t e = free_.back();
         free_.pop_back();
+        return e;
       }
     }
-    if (!e) MINIDL_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    const cudaError_t err = cudaEventRecord(e, stream_);
-    if (err != cudaSuccess) give_back(e);
-    MINIDL_CUDA_CHECK(err);
+    cudaEvent_t e = nullptr;
+    MINIDL_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     return e;
+  }
+  // Records `done` on this stream now (after the collective just queued). If
+  // that fails, waits for the stream on the host before throwing: the
+  // collective's tensors may be freed once the caller unwinds.
+  void record_done(cudaEvent_t done) {
+    const cudaError_t err = cudaEventRecord(done, stream_);
+    if (err != cudaSuccess) {
+      cudaStreamSynchronize(stream_);
+      give_back(done);
+    }
+    MINIDL_CUDA_CHECK(err);
   }
   void give_back(cudaEvent_t e) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -230,9 +240,15 @@ class NcclCommunicator final : public Communicator {
   Work start(std::vector<Tensor> keep, Launch&& launch) {
     ensure_device();
     const cudaStream_t compute = cuda::stream();
-    comm_stream_->fork_from(compute);
-    launch(comm_stream_->stream());
-    const cudaEvent_t done = comm_stream_->record_done();
+    const cudaEvent_t done = comm_stream_->take_event();
+    try {
+      comm_stream_->fork_from(compute);
+      launch(comm_stream_->stream());  // a check failing here queues nothing
+    } catch (...) {
+      comm_stream_->give_back(done);
+      throw;
+    }
+    comm_stream_->record_done(done);
     return Work([cs = comm_stream_, compute, done, keep = std::move(keep)] {
       const cudaError_t err = cudaStreamWaitEvent(compute, done, 0);
       cs->give_back(done);

@@ -51,12 +51,17 @@ struct SequenceLayout {
 // learn the layout. With `layout` (the caller knows it, e.g.
 // SequenceLayout::even) nothing is exchanged: a call whose plan is kept
 // communicates only the attention's own collectives and never waits on the
-// host, so it can be captured in a CUDA graph (nn/cuda_graph.h). Each call
-// checks that layout has comm.size() sizes >= 0 and that this rank's is q's
-// length. Every rank must pass the same layout (or every rank none); the
-// call that builds a layout's plan checks that, and that every rank's q
-// agrees with it (it exchanges the sizes once), but later calls cannot: a
-// rank passing another layout then may wait forever in a collective.
+// host, so it can be captured in a CUDA graph (nn/cuda_graph.h); the graph
+// then replays the plan's row maps and sub-communicators, so while it is in
+// use keep the layouts (B included) the process meets to 8. Every rank must
+// pass the same layout (or every rank none). The call that builds a layout's
+// plan checks, on every rank, that every rank's layout has comm.size() sizes
+// and that they are the ranks' q lengths (one all-gather), so a wrong layout
+// makes all ranks throw together; a later call reusing the plan checks only
+// its own rank (its q length), and a rank passing another layout then may
+// wait forever in a collective. Other checks are rank-local too (inputs,
+// config), as for every collective op: a rank that throws leaves the others
+// waiting on NCCL.
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k,
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,

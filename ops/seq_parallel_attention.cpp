@@ -141,7 +141,9 @@ std::vector<int64_t> starts_of(const SequenceLayout& layout) {
 }
 
 // This rank's checks of a given layout (no communication): one size >= 0 per
-// rank, its own q's length.
+// rank, its own q's length. Run on the calls that reuse a plan; the call that
+// builds one checks the same across ranks in exchange_starts, so that a rank
+// whose layout is wrong does not throw while the others enter a collective.
 void check_layout(const Tensor& q, const SequenceLayout& layout, const dist::Communicator& comm) {
   const std::vector<int64_t>& sizes = layout.chunk_sizes;
   MINIDL_CHECK(static_cast<int64_t>(sizes.size()) == comm.size(), kOp, ": layout has ", sizes.size(),
@@ -161,11 +163,15 @@ void check_layout(const Tensor& q, const SequenceLayout& layout, const dist::Com
 // Every rank checks every rank's part, so all ranks throw or none.
 std::vector<int64_t> exchange_starts(const Tensor& q, dist::Communicator& comm, const SequenceLayout* layout) {
   const int P = comm.size();
-  const int64_t B = q.size(0), H = q.size(2), D = q.size(3), W = 4 + (layout ? P : 0);
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3), W = 4 + (layout ? 1 + P : 0);
   std::vector<double> message{static_cast<double>(q.size(1)), static_cast<double>(B), static_cast<double>(H),
                               static_cast<double>(D)};
-  if (layout)
-    for (int64_t n : layout->chunk_sizes) message.push_back(static_cast<double>(n));
+  if (layout) {  // how many sizes it gives, then P of them (padded): every rank sends W numbers
+    const std::vector<int64_t>& sizes = layout->chunk_sizes;
+    message.push_back(static_cast<double>(sizes.size()));
+    for (int i = 0; i < P; ++i)
+      message.push_back(i < static_cast<int>(sizes.size()) ? static_cast<double>(sizes[static_cast<size_t>(i)]) : -1.0);
+  }
   // On q's device: NCCL moves device memory only. (On CUDA, reading the
   // result back is a host wait.)
   Tensor mine = from_vector<double>(message, {W}).to(q.device());
@@ -183,8 +189,10 @@ std::vector<int64_t> exchange_starts(const Tensor& q, dist::Communicator& comm, 
   }
   if (layout)
     for (int p = 0; p < P; ++p) {
+      MINIDL_CHECK(at(p, 4) == P, kOp, ": rank ", p, "'s layout has ", at(p, 4), " chunk sizes for a communicator of ",
+                   P, " ranks; expected one per rank");
       std::vector<int64_t> given;
-      for (int i = 0; i < P; ++i) given.push_back(static_cast<int64_t>(at(p, 4 + i)));
+      for (int i = 0; i < P; ++i) given.push_back(static_cast<int64_t>(at(p, 5 + i)));
       MINIDL_CHECK(given == sizes, kOp, ": every rank must pass the same layout, the chunk sizes of its q: rank ",
                    p, " passed chunk sizes ", shape_str(given), " but the ranks' q have ", shape_str(sizes), " rows");
     }
@@ -339,6 +347,7 @@ std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionC
   for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
   for (size_t i = 0; i < plans.size(); ++i)
     if (plans[i].first == key) {
+      if (layout) check_layout(q, *layout, comm);
       std::rotate(plans.begin(), plans.begin() + static_cast<std::ptrdiff_t>(i),
                   plans.begin() + static_cast<std::ptrdiff_t>(i) + 1);
       return plans.front().second;
@@ -655,7 +664,6 @@ std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, c
                                        const DilatedAttentionConfig& config, dist::Communicator& comm,
                                        const SequenceLayout* layout) {
   check_inputs(q_in, k_in, v_in, config);
-  if (layout) check_layout(q_in, *layout, comm);
   const DType dtype = q_in.dtype();
   const Types ty = types_of(q_in);
   std::shared_ptr<const Plan> plan = cached_plan(q_in, config, comm, layout);

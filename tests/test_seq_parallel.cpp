@@ -358,6 +358,20 @@ TEST_CASE("seq_parallel_dilated_attention: async gathers and reduce-scatters giv
     check_equal("dv", deferred.dv, plain.dv, 0);
     CHECK(in_flight[1] >= 2);
   }
+  // A rank in two exchanges whose pieces read only the later one's gather
+  // waits for them out of start order (a review's case: it hung when each
+  // deferred collective ran only at its own wait).
+  const Case two{1, 8, 1, 3, {{8, 4}, {8, 1}}, true};
+  const Inputs in = make_inputs(two);
+  for (bool layout : {false, true}) {
+    CAPTURE(layout);
+    std::vector<int> in_flight(2);
+    const Result plain = sequence_parallel(two, in, {6, 2}, {nullptr, false, layout}),
+                 deferred = sequence_parallel(two, in, {6, 2}, {&in_flight, false, layout});
+    check_equal("out", deferred.out, plain.out, 0);
+    check_equal("dk", deferred.dk, plain.dk, 0);
+    check_equal("dv", deferred.dv, plain.dv, 0);
+  }
 }
 
 TEST_CASE("seq_parallel_dilated_attention: float32 inputs match the float32 op") {
@@ -476,14 +490,14 @@ TEST_CASE("seq_parallel_dilated_attention with a layout exchanges no sizes once 
       REQUIRE(starts.size() == 3);
       // The first call: the layout check instead of the size exchange, then the same.
       REQUIRE(gv.size() == ex.size() - 2);
-      CHECK(gv[0] == std::pair<int64_t, int>{4 + P, P});
+      CHECK(gv[0] == std::pair<int64_t, int>{5 + P, P});
       CountingComm::Log want;
       for (size_t i = 0; i < ex.size(); ++i)
         if (ex[i] != std::pair<int64_t, int>{4, P}) want.push_back(ex[i]);
-      want.insert(want.begin(), {4 + P, P});
+      want.insert(want.begin(), {5 + P, P});
       CHECK(gv == want);
       // Later calls: nothing over all P ranks (only the segments' own exchanges).
-      for (size_t i = 1; i < gv.size(); ++i) CHECK(gv[i].first != 4 + P);
+      for (size_t i = 1; i < gv.size(); ++i) CHECK(gv[i].first != 5 + P);
       CHECK(ex.size() - starts[1] > 1);  // the later calls do gather kept rows
     }
   }
@@ -494,23 +508,46 @@ TEST_CASE("seq_parallel_dilated_attention rejects a wrong layout clearly") {
   config.branches = {{4, 1}, {8, 2}};
   const Tensor q4 = random_tensor({1, 4, 2, 3}), q5 = random_tensor({1, 5, 2, 3});
   auto on_two = [&](const std::function<void(dist::Communicator&)>& fn) { run_ranks(2, fn); };
-  // Rank 0's size is not its q's length (checked before any collective;
-  // rank 1's collective then fails too).
+  // A wrong layout is caught on the call that builds the plan, by every rank
+  // from every rank's part of one all-gather, so that no rank throws while
+  // the others wait in a collective (NCCL would hang). Every rank throws:
+  // run_ranks rethrows the first, and a rank that did not throw would fail
+  // the test by finishing.
+  auto all_throw = [&](const ops::SequenceLayout& l0, const ops::SequenceLayout& l1, const Tensor& q0,
+                       const Tensor& q1) {
+    std::atomic<int> threw{0};
+    CHECK_THROWS_AS(on_two([&](dist::Communicator& comm) {
+                      const bool r0 = comm.rank() == 0;
+                      try {
+                        ops::seq_parallel_dilated_attention(r0 ? q0 : q1, r0 ? q0 : q1, r0 ? q0 : q1, config, comm,
+                                                            r0 ? l0 : l1);
+                      } catch (const Error&) {
+                        ++threw;
+                        throw;
+                      }
+                    }),
+                    Error);
+    CHECK(threw == 2);
+  };
+  // Rank 0's size is not its q's length.
   CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
                          const Tensor& q = comm.rank() == 0 ? q4 : q5;
                          ops::seq_parallel_dilated_attention(q, q, q, config, comm, {{3, 5}});
                        }),
-                       doctest::Contains("seq_parallel_dilated_attention: layout gives rank 0 chunk size 3 "
-                                         "(chunk sizes [3, 5]) but its q float64 [1, 4, 2, 3]"),
+                       doctest::Contains("every rank must pass the same layout, the chunk sizes of its q: rank 0 "
+                                         "passed chunk sizes [3, 5] but the ranks' q have [4, 5] rows"),
                        Error);
+  all_throw({{3, 5}}, {{3, 5}}, q4, q5);
   CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
                          ops::seq_parallel_dilated_attention(q4, q4, q4, config, comm, {{4, 4, 0}});
                        }),
-                       doctest::Contains("layout has 3 chunk sizes [4, 4, 0] for a communicator of 2 ranks"), Error);
+                       doctest::Contains("rank 0's layout has 3 chunk sizes for a communicator of 2 ranks"), Error);
+  all_throw({{4, 4, 0}}, {{4, 4}}, q4, q4);  // only rank 0's is wrong
   CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
                          ops::seq_parallel_dilated_attention(q4, q4, q4, config, comm, {{4, -1}});
                        }),
-                       doctest::Contains("layout gives rank 1 chunk size -1"), Error);
+                       doctest::Contains("rank 0 passed chunk sizes [4, -1] but the ranks' q have [4, 4] rows"),
+                       Error);
   // Rank 1's q has 5 rows but rank 0 was told 4: caught when the plan is
   // built, on every rank.
   CHECK_THROWS_WITH_AS(on_two([&](dist::Communicator& comm) {
