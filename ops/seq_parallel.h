@@ -46,14 +46,15 @@ struct SequenceLayout {
 // The plan of a layout (a split of comm per spanning segment, the row maps,
 // uploaded on CUDA) is built by the first call that meets it (collective,
 // with host waits on CUDA) and kept with comm (dist::Communicator::attachment)
-// for later calls, the last 8 layouts. Without `layout`, each call first
+// for later calls. Without `layout`, each call first
 // exchanges the ranks' chunk sizes (an all-gather; on CUDA a host wait) to
 // learn the layout. With `layout` (the caller knows it, e.g.
 // SequenceLayout::even) nothing is exchanged: a call whose plan is kept
 // communicates only the attention's own collectives and never waits on the
 // host, so it can be captured in a CUDA graph (nn/cuda_graph.h); the graph
-// then replays the plan's row maps and sub-communicators, so while it is in
-// use keep the layouts (B included) the process meets to 8. Every rank must
+// replays the plan's row maps and sub-communicators, so a plan a capture used
+// is kept for the communicator's life (the others: the last 8 layouts); the
+// ranks must capture alike, or their caches part ways. Every rank must
 // pass the same layout (or every rank none). The call that builds a layout's
 // plan checks, on every rank, that every rank's layout has comm.size() sizes
 // and that they are the ranks' q lengths (one all-gather), so a wrong layout

@@ -33,6 +33,7 @@
 #include "ops/ops.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/dilated_attention.h"
+#include "cuda/launch.h"
 #include "cuda/seq_parallel.h"
 #endif
 
@@ -322,8 +323,23 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
 // collective) and uploads the row maps; a call with a layout seen before
 // reuses its plan. Every rank has the same layout each call (exchanged, or
 // given alike) and finds it in its own communicator's list, so all ranks
-// find or all build, in step. The last kPlans layouts are kept.
+// find or all build, in step. The last kPlans layouts are kept, and every
+// plan a CUDA graph capture used: the graph replays its row maps and
+// sub-communicators.
 constexpr size_t kPlans = 8;
+
+// Whether minidl's stream on `device` is being captured into a CUDA graph.
+bool capturing(Device device) {
+#if defined(MINIDL_WITH_CUDA)
+  if (!device.is_cuda()) return false;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  MINIDL_CUDA_CHECK(cudaStreamIsCapturing(cuda::stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+#else
+  (void)device;
+  return false;
+#endif
+}
 
 struct PlanKey {
   std::vector<int64_t> starts;
@@ -338,26 +354,39 @@ struct PlanKey {
 // layout null: exchanged on this call.
 std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionConfig& config,
                                         dist::Communicator& comm, const SequenceLayout* layout) {
-  using Plans = std::vector<std::pair<PlanKey, std::shared_ptr<const Plan>>>;  // newest first
+  struct Kept {
+    PlanKey key;
+    std::shared_ptr<const Plan> plan;
+    bool pinned = false;  // used by a graph capture: never evicted
+  };
+  using Plans = std::vector<Kept>;  // newest first
   std::shared_ptr<void>& slot = comm.attachment("ops::seq_parallel_dilated_attention plans");
   if (!slot) slot = std::make_shared<Plans>();
   Plans& plans = *static_cast<Plans*>(slot.get());
   std::vector<int64_t> starts = layout ? starts_of(*layout) : exchange_starts(q, comm, nullptr);
   PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, q.device()};
   for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
+  const bool pin = capturing(q.device());
   for (size_t i = 0; i < plans.size(); ++i)
-    if (plans[i].first == key) {
+    if (plans[i].key == key) {
       if (layout) check_layout(q, *layout, comm);
       std::rotate(plans.begin(), plans.begin() + static_cast<std::ptrdiff_t>(i),
                   plans.begin() + static_cast<std::ptrdiff_t>(i) + 1);
-      return plans.front().second;
+      plans.front().pinned = plans.front().pinned || pin;
+      return plans.front().plan;
     }
   // A given layout is checked against every rank's once, when its plan is
   // built (which communicates anyway), not on the calls that reuse it.
   if (layout) exchange_starts(q, comm, layout);
   auto plan = std::make_shared<const Plan>(make_plan(q, config, comm, std::move(starts)));
-  plans.insert(plans.begin(), {std::move(key), plan});
-  if (plans.size() > kPlans) plans.pop_back();
+  plans.insert(plans.begin(), Kept{std::move(key), plan, pin});
+  // Evict the oldest unpinned plan past kPlans unpinned ones.
+  size_t unpinned = 0;
+  for (size_t i = 0; i < plans.size(); ++i)
+    if (!plans[i].pinned && ++unpinned > kPlans) {
+      plans.erase(plans.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
   return plan;
 }
 
