@@ -68,6 +68,13 @@ ncclDataType_t nccl_type(DType dtype) {
 // work they run beside. Events come from a pool: one fork event, reused
 // (cudaStreamWaitEvent reads an event's state when it is called), and done
 // events, lent to a Work until it waits.
+// Whether `stream` is being captured into a CUDA graph.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  MINIDL_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 class CommStream {
  public:
   explicit CommStream(int device) {
@@ -249,7 +256,18 @@ class NcclCommunicator final : public Communicator {
       throw;
     }
     comm_stream_->record_done(done);
-    return Work([cs = comm_stream_, compute, done, keep = std::move(keep)] {
+    // A collective started outside a capture and joined inside it (or the
+    // reverse) would invalidate the capture: say so plainly instead.
+    const bool started_capturing = capturing(compute);
+    return Work([cs = comm_stream_, compute, done, started_capturing, keep = std::move(keep)] {
+      if (capturing(compute) != started_capturing) {
+        cudaStreamSynchronize(cs->stream());  // the collective's tensors may be freed once this throws
+        cs->give_back(done);
+        MINIDL_FAIL("dist (NCCL): an async collective started ", started_capturing ? "inside" : "outside",
+                    " a CUDA graph capture was waited for ", started_capturing ? "outside" : "inside",
+                    " it; start and wait for it in the same one (for DataParallel: capture the backward and "
+                    "all_reduce_gradients() together)");
+      }
       const cudaError_t err = cudaStreamWaitEvent(compute, done, 0);
       cs->give_back(done);
       MINIDL_CUDA_CHECK(err);

@@ -30,7 +30,9 @@
 // wait for the buckets, in order, before unpacking them; the host never
 // waits. The flat buffers are allocated once and kept, so a bucket's memory
 // is never freed under its reduction. With the in-process backend a rank's
-// thread does each reduction when issuing it.
+// thread does each reduction when issuing it. In a CUDA graph, capture the
+// backward and all_reduce_gradients() together: a bucket started in one
+// capture must be waited for in it (NCCL says so if not).
 #include <cstddef>
 #include <vector>
 
