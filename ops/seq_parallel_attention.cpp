@@ -51,10 +51,10 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 struct RowMap {
   std::vector<int32_t> dst, src;
   Tensor dst_dev, src_dev;
+  int64_t largest = 0;  // the largest index added: make_plan checks it, on every rank at once
   int64_t size() const { return static_cast<int64_t>(dst.size()); }
   void add(int64_t d, int64_t s) {
-    MINIDL_CHECK(d <= INT32_MAX && s <= INT32_MAX, kOp, ": row index ", std::max(d, s),
-                 " does not fit the int32 row maps");
+    largest = std::max(largest, std::max(d, s));
     dst.push_back(static_cast<int32_t>(d));
     src.push_back(static_cast<int32_t>(s));
   }
@@ -300,6 +300,20 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         plan.pieces.push_back(std::move(piece));
       }
       plan.exchanges.push_back(std::move(ex));
+    }
+    // The row maps' indices must fit int32. Whether they do depends on this
+    // rank's rows, so the ranks agree (a sum of flags) before the splits:
+    // all throw or none, and none waits in a split for a rank that threw.
+    if (spanning > 0) {
+      int64_t largest = 0;
+      for (const Exchange& ex : plan.exchanges) largest = std::max(largest, ex.pack.largest);
+      for (const Piece& piece : plan.pieces)
+        largest = std::max({largest, piece.queries.largest, piece.keys.largest});
+      Tensor flag = from_vector<double>({largest > INT32_MAX ? 1.0 : 0.0}, {1}).to(q.device());
+      comm.all_reduce(flag);
+      const double over = flag.to_vector<double>()[0];
+      MINIDL_CHECK(over == 0, kOp, ": the row maps of ", over, " rank(s) do not fit int32 (this rank's largest row ",
+                   largest, "): too many rows per rank (B ", plan.B, ", rows ", plan.n(), ", H ", plan.H, ")");
     }
     // Collective: every rank splits for each parity that has a segment; a
     // rank in none of that parity's segments gets a color of its own.
