@@ -111,6 +111,12 @@ void* cublaslt_workspace(size_t* nbytes) {
 
 int* scheduler_counters() { return current().counters; }
 
+bool stream_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  MINIDL_CUDA_CHECK(cudaStreamIsCapturing(stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 std::unique_lock<std::mutex> lock_device_queue() { return std::unique_lock<std::mutex>(current().queue); }
 
 void allow_dynamic_smem(const void* kernel, int bytes) {

@@ -42,6 +42,9 @@ void allow_dynamic_smem(int bytes, Kernels... kernels) {
 // One stream per device orders the launches that use them.
 int* scheduler_counters();
 int current_device();
+// Whether minidl's stream of the current device is being captured into a
+// CUDA graph.
+bool stream_capturing();
 int multiprocessor_count();
 // major * 10 + minor of the current device, e.g. 90 for an H100.
 int compute_capability();

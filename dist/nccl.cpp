@@ -68,13 +68,6 @@ ncclDataType_t nccl_type(DType dtype) {
 // work they run beside. Events come from a pool: one fork event, reused
 // (cudaStreamWaitEvent reads an event's state when it is called), and done
 // events, lent to a Work until it waits.
-// Whether `stream` is being captured into a CUDA graph.
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  MINIDL_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
 class CommStream {
  public:
   explicit CommStream(int device) {
@@ -258,9 +251,9 @@ class NcclCommunicator final : public Communicator {
     comm_stream_->record_done(done);
     // A collective started outside a capture and joined inside it (or the
     // reverse) would invalidate the capture: say so plainly instead.
-    const bool started_capturing = capturing(compute);
+    const bool started_capturing = cuda::stream_capturing();
     return Work([cs = comm_stream_, compute, done, started_capturing, keep = std::move(keep)] {
-      if (capturing(compute) != started_capturing) {
+      if (cuda::stream_capturing() != started_capturing) {  // on the rank's thread: compute is its stream
         cudaStreamSynchronize(cs->stream());  // the collective's tensors may be freed once this throws
         cs->give_back(done);
         MINIDL_FAIL("dist (NCCL): an async collective started ", started_capturing ? "inside" : "outside",

@@ -33,7 +33,7 @@
 #include "ops/ops.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/dilated_attention.h"
-#include "cuda/launch.h"
+#include "cuda/runtime.h"
 #include "cuda/seq_parallel.h"
 #endif
 
@@ -345,10 +345,7 @@ constexpr size_t kPlans = 8;
 // Whether minidl's stream on `device` is being captured into a CUDA graph.
 bool capturing(Device device) {
 #if defined(MINIDL_WITH_CUDA)
-  if (!device.is_cuda()) return false;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  MINIDL_CUDA_CHECK(cudaStreamIsCapturing(cuda::stream(), &status));
-  return status != cudaStreamCaptureStatusNone;
+  return device.is_cuda() && cuda::stream_capturing();
 #else
   (void)device;
   return false;
