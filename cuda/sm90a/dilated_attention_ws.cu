@@ -308,7 +308,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   if (threadIdx.x == 0) {
     for (int q = 0; q < 2; ++q) {
       hopper::mbar_init(&q_full[q], kLoadArrivals);
-      hopper::mbar_init(&q_empty[q], kConsumerWarps);
+      hopper::mbar_init(&q_empty[q], kConsumerWarps * 32);
     }
     for (int s = 0; s < kStages; ++s) {
       hopper::mbar_init(&k_full[s], kLoadArrivals);
@@ -447,7 +447,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     // The last tile: every S is done, so Q's slot goes back to the producer
     // (the item after next loads there); then O += P V.
     auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
-      if (lane == 0) hopper::mbar_arrive(&q_empty[slot]);
+      hopper::mbar_arrive(&q_empty[slot]);  // every thread: its own reads of item_of_slot[slot] done
       const int sl = stage(n_tiles - 1);
       hopper::mbar_wait(&v_full[sl], phase(n_tiles - 1));
       issue_pv<kD, kBc>(o_flat, p_last, v_desc(sl));
