@@ -9,8 +9,11 @@
 #include "cuda/linear.h"
 
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string_view>
 #include <tuple>
 
 #include "core/scalar_math.h"
@@ -78,15 +81,34 @@ void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
   MINIDL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attr, &value, sizeof(value)));
 }
 
-// The heuristic's first choice per problem shape (cached: the query costs
-// more host time than the launch); nullopt-like `found == false` when
-// cuBLASLt has no kernel for it.
+// How an algorithm is chosen for a problem shape, once per shape: the
+// MINIDL_GEMM_ALGO switch, read on each new shape (so a test can switch it).
+//   heuristic  cuBLASLt's first choice;
+//   single     the first of its choices whose call is one kernel: no split-K
+//              reduction, bias-gradient kernel or memset beside the GEMM (a
+//              training step runs a few hundred launches, and each extra
+//              one is a gap on the stream);
+//   timed      the fastest of its choices, each captured as a CUDA graph and
+//              replayed, so that extra kernels count with their gaps.
+// A shape first met inside a CUDA graph capture takes the heuristic's choice.
+enum class AlgoPolicy { kHeuristic, kSingleKernel, kTimed };
+
+AlgoPolicy algo_policy() {
+  const char* e = std::getenv("MINIDL_GEMM_ALGO");
+  if (!e || !*e || std::string_view(e) == "heuristic") return AlgoPolicy::kHeuristic;
+  if (std::string_view(e) == "single") return AlgoPolicy::kSingleKernel;
+  if (std::string_view(e) == "timed") return AlgoPolicy::kTimed;
+  MINIDL_FAIL("MINIDL_GEMM_ALGO='", e, "' is not a policy (heuristic, single, timed)");
+}
+
+// The chosen algorithm per problem shape (cached: the query costs more host
+// time than the launch); `found == false` when cuBLASLt has no kernel for it.
 struct CachedAlgo {
   bool found = false;
   cublasLtMatmulAlgo_t algo{};
 };
 using AlgoKey = std::tuple<int, int, int, int, int, bool, bool, int64_t, int64_t, int64_t, int64_t,
-                           int64_t, int>;
+                           int64_t, int, int>;
 
 std::mutex g_algo_mutex;
 std::map<AlgoKey, CachedAlgo>& algo_cache() {
@@ -96,31 +118,121 @@ std::map<AlgoKey, CachedAlgo>& algo_cache() {
 
 std::atomic<int64_t> g_fallbacks{0};
 
+// One problem's descriptors, ready for cublasLtMatmul.
+struct LtCall {
+  Desc desc;
+  Layout la, lb, ld;
+  void* ws = nullptr;
+  size_t ws_bytes = 0;
+
+  cublasStatus_t launch(const LtProblem& p, const cublasLtMatmulAlgo_t& algo, cudaStream_t s) const {
+    const float one = 1.0f, zero = 0.0f;
+    return cublasLtMatmul(cublaslt_handle(), desc.h, &one, p.a, la.h, p.b, lb.h, &zero, p.d, ld.h, p.d, ld.h, &algo,
+                          ws, ws_bytes, s);
+  }
+};
+
+// One candidate captured as a CUDA graph on a side stream (nothing runs):
+// its node count (kernels and memsets) and, for timing, its executable graph.
+// nodes == 0 when cuBLASLt refused the capture.
+struct CapturedCandidate {
+  size_t nodes = 0;
+  cudaGraphExec_t exec = nullptr;
+  ~CapturedCandidate() {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+};
+
+void capture_candidate(const LtCall& call, const LtProblem& p, const cublasLtMatmulAlgo_t& algo, bool instantiate,
+                       CapturedCandidate* out) {
+  cudaStream_t side;
+  MINIDL_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  cudaGraph_t graph = nullptr;
+  MINIDL_CUDA_CHECK(cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal));
+  const cublasStatus_t st = call.launch(p, algo, side);
+  const cudaError_t end = cudaStreamEndCapture(side, &graph);
+  MINIDL_CUDA_CHECK(cudaStreamDestroy(side));
+  if (st != CUBLAS_STATUS_SUCCESS || end != cudaSuccess || !graph) {
+    if (graph) cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    return;
+  }
+  size_t nodes = 0;
+  MINIDL_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+  if (instantiate) MINIDL_CUDA_CHECK(cudaGraphInstantiate(&out->exec, graph, 0));
+  MINIDL_CUDA_CHECK(cudaGraphDestroy(graph));
+  out->nodes = nodes;
+}
+
+// Mean time of `replays` replays of a captured candidate on minidl's stream
+// (in order after the work that made its inputs). A host wait: tuning
+// happens once per shape, in the first step that meets it.
+float time_candidate(const CapturedCandidate& c, int replays) {
+  cudaEvent_t start, stop;
+  MINIDL_CUDA_CHECK(cudaEventCreate(&start));
+  MINIDL_CUDA_CHECK(cudaEventCreate(&stop));
+  MINIDL_CUDA_CHECK(cudaGraphLaunch(c.exec, stream()));  // warm-up
+  MINIDL_CUDA_CHECK(cudaEventRecord(start, stream()));
+  for (int i = 0; i < replays; ++i) MINIDL_CUDA_CHECK(cudaGraphLaunch(c.exec, stream()));
+  MINIDL_CUDA_CHECK(cudaEventRecord(stop, stream()));
+  MINIDL_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0.f;
+  MINIDL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  MINIDL_CUDA_CHECK(cudaEventDestroy(start));
+  MINIDL_CUDA_CHECK(cudaEventDestroy(stop));
+  return ms / static_cast<float>(replays);
+}
+
+// Picks among cuBLASLt's choices (best first) by `policy`. Each candidate
+// writes the problem's outputs (D, and the bias gradient or GELU input if
+// any), which the real call overwrites; its inputs are only read.
+cublasLtMatmulAlgo_t choose_algo(const LtCall& call, const LtProblem& p, AlgoPolicy policy,
+                                 const cublasLtMatmulHeuristicResult_t* results, int count) {
+  if (policy == AlgoPolicy::kHeuristic || count == 1) return results[0].algo;
+  int best = 0;
+  float best_ms = INFINITY;
+  for (int i = 0; i < count; ++i) {
+    CapturedCandidate c;
+    capture_candidate(call, p, results[i].algo, policy == AlgoPolicy::kTimed, &c);
+    if (c.nodes == 0) continue;
+    if (policy == AlgoPolicy::kSingleKernel) {
+      if (c.nodes == 1) return results[i].algo;
+      continue;
+    }
+    const float ms = time_candidate(c, 5);
+    if (ms < best_ms) best_ms = ms, best = i;
+  }
+  return results[best].algo;
+}
+
 // Runs the problem; false (nothing launched) when cuBLASLt has no kernel.
 bool run_lt(const LtProblem& p) {
-  Desc desc;
-  MINIDL_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.h, p.compute, CUDA_R_32F));
-  set_attr(desc.h, CUBLASLT_MATMUL_DESC_TRANSA, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
-  set_attr(desc.h, CUBLASLT_MATMUL_DESC_TRANSB, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
-  set_attr(desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE, p.epilogue);
-  if (p.bias) set_attr(desc.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, p.bias);
+  LtCall call;
+  MINIDL_CUBLAS_CHECK(cublasLtMatmulDescCreate(&call.desc.h, p.compute, CUDA_R_32F));
+  cublasLtMatmulDesc_t desc = call.desc.h;
+  set_attr(desc, CUBLASLT_MATMUL_DESC_TRANSA, p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+  set_attr(desc, CUBLASLT_MATMUL_DESC_TRANSB, p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  set_attr(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, p.epilogue);
+  if (p.bias) set_attr(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, p.bias);
   if (p.aux) {
-    set_attr(desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, p.aux);
-    set_attr(desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, p.m);
+    set_attr(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, p.aux);
+    set_attr(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, p.m);
   }
   // Stored shapes: op(A) is m x k, so A is stored k x m when transposed.
-  Layout la, lb, ld;
-  MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.h, p.type, p.trans_a ? p.k : p.m,
+  MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.la.h, p.type, p.trans_a ? p.k : p.m,
                                                  p.trans_a ? p.m : p.k, p.lda));
-  MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.h, p.type, p.trans_b ? p.n : p.k,
+  MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.lb.h, p.type, p.trans_b ? p.n : p.k,
                                                  p.trans_b ? p.k : p.n, p.ldb));
-  MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld.h, p.type, p.m, p.n, p.m));
+  MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.ld.h, p.type, p.m, p.n, p.m));
+  call.ws = cublaslt_workspace(&call.ws_bytes);
 
-  size_t ws_bytes = 0;
-  void* ws = cublaslt_workspace(&ws_bytes);
+  const AlgoPolicy policy = stream_capturing() ? AlgoPolicy::kHeuristic : algo_policy();
   AlgoKey key{current_device(), static_cast<int>(p.type), static_cast<int>(p.compute),
               static_cast<int>(p.epilogue), alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
-              p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr};
+              p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy)};
+  // A split-K algorithm is two kernels around the shared workspace; tuning
+  // runs candidates in it too.
+  const std::unique_lock<std::mutex> queue = lock_device_queue();
   CachedAlgo chosen;
   {
     std::lock_guard<std::mutex> lock(g_algo_mutex);
@@ -131,21 +243,23 @@ bool run_lt(const LtProblem& p) {
       Pref pref;
       MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.h));
       MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-          pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)));
+          pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &call.ws_bytes, sizeof(call.ws_bytes)));
       // The heuristic assumes 256-byte aligned pointers unless told otherwise,
       // and a kernel chosen that way refuses a view that starts mid-vector.
       const uint32_t align = static_cast<uint32_t>(std::get<4>(key));
       for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
         MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &align, sizeof(align)));
-      cublasLtMatmulHeuristicResult_t result{};
+      constexpr int kCandidates = 8;
+      cublasLtMatmulHeuristicResult_t results[kCandidates]{};
       int count = 0;
-      cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc.h, la.h, lb.h,
-                                                         ld.h, ld.h, pref.h, 1, &result, &count);
+      cublasStatus_t st =
+          cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc, call.la.h, call.lb.h, call.ld.h, call.ld.h,
+                                         pref.h, policy == AlgoPolicy::kHeuristic ? 1 : kCandidates, results, &count);
       // Any refusal means no fused kernel for this case: the caller falls
       // back (linear_fallbacks() counts it, so tests see an unexpected one).
       chosen.found = st == CUBLAS_STATUS_SUCCESS && count > 0;
-      if (chosen.found) chosen.algo = result.algo;
+      if (chosen.found) chosen.algo = choose_algo(call, p, policy, results, count);
       algo_cache().emplace(key, chosen);
     }
   }
@@ -153,11 +267,7 @@ bool run_lt(const LtProblem& p) {
     ++g_fallbacks;
     return false;
   }
-  const float one = 1.0f, zero = 0.0f;
-  // A split-K algorithm is two kernels around the shared workspace.
-  const std::unique_lock<std::mutex> queue = lock_device_queue();
-  MINIDL_CUBLAS_CHECK(cublasLtMatmul(cublaslt_handle(), desc.h, &one, p.a, la.h, p.b, lb.h, &zero,
-                                     p.d, ld.h, p.d, ld.h, &chosen.algo, ws, ws_bytes, stream()));
+  MINIDL_CUBLAS_CHECK(call.launch(p, chosen.algo, stream()));
   return true;
 }
 

@@ -4,6 +4,8 @@
 // fallback), the cuBLASLt GELU flavour, nn::Linear / nn::MLP, errors.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "tests/helpers.h"
 #if defined(MINIDL_WITH_CUDA)
@@ -267,6 +269,25 @@ TEST_CASE("linear CUDA matches CPU: float32 and bfloat16, forward and gradients,
     if (dtype == DType::BFloat16) CHECK(cuda::linear_fallbacks() == before);
     else WARN(cuda::linear_fallbacks() == before);
   }
+#endif
+}
+
+TEST_CASE("linear CUDA: every GEMM algorithm policy (MINIDL_GEMM_ALGO) matches CPU") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  // Many rows against few columns: the weight gradient's long reduction is
+  // where cuBLASLt picks split-K (two kernels) and "single" must avoid it.
+  const char* saved = std::getenv("MINIDL_GEMM_ALGO");
+  const std::string restore = saved ? saved : "";
+  for (const char* policy : {"heuristic", "single", "timed"}) {
+    CAPTURE(policy);
+    setenv("MINIDL_GEMM_ALGO", policy, 1);
+    const int64_t before = cuda::linear_fallbacks();
+    for (bool gelu : {false, true}) check_linear_parity({4096, 384, 192, true, gelu}, DType::BFloat16, 3e-2);
+    CHECK(cuda::linear_fallbacks() == before);
+  }
+  if (saved) setenv("MINIDL_GEMM_ALGO", restore.c_str(), 1);
+  else unsetenv("MINIDL_GEMM_ALGO");
 #endif
 }
 
