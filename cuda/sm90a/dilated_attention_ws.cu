@@ -377,10 +377,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
   int ring = 0;  // K/V tiles consumed so far
-  // kAhead: S of an item's first key tile is issued before the item begins,
-  // under the previous item's epilogue (finish, below), the first item's
-  // here. Not with dropout: S live across the epilogue spills its registers.
-  constexpr bool kAhead = !kDropout;
+  // S of an item's first key tile is issued before the item begins, under
+  // the previous item's epilogue (finish, below), the first item's here.
   float s[kBc / 2];
   auto q_desc_of = [&](int slot) {
     return wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
@@ -392,10 +390,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     if (loaded) hopper::mbar_wait(&k_full[ring_at % kStages], (ring_at / kStages) & 1);
     issue_s<kD, kBc>(s, q_desc_of(slot), k_desc(ring_at % kStages));
   };
-  if constexpr (kAhead) {
-    hopper::mbar_wait(&q_full[0], 0);
-    issue_first_s(0, 0, item_of_slot[0].n_tiles > 0);
-  }
+  hopper::mbar_wait(&q_full[0], 0);
+  issue_first_s(0, 0, item_of_slot[0].n_tiles > 0);
   for (int n = 0;; ++n) {
     const int slot = n & 1;
     hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
@@ -436,10 +432,6 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
 
-    if constexpr (!kAhead) {
-      hopper::mbar_wait(&k_full[stage(0)], phase(0));
-      issue_s<kD, kBc>(s, q_desc, k_desc(stage(0)));
-    }
     wgmma::wait<0>();
     wgmma::fence_operands(s);
     // Zeroed only now: a plain write to an accumulator while a wgmma (S(0),
@@ -491,10 +483,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       if (lane == 0) hopper::mbar_arrive(&empty[sl]);
       // Issued after O is final: from here to the next item's wait nothing may
       // write an accumulator (ptxas would serialise every wgmma: C7515).
-      if constexpr (kAhead) {
-        hopper::mbar_wait(&q_full[slot ^ 1], ((n + 1) >> 1) & 1);
-        issue_first_s(slot ^ 1, ring + n_tiles, item_of_slot[slot ^ 1].n_tiles > 0);  // else -1: no item left
-      }
+      hopper::mbar_wait(&q_full[slot ^ 1], ((n + 1) >> 1) & 1);
+      issue_first_s(slot ^ 1, ring + n_tiles, item_of_slot[slot ^ 1].n_tiles > 0);  // else -1: no item left
     };
     uint32_t pn[kBc / 16][4];
     int j = 1;
@@ -513,7 +503,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                   kMode == MergeMode::kMerge || kMode == MergeMode::kFinish ? &merge_in : nullptr);
     ring += n_tiles;
   }
-  if constexpr (kAhead) wgmma::wait<0>();  // the unused last issue
+  wgmma::wait<0>();  // the unused last issue
 }
 
 // ---- backward ----
