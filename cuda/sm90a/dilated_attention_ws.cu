@@ -385,7 +385,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   };
   // Issued whether or not an item follows (if none, on stale tiles, the
   // result unused): a wgmma issued on one path only makes ptxas wait for it
-  // where the paths join (C7517). The branch is on the tiles' wait.
+  // where the paths join (C7517). The branch is on the tiles' wait. The
+  // producer never hands out an item without tiles (it skips them), so an
+  // item slot holds one with n_tiles > 0 or the end mark -1. With no item at
+  // all the stale operands are shared memory never written: harmless, unused.
   auto issue_first_s = [&](int slot, int ring_at, bool loaded) {
     if (loaded) hopper::mbar_wait(&k_full[ring_at % kStages], (ring_at / kStages) & 1);
     issue_s<kD, kBc>(s, q_desc_of(slot), k_desc(ring_at % kStages));
@@ -394,6 +397,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   issue_first_s(0, 0, item_of_slot[0].n_tiles > 0);
   for (int n = 0;; ++n) {
     const int slot = n & 1;
+    // Already complete (waited before S(0)'s issue); the acquire for item_of_slot.
     hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
     const FwdItem w = item_of_slot[slot];
     if (w.n_tiles < 0) break;
@@ -757,6 +761,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   float st[32], dpt[32];
   // loaded: the tiles are real (wait for them); else the products run on
   // stale tiles and their results go unused (see the ahead issue below).
+  // Items never come without tiles (the producer skips them): an item slot
+  // holds n_tiles > 0 or the end mark -1, so `loaded` means an item follows.
   auto issue_sdp = [&](int kv, int t, bool loaded = true) {
     const int s = t % kBwdStages;
     const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
