@@ -136,13 +136,20 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
 // reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
 template <int kBc, bool kCausal, bool kDropout, bool kMask>
-__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
+__device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
                                              const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
   const int lane = threadIdx.x % 32;
   // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
-  // mask is computed in 32-bit from offsets clamped to the tile.
+  // mask is computed in 32-bit from offsets clamped to the tile. It goes into
+  // a copy: the S accumulators are written by wgmma only, since the forward
+  // keeps an item's first S in flight across the loop (a plain write to them
+  // anywhere makes ptxas serialise every wgmma, C7515); unmasked, the copy is
+  // a renaming.
+  float s[kBc / 2];
+#pragma unroll
+  for (int i = 0; i < kBc / 2; ++i) s[i] = s_in[i];
   if constexpr (kMask) {
     const int64_t left = count - k0, ahead = q_row0 - k0;
     const int limit = left < kBc ? static_cast<int>(left) : kBc;
@@ -370,8 +377,27 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   auto v_desc = [&](int s) { return wgmma::desc_offset(v_desc0, s * KTile::kBytes); };
 
   int ring = 0;  // K/V tiles consumed so far
+  // S of an item's first key tile is issued before the item begins, under
+  // the previous item's epilogue (finish, below), the first item's here.
+  float s[kBc / 2];
+  auto q_desc_of = [&](int slot) {
+    return wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
+  };
+  // Issued whether or not an item follows (if none, on stale tiles, the
+  // result unused): a wgmma issued on one path only makes ptxas wait for it
+  // where the paths join (C7517). The branch is on the tiles' wait. The
+  // producer never hands out an item without tiles (it skips them), so an
+  // item slot holds one with n_tiles > 0 or the end mark -1. With no item at
+  // all the stale operands are shared memory never written: harmless, unused.
+  auto issue_first_s = [&](int slot, int ring_at, bool loaded) {
+    if (loaded) hopper::mbar_wait(&k_full[ring_at % kStages], (ring_at / kStages) & 1);
+    issue_s<kD, kBc>(s, q_desc_of(slot), k_desc(ring_at % kStages));
+  };
+  hopper::mbar_wait(&q_full[0], 0);
+  issue_first_s(0, 0, item_of_slot[0].n_tiles > 0);
   for (int n = 0;; ++n) {
     const int slot = n & 1;
+    // Already complete (waited before S(0)'s issue); the acquire for item_of_slot.
     hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
     const FwdItem w = item_of_slot[slot];
     if (w.n_tiles < 0) break;
@@ -380,14 +406,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     const int n_tiles = w.n_tiles;
     const int64_t group_row0 = w.t0 + consumer * 64;
     const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-    const uint64_t q_desc = wgmma::desc_sw128(smem + Smem::kQ + slot * QTile::kBytes + consumer * 64 * 128);
+    const uint64_t q_desc = q_desc_of(slot);
 
     float o[kD / 8][4];
-#pragma unroll
-    for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float(&o_flat)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(o);
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
-    float s[kBc / 2], corr[2];
+    float corr[2];
     uint32_t pf[kBc / 16][4];
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     uint64_t mask_rows[2] = {0, 0};
@@ -412,10 +436,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
 
-    hopper::mbar_wait(&k_full[stage(0)], phase(0));
-    issue_s<kD, kBc>(s, q_desc, k_desc(stage(0)));
     wgmma::wait<0>();
     wgmma::fence_operands(s);
+    // Zeroed only now: a plain write to an accumulator while a wgmma (S(0),
+    // issued ahead) is in flight makes ptxas serialise every wgmma (C7515).
+#pragma unroll
+    for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     softmax(0, pf);
 
     // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
@@ -445,7 +471,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     // kMerge, kFinish: the rows' lse and accumulators, loaded under the last product.
     MergeInputs<kD> merge_in;
     // The last tile: every S is done, so Q's slot goes back to the producer
-    // (the item after next loads there); then O += P V.
+    // (the item after next loads there); then O += P V, and after it the
+    // next item's S(0), which runs under this item's epilogue. Its Q and K
+    // tiles were loaded while this item's last tiles ran (the producer works
+    // up to three tiles ahead), so the waits for them rarely block.
     auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
       hopper::mbar_arrive(&q_empty[slot]);  // every thread: its own reads of item_of_slot[slot] done
       const int sl = stage(n_tiles - 1);
@@ -456,6 +485,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sl]);
+      // Issued after O is final: from here to the next item's wait nothing may
+      // write an accumulator (ptxas would serialise every wgmma: C7515).
+      hopper::mbar_wait(&q_full[slot ^ 1], ((n + 1) >> 1) & 1);
+      issue_first_s(slot ^ 1, ring + n_tiles, item_of_slot[slot ^ 1].n_tiles > 0);  // else -1: no item left
     };
     uint32_t pn[kBc / 16][4];
     int j = 1;
@@ -474,6 +507,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                   kMode == MergeMode::kMerge || kMode == MergeMode::kFinish ? &merge_in : nullptr);
     ring += n_tiles;
   }
+  wgmma::wait<0>();  // the unused last issue
 }
 
 // ---- backward ----
@@ -725,13 +759,17 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   // run on the tensor cores while tile j's dQ goes out (its shared-memory
   // tile, the bulk reduction), and an item's first under the last one's epilogue.
   float st[32], dpt[32];
-  auto issue_sdp = [&](int kv, int t) {
+  // loaded: the tiles are real (wait for them); else the products run on
+  // stale tiles and their results go unused (see the ahead issue below).
+  // Items never come without tiles (the producer skips them): an item slot
+  // holds n_tiles > 0 or the end mark -1, so `loaded` means an item follows.
+  auto issue_sdp = [&](int kv, int t, bool loaded = true) {
     const int s = t % kBwdStages;
     const uint64_t q_desc = wgmma::desc_offset(q_desc0, s * RowTile::kBytes);
     const uint64_t do_desc = wgmma::desc_offset(do_desc0, s * RowTile::kBytes);
     const uint64_t k_desc = wgmma::desc_offset(k_desc0, kv * KTile::kBytes);
     const uint64_t v_desc = wgmma::desc_offset(v_desc0, kv * KTile::kBytes);
-    hopper::mbar_wait(&q_full[s], (t / kBwdStages) & 1);
+    if (loaded) hopper::mbar_wait(&q_full[s], (t / kBwdStages) & 1);
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
@@ -753,9 +791,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   };
   int ring = 0;         // Q/dO tiles consumed so far, all items
   int n = 0;            // items begun
-  bool issued = false;  // the item's first S^T and dP^T are in flight
   hopper::mbar_wait(&kv_full[0], 0);
   BwdItem w = item_of_slot[0];
+  // kAhead: an item's first S^T and dP^T are in flight when it begins (the
+  // first item's issued here, the others under the previous epilogue).
+  if constexpr (L::kAhead) issue_sdp(0, 0, w.n_tiles >= 0);
   while (w.n_tiles >= 0) {
     const int slot = n % kKvSlots;
     const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
@@ -774,7 +814,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     float dk[kD / 2], dv[kD / 2];
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
-    if (L::kAhead && !issued) issue_sdp(slot, ring);
 
     for (int j = 0; j < n_tiles; ++j) {
       const int t = ring + j;  // the tile's place in the Q/dO ring and the dS and dQ buffers
@@ -1021,8 +1060,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     };
     if constexpr (L::kAhead) {
       take_next();
-      issued = next.n_tiles >= 0;
-      if (issued) issue_sdp(next_slot, ring);
+      // Issued whether or not an item follows (if none, on stale tiles, the
+      // results unused): a wgmma issued on one path only made ptxas wait for
+      // it where the paths join (C7517), right before the epilogue it is to
+      // overlap. The branch is on the tiles' wait, not on the issue.
+      issue_sdp(next_slot, ring, next.n_tiles >= 0);
     }
     // dK (scaled) and dV of this item's keys. kDirect: the last branch, keeping
     // every row, writes them once in bf16, adding the accumulators of the rows
@@ -1081,6 +1123,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     if constexpr (!L::kAhead) take_next();
     w = next;
   }
+  if constexpr (L::kAhead) wgmma::wait<0>();  // the unused last issue
   if (threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // shared memory must outlive the reductions
 }
 
