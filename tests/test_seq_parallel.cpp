@@ -562,9 +562,10 @@ TEST_CASE("seq_parallel_dilated_attention rejects a wrong layout clearly") {
 
 TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
   // Each of P ranks runs its chunk of every row at global positions; the sum
-  // over ranks of (1/P) x the chunk's mean loss is the whole mean loss, and
-  // so are its parameter gradients (keys' and values' gradients for other
-  // ranks' losses come back through the attention's backward).
+  // over ranks of (chunk length / T) x the chunk's mean loss is the whole
+  // mean loss, and so are its parameter gradients (keys' and values'
+  // gradients for other ranks' losses come back through the attention's
+  // backward). Uneven chunks, so that a chunk's start is not rank x length.
   const TensorOptions f64{DType::Float64, Device::cpu(), false};
   const int64_t B = 2, T = 12, V = 11;
   std::vector<int32_t> ids, next;
@@ -590,20 +591,19 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
       nn::TransformerLM one(config, 7, f64);
       const Tensor want_loss = one.loss(idx, targets);
       want_loss.backward();
-      for (int P : {2, 3})
-        for (bool given : {false, true}) {  // the layout exchanged, or given (nn::SequenceParallel::layout)
+      for (const ops::SequenceLayout& layout : {ops::SequenceLayout{{5, 7}}, ops::SequenceLayout{{3, 6, 3}}})
+        for (bool given : {false, true}) {  // the layout exchanged (an offset given), or given
+          const int P = static_cast<int>(layout.chunk_sizes.size());
           CAPTURE(P);
           CAPTURE(given);
-          const int64_t n = T / P;
           std::vector<std::vector<Tensor>> grads(P);
           std::vector<double> losses(P);
           dist::run_in_process(P, [&](dist::Communicator& comm) {
             nn::TransformerLM model(config, 7, f64);
-            std::optional<ops::SequenceLayout> layout;
-            if (given) layout = ops::SequenceLayout::even(T, P);
-            model.set_sequence_parallel({&comm, comm.rank() * n, layout});
-            auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
-            Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
+            const int64_t start = layout.start(comm.rank()), n = layout.chunk_sizes[comm.rank()];
+            model.set_sequence_parallel(given ? nn::SequenceParallel(comm, layout) : nn::SequenceParallel(comm, start));
+            auto chunk = [&](const Tensor& t) { return t.narrow(1, start, n).contiguous(); };
+            Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), static_cast<double>(n) / T);
             loss.backward();
             losses[comm.rank()] = loss.item<double>();
             for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
@@ -621,23 +621,32 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
     }
 }
 
-TEST_CASE("TransformerLM: a sequence-parallel layout must agree with the offset") {
-  nn::TransformerLMConfig config;
-  config.vocab_size = 5;
-  config.n_layer = 1;
-  config.n_head = 2;
-  config.n_embd = 4;
-  config.block_size = 12;
-  config.dropout = 0;
-  const Tensor idx = from_vector<int32_t>({0, 1, 2, 3, 4, 0}, {1, 6});
-  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
-                                            [&](dist::Communicator& comm) {
-                                              nn::TransformerLM model(config, 7);
-                                              // Rank 1's chunk starts at 6, not 0.
-                                              model.set_sequence_parallel({&comm, 0, ops::SequenceLayout::even(12, 2)});
-                                              model.forward(idx);
-                                            }),
-                       doctest::Contains("sequence-parallel offset 0 is not rank 1's start in its layout, 6"), Error);
+TEST_CASE("nn::SequenceParallel: the offset comes from the layout, or is given; bad ones are refused") {
+  const ops::SequenceLayout layout{{5, 0, 7}};
+  std::vector<int64_t> offsets(3, -1);
+  dist::run_in_process(3, [&](dist::Communicator& comm) {
+    const nn::SequenceParallel sp(comm, layout);
+    offsets[static_cast<size_t>(comm.rank())] = sp.offset();
+    CHECK(sp.comm() == &comm);
+    REQUIRE(sp.layout().has_value());
+    CHECK(sp.layout()->chunk_sizes == layout.chunk_sizes);
+    const nn::SequenceParallel given(comm, 4);
+    CHECK(given.offset() == 4);
+    CHECK_FALSE(given.layout().has_value());
+    // Every rank throws alike (the same layout on every rank, no collective).
+    CHECK_THROWS_WITH_AS(nn::SequenceParallel(comm, ops::SequenceLayout{{6, 6}}),
+                         doctest::Contains("SequenceParallel: layout has 2 chunk sizes [6, 6] for a communicator "
+                                           "of 3 ranks"),
+                         Error);
+    CHECK_THROWS_WITH_AS(nn::SequenceParallel(comm, ops::SequenceLayout{{6, -1, 7}}),
+                         doctest::Contains("sizes must be >= 0"), Error);
+    CHECK_THROWS_WITH_AS(nn::SequenceParallel(comm, int64_t{-1}), doctest::Contains("offset -1 must be >= 0"),
+                         Error);
+  });
+  CHECK(offsets == std::vector<int64_t>{0, 5, 5});
+  const nn::SequenceParallel off;
+  CHECK(off.comm() == nullptr);
+  CHECK(off.offset() == 0);
 }
 
 // ---- CUDA: virtual ranks on one GPU (in-process backend), NCCL world size 1 ----
