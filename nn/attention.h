@@ -113,8 +113,9 @@ constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequ
 //   plan checks every rank's chunk length against the layout, on all ranks
 //   together.
 // - SequenceParallel(comm, offset): the chunk starts at global position
-//   `offset`, the sum of the lengths of the ranks' chunks before it; each
-//   call exchanges the ranks' chunk lengths to learn the layout.
+//   `offset`, the sum of the lengths of the ranks' chunks before it (not
+//   checked: a wrong one shifts this rank's positions); each call exchanges
+//   the ranks' chunk lengths to learn the layout.
 class SequenceParallel {
  public:
   SequenceParallel() = default;  // off: the whole sequence is here
