@@ -118,6 +118,20 @@ Tensor attend_cached(const Tensor& q, const AttentionCache& cache, int64_t pos,
 
 }  // namespace
 
+SequenceParallel::SequenceParallel(dist::Communicator& comm, ops::SequenceLayout layout)
+    : comm_(&comm), layout_(std::move(layout)) {
+  const std::vector<int64_t>& sizes = layout_->chunk_sizes;
+  MINIDL_CHECK(static_cast<int64_t>(sizes.size()) == comm.size(), "SequenceParallel: layout has ", sizes.size(),
+               " chunk sizes ", shape_str(sizes), " for a communicator of ", comm.size(), " ranks; expected one per rank");
+  for (int64_t n : sizes)
+    MINIDL_CHECK(n >= 0, "SequenceParallel: layout has chunk sizes ", shape_str(sizes), "; sizes must be >= 0");
+  offset_ = layout_->start(comm.rank());
+}
+
+SequenceParallel::SequenceParallel(dist::Communicator& comm, int64_t offset) : comm_(&comm), offset_(offset) {
+  MINIDL_CHECK(offset >= 0, "SequenceParallel: offset ", offset, " must be >= 0");
+}
+
 Tensor AttentionLayer::forward(const Tensor& x, AttentionCache& cache) {
   check_cached_input(type_name(), x, cache, cache.x);
   const int64_t T = x.size(1);
@@ -211,20 +225,17 @@ Tensor MultiHeadSelfAttention::forward(const Tensor& x) {
 Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
   // Attention-probability dropout with the residual's p and generator, as nanoGPT does.
   const double dropout_p = is_training() ? resid_drop->p : 0.0;
-  if (sequence_parallel.comm) {
+  const SequenceParallel& sp = sequence_parallel;
+  if (sp.comm()) {
     MINIDL_CHECK(dropout_p == 0, type_name(), ": sequence-parallel attention has no attention dropout; "
                  "train with dropout 0 or call eval()");
-    std::vector<Tensor> qkv = project_qkv(x, sequence_parallel.offset);
+    std::vector<Tensor> qkv = project_qkv(x, sp.offset());
     const AttentionBranches b = branches();
     DilatedAttentionConfig config;
     for (size_t i = 0; i < b.segments.size(); ++i) config.branches.push_back({b.segments[i], b.dilations[i]});
-    const SequenceParallel& sp = sequence_parallel;
-    MINIDL_CHECK(!sp.layout || sp.layout->chunk_sizes.size() != static_cast<size_t>(sp.comm->size()) ||
-                     sp.layout->start(sp.comm->rank()) == sp.offset,
-                 type_name(), ": sequence-parallel offset ", sp.offset, " is not rank ", sp.comm->rank(),
-                 "'s start in its layout, ", sp.layout->start(sp.comm->rank()));
-    Tensor y = (sp.layout ? ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm, *sp.layout)
-                          : ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm))
+    Tensor y = (sp.layout() ? ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm(),
+                                                                  *sp.layout())
+                            : ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm()))
                    .first;
     return c_proj->forward(y.reshape(x.shape()));
   }
@@ -235,7 +246,7 @@ Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
 
 Tensor MultiHeadSelfAttention::forward(const Tensor& x, AttentionCache& cache) {
   check_cached_input(type_name(), x, cache, cache.k);
-  MINIDL_CHECK(!sequence_parallel.comm, type_name(), ": cached decoding is not sequence parallel");
+  MINIDL_CHECK(!sequence_parallel.comm(), type_name(), ": cached decoding is not sequence parallel");
   MINIDL_CHECK(!is_training() || resid_drop->p == 0, type_name(),
                ": cached decoding runs without dropout; call eval() first");
   const int64_t position = cache.length, T = x.size(1);

@@ -99,19 +99,39 @@ struct AttentionBranches {
 constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequence
 
 // Sequence parallelism (LongNet; ops/seq_parallel.h): the ranks of `comm`
-// each hold a contiguous chunk of every sequence, in rank order, and this
-// rank's starts at global position `offset`. A layer given one (comm not
-// null) rotates q and k for global positions and attends through
-// ops::seq_parallel_dilated_attention with its branches(), a collective
-// every rank of comm runs; comm must outlive the backward. Training only
-// without attention dropout; no cached decoding. With `layout` (the same on
-// every rank; offset must be its start of this rank) the attention exchanges
-// no chunk sizes and, once its plan is built, never waits on the host
-// (ops::SequenceLayout); without it each call exchanges them.
-struct SequenceParallel {
-  dist::Communicator* comm = nullptr;  // null: the whole sequence is here
-  int64_t offset = 0;
-  std::optional<ops::SequenceLayout> layout;
+// each hold a contiguous chunk of every sequence, in rank order. A layer
+// given one (comm() not null) rotates q and k for global positions and
+// attends through ops::seq_parallel_dilated_attention with its branches(), a
+// collective every rank of comm runs; comm must outlive the backward.
+// Training only without attention dropout; no cached decoding.
+//
+// Where this rank's chunk starts (offset()) comes from one place:
+// - SequenceParallel(comm, layout): every rank passes the same layout (e.g.
+//   ops::SequenceLayout::even); the chunk starts at layout.start(comm.rank()).
+//   The attention exchanges no chunk sizes and, once its plan is built,
+//   never waits on the host (ops::SequenceLayout); the call that builds the
+//   plan checks every rank's chunk length against the layout, on all ranks
+//   together.
+// - SequenceParallel(comm, offset): the chunk starts at global position
+//   `offset`, the sum of the lengths of the ranks' chunks before it (not
+//   checked: a wrong one shifts this rank's positions); each call exchanges
+//   the ranks' chunk lengths to learn the layout.
+class SequenceParallel {
+ public:
+  SequenceParallel() = default;  // off: the whole sequence is here
+  // Throws unless the layout has one chunk size >= 0 per rank of comm.
+  SequenceParallel(dist::Communicator& comm, ops::SequenceLayout layout);
+  // Throws unless offset >= 0.
+  SequenceParallel(dist::Communicator& comm, int64_t offset);
+
+  dist::Communicator* comm() const { return comm_; }  // null: off
+  int64_t offset() const { return offset_; }
+  const std::optional<ops::SequenceLayout>& layout() const { return layout_; }
+
+ private:
+  dist::Communicator* comm_ = nullptr;
+  int64_t offset_ = 0;
+  std::optional<ops::SequenceLayout> layout_;
 };
 
 // Multi-head self-attention with a fused QKV projection, the structure both

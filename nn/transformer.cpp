@@ -219,11 +219,9 @@ Tensor TransformerLM::head(const Tensor& x_ln) const {
 }
 
 void TransformerLM::set_sequence_parallel(const SequenceParallel& sp) {
-  MINIDL_CHECK(!sp.comm || sp.offset >= 0, "TransformerLM::set_sequence_parallel: offset ", sp.offset,
-               " must be >= 0");
   for (const auto& block : h) {
     auto* mhsa = dynamic_cast<MultiHeadSelfAttention*>(block->attn.get());
-    MINIDL_CHECK(mhsa || !sp.comm, "TransformerLM::set_sequence_parallel: attention '", config_.attention,
+    MINIDL_CHECK(mhsa || !sp.comm(), "TransformerLM::set_sequence_parallel: attention '", config_.attention,
                  "' (", block->attn->type_name(), ") is not a MultiHeadSelfAttention");
     if (mhsa) mhsa->sequence_parallel = sp;
   }
@@ -232,7 +230,7 @@ void TransformerLM::set_sequence_parallel(const SequenceParallel& sp) {
 
 Tensor TransformerLM::forward(const Tensor& idx) const {
   check_ids(idx);
-  const int64_t T = idx.size(1), position = sequence_parallel_.comm ? sequence_parallel_.offset : 0;
+  const int64_t T = idx.size(1), position = sequence_parallel_.offset();
   MINIDL_CHECK(T >= 1 && T <= config_.block_size - position, "TransformerLM: sequence length ", T,
                position ? ::minidl::detail::concat(" at position ", position) : std::string(),
                " must be in [1, block_size = ", config_.block_size,
@@ -253,7 +251,7 @@ Tensor TransformerLM::forward(const Tensor& idx, KVCache& cache) const {
                " cached ones: need 1 <= T and cached + T <= block_size = ", config_.block_size);
   MINIDL_CHECK(!is_training() || config_.dropout == 0,
                "TransformerLM: cached decoding runs without dropout; call eval() first");
-  MINIDL_CHECK(!sequence_parallel_.comm, "TransformerLM: cached decoding is not sequence parallel");
+  MINIDL_CHECK(!sequence_parallel_.comm(), "TransformerLM: cached decoding is not sequence parallel");
   MINIDL_CHECK(cache.layers.empty() || cache.layers.size() == h.size(), "TransformerLM: the cache "
                "holds ", cache.layers.size(), " layers, the model ", h.size());
   NoGradGuard no_grad;

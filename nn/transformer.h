@@ -94,8 +94,8 @@ class TransformerLM : public Module {
 
   // Sequence parallelism (nn/attention.h, SequenceParallel): from now on
   // forward() and loss() take this rank's chunk of each sequence, at global
-  // positions sp.offset .. (learned position rows and rotary angles of the
-  // chunk), and every attention layer attends across the ranks of sp.comm
+  // positions sp.offset() .. (learned position rows and rotary angles of the
+  // chunk), and every attention layer attends across the ranks of sp.comm()
   // (every block's layer must be a MultiHeadSelfAttention). A default
   // SequenceParallel{} turns it off. Cached decoding refuses it.
   void set_sequence_parallel(const SequenceParallel& sp);

@@ -43,10 +43,13 @@ struct SequenceLayout {
 // moves device memory: the in-process backend (virtual ranks sharing one
 // GPU) or NCCL.
 //
-// The plan of a layout (a split of comm per spanning segment, the row maps,
-// uploaded on CUDA) is built by the first call that meets it (collective,
-// with host waits on CUDA) and kept with comm (dist::Communicator::attachment)
-// for later calls. Without `layout`, each call first
+// The plan of a layout (a sub-communicator per spanning segment, the row
+// maps, uploaded on CUDA) is built by the first call that meets it
+// (collective, with host waits on CUDA) and kept with comm
+// (dist::Communicator::attachment) for later calls. The sub-communicators
+// are kept with comm too, by their ranks (a contiguous range): a plan whose
+// segments have ranks an earlier plan's have reuses them instead of
+// splitting comm again (while a kept plan uses them). Without `layout`, each call first
 // exchanges the ranks' chunk sizes (an all-gather; on CUDA a host wait) to
 // learn the layout. With `layout` (the caller knows it, e.g.
 // SequenceLayout::even) nothing is exchanged: a call whose plan is kept

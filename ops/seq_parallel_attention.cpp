@@ -23,6 +23,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -95,9 +96,10 @@ struct Piece {
 };
 
 // One spanning segment this rank takes part in: its ranks [first, first +
-// comm->size()) (a sub-communicator of exactly them) all-gather their kept
-// rows of it, R packed rows each (the maximum over those ranks), and
-// reduce-scatter the rows' gradients back.
+// comm->size()) (a sub-communicator of exactly them, shared with the other
+// spanning segments of those ranks: SubComms) all-gather their kept rows of
+// it, R packed rows each (the maximum over those ranks), and reduce-scatter
+// the rows' gradients back.
 struct Exchange {
   std::shared_ptr<dist::Communicator> comm;
   int first = 0;
@@ -124,6 +126,7 @@ struct Plan {
   std::vector<LocalGroup> local;
   std::vector<Piece> pieces;
   std::vector<Exchange> exchanges;  // in (branch, segment) order on every rank
+  std::vector<std::pair<int, int>> spans;  // every spanning segment's ranks [first, last], this rank's or not
   int64_t c0() const { return starts[rank]; }
   int64_t c1() const { return starts[rank + 1]; }
   int64_t n() const { return c1() - c0(); }
@@ -200,10 +203,19 @@ std::vector<int64_t> exchange_starts(const Tensor& q, dist::Communicator& comm, 
   return starts;
 }
 
-// The geometry of the chunks `starts`, and one sub-communicator per spanning
-// segment this rank takes part in (collective: every rank builds its plan).
+// The sub-communicators split from a communicator for spanning segments, by
+// their ranks [first, last] (contiguous), kept with it for every plan whose
+// segments have those ranks (with NCCL a split is an ncclCommSplit: costly,
+// and each communicator holds device buffers). A rank outside a range holds
+// null for it: every rank holds the same ranges, so all decide alike whether
+// a split is needed (a split is collective).
+using SubComms = std::map<std::pair<int, int>, std::shared_ptr<dist::Communicator>>;
+
+// The geometry of the chunks `starts`, and the sub-communicator of every
+// spanning segment this rank takes part in, from `subs` or split from comm
+// (collective: every rank builds its plan).
 Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Communicator& comm,
-               std::vector<int64_t> starts) {
+               std::vector<int64_t> starts, SubComms& subs) {
   Plan plan;
   plan.P = comm.size();
   plan.rank = comm.rank();
@@ -235,12 +247,15 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
     const int64_t segments = ceil_div_pos(plan.N, w);
     int64_t my_segment[2] = {-1, -1};  // by parity
     size_t my_exchange[2] = {0, 0};
+    std::vector<std::pair<int64_t, std::pair<int, int>>> by_parity[2];  // (segment, its ranks)
     int64_t spanning = 0;
     for (int64_t s = 0; s < segments; ++s) {
       const int64_t lo = s * w, hi = std::min(lo + w, plan.N);
       const int first = plan.owner(lo), last = plan.owner(hi - 1);
       if (first == last) continue;  // local to one rank
       const int64_t parity = spanning++ % 2;
+      by_parity[parity].push_back({s, {first, last}});
+      plan.spans.push_back({first, last});
       if (plan.rank < first || plan.rank > last) continue;
       MINIDL_CHECK(my_segment[parity] < 0, kOp, ": internal: rank ", plan.rank,
                    " in two spanning segments of one parity (w ", w, ")");
@@ -315,13 +330,28 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       MINIDL_CHECK(over == 0, kOp, ": the row maps of ", over, " rank(s) do not fit int32 (this rank's largest row ",
                    largest, "): too many rows per rank (B ", plan.B, ", rows ", plan.n(), ", H ", plan.H, ")");
     }
-    // Collective: every rank splits for each parity that has a segment; a
-    // rank in none of that parity's segments gets a color of its own.
-    for (int64_t parity = 0; parity < std::min<int64_t>(2, spanning); ++parity) {
-      const int64_t s = my_segment[parity];
-      std::unique_ptr<dist::Communicator> sub =
-          comm.split(static_cast<int>(s >= 0 ? s : segments + plan.rank), plan.rank);
-      if (s >= 0) plan.exchanges[my_exchange[parity]].comm = std::move(sub);
+    // Collective: every rank splits for each parity that has a segment whose
+    // ranks have no sub-communicator yet (the same decision on every rank:
+    // the segments' ranks come from the layout and `subs` holds the same
+    // ranges everywhere). The ranks of such a segment take its color; every
+    // other rank (in none of them, or in one whose communicator is kept) one
+    // of its own.
+    for (int parity = 0; parity < 2; ++parity) {
+      const int64_t mine = my_segment[parity];
+      bool split = false, join = false;
+      for (const auto& [s, ranks] : by_parity[parity])
+        if (!subs.count(ranks)) {
+          split = true;
+          join = join || s == mine;
+        }
+      if (split) {
+        std::shared_ptr<dist::Communicator> sub =
+            comm.split(static_cast<int>(join ? mine : segments + plan.rank), plan.rank);
+        for (const auto& [s, ranks] : by_parity[parity])
+          if (!subs.count(ranks)) subs[ranks] = s == mine ? sub : nullptr;
+      }
+      for (const auto& [s, ranks] : by_parity[parity])
+        if (s == mine) plan.exchanges[my_exchange[parity]].comm = subs.at(ranks);
     }
   }
   for (Exchange& ex : plan.exchanges) ex.pack.upload(q.device());
@@ -333,13 +363,15 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
 }
 
 // Plans by layout, kept with the communicator (Communicator::attachment).
-// Building one splits the communicator for the spanning segments (a
-// collective) and uploads the row maps; a call with a layout seen before
-// reuses its plan. Every rank has the same layout each call (exchanged, or
-// given alike) and finds it in its own communicator's list, so all ranks
-// find or all build, in step. The last kPlans layouts are kept, and every
-// plan a CUDA graph capture used: the graph replays its row maps and
-// sub-communicators.
+// Building one splits the communicator for the spanning segments whose ranks
+// no kept plan's segments have (a collective; SubComms) and uploads the row
+// maps; a call with a layout seen before reuses its plan. Every rank has the
+// same layout each call (exchanged, or given alike) and finds it in its own
+// communicator's list, so all ranks find or all build, in step. The last
+// kPlans layouts are kept, and every plan a CUDA graph capture used: the
+// graph replays its row maps and sub-communicators. A sub-communicator is
+// kept while a kept plan has a segment of its ranks (and lives on with any
+// plan holding it, e.g. one a pending backward holds).
 constexpr size_t kPlans = 8;
 
 // Whether minidl's stream on `device` is being captured into a CUDA graph.
@@ -362,18 +394,25 @@ struct PlanKey {
   bool operator==(const PlanKey&) const = default;
 };
 
+// What a communicator keeps (Communicator::attachment): the same on every rank
+// but for the parts that name its rank.
+struct Kept {
+  PlanKey key;
+  std::shared_ptr<const Plan> plan;
+  bool pinned = false;  // used by a graph capture: never evicted
+};
+struct Cache {
+  std::vector<Kept> plans;  // newest first
+  SubComms subs;
+};
+
 // layout null: exchanged on this call.
 std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionConfig& config,
                                         dist::Communicator& comm, const SequenceLayout* layout) {
-  struct Kept {
-    PlanKey key;
-    std::shared_ptr<const Plan> plan;
-    bool pinned = false;  // used by a graph capture: never evicted
-  };
-  using Plans = std::vector<Kept>;  // newest first
   std::shared_ptr<void>& slot = comm.attachment("ops::seq_parallel_dilated_attention plans");
-  if (!slot) slot = std::make_shared<Plans>();
-  Plans& plans = *static_cast<Plans*>(slot.get());
+  if (!slot) slot = std::make_shared<Cache>();
+  Cache& cache = *static_cast<Cache*>(slot.get());
+  std::vector<Kept>& plans = cache.plans;
   std::vector<int64_t> starts = layout ? starts_of(*layout) : exchange_starts(q, comm, nullptr);
   PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, q.device()};
   for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
@@ -389,13 +428,18 @@ std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionC
   // A given layout is checked against every rank's once, when its plan is
   // built (which communicates anyway), not on the calls that reuse it.
   if (layout) exchange_starts(q, comm, layout);
-  auto plan = std::make_shared<const Plan>(make_plan(q, config, comm, std::move(starts)));
+  auto plan = std::make_shared<const Plan>(make_plan(q, config, comm, std::move(starts), cache.subs));
   plans.insert(plans.begin(), Kept{std::move(key), plan, pin});
-  // Evict the oldest unpinned plan past kPlans unpinned ones.
+  // Evict the oldest unpinned plan past kPlans unpinned ones, and the
+  // sub-communicators of the ranks no kept plan's segments have (the same
+  // ones on every rank).
   size_t unpinned = 0;
   for (size_t i = 0; i < plans.size(); ++i)
     if (!plans[i].pinned && ++unpinned > kPlans) {
       plans.erase(plans.begin() + static_cast<std::ptrdiff_t>(i));
+      std::set<std::pair<int, int>> used;
+      for (const Kept& kept : plans) used.insert(kept.plan->spans.begin(), kept.plan->spans.end());
+      std::erase_if(cache.subs, [&](const auto& sub) { return !used.count(sub.first); });
       break;
     }
   return plan;

@@ -120,6 +120,16 @@ struct How {
   bool layout = false;
 };
 
+// The ranks' results, their rows concatenated in rank order.
+Result cat_ranks(const std::vector<Result>& parts) {
+  auto cat = [&](Tensor Result::*field) {
+    std::vector<Tensor> ts;
+    for (const Result& r : parts) ts.push_back(r.*field);
+    return ops::cat(ts, 1);
+  };
+  return {cat(&Result::out), cat(&Result::lse), cat(&Result::dq), cat(&Result::dk), cat(&Result::dv)};
+}
+
 // Rank p holds rows [starts[p], starts[p + 1]); results concatenated over ranks.
 Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int64_t>& sizes, How how = {}) {
   const int P = static_cast<int>(sizes.size());
@@ -151,12 +161,7 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   };
   if (how.nccl) dist::run_nccl(P, body);
   else run_ranks(P, body);
-  auto cat = [&](Tensor Result::*field) {
-    std::vector<Tensor> ts;
-    for (const Result& r : parts) ts.push_back(r.*field);
-    return ops::cat(ts, 1);
-  };
-  return {cat(&Result::out), cat(&Result::lse), cat(&Result::dq), cat(&Result::dk), cat(&Result::dv)};
+  return cat_ranks(parts);
 }
 
 
@@ -293,47 +298,121 @@ TEST_CASE("seq_parallel_dilated_attention: per-rank communication is constant in
   }
 }
 
-TEST_CASE("seq_parallel_dilated_attention: a layout seen before reuses its plan (no splits), same results") {
-  // Spanning segments at P = 3 (splits); then other chunk sizes (a new plan),
-  // then the first layout again (its plan still kept).
+namespace {
+
+// One call of in_one_world: the forward and backward of c on `in`, rank p
+// holding chunk_sizes[p] rows, given as the layout.
+struct Call {
+  Case c;
+  Inputs in;
+  std::vector<int64_t> sizes;
+};
+
+struct WorldCalls {
+  std::vector<Result> results;  // per call
+  std::vector<int64_t> splits;  // CountingComm::splits after each call, counted from the first
+};
+
+// The calls in order on one world of in-process ranks (every call with as
+// many chunks), on the same communicator, so that plans and sub-communicators
+// carry over from call to call.
+WorldCalls in_one_world(const std::vector<Call>& calls) {
+  const int P = static_cast<int>(calls.at(0).sizes.size());
+  std::vector<std::vector<Result>> parts(calls.size(), std::vector<Result>(P));
+  WorldCalls got{{}, std::vector<int64_t>(calls.size())};
+  const int64_t before = CountingComm::splits.load();
+  run_ranks(P, [&](dist::Communicator& comm) {
+    const int p = comm.rank();
+    for (size_t i = 0; i < calls.size(); ++i) {
+      const Call& call = calls[i];
+      REQUIRE(static_cast<int>(call.sizes.size()) == P);
+      const ops::SequenceLayout layout{call.sizes};
+      auto rows = [&](const Tensor& t) { return t.narrow(1, layout.start(p), call.sizes[p]).contiguous(); };
+      Tensor q = rows(call.in.q).requires_grad_(), k = rows(call.in.k).requires_grad_(),
+             v = rows(call.in.v).requires_grad_();
+      DilatedAttentionConfig config;
+      config.branches = call.c.branches;
+      config.causal = call.c.causal;
+      auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm, layout);
+      loss_of(out, lse, rows(call.in.w_out), rows(call.in.w_lse)).backward();
+      parts[i][static_cast<size_t>(p)] = {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
+      comm.barrier();  // every rank's splits of this call are counted
+      if (p == 0) got.splits[i] = CountingComm::splits.load() - before;
+      comm.barrier();
+    }
+  });
+  for (const std::vector<Result>& ranks : parts) got.results.push_back(cat_ranks(ranks));
+  return got;
+}
+
+void check_results(const Result& got, const Result& want, double tol) {
+  check_equal("out", got.out, want.out, tol);
+  check_equal("lse", got.lse, want.lse, tol);
+  check_equal("dq", got.dq, want.dq, tol);
+  check_equal("dk", got.dk, want.dk, tol);
+  check_equal("dv", got.dv, want.dv, tol);
+}
+
+}  // namespace
+
+TEST_CASE("seq_parallel_dilated_attention: a layout seen before reuses its plan, another its sub-communicators") {
+  // Spanning segments at P = 3 (splits); the same layout again (its plan);
+  // other chunk sizes whose spanning segments have the ranks the first
+  // layout's have (a plan of its own, sharing the first one's
+  // sub-communicators: no split); the first layout again (its plan kept).
   const Case c = kOdd;
   const Inputs in = make_inputs(c);
-  DilatedAttentionConfig config;
-  config.branches = c.branches;
   const std::vector<int64_t> a = ops::SequenceLayout::even(c.N, 3).chunk_sizes, b = {5, 20, 12};
-  std::vector<int64_t> splits(5);
-  std::vector<std::vector<Tensor>> outs(3);
-  run_ranks(3, [&](dist::Communicator& comm) {
-    const int p = comm.rank();
-    auto call = [&](const std::vector<int64_t>& sizes) {
-      int64_t start = 0;
-      for (int i = 0; i < p; ++i) start += sizes[static_cast<size_t>(i)];
-      const Tensor q = in.q.narrow(1, start, sizes[static_cast<size_t>(p)]).contiguous();
-      return ops::seq_parallel_dilated_attention(q, q, q, config, comm).first;
-    };
-    auto count = [&](size_t i) {
-      comm.barrier();
-      if (p == 0) splits[i] = CountingComm::splits.load();
-      comm.barrier();
-    };
-    count(0);
-    Tensor first = call(a);
-    count(1);
-    Tensor again = call(a);
-    count(2);
-    call(b);
-    count(3);
-    Tensor back = call(a);
-    count(4);
-    outs[static_cast<size_t>(p)] = {first, again, back};
-  });
-  CHECK(splits[1] > splits[0]);   // the first layout split the communicator
-  CHECK(splits[2] == splits[1]);  // the same layout again: none
-  CHECK(splits[3] > splits[2]);   // another layout: a plan of its own
-  CHECK(splits[4] == splits[3]);  // the first layout's plan was kept
-  for (const auto& o : outs) {
-    check_equal("again", o[1], o[0], 0);
-    check_equal("back", o[2], o[0], 0);
+  const WorldCalls got = in_one_world({{c, in, a}, {c, in, a}, {c, in, b}, {c, in, a}});
+  CHECK(got.splits[0] > 0);
+  CHECK(got.splits == std::vector<int64_t>(4, got.splits[0]));
+  const Result want = single_device(c, in);
+  check_results(got.results[0], want, 1e-10);
+  check_results(got.results[1], got.results[0], 0);
+  check_results(got.results[2], want, 1e-10);
+  check_results(got.results[3], got.results[0], 0);
+}
+
+TEST_CASE("seq_parallel_dilated_attention: one split per rank range, shared by plans and branches, P = 4") {
+  // kOdd's branches over three layouts on one world (a split counts once per
+  // rank: 4 a split). A {4, 7, 4, 22}: spanning segments of ranks (0, 1) in
+  // branches 0 and 1 (the even ones by segment order), (1, 3) in branches 0
+  // and 1 (the odd ones), (0, 3) in branches 2 and 3: three splits, each
+  // shared by two branches. B {6, 5, 4, 22}: other chunks, the same ranks:
+  // no split. C {4, 5, 8, 20}: branch 0's even segments are of (0, 1), kept,
+  // and (2, 3), new (one split, whose (0, 1) ranks take colors of their own),
+  // its odd one of (1, 2) (a split); branches 1 and 2 (0, 2) (a split) and
+  // (2, 3) (kept now); branch 3 (0, 3): three splits.
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    Case c = kOdd;
+    c.causal = causal;
+    const Inputs in = make_inputs(c);
+    const std::vector<int64_t> A = {4, 7, 4, 22}, B = {6, 5, 4, 22}, C = {4, 5, 8, 20};
+    std::vector<Call> calls{{c, in, A}, {c, in, B}, {c, in, C}};
+    // Then 8 plans of other batch sizes over ranks (0, 1), (1, 2), (2, 3)
+    // (segments of 4 over chunks of 9, 9, 9, 10): no split, and A's plan
+    // and those of B and C go (the last 8 layouts are kept), and with them
+    // the sub-communicators of (1, 3), (0, 3) and (0, 2), which no kept
+    // plan uses: A again splits for (1, 3) and (0, 3).
+    for (int64_t batch = 3; batch <= 10; ++batch) {
+      const Case filler{batch, c.N, c.H, c.D, {{4, 1}}, causal};
+      calls.push_back({filler, make_inputs(filler), {9, 9, 9, 10}});
+    }
+    calls.push_back({c, in, A});
+    const WorldCalls got = in_one_world(calls);
+    CHECK(got.splits[0] == 3 * 4);
+    CHECK(got.splits[1] == 3 * 4);
+    CHECK(got.splits[2] == 6 * 4);
+    CHECK(got.splits[10] == 6 * 4);
+    CHECK(got.splits[11] == 8 * 4);
+    const Result want = single_device(c, in);
+    for (size_t i : {0, 1, 2}) {
+      CAPTURE(i);
+      check_results(got.results[i], want, 1e-10);
+    }
+    check_results(got.results[11], got.results[0], 0);
+    check_results(got.results[10], single_device(calls[10].c, calls[10].in), 1e-10);
   }
 }
 
@@ -562,9 +641,10 @@ TEST_CASE("seq_parallel_dilated_attention rejects a wrong layout clearly") {
 
 TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
   // Each of P ranks runs its chunk of every row at global positions; the sum
-  // over ranks of (1/P) x the chunk's mean loss is the whole mean loss, and
-  // so are its parameter gradients (keys' and values' gradients for other
-  // ranks' losses come back through the attention's backward).
+  // over ranks of (chunk length / T) x the chunk's mean loss is the whole
+  // mean loss, and so are its parameter gradients (keys' and values'
+  // gradients for other ranks' losses come back through the attention's
+  // backward). Uneven chunks, so that a chunk's start is not rank x length.
   const TensorOptions f64{DType::Float64, Device::cpu(), false};
   const int64_t B = 2, T = 12, V = 11;
   std::vector<int32_t> ids, next;
@@ -590,20 +670,19 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
       nn::TransformerLM one(config, 7, f64);
       const Tensor want_loss = one.loss(idx, targets);
       want_loss.backward();
-      for (int P : {2, 3})
-        for (bool given : {false, true}) {  // the layout exchanged, or given (nn::SequenceParallel::layout)
+      for (const ops::SequenceLayout& layout : {ops::SequenceLayout{{5, 7}}, ops::SequenceLayout{{3, 6, 3}}})
+        for (bool given : {false, true}) {  // the layout exchanged (an offset given), or given
+          const int P = static_cast<int>(layout.chunk_sizes.size());
           CAPTURE(P);
           CAPTURE(given);
-          const int64_t n = T / P;
           std::vector<std::vector<Tensor>> grads(P);
           std::vector<double> losses(P);
           dist::run_in_process(P, [&](dist::Communicator& comm) {
             nn::TransformerLM model(config, 7, f64);
-            std::optional<ops::SequenceLayout> layout;
-            if (given) layout = ops::SequenceLayout::even(T, P);
-            model.set_sequence_parallel({&comm, comm.rank() * n, layout});
-            auto chunk = [&](const Tensor& t) { return t.narrow(1, comm.rank() * n, n).contiguous(); };
-            Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), 1.0 / P);
+            const int64_t start = layout.start(comm.rank()), n = layout.chunk_sizes[comm.rank()];
+            model.set_sequence_parallel(given ? nn::SequenceParallel(comm, layout) : nn::SequenceParallel(comm, start));
+            auto chunk = [&](const Tensor& t) { return t.narrow(1, start, n).contiguous(); };
+            Tensor loss = ops::mul(model.loss(chunk(idx), chunk(targets)), static_cast<double>(n) / T);
             loss.backward();
             losses[comm.rank()] = loss.item<double>();
             for (const Tensor& p : model.parameters()) grads[comm.rank()].push_back(p.grad());
@@ -621,23 +700,32 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
     }
 }
 
-TEST_CASE("TransformerLM: a sequence-parallel layout must agree with the offset") {
-  nn::TransformerLMConfig config;
-  config.vocab_size = 5;
-  config.n_layer = 1;
-  config.n_head = 2;
-  config.n_embd = 4;
-  config.block_size = 12;
-  config.dropout = 0;
-  const Tensor idx = from_vector<int32_t>({0, 1, 2, 3, 4, 0}, {1, 6});
-  CHECK_THROWS_WITH_AS(dist::run_in_process(2,
-                                            [&](dist::Communicator& comm) {
-                                              nn::TransformerLM model(config, 7);
-                                              // Rank 1's chunk starts at 6, not 0.
-                                              model.set_sequence_parallel({&comm, 0, ops::SequenceLayout::even(12, 2)});
-                                              model.forward(idx);
-                                            }),
-                       doctest::Contains("sequence-parallel offset 0 is not rank 1's start in its layout, 6"), Error);
+TEST_CASE("nn::SequenceParallel: the offset comes from the layout, or is given; bad ones are refused") {
+  const ops::SequenceLayout layout{{5, 0, 7}};
+  std::vector<int64_t> offsets(3, -1);
+  dist::run_in_process(3, [&](dist::Communicator& comm) {
+    const nn::SequenceParallel sp(comm, layout);
+    offsets[static_cast<size_t>(comm.rank())] = sp.offset();
+    CHECK(sp.comm() == &comm);
+    REQUIRE(sp.layout().has_value());
+    CHECK(sp.layout()->chunk_sizes == layout.chunk_sizes);
+    const nn::SequenceParallel given(comm, 4);
+    CHECK(given.offset() == 4);
+    CHECK_FALSE(given.layout().has_value());
+    // Every rank throws alike (the same layout on every rank, no collective).
+    CHECK_THROWS_WITH_AS(nn::SequenceParallel(comm, ops::SequenceLayout{{6, 6}}),
+                         doctest::Contains("SequenceParallel: layout has 2 chunk sizes [6, 6] for a communicator "
+                                           "of 3 ranks"),
+                         Error);
+    CHECK_THROWS_WITH_AS(nn::SequenceParallel(comm, ops::SequenceLayout{{6, -1, 7}}),
+                         doctest::Contains("sizes must be >= 0"), Error);
+    CHECK_THROWS_WITH_AS(nn::SequenceParallel(comm, int64_t{-1}), doctest::Contains("offset -1 must be >= 0"),
+                         Error);
+  });
+  CHECK(offsets == std::vector<int64_t>{0, 5, 5});
+  const nn::SequenceParallel off;
+  CHECK(off.comm() == nullptr);
+  CHECK(off.offset() == 0);
 }
 
 // ---- CUDA: virtual ranks on one GPU (in-process backend), NCCL world size 1 ----

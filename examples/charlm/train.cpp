@@ -158,7 +158,7 @@ class Ranks {
       // the attention is given the even split and exchanges no chunk sizes.
       const ops::SequenceLayout layout =
           ops::SequenceLayout::even(model.compute().config().block_size, sp_comm_->size());
-      model.compute().set_sequence_parallel({sp_comm_.get(), layout.start(sp_comm_->rank()), layout});
+      model.compute().set_sequence_parallel({*sp_comm_, layout});
     }
   }
   // This rank's block of a global batch (B, T): its rows, and with --sp its
