@@ -10,9 +10,11 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -145,6 +147,12 @@ struct CapturedCandidate {
 
 void capture_candidate(const LtCall& call, const LtProblem& p, const cublasLtMatmulAlgo_t& algo, bool instantiate,
                        CapturedCandidate* out) {
+  // Run once first, on minidl's stream: a kernel's module loads on its first
+  // launch (lazy loading), which a capture cannot do.
+  if (call.launch(p, algo, stream()) != CUBLAS_STATUS_SUCCESS) {
+    (void)cudaGetLastError();
+    return;
+  }
   cudaStream_t side;
   MINIDL_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
   cudaGraph_t graph = nullptr;
@@ -189,20 +197,36 @@ float time_candidate(const CapturedCandidate& c, int replays) {
 cublasLtMatmulAlgo_t choose_algo(const LtCall& call, const LtProblem& p, AlgoPolicy policy,
                                  const cublasLtMatmulHeuristicResult_t* results, int count) {
   if (policy == AlgoPolicy::kHeuristic || count == 1) return results[0].algo;
-  int best = 0;
+  // MINIDL_GEMM_ALGO_LOG=1: one line per shape on stderr, each candidate's
+  // launches (graph nodes) and time, and the choice.
+  const char* log_env = std::getenv("MINIDL_GEMM_ALGO_LOG");
+  const bool log = log_env && *log_env && std::string_view(log_env) != "0";
+  std::string line;
+  int best = -1;
   float best_ms = INFINITY;
   for (int i = 0; i < count; ++i) {
     CapturedCandidate c;
     capture_candidate(call, p, results[i].algo, policy == AlgoPolicy::kTimed, &c);
+    char part[64];
+    if (log) std::snprintf(part, sizeof(part), " [%d] %zu nodes", i, c.nodes), line.append(part);
     if (c.nodes == 0) continue;
     if (policy == AlgoPolicy::kSingleKernel) {
-      if (c.nodes == 1) return results[i].algo;
+      if (c.nodes == 1) {
+        best = i;
+        break;
+      }
       continue;
     }
     const float ms = time_candidate(c, 5);
+    if (log) std::snprintf(part, sizeof(part), " %.1f us", ms * 1e3f), line.append(part);
     if (ms < best_ms) best_ms = ms, best = i;
   }
-  return results[best].algo;
+  if (log)
+    std::fprintf(stderr, "minidl gemm %s: m %lld n %lld k %lld epilogue %d:%s -> [%d]\n",
+                 policy == AlgoPolicy::kTimed ? "timed" : "single", static_cast<long long>(p.m),
+                 static_cast<long long>(p.n), static_cast<long long>(p.k), static_cast<int>(p.epilogue), line.c_str(),
+                 best < 0 ? 0 : best);
+  return results[best < 0 ? 0 : best].algo;
 }
 
 // Runs the problem; false (nothing launched) when cuBLASLt has no kernel.
