@@ -92,7 +92,13 @@ void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 //              one is a gap on the stream);
 //   timed      the fastest of its choices, each captured as a CUDA graph and
 //              replayed, so that extra kernels count with their gaps.
-// A shape first met inside a CUDA graph capture takes the heuristic's choice.
+// A shape first met inside a CUDA graph capture takes the heuristic's choice;
+// a graph captured after eager steps uses what they chose. Measured on the
+// recipe (H200, docs/BENCHMARKS.md): cuBLASLt's bias, bias-gradient and
+// DGELU-bias-gradient epilogues come with extra kernels or memsets in every
+// one of its choices, so "single" changes nothing there; "timed" gains ~1%
+// eager and may add launches. The default stays the heuristic: no host wait
+// on a new shape, and the same choice every run.
 enum class AlgoPolicy { kHeuristic, kSingleKernel, kTimed };
 
 AlgoPolicy algo_policy() {
@@ -250,7 +256,7 @@ bool run_lt(const LtProblem& p) {
   MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.ld.h, p.type, p.m, p.n, p.m));
   call.ws = cublaslt_workspace(&call.ws_bytes);
 
-  const AlgoPolicy policy = stream_capturing() ? AlgoPolicy::kHeuristic : algo_policy();
+  const AlgoPolicy policy = algo_policy();
   AlgoKey key{current_device(), static_cast<int>(p.type), static_cast<int>(p.compute),
               static_cast<int>(p.epilogue), alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
               p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy)};
@@ -274,16 +280,19 @@ bool run_lt(const LtProblem& p) {
       for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
                         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
         MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &align, sizeof(align)));
+      // Inside a capture nothing may run: the shape keeps the heuristic's
+      // choice (cached, so eager calls of it choose the same).
+      const bool tune = policy != AlgoPolicy::kHeuristic && !stream_capturing();
       constexpr int kCandidates = 8;
       cublasLtMatmulHeuristicResult_t results[kCandidates]{};
       int count = 0;
       cublasStatus_t st =
           cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc, call.la.h, call.lb.h, call.ld.h, call.ld.h,
-                                         pref.h, policy == AlgoPolicy::kHeuristic ? 1 : kCandidates, results, &count);
+                                         pref.h, tune ? kCandidates : 1, results, &count);
       // Any refusal means no fused kernel for this case: the caller falls
       // back (linear_fallbacks() counts it, so tests see an unexpected one).
       chosen.found = st == CUBLAS_STATUS_SUCCESS && count > 0;
-      if (chosen.found) chosen.algo = choose_algo(call, p, policy, results, count);
+      if (chosen.found) chosen.algo = choose_algo(call, p, tune ? policy : AlgoPolicy::kHeuristic, results, count);
       algo_cache().emplace(key, chosen);
     }
   }
