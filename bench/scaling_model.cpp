@@ -316,10 +316,10 @@ void print_calibration(const KernelFit& fit) {
 
 void print_attention_table(const char* title, int64_t tokens_per_gpu, int64_t fixed_N, const KernelFit& fit) {
   std::printf("## %s (H = 8, one layer fwd+bwd, slowest rank)\n\n", title);
-  std::printf("| P | N | N/P | spanning | local ms | spanning ms | today: comm ms | sub-group: comm ms "
+  std::printf("| P | N | N/P | spanning | local ms | spanning ms | row passes ms | today: comm ms | sub-group: comm ms "
               "(latency) | longest segment ms | today ms | sub serial ms | sub overlapped ms | "
               "eff. today / sub | GiB today / sub |\n|");
-  for (int i = 0; i < 14; ++i) std::printf("---|");
+  for (int i = 0; i < 15; ++i) std::printf("---|");
   std::printf("\n");
   double t1_today = 0, t1_sub = 0;
   for (int64_t P : gpu_counts()) {
@@ -329,10 +329,10 @@ void print_attention_table(const char* title, int64_t tokens_per_gpu, int64_t fi
     const double t_today = today.serial_ms(), t_sub = sub.overlapped_ms();
     if (P == 1) t1_today = t_today, t1_sub = t_sub;
     const double e = fixed_N ? double(P) : 1.0;  // strong scaling: ideal is t1 / P
-    std::printf("| %lld | %s | %s | %d | %.1f | %.2f | %.1f | %.1f (%.1f) | %.1f | %.1f | %.1f | %.1f | "
+    std::printf("| %lld | %s | %s | %d | %.1f | %.2f | %.1f | %.1f | %.1f (%.1f) | %.1f | %.1f | %.1f | %.1f | "
                 "%.0f%% / %.0f%% | %.1f / %.1f |\n",
                 (long long)P, tokens(N).c_str(), tokens(N / P).c_str(), sub.spanning, sub.local_ms,
-                sub.span_ms, today.comm_ms(), sub.comm_ms(), sub.latency_ms, sub.longest_ms, t_today,
+                sub.span_ms, sub.pass_ms, today.comm_ms(), sub.comm_ms(), sub.latency_ms, sub.longest_ms, t_today,
                 sub.serial_ms(), t_sub, 100 * t1_today / (e * t_today), 100 * t1_sub / (e * t_sub),
                 attention_gib(N, P, 8, kToday, fit), attention_gib(N, P, 8, kSubOverlap, fit));
   }
