@@ -233,6 +233,17 @@ TEST_CASE("seq_parallel_dilated_attention: chunks holding many local segments an
   check_case(many, {17, 33});
 }
 
+TEST_CASE("seq_parallel_dilated_attention: chunks holding whole segments of every branch equal the op bit for bit") {
+  // Nothing spans and one local group covers each chunk: each rank runs the
+  // op on its rows, with no merges or accumulation buffers around it.
+  const Case aligned{2, 32, 3, 4, {{4, 1}, {8, 2}, {16, 3}}, true};
+  check_case(aligned, {16, 16}, 0.0);
+  check_case(aligned, {16, 0, 16}, 0.0);
+  Case non_causal = aligned;
+  non_causal.causal = false;
+  check_case(non_causal, {16, 16}, 0.0);
+}
+
 TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
   // One segment over 4 ranks of 16 tokens, r = 4, 2 heads: each rank ships
   // its 4 kept rows per head of k and v (not its 16 dense rows): after the
@@ -835,10 +846,10 @@ TEST_CASE("CUDA seq_parallel_dilated_attention (virtual ranks) equals the op: fl
 
 TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-process and NCCL)") {
   MINIDL_REQUIRE_CUDA();
-  // One rank runs all branches in one kernel call on its rows and merges into
-  // empty accumulators (exact copies): the forward is the op's bit for bit;
-  // the backward adds each gradient once to zeros, so it equals the op's up
-  // to the kernels' own run-to-run variation (dq sums by atomics).
+  // One rank runs all branches in one call of the op's kernels on its rows
+  // (nothing spans: no merges): the forward is the op's bit for bit; the
+  // backward equals the op's up to the kernels' own run-to-run variation (dq
+  // sums by atomics).
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     CAPTURE(dtype);
     const CudaInputs in = cuda_inputs(kOddCuda, dtype);
