@@ -44,7 +44,9 @@ constexpr double kDenseN = 32768, kDenseMs = 8.83;
 // bench_attention's 49.8 is the op's own row passes, which the kernels do
 // not pay (fp32 O and dq/dk/dv, the merge and the sums into them, the casts
 // back to bf16: ops/seq_parallel_attention.cpp). They are per local row and
-// head, hence scaled by n·H; wN checks it (print_calibration). Memory is
+// head, hence scaled by n·H; wN checks it (print_calibration). Since then
+// the op skips them where nothing spans (P = 1 included; not yet measured:
+// the model gives wN at P = 1 the kernels' time alone). Memory is
 // taken linear in N (the H100 single-device table, 0.53 / 2.14 / 8.55 /
 // 17.1 GiB at 32K / 128K / 512K / 1M, 2026-11-26) and in H.
 constexpr double kOpW16kMs = 61.9, kOpWNMs = 65.2;
@@ -214,7 +216,9 @@ Attention attention(int64_t N, int64_t P, int64_t H, Gather how, bool kernel_que
   }
   a.local_ms = fit.ms(a.branches - a.spanning, local_pairs);
   a.span_ms = fit.ms(a.spanning, span_pairs);  // one piece per spanning branch on this rank
-  a.pass_ms = kOpPassMsPerMi * double(n) / double(kMi) * double(H) / 8;
+  // Only where something spans: with nothing spanning the op runs the
+  // kernels on the chunk alone (whole_chunk_local in ops/seq_parallel_attention.cpp).
+  a.pass_ms = a.spanning > 0 ? kOpPassMsPerMi * double(n) / double(kMi) * double(H) / 8 : 0;
   return a;
 }
 
@@ -268,9 +272,9 @@ struct Step {
 Step lm_step(int64_t N, int64_t P, const Variant& v, const KernelFit& fit) {
   const int64_t n = N / P;
   const Attention a = attention(N, P, kLmHeads, v.gather, v.query_range, fit);
-  // At P = 1 charlm calls ops::dilated_attention (nn/attention.cpp: no
-  // sequence-parallel communicator at --sp 1), which has no row passes.
-  const double attn = (v.overlap ? a.overlapped_ms() : a.serial_ms()) - (P == 1 ? a.pass_ms : 0);
+  // At P = 1 nothing spans: no row passes (and charlm calls
+  // ops::dilated_attention there anyway: no communicator at --sp 1).
+  const double attn = v.overlap ? a.overlapped_ms() : a.serial_ms();
   Step s;
   s.ms = double(kLmLayers) * (attn + rest_ms_per_token_layer() * double(n)) + all_reduce_ms(P, lm_param_bytes());
   s.gib = kLmGiBPerMi * double(n) / double(kMi) + (double(kLmLayers) * a.saved_bytes + a.transient_bytes) / kGiB;
