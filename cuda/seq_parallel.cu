@@ -35,17 +35,21 @@ __global__ void copy_rows_kernel(T* dst, const T* src, int64_t width, RowPairs p
   }
 }
 
-template <typename S>
-__global__ void add_rows_kernel(float* dst, const S* src, int64_t width, RowPairs p) {
+// Sums in float32, stored in D (a bf16 dst rounds once per call).
+template <typename D, typename S>
+__global__ void add_rows_kernel(D* dst, const S* src, int64_t width, RowPairs p) {
   MINIDL_FOR_EACH_PAIR(p) {
     int64_t d, s;
     pair_rows(p, i, d, s);
-    for (int64_t e = threadIdx.x; e < width; e += 32) dst[d * width + e] += static_cast<float>(src[s * width + e]);
+    for (int64_t e = threadIdx.x; e < width; e += 32) {
+      D& x = dst[d * width + e];
+      x = static_cast<D>(static_cast<float>(x) + static_cast<float>(src[s * width + e]));
+    }
   }
 }
 
-template <typename S>
-__global__ void merge_rows_kernel(float* O, float* L, const S* o, const float* l, int64_t width, RowPairs p) {
+template <typename T, typename S>
+__global__ void merge_rows_kernel(T* O, float* L, const S* o, const float* l, int64_t width, RowPairs p) {
   MINIDL_FOR_EACH_PAIR(p) {
     int64_t d, s;
     pair_rows(p, i, d, s);
@@ -59,9 +63,9 @@ __global__ void merge_rows_kernel(float* O, float* L, const S* o, const float* l
       c = expf(lo - merged);
     }
     for (int64_t e = threadIdx.x; e < width; e += 32) {
-      float& acc = O[d * width + e];
+      T& acc = O[d * width + e];
       const float x = static_cast<float>(o[s * width + e]);
-      acc = Lo == -INFINITY ? x : a * acc + c * x;
+      acc = static_cast<T>(Lo == -INFINITY ? x : a * static_cast<float>(acc) + c * x);
     }
     __syncwarp();  // every lane has read L[d]
     if (threadIdx.x == 0) L[d] = merged;
@@ -73,6 +77,18 @@ dim3 grid_of(int64_t count) {
   return dim3(static_cast<unsigned>(blocks < 65535LL * 32 ? blocks : 65535LL * 32));
 }
 const dim3 kBlock(32, kRowsPerBlock);
+
+bool float_or_bf16(DType t) { return t == DType::Float32 || t == DType::BFloat16; }
+
+// Calls f with (T*, S*) for the float32 / bfloat16 tensors a and b.
+template <typename F> void visit_two(const Tensor& a, const Tensor& b, F&& f) {
+  auto with_b = [&](auto* pa) {
+    if (b.dtype() == DType::Float32) f(pa, static_cast<const float*>(b.raw_data()));
+    else f(pa, static_cast<const BFloat16*>(b.raw_data()));
+  };
+  if (a.dtype() == DType::Float32) with_b(static_cast<float*>(a.raw_data()));
+  else with_b(static_cast<BFloat16*>(a.raw_data()));
+}
 
 }  // namespace
 
@@ -89,33 +105,27 @@ void copy_rows(const Tensor& dst, const Tensor& src, int64_t width, const RowPai
 }
 
 void add_rows(const Tensor& dst, const Tensor& src, int64_t width, const RowPairs& rows) {
-  MINIDL_CHECK(dst.dtype() == DType::Float32 && (src.dtype() == DType::Float32 || src.dtype() == DType::BFloat16),
-               "cuda::add_rows: dst ", dst.dtype(), ", src ", src.dtype(),
-               "; expected a float32 dst and a float32 or bfloat16 src");
+  MINIDL_CHECK(float_or_bf16(dst.dtype()) && float_or_bf16(src.dtype()), "cuda::add_rows: dst ", dst.dtype(),
+               ", src ", src.dtype(), "; expected float32 or bfloat16 for both");
   if (rows.count == 0) return;
-  if (src.dtype() == DType::Float32)
-    add_rows_kernel<float><<<grid_of(rows.count), kBlock, 0, stream()>>>(
-        dst.data_ptr<float>(), src.data_ptr<float>(), width, rows);
-  else
-    add_rows_kernel<BFloat16><<<grid_of(rows.count), kBlock, 0, stream()>>>(
-        dst.data_ptr<float>(), src.data_ptr<BFloat16>(), width, rows);
-  MINIDL_CUDA_LAUNCH_CHECK();
+  visit_two(dst, src, [&](auto* d, auto* s) {
+    add_rows_kernel<<<grid_of(rows.count), kBlock, 0, stream()>>>(d, s, width, rows);
+    MINIDL_CUDA_LAUNCH_CHECK();
+  });
 }
 
 void merge_rows(const Tensor& O, const Tensor& L, const Tensor& o, const Tensor& l, int64_t width,
                 const RowPairs& rows) {
-  MINIDL_CHECK(O.dtype() == DType::Float32 && L.dtype() == DType::Float32 && l.dtype() == DType::Float32 &&
-                   (o.dtype() == DType::Float32 || o.dtype() == DType::BFloat16),
+  MINIDL_CHECK(float_or_bf16(O.dtype()) && L.dtype() == DType::Float32 && l.dtype() == DType::Float32 &&
+                   float_or_bf16(o.dtype()),
                "cuda::merge_rows: O ", O.dtype(), ", L ", L.dtype(), ", o ", o.dtype(), ", l ", l.dtype(),
-               "; expected float32 O, L, l and a float32 or bfloat16 o");
+               "; expected float32 L and l, float32 or bfloat16 O and o");
   if (rows.count == 0) return;
-  if (o.dtype() == DType::Float32)
-    merge_rows_kernel<float><<<grid_of(rows.count), kBlock, 0, stream()>>>(
-        O.data_ptr<float>(), L.data_ptr<float>(), o.data_ptr<float>(), l.data_ptr<float>(), width, rows);
-  else
-    merge_rows_kernel<BFloat16><<<grid_of(rows.count), kBlock, 0, stream()>>>(
-        O.data_ptr<float>(), L.data_ptr<float>(), o.data_ptr<BFloat16>(), l.data_ptr<float>(), width, rows);
-  MINIDL_CUDA_LAUNCH_CHECK();
+  visit_two(O, o, [&](auto* pO, auto* po) {
+    merge_rows_kernel<<<grid_of(rows.count), kBlock, 0, stream()>>>(pO, L.data_ptr<float>(), po,
+                                                                     l.data_ptr<float>(), width, rows);
+    MINIDL_CUDA_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace minidl::cuda

@@ -24,12 +24,14 @@ struct RowPairs {
 
 // dst[dst row] = src[src row]; dst and src of one dtype.
 void copy_rows(const Tensor& dst, const Tensor& src, int64_t width, const RowPairs& rows);
-// dst[dst row] += src[src row]; dst float32, src float32 or bfloat16.
+// dst[dst row] += src[src row]; each float32 or bfloat16, summed in float32
+// (a bfloat16 dst rounds once per call).
 void add_rows(const Tensor& dst, const Tensor& src, int64_t width, const RowPairs& rows);
 // One softmax over the union: merges the partial (o, l) of each src row into
 // the accumulated (O, L) of its dst row, O = (e^(L - L') O + e^(l - L') o),
-// L' = log(e^L + e^l); a partial with l = -inf changes nothing. O, L, l
-// float32 (L, l one element per row), o float32 or bfloat16.
+// L' = log(e^L + e^l); a partial with l = -inf changes nothing. L, l
+// float32 (one element per row); O and o float32 or bfloat16, the sum in
+// float32 (a bfloat16 O rounds once per call).
 void merge_rows(const Tensor& O, const Tensor& L, const Tensor& o, const Tensor& l, int64_t width,
                 const RowPairs& rows);
 

@@ -486,8 +486,8 @@ Tensor from_row(const Tensor& t, int64_t first, int64_t W) {
   return t.as_strided({t.numel() - first * W}, {1}, t.offset() + first * W, kOp);
 }
 
-// The three movements; on the CPU float64 throughout, on CUDA dst of
-// add/merge float32 (cuda/seq_parallel.h). Tensors contiguous.
+// The three movements; on the CPU float64 throughout, on CUDA float32 or
+// bf16 (cuda/seq_parallel.h). Tensors contiguous.
 void copy_rows(const Tensor& dst, const Tensor& src, int64_t W, const Pairs& p) {
   if (dst.is_cuda()) {
 #if defined(MINIDL_WITH_CUDA)
@@ -603,30 +603,28 @@ Pairs local_rows(const Plan& plan, int64_t x0, int64_t len) {
 Tensor rows_of(const Tensor& t, int64_t x0, int64_t len) { return contiguous(t.narrow(1, x0, len)); }
 
 struct Forward {
-  Tensor O, L;                   // (B, n, H, D) and (B, n, H): acc dtype (whole_chunk_local: compute, lse)
+  Tensor O, L;                   // (B, n, H, D) and (B, n, H): acc dtype, or compute and lse (whole_chunk)
   std::vector<Tensor> gathered;  // compute dtype, per exchange: (its size, 2, B, R, D)
 };
 
-// Nothing spans and one local group covers this rank's chunk (P = 1, or
-// segments that divide the chunks): the kernels' results are final. The
-// passes skip the acc-dtype buffers, merges and casts around them (on CUDA
-// ~12 ms of 62 at 1M tokens, H 8: zero-fills, merges and casts of O, dq, dk,
-// dv), with the same bits: a merge copies the first partial exactly and adds
-// a gradient once to zeros.
-bool whole_chunk_local(const Plan& plan) {
-  return plan.pieces.empty() && plan.exchanges.empty() && plan.local.size() == 1 &&
-         plan.local[0].a == plan.c0() && plan.local[0].b == plan.c1();
+// The local group, if it is the only one and its rows are the whole chunk
+// (P = 1, or chunks whose bounds every local branch's segments divide). Its
+// kernels' results are then the base both passes build on, in the compute
+// dtype: the spanning pieces merge (forward) and add (backward) into their
+// own rows of it, which are few (n/r rows of branches with r >= the chunk's
+// segments), instead of the whole chunk going through acc-dtype buffers,
+// merges and casts (measured at 12.1 ms of 61.9 at 1M tokens, H 8, P = 1:
+// scaling.md). The same bits where a row takes one piece (a merge copies its
+// first partial exactly, a gradient added once to zeros is itself); a bf16
+// row that several pieces reach rounds after each.
+const LocalGroup* whole_chunk(const Plan& plan) {
+  return plan.local.size() == 1 && plan.local[0].a == plan.c0() && plan.local[0].b == plan.c1() ? &plan.local[0]
+                                                                                                : nullptr;
 }
 
 // q, k, v: contiguous, in the compute dtype.
 Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v) {
   Forward f;
-  if (whole_chunk_local(plan)) {
-    f.O = Tensor::empty(q.shape(), ty.of(ty.compute));
-    f.L = Tensor::empty({plan.B, plan.n(), plan.H}, ty.of(ty.lse));
-    attend_forward(q, k, v, kernel_config(plan, plan.local[0].branches), f.O, f.L);
-    return f;
-  }
   // Start shipping this rank's kept rows of spanning segments first, async:
   // the local branches below need nothing from other ranks, so on NCCL the
   // gathers run beside them (docs/scaling.md); each is waited for just before
@@ -640,15 +638,21 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
     f.gathered.push_back(Tensor::empty({ex.comm->size(), 2, plan.B, ex.R, plan.D}, ty.of(ty.compute)));
     gathers.push_back(ex.comm->all_gather_async(send, f.gathered.back()));
   }
-  f.O = zeros({plan.B, plan.n(), plan.H, plan.D}, ty.of(ty.acc));
-  f.L = full({plan.B, plan.n(), plan.H}, kNegInf, ty.of(ty.acc));
-  for (const LocalGroup& group : plan.local) {
-    const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
-    Tensor o = Tensor::empty({plan.B, len, plan.H, plan.D}, ty.of(ty.compute));
-    Tensor l = Tensor::empty({plan.B, len, plan.H}, ty.of(ty.lse));
-    attend_forward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
-                   kernel_config(plan, group.branches), o, l);
-    merge_rows(f.O, f.L, o, l, plan.D, local_rows(plan, x0, len));
+  if (const LocalGroup* whole = whole_chunk(plan)) {
+    f.O = Tensor::empty(q.shape(), ty.of(ty.compute));
+    f.L = Tensor::empty({plan.B, plan.n(), plan.H}, ty.of(ty.lse));
+    attend_forward(q, k, v, kernel_config(plan, whole->branches), f.O, f.L);
+  } else {
+    f.O = zeros({plan.B, plan.n(), plan.H, plan.D}, ty.of(ty.acc));
+    f.L = full({plan.B, plan.n(), plan.H}, kNegInf, ty.of(ty.acc));
+    for (const LocalGroup& group : plan.local) {
+      const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
+      Tensor o = Tensor::empty({plan.B, len, plan.H, plan.D}, ty.of(ty.compute));
+      Tensor l = Tensor::empty({plan.B, len, plan.H}, ty.of(ty.lse));
+      attend_forward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
+                     kernel_config(plan, group.branches), o, l);
+      merge_rows(f.O, f.L, o, l, plan.D, local_rows(plan, x0, len));
+    }
   }
   for (const Piece& piece : plan.pieces) {
     const int64_t G = static_cast<int64_t>(piece.heads.size());
@@ -664,19 +668,17 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
   return f;
 }
 
-// dq, dk, dv (acc dtype; whole_chunk_local: compute dtype) of this rank's
-// rows. q, k, v, O, dO contiguous in the compute dtype; L and dL (may be
-// undefined) in the lse dtype.
+// dq, dk, dv of this rank's rows: acc dtype, or compute (whole_chunk). q, k,
+// v, O, dO contiguous in the compute dtype; L and dL (may be undefined) in
+// the lse dtype.
 std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v,
                              const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
                              const Tensor& dO, const Tensor& dL) {
-  if (whole_chunk_local(plan)) {
-    Tensor dq = Tensor::empty(q.shape(), ty.of(ty.compute)), dk = Tensor::empty(q.shape(), ty.of(ty.compute)),
-           dv = Tensor::empty(q.shape(), ty.of(ty.compute));
-    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, plan.local[0].branches), dq, dk, dv);
-    return {dq, dk, dv};
-  }
-  Tensor dq = zeros(q.shape(), ty.of(ty.acc)), dk = zeros(q.shape(), ty.of(ty.acc)), dv = zeros(q.shape(), ty.of(ty.acc));
+  const LocalGroup* whole = whole_chunk(plan);
+  const TensorOptions grads = ty.of(whole ? ty.compute : ty.acc);
+  Tensor dq = whole ? Tensor::empty(q.shape(), grads) : zeros(q.shape(), grads),
+         dk = whole ? Tensor::empty(q.shape(), grads) : zeros(q.shape(), grads),
+         dv = whole ? Tensor::empty(q.shape(), grads) : zeros(q.shape(), grads);
   // The spanning pieces first, so that the reduce-scatters returning their
   // key and value gradients run (async; on NCCL beside them) while the local
   // branches do. The sums keep the order they had with the pieces last, so
@@ -712,18 +714,22 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
     mine.push_back(Tensor::empty({2, plan.B, ex.R, plan.D}, ty.of(ty.acc)));
     scatters.push_back(ex.comm->reduce_scatter_async(send[e], mine.back()));
   }
-  for (const LocalGroup& group : plan.local) {
-    const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
-    const Shape shape{plan.B, len, plan.H, plan.D};
-    Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
-           gv = Tensor::empty(shape, ty.of(ty.compute));
-    attend_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len), rows_of(O, x0, len),
-                    rows_of(L, x0, len), rows_of(dO, x0, len), dL.defined() ? rows_of(dL, x0, len) : Tensor(),
-                    kernel_config(plan, group.branches), gq, gk, gv);
-    const Pairs rows = local_rows(plan, x0, len);
-    add_rows(dq, gq, plan.D, rows);
-    add_rows(dk, gk, plan.D, rows);
-    add_rows(dv, gv, plan.D, rows);
+  if (whole) {
+    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, whole->branches), dq, dk, dv);
+  } else {
+    for (const LocalGroup& group : plan.local) {
+      const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
+      const Shape shape{plan.B, len, plan.H, plan.D};
+      Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
+             gv = Tensor::empty(shape, ty.of(ty.compute));
+      attend_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len), rows_of(O, x0, len),
+                      rows_of(L, x0, len), rows_of(dO, x0, len), dL.defined() ? rows_of(dL, x0, len) : Tensor(),
+                      kernel_config(plan, group.branches), gq, gk, gv);
+      const Pairs rows = local_rows(plan, x0, len);
+      add_rows(dq, gq, plan.D, rows);
+      add_rows(dk, gk, plan.D, rows);
+      add_rows(dv, gv, plan.D, rows);
+    }
   }
   for (size_t i = 0; i < plan.pieces.size(); ++i)
     add_rows(dq, piece_dq[i], plan.D, Pairs::against(plan.pieces[i].queries));

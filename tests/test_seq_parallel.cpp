@@ -244,6 +244,19 @@ TEST_CASE("seq_parallel_dilated_attention: chunks holding whole segments of ever
   check_case(non_causal, {16, 16}, 0.0);
 }
 
+TEST_CASE("seq_parallel_dilated_attention: spanning pieces merged into a whole-chunk local group") {
+  // The local branches' segments divide the chunks (one local group over the
+  // whole chunk, its results the base) and one or two branches span ranks.
+  const Case spanning{2, 32, 3, 4, {{4, 1}, {8, 2}, {32, 3}, {64, 5}}, true};
+  for (int P : {2, 4}) {
+    CAPTURE(P);
+    check_case(spanning, ops::SequenceLayout::even(spanning.N, P).chunk_sizes);
+  }
+  Case non_causal = spanning;
+  non_causal.causal = false;
+  check_case(non_causal, {16, 16});
+}
+
 TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
   // One segment over 4 ranks of 16 tokens, r = 4, 2 heads: each rank ships
   // its 4 kept rows per head of k and v (not its 16 dense rows): after the
