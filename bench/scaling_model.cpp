@@ -44,9 +44,10 @@ constexpr double kDenseN = 32768, kDenseMs = 8.83;
 // bench_attention's 49.8 is the op's own row passes, which the kernels do
 // not pay (fp32 O and dq/dk/dv, the merge and the sums into them, the casts
 // back to bf16: ops/seq_parallel_attention.cpp). They are per local row and
-// head, hence scaled by n·H; wN checks it (print_calibration). Since then
-// the op skips them where nothing spans (P = 1 included; not yet measured:
-// the model gives wN at P = 1 the kernels' time alone). Memory is
+// head, hence scaled by rows·heads; wN checks it (print_calibration). Since
+// then the op runs them only on the rows the spanning pieces touch where one
+// local group covers the chunk (none at P = 1; not yet measured: the model
+// gives wN at P = 1 the kernels' time alone). Memory is
 // taken linear in N (the H100 single-device table, 0.53 / 2.14 / 8.55 /
 // 17.1 GiB at 32K / 128K / 512K / 1M, 2026-11-26) and in H.
 constexpr double kOpW16kMs = 61.9, kOpWNMs = 65.2;
@@ -177,7 +178,7 @@ Attention attention(int64_t N, int64_t P, int64_t H, Gather how, bool kernel_que
                     const KernelFit& fit) {
   const int64_t n = N / P;
   Attention a;
-  double local_pairs = 0, span_pairs = 0, packed_rows = 0;
+  double local_pairs = 0, span_pairs = 0, packed_rows = 0, merged_rows = 0;
   for (const Branch& br : family(N)) {
     ++a.branches;
     const double keep = double(br.w / br.r);  // kept rows per head per segment
@@ -188,6 +189,7 @@ Attention attention(int64_t N, int64_t P, int64_t H, Gather how, bool kernel_que
     ++a.spanning;
     const int64_t S = br.w / n;                          // ranks the segment spans
     const double m = double((n + br.r - 1) / br.r);      // kept rows per head on one rank
+    merged_rows += double(H) * m;                        // the piece's rows this rank merges and sums
     // The last rank's m queries see keys keep - m + 1 .. keep. Today a piece
     // also runs the other ranks' (zero) query rows: the whole segment.
     span_pairs += double(H) * (kernel_query_range ? m * keep - m * (m - 1) / 2 : causal_pairs(keep));
@@ -216,9 +218,11 @@ Attention attention(int64_t N, int64_t P, int64_t H, Gather how, bool kernel_que
   }
   a.local_ms = fit.ms(a.branches - a.spanning, local_pairs);
   a.span_ms = fit.ms(a.spanning, span_pairs);  // one piece per spanning branch on this rank
-  // Only where something spans: with nothing spanning the op runs the
-  // kernels on the chunk alone (whole_chunk_local in ops/seq_parallel_attention.cpp).
-  a.pass_ms = a.spanning > 0 ? kOpPassMsPerMi * double(n) / double(kMi) * double(H) / 8 : 0;
+  // The chunks here are powers of two that every local segment divides, so
+  // the local branches' results are the base (whole_chunk in
+  // ops/seq_parallel_attention.cpp) and only the pieces' rows go through a
+  // merge and a sum: the measured per-row cost, on those rows.
+  a.pass_ms = kOpPassMsPerMi * merged_rows / (double(kMi) * 8);
   return a;
 }
 
