@@ -63,8 +63,8 @@ int alignment_of(std::initializer_list<const void*> ptrs) {
   return align;
 }
 
-// Owns a cuBLASLt descriptor; destruction is unchecked (it only frees host
-// memory, and a destructor must not throw).
+// Owns a cuBLASLt descriptor or a CUDA object; destruction is unchecked (a
+// destructor must not throw).
 template <typename T, void (*Destroy)(T)> struct Handle {
   T h = nullptr;
   ~Handle() {
@@ -77,6 +77,14 @@ void destroy_pref(cublasLtMatmulPreference_t p) { cublasLtMatmulPreferenceDestro
 using Desc = Handle<cublasLtMatmulDesc_t, destroy_desc>;
 using Layout = Handle<cublasLtMatrixLayout_t, destroy_layout>;
 using Pref = Handle<cublasLtMatmulPreference_t, destroy_pref>;
+void destroy_stream(cudaStream_t s) { cudaStreamDestroy(s); }
+void destroy_event(cudaEvent_t e) { cudaEventDestroy(e); }
+void destroy_graph(cudaGraph_t g) { cudaGraphDestroy(g); }
+void destroy_exec(cudaGraphExec_t g) { cudaGraphExecDestroy(g); }
+using Stream = Handle<cudaStream_t, destroy_stream>;
+using Event = Handle<cudaEvent_t, destroy_event>;
+using Graph = Handle<cudaGraph_t, destroy_graph>;
+using GraphExec = Handle<cudaGraphExec_t, destroy_exec>;
 
 template <typename V>
 void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const V& value) {
@@ -84,7 +92,8 @@ void set_attr(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, co
 }
 
 // How an algorithm is chosen for a problem shape, once per shape: the
-// MINIDL_GEMM_ALGO switch, read on each new shape (so a test can switch it).
+// MINIDL_GEMM_ALGO switch, read at every call (so a test can switch it; the
+// policy is part of the cache key).
 //   heuristic  cuBLASLt's first choice;
 //   single     the first of its choices whose call is one kernel: no split-K
 //              reduction, bias-gradient kernel or memset beside the GEMM (a
@@ -142,14 +151,14 @@ struct LtCall {
 
 // One candidate captured as a CUDA graph on a side stream (nothing runs):
 // its node count (kernels and memsets) and, for timing, its executable graph.
-// nodes == 0 when cuBLASLt refused the capture.
+// nodes == 0 when cuBLASLt refused the launch or the capture, or the graph
+// could not be instantiated: the candidate is skipped.
 struct CapturedCandidate {
   size_t nodes = 0;
-  cudaGraphExec_t exec = nullptr;
-  ~CapturedCandidate() {
-    if (exec) cudaGraphExecDestroy(exec);
-  }
+  GraphExec exec;
 };
+
+std::atomic<int64_t> g_captured{0};
 
 void capture_candidate(const LtCall& call, const LtProblem& p, const cublasLtMatmulAlgo_t& algo, bool instantiate,
                        CapturedCandidate* out) {
@@ -159,41 +168,42 @@ void capture_candidate(const LtCall& call, const LtProblem& p, const cublasLtMat
     (void)cudaGetLastError();
     return;
   }
-  cudaStream_t side;
-  MINIDL_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
-  cudaGraph_t graph = nullptr;
-  MINIDL_CUDA_CHECK(cudaStreamBeginCapture(side, cudaStreamCaptureModeThreadLocal));
-  const cublasStatus_t st = call.launch(p, algo, side);
-  const cudaError_t end = cudaStreamEndCapture(side, &graph);
-  MINIDL_CUDA_CHECK(cudaStreamDestroy(side));
-  if (st != CUBLAS_STATUS_SUCCESS || end != cudaSuccess || !graph) {
-    if (graph) cudaGraphDestroy(graph);
+  (void)cublaslt_handle();  // made before the capture, which must not make it
+  Stream side;
+  MINIDL_CUDA_CHECK(cudaStreamCreateWithFlags(&side.h, cudaStreamNonBlocking));
+  Graph graph;
+  if (cudaStreamBeginCapture(side.h, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
     (void)cudaGetLastError();
     return;
   }
+  const cublasStatus_t st = call.launch(p, algo, side.h);
+  const cudaError_t end = cudaStreamEndCapture(side.h, &graph.h);
   size_t nodes = 0;
-  MINIDL_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
-  if (instantiate) MINIDL_CUDA_CHECK(cudaGraphInstantiate(&out->exec, graph, 0));
-  MINIDL_CUDA_CHECK(cudaGraphDestroy(graph));
+  if (st != CUBLAS_STATUS_SUCCESS || end != cudaSuccess || !graph.h ||
+      cudaGraphGetNodes(graph.h, nullptr, &nodes) != cudaSuccess ||
+      (instantiate && cudaGraphInstantiate(&out->exec.h, graph.h, 0) != cudaSuccess)) {
+    (void)cudaGetLastError();
+    return;
+  }
   out->nodes = nodes;
+  ++g_captured;
 }
 
 // Mean time of `replays` replays of a captured candidate on minidl's stream
-// (in order after the work that made its inputs). A host wait: tuning
-// happens once per shape, in the first step that meets it.
+// (in order after the work that made its inputs). A host wait, counted as
+// every one is (cuda::synchronize): tuning happens once per shape, in the
+// first step that meets it.
 float time_candidate(const CapturedCandidate& c, int replays) {
-  cudaEvent_t start, stop;
-  MINIDL_CUDA_CHECK(cudaEventCreate(&start));
-  MINIDL_CUDA_CHECK(cudaEventCreate(&stop));
-  MINIDL_CUDA_CHECK(cudaGraphLaunch(c.exec, stream()));  // warm-up
-  MINIDL_CUDA_CHECK(cudaEventRecord(start, stream()));
-  for (int i = 0; i < replays; ++i) MINIDL_CUDA_CHECK(cudaGraphLaunch(c.exec, stream()));
-  MINIDL_CUDA_CHECK(cudaEventRecord(stop, stream()));
-  MINIDL_CUDA_CHECK(cudaEventSynchronize(stop));
+  Event start, stop;
+  MINIDL_CUDA_CHECK(cudaEventCreate(&start.h));
+  MINIDL_CUDA_CHECK(cudaEventCreate(&stop.h));
+  MINIDL_CUDA_CHECK(cudaGraphLaunch(c.exec.h, stream()));  // warm-up
+  MINIDL_CUDA_CHECK(cudaEventRecord(start.h, stream()));
+  for (int i = 0; i < replays; ++i) MINIDL_CUDA_CHECK(cudaGraphLaunch(c.exec.h, stream()));
+  MINIDL_CUDA_CHECK(cudaEventRecord(stop.h, stream()));
+  synchronize();
   float ms = 0.f;
-  MINIDL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  MINIDL_CUDA_CHECK(cudaEventDestroy(start));
-  MINIDL_CUDA_CHECK(cudaEventDestroy(stop));
+  MINIDL_CUDA_CHECK(cudaEventElapsedTime(&ms, start.h, stop.h));
   return ms / static_cast<float>(replays);
 }
 
@@ -261,40 +271,43 @@ bool run_lt(const LtProblem& p) {
               static_cast<int>(p.epilogue), alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
               p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy)};
   // A split-K algorithm is two kernels around the shared workspace; tuning
-  // runs candidates in it too.
+  // runs candidates in it too. The per-device queue lock is held throughout,
+  // the cache's lock only to look up and insert: tuning waits for this
+  // device's stream, which may wait for another device's rank (an NCCL
+  // collective), and that rank must be able to reach its own lookups.
   const std::unique_lock<std::mutex> queue = lock_device_queue();
   CachedAlgo chosen;
+  bool cached = false;
   {
     std::lock_guard<std::mutex> lock(g_algo_mutex);
     auto it = algo_cache().find(key);
-    if (it != algo_cache().end()) {
-      chosen = it->second;
-    } else {
-      Pref pref;
-      MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.h));
-      MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-          pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &call.ws_bytes, sizeof(call.ws_bytes)));
-      // The heuristic assumes 256-byte aligned pointers unless told otherwise,
-      // and a kernel chosen that way refuses a view that starts mid-vector.
-      const uint32_t align = static_cast<uint32_t>(std::get<4>(key));
-      for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
-        MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &align, sizeof(align)));
-      // Inside a capture nothing may run: the shape keeps the heuristic's
-      // choice (cached, so eager calls of it choose the same).
-      const bool tune = policy != AlgoPolicy::kHeuristic && !stream_capturing();
-      constexpr int kCandidates = 8;
-      cublasLtMatmulHeuristicResult_t results[kCandidates]{};
-      int count = 0;
-      cublasStatus_t st =
-          cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc, call.la.h, call.lb.h, call.ld.h, call.ld.h,
-                                         pref.h, tune ? kCandidates : 1, results, &count);
-      // Any refusal means no fused kernel for this case: the caller falls
-      // back (linear_fallbacks() counts it, so tests see an unexpected one).
-      chosen.found = st == CUBLAS_STATUS_SUCCESS && count > 0;
-      if (chosen.found) chosen.algo = choose_algo(call, p, tune ? policy : AlgoPolicy::kHeuristic, results, count);
-      algo_cache().emplace(key, chosen);
-    }
+    if (it != algo_cache().end()) chosen = it->second, cached = true;
+  }
+  if (!cached) {
+    Pref pref;
+    MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.h));
+    MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &call.ws_bytes, sizeof(call.ws_bytes)));
+    // The heuristic assumes 256-byte aligned pointers unless told otherwise,
+    // and a kernel chosen that way refuses a view that starts mid-vector.
+    const uint32_t align = static_cast<uint32_t>(std::get<4>(key));
+    for (auto attr : {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+      MINIDL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &align, sizeof(align)));
+    // Inside a capture nothing may run: the shape keeps the heuristic's
+    // choice (cached, so eager calls of it choose the same).
+    const bool tune = policy != AlgoPolicy::kHeuristic && !stream_capturing();
+    constexpr int kCandidates = 8;
+    cublasLtMatmulHeuristicResult_t results[kCandidates]{};
+    int count = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), desc, call.la.h, call.lb.h, call.ld.h,
+                                                       call.ld.h, pref.h, tune ? kCandidates : 1, results, &count);
+    // Any refusal means no fused kernel for this case: the caller falls
+    // back (linear_fallbacks() counts it, so tests see an unexpected one).
+    chosen.found = st == CUBLAS_STATUS_SUCCESS && count > 0;
+    if (chosen.found) chosen.algo = choose_algo(call, p, tune ? policy : AlgoPolicy::kHeuristic, results, count);
+    std::lock_guard<std::mutex> lock(g_algo_mutex);
+    algo_cache().emplace(key, chosen);  // the key's device queue is ours: nobody inserted it meanwhile
   }
   if (!chosen.found) {
     ++g_fallbacks;
@@ -315,6 +328,7 @@ Tensor rows_view(const Tensor& bias, int64_t m, int64_t n) {
 }  // namespace
 
 int64_t linear_fallbacks() { return g_fallbacks.load(); }
+int64_t gemm_candidates_captured() { return g_captured.load(); }
 
 void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
                     const Tensor& gelu_input, const Tensor& out) {

@@ -21,5 +21,8 @@ void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& g
 // How many float32/bfloat16 calls cuBLASLt refused (and the cuBLAS path ran
 // instead) since start-up; tests assert the fused path ran.
 int64_t linear_fallbacks();
+// How many cuBLASLt candidates MINIDL_GEMM_ALGO=single or timed has captured
+// and counted so far (a test checks that tuning ran, not only its results).
+int64_t gemm_candidates_captured();
 
 }  // namespace minidl::cuda

@@ -282,9 +282,12 @@ TEST_CASE("linear CUDA: every GEMM algorithm policy (MINIDL_GEMM_ALGO) matches C
   for (const char* policy : {"heuristic", "single", "timed"}) {
     CAPTURE(policy);
     setenv("MINIDL_GEMM_ALGO", policy, 1);
-    const int64_t before = cuda::linear_fallbacks();
+    const int64_t before = cuda::linear_fallbacks(), captured = cuda::gemm_candidates_captured();
     for (bool gelu : {false, true}) check_linear_parity({4096, 384, 192, true, gelu}, DType::BFloat16, 3e-2);
     CHECK(cuda::linear_fallbacks() == before);
+    // single and timed tuned these new shapes: their candidates were captured
+    // (every capture refused would fall back to the heuristic silently).
+    if (std::string(policy) != "heuristic") CHECK(cuda::gemm_candidates_captured() > captured);
   }
   if (saved) setenv("MINIDL_GEMM_ALGO", restore.c_str(), 1);
   else unsetenv("MINIDL_GEMM_ALGO");
