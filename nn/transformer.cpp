@@ -219,6 +219,20 @@ Tensor TransformerLM::head(const Tensor& x_ln) const {
 }
 
 void TransformerLM::set_sequence_parallel(const SequenceParallel& sp) {
+  // With a layout (the same on every rank) each rank's chunk is checked here,
+  // by all ranks alike: forward's per-rank length check would throw on one
+  // rank while the others wait in the attention's collectives.
+  if (sp.layout()) {
+    const std::vector<int64_t>& sizes = sp.layout()->chunk_sizes;
+    int64_t total = 0;
+    for (int64_t n : sizes) {
+      MINIDL_CHECK(n >= 1, "TransformerLM::set_sequence_parallel: layout ", shape_str(sizes),
+                   " has an empty chunk; every rank needs at least one position");
+      total += n;
+    }
+    MINIDL_CHECK(total <= config_.block_size, "TransformerLM::set_sequence_parallel: layout ", shape_str(sizes),
+                 " covers ", total, " positions, more than block_size = ", config_.block_size);
+  }
   for (const auto& block : h) {
     auto* mhsa = dynamic_cast<MultiHeadSelfAttention*>(block->attn.get());
     MINIDL_CHECK(mhsa || !sp.comm(), "TransformerLM::set_sequence_parallel: attention '", config_.attention,

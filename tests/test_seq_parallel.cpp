@@ -724,6 +724,29 @@ TEST_CASE("TransformerLM with set_sequence_parallel equals one rank") {
     }
 }
 
+TEST_CASE("TransformerLM::set_sequence_parallel refuses a layout with an empty chunk or past block_size") {
+  // On every rank alike, before any collective (forward's own length check
+  // would throw on one rank only).
+  nn::TransformerLMConfig config;
+  config.vocab_size = 11;
+  config.n_layer = 1;
+  config.n_head = 2;
+  config.n_embd = 8;
+  config.block_size = 12;
+  config.dropout = 0;
+  std::atomic<int> accepted{0};
+  dist::run_in_process(3, [&](dist::Communicator& comm) {
+    nn::TransformerLM model(config, 7, {DType::Float64, Device::cpu(), false});
+    CHECK_THROWS_WITH_AS(model.set_sequence_parallel(nn::SequenceParallel(comm, ops::SequenceLayout{{5, 0, 7}})),
+                         doctest::Contains("layout [5, 0, 7] has an empty chunk"), Error);
+    CHECK_THROWS_WITH_AS(model.set_sequence_parallel(nn::SequenceParallel(comm, ops::SequenceLayout{{5, 4, 4}})),
+                         doctest::Contains("covers 13 positions, more than block_size = 12"), Error);
+    model.set_sequence_parallel(nn::SequenceParallel(comm, ops::SequenceLayout{{5, 4, 3}}));
+    ++accepted;
+  });
+  CHECK(accepted == 3);
+}
+
 TEST_CASE("nn::SequenceParallel: the offset comes from the layout, or is given; bad ones are refused") {
   const ops::SequenceLayout layout{{5, 0, 7}};
   std::vector<int64_t> offsets(3, -1);
