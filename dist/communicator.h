@@ -73,8 +73,11 @@ class Communicator {
   // Returns when every rank has called it (host side; CUDA work before it is
   // not waited for).
   virtual void barrier() = 0;
-  // The sub-communicator of the ranks that pass the same `color`, ordered by
-  // `key` (then by rank), as MPI_Comm_split. Every rank must call it.
+  // The sub-communicator of the ranks that pass the same `color` (>= 0),
+  // ordered by `key` (then by rank), as MPI_Comm_split. Every rank must call
+  // it; a rank passing kNoColor joins none and gets null (no communicator is
+  // built for it: MPI_UNDEFINED, NCCL_SPLIT_NOCOLOR).
+  static constexpr int kNoColor = -1;
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
 
   // What callers derive from this communicator and keep with it, one slot

@@ -239,11 +239,17 @@ class InProcessCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
+    MINIDL_CHECK(color >= 0 || color == kNoColor, "dist::split (in-process): color must be >= 0 or kNoColor, got ",
+                 color);
     std::unique_ptr<Communicator> result;
     Post post = Post::of("split");
     post.color = color;
     post.key = key;
     run(std::move(post), [&](const std::vector<Post>& posts) {
+      if (color == kNoColor) {  // in no group; the others' leaders post theirs
+        group_->rendezvous(rank_, "split");
+        return;
+      }
       // Members of my color, ordered by (key, rank).
       std::vector<int> members;
       for (int q = 0; q < size(); ++q)

@@ -198,10 +198,11 @@ class NcclCommunicator final : public Communicator {
   }
 
   std::unique_ptr<Communicator> split(int color, int key) override {
-    MINIDL_CHECK(color >= 0, "dist::split (NCCL): color must be >= 0, got ", color);
+    MINIDL_CHECK(color >= 0 || color == kNoColor, "dist::split (NCCL): color must be >= 0 or kNoColor, got ", color);
     ensure_device();
     ncclComm_t sub = nullptr;
-    MINIDL_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, nullptr));
+    MINIDL_NCCL_CHECK(ncclCommSplit(comm_, color == kNoColor ? NCCL_SPLIT_NOCOLOR : color, key, &sub, nullptr));
+    if (color == kNoColor) return nullptr;
     return std::make_unique<NcclCommunicator>(sub, device_, comm_stream_);
   }
 

@@ -334,8 +334,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
     // ranks have no sub-communicator yet (the same decision on every rank:
     // the segments' ranks come from the layout and `subs` holds the same
     // ranges everywhere). The ranks of such a segment take its color; every
-    // other rank (in none of them, or in one whose communicator is kept) one
-    // of its own.
+    // other rank (in none of them, or in one whose communicator is kept)
+    // joins none (kNoColor: no communicator is built for it).
     for (int parity = 0; parity < 2; ++parity) {
       const int64_t mine = my_segment[parity];
       bool split = false, join = false;
@@ -346,7 +346,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         }
       if (split) {
         std::shared_ptr<dist::Communicator> sub =
-            comm.split(static_cast<int>(join ? mine : segments + plan.rank), plan.rank);
+            comm.split(join ? static_cast<int>(mine) : dist::Communicator::kNoColor, plan.rank);
         for (const auto& [s, ranks] : by_parity[parity])
           if (!subs.count(ranks)) subs[ranks] = s == mine ? sub : nullptr;
       }

@@ -48,7 +48,9 @@ class DeferredComm final : public dist::Communicator {
   }
   std::unique_ptr<dist::Communicator> split(int color, int key) override {
     counts_->run_all();
-    return std::unique_ptr<dist::Communicator>(new DeferredComm(inner_.split(color, key), counts_));
+    std::unique_ptr<dist::Communicator> sub = inner_.split(color, key);
+    if (!sub) return nullptr;  // kNoColor
+    return std::unique_ptr<dist::Communicator>(new DeferredComm(std::move(sub), counts_));
   }
 
   dist::Work all_gather_async(const Tensor& input, const Tensor& output) override {

@@ -185,6 +185,30 @@ TEST_CASE("in-process split: groups by color, ranks ordered by key then rank") {
   CHECK(sub_size == std::vector<int>{2, 2, 2, 2});
 }
 
+TEST_CASE("in-process split: a rank passing kNoColor joins no group and gets null") {
+  const int P = 3;
+  std::vector<double> got(P, -1);
+  std::vector<int> null_sub(P, -1);
+  std::mutex mu;
+  dist::run_in_process(P, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    std::unique_ptr<dist::Communicator> sub = comm.split(r == 1 ? dist::Communicator::kNoColor : 0, r);
+    Tensor t = from_vector<double>({double(1 << r)}, {1});
+    if (sub) {
+      CHECK(sub->size() == 2);
+      sub->all_reduce(t);
+    }
+    comm.barrier();  // the world still works for every rank
+    std::lock_guard<std::mutex> lock(mu);
+    got[r] = t.item<double>();
+    null_sub[r] = sub ? 0 : 1;
+  });
+  CHECK(got == std::vector<double>{1 + 4, 2, 1 + 4});
+  CHECK(null_sub == std::vector<int>{0, 1, 0});
+  CHECK_THROWS_WITH_AS(dist::run_in_process(2, [](dist::Communicator& comm) { comm.split(-2, 0); }),
+                       doctest::Contains("color must be >= 0 or kNoColor, got -2"), Error);
+}
+
 TEST_CASE("in-process: an exception on one rank ends the others' collectives and is rethrown") {
   for (int P : {2, 3, 4}) {
     CAPTURE(P);
