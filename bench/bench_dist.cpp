@@ -257,20 +257,23 @@ void run_collective(benchmark::State& state, Collective op, int64_t bytes) {
 
 // ---- Sequence-parallel dilated attention ----
 
-// One rank's part of a case: its chunk of n tokens (rank p of P holds
-// [p·n/P, (p+1)·n/P)), warm-up, then the timed iterations into `seconds`,
+// One rank's part of a case: its chunk of n tokens (SequenceLayout::even:
+// rank p of P holds [p·n/P, (p+1)·n/P)), warm-up, then the timed iterations into `seconds`,
 // and its peak memory over them.
 void attention_on_rank(dist::Communicator& comm, Device dev, int64_t n, const DilatedAttentionConfig& config,
                        std::vector<double>& seconds, double& peak_gib) {
   const int p = comm.rank(), P = comm.size();
-  const int64_t rows = (p + 1) * n / P - p * n / P;
+  // The layout given, as charlm gives it: once the plan is built a call
+  // exchanges no chunk sizes and never waits on the host.
+  const ops::SequenceLayout layout = ops::SequenceLayout::even(n, P);
+  const int64_t rows = layout.chunk_sizes[static_cast<size_t>(p)];
   Generator gen(0x5eed + static_cast<uint64_t>(p));  // per rank: the default generator is not for threads
   const TensorOptions opts{DType::BFloat16, dev, true};
   const Tensor q = ops::randn({1, rows, kHeads, kDim}, opts, &gen), k = ops::randn({1, rows, kHeads, kDim}, opts, &gen),
                v = ops::randn({1, rows, kHeads, kDim}, opts, &gen),
                seed = ops::randn({1, rows, kHeads, kDim}, {DType::BFloat16, dev, false}, &gen);
   auto step = [&] {
-    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm);
+    auto [out, lse] = ops::seq_parallel_dilated_attention(q, k, v, config, comm, layout);
     out.backward(seed);
   };
   for (int i = 0; i < kAttentionWarmup; ++i) step();  // the first builds the layout's plan
