@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "autograd/tensor_math.h"
 
@@ -80,6 +81,26 @@ struct Tape {
 
 thread_local Tape g_tape;
 
+// Deferred gradient work of the pass running on this thread (defer()).
+struct Deferred {
+  bool in_backward = false;
+  std::vector<std::pair<const void*, std::function<void()>>> flushes;  // by key, in registration order
+  std::unordered_set<const TensorImpl*> pending;
+  bool is_pending(const Tensor& t) const { return t.defined() && pending.count(t.impl()) > 0; }
+  // Runs every registered flush; the pending gradients are then written.
+  void flush() {
+    while (!flushes.empty()) {
+      auto run = std::move(flushes);
+      flushes.clear();
+      pending.clear();
+      for (auto& [key, fn] : run) fn();
+    }
+    pending.clear();
+  }
+};
+
+thread_local Deferred g_deferred;
+
 std::atomic<uint64_t> g_next_hook_id{1};
 
 // Runs a leaf's hooks (a copy of the list: a hook may remove itself).
@@ -115,7 +136,10 @@ class HookedLeaves {
   // (pass -1 at the end); leaves the pass gave no gradient are skipped.
   void finished_above(int64_t below) {
     for (; next_ < leaves_.size() && leaves_[next_].last_reader > below; ++next_)
-      if (leaves_[next_].got) run_grad_hooks(leaves_[next_].impl);
+      if (leaves_[next_].got) {
+        if (!g_deferred.pending.empty()) g_deferred.flush();  // a hook may read any gradient
+        run_grad_hooks(leaves_[next_].impl);
+      }
   }
 
  private:
@@ -229,10 +253,14 @@ void backward(const Tensor& root, const Tensor& seed) {
   NoGradGuard no_grad;
   std::vector<Node>& nodes = g_tape.nodes;
   std::vector<int64_t> visited;
-  // Whatever happens, the nodes this pass ran through are spent.
+  // Whatever happens, the nodes this pass ran through are spent; deferred work
+  // left by a pass that throws is dropped (its gradients are not written).
+  MINIDL_CHECK(!g_deferred.in_backward, "backward: called from inside a backward pass on the same thread");
+  g_deferred.in_backward = true;
   struct FreeVisited {
     std::vector<int64_t>& visited;
     ~FreeVisited() {
+      g_deferred = Deferred{};
       for (int64_t i : visited) g_tape.free(g_tape.nodes[static_cast<size_t>(i)]);
       g_tape.sweep();
       g_tape.reset_if_empty();
@@ -256,6 +284,8 @@ void backward(const Tensor& root, const Tensor& seed) {
       for (size_t k = 0; k < node.outputs.size(); ++k)
         if (!out_grads[k].defined())
           out_grads[k] = detail::zeros(node.outputs[k].shape, node.outputs[k].options);
+    for (const Tensor& g : out_grads)
+      if (g_deferred.is_pending(g)) g_deferred.flush();
     std::vector<Tensor> in_grads = node.backward(out_grads);
     out_grads.clear();
     MINIDL_CHECK(in_grads.size() == node.inputs.size(), node.op, " backward returned ",
@@ -269,10 +299,15 @@ void backward(const Tensor& root, const Tensor& seed) {
         MINIDL_CHECK(g.shape() == leaf.shape(), node.op, " backward: gradient of shape ",
                      shape_str(g.shape()), " for input ", j, " of shape ", shape_str(leaf.shape()));
         Tensor acc = leaf.grad();
-        if (acc.defined())
-          accumulate(acc, g.dtype() == leaf.dtype() ? g : detail::cast(g, leaf.dtype()));
-        else
-          acc = g.dtype() == leaf.dtype() ? owned_gradient(g) : detail::cast(g, leaf.dtype());
+        if (g_deferred.is_pending(g) && !acc.defined() && g.dtype() == leaf.dtype()) {
+          acc = g;  // fresh from its closure and written before the pass returns: stored as is
+        } else {
+          if (g_deferred.is_pending(g) || g_deferred.is_pending(acc)) g_deferred.flush();
+          if (acc.defined())
+            accumulate(acc, g.dtype() == leaf.dtype() ? g : detail::cast(g, leaf.dtype()));
+          else
+            acc = g.dtype() == leaf.dtype() ? owned_gradient(g) : detail::cast(g, leaf.dtype());
+        }
         leaf.set_grad(acc);
         if (!hooked.empty()) hooked.got_gradient(slot.leaf.get());
       } else {
@@ -285,12 +320,26 @@ void backward(const Tensor& root, const Tensor& seed) {
         MINIDL_CHECK(g.shape() == producer.outputs[slot.output_nr].shape, node.op,
                      " backward: gradient of shape ", shape_str(g.shape()), " for input ", j,
                      " of shape ", shape_str(producer.outputs[slot.output_nr].shape));
-        accumulate(target[static_cast<size_t>(slot.output_nr)], g);
+        Tensor& into = target[static_cast<size_t>(slot.output_nr)];
+        if (into.defined() && (g_deferred.is_pending(g) || g_deferred.is_pending(into))) g_deferred.flush();
+        accumulate(into, g);  // a pending sum is flushed before the closure that reads it
       }
     }
     node.backward = nullptr;  // free saved tensors early
   }
+  g_deferred.flush();
   if (!hooked.empty()) hooked.finished_above(-1);
+}
+
+bool in_backward() { return g_deferred.in_backward; }
+
+void defer(const std::vector<Tensor>& pending, const void* key, std::function<void()> flush) {
+  MINIDL_CHECK(g_deferred.in_backward, "autograd::defer: only a backward pass's closures may defer work");
+  for (const Tensor& t : pending)
+    if (t.defined()) g_deferred.pending.insert(t.impl());
+  for (const auto& [k, fn] : g_deferred.flushes)
+    if (k == key) return;
+  g_deferred.flushes.emplace_back(key, std::move(flush));
 }
 
 uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook) {

@@ -61,6 +61,19 @@ class SavedTensor {
   const char* op_ = "";
 };
 
+// ---- deferred gradient work: batching launches across a pass's nodes ----
+// Inside backward(), a node's closure may return gradients it has allocated
+// but not yet written (`pending`) and leave `flush` to write them; the first
+// defer() of a pass with a given `key` registers its flush (an op queues its
+// nodes' work under one key and runs it all at once). The pass runs the
+// flushes, in registration order, before anything reads a pending gradient
+// (a node's closure, an accumulation into or a cast to a leaf's gradient, a
+// post-accumulate hook) and before it returns; a pending gradient that is a
+// leaf's first of the pass is stored as is. If the pass throws, deferred work
+// is dropped. in_backward(): a pass runs on this thread (defer is allowed).
+bool in_backward();
+void defer(const std::vector<Tensor>& pending, const void* key, std::function<void()> flush);
+
 // Walks the tape from `root` (seeded with `seed`, or 1 for a scalar) and
 // accumulates into .grad() of leaves; then frees the nodes it walked. Outputs
 // of freed nodes act as constants in later computations.

@@ -8,6 +8,7 @@
 // and the GELU input (aux) has D's layout.
 #include "cuda/linear.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -20,6 +21,7 @@
 
 #include "core/scalar_math.h"
 #include "cuda/elementwise.h"
+#include "cuda/linear_batch.h"
 #include "cuda/matmul.h"
 #include "cuda/reduce.h"
 #include "cuda/runtime.h"
@@ -42,6 +44,11 @@ struct LtProblem {
   cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
   const void* bias = nullptr;  // the bias, or where the bias gradient goes
   void* aux = nullptr;         // the GELU input (written forward, read backward)
+  // > 1: `batch` problems of this shape, a, b and d device arrays of their
+  // matrices' pointers (cuBLASLt's pointer-array batch mode); `align` is then
+  // the matrices' alignment, which the arrays' addresses do not tell.
+  int batch = 1;
+  int align = 0;
 };
 
 bool lt_types(DType dtype, cudaDataType_t* type, cublasComputeType_t* compute) {
@@ -125,7 +132,7 @@ struct CachedAlgo {
   cublasLtMatmulAlgo_t algo{};
 };
 using AlgoKey = std::tuple<int, int, int, int, int, bool, bool, int64_t, int64_t, int64_t, int64_t,
-                           int64_t, int, int>;
+                           int64_t, int, int, int>;
 
 std::mutex g_algo_mutex;
 std::map<AlgoKey, CachedAlgo>& algo_cache() {
@@ -246,6 +253,16 @@ cublasLtMatmulAlgo_t choose_algo(const LtCall& call, const LtProblem& p, AlgoPol
 }
 
 // Runs the problem; false (nothing launched) when cuBLASLt has no kernel.
+bool run_lt(const LtProblem& p);
+
+// run_lt for a single layer's call, whose refusal sends it to the cuBLAS
+// path: counted (linear_fallbacks), so that tests see an unexpected one.
+bool run_lt_or_count(const LtProblem& p) {
+  if (run_lt(p)) return true;
+  ++g_fallbacks;
+  return false;
+}
+
 bool run_lt(const LtProblem& p) {
   LtCall call;
   MINIDL_CUBLAS_CHECK(cublasLtMatmulDescCreate(&call.desc.h, p.compute, CUDA_R_32F));
@@ -264,12 +281,21 @@ bool run_lt(const LtProblem& p) {
   MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.lb.h, p.type, p.trans_b ? p.n : p.k,
                                                  p.trans_b ? p.k : p.n, p.ldb));
   MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&call.ld.h, p.type, p.m, p.n, p.m));
+  if (p.batch > 1) {
+    const int32_t count = p.batch;
+    const uint32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
+    for (cublasLtMatrixLayout_t l : {call.la.h, call.lb.h, call.ld.h}) {
+      MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      MINIDL_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode, sizeof(mode)));
+    }
+  }
   call.ws = cublaslt_workspace(&call.ws_bytes);
 
   const AlgoPolicy policy = algo_policy();
   AlgoKey key{current_device(), static_cast<int>(p.type), static_cast<int>(p.compute),
-              static_cast<int>(p.epilogue), alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
-              p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy)};
+              static_cast<int>(p.epilogue), p.align ? p.align : alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
+              p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy),
+              p.batch};
   // A split-K algorithm is two kernels around the shared workspace; tuning
   // runs candidates in it too. The per-device queue lock is held throughout,
   // the cache's lock only to look up and insert: tuning waits for this
@@ -309,10 +335,7 @@ bool run_lt(const LtProblem& p) {
     std::lock_guard<std::mutex> lock(g_algo_mutex);
     algo_cache().emplace(key, chosen);  // the key's device queue is ours: nobody inserted it meanwhile
   }
-  if (!chosen.found) {
-    ++g_fallbacks;
-    return false;
-  }
+  if (!chosen.found) return false;
   MINIDL_CUBLAS_CHECK(call.launch(p, chosen.algo, stream()));
   return true;
 }
@@ -346,7 +369,7 @@ void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias,
     if (gelu) p.aux = gelu_input.raw_data();
     p.epilogue = gelu ? (bias.defined() ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX)
                       : (bias.defined() ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
-    if (run_lt(p)) return;
+    if (run_lt_or_count(p)) return;
   }
   // cuBLAS GEMM, then the epilogue as elementwise kernels.
   const Tensor& sum = gelu ? gelu_input : out;
@@ -372,11 +395,54 @@ void linear_weight_grad(const Tensor& grad, const Tensor& x, const Tensor& grad_
         p.bias = grad_bias.raw_data();
         p.epilogue = CUBLASLT_EPILOGUE_BGRADB;
       }
-      if (run_lt(p)) return;
+      if (run_lt_or_count(p)) return;
     }
     matmul(grad.as_strided({n, m}, {1, n}, grad.offset()), true, n, x, false, k, grad_weight);
   }
   if (grad_bias.defined()) sum_first(grad, m, n, 1.0, grad_bias);
+}
+
+bool linear_weight_grads(const std::vector<WeightGradProblem>& problems) {
+  if (problems.size() < 2 || problems.size() > static_cast<size_t>(kMaxLinearBatch)) return false;
+  const WeightGradProblem& first = problems.front();
+  LtProblem p{};
+  if (!lt_types(first.grad.dtype(), &p.type, &p.compute)) return false;
+  const int64_t m = first.grad.size(0), n = first.grad.size(1), k = first.x.defined() ? first.x.size(1) : 0;
+  std::vector<const void*> a, b, d;
+  int align = 16;
+  for (const WeightGradProblem& q : problems) {
+    if (!q.grad_weight.defined() || !q.x.defined() || q.grad_bias.defined() != first.grad_bias.defined() ||
+        q.grad.shape() != first.grad.shape() || q.x.shape() != first.x.shape() || !q.grad.is_contiguous() ||
+        !q.x.is_contiguous() || !q.grad_weight.is_contiguous())
+      return false;
+    a.push_back(q.x.raw_data());
+    b.push_back(q.grad.raw_data());
+    d.push_back(q.grad_weight.raw_data());
+    align = std::min(align, alignment_of({q.x.raw_data(), q.grad.raw_data(), q.grad_weight.raw_data()}));
+  }
+  // The pointer arrays A | B | D in one device buffer.
+  std::vector<const void*> all = a;
+  all.insert(all.end(), b.begin(), b.end());
+  all.insert(all.end(), d.begin(), d.end());
+  const Tensor arrays = device_pointer_array(all, first.grad.device());
+  const auto* base = static_cast<const void* const*>(arrays.raw_data());
+  const int batch = static_cast<int>(problems.size());
+  // As linear_weight_grad: dW^T (K x N) = x^T . op_T(G^T), per problem.
+  p.trans_a = false;
+  p.trans_b = true;
+  p.m = k, p.n = n, p.k = m;
+  p.a = base, p.lda = k;
+  p.b = base + batch, p.ldb = n;
+  p.d = const_cast<void*>(static_cast<const void*>(base + 2 * batch));
+  p.batch = batch;
+  p.align = align;
+  if (!run_lt(p)) return false;
+  if (first.grad_bias.defined()) {
+    std::vector<Tensor> grads, biases;
+    for (const WeightGradProblem& q : problems) grads.push_back(q.grad), biases.push_back(q.grad_bias);
+    sum_columns_batched(grads, m, n, biases);
+  }
+  return true;
 }
 
 void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& gelu_input,
@@ -400,7 +466,7 @@ void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& g
         p.epilogue = CUBLASLT_EPILOGUE_DGELU_BGRAD;
       }
     }
-    if (run_lt(p)) return;
+    if (run_lt_or_count(p)) return;
   }
   matmul(grad, false, n, weight, false, k, grad_x);
   if (gelu) binary(BinaryOp::GeluBackward, grad_x, gelu_input, grad_x);

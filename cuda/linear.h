@@ -7,6 +7,8 @@
 // multiple of 8) run the cuBLAS GEMM and separate kernels instead. Every call
 // uses the explicit workspace of cuda/runtime.h (no hidden allocation), is
 // asynchronous on cuda::stream() and never syncs.
+#include <vector>
+
 #include "core/tensor.h"
 
 namespace minidl::cuda {
@@ -17,6 +19,18 @@ void linear_weight_grad(const Tensor& grad, const Tensor& x, const Tensor& grad_
                         const Tensor& grad_bias);
 void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& gelu_input,
                        const Tensor& grad_x, const Tensor& grad_bias);
+
+// Weight gradients of several same-shaped layers (grad (M, N), x (M, K),
+// grad_weight (N, K), grad_bias (N) or undefined; one dtype, every tensor
+// contiguous) as one cuBLASLt pointer-array batched GEMM and, with biases,
+// one column-sum kernel for all of them: a few launches instead of one GEMM,
+// its split-K and bias-gradient kernels per layer. false (no GEMM launched)
+// where cuBLASLt has no batched kernel for the shape, or a problem has no
+// weight gradient: the caller then runs linear_weight_grad per problem.
+struct WeightGradProblem {
+  Tensor grad, x, grad_weight, grad_bias;
+};
+bool linear_weight_grads(const std::vector<WeightGradProblem>& problems);
 
 // How many float32/bfloat16 calls cuBLASLt refused (and the cuBLAS path ran
 // instead) since start-up; tests assert the fused path ran.

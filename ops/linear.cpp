@@ -10,6 +10,10 @@
 // output; for a lone linear that is the caller's, so linear's backward applies
 // it as one elementwise pass, while mlp folds it (with the hidden bias's
 // gradient) into its own hidden-gradient GEMM (DGELU_BGRAD).
+#include <cstdlib>
+#include <string_view>
+#include <vector>
+
 #include "autograd/tape.h"
 #include "cpu/elementwise.h"
 #include "cpu/linear.h"
@@ -73,6 +77,74 @@ Shape with_last(Shape shape, int64_t last) {
   return shape;
 }
 
+// ---- weight gradients batched across a backward pass ----
+// With MINIDL_BATCH_WEIGHT_GRADS=1 (read at each backward closure) the
+// closures queue their weight and bias gradients here instead of computing
+// them (autograd::defer), and the pass runs the queue at once: same-shaped
+// problems (every layer of a model) grouped, so that a backend can run a
+// group as one batched launch (cuda::linear_weight_grads) instead of one
+// GEMM, and its split-K and bias-gradient kernels, per layer. The queue keeps
+// dz and x until then.
+struct WeightGradJob {
+  Tensor dz, x, dw, db;
+  uint64_t dz_version, x_version;  // an in-place change before the batch runs is an error
+};
+thread_local std::vector<WeightGradJob> g_weight_grad_jobs;
+
+bool batching_weight_grads() {
+  if (!autograd::in_backward()) return false;
+  const char* e = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
+  return e && std::string_view(e) == "1";
+}
+
+void run_weight_grad_jobs() {
+  std::vector<WeightGradJob> jobs = std::move(g_weight_grad_jobs);
+  g_weight_grad_jobs.clear();
+  for (const WeightGradJob& job : jobs)
+    MINIDL_CHECK(job.dz.version() == job.dz_version && (!job.x.defined() || job.x.version() == job.x_version),
+                 "linear backward: a gradient or input queued for the batched weight gradients "
+                 "(MINIDL_BATCH_WEIGHT_GRADS) was modified in place before the batch ran");
+  // Groups of one device, dtype and shape, in queue order.
+  std::vector<bool> done(jobs.size(), false);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (done[i]) continue;
+    std::vector<const WeightGradJob*> group;
+    for (size_t j = i; j < jobs.size(); ++j) {
+      const WeightGradJob& a = jobs[i];
+      const WeightGradJob& b = jobs[j];
+      if (done[j] || a.dz.device() != b.dz.device() || a.dz.dtype() != b.dz.dtype() || a.dz.shape() != b.dz.shape() ||
+          a.x.defined() != b.x.defined() || (a.x.defined() && a.x.shape() != b.x.shape()) ||
+          a.dw.defined() != b.dw.defined() || a.db.defined() != b.db.defined())
+        continue;
+      group.push_back(&b);
+      done[j] = true;
+    }
+    bool batched = false;
+#if defined(MINIDL_WITH_CUDA)
+    if (group.front()->dz.is_cuda() && group.size() > 1) {
+      std::vector<cuda::WeightGradProblem> problems;
+      for (const WeightGradJob* job : group) problems.push_back({job->dz, job->x, job->dw, job->db});
+      batched = cuda::linear_weight_grads(problems);
+    }
+#endif
+    if (!batched)
+      for (const WeightGradJob* job : group)
+        MINIDL_DISPATCH(job->dz.device(), linear_weight_grad, job->dz, job->x, job->dw, job->db);
+  }
+}
+
+// dw (defined or not) and db (defined or not) of y = x W^T + b from dz, now or
+// queued for the pass's batch.
+void weight_grad(const Tensor& dz, const Tensor& x, const Tensor& dw, const Tensor& db) {
+  if (!dw.defined() && !db.defined()) return;
+  if (batching_weight_grads()) {
+    g_weight_grad_jobs.push_back({dz, x, dw, db, dz.version(), x.defined() ? x.version() : 0});
+    autograd::defer({dw, db}, &g_weight_grad_jobs, run_weight_grad_jobs);
+    return;
+  }
+  MINIDL_DISPATCH(dz.device(), linear_weight_grad, dz, x, dw, db);
+}
+
 }  // namespace
 
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, Activation activation) {
@@ -113,9 +185,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias, Activat
             if (db.defined()) zero_(db);
             return Grads{dx, dw, db};
           }
-          if (grad_w || grad_b)
-            MINIDL_DISPATCH(dz.device(), linear_weight_grad, dz, grad_w ? sx.get() : Tensor(), dw,
-                            db);
+          weight_grad(dz, grad_w ? sx.get() : Tensor(), dw, db);
           if (grad_x)
             MINIDL_DISPATCH(dz.device(), linear_input_grad, dz, sw.get(), Tensor(),
                             dx.as_strided({m, k}, {k, 1}, 0), Tensor());
@@ -163,14 +233,12 @@ Tensor mlp(const Tensor& x, const Tensor& fc_weight, const Tensor& fc_bias,
             return Grads{dx, dw1, db1, dw2, db2};
           }
           Device device = dy.device();
-          if (grad_w2 || grad_b2)
-            MINIDL_DISPATCH(device, linear_weight_grad, dy, grad_w2 ? shid.get() : Tensor(), dw2,
-                            db2);
+          weight_grad(dy, grad_w2 ? shid.get() : Tensor(), dw2, db2);
           if (grad_x || grad_w1 || grad_b1) {
             // Gradient of the GELU input, with b1's gradient, in one GEMM.
             Tensor dpre = Tensor::empty({m, h}, opts);
             MINIDL_DISPATCH(device, linear_input_grad, dy, sw2.get(), spre.get(), dpre, db1);
-            if (grad_w1) MINIDL_DISPATCH(device, linear_weight_grad, dpre, sx.get(), dw1, Tensor());
+            if (grad_w1) weight_grad(dpre, sx.get(), dw1, Tensor());
             if (grad_x)
               MINIDL_DISPATCH(device, linear_input_grad, dpre, sw1.get(), Tensor(),
                               dx.as_strided({m, k}, {k, 1}, 0), Tensor());

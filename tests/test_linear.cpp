@@ -125,6 +125,61 @@ TEST_CASE("linear and mlp gradients come in the parameters' layout, contiguous")
   check_close(b.grad(), ops::zeros({4}, {DType::Float64}), 0, 0);
 }
 
+TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: queued weight gradients equal the immediate ones, whatever reads them") {
+  // Same-shaped layers (one batch group), an MLP, a weight used twice (its
+  // gradient accumulates within the pass), a weight that is not a leaf (its
+  // gradient feeds another closure), a post-accumulate hook reading a
+  // gradient, and a second backward accumulating into existing gradients:
+  // each read must see the written values. On the CPU the batch runs the
+  // same kernels later, so the results are bit for bit the immediate ones.
+  const char* saved = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
+  const std::string restore = saved ? saved : "";
+  struct Result {
+    std::vector<Tensor> grads;
+    double hooked = 0;
+  };
+  auto run = [](bool batched) {
+    if (batched) setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+    else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+    Generator gen(11);
+    auto param = [&](Shape shape) {
+      return ops::mul(ops::randn(shape, {DType::Float64}, &gen), 0.3).detach().requires_grad_();
+    };
+    std::vector<Tensor> w, b;
+    for (int i = 0; i < 3; ++i) w.push_back(param({8, 8})), b.push_back(param({8}));
+    Tensor fc_w = param({16, 8}), fc_b = param({16}), proj_w = param({8, 16}), proj_b = param({8});
+    Tensor tied = param({8, 8}), base = param({8, 8});
+    const Tensor x = ops::randn({2, 5, 8}, {DType::Float64}, &gen), proj = ops::randn({2, 5, 8}, {DType::Float64}, &gen);
+    Result r;
+    const uint64_t hook = autograd::register_post_accumulate_grad_hook(w[1], [&](const Tensor& leaf) {
+      r.hooked = ops::sum(ops::mul(leaf.grad(), leaf.grad())).item<double>();
+    });
+    for (int pass = 0; pass < 2; ++pass) {  // the second accumulates into the first's gradients
+      Tensor h = x;
+      for (int i = 0; i < 3; ++i) h = ops::add(h, ops::tanh(ops::linear(h, w[i], b[i])));
+      h = ops::add(h, ops::mlp(h, fc_w, fc_b, proj_w, proj_b));
+      Tensor y = ops::add(ops::linear(h, tied), ops::linear(ops::tanh(h), tied));  // used twice
+      y = ops::linear(y, ops::mul(base, 2.0));                                     // not a leaf
+      ops::sum(ops::mul(y, proj)).backward();
+    }
+    autograd::remove_post_accumulate_grad_hook(w[1], hook);
+    for (const Tensor& t : {w[0], b[0], w[1], b[1], w[2], b[2], fc_w, fc_b, proj_w, proj_b, tied, base})
+      r.grads.push_back(t.grad());
+    return r;
+  };
+  const Result want = run(false), got = run(true);
+  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
+  else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  REQUIRE(got.grads.size() == want.grads.size());
+  for (size_t i = 0; i < want.grads.size(); ++i) {
+    CAPTURE(i);
+    REQUIRE(got.grads[i].defined());
+    check_close(got.grads[i], want.grads[i], 0, 0);
+  }
+  CHECK(want.hooked > 0);
+  CHECK(got.hooked == want.hooked);  // the hook saw the written gradient
+}
+
 TEST_CASE("matmul with a transposed weight gives its gradient in the weight's layout") {
   Tensor x = random_tensor({2, 3, 5}, grad_f64()), w = random_tensor({4, 5}, grad_f64());
   ops::sum(ops::mul(ops::matmul(x, w.transpose(0, 1)), random_tensor({2, 3, 4}))).backward();
