@@ -48,7 +48,8 @@ __global__ void column_sums(ColumnSumsArgs<T> args, int64_t rows, int64_t cols) 
 Tensor device_pointer_array(const std::vector<const void*>& ptrs, Device device) {
   MINIDL_CHECK(ptrs.size() <= static_cast<size_t>(3 * kMaxLinearBatch), "cuda::device_pointer_array: ",
                ptrs.size(), " pointers, at most ", 3 * kMaxLinearBatch);
-  Tensor out = Tensor::empty({static_cast<int64_t>(ptrs.size())}, {DType::Int64, device, false});
+  // Two int32 elements per pointer (8 bytes; the allocator aligns to more).
+  Tensor out = Tensor::empty({2 * static_cast<int64_t>(ptrs.size())}, {DType::Int32, device, false});
   PointerList list{};
   for (size_t i = 0; i < ptrs.size(); ++i) list.p[i] = ptrs[i];
   list.n = static_cast<int>(ptrs.size());

@@ -11,7 +11,7 @@ namespace minidl::cuda {
 // kernel parameter).
 constexpr int kMaxLinearBatch = 32;
 
-// A device array of `ptrs` (int64 elements), written by one kernel that gets
+// A device array of `ptrs` (8 bytes each), written by one kernel that gets
 // them as its parameter: no host copy, so a CUDA graph captures it (the
 // addresses are the graph's own, fixed across replays). At most
 // 3 * kMaxLinearBatch pointers.
