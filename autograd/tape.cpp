@@ -254,18 +254,22 @@ void backward(const Tensor& root, const Tensor& seed) {
   std::vector<Node>& nodes = g_tape.nodes;
   std::vector<int64_t> visited;
   // Whatever happens, the nodes this pass ran through are spent; deferred work
-  // left by a pass that throws is dropped (its gradients are not written).
-  MINIDL_CHECK(!g_deferred.in_backward, "backward: called from inside a backward pass on the same thread");
+  // left by a pass that throws is dropped (its gradients are not written). A
+  // pass started from inside another (a hook's) has its own deferred work;
+  // the outer one's was flushed before the hook ran.
+  Deferred outer = std::move(g_deferred);
+  g_deferred = Deferred{};
   g_deferred.in_backward = true;
   struct FreeVisited {
     std::vector<int64_t>& visited;
+    Deferred& outer;
     ~FreeVisited() {
-      g_deferred = Deferred{};
+      g_deferred = std::move(outer);
       for (int64_t i : visited) g_tape.free(g_tape.nodes[static_cast<size_t>(i)]);
       g_tape.sweep();
       g_tape.reset_if_empty();
     }
-  } free_visited{visited};
+  } free_visited{visited, outer};
   std::vector<std::vector<Tensor>> grads(static_cast<size_t>(rm.node) + 1);
   auto accumulate = [](Tensor& slot, const Tensor& g) {
     slot = slot.defined() ? detail::add(slot, g) : g;

@@ -349,6 +349,48 @@ TEST_CASE("linear CUDA: every GEMM algorithm policy (MINIDL_GEMM_ALGO) matches C
 #endif
 }
 
+TEST_CASE("linear CUDA: batched weight gradients (MINIDL_BATCH_WEIGHT_GRADS) match the per-layer ones") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  // Four same-shaped layers with biases and an MLP per layer: the flush runs
+  // each shape's group as one pointer-array GEMM and one column-sum kernel.
+  const char* saved = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
+  const std::string restore = saved ? saved : "";
+  for (DType dtype : {DType::BFloat16, DType::Float32}) {
+    CAPTURE(dtype);
+    auto run = [&](bool batched) {
+      if (batched) setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+      else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+      Generator gen(5);
+      const TensorOptions cuda_grad{dtype, Device::cuda(0), true};
+      auto param = [&](Shape shape) {
+        return ops::mul(ops::randn(shape, {DType::Float32}, &gen), 0.1).to(cuda_grad.device).to(dtype).detach().requires_grad_();
+      };
+      std::vector<Tensor> ps;
+      for (int i = 0; i < 4; ++i)
+        for (Shape s : {Shape{64, 64}, Shape{64}, Shape{256, 64}, Shape{256}, Shape{64, 256}, Shape{64}}) ps.push_back(param(s));
+      Tensor h = ops::randn({512, 64}, {DType::Float32}, &gen).to(Device::cuda(0)).to(dtype);
+      for (int i = 0; i < 4; ++i) {
+        const Tensor* p = &ps[6 * i];
+        h = ops::add(h, ops::linear(h, p[0], p[1]));
+        h = ops::add(h, ops::mlp(h, p[2], p[3], p[4], p[5]));
+      }
+      ops::sum(ops::mul(h, h)).backward();
+      std::vector<Tensor> grads;
+      for (const Tensor& p : ps) grads.push_back(p.grad().to(DType::Float64).to(Device::cpu()));
+      return grads;
+    };
+    const std::vector<Tensor> want = run(false), got = run(true);
+    for (size_t i = 0; i < want.size(); ++i) {
+      CAPTURE(i);
+      check_scaled(got[i], want[i], dtype == DType::BFloat16 ? 2e-2 : 2e-3);
+    }
+  }
+  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
+  else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+#endif
+}
+
 TEST_CASE("linear CUDA fallbacks: odd widths, float64, misaligned views") {
   MINIDL_REQUIRE_CUDA();
   // A GELU width that is not a multiple of 8 cannot use the aux epilogue;
