@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -253,10 +254,9 @@ void backward(const Tensor& root, const Tensor& seed) {
   NoGradGuard no_grad;
   std::vector<Node>& nodes = g_tape.nodes;
   std::vector<int64_t> visited;
-  // Whatever happens, the nodes this pass ran through are spent; deferred work
-  // left by a pass that throws is dropped (its gradients are not written). A
-  // pass started from inside another (a hook's) has its own deferred work;
-  // the outer one's was flushed before the hook ran.
+  // Whatever happens, the nodes this pass ran through are spent. A pass
+  // started from inside another (a hook's) has its own deferred work; the
+  // outer one's was flushed before the hook ran.
   Deferred outer = std::move(g_deferred);
   g_deferred = Deferred{};
   g_deferred.in_backward = true;
@@ -278,6 +278,17 @@ void backward(const Tensor& root, const Tensor& seed) {
   grads[static_cast<size_t>(rm.node)][static_cast<size_t>(rm.output_nr)] = g0;
   HookedLeaves hooked(nodes, rm.node);
 
+  // Deferred work still runs if the pass throws, so that no gradient stored
+  // so far is left unwritten (an error in it is dropped for the first one).
+  struct FlushOnThrow {
+    int exceptions = std::uncaught_exceptions();
+    ~FlushOnThrow() {
+      if (std::uncaught_exceptions() > exceptions) try {
+          g_deferred.flush();
+        } catch (...) {
+        }
+    }
+  } flush_on_throw;
   for (int64_t i = rm.node; i >= 0; --i) {
     if (!hooked.empty()) hooked.finished_above(i);
     Node& node = nodes[static_cast<size_t>(i)];
@@ -337,13 +348,17 @@ void backward(const Tensor& root, const Tensor& seed) {
 
 bool in_backward() { return g_deferred.in_backward; }
 
+bool deferred(const void* key) {
+  for (const auto& [k, fn] : g_deferred.flushes)
+    if (k == key) return true;
+  return false;
+}
+
 void defer(const std::vector<Tensor>& pending, const void* key, std::function<void()> flush) {
   MINIDL_CHECK(g_deferred.in_backward, "autograd::defer: only a backward pass's closures may defer work");
   for (const Tensor& t : pending)
     if (t.defined()) g_deferred.pending.insert(t.impl());
-  for (const auto& [k, fn] : g_deferred.flushes)
-    if (k == key) return;
-  g_deferred.flushes.emplace_back(key, std::move(flush));
+  if (!deferred(key)) g_deferred.flushes.emplace_back(key, std::move(flush));
 }
 
 uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook) {

@@ -69,10 +69,15 @@ class SavedTensor {
 // flushes, in registration order, before anything reads a pending gradient
 // (a node's closure, an accumulation into or a cast to a leaf's gradient, a
 // post-accumulate hook) and before it returns; a pending gradient that is a
-// leaf's first of the pass is stored as is. If the pass throws, deferred work
-// is dropped. in_backward(): a pass runs on this thread (defer is allowed).
+// leaf's first of the pass is stored as is. If the pass throws, the deferred
+// work registered so far still runs. in_backward(): a pass runs on this
+// thread (defer is allowed).
+// deferred(key): a flush with `key` is registered and not yet run in this
+// pass (an op whose queue holds work without one has work left by a pass that
+// threw, and drops it).
 bool in_backward();
 void defer(const std::vector<Tensor>& pending, const void* key, std::function<void()> flush);
+bool deferred(const void* key);
 
 // Walks the tape from `root` (seeded with `seed`, or 1 for a scalar) and
 // accumulates into .grad() of leaves; then frees the nodes it walked. Outputs

@@ -138,6 +138,7 @@ void run_weight_grad_jobs() {
 void weight_grad(const Tensor& dz, const Tensor& x, const Tensor& dw, const Tensor& db) {
   if (!dw.defined() && !db.defined()) return;
   if (batching_weight_grads()) {
+    if (!autograd::deferred(&g_weight_grad_jobs)) g_weight_grad_jobs.clear();  // left by a pass that threw
     g_weight_grad_jobs.push_back({dz, x, dw, db, dz.version(), x.defined() ? x.version() : 0});
     autograd::defer({dw, db}, &g_weight_grad_jobs, run_weight_grad_jobs);
     return;

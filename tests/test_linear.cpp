@@ -178,6 +178,29 @@ TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: queued weight gradients equal the immediat
   }
   CHECK(want.hooked > 0);
   CHECK(got.hooked == want.hooked);  // the hook saw the written gradient
+
+  // A pass that throws after a linear queued its gradient still writes it
+  // (the queue runs as the pass unwinds), and leaves nothing for the next.
+  setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+  Tensor w = random_tensor({4, 3}, grad_f64()), x = random_tensor({5, 3}, grad_f64());
+  Tensor bad = ops::mul(x, 1.0);
+  autograd::record("throws", {x}, {bad}, [](const std::vector<Tensor>&) -> std::vector<Tensor> {
+    throw std::runtime_error("backward failed on purpose");
+  });
+  CHECK_THROWS_WITH(ops::sum(ops::linear(bad, w)).backward(), doctest::Contains("failed on purpose"));
+  unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  Tensor w_first = w.detach().requires_grad_();
+  ops::sum(ops::linear(bad.detach(), w_first)).backward();
+  check_close(w.grad(), w_first.grad(), 0, 0);  // written, not left empty
+  setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+  w.zero_grad();
+  Tensor x2 = random_tensor({5, 3});
+  ops::sum(ops::linear(x2, w)).backward();
+  unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  Tensor w_ref = w.detach().requires_grad_();
+  ops::sum(ops::linear(x2, w_ref)).backward();
+  check_close(w.grad(), w_ref.grad(), 0, 0);
+  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
 }
 
 TEST_CASE("matmul with a transposed weight gives its gradient in the weight's layout") {
