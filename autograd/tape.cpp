@@ -87,16 +87,31 @@ struct Deferred {
   bool in_backward = false;
   std::vector<std::pair<const void*, std::function<void()>>> flushes;  // by key, in registration order
   std::unordered_set<const TensorImpl*> pending;
+  std::vector<std::shared_ptr<TensorImpl>> unwritten;  // leaves whose .grad() is a pending gradient
   bool is_pending(const Tensor& t) const { return t.defined() && pending.count(t.impl()) > 0; }
-  // Runs every registered flush; the pending gradients are then written.
+  // Runs every registered flush; the pending gradients are then written. If
+  // one throws, the others still run, the leaves given a pending gradient
+  // drop it (.grad() undefined, as it was: which flush wrote which is not
+  // known) and the first error is rethrown.
   void flush() {
+    std::exception_ptr first;
     while (!flushes.empty()) {
       auto run = std::move(flushes);
       flushes.clear();
       pending.clear();
-      for (auto& [key, fn] : run) fn();
+      for (auto& [key, fn] : run) try {
+          fn();
+        } catch (...) {
+          if (!first) first = std::current_exception();
+        }
     }
     pending.clear();
+    std::vector<std::shared_ptr<TensorImpl>> leaves = std::move(unwritten);
+    unwritten.clear();
+    if (first) {
+      for (const auto& leaf : leaves) Tensor(leaf).zero_grad();
+      std::rethrow_exception(first);
+    }
   }
 };
 
@@ -227,6 +242,10 @@ Tensor SavedTensor::get() const {
 }
 
 void backward(const Tensor& root, const Tensor& seed) {
+  // Started inside a pass (a closure's or a hook's): the outer pass's pending
+  // gradients are written first, so this pass sees them and its own deferred
+  // work starts empty.
+  if (g_deferred.in_backward) g_deferred.flush();
   MINIDL_CHECK(root.defined(), "backward: called on an undefined tensor");
   MINIDL_CHECK(root.requires_grad(), "backward: tensor of shape ", shape_str(root.shape()),
                " does not require grad (no input of the computation requires grad)");
@@ -255,8 +274,8 @@ void backward(const Tensor& root, const Tensor& seed) {
   std::vector<Node>& nodes = g_tape.nodes;
   std::vector<int64_t> visited;
   // Whatever happens, the nodes this pass ran through are spent. A pass
-  // started from inside another (a hook's) has its own deferred work; the
-  // outer one's was flushed before the hook ran.
+  // started from inside another has its own deferred work (the outer one's
+  // was flushed on entry).
   Deferred outer = std::move(g_deferred);
   g_deferred = Deferred{};
   g_deferred.in_backward = true;
@@ -316,6 +335,7 @@ void backward(const Tensor& root, const Tensor& seed) {
         Tensor acc = leaf.grad();
         if (g_deferred.is_pending(g) && !acc.defined() && g.dtype() == leaf.dtype()) {
           acc = g;  // fresh from its closure and written before the pass returns: stored as is
+          g_deferred.unwritten.push_back(slot.leaf);
         } else {
           if (g_deferred.is_pending(g) || g_deferred.is_pending(acc)) g_deferred.flush();
           if (acc.defined())

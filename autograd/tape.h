@@ -66,12 +66,17 @@ class SavedTensor {
 // but not yet written (`pending`) and leave `flush` to write them; the first
 // defer() of a pass with a given `key` registers its flush (an op queues its
 // nodes' work under one key and runs it all at once). The pass runs the
-// flushes, in registration order, before anything reads a pending gradient
-// (a node's closure, an accumulation into or a cast to a leaf's gradient, a
-// post-accumulate hook) and before it returns; a pending gradient that is a
-// leaf's first of the pass is stored as is. If the pass throws, the deferred
-// work registered so far still runs. in_backward(): a pass runs on this
-// thread (defer is allowed).
+// flushes, in registration order, before the engine reads a pending gradient
+// (a node's closure given one, an accumulation into or a cast to a leaf's
+// gradient, a post-accumulate hook), when a backward() starts inside the
+// pass, before the pass returns, and while it unwinds from an exception.
+// A pending gradient reaching a leaf with no .grad() yet, of the leaf's
+// dtype, is stored as is (no copy: it must be fresh, returned for one input,
+// kept nowhere else); otherwise it is flushed and added. Pending tensors are
+// known by identity: return exactly the tensors passed to defer, not views.
+// A flush should not throw; if one does, the leaves given pending gradients
+// drop them and the error propagates. in_backward(): a pass runs on this
+// thread (also inside its hooks).
 // deferred(key): a flush with `key` is registered and not yet run in this
 // pass (an op whose queue holds work without one has work left by a pass that
 // threw, and drops it).

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <set>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -402,31 +403,43 @@ void linear_weight_grad(const Tensor& grad, const Tensor& x, const Tensor& grad_
   if (grad_bias.defined()) sum_first(grad, m, n, 1.0, grad_bias);
 }
 
-bool linear_weight_grads(const std::vector<WeightGradProblem>& problems) {
-  if (problems.size() < 2 || problems.size() > static_cast<size_t>(kMaxLinearBatch)) return false;
-  const WeightGradProblem& first = problems.front();
+namespace {
+
+std::atomic<int64_t> g_batched_calls{0};
+
+// Batched shapes cuBLASLt refused, so that a refused group launches nothing
+// (its pointer array included) before the caller's per-problem path.
+std::mutex g_refused_mutex;
+std::set<std::tuple<int, int, int64_t, int64_t, int64_t, int, int, bool>>& refused_batches() {
+  static auto* refused = new std::set<std::tuple<int, int, int64_t, int64_t, int64_t, int, int, bool>>();  // leaked
+  return *refused;
+}
+
+// One batched call for up to kMaxLinearBatch problems (validated by the
+// caller); false (nothing launched) where cuBLASLt refuses the shape.
+bool weight_grads_batch(const std::vector<const WeightGradProblem*>& problems) {
+  const WeightGradProblem& first = *problems.front();
   LtProblem p{};
-  if (!lt_types(first.grad.dtype(), &p.type, &p.compute)) return false;
-  const int64_t m = first.grad.size(0), n = first.grad.size(1), k = first.x.defined() ? first.x.size(1) : 0;
-  std::vector<const void*> a, b, d;
+  lt_types(first.grad.dtype(), &p.type, &p.compute);
+  const int64_t m = first.grad.size(0), n = first.grad.size(1), k = first.x.size(1);
+  const int batch = static_cast<int>(problems.size());
+  std::vector<const void*> all;  // the pointer arrays A | B | D, in one device buffer
   int align = 16;
-  for (const WeightGradProblem& q : problems) {
-    if (!q.grad_weight.defined() || !q.x.defined() || q.grad_bias.defined() != first.grad_bias.defined() ||
-        q.grad.shape() != first.grad.shape() || q.x.shape() != first.x.shape() || !q.grad.is_contiguous() ||
-        !q.x.is_contiguous() || !q.grad_weight.is_contiguous())
-      return false;
-    a.push_back(q.x.raw_data());
-    b.push_back(q.grad.raw_data());
-    d.push_back(q.grad_weight.raw_data());
-    align = std::min(align, alignment_of({q.x.raw_data(), q.grad.raw_data(), q.grad_weight.raw_data()}));
+  for (const auto& get : {+[](const WeightGradProblem& q) -> const void* { return q.x.raw_data(); },
+                          +[](const WeightGradProblem& q) -> const void* { return q.grad.raw_data(); },
+                          +[](const WeightGradProblem& q) -> const void* { return q.grad_weight.raw_data(); }})
+    for (const WeightGradProblem* q : problems) {
+      all.push_back(get(*q));
+      align = std::min(align, alignment_of({all.back()}));
+    }
+  const auto refused_key = std::make_tuple(current_device(), static_cast<int>(p.type), m, n, k, batch, align,
+                                           first.grad_bias.defined());
+  {
+    std::lock_guard<std::mutex> lock(g_refused_mutex);
+    if (refused_batches().count(refused_key)) return false;
   }
-  // The pointer arrays A | B | D in one device buffer.
-  std::vector<const void*> all = a;
-  all.insert(all.end(), b.begin(), b.end());
-  all.insert(all.end(), d.begin(), d.end());
   const Tensor arrays = device_pointer_array(all, first.grad.device());
   const auto* base = static_cast<const void* const*>(arrays.raw_data());
-  const int batch = static_cast<int>(problems.size());
   // As linear_weight_grad: dW^T (K x N) = x^T . op_T(G^T), per problem.
   p.trans_a = false;
   p.trans_b = true;
@@ -436,14 +449,47 @@ bool linear_weight_grads(const std::vector<WeightGradProblem>& problems) {
   p.d = const_cast<void*>(static_cast<const void*>(base + 2 * batch));
   p.batch = batch;
   p.align = align;
-  if (!run_lt(p)) return false;
+  if (!run_lt(p)) {
+    std::lock_guard<std::mutex> lock(g_refused_mutex);
+    refused_batches().insert(refused_key);
+    return false;
+  }
+  ++g_batched_calls;
   if (first.grad_bias.defined()) {
     std::vector<Tensor> grads, biases;
-    for (const WeightGradProblem& q : problems) grads.push_back(q.grad), biases.push_back(q.grad_bias);
+    for (const WeightGradProblem* q : problems) grads.push_back(q->grad), biases.push_back(q->grad_bias);
     sum_columns_batched(grads, m, n, biases);
   }
   return true;
 }
+
+}  // namespace
+
+bool linear_weight_grads(const std::vector<WeightGradProblem>& problems) {
+  if (problems.size() < 2) return false;
+  const WeightGradProblem& first = problems.front();
+  cudaDataType_t type;
+  cublasComputeType_t compute;
+  if (!first.x.defined() || !lt_types(first.grad.dtype(), &type, &compute)) return false;
+  for (const WeightGradProblem& q : problems)
+    if (!q.grad_weight.defined() || !q.x.defined() || q.grad_bias.defined() != first.grad_bias.defined() ||
+        q.grad.shape() != first.grad.shape() || q.x.shape() != first.x.shape() || !q.grad.is_contiguous() ||
+        !q.x.is_contiguous() || !q.grad_weight.is_contiguous())
+      return false;
+  // Chunks of at most kMaxLinearBatch; the first decides (a refusal launches
+  // nothing), a later refused or single one runs per problem.
+  for (size_t start = 0; start < problems.size(); start += kMaxLinearBatch) {
+    const size_t end = std::min(problems.size(), start + kMaxLinearBatch);
+    std::vector<const WeightGradProblem*> chunk;
+    for (size_t i = start; i < end; ++i) chunk.push_back(&problems[i]);
+    if (chunk.size() >= 2 && weight_grads_batch(chunk)) continue;
+    if (start == 0) return false;
+    for (const WeightGradProblem* q : chunk) linear_weight_grad(q->grad, q->x, q->grad_weight, q->grad_bias);
+  }
+  return true;
+}
+
+int64_t linear_batched_calls() { return g_batched_calls.load(); }
 
 void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& gelu_input,
                        const Tensor& grad_x, const Tensor& grad_bias) {

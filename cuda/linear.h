@@ -26,11 +26,15 @@ void linear_input_grad(const Tensor& grad, const Tensor& weight, const Tensor& g
 // one column-sum kernel for all of them: a few launches instead of one GEMM,
 // its split-K and bias-gradient kernels per layer. false (no GEMM launched)
 // where cuBLASLt has no batched kernel for the shape, or a problem has no
-// weight gradient: the caller then runs linear_weight_grad per problem.
+// weight gradient: the caller then runs linear_weight_grad per problem. More
+// than 32 problems run as batches of at most 32.
 struct WeightGradProblem {
   Tensor grad, x, grad_weight, grad_bias;
 };
 bool linear_weight_grads(const std::vector<WeightGradProblem>& problems);
+// How many batched GEMMs linear_weight_grads has run (tests tell the batched
+// path from the per-problem fallback).
+int64_t linear_batched_calls();
 
 // How many float32/bfloat16 calls cuBLASLt refused (and the cuBLAS path ran
 // instead) since start-up; tests assert the fused path ran.
