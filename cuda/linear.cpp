@@ -15,7 +15,6 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <set>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -253,6 +252,21 @@ cublasLtMatmulAlgo_t choose_algo(const LtCall& call, const LtProblem& p, AlgoPol
   return results[best < 0 ? 0 : best].algo;
 }
 
+AlgoKey key_of(const LtProblem& p, AlgoPolicy policy) {
+  return {current_device(), static_cast<int>(p.type), static_cast<int>(p.compute),
+          static_cast<int>(p.epilogue), p.align ? p.align : alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
+          p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy),
+          p.batch};
+}
+
+// Whether cuBLASLt already refused this problem's shape (cached): lets a
+// caller skip the set-up of a call that would launch nothing.
+bool known_refused(const LtProblem& p) {
+  std::lock_guard<std::mutex> lock(g_algo_mutex);
+  auto it = algo_cache().find(key_of(p, algo_policy()));
+  return it != algo_cache().end() && !it->second.found;
+}
+
 // Runs the problem; false (nothing launched) when cuBLASLt has no kernel.
 bool run_lt(const LtProblem& p);
 
@@ -293,10 +307,7 @@ bool run_lt(const LtProblem& p) {
   call.ws = cublaslt_workspace(&call.ws_bytes);
 
   const AlgoPolicy policy = algo_policy();
-  AlgoKey key{current_device(), static_cast<int>(p.type), static_cast<int>(p.compute),
-              static_cast<int>(p.epilogue), p.align ? p.align : alignment_of({p.a, p.b, p.d, p.bias, p.aux}),
-              p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.bias != nullptr, static_cast<int>(policy),
-              p.batch};
+  const AlgoKey key = key_of(p, policy);
   // A split-K algorithm is two kernels around the shared workspace; tuning
   // runs candidates in it too. The per-device queue lock is held throughout,
   // the cache's lock only to look up and insert: tuning waits for this
@@ -407,14 +418,6 @@ namespace {
 
 std::atomic<int64_t> g_batched_calls{0};
 
-// Batched shapes cuBLASLt refused, so that a refused group launches nothing
-// (its pointer array included) before the caller's per-problem path.
-std::mutex g_refused_mutex;
-std::set<std::tuple<int, int, int64_t, int64_t, int64_t, int, int, bool>>& refused_batches() {
-  static auto* refused = new std::set<std::tuple<int, int, int64_t, int64_t, int64_t, int, int, bool>>();  // leaked
-  return *refused;
-}
-
 // One batched call for up to kMaxLinearBatch problems (validated by the
 // caller); false (nothing launched) where cuBLASLt refuses the shape.
 bool weight_grads_batch(const std::vector<const WeightGradProblem*>& problems) {
@@ -432,28 +435,21 @@ bool weight_grads_batch(const std::vector<const WeightGradProblem*>& problems) {
       all.push_back(get(*q));
       align = std::min(align, alignment_of({all.back()}));
     }
-  const auto refused_key = std::make_tuple(current_device(), static_cast<int>(p.type), m, n, k, batch, align,
-                                           first.grad_bias.defined());
-  {
-    std::lock_guard<std::mutex> lock(g_refused_mutex);
-    if (refused_batches().count(refused_key)) return false;
-  }
-  const Tensor arrays = device_pointer_array(all, first.grad.device());
-  const auto* base = static_cast<const void* const*>(arrays.raw_data());
-  // As linear_weight_grad: dW^T (K x N) = x^T . op_T(G^T), per problem.
+  // As linear_weight_grad: dW^T (K x N) = x^T . op_T(G^T), per problem; a,
+  // b and d point into the pointer arrays, made only for a shape not refused.
   p.trans_a = false;
   p.trans_b = true;
   p.m = k, p.n = n, p.k = m;
-  p.a = base, p.lda = k;
-  p.b = base + batch, p.ldb = n;
-  p.d = const_cast<void*>(static_cast<const void*>(base + 2 * batch));
+  p.lda = k, p.ldb = n;
   p.batch = batch;
   p.align = align;
-  if (!run_lt(p)) {
-    std::lock_guard<std::mutex> lock(g_refused_mutex);
-    refused_batches().insert(refused_key);
-    return false;
-  }
+  if (known_refused(p)) return false;
+  const Tensor arrays = device_pointer_array(all, first.grad.device());
+  const auto* base = static_cast<const void* const*>(arrays.raw_data());
+  p.a = base;
+  p.b = base + batch;
+  p.d = const_cast<void*>(static_cast<const void*>(base + 2 * batch));
+  if (!run_lt(p)) return false;
   ++g_batched_calls;
   if (first.grad_bias.defined()) {
     std::vector<Tensor> grads, biases;

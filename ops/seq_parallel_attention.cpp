@@ -675,10 +675,11 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
                              const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
                              const Tensor& dO, const Tensor& dL) {
   const LocalGroup* whole = whole_chunk(plan);
-  const TensorOptions grads = ty.of(whole ? ty.compute : ty.acc);
-  Tensor dq = whole ? Tensor::empty(q.shape(), grads) : zeros(q.shape(), grads),
-         dk = whole ? Tensor::empty(q.shape(), grads) : zeros(q.shape(), grads),
-         dv = whole ? Tensor::empty(q.shape(), grads) : zeros(q.shape(), grads);
+  // The whole-chunk kernels write every row; the local groups' sums need zeros.
+  auto grad_buffer = [&] {
+    return whole ? Tensor::empty(q.shape(), ty.of(ty.compute)) : zeros(q.shape(), ty.of(ty.acc));
+  };
+  Tensor dq = grad_buffer(), dk = grad_buffer(), dv = grad_buffer();
   // The spanning pieces first, so that the reduce-scatters returning their
   // key and value gradients run (async; on NCCL beside them) while the local
   // branches do. The sums keep the order they had with the pieces last, so
