@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,28 @@ namespace minidl::testing {
       return;                                                                           \
     }                                                                                   \
   } while (0)
+
+// Sets an environment variable (nullptr: unsets it) until the end of the
+// scope, then restores what it was, also when a REQUIRE leaves the case early.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() { restore(); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  void set(const char* value) const {
+    if (value) setenv(name_.c_str(), value, 1);
+    else unsetenv(name_.c_str());
+  }
+  void restore() const { set(old_ ? old_->c_str() : nullptr); }
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
 
 // Fresh random values in [-1, 1) (never zeros), float64 on the CPU by default.
 inline Tensor random_tensor(const Shape& shape, TensorOptions options = {DType::Float64}) {

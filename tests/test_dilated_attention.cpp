@@ -21,6 +21,7 @@
 using namespace minidl;
 using minidl::testing::check_close;
 using minidl::testing::random_tensor;
+using minidl::testing::ScopedEnv;
 
 namespace {
 
@@ -1182,23 +1183,20 @@ namespace {
 #if defined(MINIDL_WITH_CUDA)
 // Runs body() once per kernel version (MINIDL_ATTENTION_KERNEL) that would run
 // the forward or the backward of this problem, so every version meets the
-// reference; restores the variable after.
+// reference; restores the variable after (ScopedEnv).
 template <typename F>
 void for_each_kernel(DType dtype, int64_t d, F&& body) {
-  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
-  const std::string restore = saved ? saved : "";
+  const ScopedEnv env("MINIDL_ATTENTION_KERNEL", nullptr);
   for (auto kernel : {cuda::AttentionKernel::kSimt, cuda::AttentionKernel::kMmaSync,
                       cuda::AttentionKernel::kWgmma, cuda::AttentionKernel::kWarpSpecialized}) {
     const char* name = cuda::attention_kernel_name(kernel);
-    setenv("MINIDL_ATTENTION_KERNEL", name, 1);
+    env.set(name);
     if (cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kForward) != kernel &&
         cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kBackward) != kernel)
       continue;  // this version does not take the problem: the ones below it cover it
     CAPTURE(name);
     body();
   }
-  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
-  else unsetenv("MINIDL_ATTENTION_KERNEL");
 }
 #endif
 
@@ -1255,9 +1253,7 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
   const Device gpu = Device::cuda(0);
-  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
-  const std::string restore = saved ? saved : "";
-  setenv("MINIDL_ATTENTION_KERNEL", "ws", 1);
+  const ScopedEnv env("MINIDL_ATTENTION_KERNEL", "ws");
   const std::vector<Case> cases = {
       {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true},
       {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
@@ -1284,8 +1280,6 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
     check_scaled(gg.dk.to(Device::cpu()), gw.dk, tol);
     check_scaled(gg.dv.to(Device::cpu()), gw.dv, tol);
   }
-  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
-  else unsetenv("MINIDL_ATTENTION_KERNEL");
 #endif
 }
 
@@ -1375,11 +1369,9 @@ TEST_CASE("CUDA attention kernel choice: MINIDL_ATTENTION_KERNEL caps the versio
 #if defined(MINIDL_WITH_CUDA)
   using cuda::AttentionKernel;
   using cuda::AttentionPass;
-  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
-  const std::string restore = saved ? saved : "";
-  setenv("MINIDL_ATTENTION_KERNEL", "simt", 1);
+  const ScopedEnv env("MINIDL_ATTENTION_KERNEL", "simt");
   CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward) == AttentionKernel::kSimt);
-  setenv("MINIDL_ATTENTION_KERNEL", "mma", 1);
+  env.set("mma");
   CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward) == AttentionKernel::kMmaSync);
   CHECK(cuda::choose_attention_kernel(DType::BFloat16, 48, AttentionPass::kBackward) == AttentionKernel::kSimt);
   // float32 takes the TF32 tensor cores (mma.sync) on sm_80+, both passes, at
@@ -1387,19 +1379,18 @@ TEST_CASE("CUDA attention kernel choice: MINIDL_ATTENTION_KERNEL caps the versio
   const AttentionKernel f32_mma = cuda::compute_capability() >= 80 ? AttentionKernel::kMmaSync : AttentionKernel::kSimt;
   for (const char* cap : {"mma", "wgmma", "ws"}) {
     CAPTURE(cap);
-    setenv("MINIDL_ATTENTION_KERNEL", cap, 1);
+    env.set(cap);
     for (int64_t d : {32, 64, 128})
       for (AttentionPass pass : {AttentionPass::kForward, AttentionPass::kBackward})
         CHECK(cuda::choose_attention_kernel(DType::Float32, d, pass) == f32_mma);
     CHECK(cuda::choose_attention_kernel(DType::Float32, 48, AttentionPass::kForward) == AttentionKernel::kSimt);
   }
-  setenv("MINIDL_ATTENTION_KERNEL", "simt", 1);
+  env.set("simt");
   CHECK(cuda::choose_attention_kernel(DType::Float32, 64, AttentionPass::kBackward) == AttentionKernel::kSimt);
-  setenv("MINIDL_ATTENTION_KERNEL", "bogus", 1);
+  env.set("bogus");
   CHECK_THROWS_WITH_AS(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward),
                        doctest::Contains("simt, mma, wgmma, ws"), Error);
-  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
-  else unsetenv("MINIDL_ATTENTION_KERNEL");
+  env.restore();
   CHECK(cuda::choose_attention_kernel(DType::BFloat16, 64, AttentionPass::kForward) >= AttentionKernel::kMmaSync);
   CHECK(cuda::choose_attention_kernel(DType::Float32, 64, AttentionPass::kBackward) == f32_mma);
 #endif
@@ -1415,11 +1406,10 @@ TEST_CASE("CUDA float32 on TF32 tensor cores: not SIMT's result but within TF32 
   const Device gpu = Device::cuda(0);
   const Case c{"LongNet set / 64", 1, 700, 4, 64, {32, 64, 128, 256, 512}, {1, 2, 4, 6, 12}, true};
   const DilatedAttentionConfig config = dropout_config(c, 0.2, 5, 6);
-  const char* saved = std::getenv("MINIDL_ATTENTION_KERNEL");
-  const std::string restore = saved ? saved : "";
+  const ScopedEnv env("MINIDL_ATTENTION_KERNEL", nullptr);
   // out, dq, dk, dv and lse of one kernel version, on the CPU.
   auto run = [&](const char* kernel, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& grad_out) {
-    setenv("MINIDL_ATTENTION_KERNEL", kernel, 1);
+    env.set(kernel);
     Forward f = run_forward(cuda::dilated_attention_forward, q, k, v, config);
     Backward g = run_backward(cuda::dilated_attention_backward, q, k, v, f, grad_out, Tensor(), config);
     return std::vector<Tensor>{f.out.to(Device::cpu()), g.dq.to(Device::cpu()), g.dk.to(Device::cpu()),
@@ -1456,8 +1446,6 @@ TEST_CASE("CUDA float32 on TF32 tensor cores: not SIMT's result but within TF32 
       CHECK(mma[i].to_vector<double>() == simt[i].to_vector<double>());
     }
   }
-  if (saved) setenv("MINIDL_ATTENTION_KERNEL", restore.c_str(), 1);
-  else unsetenv("MINIDL_ATTENTION_KERNEL");
 #endif
 }
 
