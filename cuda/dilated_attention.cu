@@ -234,8 +234,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v),
                             go = operand<BFloat16>(grad_out);
     if (ws_takes(qo, ko, vo, branch_grid(s, config.branches[0], kMmaRows), s.b, &go)) {
-      Tensor dq_acc = fp32_buffer(dq);
-      zero(dq_acc);
+      Tensor dq_acc = fp32_buffer(dq);  // zeroed by backward_delta
       Tensor dk_acc, dv_acc, written;  // for the branches before the last
       if (finish.size() > 1) {
         dk_acc = fp32_buffer(dk);
@@ -245,7 +244,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       }
       auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<float*>(t.raw_data()) : nullptr; };
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
-      attn::backward_delta(op, out, grad_out, grad_lse, delta);
+      attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s);  // size check
@@ -267,14 +266,16 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   // the parts of one fused q/k/v gradient).
   auto accumulator = [&](const Tensor& t) { return fp32 && t.is_contiguous() ? t : fp32_buffer(t); };
   Tensor dq_acc = accumulator(dq), dk_acc = accumulator(dk), dv_acc = accumulator(dv);
-  zero(dq_acc);
   zero(dk_acc);
   zero(dv_acc);
-  if (rows == 0) return;
+  if (rows == 0) {
+    zero(dq_acc);
+    return;
+  }
   MINIDL_CHECK(out.is_contiguous() && grad_out.is_contiguous(), op,
                ": out and grad_out must be contiguous");
   Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
-  attn::backward_delta(op, out, grad_out, grad_lse, delta);
+  attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);  // zeroes dq_acc
   const float* l = static_cast<const float*>(lse.raw_data());
   const float* dl = static_cast<const float*>(delta.raw_data());
   const AttentionKernel kernel = choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward);

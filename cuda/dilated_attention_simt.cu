@@ -194,10 +194,12 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
 }
 
 // delta[row] = sum_d dO * O - dL (dL optional): one group of lanes per row.
+// It also zeroes the row of the dQ accumulator (optional; same layout as O),
+// which saves the backward a memset launch.
 template <typename T, int D>
 __global__ void backward_delta_kernel(const T* __restrict__ out, const T* __restrict__ grad_out,
                                const float* __restrict__ grad_lse, float* __restrict__ delta,
-                               int64_t rows, int64_t d) {
+                               float* __restrict__ dq_zero, int64_t rows, int64_t d) {
   using S = Split<D>;
   int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / S::kTpr;
   int part = threadIdx.x % S::kTpr;
@@ -208,6 +210,11 @@ __global__ void backward_delta_kernel(const T* __restrict__ out, const T* __rest
       int c = S::dim(i, part);
       if (c < d) acc += to_float(out[row * d + c]) * to_float(grad_out[row * d + c]);
     }
+  }
+  if (dq_zero) {  // the block's rows are one contiguous span: zeroed by consecutive threads
+    const int64_t first = blockIdx.x * int64_t(blockDim.x / S::kTpr);
+    const int64_t count = (min(rows, first + blockDim.x / S::kTpr) - first) * d;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) dq_zero[first * d + i] = 0.f;
   }
   acc = S::reduce(acc);
   if (row < rows && part == 0) delta[row] = acc - (grad_lse ? grad_lse[row] : 0.f);
@@ -397,7 +404,7 @@ void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor
 }
 
 void backward_delta(const char* op, const Tensor& out, const Tensor& grad_out, const Tensor& grad_lse,
-                    const Tensor& delta) {
+                    const Tensor& delta, const Tensor& dq_zero) {
   const Shape4 s = shape_of(out);
   const int64_t rows = s.b * s.n * s.h;
   visit_kernel_types(op, out.dtype(), s.d, [&](auto tag, auto dim) {
@@ -407,7 +414,8 @@ void backward_delta(const char* op, const Tensor& out, const Tensor& grad_out, c
     backward_delta_kernel<T, D><<<blocks, 256, 0, stream()>>>(
         static_cast<const T*>(out.raw_data()), static_cast<const T*>(grad_out.raw_data()),
         grad_lse.defined() ? static_cast<const float*>(grad_lse.raw_data()) : nullptr,
-        static_cast<float*>(delta.raw_data()), rows, s.d);
+        static_cast<float*>(delta.raw_data()),
+        dq_zero.defined() ? static_cast<float*>(dq_zero.raw_data()) : nullptr, rows, s.d);
     MINIDL_CUDA_LAUNCH_CHECK();
   });
 }

@@ -15,8 +15,9 @@ void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor
 
 // delta = rowsum(dO * O) - dL per (b, pos, head) row (grad_lse may be
 // undefined); out and grad_out contiguous, in q's dtype. Every backward's first pass.
+// dq_zero (optional): an fp32 accumulator laid out as out, zeroed on the way.
 void backward_delta(const char* op, const Tensor& out, const Tensor& grad_out, const Tensor& grad_lse,
-                    const Tensor& delta);
+                    const Tensor& delta, const Tensor& dq_zero = Tensor());
 
 // Every branch's dQ, dK and dV added into the fp32 accumulators (B, N, H, D
 // contiguous, zeroed), from the global lse and delta.
