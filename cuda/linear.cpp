@@ -419,7 +419,8 @@ namespace {
 std::atomic<int64_t> g_batched_calls{0};
 
 // One batched call for up to kMaxLinearBatch problems (validated by the
-// caller); false (nothing launched) where cuBLASLt refuses the shape.
+// caller); false where cuBLASLt refuses the shape (nothing launched once it
+// is known refused).
 bool weight_grads_batch(const std::vector<const WeightGradProblem*>& problems) {
   const WeightGradProblem& first = *problems.front();
   LtProblem p{};
@@ -444,18 +445,18 @@ bool weight_grads_batch(const std::vector<const WeightGradProblem*>& problems) {
   p.batch = batch;
   p.align = align;
   if (known_refused(p)) return false;
-  const Tensor arrays = device_pointer_array(all, first.grad.device());
+  std::vector<Tensor> grads, biases;  // the bias gradients come from the launch that writes the pointer arrays
+  for (const WeightGradProblem* q : problems) {
+    grads.push_back(q->grad);
+    if (first.grad_bias.defined()) biases.push_back(q->grad_bias);
+  }
+  const Tensor arrays = prepare_weight_grads(all, grads, m, n, biases);
   const auto* base = static_cast<const void* const*>(arrays.raw_data());
   p.a = base;
   p.b = base + batch;
   p.d = const_cast<void*>(static_cast<const void*>(base + 2 * batch));
   if (!run_lt(p)) return false;
   ++g_batched_calls;
-  if (first.grad_bias.defined()) {
-    std::vector<Tensor> grads, biases;
-    for (const WeightGradProblem* q : problems) grads.push_back(q->grad), biases.push_back(q->grad_bias);
-    sum_columns_batched(grads, m, n, biases);
-  }
   return true;
 }
 

@@ -1,6 +1,8 @@
 // Kernels behind the batched weight gradients (cuda/linear_batch.h).
 #include "cuda/linear_batch.h"
 
+#include <algorithm>
+
 #include "cuda/launch.h"
 #include "cuda/runtime.h"
 
@@ -12,10 +14,6 @@ struct PointerList {
   int n;
 };
 
-__global__ void write_pointers(PointerList list, const void** out) {
-  if (threadIdx.x < list.n) out[threadIdx.x] = list.p[threadIdx.x];
-}
-
 template <typename T>
 struct ColumnSumsArgs {
   const T* in[kMaxLinearBatch];
@@ -24,12 +22,19 @@ struct ColumnSumsArgs {
 
 constexpr int kTileCols = 32, kTileRows = 16;
 
-// Block (x, p): columns [32x, 32x + 32) of matrix p; each of 16 row lanes sums
-// every 16th row, then lane 0 adds the 16 partials in order.
+// Block (0, 0) writes the pointer array. Block (x, p) with p < problems:
+// columns [32x, 32x + 32) of matrix p; each of 16 row lanes sums every 16th
+// row, then lane 0 adds the 16 partials in order.
 template <typename T>
-__global__ void column_sums(ColumnSumsArgs<T> args, int64_t rows, int64_t cols) {
-  __shared__ float partial[kTileRows][kTileCols + 1];
+__global__ void prepare_kernel(PointerList list, const void** pointers, ColumnSumsArgs<T> args, int problems,
+                               int64_t rows, int64_t cols) {
   const int tx = threadIdx.x, ty = threadIdx.y;
+  if (blockIdx.x == 0 && blockIdx.y == 0) {
+    const int t = ty * kTileCols + tx;
+    if (t < list.n) pointers[t] = list.p[t];
+  }
+  if (static_cast<int>(blockIdx.y) >= problems) return;
+  __shared__ float partial[kTileRows][kTileCols + 1];
   const int64_t c = int64_t(blockIdx.x) * kTileCols + tx;
   const T* in = args.in[blockIdx.y];
   float acc = 0.f;
@@ -43,42 +48,43 @@ __global__ void column_sums(ColumnSumsArgs<T> args, int64_t rows, int64_t cols) 
   }
 }
 
+static_assert(3 * kMaxLinearBatch <= kTileCols * kTileRows, "block (0, 0) writes every pointer");
+
 }  // namespace
 
-Tensor device_pointer_array(const std::vector<const void*>& ptrs, Device device) {
-  MINIDL_CHECK(ptrs.size() <= static_cast<size_t>(3 * kMaxLinearBatch), "cuda::device_pointer_array: ",
-               ptrs.size(), " pointers, at most ", 3 * kMaxLinearBatch);
+Tensor prepare_weight_grads(const std::vector<const void*>& ptrs, const std::vector<Tensor>& grads, int64_t rows,
+                            int64_t cols, const std::vector<Tensor>& sums) {
+  MINIDL_CHECK(!grads.empty() && ptrs.size() <= static_cast<size_t>(3 * kMaxLinearBatch) &&
+                   grads.size() <= static_cast<size_t>(kMaxLinearBatch) &&
+                   (sums.empty() || sums.size() == grads.size()),
+               "cuda::prepare_weight_grads: ", ptrs.size(), " pointers (at most ", 3 * kMaxLinearBatch, "), ",
+               grads.size(), " gradients (1 to ", kMaxLinearBatch, "), ", sums.size(), " sums (none or as many)");
+  const DType dtype = grads.front().dtype();
+  MINIDL_CHECK(dtype == DType::Float32 || dtype == DType::BFloat16, "cuda::prepare_weight_grads: dtype ", dtype,
+               "; expected float32 or bfloat16");
+  const Device device = grads.front().device();
   // Two int32 elements per pointer (8 bytes; the allocator aligns to more).
   Tensor out = Tensor::empty({2 * static_cast<int64_t>(ptrs.size())}, {DType::Int32, device, false});
   PointerList list{};
   for (size_t i = 0; i < ptrs.size(); ++i) list.p[i] = ptrs[i];
   list.n = static_cast<int>(ptrs.size());
-  write_pointers<<<1, 3 * kMaxLinearBatch, 0, stream()>>>(list, static_cast<const void**>(out.raw_data()));
-  MINIDL_CUDA_LAUNCH_CHECK();
-  return out;
-}
-
-void sum_columns_batched(const std::vector<Tensor>& in, int64_t rows, int64_t cols, const std::vector<Tensor>& out) {
-  MINIDL_CHECK(!in.empty() && in.size() == out.size() && in.size() <= static_cast<size_t>(kMaxLinearBatch),
-               "cuda::sum_columns_batched: ", in.size(), " inputs, ", out.size(), " outputs (1 to ", kMaxLinearBatch,
-               ", as many outputs)");
-  if (cols == 0) return;
-  const DType dtype = in.front().dtype();
-  MINIDL_CHECK(dtype == DType::Float32 || dtype == DType::BFloat16, "cuda::sum_columns_batched: dtype ", dtype,
-               "; expected float32 or bfloat16");
+  const int problems = cols > 0 ? static_cast<int>(sums.size()) : 0;
   auto launch = [&](auto tag) {
     using T = decltype(tag);
     ColumnSumsArgs<T> args{};
-    for (size_t p = 0; p < in.size(); ++p) {
-      args.in[p] = static_cast<const T*>(in[p].raw_data());
-      args.out[p] = static_cast<T*>(out[p].raw_data());
+    for (int p = 0; p < problems; ++p) {
+      args.in[p] = static_cast<const T*>(grads[p].raw_data());
+      args.out[p] = static_cast<T*>(sums[p].raw_data());
     }
-    const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols), static_cast<unsigned>(in.size()));
-    column_sums<T><<<grid, dim3(kTileCols, kTileRows), 0, stream()>>>(args, rows, cols);
+    const dim3 grid(problems > 0 ? static_cast<unsigned>((cols + kTileCols - 1) / kTileCols) : 1u,
+                    static_cast<unsigned>(std::max(problems, 1)));
+    prepare_kernel<T><<<grid, dim3(kTileCols, kTileRows), 0, stream()>>>(
+        list, static_cast<const void**>(out.raw_data()), args, problems, rows, cols);
     MINIDL_CUDA_LAUNCH_CHECK();
   };
   if (dtype == DType::Float32) launch(float{});
   else launch(BFloat16{});
+  return out;
 }
 
 }  // namespace minidl::cuda

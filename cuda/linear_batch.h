@@ -11,16 +11,15 @@ namespace minidl::cuda {
 // kernel parameter).
 constexpr int kMaxLinearBatch = 32;
 
-// A device array of `ptrs` (8 bytes each), written by one kernel that gets
-// them as its parameter: no host copy, so a CUDA graph captures it (the
-// addresses are the graph's own, fixed across replays). At most
-// 3 * kMaxLinearBatch pointers.
-Tensor device_pointer_array(const std::vector<const void*>& ptrs, Device device);
-
-// out[p][c] = sum over r of in[p][r][c] for each of the (rows, cols)
-// contiguous matrices in[p] (one dtype, float32 or bfloat16), summed in
-// float32 in a fixed order (deterministic), into out[p] (cols, same dtype):
-// one launch for all of them.
-void sum_columns_batched(const std::vector<Tensor>& in, int64_t rows, int64_t cols, const std::vector<Tensor>& out);
+// One launch before a batched weight-gradient GEMM. It returns a device
+// array of `ptrs` (8 bytes each; at most 3 * kMaxLinearBatch), written by the
+// kernel from its parameters: no host copy, so a CUDA graph captures it (the
+// addresses are the graph's own, fixed across replays). When `sums` is not
+// empty it also writes the bias gradients: sums[p][c] = sum over r of
+// grads[p][r][c] for the (rows, cols) contiguous matrices grads[p] (one dtype,
+// float32 or bfloat16), summed in float32 in a fixed order (deterministic),
+// into sums[p] (cols, same dtype).
+Tensor prepare_weight_grads(const std::vector<const void*>& ptrs, const std::vector<Tensor>& grads, int64_t rows,
+                            int64_t cols, const std::vector<Tensor>& sums);
 
 }  // namespace minidl::cuda

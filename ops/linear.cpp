@@ -78,9 +78,10 @@ Shape with_last(Shape shape, int64_t last) {
 }
 
 // ---- weight gradients batched across a backward pass ----
-// With MINIDL_BATCH_WEIGHT_GRADS=1 (read at each backward closure) the
-// closures queue their weight and bias gradients here instead of computing
-// them (autograd::defer), and the pass runs the queue at once: same-shaped
+// On CUDA (MINIDL_BATCH_WEIGHT_GRADS=0 turns it off, =1 turns it on for
+// every device; read at each backward closure) the closures queue their
+// weight and bias gradients here instead of computing them
+// (autograd::defer), and the pass runs the queue at once: same-shaped
 // problems (every layer of a model) grouped, so that a backend can run a
 // group as one batched launch (cuda::linear_weight_grads) instead of one
 // GEMM, and its split-K and bias-gradient kernels, per layer. The queue keeps
@@ -91,10 +92,11 @@ struct WeightGradJob {
 };
 thread_local std::vector<WeightGradJob> g_weight_grad_jobs;
 
-bool batching_weight_grads() {
+bool batching_weight_grads(Device device) {
   if (!autograd::in_backward()) return false;
   const char* e = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
-  return e && std::string_view(e) == "1";
+  if (e && std::string_view(e) == "0") return false;
+  return device.is_cuda() || (e && std::string_view(e) == "1");
 }
 
 void run_weight_grad_jobs() {
@@ -137,7 +139,7 @@ void run_weight_grad_jobs() {
 // queued for the pass's batch.
 void weight_grad(const Tensor& dz, const Tensor& x, const Tensor& dw, const Tensor& db) {
   if (!dw.defined() && !db.defined()) return;
-  if (batching_weight_grads()) {
+  if (batching_weight_grads(dz.device())) {
     if (!autograd::deferred(&g_weight_grad_jobs)) g_weight_grad_jobs.clear();  // left by a pass that threw
     g_weight_grad_jobs.push_back({dz, x, dw, db, dz.version(), x.defined() ? x.version() : 0});
     autograd::defer({dw, db}, &g_weight_grad_jobs, run_weight_grad_jobs);
@@ -236,10 +238,14 @@ Tensor mlp(const Tensor& x, const Tensor& fc_weight, const Tensor& fc_bias,
           Device device = dy.device();
           weight_grad(dy, grad_w2 ? shid.get() : Tensor(), dw2, db2);
           if (grad_x || grad_w1 || grad_b1) {
-            // Gradient of the GELU input, with b1's gradient, in one GEMM.
+            // Gradient of the GELU input, with b1's gradient, in one GEMM;
+            // when the weight gradients are batched, b1's goes with them (the
+            // bias-gradient epilogue costs cuBLASLt extra kernels per layer).
+            const bool batched = batching_weight_grads(device);
             Tensor dpre = Tensor::empty({m, h}, opts);
-            MINIDL_DISPATCH(device, linear_input_grad, dy, sw2.get(), spre.get(), dpre, db1);
-            if (grad_w1) weight_grad(dpre, sx.get(), dw1, Tensor());
+            MINIDL_DISPATCH(device, linear_input_grad, dy, sw2.get(), spre.get(), dpre, batched ? Tensor() : db1);
+            if (grad_w1 || (batched && grad_b1))
+              weight_grad(dpre, grad_w1 ? sx.get() : Tensor(), dw1, batched ? db1 : Tensor());
             if (grad_x)
               MINIDL_DISPATCH(device, linear_input_grad, dpre, sw1.get(), Tensor(),
                               dx.as_strided({m, k}, {k, 1}, 0), Tensor());

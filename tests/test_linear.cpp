@@ -15,6 +15,7 @@
 using namespace minidl;
 using minidl::testing::check_close;
 using minidl::testing::random_tensor;
+using minidl::testing::ScopedEnv;
 
 namespace {
 
@@ -132,15 +133,13 @@ TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: queued weight gradients equal the immediat
   // gradient, and a second backward accumulating into existing gradients:
   // each read must see the written values. On the CPU the batch runs the
   // same kernels later, so the results are bit for bit the immediate ones.
-  const char* saved = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
-  const std::string restore = saved ? saved : "";
+  const ScopedEnv env("MINIDL_BATCH_WEIGHT_GRADS", nullptr);
   struct Result {
     std::vector<Tensor> grads;
     double hooked = 0;
   };
-  auto run = [](bool batched) {
-    if (batched) setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
-    else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  auto run = [&env](bool batched) {
+    env.set(batched ? "1" : "0");
     Generator gen(11);
     auto param = [&](Shape shape) {
       return ops::mul(ops::randn(shape, {DType::Float64}, &gen), 0.3).detach().requires_grad_();
@@ -168,8 +167,6 @@ TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: queued weight gradients equal the immediat
     return r;
   };
   const Result want = run(false), got = run(true);
-  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
-  else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
   REQUIRE(got.grads.size() == want.grads.size());
   for (size_t i = 0; i < want.grads.size(); ++i) {
     CAPTURE(i);
@@ -181,32 +178,29 @@ TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: queued weight gradients equal the immediat
 
   // A pass that throws after a linear queued its gradient still writes it
   // (the queue runs as the pass unwinds), and leaves nothing for the next.
-  setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+  env.set("1");
   Tensor w = random_tensor({4, 3}, grad_f64()), x = random_tensor({5, 3}, grad_f64());
   Tensor bad = ops::mul(x, 1.0);
   autograd::record("throws", {x}, {bad}, [](const std::vector<Tensor>&) -> std::vector<Tensor> {
     throw std::runtime_error("backward failed on purpose");
   });
   CHECK_THROWS_WITH(ops::sum(ops::linear(bad, w)).backward(), doctest::Contains("failed on purpose"));
-  unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  env.set("0");
   Tensor w_first = w.detach().requires_grad_();
   ops::sum(ops::linear(bad.detach(), w_first)).backward();
   check_close(w.grad(), w_first.grad(), 0, 0);  // written, not left empty
-  setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+  env.set("1");
   w.zero_grad();
   Tensor x2 = random_tensor({5, 3});
   ops::sum(ops::linear(x2, w)).backward();
-  unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  env.set("0");
   Tensor w_ref = w.detach().requires_grad_();
   ops::sum(ops::linear(x2, w_ref)).backward();
   check_close(w.grad(), w_ref.grad(), 0, 0);
-  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
 }
 
 TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: a backward inside a pass, and a flush that throws") {
-  const char* saved = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
-  const std::string restore = saved ? saved : "";
-  setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
+  const ScopedEnv env("MINIDL_BATCH_WEIGHT_GRADS", "1");
   // An op whose backward runs a pass of its own (as a checkpoint would): the
   // outer pass's queued weight gradient is written first, not lost.
   Tensor w = random_tensor({4, 3}, grad_f64()), w2 = random_tensor({4, 3}, grad_f64());
@@ -229,13 +223,12 @@ TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: a backward inside a pass, and a flush that
   });
   CHECK_THROWS_WITH(ops::linear(z, v).backward(seed), doctest::Contains("modified in place before the batch ran"));
   CHECK_FALSE(v.grad().defined());
-  unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+  env.set("0");
   Tensor w_ref = w.detach().requires_grad_(), w2_ref = w2.detach().requires_grad_();
   ops::sum(ops::linear(x, w_ref)).backward();
   ops::sum(ops::linear(x, w2_ref)).backward();
   check_close(w.grad(), w_ref.grad(), 0, 0);
   check_close(w2.grad(), w2_ref.grad(), 0, 0);
-  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
 }
 
 TEST_CASE("matmul with a transposed weight gives its gradient in the weight's layout") {
@@ -390,11 +383,10 @@ TEST_CASE("linear CUDA: every GEMM algorithm policy (MINIDL_GEMM_ALGO) matches C
 #if defined(MINIDL_WITH_CUDA)
   // Many rows against few columns: the weight gradient's long reduction is
   // where cuBLASLt picks split-K (two kernels) and "single" must avoid it.
-  const char* saved = std::getenv("MINIDL_GEMM_ALGO");
-  const std::string restore = saved ? saved : "";
+  const ScopedEnv env("MINIDL_GEMM_ALGO", nullptr);
   for (const char* policy : {"heuristic", "single", "timed"}) {
     CAPTURE(policy);
-    setenv("MINIDL_GEMM_ALGO", policy, 1);
+    env.set(policy);
     const int64_t before = cuda::linear_fallbacks(), captured = cuda::gemm_candidates_captured();
     for (bool gelu : {false, true}) check_linear_parity({4096, 384, 192, true, gelu}, DType::BFloat16, 3e-2);
     CHECK(cuda::linear_fallbacks() == before);
@@ -402,8 +394,6 @@ TEST_CASE("linear CUDA: every GEMM algorithm policy (MINIDL_GEMM_ALGO) matches C
     // (every capture refused would fall back to the heuristic silently).
     if (std::string(policy) != "heuristic") CHECK(cuda::gemm_candidates_captured() > captured);
   }
-  if (saved) setenv("MINIDL_GEMM_ALGO", restore.c_str(), 1);
-  else unsetenv("MINIDL_GEMM_ALGO");
 #endif
 }
 
@@ -412,13 +402,11 @@ TEST_CASE("linear CUDA: batched weight gradients (MINIDL_BATCH_WEIGHT_GRADS) mat
 #if defined(MINIDL_WITH_CUDA)
   // Four same-shaped layers with biases and an MLP per layer: the flush runs
   // each shape's group as one pointer-array GEMM and one column-sum kernel.
-  const char* saved = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
-  const std::string restore = saved ? saved : "";
+  const ScopedEnv env("MINIDL_BATCH_WEIGHT_GRADS", nullptr);
   for (DType dtype : {DType::BFloat16, DType::Float32}) {
     CAPTURE(dtype);
     auto run = [&](bool batched) {
-      if (batched) setenv("MINIDL_BATCH_WEIGHT_GRADS", "1", 1);
-      else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
+      env.set(batched ? "1" : "0");
       Generator gen(5);
       const TensorOptions cuda_grad{dtype, Device::cuda(0), true};
       auto param = [&](Shape shape) {
@@ -448,8 +436,6 @@ TEST_CASE("linear CUDA: batched weight gradients (MINIDL_BATCH_WEIGHT_GRADS) mat
       check_scaled(got[i], want[i], dtype == DType::BFloat16 ? 2e-2 : 2e-3);
     }
   }
-  if (saved) setenv("MINIDL_BATCH_WEIGHT_GRADS", restore.c_str(), 1);
-  else unsetenv("MINIDL_BATCH_WEIGHT_GRADS");
 #endif
 }
 
