@@ -613,8 +613,8 @@ struct Forward {
 // dtype: the spanning pieces merge (forward) and add (backward) into their
 // own rows of it, which are few (n/r rows of branches with r >= the chunk's
 // segments), instead of the whole chunk going through acc-dtype buffers,
-// merges and casts (measured at 12.1 ms of 61.9 at 1M tokens, H 8, P = 1:
-// scaling.md). The same bits where a row takes one piece (a merge copies its
+// merges and casts (12.1 ms of 61.9 at 1M tokens, H 8, P = 1, before; 48.9
+// after, the kernels' own time: scaling.md). The same bits where a row takes one piece (a merge copies its
 // first partial exactly, a gradient added once to zeros is itself); a bf16
 // row that several pieces reach rounds after each.
 const LocalGroup* whole_chunk(const Plan& plan) {
