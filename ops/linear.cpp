@@ -95,8 +95,10 @@ thread_local std::vector<WeightGradJob> g_weight_grad_jobs;
 bool batching_weight_grads(Device device) {
   if (!autograd::in_backward()) return false;
   const char* e = std::getenv("MINIDL_BATCH_WEIGHT_GRADS");
-  if (e && std::string_view(e) == "0") return false;
-  return device.is_cuda() || (e && std::string_view(e) == "1");
+  const std::string_view v = e ? e : "";
+  MINIDL_CHECK(v.empty() || v == "0" || v == "1", "MINIDL_BATCH_WEIGHT_GRADS='", v,
+               "': expected 0 (off), 1 (on, also on the CPU) or unset (on for CUDA)");
+  return v == "1" || (v.empty() && device.is_cuda());
 }
 
 void run_weight_grad_jobs() {

@@ -223,6 +223,9 @@ TEST_CASE("MINIDL_BATCH_WEIGHT_GRADS: a backward inside a pass, and a flush that
   });
   CHECK_THROWS_WITH(ops::linear(z, v).backward(seed), doctest::Contains("modified in place before the batch ran"));
   CHECK_FALSE(v.grad().defined());
+  env.set("yes");  // only 0 and 1 are values
+  Tensor u = random_tensor({4, 3}, grad_f64());
+  CHECK_THROWS_WITH(ops::sum(ops::linear(x, u)).backward(), doctest::Contains("expected 0 (off), 1"));
   env.set("0");
   Tensor w_ref = w.detach().requires_grad_(), w2_ref = w2.detach().requires_grad_();
   ops::sum(ops::linear(x, w_ref)).backward();
