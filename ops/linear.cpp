@@ -4,12 +4,13 @@
 // is one 2-D GEMM: y (M, N) = x (M, K) W^T (N, K) + b. Backward, with dz the
 // gradient of the pre-activation:
 //   dW = dz^T x  (N, K), straight in the weight's layout: no transposed copy;
-//   db = column sums of dz, folded into the dW GEMM (cuBLASLt BGRADB);
+//   db = column sums of dz, folded into the dW GEMM (cuBLASLt BGRADB), or,
+//        when the weight gradients are batched (below), into the batch;
 //   dx = dz W    (M, K).
 // A GELU's derivative needs the GEMM that produces the gradient of its
 // output; for a lone linear that is the caller's, so linear's backward applies
-// it as one elementwise pass, while mlp folds it (with the hidden bias's
-// gradient) into its own hidden-gradient GEMM (DGELU_BGRAD).
+// it as one elementwise pass, while mlp folds it into its own hidden-gradient
+// GEMM (DGELU; with the hidden bias's gradient, DGELU_BGRAD, when unbatched).
 #include <cstdlib>
 #include <string_view>
 #include <vector>
