@@ -17,6 +17,7 @@
 
 using namespace minidl;
 using minidl::testing::random_tensor;
+using minidl::testing::ScopedEnv;
 
 namespace {
 
@@ -276,31 +277,27 @@ TEST_CASE("in-process collectives on CUDA tensors (virtual ranks on one GPU)") {
 }
 
 TEST_CASE("process_rank_from_env: alone without WORLD_SIZE; RANK, LOCAL_RANK and errors that name the variable") {
-  auto clear = [] {
-    for (const char* v : {"WORLD_SIZE", "RANK", "LOCAL_RANK"}) unsetenv(v);
-  };
-  clear();
+  const ScopedEnv world("WORLD_SIZE", nullptr), rank("RANK", nullptr), local("LOCAL_RANK", nullptr);
   dist::ProcessRank p = dist::process_rank_from_env();
   CHECK(p.rank == 0);
   CHECK(p.world == 1);
   CHECK(p.local == 0);
-  setenv("WORLD_SIZE", "1", 1);  // one process: RANK may be left out
+  world.set("1");  // one process: RANK may be left out
   CHECK(dist::process_rank_from_env().world == 1);
-  setenv("WORLD_SIZE", "8", 1);
-  setenv("RANK", "5", 1);
-  setenv("LOCAL_RANK", "1", 1);
+  world.set("8");
+  rank.set("5");
+  local.set("1");
   p = dist::process_rank_from_env();
   CHECK(p.rank == 5);
   CHECK(p.world == 8);
   CHECK(p.local == 1);
-  unsetenv("RANK");
+  rank.set(nullptr);
   CHECK_THROWS_WITH_AS(dist::process_rank_from_env(), doctest::Contains("RANK is not set"), Error);
-  setenv("RANK", "8", 1);
+  rank.set("8");
   CHECK_THROWS_WITH_AS(dist::process_rank_from_env(), doctest::Contains("RANK=8 is not a rank of WORLD_SIZE=8"), Error);
-  setenv("RANK", "2x", 1);
+  rank.set("2x");
   CHECK_THROWS_WITH_AS(dist::process_rank_from_env(), doctest::Contains("RANK='2x' is not a non-negative integer"),
                        Error);
-  clear();
 }
 
 TEST_CASE("NCCL backend: absent builds say so") {
@@ -370,13 +367,10 @@ TEST_CASE("NCCL backend, world size 1: run_nccl and nccl_from_env") {
 
   const std::string id_file =
       (std::filesystem::temp_directory_path() / ("minidl_nccl_id_" + std::to_string(getpid()))).string();
-  setenv("RANK", "0", 1);
-  setenv("WORLD_SIZE", "1", 1);
+  const ScopedEnv rank("RANK", "0"), world("WORLD_SIZE", "1");
   std::unique_ptr<dist::Communicator> comm = dist::nccl_from_env(id_file);
   exercise(*comm);
   CHECK_FALSE(std::filesystem::exists(id_file));  // removed once every rank joined
-  unsetenv("RANK");
-  unsetenv("WORLD_SIZE");
 }
 
 TEST_CASE("NCCL backend, world size 1: async collectives captured in a CUDA graph and replayed") {
