@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # On a GPU machine: builds minidl (sm_90), runs the whole test suite, the
-# CUDA kernel tests under compute-sanitizer (memcheck, racecheck) and the
-# CUDA benchmarks; logs go to a work folder, packed into $OUT/gpu-logs.tar.gz
-# (default $OUT: gpu-out/) with a summary in $OUT/summary.txt.
-#   scripts/gpu-check.sh [tests] [sanitize] [bench] [torch]   (default: all)
-# Dependencies may come from a prefix: MINIDL_PREFIX=$PWD/.deps/usr.
+# CUDA kernel tests under compute-sanitizer (memcheck, racecheck), the CUDA
+# benchmarks, the charlm training step's profile (bf16 and float32 recipes)
+# and the PyTorch anchors; logs go to a work folder, packed into
+# $OUT/gpu-logs.tar.gz (default $OUT: gpu-out/) with a summary in
+# $OUT/summary.txt.
+#   scripts/gpu-check.sh [tests] [sanitize] [bench] [step] [torch]   (default: all)
+# Dependencies may come from a prefix: MINIDL_PREFIX=$PWD/.deps/usr. The step
+# profile needs data/tinyshakespeare.txt (scripts/get-data.sh; offline:
+# MINIDL_DATA_DIR names a folder holding it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${OUT:-gpu-out}
 out=$(mktemp -d)
 mkdir -p "$dest"
-steps=${*:-tests sanitize bench torch}
+steps=${*:-tests sanitize bench step torch}
 export PATH=/usr/local/cuda/bin:$PATH
 prefix=${MINIDL_PREFIX:-}
 [ -n "$prefix" ] && export LD_LIBRARY_PATH=$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
@@ -73,9 +77,23 @@ if [[ $steps == *bench* ]]; then
   done
   summary+=("bench: see $out/bench_*.txt")
 fi
+if [[ $steps == *step* ]]; then
+  # The recipe's step, timed per phase, its launches counted (charlm --profile).
+  if scripts/get-data.sh data >"$out/get-data.log" 2>&1; then
+    for dtype in bfloat16 float32; do
+      "$build/examples/charlm/charlm" train --data data/tinyshakespeare.txt --dtype "$dtype" --profile 30 \
+        >"$out/step-$dtype.txt" 2>&1
+      summary+=("step $dtype: $(grep -E '^graph:|^launches per step' "$out/step-$dtype.txt" | cut -d';' -f1 | tr '\n' ' ')")
+    done
+  else
+    summary+=("step: skipped, no data ($(tail -1 "$out/get-data.log"))")
+  fi
+fi
 if [[ $steps == *torch* ]] && python3 -c "import torch" 2>/dev/null; then
   python3 bench/pytorch/attention_baseline.py >"$out/pytorch.txt" 2>&1
   summary+=("pytorch: $(tr '\n' ';' <"$out/pytorch.txt")")
+  python3 bench/pytorch/charlm_baseline.py >"$out/pytorch-charlm.txt" 2>&1
+  summary+=("pytorch charlm: $(grep -E 'tok/s' "$out/pytorch-charlm.txt" | tr '\n' ';')")
 fi
 printf '%s\n' "${summary[@]}" | tee "$dest/summary.txt"
 tar -czf "$dest/gpu-logs.tar.gz" -C "$out" .
