@@ -53,6 +53,15 @@ wait_for_rows() {
   return 1
 }
 
+# wait_for_file FILE: until FILE exists (gives up after 30 s).
+wait_for_file() {
+  for _ in $(seq 1 600); do
+    [ -e "$1" ] && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
 # expect_usage_error "substring" ARGS...: exit code 2 and exactly one line
 # on stderr that contains the substring.
 expect_usage_error() {
@@ -210,9 +219,13 @@ interrupt_eval)
   common=("${TINY[@]}" --eval-iters 5000 --eval-interval 5 --log-interval 5 --decay-iters 10)
   "$charlm" train "${common[@]}" --out stopped --iters 10 >out.txt 2>err.txt &
   pid=$!
-  # The step-0 row is written: the evaluation of step 5 follows within milliseconds.
+  # The step-0 row, checkpoint and plot (written last) are done: the evaluation
+  # of step 5 follows within milliseconds and lasts most of a second. (Waiting
+  # for the row alone left the checkpoint's and plot's disk writes inside the
+  # sleep: on a busy machine the signal then came before step 5.)
   wait_for_rows stopped/log.csv 2 || fail "no step-0 row: $(cat out.txt err.txt)"
-  sleep 0.1
+  wait_for_file stopped/loss.png || fail "no step-0 plot: $(cat out.txt err.txt)"
+  sleep 0.2
   kill -INT $pid
   wait $pid
   rc=$?
