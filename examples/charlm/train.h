@@ -72,8 +72,6 @@ std::vector<std::string> run_artifacts(const std::string& dir);
 // 16 hex digits, fresh for every run: tells one run's files from another's.
 std::string new_run_id();
 
-int cmd_train(const std::vector<std::string>& args);
-
 // Flag registration shared by train (and, without the run-directory flags,
 // compare).
 void add_train_command_flags(FlagSet& flags, TrainOptions& options);
