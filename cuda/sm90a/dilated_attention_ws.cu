@@ -73,7 +73,9 @@ struct AtomTile {
 
 // The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
 // accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
-template <int kD>
+// kWords: with the ring of producer-drawn dropout words (only that variant
+// pays its shared memory: at D 128 the others would leave the 196 KB carveout).
+template <int kD, bool kWords = false>
 struct FwdShape {
   static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
   using QTile = AtomTile<kBr, kD>;
@@ -81,14 +83,16 @@ struct FwdShape {
   static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
   static constexpr int kK = kQ + 2 * QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
-  static constexpr int kMask = kV + kStages * KTile::kBytes;  // [kStages]: producer-drawn dropout words, by K/V slot
-  static constexpr int kBars = kMask + kStages * kMaskBytes;
+  static constexpr int kMaskStages = kWords ? kStages : 0;
+  static constexpr int kMask = kV + kStages * KTile::kBytes;  // [kMaskStages]: dropout words, by K/V slot
+  static constexpr int kBars = kMask + kMaskStages * kMaskBytes;
   // q_full[2], q_empty[2], k_full[], v_full[], empty[], mask_full[], mask_empty[]
-  static constexpr int kNumBars = 4 + 5 * kStages;
+  static constexpr int kNumBars = 4 + 3 * kStages + 2 * kMaskStages;
   static constexpr int kItems = kBars + kNumBars * 8;  // [2] FwdItem: the item in each Q slot
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kItems + 2 * 64 + 1024;
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
 struct WsParams {
@@ -372,7 +376,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const WsParams p) {
-  using Smem = FwdShape<kD>;
+  constexpr bool kHelpers = kDropout && kWords;
+  using Smem = FwdShape<kD, kHelpers>;
   using QTile = typename Smem::QTile;
   using KTile = typename Smem::KTile;
   constexpr int kBc = Smem::kBc;
@@ -384,9 +389,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   uint64_t* k_full = bars + 4;
   uint64_t* v_full = bars + 4 + kStages;
   uint64_t* empty = bars + 4 + 2 * kStages;
-  uint64_t* mask_full = bars + 4 + 3 * kStages;
+  uint64_t* mask_full = bars + 4 + 3 * kStages;  // with kHelpers only
   uint64_t* mask_empty = bars + 4 + 4 * kStages;
-  constexpr bool kHelpers = kDropout && kWords;
   FwdItem* item_of_slot = reinterpret_cast<FwdItem*>(smem + Smem::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
 
@@ -399,8 +403,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       hopper::mbar_init(&k_full[s], kLoadArrivals);
       hopper::mbar_init(&v_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps);
-      hopper::mbar_init(&mask_full[s], kHelperThreads);
-      hopper::mbar_init(&mask_empty[s], kConsumerWarps * 32);
+      if constexpr (kHelpers) {
+        hopper::mbar_init(&mask_full[s], kHelperThreads);
+        hopper::mbar_init(&mask_empty[s], kConsumerWarps * 32);
+      }
     }
     hopper::mbar_fence_init();
   }
@@ -1274,12 +1280,15 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
   auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
   auto dropout_words = forward_ws_kernel<kD, kCausal, kMode, true, true>;
-  constexpr int kBytes = FwdShape<kD>::kBytes;
-  allow_dynamic_smem(kBytes, plain, dropout, dropout_words);
+  constexpr int kBytes = FwdShape<kD>::kBytes, kWordsBytes = FwdShape<kD, true>::kBytes;
+  allow_dynamic_smem(kBytes, plain, dropout);
+  allow_dynamic_smem(kWordsBytes, dropout_words);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
-  const auto kernel = !p.drop.mask.enabled() ? plain : producer_dropout_words() ? dropout_words : dropout;
-  kernel<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
+  if (p.drop.mask.enabled() && producer_dropout_words())
+    dropout_words<<<grid, kThreads, kWordsBytes, stream()>>>(qm, km, vm, p);
+  else
+    (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
