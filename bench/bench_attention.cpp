@@ -33,13 +33,16 @@ namespace {
 constexpr int64_t kHeads = 8, kDim = 64;
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
-// problem may use), restoring no state: every benchmark sets its own.
+// problem may use; "ws-pw": ws with MINIDL_ATTENTION_DROPOUT_WORDS=producer),
+// restoring no state: every benchmark sets its own.
 void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, double dropout, const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
   }
-  setenv("MINIDL_ATTENTION_KERNEL", kernel, 1);
+  const bool producer_words = std::string_view(kernel) == "ws-pw";
+  setenv("MINIDL_ATTENTION_KERNEL", producer_words ? "ws" : kernel, 1);
+  setenv("MINIDL_ATTENTION_DROPOUT_WORDS", producer_words ? "producer" : "consumer", 1);
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
   DilatedAttentionConfig config;
@@ -94,6 +97,7 @@ void register_benchmarks() {
                               {"dense_d128_fwd", false, false, 128, 16384, 16384},
                               {"dense_d128_fwd_bwd", false, true, 128, 16384, 16384},
                               {"dense_drop_fwd_bwd", false, true, kDim, 2048, 32768, 0.2},
+                              {"dilated_drop_fwd", true, false, kDim, 131072, 1 << 20, 0.2},
                               {"dilated_drop_fwd_bwd", true, true, kDim, 131072, 1 << 20, 0.2}};
   for (const Problem& p : problems)
     for (const char* name : {"mma", "wgmma", "ws"}) {
@@ -117,6 +121,14 @@ void register_benchmarks() {
                 (std::string(p.name) + ":" + name).c_str(),
                 [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, name); }),
             p.min_n, p.max_n);
+#if defined(MINIDL_WITH_CUDA)
+      // The ws forward's dropout words drawn by its producer warpgroup (experimental), beside.
+      if (p.dropout > 0 && std::string_view(name) == "ws" && cuda_is_available())
+        sizes(benchmark::RegisterBenchmark(
+                  (std::string(p.name) + ":ws-pw").c_str(),
+                  [p](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, "ws-pw"); }),
+              p.min_n, p.max_n);
+#endif
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");
 }

@@ -755,6 +755,23 @@ TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dil
   }
   CHECK(kept > 0);
   CHECK(kept < checked);
+  // Four decisions at once, as the producer-drawn words use them: every
+  // threshold, words that put each byte at and around it.
+  int64_t words = 0, wrong = 0;
+  for (uint32_t t8 = 1; t8 < 256; ++t8)
+    for (uint32_t v : {0u, 1u, t8 - 1, t8, t8 + 1, 127u, 128u, 254u, 255u}) {
+      v &= 0xFFu;
+      for (uint32_t word : {v * 0x01010101u, v | 0xFF00u, v << 8 | 0xFF0000FFu, v << 16, v << 24 | 0x00FF00FFu,
+                            (v ^ 0x55u) * 0x01000100u + v}) {
+        uint32_t want = 0;
+        for (int b = 0; b < 4; ++b) want |= static_cast<uint32_t>(attention_keep_byte(word, b, t8)) << b;
+        ++words;
+        if (attention_keep_nibble(word, t8) != want && wrong++ == 0)
+          MESSAGE("attention_keep_nibble(", word, ", ", t8, ") = ", attention_keep_nibble(word, t8), ", want ", want);
+      }
+    }
+  CHECK(words == 255 * 9 * 6);
+  CHECK(wrong == 0);
 }
 
 TEST_CASE("dropout: reference forward and backward match the formulas; the backward is the gradient") {
@@ -1506,13 +1523,64 @@ TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactl
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
   const AttentionDropout drop = dropout_of(0.3, 8080, 3);
-  for (DType dtype : {DType::Float32, DType::BFloat16})
-    for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, [&] {
-      CAPTURE(dtype);
-      CAPTURE(str(c));
-      check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,
-                                   cuda::dilated_attention_backward, drop));
-    });
+  // "producer": the ws forward's decisions drawn by its producer warpgroup.
+  for (const char* words : {"consumer", "producer"}) {
+    const ScopedEnv env("MINIDL_ATTENTION_DROPOUT_WORDS", words);
+    for (DType dtype : {DType::Float32, DType::BFloat16})
+      for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, [&] {
+        CAPTURE(words);
+        CAPTURE(dtype);
+        CAPTURE(str(c));
+        check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,
+                                     cuda::dilated_attention_backward, drop));
+      });
+  }
+#endif
+}
+
+TEST_CASE("CUDA ws forward: producer-drawn dropout words (MINIDL_ATTENTION_DROPOUT_WORDS) give the same bits") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const ScopedEnv kernel("MINIDL_ATTENTION_KERNEL", "ws");
+  const ScopedEnv words("MINIDL_ATTENTION_DROPOUT_WORDS", nullptr);
+  // Blocks that take several items (the helpers follow the items through the
+  // Q slots and the mask ring across items), both head dims, partial last
+  // tiles, two branches (the ws forward's write and finish modes; the mask
+  // read-back test has the merge mode), causal and not. The lse is that of
+  // the undropped scores: `out` carries the comparison.
+  std::vector<Case> cases = {
+      {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true},
+      {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
+  };
+  cases.push_back(non_causal(cases[0]));
+  cases.push_back(non_causal(cases[1]));
+  for (const Case& c : cases) {
+    CAPTURE(str(c));
+    if (cuda::choose_attention_kernel(DType::BFloat16, c.D, cuda::AttentionPass::kForward) !=
+        cuda::AttentionKernel::kWarpSpecialized) {
+      MESSAGE("skipped: the ws kernels need an sm_90a device");  // both runs would take one path: vacuous
+      return;
+    }
+    Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu),
+           k = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu),
+           v = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu);
+    DilatedAttentionConfig config = kernel_config(c);
+    config.dropout = dropout_of(0.2, 4242, 17);
+    words.set("consumer");
+    const Forward want = run_forward(cuda::dilated_attention_forward, q, k, v, config);
+    words.set("producer");
+    const Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
+    check_close(got.out.to(Device::cpu()), want.out.to(Device::cpu()), 0, 0);
+    check_close(got.lse.to(Device::cpu()), want.lse.to(Device::cpu()), 0, 0);
+  }
+  words.set("helpers");
+  const Case& c = cases[0];
+  Tensor x = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu);
+  DilatedAttentionConfig config = kernel_config(c);
+  config.dropout = dropout_of(0.2, 4242, 17);
+  CHECK_THROWS_WITH(run_forward(cuda::dilated_attention_forward, x, x, x, config),
+                    doctest::Contains("expected consumer (the default) or producer"));
 #endif
 }
 

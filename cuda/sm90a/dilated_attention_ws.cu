@@ -17,7 +17,10 @@
 // setmaxnreg gives the producer's registers to the consumers. Attention
 // dropout (core/dilated.h) draws the mask words of each 64-key half of a tile
 // within its softmax (8 live words per lane, not 16: the consumers' registers
-// are full).
+// are full), or, with MINIDL_ATTENTION_DROPOUT_WORDS=producer (experimental),
+// the producer warpgroup's three idle warps draw every tile's decisions into
+// a shared ring, already in the consumers' accumulator order, and the
+// consumers test bits (kernel-notes, "The dropout options, counted").
 //
 // A branch's kept rows are a strided row set (stride r rows). The tensor maps
 // see the (B, N) positions of q/k/v flattened to P = b N + pos and split as
@@ -28,6 +31,8 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
@@ -43,6 +48,14 @@ constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three til
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
 constexpr int kConsumerWarps = 8;
+// The producer warpgroup's warps 1-3, which draw the dropout decisions when
+// the producer-drawn words are on.
+constexpr int kHelperThreads = 96;
+// One tile's dropout decisions as the consumers read them: per consumer
+// thread two 32-bit words (its rows q_row0 and q_row0 + 8), bit 4 kk + 2 c + e
+// = key 16 kk + 8 c + 2 (lane % 4) + e of the tile (byte 2 c + e of word
+// lane % 4 of group kk's Philox block, core/dilated.h).
+constexpr int kMaskBytes = kConsumerWarps * 32 * 2 * 4;
 
 // A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
 // boxes of 64 columns: one [Rows][64] atom per 64 columns, 16-byte chunk c
@@ -60,7 +73,9 @@ struct AtomTile {
 
 // The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
 // accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
-template <int kD>
+// kWords: with the ring of producer-drawn dropout words (only that variant
+// pays its shared memory: at D 128 the others would leave the 196 KB carveout).
+template <int kD, bool kWords = false>
 struct FwdShape {
   static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
   using QTile = AtomTile<kBr, kD>;
@@ -68,12 +83,16 @@ struct FwdShape {
   static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
   static constexpr int kK = kQ + 2 * QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
-  static constexpr int kBars = kV + kStages * KTile::kBytes;
-  static constexpr int kNumBars = 4 + 3 * kStages;  // q_full[2], q_empty[2], k_full[], v_full[], empty[]
+  static constexpr int kMaskStages = kWords ? kStages : 0;
+  static constexpr int kMask = kV + kStages * KTile::kBytes;  // [kMaskStages]: dropout words, by K/V slot
+  static constexpr int kBars = kMask + kMaskStages * kMaskBytes;
+  // q_full[2], q_empty[2], k_full[], v_full[], empty[], mask_full[], mask_empty[]
+  static constexpr int kNumBars = 4 + 3 * kStages + 2 * kMaskStages;
   static constexpr int kItems = kBars + kNumBars * 8;  // [2] FwdItem: the item in each Q slot
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kItems + 2 * 64 + 1024;
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
 struct WsParams {
@@ -132,14 +151,16 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
 // m and l, and returns P as bf16 A fragments and the factor that rescales O.
 // With dropout the dropped weights are zeroed after l counts them (the
 // normaliser is that of the undropped scores); the store applies the scale.
-// mask_rows: the dropout mask rows of the lane's two rows. kMask: the tile
-// reaches past the row set or across the causal diagonal (a separate
+// mask_rows: the dropout mask rows of the lane's two rows; with kWords the
+// decisions come drawn instead (mask_bits, the layout of kMaskBytes). kMask:
+// the tile reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
-template <int kBc, bool kCausal, bool kDropout, bool kMask>
+template <int kBc, bool kCausal, bool kDropout, bool kWords, bool kMask>
 __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
-                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
+                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2],
+                                             const uint32_t (&mask_bits)[2]) {
   const int lane = threadIdx.x % 32;
   // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
   // mask is computed in 32-bit from offsets clamped to the tile. It goes into
@@ -167,7 +188,7 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
   uint32_t keep[2][4];
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
-    if constexpr (kDropout)
+    if constexpr (kDropout && !kWords)
       if (kk % 4 == 0)
 #pragma unroll
         for (int r = 0; r < 2; ++r) dropout_words_rows(drop, mask_rows[r], k0 + 16 * kk, lane, keep[r]);
@@ -178,8 +199,11 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
       for (int e = 0; e < 4; ++e) {
         p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
         l_row[e >> 1] += p[c][e];
-        if constexpr (kDropout)
+        if constexpr (kDropout && kWords) {
+          if (!((mask_bits[e >> 1] >> (4 * kk + 2 * c + (e & 1))) & 1u)) p[c][e] = 0.f;
+        } else if constexpr (kDropout) {
           if (!attention_keep_byte(keep[e >> 1][kk % 4], 2 * c + (e & 1), drop.threshold)) p[c][e] = 0.f;
+        }
       }
     pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
     pf[kk][1] = mma::pack_bf16(p[0][2], p[0][3]);
@@ -287,17 +311,73 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   return w;
 }
 
+// The producer-drawn dropout words (helper threads 0..95: the producer
+// warpgroup's warps 1-3). They follow the items as the consumers do (q_full,
+// item_of_slot; an arrival on q_empty once read) and fill the mask slot of
+// each key tile, which runs alongside the K/V ring (same slot and phase), with
+// the tile's decisions in the consumers' order: a unit is one row and 64 keys
+// (four Philox blocks), 16 bits of each of four consumer threads' word for
+// that row, so no two helpers write one half-word.
+template <int kBc>
+__device__ __forceinline__ void draw_mask_words(const WsParams& p, char* masks, uint64_t* q_full, uint64_t* q_empty,
+                                                uint64_t* mask_full, uint64_t* mask_empty, const FwdItem* item_of_slot,
+                                                int helper) {
+  constexpr int kHalves = kBc / 64;  // 64-key units per tile row
+  AttentionDropout d = p.drop.mask;
+  d.offset = d.offset_now();  // once: a captured graph's offset is a device word
+  d.offset_base = nullptr;
+  int ring = 0;
+  for (int n = 0;; ++n) {
+    const int slot = n & 1;
+    hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
+    const FwdItem w = item_of_slot[slot];
+    if (w.n_tiles < 0) break;
+    hopper::mbar_arrive(&q_empty[slot]);  // its read of item_of_slot[slot] done
+    const uint64_t drop_row0 = dropout_row(p.drop, p.g, w.batch, w.head, w.rows.base);
+    for (int j = 0; j < w.n_tiles; ++j, ++ring) {
+      const int s = ring % kStages;
+      hopper::mbar_wait(&mask_empty[s], ((ring / kStages) & 1) ^ 1);
+      uint16_t* dst = reinterpret_cast<uint16_t*>(masks + s * kMaskBytes);
+      for (int u = helper; u < kBr * kHalves; u += kHelperThreads) {
+        const int row = u / kHalves, half = u % kHalves;
+        const int64_t tq = w.t0 + row;
+        const uint64_t mask_row = drop_row0 + uint64_t(tq < w.rows.count ? tq : 0) * w.rows.stride;
+        // Word l of a group's block is exactly what consumer lane l % 4 reads
+        // of it, byte 2 c + e for its key 8 c + 2 l + e: one nibble each.
+        uint32_t nibbles[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int g4 = 0; g4 < 4; ++g4) {
+          const philox::U32x4 b = attention_dropout_block(d, mask_row, uint64_t(j) * kBc + 64 * half + 16 * g4);
+          nibbles[0] |= attention_keep_nibble(b.x, d.threshold) << (4 * g4);
+          nibbles[1] |= attention_keep_nibble(b.y, d.threshold) << (4 * g4);
+          nibbles[2] |= attention_keep_nibble(b.z, d.threshold) << (4 * g4);
+          nibbles[3] |= attention_keep_nibble(b.w, d.threshold) << (4 * g4);
+        }
+        // Tile row -> the consumer thread (warpgroup, warp, quad) and its word (row or row + 8).
+        const int consumer = row / 64, warp = (row % 64) / 16, r = (row % 16) / 8, quad = row % 8;
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          const int ct = consumer * 128 + warp * 32 + 4 * quad + l;
+          dst[(ct * 2 + r) * 2 + half] = static_cast<uint16_t>(nibbles[l]);
+        }
+      }
+      hopper::mbar_arrive(&mask_full[s]);  // each helper's own stores released by its own arrival
+    }
+  }
+}
+
 // Persistent: each block walks work items, its first one blockIdx.x, the next
 // ones from a device counter (dynamic: a block takes the next item when it
 // can start it). Q is double-buffered and the K/V ring runs on across items,
 // so the producer loads the next item's Q and first K/V tiles while the
 // consumers finish the current one (its last products, its epilogue).
-template <int kD, bool kCausal, MergeMode kMode, bool kDropout>
+template <int kD, bool kCausal, MergeMode kMode, bool kDropout, bool kWords = false>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const WsParams p) {
-  using Smem = FwdShape<kD>;
+  constexpr bool kHelpers = kDropout && kWords;
+  using Smem = FwdShape<kD, kHelpers>;
   using QTile = typename Smem::QTile;
   using KTile = typename Smem::KTile;
   constexpr int kBc = Smem::kBc;
@@ -309,18 +389,24 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   uint64_t* k_full = bars + 4;
   uint64_t* v_full = bars + 4 + kStages;
   uint64_t* empty = bars + 4 + 2 * kStages;
+  uint64_t* mask_full = bars + 4 + 3 * kStages;  // with kHelpers only
+  uint64_t* mask_empty = bars + 4 + 4 * kStages;
   FwdItem* item_of_slot = reinterpret_cast<FwdItem*>(smem + Smem::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
 
   if (threadIdx.x == 0) {
     for (int q = 0; q < 2; ++q) {
       hopper::mbar_init(&q_full[q], kLoadArrivals);
-      hopper::mbar_init(&q_empty[q], kConsumerWarps * 32);
+      hopper::mbar_init(&q_empty[q], kConsumerWarps * 32 + (kHelpers ? kHelperThreads : 0));
     }
     for (int s = 0; s < kStages; ++s) {
       hopper::mbar_init(&k_full[s], kLoadArrivals);
       hopper::mbar_init(&v_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps);
+      if constexpr (kHelpers) {
+        hopper::mbar_init(&mask_full[s], kHelperThreads);
+        hopper::mbar_init(&mask_empty[s], kConsumerWarps * 32);
+      }
     }
     hopper::mbar_fence_init();
   }
@@ -329,7 +415,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<kProducerRegs>();
-    if (threadIdx.x >= 32) return;
+    if (threadIdx.x >= 32) {
+      if constexpr (kHelpers)
+        draw_mask_words<kBc>(p, smem + Smem::kMask, q_full, q_empty, mask_full, mask_empty, item_of_slot,
+                             threadIdx.x - 32);
+      return;
+    }
     const int lane = threadIdx.x;
     int64_t item = blockIdx.x;
     int ring = 0;  // K/V tiles loaded so far
@@ -415,7 +506,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     uint32_t pf[kBc / 16][4];
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     uint64_t mask_rows[2] = {0, 0};
-    if constexpr (kDropout) {
+    if constexpr (kDropout && !kHelpers) {
       const uint64_t drop_row0 = dropout_row(p.drop, g, batch, head, rows.base);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -424,17 +515,30 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       }
     }
 
-    auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
-      if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
-        softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                              p.scale_log2, p.drop.mask, mask_rows);
-      else
-        softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                               p.scale_log2, p.drop.mask, mask_rows);
-    };
-    // Ring slot and phase of this item's key tile j.
+    // Ring slot and phase of this item's key tile j (K/V and the mask words).
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
+    auto softmax = [&](int j, uint32_t(&p_out)[kBc / 16][4]) {
+      const int64_t k0 = int64_t(j) * kBc;
+      uint32_t mask_bits[2] = {0, 0};
+      if constexpr (kHelpers) {  // this thread's two words of tile j, then the slot back to the helpers
+        const int sj = stage(j);
+        hopper::mbar_wait(&mask_full[sj], phase(j));
+        const uint2 words =
+            *reinterpret_cast<const uint2*>(smem + Smem::kMask + sj * kMaskBytes + (threadIdx.x - 128) * 8);
+        hopper::mbar_arrive(&mask_empty[sj]);
+        mask_bits[0] = words.x;
+        mask_bits[1] = words.y;
+      }
+      if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
+        softmax_tile<kBc, kCausal, kDropout, kWords, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0,
+                                                           rows.count, p.scale_log2, p.drop.mask, mask_rows,
+                                                           mask_bits);
+      else
+        softmax_tile<kBc, kCausal, kDropout, kWords, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0,
+                                                            rows.count, p.scale_log2, p.drop.mask, mask_rows,
+                                                            mask_bits);
+    };
 
     wgmma::wait<0>();
     wgmma::fence_operands(s);
@@ -456,7 +560,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
       wgmma::wait<1>();
       wgmma::fence_operands(s);
-      softmax(int64_t(j) * kBc, p_out);
+      softmax(j, p_out);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
@@ -1158,15 +1262,33 @@ CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64
   return map;
 }
 
+// MINIDL_ATTENTION_DROPOUT_WORDS: who draws the ws forward's dropout
+// decisions, "consumer" (the default: each consumer thread its own, within
+// the softmax) or "producer" (experimental: the producer warpgroup's idle
+// warps; the same mask bit for bit). Read at every call so that a test or a
+// benchmark can switch it.
+bool producer_dropout_words() {
+  const char* e = std::getenv("MINIDL_ATTENTION_DROPOUT_WORDS");
+  const std::string_view v = e ? e : "";
+  MINIDL_CHECK(v.empty() || v == "consumer" || v == "producer", "MINIDL_ATTENTION_DROPOUT_WORDS='", v,
+               "': expected consumer (the default) or producer");
+  return v == "producer";
+}
+
 template <int kD, bool kCausal, MergeMode kMode>
 void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
   auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
   auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
-  constexpr int kBytes = FwdShape<kD>::kBytes;
+  auto dropout_words = forward_ws_kernel<kD, kCausal, kMode, true, true>;
+  constexpr int kBytes = FwdShape<kD>::kBytes, kWordsBytes = FwdShape<kD, true>::kBytes;
   allow_dynamic_smem(kBytes, plain, dropout);
+  allow_dynamic_smem(kWordsBytes, dropout_words);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
+  if (p.drop.mask.enabled() && producer_dropout_words())
+    dropout_words<<<grid, kThreads, kWordsBytes, stream()>>>(qm, km, vm, p);
+  else
+    (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
