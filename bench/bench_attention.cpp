@@ -122,8 +122,8 @@ void register_benchmarks() {
                 [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, name); }),
             p.min_n, p.max_n);
 #if defined(MINIDL_WITH_CUDA)
-      // The ws forward's dropout words drawn by its producer warpgroup (experimental), beside.
-      if (p.dropout > 0 && std::string_view(name) == "ws" && cuda_is_available())
+      // The ws backward's dropout words drawn by its producer warpgroup (experimental), beside.
+      if (p.dropout > 0 && p.backward && std::string_view(name) == "ws" && cuda_is_available())
         sizes(benchmark::RegisterBenchmark(
                   (std::string(p.name) + ":ws-pw").c_str(),
                   [p](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, "ws-pw"); }),

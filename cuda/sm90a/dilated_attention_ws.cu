@@ -17,10 +17,7 @@
 // setmaxnreg gives the producer's registers to the consumers. Attention
 // dropout (core/dilated.h) draws the mask words of each 64-key half of a tile
 // within its softmax (8 live words per lane, not 16: the consumers' registers
-// are full), or, with MINIDL_ATTENTION_DROPOUT_WORDS=producer (experimental),
-// the producer warpgroup's three idle warps draw every tile's decisions into
-// a shared ring, already in the consumers' accumulator order, and the
-// consumers test bits (kernel-notes, "The dropout options, counted").
+// are full).
 //
 // A branch's kept rows are a strided row set (stride r rows). The tensor maps
 // see the (B, N) positions of q/k/v flattened to P = b N + pos and split as
@@ -48,14 +45,9 @@ constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three til
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
 constexpr int kConsumerWarps = 8;
-// The producer warpgroup's warps 1-3, which draw the dropout decisions when
-// the producer-drawn words are on.
+// The producer warpgroup's warps 1-3, which draw the backward's dropout
+// decisions when the producer-drawn words are on.
 constexpr int kHelperThreads = 96;
-// One tile's dropout decisions as the consumers read them: per consumer
-// thread two 32-bit words (its rows q_row0 and q_row0 + 8), bit 4 kk + 2 c + e
-// = key 16 kk + 8 c + 2 (lane % 4) + e of the tile (byte 2 c + e of word
-// lane % 4 of group kk's Philox block, core/dilated.h).
-constexpr int kMaskBytes = kConsumerWarps * 32 * 2 * 4;
 
 // A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
 // boxes of 64 columns: one [Rows][64] atom per 64 columns, 16-byte chunk c
@@ -73,9 +65,7 @@ struct AtomTile {
 
 // The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
 // accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
-// kWords: with the ring of producer-drawn dropout words (only that variant
-// pays its shared memory: at D 128 the others would leave the 196 KB carveout).
-template <int kD, bool kWords = false>
+template <int kD>
 struct FwdShape {
   static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
   using QTile = AtomTile<kBr, kD>;
@@ -83,16 +73,12 @@ struct FwdShape {
   static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
   static constexpr int kK = kQ + 2 * QTile::kBytes;
   static constexpr int kV = kK + kStages * KTile::kBytes;
-  static constexpr int kMaskStages = kWords ? kStages : 0;
-  static constexpr int kMask = kV + kStages * KTile::kBytes;  // [kMaskStages]: dropout words, by K/V slot
-  static constexpr int kBars = kMask + kMaskStages * kMaskBytes;
-  // q_full[2], q_empty[2], k_full[], v_full[], empty[], mask_full[], mask_empty[]
-  static constexpr int kNumBars = 4 + 3 * kStages + 2 * kMaskStages;
+  static constexpr int kBars = kV + kStages * KTile::kBytes;
+  static constexpr int kNumBars = 4 + 3 * kStages;  // q_full[2], q_empty[2], k_full[], v_full[], empty[]
   static constexpr int kItems = kBars + kNumBars * 8;  // [2] FwdItem: the item in each Q slot
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kItems + 2 * 64 + 1024;
-  static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
 struct WsParams {
@@ -151,16 +137,14 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
 // m and l, and returns P as bf16 A fragments and the factor that rescales O.
 // With dropout the dropped weights are zeroed after l counts them (the
 // normaliser is that of the undropped scores); the store applies the scale.
-// mask_rows: the dropout mask rows of the lane's two rows; with kWords the
-// decisions come drawn instead (mask_bits, the layout of kMaskBytes). kMask:
-// the tile reaches past the row set or across the causal diagonal (a separate
+// mask_rows: the dropout mask rows of the lane's two rows. kMask: the tile
+// reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
-template <int kBc, bool kCausal, bool kDropout, bool kWords, bool kMask>
+template <int kBc, bool kCausal, bool kDropout, bool kMask>
 __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
-                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2],
-                                             const uint32_t (&mask_bits)[2]) {
+                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
   const int lane = threadIdx.x % 32;
   // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
   // mask is computed in 32-bit from offsets clamped to the tile. It goes into
@@ -188,7 +172,7 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
   uint32_t keep[2][4];
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
-    if constexpr (kDropout && !kWords)
+    if constexpr (kDropout)
       if (kk % 4 == 0)
 #pragma unroll
         for (int r = 0; r < 2; ++r) dropout_words_rows(drop, mask_rows[r], k0 + 16 * kk, lane, keep[r]);
@@ -199,11 +183,8 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
       for (int e = 0; e < 4; ++e) {
         p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
         l_row[e >> 1] += p[c][e];
-        if constexpr (kDropout && kWords) {
-          if (!((mask_bits[e >> 1] >> (4 * kk + 2 * c + (e & 1))) & 1u)) p[c][e] = 0.f;
-        } else if constexpr (kDropout) {
+        if constexpr (kDropout)
           if (!attention_keep_byte(keep[e >> 1][kk % 4], 2 * c + (e & 1), drop.threshold)) p[c][e] = 0.f;
-        }
       }
     pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
     pf[kk][1] = mma::pack_bf16(p[0][2], p[0][3]);
@@ -311,73 +292,17 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   return w;
 }
 
-// The producer-drawn dropout words (helper threads 0..95: the producer
-// warpgroup's warps 1-3). They follow the items as the consumers do (q_full,
-// item_of_slot; an arrival on q_empty once read) and fill the mask slot of
-// each key tile, which runs alongside the K/V ring (same slot and phase), with
-// the tile's decisions in the consumers' order: a unit is one row and 64 keys
-// (four Philox blocks), 16 bits of each of four consumer threads' word for
-// that row, so no two helpers write one half-word.
-template <int kBc>
-__device__ __forceinline__ void draw_mask_words(const WsParams& p, char* masks, uint64_t* q_full, uint64_t* q_empty,
-                                                uint64_t* mask_full, uint64_t* mask_empty, const FwdItem* item_of_slot,
-                                                int helper) {
-  constexpr int kHalves = kBc / 64;  // 64-key units per tile row
-  AttentionDropout d = p.drop.mask;
-  d.offset = d.offset_now();  // once: a captured graph's offset is a device word
-  d.offset_base = nullptr;
-  int ring = 0;
-  for (int n = 0;; ++n) {
-    const int slot = n & 1;
-    hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
-    const FwdItem w = item_of_slot[slot];
-    if (w.n_tiles < 0) break;
-    hopper::mbar_arrive(&q_empty[slot]);  // its read of item_of_slot[slot] done
-    const uint64_t drop_row0 = dropout_row(p.drop, p.g, w.batch, w.head, w.rows.base);
-    for (int j = 0; j < w.n_tiles; ++j, ++ring) {
-      const int s = ring % kStages;
-      hopper::mbar_wait(&mask_empty[s], ((ring / kStages) & 1) ^ 1);
-      uint16_t* dst = reinterpret_cast<uint16_t*>(masks + s * kMaskBytes);
-      for (int u = helper; u < kBr * kHalves; u += kHelperThreads) {
-        const int row = u / kHalves, half = u % kHalves;
-        const int64_t tq = w.t0 + row;
-        const uint64_t mask_row = drop_row0 + uint64_t(tq < w.rows.count ? tq : 0) * w.rows.stride;
-        // Word l of a group's block is exactly what consumer lane l % 4 reads
-        // of it, byte 2 c + e for its key 8 c + 2 l + e: one nibble each.
-        uint32_t nibbles[4] = {0, 0, 0, 0};
-#pragma unroll
-        for (int g4 = 0; g4 < 4; ++g4) {
-          const philox::U32x4 b = attention_dropout_block(d, mask_row, uint64_t(j) * kBc + 64 * half + 16 * g4);
-          nibbles[0] |= attention_keep_nibble(b.x, d.threshold) << (4 * g4);
-          nibbles[1] |= attention_keep_nibble(b.y, d.threshold) << (4 * g4);
-          nibbles[2] |= attention_keep_nibble(b.z, d.threshold) << (4 * g4);
-          nibbles[3] |= attention_keep_nibble(b.w, d.threshold) << (4 * g4);
-        }
-        // Tile row -> the consumer thread (warpgroup, warp, quad) and its word (row or row + 8).
-        const int consumer = row / 64, warp = (row % 64) / 16, r = (row % 16) / 8, quad = row % 8;
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-          const int ct = consumer * 128 + warp * 32 + 4 * quad + l;
-          dst[(ct * 2 + r) * 2 + half] = static_cast<uint16_t>(nibbles[l]);
-        }
-      }
-      hopper::mbar_arrive(&mask_full[s]);  // each helper's own stores released by its own arrival
-    }
-  }
-}
-
 // Persistent: each block walks work items, its first one blockIdx.x, the next
 // ones from a device counter (dynamic: a block takes the next item when it
 // can start it). Q is double-buffered and the K/V ring runs on across items,
 // so the producer loads the next item's Q and first K/V tiles while the
 // consumers finish the current one (its last products, its epilogue).
-template <int kD, bool kCausal, MergeMode kMode, bool kDropout, bool kWords = false>
+template <int kD, bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const WsParams p) {
-  constexpr bool kHelpers = kDropout && kWords;
-  using Smem = FwdShape<kD, kHelpers>;
+  using Smem = FwdShape<kD>;
   using QTile = typename Smem::QTile;
   using KTile = typename Smem::KTile;
   constexpr int kBc = Smem::kBc;
@@ -389,24 +314,18 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   uint64_t* k_full = bars + 4;
   uint64_t* v_full = bars + 4 + kStages;
   uint64_t* empty = bars + 4 + 2 * kStages;
-  uint64_t* mask_full = bars + 4 + 3 * kStages;  // with kHelpers only
-  uint64_t* mask_empty = bars + 4 + 4 * kStages;
   FwdItem* item_of_slot = reinterpret_cast<FwdItem*>(smem + Smem::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
 
   if (threadIdx.x == 0) {
     for (int q = 0; q < 2; ++q) {
       hopper::mbar_init(&q_full[q], kLoadArrivals);
-      hopper::mbar_init(&q_empty[q], kConsumerWarps * 32 + (kHelpers ? kHelperThreads : 0));
+      hopper::mbar_init(&q_empty[q], kConsumerWarps * 32);
     }
     for (int s = 0; s < kStages; ++s) {
       hopper::mbar_init(&k_full[s], kLoadArrivals);
       hopper::mbar_init(&v_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps);
-      if constexpr (kHelpers) {
-        hopper::mbar_init(&mask_full[s], kHelperThreads);
-        hopper::mbar_init(&mask_empty[s], kConsumerWarps * 32);
-      }
     }
     hopper::mbar_fence_init();
   }
@@ -415,12 +334,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<kProducerRegs>();
-    if (threadIdx.x >= 32) {
-      if constexpr (kHelpers)
-        draw_mask_words<kBc>(p, smem + Smem::kMask, q_full, q_empty, mask_full, mask_empty, item_of_slot,
-                             threadIdx.x - 32);
-      return;
-    }
+    if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
     int64_t item = blockIdx.x;
     int ring = 0;  // K/V tiles loaded so far
@@ -506,7 +420,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     uint32_t pf[kBc / 16][4];
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     uint64_t mask_rows[2] = {0, 0};
-    if constexpr (kDropout && !kHelpers) {
+    if constexpr (kDropout) {
       const uint64_t drop_row0 = dropout_row(p.drop, g, batch, head, rows.base);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -515,30 +429,17 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       }
     }
 
-    // Ring slot and phase of this item's key tile j (K/V and the mask words).
+    auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
+      if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
+        softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+                                              p.scale_log2, p.drop.mask, mask_rows);
+      else
+        softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
+                                               p.scale_log2, p.drop.mask, mask_rows);
+    };
+    // Ring slot and phase of this item's key tile j.
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
-    auto softmax = [&](int j, uint32_t(&p_out)[kBc / 16][4]) {
-      const int64_t k0 = int64_t(j) * kBc;
-      uint32_t mask_bits[2] = {0, 0};
-      if constexpr (kHelpers) {  // this thread's two words of tile j, then the slot back to the helpers
-        const int sj = stage(j);
-        hopper::mbar_wait(&mask_full[sj], phase(j));
-        const uint2 words =
-            *reinterpret_cast<const uint2*>(smem + Smem::kMask + sj * kMaskBytes + (threadIdx.x - 128) * 8);
-        hopper::mbar_arrive(&mask_empty[sj]);
-        mask_bits[0] = words.x;
-        mask_bits[1] = words.y;
-      }
-      if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
-        softmax_tile<kBc, kCausal, kDropout, kWords, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0,
-                                                           rows.count, p.scale_log2, p.drop.mask, mask_rows,
-                                                           mask_bits);
-      else
-        softmax_tile<kBc, kCausal, kDropout, kWords, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0,
-                                                            rows.count, p.scale_log2, p.drop.mask, mask_rows,
-                                                            mask_bits);
-    };
 
     wgmma::wait<0>();
     wgmma::fence_operands(s);
@@ -560,7 +461,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
       wgmma::wait<1>();
       wgmma::fence_operands(s);
-      softmax(j, p_out);
+      softmax(int64_t(j) * kBc, p_out);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
@@ -628,6 +529,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 // back from shared memory; dQ goes to the fp32 accumulator by one TMA bulk
 // reduction per warpgroup and tile (per-thread vector reductions where the
 // map cannot reach). dK and dV stay in registers across the query loop.
+// Dropout: each lane draws its keys' words while S^T and dP^T run, or, with
+// MINIDL_ATTENTION_DROPOUT_WORDS=producer at head dim 64, the producer
+// warpgroup's three idle warps draw each tile's decisions into a ring beside
+// the Q/dO ring, in the S^T accumulator's order (draw_mask_words_keys).
 
 constexpr int kBwdKeys = 128;  // key rows per block
 constexpr int kBm = 64;        // query rows per tile
@@ -642,7 +547,13 @@ constexpr int kDQBoxBytes = kBm * 32 * 4;
 // it gets 232 (the producer 40, and spills there: 16-150 bytes), the next
 // tile's S^T and dP^T are not issued ahead (they would be live beside dQ), and
 // shared memory (227 KB) holds three Q/dO stages, one dQ buffer and one K/V pair.
-template <int kD>
+// One backward tile's dropout decisions as the consumers read them
+// (producer-drawn words): one 32-bit word per consumer thread, bit 4 c + e =
+// its key key_row0 + 8 (e >> 1) against query q0 + 8 c + 2 (lane % 4) + (e & 1),
+// the order of the S^T accumulator.
+constexpr int kBwdMaskBytes = kConsumerWarps * 32 * 4;
+
+template <int kD, bool kWords = false>
 struct BwdShape {
   static constexpr int kStages = 3;  // Q, dO ring depth
   static constexpr int kDQBuffers = kD == 64 ? 2 : 1;
@@ -663,8 +574,13 @@ struct BwdShape {
   static constexpr int kDS = kDO + kStages * RowTile::kBytes;      // [2 buffers]
   static constexpr int kDQ = kDS + 2 * DsTile::kBytes;             // [kDQBuffers][2 warpgroups][kDQBoxes]
   static constexpr int kStats = kDQ + kDQBuffers * 2 * kDQBoxes * kDQBoxBytes;  // [kStages][L2 64, D 64] floats
-  static constexpr int kBars = kStats + kStages * 2 * kBm * 4;
-  static constexpr int kNumBars = 2 * kKvSlots + 2 * kStages;      // kv_full[], kv_empty[], q_full[], empty[]
+  // kWords: the ring of producer-drawn dropout words, by Q/dO stage (only that
+  // variant pays its shared memory; at D 128 there is none left for it).
+  static constexpr int kMaskStages = kWords ? kStages : 0;
+  static constexpr int kMask = kStats + kStages * 2 * kBm * 4;    // [kMaskStages]
+  static constexpr int kBars = kMask + kMaskStages * kBwdMaskBytes;
+  // kv_full[], kv_empty[], q_full[], empty[], mask_full[], mask_empty[]
+  static constexpr int kNumBars = 2 * kKvSlots + 2 * kStages + 2 * kMaskStages;
   static constexpr int kItems = kBars + kNumBars * 8;              // [kKvSlots] BwdItem: the item of each K/V slot
   static constexpr int kBytes = kItems + kKvSlots * 64 + 1024;
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
@@ -711,14 +627,71 @@ __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) 
   return w;
 }
 
-template <int kD, bool kCausal, bool kDirect, bool kDropout>
+// The backward's producer-drawn dropout words (helper threads 0..95, the
+// producer warpgroup's warps 1-3). They follow the items through the K/V
+// slots as the consumers do (kv_full, item_of_slot; an arrival on kv_empty
+// once read) and fill the mask slot of each query tile, which runs alongside
+// the Q/dO ring (same stage and phase), in the consumers' order
+// (kBwdMaskBytes). A unit is byte b of eight consumer threads' words: warp cw's
+// 16 keys against the four queries 8 c + 2 l + e1 (c = 2 b, 2 b + 1; e1 = 0, 1)
+// of quad column l, four Philox blocks; lane 4 L + l of that warp holds keys
+// L and L + 8 of the group, word L / 2 of each block, bytes L % 2 and 2 + L % 2.
+template <class L, bool kCausal>
+__device__ __forceinline__ void draw_mask_words_keys(const WsBwdParams& p, char* masks, uint64_t* kv_full,
+                                                     uint64_t* kv_empty, uint64_t* mask_full, uint64_t* mask_empty,
+                                                     const BwdItem* item_of_slot, int helper) {
+  constexpr int kUnits = kConsumerWarps * 4 * 4;  // warps x quad columns x bytes
+  AttentionDropout d = p.drop.mask;
+  d.offset = d.offset_now();  // once: a captured graph's offset is a device word
+  d.offset_base = nullptr;
+  int ring = 0;
+  for (int n = 0;; ++n) {
+    const int slot = n % L::kKvSlots;
+    hopper::mbar_wait(&kv_full[slot], (n / L::kKvSlots) & 1);
+    const BwdItem w = item_of_slot[slot];
+    if (w.n_tiles < 0) break;
+    hopper::mbar_arrive(&kv_empty[slot]);  // its read of item_of_slot[slot] done
+    const uint64_t drop_row0 = dropout_row(p.drop, p.g, w.batch, w.head, w.rows.base);
+    const int64_t q_first = kCausal ? w.kt0 : 0;
+    for (int j = 0; j < w.n_tiles; ++j, ++ring) {
+      const int s = ring % L::kStages;
+      hopper::mbar_wait(&mask_empty[s], ((ring / L::kStages) & 1) ^ 1);
+      uint8_t* dst = reinterpret_cast<uint8_t*>(masks + s * kBwdMaskBytes);
+      const int64_t q0 = q_first + int64_t(j) * kBm;
+      for (int u = helper; u < kUnits; u += kHelperThreads) {
+        const int cw = u / 16, l = (u / 4) % 4, b = u % 4;
+        uint32_t bytes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int cc = i >> 1, e1 = i & 1;  // c = 2 b + cc
+          const int64_t tq = q0 + 8 * (2 * b + cc) + 2 * l + e1;
+          const uint64_t mask_row = drop_row0 + uint64_t(tq < w.rows.count ? tq : 0) * w.rows.stride;
+          const philox::U32x4 blk = attention_dropout_block(d, mask_row, uint64_t(w.kt0 + 16 * cw));
+          const uint32_t nib[4] = {attention_keep_nibble(blk.x, d.threshold), attention_keep_nibble(blk.y, d.threshold),
+                                   attention_keep_nibble(blk.z, d.threshold), attention_keep_nibble(blk.w, d.threshold)};
+#pragma unroll
+          for (int lg = 0; lg < 8; ++lg) {
+            const uint32_t nb = nib[lg >> 1] >> (lg & 1);  // bit 0: key lg, bit 2: key lg + 8
+            bytes[lg] |= ((nb & 1u) << (4 * cc + e1)) | (((nb >> 2) & 1u) << (4 * cc + 2 + e1));
+          }
+        }
+#pragma unroll
+        for (int lg = 0; lg < 8; ++lg) dst[(cw * 32 + 4 * lg + l) * 4 + b] = static_cast<uint8_t>(bytes[lg]);
+      }
+      hopper::mbar_arrive(&mask_full[s]);  // each helper's own stores released by its own arrival
+    }
+  }
+}
+
+template <int kD, bool kCausal, bool kDirect, bool kDropout, bool kWords = false>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
                                                                   const __grid_constant__ CUtensorMap dmap,
                                                                   const __grid_constant__ CUtensorMap dqmap,
                                                                   const __grid_constant__ WsBwdParams p) {
-  using L = BwdShape<kD>;
+  constexpr bool kHelpers = kDropout && kWords;
+  using L = BwdShape<kD, kHelpers>;
   using KTile = typename L::KTile;
   using RowTile = typename L::RowTile;
   using DsTile = typename L::DsTile;
@@ -731,6 +704,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   uint64_t* kv_empty = bars + kKvSlots;      // [kKvSlots]
   uint64_t* q_full = bars + 2 * kKvSlots;    // [kBwdStages]
   uint64_t* empty = q_full + kBwdStages;     // [kBwdStages]
+  uint64_t* mask_full = empty + kBwdStages;  // [kBwdStages], with kHelpers only
+  uint64_t* mask_empty = mask_full + kBwdStages;
   float* stats = reinterpret_cast<float*>(smem + L::kStats);
   BwdItem* item_of_slot = reinterpret_cast<BwdItem*>(smem + L::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
@@ -738,11 +713,15 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   if (threadIdx.x == 0) {
     for (int k = 0; k < kKvSlots; ++k) {
       hopper::mbar_init(&kv_full[k], 2 * kLoadArrivals);
-      hopper::mbar_init(&kv_empty[k], kConsumerWarps * 32);
+      hopper::mbar_init(&kv_empty[k], kConsumerWarps * 32 + (kHelpers ? kHelperThreads : 0));
     }
     for (int s = 0; s < kBwdStages; ++s) {
       hopper::mbar_init(&q_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps * 32);
+      if constexpr (kHelpers) {
+        hopper::mbar_init(&mask_full[s], kHelperThreads);
+        hopper::mbar_init(&mask_empty[s], kConsumerWarps * 32);
+      }
     }
     hopper::mbar_fence_init();
   }
@@ -751,7 +730,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<L::kProducerRegs>();
-    if (threadIdx.x >= 32) return;
+    if (threadIdx.x >= 32) {
+      if constexpr (kHelpers)
+        draw_mask_words_keys<L, kCausal>(p, smem + L::kMask, kv_full, kv_empty, mask_full, mask_empty, item_of_slot,
+                                         threadIdx.x - 32);
+      return;
+    }
     const int lane = threadIdx.x;
     int64_t item = blockIdx.x;
     int ring = 0;  // Q/dO tiles loaded so far, all items
@@ -935,7 +919,12 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
       // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
       uint32_t keep[2][8];
-      if constexpr (kDropout) {
+      uint32_t keep_bits = 0;  // kHelpers: bit 4 c + e is element [4 c + e]'s decision
+      if constexpr (kHelpers) {
+        hopper::mbar_wait(&mask_full[s], (t / kBwdStages) & 1);
+        keep_bits = *reinterpret_cast<const uint32_t*>(smem + L::kMask + s * kBwdMaskBytes + (threadIdx.x - 128) * 4);
+        hopper::mbar_arrive(&mask_empty[s]);
+      } else if constexpr (kDropout) {
         const int64_t tq0 = q0 + 2 * (lane % 4);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -993,7 +982,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             const float x = st[4 * c + e];
             // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
             float m = 1.f;
-            if constexpr (kDropout)
+            if constexpr (kHelpers)
+              m = (keep_bits >> (4 * c + e)) & 1u ? p.drop.mask.scale : 0.f;
+            else if constexpr (kDropout)
               m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), p.drop.mask.threshold)
                       ? p.drop.mask.scale
                       : 0.f;
@@ -1262,34 +1253,29 @@ CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64
   return map;
 }
 
-// MINIDL_ATTENTION_DROPOUT_WORDS: who draws the ws forward's dropout
-// decisions, "consumer" (the default: each consumer thread its own, within
-// the softmax) or "producer" (experimental: the producer warpgroup's idle
-// warps; the same mask bit for bit). Read at every call so that a test or a
-// benchmark can switch it.
+template <int kD, bool kCausal, MergeMode kMode>
+void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
+  auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
+  auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
+  constexpr int kBytes = FwdShape<kD>::kBytes;
+  allow_dynamic_smem(kBytes, plain, dropout);
+  // Persistent: one block per SM (at most one item each when there are fewer).
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
+  MINIDL_CUDA_LAUNCH_CHECK();
+}
+
+// MINIDL_ATTENTION_DROPOUT_WORDS: who draws the ws backward's dropout
+// decisions, "consumer" (the default: each consumer lane its keys' words,
+// within the element-wise pass) or "producer" (experimental, head dim 64: the
+// producer warpgroup's idle warps; the same mask bit for bit). Read at every
+// call so that a test or a benchmark can switch it.
 bool producer_dropout_words() {
   const char* e = std::getenv("MINIDL_ATTENTION_DROPOUT_WORDS");
   const std::string_view v = e ? e : "";
   MINIDL_CHECK(v.empty() || v == "consumer" || v == "producer", "MINIDL_ATTENTION_DROPOUT_WORDS='", v,
                "': expected consumer (the default) or producer");
   return v == "producer";
-}
-
-template <int kD, bool kCausal, MergeMode kMode>
-void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
-  auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
-  auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
-  auto dropout_words = forward_ws_kernel<kD, kCausal, kMode, true, true>;
-  constexpr int kBytes = FwdShape<kD>::kBytes, kWordsBytes = FwdShape<kD, true>::kBytes;
-  allow_dynamic_smem(kBytes, plain, dropout);
-  allow_dynamic_smem(kWordsBytes, dropout_words);
-  // Persistent: one block per SM (at most one item each when there are fewer).
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
-  if (p.drop.mask.enabled() && producer_dropout_words())
-    dropout_words<<<grid, kThreads, kWordsBytes, stream()>>>(qm, km, vm, p);
-  else
-    (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
-  MINIDL_CUDA_LAUNCH_CHECK();
 }
 
 template <int kD, bool kCausal, bool kDirect>
@@ -1301,6 +1287,16 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   allow_dynamic_smem(kBytes, plain, dropout);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
+  if constexpr (kD == 64) {  // at 128 no shared memory is left for the words' ring
+    if (p.drop.mask.enabled() && producer_dropout_words()) {
+      auto dropout_words = backward_ws_kernel<kD, kCausal, kDirect, true, true>;
+      constexpr int kWordsBytes = BwdShape<kD, true>::kBytes;
+      allow_dynamic_smem(kWordsBytes, dropout_words);
+      dropout_words<<<grid, kThreads, kWordsBytes, stream()>>>(qm, km, vm, dm, dqm, p);
+      MINIDL_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
