@@ -24,8 +24,8 @@ struct DilatedBranch {
 // Element (branch i, batch b, head h, query position p, key t), where t is the
 // key's index among the kept rows of its segment, belongs to mask row
 //   row = ((i * B + b) * H + h) * N + p.
-// Keys come in 16-key groups (t >> 4) that share one Philox-4x32-10 block:
-//   block = philox::block(seed, offset, ((row << 32) | t) >> 4),
+// Keys come in 16-key groups (t >> 4) that share one Philox-4x32-7 block:
+//   block = philox::block<7>(seed, offset, ((row << 32) | t) >> 4),
 // whose 16 bytes (words x, y, z, w; little-endian bytes) hold one 8-bit
 // uniform per key: key t uses word (t & 7) >> 1, byte ((t >> 3) & 1) * 2 + (t & 1).
 // The key is kept iff that byte >= threshold (T8 = round(p_drop * 256) clamped
@@ -77,10 +77,15 @@ MINIDL_HD MINIDL_FORCEINLINE uint64_t attention_mask_row(uint64_t branch, uint64
   return ((branch * batch_size + b) * heads + h) * n + pos;
 }
 
+// Rounds of the mask's Philox: 7, the fewest with which Philox-4x32 passes
+// BigCrush (core/philox.h; 10 elsewhere), as every attention kernel draws it
+// in its inner loop.
+constexpr int kAttentionPhiloxRounds = 7;
+
 // The Philox block of the 16-key group holding key t of mask row `row`.
 MINIDL_HD MINIDL_FORCEINLINE philox::U32x4 attention_dropout_block(const AttentionDropout& d,
                                                                   uint64_t row, uint64_t t) {
-  return philox::block(d.seed, d.offset_now(), ((row << 32) | t) >> 4);
+  return philox::block<kAttentionPhiloxRounds>(d.seed, d.offset_now(), ((row << 32) | t) >> 4);
 }
 
 // Keep decision of byte `byte` (0..3) of a block word.

@@ -1,8 +1,12 @@
 #pragma once
-// Philox-4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
-// 3", SC'11): a counter-based generator. Element i of a random op is a pure
+// Philox-4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+// SC'11): a counter-based generator. Element i of a random op is a pure
 // function of (seed, op offset, i), so CPU and CUDA kernels produce the same
-// stream for a seed regardless of how the work is split.
+// stream for a seed regardless of how the work is split. Random ops use 10
+// rounds (the paper's recommendation, cuRAND's choice); the attention-dropout
+// mask uses 7 (core/dilated.h), the fewest with which the paper finds Philox-4x32
+// passing TestU01's BigCrush, because its draw sits in the attention
+// kernels' inner loop.
 #include <math.h>
 
 #include <cstdint>
@@ -21,12 +25,13 @@ MINIDL_HD MINIDL_FORCEINLINE uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* 
   return static_cast<uint32_t>(p);
 }
 
+template <int kRounds = 10>
 MINIDL_HD inline U32x4 philox4x32(U32x4 ctr, uint64_t key64) {
   uint32_t k0 = static_cast<uint32_t>(key64), k1 = static_cast<uint32_t>(key64 >> 32);
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kRounds; ++round) {
     uint32_t hi0, hi1;
     uint32_t lo0 = mulhilo(0xD2511F53u, ctr.x, &hi0);
     uint32_t lo1 = mulhilo(0xCD9E8D57u, ctr.z, &hi1);
@@ -38,8 +43,9 @@ MINIDL_HD inline U32x4 philox4x32(U32x4 ctr, uint64_t key64) {
 }
 
 // The four 32-bit words for block `block` of the op at `offset`.
+template <int kRounds = 10>
 MINIDL_HD MINIDL_FORCEINLINE U32x4 block(uint64_t seed, uint64_t offset, uint64_t block) {
-  return philox4x32({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+  return philox4x32<kRounds>({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                      static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
                     seed);
 }

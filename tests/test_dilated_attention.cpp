@@ -567,7 +567,7 @@ int byte_of_key(uint64_t t) {
 }
 
 bool keep_by_definition(uint64_t seed, uint64_t offset, uint32_t t8, uint64_t row, uint64_t t) {
-  const philox::U32x4 b = philox::block(seed, offset, ((row << 32) | t) >> 4);
+  const philox::U32x4 b = philox::block<7>(seed, offset, ((row << 32) | t) >> 4);
   const uint32_t words[4] = {b.x, b.y, b.z, b.w};
   uint8_t bytes[16];
   for (int w = 0; w < 4; ++w)

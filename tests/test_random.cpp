@@ -58,6 +58,26 @@ TEST_CASE("Philox-4x32-10 matches the Random123 known-answer vectors") {
   CHECK(c.w == 0x24126ea1u);
 }
 
+TEST_CASE("Philox-4x32-7 (the attention-dropout mask's) matches the Random123 known-answer vectors") {
+  using philox::philox4x32;
+  philox::U32x4 a = philox4x32<7>({0, 0, 0, 0}, 0);
+  CHECK(a.x == 0x5f6fb709u);
+  CHECK(a.y == 0x0d893f64u);
+  CHECK(a.z == 0x4f121f81u);
+  CHECK(a.w == 0x4f730a48u);
+  philox::U32x4 b = philox4x32<7>({0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, ~uint64_t{0});
+  CHECK(b.x == 0x5207ddc2u);
+  CHECK(b.y == 0x45165e59u);
+  CHECK(b.z == 0x4d8ee751u);
+  CHECK(b.w == 0x8c52f662u);
+  philox::U32x4 c = philox4x32<7>({0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u},
+                                  (uint64_t{0x299f31d0u} << 32) | 0xa4093822u);
+  CHECK(c.x == 0x4dfccabau);
+  CHECK(c.y == 0x190a87f0u);
+  CHECK(c.z == 0xc47362bau);
+  CHECK(c.w == 0xb6b5242au);
+}
+
 TEST_CASE("rand element i is philox::uniform(seed, offset, i)") {
   Generator gen(123);
   gen.set_state(123, 9);
