@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string_view>
+#include <type_traits>
 
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
@@ -658,26 +659,44 @@ __device__ __forceinline__ void draw_mask_words_keys(const WsBwdParams& p, char*
       hopper::mbar_wait(&mask_empty[s], ((ring / L::kStages) & 1) ^ 1);
       uint8_t* dst = reinterpret_cast<uint8_t*>(masks + s * kBwdMaskBytes);
       const int64_t q0 = q_first + int64_t(j) * kBm;
-      for (int u = helper; u < kUnits; u += kHelperThreads) {
-        const int cw = u / 16, l = (u / 4) % 4, b = u % 4;
-        uint32_t bytes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      // A helper's units in straight-line code (warp 1's helpers take two, the
+      // others one: a warp-uniform branch), so that their Philox chains
+      // interleave: one warp per scheduler has nothing else to hide their
+      // latency with.
+      auto draw = [&](auto count) {
+        constexpr int kCount = decltype(count)::value;
+        uint32_t bytes[kCount][8] = {};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int cc = i >> 1, e1 = i & 1;  // c = 2 b + cc
-          const int64_t tq = q0 + 8 * (2 * b + cc) + 2 * l + e1;
-          const uint64_t mask_row = drop_row0 + uint64_t(tq < w.rows.count ? tq : 0) * w.rows.stride;
-          const philox::U32x4 blk = attention_dropout_block(d, mask_row, uint64_t(w.kt0 + 16 * cw));
-          const uint32_t nib[4] = {attention_keep_nibble(blk.x, d.threshold), attention_keep_nibble(blk.y, d.threshold),
-                                   attention_keep_nibble(blk.z, d.threshold), attention_keep_nibble(blk.w, d.threshold)};
+        for (int k = 0; k < kCount; ++k) {
+          const int u = helper + k * kHelperThreads;
+          const int cw = u / 16, l = (u / 4) % 4, b = u % 4;
 #pragma unroll
-          for (int lg = 0; lg < 8; ++lg) {
-            const uint32_t nb = nib[lg >> 1] >> (lg & 1);  // bit 0: key lg, bit 2: key lg + 8
-            bytes[lg] |= ((nb & 1u) << (4 * cc + e1)) | (((nb >> 2) & 1u) << (4 * cc + 2 + e1));
+          for (int i = 0; i < 4; ++i) {
+            const int cc = i >> 1, e1 = i & 1;  // c = 2 b + cc
+            const int64_t tq = q0 + 8 * (2 * b + cc) + 2 * l + e1;
+            const uint64_t mask_row = drop_row0 + uint64_t(tq < w.rows.count ? tq : 0) * w.rows.stride;
+            const philox::U32x4 blk = attention_dropout_block(d, mask_row, uint64_t(w.kt0 + 16 * cw));
+            const uint32_t nib[4] = {
+                attention_keep_nibble(blk.x, d.threshold), attention_keep_nibble(blk.y, d.threshold),
+                attention_keep_nibble(blk.z, d.threshold), attention_keep_nibble(blk.w, d.threshold)};
+#pragma unroll
+            for (int lg = 0; lg < 8; ++lg) {
+              const uint32_t nb = nib[lg >> 1] >> (lg & 1);  // bit 0: key lg, bit 2: key lg + 8
+              bytes[k][lg] |= ((nb & 1u) << (4 * cc + e1)) | (((nb >> 2) & 1u) << (4 * cc + 2 + e1));
+            }
           }
         }
 #pragma unroll
-        for (int lg = 0; lg < 8; ++lg) dst[(cw * 32 + 4 * lg + l) * 4 + b] = static_cast<uint8_t>(bytes[lg]);
-      }
+        for (int k = 0; k < kCount; ++k) {
+          const int u = helper + k * kHelperThreads;
+          const int cw = u / 16, l = (u / 4) % 4, b = u % 4;
+#pragma unroll
+          for (int lg = 0; lg < 8; ++lg) dst[(cw * 32 + 4 * lg + l) * 4 + b] = static_cast<uint8_t>(bytes[k][lg]);
+        }
+      };
+      static_assert(kUnits > kHelperThreads && kUnits <= 2 * kHelperThreads, "one or two units per helper");
+      if (helper + kHelperThreads < kUnits) draw(std::integral_constant<int, 2>{});
+      else draw(std::integral_constant<int, 1>{});
       hopper::mbar_arrive(&mask_full[s]);  // each helper's own stores released by its own arrival
     }
   }
