@@ -33,16 +33,13 @@ namespace {
 constexpr int64_t kHeads = 8, kDim = 64;
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
-// problem may use; "ws-pw": ws with MINIDL_ATTENTION_DROPOUT_WORDS=producer),
-// restoring no state: every benchmark sets its own.
+// problem may use), restoring no state: every benchmark sets its own.
 void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, double dropout, const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
   }
-  const bool producer_words = std::string_view(kernel) == "ws-pw";
-  setenv("MINIDL_ATTENTION_KERNEL", producer_words ? "ws" : kernel, 1);
-  setenv("MINIDL_ATTENTION_DROPOUT_WORDS", producer_words ? "producer" : "consumer", 1);
+  setenv("MINIDL_ATTENTION_KERNEL", kernel, 1);
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
   DilatedAttentionConfig config;
@@ -121,14 +118,6 @@ void register_benchmarks() {
                 (std::string(p.name) + ":" + name).c_str(),
                 [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, name); }),
             p.min_n, p.max_n);
-#if defined(MINIDL_WITH_CUDA)
-      // The ws backward's dropout words drawn by its producer warpgroup (experimental), beside.
-      if (p.dropout > 0 && p.backward && std::string_view(name) == "ws" && cuda_is_available())
-        sizes(benchmark::RegisterBenchmark(
-                  (std::string(p.name) + ":ws-pw").c_str(),
-                  [p](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, "ws-pw"); }),
-              p.min_n, p.max_n);
-#endif
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");
 }

@@ -94,16 +94,6 @@ MINIDL_HD MINIDL_FORCEINLINE bool attention_keep_byte(uint32_t word, int byte, u
   return (word & (0xFFu << (8 * byte))) >= (threshold << (8 * byte));
 }
 
-// The keep decisions of all four bytes of a block word: bit b = byte b >= T8
-// (attention_keep_byte(word, b, threshold)). Each byte plus 256 - T8 carries
-// into bit 8 of its 16-bit lane exactly when byte >= T8 (T8 in [1, 255]):
-// the even and the odd bytes in two sums, no per-byte compare.
-MINIDL_HD MINIDL_FORCEINLINE uint32_t attention_keep_nibble(uint32_t word, uint32_t threshold) {
-  const uint32_t bias = (256u - threshold) * 0x00010001u;
-  const uint32_t even = (word & 0x00FF00FFu) + bias, odd = ((word >> 8) & 0x00FF00FFu) + bias;
-  return ((even >> 8) & 1u) | ((odd >> 7) & 2u) | ((even >> 22) & 4u) | ((odd >> 21) & 8u);
-}
-
 // Keep decision of key t of a group (any t: t & 15 is its place) from the group's block.
 MINIDL_HD MINIDL_FORCEINLINE bool attention_keep_in_block(const philox::U32x4& block, uint64_t t,
                                                           uint32_t threshold) {

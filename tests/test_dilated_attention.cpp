@@ -755,23 +755,6 @@ TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dil
   }
   CHECK(kept > 0);
   CHECK(kept < checked);
-  // Four decisions at once, as the producer-drawn words use them: every
-  // threshold, words that put each byte at and around it.
-  int64_t words = 0, wrong = 0;
-  for (uint32_t t8 = 1; t8 < 256; ++t8)
-    for (uint32_t v : {0u, 1u, t8 - 1, t8, t8 + 1, 127u, 128u, 254u, 255u}) {
-      v &= 0xFFu;
-      for (uint32_t word : {v * 0x01010101u, v | 0xFF00u, v << 8 | 0xFF0000FFu, v << 16, v << 24 | 0x00FF00FFu,
-                            (v ^ 0x55u) * 0x01000100u + v}) {
-        uint32_t want = 0;
-        for (int b = 0; b < 4; ++b) want |= static_cast<uint32_t>(attention_keep_byte(word, b, t8)) << b;
-        ++words;
-        if (attention_keep_nibble(word, t8) != want && wrong++ == 0)
-          MESSAGE("attention_keep_nibble(", word, ", ", t8, ") = ", attention_keep_nibble(word, t8), ", want ", want);
-      }
-    }
-  CHECK(words == 255 * 9 * 6);
-  CHECK(wrong == 0);
 }
 
 TEST_CASE("dropout: reference forward and backward match the formulas; the backward is the gradient") {
@@ -1523,69 +1506,13 @@ TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactl
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
   const AttentionDropout drop = dropout_of(0.3, 8080, 3);
-  // "producer": the ws backward's decisions drawn by its producer warpgroup.
-  for (const char* words : {"consumer", "producer"}) {
-    const ScopedEnv env("MINIDL_ATTENTION_DROPOUT_WORDS", words);
-    for (DType dtype : {DType::Float32, DType::BFloat16})
-      for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, [&] {
-        CAPTURE(words);
-        CAPTURE(dtype);
-        CAPTURE(str(c));
-        check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,
-                                     cuda::dilated_attention_backward, drop));
-      });
-  }
-#endif
-}
-
-TEST_CASE("CUDA ws backward: producer-drawn dropout words (MINIDL_ATTENTION_DROPOUT_WORDS) drop the same weights") {
-  MINIDL_REQUIRE_CUDA();
-#if defined(MINIDL_WITH_CUDA)
-  const Device gpu = Device::cuda(0);
-  const ScopedEnv kernel("MINIDL_ATTENTION_KERNEL", "ws");
-  const ScopedEnv words("MINIDL_ATTENTION_DROPOUT_WORDS", nullptr);
-  // Blocks that take several items (the helpers follow the items through the
-  // K/V slots and the mask ring across items), partial last tiles, two
-  // branches (the backward's direct and accumulating modes), causal and not;
-  // head dim 64 (at 128 the backward has no room for the ring: both settings
-  // would run one path). dV = (P M)^T dO takes every decision, and P M is a
-  // product by 0 or the scale, so it is compared bit for bit; dS, and with it
-  // dK and dQ, may round apart by an ulp (the two variants' code differs, and
-  // dQ's reductions arrive in any order). The mask read-back test checks the
-  // bits of both settings exactly.
-  std::vector<Case> cases = {{"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true}};
-  cases.push_back(non_causal(cases[0]));
-  for (const Case& c : cases) {
-    CAPTURE(str(c));
-    if (cuda::choose_attention_kernel(DType::BFloat16, c.D, cuda::AttentionPass::kBackward) !=
-        cuda::AttentionKernel::kWarpSpecialized) {
-      MESSAGE("skipped: the ws kernels need an sm_90a device");  // both runs would take one path: vacuous
-      return;
-    }
-    Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu),
-           k = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu),
-           v = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu);
-    DilatedAttentionConfig config = kernel_config(c);
-    config.dropout = dropout_of(0.2, 4242, 17);
-    const Tensor grad_out = random_tensor(q.shape()).to(DType::BFloat16).to(gpu),
-                 grad_lse = random_tensor({c.B, c.N, c.H}).to(gpu);
-    const Forward f = run_forward(cuda::dilated_attention_forward, q, k, v, config);
-    words.set("consumer");
-    const Backward want = run_backward(cuda::dilated_attention_backward, q, k, v, f, grad_out, grad_lse, config);
-    words.set("producer");
-    const Backward got = run_backward(cuda::dilated_attention_backward, q, k, v, f, grad_out, grad_lse, config);
-    check_close(got.dv.to(Device::cpu()), want.dv.to(Device::cpu()), 0, 0);
-    check_scaled(got.dk.to(Device::cpu()), want.dk.to(Device::cpu()), 1e-2);
-    check_scaled(got.dq.to(Device::cpu()), want.dq.to(Device::cpu()), 1e-2);
-  }
-  words.set("helpers");
-  const Case& c = cases[0];
-  Tensor x = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16).to(gpu);
-  DilatedAttentionConfig config = kernel_config(c);
-  config.dropout = dropout_of(0.2, 4242, 17);
-  const Forward f = run_forward(cuda::dilated_attention_forward, x, x, x, config);
-  CHECK_THROWS_WITH(run_backward(cuda::dilated_attention_backward, x, x, x, f, x, f.lse, config),
-                    doctest::Contains("expected consumer (the default) or producer"));
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, [&] {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,
+                                   cuda::dilated_attention_backward, drop));
+    });
 #endif
 }
 

@@ -28,9 +28,6 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
-#include <type_traits>
 
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
@@ -46,9 +43,6 @@ constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three til
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
 constexpr int kConsumerWarps = 8;
-// The producer warpgroup's warps 1-3, which draw the backward's dropout
-// decisions when the producer-drawn words are on.
-constexpr int kHelperThreads = 96;
 
 // A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
 // boxes of 64 columns: one [Rows][64] atom per 64 columns, 16-byte chunk c
@@ -530,10 +524,6 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 // back from shared memory; dQ goes to the fp32 accumulator by one TMA bulk
 // reduction per warpgroup and tile (per-thread vector reductions where the
 // map cannot reach). dK and dV stay in registers across the query loop.
-// Dropout: each lane draws its keys' words while S^T and dP^T run, or, with
-// MINIDL_ATTENTION_DROPOUT_WORDS=producer at head dim 64, the producer
-// warpgroup's three idle warps draw each tile's decisions into a ring beside
-// the Q/dO ring, in the S^T accumulator's order (draw_mask_words_keys).
 
 constexpr int kBwdKeys = 128;  // key rows per block
 constexpr int kBm = 64;        // query rows per tile
@@ -548,13 +538,7 @@ constexpr int kDQBoxBytes = kBm * 32 * 4;
 // it gets 232 (the producer 40, and spills there: 16-150 bytes), the next
 // tile's S^T and dP^T are not issued ahead (they would be live beside dQ), and
 // shared memory (227 KB) holds three Q/dO stages, one dQ buffer and one K/V pair.
-// One backward tile's dropout decisions as the consumers read them
-// (producer-drawn words): one 32-bit word per consumer thread, bit 4 c + e =
-// its key key_row0 + 8 (e >> 1) against query q0 + 8 c + 2 (lane % 4) + (e & 1),
-// the order of the S^T accumulator.
-constexpr int kBwdMaskBytes = kConsumerWarps * 32 * 4;
-
-template <int kD, bool kWords = false>
+template <int kD>
 struct BwdShape {
   static constexpr int kStages = 3;  // Q, dO ring depth
   static constexpr int kDQBuffers = kD == 64 ? 2 : 1;
@@ -575,13 +559,8 @@ struct BwdShape {
   static constexpr int kDS = kDO + kStages * RowTile::kBytes;      // [2 buffers]
   static constexpr int kDQ = kDS + 2 * DsTile::kBytes;             // [kDQBuffers][2 warpgroups][kDQBoxes]
   static constexpr int kStats = kDQ + kDQBuffers * 2 * kDQBoxes * kDQBoxBytes;  // [kStages][L2 64, D 64] floats
-  // kWords: the ring of producer-drawn dropout words, by Q/dO stage (only that
-  // variant pays its shared memory; at D 128 there is none left for it).
-  static constexpr int kMaskStages = kWords ? kStages : 0;
-  static constexpr int kMask = kStats + kStages * 2 * kBm * 4;    // [kMaskStages]
-  static constexpr int kBars = kMask + kMaskStages * kBwdMaskBytes;
-  // kv_full[], kv_empty[], q_full[], empty[], mask_full[], mask_empty[]
-  static constexpr int kNumBars = 2 * kKvSlots + 2 * kStages + 2 * kMaskStages;
+  static constexpr int kBars = kStats + kStages * 2 * kBm * 4;
+  static constexpr int kNumBars = 2 * kKvSlots + 2 * kStages;      // kv_full[], kv_empty[], q_full[], empty[]
   static constexpr int kItems = kBars + kNumBars * 8;              // [kKvSlots] BwdItem: the item of each K/V slot
   static constexpr int kBytes = kItems + kKvSlots * 64 + 1024;
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
@@ -628,89 +607,14 @@ __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) 
   return w;
 }
 
-// The backward's producer-drawn dropout words (helper threads 0..95, the
-// producer warpgroup's warps 1-3). They follow the items through the K/V
-// slots as the consumers do (kv_full, item_of_slot; an arrival on kv_empty
-// once read) and fill the mask slot of each query tile, which runs alongside
-// the Q/dO ring (same stage and phase), in the consumers' order
-// (kBwdMaskBytes). A unit is byte b of eight consumer threads' words: warp cw's
-// 16 keys against the four queries 8 c + 2 l + e1 (c = 2 b, 2 b + 1; e1 = 0, 1)
-// of quad column l, four Philox blocks; lane 4 L + l of that warp holds keys
-// L and L + 8 of the group, word L / 2 of each block, bytes L % 2 and 2 + L % 2.
-template <class L, bool kCausal>
-__device__ __forceinline__ void draw_mask_words_keys(const WsBwdParams& p, char* masks, uint64_t* kv_full,
-                                                     uint64_t* kv_empty, uint64_t* mask_full, uint64_t* mask_empty,
-                                                     const BwdItem* item_of_slot, int helper) {
-  constexpr int kUnits = kConsumerWarps * 4 * 4;  // warps x quad columns x bytes
-  AttentionDropout d = p.drop.mask;
-  d.offset = d.offset_now();  // once: a captured graph's offset is a device word
-  d.offset_base = nullptr;
-  int ring = 0;
-  for (int n = 0;; ++n) {
-    const int slot = n % L::kKvSlots;
-    hopper::mbar_wait(&kv_full[slot], (n / L::kKvSlots) & 1);
-    const BwdItem w = item_of_slot[slot];
-    if (w.n_tiles < 0) break;
-    hopper::mbar_arrive(&kv_empty[slot]);  // its read of item_of_slot[slot] done
-    const uint64_t drop_row0 = dropout_row(p.drop, p.g, w.batch, w.head, w.rows.base);
-    const int64_t q_first = kCausal ? w.kt0 : 0;
-    for (int j = 0; j < w.n_tiles; ++j, ++ring) {
-      const int s = ring % L::kStages;
-      hopper::mbar_wait(&mask_empty[s], ((ring / L::kStages) & 1) ^ 1);
-      uint8_t* dst = reinterpret_cast<uint8_t*>(masks + s * kBwdMaskBytes);
-      const int64_t q0 = q_first + int64_t(j) * kBm;
-      // A helper's units in straight-line code (warp 1's helpers take two, the
-      // others one: a warp-uniform branch), so that their Philox chains
-      // interleave: one warp per scheduler has nothing else to hide their
-      // latency with.
-      auto draw = [&](auto count) {
-        constexpr int kCount = decltype(count)::value;
-        uint32_t bytes[kCount][8] = {};
-#pragma unroll
-        for (int k = 0; k < kCount; ++k) {
-          const int u = helper + k * kHelperThreads;
-          const int cw = u / 16, l = (u / 4) % 4, b = u % 4;
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int cc = i >> 1, e1 = i & 1;  // c = 2 b + cc
-            const int64_t tq = q0 + 8 * (2 * b + cc) + 2 * l + e1;
-            const uint64_t mask_row = drop_row0 + uint64_t(tq < w.rows.count ? tq : 0) * w.rows.stride;
-            const philox::U32x4 blk = attention_dropout_block(d, mask_row, uint64_t(w.kt0 + 16 * cw));
-            const uint32_t nib[4] = {
-                attention_keep_nibble(blk.x, d.threshold), attention_keep_nibble(blk.y, d.threshold),
-                attention_keep_nibble(blk.z, d.threshold), attention_keep_nibble(blk.w, d.threshold)};
-#pragma unroll
-            for (int lg = 0; lg < 8; ++lg) {
-              const uint32_t nb = nib[lg >> 1] >> (lg & 1);  // bit 0: key lg, bit 2: key lg + 8
-              bytes[k][lg] |= ((nb & 1u) << (4 * cc + e1)) | (((nb >> 2) & 1u) << (4 * cc + 2 + e1));
-            }
-          }
-        }
-#pragma unroll
-        for (int k = 0; k < kCount; ++k) {
-          const int u = helper + k * kHelperThreads;
-          const int cw = u / 16, l = (u / 4) % 4, b = u % 4;
-#pragma unroll
-          for (int lg = 0; lg < 8; ++lg) dst[(cw * 32 + 4 * lg + l) * 4 + b] = static_cast<uint8_t>(bytes[k][lg]);
-        }
-      };
-      static_assert(kUnits > kHelperThreads && kUnits <= 2 * kHelperThreads, "one or two units per helper");
-      if (helper + kHelperThreads < kUnits) draw(std::integral_constant<int, 2>{});
-      else draw(std::integral_constant<int, 1>{});
-      hopper::mbar_arrive(&mask_full[s]);  // each helper's own stores released by its own arrival
-    }
-  }
-}
-
-template <int kD, bool kCausal, bool kDirect, bool kDropout, bool kWords = false>
+template <int kD, bool kCausal, bool kDirect, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
                                                                   const __grid_constant__ CUtensorMap dmap,
                                                                   const __grid_constant__ CUtensorMap dqmap,
                                                                   const __grid_constant__ WsBwdParams p) {
-  constexpr bool kHelpers = kDropout && kWords;
-  using L = BwdShape<kD, kHelpers>;
+  using L = BwdShape<kD>;
   using KTile = typename L::KTile;
   using RowTile = typename L::RowTile;
   using DsTile = typename L::DsTile;
@@ -723,8 +627,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   uint64_t* kv_empty = bars + kKvSlots;      // [kKvSlots]
   uint64_t* q_full = bars + 2 * kKvSlots;    // [kBwdStages]
   uint64_t* empty = q_full + kBwdStages;     // [kBwdStages]
-  uint64_t* mask_full = empty + kBwdStages;  // [kBwdStages], with kHelpers only
-  uint64_t* mask_empty = mask_full + kBwdStages;
   float* stats = reinterpret_cast<float*>(smem + L::kStats);
   BwdItem* item_of_slot = reinterpret_cast<BwdItem*>(smem + L::kItems);  // written by the producer's lane 0
   const BranchGrid& g = p.g;
@@ -732,15 +634,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   if (threadIdx.x == 0) {
     for (int k = 0; k < kKvSlots; ++k) {
       hopper::mbar_init(&kv_full[k], 2 * kLoadArrivals);
-      hopper::mbar_init(&kv_empty[k], kConsumerWarps * 32 + (kHelpers ? kHelperThreads : 0));
+      hopper::mbar_init(&kv_empty[k], kConsumerWarps * 32);
     }
     for (int s = 0; s < kBwdStages; ++s) {
       hopper::mbar_init(&q_full[s], kLoadArrivals);
       hopper::mbar_init(&empty[s], kConsumerWarps * 32);
-      if constexpr (kHelpers) {
-        hopper::mbar_init(&mask_full[s], kHelperThreads);
-        hopper::mbar_init(&mask_empty[s], kConsumerWarps * 32);
-      }
     }
     hopper::mbar_fence_init();
   }
@@ -749,12 +647,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {  // producer
     hopper::regs_dec<L::kProducerRegs>();
-    if (threadIdx.x >= 32) {
-      if constexpr (kHelpers)
-        draw_mask_words_keys<L, kCausal>(p, smem + L::kMask, kv_full, kv_empty, mask_full, mask_empty, item_of_slot,
-                                         threadIdx.x - 32);
-      return;
-    }
+    if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
     int64_t item = blockIdx.x;
     int ring = 0;  // Q/dO tiles loaded so far, all items
@@ -938,12 +831,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
       // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
       uint32_t keep[2][8];
-      uint32_t keep_bits = 0;  // kHelpers: bit 4 c + e is element [4 c + e]'s decision
-      if constexpr (kHelpers) {
-        hopper::mbar_wait(&mask_full[s], (t / kBwdStages) & 1);
-        keep_bits = *reinterpret_cast<const uint32_t*>(smem + L::kMask + s * kBwdMaskBytes + (threadIdx.x - 128) * 4);
-        hopper::mbar_arrive(&mask_empty[s]);
-      } else if constexpr (kDropout) {
+      if constexpr (kDropout) {
         const int64_t tq0 = q0 + 2 * (lane % 4);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -1001,9 +889,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             const float x = st[4 * c + e];
             // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
             float m = 1.f;
-            if constexpr (kHelpers)
-              m = (keep_bits >> (4 * c + e)) & 1u ? p.drop.mask.scale : 0.f;
-            else if constexpr (kDropout)
+            if constexpr (kDropout)
               m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), p.drop.mask.threshold)
                       ? p.drop.mask.scale
                       : 0.f;
@@ -1284,19 +1170,6 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
-// MINIDL_ATTENTION_DROPOUT_WORDS: who draws the ws backward's dropout
-// decisions, "consumer" (the default: each consumer lane its keys' words,
-// within the element-wise pass) or "producer" (experimental, head dim 64: the
-// producer warpgroup's idle warps; the same mask bit for bit). Read at every
-// call so that a test or a benchmark can switch it.
-bool producer_dropout_words() {
-  const char* e = std::getenv("MINIDL_ATTENTION_DROPOUT_WORDS");
-  const std::string_view v = e ? e : "";
-  MINIDL_CHECK(v.empty() || v == "consumer" || v == "producer", "MINIDL_ATTENTION_DROPOUT_WORDS='", v,
-               "': expected consumer (the default) or producer");
-  return v == "producer";
-}
-
 template <int kD, bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
                      const CUtensorMap& dm, const CUtensorMap& dqm, int64_t batch) {
@@ -1306,16 +1179,6 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   allow_dynamic_smem(kBytes, plain, dropout);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
-  if constexpr (kD == 64) {  // at 128 no shared memory is left for the words' ring
-    if (p.drop.mask.enabled() && producer_dropout_words()) {
-      auto dropout_words = backward_ws_kernel<kD, kCausal, kDirect, true, true>;
-      constexpr int kWordsBytes = BwdShape<kD, true>::kBytes;
-      allow_dynamic_smem(kWordsBytes, dropout_words);
-      dropout_words<<<grid, kThreads, kWordsBytes, stream()>>>(qm, km, vm, dm, dqm, p);
-      MINIDL_CUDA_LAUNCH_CHECK();
-      return;
-    }
-  }
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
