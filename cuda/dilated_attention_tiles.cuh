@@ -261,6 +261,17 @@ __device__ __forceinline__ void transpose_words(uint32_t (&a)[4], int lane) {
   }
 }
 
+// The mask parameters with the Philox offset read once: in a captured graph
+// it is a device word, which offset_now() would load again at every draw.
+template <bool kDropout>
+__device__ __forceinline__ AttentionDropout resolved_dropout(AttentionDropout d) {
+  if constexpr (kDropout) {
+    d.offset = d.offset_now();
+    d.offset_base = nullptr;
+  }
+  return d;
+}
+
 // Row-major (accumulator) layout, for the forward: the mask words of one query
 // row (mask row `row`, the same for the 4 lanes of a quad) over the 64-key
 // tile starting at key k0 (a multiple of 16). On exit words[kk] = word

@@ -370,6 +370,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   // tile descriptors below then live in uniform registers.
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const AttentionDropout drop = resolved_dropout<kDropout>(p.drop.mask);
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + Smem::kK);
   // At head dim 128, lbo steps P V's n from V's first atom to its second.
   const uint64_t v_desc0 = wgmma::desc_sw128(smem + Smem::kV, 1024, kD == 128 ? KTile::kAtomBytes : 0);
@@ -427,10 +428,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
       if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
         softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                              p.scale_log2, p.drop.mask, mask_rows);
+                                              p.scale_log2, drop, mask_rows);
       else
         softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                               p.scale_log2, p.drop.mask, mask_rows);
+                                               p.scale_log2, drop, mask_rows);
     };
     // Ring slot and phase of this item's key tile j.
     auto stage = [&](int j) { return (ring + j) % kStages; };
@@ -737,6 +738,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;  // warp-uniform, as in the forward
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
+  const AttentionDropout drop = resolved_dropout<kDropout>(p.drop.mask);
   // Tile descriptors, built once and stepped by constants (wgmma::desc_offset);
   // K's and V's per slot below.
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
@@ -836,7 +838,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           dropout_words_keys(
-              p.drop.mask, key0 + warp * 16, lane, h,
+              drop, key0 + warp * 16, lane, h,
               [&](int u) {
                 const int64_t tq = tq0 + 8 * (u >> 1) + (u & 1);
                 return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
@@ -890,8 +892,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
             float m = 1.f;
             if constexpr (kDropout)
-              m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), p.drop.mask.threshold)
-                      ? p.drop.mask.scale
+              m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), drop.threshold)
+                      ? drop.scale
                       : 0.f;
             pv[e] = x * m;
             dsv[e] = x * (m * dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
