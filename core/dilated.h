@@ -77,9 +77,7 @@ MINIDL_HD MINIDL_FORCEINLINE uint64_t attention_mask_row(uint64_t branch, uint64
   return ((branch * batch_size + b) * heads + h) * n + pos;
 }
 
-// Rounds of the mask's Philox: 7, the fewest with which Philox-4x32 passes
-// BigCrush (core/philox.h; 10 elsewhere), as every attention kernel draws it
-// in its inner loop.
+// Rounds of the mask's Philox (core/philox.h says why 7, not 10).
 constexpr int kAttentionPhiloxRounds = 7;
 
 // The Philox block of the 16-key group holding key t of mask row `row`.

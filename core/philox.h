@@ -46,8 +46,8 @@ MINIDL_HD inline U32x4 philox4x32(U32x4 ctr, uint64_t key64) {
 template <int kRounds = 10>
 MINIDL_HD MINIDL_FORCEINLINE U32x4 block(uint64_t seed, uint64_t offset, uint64_t block) {
   return philox4x32<kRounds>({static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
-                     static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
-                    seed);
+                              static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)},
+                             seed);
 }
 
 MINIDL_HD MINIDL_FORCEINLINE uint32_t lane(const U32x4& b, int i) {
