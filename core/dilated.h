@@ -92,6 +92,25 @@ MINIDL_HD MINIDL_FORCEINLINE bool attention_keep_byte(uint32_t word, int byte, u
   return (word & (0xFFu << (8 * byte))) >= (threshold << (8 * byte));
 }
 
+// The four keep decisions of a word at once (attention_keep_byte for bytes
+// 0..3, in three operations): byte b of keep_bytes(word, test) has its top bit
+// set iff byte b of `word` >= T8. The low seven bits of each byte are compared
+// by a carry-free add (x' + 128 - T8' is in [1, 255]); the top bits decide the
+// rest: with T8 < 128 a set top bit keeps, with T8 >= 128 it is needed.
+struct KeepBytesTest {
+  uint32_t add;  // 128 - (T8 & 127) in each byte
+  uint32_t top;  // 0x80 in each byte when T8 < 128, else 0
+};
+MINIDL_HD MINIDL_FORCEINLINE KeepBytesTest keep_bytes_test(uint32_t threshold) {
+  return {(128u - (threshold & 127u)) * 0x01010101u, threshold < 128 ? 0x80808080u : 0u};
+}
+MINIDL_HD MINIDL_FORCEINLINE uint32_t keep_bytes(uint32_t word, KeepBytesTest test) {
+  const uint32_t low = (word & 0x7F7F7F7Fu) + test.add;
+  return (word & low) | ((word | low) & test.top);
+}
+// Byte `byte`'s decision in a keep_bytes result.
+MINIDL_HD MINIDL_FORCEINLINE bool keep_bytes_kept(uint32_t kept, int byte) { return (kept >> (8 * byte + 7)) & 1; }
+
 // Keep decision of key t of a group (any t: t & 15 is its place) from the group's block.
 MINIDL_HD MINIDL_FORCEINLINE bool attention_keep_in_block(const philox::U32x4& block, uint64_t t,
                                                           uint32_t threshold) {

@@ -20,9 +20,17 @@ struct U32x4 {
 };
 
 MINIDL_HD MINIDL_FORCEINLINE uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  // The 64-bit product, written as such, makes ptxas add a zero to its high
+  // word in every round (a VIADD beside each IMAD.WIDE when the key is a
+  // 64-bit kernel parameter); __umulhi gives the same bits without it.
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
   uint64_t p = static_cast<uint64_t>(a) * b;
   *hi = static_cast<uint32_t>(p >> 32);
   return static_cast<uint32_t>(p);
+#endif
 }
 
 template <int kRounds = 10>

@@ -45,6 +45,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   constexpr int kDTiles = D / 8;  // n-tiles of the output
   constexpr int kNTiles = kBc / 8;
   extern __shared__ __align__(128) char smem[];
+  drop.mask = resolved_dropout<kDropout>(drop.mask);  // the graph offset read once
 
   const BlockRows block = block_rows<true>(g, kBr);
   const int64_t batch = block.batch, head = block.head, t0 = block.t0;
@@ -102,7 +103,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
     char* vs_tile = smem + F::kV + buf * KT::kBytes;
 
     // Dropout mask words of this lane's rows, drawn before S is live:
-    // keep_words[mt][r][kk] holds keys (2kk + h) * 8 + 2 * (lane % 4) + e of
+    // keep_words[mt][r][kk] decides keys (2kk + h) * 8 + 2 * (lane % 4) + e of
     // row r of m-tile mt in byte 2h + e.
     uint32_t keep_words[kM][2][4];
     if constexpr (kDropout) {
@@ -176,14 +177,13 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
           for (int e = 0; e < 4; ++e) {
             p[h][e] = exp2f(fmaf(s[mt][2 * kk + h][e], scale_log2, -m_scaled[e >> 1]));
             l_row[mt][e >> 1] += p[h][e];  // the normaliser counts every key
-            // Dropped weights are zeroed; the kept ones' scale is applied at the store.
-            if constexpr (kDropout)
-              if (!attention_keep_byte(keep_words[mt][e >> 1][kk], 2 * h + (e & 1), drop.mask.threshold)) p[h][e] = 0.f;
           }
         pf[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
         pf[mt][kk][1] = pack_bf16(p[0][2], p[0][3]);
         pf[mt][kk][2] = pack_bf16(p[1][0], p[1][1]);
         pf[mt][kk][3] = pack_bf16(p[1][2], p[1][3]);
+        // Dropped weights are zeroed; the kept ones' scale is applied at the store.
+        if constexpr (kDropout) drop_packed_weights(pf[mt][kk], keep_words[mt][0][kk], keep_words[mt][1][kk]);
       }
     }
     // O += P V.

@@ -60,6 +60,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
   constexpr int kThreads = kMmaWarps * 32;
   constexpr bool kDouble = L::kBuffers == 2;
   constexpr int kSteps = D / Tr::kK;    // k-steps of S^T and dP^T
+  drop.mask = resolved_dropout<kDropout>(drop.mask);  // the graph offset read once
   constexpr int kQSteps = 64 / Tr::kK;  // k-steps over a query tile (dV, dK) or key tile (dQ)
   constexpr int kNB = Tr::kNB;
   constexpr int kDTiles = D / 8;
@@ -163,9 +164,6 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
                 return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
               },
               keep_words);
-          // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
-#pragma unroll
-          for (int u = 0; u < 8; ++u) keep_words[u] >>= 8 * key_byte;
         }
       }
       float p[4], dsv[4];
@@ -180,7 +178,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
         // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
         float m = 1.f;
         if constexpr (kDropout)
-          m = attention_keep_byte(keep_words[2 * (nt % 4) + (e & 1)], 2 * (e >> 1), drop.mask.threshold)
+          m = attention_keep_byte(keep_words[2 * (nt % 4) + (e & 1)], 2 * (e >> 1) + key_byte, drop.mask.threshold)
                   ? drop.mask.scale
                   : 0.f;
         p[e] = x * m;

@@ -55,6 +55,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
   constexpr int kDTiles = D / 8;  // n-tiles of the output
   constexpr int kNTiles = kBc / 8;
   extern __shared__ __align__(128) char smem[];
+  drop.mask = resolved_dropout<kDropout>(drop.mask);  // the graph offset read once
 
   const BlockRows block = block_rows<true>(g, kBr);
   const int64_t batch = block.batch, head = block.head, t0 = block.t0;
@@ -164,8 +165,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
         l_row[e >> 1] += p[e];  // the normaliser counts every key
         // Dropped weights are zeroed; the kept ones' scale is applied at the store.
         if constexpr (kDropout)
-          if (!attention_keep_byte(keep_words[e >> 1][nt / 2], 2 * (nt % 2) + (e & 1), drop.mask.threshold))
-            p[e] = 0.f;
+          if (!keep_bytes_kept(keep_words[e >> 1][nt / 2], 2 * (nt % 2) + (e & 1))) p[e] = 0.f;
       }
       pf[nt][0] = to_tf32(p[0]);  // (row lr, key 2lc)
       pf[nt][1] = to_tf32(p[2]);  // (row lr + 8, key 2lc)

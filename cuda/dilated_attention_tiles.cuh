@@ -272,15 +272,42 @@ __device__ __forceinline__ AttentionDropout resolved_dropout(AttentionDropout d)
   return d;
 }
 
-// Row-major (accumulator) layout, for the forward: the mask words of one query
-// row (mask row `row`, the same for the 4 lanes of a quad) over the 64-key
-// tile starting at key k0 (a multiple of 16). On exit words[kk] = word
-// lane % 4 of group kk's block: bytes 2h + e hold keys kk*16 + 8h + 2*(lane%4) + e,
-// i.e. n-tile 2kk + h, element e of that row. One Philox call per lane.
+// The mask of a packed bf16 pair whose low half is decided by byte kLo of
+// keep_bytes' result and whose high half by byte kHi: each half all ones when
+// kept, else zero (one prmt, its selector replicating each byte's top bit).
+template <int kLo, int kHi>
+__device__ __forceinline__ uint32_t keep_pair_mask(uint32_t kept) {
+  constexpr uint32_t kSel = (8u | kLo) * 0x11u | (8u | kHi) * 0x1100u;
+  uint32_t m;
+  asm("prmt.b32 %0, %1, %1, %2;" : "=r"(m) : "r"(kept), "n"(kSel));
+  return m;
+}
+
+// Row-major (accumulator) layout, for the forward: the keep decisions of one
+// query row (mask row `row`, the same for the 4 lanes of a quad) over the
+// 64-key tile starting at key k0 (a multiple of 16). On exit words[kk] is
+// keep_bytes of word lane % 4 of group kk's block: the top bit of byte 2h + e
+// keeps key kk*16 + 8h + 2*(lane%4) + e, i.e. n-tile 2kk + h, element e of that
+// row. One Philox call per lane.
 __device__ __forceinline__ void dropout_words_rows(const AttentionDropout& d, uint64_t row, int64_t k0,
                                                    int lane, uint32_t (&words)[4]) {
   block_words(attention_dropout_block(d, row, uint64_t(k0 + 16 * (lane % 4))), words);
   transpose_words<2, 1>(words, lane);
+  const KeepBytesTest test = keep_bytes_test(d.threshold);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) words[i] = keep_bytes(words[i], test);
+}
+
+// Dropout on one k-step of P as bf16 A fragments (pf[0], pf[2]: the lane's
+// first row, keys 2 (lane % 4) + {0, 1} and + 8; pf[1], pf[3]: its second
+// row), with the rows' dropout_words_rows words for the k-step: the dropped
+// weights zeroed in place, two per mask (the bits of zeroing them before the
+// pack), about half the issue slots of a test per weight.
+__device__ __forceinline__ void drop_packed_weights(uint32_t (&pf)[4], uint32_t kept_row0, uint32_t kept_row1) {
+  pf[0] &= keep_pair_mask<0, 1>(kept_row0);
+  pf[1] &= keep_pair_mask<0, 1>(kept_row1);
+  pf[2] &= keep_pair_mask<2, 3>(kept_row0);
+  pf[3] &= keep_pair_mask<2, 3>(kept_row1);
 }
 
 // Key-major layout, for the backward (S^T: a warp's 16 keys form the group

@@ -731,6 +731,22 @@ TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dil
     CHECK(byte_of_key(static_cast<uint64_t>(i)) / 4 == i / 2);
     CHECK(byte_of_key(static_cast<uint64_t>(i + 8)) / 4 == i / 2);
   }
+  // keep_bytes (the kernels' four-at-once test) decides as attention_keep_byte,
+  // for every threshold and byte value, in every byte, beside any neighbours.
+  int64_t mismatches = 0;
+  for (uint32_t t8 = 1; t8 < 256; ++t8) {
+    const KeepBytesTest test = keep_bytes_test(t8);
+    for (uint32_t v = 0; v < 256; ++v) {
+      for (int b = 0; b < 4; ++b) {
+        for (uint32_t other : {0u, 0xFFFFFFFFu, 0x7F807F80u, (v * 0x9E3779B9u) ^ (t8 << 11)}) {
+          const uint32_t word = (other & ~(0xFFu << (8 * b))) | (v << (8 * b));
+          const bool fast = keep_bytes_kept(keep_bytes(word, test), b);
+          mismatches += fast != attention_keep_byte(word, b, t8);
+        }
+      }
+    }
+  }
+  CHECK(mismatches == 0);
   // The header's helpers draw exactly the definition, for rows and keys that
   // use the high bits of the counter too.
   int64_t checked = 0, kept = 0;

@@ -43,6 +43,7 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
   using KT = typename F::KTile;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - (mma::smem_addr(smem_raw) & 1023)) & 1023);
+  drop.mask = resolved_dropout<kDropout>(drop.mask);  // the graph offset read once
 
   const BlockRows block = block_rows<true>(g, kBr);
   const int64_t batch = block.batch, head = block.head, t0 = block.t0;
@@ -99,7 +100,7 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
       }
       wgmma::commit();
       // The dropout mask words of this lane's two rows, drawn while the
-      // tensor cores compute S: keep_words[r][kk] holds keys
+      // tensor cores compute S: keep_words[r][kk] decides keys
       // kk * 16 + c * 8 + 2 * (lane % 4) + e of row r in byte 2c + e.
       uint32_t keep_words[2][4];
       if constexpr (kDropout) {
@@ -144,14 +145,13 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
           for (int e = 0; e < 4; ++e) {
             p[c][e] = exp2f(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
             l_row[e >> 1] += p[c][e];  // the normaliser counts every key
-            // Dropped weights are zeroed; the kept ones' scale is applied at the store.
-            if constexpr (kDropout)
-              if (!attention_keep_byte(keep_words[e >> 1][kk], 2 * c + (e & 1), drop.mask.threshold)) p[c][e] = 0.f;
           }
         pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
         pf[kk][1] = mma::pack_bf16(p[0][2], p[0][3]);
         pf[kk][2] = mma::pack_bf16(p[1][0], p[1][1]);
         pf[kk][3] = mma::pack_bf16(p[1][2], p[1][3]);
+        // Dropped weights are zeroed; the kept ones' scale is applied at the store.
+        if constexpr (kDropout) drop_packed_weights(pf[kk], keep_words[0][kk], keep_words[1][kk]);
       }
       // O += P V.
       wgmma::fence();

@@ -178,13 +178,12 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
       for (int e = 0; e < 4; ++e) {
         p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
         l_row[e >> 1] += p[c][e];
-        if constexpr (kDropout)
-          if (!attention_keep_byte(keep[e >> 1][kk % 4], 2 * c + (e & 1), drop.threshold)) p[c][e] = 0.f;
       }
     pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
     pf[kk][1] = mma::pack_bf16(p[0][2], p[0][3]);
     pf[kk][2] = mma::pack_bf16(p[1][0], p[1][1]);
     pf[kk][3] = mma::pack_bf16(p[1][2], p[1][3]);
+    if constexpr (kDropout) drop_packed_weights(pf[kk], keep[0][kk % 4], keep[1][kk % 4]);
   }
 }
 
@@ -844,9 +843,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                 return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
               },
               keep[h]);
-          // This lane's keys to bytes 0 and 2, so the byte index below is a constant.
-#pragma unroll
-          for (int u = 0; u < 8; ++u) keep[h][u] >>= 8 * key_byte;
         }
       }
       wgmma::wait<L::kAhead ? 0 : 1>();  // S^T (at head dim 64 one group with dP^T)
@@ -892,7 +888,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
             float m = 1.f;
             if constexpr (kDropout)
-              m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1), drop.threshold)
+              m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1) + key_byte, drop.threshold)
                       ? drop.scale
                       : 0.f;
             pv[e] = x * m;
