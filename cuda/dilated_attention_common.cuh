@@ -111,6 +111,17 @@ inline BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t
   return drop;
 }
 
+// The mask parameters with the Philox offset read once: in a captured graph
+// it is a device word, which offset_now() would load again at every draw.
+template <bool kDropout>
+__device__ __forceinline__ AttentionDropout resolved_dropout(AttentionDropout d) {
+  if constexpr (kDropout) {
+    d.offset = d.offset_now();
+    d.offset_base = nullptr;
+  }
+  return d;
+}
+
 // Mask row of query position pos in this branch launch.
 __device__ __forceinline__ uint64_t dropout_row(const BranchDropout& d, const BranchGrid& g, int64_t batch,
                                                 int64_t head, int64_t pos) {

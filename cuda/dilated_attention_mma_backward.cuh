@@ -60,12 +60,12 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
   constexpr int kThreads = kMmaWarps * 32;
   constexpr bool kDouble = L::kBuffers == 2;
   constexpr int kSteps = D / Tr::kK;    // k-steps of S^T and dP^T
-  drop.mask = resolved_dropout<kDropout>(drop.mask);  // the graph offset read once
   constexpr int kQSteps = 64 / Tr::kK;  // k-steps over a query tile (dV, dK) or key tile (dQ)
   constexpr int kNB = Tr::kNB;
   constexpr int kDTiles = D / 8;
   constexpr int kQRows = 64;  // queries per tile
   extern __shared__ __align__(128) char smem[];
+  drop.mask = resolved_dropout<kDropout>(drop.mask);  // the graph offset read once
 
   const BlockRows block = block_rows<false>(g, 64);
   const int64_t batch = block.batch, head = block.head, kt0 = block.t0;

@@ -94,6 +94,10 @@ struct DropoutGrid {
   BranchDropout b;
   explicit DropoutGrid(const BranchDropout& drop) : b(drop) {}
   MINIDL_HD bool enabled() const { return b.mask.enabled(); }
+  // The graph offset read once per kernel (resolved_dropout).
+  __device__ __forceinline__ void resolve() {
+    if (enabled()) b.mask = resolved_dropout<true>(b.mask);
+  }
   // The mask row of query position pos.
   __device__ __forceinline__ uint64_t row(const BranchGrid& g, int64_t batch, int64_t h, int64_t pos) const {
     return dropout_row(b, g, batch, h, pos);
@@ -122,6 +126,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
                                                          float* __restrict__ lse) {
   using S = Split<D>;
   __shared__ float ks[kTile][D], vs[kTile][D];
+  drop.resolve();
   const BlockRows w = block_rows<false>(g, S::kRows);
   if (w.t0 >= w.rows.count) return;  // uniform across the block
   const int part = threadIdx.x % S::kTpr;
@@ -227,6 +232,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     float* __restrict__ dq_acc) {
   using S = Split<D>;
   __shared__ float ks[kTile][D], vs[kTile][D];
+  drop.resolve();
   const BlockRows w = block_rows<false>(g, S::kRows);
   if (w.t0 >= w.rows.count) return;
   const int part = threadIdx.x % S::kTpr;
@@ -288,6 +294,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   __shared__ float qs[kTile][D], dos[kTile][D];
   __shared__ float l2s[kTile], dps[kTile];
   __shared__ uint32_t keep_words[kTile][4 * kGroups];
+  drop.resolve();
   const BlockRows w = block_rows<false>(g, S::kRows);
   if (w.t0 >= w.rows.count) return;
   const int part = threadIdx.x % S::kTpr;

@@ -261,17 +261,6 @@ __device__ __forceinline__ void transpose_words(uint32_t (&a)[4], int lane) {
   }
 }
 
-// The mask parameters with the Philox offset read once: in a captured graph
-// it is a device word, which offset_now() would load again at every draw.
-template <bool kDropout>
-__device__ __forceinline__ AttentionDropout resolved_dropout(AttentionDropout d) {
-  if constexpr (kDropout) {
-    d.offset = d.offset_now();
-    d.offset_base = nullptr;
-  }
-  return d;
-}
-
 // The mask of a packed bf16 pair whose low half is decided by byte kLo of
 // keep_bytes' result and whose high half by byte kHi: each half all ones when
 // kept, else zero (one prmt, its selector replicating each byte's top bit).
