@@ -17,6 +17,7 @@
 
 #include "cuda/dilated_attention_common.cuh"
 #include "cuda/runtime.h"
+#include "cuda/vec.cuh"
 
 namespace minidl::cuda::attn {
 namespace {
@@ -198,30 +199,38 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
   if (part == 0) lse[ri] = l_new;
 }
 
-// delta[row] = sum_d dO * O - dL (dL optional): one group of lanes per row.
-// It also zeroes the row of the dQ accumulator (optional; same layout as O),
-// which saves the backward a memset launch.
-template <typename T, int D>
+// delta[row] = sum_d dO * O - dL (dL optional): kDeltaLanes lanes per row,
+// each loading V elements of O and of dO at a time (16 bytes where the rows
+// allow: the pass is bound by memory, and 2-byte loads issue 8x the
+// requests). It also zeroes the rows of the dQ accumulator (optional; same
+// layout as O), which saves the backward a memset launch.
+constexpr int kDeltaLanes = 8;
+
+template <typename T, int V>
 __global__ void backward_delta_kernel(const T* __restrict__ out, const T* __restrict__ grad_out,
-                               const float* __restrict__ grad_lse, float* __restrict__ delta,
-                               float* __restrict__ dq_zero, int64_t rows, int64_t d) {
-  using S = Split<D>;
-  int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / S::kTpr;
-  int part = threadIdx.x % S::kTpr;
+                                      const float* __restrict__ grad_lse, float* __restrict__ delta,
+                                      float* __restrict__ dq_zero, int64_t rows, int64_t d) {
+  const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / kDeltaLanes;
+  const int part = threadIdx.x % kDeltaLanes;
   float acc = 0;
-  if (row < rows) {
+  if (row < rows)
+    for (int64_t c = part * V; c < d; c += kDeltaLanes * V) {
+      float o[V], g[V];
+      load_vec<T, float, V>(out + row * d + c, o);
+      load_vec<T, float, V>(grad_out + row * d + c, g);
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      int c = S::dim(i, part);
-      if (c < d) acc += to_float(out[row * d + c]) * to_float(grad_out[row * d + c]);
+      for (int e = 0; e < V; ++e) acc += o[e] * g[e];
     }
+  if (dq_zero) {  // the block's rows are one contiguous span, zeroed by consecutive threads
+    const int64_t first = blockIdx.x * int64_t(blockDim.x / kDeltaLanes);
+    const int64_t count = (min(rows, first + blockDim.x / kDeltaLanes) - first) * d;
+    constexpr int kZ = V > 1 ? 4 : 1;  // d % V == 0 keeps every row's span float4-aligned
+    const float zero[kZ] = {};
+    for (int64_t i = threadIdx.x * int64_t(kZ); i < count; i += blockDim.x * int64_t(kZ))
+      store_vec<float, float, kZ>(dq_zero + first * d + i, zero);
   }
-  if (dq_zero) {  // the block's rows are one contiguous span: zeroed by consecutive threads
-    const int64_t first = blockIdx.x * int64_t(blockDim.x / S::kTpr);
-    const int64_t count = (min(rows, first + blockDim.x / S::kTpr) - first) * d;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) dq_zero[first * d + i] = 0.f;
-  }
-  acc = S::reduce(acc);
+#pragma unroll
+  for (int off = 1; off < kDeltaLanes; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (row < rows && part == 0) delta[row] = acc - (grad_lse ? grad_lse[row] : 0.f);
 }
 
@@ -414,11 +423,12 @@ void backward_delta(const char* op, const Tensor& out, const Tensor& grad_out, c
                     const Tensor& delta, const Tensor& dq_zero) {
   const Shape4 s = shape_of(out);
   const int64_t rows = s.b * s.n * s.h;
-  visit_kernel_types(op, out.dtype(), s.d, [&](auto tag, auto dim) {
+  visit_kernel_types(op, out.dtype(), s.d, [&](auto tag, auto) {
     using T = decltype(tag);
-    constexpr int D = decltype(dim)::value;
-    const unsigned blocks = static_cast<unsigned>((rows * Split<D>::kTpr + 255) / 256);
-    backward_delta_kernel<T, D><<<blocks, 256, 0, stream()>>>(
+    const bool vector = s.d % kVec<T> == 0 && aligned16({&out, &grad_out, &dq_zero});
+    const unsigned blocks = static_cast<unsigned>((rows * kDeltaLanes + 255) / 256);
+    auto kernel = vector ? backward_delta_kernel<T, kVec<T>> : backward_delta_kernel<T, 1>;
+    kernel<<<blocks, 256, 0, stream()>>>(
         static_cast<const T*>(out.raw_data()), static_cast<const T*>(grad_out.raw_data()),
         grad_lse.defined() ? static_cast<const float*>(grad_lse.raw_data()) : nullptr,
         static_cast<float*>(delta.raw_data()),
