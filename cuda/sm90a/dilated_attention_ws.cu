@@ -809,6 +809,17 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const int64_t j0 = first / g.r;
     const int64_t key0 = kt0 + consumer * 64;             // this warpgroup's first key row
     const int64_t key_row0 = key0 + warp * 16 + lane / 4;  // this lane's keys: key_row0, key_row0 + 8
+    // Whether each of those rows adds to what earlier branches left in the
+    // dK/dV accumulators: kDirect adds only rows kv_written marks (none
+    // without it), the others unless it says the row holds nothing yet. Read
+    // here, used in the epilogue: only the rows that add load an accumulator.
+    bool adds[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t tk = key_row0 + r * 8;
+      const int64_t ri = tk < rows.count ? (first + tk * rows.stride) * g.heads + head : 0;
+      adds[r] = tk < rows.count && (kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri]);
+    }
     const uint64_t k_cols_desc = wgmma::desc_offset(k_cols_desc0, slot * KTile::kBytes);
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
@@ -1067,7 +1078,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // dK (scaled) and dV of this item's keys. kDirect: the last branch, keeping
     // every row, writes them once in bf16, adding the accumulators of the rows
     // earlier branches wrote; else they go into the accumulators, added where an
-    // earlier branch wrote the row (rows of one launch are disjoint).
+    // earlier branch wrote the row (adds[r]; rows of one launch are disjoint).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t tk = key_row0 + r * 8;
@@ -1077,23 +1088,14 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const int64_t ri = position * g.heads + head;  // (b, pos, head) row
       float* dkr = p.dk_acc + ri * kD;
       float* dvr = p.dv_acc + ri * kD;
-      // kDirect adds only marked rows (none without kv_written); the others
-      // add unless kv_written says the row holds nothing yet. The accumulators
-      // are loaded whatever the marker says, so that all loads are in flight
-      // together; an unwritten one may hold anything, so it is selected away.
-      const bool load = !kDirect || p.kv_written;
-      const bool add = kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri];
 #pragma unroll
       for (int c = 0; c < kD / 8; ++c) {
         const int col = c * 8 + 2 * (lane % 4);
         float2 a = make_float2(p.scale * dk[4 * c + 2 * r], p.scale * dk[4 * c + 2 * r + 1]);
         float2 b = make_float2(dv[4 * c + 2 * r], dv[4 * c + 2 * r + 1]);
-        float2 a0 = make_float2(0.f, 0.f), b0 = a0;
-        if (load) {
-          a0 = *reinterpret_cast<const float2*>(dkr + col);
-          b0 = *reinterpret_cast<const float2*>(dvr + col);
-        }
-        if (add) {
+        if (adds[r]) {
+          const float2 a0 = *reinterpret_cast<const float2*>(dkr + col);
+          const float2 b0 = *reinterpret_cast<const float2*>(dvr + col);
           a.x += a0.x;
           a.y += a0.y;
           b.x += b0.x;
