@@ -223,7 +223,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pf
 
 // One work item of the persistent forward: a 128-row query tile of one
 // (batch, head, segment). Items come in groups of p.group (segment,
-// batch-head) pairs, as many as keep their K and V within about half of L2
+// batch-head) pairs, as many as keep their K and V within about a quarter of L2
 // (tiles of one pair read the same K/V); inside a group the causal tile rank
 // is the slowest index, heaviest first, so the last items handed out are the
 // shortest. n_tiles: key tiles; 0: the tile lies past the row set; -1: no
@@ -1202,10 +1202,11 @@ CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_row
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Work items come in groups of (segment, batch-head) pairs (item_place): as
-// many pairs as keep the data their items share within ~24 MB, half the
-// H200's L2.
+// many pairs as keep the data their items share within ~12 MB, a quarter of
+// the H200's L2 (measured: 12 MB beat 24 by 1-2% on the dilated 1M problem,
+// 48 lost 6-10%, 4 and 8 were no better; kernel-notes, session 12).
 int64_t pairs_in_l2(int64_t bytes_per_pair) {
-  return std::max<int64_t>(1, (int64_t(24) << 20) / std::max<int64_t>(bytes_per_pair, 1));
+  return std::max<int64_t>(1, (int64_t(12) << 20) / std::max<int64_t>(bytes_per_pair, 1));
 }
 
 }  // namespace
