@@ -25,6 +25,14 @@ namespace {
 constexpr int kThreads = 128;  // per block
 constexpr int kTile = 32;      // keys (forward, dQ) or queries (dK/dV) staged per step
 
+// The sum of x over each aligned group of kLanes consecutive lanes (a power of two).
+template <int kLanes>
+__device__ __forceinline__ float lanes_sum(float x) {
+#pragma unroll
+  for (int off = 1; off < kLanes; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
 // A group of kTpr = D/32 consecutive lanes owns one row; lane `part` of the
 // group holds dims part, part + kTpr, ... (interleaved, so the lanes of a
 // group hit different shared-memory banks).
@@ -33,11 +41,7 @@ struct Split {
   static constexpr int kTpr = D / 32;
   static constexpr int kRows = kThreads / kTpr;
   static __device__ __forceinline__ int dim(int i, int part) { return i * kTpr + part; }
-  static __device__ __forceinline__ float reduce(float x) {
-#pragma unroll
-    for (int off = 1; off < kTpr; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-    return x;
-  }
+  static __device__ __forceinline__ float reduce(float x) { return lanes_sum<kTpr>(x); }
 };
 
 // Loads this lane's dims of a row of `d` elements (padding dims read 0).
@@ -229,8 +233,7 @@ __global__ void backward_delta_kernel(const T* __restrict__ out, const T* __rest
     for (int64_t i = threadIdx.x * int64_t(kZ); i < count; i += blockDim.x * int64_t(kZ))
       store_vec<float, float, kZ>(dq_zero + first * d + i, zero);
   }
-#pragma unroll
-  for (int off = 1; off < kDeltaLanes; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  acc = lanes_sum<kDeltaLanes>(acc);
   if (row < rows && part == 0) delta[row] = acc - (grad_lse ? grad_lse[row] : 0.f);
 }
 
