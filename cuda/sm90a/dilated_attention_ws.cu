@@ -809,6 +809,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const int64_t j0 = first / g.r;
     const int64_t key0 = kt0 + consumer * 64;             // this warpgroup's first key row
     const int64_t key_row0 = key0 + warp * 16 + lane / 4;  // this lane's keys: key_row0, key_row0 + 8
+    // The flattened (b, pos) of this lane's key r, or -1 past the row set.
+    auto key_position = [&](int r) -> int64_t {
+      const int64_t tk = key_row0 + r * 8;
+      return tk < rows.count ? first + tk * rows.stride : -1;
+    };
     // Whether each of those rows adds to what earlier branches left in the
     // dK/dV accumulators: kDirect adds only rows kv_written marks (none
     // without it), the others unless it says the row holds nothing yet. Read
@@ -816,10 +821,27 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     bool adds[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t tk = key_row0 + r * 8;
-      const int64_t ri = tk < rows.count ? (first + tk * rows.stride) * g.heads + head : 0;
-      adds[r] = tk < rows.count && (kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri]);
+      const int64_t pos = key_position(r);
+      const int64_t ri = pos * g.heads + head;
+      adds[r] = pos >= 0 && (kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri]);
     }
+    // Those accumulator rows into L2 two tiles before the epilogue reads them
+    // (a quad's four lanes split each row's dK and dV lines): loaded there
+    // cold, they stalled the epilogue on memory latency.
+    auto prefetch_accumulators = [&] {
+      constexpr int kLines = kD * 4 / 128;  // 128-byte lines per accumulator row
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (!adds[r]) continue;
+        const int64_t ri = key_position(r) * g.heads + head;
+#pragma unroll
+        for (int i = 0; i < 2 * kLines / 4; ++i) {
+          const int line = (lane % 4) * (2 * kLines / 4) + i;
+          const float* acc = line < kLines ? p.dk_acc : p.dv_acc;
+          hopper::prefetch_l2(acc + ri * kD + (line % kLines) * 32);
+        }
+      }
+    };
     const uint64_t k_cols_desc = wgmma::desc_offset(k_cols_desc0, slot * KTile::kBytes);
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
@@ -839,6 +861,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const float* dl = l2 + kBm;
       char* ds_tile = smem + L::kDS + (t & 1) * DsTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
       const bool has_next = j + 1 < n_tiles;
+      if (j == (n_tiles > 2 ? n_tiles - 2 : 0)) prefetch_accumulators();
 
       // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
       // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
@@ -1081,10 +1104,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // earlier branch wrote the row (adds[r]; rows of one launch are disjoint).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int64_t tk = key_row0 + r * 8;
-      if (tk >= rows.count) continue;
-      const int64_t pos = rows.base + tk * rows.stride;
-      const int64_t position = batch * g.n + pos;  // flattened (b, pos)
+      const int64_t position = key_position(r);
+      if (position < 0) continue;
       const int64_t ri = position * g.heads + head;  // (b, pos, head) row
       float* dkr = p.dk_acc + ri * kD;
       float* dvr = p.dv_acc + ri * kD;
@@ -1115,9 +1136,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       __syncwarp();
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int64_t tk = key_row0 + r * 8;
-        if (tk < rows.count && lane % 4 == 0)
-          p.kv_written[(batch * g.n + rows.base + tk * rows.stride) * g.heads + head] = 1;
+        const int64_t position = key_position(r);
+        if (position >= 0 && lane % 4 == 0) p.kv_written[position * g.heads + head] = 1;
       }
     }
     if constexpr (!L::kAhead) take_next();
