@@ -825,23 +825,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const int64_t ri = pos * g.heads + head;
       adds[r] = pos >= 0 && (kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri]);
     }
-    // Those accumulator rows into L2 two tiles before the epilogue reads them
-    // (a quad's four lanes split each row's dK and dV lines): loaded there
-    // cold, they stalled the epilogue on memory latency.
-    auto prefetch_accumulators = [&] {
-      constexpr int kLines = kD * 4 / 128;  // 128-byte lines per accumulator row
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (!adds[r]) continue;
-        const int64_t ri = key_position(r) * g.heads + head;
-#pragma unroll
-        for (int i = 0; i < 2 * kLines / 4; ++i) {
-          const int line = (lane % 4) * (2 * kLines / 4) + i;
-          const float* acc = line < kLines ? p.dk_acc : p.dv_acc;
-          hopper::prefetch_l2(acc + ri * kD + (line % kLines) * 32);
-        }
-      }
-    };
     const uint64_t k_cols_desc = wgmma::desc_offset(k_cols_desc0, slot * KTile::kBytes);
     // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
     const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
@@ -861,7 +844,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const float* dl = l2 + kBm;
       char* ds_tile = smem + L::kDS + (t & 1) * DsTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
       const bool has_next = j + 1 < n_tiles;
-      if (j == (n_tiles > 2 ? n_tiles - 2 : 0)) prefetch_accumulators();
 
       // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
       // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
