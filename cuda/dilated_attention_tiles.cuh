@@ -326,35 +326,45 @@ __device__ __forceinline__ void dropout_words_keys(const AttentionDropout& d, in
 
 // What a merge reads for the two rows (q_row, q_row + 8) a lane holds: their
 // lse and this lane's columns of their fp32 accumulators (zeros where the lse
-// is -inf: the row holds nothing yet, and its accumulator may hold anything). A kernel can load them ahead of its epilogue
-// (load_merge_inputs), under its last products: with one block per SM an
-// epilogue's load latency is otherwise exposed.
+// is -inf: the row holds nothing yet, and its accumulator may hold anything).
+// A kernel loads them ahead of its epilogue, under its products: the lse when
+// the item starts (load_merge_lse), the accumulators under its last products
+// (load_merge_acc), only for rows whose lse says they hold something (in the
+// finishing branch of LongNet's configurations, half of them do not).
 template <int D>
 struct MergeInputs {
   float lse[2];
   float2 acc[2][D / 8];
 };
 
+// The accumulator row of kept row tq (its first row where tq is past the row set).
+__device__ __forceinline__ int64_t merge_row(int64_t tq, const BranchGrid& g, int64_t batch, int64_t head,
+                                             const RowSet& rows) {
+  return (batch * g.n + rows.base + (tq < rows.count ? tq : 0) * rows.stride) * g.heads + head;
+}
+
 template <int D>
-__device__ __forceinline__ void load_merge_inputs(MergeInputs<D>& in, int64_t q_row, const BranchGrid& g,
-                                                  int64_t batch, int64_t head, const RowSet& rows,
-                                                  const float* o_acc, const float* lse) {
-  const int lane = threadIdx.x % 32;
+__device__ __forceinline__ void load_merge_lse(MergeInputs<D>& in, int64_t q_row, const BranchGrid& g,
+                                               int64_t batch, int64_t head, const RowSet& rows, const float* lse) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t tq = q_row + r * 8;
-    const bool valid = tq < rows.count;
-    const int64_t ri = (batch * g.n + rows.base + (valid ? tq : 0) * rows.stride) * g.heads + head;
-    in.lse[r] = valid ? lse[ri] : -INFINITY;
-    // Loaded whatever the lse says (the loads run together, not behind the
-    // lse's), then selected away where it is -inf.
+    in.lse[r] = tq < rows.count ? lse[merge_row(tq, g, batch, head, rows)] : -INFINITY;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void load_merge_acc(MergeInputs<D>& in, int64_t q_row, const BranchGrid& g,
+                                               int64_t batch, int64_t head, const RowSet& rows,
+                                               const float* o_acc) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float* src = o_acc + merge_row(q_row + r * 8, g, batch, head, rows) * D + 2 * (lane % 4);
+    const bool holds = in.lse[r] != -INFINITY;  // also false past the row set
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      in.acc[r][dt] = valid ? *reinterpret_cast<const float2*>(o_acc + ri * D + dt * 8 + 2 * (lane % 4))
-                            : make_float2(0.f, 0.f);
-    if (in.lse[r] == -INFINITY)
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) in.acc[r][dt] = make_float2(0.f, 0.f);
+      in.acc[r][dt] = holds ? *reinterpret_cast<const float2*>(src + dt * 8) : make_float2(0.f, 0.f);
   }
 }
 
@@ -381,9 +391,9 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t tq = q_row + r * 8;
     const bool valid = tq < rows.count;
-    const int64_t pos = rows.base + (valid ? tq : 0) * rows.stride;
-    const int64_t ri = (batch * g.n + pos) * g.heads + head;
-    const float lse_branch = (m_row[r] * scale_log2 + log2f(l)) * kLn2;
+    const int64_t ri = merge_row(tq, g, batch, head, rows);
+    const float lse2_branch = m_row[r] * scale_log2 + log2f(l);  // the branch's lse, base 2
+    const float lse_branch = lse2_branch * kLn2;
     const float inv_l = out_scale / l;
     if constexpr (kMode == MergeMode::kSingle) {
       if (valid) {
@@ -401,9 +411,14 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
       if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish) {
         float lse_old = pre ? pre->lse[r] : valid ? lse[ri] : -INFINITY;
         if (lse_old != -INFINITY) {
-          lse_new = fmaxf(lse_old, lse_branch) + log1pf(expf(-fabsf(lse_old - lse_branch)));
-          w_old = expf(lse_old - lse_new);
-          w_new = expf(lse_branch - lse_new) * inv_l;
+          // In base 2 with the MUFU's approximations (relative error ~2^-22,
+          // as every weight of the softmax has) rather than expf / log1pf's
+          // accurate sequences, which were half of what a merge adds to a launch's instructions.
+          const float a = lse_old * kLog2e;
+          const float lse2 = fmaxf(a, lse2_branch) + __log2f(1.f + mma::exp2_ftz(-fabsf(a - lse2_branch)));
+          lse_new = lse2 * kLn2;
+          w_old = mma::exp2_ftz(a - lse2);
+          w_new = mma::exp2_ftz(lse2_branch - lse2) * inv_l;
         }
       }
       __syncwarp();  // the quad has read lse before lane 0 of it rewrites it

@@ -468,8 +468,10 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         o[dt][3] *= corr[1];
       }
     };
-    // kMerge, kFinish: the rows' lse and accumulators, loaded under the last product.
+    // kMerge, kFinish: the rows' lse, loaded now, and accumulators, under the last product.
     MergeInputs<kD> merge_in;
+    if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish)
+      load_merge_lse<kD>(merge_in, q_row0, g, batch, head, rows, p.lse);
     // The last tile: every S is done, so Q's slot goes back to the producer
     // (the item after next loads there); then O += P V, and after it the
     // next item's S(0), which runs under this item's epilogue. Its Q and K
@@ -481,7 +483,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       hopper::mbar_wait(&v_full[sl], phase(n_tiles - 1));
       issue_pv<kD, kBc>(o_flat, p_last, v_desc(sl));
       if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish)
-        load_merge_inputs<kD>(merge_in, q_row0, g, batch, head, rows, p.o_acc, p.lse);
+        load_merge_acc<kD>(merge_in, q_row0, g, batch, head, rows, p.o_acc);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sl]);
