@@ -413,7 +413,7 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
         if (lse_old != -INFINITY) {
           // In base 2 with the MUFU's approximations (relative error ~2^-22,
           // as every weight of the softmax has) rather than expf / log1pf's
-          // accurate sequences, which were half of what a merge adds to a launch's instructions.
+          // accurate sequences, half of the instructions a merge added.
           const float a = lse_old * kLog2e;
           const float lse2 = fmaxf(a, lse2_branch) + __log2f(1.f + mma::exp2_ftz(-fabsf(a - lse2_branch)));
           lse_new = lse2 * kLn2;
