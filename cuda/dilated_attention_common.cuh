@@ -37,6 +37,13 @@ struct BranchGrid {
   int64_t dim = 0;         // head dim D (the SIMT kernels pad it to a multiple of 32)
 };
 
+// Index of kept row t of a row set in the (B, N, H) rows of a launch's
+// per-row arrays (lse, delta, the accumulators' rows); t < rows.count.
+__device__ __forceinline__ int64_t kept_row_index(const BranchGrid& g, int64_t batch, int64_t head,
+                                                  const RowSet& rows, int64_t t) {
+  return (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+}
+
 // The host's view of a (B, N, H, D) problem and of one branch's launch.
 struct Shape4 {
   int64_t b, n, h, d;

@@ -214,7 +214,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
         mma::cp_async_commit();
         const int64_t t = q0 + kQRows + threadIdx.x;
         if (threadIdx.x < 64 && t < rows.count) {
-          const int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+          const int64_t ri = kept_row_index(g, batch, head, rows, t);
           next_l2 = lse[ri] * kLog2e;
           next_dl = delta[ri];
         }
@@ -240,7 +240,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
     for (int r = 0; r < 2; ++r) {
       const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
       if (tq >= rows.count) continue;
-      float* dst = dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * D;
+      float* dst = dq_acc + kept_row_index(g, batch, head, rows, tq) * D;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         const int col = dt * 8 + 2 * (lane % 4);
@@ -258,7 +258,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
   for (int r = 0; r < 2; ++r) {
     const int64_t tk = key_row0 + r * 8;
     if (tk >= rows.count) continue;
-    const int64_t ri = (batch * g.n + rows.base + tk * rows.stride) * g.heads + head;
+    const int64_t ri = kept_row_index(g, batch, head, rows, tk);
     float* dkr = dk_acc + ri * D;
     float* dvr = dv_acc + ri * D;
 #pragma unroll

@@ -188,7 +188,7 @@ __device__ __forceinline__ void load_row_stats(float* l2s, float* ds, const floa
     int64_t t = t0 + i;
     float l2 = INFINITY, dd = 0.f;
     if (t < rows.count) {
-      int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+      int64_t ri = kept_row_index(g, batch, head, rows, t);
       l2 = lse[ri] * kLog2e;
       dd = delta[ri];
     }
@@ -340,7 +340,7 @@ struct MergeInputs {
 // The accumulator row of kept row tq (its first row where tq is past the row set).
 __device__ __forceinline__ int64_t merge_row(int64_t tq, const BranchGrid& g, int64_t batch, int64_t head,
                                              const RowSet& rows) {
-  return (batch * g.n + rows.base + (tq < rows.count ? tq : 0) * rows.stride) * g.heads + head;
+  return kept_row_index(g, batch, head, rows, tq < rows.count ? tq : 0);
 }
 
 template <int D>
@@ -374,7 +374,7 @@ __device__ __forceinline__ void load_merge_acc(MergeInputs<D>& in, int64_t q_row
 // fp32 accumulators, or merges them with the accumulators into the output
 // (kFinish, which needs `pre`). o[dt] is 8-column chunk dt of both rows. The output is
 // o * out_scale / l: out_scale is the dropout scale when o summed unscaled kept weights.
-// kMerge reads `pre` when given (load_merge_inputs), else loads its inputs here.
+// kMerge reads `pre` when given (load_merge_lse, load_merge_acc), else loads its inputs here.
 template <int D, MergeMode kMode>
 __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], const float (&m_row)[2],
                                                   const float (&l_row)[2], int64_t q_row, float scale_log2,

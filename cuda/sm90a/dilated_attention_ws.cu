@@ -689,7 +689,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         const int64_t t = q0 + i;
         float l2 = INFINITY, dd = 0.f;
         if (t < rows.count) {
-          const int64_t ri = (batch * g.n + rows.base + t * rows.stride) * g.heads + head;
+          const int64_t ri = kept_row_index(g, batch, head, rows, t);
           l2 = p.lse[ri] * kLog2e;
           dd = p.delta[ri];
         }
@@ -1047,7 +1047,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         for (int r = 0; r < 2; ++r) {
           const int64_t tq = q0 + warp * 16 + lane / 4 + r * 8;
           if (tq >= rows.count) continue;
-          float* dst_row = p.dq_acc + ((batch * g.n + rows.base + tq * rows.stride) * g.heads + head) * kD;
+          float* dst_row = p.dq_acc + kept_row_index(g, batch, head, rows, tq) * kD;
 #pragma unroll
           for (int c = 0; c < kD / 16; ++c)
             mma::red_add_v2(dst_row + consumer * (kD / 2) + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
