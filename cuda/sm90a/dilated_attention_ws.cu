@@ -484,13 +484,14 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       issue_pv<kD, kBc>(o_flat, p_last, v_desc(sl));
       if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish)
         load_merge_acc<kD>(merge_in, q_row0, g, batch, head, rows, p.o_acc);
-      wgmma::wait<0>();
-      wgmma::fence_operands(o_flat);
-      if (lane == 0) hopper::mbar_arrive(&empty[sl]);
-      // Issued after O is final: from here to the next item's wait nothing may
+      // Queued behind P V, so that the tensor cores go on without waiting
+      // for this warpgroup: from here to the next item's wait nothing may
       // write an accumulator (ptxas would serialise every wgmma: C7515).
       hopper::mbar_wait(&q_full[slot ^ 1], ((n + 1) >> 1) & 1);
       issue_first_s(slot ^ 1, ring + n_tiles, item_of_slot[slot ^ 1].n_tiles > 0);  // else -1: no item left
+      wgmma::wait<1>();  // P V (groups complete in order)
+      wgmma::fence_operands(o_flat);
+      if (lane == 0) hopper::mbar_arrive(&empty[sl]);
     };
     uint32_t pn[kBc / 16][4];
     int j = 1;
