@@ -546,12 +546,17 @@ struct BwdShape {
   static constexpr int kStages = 3;  // Q, dO ring depth
   static constexpr int kDQBuffers = kD == 64 ? 2 : 1;
   static constexpr bool kAhead = kD == 64;
-  static constexpr int kProducerRegs = kD == 64 ? 88 : 40, kConsumerRegs = kD == 64 ? 208 : 232;
+  // At 64 the warpgroups take the tiles' dQ in turns, each all 64 columns over
+  // the 128 keys (m64n64k16: a third less of dS^T and K read from shared
+  // memory than two m64n32k16 halves); at 128 each takes its 64 columns.
+  static constexpr bool kDQTurns = kD == 64;
+  static constexpr int kDQCols = kDQTurns ? kD : kD / 2;  // dQ columns a warpgroup computes
+  static constexpr int kProducerRegs = kD == 64 ? 56 : 40, kConsumerRegs = kD == 64 ? 224 : 232;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "one block's registers");
   using KTile = AtomTile<kBwdKeys, kD>;  // K, V
   using RowTile = AtomTile<kBm, kD>;     // a Q or dO tile
   using DsTile = AtomTile<kBwdKeys, kBm>;  // dS^T: keys x queries
-  static constexpr int kDQBoxes = kD / 64;  // per warpgroup
+  static constexpr int kDQBoxes = kD / 64;  // per warpgroup and buffer (kDQTurns: a tile's two are one buffer)
   // K/V buffers: at 64 two, so the next item's K and V load during this one
   // (persistent launch); at 128 one (no room), loaded after it.
   static constexpr int kKvSlots = kD == 64 ? 2 : 1;
@@ -746,7 +751,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
   const uint64_t v_desc0 = wgmma::desc_sw128(smem + L::kV + consumer * 64 * 128);
   // K's columns c kD / 2 .. (c + 1) kD / 2 - 1 (dQ's B): at 64, half a 128-byte row; at 128, atom c.
-  const uint64_t k_cols_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * (kD == 64 ? 64 : KTile::kAtomBytes));
+  // dQ's B: at head dim 64 all of K (kDQTurns), at 128 this warpgroup's atom of it.
+  const uint64_t k_cols_desc0 = wgmma::desc_sw128(smem + L::kK + (L::kDQTurns ? 0 : consumer * KTile::kAtomBytes));
   const uint64_t q_desc0 = wgmma::desc_sw128(smem + L::kQ), do_desc0 = wgmma::desc_sw128(smem + L::kDO);
   // Q and dO as dK's and dV's MN-major B: at 128, lbo steps n to the second atom.
   constexpr uint32_t kMnLbo = kD == 128 ? RowTile::kAtomBytes : 0;
@@ -847,6 +853,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const float* dl = l2 + kBm;
       char* ds_tile = smem + L::kDS + (t & 1) * DsTile::kBytes;  // this warpgroup writes keys 64 c .. 64 c + 63
       const bool has_next = j + 1 < n_tiles;
+      const bool dq_here = !L::kDQTurns || (t & 1) == consumer;
 
       // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
       // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
@@ -970,26 +977,26 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       if constexpr (L::kAhead) issue_dkv();
       // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
       // tile also orders this tile's reads before the buffer's next write).
-      hopper::named_sync(1, 256);
+      // kDQTurns: only the warpgroup taking dQ waits, the other arrives and
+      // may run a tile ahead, so consecutive tiles use two barriers.
+      if (dq_here) hopper::named_sync(L::kDQTurns ? 1 + 3 * (t & 1) : 1, 256);
+      else hopper::named_arrive(1 + 3 * (t & 1), 256);
 
-      // This warpgroup's kD / 2 columns of dQ = dS K over all 128 keys (A =
-      // dS^T from shared memory, MN-major; B = K rows, MN-major): each dQ
-      // element is reduced into global memory once per tile, not once per warpgroup.
-      float dq[kD / 4];
-      wgmma::fence();
+      // dQ = dS K over all 128 keys, L::kDQCols columns of it (A = dS^T from
+      // shared memory, MN-major; B = K rows, MN-major): each dQ element is
+      // reduced into global memory once per tile, not once per warpgroup.
+      float dq[L::kDQCols / 2];
+      if (dq_here) {
+        wgmma::fence();
 #pragma unroll
-      for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
-        const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128);
-        const uint64_t db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
-        if constexpr (kD == 128) {
+        for (int kk = 0; kk < kBwdKeys / 16; ++kk) {
+          const uint64_t da = wgmma::desc_offset(ds_desc, kk * 16 * 128);
+          const uint64_t db = wgmma::desc_offset(k_cols_desc, kk * 16 * 128);
           if (kk == 0) wgmma::mma_64x64x16_ss<false, 1, 1>(dq, da, db);
           else wgmma::mma_64x64x16_ss<true, 1, 1>(dq, da, db);
-        } else {
-          if (kk == 0) wgmma::mma_64x32x16_ss<false, 1, 1>(dq, da, db);
-          else wgmma::mma_64x32x16_ss<true, 1, 1>(dq, da, db);
         }
+        wgmma::commit();
       }
-      wgmma::commit();
       if constexpr (L::kAhead) {
         // The next tile's S^T and dP^T behind them; then wait for all but those.
         if (has_next) {
@@ -1008,22 +1015,29 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       wgmma::fence_operands(dq);
 
       // dQ: where the map reaches the tile's rows, the warpgroup writes its
-      // 64 x kD / 2 tile to shared memory and one thread adds it to dq_acc with
+      // 64 x kDQCols tile to shared memory and one thread adds it to dq_acc with
       // one TMA reduction per 32-column box (full 128-byte lines, no per-thread
       // atomics); past the map, per-thread vector reductions. Padding rows of a
       // tile hold dQ = 0 (their P is 0), so adding them to the next segment's
       // rows changes nothing.
       const int64_t t_end = min(q0 + kBm, rows.count);
-      if (j0 + t_end - 1 < p.map_rows) {
-        char* dq_tile = smem + L::kDQ + ((t % L::kDQBuffers) * 2 + consumer) * L::kDQBoxes * kDQBoxBytes;
+      const int dq_col0 = L::kDQTurns ? 0 : consumer * (kD / 2);
+      if (!dq_here) {
+        // kDQTurns: the other warpgroup has this tile's dQ.
+      } else if (j0 + t_end - 1 < p.map_rows) {
+        // kDQTurns: tile t's buffer is both warpgroups' halves of buffer t % 2,
+        // which only the warpgroup taking dQ for tiles of t's parity uses: its
+        // previous reduction (two tiles ago) must have read it.
+        constexpr int kBoxes = L::kDQCols / 32;
+        char* dq_tile = smem + L::kDQ + ((t % L::kDQBuffers) * 2 + (L::kDQTurns ? 0 : consumer)) * L::kDQBoxes * kDQBoxBytes;
         // The reduction issued from this buffer kDQBuffers tiles ago has read it.
-        if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<L::kDQBuffers - 1>();
+        if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<L::kDQTurns ? 0 : L::kDQBuffers - 1>();
         hopper::named_sync(2 + consumer, 128);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int row = warp * 16 + lane / 4 + r * 8;
 #pragma unroll
-          for (int c = 0; c < kD / 16; ++c) {  // box c / 4, its 8-column chunk c % 4
+          for (int c = 0; c < L::kDQCols / 8; ++c) {  // box c / 4, its 8-column chunk c % 4
             const int chunk = (2 * (c % 4) + (lane % 4) / 2) ^ (row % 8);
             *reinterpret_cast<float2*>(dq_tile + (c / 4) * kDQBoxBytes + row * 128 + chunk * 16 + (lane % 2) * 8) =
                 make_float2(p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
@@ -1033,8 +1047,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         hopper::named_sync(2 + consumer, 128);
         if (threadIdx.x % 128 == 0) {
 #pragma unroll
-          for (int b = 0; b < L::kDQBoxes; ++b)
-            hopper::tma_reduce_add_4d(&dqmap, dq_tile + b * kDQBoxBytes, consumer * (kD / 2) + 32 * b, int(head), o,
+          for (int b = 0; b < kBoxes; ++b)
+            hopper::tma_reduce_add_4d(&dqmap, dq_tile + b * kDQBoxBytes, dq_col0 + 32 * b, int(head), o,
                                       int(j0 + q0));
           hopper::bulk_commit();
         }
@@ -1050,8 +1064,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           if (tq >= rows.count) continue;
           float* dst_row = p.dq_acc + kept_row_index(g, batch, head, rows, tq) * kD;
 #pragma unroll
-          for (int c = 0; c < kD / 16; ++c)
-            mma::red_add_v2(dst_row + consumer * (kD / 2) + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
+          for (int c = 0; c < L::kDQCols / 8; ++c)
+            mma::red_add_v2(dst_row + dq_col0 + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
                             p.scale * dq[4 * c + 2 * r + 1]);
         }
       }
