@@ -538,9 +538,10 @@ constexpr int kDQBoxBytes = kBm * 32 * 4;
 // The backward's shape at head dim kD. The producer walks work items
 // (persistent launch); at 64 it keeps 56 registers (a few words of its item
 // bookkeeping spill) so that the consumers have 224 for dQ in turns. At 128,
-// dK and dV take 128 of a consumer's registers: it gets 232 (the producer 40, and spills there: 16-150 bytes), the next
-// tile's S^T and dP^T are not issued ahead (they would be live beside dQ), and
-// shared memory (227 KB) holds three Q/dO stages, one dQ buffer and one K/V pair.
+// dK and dV take 128 of a consumer's registers: it gets 232 (the producer 40,
+// and spills there: 16-150 bytes), the next tile's S^T and dP^T are not issued
+// ahead (they would be live beside dQ), and shared memory (227 KB) holds three
+// Q/dO stages, one dQ buffer and one K/V pair.
 template <int kD>
 struct BwdShape {
   static constexpr int kStages = 3;  // Q, dO ring depth
