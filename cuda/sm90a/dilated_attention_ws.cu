@@ -751,7 +751,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   // K's and V's per slot below.
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
   const uint64_t v_desc0 = wgmma::desc_sw128(smem + L::kV + consumer * 64 * 128);
-  // K's columns c kD / 2 .. (c + 1) kD / 2 - 1 (dQ's B): at 64, half a 128-byte row; at 128, atom c.
   // dQ's B: at head dim 64 all of K (kDQTurns), at 128 this warpgroup's atom of it.
   const uint64_t k_cols_desc0 = wgmma::desc_sw128(smem + L::kK + (L::kDQTurns ? 0 : consumer * KTile::kAtomBytes));
   const uint64_t q_desc0 = wgmma::desc_sw128(smem + L::kQ), do_desc0 = wgmma::desc_sw128(smem + L::kDO);
@@ -979,7 +978,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       // Both warpgroups' dS^T complete (double-buffered: the barrier of the next
       // tile also orders this tile's reads before the buffer's next write).
       // kDQTurns: only the warpgroup taking dQ waits, the other arrives and
-      // may run a tile ahead, so consecutive tiles use two barriers.
+      // may run a tile ahead, so consecutive tiles use two barriers (ids 1
+      // and 4; 2 and 3 are the dQ epilogue's).
       if (dq_here) hopper::named_sync(L::kDQTurns ? 1 + 3 * (t & 1) : 1, 256);
       else hopper::named_arrive(1 + 3 * (t & 1), 256);
 
@@ -1026,12 +1026,13 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       if (!dq_here) {
         // kDQTurns: the other warpgroup has this tile's dQ.
       } else if (j0 + t_end - 1 < p.map_rows) {
-        // kDQTurns: tile t's buffer is both warpgroups' halves of buffer t % 2,
-        // which only the warpgroup taking dQ for tiles of t's parity uses: its
-        // previous reduction (two tiles ago) must have read it.
-        constexpr int kBoxes = L::kDQCols / 32;
-        char* dq_tile = smem + L::kDQ + ((t % L::kDQBuffers) * 2 + (L::kDQTurns ? 0 : consumer)) * L::kDQBoxes * kDQBoxBytes;
         // The reduction issued from this buffer kDQBuffers tiles ago has read it.
+        // kDQTurns: tile t's buffer is both warpgroups' halves of buffer t % 2,
+        // which only the warpgroup taking the dQ of t's parity uses: its last
+        // reduction (two tiles ago) has read it.
+        constexpr int kBoxes = L::kDQCols / 32;
+        const int buffer_half = L::kDQTurns ? 0 : consumer;
+        char* dq_tile = smem + L::kDQ + ((t % L::kDQBuffers) * 2 + buffer_half) * L::kDQBoxes * kDQBoxBytes;
         if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<L::kDQTurns ? 0 : L::kDQBuffers - 1>();
         hopper::named_sync(2 + consumer, 128);
 #pragma unroll
