@@ -27,43 +27,47 @@ constexpr int64_t kDim = 64;  // head dim of every problem here
 // ---------------------------------------------------------------------------
 // Calibration. Every figure names where it comes from.
 
-// H200, 2026-12-02, session 8 (docs/BENCHMARKS.md): bench_attention call 2,
-// beside the PyTorch anchors of call 3 on the same warm machine. Dilated
-// fwd+bwd through ops::dilated_attention (kernels only), bf16, B = 1, H = 8,
-// D = 64, causal, w = 2048/4096/8192/16384 with r = 1/2/4/8. (Call 5, on a
-// card ~2.5% slower throughout: 6.46 / 50.9 ms.)
-constexpr double kSmallN = 131072, kSmallMs = 6.33;
-constexpr double kLargeN = 1048576, kLargeMs = 49.8, kLargeFwdMs = 12.2;
-// Same call: dense causal fwd+bwd at N = 32,768 (ws kernels; call 5: 8.98,
-// SDPA 8.94).
-constexpr double kDenseN = 32768, kDenseMs = 8.83;
-// H200, 2026-12-02, session 9: bench_dist at P = 1 (NCCL world size 1), the
+// H200, 2026-12-03, session 15 (docs/BENCHMARKS.md, kernel-notes): bench_attention
+// call 3, two runs each (131K 5.60 / 5.58 ms, 1M 43.7 / 43.8); the forward from
+// call 2 (11.4 ms; the same forward code). Dilated fwd+bwd through
+// ops::dilated_attention (kernels only), bf16, B = 1, H = 8, D = 64, causal,
+// w = 2048/4096/8192/16384 with r = 1/2/4/8. Call 5, beside the PyTorch
+// anchors on a card 2-5% slower throughout: 5.74 / 45.8 / 11.8 ms. These
+// match bench_dist's op at P = 1 below (43.8 ms, another call).
+constexpr double kSmallN = 131072, kSmallMs = 5.59;
+constexpr double kLargeN = 1048576, kLargeMs = 43.75, kLargeFwdMs = 11.4;
+// Same call: dense causal fwd+bwd at N = 32,768 (ws kernels, 8.46 / 8.39;
+// call 5: 8.66, SDPA 8.99).
+constexpr double kDenseN = 32768, kDenseMs = 8.43;
+// H200, 2026-12-03, session 15: bench_dist at P = 1 (NCCL world size 1), the
 // op ops::seq_parallel_dilated_attention fwd+bwd on 1,048,576 tokens, 5
-// iterations, medians of 3: "w16k" (the four branches above) 48.9 ms, "wN"
-// (the family to w = N below, 10 branches) 52.3 ms; peak 17.07 GiB in both.
+// iterations, medians of 3: "w16k" (the four branches above) 43.8 ms, "wN"
+// (the family to w = N below, 10 branches) 47.0 ms; peak 17.07 GiB in both
+// (session 9, on session 8's kernels: 48.9 / 52.3 ms, the same peak).
 // Session 8 measured 61.9 / 65.2 ms and 23.07 GiB: the op then ran fp32 row
 // passes over the whole chunk (zero-fills, merges, sums, casts back to bf16),
 // 12.1 ms per 1M tokens at H = 8 beyond the kernels. Since then the kernels'
 // results are the base and only the rows the spanning pieces touch are merged
 // and summed (whole_chunk in ops/seq_parallel_attention.cpp); at P = 1 there
-// are none. Predicted ~49.8 / ~53 ms; w16k less the kernels is now -0.9 ms
-// (bench_attention ran 50.1 in session 9, another call): zero within the
-// calls' spread. A per-row cost is no longer measurable at P = 1, so the
+// are none. Session 9 found w16k less its kernels -0.9 ms, zero within the
+// calls' spread; session 15 finds 43.8 against 43.75. A per-row cost is no
+// longer measurable at P = 1, so the
 // pieces' rows are charged session 8's per-row figure: an upper bound, as
 // they skip the zero-fills and casts it included. Memory is taken linear in N
 // (the H100 single-device table, 0.53 / 2.14 / 8.55 / 17.1 GiB at 32K / 128K
 // / 512K / 1M, 2026-11-26: the op's peak now matches it) and in H.
-constexpr double kOpW16kMs = 48.9, kOpWNMs = 52.3;
-constexpr double kOpW16kMsSession8 = 61.9;
-constexpr double kPassMsPerMi = kOpW16kMsSession8 - kLargeMs;  // per 1M rows at H = 8
+constexpr double kOpW16kMs = 43.8, kOpWNMs = 47.0;
+// Session 8's op and its kernels (bench_attention, session 8, call 2).
+constexpr double kOpW16kMsSession8 = 61.9, kLargeMsSession8 = 49.8;
+constexpr double kPassMsPerMi = kOpW16kMsSession8 - kLargeMsSession8;  // per 1M rows at H = 8
 constexpr double kAttnGiBPerMi = 17.07;                          // at H = 8
-// H100, 2026-11-26: the single-device attention time at H = 8 and 1M tokens
-// that the training-step split below subtracts (the charlm run's card).
-constexpr double kH100AttnMs = 102;
-// H100, 2026-11-26: charlm at context 1,048,576, batch 1, 2 layers, 4 heads,
-// width 256 (the same four branches): 4.7 M tok/s, 22.6 GiB peak.
+// H200, 2026-12-03, session 15: charlm at context 1,048,576, batch 1, 2
+// layers, 4 heads, width 256, rope, bf16, the recipe's dropout 0.2 (the same
+// four branches): 9.06 M tok/s (`--profile 5`, 115.7 ms per step as a CUDA
+// graph), 24.78 GiB peak (a 6-step training run). The H100 measured 4.7 M
+// tok/s and 22.6 GiB in 2026-11.
 constexpr int64_t kLmLayers = 2, kLmHeads = 4, kLmWidth = 256, kLmVocab = 65;
-constexpr double kLmTokPerS = 4.7e6, kLmGiBPerMi = 22.6;
+constexpr double kLmTokPerS = 9.06e6, kLmGiBPerMi = 24.78;
 // H200 memory: 141 GB of HBM3e, about 139 GiB usable.
 constexpr double kCapacityGiB = 139;
 
@@ -260,12 +264,12 @@ double attention_gib(int64_t N, int64_t P, int64_t H, const Variant& v, const Ke
 // attention is per token and runs on the local chunk; attention is the
 // sequence-parallel op; parameter gradients are all-reduced over the P ranks.
 
-// Non-attention time per token and layer: the H100 step less its attention
-// (H = 4 costs half the H = 8 figure). An H100 figure: no H200 step at this
-// context was recorded (the H200 would likely be faster).
+// Non-attention time per token and layer: the step less its attention
+// kernels without dropout (H = 4 costs half the H = 8 figure), so that the
+// attention dropout's extra (~5 ms per layer at 1M) counts as per-token work.
 double rest_ms_per_token_layer() {
   const double step_ms = 1e3 * double(kMi) / kLmTokPerS;
-  return (step_ms - double(kLmLayers) * kH100AttnMs * double(kLmHeads) / 8) / double(kLmLayers) / double(kMi);
+  return (step_ms - double(kLmLayers) * kLargeMs * double(kLmHeads) / 8) / double(kLmLayers) / double(kMi);
 }
 
 double lm_param_bytes() {
@@ -317,13 +321,13 @@ void print_calibration(const KernelFit& fit) {
     std::printf("N %8s: measured config %.2f ms; LongNet family to w = N (%zu branches) %.2f ms\n",
                 tokens(N).c_str(), fit.ms(4, pairs_one_gpu(N, 8, measured)), family(N).size(),
                 fit.ms(double(family(N).size()), pairs_one_gpu(N, 8, family(N))));
-  std::printf("op at 1M, P = 1 (bench_dist, session 9): w16k measured %.1f ms against kernels %.1f; wN measured "
+  std::printf("op at 1M, P = 1 (bench_dist, session 15): w16k measured %.1f ms against kernels %.1f; wN measured "
               "%.1f ms, model %.1f ms\n",
               kOpW16kMs, kLargeMs, kOpWNMs, attention_ms(kMi, 1, 8, kToday, fit));
   std::printf("row passes on the pieces' rows: %.1f ms per 1M rows at H 8 (session 8, over the whole chunk: "
               "%.1f less %.1f)\n",
-              kPassMsPerMi, kOpW16kMsSession8, kLargeMs);
-  std::printf("charlm non-attention: %.1f ms per layer per 1M tokens (H100); params %.2f M\n",
+              kPassMsPerMi, kOpW16kMsSession8, kLargeMsSession8);
+  std::printf("charlm non-attention: %.1f ms per layer per 1M tokens (H200); params %.2f M\n",
               rest_ms_per_token_layer() * double(kMi), lm_param_bytes() / 4 / 1e6);
   std::printf("dense causal fwd+bwd, ring attention, 1G tokens on 1024 GPUs: %.0f s per layer\n\n",
               kDenseMs * 1e-3 * std::pow(double(int64_t(1) << 30) / kDenseN, 2) / 1024);
@@ -464,7 +468,7 @@ void save_plot(const std::string& path, const KernelFit& fit) {
   for (const Variant* v : {&kToday, &kSubSerial, &kSubOverlap}) weak.series.push_back(curve(v->name, weak_attn(*v)));
   // The op on LongNet's family to w = N (the curves' configuration).
   weak.series.push_back(marker("measured, H200 (bench_dist wN, P = 1)", kOpWNMs));
-  weak.y.min = 50;
+  weak.y.min = 30;
   weak.y.max = 500;
 
   Figure strong = panel("strong: attention, one 8M sequence", "ms per layer fwd+bwd (H 8)");
@@ -476,8 +480,8 @@ void save_plot(const std::string& path, const KernelFit& fit) {
   Figure lm = panel("weak: charlm step, 1M tokens/GPU", "ms per step (2 layers, H 4)");
   for (const Variant* v : {&kToday, &kSubSerial, &kSubOverlap})
     lm.series.push_back(curve(v->name, [&fit, v](int64_t P) { return lm_step(kMi * P, P, *v, fit).ms; }));
-  lm.series.push_back(marker("measured, H100", 1e3 * double(kMi) / kLmTokPerS));
-  lm.y.min = 150;
+  lm.series.push_back(marker("measured, H200", 1e3 * double(kMi) / kLmTokPerS));
+  lm.y.min = 60;
   lm.y.max = 600;
 
   Figure mem = panel("memory per GPU", "GiB");
@@ -490,7 +494,7 @@ void save_plot(const std::string& path, const KernelFit& fit) {
                              [&fit](int64_t P) { return attention_gib(kMi * P, P, 8, kSubOverlap, fit); }));
   mem.series.push_back(Series{.label = "H200 capacity", .x = {1, 1024}, .y = {kCapacityGiB, kCapacityGiB},
                               .color = minidl::plot::Color{120, 120, 120}});
-  mem.series.push_back(marker("measured 1M: charlm H100, op H200", kLmGiBPerMi));
+  mem.series.push_back(marker("measured 1M: charlm, op (H200)", kLmGiBPerMi));
   mem.series.push_back(Series{.x = {1.0}, .y = {kAttnGiBPerMi}, .color = minidl::plot::Color{0, 0, 0},
                               .markers = true});
   mem.y.min = 0.1;
