@@ -1,8 +1,8 @@
 #pragma once
-// Hopper (sm_90a) warpgroup MMA: wgmma.mma_async for bf16 -> fp32 at m64n64k16,
-// m64n32k16 and m64n128k16,
-// the shared-memory matrix descriptors it reads, and its fences. Only
-// translation units built for sm_90a (cuda/sm90a/) may include this. Layouts follow the PTX ISA
+// Hopper (sm_90a) warpgroup MMA: wgmma.mma_async for bf16 -> fp32 at m64n64k16
+// and m64n128k16, the shared-memory matrix descriptors it reads, and its
+// fences. Only translation units built for sm_90a (cuda/sm90a/) may include
+// this. Layouts follow the PTX ISA
 // ("Asynchronous Warpgroup Level Matrix Multiply-Accumulate"): warp w of the
 // warpgroup holds rows 16w..16w+15 of the 64-row accumulator, in the
 // mma.m16n8k16 accumulator layout for each 8-column chunk, so d[4j + e] is
@@ -66,19 +66,6 @@ __device__ __forceinline__ void mma_64x64x16_ss(float (&d)[32], uint64_t desc_a,
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "n"(int(kAccumulate)), "n"(kTransA), "n"(kTransB));
-}
-
-// d = A B (kAccumulate = false) or d += A B at m64n32k16, A and B in shared
-// memory; transposes as for mma_64x64x16_ss (a 32-column slice of an MN-major
-// B is its tile's address plus 64 bytes: the swizzle follows the address).
-template <bool kAccumulate, int kTransA = 0, int kTransB = 0>
-__device__ __forceinline__ void mma_64x32x16_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "l"(desc_a), "l"(desc_b), "n"(int(kAccumulate)), "n"(kTransA), "n"(kTransB));
 }
 

@@ -520,19 +520,20 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 // the 64-row query tiles that see them; the producer warp streams each item's
 // K and V (into one of kKvSlots buffers, so at head dim 64 the next item's
 // load while this one runs), then Q, dO (TMA) and the rows' L and D (plain
-// loads) into a kBwdStages-deep ring that runs on across items. Per tile each consumer warpgroup computes, with
-// wgmma, S^T = K Q^T and dP^T = V dO^T (keys x queries), then P^T and dS^T
-// in registers, dV += P^T dO and dK += dS^T Q (A from registers), and half
-// the columns of dQ = dS K over all 128 keys, with both warpgroups' dS^T read
-// back from shared memory; dQ goes to the fp32 accumulator by one TMA bulk
-// reduction per warpgroup and tile (per-thread vector reductions where the
+// loads) into a kBwdStages-deep ring that runs on across items. Per tile each
+// consumer warpgroup computes, with wgmma, S^T = K Q^T and dP^T = V dO^T (keys
+// x queries), then P^T and dS^T in registers, dV += P^T dO and dK += dS^T Q (A
+// from registers), and dQ = dS K over all 128 keys with both warpgroups' dS^T
+// read back from shared memory: at head dim 64 the warpgroups take the tiles'
+// dQ in turns, at 128 each its half of the columns. dQ goes to the fp32
+// accumulator by TMA bulk reductions (per-thread vector reductions where the
 // map cannot reach). dK and dV stay in registers across the query loop.
 
 constexpr int kBwdKeys = 128;  // key rows per block
 constexpr int kBm = 64;        // query rows per tile
 // A dQ box: 64 queries x 32 fp32 columns, 128-byte rows with TMA's 128-byte
-// swizzle (16-byte chunk c of row r at c ^ (r % 8)); a warpgroup's kD / 2
-// columns of dQ are kD / 64 boxes.
+// swizzle (16-byte chunk c of row r at c ^ (r % 8)); the kDQCols columns of
+// dQ a warpgroup computes are kDQCols / 32 boxes.
 constexpr int kDQBoxBytes = kBm * 32 * 4;
 
 // The backward's shape at head dim kD. The producer walks work items
