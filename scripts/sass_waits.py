@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Where ptxas put the wgmma waits in the attention kernels.
+
+For each kernel of a binary or object file whose name matches a pattern,
+prints its SASS size, registers at launch (setmaxnreg moves them at run
+time) and stack, and its wait map: the
+WARPGROUP.DEPBAR instructions in layout order, each as "E>n", E the
+MUFU.EX2 instructions laid out since the previous one and n the groups the
+wait leaves in flight. The source places each wait after the exponentials
+that are meant to run under a product; a wait that ptxas moved above them
+shows as a small E (docs/kernel-notes.md, "Session 16").
+
+Needs cuobjdump (the CUDA toolkit's, or NVIDIA's nvidia-cuda-cuobjdump
+wheel); no GPU.
+
+  python3 scripts/sass_waits.py build/bench/bench_attention [--kernels REGEX]
+"""
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+
+
+def cuobjdump(args, path):
+    tool = shutil.which("cuobjdump") or "/usr/local/cuda/bin/cuobjdump"
+    try:
+        return subprocess.run([tool, *args, path], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        sys.exit(f"sass_waits: cuobjdump failed on {path}: {e}")
+
+
+def demangled_template(name):
+    """The kernel's name and template arguments, short: forward_ws_kernel<64,1,3,0>."""
+    m = re.search(r"([A-Za-z_]+_kernel)I(.*?)EEv", name)
+    if not m:
+        return name
+    args = re.findall(r"L[ib](\d+)E|LNS\w*?E(\d+)E", m.group(2))
+    return f"{m.group(1)}<{','.join(a or b for a, b in args)}>"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file", help="an executable, library or object file with sm_90a code")
+    ap.add_argument("--kernels", default=r"_ws_kernel", help="regex on the mangled kernel names (default: the ws kernels)")
+    opts = ap.parse_args()
+    pattern = re.compile(opts.kernels)
+
+    usage = {}
+    current = None
+    for line in cuobjdump(["--dump-resource-usage"], opts.file).splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            current = m.group(1)
+            continue
+        if current and "REG:" in line:
+            fields = dict(re.findall(r"(REG|STACK):(\d+)", line))
+            usage[current] = (fields.get("REG", "?"), fields.get("STACK", "?"))
+            current = None
+
+    kernels = {}
+    current = None
+    for line in cuobjdump(["-sass"], opts.file).splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = m.group(1) if pattern.search(m.group(1)) else None
+            if current:
+                kernels[current] = []
+            continue
+        if current and re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            kernels[current].append(line)
+
+    if not kernels:
+        sys.exit(f"sass_waits: no kernel matching {opts.kernels!r} in {opts.file}")
+    for name in sorted(kernels, key=demangled_template):
+        exps, waits = 0, []
+        for line in kernels[name]:
+            if "MUFU.EX2" in line:
+                exps += 1
+            m = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d+)", line)
+            if m:
+                waits.append(f"{exps}>{int(m.group(1), 16)}")
+                exps = 0
+        regs, stack = usage.get(name, ("?", "?"))
+        print(f"{demangled_template(name):34} {len(kernels[name]):6} instr  reg {regs:>3}  stack {stack:>3}  "
+              f"waits {' '.join(waits)}")
+
+
+if __name__ == "__main__":
+    main()
