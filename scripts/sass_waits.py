@@ -18,6 +18,7 @@ wheel); no GPU.
 import argparse
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -40,6 +41,7 @@ def demangled_template(name):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet when piped into head
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", help="an executable, library or object file with sm_90a code")
     ap.add_argument("--kernels", default=r"_ws_kernel", help="regex on the mangled kernel names (default: the ws kernels)")
