@@ -79,7 +79,7 @@ def main():
         for line in kernels[name]:
             if "MUFU.EX2" in line:
                 exps += 1
-            m = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d+)", line)
+            m = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([0-9a-f]+)", line)
             if m:
                 waits.append(f"{exps}>{int(m.group(1), 16)}")
                 exps = 0
