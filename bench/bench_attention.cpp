@@ -5,8 +5,11 @@
 // memory. The dilated configuration is LongNet's: w = 2048, 4096, 8192, 16384
 // with r = 1, 2, 4, 8 (segments clamp to N). Each problem runs on every kernel
 // version that takes it (MINIDL_ATTENTION_KERNEL, cuda/dilated_attention.h),
-// side by side: "<problem>:<version>/N". The "_drop" problems train with
-// attention dropout 0.2 (the char-LM recipe's), against the same problem without.
+// side by side: "<problem>:<version>/N". "segments" is the dilated problem's
+// dilation-1 branch alone (w = 2048, r = 1: causal attentions of 2048 rows),
+// which bench/pytorch/attention_baseline.py runs through SDPA as a batch. The
+// "_drop" problems train with attention dropout 0.2 (the char-LM recipe's),
+// against the same problem without.
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -32,9 +35,13 @@ namespace {
 
 constexpr int64_t kHeads = 8, kDim = 64;
 
+// dense: one causal attention over all N rows; dilated: LongNet's branches;
+// segments: their first branch alone (w = 2048, r = 1).
+enum class Pattern { kDense, kDilated, kSegments };
+
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
-void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, double dropout, const char* kernel) {
+void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, double dropout, const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -43,8 +50,8 @@ void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, doub
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
   DilatedAttentionConfig config;
-  if (dilated) config = bench::longnet_config();
-  else config.branches.push_back({n, 1});
+  if (pattern == Pattern::kDilated) config = bench::longnet_config();
+  else config.branches.push_back({pattern == Pattern::kSegments ? bench::longnet_config().branches[0].segment : n, 1});
   std::vector<int64_t> segments, dilations;
   for (const DilatedBranch& b : config.branches) {
     segments.push_back(b.segment);
@@ -72,8 +79,9 @@ void run(benchmark::State& state, bool dilated, bool backward, int64_t dim, doub
 }
 
 void sizes(benchmark::internal::Benchmark* b, int64_t min_n, int64_t max_n) {
-  for (int64_t n = min_n; n <= max_n; n *= 4) b->Arg(n);
-  if (max_n >= (1 << 20)) b->Arg(1 << 20);
+  int64_t n = min_n;
+  for (; n <= max_n; n *= 4) b->Arg(n);
+  if (max_n >= (1 << 20) && n / 4 != (1 << 20)) b->Arg(1 << 20);  // 1M, unless the steps of 4 reached it
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
@@ -83,19 +91,23 @@ void sizes(benchmark::internal::Benchmark* b, int64_t min_n, int64_t max_n) {
 void register_benchmarks() {
   struct Problem {
     const char* name;
-    bool dilated, backward;
+    Pattern pattern;
+    bool backward;
     int64_t dim, min_n, max_n;
     double dropout = 0;
   };
-  const Problem problems[] = {{"dilated_fwd", true, false, kDim, 2048, 1 << 20},
-                              {"dilated_fwd_bwd", true, true, kDim, 2048, 1 << 20},
-                              {"dense_fwd", false, false, kDim, 2048, 131072},
-                              {"dense_fwd_bwd", false, true, kDim, 2048, 131072},
-                              {"dense_d128_fwd", false, false, 128, 16384, 16384},
-                              {"dense_d128_fwd_bwd", false, true, 128, 16384, 16384},
-                              {"dense_drop_fwd_bwd", false, true, kDim, 2048, 32768, 0.2},
-                              {"dilated_drop_fwd", true, false, kDim, 131072, 1 << 20, 0.2},
-                              {"dilated_drop_fwd_bwd", true, true, kDim, 131072, 1 << 20, 0.2}};
+  using enum Pattern;
+  const Problem problems[] = {{"dilated_fwd", kDilated, false, kDim, 2048, 1 << 20},
+                              {"dilated_fwd_bwd", kDilated, true, kDim, 2048, 1 << 20},
+                              {"segments_fwd", kSegments, false, kDim, 1 << 20, 1 << 20},
+                              {"segments_fwd_bwd", kSegments, true, kDim, 1 << 20, 1 << 20},
+                              {"dense_fwd", kDense, false, kDim, 2048, 131072},
+                              {"dense_fwd_bwd", kDense, true, kDim, 2048, 131072},
+                              {"dense_d128_fwd", kDense, false, 128, 16384, 16384},
+                              {"dense_d128_fwd_bwd", kDense, true, 128, 16384, 16384},
+                              {"dense_drop_fwd_bwd", kDense, true, kDim, 2048, 32768, 0.2},
+                              {"dilated_drop_fwd", kDilated, false, kDim, 131072, 1 << 20, 0.2},
+                              {"dilated_drop_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2}};
   for (const Problem& p : problems)
     for (const char* name : {"mma", "wgmma", "ws"}) {
 #if defined(MINIDL_WITH_CUDA)
@@ -116,7 +128,7 @@ void register_benchmarks() {
 #endif
       sizes(benchmark::RegisterBenchmark(
                 (std::string(p.name) + ":" + name).c_str(),
-                [p, name](benchmark::State& st) { run(st, p.dilated, p.backward, p.dim, p.dropout, name); }),
+                [p, name](benchmark::State& st) { run(st, p.pattern, p.backward, p.dim, p.dropout, name); }),
             p.min_n, p.max_n);
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");

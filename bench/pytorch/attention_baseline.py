@@ -1,13 +1,24 @@
 """PyTorch anchor for bench_attention: the same problems through SDPA.
 
-Dense: F.scaled_dot_product_attention(is_causal=True). Dilated: per branch,
+Dense: F.scaled_dot_product_attention(is_causal=True). Segments: the same on
+the 1M problem's dilation-1 branch alone (512 causal attentions of 2048 rows
+per head, as a batch: no gather), the kernel-against-kernel anchor of
+bench_attention's segments_* problems. Dilated: per branch,
 gather the kept rows of each head-offset group with strided slicing, run
 flash attention per segment (segments as batch), and merge branches by their
-log-sum-exp (LongNet's rule; weights detached, as in torchscale). Prints
-median milliseconds over repeated runs (CUDA events). Not part of the build.
+log-sum-exp (LongNet's rule; weights detached, as in torchscale).
+
+Timed as bench_attention times minidl (Google Benchmark, --benchmark_min_time
+0.2 --benchmark_repetitions 3): calls back to back, each followed by a
+synchronize, for at least 0.2 s, three times; prints the median of the three
+means in milliseconds. A few calls with idle gaps between them (this script
+before session 17) ran SDPA on the dense problems 1-8% faster than a
+sustained loop, on the same card in the same call (docs/BENCHMARKS.md). Not
+part of the build.
   python3 bench/pytorch/attention_baseline.py
 """
 import math
+import time
 import torch
 import torch.nn.functional as F
 
@@ -15,18 +26,21 @@ H, D = 8, 64
 SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
 
 
-def timed(fn, reps=10):
-    fn()
+def timed(fn, min_time=0.2, repetitions=3):
+    fn()  # warm-up
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    means = []
+    for _ in range(repetitions):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            torch.cuda.synchronize()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        means.append(1e3 * elapsed / calls)
+    return sorted(means)[len(means) // 2]
 
 
 def flash(q, k, v):
@@ -77,11 +91,17 @@ def main():
         if d == 64:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
             both = timed(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).backward(g))
             print(f"dense causal N={n} D={d} dropout 0.2: fwd+bwd {both:.2f} ms")
+    n, w = 1 << 20, SEGMENTS[0]
+    q, k, v = (torch.randn(n // w, H, w, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn_like(q)
+    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
+    print(f"segments N={n} w={w} (dilation-1 branch): fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
     for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)
-        fwd = timed(lambda: dilated(q, k, v), reps=5)
-        both = timed(lambda: dilated(q, k, v).backward(g), reps=5)
+        fwd = timed(lambda: dilated(q, k, v))
+        both = timed(lambda: dilated(q, k, v).backward(g))
         print(f"dilated N={n}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
 
 
