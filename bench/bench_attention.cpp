@@ -51,7 +51,8 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
   const Device dev = Device::cuda();
   DilatedAttentionConfig config;
   if (pattern == Pattern::kDilated) config = bench::longnet_config();
-  else config.branches.push_back({pattern == Pattern::kSegments ? bench::longnet_config().branches[0].segment : n, 1});
+  else if (pattern == Pattern::kSegments) config.branches.push_back(bench::longnet_config().branches.front());
+  else config.branches.push_back({n, 1});
   std::vector<int64_t> segments, dilations;
   for (const DilatedBranch& b : config.branches) {
     segments.push_back(b.segment);

@@ -82,20 +82,24 @@ def main():
     torch.manual_seed(0)
     dev = "cuda"
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
-    for n, d in [(32768, 64), (16384, 128)]:
-        q, k, v = (torch.randn(1, H, n, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def causal_sdpa(batch, rows, d):
+        """SDPA's causal fwd and fwd+bwd ms on (batch, H, rows, d), and the tensors for more runs."""
+        q, k, v = (torch.randn(batch, H, rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
         g = torch.randn_like(q)
         fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
+        return fwd, both, (q, k, v, g)
+
+    for n, d in [(32768, 64), (16384, 128)]:
+        fwd, both, (q, k, v, g) = causal_sdpa(1, n, d)
         print(f"dense causal N={n} D={d}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
         if d == 64:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
             both = timed(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).backward(g))
             print(f"dense causal N={n} D={d} dropout 0.2: fwd+bwd {both:.2f} ms")
     n, w = 1 << 20, SEGMENTS[0]
-    q, k, v = (torch.randn(n // w, H, w, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = torch.randn_like(q)
-    fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
+    fwd, both, _ = causal_sdpa(n // w, w, D)
     print(f"segments N={n} w={w} (dilation-1 branch): fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
     for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
