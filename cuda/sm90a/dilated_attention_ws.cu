@@ -28,12 +28,19 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#if MINIDL_WS_TRACE
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+#endif
 
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/hopper.cuh"
 #include "cuda/runtime.h"
 #include "cuda/wgmma.cuh"
+#include "cuda/sm90a/ws_trace.cuh"
 
 namespace minidl::cuda::attn {
 namespace {
@@ -395,12 +402,14 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   };
   hopper::mbar_wait(&q_full[0], 0);
   issue_first_s(0, 0, item_of_slot[0].n_tiles > 0);
+  WS_TRACE_STATE;
   for (int n = 0;; ++n) {
     const int slot = n & 1;
     // Already complete (waited before S(0)'s issue); the acquire for item_of_slot.
     hopper::mbar_wait(&q_full[slot], (n >> 1) & 1);
     const FwdItem w = item_of_slot[slot];
     if (w.n_tiles < 0) break;
+    WS_TRACE(0, 1, w.n_tiles);
     const int64_t batch = w.batch, head = w.head;
     const RowSet& rows = w.rows;
     const int n_tiles = w.n_tiles;
@@ -438,11 +447,13 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
 
     wgmma::wait<0>();
     wgmma::fence_operands(s);
+    WS_TRACE(0, 2, 0);
     // Zeroed only now: a plain write to an accumulator while a wgmma (S(0),
     // issued ahead) is in flight makes ptxas serialise every wgmma (C7515).
 #pragma unroll
     for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     softmax(0, pf);
+    WS_TRACE(0, 3, 0);
 
     // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
     // into the other P buffer. The loop is unrolled by two so that the buffers
@@ -450,13 +461,16 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     // ptxas serialise the wgmma: warning C7513).
     auto step = [&](int j, const uint32_t(&p_in)[kBc / 16][4], uint32_t(&p_out)[kBc / 16][4]) {
       const int sj = stage(j), sp = stage(j - 1);
+      WS_TRACE(0, 4, j);
       hopper::mbar_wait(&k_full[sj], phase(j));
       issue_s<kD, kBc>(s, q_desc, k_desc(sj));
       hopper::mbar_wait(&v_full[sp], phase(j - 1));
       issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
       wgmma::wait<1>();
       wgmma::fence_operands(s);
+      WS_TRACE(0, 5, j);
       softmax(int64_t(j) * kBc, p_out);
+      WS_TRACE(0, 6, j);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
       if (lane == 0) hopper::mbar_arrive(&empty[sp]);  // K(j-1), V(j-1) read
@@ -467,6 +481,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         o[dt][2] *= corr[1];
         o[dt][3] *= corr[1];
       }
+      WS_TRACE(0, 7, j);
     };
     // kMerge, kFinish: the rows' lse, loaded now, and accumulators, under the last product.
     MergeInputs<kD> merge_in;
@@ -478,6 +493,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     // tiles were loaded while this item's last tiles ran (the producer works
     // up to three tiles ahead), so the waits for them rarely block.
     auto finish = [&](const uint32_t(&p_last)[kBc / 16][4]) {
+      WS_TRACE(0, 8, n_tiles);
       hopper::mbar_arrive(&q_empty[slot]);  // every thread: its own reads of item_of_slot[slot] done
       const int sl = stage(n_tiles - 1);
       hopper::mbar_wait(&v_full[sl], phase(n_tiles - 1));
@@ -505,9 +521,11 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     } else {
       finish(pf);
     }
+    WS_TRACE(0, 9, n_tiles);
     store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
                                 kDropout ? p.drop.mask.scale : 1.f,
                                   kMode == MergeMode::kMerge || kMode == MergeMode::kFinish ? &merge_in : nullptr);
+    WS_TRACE(0, 10, n_tiles);
     ring += n_tiles;
   }
   wgmma::wait<0>();  // the unused last issue
@@ -807,7 +825,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   // kAhead: an item's first S^T and dP^T are in flight when it begins (the
   // first item's issued here, the others under the previous epilogue).
   if constexpr (L::kAhead) issue_sdp(0, 0, w.n_tiles >= 0);
+  WS_TRACE_STATE;
   while (w.n_tiles >= 0) {
+    WS_TRACE(1, 1, w.n_tiles);
     const int slot = n % kKvSlots;
     const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
     const RowSet rows = w.rows;
@@ -844,6 +864,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
 
     for (int j = 0; j < n_tiles; ++j) {
       const int t = ring + j;  // the tile's place in the Q/dO ring and the dS and dQ buffers
+      WS_TRACE(1, 2, j);
       if constexpr (!L::kAhead) issue_sdp(slot, t);
       const int s = t % kBwdStages;
       const int64_t q0 = q_first + int64_t(j) * kBm;
@@ -874,6 +895,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       }
       wgmma::wait<L::kAhead ? 0 : 1>();  // S^T (at head dim 64 one group with dP^T)
       wgmma::fence_operands(st);
+      WS_TRACE(1, 3, j);
 
       // P^T = exp2(S^T scale_log2 - L2[q]), dS^T = P^T (dP^T - D[q]); element
       // [4c + e]: key key_row0 + 8 (e >> 1), query q0 + 8c + 2 (lane % 4) + (e & 1).
@@ -956,6 +978,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                               dst[kk][3]);
       }
       wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
+      WS_TRACE(1, 4, j);
       // dV += P^T dO, dK += dS^T Q (A from registers; B = dO, Q rows, MN-major).
       auto issue_dkv = [&] {
         wgmma::fence();
@@ -983,6 +1006,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       // and 4; 2 and 3 are the dQ epilogue's).
       if (dq_here) hopper::named_sync(L::kDQTurns ? 1 + 3 * (t & 1) : 1, 256);
       else hopper::named_arrive(1 + 3 * (t & 1), 256);
+      WS_TRACE(1, 5, j);
 
       // dQ = dS K over all 128 keys, L::kDQCols columns of it (A = dS^T from
       // shared memory, MN-major; B = K rows, MN-major): each dQ element is
@@ -1015,6 +1039,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         wgmma::wait<1>();  // dQ's group: dV and dK may still run
       }
       wgmma::fence_operands(dq);
+      WS_TRACE(1, 6, j);
 
       // dQ: where the map reaches the tile's rows, the warpgroup writes its
       // 64 x kDQCols tile to shared memory and one thread adds it to dq_acc with
@@ -1078,6 +1103,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         wgmma::fence_operands(dk);
         hopper::mbar_arrive(&empty[s]);  // Q, dO, L, D of this stage read (each thread: its own L, D loads)
       }
+      WS_TRACE(1, 7, j);
     }
     ring += n_tiles;
     // K and V of this slot are read (the last tile's products are waited): back to the producer.
@@ -1100,6 +1126,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       // overlap. The branch is on the tiles' wait, not on the issue.
       issue_sdp(next_slot, ring, next.n_tiles >= 0);
     }
+    WS_TRACE(1, 8, n_tiles);
     // dK (scaled) and dV of this item's keys. kDirect: the last branch, keeping
     // every row, writes them once in bf16, adding the accumulators of the rows
     // earlier branches wrote; else they go into the accumulators, added where an
@@ -1150,6 +1177,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         if (position >= 0 && lane % 4 == 0) p.kv_written[position * g.heads + head] = 1;
       }
     }
+    WS_TRACE(1, 9, n_tiles);
     if constexpr (!L::kAhead) take_next();
     w = next;
   }
@@ -1196,8 +1224,14 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   allow_dynamic_smem(kBytes, plain, dropout);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
+#if MINIDL_WS_TRACE
+  const bool traced = trace::begin(0);
+#endif
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
+#if MINIDL_WS_TRACE
+  if (traced) trace::end(0);
+#endif
 }
 
 template <int kD, bool kCausal, bool kDirect>
@@ -1209,8 +1243,14 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   allow_dynamic_smem(kBytes, plain, dropout);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
+#if MINIDL_WS_TRACE
+  const bool traced = trace::begin(1);
+#endif
   (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
+#if MINIDL_WS_TRACE
+  if (traced) trace::end(1);
+#endif
 }
 
 // The fp32 dQ accumulator (B, N, H, d contiguous) as the same (d, head, o, j)
@@ -1228,6 +1268,35 @@ CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_row
   MINIDL_CHECK(res == CUDA_SUCCESS, "dilated_attention (cuda): cuTensorMapEncodeTiled (dQ) failed (", int(res), ")");
   return map;
 }
+
+#if MINIDL_WS_TRACE
+}  // namespace
+namespace trace {
+namespace {
+int g_launches[2] = {0, 0};
+}
+bool begin(int kind) {
+  const char* at = std::getenv("MINIDL_WS_TRACE_AT");
+  if (!std::getenv("MINIDL_WS_TRACE") || ++g_launches[kind] != (at ? std::atoi(at) : 3)) return false;
+  void* records = nullptr;
+  MINIDL_CUDA_CHECK(cudaGetSymbolAddress(&records, g_records));
+  MINIDL_CUDA_CHECK(cudaMemsetAsync(records, 0, sizeof(g_records), stream()));
+  return true;
+}
+void end(int kind) {
+  static std::vector<uint64_t> host(sizeof(g_records) / 8);
+  MINIDL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  MINIDL_CUDA_CHECK(cudaMemcpyFromSymbol(host.data(), g_records, sizeof(g_records)));
+  const std::string path = std::string(std::getenv("MINIDL_WS_TRACE")) + (kind == 0 ? "_fwd.bin" : "_bwd.bin");
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  MINIDL_CHECK(f != nullptr, "MINIDL_WS_TRACE: cannot write ", path);
+  const size_t per_kind = host.size() / 2;
+  std::fwrite(host.data() + kind * per_kind, 8, per_kind, f);
+  std::fclose(f);
+}
+}  // namespace trace
+namespace {
+#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
