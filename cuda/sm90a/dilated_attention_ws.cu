@@ -586,7 +586,12 @@ struct BwdShape {
   static constexpr int kDO = kQ + kStages * RowTile::kBytes;       // [kStages]
   static constexpr int kDS = kDO + kStages * RowTile::kBytes;      // [2 buffers]
   static constexpr int kDQ = kDS + 2 * DsTile::kBytes;             // [kDQBuffers][2 warpgroups][kDQBoxes]
-  static constexpr int kStats = kDQ + kDQBuffers * 2 * kDQBoxes * kDQBoxBytes;  // [kStages][L2 64, D 64] floats
+  // At 64, the last branch's bf16 dK and dV leave through shared memory, one
+  // TMA store per warpgroup and tensor (at 128 there is no room).
+  static constexpr bool kStoreTiles = kD == 64;
+  using OutTile = AtomTile<64, kD>;  // a warpgroup's 64 key rows of dK or dV
+  static constexpr int kOut = kDQ + kDQBuffers * 2 * kDQBoxes * kDQBoxBytes;  // [2 warpgroups][dK, dV]
+  static constexpr int kStats = kOut + (kStoreTiles ? 4 * OutTile::kBytes : 0);  // [kStages][L2 64, D 64] floats
   static constexpr int kBars = kStats + kStages * 2 * kBm * 4;
   static constexpr int kNumBars = 2 * kKvSlots + 2 * kStages;      // kv_full[], kv_empty[], q_full[], empty[]
   static constexpr int kItems = kBars + kNumBars * 8;              // [kKvSlots] BwdItem: the item of each K/V slot
@@ -605,6 +610,7 @@ struct WsBwdParams {
   BFloat16 *dk_out, *dv_out;  // kDirect: dK and dV written once here, in bf16
   int64_t out_sn;             // their position stride (elements)
   uint8_t* kv_written;        // rows whose dK/dV accumulators hold data, or null: all (backward_ws)
+  bool out_maps;              // kDirect: dkmap and dvmap reach them (rows of stride 1, aligned)
   int64_t batch_heads;        // B H
   int64_t items;              // segments x tiles_per_segment x B H
   int64_t group;              // (segment, batch-head) pairs whose Q/dO share L2: item_place
@@ -641,6 +647,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                                                                   const __grid_constant__ CUtensorMap vmap,
                                                                   const __grid_constant__ CUtensorMap dmap,
                                                                   const __grid_constant__ CUtensorMap dqmap,
+                                                                  const __grid_constant__ CUtensorMap dkmap,
+                                                                  const __grid_constant__ CUtensorMap dvmap,
                                                                   const __grid_constant__ WsBwdParams p) {
   using L = BwdShape<kD>;
   using KTile = typename L::KTile;
@@ -1131,6 +1139,52 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // every row, writes them once in bf16, adding the accumulators of the rows
     // earlier branches wrote; else they go into the accumulators, added where an
     // earlier branch wrote the row (adds[r]; rows of one launch are disjoint).
+    // At head dim 64, kDirect with all 64 of the warpgroup's keys in the row
+    // set: the bf16 rows go through shared memory and out by one TMA store per
+    // tensor, where per-thread stores of 4 bytes to 8 rows at a time cost the
+    // item ~3,000 cycles (kernel-notes, session 18).
+    if (L::kStoreTiles && kDirect && p.out_maps && key0 + 64 <= rows.count) {
+      using OutTile = typename L::OutTile;
+      char* dk_tile = smem + L::kOut + consumer * 2 * OutTile::kBytes;
+      char* dv_tile = dk_tile + OutTile::kBytes;
+      uint32_t pk[2][kD / 8], pv[2][kD / 8];  // [row half][column chunk]: packed bf16 pairs
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float* dkr = p.dk_acc + (key_position(r) * g.heads + head) * kD;
+        const float* dvr = p.dv_acc + (key_position(r) * g.heads + head) * kD;
+        float2 dk0[kD / 8], dv0[kD / 8];
+#pragma unroll
+        for (int c = 0; c < kD / 8; ++c) {
+          const int col = c * 8 + 2 * (lane % 4);
+          dk0[c] = adds[r] ? *reinterpret_cast<const float2*>(dkr + col) : make_float2(0.f, 0.f);
+          dv0[c] = adds[r] ? *reinterpret_cast<const float2*>(dvr + col) : make_float2(0.f, 0.f);
+        }
+#pragma unroll
+        for (int c = 0; c < kD / 8; ++c) {
+          pk[r][c] = mma::pack_bf16(p.scale * dk[4 * c + 2 * r] + dk0[c].x, p.scale * dk[4 * c + 2 * r + 1] + dk0[c].y);
+          pv[r][c] = mma::pack_bf16(dv[4 * c + 2 * r] + dv0[c].x, dv[4 * c + 2 * r + 1] + dv0[c].y);
+        }
+      }
+      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<0>();  // the last item's stores have read the tiles
+      hopper::named_sync(2 + consumer, 128);
+      // Matrix i of k-step kk's stmatrix: row half i % 2, column chunk 2 kk + i / 2.
+      const int mat = lane / 8, row = warp * 16 + (mat % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        hopper::stmatrix_x4(OutTile::at(dk_tile, row, 2 * kk + mat / 2), pk[0][2 * kk], pk[1][2 * kk],
+                            pk[0][2 * kk + 1], pk[1][2 * kk + 1]);
+        hopper::stmatrix_x4(OutTile::at(dv_tile, row, 2 * kk + mat / 2), pv[0][2 * kk], pv[1][2 * kk],
+                            pv[0][2 * kk + 1], pv[1][2 * kk + 1]);
+      }
+      wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
+      hopper::named_sync(2 + consumer, 128);
+      if (threadIdx.x % 128 == 0) {
+        const int position = static_cast<int>(first + key0);  // rows of stride 1
+        hopper::tma_store_3d(&dkmap, dk_tile, 0, static_cast<int>(head), position);
+        hopper::tma_store_3d(&dvmap, dv_tile, 0, static_cast<int>(head), position);
+        hopper::bulk_commit();
+      }
+    } else {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t position = key_position(r);
@@ -1167,6 +1221,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           }
         }
       }
+    }
     }
     // Mark the rows written, once every lane of a quad has read their markers.
     if (!kDirect && p.kv_written) {
@@ -1236,7 +1291,8 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
 
 template <int kD, bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
-                     const CUtensorMap& dm, const CUtensorMap& dqm, int64_t batch) {
+                     const CUtensorMap& dm, const CUtensorMap& dqm, const CUtensorMap& dkm, const CUtensorMap& dvm,
+                     int64_t batch) {
   auto plain = backward_ws_kernel<kD, kCausal, kDirect, false>;
   auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true>;
   constexpr int kBytes = BwdShape<kD>::kBytes;
@@ -1246,7 +1302,7 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
 #if MINIDL_WS_TRACE
   const bool traced = trace::begin(1);
 #endif
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, p);
+  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, dm, dqm, dkm, dvm, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 #if MINIDL_WS_TRACE
   if (traced) trace::end(1);
@@ -1299,6 +1355,24 @@ namespace {
 #endif
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The last branch's bf16 dK or dV (rows (b, pos, head) at `position_stride`
+// elements per position, the heads' rows dense) as a (d, head, position) map,
+// boxes of 64 columns x 64 rows with the 128-byte swizzle (BwdShape::OutTile).
+CUtensorMap out_rows_map(BFloat16* out, int64_t heads, int64_t positions, int64_t position_stride) {
+  MINIDL_CHECK(position_stride % 8 == 0 && aligned16(out), "dilated_attention (cuda, ws): output rows not 16-byte aligned");
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {64, cuuint64_t(heads), cuuint64_t(positions)};
+  const cuuint64_t strides[2] = {64 * 2, cuuint64_t(position_stride) * 2};
+  const cuuint32_t box[3] = {64, 1, 64};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  CUresult res = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, out, dims, strides, box, elem,
+                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MINIDL_CHECK(res == CUDA_SUCCESS, "dilated_attention (cuda, ws): cuTensorMapEncodeTiled (output rows) failed (",
+               int(res), ")");
+  return map;
+}
 
 // Work items come in groups of (segment, batch-head) pairs (item_place): as
 // many pairs as keep the data their items share within ~12 MB, a quarter of
@@ -1378,14 +1452,19 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
   const CUtensorMap dm = rows_map(dout, g.heads, g.r, p.map_rows, kBm, g.dim);
   const CUtensorMap dqm = dq_rows_map(dq_acc, g.heads, g.r, p.map_rows, g.dim);
   const bool direct = dk_out != nullptr;
+  // The direct branch's dK and dV by TMA stores (head dim 64, rows of stride 1).
+  p.out_maps = direct && g.dim == 64 && g.r == 1 && aligned16(dk_out) && aligned16(dv_out) &&
+               out_row_stride % 8 == 0;
+  const CUtensorMap dkm = p.out_maps ? out_rows_map(dk_out, g.heads, batch * g.n, out_row_stride) : qm;
+  const CUtensorMap dvm = p.out_maps ? out_rows_map(dv_out, g.heads, batch * g.n, out_row_stride) : qm;
   auto run = [&](auto dim) {
     constexpr int kD = decltype(dim)::value;
     if (causal) {
-      if (direct) launch_backward<kD, true, true>(p, qm, km, vm, dm, dqm, batch);
-      else launch_backward<kD, true, false>(p, qm, km, vm, dm, dqm, batch);
+      if (direct) launch_backward<kD, true, true>(p, qm, km, vm, dm, dqm, dkm, dvm, batch);
+      else launch_backward<kD, true, false>(p, qm, km, vm, dm, dqm, dkm, dvm, batch);
     } else {
-      if (direct) launch_backward<kD, false, true>(p, qm, km, vm, dm, dqm, batch);
-      else launch_backward<kD, false, false>(p, qm, km, vm, dm, dqm, batch);
+      if (direct) launch_backward<kD, false, true>(p, qm, km, vm, dm, dqm, dkm, dvm, batch);
+      else launch_backward<kD, false, false>(p, qm, km, vm, dm, dqm, dkm, dvm, batch);
     }
   };
   if (g.dim == 128) run(std::integral_constant<int, 128>{});
