@@ -1339,8 +1339,8 @@ TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference
 TEST_CASE("CUDA attention on the parts of one fused projection: gradients in one buffer, split takes it whole") {
   // q, k, v split from one (B, N, 3C) projection: in bf16 the backward writes
   // their gradients into one packed buffer, which split's backward returns
-  // without concatenating (float32 keeps separate ones). Same values, to the
-  // bit, as for separate q, k, v.
+  // without concatenating (float32 keeps separate ones). Same values as for
+  // separate q, k, v: dK and dV to the bit, dQ to its reductions' order.
   MINIDL_REQUIRE_CUDA();
   const Device gpu = Device::cuda(0);
   const int64_t B = 2, N = 300, H = 4, D = 64, C = H * D;
@@ -1375,7 +1375,18 @@ TEST_CASE("CUDA attention on the parts of one fused projection: gradients in one
       };
       const std::vector<double> fused = run(true).to(DType::Float64).to_vector<double>(),
                                 separate = run(false).to(DType::Float64).to_vector<double>();
-      CHECK(fused == separate);
+      // dK and dV are written once per row: the same bits. dQ adds each row's
+      // key blocks in fp32 in the order the blocks finish (reductions from
+      // several blocks), which the scheduling may change between the two runs
+      // (compute-sanitizer's does): the same sums to one rounding of the dtype.
+      REQUIRE(fused.size() == separate.size());
+      size_t kv_differ = 0, q_differ = 0;
+      for (size_t i = 0; i < fused.size(); ++i) {
+        if (int64_t(i % (3 * C)) >= C) kv_differ += fused[i] != separate[i];
+        else q_differ += std::abs(fused[i] - separate[i]) > 0x1p-7 * std::abs(separate[i]) + 1e-5;
+      }
+      CHECK(kv_differ == 0);
+      CHECK(q_differ == 0);
       CHECK(std::any_of(separate.begin(), separate.end(), [](double g) { return g != 0; }));
     }
 }
