@@ -28,19 +28,13 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
-#if MINIDL_WS_TRACE
-#include <cstdio>
-#include <cstdlib>
-#include <string>
-#include <vector>
-#endif
 
 #include "cuda/dilated_attention_mma.cuh"
 #include "cuda/dilated_attention_tiles.cuh"
 #include "cuda/hopper.cuh"
 #include "cuda/runtime.h"
-#include "cuda/wgmma.cuh"
 #include "cuda/sm90a/ws_trace.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace minidl::cuda::attn {
 namespace {
@@ -1324,35 +1318,6 @@ CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_row
   MINIDL_CHECK(res == CUDA_SUCCESS, "dilated_attention (cuda): cuTensorMapEncodeTiled (dQ) failed (", int(res), ")");
   return map;
 }
-
-#if MINIDL_WS_TRACE
-}  // namespace
-namespace trace {
-namespace {
-int g_launches[2] = {0, 0};
-}
-bool begin(int kind) {
-  const char* at = std::getenv("MINIDL_WS_TRACE_AT");
-  if (!std::getenv("MINIDL_WS_TRACE") || ++g_launches[kind] != (at ? std::atoi(at) : 3)) return false;
-  void* records = nullptr;
-  MINIDL_CUDA_CHECK(cudaGetSymbolAddress(&records, g_records));
-  MINIDL_CUDA_CHECK(cudaMemsetAsync(records, 0, sizeof(g_records), stream()));
-  return true;
-}
-void end(int kind) {
-  static std::vector<uint64_t> host(sizeof(g_records) / 8);
-  MINIDL_CUDA_CHECK(cudaStreamSynchronize(stream()));
-  MINIDL_CUDA_CHECK(cudaMemcpyFromSymbol(host.data(), g_records, sizeof(g_records)));
-  const std::string path = std::string(std::getenv("MINIDL_WS_TRACE")) + (kind == 0 ? "_fwd.bin" : "_bwd.bin");
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  MINIDL_CHECK(f != nullptr, "MINIDL_WS_TRACE: cannot write ", path);
-  const size_t per_kind = host.size() / 2;
-  std::fwrite(host.data() + kind * per_kind, 8, per_kind, f);
-  std::fclose(f);
-}
-}  // namespace trace
-namespace {
-#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -1,5 +1,6 @@
-// In-kernel timelines of the ws attention kernels, for finding where an item's
-// time goes (docs/kernel-notes.md, "Session 18"). Built only with
+// In-kernel timelines of the ws attention kernels (dilated_attention_ws.cu
+// includes this, once), for finding where an item's time goes
+// (docs/kernel-notes.md, "Session 18"). Built only with
 // -DMINIDL_WS_TRACE=1 (cmake -DMINIDL_WS_TRACE=ON); otherwise every macro here
 // is empty and the kernels are unchanged.
 //
@@ -15,6 +16,13 @@
 #include <cstdint>
 
 #if MINIDL_WS_TRACE
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda/runtime.h"
+
 namespace minidl::cuda::attn::trace {
 
 constexpr int kTraceBlocks = 8, kTraceCap = 16384;
@@ -30,10 +38,27 @@ __device__ __forceinline__ void mark(int kind, int consumer, int& n, int event, 
   }
 }
 
-// Host: whether this launch of `kind` is the recorded one (clears the records
-// first), and after it, write them out.
-bool begin(int kind);
-void end(int kind);
+// Host: whether this launch of `kind` is the recorded one (then the records
+// are cleared first), and after it, writing them out.
+inline bool begin(int kind) {
+  static int launches[2] = {0, 0};
+  const char* at = std::getenv("MINIDL_WS_TRACE_AT");
+  if (!std::getenv("MINIDL_WS_TRACE") || ++launches[kind] != (at ? std::atoi(at) : 3)) return false;
+  void* records = nullptr;
+  MINIDL_CUDA_CHECK(cudaGetSymbolAddress(&records, g_records));
+  MINIDL_CUDA_CHECK(cudaMemsetAsync(records, 0, sizeof(g_records), stream()));
+  return true;
+}
+inline void end(int kind) {
+  std::vector<uint64_t> host(sizeof(g_records[kind]) / 8);
+  MINIDL_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  MINIDL_CUDA_CHECK(cudaMemcpyFromSymbol(host.data(), g_records, sizeof(g_records[kind]), kind * sizeof(g_records[kind])));
+  const std::string path = std::string(std::getenv("MINIDL_WS_TRACE")) + (kind == 0 ? "_fwd.bin" : "_bwd.bin");
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  MINIDL_CHECK(f != nullptr, "MINIDL_WS_TRACE: cannot write ", path);
+  std::fwrite(host.data(), 8, host.size(), f);
+  std::fclose(f);
+}
 
 }  // namespace minidl::cuda::attn::trace
 #define WS_TRACE_STATE int trace_n_ = 0
