@@ -45,6 +45,21 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& grad_lse, const DilatedAttentionConfig& config,
                                 const Tensor& dq, const Tensor& dk, const Tensor& dv);
 
+// The CUDA backend's overloads (cuda/dilated_attention.h): the CPU draws
+// attention dropout's mask in both passes, so it keeps no dropout bits.
+inline void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
+                                      Tensor* dropout_bits) {
+  if (dropout_bits) *dropout_bits = Tensor();
+  dilated_attention_forward(q, k, v, config, out, lse);
+}
+inline void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                       const Tensor& lse, const Tensor& grad_out, const Tensor& grad_lse,
+                                       const DilatedAttentionConfig& config, const Tensor& dq, const Tensor& dk,
+                                       const Tensor& dv, const Tensor& /*dropout_bits: none on the CPU*/) {
+  dilated_attention_backward(q, k, v, out, lse, grad_out, grad_lse, config, dq, dk, dv);
+}
+
 void dilated_attention_forward_reference(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const DilatedAttentionConfig& config, const Tensor& out,
                                          const Tensor& lse);

@@ -40,6 +40,26 @@ bool tf32_takes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor*
   return true;
 }
 
+// Attention dropout's saved keep bits (DropoutBits), one region per branch
+// in config order: the words of branch `branch`'s region start at the
+// returned offset (branch = the branch count: the total).
+int64_t dropout_bits_offset(const DilatedAttentionConfig& config, const Shape4& s, size_t branch) {
+  int64_t words = 0;
+  for (size_t i = 0; i < branch; ++i)
+    words += DropoutBits::words_for(branch_grid(s, config.branches[i], kMmaRows), s.b, config.causal);
+  return words;
+}
+
+// The branch's dropout with its region of the saved keep bits, when `bits` holds them.
+BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch, const Shape4& s,
+                                const Tensor& bits) {
+  BranchDropout drop = branch_dropout(config, branch, s);
+  if (bits.defined())
+    drop.bits = {static_cast<uint32_t*>(bits.raw_data()) + dropout_bits_offset(config, s, branch),
+                 DropoutBits::side_for(branch_grid(s, config.branches[branch], kMmaRows)), config.causal};
+  return drop;
+}
+
 #if MINIDL_WGMMA
 // The order in which the ws kernels run a config's branches when one of them
 // keeps every row (dilation 1): the others first, as listed, then that one,
@@ -57,16 +77,26 @@ std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
   order.push_back(last);
   return order;
 }
+
 #endif
 
 // bfloat16 (and float32 as TF32) on tensor cores. A branch with dilation 1 keeps every row, so
 // running it first lets it overwrite the accumulators (no init pass); a lone
 // such branch (vanilla attention) writes the bf16 output directly. `order`
 // holds indices into config.branches: the dropout mask of a branch is keyed by
-// its index there, not by its place in the launch order.
+// its index there, not by its place in the launch order. dropout_bits: as
+// dilated_attention_forward's.
 void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor& k, const Tensor& v,
-                          const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse) {
+                          const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
+                          Tensor* dropout_bits) {
   Shape4 s = shape_of(q);
+  // The ws forward keeps attention dropout's mask as it draws it (every
+  // branch has its region; launches of the older kernels leave theirs alone).
+  Tensor bits;
+  if (config.dropout.enabled() && q.dtype() == DType::BFloat16 && kernel == AttentionKernel::kWarpSpecialized)
+    bits = Tensor::empty({dropout_bits_offset(config, s, config.branches.size())}, {DType::Int32, q.device(), false});
+  if (dropout_bits) *dropout_bits = bits;
+  auto drop_of = [&](size_t branch) { return branch_dropout(config, branch, s, bits); };
   std::vector<size_t> order(config.branches.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   auto dense = std::find_if(order.begin(), order.end(),
@@ -81,8 +111,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s);  // size check
     forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,
-                config.causal, scale_log2, branch_dropout(config, 0, s), MergeMode::kSingle, nullptr, lse_ptr,
-                out_ptr);
+                config.causal, scale_log2, drop_of(0), MergeMode::kSingle, nullptr, lse_ptr, out_ptr);
     return;
   }
 #if MINIDL_WGMMA
@@ -104,8 +133,8 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
         const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
                                : i == 0               ? MergeMode::kWrite
                                                       : MergeMode::kMerge;
-        forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, branch_dropout(config, finish[i], s),
-                    mode, static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
+        forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, drop_of(finish[i]), mode,
+                    static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
       }
       return;
     }
@@ -121,7 +150,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
     BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
     grid_of(g, s);
     const MergeMode mode = i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge;
-    const BranchDropout drop = branch_dropout(config, order[i], s);
+    const BranchDropout drop = drop_of(order[i]);
     auto* acc = static_cast<float*>(o_acc.raw_data());
     if (fp32)
       forward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), g, s.b, s.d, config.causal, scale_log2,
@@ -191,12 +220,19 @@ AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, Attention
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const DilatedAttentionConfig& config, const Tensor& out,
                                const Tensor& lse) {
+  dilated_attention_forward(q, k, v, config, out, lse, nullptr);
+}
+
+void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
+                               Tensor* dropout_bits) {
+  if (dropout_bits) *dropout_bits = Tensor();
   const char* op = "dilated_attention (cuda)";
   Shape4 s = shape_of(q);
   const AttentionKernel kernel =
       choose_attention_kernel(q.dtype(), s.d, AttentionPass::kForward);
   if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt && tf32_takes(q, k, v)) {
-    forward_tensor_cores(kernel, q, k, v, config, out, lse);
+    forward_tensor_cores(kernel, q, k, v, config, out, lse, dropout_bits);
     return;
   }
   Tensor o_acc = out.dtype() == DType::Float32 ? out : fp32_buffer(out);
@@ -211,6 +247,14 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& out, const Tensor& lse, const Tensor& grad_out,
                                 const Tensor& grad_lse, const DilatedAttentionConfig& config,
                                 const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  dilated_attention_backward(q, k, v, out, lse, grad_out, grad_lse, config, dq, dk, dv, Tensor());
+}
+
+void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                                const Tensor& grad_lse, const DilatedAttentionConfig& config,
+                                const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                const Tensor& dropout_bits) {
   const char* op = "dilated_attention backward (cuda)";
   Shape4 s = shape_of(q);
   bool fp32 = q.dtype() == DType::Float32;
@@ -222,12 +266,16 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   // dV once in bf16 (rows of any stride: e.g. the parts of one fused q/k/v
   // gradient), adding what the others left in fp32 accumulators for the rows
   // they wrote (a byte per row marks them); only dQ (reduced across key blocks)
-  // needs a zeroed accumulator.
+  // needs a zeroed accumulator. With attention dropout they read the mask's
+  // keep bits that the ws forward saved; without those, the mma backward
+  // draws the mask.
+  MINIDL_CHECK(!dropout_bits.defined() || dropout_bits.numel() == dropout_bits_offset(config, s, config.branches.size()),
+               op, ": dropout_bits are not the forward's for this problem (", dropout_bits.numel(), " words)");
   auto rows_of_heads = [&](const Tensor& t) {  // (B, N, H, D) with each position's H x D block dense
     return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
   };
   const std::vector<size_t> finish = finishing_order(config);
-  if (rows > 0 && !fp32 && !finish.empty() &&
+  if (rows > 0 && !fp32 && !finish.empty() && (!config.dropout.enabled() || dropout_bits.defined()) &&
       choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward) ==
           AttentionKernel::kWarpSpecialized &&
       out.is_contiguous() && grad_out.is_contiguous() && rows_of_heads(dk) && dk.strides() == dv.strides()) {
@@ -251,7 +299,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
         const bool last = i + 1 == finish.size();
         backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
                     static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
-                    branch_dropout(config, finish[i], s), static_cast<float*>(dq_acc.raw_data()), ptr(dk_acc),
+                    branch_dropout(config, finish[i], s, dropout_bits), static_cast<float*>(dq_acc.raw_data()), ptr(dk_acc),
                     ptr(dv_acc), last ? static_cast<BFloat16*>(dk.raw_data()) : nullptr,
                     last ? static_cast<BFloat16*>(dv.raw_data()) : nullptr, dk.stride(1),
                     written.defined() ? static_cast<uint8_t*>(written.raw_data()) : nullptr);
@@ -285,7 +333,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       grid_of(g, s);
       backward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
                    operand<BFloat16>(grad_out), l, dl, g, s.b, s.d, config.causal, scale,
-                   branch_dropout(config, i, s), static_cast<float*>(dq_acc.raw_data()),
+                   branch_dropout(config, i, s, dropout_bits), static_cast<float*>(dq_acc.raw_data()),
                    static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
     }
   } else if (kernel != AttentionKernel::kSimt && fp32 && tf32_takes(q, k, v, &grad_out)) {  // TF32 tensor cores

@@ -34,6 +34,14 @@ AttentionKernel choose_attention_kernel(DType dtype, int64_t head_dim, Attention
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const DilatedAttentionConfig& config, const Tensor& out,
                                const Tensor& lse);
+// The same, handing out attention dropout's mask in *dropout_bits for the
+// backward: the ws forward keeps the bits it draws (one per attended pair,
+// int32 words on the device: about 2 GB for the benchmarks' 1M-token,
+// 8-head LongNet problem; docs/dilated-attention.md); with the other
+// kernels, or without dropout, it is left undefined.
+void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                               const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
+                               Tensor* dropout_bits);
 
 // grad_lse may be undefined (no gradient flows into lse). Writes dq, dk, dv
 // (same shapes/dtype as q, k, v; contiguous; fully overwritten).
@@ -41,5 +49,12 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& out, const Tensor& lse, const Tensor& grad_out,
                                 const Tensor& grad_lse, const DilatedAttentionConfig& config,
                                 const Tensor& dq, const Tensor& dk, const Tensor& dv);
+// dropout_bits: what the forward handed out. The ws backward reads it; without
+// it (undefined) the mma backward runs and draws the mask again.
+void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                                const Tensor& grad_lse, const DilatedAttentionConfig& config,
+                                const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                const Tensor& dropout_bits);
 
 }  // namespace minidl::cuda

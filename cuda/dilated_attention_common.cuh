@@ -99,12 +99,39 @@ __device__ __forceinline__ BlockRows block_rows(const BranchGrid& g, int64_t row
   return b;
 }
 
+// The keep bits of one branch's dropout mask, saved by the ws forward for
+// the ws backward (which then draws no random numbers): one bit per (query,
+// key) pair, in 64 x 64 blocks of kept rows. A row set (segment, batch, head)
+// has `side` blocks a side, query block qb holding keys blocks kb <= qb when
+// causal (qb (qb + 1) / 2 + kb), else all of them (qb side + kb). A block is
+// 128 words, word 32 g + l being what lane l of warp g of a backward
+// warpgroup tests: its keys 16 g + l / 4 and + 8 against the queries
+// 8 c + 2 (l % 4) + e, c < 8, in bit 4 c + 2 (key + 8) + e (the element order
+// of its S^T fragment; cuda/sm90a/dilated_attention_ws.cu).
+struct DropoutBits {
+  uint32_t* words = nullptr;  // null: the kernels draw the mask
+  int64_t side = 0;
+  bool causal = true;
+
+  __host__ __device__ int64_t blocks_per_row_set() const { return causal ? side * (side + 1) / 2 : side * side; }
+  // First word of block (qb, kb) of row set `row_set` (segment B H + batch H + head).
+  __host__ __device__ int64_t word(int64_t row_set, int64_t qb, int64_t kb) const {
+    return (row_set * blocks_per_row_set() + (causal ? qb * (qb + 1) / 2 : qb * side) + kb) * 128;
+  }
+  // Blocks a side for a branch: its longest row set, ceil(w / r) rows.
+  static int64_t side_for(const BranchGrid& g) { return ((g.w + g.r - 1) / g.r + 63) / 64; }
+  static int64_t words_for(const BranchGrid& g, int64_t batch, bool causal) {
+    return DropoutBits{nullptr, side_for(g), causal}.word(g.segments * batch * g.heads, 0, 0);
+  }
+};
+
 // Attention dropout of one branch launch: the config's mask parameters plus
 // what the element index needs (core/dilated.h).
 struct BranchDropout {
   AttentionDropout mask;
   int64_t branch = 0;      // index of the branch in the config
   int64_t batch_size = 0;  // B
+  DropoutBits bits;        // the ws kernels: saved keep bits (written forward, read backward)
 };
 
 // Branch `branch` (its index in config.branches, as the user listed them, not

@@ -107,9 +107,13 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2);
   Tensor out = Tensor::empty(q.shape(), q.options());
   Tensor lse = Tensor::empty({B, N, H}, {lse_dtype_for(q.dtype()), q.device(), false});
+  const bool grad = autograd::needs_grad({q_in, k_in, v_in});
+  // With gradients to come, the backend may keep dropout's mask for the
+  // backward (CUDA's ws kernels: then it draws no random numbers).
+  Tensor dropout_bits;
   if (q.numel() > 0)
-    MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, out, lse);
-  if (autograd::needs_grad({q_in, k_in, v_in})) {
+    MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, out, lse, grad ? &dropout_bits : nullptr);
+  if (grad) {
     // bf16 on CUDA: a fused projection's parts get their gradients in one
     // packed buffer (the warp-specialised backward writes dK and dV straight
     // into it). float32 keeps contiguous gradients: its kernels accumulate in
@@ -119,7 +123,7 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
     autograd::record(
         op, {q_in, k_in, v_in}, {out, lse},
         [sq = SavedTensor(q, op), sk = SavedTensor(k, op), sv = SavedTensor(v, op),
-         so = SavedTensor(out, op), sl = SavedTensor(lse, op), config, packed, op](const Grads& g) {
+         so = SavedTensor(out, op), sl = SavedTensor(lse, op), dropout_bits, config, packed, op](const Grads& g) {
           Tensor q = sq.get(), k = sk.get(), v = sv.get(), out = so.get(), lse = sl.get();
           Tensor dq, dk, dv;
           if (packed) {
@@ -150,7 +154,7 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
             grad_lse = contiguous(grad_lse);
           }
           MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, out, lse, grad_out,
-                          grad_lse, config, dq, dk, dv);
+                          grad_lse, config, dq, dk, dv, dropout_bits);
           return Grads{dq, dk, dv};
         },
         autograd::MissingGrad::Undefined);

@@ -211,6 +211,7 @@ void check_all_finite(const Tensor& t) {
 
 struct Forward {
   Tensor out, lse;
+  Tensor dropout_bits;  // run_cuda_forward: the mask kept for the backward, if any
 };
 struct Backward {
   Tensor dq, dk, dv;
@@ -222,23 +223,50 @@ using BackwardFn = void (*)(const Tensor&, const Tensor&, const Tensor&, const T
                             const Tensor&, const Tensor&, const DilatedAttentionConfig&, const Tensor&,
                             const Tensor&, const Tensor&);
 
-// Runs a kernel entry point into NaN-poisoned outputs (unwritten elements show).
+// NaN-poisoned outputs for q's problem (unwritten elements show).
+Forward poisoned_forward(const Tensor& q) {
+  return {poisoned(q.shape(), q.dtype(), q.device()),
+          poisoned({q.size(0), q.size(1), q.size(2)}, lse_dtype(q.dtype()), q.device())};
+}
+
+// Runs a kernel entry point into poisoned outputs.
 Forward run_forward(ForwardFn fn, const Tensor& q, const Tensor& k, const Tensor& v,
                     const DilatedAttentionConfig& config) {
-  Forward f{poisoned(q.shape(), q.dtype(), q.device()),
-            poisoned({q.size(0), q.size(1), q.size(2)}, lse_dtype(q.dtype()), q.device())};
+  Forward f = poisoned_forward(q);
   fn(q, k, v, config, f.out, f.lse);
   return f;
+}
+
+// NaN-poisoned gradients for q's problem.
+Backward poisoned_grads(const Tensor& q) {
+  return {poisoned(q.shape(), q.dtype(), q.device()), poisoned(q.shape(), q.dtype(), q.device()),
+          poisoned(q.shape(), q.dtype(), q.device())};
 }
 
 Backward run_backward(BackwardFn fn, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Forward& f, const Tensor& grad_out, const Tensor& grad_lse,
                       const DilatedAttentionConfig& config) {
-  Backward g{poisoned(q.shape(), q.dtype(), q.device()), poisoned(q.shape(), q.dtype(), q.device()),
-             poisoned(q.shape(), q.dtype(), q.device())};
+  Backward g = poisoned_grads(q);
   fn(q, k, v, f.out, f.lse, grad_out, grad_lse, config, g.dq, g.dk, g.dv);
   return g;
 }
+
+#if defined(MINIDL_WITH_CUDA)
+// The CUDA entry points as the op calls them when gradients follow: the
+// forward may keep attention dropout's mask, and the backward reads it.
+Forward run_cuda_forward(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionConfig& config) {
+  Forward f = poisoned_forward(q);
+  cuda::dilated_attention_forward(q, k, v, config, f.out, f.lse, &f.dropout_bits);
+  return f;
+}
+Backward run_cuda_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Forward& f,
+                           const Tensor& grad_out, const Tensor& grad_lse, const DilatedAttentionConfig& config) {
+  Backward g = poisoned_grads(q);
+  cuda::dilated_attention_backward(q, k, v, f.out, f.lse, grad_out, grad_lse, config, g.dq, g.dk, g.dv,
+                                   f.dropout_bits);
+  return g;
+}
+#endif
 
 // d objective / d values[e] by central differences (step 1e-6), each value
 // perturbed in place and restored.
@@ -962,8 +990,9 @@ struct MaskReadback {
   int64_t wrong_out = 0, wrong_dv = 0, kept = 0, pairs = 0;
 };
 
-MaskReadback mask_readback(const Case& c, DType dtype, Device device, ForwardFn fwd, BackwardFn bwd,
-                           const AttentionDropout& drop) {
+// fwd(q, k, v, config) -> Forward, bwd(q, k, v, forward, grad_out, grad_lse, config) -> Backward.
+template <class Fwd, class Bwd>
+MaskReadback mask_readback(const Case& c, DType dtype, Device device, Fwd fwd, Bwd bwd, const AttentionDropout& drop) {
   REQUIRE(c.segments.size() == 1);
   const int64_t B = c.B, N = c.N, H = c.H, D = c.D, w = std::min(c.segments[0], c.N), r = c.dilations[0];
   REQUIRE((w + r - 1) / r <= D);
@@ -983,8 +1012,8 @@ MaskReadback mask_readback(const Case& c, DType dtype, Device device, ForwardFn 
   const TensorOptions options{dtype, device, false};
   Tensor zeros = ops::zeros({B, N, H, D}, options);
   Tensor v = from_vector(onehot, {B, N, H, D}).to(dtype).to(device);
-  Forward f = run_forward(fwd, zeros, zeros, v, config);
-  Backward g = run_backward(bwd, zeros, zeros, v, f, v, Tensor(), config);
+  Forward f = fwd(zeros, zeros, v, config);
+  Backward g = bwd(zeros, zeros, v, f, v, Tensor(), config);
   const std::vector<double> out = f.out.to_vector<double>(), dv = g.dv.to_vector<double>();
   MaskReadback m;
   for (int64_t b = 0; b < B; ++b)
@@ -1042,10 +1071,19 @@ TEST_CASE("dropout: the CPU kernels' masks read back exactly, forward and backwa
   const AttentionDropout drop = dropout_of(0.3, 8080, 3);
   for (const Case& c : readback_cases()) {
     CAPTURE(str(c));
-    check_readback(mask_readback(c, DType::Float64, Device::cpu(), cpu::dilated_attention_forward_reference,
-                                 cpu::dilated_attention_backward_reference, drop));
-    check_readback(mask_readback(c, DType::Float32, Device::cpu(), cpu::dilated_attention_forward,
-                                 cpu::dilated_attention_backward, drop));
+    auto with = [](ForwardFn fwd, BackwardFn bwd) {
+      return std::pair{[fwd](const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionConfig& config) {
+                         return run_forward(fwd, q, k, v, config);
+                       },
+                       [bwd](const Tensor& q, const Tensor& k, const Tensor& v, const Forward& f, const Tensor& grad_out,
+                             const Tensor& grad_lse, const DilatedAttentionConfig& config) {
+                         return run_backward(bwd, q, k, v, f, grad_out, grad_lse, config);
+                       }};
+    };
+    const auto reference = with(cpu::dilated_attention_forward_reference, cpu::dilated_attention_backward_reference);
+    const auto fast = with(cpu::dilated_attention_forward, cpu::dilated_attention_backward);
+    check_readback(mask_readback(c, DType::Float64, Device::cpu(), reference.first, reference.second, drop));
+    check_readback(mask_readback(c, DType::Float32, Device::cpu(), fast.first, fast.second, drop));
   }
 }
 
@@ -1508,7 +1546,12 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       const DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
 
       Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-      Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
+      Forward got = run_cuda_forward(q, k, v, config);
+      // The ws forward keeps the mask's bits, and the ws backward reads them.
+      const bool ws = dtype == DType::BFloat16 &&
+                      cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
+                          cuda::AttentionKernel::kWarpSpecialized;
+      CHECK(got.dropout_bits.defined() == ws);
       check_scaled(got.out.to(Device::cpu()), want.out, tol);
       check_lse(got.lse.to(Device::cpu()), want.lse, tol);
 
@@ -1519,8 +1562,8 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
         Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
                                    grad_out.to(DType::Float64),
                                    with_lse_grad ? grad_lse.to(DType::Float64) : Tensor(), config);
-        Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out.to(gpu),
-                                   with_lse_grad ? grad_lse.to(gpu) : Tensor(), config);
+        Backward gg = run_cuda_backward(q, k, v, got, grad_out.to(gpu), with_lse_grad ? grad_lse.to(gpu) : Tensor(),
+                                        config);
         check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())},
                         gw, tol);
       }
@@ -1537,8 +1580,7 @@ TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactl
     for (const Case& c : readback_cases()) for_each_kernel(dtype, c.D, [&] {
       CAPTURE(dtype);
       CAPTURE(str(c));
-      check_readback(mask_readback(c, dtype, Device::cuda(0), cuda::dilated_attention_forward,
-                                   cuda::dilated_attention_backward, drop));
+      check_readback(mask_readback(c, dtype, Device::cuda(0), run_cuda_forward, run_cuda_backward, drop));
     });
 #endif
 }

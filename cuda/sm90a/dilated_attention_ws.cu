@@ -129,18 +129,47 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
   hopper::mbar_arrive(bar);
 }
 
+// Saves a lane's keep decisions of one 64-key half (dropout_words_rows'
+// words for its two rows, keep[a][g]: byte 2 h + e of word g keeps key
+// 16 g + 8 h + 2 (lane % 4) + e of row a) into a block of DropoutBits, whose
+// layout is the backward's: a backward lane holds two keys with equal
+// (lane % 4, e) of this warp and, of each, the query pair (2 i', 2 i' + 1)
+// of the rows' lane / 4. So the lanes of a row pair (lane ^ 4) swap the
+// halves of their decisions (e = 0 to the even row's lane, e = 1 to the odd
+// one's), and each writes one byte per 16-key group g: byte `warp` of word
+// 32 g + 4 (2 (lane % 4) + e) + lane / 8, bit 4 a + 2 h + (row % 2), when
+// `store` (the block exists: causal blocks stop at the diagonal). The shuffle
+// is outside the branch, so the warp never splits around it.
+__device__ __forceinline__ void save_keep_bits(const uint32_t (&keep)[2][4], uint8_t* block, int lane, bool store) {
+  uint32_t top[4];  // the top byte of top[g]: bit 4 a + 2 h + e (a multiply gathers the bytes' top bits)
+#pragma unroll
+  for (int g = 0; g < 4; ++g)
+    top[g] = ((keep[1][g] & 0x80808080u) | ((keep[0][g] >> 4) & 0x08080808u)) * 0x00204081u;
+  const uint32_t bits = __byte_perm(__byte_perm(top[0], top[1], 0x0073), __byte_perm(top[2], top[3], 0x0073), 0x5410);
+  const bool odd = lane & 4;  // this lane's rows are odd: it keeps e = 1
+  const uint32_t own = odd ? 0xAAAAAAAAu : 0x55555555u;
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, bits & ~own, 4);  // the pair row's, same e as own
+  const uint32_t out = (bits & own) | (odd ? other >> 1 : other << 1);
+  if (store)
+#pragma unroll
+    for (int g = 0; g < 4; ++g) block[g * 128] = static_cast<uint8_t>(out >> (8 * g));
+}
+
 // The online-softmax step of one tile for a lane's two rows: masks S, updates
 // m and l, and returns P as bf16 A fragments and the factor that rescales O.
 // With dropout the dropped weights are zeroed after l counts them (the
 // normaliser is that of the undropped scores); the store applies the scale.
-// mask_rows: the dropout mask rows of the lane's two rows. kMask: the tile
+// mask_rows: the dropout mask rows of the lane's two rows; bits_row: this
+// lane's byte in the rows' first DropoutBits block (key block 0), whose key
+// blocks up to kb_last get the decisions. kMask: the tile
 // reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
 template <int kBc, bool kCausal, bool kDropout, bool kMask>
 __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
-                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2]) {
+                                             const AttentionDropout& drop, const uint64_t (&mask_rows)[2],
+                                             uint8_t* bits_row, int kb_last) {
   const int lane = threadIdx.x % 32;
   // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
   // mask is computed in 32-bit from offsets clamped to the tile. It goes into
@@ -169,9 +198,12 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
     if constexpr (kDropout)
-      if (kk % 4 == 0)
+      if (kk % 4 == 0) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) dropout_words_rows(drop, mask_rows[r], k0 + 16 * kk, lane, keep[r]);
+        const int kb = static_cast<int>(k0 / 64) + kk / 4;
+        save_keep_bits(keep, bits_row + kb * 512, lane, kb <= kb_last);
+      }
     float p[2][4];
 #pragma unroll
     for (int c = 0; c < 2; ++c)
@@ -250,6 +282,15 @@ __device__ __forceinline__ ItemPlace item_place(const Params& p, int64_t item) {
   const int64_t group_pairs = min(p.group, pairs - first_pair);
   const int64_t pair = first_pair + in_group % group_pairs;
   return {pair / p.batch_heads, pair % p.batch_heads, in_group / group_pairs};
+}
+
+// An item's row set in DropoutBits' order, segment B H + batch H + head
+// (derived, not carried in the item: a larger item spills the producer's
+// registers; positions fit 32 bits, ws_takes).
+template <class Params>
+__device__ __forceinline__ int64_t dropout_row_set(const Params& p, int64_t batch, int64_t head, const RowSet& rows) {
+  const int64_t segment = static_cast<uint32_t>(rows.base) / static_cast<uint32_t>(p.g.w);
+  return segment * p.batch_heads + batch * p.g.heads + head;
 }
 
 // The producer warp's next item after its first (blockIdx.x): lane 0 takes
@@ -426,14 +467,26 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         mask_rows[r] = drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
       }
     }
+    // The keep bits, saved for the backward (DropoutBits): this lane's byte
+    // in the first block of its warpgroup's 64 rows; the blocks reach key
+    // block qb (causal) or the row set's last one (none past the row set).
+    uint8_t* bits_row = nullptr;
+    int kb_last = -1;
+    if constexpr (kDropout) {
+      const int64_t qb = group_row0 / 64;
+      bits_row = reinterpret_cast<uint8_t*>(p.drop.bits.words +
+                                            p.drop.bits.word(dropout_row_set(p, batch, head, rows), qb, 0)) +
+                 4 * (4 * (2 * (lane % 4) + ((lane >> 2) & 1)) + lane / 8) + warp;
+      if (group_row0 < rows.count) kb_last = static_cast<int>(kCausal ? qb : (rows.count - 1) / 64);
+    }
 
     auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
       if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
         softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                              p.scale_log2, drop, mask_rows);
+                                              p.scale_log2, drop, mask_rows, bits_row, kb_last);
       else
         softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                               p.scale_log2, drop, mask_rows);
+                                               p.scale_log2, drop, mask_rows, bits_row, kb_last);
     };
     // Ring slot and phase of this item's key tile j.
     auto stage = [&](int j) { return (ring + j) % kStages; };
@@ -767,7 +820,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;  // warp-uniform, as in the forward
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
-  const AttentionDropout drop = resolved_dropout<kDropout>(p.drop.mask);
   // Tile descriptors, built once and stepped by constants (wgmma::desc_offset);
   // K's and V's per slot below.
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
@@ -780,10 +832,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const uint64_t q_mn_desc0 = wgmma::desc_sw128(smem + L::kQ, 1024, kMnLbo);
   const uint64_t do_mn_desc0 = wgmma::desc_sw128(smem + L::kDO, 1024, kMnLbo);
   const uint64_t ds_desc0 = wgmma::desc_sw128(smem + L::kDS);
-
-  // Dropout: this warp's 16 keys are one group; this lane's keys are bytes
-  // key_byte and key_byte + 2 of a mask word.
-  const int key_byte = (lane / 4) & 1;
 
   // S^T = K Q^T and dP^T = V dO^T of ring tile t (64 keys x 64 queries) with
   // the K and V of slot kv; at head dim 64 issued one tile ahead: tile j + 1's
@@ -858,8 +906,16 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       adds[r] = pos >= 0 && (kDirect ? p.kv_written && p.kv_written[ri] : !p.kv_written || p.kv_written[ri]);
     }
     const uint64_t k_cols_desc = wgmma::desc_offset(k_cols_desc0, slot * KTile::kBytes);
-    // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
-    const uint64_t drop_row0 = kDropout ? dropout_row(p.drop, g, batch, head, rows.base) : 0;
+    // Dropout: the keep bits the forward saved (DropoutBits), a word per lane
+    // and tile, loaded a tile ahead (0 where no key of the warpgroup sees the tile).
+    const int64_t row_set = kDropout ? dropout_row_set(p, batch, head, rows) : 0;
+    auto tile_bits = [&](int jj) -> uint32_t {
+      const int64_t qb = q_first / kBm + jj, kb = key0 / 64;
+      if (jj >= n_tiles || key0 >= rows.count || (kCausal && kb > qb)) return 0u;
+      return __ldcs(p.drop.bits.words + p.drop.bits.word(row_set, qb, kb) + 32 * warp + lane);
+    };
+    uint32_t kept_next = 0;
+    if constexpr (kDropout) kept_next = tile_bits(0);
     float dk[kD / 2], dv[kD / 2];
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -879,21 +935,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const bool has_next = j + 1 < n_tiles;
       const bool dq_here = !L::kDQTurns || (t & 1) == consumer;
 
-      // The dropout mask words, drawn while S^T and dP^T run: keep[h][2 (c % 4) + e]
-      // is this lane's word of query q0 + 8c + 2 (lane % 4) + e, c = 4h + (c % 4).
-      uint32_t keep[2][8];
+      // The tile's keep bits: bit 4c + e keeps element [4c + e] (below).
+      uint32_t kept = 0;
       if constexpr (kDropout) {
-        const int64_t tq0 = q0 + 2 * (lane % 4);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          dropout_words_keys(
-              drop, key0 + warp * 16, lane, h,
-              [&](int u) {
-                const int64_t tq = tq0 + 8 * (u >> 1) + (u & 1);
-                return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
-              },
-              keep[h]);
-        }
+        kept = kept_next;
+        kept_next = tile_bits(j + 1);
       }
       wgmma::wait<L::kAhead ? 0 : 1>();  // S^T (at head dim 64 one group with dP^T)
       wgmma::fence_operands(st);
@@ -938,10 +984,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
             const float x = st[4 * c + e];
             // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
             float m = 1.f;
-            if constexpr (kDropout)
-              m = attention_keep_byte(keep[c / 4][2 * (c % 4) + (e & 1)], 2 * (e >> 1) + key_byte, drop.threshold)
-                      ? drop.scale
-                      : 0.f;
+            if constexpr (kDropout) m = (kept >> (4 * c + e)) & 1 ? p.drop.mask.scale : 0.f;
             pv[e] = x * m;
             dsv[e] = x * (m * dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
           }
@@ -1359,6 +1402,7 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
                 float* lse, BFloat16* out) {
+  MINIDL_CHECK(!drop.mask.enabled() || drop.bits.words, "dilated_attention (cuda, ws): dropout without a buffer for its keep bits");
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
@@ -1400,6 +1444,8 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  int64_t batch, bool causal, float scale, const BranchDropout& drop, float* dq_acc, float* dk_acc,
                  float* dv_acc, BFloat16* dk_out, BFloat16* dv_out, int64_t out_row_stride,
                  uint8_t* kv_written) {
+  MINIDL_CHECK(!drop.mask.enabled() || drop.bits.words,
+               "dilated_attention backward (cuda, ws): dropout without the forward's keep bits");
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
