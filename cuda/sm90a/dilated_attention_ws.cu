@@ -437,7 +437,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
   };
   hopper::mbar_wait(&q_full[0], 0);
   issue_first_s(0, 0, item_of_slot[0].n_tiles > 0);
-  WS_TRACE_STATE;
+  WS_TRACE_STATE(consumer);
   for (int n = 0;; ++n) {
     const int slot = n & 1;
     // Already complete (waited before S(0)'s issue); the acquire for item_of_slot.
@@ -875,7 +875,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   // kAhead: an item's first S^T and dP^T are in flight when it begins (the
   // first item's issued here, the others under the previous epilogue).
   if constexpr (L::kAhead) issue_sdp(0, 0, w.n_tiles >= 0);
-  WS_TRACE_STATE;
+  WS_TRACE_STATE(consumer);
   while (w.n_tiles >= 0) {
     WS_TRACE(1, 1, w.n_tiles);
     const int slot = n % kKvSlots;

@@ -61,9 +61,13 @@ inline void end(int kind) {
 }
 
 }  // namespace minidl::cuda::attn::trace
-#define WS_TRACE_STATE int trace_n_ = 0
-#define WS_TRACE(kind, event, tile) ::minidl::cuda::attn::trace::mark(kind, consumer, trace_n_, event, tile)
+// WS_TRACE_STATE(wg) starts a consumer warpgroup's record list (wg: its
+// index, 0 or 1); WS_TRACE marks a point of it.
+#define WS_TRACE_STATE(wg) \
+  const int trace_wg_ = (wg); \
+  int trace_n_ = 0
+#define WS_TRACE(kind, event, tile) ::minidl::cuda::attn::trace::mark(kind, trace_wg_, trace_n_, event, tile)
 #else
-#define WS_TRACE_STATE
+#define WS_TRACE_STATE(wg)
 #define WS_TRACE(kind, event, tile)
 #endif
