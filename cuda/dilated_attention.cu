@@ -61,6 +61,12 @@ BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch
 }
 
 #if MINIDL_WGMMA
+// The most of the device's memory that one forward's attention-dropout bits
+// may take (they live until the backward; past it, e.g. dense attention over
+// 256K rows with 8 heads, 34 GB, the forward keeps none and the backward
+// draws the mask again, on the mma.sync kernels).
+constexpr double kDropoutBitsBudget = 1.0 / 16;
+
 // The order in which the ws kernels run a config's branches when one of them
 // keeps every row (dilation 1): the others first, as listed, then that one,
 // which finishes every row in the output's dtype (the forward's O and lse,
@@ -90,11 +96,21 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
                           const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
                           Tensor* dropout_bits) {
   Shape4 s = shape_of(q);
-  // The ws forward keeps attention dropout's mask as it draws it (every
-  // branch has its region; launches of the older kernels leave theirs alone).
+  // For a backward to come (dropout_bits), the ws forward keeps attention
+  // dropout's mask as it draws it, every branch in its region, when the ws
+  // kernel takes the problem (the same for every branch) and the bits fit the
+  // budget (kept_dropout_bits).
   Tensor bits;
-  if (config.dropout.enabled() && q.dtype() == DType::BFloat16 && kernel == AttentionKernel::kWarpSpecialized)
-    bits = Tensor::empty({dropout_bits_offset(config, s, config.branches.size())}, {DType::Int32, q.device(), false});
+#if MINIDL_WGMMA
+  if (dropout_bits && config.dropout.enabled() && q.dtype() == DType::BFloat16 &&
+      kernel == AttentionKernel::kWarpSpecialized && (s.d == 64 || s.d == 128) &&
+      ws_takes(operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
+               branch_grid(s, config.branches[0], kMmaRows), s.b)) {
+    const int64_t words = dropout_bits_offset(config, s, config.branches.size());
+    if (static_cast<double>(words) * 4 <= kDropoutBitsBudget * static_cast<double>(device_memory_bytes()))
+      bits = Tensor::empty({words}, {DType::Int32, q.device(), false});
+  }
+#endif
   if (dropout_bits) *dropout_bits = bits;
   auto drop_of = [&](size_t branch) { return branch_dropout(config, branch, s, bits); };
   std::vector<size_t> order(config.branches.size());
@@ -260,6 +276,14 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   bool fp32 = q.dtype() == DType::Float32;
   int64_t rows = s.b * s.n * s.h;
   float scale = static_cast<float>(config.scale);
+  if (dropout_bits.defined()) {
+    const int64_t words = dropout_bits_offset(config, s, config.branches.size());
+    MINIDL_CHECK(config.dropout.enabled() && dropout_bits.dtype() == DType::Int32 &&
+                     dropout_bits.device() == q.device() && dropout_bits.is_contiguous() && dropout_bits.numel() == words,
+                 op, ": dropout_bits are not the forward's for this problem (", dropout_bits.numel(), " ",
+                 dtype_name(dropout_bits.dtype()), " words on ", dropout_bits.device().str(), "; the forward keeps ", words,
+                 " contiguous int32 words on ", q.device().str(), ", with dropout on)");
+  }
 #if MINIDL_WGMMA
   // The ws kernels, when a branch keeps every row (vanilla attention, or
   // dilation 1 among the branches): that branch runs last and writes dK and
@@ -269,8 +293,6 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   // needs a zeroed accumulator. With attention dropout they read the mask's
   // keep bits that the ws forward saved; without those, the mma backward
   // draws the mask.
-  MINIDL_CHECK(!dropout_bits.defined() || dropout_bits.numel() == dropout_bits_offset(config, s, config.branches.size()),
-               op, ": dropout_bits are not the forward's for this problem (", dropout_bits.numel(), " words)");
   auto rows_of_heads = [&](const Tensor& t) {  // (B, N, H, D) with each position's H x D block dense
     return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
   };

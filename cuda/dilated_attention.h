@@ -37,8 +37,11 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
 // The same, handing out attention dropout's mask in *dropout_bits for the
 // backward: the ws forward keeps the bits it draws (one per attended pair,
 // int32 words on the device: about 2 GB for the benchmarks' 1M-token,
-// 8-head LongNet problem; docs/dilated-attention.md); with the other
-// kernels, or without dropout, it is left undefined.
+// 8-head LongNet problem; docs/dilated-attention.md). It is left undefined
+// without dropout, with the other kernels, where the ws kernel does not take
+// the problem (e.g. views whose batch stride is not N row strides), and where
+// the bits would take more than 1/16 of the device's memory: the backward
+// then draws the mask again.
 void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
                                Tensor* dropout_bits);

@@ -32,6 +32,7 @@ struct PerDevice {
   int* counters = nullptr;
   int sms = 0;
   int cc = 0;
+  size_t memory = 0;  // bytes of device memory in all
 };
 
 // Leaked on purpose: handles must outlive static tensors at exit.
@@ -54,6 +55,8 @@ PerDevice& current() {
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
       d.cc = major * 10 + minor;
+      size_t free = 0;
+      MINIDL_CUDA_CHECK(cudaMemGetInfo(&free, &d.memory));
       // Made with the stream, before any capture could be under way; zeroed
       // in stream order ahead of every launch that uses them.
       MINIDL_CUDA_CHECK(cudaMalloc(&d.counters, 2 * sizeof(int)));
@@ -74,6 +77,7 @@ int current_device() {
 
 cudaStream_t stream() { return current().stream; }
 int multiprocessor_count() { return current().sms; }
+size_t device_memory_bytes() { return current().memory; }
 int compute_capability() { return current().cc; }
 
 // The handles and workspaces are made on first use, under g_mutex: threads

@@ -46,6 +46,8 @@ int current_device();
 // CUDA graph.
 bool stream_capturing();
 int multiprocessor_count();
+// The current device's memory in bytes (all of it, not what is free).
+size_t device_memory_bytes();
 // major * 10 + minor of the current device, e.g. 90 for an H100.
 int compute_capability();
 void synchronize();

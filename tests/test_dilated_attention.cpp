@@ -1572,6 +1572,52 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
 #endif
 }
 
+TEST_CASE("CUDA attention dropout: a forward the ws kernel does not take keeps no bits; the backward checks the bits it is given") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const Case c{"two branches", 2, 200, 2, 64, {64, 128}, {1, 2}};
+  const DilatedAttentionConfig config = dropout_config(c, 0.2, 4242, 5);
+  const double tol = cuda_tolerance(DType::BFloat16, c.D, true);
+  for_each_kernel(DType::BFloat16, c.D, [&] {
+    // Rows of a batch 2N apart: the ws kernels need the batch stride to be N
+    // row strides, so the forward runs an older kernel and keeps no bits;
+    // the backward, on contiguous copies the ws kernel would take, must then
+    // draw the mask itself.
+    auto batch_view = [&] { return random_tensor({c.B, 2 * c.N, c.H, c.D}).to(DType::BFloat16).to(gpu).slice(1, 0, c.N); };
+    Tensor q = batch_view(), k = batch_view(), v = batch_view();
+    Tensor q64 = q.to(Device::cpu()).to(DType::Float64), k64 = k.to(Device::cpu()).to(DType::Float64),
+           v64 = v.to(Device::cpu()).to(DType::Float64);
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+    Forward got = run_cuda_forward(q, k, v, config);
+    CHECK_FALSE(got.dropout_bits.defined());
+    check_scaled(got.out.to(Device::cpu()), want.out, tol);
+    Tensor grad_out = random_tensor(q.shape()).to(DType::BFloat16);
+    Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                               grad_out.to(DType::Float64), Tensor(), config);
+    Backward gg = run_cuda_backward(q.contiguous(), k.contiguous(), v.contiguous(), got, grad_out.to(gpu), Tensor(),
+                                    config);
+    check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+
+    // Bits that are not this problem's forward's are refused.
+    Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    Forward kept = run_cuda_forward(qc, kc, vc, config);
+    if (!kept.dropout_bits.defined()) return;  // not the ws kernel
+    auto refused = [&](const Tensor& bits, const DilatedAttentionConfig& cfg) {
+      Forward f = kept;
+      f.dropout_bits = bits;
+      CHECK_THROWS_WITH_AS(run_cuda_backward(qc, kc, vc, f, grad_out.to(gpu), Tensor(), cfg),
+                           doctest::Contains("dropout_bits are not the forward's"), Error);
+    };
+    const int64_t words = kept.dropout_bits.numel();
+    refused(Tensor::empty({words + 1}, {DType::Int32, gpu, false}), config);
+    refused(Tensor::empty({words}, {DType::Float32, gpu, false}), config);
+    refused(Tensor::empty({words}, {DType::Int32, Device::cpu(), false}), config);
+    refused(kept.dropout_bits, kernel_config(c));  // the same problem without dropout
+  });
+#endif
+}
+
 TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactly, forward and backward") {
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)

@@ -467,18 +467,20 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         mask_rows[r] = drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
       }
     }
-    // The keep bits, saved for the backward (DropoutBits): this lane's byte
-    // in the first block of its warpgroup's 64 rows; the blocks reach key
-    // block qb (causal) or the row set's last one (none past the row set).
+    // The keep bits, saved for the backward (DropoutBits) when the launch has
+    // a buffer for them: this lane's byte in the first block of its
+    // warpgroup's 64 rows; the blocks reach key block qb (causal) or the row
+    // set's last one (none past the row set, none without a buffer).
     uint8_t* bits_row = nullptr;
     int kb_last = -1;
-    if constexpr (kDropout) {
-      const int64_t qb = group_row0 / 64;
-      bits_row = reinterpret_cast<uint8_t*>(p.drop.bits.words +
-                                            p.drop.bits.word(dropout_row_set(p, batch, head, rows), qb, 0)) +
-                 4 * (4 * (2 * (lane % 4) + ((lane >> 2) & 1)) + lane / 8) + warp;
-      if (group_row0 < rows.count) kb_last = static_cast<int>(kCausal ? qb : (rows.count - 1) / 64);
-    }
+    if constexpr (kDropout)
+      if (p.drop.bits.words) {
+        const int64_t qb = group_row0 / 64;
+        bits_row = reinterpret_cast<uint8_t*>(p.drop.bits.words +
+                                              p.drop.bits.word(dropout_row_set(p, batch, head, rows), qb, 0)) +
+                   4 * (4 * (2 * (lane % 4) + ((lane >> 2) & 1)) + lane / 8) + warp;
+        if (group_row0 < rows.count) kb_last = static_cast<int>(kCausal ? qb : (rows.count - 1) / 64);
+      }
 
     auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
       if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
@@ -1402,7 +1404,6 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
                 float* lse, BFloat16* out) {
-  MINIDL_CHECK(!drop.mask.enabled() || drop.bits.words, "dilated_attention (cuda, ws): dropout without a buffer for its keep bits");
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
