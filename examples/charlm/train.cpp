@@ -258,7 +258,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const std::string data_hash = hex64(nn::fnv1a64(text.data(), text.size()));
   CharVocab vocab;
   if (resume) {
-    const std::string& want = meta_at(resume->metadata, "data.fnv1a64", last_path);
+    const std::string want = meta_at(resume->metadata, "data.fnv1a64", last_path);
     if (want != data_hash)
       throw UsageError("--data: '" + o.data + "' is not the text this run was trained on (checksum " +
                        data_hash + ", the checkpoint has " + want + ")");
