@@ -98,8 +98,8 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   Shape4 s = shape_of(q);
   // For a backward to come (dropout_bits), the ws forward keeps attention
   // dropout's mask as it draws it, every branch in its region, when the ws
-  // kernel takes the problem (the same for every branch) and the bits fit the
-  // budget (kept_dropout_bits).
+  // kernel takes the problem (forward_mma's test; the same for every branch)
+  // and the bits fit kDropoutBitsBudget.
   Tensor bits;
 #if MINIDL_WGMMA
   if (dropout_bits && config.dropout.enabled() && q.dtype() == DType::BFloat16 &&
