@@ -97,15 +97,13 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
                           Tensor* dropout_bits) {
   Shape4 s = shape_of(q);
   // For a backward to come (dropout_bits), the ws forward keeps attention
-  // dropout's mask as it draws it, every branch in its region, when the ws
-  // kernel takes the problem (forward_mma's test; the same for every branch)
-  // and the bits fit kDropoutBitsBudget.
+  // dropout's mask as it draws it, every branch in its region, when
+  // forward_mma runs the problem on it and the bits fit kDropoutBitsBudget.
   Tensor bits;
 #if MINIDL_WGMMA
   if (dropout_bits && config.dropout.enabled() && q.dtype() == DType::BFloat16 &&
-      kernel == AttentionKernel::kWarpSpecialized && (s.d == 64 || s.d == 128) &&
-      ws_takes(operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
-               branch_grid(s, config.branches[0], kMmaRows), s.b)) {
+      ws_forward_runs(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
+                      branch_grid(s, config.branches[0], kMmaRows), s.b, s.d)) {
     const int64_t words = dropout_bits_offset(config, s, config.branches.size());
     if (static_cast<double>(words) * 4 <= kDropoutBitsBudget * static_cast<double>(device_memory_bytes()))
       bits = Tensor::empty({words}, {DType::Int32, q.device(), false});
