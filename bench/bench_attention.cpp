@@ -3,8 +3,9 @@
 // and forward+backward time, effective TFLOP/s counting only useful FLOPs
 // (4·D per attended (query, key) pair forward, 2.5x that backward) and peak
 // memory. The dilated configuration is LongNet's: w = 2048, 4096, 8192, 16384
-// with r = 1, 2, 4, 8 (segments clamp to N). Each problem runs on every kernel
-// version that takes it (MINIDL_ATTENTION_KERNEL, cuda/dilated_attention.h),
+// with r = 1, 2, 4, 8 (segments clamp to N). Each problem runs on every
+// tensor-core version (mma, wgmma, ws) that runs its forward or backward here
+// (MINIDL_ATTENTION_KERNEL, cuda/dilated_attention.h; SIMT is not timed),
 // side by side: "<problem>:<version>/N". "segments" is the dilated problem's
 // dilation-1 branch alone (w = 2048, r = 1: causal attentions of 2048 rows),
 // which bench/pytorch/attention_baseline.py runs through SDPA as a batch. The

@@ -12,7 +12,7 @@
 //    tokens (default 8M) on those P that hold at most 4M tokens per GPU. Two
 //    branch sets: "w16k" is bench_attention's LongNet configuration (w =
 //    2048..16384, r = 1..8; at 1M tokens per GPU every segment lies inside a
-//    chunk, so the ranks exchange only their chunk sizes), "wN" the same
+//    chunk and the layout is given, so nothing is exchanged), "wN" the same
 //    geometric family extended until one segment covers the sequence (what
 //    docs/scaling.md models: its long segments gather across ranks).
 // Each case is one job that every rank runs at once, a fixed number of

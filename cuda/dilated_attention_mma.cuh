@@ -59,7 +59,7 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  int64_t batch, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
                  float* dk_acc, float* dv_acc, BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr,
                  int64_t out_row_stride = 0, uint8_t* kv_written = nullptr);
-// Head dim (g.dim) 64 or 128; the backward takes 64. With attention dropout the
+// Head dim (g.dim) 64 or 128, forward and backward. With attention dropout the
 // backward reads the mask from dropout.bits (the forward's), which the forward
 // writes when it has them (dropout.bits.words), else it keeps none.
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,

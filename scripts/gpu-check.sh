@@ -71,7 +71,9 @@ if [[ $steps == *bench* ]]; then
     [ -x "$build/bench/$b" ] || continue
     filter_var=MINIDL_FILTER_$b
     extra=()
-    [ "$b" = bench_attention ] && extra=(--plot="$dest/bench_attention.png")
+    # bench_attention as docs/BENCHMARKS.md's tables: medians of 3 runs of at least 0.2 s
+    [ "$b" = bench_attention ] && extra=(--plot="$dest/bench_attention.png" --benchmark_min_time=0.2
+                                         --benchmark_repetitions=3)
     "$build/bench/$b" --benchmark_filter="${!filter_var:-.}" --benchmark_out="$out/$b.json" \
       --benchmark_out_format=json "${extra[@]}" >"$out/$b.txt" 2>&1
   done

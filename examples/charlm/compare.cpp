@@ -35,8 +35,8 @@ constexpr const char* kCompareHelp =
     "act as the whole context (a warning says so). --out refuses a directory that\n"
     "holds a run's files. An interrupted comparison continues with --resume DIR\n"
     "(its recipe is kept in DIR/compare.run; like train --resume, only --data,\n"
-    "--iters, the evaluation and logging flags, --device, --dtype and --threads\n"
-    "may change).";
+    "--iters, the evaluation and logging flags, --device, --dtype, --threads,\n"
+    "--dp, --sp and --no-graph may change).";
 
 constexpr const char* kCompareFile = "compare.run";
 constexpr const char* kCompareIdKey = "compare.id";

@@ -82,14 +82,14 @@ minidl::nn::Metadata recipe_metadata(const TrainOptions& options, int64_t vocab_
 TrainOptions recipe_from_metadata(const minidl::nn::Metadata& metadata);
 // Throws UsageError for each flag given on the command line whose value
 // differs from the checkpoint's recipe (a resumed run keeps its recipe, so
-// that its curve continues the original one); --iters, the evaluation and
-// logging intervals, --device, --dtype and --threads may change.
+// that its curve continues the original one); the run-level flags
+// (with_run_flags) may change.
 void check_resume_flags(const FlagSet& flags, const TrainOptions& requested,
                         const TrainOptions& recipe);
 
 // `recipe` with the run-level flags given on the command line (--data,
 // --iters, --eval-interval, --eval-iters, --log-interval, --device, --dtype,
-// --threads, --dp, --no-graph) taken from `requested`: what a resumed run may change.
+// --threads, --dp, --sp, --no-graph) taken from `requested`: what a resumed run may change.
 TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested, TrainOptions recipe);
 
 std::string format_double(double v);  // shortest text that reads back exactly
