@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A/B timing of a kernel change: builds a base source tree and this one side
+# by side (in parallel, Release), then runs one benchmark program of each
+# alternately, round after round, and prints one table of medians (a column
+# per binary and round). Alternating in one call keeps clock and thermal drift
+# out of the comparison (docs/kernel-notes.md: cross-call noise is 1-2%,
+# the size of most single steps).
+#   scripts/ab-bench.sh BASE_DIR [--bench NAME] [--filter REGEX] [--rounds N]
+#                       [--env VAR=VALUE ...] [-- extra benchmark flags]
+# BASE_DIR: the base sources, e.g. `git worktree add ../base HEAD~1` (on a
+# machine without the repository, a copy carried there). --env runs this
+# tree's binary once more per round with VAR=VALUE set (an experiment's
+# switch), as its own column. Defaults: bench_attention, every benchmark,
+# 2 rounds, medians of 3 runs of at least 0.2 s. Build folders: /tmp/ab-base,
+# /tmp/ab-new ($MINIDL_AB_DIR overrides /tmp/ab); dependencies from a prefix as
+# in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# -ge 1 ] || usage
+case $1 in -h | --help) usage ;; esac
+base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
+shift
+bench=bench_attention filter=. rounds=2 envs=() extra=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --bench) bench=$2; shift 2 ;;
+    --filter) filter=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --env) envs+=("$2"); shift 2 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "ab-bench: unknown argument $1" >&2; usage ;;
+  esac
+done
+[ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }
+export PATH=/usr/local/cuda/bin:$PATH
+prefix=${MINIDL_PREFIX:-}
+[ -n "$prefix" ] && export LD_LIBRARY_PATH=$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+root=${MINIDL_AB_DIR:-/tmp/ab}
+jobs=$(( ($(nproc) + 1) / 2 ))
+build() {  # source dir, build dir
+  cmake -S "$1" -B "$2" ${prefix:+-DCMAKE_PREFIX_PATH=$prefix} -DCMAKE_BUILD_TYPE=Release >"$2.cmake.log" 2>&1 &&
+    cmake --build "$2" -j"$jobs" --target "$bench" >"$2.build.log" 2>&1
+}
+mkdir -p "$root"
+start=$(date +%s)
+build "$base" "$root-base" & pid_base=$!
+build . "$root-new" & pid_new=$!
+ok=1
+wait $pid_base || { echo "ab-bench: the base build failed ($root-base.build.log):"; grep -m5 error "$root-base.build.log"; ok=0; }
+wait $pid_new || { echo "ab-bench: this tree's build failed ($root-new.build.log):"; grep -m5 error "$root-new.build.log"; ok=0; }
+[ $ok = 1 ] || exit 1
+echo "ab-bench: built both in $(( $(date +%s) - start )) s"
+bin_base=$root-base/bench/$bench bin_new=$root-new/bench/$bench
+flags=(--benchmark_filter="$filter" --benchmark_min_time=0.2 --benchmark_repetitions=3
+       --benchmark_report_aggregates_only=true "${extra[@]}")
+logs=()
+for ((r = 1; r <= rounds; ++r)); do
+  "$bin_base" "${flags[@]}" >"$root/base.r$r.txt" 2>&1; logs+=("$root/base.r$r.txt")
+  "$bin_new" "${flags[@]}" >"$root/new.r$r.txt" 2>&1; logs+=("$root/new.r$r.txt")
+  for e in "${envs[@]}"; do
+    env "$e" "$bin_new" "${flags[@]}" >"$root/${e%%=*}=${e#*=}.r$r.txt" 2>&1; logs+=("$root/${e%%=*}=${e#*=}.r$r.txt")
+  done
+done
+# One row per benchmark, one column per run: its median real time.
+awk '
+  FNR == 1 { col = FILENAME; sub(/.*\//, "", col); sub(/\.txt$/, "", col); cols[++ncol] = col }
+  { gsub(/\033\[[0-9;]*m/, "") }
+  $1 ~ /_median$/ { name = $1; sub(/(\/real_time)?_median$/, "", name)
+                   if (!(name in seen)) { seen[name] = 1; rows[++nrow] = name }
+                   t[name, col] = $2 " " $3 }
+  END {
+    printf "%-40s", "benchmark (median real time)"; for (c = 1; c <= ncol; ++c) printf " %12s", cols[c]; print ""
+    for (r = 1; r <= nrow; ++r) {
+      printf "%-40s", rows[r]
+      for (c = 1; c <= ncol; ++c) printf " %12s", ((rows[r], cols[c]) in t ? t[rows[r], cols[c]] : "-")
+      print ""
+    }
+  }' "${logs[@]}"
