@@ -31,8 +31,10 @@ namespace minidl::autograd {
 
 using BackwardFn = std::function<std::vector<Tensor>(const std::vector<Tensor>& grad_outputs)>;
 
-// True when grad mode is on and some input requires grad: an op should then
-// save tensors and call record().
+// True when grad mode is on and some input carries a gradient (a leaf that
+// requires grad, or an output of a live node on this thread's tape; the output
+// of a freed node still says requires_grad() but records nothing): an op
+// should then save tensors and call record().
 bool needs_grad(std::initializer_list<Tensor> inputs);
 bool needs_grad(const std::vector<Tensor>& inputs);
 

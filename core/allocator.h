@@ -29,8 +29,10 @@ void reset_peak_memory_stats(Device device);
 void empty_cache(Device device);
 
 namespace backend {
-// Implemented by the CUDA layer (cuda/runtime.cpp) or by stubs that throw
-// when minidl is built without CUDA; core calls them, never the reverse.
+// Implemented by the CUDA layer (cuda/allocator.cpp) or, when minidl is
+// built without CUDA, by stubs (cuda/no_cuda/) that throw for a CUDA device:
+// there the device count is 0, empty_cache does nothing and CPU-to-CPU
+// copies work. Core calls them, never the reverse.
 Allocator& cuda_allocator(int device);
 MemoryStats cuda_memory_stats(int device);
 void cuda_reset_peak_memory_stats(int device);

@@ -8,12 +8,11 @@ Device Device::parse(const std::string& text) {
   if (text == "cpu") return cpu();
   if (text == "cuda") return cuda(0);
   if (text.rfind("cuda:", 0) == 0) {
-    try {
-      size_t used = 0;
-      int index = std::stoi(text.substr(5), &used);
-      if (used == text.size() - 5 && index >= 0) return cuda(index);
-    } catch (const std::exception&) {
-    }
+    // N: decimal digits only, no sign, blanks or leading zeros (what str() writes).
+    const std::string n = text.substr(5);
+    const bool digits = !n.empty() && n.size() <= 9 && n.find_first_not_of("0123456789") == std::string::npos &&
+                        (n.size() == 1 || n[0] != '0');
+    if (digits) return cuda(std::stoi(n));
   }
   MINIDL_FAIL("Device::parse: expected \"cpu\", \"cuda\" or \"cuda:N\", got \"", text, "\"");
 }

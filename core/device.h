@@ -14,7 +14,8 @@ struct Device {
 
   static Device cpu() { return {DeviceType::CPU, 0}; }
   static Device cuda(int index = 0) { return {DeviceType::CUDA, index}; }
-  // "cpu", "cuda", "cuda:1"; throws minidl::Error otherwise.
+  // "cpu", "cuda", "cuda:N" (N in decimal, as str() writes it: no sign, blanks
+  // or leading zeros); throws minidl::Error otherwise.
   static Device parse(const std::string& text);
 
   bool is_cpu() const { return type == DeviceType::CPU; }

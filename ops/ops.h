@@ -5,9 +5,13 @@
 // its backward on the tape when an input requires grad.
 //
 // Conventions: no implicit dtype promotion (inputs of a binary op share a
-// dtype; use to(dtype)); inputs share a device; outputs are contiguous unless
-// the op is a view (reshape/view, permute, transpose, slice, narrow, expand,
-// squeeze/unsqueeze), which share storage with their input.
+// dtype; use to(dtype)); inputs share a device (copy_ copies across them);
+// outputs are contiguous unless the op is a view (reshape/view, permute,
+// transpose, slice, narrow, expand, squeeze/unsqueeze, split), which share
+// storage with their input. An op with nothing to do returns its input itself
+// (contiguous of a contiguous tensor, to() the same dtype or device, expand to
+// the same shape, sum_to the same shape, squeeze of a dim whose size is not 1,
+// dropout when not training or p = 0).
 #include <optional>
 #include <utility>
 #include <vector>
@@ -27,7 +31,9 @@ Tensor ones_like(const Tensor& t);
 Tensor arange(int64_t end, TensorOptions options = {});
 Tensor arange(double start, double end, double step, TensorOptions options = {});
 // Uniform [0, 1) and standard normal from the Philox stream of `gen`
-// (default_generator() when null): the same values on CPU and CUDA.
+// (default_generator() when null): the same values on CPU and CUDA. The
+// values are drawn in float32 and rounded to the output dtype: in bfloat16
+// uniform draws within 2^-9 of 1 round to 1.
 Tensor rand(const Shape& shape, TensorOptions options = {}, Generator* gen = nullptr);
 Tensor randn(const Shape& shape, TensorOptions options = {}, Generator* gen = nullptr);
 // Random windows of a token sequence (a language model's batches): row b
@@ -60,7 +66,8 @@ Tensor sigmoid(const Tensor& a);
 Tensor gt(const Tensor& a, const Tensor& b);
 Tensor lt(const Tensor& a, const Tensor& b);
 Tensor eq(const Tensor& a, const Tensor& b);
-// cond != 0 ? a : b, broadcasting all three; cond may have any dtype.
+// cond != 0 ? a : b, broadcasting all three; cond may have any dtype (it is
+// read as float32: a float64 cond below float32's smallest subnormal counts as 0).
 Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
 // value where mask != 0, else x.
 Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
@@ -90,15 +97,17 @@ enum class Activation { None, Gelu };
 // parameters' own layouts (weight's is (out, in), contiguous). CUDA
 // float32/bfloat16: one cuBLASLt GEMM whose epilogue adds the bias and applies
 // the GELU (saving its input for backward); backward folds the bias gradient
-// into the weight-gradient GEMM. Elsewhere the GEMM and the epilogue are
+// into the weight-gradient GEMM, unless the pass batches weight gradients
+// (the CUDA default, MINIDL_BATCH_WEIGHT_GRADS; README), where one column-sum
+// kernel computes the bias gradients. Elsewhere the GEMM and the epilogue are
 // separate kernels.
 Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias = Tensor(),
               Activation activation = Activation::None);
 // The transformer feed-forward linear(linear(x, fc_weight, fc_bias, Gelu),
 // proj_weight, proj_bias) as one op: its backward also folds the GELU
-// derivative and fc_bias's gradient into the GEMM that computes the hidden
-// gradient (cuBLASLt's DGELU_BGRAD epilogue), which separate linear ops cannot
-// do. fc_weight (hidden, in), proj_weight (out, hidden); biases may be
+// derivative (and, when weight gradients are not batched, fc_bias's gradient)
+// into the GEMM that computes the hidden gradient (cuBLASLt's DGELU or
+// DGELU_BGRAD epilogue), which separate linear ops cannot do. fc_weight (hidden, in), proj_weight (out, hidden); biases may be
 // undefined.
 Tensor mlp(const Tensor& x, const Tensor& fc_weight, const Tensor& fc_bias,
            const Tensor& proj_weight, const Tensor& proj_bias);
@@ -191,7 +200,7 @@ Tensor index_select(const Tensor& x, int64_t dim, const Tensor& indices);
 // ---- in-place (never recorded; for optimizers and initialisation) ----
 // Each bumps the storage version, so a tensor saved for backward and then
 // changed in place makes backward throw.
-void copy_(const Tensor& dst, const Tensor& src);  // broadcasts src; casts dtype
+void copy_(const Tensor& dst, const Tensor& src);  // broadcasts src; casts dtype; copies across devices
 void fill_(const Tensor& dst, double value);
 void zero_(const Tensor& dst);
 void add_(const Tensor& dst, const Tensor& src, double alpha = 1.0);  // dst += alpha * src

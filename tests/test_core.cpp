@@ -58,7 +58,9 @@ TEST_CASE("dtypes, devices and shape helpers") {
   CHECK(Device::parse("cuda") == Device::cuda(0));
   CHECK(Device::parse("cuda:3") == Device::cuda(3));
   CHECK(Device::cuda(1).str() == "cuda:1");
-  for (const char* bad : {"gpu", "cuda:", "cuda:-1", "cuda:1x", ""})
+  CHECK(Device::parse("cuda:0") == Device::cuda(0));
+  CHECK(Device::parse("cuda:12") == Device::cuda(12));
+  for (const char* bad : {"gpu", "cuda:", "cuda:-1", "cuda:1x", "", "cuda: 1", "cuda:+2", "cuda:01", "cuda:1234567890"})
     CHECK_THROWS_WITH_AS(Device::parse(bad), doctest::Contains("Device::parse: expected"), Error);
   CHECK(contiguous_strides({2, 3, 4}) == Shape{12, 4, 1});
   CHECK(contiguous_strides({}) == Shape{});
