@@ -70,8 +70,9 @@ class Communicator {
   virtual Work all_reduce_async(const Tensor& tensor);
   // tensor = root's tensor, in place.
   virtual void broadcast(const Tensor& tensor, int root) = 0;
-  // Returns when every rank has called it (host side; CUDA work before it is
-  // not waited for).
+  // Returns when every rank has called it. In-process: a host rendezvous (CUDA
+  // work before it is not waited for); NCCL: a one-element all-reduce, then
+  // a wait for this rank's queued CUDA work.
   virtual void barrier() = 0;
   // The sub-communicator of the ranks that pass the same `color` (>= 0),
   // ordered by `key` (then by rank), as MPI_Comm_split. Every rank must call

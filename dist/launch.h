@@ -6,7 +6,7 @@ namespace minidl::dist {
 
 struct ProcessRank {
   int rank = 0, world = 1;
-  int local = 0;  // this process's GPU on its node: LOCAL_RANK, else RANK modulo the visible GPUs
+  int local = 0;  // this process's GPU on its node: LOCAL_RANK, else RANK modulo the visible GPUs; 0 without WORLD_SIZE
 };
 
 // Rank 0 of 1 when WORLD_SIZE is unset; else RANK (required when WORLD_SIZE

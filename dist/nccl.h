@@ -3,7 +3,7 @@
 // runs on a communication stream of the rank (high priority, shared by the
 // communicators split from the same one, so a rank's NCCL calls keep their
 // order), forked from minidl's stream at the call and joined back to it (the
-// host does not wait): the plain collectives at once, the async ones by
+// host does not wait, except in barrier()): the plain collectives at once, the async ones by
 // Work::wait(), also inside a CUDA graph capture.
 // Built when minidl is built with CUDA and nccl.h and libnccl are found;
 // otherwise nccl_available() is false and the factories throw, saying so.

@@ -1,13 +1,15 @@
 #pragma once
 // Mixed-precision training for any Module: the optimizer updates float32
 // master weights, and a bfloat16 copy of the model runs forward and backward.
-// With an attached optimizer a step costs no extra kernels: the bfloat16
-// gradients are handed to the masters by handle, and the optimizer writes
-// each updated master into its bfloat16 copy (AdamW: in its fused kernel).
+// With an attached AdamW a step costs no extra kernels: the bfloat16
+// gradients are handed to the masters by handle, and AdamW's fused kernel
+// writes each updated master into its bfloat16 copy (SGD copies each one, a
+// kernel per parameter).
 //
 //   auto master = std::make_shared<MyNet>(config);   // float32
 //   master->to(device);
-//   nn::MixedPrecision mp(master, std::make_shared<MyNet>(config));
+//   auto compute = std::make_shared<MyNet>(config);  // becomes the bfloat16 copy
+//   nn::MixedPrecision mp(master, compute);
 //   nn::AdamW opt(nn::weight_decay_groups(mp.master(), 0.1), {.lr = 1e-3});
 //   mp.attach(opt);
 //   for (...) {

@@ -38,7 +38,7 @@ class Optimizer {
   // writes it into lr_tensor().
   void set_lr(double lr);
   double lr() const { return lr_; }
-  // Steps taken by step() in this process, plus those of a loaded state.
+  // The loaded state's step count (0 if none) plus the steps step() took since.
   int64_t step_count() const { return step_count_; }
   const std::vector<ParamGroup>& param_groups() const { return groups_; }
   Device device() const { return step_.device(); }
@@ -104,9 +104,10 @@ struct AdamWOptions {
 // AdamW (Loshchilov & Hutter, decoupled weight decay), PyTorch's algorithm:
 //   p -= lr wd p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
 //   p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
-// Every parameter in one multi-tensor step (ops::adamw_step_: a step-counter
-// kernel and one kernel per parameter dtype on CUDA), which also writes the
-// compute copies of mixed precision.
+// Every parameter in one multi-tensor step (ops::adamw_step_: one kernel per
+// parameter dtype on CUDA, whose last block advances the step counter; a
+// counter-only kernel when no parameter has a gradient), which also writes
+// the compute copies of mixed precision.
 class AdamW : public Optimizer {
  public:
   AdamW(std::vector<ParamGroup> groups, AdamWOptions options = {});

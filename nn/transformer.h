@@ -88,7 +88,8 @@ class TransformerLM : public Module {
   // fit in block_size, then between block_size / 2 and block_size of them.
   // (Re-feeding half a window every block_size / 2 ids keeps the cost per id
   // bounded; sliding by one id would re-feed the whole window every time.)
-  // Runs without recording autograd; call eval() first to disable dropout.
+  // Runs without recording autograd; throws in training mode when dropout > 0
+  // (call eval() first).
   std::vector<int32_t> generate(std::vector<int32_t> prompt, int64_t max_new_tokens,
                                 const std::function<int32_t(const std::vector<float>&)>& sample) const;
 

@@ -19,8 +19,9 @@ struct TransformerLMConfig {
   bool bias = true;         // biases in Linear and LayerNorm layers
   bool tie_weights = true;  // LM head shares the token embedding (as nanoGPT)
   // Which attention layer the blocks use: a name in the attention registry
-  // (nn/attention.h). "causal" is built in; variants (dilated, rotary)
+  // (nn/attention.h). "causal" and "dilated" are built in; other kinds
   // register their own, reading their settings from attention_options.
+  // Rotary embeddings are position_embedding = "rope", in any kind.
   std::string attention = "causal";
   std::map<std::string, std::string> attention_options;
   // "learned": a (block_size, n_embd) position embedding added to the token
