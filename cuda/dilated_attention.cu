@@ -103,7 +103,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
 #if MINIDL_WGMMA
   if (dropout_bits && config.dropout.enabled() && q.dtype() == DType::BFloat16 &&
       ws_forward_runs(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
-                      branch_grid(s, config.branches[0], kMmaRows), s.b, s.d)) {
+                      branch_grid(s, config.branches[0], kMmaRows), s.b)) {
     const int64_t words = dropout_bits_offset(config, s, config.branches.size());
     if (static_cast<double>(words) * 4 <= kDropoutBitsBudget * static_cast<double>(device_memory_bytes()))
       bits = Tensor::empty({words}, {DType::Int32, q.device(), false});

@@ -257,7 +257,7 @@ void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Opera
                  float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
                  BFloat16* out) {
 #if MINIDL_WGMMA
-  if (ws_forward_runs(kernel, q, k, v, g, batch, d))
+  if (ws_forward_runs(kernel, q, k, v, g, batch))
     return forward_ws(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
   if (kernel >= AttentionKernel::kWgmma && d == 64)
     return forward_wgmma(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);

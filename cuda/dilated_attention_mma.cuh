@@ -43,8 +43,8 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 // that can keep attention dropout's bits for the backward): the same for
 // every branch of a problem, since ws_takes looks at strides and N only.
 inline bool ws_forward_runs(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
-                            const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d) {
-  return kernel == AttentionKernel::kWarpSpecialized && (d == 64 || d == 128) && ws_takes(q, k, v, g, batch);
+                            const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch) {
+  return kernel == AttentionKernel::kWarpSpecialized && (g.dim == 64 || g.dim == 128) && ws_takes(q, k, v, g, batch);
 }
 // dK and dV go into dk_acc / dv_acc: added where kv_written marks the row
 // (one byte per (b, position, head), set here for every row written), else
