@@ -368,8 +368,41 @@ __device__ __forceinline__ void load_merge_acc(MergeInputs<D>& in, int64_t q_row
   }
 }
 
+// How one row of a branch finishes: the output row is w_old * (the
+// accumulator's row) + w_new * o, and its lse becomes `lse`. m and l are the
+// lane's online-softmax state of the row (l summed over the quad here: every
+// lane of the warp calls this); out_scale as store_branch_rows'. kMerge and
+// kFinish merge with lse_old by the log-sum-exp rule (-inf: the row holds
+// nothing yet); the other modes take the branch alone (w_old = 0).
+struct RowFinish {
+  float w_old, w_new, lse;
+};
+
+template <MergeMode kMode>
+__device__ __forceinline__ RowFinish finish_row(float m, float l, float scale_log2, float out_scale,
+                                                float lse_old) {
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  const float lse2_branch = m * scale_log2 + log2f(l);  // the branch's lse, base 2
+  const float inv_l = out_scale / l;
+  RowFinish f{0.f, inv_l, lse2_branch * kLn2};
+  if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish) {
+    if (lse_old != -INFINITY) {
+      // In base 2 with the MUFU's approximations (relative error ~2^-22,
+      // as every weight of the softmax has) rather than expf / log1pf's
+      // accurate sequences, half of the instructions a merge added.
+      const float a = lse_old * kLog2e;
+      const float lse2 = fmaxf(a, lse2_branch) + __log2f(1.f + mma::exp2_ftz(-fabsf(a - lse2_branch)));
+      f.lse = lse2 * kLn2;
+      f.w_old = mma::exp2_ftz(a - lse2);
+      f.w_new = mma::exp2_ftz(lse2_branch - lse2) * inv_l;
+    }
+  }
+  return f;
+}
+
 // Finishes the two rows (q_row, q_row + 8) a lane holds in the accumulator
-// layout: sums l over the quad, then stores the normalised output and lse
+// layout (finish_row): stores the normalised output and lse
 // (kSingle), or writes (kWrite) or log-sum-exp merges (kMerge) them into the
 // fp32 accumulators, or merges them with the accumulators into the output
 // (kFinish, which needs `pre`). o[dt] is 8-column chunk dt of both rows. The output is
@@ -386,68 +419,51 @@ __device__ __forceinline__ void store_branch_rows(const float (&o)[D / 8][4], co
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float l = l_row[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int64_t tq = q_row + r * 8;
     const bool valid = tq < rows.count;
     const int64_t ri = merge_row(tq, g, batch, head, rows);
-    const float lse2_branch = m_row[r] * scale_log2 + log2f(l);  // the branch's lse, base 2
-    const float lse_branch = lse2_branch * kLn2;
-    const float inv_l = out_scale / l;
+    float lse_old = -INFINITY;
+    if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish)
+      lse_old = pre ? pre->lse[r] : valid ? lse[ri] : -INFINITY;
+    const RowFinish f = finish_row<kMode>(m_row[r], l_row[r], scale_log2, out_scale, lse_old);
     if constexpr (kMode == MergeMode::kSingle) {
       if (valid) {
         BFloat16* dst = out + ri * D;
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
           int col = dt * 8 + 2 * (lane % 4);
-          *reinterpret_cast<uint32_t*>(dst + col) =
-              mma::pack_bf16(o[dt][2 * r] * inv_l, o[dt][2 * r + 1] * inv_l);
+          *reinterpret_cast<uint32_t*>(dst + col) = mma::pack_bf16(o[dt][2 * r] * f.w_new, o[dt][2 * r + 1] * f.w_new);
         }
-        if (lane % 4 == 0) lse[ri] = lse_branch;
+        if (lane % 4 == 0) lse[ri] = f.lse;
       }
-    } else {
-      float w_old = 0.f, w_new = inv_l, lse_new = lse_branch;
-      if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish) {
-        float lse_old = pre ? pre->lse[r] : valid ? lse[ri] : -INFINITY;
-        if (lse_old != -INFINITY) {
-          // In base 2 with the MUFU's approximations (relative error ~2^-22,
-          // as every weight of the softmax has) rather than expf / log1pf's
-          // accurate sequences, half of the instructions a merge added.
-          const float a = lse_old * kLog2e;
-          const float lse2 = fmaxf(a, lse2_branch) + __log2f(1.f + mma::exp2_ftz(-fabsf(a - lse2_branch)));
-          lse_new = lse2 * kLn2;
-          w_old = mma::exp2_ftz(a - lse2);
-          w_new = mma::exp2_ftz(lse2_branch - lse2) * inv_l;
-        }
-      }
-      __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
-      if constexpr (kMode == MergeMode::kFinish) {
-        if (valid) {
-#pragma unroll
-          for (int dt = 0; dt < kDTiles; ++dt) {
-            const int col = dt * 8 + 2 * (lane % 4);
-            const float2 prev = pre->acc[r][dt];
-            *reinterpret_cast<uint32_t*>(out + ri * D + col) = mma::pack_bf16(
-                w_old * prev.x + w_new * o[dt][2 * r], w_old * prev.y + w_new * o[dt][2 * r + 1]);
-          }
-          if (lane % 4 == 0) lse[ri] = lse_new;
-        }
-        continue;
-      }
+      continue;
+    }
+    __syncwarp();  // the quad has read lse before lane 0 of it rewrites it
+    if constexpr (kMode == MergeMode::kFinish) {
       if (valid) {
-        float* dst = o_acc + ri * D;
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
-          int col = dt * 8 + 2 * (lane % 4);
-          float2 prev = kMode != MergeMode::kMerge ? make_float2(0.f, 0.f)
-                        : pre                     ? pre->acc[r][dt]
-                                                  : *reinterpret_cast<float2*>(dst + col);
-          *reinterpret_cast<float2*>(dst + col) = make_float2(
-              w_old * prev.x + w_new * o[dt][2 * r], w_old * prev.y + w_new * o[dt][2 * r + 1]);
+          const int col = dt * 8 + 2 * (lane % 4);
+          const float2 prev = pre->acc[r][dt];
+          *reinterpret_cast<uint32_t*>(out + ri * D + col) = mma::pack_bf16(
+              f.w_old * prev.x + f.w_new * o[dt][2 * r], f.w_old * prev.y + f.w_new * o[dt][2 * r + 1]);
         }
-        if (lane % 4 == 0) lse[ri] = lse_new;
+        if (lane % 4 == 0) lse[ri] = f.lse;
       }
+      continue;
+    }
+    if (valid) {
+      float* dst = o_acc + ri * D;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        int col = dt * 8 + 2 * (lane % 4);
+        float2 prev = kMode != MergeMode::kMerge ? make_float2(0.f, 0.f)
+                      : pre                     ? pre->acc[r][dt]
+                                                : *reinterpret_cast<float2*>(dst + col);
+        *reinterpret_cast<float2*>(dst + col) = make_float2(
+            f.w_old * prev.x + f.w_new * o[dt][2 * r], f.w_old * prev.y + f.w_new * o[dt][2 * r + 1]);
+      }
+      if (lane % 4 == 0) lse[ri] = f.lse;
     }
   }
 }

@@ -59,6 +59,22 @@ struct AtomTile {
   }
 };
 
+// Stores a warpgroup's 64 rows x kD columns of bf16, held as packed pairs in
+// the accumulator layout (rows[h][c]: the lane's row warp * 16 + lane / 4 +
+// 8 h, columns 8 c + 2 (lane % 4) and + 1), into a swizzled AtomTile<64, kD>
+// by stmatrix (matrix i of k-step kk: row half i % 2, column chunk 2 kk + i / 2),
+// for one TMA store; per-lane stores of 4 bytes to 8 rows at a time cost an
+// item thousands of cycles (kernel-notes, session 18).
+template <int kD>
+__device__ __forceinline__ void store_rows_tile(char* tile, const uint32_t (&rows)[2][kD / 8]) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
+  const int mat = lane / 8, row = warp * 16 + (mat % 2) * 8 + lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)
+    hopper::stmatrix_x4(AtomTile<64, kD>::at(tile, row, 2 * kk + mat / 2), rows[0][2 * kk], rows[1][2 * kk],
+                        rows[0][2 * kk + 1], rows[1][2 * kk + 1]);
+}
+
 // The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
 // accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
 template <int kD>
@@ -75,7 +91,18 @@ struct FwdShape {
   // TMA's and wgmma's 128-byte swizzle repeats every 1024 bytes of absolute
   // address: tiles start on a 1024-byte boundary, hence the slack.
   static constexpr int kBytes = kItems + 2 * 64 + 1024;
+  // The finishing branch without dropout at head dim 64 (out_tiles) writes a
+  // warpgroup's 64 bf16 output rows through shared memory, by one TMA store:
+  // the tiles lie past the rest, so only its launches ask for the room
+  // (kernel-notes, session 18: the other modes' code and L1 lost with it).
+  using OutTile = AtomTile<64, kD>;
+  static constexpr int kOut = (kItems + 2 * 64 + 1023) / 1024 * 1024;  // [2 warpgroups]
+  static constexpr int kBytesOut = kOut + 2 * OutTile::kBytes + 1024;
 };
+
+// Whether a forward instantiation writes its output rows through FwdShape's tiles.
+template <int kD, MergeMode kMode, bool kDropout>
+constexpr bool out_tiles = kD == 64 && kMode == MergeMode::kFinish && !kDropout;
 
 struct WsParams {
   BranchGrid g;
@@ -85,6 +112,7 @@ struct WsParams {
   BranchDropout drop;
   float *o_acc, *lse;
   BFloat16* out;
+  bool out_map;         // out_tiles: omap reaches out (rows of stride 1, aligned)
   int64_t batch_heads;  // B H
   int64_t items;        // segments x tiles_per_segment x B H
   int64_t group;        // (segment, batch-head) pairs whose K/V share L2: fwd_item
@@ -337,6 +365,7 @@ template <int kD, bool kCausal, MergeMode kMode, bool kDropout>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
+                                                                 const __grid_constant__ CUtensorMap omap,
                                                                  const WsParams p) {
   using Smem = FwdShape<kD>;
   using QTile = typename Smem::QTile;
@@ -571,13 +600,43 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       finish(pf);
     }
     WS_TRACE(0, 9, n_tiles);
-    store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse, p.out,
-                                kDropout ? p.drop.mask.scale : 1.f,
-                                  kMode == MergeMode::kMerge || kMode == MergeMode::kFinish ? &merge_in : nullptr);
+    bool by_tile = false;
+    if constexpr (out_tiles<kD, kMode, kDropout>) by_tile = p.out_map && group_row0 + 64 <= rows.count;
+    if (by_tile) {
+      // The warpgroup's 64 rows, all in the row set (of stride 1: kFinish is
+      // the dilation-1 branch), merged as store_branch_rows does, leave by
+      // one TMA store; their lse by the quads' first lanes.
+      uint32_t packed[2][kD / 8];
+      __syncwarp();  // the quad has read lse (load_merge_lse) before lane 0 of it rewrites it
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const RowFinish f = finish_row<kMode>(m_row[r], l_row[r], p.scale_log2, 1.f, merge_in.lse[r]);
+#pragma unroll
+        for (int dt = 0; dt < kD / 8; ++dt)
+          packed[r][dt] = mma::pack_bf16(f.w_old * merge_in.acc[r][dt].x + f.w_new * o[dt][2 * r],
+                                         f.w_old * merge_in.acc[r][dt].y + f.w_new * o[dt][2 * r + 1]);
+        if (lane % 4 == 0) p.lse[merge_row(q_row0 + 8 * r, g, batch, head, rows)] = f.lse;
+      }
+      char* tile = smem + Smem::kOut + consumer * Smem::OutTile::kBytes;
+      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<0>();  // the last item's store has read the tile
+      hopper::named_sync(2 + consumer, 128);
+      store_rows_tile<kD>(tile, packed);
+      wgmma::fence_proxy_async();  // st.shared (stmatrix), read next by the TMA unit
+      hopper::named_sync(2 + consumer, 128);
+      if (threadIdx.x % 128 == 0) {
+        hopper::tma_store_3d(&omap, tile, 0, static_cast<int>(head), static_cast<int>(batch * g.n + rows.base + group_row0));
+        hopper::bulk_commit();
+      }
+    } else {
+      store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse,
+                                   p.out, kDropout ? p.drop.mask.scale : 1.f,
+                                   kMode == MergeMode::kMerge || kMode == MergeMode::kFinish ? &merge_in : nullptr);
+    }
     WS_TRACE(0, 10, n_tiles);
     ring += n_tiles;
   }
   wgmma::wait<0>();  // the unused last issue
+  if (out_tiles<kD, kMode, kDropout> && threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // the tiles outlive the stores
 }
 
 // ---- backward ----
@@ -1206,15 +1265,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       }
       if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<0>();  // the last item's stores have read the tiles
       hopper::named_sync(2 + consumer, 128);
-      // Matrix i of k-step kk's stmatrix: row half i % 2, column chunk 2 kk + i / 2.
-      const int mat = lane / 8, row = warp * 16 + (mat % 2) * 8 + lane % 8;
-#pragma unroll
-      for (int kk = 0; kk < kD / 16; ++kk) {
-        hopper::stmatrix_x4(OutTile::at(dk_tile, row, 2 * kk + mat / 2), pk[0][2 * kk], pk[1][2 * kk],
-                            pk[0][2 * kk + 1], pk[1][2 * kk + 1]);
-        hopper::stmatrix_x4(OutTile::at(dv_tile, row, 2 * kk + mat / 2), pv[0][2 * kk], pv[1][2 * kk],
-                            pv[0][2 * kk + 1], pv[1][2 * kk + 1]);
-      }
+      store_rows_tile<kD>(dk_tile, pk);
+      store_rows_tile<kD>(dv_tile, pv);
       wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
       hopper::named_sync(2 + consumer, 128);
       if (threadIdx.x % 128 == 0) {
@@ -1311,17 +1363,19 @@ CUtensorMap rows_map(const Operand<BFloat16>& x, int64_t heads, int64_t r, int64
 }
 
 template <int kD, bool kCausal, MergeMode kMode>
-void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm, int64_t batch) {
-  auto plain = forward_ws_kernel<kD, kCausal, kMode, false>;
-  auto dropout = forward_ws_kernel<kD, kCausal, kMode, true>;
-  constexpr int kBytes = FwdShape<kD>::kBytes;
-  allow_dynamic_smem(kBytes, plain, dropout);
+void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
+            const CUtensorMap& om, int64_t batch) {
+  const bool drop = p.drop.mask.enabled();
+  auto kernel = drop ? forward_ws_kernel<kD, kCausal, kMode, true> : forward_ws_kernel<kD, kCausal, kMode, false>;
+  const int bytes = drop ? FwdShape<kD>::kBytes
+                         : out_tiles<kD, kMode, false> ? FwdShape<kD>::kBytesOut : FwdShape<kD>::kBytes;
+  allow_dynamic_smem(bytes, kernel);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
 #if MINIDL_WS_TRACE
   const bool traced = trace::begin(0);
 #endif
-  (p.drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, kBytes, stream()>>>(qm, km, vm, p);
+  kernel<<<grid, kThreads, bytes, stream()>>>(qm, km, vm, om, p);
   MINIDL_CUDA_LAUNCH_CHECK();
 #if MINIDL_WS_TRACE
   if (traced) trace::end(0);
@@ -1366,9 +1420,10 @@ CUtensorMap dq_rows_map(float* dq_acc, int64_t heads, int64_t r, int64_t map_row
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The last branch's bf16 dK or dV (rows (b, pos, head) at `position_stride`
-// elements per position, the heads' rows dense) as a (d, head, position) map,
-// boxes of 64 columns x 64 rows with the 128-byte swizzle (BwdShape::OutTile).
+// The last branch's bf16 rows, the forward's O or the backward's dK or dV
+// (rows (b, pos, head) at `position_stride` elements per position, the heads'
+// rows dense), as a (d, head, position) map, boxes of 64 columns x 64 rows
+// with the 128-byte swizzle (FwdShape's and BwdShape's OutTile).
 CUtensorMap out_rows_map(BFloat16* out, int64_t heads, int64_t positions, int64_t position_stride) {
   MINIDL_CHECK(position_stride % 8 == 0 && aligned16(out), "dilated_attention (cuda, ws): output rows not 16-byte aligned");
   CUtensorMap map;
@@ -1421,11 +1476,15 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
     const CUtensorMap qm = rows_map(q, g.heads, g.r, p.map_rows, kBr, kD);
     const CUtensorMap km = rows_map(k, g.heads, g.r, p.map_rows, kBc, kD);
     const CUtensorMap vm = rows_map(v, g.heads, g.r, p.map_rows, kBc, kD);
+    // out_tiles: the output (B, N, H, d contiguous) as a (d, head, position) map.
+    p.out_map = out_tiles<kD, MergeMode::kFinish, false> && mode == MergeMode::kFinish && !drop.mask.enabled() &&
+                g.r == 1 && aligned16(out);
+    const CUtensorMap om = p.out_map ? out_rows_map(out, g.heads, batch * g.n, g.heads * kD) : qm;
     switch (mode) {
-      case MergeMode::kWrite: return launch<kD, kCausal, MergeMode::kWrite>(p, qm, km, vm, batch);
-      case MergeMode::kMerge: return launch<kD, kCausal, MergeMode::kMerge>(p, qm, km, vm, batch);
-      case MergeMode::kSingle: return launch<kD, kCausal, MergeMode::kSingle>(p, qm, km, vm, batch);
-      case MergeMode::kFinish: return launch<kD, kCausal, MergeMode::kFinish>(p, qm, km, vm, batch);
+      case MergeMode::kWrite: return launch<kD, kCausal, MergeMode::kWrite>(p, qm, km, vm, om, batch);
+      case MergeMode::kMerge: return launch<kD, kCausal, MergeMode::kMerge>(p, qm, km, vm, om, batch);
+      case MergeMode::kSingle: return launch<kD, kCausal, MergeMode::kSingle>(p, qm, km, vm, om, batch);
+      case MergeMode::kFinish: return launch<kD, kCausal, MergeMode::kFinish>(p, qm, km, vm, om, batch);
     }
   };
   auto with_dim = [&](auto dim) {
