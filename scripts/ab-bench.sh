@@ -2,9 +2,10 @@
 # A/B timing of a kernel change: builds a base source tree and this one side
 # by side (in parallel, Release), then runs one benchmark program of each
 # alternately, round after round, and prints one table of medians (a column
-# per binary and round). Alternating in one call keeps clock and thermal drift
-# out of the comparison (docs/kernel-notes.md: cross-call noise is 1-2%,
-# the size of most single steps).
+# per binary and round), then each run's SM clock and power (sampled by
+# nvidia-smi: sustained runs sit at the power cap). Alternating in one call
+# keeps clock and thermal drift out of the comparison (docs/kernel-notes.md:
+# cross-call noise is 1-2%, the size of most single steps).
 #   scripts/ab-bench.sh BASE_DIR [--bench NAME] [--filter REGEX] [--rounds N]
 #                       [--env VAR=VALUE ...] [-- extra benchmark flags]
 # BASE_DIR: the base sources, e.g. `git worktree add ../base HEAD~1` (on a
@@ -16,7 +17,7 @@
 # in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [ $# -ge 1 ] || usage
 case $1 in -h | --help) usage ;; esac
 base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
@@ -33,13 +34,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }
-export PATH=/usr/local/cuda/bin:$PATH
-prefix=${MINIDL_PREFIX:-}
-[ -n "$prefix" ] && export LD_LIBRARY_PATH=$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+source scripts/common.sh
+minidl_use_prefix
 root=${MINIDL_AB_DIR:-/tmp/ab}
 jobs=$(( ($(nproc) + 1) / 2 ))
 build() {  # source dir, build dir
-  cmake -S "$1" -B "$2" ${prefix:+-DCMAKE_PREFIX_PATH=$prefix} -DCMAKE_BUILD_TYPE=Release >"$2.cmake.log" 2>&1 &&
+  cmake -S "$1" -B "$2" "${MINIDL_CMAKE_PREFIX[@]}" -DCMAKE_BUILD_TYPE=Release >"$2.cmake.log" 2>&1 &&
     cmake --build "$2" -j"$jobs" --target "$bench" >"$2.build.log" 2>&1
 }
 mkdir -p "$root"
@@ -55,11 +55,19 @@ bin_base=$root-base/bench/$bench bin_new=$root-new/bench/$bench
 flags=(--benchmark_filter="$filter" --benchmark_min_time=0.2 --benchmark_repetitions=3
        --benchmark_report_aggregates_only=true "${extra[@]}")
 logs=()
+timed() {  # column name, command...: one run, its log and its clocks' summary
+  local log=$root/$1.txt
+  shift
+  minidl_clocks_start "${log%.txt}.smi.csv"
+  "$@" "${flags[@]}" >"$log" 2>&1
+  minidl_clocks_stop >"${log%.txt}.clocks"
+  logs+=("$log")
+}
 for ((r = 1; r <= rounds; ++r)); do
-  "$bin_base" "${flags[@]}" >"$root/base.r$r.txt" 2>&1; logs+=("$root/base.r$r.txt")
-  "$bin_new" "${flags[@]}" >"$root/new.r$r.txt" 2>&1; logs+=("$root/new.r$r.txt")
+  timed "base.r$r" "$bin_base"
+  timed "new.r$r" "$bin_new"
   for e in "${envs[@]}"; do
-    env "$e" "$bin_new" "${flags[@]}" >"$root/${e%%=*}=${e#*=}.r$r.txt" 2>&1; logs+=("$root/${e%%=*}=${e#*=}.r$r.txt")
+    timed "${e%%=*}=${e#*=}.r$r" env "$e" "$bin_new"
   done
 done
 # One row per benchmark, one column per run: its median real time.
@@ -77,3 +85,7 @@ awk '
       print ""
     }
   }' "${logs[@]}"
+# Each column's clocks: a change that moves the card's power moves its clock.
+for log in "${logs[@]}"; do
+  if [ -s "${log%.txt}.clocks" ]; then printf '%-12s %s\n' "$(basename "${log%.txt}")" "$(cat "${log%.txt}.clocks")"; fi
+done

@@ -4,7 +4,7 @@
 # benchmarks, the charlm training step's profile (bf16 and float32 recipes)
 # and the PyTorch anchors; logs go to a work folder, packed into
 # $OUT/gpu-logs.tar.gz (default $OUT: gpu-out/) with a summary in
-# $OUT/summary.txt.
+# $OUT/summary.txt (the benchmarks' with the SM clock and power they ran at).
 #   scripts/gpu-check.sh [tests] [sanitize] [bench] [step] [torch]   (default: all)
 # Dependencies may come from a prefix: MINIDL_PREFIX=$PWD/.deps/usr. The step
 # profile needs data/tinyshakespeare.txt (scripts/get-data.sh; offline:
@@ -15,12 +15,11 @@ dest=${OUT:-gpu-out}
 out=$(mktemp -d)
 mkdir -p "$dest"
 steps=${*:-tests sanitize bench step torch}
-export PATH=/usr/local/cuda/bin:$PATH
-prefix=${MINIDL_PREFIX:-}
-[ -n "$prefix" ] && export LD_LIBRARY_PATH=$prefix/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+source scripts/common.sh
+minidl_use_prefix
 build=${MINIDL_BUILD_DIR:-/tmp/minidl-gpu}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-cmake -S . -B "$build" ${prefix:+-DCMAKE_PREFIX_PATH=$prefix} -DCMAKE_BUILD_TYPE=Release >"$out/cmake.log" 2>&1 ||
+cmake -S . -B "$build" "${MINIDL_CMAKE_PREFIX[@]}" -DCMAKE_BUILD_TYPE=Release >"$out/cmake.log" 2>&1 ||
   { tail -20 "$out/cmake.log"; exit 1; }
 cmake --build "$build" -j"$(nproc)" >"$out/build.log" 2>&1 || { grep -E "error" "$out/build.log" | head -20; exit 1; }
 export OMP_WAIT_POLICY=PASSIVE
@@ -74,8 +73,10 @@ if [[ $steps == *bench* ]]; then
     # bench_attention as docs/BENCHMARKS.md's tables: medians of 3 runs of at least 0.2 s
     [ "$b" = bench_attention ] && extra=(--plot="$dest/bench_attention.png" --benchmark_min_time=0.2
                                          --benchmark_repetitions=3)
+    minidl_clocks_start "$out/$b.smi.csv"
     "$build/bench/$b" --benchmark_filter="${!filter_var:-.}" --benchmark_out="$out/$b.json" \
       --benchmark_out_format=json "${extra[@]}" >"$out/$b.txt" 2>&1
+    summary+=("$b $(minidl_clocks_stop)")
   done
   summary+=("bench: see $out/bench_*.txt")
 fi
@@ -92,8 +93,9 @@ if [[ $steps == *step* ]]; then
   fi
 fi
 if [[ $steps == *torch* ]] && python3 -c "import torch" 2>/dev/null; then
+  minidl_clocks_start "$out/pytorch.smi.csv"
   python3 bench/pytorch/attention_baseline.py >"$out/pytorch.txt" 2>&1
-  summary+=("pytorch: $(tr '\n' ';' <"$out/pytorch.txt")")
+  summary+=("pytorch: $(tr '\n' ';' <"$out/pytorch.txt")" "pytorch attention $(minidl_clocks_stop)")
   python3 bench/pytorch/charlm_baseline.py >"$out/pytorch-charlm.txt" 2>&1
   summary+=("pytorch charlm: $(grep -E 'tok/s' "$out/pytorch-charlm.txt" | tr '\n' ';')")
 fi

@@ -100,7 +100,9 @@ struct FwdShape {
   static constexpr int kBytesOut = kOut + 2 * OutTile::kBytes + 1024;
 };
 
-// Whether a forward instantiation writes its output rows through FwdShape's tiles.
+// Whether a forward instantiation writes its output rows through FwdShape's
+// tiles (where the launch's map reaches them: WsParams::out_map). With dropout
+// it spilled and lost (kernel-notes, sessions 18 and 22).
 template <int kD, MergeMode kMode, bool kDropout>
 constexpr bool out_tiles = kD == 64 && kMode == MergeMode::kFinish && !kDropout;
 
@@ -624,7 +626,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       wgmma::fence_proxy_async();  // st.shared (stmatrix), read next by the TMA unit
       hopper::named_sync(2 + consumer, 128);
       if (threadIdx.x % 128 == 0) {
-        hopper::tma_store_3d(&omap, tile, 0, static_cast<int>(head), static_cast<int>(batch * g.n + rows.base + group_row0));
+        const int position = static_cast<int>(batch * g.n + rows.base + group_row0);  // ws_takes: < 2^31
+        hopper::tma_store_3d(&omap, tile, 0, static_cast<int>(head), position);
         hopper::bulk_commit();
       }
     } else {
@@ -636,7 +639,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     ring += n_tiles;
   }
   wgmma::wait<0>();  // the unused last issue
-  if (out_tiles<kD, kMode, kDropout> && threadIdx.x % 128 == 0) hopper::bulk_wait_all();  // the tiles outlive the stores
+  if (out_tiles<kD, kMode, kDropout> && threadIdx.x % 128 == 0)
+    hopper::bulk_wait_all();  // shared memory must outlive the stores
 }
 
 // ---- backward ----
