@@ -1,5 +1,6 @@
 #include "nn/optim.h"
 
+#include <map>
 #include <optional>
 #include <sstream>
 #include <unordered_map>
@@ -211,26 +212,50 @@ SGD::SGD(std::vector<Tensor> params, SGDOptions options)
     : SGD(std::vector<ParamGroup>{{std::move(params), options.weight_decay}}, options) {}
 
 void SGD::apply(const std::vector<Item>& items) {
+  // The step counter and lr are read from device memory, as AdamW's kernel
+  // reads them, so that the replays of a captured CUDA graph advance the
+  // counter and see set_lr's values. The update runs in the parameter's dtype
+  // (float32 for bfloat16 parameters, written back rounded once).
+  const Tensor& step = step_tensor();
+  ops::copy_(step, ops::add(step, 1.0));
+  const Tensor neg_lr = ops::neg(lr_tensor());
+  // buf = keep buf + take g: (0, 1) on the first step (the buffer starts as
+  // the gradient, PyTorch's rule), else (momentum, 1 - dampening).
+  Tensor keep, take;
+  if (options_.momentum != 0) {
+    const TensorOptions f64 = step.options();
+    const Tensor first = ops::eq(step, ops::ones({}, f64));
+    keep = ops::where(first, ops::zeros({}, f64), ops::full({}, options_.momentum, f64));
+    take = ops::where(first, ops::ones({}, f64), ops::full({}, 1.0 - options_.dampening, f64));
+  }
+  std::map<std::pair<const Tensor*, DType>, Tensor> cast;  // a float64 scalar in a parameter's dtype
+  auto in = [&](const Tensor& scalar, DType dtype) -> const Tensor& {
+    Tensor& s = cast[{&scalar, dtype}];
+    if (!s.defined()) s = ops::to(scalar, dtype);
+    return s;
+  };
   for (const Item& item : items) {
     const Tensor& param = item.param;
+    const DType work = param.dtype() == DType::BFloat16 ? DType::Float32 : param.dtype();
+    auto as_work = [&](const Tensor& t) { return t.dtype() == work ? t : ops::to(t, work); };
     const double wd = param_groups()[item.group].weight_decay;
-    Tensor g = item.grad.dtype() == param.dtype() ? item.grad : ops::to(item.grad, param.dtype());
-    if (wd != 0) g = ops::add(g, ops::mul(param, wd));
+    const Tensor p = as_work(param);
+    Tensor g = as_work(item.grad);
+    if (wd != 0) g = ops::add(g, ops::mul(p, wd));
     if (options_.momentum != 0) {
       const Tensor& buf = state(item.group, item.index)[0];
-      if (step_count() == 1) {
-        ops::copy_(buf, g);
-      } else {
-        ops::mul_(buf, options_.momentum);
-        ops::add_(buf, g, 1.0 - options_.dampening);
-      }
-      g = options_.nesterov ? ops::add(g, ops::mul(buf, options_.momentum)) : buf;
+      const Tensor b = ops::add(ops::mul(as_work(buf), in(keep, work)), ops::mul(g, in(take, work)));
+      ops::copy_(buf, b);
+      g = options_.nesterov ? ops::add(g, ops::mul(b, options_.momentum)) : b;
     }
-    ops::add_(param, g, -lr());
+    const Tensor update = ops::mul(g, in(neg_lr, work));
+    if (work == param.dtype()) {
+      ops::add_(param, update);
+    } else {
+      ops::copy_(param, ops::add(p, update));
+    }
     if (item.copy.defined()) ops::copy_(item.copy, param);
   }
-  // SGD reads lr and the step on the host; the device counter only mirrors them.
-  ops::fill_(step_tensor(), static_cast<double>(step_count()));
 }
 
 // ---- clip_grad_norm_ ----

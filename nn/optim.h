@@ -140,7 +140,9 @@ struct SGDOptions {
 
 // PyTorch's SGD: g += wd p; buf = momentum buf + (1 - dampening) g (buf = g
 // on the optimizer's first step); g = nesterov ? g + momentum buf : buf;
-// p -= lr g.
+// p -= lr g. A few element-wise ops per parameter (not fused), reading lr and
+// the step counter from lr_tensor() and step_tensor() as AdamW does, so a
+// step captured in a CUDA graph follows set_lr and counts its replays.
 class SGD : public Optimizer {
  public:
   SGD(std::vector<ParamGroup> groups, SGDOptions options = {});

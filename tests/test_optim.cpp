@@ -425,6 +425,44 @@ TEST_CASE("AdamW reads lr and the step counter from device memory") {
   }
 }
 
+TEST_CASE("SGD reads lr and the step counter from device memory; momentum's first step follows the counter") {
+  for (Device device : {Device::cpu(), Device::cuda()}) {
+    if (device.is_cuda() && !cuda_is_available()) {
+      MESSAGE("skipped the CUDA half: no CUDA device");
+      continue;
+    }
+    CAPTURE(device);
+    Tensor p = leaf_like(from_vector(std::vector<double>{1.0, -2.0}, {2}), device);
+    nn::SGD opt(std::vector<Tensor>{p}, {.lr = 0.1, .momentum = 0.9});
+    p.set_grad(from_vector(std::vector<double>{0.5, -1.0}, {2}, {DType::Float64, device}));
+    // Written behind the host's back, as a graph replay would see it.
+    {
+      NoGradGuard no_grad;
+      ops::fill_(opt.lr_tensor(), 0.0);
+    }
+    opt.step();  // buf = g, lr 0
+    CHECK(p.to_vector<double>() == std::vector<double>{1.0, -2.0});
+    CHECK(opt.step_tensor().item<double>() == 1.0);
+    // The counter back at 0: the next step is a first step again (buf = g,
+    // not 0.9 buf + g), at lr 0.1.
+    {
+      NoGradGuard no_grad;
+      ops::fill_(opt.lr_tensor(), 0.1);
+      ops::fill_(opt.step_tensor(), 0.0);
+    }
+    opt.step();
+    CHECK(opt.step_tensor().item<double>() == 1.0);
+    std::vector<double> got = p.to_vector<double>();
+    CHECK(got[0] == doctest::Approx(0.95).epsilon(1e-14));
+    CHECK(got[1] == doctest::Approx(-1.9).epsilon(1e-14));
+    opt.step();  // buf = 0.9 g + g
+    got = p.to_vector<double>();
+    CHECK(opt.step_tensor().item<double>() == 2.0);
+    CHECK(got[0] == doctest::Approx(0.95 - 0.1 * 1.9 * 0.5).epsilon(1e-14));
+    CHECK(got[1] == doctest::Approx(-1.9 + 0.1 * 1.9).epsilon(1e-14));
+  }
+}
+
 TEST_CASE("multi-tensor AdamW and clipping on CUDA match the CPU: 200 tensors, mixed dtypes") {
   MINIDL_REQUIRE_CUDA();
   // More tensors than one launch's table holds (192), chunk-crossing sizes,
