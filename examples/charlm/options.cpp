@@ -272,7 +272,15 @@ TrainOptions with_run_flags(const FlagSet& flags, const TrainOptions& requested,
 }
 
 void check_resume_flags(const FlagSet& flags, const TrainOptions& requested, const TrainOptions& recipe) {
-  const nn::Metadata want = recipe_metadata(requested, 1), have = recipe_metadata(recipe, 1);
+  // The flags against the checkpoint's attention unless --attention is given
+  // (the defaults' vanilla has no segments or dilations to compare).
+  TrainOptions asked = requested;
+  if (!flags.given("attention")) asked.model.attention = recipe.model.attention;
+  if ((flags.given("segments") || flags.given("dilations")) && asked.model.attention != "dilated")
+    throw UsageError(std::string("--") + (flags.given("segments") ? "segments" : "dilations") +
+                     " applies to --attention dilated only, and the checkpoint's run has " +
+                     recipe.model.attention + " attention");
+  const nn::Metadata want = recipe_metadata(asked, 1), have = recipe_metadata(recipe, 1);
   auto value = [](const nn::Metadata& m, const char* key) {
     auto it = m.find(key);
     return it == m.end() ? std::string("(none)") : it->second;
