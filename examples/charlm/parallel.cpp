@@ -161,11 +161,23 @@ OtherRanks::OtherRanks(int64_t n, bool nccl, std::function<void(dist::Communicat
         if (failed_) throw std::runtime_error("charlm: rank 0 stopped with an error");
       });
     } catch (...) {
-      // Rank 0's own collectives have reported it, or rank 0 failed first.
+      // Rank 0's own collectives have reported it, or rank 0 failed first;
+      // but a failure before rank 0 ever ran (the communicators' set-up, e.g.
+      // NCCL's init) is the constructor's to report.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!rank0_) start_error_ = std::current_exception();
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    ended_ = true;
+    cv_.notify_all();
   });
   std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return rank0_ != nullptr; });
+  cv_.wait(lock, [&] { return rank0_ != nullptr || ended_; });
+  if (rank0_) return;
+  lock.unlock();
+  thread_.join();
+  if (start_error_) std::rethrow_exception(start_error_);
+  throw std::runtime_error("charlm: the ranks ended before rank 0 started");
 }
 
 OtherRanks::~OtherRanks() {

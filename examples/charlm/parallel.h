@@ -125,6 +125,8 @@ void follow_rank0(const TrainOptions& o, const minidl::nn::TransformerLMConfig& 
 // rank's failure reaches rank 0 through its next collective (in-process; an
 // NCCL collective cannot be abandoned, so there a failure may hang the
 // others); rank 0's failure (destruction during an exception) ends the others'.
+// A failure before rank 0 runs (the backend's set-up, e.g. NCCL's init) is
+// thrown by the constructor.
 class OtherRanks {
  public:
   OtherRanks(int64_t n, bool nccl, std::function<void(minidl::dist::Communicator&)> follow);
@@ -139,6 +141,8 @@ class OtherRanks {
   std::condition_variable cv_;
   minidl::dist::Communicator* rank0_ = nullptr;
   bool released_ = false, failed_ = false;
+  bool ended_ = false;              // the ranks' thread is done
+  std::exception_ptr start_error_;  // why the ranks failed before rank 0 ran
   const int exceptions_ = std::uncaught_exceptions();
   std::thread thread_;
 };
