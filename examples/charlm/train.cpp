@@ -460,6 +460,11 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
       eval_pending = true;
       const std::optional<double> val = evaluate();
       if (!val) return false;
+      // The weights this step left may be non-finite though the interval's
+      // train losses were not: nothing of them is saved over last.ckpt.
+      if (!std::isfinite(*val))
+        MINIDL_FAIL("training diverged: the validation loss at step ", step, " is ", *val, "; ", last_path,
+                    " holds the last evaluated step (try a lower --lr)");
       eval_pending = false;
       last_val = *val;
       last_val_step = step;
