@@ -6,6 +6,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <iostream>
+#include <iterator>
 #include <sstream>
 
 #include "core/error.h"
@@ -48,8 +50,18 @@ std::string format_row(const LogRow& r) {
 }
 
 std::vector<LogRow> read_log(const std::string& path) {
-  std::ifstream in(path);
-  MINIDL_CHECK(in.good(), "charlm: cannot read ", path, ": ", errno_text(errno));
+  std::ifstream file(path, std::ios::binary);
+  MINIDL_CHECK(file.good(), "charlm: cannot read ", path, ": ", errno_text(errno));
+  std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  // Every row is appended with its newline: a last line without one was
+  // being written when the run stopped (after a power loss, possibly NULs),
+  // and its step lies past last.ckpt's, whose rows a resumed run recomputes.
+  if (!text.empty() && text.back() != '\n') {
+    const size_t cut = text.find_last_of('\n') + 1;  // 0 when there is no newline at all
+    std::cerr << "[charlm] " << path << ": dropped an incomplete last line (the run stopped while writing it)\n";
+    text.resize(cut);
+  }
+  std::istringstream in(text);
   std::vector<LogRow> rows;
   std::string line;
   int number = 0;

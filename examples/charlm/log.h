@@ -28,7 +28,9 @@ struct LogRow {
 
 std::string format_row(const LogRow& row);
 // Reads a log, also one of the older format without elapsed_s and run_id.
-// Throws minidl::Error naming the file and line of a malformed row.
+// A last line without its newline (a row being written when the run
+// stopped) is dropped, with a message on stderr. Throws minidl::Error naming
+// the file and line of a malformed row.
 std::vector<LogRow> read_log(const std::string& path);
 
 class LogWriter {
