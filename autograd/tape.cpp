@@ -257,6 +257,11 @@ void backward(const Tensor& root, const Tensor& seed) {
   } else {
     MINIDL_CHECK(g0.shape() == root.shape(), "backward: seed gradient shape ",
                  shape_str(g0.shape()), " differs from tensor shape ", shape_str(root.shape()));
+    // The closures take their dtype from the gradient and read the saved
+    // tensors as it: a seed of another dtype would have them misread memory.
+    MINIDL_CHECK(g0.dtype() == root.dtype() && g0.device() == root.device(), "backward: seed gradient is ",
+                 g0.dtype(), " on ", g0.device(), ", the tensor ", root.dtype(), " on ", root.device(),
+                 "; they must match");
   }
   const AutogradMeta& rm = root.impl()->autograd;
   if (rm.node < 0) {  // a leaf: its gradient is the seed

@@ -33,7 +33,7 @@ std::string shape_str(const Shape& shape) {
 }
 
 int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op) {
-  int64_t d = dim < 0 ? dim + ndim : dim;
+  int64_t d = dim < 0 ? dim + std::max<int64_t>(ndim, 1) : dim;
   MINIDL_CHECK(d >= 0 && d < std::max<int64_t>(ndim, 1), op, ": dim ", dim,
                " is out of range for a tensor of ", ndim, " dims");
   return d;

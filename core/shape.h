@@ -14,8 +14,8 @@ using Shape = std::vector<int64_t>;
 int64_t numel(const Shape& shape);
 Shape contiguous_strides(const Shape& shape);
 std::string shape_str(const Shape& shape);  // "[2, 3]"
-// Wraps a possibly negative dim into [0, ndim) (dim 0 of a 0-d tensor gives
-// 0); `op` names the caller in errors.
+// Wraps a possibly negative dim into [0, ndim) (dim 0 or -1 of a 0-d tensor
+// gives 0, as in PyTorch); `op` names the caller in errors.
 int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op);
 // A contiguous shape seen as (outer, size, inner) around dim `dim`: the
 // products of the dims before it, its size, and the dims after it.

@@ -112,6 +112,8 @@ Tensor mul(const Tensor& a, double s) {
 Tensor pow(const Tensor& a, double e) {
   return unary_op("pow", UnaryOp::PowScalar, a, e,
                   [e](const Tensor& g, const SavedTensor& x, const SavedTensor&) {
+                    // x^0 is constant: 0, not g * x^-1 * 0 (NaN where x = 0).
+                    if (e == 0) return zeros_like(g);
                     return mul(mul(g, pow(x.get(), e - 1)), e);
                   });
 }

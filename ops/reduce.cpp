@@ -162,8 +162,12 @@ Tensor sum_to(const Tensor& x, const Shape& shape) {
   int64_t lead = x.dim() - static_cast<int64_t>(shape.size());
   MINIDL_CHECK(lead >= 0, "sum_to: cannot reduce ", shape_str(x.shape()), " to ", shape_str(shape));
   std::vector<int64_t> dims;
-  for (int64_t d = 0; d < x.dim(); ++d)
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (d >= lead)
+      MINIDL_CHECK(shape[d - lead] == x.shape()[d] || shape[d - lead] == 1, "sum_to: cannot reduce ",
+                   shape_str(x.shape()), " to ", shape_str(shape));
     if (d < lead || (shape[d - lead] == 1 && x.shape()[d] != 1)) dims.push_back(d);
+  }
   Tensor s = dims.empty() ? x : sum(x, dims, true);
   return reshape(s, shape);
 }

@@ -115,6 +115,10 @@ TEST_CASE("backward with a seed gradient for non-scalar outputs") {
   CHECK_THROWS_WITH_AS(y.backward(random_tensor({3, 2})),
                        doctest::Contains("backward: seed gradient shape [3, 2] differs from tensor shape [2, 3]"),
                        Error);
+  // The closures read saved tensors in the gradient's dtype: another dtype is refused.
+  CHECK_THROWS_WITH_AS(y.backward(random_tensor({2, 3}).to(DType::Float32)),
+                       doctest::Contains("backward: seed gradient is float32 on cpu, the tensor float64 on cpu"),
+                       Error);
   Tensor seed = random_tensor({2, 3});
   y.backward(seed);
   check_close(x.grad(), ops::mul(seed, 3.0), 1e-15, 0);

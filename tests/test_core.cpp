@@ -68,6 +68,9 @@ TEST_CASE("dtypes, devices and shape helpers") {
   CHECK(numel({3, 0}) == 0);
   CHECK(shape_str({2, 3}) == "[2, 3]");
   CHECK(wrap_dim(-1, 3, "op") == 2);
+  CHECK(wrap_dim(-1, 0, "op") == 0);  // a 0-d tensor's one dim, as in PyTorch
+  CHECK_THROWS_WITH_AS(wrap_dim(-2, 0, "myop"), doctest::Contains("myop: dim -2 is out of range for a tensor of 0 dims"),
+                       Error);
   CHECK_THROWS_WITH_AS(wrap_dim(3, 3, "myop"), doctest::Contains("myop: dim 3 is out of range for a tensor of 3 dims"),
                        Error);
   CHECK(broadcast_shapes({3, 1, 5}, {4, 1}, "op") == Shape{3, 4, 5});

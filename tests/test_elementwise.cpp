@@ -103,6 +103,12 @@ TEST_CASE("unary ops on hand-computed values") {
   CHECK(vals(ops::mul(f64({1, -2}), -3.0)) == std::vector<double>{-3, 6});
   CHECK(vals(ops::pow(f64({2, -3, 4}), 2.0)) == std::vector<double>{4, 9, 16});
   CHECK(vals(ops::pow(f64({4, 0.25}), -0.5)) == std::vector<double>{0.5, 2});
+  {
+    // x^0 is constant: its gradient is 0 at x = 0 too (not 0 * 0^-1).
+    Tensor x = from_vector(std::vector<double>{0.0, 2.0}, {2}, {DType::Float64, Device::cpu(), true});
+    ops::sum(ops::pow(x, 0.0)).backward();
+    CHECK(vals(x.grad()) == std::vector<double>{0, 0});
+  }
   std::vector<double> g = vals(ops::gelu(f64({0, 1, -1, 3})));
   CHECK(g[0] == 0.0);
   CHECK(g[1] == doctest::Approx(0.8411919906082768).epsilon(1e-12));

@@ -40,6 +40,12 @@ TEST_CASE("sum and mean: exact values, dims, keepdim") {
   Tensor s = from_vector(std::vector<double>{4}, {});
   CHECK(ops::sum(s).item<double>() == 4);
   CHECK(ops::sum(s, {0}).item<double>() == 4);
+  CHECK(ops::sum(s, {-1}).item<double>() == 4);
+  // sum_to reduces only where the target has 1 or a missing dim.
+  CHECK_THROWS_WITH_AS(ops::sum_to(ops::ones({2, 6}), {3, 4}),
+                       doctest::Contains("sum_to: cannot reduce [2, 6] to [3, 4]"), Error);
+  CHECK_THROWS_WITH_AS(ops::sum_to(ops::ones({2, 3}), {6}), doctest::Contains("sum_to: cannot reduce [2, 3] to [6]"),
+                       Error);
 }
 
 TEST_CASE("sum_first matches sum_last on the transpose (CPU kernel, wide and narrow)") {
