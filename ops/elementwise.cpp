@@ -214,13 +214,43 @@ void check_inplace(const char* op, const Tensor& dst) {
                ": in-place write to a tensor that requires grad (", detail::describe(dst),
                "); wrap it in NoGradGuard");
 }
+
+// A destination that computes from its old values (add_, mul_) or takes a
+// source's element by element (copy_) cannot hold one memory location at
+// several elements (a dim of stride 0: an expanded view): each would be
+// written in turn, from the others' results (and concurrently, by threads).
+void check_no_internal_overlap(const char* op, const Tensor& dst) {
+  for (int64_t d = 0; d < dst.dim(); ++d)
+    MINIDL_CHECK(dst.shape()[d] <= 1 || dst.strides()[d] != 0, op, ": the destination (", detail::describe(dst),
+                 ") has several elements at one memory location (dim ", d,
+                 " has stride 0: an expanded view); write into a tensor of its own");
+}
+
+// `src`, or a copy of it when it shares memory with `dst` as another view
+// (a shifted slice of the same tensor): element-wise writes would otherwise
+// read sources they already overwrote. The same view is read and written
+// element by element in step, and needs no copy.
+Tensor unaliased(const Tensor& src, const Tensor& dst) {
+  if (src.storage() != dst.storage() || src.numel() == 0 || dst.numel() == 0) return src;
+  if (src.offset() == dst.offset() && src.shape() == dst.shape() && src.strides() == dst.strides()) return src;
+  auto span = [](const Tensor& t) {  // [first, last] element of storage the view reaches
+    int64_t lo = t.offset(), hi = t.offset();
+    for (int64_t d = 0; d < t.dim(); ++d)
+      (t.strides()[d] < 0 ? lo : hi) += (t.shape()[d] - 1) * t.strides()[d];
+    return std::pair<int64_t, int64_t>{lo, hi};
+  };
+  const auto [s0, s1] = span(src);
+  const auto [d0, d1] = span(dst);
+  return s1 < d0 || d1 < s0 ? src : clone(src);
+}
 }  // namespace
 
 void copy_(const Tensor& dst, const Tensor& src) {
   check_inplace("copy_", dst);
   detail::check_defined("copy_", src, "source");
+  check_no_internal_overlap("copy_", dst);
   NoGradGuard no_grad;
-  Tensor s = src.device() == dst.device() ? src : to(src, dst.device());
+  Tensor s = src.device() == dst.device() ? unaliased(src, dst) : to(src, dst.device());
   MINIDL_DISPATCH(dst.device(), copy, expand(s, dst.shape()), dst);
   dst.bump_version();
 }
@@ -237,14 +267,16 @@ void add_(const Tensor& dst, const Tensor& src, double alpha) {
   check_inplace("add_", dst);
   detail::check_same_device("add_", dst, src);
   detail::check_same_dtype("add_", dst, src);
+  check_no_internal_overlap("add_", dst);
   NoGradGuard no_grad;
-  Tensor s = alpha == 1.0 ? src : mul(src, alpha);
+  Tensor s = alpha == 1.0 ? unaliased(src, dst) : mul(src, alpha);
   MINIDL_DISPATCH(dst.device(), binary, BinaryOp::Add, dst, expand(s, dst.shape()), dst);
   dst.bump_version();
 }
 
 void mul_(const Tensor& dst, double s) {
   check_inplace("mul_", dst);
+  check_no_internal_overlap("mul_", dst);
   MINIDL_DISPATCH(dst.device(), unary, UnaryOp::MulScalar, dst, s, dst);
   dst.bump_version();
 }

@@ -308,6 +308,28 @@ TEST_CASE("in-place ops: values and version counter") {
   CHECK(y.version() == 0);
 }
 
+TEST_CASE("in-place ops: a source overlapping its destination is read as it was; expanded destinations refused") {
+  // A shifted slice of the same tensor: each element gets its old neighbour.
+  Tensor x = f64({0, 1, 2, 3});
+  ops::copy_(x.slice(0, 1, 4), x.slice(0, 0, 3));
+  CHECK(vals(x) == std::vector<double>{0, 0, 1, 2});
+  Tensor y = f64({0, 1, 2, 3});
+  ops::add_(y.slice(0, 0, 3), y.slice(0, 1, 4));
+  CHECK(vals(y) == std::vector<double>{1, 3, 5, 3});
+  Tensor z = f64({1, 2});
+  ops::add_(z, z);  // the same view: element by element in step
+  CHECK(vals(z) == std::vector<double>{2, 4});
+  // One memory location at several elements of the destination.
+  Tensor e = f64({0, 0});
+  CHECK_THROWS_WITH_AS(ops::add_(ops::expand(e, {3, 2}), f64({1, 1, 1, 1, 1, 1}, {3, 2})),
+                       doctest::Contains("add_: the destination"), Error);
+  CHECK_THROWS_WITH_AS(ops::mul_(ops::expand(e, {3, 2}), 2.0), doctest::Contains("(dim 0 has stride 0"), Error);
+  CHECK_THROWS_WITH_AS(ops::copy_(ops::expand(e, {3, 2}), f64({1, 2})), doctest::Contains("copy_: the destination"),
+                       Error);
+  ops::fill_(ops::expand(e, {3, 2}), 5.0);  // one value: no order to get wrong
+  CHECK(vals(e) == std::vector<double>{5, 5});
+}
+
 TEST_CASE("in-place change of a saved tensor makes backward throw") {
   using Mutation = std::function<void(const Tensor&)>;
   std::vector<std::pair<const char*, Mutation>> mutations = {
