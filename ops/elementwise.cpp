@@ -226,6 +226,13 @@ void check_no_internal_overlap(const char* op, const Tensor& dst) {
                  " has stride 0: an expanded view); write into a tensor of its own");
 }
 
+// The source of copy_ / add_ broadcasts to the destination's shape.
+void check_broadcasts_to(const char* op, const Tensor& src, const Tensor& dst) {
+  const bool ok = src.dim() <= dst.dim() && broadcast_shapes(src.shape(), dst.shape(), op) == dst.shape();
+  MINIDL_CHECK(ok, op, ": the source's shape ", shape_str(src.shape()), " does not broadcast to the destination's ",
+               shape_str(dst.shape()));
+}
+
 // `src`, or a copy of it when it shares memory with `dst` as another view
 // (a shifted slice of the same tensor): element-wise writes would otherwise
 // read sources they already overwrote. The same view is read and written
@@ -249,6 +256,7 @@ void copy_(const Tensor& dst, const Tensor& src) {
   check_inplace("copy_", dst);
   detail::check_defined("copy_", src, "source");
   check_no_internal_overlap("copy_", dst);
+  check_broadcasts_to("copy_", src, dst);
   NoGradGuard no_grad;
   Tensor s = src.device() == dst.device() ? unaliased(src, dst) : to(src, dst.device());
   MINIDL_DISPATCH(dst.device(), copy, expand(s, dst.shape()), dst);
@@ -268,6 +276,9 @@ void add_(const Tensor& dst, const Tensor& src, double alpha) {
   detail::check_same_device("add_", dst, src);
   detail::check_same_dtype("add_", dst, src);
   check_no_internal_overlap("add_", dst);
+  check_broadcasts_to("add_", src, dst);
+  MINIDL_CHECK(alpha == 1.0 || is_floating(dst.dtype()), "add_: alpha ", alpha, " needs a floating-point tensor, got ",
+               dst.dtype());
   NoGradGuard no_grad;
   Tensor s = alpha == 1.0 ? unaliased(src, dst) : mul(src, alpha);
   MINIDL_DISPATCH(dst.device(), binary, BinaryOp::Add, dst, expand(s, dst.shape()), dst);

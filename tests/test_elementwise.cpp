@@ -396,7 +396,12 @@ TEST_CASE("elementwise errors name the op, dtypes, shapes and devices") {
   CHECK_THROWS_WITH_AS(ops::relu(Tensor()), doctest::Contains("relu: input is an undefined tensor"), Error);
   CHECK_THROWS_WITH_AS(ops::add_(a, b), doctest::Contains("add_: dtype mismatch"), Error);
   CHECK_THROWS_WITH_AS(ops::add_(a, random_tensor({3}, {DType::Float32})),
-                       doctest::Contains("expand: cannot expand [3] to [2]"), Error);
+                       doctest::Contains("add_: shapes [3] and [2] are not broadcastable"), Error);
+  CHECK_THROWS_WITH_AS(ops::copy_(ops::zeros({3}), ops::zeros({2, 3})),
+                       doctest::Contains("copy_: the source's shape [2, 3] does not broadcast to the destination's [3]"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ops::add_(i, i, 2.0), doctest::Contains("add_: alpha 2 needs a floating-point tensor, got int32"),
+                       Error);
 }
 
 // ------------------------------------------------------------------- CUDA
