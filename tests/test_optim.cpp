@@ -388,14 +388,22 @@ TEST_CASE("multi-tensor clip_grad_norm_: fp32 and bf16 gradients, odd sizes, aga
   check_clip_against_reference(Device::cuda());
 }
 
-TEST_CASE("AdamW reads lr and the step counter from device memory") {
+// Runs body(device) on the CPU and, when there is one, on a CUDA device,
+// with a float64 parameter [1, -2] there.
+template <class Body>
+void on_cpu_and_cuda(Body body) {
   for (Device device : {Device::cpu(), Device::cuda()}) {
     if (device.is_cuda() && !cuda_is_available()) {
       MESSAGE("skipped the CUDA half: no CUDA device");
       continue;
     }
     CAPTURE(device);
-    Tensor p = leaf_like(from_vector(std::vector<double>{1.0, -2.0}, {2}), device);
+    body(device, leaf_like(from_vector(std::vector<double>{1.0, -2.0}, {2}), device));
+  }
+}
+
+TEST_CASE("AdamW reads lr and the step counter from device memory") {
+  on_cpu_and_cuda([](Device device, Tensor p) {
     nn::AdamW opt(std::vector<Tensor>{p}, {.lr = 0.1, .weight_decay = 0.0});
     CHECK(opt.lr_tensor().device() == device);
     CHECK(opt.lr_tensor().item<double>() == 0.1);
@@ -422,17 +430,11 @@ TEST_CASE("AdamW reads lr and the step counter from device memory") {
     r.v = 0.001 * 0.25;
     r.step(0.5, 10, 0.1, 0.9, 0.999, 1e-8, 0.0);
     CHECK(p.to_vector<double>()[0] == doctest::Approx(r.p).epsilon(1e-12));
-  }
+  });
 }
 
 TEST_CASE("SGD reads lr and the step counter from device memory; momentum's first step follows the counter") {
-  for (Device device : {Device::cpu(), Device::cuda()}) {
-    if (device.is_cuda() && !cuda_is_available()) {
-      MESSAGE("skipped the CUDA half: no CUDA device");
-      continue;
-    }
-    CAPTURE(device);
-    Tensor p = leaf_like(from_vector(std::vector<double>{1.0, -2.0}, {2}), device);
+  on_cpu_and_cuda([](Device device, Tensor p) {
     nn::SGD opt(std::vector<Tensor>{p}, {.lr = 0.1, .momentum = 0.9});
     p.set_grad(from_vector(std::vector<double>{0.5, -1.0}, {2}, {DType::Float64, device}));
     // Written behind the host's back, as a graph replay would see it.
@@ -460,7 +462,7 @@ TEST_CASE("SGD reads lr and the step counter from device memory; momentum's firs
     CHECK(opt.step_tensor().item<double>() == 2.0);
     CHECK(got[0] == doctest::Approx(0.95 - 0.1 * 1.9 * 0.5).epsilon(1e-14));
     CHECK(got[1] == doctest::Approx(-1.9 + 0.1 * 1.9).epsilon(1e-14));
-  }
+  });
 }
 
 TEST_CASE("multi-tensor AdamW and clipping on CUDA match the CPU: 200 tensors, mixed dtypes") {
