@@ -9,6 +9,7 @@
 #include "core/scalar_math.h"
 #include "cuda/reduce.h"
 #include "cuda/reductions.cuh"
+#include "cuda/row_kernels.cuh"
 #include "cuda/runtime.h"
 
 namespace minidl::cuda {
@@ -49,11 +50,11 @@ template <typename In, typename Out, typename A>
 void launch_sum_rows(const In* x, Out* y, int64_t rows, int64_t cols, double scale) {
   if (cols <= kWarpRowsMaxCols) {
     int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    sum_rows_warp<In, Out, A><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream()>>>(
+    sum_rows_warp<In, Out, A><<<rows::grid_x(blocks, "sum"), kWarpsPerBlock * 32, 0, stream()>>>(
         x, y, rows, cols, A(scale));
   } else {
     int threads = cols >= 8192 ? 1024 : cols >= 2048 ? 512 : 256;
-    sum_rows_block<In, Out, A><<<dim3(static_cast<unsigned>(rows), 1), threads, 0, stream()>>>(
+    sum_rows_block<In, Out, A><<<dim3(rows::grid_x(rows, "sum"), 1), threads, 0, stream()>>>(
         x, y, cols, cols, A(scale));
   }
   MINIDL_CUDA_LAUNCH_CHECK();
@@ -243,11 +244,11 @@ void max_last(const Tensor& in, int64_t rows, int64_t cols, const Tensor& values
     int32_t* ix = static_cast<int32_t*>(indices.raw_data());
     if (cols <= kWarpRowsMaxCols) {
       int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
-      max_rows_warp<S, C><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream()>>>(
+      max_rows_warp<S, C><<<rows::grid_x(blocks, "max"), kWarpsPerBlock * 32, 0, stream()>>>(
           x, v, ix, rows, cols);
     } else {
       int threads = cols >= 8192 ? 1024 : cols >= 2048 ? 512 : 256;
-      max_rows_block<S, C><<<static_cast<unsigned>(rows), threads, 0, stream()>>>(x, v, ix, cols);
+      max_rows_block<S, C><<<rows::grid_x(rows, "max"), threads, 0, stream()>>>(x, v, ix, cols);
     }
     MINIDL_CUDA_LAUNCH_CHECK();
   });

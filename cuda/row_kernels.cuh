@@ -81,7 +81,14 @@ template <typename S, typename F> void with_block_vec(int64_t cols, bool aligned
   else f(Int<1>{});
 }
 
-inline unsigned warp_row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps); }
+// grid.x of a launch of `blocks` blocks: the hardware takes at most 2^31 - 1,
+// and a larger count cast to unsigned would run part of the rows, silently.
+inline unsigned grid_x(int64_t blocks, const char* kernel) {
+  MINIDL_CHECK(blocks <= 0x7fffffff, kernel, ": ", blocks,
+               " blocks, more than a CUDA grid holds (2^31 - 1): too many rows for this kernel");
+  return static_cast<unsigned>(blocks);
+}
+inline unsigned warp_row_blocks(int64_t rows) { return grid_x((rows + kRowWarps - 1) / kRowWarps, "row kernel"); }
 inline int row_block_threads(int64_t cols) { return cols >= 8192 ? kMaxBlockThreads : cols >= 2048 ? 512 : 256; }
 
 template <typename T> const T* cptr(const Tensor& t) {
