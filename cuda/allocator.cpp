@@ -6,9 +6,11 @@
 //
 // Graph-private pools (cuda/runtime.h): while a CUDA graph is captured, the
 // device's allocations come from the graph's pool and every block freed
-// joins it, whoever allocated it (the graph may still touch it). A pool's
-// blocks are never handed to other work, so the addresses baked into the
-// graph stay its own between replays; releasing the pool returns them.
+// joins it, whoever allocated it (the graph may still touch it), except a
+// block of another graph's pool, which stays that graph's (its replays
+// write it). A pool's blocks are never handed to other work, so the
+// addresses baked into the graph stay its own between replays; releasing
+// the pool returns them.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -72,11 +74,14 @@ class CudaCachingAllocator final : public Allocator {
     size_t size = round_size(nbytes);
     std::lock_guard<std::mutex> lock(mutex_);
     stats_.allocated -= size;
-    if (capturing_) {
+    // A block of a pool goes back to it (its graph writes it at every
+    // replay, even when another graph's capture frees it); any other block
+    // freed during a capture joins the capture's pool.
+    if (auto owner = pool_of_.find(ptr); owner != pool_of_.end()) {
+      pools_[owner->second][size].push_back(ptr);
+    } else if (capturing_) {
       pool_of_[ptr] = capturing_;
       pools_[capturing_][size].push_back(ptr);
-    } else if (auto owner = pool_of_.find(ptr); owner != pool_of_.end()) {
-      pools_[owner->second][size].push_back(ptr);
     } else {
       free_[size].push_back(ptr);
     }

@@ -186,6 +186,26 @@ TEST_CASE("memory freed in a CUDA graph capture is not handed to other work") {
   minidl::testing::check_close(y, ops::add(ops::mul(x, 2.0), 1.0), 0, 0);
 }
 
+TEST_CASE("a graph's output freed during another graph's capture stays the first graph's") {
+  MINIDL_REQUIRE_CUDA();
+  Tensor x = random_tensor({256, 256}, {DType::Float32}).to(Device::cuda());
+  Tensor y;
+  nn::CudaGraph a;
+  a.capture([&] { y = ops::mul(x, 2.0); });
+  void* a_out = y.raw_data();
+  {
+    nn::CudaGraph b;
+    b.capture([&] { y = ops::add(x, 1.0); });  // drops a's output, which a still writes at every replay
+  }
+  std::vector<Tensor> others;
+  for (int i = 0; i < 4; ++i) {
+    others.push_back(ops::full({256, 256}, 5.0, {DType::Float32, Device::cuda()}));
+    CHECK(others.back().raw_data() != a_out);
+  }
+  a.replay();
+  for (const Tensor& t : others) CHECK(t.to_vector<float>() == std::vector<float>(256 * 256, 5.0f));
+}
+
 TEST_CASE("a capture that cannot be recorded fails cleanly and leaves the stream usable") {
   MINIDL_REQUIRE_CUDA();
   Tensor x = random_tensor({64}, {DType::Float32}).to(Device::cuda());
