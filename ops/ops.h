@@ -75,6 +75,7 @@ Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
 // ---- reductions ----
 Tensor sum(const Tensor& x);  // all elements -> scalar (shape [])
 Tensor sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim = false);
+// The mean over zero elements is 0 (PyTorch gives NaN).
 Tensor mean(const Tensor& x);
 Tensor mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim = false);
 // Max over one dim: {values, indices (int32)}; gradient flows to the argmax.
