@@ -42,6 +42,21 @@ int cuda_device_count();
 void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes);
 void zero_bytes(void* dst, Device device, size_t nbytes);
 void synchronize(int device);
+
+// Makes `device` the calling thread's current CUDA device until the scope
+// ends (nothing for the CPU, or when it already is): CUDA work runs on the
+// current device's stream with its handles, so every CUDA op runs under the
+// device of its tensors (MINIDL_DISPATCH), whatever device the thread chose.
+class DeviceScope {
+ public:
+  explicit DeviceScope(Device device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = -1;  // the device to restore; -1: nothing changed
+};
 }  // namespace backend
 
 }  // namespace minidl

@@ -188,12 +188,36 @@ int cuda_device_count() {
   return count;
 }
 
+DeviceScope::DeviceScope(Device device) {
+  if (!device.is_cuda()) return;
+  const int current = cuda::current_device();
+  if (current == device.index) return;
+  MINIDL_CUDA_CHECK(cudaSetDevice(device.index));
+  previous_ = current;
+}
+DeviceScope::~DeviceScope() {
+  if (previous_ >= 0) (void)cudaSetDevice(previous_);  // a destructor must not throw
+}
+
 void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device, size_t nbytes) {
   if (nbytes == 0) return;
   if (dst_device.is_cpu() && src_device.is_cpu()) {
     std::memcpy(dst, src, nbytes);
     return;
   }
+  if (dst_device.is_cuda() && src_device.is_cuda() && dst_device != src_device) {
+    // Between two GPUs: after the source device's queued work (which may
+    // still be writing src), on the destination's stream (ordered with its
+    // next kernels), and finished before returning (src's allocator may hand
+    // its block to other work once the caller lets go of it).
+    synchronize(src_device.index);
+    DeviceScope scope(dst_device);
+    MINIDL_CUDA_CHECK(cudaMemcpyAsync(dst, src, nbytes, cudaMemcpyDefault, cuda::stream()));
+    cuda::synchronize();
+    return;
+  }
+  // On the stream of the GPU involved, not the thread's current device's.
+  DeviceScope scope(dst_device.is_cuda() ? dst_device : src_device);
   cudaMemcpyKind kind = dst_device.is_cpu()   ? cudaMemcpyDeviceToHost
                         : src_device.is_cpu() ? cudaMemcpyHostToDevice
                                               : cudaMemcpyDeviceToDevice;
@@ -203,15 +227,14 @@ void copy_bytes(void* dst, Device dst_device, const void* src, Device src_device
 
 void zero_bytes(void* dst, Device device, size_t nbytes) {
   if (nbytes == 0) return;
-  if (device.is_cpu()) std::memset(dst, 0, nbytes);
-  else MINIDL_CUDA_CHECK(cudaMemsetAsync(dst, 0, nbytes, cuda::stream()));
+  if (device.is_cpu()) return (void)std::memset(dst, 0, nbytes);
+  DeviceScope scope(device);
+  MINIDL_CUDA_CHECK(cudaMemsetAsync(dst, 0, nbytes, cuda::stream()));
 }
 
 void synchronize(int device) {
-  int prev = cuda::current_device();
-  MINIDL_CUDA_CHECK(cudaSetDevice(device));
+  DeviceScope scope(Device::cuda(device));
   cuda::synchronize();
-  MINIDL_CUDA_CHECK(cudaSetDevice(prev));
 }
 
 }  // namespace backend

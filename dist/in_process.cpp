@@ -162,6 +162,7 @@ void copy_into(const Tensor& dst, const Tensor& src) {
 void add_into(const Tensor& acc, const Tensor& x) {
   if (acc.is_cuda()) {
 #if MINIDL_WITH_CUDA
+    backend::DeviceScope scope(acc.device());
     cuda::binary(BinaryOp::Add, acc, x, acc);
 #else
     MINIDL_FAIL("dist (in-process): a CUDA tensor in a build without CUDA");

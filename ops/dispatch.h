@@ -1,13 +1,17 @@
 #pragma once
 // Internal helpers shared by op implementations (not a public header).
+#include "core/allocator.h"
 #include "core/generator.h"
 #include "core/tensor.h"
 
-// Calls cpu::fn(args...) or cuda::fn(args...) for `device`. In a build
-// without CUDA the CUDA branch is compiled out and throws.
+// Calls cpu::fn(args...) or cuda::fn(args...) for `device`, the CUDA one
+// with `device` current (backend::DeviceScope: the temporary lives until the
+// call returns). In a build without CUDA the CUDA branch is compiled out and
+// throws. Ops that call a cuda:: function directly open the scope themselves.
 #if defined(MINIDL_WITH_CUDA)
-#define MINIDL_DISPATCH(device, fn, ...) \
-  ((device).is_cuda() ? ::minidl::cuda::fn(__VA_ARGS__) : ::minidl::cpu::fn(__VA_ARGS__))
+#define MINIDL_DISPATCH(device, fn, ...)                                                            \
+  ((device).is_cuda() ? (::minidl::backend::DeviceScope{(device)}, ::minidl::cuda::fn(__VA_ARGS__)) \
+                      : ::minidl::cpu::fn(__VA_ARGS__))
 #else
 #define MINIDL_DISPATCH(device, fn, ...)                                                   \
   ((device).is_cuda() ? throw ::minidl::Error(#fn ": minidl was built without CUDA")      \

@@ -18,6 +18,7 @@ Tensor apply_dropout_mask(const Tensor& x, const DropoutMask& m) {
   Tensor y = Tensor::empty(x.shape(), x.options());
   if (m.offset.base) {  // CUDA only (checked by dropout())
 #if defined(MINIDL_WITH_CUDA)
+    backend::DeviceScope scope(x.device());
     cuda::dropout(x, m.seed, m.offset, m.keep_threshold, m.scale, y);
 #endif
   } else {

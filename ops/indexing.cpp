@@ -106,6 +106,7 @@ Tensor embedding_dropout(const Tensor& weight, const Tensor& indices, const Tens
   Tensor out = Tensor::empty(out_shape, weight.options());
   {
     NoGradGuard no_grad;  // the contiguous copies are internal; the gradients go to weight and positions
+    backend::DeviceScope scope(weight.device());
     cuda::embedding_dropout_forward(contiguous(weight), idx, positions.defined() ? contiguous(positions) : Tensor(),
                                     mask.seed, mask.offset, mask.keep_threshold, mask.scale, out);
   }
@@ -188,7 +189,10 @@ Tensor cat(const std::vector<Tensor>& tensors, int64_t dim) {
 #if defined(MINIDL_WITH_CUDA)
   // Contiguous inputs on CUDA: one launch for all of them (a step's qkv gradient).
   const bool one_launch = out.is_cuda() && contiguous_inputs;
-  if (one_launch) cuda::cat(tensors, d, out);
+  if (one_launch) {
+    backend::DeviceScope scope(out.device());
+    cuda::cat(tensors, d, out);
+  }
 #else
   const bool one_launch = false;
 #endif

@@ -129,6 +129,7 @@ void run_weight_grad_jobs() {
     if (group.front()->dz.is_cuda() && group.size() > 1) {
       std::vector<cuda::WeightGradProblem> problems;
       for (const WeightGradJob* job : group) problems.push_back({job->dz, job->x, job->dw, job->db});
+      backend::DeviceScope scope(group.front()->dz.device());
       batched = cuda::linear_weight_grads(problems);
     }
 #endif

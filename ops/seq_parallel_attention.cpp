@@ -491,6 +491,7 @@ Tensor from_row(const Tensor& t, int64_t first, int64_t W) {
 void copy_rows(const Tensor& dst, const Tensor& src, int64_t W, const Pairs& p) {
   if (dst.is_cuda()) {
 #if defined(MINIDL_WITH_CUDA)
+    backend::DeviceScope scope(dst.device());
     return cuda::copy_rows(dst, src, W, p.device());
 #endif
   }
@@ -505,6 +506,7 @@ void copy_rows(const Tensor& dst, const Tensor& src, int64_t W, const Pairs& p) 
 void add_rows(const Tensor& dst, const Tensor& src, int64_t W, const Pairs& p) {
   if (dst.is_cuda()) {
 #if defined(MINIDL_WITH_CUDA)
+    backend::DeviceScope scope(dst.device());
     return cuda::add_rows(dst, src, W, p.device());
 #endif
   }
@@ -534,6 +536,7 @@ void merge_row(double* O, double& L, const double* o, double l, int64_t D) {
 void merge_rows(const Tensor& O, const Tensor& L, const Tensor& o, const Tensor& l, int64_t D, const Pairs& p) {
   if (O.is_cuda()) {
 #if defined(MINIDL_WITH_CUDA)
+    backend::DeviceScope scope(O.device());
     return cuda::merge_rows(O, L, o, l, D, p.device());
 #endif
   }

@@ -1,7 +1,11 @@
 #include <cmath>
 #include <limits>
 
+#include "core/allocator.h"
 #include "tests/helpers.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/runtime.h"
+#endif
 
 using namespace minidl;
 using minidl::testing::check_close;
@@ -217,3 +221,42 @@ TEST_CASE("CPU memory stats follow tensor lifetimes") {
   }
   CHECK(memory_stats(Device::cpu()).allocated == before.allocated);
 }
+
+#if defined(MINIDL_WITH_CUDA)
+// A thread whose current device is cuda:0 computes on cuda:1's tensors:
+// each op runs under its tensors' device (backend::DeviceScope), copies
+// between the GPUs and the host go on the stream of the GPU involved, and
+// the thread's current device is left as it was.
+TEST_CASE("CUDA ops and copies run on their tensors' device, not the thread's current one") {
+  MINIDL_REQUIRE_CUDA();
+  const int gpus = cuda_device_count();
+  if (gpus < 2) {
+    MESSAGE("skipped: needs 2 or more GPUs (", gpus, " visible)");
+    return;
+  }
+  backend::DeviceScope on0(Device::cuda(0));
+  const Device d1 = Device::cuda(1);
+  Tensor a = random_tensor({64, 48}), b = random_tensor({48, 32});
+  Tensor a1 = a.to(DType::Float32).to(d1), b1 = b.to(DType::Float32).to(d1);
+  a1.requires_grad_(true);
+  Tensor y1 = ops::softmax(ops::matmul(a1, b1));
+  ops::sum(ops::mul(y1, y1)).backward();
+  CHECK(cuda::current_device() == 0);
+  CHECK(y1.device() == d1);
+  CHECK(a1.grad().device() == d1);
+
+  Tensor a64 = a.clone().requires_grad_(true);
+  Tensor y = ops::softmax(ops::matmul(a64, b));
+  ops::sum(ops::mul(y, y)).backward();
+  check_close(y1, y, 1e-5, 1e-4);
+  check_close(a1.grad(), a64.grad(), 1e-5, 1e-4);
+
+  // cuda:1 -> cuda:0 -> cuda:1, each read right after the op that wrote it.
+  Tensor z1 = ops::add(y1.detach(), 1.0);
+  Tensor z0 = ops::to(z1, Device::cuda(0));
+  Tensor back = ops::to(ops::mul(z0, 2.0), d1);
+  check_close(back, ops::mul(ops::add(y, 1.0), 2.0), 1e-5, 1e-4);
+  CHECK(ops::zeros({5}, {DType::Float32, d1}).to_vector<float>() == std::vector<float>(5, 0.f));
+  CHECK(cuda::current_device() == 0);
+}
+#endif
