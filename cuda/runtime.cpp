@@ -1,8 +1,10 @@
 #include "cuda/runtime.h"
 
 #include <atomic>
+#include <cctype>
 #include <map>
 #include <mutex>
+#include <string>
 #include <vector>
 
 namespace minidl::cuda {
@@ -42,6 +44,35 @@ std::vector<PerDevice>& devices() {
 }
 std::mutex g_mutex;
 
+// Whether this build has code that runs on a device of compute capability cc
+// (major * 10 + minor). CMake's "NN" builds SASS and PTX for NN, "NN-real"
+// SASS only (runs on the same major version at a minor >= N), "NN-virtual"
+// PTX only (compiled at load time for any cc >= NN). An entry it cannot read
+// ("native", "all") is taken to cover the device.
+bool built_for(int cc) {
+#ifdef MINIDL_CUDA_ARCHITECTURES
+  std::string list = MINIDL_CUDA_ARCHITECTURES;
+  size_t start = 0;
+  while (start <= list.size()) {
+    size_t end = list.find(',', start);
+    if (end == std::string::npos) end = list.size();
+    const std::string entry = list.substr(start, end - start);
+    start = end + 1;
+    size_t digits = 0;
+    while (digits < entry.size() && std::isdigit(static_cast<unsigned char>(entry[digits]))) ++digits;
+    if (digits == 0) return true;
+    const int arch = std::stoi(entry.substr(0, digits));
+    const std::string kind = entry.substr(digits);
+    if (kind != "-virtual" && arch / 10 == cc / 10 && arch <= cc) return true;
+    if (kind != "-real" && arch <= cc) return true;
+  }
+  return false;
+#else
+  (void)cc;
+  return true;
+#endif
+}
+
 PerDevice& current() {
   int dev = current_device();
   PerDevice& d = devices().at(static_cast<size_t>(dev));
@@ -55,6 +86,12 @@ PerDevice& current() {
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
       MINIDL_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
       d.cc = major * 10 + minor;
+#ifdef MINIDL_CUDA_ARCHITECTURES
+      MINIDL_CHECK(built_for(d.cc), "minidl was built for CUDA architectures ", MINIDL_CUDA_ARCHITECTURES,
+                   ", which cannot run on cuda:", dev, " (compute capability ", major, ".", minor,
+                   "): configure with -DCMAKE_CUDA_ARCHITECTURES=", d.cc, " (a fresh build folder adds the ",
+                   "GPUs nvidia-smi lists to the default)");
+#endif
       size_t free = 0;
       MINIDL_CUDA_CHECK(cudaMemGetInfo(&free, &d.memory));
       // Made with the stream, before any capture could be under way; zeroed
