@@ -33,9 +33,9 @@ With a local copy of $file, do one of:
   - set MINIDL_DATA_DIR to the folder that holds it; scripts/train.sh and
     scripts/get-data.sh then copy it from there:
       MINIDL_DATA_DIR=/path/to/folder scripts/train.sh
-  - copy it to $dir/$file yourself;
-  - run charlm directly and point --data at it:
-      build/examples/charlm/charlm train --data /path/to/$file --out runs/shakespeare
+  - copy it to $dir/$file yourself, then run scripts/train.sh again.
+(charlm train --data FILE alone trains with charlm's defaults, not the
+script's recipe.)
 MSG
     exit 1
   fi

@@ -59,7 +59,7 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
   flags.group("run");
   flags.add_choice("device", &o.device, {"auto", "cpu", "cuda"}, "where to train (auto: cuda when available)");
   flags.add_choice("dtype", &o.dtype, {"float32", "bfloat16"},
-                   "compute dtype (bfloat16: bf16 compute, float32 master weights)");
+                   "compute dtype (bfloat16: bf16 compute, float32 master weights; float32 on CUDA: matmuls on TF32 tensor cores)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
   flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (threads of this process: "
                 "on the CPU, sharing one GPU, or one GPU each through NCCL when N*M are visible)",
@@ -97,8 +97,9 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
     throw UsageError("--context " + std::to_string(m.context) + " must be a multiple of --sp " + std::to_string(o.sp) +
                      " (every rank holds context / sp positions of each sequence)");
   if (o.sp > 1 && m.dropout > 0)
-    throw UsageError("--sp " + std::to_string(o.sp) + " needs --dropout 0 (sequence-parallel attention has no "
-                     "attention dropout)");
+    throw UsageError("--sp " + std::to_string(o.sp) + " needs --dropout 0, and this run's dropout is " +
+                     format_double(m.dropout) + " (sequence-parallel attention has no attention dropout; a run's "
+                     "dropout cannot change on resume)");
   if (o.min_lr > o.lr) throw UsageError("--min-lr " + format_double(o.min_lr) + " exceeds --lr " + format_double(o.lr));
 }
 
