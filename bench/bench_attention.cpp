@@ -16,6 +16,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -189,9 +190,20 @@ class PlotReporter : public benchmark::ConsoleReporter {
 int main(int argc, char** argv) {
   std::string plot_path;
   int kept = 1;
+  static char help_flag[] = "--help";
   for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--plot=", 7) == 0) plot_path = argv[i] + 7;
-    else argv[kept++] = argv[i];
+    if (std::strncmp(argv[i], "--plot=", 7) == 0) {
+      plot_path = argv[i] + 7;
+    } else if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      // Google Benchmark's help (printed next, and it exits) knows only its own flags.
+      std::printf(
+          "usage: bench_attention [--plot=FILE.png] [Google Benchmark flags]\n"
+          "  --plot=FILE.png  also draw each benchmark's time against N (log-log axes) into FILE.png\n"
+          "                   (default: no plot)\n\n");
+      argv[kept++] = help_flag;
+    } else {
+      argv[kept++] = argv[i];
+    }
   }
   argc = kept;
   register_benchmarks();

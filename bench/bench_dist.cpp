@@ -454,10 +454,20 @@ class SummaryReporter : public benchmark::ConsoleReporter {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t strong_n = int64_t{8} << 20;
+  constexpr int64_t kDefaultStrongN = int64_t{8} << 20;
+  int64_t strong_n = kDefaultStrongN;
   int kept = 1;
+  static char help_flag[] = "--help";
   for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], "--strong_n=", 11) == 0) {
+    if (std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0) {
+      // Google Benchmark's help (printed next, and it exits) knows only its own flags.
+      std::printf(
+          "usage: bench_dist [--strong_n=N] [Google Benchmark flags]\n"
+          "  --strong_n=N  tokens of the strong-scaling sequence, run on each P with at most\n"
+          "                %lld tokens per GPU (default %lld)\n\n",
+          static_cast<long long>(kMaxStrongPerGpu), static_cast<long long>(kDefaultStrongN));
+      argv[kept++] = help_flag;
+    } else if (std::strncmp(argv[i], "--strong_n=", 11) == 0) {
       char* end = nullptr;
       strong_n = std::strtoll(argv[i] + 11, &end, 10);
       if (end == argv[i] + 11 || *end != '\0' || strong_n < 1) {

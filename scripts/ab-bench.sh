@@ -17,9 +17,10 @@
 # in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-[ $# -ge 1 ] || usage
-case $1 in -h | --help) usage ;; esac
+# usage [STATUS]: -h/--help asks for it (0); a usage error prints it on stderr (2).
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+[ $# -ge 1 ] || usage >&2
+case $1 in -h | --help) usage 0 ;; esac
 base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
 shift
 bench=bench_attention filter=. rounds=2 envs=() extra=()
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    *) echo "ab-bench: unknown argument $1" >&2; usage ;;
+    *) echo "ab-bench: unknown argument $1" >&2; usage >&2 ;;
   esac
 done
 [ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }

@@ -3,14 +3,35 @@
 # CUDA kernel tests under compute-sanitizer (memcheck, racecheck), the CUDA
 # benchmarks, the charlm training step's profile (bf16 and float32 recipes)
 # and the PyTorch anchors; logs go to a work folder, packed into
-# $OUT/gpu-logs.tar.gz (default $OUT: gpu-out/) with a summary in
-# $OUT/summary.txt (the benchmarks' with the SM clock and power they ran at).
+# $OUT/gpu-logs.tar.gz with a summary in $OUT/summary.txt (the benchmarks'
+# with the SM clock and power they ran at).
 #   scripts/gpu-check.sh [tests] [sanitize] [bench] [step] [torch]   (default: all)
-# Dependencies may come from a prefix: MINIDL_PREFIX=$PWD/.deps/usr. The step
-# profile needs data/tinyshakespeare.txt (scripts/get-data.sh; offline:
-# MINIDL_DATA_DIR names a folder holding it).
+# Environment:
+#   OUT                    output folder, relative to the repository root
+#                          (default gpu-out); bench also draws bench_attention.png there
+#   MINIDL_BUILD_DIR       build folder, configured and built on every run
+#                          (default /tmp/minidl-gpu)
+#   MINIDL_BENCHES         the bench programs that bench runs; one not built is skipped
+#                          (default: bench_attention bench_matmul bench_softmax bench_elementwise)
+#   MINIDL_FILTER_<bench>  that program's --benchmark_filter regex (default: all),
+#                          e.g. MINIDL_FILTER_bench_attention=dense
+#   MINIDL_PREFIX          dependencies unpacked under a prefix, e.g. $PWD/.deps/usr
+#                          (cmake's CMAKE_PREFIX_PATH and LD_LIBRARY_PATH; scripts/common.sh)
+#   MINIDL_DATA_DIR        a folder holding tinyshakespeare.txt, for step offline;
+#                          otherwise scripts/get-data.sh downloads it into data/
 set -uo pipefail
 cd "$(dirname "$0")/.."
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+# Checked before anything runs: a mistyped step would otherwise build and run nothing of it.
+for a in "$@"; do
+  case $a in
+    -h | --help) usage; exit 0 ;;
+    tests | sanitize | bench | step | torch) ;;
+    *) printf '%s\n' "gpu-check: unknown step '$a'" \
+         "usage: scripts/gpu-check.sh [tests] [sanitize] [bench] [step] [torch]   (default: all; --help: more)" >&2
+       exit 2 ;;
+  esac
+done
 dest=${OUT:-gpu-out}
 out=$(mktemp -d)
 mkdir -p "$dest"

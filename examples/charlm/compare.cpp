@@ -178,7 +178,8 @@ int cmd_compare(const std::vector<std::string>& args) {
   flags.group("data and output");
   flags.add_string("data", &o.data, "FILE", "text file to learn (split 90/10 into train/validation)");
   flags.add_string("out", &o.out, "DIR",
-                   "new or empty directory: DIR/vanilla, DIR/dilated, DIR/compare.csv, DIR/compare.png");
+                   "new or empty directory: DIR/vanilla, DIR/dilated, DIR/compare.csv, DIR/compare.png, "
+                   "DIR/summary.txt (the results table), DIR/compare.run (the recipe, for --resume)");
   flags.add_string("resume", &resume_dir, "DIR", "continue the interrupted comparison in DIR");
   add_model_flags(flags, o.model, /*with_attention=*/false);
   add_training_flags(flags, o);

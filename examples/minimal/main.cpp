@@ -2,10 +2,12 @@
 // made of nn layers, a training loop with AdamW (bfloat16 mixed precision on
 // CUDA), and a checkpoint that a second run resumes from.
 //   minimal [STEPS] [CHECKPOINT]    exits 1 unless the loss fell
+#include <charconv>
 #include <cstdio>
-#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "minidl.h"
@@ -64,8 +66,37 @@ std::pair<float, float> run(Device device, int steps, const std::string& resume,
   return {first, last};
 }
 
+constexpr const char* kUsage =
+    "usage: minimal [STEPS] [CHECKPOINT]\n"
+    "Trains a 2-layer MLP to regress y = tanh(3 x0) x1 with AdamW (bfloat16 mixed\n"
+    "precision on CUDA when a device is present, else on the CPU): STEPS/2 steps,\n"
+    "saving the train state to CHECKPOINT, then the other steps resumed from it.\n"
+    "STEPS defaults to 400 (at least 2: a step on each side of the checkpoint),\n"
+    "CHECKPOINT to minimal.ckpt (overwritten). Exits 0 when the loss fell, 1 when it\n"
+    "did not, 2 on a bad argument or an error.\n";
+
 int main(int argc, char** argv) {
-  const int steps = argc > 1 ? std::atoi(argv[1]) : 400;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "-h") == 0 || std::strcmp(argv[i], "--help") == 0) {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+  }
+  if (argc > 3) {
+    std::fprintf(stderr, "minimal: too many arguments\n%s", kUsage);
+    return 2;
+  }
+  // atoi would read "--help" or "1e3" as 0 or 1 steps and write a checkpoint anyway.
+  int steps = 400;
+  if (argc > 1) {
+    const std::string_view text = argv[1];
+    const auto [end, err] = std::from_chars(text.data(), text.data() + text.size(), steps);
+    if (err != std::errc() || end != text.data() + text.size() || steps < 2) {
+      std::fprintf(stderr, "minimal: STEPS must be a whole number of at least 2, got '%s' (see minimal --help)\n",
+                   argv[1]);
+      return 2;
+    }
+  }
   const std::string path = argc > 2 ? argv[2] : "minimal.ckpt";
   const Device device = cuda_is_available() ? Device::cuda() : Device::cpu();
   std::printf("training on %s\n", device.is_cuda() ? "CUDA (bfloat16 mixed precision)" : "the CPU");
