@@ -119,6 +119,7 @@ class CudaCachingAllocator final : public Allocator {
     stats_.peak_allocated = stats_.allocated;
   }
   void empty_cache() {
+    backend::DeviceScope scope(Device::cuda(device_));  // release_cached_locked waits for this device's stream
     std::lock_guard<std::mutex> lock(mutex_);
     release_cached_locked();
   }
@@ -166,6 +167,22 @@ uint64_t create_graph_pool() {
 void begin_graph_pool(uint64_t pool) { caching_allocator(current_device()).begin_pool(pool); }
 void end_graph_pool() { caching_allocator(current_device()).end_pool(); }
 void release_graph_pool(int device, uint64_t pool) { caching_allocator(device).release_pool(pool); }
+
+void* malloc_persistent(size_t nbytes, const char* what) {
+  void* p = nullptr;
+  cudaError_t err = cudaMalloc(&p, nbytes);
+  if (err == cudaErrorMemoryAllocation && !stream_capturing()) {
+    (void)cudaGetLastError();
+    caching_allocator(current_device()).empty_cache();
+    err = cudaMalloc(&p, nbytes);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    MINIDL_FAIL(what, ": out of memory allocating ", nbytes, " bytes on cuda:", current_device(), ": ",
+                cudaGetErrorString(err));
+  }
+  return p;
+}
 
 }  // namespace cuda
 

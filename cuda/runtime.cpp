@@ -128,7 +128,7 @@ cublasHandle_t cublas_handle() {
     MINIDL_CUBLAS_CHECK(cublasCreate(&h));
     MINIDL_CUBLAS_CHECK(cublasSetStream(h, d.stream));
     // After cublasSetStream, which resets the workspace to cuBLAS's own pool.
-    MINIDL_CUDA_CHECK(cudaMalloc(&d.cublas_workspace, kCublasWorkspace));
+    d.cublas_workspace = malloc_persistent(kCublasWorkspace, "cuBLAS workspace");
     MINIDL_CUBLAS_CHECK(cublasSetWorkspace(h, d.cublas_workspace, kCublasWorkspace));
     d.cublas = h;
   }
@@ -145,7 +145,7 @@ cublasLtHandle_t cublaslt_handle() {
 void* cublaslt_workspace(size_t* nbytes) {
   PerDevice& d = current();
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (!d.workspace) MINIDL_CUDA_CHECK(cudaMalloc(&d.workspace, kLtWorkspace));
+  if (!d.workspace) d.workspace = malloc_persistent(kLtWorkspace, "cuBLASLt workspace");
   *nbytes = kLtWorkspace;
   return d.workspace;
 }

@@ -68,6 +68,11 @@ uint64_t create_graph_pool();
 void begin_graph_pool(uint64_t pool);
 void end_graph_pool();
 void release_graph_pool(int device, uint64_t pool);
+// cudaMalloc on the current device for memory kept until exit (the cuBLAS
+// workspaces): on out-of-memory the device's cached blocks go back to the
+// driver and it tries once more, as the caching allocator does; then it
+// throws, naming `what`.
+void* malloc_persistent(size_t nbytes, const char* what);
 
 }  // namespace minidl::cuda
 
