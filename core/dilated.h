@@ -149,8 +149,13 @@ MINIDL_HD MINIDL_FORCEINLINE KeptRows kept_rows(int64_t n, int64_t w, int64_t r,
   int64_t start = segment * w;
   int64_t end = start + w < n ? start + w : n;
   int64_t first = start + head % r;
-  return {first, r, first < end ? (end - first + r - 1) / r : 0};
+  // ceil((end - first) / r), written so that no r (up to INT64_MAX) overflows it
+  return {first, r, first < end ? (end - first - 1) / r + 1 : 0};
 }
+
+// The most rows a segment of length w keeps at dilation r (head 0's:
+// ceil(w / r)), for sizing tiles and grids.
+MINIDL_HD MINIDL_FORCEINLINE int64_t max_kept_rows(int64_t w, int64_t r) { return w > 0 ? (w - 1) / r + 1 : 0; }
 
 struct DilatedAttentionConfig {
   std::vector<DilatedBranch> branches;

@@ -82,6 +82,9 @@ void Tensor::bump_version() const { storage()->bump_version(); }
 
 bool Tensor::is_contiguous() const {
   const TensorImpl& impl = checked(impl_);
+  // No elements: nothing to lay out (as in PyTorch), whatever the strides.
+  for (int64_t size : impl.shape)
+    if (size == 0) return true;
   int64_t expected = 1;
   for (size_t d = impl.shape.size(); d-- > 0;) {
     if (impl.shape[d] == 1) continue;

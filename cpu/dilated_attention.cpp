@@ -175,12 +175,14 @@ void union_keys(int64_t b, int64_t p, int64_t h, int64_t B, int64_t H, int64_t n
     if (local % br.r != offset) continue;  // p is not kept by this branch for head h
     int64_t seg_start = p - local, seg_end = std::min(seg_start + br.w, n);
     int64_t last = config.causal ? p : seg_end - 1;
-    int64_t t = 0;  // the key's index among the segment's kept rows
-    for (int64_t j = seg_start + offset; j <= last; j += br.r, ++t) {
+    // t: the key's index among the segment's kept rows
+    for (int64_t j = seg_start + offset, t = 0; j <= last; ++t) {
       double factor = 1;
       if (drop.enabled())
         factor = attention_keep(drop, i, B, b, H, h, n, p, t) ? static_cast<double>(drop.scale) : 0.0;
       keys.push_back({j, factor});
+      if (last - j < br.r) break;  // the next kept row is past `last` (j + r could overflow)
+      j += br.r;
     }
   }
 }
@@ -190,7 +192,7 @@ int64_t reference_grain(int64_t B, int64_t H, int64_t N, int64_t D,
                         const std::vector<Branch>& branches, bool causal) {
   double pairs = 0;
   for (const Branch& br : branches)
-    pairs += static_cast<double>(N) / br.r * static_cast<double>((br.w + br.r - 1) / br.r) * (causal ? 0.5 : 1.0);
+    pairs += static_cast<double>(N) / br.r * static_cast<double>(max_kept_rows(br.w, br.r)) * (causal ? 0.5 : 1.0);
   return pairs * static_cast<double>(B * H * D) * 4.0 < 1e6 ? B * H : 1;
 }
 
@@ -473,7 +475,7 @@ constexpr double kParallelFlops = 4e6;
 // seeing about half (causal) or all of its block.
 double branch_flops(int64_t B, int64_t H, int64_t N, int64_t D, const Branch& br, bool causal) {
   double rows = static_cast<double>(B * H) * static_cast<double>(N) / static_cast<double>(br.r);
-  double keys = static_cast<double>((br.w + br.r - 1) / br.r) * (causal ? 0.5 : 1.0);
+  double keys = static_cast<double>(max_kept_rows(br.w, br.r)) * (causal ? 0.5 : 1.0);
   return rows * keys * 4.0 * static_cast<double>(D);
 }
 
@@ -627,7 +629,7 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   for (size_t bi = 0; bi < branches.size(); ++bi) {
     const Branch& br = branches[bi];
     const int64_t segments = (N + br.w - 1) / br.w;
-    const int64_t max_rows = (br.w + br.r - 1) / br.r;
+    const int64_t max_rows = max_kept_rows(br.w, br.r);
     const int64_t tiles = (max_rows + kTileQ - 1) / kTileQ;
     // Units in (b, h, segment, tile) order; within a branch they write disjoint rows.
     parallel_units(
@@ -756,7 +758,7 @@ void fast_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   for (size_t bi = 0; bi < branches.size(); ++bi) {
     const Branch& br = branches[bi];
     const int64_t segments = (N + br.w - 1) / br.w;
-    const int64_t max_rows = (br.w + br.r - 1) / br.r;
+    const int64_t max_rows = max_kept_rows(br.w, br.r);
     parallel_units(
         B * H * segments, 2.5 * branch_flops(B, H, N, D, br, config.causal) > kParallelFlops,
         [&] { return Scratch<C>(D, max_rows); },

@@ -11,7 +11,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string_view>
+#include <vector>
 
 #include "cuda/dilated_attention.h"
 #include "cuda/dilated_attention_common.cuh"
@@ -31,12 +35,17 @@ Tensor fp32_buffer(const Tensor& like) {
 
 void zero(const Tensor& t) { MINIDL_CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.nbytes(), stream())); }
 
-// float32 runs on the TF32 kernels only when every operand's rows are 16-byte
-// aligned (views at odd offsets run SIMT); bfloat16 needs no check here.
-bool tf32_takes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* dout = nullptr) {
-  if (q.dtype() != DType::Float32) return true;
-  for (const Tensor* t : {&q, &k, &v, dout})
-    if (t && !tf32_rows_aligned(operand<float>(*t))) return false;
+// The tensor-core kernels (TF32 for float32, mma.sync, wgmma and ws for
+// bfloat16) take a problem only when every operand's rows are 16-byte
+// aligned: views at odd offsets run SIMT (a misaligned cp.async would fault).
+bool tensor_cores_take(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* dout = nullptr) {
+  for (const Tensor* t : {&q, &k, &v, dout}) {
+    if (!t) continue;
+    const bool aligned = t->dtype() == DType::Float32    ? rows_aligned(operand<float>(*t))
+                         : t->dtype() == DType::BFloat16 ? rows_aligned(operand<BFloat16>(*t))
+                                                         : false;
+    if (!aligned) return false;
+  }
   return true;
 }
 
@@ -61,11 +70,44 @@ BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch
 }
 
 #if MINIDL_WGMMA
-// The most of the device's memory that one forward's attention-dropout bits
-// may take (they live until the backward; past it, e.g. dense attention over
-// 256K rows with 8 heads, 34 GB, the forward keeps none and the backward
-// draws the mask again, on the mma.sync kernels).
+// The most of the device's memory that the attention-dropout bits alive at
+// once may take: each forward's live until its backward, so a model of many
+// layers holds all of theirs. A forward whose bits would pass it (e.g. dense
+// attention over 256K rows with 8 heads, 34 GB, or the later layers of a deep
+// model at long context) keeps none, and its backward draws the mask again,
+// on the mma.sync kernels.
 constexpr double kDropoutBitsBudget = 1.0 / 16;
+
+// The storages of the bits kept so far on each device, as weak references:
+// the bytes of those still alive count against the budget.
+class LiveDropoutBits {
+ public:
+  // A fresh bits tensor of `words` words on `device`, or an undefined one
+  // when they would not fit the budget beside the bits alive there.
+  Tensor keep(Device device, int64_t words) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& kept = kept_[device.index];
+    double live = 0;
+    std::erase_if(kept, [&](const std::weak_ptr<Storage>& w) {
+      std::shared_ptr<Storage> st = w.lock();
+      if (st) live += static_cast<double>(st->nbytes());
+      return !st;
+    });
+    if (live + 4.0 * static_cast<double>(words) > kDropoutBitsBudget * static_cast<double>(device_memory_bytes()))
+      return Tensor();
+    Tensor bits = Tensor::empty({words}, {DType::Int32, device, false});
+    kept.push_back(bits.storage());
+    return bits;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<int, std::vector<std::weak_ptr<Storage>>> kept_;
+};
+LiveDropoutBits& live_dropout_bits() {
+  static auto* live = new LiveDropoutBits();  // leaked: used until exit
+  return *live;
+}
 
 // The order in which the ws kernels run a config's branches when one of them
 // keeps every row (dilation 1): the others first, as listed, then that one,
@@ -98,15 +140,15 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   Shape4 s = shape_of(q);
   // For a backward to come (dropout_bits), the ws forward keeps attention
   // dropout's mask as it draws it, every branch in its region, when
-  // forward_mma runs the problem on it and the bits fit kDropoutBitsBudget.
+  // forward_mma runs the problem on it and the bits fit kDropoutBitsBudget
+  // beside those still alive.
   Tensor bits;
 #if MINIDL_WGMMA
   if (dropout_bits && config.dropout.enabled() && q.dtype() == DType::BFloat16 &&
       ws_forward_runs(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
                       branch_grid(s, config.branches[0], kMmaRows), s.b)) {
     const int64_t words = dropout_bits_offset(config, s, config.branches.size());
-    if (static_cast<double>(words) * 4 <= kDropoutBitsBudget * static_cast<double>(device_memory_bytes()))
-      bits = Tensor::empty({words}, {DType::Int32, q.device(), false});
+    bits = live_dropout_bits().keep(q.device(), words);
   }
 #endif
   if (dropout_bits) *dropout_bits = bits;
@@ -123,7 +165,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   auto* out_ptr = fp32 ? nullptr : static_cast<BFloat16*>(out.raw_data());
   if (!fp32 && order.size() == 1 && covers) {
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
-    grid_of(g, s);  // size check
+    grid_of(g, s.b);  // size check
     forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,
                 config.causal, scale_log2, drop_of(0), MergeMode::kSingle, nullptr, lse_ptr, out_ptr);
     return;
@@ -143,7 +185,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
       unary(UnaryOp::Fill, lse, -INFINITY, lse);
       for (size_t i = 0; i < finish.size(); ++i) {
         BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
-        grid_of(g, s);  // size check
+        grid_of(g, s.b);  // size check
         const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
                                : i == 0               ? MergeMode::kWrite
                                                       : MergeMode::kMerge;
@@ -162,7 +204,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   }
   for (size_t i = 0; i < order.size(); ++i) {
     BranchGrid g = branch_grid(s, config.branches[order[i]], kMmaRows);
-    grid_of(g, s);
+    grid_of(g, s.b);
     const MergeMode mode = i == 0 && covers ? MergeMode::kWrite : MergeMode::kMerge;
     const BranchDropout drop = drop_of(order[i]);
     auto* acc = static_cast<float*>(o_acc.raw_data());
@@ -245,7 +287,7 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
   Shape4 s = shape_of(q);
   const AttentionKernel kernel =
       choose_attention_kernel(q.dtype(), s.d, AttentionPass::kForward);
-  if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt && tf32_takes(q, k, v)) {
+  if (s.b * s.n * s.h > 0 && kernel != AttentionKernel::kSimt && tensor_cores_take(q, k, v)) {
     forward_tensor_cores(kernel, q, k, v, config, out, lse, dropout_bits);
     return;
   }
@@ -315,7 +357,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
-        grid_of(g, s);  // size check
+        grid_of(g, s.b);  // size check
         const bool last = i + 1 == finish.size();
         backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
                     static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
@@ -347,19 +389,20 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   const float* l = static_cast<const float*>(lse.raw_data());
   const float* dl = static_cast<const float*>(delta.raw_data());
   const AttentionKernel kernel = choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward);
-  if (kernel != AttentionKernel::kSimt && q.dtype() == DType::BFloat16) {  // tensor cores
+  if (kernel != AttentionKernel::kSimt && q.dtype() == DType::BFloat16 &&
+      tensor_cores_take(q, k, v, &grad_out)) {  // tensor cores
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
-      grid_of(g, s);
+      grid_of(g, s.b);
       backward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
                    operand<BFloat16>(grad_out), l, dl, g, s.b, s.d, config.causal, scale,
                    branch_dropout(config, i, s, dropout_bits), static_cast<float*>(dq_acc.raw_data()),
                    static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
     }
-  } else if (kernel != AttentionKernel::kSimt && fp32 && tf32_takes(q, k, v, &grad_out)) {  // TF32 tensor cores
+  } else if (kernel != AttentionKernel::kSimt && fp32 && tensor_cores_take(q, k, v, &grad_out)) {  // TF32 tensor cores
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
-      grid_of(g, s);
+      grid_of(g, s.b);
       backward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), operand<float>(grad_out), l, dl, g,
                     s.b, s.d, config.causal, scale, branch_dropout(config, i, s),
                     static_cast<float*>(dq_acc.raw_data()), static_cast<float*>(dk_acc.raw_data()),

@@ -63,21 +63,26 @@ inline BranchGrid branch_grid(const Shape4& s, const DilatedBranch& br, int rows
   g.w = std::min(br.segment, s.n);
   g.r = br.dilation;
   g.segments = (s.n + g.w - 1) / g.w;
-  int64_t max_kept = (g.w + g.r - 1) / g.r;
+  int64_t max_kept = max_kept_rows(g.w, g.r);
   g.tiles_per_segment = (max_kept + rows_per_block - 1) / rows_per_block;
   g.dim = s.d;
   return g;
 }
 
-inline dim3 grid_of(const BranchGrid& g, const Shape4& s) {
+// A branch launch's grid: x the segments' row tiles, y the heads, z the batch
+// (each its own dimension: y and z stop at 65535, so B·H in one would stop
+// there too).
+inline dim3 grid_of(const BranchGrid& g, int64_t batch) {
   int64_t x = g.segments * g.tiles_per_segment;
-  MINIDL_CHECK(x < (int64_t(1) << 31) && s.b * s.h <= 65535, "dilated_attention: problem too large "
-               "for one launch (", x, " row tiles, ", s.b * s.h, " batch-heads)");
-  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(s.b * s.h));
+  MINIDL_CHECK(x < (int64_t(1) << 31) && g.heads <= 65535 && batch <= 65535, "attention (cuda): problem too "
+               "large for one launch (", x, " row tiles, ", g.heads, " heads, batch ", batch, "; at most 2^31 - 1, "
+               "65535 and 65535)");
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(g.heads), static_cast<unsigned>(batch));
 }
 
-// The rows one block of a branch launch owns: (batch, head) from blockIdx.y;
-// from blockIdx.x the segment and its tile of rows_per_block kept rows (t0
+// The rows one block of a branch launch (grid_of) owns: the head from
+// blockIdx.y, the batch from blockIdx.z; from blockIdx.x the segment and its
+// tile of rows_per_block kept rows (t0
 // the first). kLatestFirst numbers the tiles from the segment's end: a
 // forward's later causal tiles see more keys and start first, for a better
 // tail; a backward's earliest key tiles see the most queries and go first.
@@ -88,12 +93,12 @@ struct BlockRows {
 
 template <bool kLatestFirst>
 __device__ __forceinline__ BlockRows block_rows(const BranchGrid& g, int64_t rows_per_block) {
-  const int64_t bh = blockIdx.y, segment = blockIdx.x / g.tiles_per_segment;
+  const int64_t segment = blockIdx.x / g.tiles_per_segment;
   const int64_t in_segment = blockIdx.x % g.tiles_per_segment;
   const int64_t tile = kLatestFirst ? g.tiles_per_segment - 1 - in_segment : in_segment;
   BlockRows b;
-  b.batch = bh / g.heads;
-  b.head = bh % g.heads;
+  b.batch = blockIdx.z;
+  b.head = blockIdx.y;
   b.rows = kept_rows(g.n, g.w, g.r, b.head, segment);
   b.t0 = tile * rows_per_block;
   return b;
@@ -119,7 +124,7 @@ struct DropoutBits {
     return (row_set * blocks_per_row_set() + (causal ? qb * (qb + 1) / 2 : qb * side) + kb) * 128;
   }
   // Blocks a side for a branch: its longest row set, ceil(w / r) rows.
-  static int64_t side_for(const BranchGrid& g) { return ((g.w + g.r - 1) / g.r + 63) / 64; }
+  static int64_t side_for(const BranchGrid& g) { return (max_kept_rows(g.w, g.r) + 63) / 64; }
   static int64_t words_for(const BranchGrid& g, int64_t batch, bool causal) {
     return DropoutBits{nullptr, side_for(g), causal}.word(g.segments * batch * g.heads, 0, 0);
   }

@@ -221,8 +221,8 @@ void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, cons
                                     : forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>;
   allow_dynamic_smem(F::kSmem, forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>,
                      forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>);
-  g.tiles_per_segment = ((g.w + g.r - 1) / g.r + F::kBr - 1) / F::kBr;
-  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
+  g.tiles_per_segment = (max_kept_rows(g.w, g.r) + F::kBr - 1) / F::kBr;
+  const dim3 grid = grid_of(g, batch);
   kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse, out);
   MINIDL_CUDA_LAUNCH_CHECK();
 }

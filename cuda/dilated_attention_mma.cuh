@@ -83,7 +83,7 @@ void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Oper
 // float32 on TF32 tensor cores (mma.sync m16n8k8, sm_80+; head dims 32, 64,
 // 128): the contracts of forward_mma (mode kWrite or kMerge only: o_acc may be
 // the float32 output itself) and backward_mma. The rows of every operand must
-// be 16-byte aligned (tf32_rows_aligned).
+// be 16-byte aligned (rows_aligned).
 void forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v, const BranchGrid& g,
                   int64_t batch, int64_t d, bool causal, float scale_log2, const BranchDropout& dropout,
                   MergeMode mode, float* o_acc, float* lse);
@@ -92,9 +92,12 @@ void backward_tf32(const Operand<float>& q, const Operand<float>& k, const Opera
                    int64_t batch, int64_t d, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
                    float* dk_acc, float* dv_acc);
 
-// Whether every row of x starts on a 16-byte boundary (the tiles load by cp.async of 16 bytes).
-inline bool tf32_rows_aligned(const Operand<float>& x) {
-  return reinterpret_cast<uintptr_t>(x.ptr) % 16 == 0 && x.sb % 4 == 0 && x.sn % 4 == 0 && x.sh % 4 == 0;
+// Whether every row of x starts on a 16-byte boundary: the tensor-core
+// kernels load rows by 16-byte cp.async (or TMA), float32 and bfloat16 alike.
+template <typename T>
+inline bool rows_aligned(const Operand<T>& x) {
+  constexpr int64_t kPer = 16 / sizeof(T);  // elements in 16 bytes
+  return reinterpret_cast<uintptr_t>(x.ptr) % 16 == 0 && x.sb % kPer == 0 && x.sn % kPer == 0 && x.sh % kPer == 0;
 }
 
 }  // namespace minidl::cuda::attn

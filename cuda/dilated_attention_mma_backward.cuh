@@ -284,7 +284,7 @@ void launch_backward_mma(const Operand<typename Tr::Elem>& q, const Operand<type
   constexpr int smem = MmaBwdSmem<Tr, D>::kBytes;
   allow_dynamic_smem(smem, backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true>,
                      backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false>);
-  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
+  const dim3 grid = grid_of(g, batch);
   kernel<<<grid, kMmaWarps * 32, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, dq_acc, dk_acc,
                                                    dv_acc);
   MINIDL_CUDA_LAUNCH_CHECK();

@@ -413,7 +413,7 @@ void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
       auto kernel = config.causal ? forward_simt_kernel<T, D, true> : forward_simt_kernel<T, D, false>;
-      kernel<<<grid_of(g, s), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
+      kernel<<<grid_of(g, s.b), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
                                                          g, scale_log2, DropoutGrid(branch_dropout(config, i, s)),
                                                          static_cast<float*>(o_acc.raw_data()),
                                                          static_cast<float*>(lse.raw_data()));
@@ -452,7 +452,7 @@ void backward_simt(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     constexpr int D = decltype(dim)::value;
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
-      dim3 grid = grid_of(g, s);
+      dim3 grid = grid_of(g, s.b);
       const DropoutGrid drop(branch_dropout(config, i, s));
       auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
       dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),

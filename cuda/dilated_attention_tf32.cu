@@ -200,8 +200,8 @@ void launch_forward_tf32(const Operand<float>& q, const Operand<float>& k, const
   auto kernel = drop.mask.enabled() ? forward_tf32_kernel<D, kCausal, kMode, true>
                                     : forward_tf32_kernel<D, kCausal, kMode, false>;
   allow_dynamic_smem(smem, forward_tf32_kernel<D, kCausal, kMode, true>, forward_tf32_kernel<D, kCausal, kMode, false>);
-  g.tiles_per_segment = ((g.w + g.r - 1) / g.r + 63) / 64;
-  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
+  g.tiles_per_segment = (max_kept_rows(g.w, g.r) + 63) / 64;
+  const dim3 grid = grid_of(g, batch);
   kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse);
   MINIDL_CUDA_LAUNCH_CHECK();
 }

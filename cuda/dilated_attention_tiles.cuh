@@ -39,7 +39,7 @@ struct F32Tile {
 
 // Issues cp.async for rows [t0, t0 + Rows) of a float32 row set into an
 // F32Tile (rows past the set are zero-filled). Rows of x must be 16-byte
-// aligned (tf32_rows_aligned).
+// aligned (rows_aligned).
 template <int Rows, int D, int Threads>
 __device__ __forceinline__ void load_tile_f32_async(char* tile, const Operand<float>& x, int64_t batch,
                                                     int64_t head, const RowSet& rows, int64_t t0) {

@@ -81,6 +81,11 @@ void set_dropout(const char* op, double p, Generator* gen, const Tensor& q, Dila
   Generator& g = gen ? *gen : default_generator();
   MINIDL_CHECK(!g.device_offset() || q.is_cuda(), op, ": the dropout generator is bound to a device offset "
                "(CUDA graph capture) but q is ", detail::describe(q), "; device offsets are for CUDA only");
+  // The mask's Philox counter holds a mask row in 32 bits (attention_dropout_block).
+  const double rows = static_cast<double>(config.branches.size()) * static_cast<double>(q.size(0)) *
+                      static_cast<double>(q.size(2)) * static_cast<double>(q.size(1));
+  MINIDL_CHECK(rows < 4294967296.0, op, ": attention dropout numbers its mask rows (branches x B x H x N = ",
+               rows, ") in 32 bits; this problem has too many for dropout");
   // 8-bit thresholds (core/dilated.h): the effective rate is T8 / 256 = round(p 256) / 256.
   const uint64_t seed = g.seed();
   config.dropout = make_attention_dropout(p, seed, g.next_philox_offset());

@@ -135,7 +135,7 @@ struct Plan {
   }
 };
 
-int64_t ceil_div_pos(int64_t a, int64_t r) { return a <= 0 ? 0 : (a + r - 1) / r; }
+int64_t ceil_div_pos(int64_t a, int64_t r) { return a <= 0 ? 0 : (a - 1) / r + 1; }  // no overflow at any r
 
 // The chunk boundaries of a layout.
 std::vector<int64_t> starts_of(const SequenceLayout& layout) {
@@ -754,6 +754,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
   MINIDL_CHECK(k.shape() == q.shape() && v.shape() == q.shape(), kOp,
                ": k and v must have q's shape ", shape_str(q.shape()), ", got k ",
                detail::describe(k), ", v ", detail::describe(v));
+  MINIDL_CHECK(q.size(3) >= 1, kOp, ": head dim D must be >= 1, got ", detail::describe(q));
   detail::check_same_dtype(kOp, q, k);
   detail::check_same_dtype(kOp, q, v);
   detail::check_same_device(kOp, q, k);

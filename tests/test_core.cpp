@@ -212,6 +212,13 @@ TEST_CASE("as_strided refuses views that reach outside their storage") {
                        doctest::Contains("myview: a view of shape"), Error);
 }
 
+TEST_CASE("a tensor with no elements is contiguous, whatever its strides") {
+  CHECK(Tensor::empty({2, 0}).is_contiguous());
+  CHECK(Tensor::empty({1, 4, 0, 3}).is_contiguous());
+  CHECK(Tensor::empty({0, 3}).transpose(0, 1).is_contiguous());
+  CHECK_FALSE(Tensor::empty({2, 3}).transpose(0, 1).is_contiguous());
+}
+
 TEST_CASE("CPU memory stats follow tensor lifetimes") {
   MemoryStats before = memory_stats(Device::cpu());
   {

@@ -1127,6 +1127,32 @@ TEST_CASE("dropout: errors name the op and the bad value") {
   }
   CHECK_THROWS_WITH_AS(ops::attention(q, q, q, true, 0, 1.0),
                        doctest::Contains("dropout must be in [0, 1), got 1"), Error);
+  // The mask's Philox counter holds a row in 32 bits: 2^32 rows (one branch,
+  // B 2^16, N 2^16, H 1; an expanded view, nothing allocated) are refused.
+  Tensor big = random_tensor({1, 1, 1, 4}).expand({int64_t(1) << 16, int64_t(1) << 16, 1, 4});
+  CHECK_THROWS_WITH_AS(ops::dilated_attention(big, big, big, {64}, {1}, true, 0, 0.1),
+                       doctest::Contains("in 32 bits"), Error);
+}
+
+TEST_CASE("a dilation past the segment and the head count keeps what r = max(w, H) keeps, up to INT64_MAX") {
+  // Head h keeps position h of each segment (h < w) for any r >= max(w, H):
+  // the kept-row count must not overflow computing that.
+  Tensor q = random_tensor({1, 16, 2, 4}), k = random_tensor({1, 16, 2, 4}), v = random_tensor({1, 16, 2, 4});
+  auto [want_out, want_lse] = ops::dilated_attention(q, k, v, {8}, {8});
+  for (int64_t r : {std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max() - 3, int64_t(1) << 62}) {
+    CAPTURE(r);
+    auto [out, lse] = ops::dilated_attention(q, k, v, {8}, {r});
+    CHECK(out.to_vector<double>() == want_out.to_vector<double>());
+    CHECK(lse.to_vector<double>() == want_lse.to_vector<double>());
+    DilatedAttentionConfig config;
+    config.branches = {{8, r}};
+    config.scale = 0.5;
+    Forward ref = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+    config.branches = {{8, 8}};
+    Forward ref8 = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+    CHECK(ref.out.to_vector<double>() == ref8.out.to_vector<double>());
+    CHECK(ref.lse.to_vector<double>() == ref8.lse.to_vector<double>());
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1510,6 +1536,88 @@ TEST_CASE("CUDA float32 on TF32 tensor cores: not SIMT's result but within TF32 
       CAPTURE(i);
       CHECK(mma[i].to_vector<double>() == simt[i].to_vector<double>());
     }
+  }
+#endif
+}
+
+// bfloat16 rows the tensor-core kernels cannot load (16-byte cp.async or
+// TMA): views whose rows start 2 bytes past a 16-byte boundary, and an
+// upstream gradient that is contiguous but starts there. They run SIMT (a
+// misaligned load faulted: a sticky error, reported at a later launch).
+TEST_CASE("CUDA bfloat16 attention on rows off 16-byte boundaries matches the float64 CPU reference") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  for (int64_t D : {64, 128}) {
+    for (double p : {0.0, 0.2}) {
+      for_each_kernel(DType::BFloat16, D, [&] {
+        CAPTURE(D);
+        CAPTURE(p);
+        const Case c{"unaligned", 1, 160, 2, D, {64, 160}, {2, 1}, true};
+        const DilatedAttentionConfig config = p > 0 ? dropout_config(c, p) : kernel_config(c);
+        const double tol = cuda_tolerance(DType::BFloat16, D, p > 0);
+        // Rows of D + 1 elements, the head dim their last D.
+        auto shifted = [&] { return random_tensor({c.B, c.N, c.H, D + 1}).to(DType::BFloat16).slice(3, 1, D + 1); };
+        auto contiguous_shifted = [&] {  // contiguous, one element past an aligned start
+          Tensor buf = random_tensor({c.B * c.N * c.H * D + 1}).to(DType::BFloat16).to(gpu);
+          return buf.slice(0, 1, buf.size(0)).view({c.B, c.N, c.H, D});
+        };
+        Tensor q0 = shifted(), k0 = shifted(), v0 = shifted();
+        Tensor qs = q0.to(gpu), ks = k0.to(gpu), vs = v0.to(gpu);  // contiguous: aligned rows
+        Tensor qu = random_tensor({c.B, c.N, c.H, D + 1}).to(DType::BFloat16).to(gpu).slice(3, 1, D + 1);
+        ops::copy_(qu, qs);
+        Tensor ku = random_tensor({c.B, c.N, c.H, D + 1}).to(DType::BFloat16).to(gpu).slice(3, 1, D + 1);
+        ops::copy_(ku, ks);
+        Tensor vu = random_tensor({c.B, c.N, c.H, D + 1}).to(DType::BFloat16).to(gpu).slice(3, 1, D + 1);
+        ops::copy_(vu, vs);
+        Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
+        Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+        Tensor go = contiguous_shifted();
+        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                   go.to(Device::cpu()).to(DType::Float64), Tensor(), config);
+        // Unaligned q, k, v (and gradient); then aligned q, k, v with the unaligned gradient.
+        for (bool aligned_inputs : {false, true}) {
+          CAPTURE(aligned_inputs);
+          const Tensor& a = aligned_inputs ? qs : qu;
+          const Tensor& b = aligned_inputs ? ks : ku;
+          const Tensor& e = aligned_inputs ? vs : vu;
+          Forward got = run_cuda_forward(a, b, e, config);
+          check_scaled(got.out.to(Device::cpu()), want.out, tol);
+          check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+          Backward gg = run_cuda_backward(a, b, e, got, go, Tensor(), config);
+          check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+        }
+      });
+    }
+  }
+#endif
+}
+
+// Each of B and H in its own grid dimension: B H past 65535 (the limit of
+// one) runs, on every kernel version.
+TEST_CASE("CUDA attention over more than 65535 batch-heads matches the float64 CPU reference") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const Case c{"B H = 66000", 33000, 4, 2, 64, {4, 2}, {1, 2}, true};
+  const DilatedAttentionConfig config = kernel_config(c);
+  for (DType dtype : {DType::Float32, DType::BFloat16}) {
+    CAPTURE(dtype);
+    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype),
+           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), go = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
+    Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+    Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                               go.to(DType::Float64), Tensor(), config);
+    Tensor q = q0.to(gpu), k = k0.to(gpu), v = v0.to(gpu);
+    for_each_kernel(dtype, c.D, [&] {
+      const double tol = cuda_tolerance(dtype, c.D);
+      Forward got = run_cuda_forward(q, k, v, config);
+      check_scaled(got.out.to(Device::cpu()), want.out, tol);
+      check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+      Backward gg = run_cuda_backward(q, k, v, got, go.to(gpu), Tensor(), config);
+      check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+    });
   }
 #endif
 }

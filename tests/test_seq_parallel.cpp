@@ -512,6 +512,21 @@ TEST_CASE("seq_parallel_dilated_attention: rejects dropout and mismatched ranks"
                                      ops::seq_parallel_dilated_attention(q, q, q, config, comm);
                                    }),
                        doctest::Contains("every rank must pass"), Error);
+  // Empty problems: batch or heads of 0 give empty outputs as the op does
+  // (a tensor with no elements is contiguous, whatever its strides); a head
+  // dim of 0 is refused with the op's message.
+  const Tensor b0 = random_tensor({0, 8, 2, 4}), h0 = random_tensor({1, 8, 0, 4}), d0 = random_tensor({1, 8, 2, 0});
+  run_ranks(2, [&](dist::Communicator& comm) {
+    for (const Tensor* t : {&b0, &h0}) {
+      const Tensor q = t->slice(1, 4 * comm.rank(), 4 * comm.rank() + 4);
+      auto [out, lse] = ops::seq_parallel_dilated_attention(q, q, q, config, comm);
+      CHECK(out.shape() == q.shape());
+      CHECK(lse.numel() == 0);
+    }
+    const Tensor q = d0.slice(1, 4 * comm.rank(), 4 * comm.rank() + 4);
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
+                         doctest::Contains("head dim D must be >= 1"), Error);
+  });
 }
 
 TEST_CASE("SequenceLayout::even: floor((p+1)N/P) - floor(pN/P), starts") {

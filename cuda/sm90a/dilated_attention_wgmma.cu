@@ -177,8 +177,8 @@ void launch(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operan
   auto plain = forward_wgmma_kernel<kCausal, kMode, false>;
   auto dropout = forward_wgmma_kernel<kCausal, kMode, true>;
   allow_dynamic_smem(smem, plain, dropout);
-  g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
-  dim3 grid(static_cast<unsigned>(g.segments * g.tiles_per_segment), static_cast<unsigned>(batch * g.heads));
+  g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBr - 1) / kBr;
+  const dim3 grid = grid_of(g, batch);
   (drop.mask.enabled() ? dropout : plain)<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, drop,
                                                                              o_acc, lse, out);
   MINIDL_CUDA_LAUNCH_CHECK();

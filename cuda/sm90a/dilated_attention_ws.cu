@@ -1464,11 +1464,11 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
                 float* lse, BFloat16* out) {
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
-  p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBr - 1) / kBr;
+  p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
   // The items of a pair read its K and V (kept rows x d, bf16, twice).
-  p.group = pairs_in_l2(((g.w + g.r - 1) / g.r) * g.dim * 2 * 2);
+  p.group = pairs_in_l2(max_kept_rows(g.w, g.r) * g.dim * 2 * 2);
   p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;  // a map needs one row; the tail path loads everything then
@@ -1512,11 +1512,11 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                "dilated_attention backward (cuda, ws): dropout without the forward's keep bits");
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
-  p.g.tiles_per_segment = ((g.w + g.r - 1) / g.r + kBwdKeys - 1) / kBwdKeys;
+  p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBwdKeys - 1) / kBwdKeys;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
   // The items of a pair read its Q and dO (kept rows x d, bf16) and add to its dQ (fp32).
-  p.group = pairs_in_l2(((g.w + g.r - 1) / g.r) * g.dim * (2 + 2 + 4));
+  p.group = pairs_in_l2(max_kept_rows(g.w, g.r) * g.dim * (2 + 2 + 4));
   p.work = scheduler_counters();
   p.map_rows = batch * g.n / g.r;
   if (p.map_rows == 0) p.map_rows = 1;
