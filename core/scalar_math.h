@@ -110,7 +110,7 @@ template <typename T> MINIDL_HD MINIDL_FORCEINLINE T sigmoid(T x) {
   X(Log, ::minidl::math::log_(x))                \
   X(Tanh, ::minidl::math::tanh_(x))              \
   X(Sqrt, ::minidl::math::sqrt_(x))              \
-  X(Relu, x > T(0) ? x : T(0))                   \
+  X(Relu, x < T(0) ? T(0) : x)                   \
   X(Gelu, ::minidl::math::gelu(x))               \
   X(Sigmoid, ::minidl::math::sigmoid(x))         \
   X(AddScalar, x + p)                            \
@@ -127,7 +127,7 @@ template <typename T> MINIDL_HD MINIDL_FORCEINLINE T sigmoid(T x) {
   X(Gt, a > b ? T(1) : T(0))                                  \
   X(Lt, a < b ? T(1) : T(0))                                  \
   X(Eq, a == b ? T(1) : T(0))                                 \
-  X(ReluBackward, b > T(0) ? a : T(0))                        \
+  X(ReluBackward, b <= T(0) ? T(0) : a)                       \
   X(GeluBackward, a * ::minidl::math::gelu_grad(b))
 
 namespace minidl {
@@ -185,5 +185,19 @@ template <typename S> struct compute_type { using type = float; };
 template <> struct compute_type<double> { using type = double; };
 template <> struct compute_type<int32_t> { using type = double; };
 template <typename S> using compute_t = typename compute_type<S>::type;
+
+// A compute value stored as S. For int32 the value, truncated toward zero,
+// wraps around as int32 arithmetic does (PyTorch's int32 ops wrap too), and
+// NaN gives 0: a plain conversion of an out-of-range double is undefined
+// (x86 gives INT32_MIN, a GPU saturates), so CPU and CUDA would differ.
+template <typename S, typename C> MINIDL_HD MINIDL_FORCEINLINE S from_compute(C v) {
+  if constexpr (std::is_same_v<S, int32_t>) {
+    if (!(v == v)) return 0;
+    const C lim = C(9.0e18);  // inside int64 (reached only by a division by zero)
+    return static_cast<int32_t>(static_cast<int64_t>(v > lim ? lim : v < -lim ? -lim : v));
+  } else {
+    return static_cast<S>(v);
+  }
+}
 
 }  // namespace minidl

@@ -64,7 +64,8 @@ void check_layout(const char* fn, const Tensor& q, const Tensor& k, const Tensor
   MINIDL_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype() && out.dtype() == q.dtype(), fn,
                ": q, k, v, out must share a dtype");
   MINIDL_CHECK(q.dtype() != DType::Int32, fn, ": int32 inputs are not supported");
-  MINIDL_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, fn,
+  // (a D of 1 has no stride to speak of: a contiguous tensor may carry any there)
+  MINIDL_CHECK(q.size(3) == 1 || (q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1), fn,
                ": the D dim of q, k, v must be contiguous");
   MINIDL_CHECK(out.is_contiguous(), fn, ": out must be contiguous");
   DType lse_dtype = q.dtype() == DType::Float64 ? DType::Float64 : DType::Float32;
@@ -83,7 +84,7 @@ void check_backward_layout(const char* fn, const Tensor& q, const Tensor& grad_o
                            const Tensor& grad_lse, const Tensor& lse, const Tensor& dq,
                            const Tensor& dk, const Tensor& dv) {
   MINIDL_CHECK(grad_out.defined() && grad_out.shape() == q.shape() &&
-                   grad_out.dtype() == q.dtype() && grad_out.stride(3) == 1,
+                   grad_out.dtype() == q.dtype() && (q.size(3) == 1 || grad_out.stride(3) == 1),
                fn, ": grad_out must be a ", q.dtype(), " ", shape_str(q.shape()),
                " tensor with a contiguous D dim");
   MINIDL_CHECK(!grad_lse.defined() ||

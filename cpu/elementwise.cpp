@@ -85,7 +85,7 @@ void unary(UnaryOp op, const Tensor& x, double p, const Tensor& out) {
       S* op_ = static_cast<S*>(out.raw_data());
       C pc = static_cast<C>(p);
       for_each2(x, out, [&](int64_t xo, int64_t oo) {
-        op_[oo] = static_cast<S>(fn(static_cast<C>(xp[xo]), pc));
+        op_[oo] = from_compute<S>(fn(static_cast<C>(xp[xo]), pc));
       });
     });
   });
@@ -100,7 +100,7 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, const Tensor& out) {
       const S* bp = static_cast<const S*>(b.raw_data());
       S* op_ = static_cast<S*>(out.raw_data());
       for_each3(a, b, out, [&](int64_t ao, int64_t bo, int64_t oo) {
-        op_[oo] = static_cast<S>(fn(static_cast<C>(ap[ao]), static_cast<C>(bp[bo])));
+        op_[oo] = from_compute<S>(fn(static_cast<C>(ap[ao]), static_cast<C>(bp[bo])));
       });
     });
   });

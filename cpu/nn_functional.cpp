@@ -210,8 +210,11 @@ void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight
     S* dxp = out<S>(dx);
     bool params = dweight.defined() || dbias.defined();
     // Chunks of rows, each with its own partial dweight/dbias row, added in
-    // chunk order afterwards (deterministic for any thread count).
-    int64_t chunk_rows = row_grain(cols);
+    // chunk order afterwards (deterministic for any thread count). At most
+    // kMaxChunks of them (a fixed count, not the threads'): wide rows made
+    // one-row chunks, whose partials took 16 bytes per input element.
+    constexpr int64_t kMaxChunks = 128;
+    int64_t chunk_rows = std::max(row_grain(cols), (rows + kMaxChunks - 1) / kMaxChunks);
     int64_t chunks = std::max<int64_t>(1, (rows + chunk_rows - 1) / chunk_rows);
     std::vector<double> pw(params ? static_cast<size_t>(chunks * cols) : 0, 0.0);
     std::vector<double> pb(params ? static_cast<size_t>(chunks * cols) : 0, 0.0);

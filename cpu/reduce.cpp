@@ -33,7 +33,7 @@ void sum_last(const Tensor& in, int64_t rows, int64_t cols, double scale, const 
         const S* row = x + m * cols;
         A acc = 0;
         for (int64_t r = 0; r < cols; ++r) acc += static_cast<A>(row[r]);
-        y[m] = static_cast<S>(static_cast<compute_t<S>>(acc * scale));
+        y[m] = from_compute<S>(static_cast<compute_t<S>>(acc * scale));
       }
     });
   });
@@ -52,7 +52,7 @@ void sum_first(const Tensor& in, int64_t rows, int64_t cols, double scale, const
           for (int64_t c = lo; c < hi; ++c) acc[static_cast<size_t>(c - lo)] += static_cast<double>(row[c]);
         }
         for (int64_t c = lo; c < hi; ++c)
-          y[c] = static_cast<S>(static_cast<compute_t<S>>(acc[static_cast<size_t>(c - lo)] * scale));
+          y[c] = from_compute<S>(static_cast<compute_t<S>>(acc[static_cast<size_t>(c - lo)] * scale));
       });
       return;
     }
@@ -76,7 +76,7 @@ void sum_first(const Tensor& in, int64_t rows, int64_t cols, double scale, const
       for (int64_t c = lo; c < hi; ++c) {
         double acc = 0;
         for (int64_t k = 0; k < chunks; ++k) acc += partial[static_cast<size_t>(k * cols + c)];
-        y[c] = static_cast<S>(static_cast<compute_t<S>>(acc * scale));
+        y[c] = from_compute<S>(static_cast<compute_t<S>>(acc * scale));
       }
     });
   });

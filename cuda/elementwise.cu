@@ -112,7 +112,7 @@ __global__ void unary_flat(const S* x, S* out, C p, int64_t n, Fn fn) {
     for (int j = 0; j < V; ++j) v[j] = fn(v[j], p);
     store_vec<S, C, V>(out + i * V, v);
   }
-  if (int64_t i = n / V * V + t; i < n) out[i] = static_cast<S>(fn(static_cast<C>(x[i]), p));
+  if (int64_t i = n / V * V + t; i < n) out[i] = from_compute<S>(fn(static_cast<C>(x[i]), p));
 }
 
 template <typename S, typename C, typename Fn>
@@ -120,7 +120,7 @@ __global__ void unary_strided(const S* x, S* out, C p, int64_t n, StridedIndex x
                               Fn fn) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    out[oi(i)] = static_cast<S>(fn(static_cast<C>(x[xi(i)]), p));
+    out[oi(i)] = from_compute<S>(fn(static_cast<C>(x[xi(i)]), p));
 }
 
 // ---- binary ----
@@ -137,7 +137,7 @@ __global__ void binary_flat(const S* a, const S* b, S* out, int64_t n, Fn fn) {
     store_vec<S, C, V>(out + i * V, av);
   }
   if (int64_t i = n / V * V + t; i < n)
-    out[i] = static_cast<S>(fn(static_cast<C>(a[i]), static_cast<C>(b[i])));
+    out[i] = from_compute<S>(fn(static_cast<C>(a[i]), static_cast<C>(b[i])));
 }
 
 template <typename S, typename C, int V, typename Fn>
@@ -158,7 +158,7 @@ __global__ void binary_strided(const S* a, const S* b, S* out, int64_t n, Stride
                                StridedIndex bi, StridedIndex oi, Fn fn) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    out[oi(i)] = static_cast<S>(fn(static_cast<C>(a[ai(i)]), static_cast<C>(b[bi(i)])));
+    out[oi(i)] = from_compute<S>(fn(static_cast<C>(a[ai(i)]), static_cast<C>(b[bi(i)])));
 }
 
 // ---- where ----

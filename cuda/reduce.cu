@@ -29,7 +29,7 @@ __global__ void sum_rows_warp(const In* x, Out* y, int64_t rows, int64_t cols, A
   A acc = 0;
   for (int64_t c = lane; c < cols; c += 32) acc += static_cast<A>(xr[c]);
   acc = warp_sum(acc);
-  if (lane == 0) y[row] = static_cast<Out>(acc * scale);
+  if (lane == 0) y[row] = from_compute<Out>(acc * scale);
 }
 
 // Block (row, split) sums elements [split * chunk, (split + 1) * chunk) of
@@ -43,7 +43,7 @@ __global__ void sum_rows_block(const In* x, Out* y, int64_t cols, int64_t chunk,
 #pragma unroll 4
   for (int64_t c = begin + threadIdx.x; c < end; c += blockDim.x) acc += static_cast<A>(xr[c]);
   acc = block_sum(acc);
-  if (threadIdx.x == 0) y[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = static_cast<Out>(acc * scale);
+  if (threadIdx.x == 0) y[int64_t(blockIdx.x) * gridDim.y + blockIdx.y] = from_compute<Out>(acc * scale);
 }
 
 template <typename In, typename Out, typename A>
@@ -81,7 +81,7 @@ __global__ void sum_cols(const In* x, Out* y, int64_t rows, int64_t cols, int64_
   __syncthreads();
   if (ty == 0 && c < cols) {
     for (int k = 1; k < kColRows; ++k) acc += partial[k][tx];
-    y[int64_t(blockIdx.y) * cols + c] = static_cast<Out>(acc * scale);
+    y[int64_t(blockIdx.y) * cols + c] = from_compute<Out>(acc * scale);
   }
 }
 

@@ -6,6 +6,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "core/scalar_math.h"
 #include "core/tensor.h"
 
 namespace minidl::cuda {
@@ -32,11 +33,11 @@ __device__ __forceinline__ void load_vec(const S* p, A (&out)[V]) {
 template <typename S, typename A, int V>
 __device__ __forceinline__ void store_vec(S* p, const A (&in)[V]) {
   if constexpr (V == 1) {
-    p[0] = static_cast<S>(in[0]);
+    p[0] = from_compute<S>(in[0]);
   } else {
     Pack<S, V> pk;
 #pragma unroll
-    for (int j = 0; j < V; ++j) pk.v[j] = static_cast<S>(in[j]);
+    for (int j = 0; j < V; ++j) pk.v[j] = from_compute<S>(in[j]);
     *reinterpret_cast<Pack<S, V>*>(p) = pk;
   }
 }

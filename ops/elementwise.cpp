@@ -1,6 +1,11 @@
 // Elementwise ops with NumPy broadcasting. Forward runs one kernel from
 // cpu/elementwise or cuda/elementwise; backward is written with ops and
 // reduces broadcast dims with sum_to.
+#include <algorithm>
+#include <cstdlib>
+#include <utility>
+#include <vector>
+
 #include "autograd/tape.h"
 #include "cpu/elementwise.h"
 #include "cuda/elementwise.h"
@@ -224,6 +229,22 @@ void check_no_internal_overlap(const char* op, const Tensor& dst) {
     MINIDL_CHECK(dst.shape()[d] <= 1 || dst.strides()[d] != 0, op, ": the destination (", detail::describe(dst),
                  ") has several elements at one memory location (dim ", d,
                  " has stride 0: an expanded view); write into a tensor of its own");
+  // Other self-overlapping views (as_strided windows): with the dims taken
+  // by growing |stride|, each stride must pass the reach of the ones before.
+  // Every slice, transpose or permute of a tensor of its own passes; a few
+  // layouts that do not overlap fail too, and are refused with the rest.
+  if (dst.numel() == 0) return;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, size)
+  for (int64_t d = 0; d < dst.dim(); ++d)
+    if (dst.shape()[d] > 1) dims.push_back({std::abs(dst.strides()[d]), dst.shape()[d]});
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    MINIDL_CHECK(stride > reach, op, ": the destination (", detail::describe(dst), ", strides ",
+                 shape_str(dst.strides()), ") may have several elements at one memory location (a view made by "
+                 "as_strided); write into a tensor of its own");
+    reach += (size - 1) * stride;
+  }
 }
 
 // The source of copy_ / add_ broadcasts to the destination's shape.

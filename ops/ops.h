@@ -59,7 +59,7 @@ Tensor exp(const Tensor& a);
 Tensor log(const Tensor& a);
 Tensor tanh(const Tensor& a);
 Tensor sqrt(const Tensor& a);
-Tensor relu(const Tensor& a);
+Tensor relu(const Tensor& a);  // NaN stays NaN (its gradient passes), as in PyTorch
 Tensor gelu(const Tensor& a);  // tanh approximation
 Tensor sigmoid(const Tensor& a);
 // Comparisons give 1 or 0 in the inputs' dtype; not differentiable.
@@ -73,9 +73,11 @@ Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
 Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
 
 // ---- reductions ----
+// An int32 sum wraps around past the int32 range, as int32 arithmetic does
+// (PyTorch's sum promotes to int64; minidl has no int64).
 Tensor sum(const Tensor& x);  // all elements -> scalar (shape [])
 Tensor sum(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim = false);
-// The mean over zero elements is 0 (PyTorch gives NaN).
+// Floating-point tensors only. The mean over zero elements is 0 (PyTorch gives NaN).
 Tensor mean(const Tensor& x);
 Tensor mean(const Tensor& x, const std::vector<int64_t>& dims, bool keepdim = false);
 // Max over one dim: {values, indices (int32)}; gradient flows to the argmax.

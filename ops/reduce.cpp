@@ -94,6 +94,8 @@ Tensor unpermute(const Tensor& g, const std::vector<int64_t>& order, const Shape
 
 Tensor reduce_sum(const char* op, const Tensor& x, const std::vector<int64_t>& dims, bool keepdim,
                   bool average) {
+  // An int32 mean would truncate (PyTorch refuses it too); int32 sums wrap (from_compute).
+  if (average) detail::check_floating(op, x);
   Reduction r = plan(op, x, dims, keepdim, /*allow_leading=*/true);
   Tensor y = Tensor::empty(r.out_shape, x.options());
   double scale = average ? 1.0 / static_cast<double>(std::max<int64_t>(r.cols, 1)) : 1.0;

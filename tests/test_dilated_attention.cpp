@@ -1134,6 +1134,21 @@ TEST_CASE("dropout: errors name the op and the bad value") {
                        doctest::Contains("in 32 bits"), Error);
 }
 
+TEST_CASE("a head dim of 1 takes any stride there, forward and backward") {
+  // (B, N, 1, H) transposed: D = 1 with stride H; still "contiguous" as far
+  // as strides go, so the op hands it to the kernels as it is.
+  Tensor q0 = random_tensor({2, 5, 1, 3});
+  Tensor q = q0.transpose(2, 3);
+  q.requires_grad_(true);
+  Tensor out = ops::attention(q, q, q);
+  Tensor want = ops::attention(ops::contiguous(q0.transpose(2, 3)), ops::contiguous(q0.transpose(2, 3)),
+                               ops::contiguous(q0.transpose(2, 3)));
+  CHECK(out.to_vector<double>() == want.to_vector<double>());
+  Tensor w = random_tensor({2, 5, 1, 3});
+  ops::sum(ops::mul(out.transpose(2, 3), w)).backward();  // grad_out arrives with D's stride 3
+  CHECK(q.grad().defined());
+}
+
 TEST_CASE("a dilation past the segment and the head count keeps what r = max(w, H) keeps, up to INT64_MAX") {
   // Head h keeps position h of each segment (h < w) for any r >= max(w, H):
   // the kept-row count must not overflow computing that.

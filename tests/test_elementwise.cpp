@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <string>
 
 #include "tests/helpers.h"
@@ -328,6 +329,28 @@ TEST_CASE("in-place ops: a source overlapping its destination is read as it was;
                        Error);
   ops::fill_(ops::expand(e, {3, 2}), 5.0);  // one value: no order to get wrong
   CHECK(vals(e) == std::vector<double>{5, 5});
+  // A sliding window (as_strided): elements i and i + 1 of dim 0 share memory.
+  Tensor w = f64({0, 0, 0, 0, 0});
+  CHECK_THROWS_WITH_AS(ops::copy_(w.as_strided({4, 2}, {1, 1}, 0), ops::ones({4, 2}, {DType::Float64})),
+                       doctest::Contains("may have several elements at one memory location"), Error);
+  // Transposed, sliced and stepped views of a tensor of its own are fine.
+  Tensor m = ops::zeros({4, 6}, {DType::Float64});
+  ops::copy_(m.transpose(0, 1).slice(0, 1, 5), ops::ones({4, 4}, {DType::Float64}));
+  ops::add_(m.as_strided({2, 3}, {12, 2}, 0), ops::ones({2, 3}, {DType::Float64}));
+  CHECK(ops::sum(m).item<double>() == 16 + 6);
+}
+
+TEST_CASE("relu: NaN stays NaN and its gradient passes, as in PyTorch") {
+  Tensor x = f64({std::numeric_limits<double>::quiet_NaN(), -1, 0, 2});
+  x.requires_grad_(true);
+  Tensor y = ops::relu(x);
+  std::vector<double> v = vals(y);
+  CHECK(std::isnan(v[0]));
+  CHECK(v[1] == 0);
+  CHECK(v[2] == 0);
+  CHECK(v[3] == 2);
+  ops::sum(y).backward();
+  CHECK(vals(x.grad()) == std::vector<double>{1, 0, 0, 1});
 }
 
 TEST_CASE("in-place change of a saved tensor makes backward throw") {

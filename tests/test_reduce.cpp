@@ -137,6 +137,26 @@ TEST_CASE("reduction errors") {
   CHECK_THROWS_WITH_AS(ops::max(ops::zeros({0})), doctest::Contains("max: cannot reduce over zero"), Error);
   CHECK_THROWS_WITH_AS(ops::max(Tensor(), 0), doctest::Contains("max: input is an undefined tensor"), Error);
   CHECK_THROWS_WITH_AS(ops::sum(x, {1, 1}), doctest::Contains("sum: dim 1 given twice"), Error);
+  // An int32 mean would truncate (PyTorch refuses it as well).
+  CHECK_THROWS_WITH_AS(ops::mean(from_vector(std::vector<int32_t>{1, 2}, {2})),
+                       doctest::Contains("mean: expected a floating-point tensor"), Error);
+}
+
+TEST_CASE("int32 sums are exact inside the int32 range and wrap around past it, on every backend") {
+  Tensor small = from_vector(std::vector<int32_t>{2000000000, -1999999999, 7}, {3});
+  Tensor big = ops::full({3}, 2e9, {DType::Int32});  // 6e9: wraps to 6e9 - 2^32
+  for (bool gpu : {false, true}) {
+    if (gpu && !cuda_is_available()) {
+      MESSAGE("skipped the CUDA half: no CUDA device");
+      continue;
+    }
+    CAPTURE(gpu);
+    const Device d = gpu ? Device::cuda(0) : Device::cpu();
+    CHECK(ops::sum(small.to(d)).item<int32_t>() == 8);
+    CHECK(ops::sum(big.to(d)).item<int32_t>() == static_cast<int32_t>(6000000000LL - 4294967296LL));
+    CHECK(ops::sum(ops::reshape(big, {3, 1}).to(d), {0}).to_vector<int32_t>() ==
+          std::vector<int32_t>{static_cast<int32_t>(6000000000LL - 4294967296LL)});
+  }
 }
 
 // ---- CUDA ----
