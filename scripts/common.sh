@@ -2,7 +2,16 @@
 # nvcc on PATH when the CUDA toolkit is present.
 # shellcheck shell=bash
 
-MINIDL_PACKAGES=(cmake g++ make doctest-dev libstb-dev libbenchmark-dev)
+MINIDL_PACKAGES=(cmake g++ make doctest-dev libstb-dev libbenchmark-dev curl ca-certificates)
+
+# The scripts cd to the repository root first: a relative path in one of
+# these variables means the caller's directory, so it is made absolute before.
+minidl_absolute_paths() {
+  local v
+  for v in MINIDL_DATA_DIR MINIDL_BUILD_DIR MINIDL_RUN_DIR; do
+    if [ -n "${!v:-}" ]; then export "$v=$(realpath -m -- "${!v}")"; fi
+  done
+}
 
 minidl_install_deps() {
   local missing=()
@@ -12,7 +21,11 @@ minidl_install_deps() {
   if [ ${#missing[@]} -gt 0 ]; then
     echo "[minidl] installing: ${missing[*]}"
     local sudo=""
-    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    if [ "$(id -u)" -ne 0 ]; then
+      command -v sudo >/dev/null 2>&1 ||
+        { echo "[minidl] error: not root and no sudo to install ${missing[*]}; install them first" >&2; exit 1; }
+      sudo="sudo"
+    fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
@@ -23,10 +36,12 @@ minidl_install_deps() {
 
 minidl_jobs() { nproc 2>/dev/null || echo 2; }
 
-# Configures and builds into $1 (default: build).
+# Configures and builds into $1 (default: build); further arguments go to
+# the configure step (options given there override a folder's cached ones).
 minidl_build() {
   local dir=${1:-build}
-  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release
+  shift || true
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@"
   cmake --build "$dir" -j"$(minidl_jobs)"
 }
 

@@ -3,6 +3,8 @@
 # copies it from there instead of downloading (offline machines, CI). When the
 # download fails, says how to use a local copy instead.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+minidl_absolute_paths
 cd "$(dirname "$0")/.."
 dir=${1:-data}
 file=tinyshakespeare.txt

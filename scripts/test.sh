@@ -4,13 +4,14 @@
 # after ctest, a line says how many were skipped (ctest counts them as passed).
 #   scripts/test.sh            (build dir: build, or $MINIDL_BUILD_DIR)
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+minidl_absolute_paths
 cd "$(dirname "$0")/.."
-source scripts/common.sh
 minidl_install_deps
 dir=${MINIDL_BUILD_DIR:-build}
-minidl_build "$dir"
+minidl_build "$dir" -DMINIDL_BUILD_TESTS=ON  # a folder configured without tests would run none
 rc=0
-ctest --test-dir "$dir" --output-on-failure -j"$(minidl_jobs)" || rc=$?
+ctest --test-dir "$dir" --output-on-failure --no-tests=error -j"$(minidl_jobs)" || rc=$?
 
 # Each skipped case prints "FILE:LINE: MESSAGE: skipped: no CUDA device"
 # (MINIDL_REQUIRE_CUDA); ctest keeps every test's output in LastTest.log.

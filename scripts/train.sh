@@ -8,15 +8,16 @@
 # Environment: MINIDL_BUILD_DIR (default build), MINIDL_RUN_DIR (default
 # runs/shakespeare), MINIDL_DATA_DIR (copy the data from there; see get-data.sh).
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+minidl_absolute_paths
 cd "$(dirname "$0")/.."
-source scripts/common.sh
 minidl_install_deps
 
 build=${MINIDL_BUILD_DIR:-build}
 run=${MINIDL_RUN_DIR:-runs/shakespeare}
 data=data/tinyshakespeare.txt
 
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DMINIDL_BUILD_EXAMPLES=ON
 cmake --build "$build" -j"$(minidl_jobs)" --target charlm
 charlm=$build/examples/charlm/charlm
 scripts/get-data.sh "$(dirname "$data")"

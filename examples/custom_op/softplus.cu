@@ -1,6 +1,7 @@
 // CUDA kernels of the user op: float32 and bfloat16, fp32 math. They launch
 // on minidl's stream (cuda/launch.h), so they run in order with minidl's own
 // kernels: no device synchronisation before or after.
+#include "core/allocator.h"
 #include "cuda/launch.h"
 #include "softplus.h"
 
@@ -32,7 +33,10 @@ template <typename F> void with_cuda_floats(const Tensor& t, F&& f) {
 }
 }  // namespace
 
+// Each launch runs under x's device: cuda::stream() is the current device's,
+// and minidl's own ops make their tensors' device current the same way.
 void softplus_cuda(const Tensor& x, Tensor& y) {
+  backend::DeviceScope scope(x.device());
   with_cuda_floats(x, [&](auto tag) {
     using T = decltype(tag);
     cuda::launch_grid_stride(x.numel(), softplus_kernel<T>, x.data_ptr<T>(), y.data_ptr<T>(), x.numel());
@@ -40,6 +44,7 @@ void softplus_cuda(const Tensor& x, Tensor& y) {
 }
 
 void softplus_grad_cuda(const Tensor& x, const Tensor& g, Tensor& dx) {
+  backend::DeviceScope scope(x.device());
   with_cuda_floats(x, [&](auto tag) {
     using T = decltype(tag);
     cuda::launch_grid_stride(x.numel(), softplus_grad_kernel<T>, x.data_ptr<T>(), g.data_ptr<T>(),
