@@ -2,7 +2,7 @@
 # nvcc on PATH when the CUDA toolkit is present.
 # shellcheck shell=bash
 
-MINIDL_PACKAGES=(cmake g++ make doctest-dev libstb-dev libbenchmark-dev curl ca-certificates)
+MINIDL_PACKAGES=(cmake g++ make doctest-dev libstb-dev libbenchmark-dev)
 
 # The scripts cd to the repository root first: a relative path in one of
 # these variables means the caller's directory, so it is made absolute before.
@@ -13,9 +13,10 @@ minidl_absolute_paths() {
   done
 }
 
+# Installs what is missing of MINIDL_PACKAGES and of the packages given.
 minidl_install_deps() {
   local missing=()
-  for p in "${MINIDL_PACKAGES[@]}"; do
+  for p in "${MINIDL_PACKAGES[@]}" "$@"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then

@@ -11,7 +11,14 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 minidl_absolute_paths
 cd "$(dirname "$0")/.."
-minidl_install_deps
+# The data download needs curl (and certificates), which stock Debian and
+# Ubuntu images lack; only when there is something to download.
+downloads=()
+if [ ! -s data/tinyshakespeare.txt ] && [ -z "${MINIDL_DATA_DIR:-}" ] &&
+   ! command -v curl >/dev/null 2>&1 && ! command -v wget >/dev/null 2>&1; then
+  downloads=(curl ca-certificates)
+fi
+minidl_install_deps "${downloads[@]}"
 
 build=${MINIDL_BUILD_DIR:-build}
 run=${MINIDL_RUN_DIR:-runs/shakespeare}
