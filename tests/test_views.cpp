@@ -63,6 +63,10 @@ TEST_CASE("view of non-contiguous tensors: allowed when strides permit, else an 
   CHECK(r.storage() != x.storage());
   CHECK(vals(r) == vals(t.contiguous()));
   CHECK(vals(r)[1] == 6.0f);
+  // No elements: any shape of zero elements is a view, whatever the strides.
+  Tensor empty_t = Tensor::empty({0, 3}).transpose(0, 1);
+  CHECK(empty_t.view({0}).numel() == 0);
+  CHECK(empty_t.view({3, 0, 1}).shape() == Shape{3, 0, 1});
 }
 
 TEST_CASE("reshape errors") {
