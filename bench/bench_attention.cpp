@@ -65,6 +65,11 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
          v = ops::randn({1, n, kHeads, dim}, opts);
   Tensor seed = backward ? ops::randn({1, n, kHeads, dim}, {DType::BFloat16, dev, false}) : Tensor();
   auto step = [&] {
+    // q, k, v stand for a layer's activations: each backward writes their
+    // gradients afresh (accumulating into the last call's would add a pass
+    // over three full-size tensors, ~5% of the 1M fwd+bwd, and hold them at
+    // the peak), as bench/pytorch/attention_baseline.py does too.
+    for (const Tensor* t : {&q, &k, &v}) t->zero_grad();
     auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, true, 0, dropout);
     if (backward) out.backward(seed);
   };

@@ -8,6 +8,14 @@ gather the kept rows of each head-offset group with strided slicing, run
 flash attention per segment (segments as batch), and merge branches by their
 log-sum-exp (LongNet's rule; weights detached, as in torchscale).
 
+The fwd+bwd timings clear q, k and v's gradients in each call (they stand for
+a layer's activations: no accumulation pass), as bench_attention does; the
+forward timings run under no_grad. "dilated N: kernels only" times the four
+branches' SDPA calls on tensors already in the gathered layout ((N/w, H, w/r,
+D) each, w/r = 2048 for every branch): what the composition's kernels cost
+without its gathers, scatters and merge, the kernel-against-kernel anchor of
+the dilated rows.
+
 Timed as bench_attention times minidl (Google Benchmark, --benchmark_min_time
 0.2 --benchmark_repetitions 3): calls back to back, each followed by a
 synchronize, for at least 0.2 s, three times; prints the median of the three
@@ -43,6 +51,12 @@ def timed(fn, min_time=0.2, repetitions=3):
     return sorted(means)[len(means) // 2]
 
 
+def cleared(*tensors):
+    """Drops the gradients of tensors (a fresh backward writes them, no accumulation)."""
+    for t in tensors:
+        t.grad = None
+
+
 def flash(q, k, v):
     # (batch, heads, rows, D) -> out, lse (batch, heads, rows)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[:2]
@@ -51,14 +65,13 @@ def flash(q, k, v):
 
 def dilated(q, k, v):
     b, n, h, d = q.shape
-    out_total = torch.zeros_like(q, dtype=torch.float32)
-    lse_total = torch.full((b, n, h), -math.inf, device=q.device)
     outs = []
     for w, r in zip(SEGMENTS, DILATIONS):
         w = min(w, n)
         assert n % w == 0 and w % r == 0, "anchor assumes divisible sizes"
         s = n // w
-        o_b = torch.zeros(b, n, h, d, device=q.device, dtype=q.dtype)
+        # r = 1 writes every row; the others leave the rows they skip at zero.
+        o_b = (torch.empty if r == 1 else torch.zeros)(b, n, h, d, device=q.device, dtype=q.dtype)
         l_b = torch.full((b, n, h), -math.inf, device=q.device)
         for off in range(r):
             heads = list(range(off, h, r))
@@ -75,7 +88,11 @@ def dilated(q, k, v):
         outs.append((o_b, l_b))
     lse_total = torch.logsumexp(torch.stack([l for _, l in outs]), dim=0)
     weights = [torch.exp(l - lse_total).nan_to_num(0.0).detach() for _, l in outs]
-    return sum(o.float() * wt.unsqueeze(-1) for (o, _), wt in zip(outs, weights)).to(q.dtype)
+    terms = [o.float() * wt.unsqueeze(-1) for (o, _), wt in zip(outs, weights)]
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total.to(q.dtype)
 
 
 def main():
@@ -88,15 +105,17 @@ def main():
         q, k, v = (torch.randn(batch, H, rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         g = torch.randn_like(q)
-        fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        both = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g))
+        with torch.no_grad():
+            fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        both = timed(lambda: (cleared(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)))
         return fwd, both, (q, k, v, g)
 
     for n, d in [(32768, 64), (16384, 128)]:
         fwd, both, (q, k, v, g) = causal_sdpa(1, n, d)
         print(f"dense causal N={n} D={d}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
         if d == 64:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
-            both = timed(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).backward(g))
+            both = timed(lambda: (cleared(q, k, v),
+                                  F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).backward(g)))
             print(f"dense causal N={n} D={d} dropout 0.2: fwd+bwd {both:.2f} ms")
     n, w = 1 << 20, SEGMENTS[0]
     fwd, both, _ = causal_sdpa(n // w, w, D)
@@ -104,9 +123,26 @@ def main():
     for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)
-        fwd = timed(lambda: dilated(q, k, v))
-        both = timed(lambda: dilated(q, k, v).backward(g))
+        with torch.no_grad():
+            fwd = timed(lambda: dilated(q, k, v))
+        both = timed(lambda: (cleared(q, k, v), dilated(q, k, v).backward(g)))
         print(f"dilated N={n}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+        del q, k, v, g
+        # The same branches' kernels alone, on inputs already gathered.
+        branches = [tuple(torch.randn(n // w, H, w // r, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+                          for _ in range(4)) for w, r in zip(SEGMENTS, DILATIONS)]  # q, k, v, grad
+        def kernels(backward):
+            for q, k, v, g in branches:
+                if backward:
+                    cleared(q, k, v)
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+                else:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with torch.no_grad():
+            fwd = timed(lambda: kernels(False))
+        both = timed(lambda: kernels(True))
+        print(f"dilated N={n} kernels only (SDPA per branch on gathered rows): fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+        del branches
 
 
 if __name__ == "__main__":
