@@ -22,6 +22,8 @@
 # (bench_dist, default 300 s), DP_TIMEOUT (each charlm run, default 120 s),
 # CTX8M_TIMEOUT (default 420 s).
 set -uo pipefail
+source "$(dirname "$0")/common.sh"
+minidl_absolute_paths
 cd "$(dirname "$0")/.." || exit 1
 
 usage_error() { echo "bench_multi_gpu: $*" >&2; exit 2; }

@@ -20,6 +20,8 @@
 #   MINIDL_DATA_DIR        a folder holding tinyshakespeare.txt, for step offline;
 #                          otherwise scripts/get-data.sh downloads it into data/
 set -uo pipefail
+source "$(dirname "$0")/common.sh"
+minidl_absolute_paths
 cd "$(dirname "$0")/.."
 usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
 # Checked before anything runs: a mistyped step would otherwise build and run nothing of it.
@@ -36,7 +38,6 @@ dest=${OUT:-gpu-out}
 out=$(mktemp -d)
 mkdir -p "$dest"
 steps=${*:-tests sanitize bench step torch}
-source scripts/common.sh
 minidl_use_prefix
 build=${MINIDL_BUILD_DIR:-/tmp/minidl-gpu}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
