@@ -32,6 +32,21 @@ size_t round_size(size_t n) {
 
 using FreeLists = std::unordered_map<size_t, std::vector<void*>>;  // by rounded size
 
+// cudaMalloc on the current device; out of memory, when `may_release`, it
+// calls `release` (which frees cached blocks) and tries once more. The
+// error, if any, is returned and cleared from the runtime's last error.
+template <class Release>
+cudaError_t malloc_retrying(void** p, size_t size, bool may_release, Release release) {
+  cudaError_t err = cudaMalloc(p, size);
+  if (err == cudaErrorMemoryAllocation && may_release) {
+    (void)cudaGetLastError();
+    release();
+    err = cudaMalloc(p, size);
+  }
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return err;
+}
+
 class CudaCachingAllocator final : public Allocator {
  public:
   explicit CudaCachingAllocator(int device) : device_(device) {}
@@ -46,18 +61,10 @@ class CudaCachingAllocator final : public Allocator {
       p = it->second.back();
       it->second.pop_back();
     } else {
-      int prev = cuda::current_device();
-      MINIDL_CUDA_CHECK(cudaSetDevice(device_));
-      cudaError_t err = cudaMalloc(&p, size);
-      // Release the cache and try once more (not while capturing: that waits for the stream).
-      if (err == cudaErrorMemoryAllocation && !capturing_) {
-        (void)cudaGetLastError();
-        release_cached_locked();
-        err = cudaMalloc(&p, size);
-      }
-      MINIDL_CUDA_CHECK(cudaSetDevice(prev));
+      backend::DeviceScope scope(Device::cuda(device_));
+      // Not released while capturing: that waits for the stream.
+      const cudaError_t err = malloc_retrying(&p, size, !capturing_, [this] { release_cached_locked(); });
       if (err != cudaSuccess) {
-        (void)cudaGetLastError();
         MINIDL_FAIL("cuda allocator: out of memory allocating ", nbytes, " bytes on cuda:", device_,
                     " (", stats_.allocated, " bytes in use, ", stats_.reserved, " reserved",
                     capturing_ ? ", during a CUDA graph capture" : "", "): ", cudaGetErrorString(err));
@@ -170,14 +177,9 @@ void release_graph_pool(int device, uint64_t pool) { caching_allocator(device).r
 
 void* malloc_persistent(size_t nbytes, const char* what) {
   void* p = nullptr;
-  cudaError_t err = cudaMalloc(&p, nbytes);
-  if (err == cudaErrorMemoryAllocation && !stream_capturing()) {
-    (void)cudaGetLastError();
-    caching_allocator(current_device()).empty_cache();
-    err = cudaMalloc(&p, nbytes);
-  }
+  const cudaError_t err = malloc_retrying(&p, nbytes, !stream_capturing(),
+                                          [] { caching_allocator(current_device()).empty_cache(); });
   if (err != cudaSuccess) {
-    (void)cudaGetLastError();
     MINIDL_FAIL(what, ": out of memory allocating ", nbytes, " bytes on cuda:", current_device(), ": ",
                 cudaGetErrorString(err));
   }
