@@ -75,6 +75,24 @@ __device__ __forceinline__ void store_rows_tile(char* tile, const uint32_t (&row
                         rows[0][2 * kk + 1], rows[1][2 * kk + 1]);
 }
 
+// A warpgroup's tile out through the TMA unit, one bulk group per call:
+// thread 0 waits until the group kPending groups back has read its buffer,
+// the warpgroup writes the tile (`write`, shared-memory stores) and makes the
+// writes visible to the async proxy, and thread 0 issues the stores
+// (`issue`). `barrier`: the warpgroup's named barrier.
+template <int kPending, class Write, class Issue>
+__device__ __forceinline__ void tile_out(int barrier, Write write, Issue issue) {
+  if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<kPending>();
+  hopper::named_sync(barrier, 128);
+  write();
+  wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
+  hopper::named_sync(barrier, 128);
+  if (threadIdx.x % 128 == 0) {
+    issue();
+    hopper::bulk_commit();
+  }
+}
+
 // The forward's shape at head dim kD: 128-key tiles at 64 (S is one m64n128
 // accumulator per warpgroup), 64-key tiles at 128 (O takes 64 registers).
 template <int kD>
@@ -620,16 +638,13 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         if (lane % 4 == 0) p.lse[merge_row(q_row0 + 8 * r, g, batch, head, rows)] = f.lse;
       }
       char* tile = smem + Smem::kOut + consumer * Smem::OutTile::kBytes;
-      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<0>();  // the last item's store has read the tile
-      hopper::named_sync(2 + consumer, 128);
-      store_rows_tile<kD>(tile, packed);
-      wgmma::fence_proxy_async();  // st.shared (stmatrix), read next by the TMA unit
-      hopper::named_sync(2 + consumer, 128);
-      if (threadIdx.x % 128 == 0) {
-        const int position = static_cast<int>(batch * g.n + rows.base + group_row0);  // ws_takes: < 2^31
-        hopper::tma_store_3d(&omap, tile, 0, static_cast<int>(head), position);
-        hopper::bulk_commit();
-      }
+      // After the last item's store has read the tile.
+      tile_out<0>(
+          2 + consumer, [&] { store_rows_tile<kD>(tile, packed); },
+          [&] {
+            const int position = static_cast<int>(batch * g.n + rows.base + group_row0);  // ws_takes: < 2^31
+            hopper::tma_store_3d(&omap, tile, 0, static_cast<int>(head), position);
+          });
     } else {
       store_branch_rows<kD, kMode>(o, m_row, l_row, q_row0, p.scale_log2, g, batch, head, rows, p.o_acc, p.lse,
                                    p.out, kDropout ? p.drop.mask.scale : 1.f,
@@ -1267,18 +1282,18 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           pv[r][c] = mma::pack_bf16(dv[4 * c + 2 * r] + dv0[c].x, dv[4 * c + 2 * r + 1] + dv0[c].y);
         }
       }
-      if (threadIdx.x % 128 == 0) hopper::bulk_wait_read<0>();  // the last item's stores have read the tiles
-      hopper::named_sync(2 + consumer, 128);
-      store_rows_tile<kD>(dk_tile, pk);
-      store_rows_tile<kD>(dv_tile, pv);
-      wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
-      hopper::named_sync(2 + consumer, 128);
-      if (threadIdx.x % 128 == 0) {
-        const int position = static_cast<int>(first + key0);  // rows of stride 1
-        hopper::tma_store_3d(&dkmap, dk_tile, 0, static_cast<int>(head), position);
-        hopper::tma_store_3d(&dvmap, dv_tile, 0, static_cast<int>(head), position);
-        hopper::bulk_commit();
-      }
+      // After the last item's stores have read the tiles.
+      tile_out<0>(
+          2 + consumer,
+          [&] {
+            store_rows_tile<kD>(dk_tile, pk);
+            store_rows_tile<kD>(dv_tile, pv);
+          },
+          [&] {
+            const int position = static_cast<int>(first + key0);  // rows of stride 1
+            hopper::tma_store_3d(&dkmap, dk_tile, 0, static_cast<int>(head), position);
+            hopper::tma_store_3d(&dvmap, dv_tile, 0, static_cast<int>(head), position);
+          });
     } else {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
