@@ -230,6 +230,36 @@ TEST_CASE("CPU memory stats follow tensor lifetimes") {
 }
 
 #if defined(MINIDL_WITH_CUDA)
+// Out of device memory, the caching allocator gives its cached blocks back to
+// the driver and tries once more (cuda/allocator.cpp): a block of more than
+// half the free memory, cached once its tensor dies, leaves too little for a
+// second one of another size unless it goes back.
+TEST_CASE("CUDA allocator: out of memory, the cached blocks are released and the allocation retried") {
+  MINIDL_REQUIRE_CUDA();
+  const Device dev = Device::cuda(0);
+  backend::DeviceScope scope(dev);
+  empty_cache(dev);
+  size_t free = 0, total = 0;
+  REQUIRE(cudaMemGetInfo(&free, &total) == cudaSuccess);
+  constexpr int64_t kMiB = 1 << 20;
+  const int64_t first = static_cast<int64_t>(free / 100 * 55) / kMiB * kMiB;  // bytes, a whole MiB
+  const int64_t second = first + kMiB;                                        // another cache size
+  const TensorOptions ints{DType::Int32, dev, false};
+  { Tensor a = ops::empty({first / 4}, ints); }
+  const MemoryStats cached = memory_stats(dev);
+  CHECK(cached.reserved >= static_cast<size_t>(first));
+  Tensor b = ops::empty({second / 4}, ints);
+  // The first block went back: with it still reserved, the two would exceed
+  // what was free.
+  CHECK(memory_stats(dev).reserved == cached.reserved - static_cast<size_t>(first) + static_cast<size_t>(second));
+  b = Tensor();
+  // Past the device's memory even with the cache released: a clear error.
+  CHECK_THROWS_WITH(ops::empty({static_cast<int64_t>(total / 4) + kMiB}, ints),
+                    doctest::Contains("cuda allocator: out of memory allocating"));
+  empty_cache(dev);
+  CHECK(memory_stats(dev).reserved == memory_stats(dev).allocated);
+}
+
 // A thread whose current device is cuda:0 computes on cuda:1's tensors:
 // each op runs under its tensors' device (backend::DeviceScope), copies
 // between the GPUs and the host go on the stream of the GPU involved, and

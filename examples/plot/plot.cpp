@@ -159,11 +159,28 @@ std::vector<Tick> axis_ticks(double lo, double hi, bool log, int target) {
   return log ? log_ticks(lo, hi, target) : linear_ticks(lo, hi, target);
 }
 
-Image render(const Figure& fig) {
+namespace {
+
+// The figure drawn with its legend in the plot corner where the curves leave
+// most room (`*covered`: whether even that corner hides curve pixels), or,
+// legend_outside, right of the plot area in a strip that widens the image.
+Image draw(const Figure& fig, bool legend_outside, bool* covered) {
   for (const Series& s : fig.series)
     MINIDL_CHECK(s.x.size() == s.y.size(), "plot: series '", s.label, "' has ", s.x.size(),
                  " x values but ", s.y.size(), " y values");
-  Image image(fig.width, fig.height);
+  const int label_h = text_height(kLabelScale), tick_h = text_height(kTickScale);
+  std::vector<size_t> labelled;
+  int label_width = 0;
+  for (size_t si = 0; si < fig.series.size(); ++si)
+    if (!fig.series[si].label.empty()) {
+      labelled.push_back(si);
+      label_width = std::max(label_width, text_width(fig.series[si].label, kLabelScale));
+    }
+  const int row_h = label_h + 10, sample = 28, inset = 10;
+  const int box_w = 10 + sample + 8 + label_width + 10;
+  const int box_h = static_cast<int>(labelled.size()) * row_h + 8;
+  const int strip = legend_outside && !labelled.empty() ? box_w + 2 * inset : 0;
+  Image image(fig.width + strip, fig.height);
 
   // Ranges over the drawable points.
   std::vector<double> xs, ys;
@@ -188,7 +205,6 @@ Image render(const Figure& fig) {
   // Layout: margins sized to the labels.
   int ytick_width = 0;
   for (const Tick& t : yticks) ytick_width = std::max(ytick_width, text_width(t.label, kTickScale));
-  const int label_h = text_height(kLabelScale), tick_h = text_height(kTickScale);
   const int top = 16 + (fig.title.empty() ? 0 : text_height(kTitleScale) + 14);
   const int left = 14 + (fig.y.label.empty() ? 0 : label_h + 12) + ytick_width + 8 + kMajorTick;
   const int bottom = kMajorTick + 8 + tick_h + (fig.x.label.empty() ? 0 : 12 + label_h) + 14;
@@ -265,18 +281,9 @@ Image render(const Figure& fig) {
   if (!fig.title.empty())
     image.text((fig.width - text_width(fig.title, kTitleScale)) / 2, 16, fig.title, kTitleScale, kInk);
 
-  // Legend, in the plot corner where the curves leave most room.
-  std::vector<size_t> labelled;
-  int label_width = 0;
-  for (size_t si = 0; si < fig.series.size(); ++si)
-    if (!fig.series[si].label.empty()) {
-      labelled.push_back(si);
-      label_width = std::max(label_width, text_width(fig.series[si].label, kLabelScale));
-    }
+  // Legend.
+  if (covered) *covered = false;
   if (!labelled.empty()) {
-    const int row_h = label_h + 10, sample = 28, inset = 10;
-    const int box_w = 10 + sample + 8 + label_width + 10;
-    const int box_h = static_cast<int>(labelled.size()) * row_h + 8;
     const std::array<Rect, 4> corners = {{
         {plot.x1 - inset - box_w, plot.y0 + inset, plot.x1 - inset, plot.y0 + inset + box_h},
         {plot.x0 + inset, plot.y0 + inset, plot.x0 + inset + box_w, plot.y0 + inset + box_h},
@@ -293,12 +300,18 @@ Image render(const Figure& fig) {
       return count;
     };
     Rect box = corners[0];
-    int best = curve_pixels(box);
-    for (size_t i = 1; i < corners.size() && best > 0; ++i) {
-      const int n = curve_pixels(corners[i]);
-      if (n < best) best = n, box = corners[i];
+    if (strip > 0) {
+      box = {fig.width + inset, plot.y0, fig.width + inset + box_w, plot.y0 + box_h};
+    } else {
+      int best = curve_pixels(box);
+      for (size_t i = 1; i < corners.size() && best > 0; ++i) {
+        const int n = curve_pixels(corners[i]);
+        if (n < best) best = n, box = corners[i];
+      }
+      if (covered) *covered = best > 0;
     }
-    if (box.x0 >= plot.x0 && box.y1 <= plot.y1) {  // else the legend does not fit: leave it out
+    // Else the legend does not fit (too many series for the height): left out.
+    if (box.x0 >= plot.x0 && box.y1 <= plot.y1) {
       image.fill(box, {255, 255, 255});
       image.outline(box, {170, 170, 170});
       for (size_t row = 0; row < labelled.size(); ++row) {
@@ -313,6 +326,14 @@ Image render(const Figure& fig) {
     }
   }
   return image;
+}
+
+}  // namespace
+
+Image render(const Figure& fig) {
+  bool covered = false;
+  Image image = draw(fig, false, &covered);
+  return covered ? draw(fig, true, nullptr) : image;
 }
 
 void save_png(const Figure& figure, const std::string& path) { render(figure).write_png(path); }

@@ -69,7 +69,10 @@ std::string format_number(double value);
 
 // Draws the figure. Throws minidl::Error when series have mismatched x/y
 // lengths, the size is out of range, or a log axis is given a non-positive
-// min or max. A figure without drawable points still gets its frame.
+// min or max. A figure without drawable points still gets its frame. The
+// legend goes in the plot area's corner that hides no curve; when every
+// corner would, it goes right of the plot area instead, and the image is
+// that much wider than figure.width.
 Image render(const Figure& figure);
 // render() then Image::write_png (atomically: written aside, then renamed).
 void save_png(const Figure& figure, const std::string& path);

@@ -103,6 +103,24 @@ TEST_CASE("render draws the curves in their colours, inside the frame, with a le
   CHECK(image.pixel(2, 2) == Color{255, 255, 255});
 }
 
+TEST_CASE("a legend that would hide curves in every corner goes right of the plot area") {
+  Figure fig;
+  // Two diagonals and two flat lines along the top and bottom edges: every corner is crossed.
+  fig.series = {{.label = "up", .x = {0, 1}, .y = {0, 1}},
+                {.label = "down", .x = {0, 1}, .y = {1, 0}},
+                {.label = "top", .x = {0, 1}, .y = {0.97, 0.97}},
+                {.label = "bottom", .x = {0, 1}, .y = {0.03, 0.03}}};
+  const Image crowded = render(fig);
+  CHECK(crowded.width() > fig.width);
+  CHECK(crowded.height() == fig.height);
+  // The strip holds the legend: its samples in the series' colours.
+  const Rect strip{fig.width, 0, crowded.width(), crowded.height()};
+  for (size_t i = 0; i < fig.series.size(); ++i) CHECK(count_color(crowded, palette(i), strip) > 20);
+  // A figure with a free corner keeps its size.
+  fig.series.resize(1);
+  CHECK(render(fig).width() == fig.width);
+}
+
 TEST_CASE("log-log axes skip non-positive points; non-finite points break the line") {
   Figure fig;
   fig.x.log = fig.y.log = true;
