@@ -159,28 +159,11 @@ std::vector<Tick> axis_ticks(double lo, double hi, bool log, int target) {
   return log ? log_ticks(lo, hi, target) : linear_ticks(lo, hi, target);
 }
 
-namespace {
-
-// The figure drawn with its legend in the plot corner where the curves leave
-// most room (`*covered`: whether even that corner hides curve pixels), or,
-// legend_outside, right of the plot area in a strip that widens the image.
-Image draw(const Figure& fig, bool legend_outside, bool* covered) {
+Image render(const Figure& fig) {
   for (const Series& s : fig.series)
     MINIDL_CHECK(s.x.size() == s.y.size(), "plot: series '", s.label, "' has ", s.x.size(),
                  " x values but ", s.y.size(), " y values");
-  const int label_h = text_height(kLabelScale), tick_h = text_height(kTickScale);
-  std::vector<size_t> labelled;
-  int label_width = 0;
-  for (size_t si = 0; si < fig.series.size(); ++si)
-    if (!fig.series[si].label.empty()) {
-      labelled.push_back(si);
-      label_width = std::max(label_width, text_width(fig.series[si].label, kLabelScale));
-    }
-  const int row_h = label_h + 10, sample = 28, inset = 10;
-  const int box_w = 10 + sample + 8 + label_width + 10;
-  const int box_h = static_cast<int>(labelled.size()) * row_h + 8;
-  const int strip = legend_outside && !labelled.empty() ? box_w + 2 * inset : 0;
-  Image image(fig.width + strip, fig.height);
+  Image image(fig.width, fig.height);
 
   // Ranges over the drawable points.
   std::vector<double> xs, ys;
@@ -205,6 +188,7 @@ Image draw(const Figure& fig, bool legend_outside, bool* covered) {
   // Layout: margins sized to the labels.
   int ytick_width = 0;
   for (const Tick& t : yticks) ytick_width = std::max(ytick_width, text_width(t.label, kTickScale));
+  const int label_h = text_height(kLabelScale), tick_h = text_height(kTickScale);
   const int top = 16 + (fig.title.empty() ? 0 : text_height(kTitleScale) + 14);
   const int left = 14 + (fig.y.label.empty() ? 0 : label_h + 12) + ytick_width + 8 + kMajorTick;
   const int bottom = kMajorTick + 8 + tick_h + (fig.x.label.empty() ? 0 : 12 + label_h) + 14;
@@ -281,9 +265,19 @@ Image draw(const Figure& fig, bool legend_outside, bool* covered) {
   if (!fig.title.empty())
     image.text((fig.width - text_width(fig.title, kTitleScale)) / 2, 16, fig.title, kTitleScale, kInk);
 
-  // Legend.
-  if (covered) *covered = false;
+  // Legend, in a plot corner that hides no curve; if every corner would,
+  // right of the plot area, in a strip that widens the image.
+  std::vector<size_t> labelled;
+  int label_width = 0;
+  for (size_t si = 0; si < fig.series.size(); ++si)
+    if (!fig.series[si].label.empty()) {
+      labelled.push_back(si);
+      label_width = std::max(label_width, text_width(fig.series[si].label, kLabelScale));
+    }
   if (!labelled.empty()) {
+    const int row_h = label_h + 10, sample = 28, inset = 10;
+    const int box_w = 10 + sample + 8 + label_width + 10;
+    const int box_h = static_cast<int>(labelled.size()) * row_h + 8;
     const std::array<Rect, 4> corners = {{
         {plot.x1 - inset - box_w, plot.y0 + inset, plot.x1 - inset, plot.y0 + inset + box_h},
         {plot.x0 + inset, plot.y0 + inset, plot.x0 + inset + box_w, plot.y0 + inset + box_h},
@@ -300,18 +294,18 @@ Image draw(const Figure& fig, bool legend_outside, bool* covered) {
       return count;
     };
     Rect box = corners[0];
-    if (strip > 0) {
-      box = {fig.width + inset, plot.y0, fig.width + inset + box_w, plot.y0 + box_h};
-    } else {
-      int best = curve_pixels(box);
-      for (size_t i = 1; i < corners.size() && best > 0; ++i) {
-        const int n = curve_pixels(corners[i]);
-        if (n < best) best = n, box = corners[i];
-      }
-      if (covered) *covered = best > 0;
+    int best = curve_pixels(box);
+    for (size_t i = 1; i < corners.size() && best > 0; ++i) {
+      const int n = curve_pixels(corners[i]);
+      if (n < best) best = n, box = corners[i];
     }
-    // Else the legend does not fit (too many series for the height): left out.
-    if (box.x0 >= plot.x0 && box.y1 <= plot.y1) {
+    if (best > 0) {
+      Image wide(fig.width + box_w + 2 * inset, fig.height);
+      wide.draw(image, 0, 0);
+      image = std::move(wide);
+      box = {fig.width + inset, plot.y0, fig.width + inset + box_w, plot.y0 + box_h};
+    }
+    if (box.x0 >= plot.x0 && box.y1 <= plot.y1) {  // else the legend does not fit: leave it out
       image.fill(box, {255, 255, 255});
       image.outline(box, {170, 170, 170});
       for (size_t row = 0; row < labelled.size(); ++row) {
@@ -326,14 +320,6 @@ Image draw(const Figure& fig, bool legend_outside, bool* covered) {
     }
   }
   return image;
-}
-
-}  // namespace
-
-Image render(const Figure& fig) {
-  bool covered = false;
-  Image image = draw(fig, false, &covered);
-  return covered ? draw(fig, true, nullptr) : image;
 }
 
 void save_png(const Figure& figure, const std::string& path) { render(figure).write_png(path); }
