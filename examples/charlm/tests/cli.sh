@@ -228,8 +228,10 @@ interrupt)
 
 interrupt_eval)
   make_text
-  # Many validation batches make each evaluation last most of a second.
-  common=("${TINY[@]}" --eval-iters 5000 --eval-interval 5 --log-interval 5 --decay-iters 10)
+  # Many validation batches make each evaluation last well past the 0.2 s the
+  # signal waits (about a second on an idle 2-core machine; at 5,000 batches
+  # one took under 0.2 s there and the signal came after it).
+  common=("${TINY[@]}" --eval-iters 30000 --eval-interval 5 --log-interval 5 --decay-iters 10)
   "$charlm" train "${common[@]}" --out stopped --iters 10 >out.txt 2>err.txt &
   pid=$!
   # The step-0 row, checkpoint and plot (written last) are done: the evaluation
