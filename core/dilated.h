@@ -41,11 +41,25 @@ struct DilatedBranch {
 //
 // The Philox offset is offset_now(): `offset`, plus the device word at
 // offset_base when set (a captured CUDA graph; see PhiloxOffset).
+//
+// A problem that is a part of a larger one (a sequence-parallel piece,
+// ops/seq_parallel_attention.cpp) draws the larger problem's mask through its
+// `frame`: its branch i is mask branch frame.branch + i, its head h is mask
+// head frame.head (a one-head part; -1: h), its row position p is mask
+// position frame.position + p * frame.stride, in a mask of frame.n positions
+// and frame.heads heads (0: the problem's own). Key indices and batches are
+// the larger problem's already. The default frame is the problem itself.
+struct AttentionMaskFrame {
+  int64_t branch = 0, n = 0, heads = 0, head = -1, position = 0, stride = 1;
+  bool operator==(const AttentionMaskFrame&) const = default;
+};
+
 struct AttentionDropout {
   uint32_t threshold = 0;  // T8 in [1, 255]; 0: no dropout
   float scale = 1;         // 256 / (256 - T8)
   uint64_t seed = 0, offset = 0;
   const uint64_t* offset_base = nullptr;  // device address, or null
+  AttentionMaskFrame frame;
   MINIDL_HD bool enabled() const { return threshold != 0; }
   MINIDL_HD MINIDL_FORCEINLINE uint64_t offset_now() const { return PhiloxOffset{offset_base, offset}.value(); }
 };
@@ -71,10 +85,36 @@ inline AttentionDropout make_attention_dropout(double p, uint64_t seed, uint64_t
   return make_attention_dropout(p, seed, PhiloxOffset{nullptr, offset});
 }
 
-MINIDL_HD MINIDL_FORCEINLINE uint64_t attention_mask_row(uint64_t branch, uint64_t batch_size,
-                                                         uint64_t b, uint64_t heads, uint64_t h,
-                                                         uint64_t n, uint64_t pos) {
-  return ((branch * batch_size + b) * heads + h) * n + pos;
+// The mask rows of one (branch, batch b, head h): position p is mask row
+// at(p) = first + p * step.
+struct AttentionMaskRows {
+  uint64_t first = 0, step = 1;
+  MINIDL_HD MINIDL_FORCEINLINE uint64_t at(uint64_t p) const { return first + p * step; }
+};
+
+// The mask rows of one branch of a problem of B batches, H heads and n
+// positions, the frame applied: (b, h) starts at first + b * per_batch +
+// h * per_head. Linear, so kernels resolve it once on the host.
+struct AttentionMaskLayout {
+  uint64_t first = 0, per_batch = 0, per_head = 0, step = 1;
+  MINIDL_HD MINIDL_FORCEINLINE AttentionMaskRows rows(uint64_t b, uint64_t h) const {
+    return {first + b * per_batch + h * per_head, step};
+  }
+};
+
+MINIDL_HD inline AttentionMaskLayout attention_mask_layout(const AttentionDropout& d, int64_t branch, int64_t B,
+                                                           int64_t H, int64_t n) {
+  const AttentionMaskFrame& f = d.frame;
+  const auto heads = static_cast<uint64_t>(f.heads > 0 ? f.heads : H);
+  const auto positions = static_cast<uint64_t>(f.n > 0 ? f.n : n);
+  const auto head = static_cast<uint64_t>(f.head >= 0 ? f.head : 0);  // the one head, else h's term per_head
+  AttentionMaskLayout layout;
+  layout.first = (static_cast<uint64_t>(branch + f.branch) * static_cast<uint64_t>(B) * heads + head) * positions +
+                 static_cast<uint64_t>(f.position);
+  layout.per_batch = heads * positions;
+  layout.per_head = f.head >= 0 ? 0 : positions;
+  layout.step = static_cast<uint64_t>(f.stride);
+  return layout;
 }
 
 // Rounds of the mask's Philox (core/philox.h says why 7, not 10).
@@ -134,7 +174,10 @@ MINIDL_HD MINIDL_FORCEINLINE bool attention_keep(const AttentionDropout& d, uint
                                                  uint64_t batch_size, uint64_t b, uint64_t heads,
                                                  uint64_t h, uint64_t n, uint64_t pos,
                                                  uint64_t key_index) {
-  return attention_keep(d, attention_mask_row(branch, batch_size, b, heads, h, n, pos), key_index);
+  const AttentionMaskLayout layout =
+      attention_mask_layout(d, static_cast<int64_t>(branch), static_cast<int64_t>(batch_size),
+                            static_cast<int64_t>(heads), static_cast<int64_t>(n));
+  return attention_keep(d, layout.rows(b, h).at(pos), key_index);
 }
 
 // The kept positions of branch (w, r) for `head` in segment `segment` of a

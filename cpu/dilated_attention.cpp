@@ -126,18 +126,18 @@ T from_compute(C x) {
 // Attention dropout (core/dilated.h): the mask is a pure function of
 // (branch, b, h, query position, key index), so the backward regenerates it.
 
-// Where one (branch, b, h) starts in the mask's row numbering:
-// row = first_row + query position.
+// One (branch, b, h)'s mask rows: query position p is row rows.at(p).
 struct DropoutRows {
   const AttentionDropout* d = nullptr;  // null: no dropout
-  uint64_t first_row = 0;
+  AttentionMaskRows rows;
   bool enabled() const { return d != nullptr; }
 };
 
 DropoutRows dropout_rows(const DilatedAttentionConfig& config, size_t branch, int64_t B, int64_t b,
                          int64_t H, int64_t h, int64_t N) {
   if (!config.dropout.enabled()) return {};
-  return {&config.dropout, ((static_cast<uint64_t>(branch) * B + b) * H + h) * N};
+  const AttentionMaskLayout layout = attention_mask_layout(config.dropout, static_cast<int64_t>(branch), B, H, N);
+  return {&config.dropout, layout.rows(static_cast<uint64_t>(b), static_cast<uint64_t>(h))};
 }
 
 // factor[j] = keep * scale for keys key0 + j, j < n, of mask row `row`: the
@@ -557,7 +557,7 @@ void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<con
       sc.l[i] += sum;
       sc.m[i] = m_new;
       if (drop.enabled()) {  // keys j0 + j are the kept rows' indices t
-        dropout_factors(*drop.d, drop.first_row + rs.base + (i0 + i) * rs.stride, j0, valid,
+        dropout_factors(*drop.d, drop.rows.at(rs.base + (i0 + i) * rs.stride), j0, valid,
                         sc.mask.data());
         for (int64_t j = 0; j < valid; ++j) s[j] *= sc.mask[j];
       }
@@ -692,7 +692,7 @@ void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<co
         exp_shifted(p, valid, l);
         if (drop.enabled()) {
           C* mask = sc.mask.data();
-          dropout_factors(*drop.d, drop.first_row + rs.base + qi * rs.stride, j0, valid, mask);
+          dropout_factors(*drop.d, drop.rows.at(rs.base + qi * rs.stride), j0, valid, mask);
           for (int64_t j = 0; j < valid; ++j) {
             ds[j] = p[j] * (mask[j] * ds[j] - dg);
             p[j] *= mask[j];

@@ -134,19 +134,19 @@ struct DropoutBits {
 // what the element index needs (core/dilated.h).
 struct BranchDropout {
   AttentionDropout mask;
-  int64_t branch = 0;      // index of the branch in the config
-  int64_t batch_size = 0;  // B
-  DropoutBits bits;        // the ws kernels: saved keep bits (written forward, read backward)
+  AttentionMaskLayout rows;  // the branch's mask rows (its index in the config, B, H, N, the frame)
+  uint64_t kept_step = 1;    // rows.step * r: from one kept row to the next (launch-uniform, resolved here)
+  DropoutBits bits;          // the ws kernels: saved keep bits (written forward, read backward)
 };
 
 // Branch `branch` (its index in config.branches, as the user listed them, not
-// its place in the launch order) of the dropout mask; disabled when
-// config.dropout is.
+// its place in the launch order) of the dropout mask, its frame resolved for
+// the problem; disabled when config.dropout is.
 inline BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch, const Shape4& s) {
   BranchDropout drop;
   drop.mask = config.dropout;
-  drop.branch = static_cast<int64_t>(branch);
-  drop.batch_size = s.b;
+  drop.rows = attention_mask_layout(config.dropout, static_cast<int64_t>(branch), s.b, s.h, s.n);
+  drop.kept_step = drop.rows.step * static_cast<uint64_t>(config.branches[branch].dilation);
   return drop;
 }
 
@@ -161,10 +161,16 @@ __device__ __forceinline__ AttentionDropout resolved_dropout(AttentionDropout d)
   return d;
 }
 
-// Mask row of query position pos in this branch launch.
-__device__ __forceinline__ uint64_t dropout_row(const BranchDropout& d, const BranchGrid& g, int64_t batch,
-                                                int64_t head, int64_t pos) {
-  return attention_mask_row(d.branch, d.batch_size, batch, g.heads, head, g.n, pos);
+// Mask rows of this branch launch's (batch, head): position p is row at(p).
+__device__ __forceinline__ AttentionMaskRows dropout_rows(const BranchDropout& d, int64_t batch, int64_t head) {
+  return d.rows.rows(static_cast<uint64_t>(batch), static_cast<uint64_t>(head));
+}
+
+// Mask rows of one row set's kept rows (rows.stride is the branch's r): kept
+// row t is row at(t).
+__device__ __forceinline__ AttentionMaskRows dropout_kept_rows(const BranchDropout& d, int64_t batch, int64_t head,
+                                                               const KeptRows& rows) {
+  return {dropout_rows(d, batch, head).at(static_cast<uint64_t>(rows.base)), d.kept_step};
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -75,8 +75,8 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   }
   // This lane's rows: q_row0 + mt * 16 + {0, 8}.
   const int64_t q_row0 = t0 + warp * 16 * kM + lane / 4;
-  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
-  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
+  // Dropout: mask row of kept row tq is drop_rows.at(tq) (core/dilated.h).
+  const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
   static_assert(!kDropout || kBc == 64, "the dropout words cover 4 16-key groups per tile");
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -112,7 +112,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t tq = q_row0 + mt * 16 + r * 8;
-          dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride,
+          dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)),
                              int64_t(j) * kBc, lane, keep_words[mt][r]);
         }
     }

@@ -96,9 +96,9 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
   const int kw = warp * 16;                      // this warp's keys in the tile
   const int64_t key_row0 = kt0 + kw + lane / 4;  // this lane's keys: key_row0, key_row0 + 8
-  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h);
+  // Dropout: mask row of kept row tq is drop_rows.at(tq) (core/dilated.h);
   // this warp's 16 keys are one group; this lane's keys are bytes key_byte and key_byte + 2.
-  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
+  const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
   const int key_byte = (lane / 4) & 1;
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -161,7 +161,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
               drop.mask, kt0 + kw, lane, nt / 4,
               [&](int u) {
                 const int64_t tq = drop_tq0 + 8 * (u >> 1) + (u & 1);
-                return drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+                return drop_rows.at(uint64_t(tq < rows.count ? tq : 0));
               },
               keep_words);
         }

@@ -104,8 +104,8 @@ struct DropoutGrid {
     if (enabled()) b.mask = resolved_dropout<true>(b.mask);
   }
   // The mask row of query position pos.
-  __device__ __forceinline__ uint64_t row(const BranchGrid& g, int64_t batch, int64_t h, int64_t pos) const {
-    return dropout_row(b, g, batch, h, pos);
+  __device__ __forceinline__ uint64_t row(int64_t batch, int64_t h, int64_t pos) const {
+    return dropout_rows(b, batch, h).at(static_cast<uint64_t>(pos));
   }
   // M for key index t of mask row `row`, drawing from `bits`: the Philox block
   // of t's 16-key group, which the caller refreshes when t % 16 == 0 (factor
@@ -139,7 +139,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
   const bool active = t < w.rows.count;
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
   const bool dropping = drop.enabled();
-  const uint64_t drop_row = drop.row(g, w.batch, w.head, pos);
+  const uint64_t drop_row = drop.row(w.batch, w.head, pos);
   philox::U32x4 bits{};
 
   float qr[32], o[32];
@@ -253,7 +253,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
   const int64_t ri = row_index(g, w.batch, pos, w.head);
   const bool dropping = drop.enabled();
-  const uint64_t drop_row = drop.row(g, w.batch, w.head, pos);
+  const uint64_t drop_row = drop.row(w.batch, w.head, pos);
   philox::U32x4 bits{};
 
   float qr[32], dor[32], dq[32];
@@ -342,7 +342,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
         const int j = i / kGroups, group = i % kGroups;
         const int64_t tq = q0 + j < w.rows.count ? q0 + j : 0;
         philox::U32x4 bits;
-        drop.refresh(bits, drop.row(g, w.batch, w.head, w.rows.base + tq * w.rows.stride), w.t0 + 16 * group);
+        drop.refresh(bits, drop.row(w.batch, w.head, w.rows.base + tq * w.rows.stride), w.t0 + 16 * group);
         keep_words[j][4 * group] = bits.x;
         keep_words[j][4 * group + 1] = bits.y;
         keep_words[j][4 * group + 2] = bits.z;

@@ -84,7 +84,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
   for (int i = 0; i < kDTiles; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   // This lane's rows: q_row0 and q_row0 + 8.
   const int64_t q_row0 = t0 + warp * 16 + lr;
-  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
+  const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
   char* qs = smem + L::kQ;
   char* ks_tile = smem + L::kK;
   char* vs_tile = smem + L::kV;
@@ -108,7 +108,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t tq = q_row0 + r * 8;
-        dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride,
+        dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)),
                            int64_t(j) * kBc, lane, keep_words[r]);
       }
     }

@@ -227,12 +227,11 @@ Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
   const double dropout_p = is_training() ? resid_drop->p : 0.0;
   const SequenceParallel& sp = sequence_parallel;
   if (sp.comm()) {
-    MINIDL_CHECK(dropout_p == 0, type_name(), ": sequence-parallel attention has no attention dropout; "
-                 "train with dropout 0 or call eval()");
     std::vector<Tensor> qkv = project_qkv(x, sp.offset());
     const AttentionBranches b = branches();
     DilatedAttentionConfig config;
     for (size_t i = 0; i < b.segments.size(); ++i) config.branches.push_back({b.segments[i], b.dilations[i]});
+    config.dropout = ops::attention_dropout(dropout_p, resid_drop->gen, qkv[0]);
     Tensor y = (sp.layout() ? ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm(),
                                                                   *sp.layout())
                             : ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm()))

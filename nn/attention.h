@@ -103,7 +103,8 @@ constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequ
 // given one (comm() not null) rotates q and k for global positions and
 // attends through ops::seq_parallel_dilated_attention with its branches(), a
 // collective every rank of comm runs; comm must outlive the backward.
-// Training only without attention dropout; no cached decoding.
+// Attention dropout as without it (the mask is the single-device op's for
+// this rank's queries, drawn from resid_drop's generator); no cached decoding.
 //
 // Where this rank's chunk starts (offset()) comes from one place:
 // - SequenceParallel(comm, layout): every rank passes the same layout (e.g.

@@ -10,6 +10,7 @@
 #include "cuda/dilated_attention.h"
 #include "ops/dispatch.h"
 #include "ops/ops.h"
+#include "ops/seq_parallel.h"
 
 namespace minidl::ops {
 namespace {
@@ -73,22 +74,22 @@ DilatedAttentionConfig make_config(const char* op, int64_t n, const std::vector<
   return config;
 }
 
-// Fills config.dropout for drop probability p, reserving one generator offset
-// (like ops::dropout) when p > 0; p == 0 leaves it disabled and reserves nothing.
-void set_dropout(const char* op, double p, Generator* gen, const Tensor& q, DilatedAttentionConfig& config) {
+AttentionDropout dropout_of(const char* op, double p, Generator* gen, const Tensor& q) {
   MINIDL_CHECK(p >= 0.0 && p < 1.0, op, ": dropout must be in [0, 1), got ", p);
-  if (p == 0.0) return;
+  if (p == 0.0) return {};
   Generator& g = gen ? *gen : default_generator();
   MINIDL_CHECK(!g.device_offset() || q.is_cuda(), op, ": the dropout generator is bound to a device offset "
                "(CUDA graph capture) but q is ", detail::describe(q), "; device offsets are for CUDA only");
-  // The mask's Philox counter holds a mask row in 32 bits (attention_dropout_block).
-  const double rows = static_cast<double>(config.branches.size()) * static_cast<double>(q.size(0)) *
-                      static_cast<double>(q.size(2)) * static_cast<double>(q.size(1));
-  MINIDL_CHECK(rows < 4294967296.0, op, ": attention dropout numbers its mask rows (branches x B x H x N = ",
-               rows, ") in 32 bits; this problem has too many for dropout");
   // 8-bit thresholds (core/dilated.h): the effective rate is T8 / 256 = round(p 256) / 256.
   const uint64_t seed = g.seed();
-  config.dropout = make_attention_dropout(p, seed, g.next_philox_offset());
+  return make_attention_dropout(p, seed, g.next_philox_offset());
+}
+
+// Fills config.dropout for drop probability p, reserving one generator offset
+// (like ops::dropout) when p > 0; p == 0 leaves it disabled and reserves nothing.
+void set_dropout(const char* op, double p, Generator* gen, const Tensor& q, DilatedAttentionConfig& config) {
+  if (p != 0.0) detail::check_attention_mask_rows(op, config.branches.size(), q.size(0), q.size(2), q.size(1));
+  config.dropout = dropout_of(op, p, gen, q);
 }
 
 // q, k, v as the three parts of one fused projection, (B, N, 3, H, D) or its
@@ -168,6 +169,20 @@ std::pair<Tensor, Tensor> attention_forward(const char* op, const Tensor& q_in, 
 }
 
 }  // namespace
+
+namespace detail {
+void check_attention_mask_rows(const char* op, size_t branches, int64_t B, int64_t H, int64_t N) {
+  // The mask's Philox counter holds a mask row in 32 bits (attention_dropout_block).
+  const double rows = static_cast<double>(branches) * static_cast<double>(B) * static_cast<double>(H) *
+                      static_cast<double>(N);
+  MINIDL_CHECK(rows < 4294967296.0, op, ": attention dropout numbers its mask rows (branches x B x H x N = ", rows,
+               ") in 32 bits; this problem has too many for dropout");
+}
+}  // namespace detail
+
+AttentionDropout attention_dropout(double p, Generator* gen, const Tensor& q) {
+  return dropout_of("attention_dropout", p, gen, q);
+}
 
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,

@@ -45,4 +45,8 @@ DropoutMask reserve_dropout_mask(double p, Generator* gen, const Tensor& x, cons
 // the backward of every op that drops with a mask.
 Tensor apply_dropout_mask(const Tensor& x, const DropoutMask& mask);
 
+// Attention dropout numbers its mask rows (branches x B x H x N) in 32 bits
+// (core/dilated.h): refuses a problem with more, naming op.
+void check_attention_mask_rows(const char* op, size_t branches, int64_t B, int64_t H, int64_t N);
+
 }  // namespace minidl::ops::detail

@@ -34,8 +34,10 @@ struct SequenceLayout {
 // returns dq, dk, dv of the local rows, the gradients of keys and values
 // another rank gathered coming back by reduce-scatter. Every rank must run
 // the forward and the backward (they are collective), and comm must outlive
-// the backward. No attention dropout (the mask is keyed by global positions,
-// not implemented here yet).
+// the backward. config.dropout (attention dropout, its frame the default)
+// drops exactly the single-device op's weights: every rank's pieces draw the
+// whole problem's mask (core/dilated.h, AttentionMaskFrame), so ranks that
+// pass the same seed and offset give the op's results with dropout too.
 //
 // CPU tensors (float64, float32, bfloat16; computed in float64), or CUDA
 // tensors (float32, bfloat16: the CUDA attention kernels in that dtype, the
@@ -70,6 +72,10 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const 
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,
                                                          dist::Communicator& comm);
+// config.dropout for drop probability p in [0, 1), as ops::dilated_attention
+// draws it: disabled for p == 0, else one offset reserved from gen
+// (default_generator() when null; one bound to a device offset needs CUDA q).
+AttentionDropout attention_dropout(double p, Generator* gen, const Tensor& q);
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k,
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,

@@ -11,6 +11,9 @@
 // and this rank's queries sit at their kept index t (other rows zero, their
 // results dropped, their zero dO and dL giving exactly zero gradients), so
 // the kernel's causal mask (key t' <= query t) is the exact global one.
+// Attention dropout: each kernel call carries a mask frame (core/dilated.h)
+// mapping its branches, heads and rows to the whole problem's, so every
+// piece draws the single-device op's decisions for its pairs.
 //
 // On the CPU everything runs in float64; on CUDA the kernels run in the
 // inputs' dtype (bfloat16 or float32) and the merged (O, L) and every
@@ -83,10 +86,11 @@ struct PieceHead {
 };
 
 // The heads of one spanning (branch, segment) that share an assembled length
-// M: one dense attention problem (B, M, heads, D) for the CPU kernel, whose
-// keys come from exchange `ex`.
+// M: one dense attention problem (B, M, heads, D) for the kernels, whose
+// keys come from exchange `ex`. With attention dropout, one head per piece:
+// its mask frame (kernel_config) then maps the piece's rows to the head's.
 struct Piece {
-  int64_t r, M;
+  int64_t branch, r, M;  // branch: its index in the config
   size_t ex;
   std::vector<PieceHead> heads;
   // Rows of the piece's (B, M, heads) problem: `queries` from this rank's
@@ -109,10 +113,13 @@ struct Exchange {
 };
 
 // Branches whose segments lie wholly inside this chunk over the same global
-// positions [a, b): one kernel call on the local rows.
+// positions [a, b): one kernel call on the local rows. With attention
+// dropout, the branches are consecutive in the config, from `first_branch`:
+// the mask frame numbers the kernel's branches from there.
 struct LocalGroup {
   int64_t a, b;
   std::vector<DilatedBranch> branches;
+  int64_t first_branch = 0;
 };
 
 // Everything both passes need; the same on every rank except the parts that
@@ -229,15 +236,19 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
   if (plan.N == 0) return plan;
 
   const int64_t c0 = plan.c0(), c1 = plan.c1();
-  for (const DilatedBranch& given : config.branches) {
+  const bool dropout = config.dropout.enabled();
+  for (size_t branch = 0; branch < config.branches.size(); ++branch) {
+    const DilatedBranch& given = config.branches[branch];
     const int64_t w = std::max<int64_t>(1, std::min(given.segment, plan.N)), r = given.dilation;
     // Segments wholly inside [c0, c1): from the first boundary at or after c0
     // to the last boundary at or before c1 (or N).
     const int64_t a = ceil_div_pos(c0, w) * w, b = c1 == plan.N ? plan.N : c1 / w * w;
     if (a < b) {
-      auto it = std::find_if(plan.local.begin(), plan.local.end(),
-                             [&](const LocalGroup& g) { return g.a == a && g.b == b; });
-      if (it == plan.local.end()) it = plan.local.insert(plan.local.end(), {a, b, {}});
+      auto it = std::find_if(plan.local.begin(), plan.local.end(), [&](const LocalGroup& g) {
+        const bool next = g.first_branch + static_cast<int64_t>(g.branches.size()) == static_cast<int64_t>(branch);
+        return g.a == a && g.b == b && (!dropout || next);
+      });
+      if (it == plan.local.end()) it = plan.local.insert(plan.local.end(), {a, b, {}, static_cast<int64_t>(branch)});
       it->branches.push_back({w, r});
     }
     // Spanning segments (those holding a chunk boundary), in order. The i-th
@@ -264,7 +275,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       Exchange ex;
       ex.first = first;
       const bool has_rows = c0 < c1;
-      std::map<int64_t, Piece> by_length;
+      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, head with dropout, else -1)
       std::vector<int64_t> packed(static_cast<size_t>(last - first + 1), 0);
       for (int64_t h = 0; h < plan.H; ++h) {
         const KeptRows kr = kept_rows(plan.N, w, r, h, s);
@@ -288,7 +299,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         // and their own; non-causal ones see the whole segment.
         const int64_t M = plan.causal ? head.t1 : kr.count;
         head.keys.resize(static_cast<size_t>(M));
-        Piece& piece = by_length[M];
+        Piece& piece = by_length[{M, dropout ? h : -1}];
+        piece.branch = static_cast<int64_t>(branch);
         piece.r = r;
         piece.M = M;
         piece.ex = plan.exchanges.size();
@@ -300,8 +312,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         for (int64_t b = 0; b < B; ++b)
           for (int64_t j = 0; j < blk.count; ++j)
             ex.pack.add(b * ex.R + blk.offset + j, (b * n + blk.x0 + j * blk.r - c0) * H + blk.h);
-      for (auto& [M, piece] : by_length) {
-        const int64_t G = static_cast<int64_t>(piece.heads.size());
+      for (auto& [length, piece] : by_length) {
+        const int64_t M = piece.M, G = static_cast<int64_t>(piece.heads.size());
         for (int64_t b = 0; b < B; ++b)
           for (int64_t g = 0; g < G; ++g) {
             const PieceHead& ph = piece.heads[static_cast<size_t>(g)];
@@ -390,6 +402,7 @@ struct PlanKey {
   std::vector<std::pair<int64_t, int64_t>> branches;
   bool causal;
   double scale;
+  bool dropout;  // dropout plans keep one head per piece and local groups of consecutive branches
   Device device;
   bool operator==(const PlanKey&) const = default;
 };
@@ -414,7 +427,8 @@ std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionC
   Cache& cache = *static_cast<Cache*>(slot.get());
   std::vector<Kept>& plans = cache.plans;
   std::vector<int64_t> starts = layout ? starts_of(*layout) : exchange_starts(q, comm, nullptr);
-  PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, q.device()};
+  PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, config.dropout.enabled(),
+              q.device()};
   for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
   const bool pin = capturing(q.device());
   for (size_t i = 0; i < plans.size(); ++i)
@@ -548,12 +562,43 @@ void merge_rows(const Tensor& O, const Tensor& L, const Tensor& o, const Tensor&
   }
 }
 
-DilatedAttentionConfig kernel_config(const Plan& plan, std::vector<DilatedBranch> branches) {
+// The kernel calls' configs. With attention dropout, each carries the mask
+// frame that puts its rows where they are in the whole problem
+// (core/dilated.h), so the pieces drop exactly what the single-device op does.
+DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout,
+                                     std::vector<DilatedBranch> branches, const AttentionMaskFrame& frame) {
   DilatedAttentionConfig c;
   c.branches = std::move(branches);
   c.causal = plan.causal;
   c.scale = plan.scale;
+  c.dropout = dropout;
+  c.dropout.frame = frame;
   return c;
+}
+
+// A local group's rows [a, b) are positions a.. of the whole sequence.
+DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const LocalGroup& group) {
+  AttentionMaskFrame frame;
+  frame.branch = group.first_branch;
+  frame.n = plan.N;
+  frame.position = group.a;
+  return kernel_config(plan, dropout, group.branches, frame);
+}
+
+// A piece's row t (a kept index) is position base + t r of its head (one
+// head with dropout; the frame is unused without).
+DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const Piece& piece) {
+  AttentionMaskFrame frame;
+  if (dropout.enabled()) {
+    MINIDL_CHECK(piece.heads.size() == 1, kOp, ": internal: a dropout piece of ", piece.heads.size(), " heads");
+    frame.branch = piece.branch;
+    frame.n = plan.N;
+    frame.heads = plan.H;
+    frame.head = piece.heads[0].h;
+    frame.position = piece.heads[0].base;
+    frame.stride = piece.r;
+  }
+  return kernel_config(plan, dropout, {{piece.M, 1}}, frame);
 }
 
 // The dtypes of one call: the kernels' operands (`compute`: float64 on the
@@ -626,7 +671,8 @@ const LocalGroup* whole_chunk(const Plan& plan) {
 }
 
 // q, k, v: contiguous, in the compute dtype.
-Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v) {
+Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropout, const Tensor& q, const Tensor& k,
+                const Tensor& v) {
   Forward f;
   // Start shipping this rank's kept rows of spanning segments first, async:
   // the local branches below need nothing from other ranks, so on NCCL the
@@ -644,7 +690,7 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
   if (const LocalGroup* whole = whole_chunk(plan)) {
     f.O = Tensor::empty(q.shape(), ty.of(ty.compute));
     f.L = Tensor::empty({plan.B, plan.n(), plan.H}, ty.of(ty.lse));
-    attend_forward(q, k, v, kernel_config(plan, whole->branches), f.O, f.L);
+    attend_forward(q, k, v, kernel_config(plan, dropout, *whole), f.O, f.L);
   } else {
     f.O = zeros({plan.B, plan.n(), plan.H, plan.D}, ty.of(ty.acc));
     f.L = full({plan.B, plan.n(), plan.H}, kNegInf, ty.of(ty.acc));
@@ -653,7 +699,7 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
       Tensor o = Tensor::empty({plan.B, len, plan.H, plan.D}, ty.of(ty.compute));
       Tensor l = Tensor::empty({plan.B, len, plan.H}, ty.of(ty.lse));
       attend_forward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
-                     kernel_config(plan, group.branches), o, l);
+                     kernel_config(plan, dropout, group), o, l);
       merge_rows(f.O, f.L, o, l, plan.D, local_rows(plan, x0, len));
     }
   }
@@ -664,7 +710,7 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
     gathers[piece.ex].wait();
     const Tensor& gathered = f.gathered[piece.ex];
     attend_forward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, gathered, 0),
-                   piece_keys(plan, piece, gathered, 1), kernel_config(plan, {{piece.M, 1}}), o, l);
+                   piece_keys(plan, piece, gathered, 1), kernel_config(plan, dropout, piece), o, l);
     merge_rows(f.O, f.L, o, l, plan.D, Pairs::against(piece.queries));
   }
   for (dist::Work& w : gathers) w.wait();  // those no piece of this rank read: the backward reads them all
@@ -674,7 +720,8 @@ Forward forward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor
 // dq, dk, dv of this rank's rows: acc dtype, or compute (whole_chunk). q, k,
 // v, O, dO contiguous in the compute dtype; L and dL (may be undefined) in
 // the lse dtype.
-std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q, const Tensor& k, const Tensor& v,
+std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionDropout& dropout, const Tensor& q,
+                             const Tensor& k, const Tensor& v,
                              const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
                              const Tensor& dO, const Tensor& dL) {
   const LocalGroup* whole = whole_chunk(plan);
@@ -704,7 +751,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
     attend_backward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, g, 0),
                     piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
                     piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
-                    dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, {{piece.M, 1}}),
+                    dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, dropout, piece),
                     gq, gk, gv);
     piece_dq.push_back(gq);
     const Tensor& s = send[piece.ex];
@@ -719,7 +766,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
     scatters.push_back(ex.comm->reduce_scatter_async(send[e], mine.back()));
   }
   if (whole) {
-    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, whole->branches), dq, dk, dv);
+    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, dropout, *whole), dq, dk, dv);
   } else {
     for (const LocalGroup& group : plan.local) {
       const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
@@ -728,7 +775,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const Tensor& q,
              gv = Tensor::empty(shape, ty.of(ty.compute));
       attend_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len), rows_of(O, x0, len),
                       rows_of(L, x0, len), rows_of(dO, x0, len), dL.defined() ? rows_of(dL, x0, len) : Tensor(),
-                      kernel_config(plan, group.branches), gq, gk, gv);
+                      kernel_config(plan, dropout, group), gq, gk, gv);
       const Pairs rows = local_rows(plan, x0, len);
       add_rows(dq, gq, plan.D, rows);
       add_rows(dk, gk, plan.D, rows);
@@ -774,9 +821,11 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
                  ": branch ", i, " has segment ", config.branches[i].segment, " and dilation ",
                  config.branches[i].dilation, "; both must be >= 1");
   MINIDL_CHECK(std::isfinite(config.scale), kOp, ": scale must be finite, got ", config.scale);
-  MINIDL_CHECK(!config.dropout.enabled(), kOp,
-               ": attention dropout is not supported (its mask is keyed by global positions)");
+  MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{}, kOp,
+               ": config.dropout.frame must be the default (the op frames its pieces itself)");
 }
+
+
 
 // Both forms of the op; layout null: exchanged.
 std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -786,6 +835,10 @@ std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, c
   const DType dtype = q_in.dtype();
   const Types ty = types_of(q_in);
   std::shared_ptr<const Plan> plan = cached_plan(q_in, config, comm, layout);
+  // The whole sequence's mask rows (every rank has the same N: all throw or none).
+  if (config.dropout.enabled())
+    detail::check_attention_mask_rows(kOp, config.branches.size(), plan->B, plan->H, plan->N);
+  const AttentionDropout dropout = config.dropout;
   // Inputs in the compute dtype, contiguous (no copy when they already are).
   auto prepare = [&](const Tensor& t) { return contiguous(to(t.detach(), ty.compute)); };
   Tensor q, k, v, O, L;
@@ -795,7 +848,7 @@ std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, c
     q = prepare(q_in);
     k = prepare(k_in);
     v = prepare(v_in);
-    Forward f = forward(*plan, ty, q, k, v);
+    Forward f = forward(*plan, ty, dropout, q, k, v);
     O = to(f.O, ty.compute);  // what the backward's D = dO . O reads, as the single-device op
     L = f.L;
     gathered = std::move(f.gathered);
@@ -805,13 +858,14 @@ std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, c
   if (autograd::needs_grad({q_in, k_in, v_in})) {
     autograd::record(
         kOp, {q_in, k_in, v_in}, {out, lse},
-        [plan, ty, dtype, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp), sv = SavedTensor(v, kOp),
+        [plan, ty, dtype, dropout, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp), sv = SavedTensor(v, kOp),
          so = SavedTensor(O, kOp), sl = SavedTensor(L, kOp), gathered](const Grads& g) {
           NoGradGuard no_grad;
           Tensor q = sq.get();
           Tensor dO = g[0].defined() ? contiguous(to(g[0], ty.compute)) : zeros(q.shape(), ty.of(ty.compute));
           Tensor dL = g[1].defined() ? contiguous(to(g[1], ty.lse)) : Tensor();
-          std::vector<Tensor> grads = backward(*plan, ty, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL);
+          std::vector<Tensor> grads =
+              backward(*plan, ty, dropout, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL);
           for (Tensor& t : grads) t = to(t, dtype);
           return grads;
         },

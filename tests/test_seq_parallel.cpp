@@ -70,7 +70,10 @@ struct Case {
   int64_t B, N, H, D;
   std::vector<DilatedBranch> branches;
   bool causal;
+  double dropout = 0;  // attention dropout, drawn at (kDropoutSeed, offset 0)
 };
+
+constexpr uint64_t kDropoutSeed = 0xd209;
 
 struct Result {
   Tensor out, lse, dq, dk, dv;
@@ -103,7 +106,8 @@ Result single_device(const Case& c, const Inputs& in) {
     segments.push_back(b.segment);
     dilations.push_back(b.dilation);
   }
-  auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, c.causal);
+  Generator gen(kDropoutSeed);
+  auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, c.causal, 0, c.dropout, &gen);
   loss_of(out, lse, in.w_out, in.w_lse).backward();
   return {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
 }
@@ -140,6 +144,7 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   DilatedAttentionConfig config;
   config.branches = c.branches;
   config.causal = c.causal;
+  config.dropout = make_attention_dropout(c.dropout, kDropoutSeed, 0);
   auto cpu = [](const Tensor& t) { return t.to(Device::cpu()); };
   // NCCL ranks take their rows from the CPU (ops run on the thread's device).
   const Inputs src = how.nccl ? Inputs{cpu(in.q), cpu(in.k), cpu(in.v), cpu(in.w_out), cpu(in.w_lse)} : in;
@@ -255,6 +260,34 @@ TEST_CASE("seq_parallel_dilated_attention: spanning pieces merged into a whole-c
   Case non_causal = spanning;
   non_causal.causal = false;
   check_case(non_causal, {16, 16});
+}
+
+TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the op drops: P = 1 to 4") {
+  // Every kernel call draws the whole problem's mask through its frame
+  // (core/dilated.h): local groups (their branches, rows and positions),
+  // spanning pieces (one head each, kept index t at position base + t r).
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    Case c = kOdd;
+    c.causal = causal;
+    c.dropout = 0.3;
+    check_case(c, {c.N}, 0.0);
+    for (int P : {2, 3, 4}) {
+      CAPTURE(P);
+      check_case(c, ops::SequenceLayout::even(c.N, P).chunk_sizes);
+    }
+    check_case(c, {13, 1, 0, 23});
+  }
+  // Rows kept by no branch; many local segments and a straddling one.
+  check_case({1, 41, 2, 3, {{6, 4}, {15, 7}, {23, 3}}, true, 0.2}, {5, 0, 20, 16});
+  check_case({2, 50, 2, 5, {{4, 1}, {7, 2}, {30, 3}}, true, 0.5}, {17, 33});
+  // A whole-chunk local group (bit for bit when nothing spans), with
+  // spanning pieces merged into it.
+  check_case({2, 32, 3, 4, {{4, 1}, {8, 2}, {16, 3}}, true, 0.3}, {16, 16}, 0.0);
+  check_case({2, 32, 3, 4, {{4, 1}, {8, 2}, {32, 3}, {64, 5}}, true, 0.3}, {8, 8, 8, 8});
+  // Local branches not consecutive in the config (0 and 2): two calls, each
+  // framed from its own first branch.
+  check_case({2, 32, 3, 4, {{4, 1}, {32, 3}, {8, 2}}, true, 0.3}, {16, 16});
 }
 
 TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
@@ -494,16 +527,17 @@ TEST_CASE("seq_parallel_dilated_attention: float32 inputs match the float32 op")
   minidl::testing::check_close(got.dv, want.dv, 1e-5, 1e-4);
 }
 
-TEST_CASE("seq_parallel_dilated_attention: rejects dropout and mismatched ranks") {
+TEST_CASE("seq_parallel_dilated_attention: rejects a framed dropout mask and mismatched ranks") {
   DilatedAttentionConfig config;
   config.branches = {{4, 1}};
   config.dropout = make_attention_dropout(0.1, 1, 0);
+  config.dropout.frame.position = 8;
   // (random_tensor's generator is not for threads: inputs are drawn here.)
   const Tensor q0 = random_tensor({1, 8, 2, 4}), q1 = random_tensor({1, 8, 3, 4});
   run_ranks(1, [&](dist::Communicator& comm) {
     const Tensor& q = q0;
     CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
-                         doctest::Contains("dropout"), Error);
+                         doctest::Contains("config.dropout.frame must be the default"), Error);
   });
   config.dropout = {};
   CHECK_THROWS_WITH_AS(run_ranks(2,
@@ -889,6 +923,38 @@ TEST_CASE("CUDA seq_parallel_dilated_attention (virtual ranks) equals the op: fl
       CHECK(got.lse.dtype() == DType::Float32);
       CHECK(got.dq.dtype() == dtype);
       // Both within the CUDA kernels' tolerance of the float64 op, and of each other.
+      check_result(one, want, cuda_tolerance(dtype));
+      check_result(got, want, cuda_tolerance(dtype));
+      check_result(got, one, cuda_tolerance(dtype));
+    }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual ranks) equals the op: float32, bfloat16") {
+  MINIDL_REQUIRE_CUDA();
+  // The kernels draw the whole problem's mask through each call's frame: the
+  // SIMT and mma.sync kernels (odd geometry, D = 32) and the Hopper ones
+  // (D = 64; the single-device op's ws forward keeps the mask's bits for its
+  // backward, the pieces' backwards draw it again).
+  struct Split {
+    Case c;
+    std::vector<int64_t> sizes;
+  };
+  Case odd = kOddCuda;
+  odd.dropout = 0.3;
+  const std::vector<Split> splits{
+      {odd, ops::SequenceLayout::even(odd.N, 2).chunk_sizes},
+      {odd, {13, 1, 23}},
+      {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2}, ops::SequenceLayout::even(300, 3).chunk_sizes},
+      {{1, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}}};
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (const Split& sp : splits) {
+      CAPTURE(dtype);
+      CAPTURE(sp.c.N);
+      CAPTURE(sp.sizes.size());
+      const CudaInputs in = cuda_inputs(sp.c, dtype);
+      const Result want = single_device(sp.c, in.ref);
+      const Result one = on_cpu(single_device(sp.c, in.gpu));
+      const Result got = on_cpu(sequence_parallel(sp.c, in.gpu, sp.sizes));
       check_result(one, want, cuda_tolerance(dtype));
       check_result(got, want, cuda_tolerance(dtype));
       check_result(got, one, cuda_tolerance(dtype));

@@ -66,8 +66,8 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float(&o_flat)[32] = reinterpret_cast<float(&)[32]>(o);
   const int64_t q_row0 = t0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-  // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
-  const uint64_t drop_row0 = kDropout ? dropout_row(drop, g, batch, head, rows.base) : 0;
+  // Dropout: mask row of kept row tq is drop_rows.at(tq) (core/dilated.h).
+  const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
   const char* q_tile = smem + F::kQ + group * 64 * 128;
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -107,7 +107,7 @@ __global__ __launch_bounds__(kThreads, 2) void forward_wgmma_kernel(
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t tq = q_row0 + r * 8;
-          dropout_words_rows(drop.mask, drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride, k0,
+          dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)), k0,
                              lane, keep_words[r]);
         }
       }

@@ -506,14 +506,14 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
     float corr[2];
     uint32_t pf[kBc / 16][4];
-    // Dropout: mask row of kept row tq is drop_row0 + tq * stride (core/dilated.h).
+    // Dropout: mask row of kept row tq is drop_rows.at(tq) (core/dilated.h).
     uint64_t mask_rows[2] = {0, 0};
     if constexpr (kDropout) {
-      const uint64_t drop_row0 = dropout_row(p.drop, g, batch, head, rows.base);
+      const AttentionMaskRows drop_rows = dropout_kept_rows(p.drop, batch, head, rows);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t tq = q_row0 + 8 * r;
-        mask_rows[r] = drop_row0 + uint64_t(tq < rows.count ? tq : 0) * rows.stride;
+        mask_rows[r] = drop_rows.at(uint64_t(tq < rows.count ? tq : 0));
       }
     }
     // The keep bits, saved for the backward (DropoutBits) when the launch has

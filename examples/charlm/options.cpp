@@ -96,10 +96,6 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
   if (m.context % o.sp != 0)
     throw UsageError("--context " + std::to_string(m.context) + " must be a multiple of --sp " + std::to_string(o.sp) +
                      " (every rank holds context / sp positions of each sequence)");
-  if (o.sp > 1 && m.dropout > 0)
-    throw UsageError("--sp " + std::to_string(o.sp) + " needs --dropout 0, and this run's dropout is " +
-                     format_double(m.dropout) + " (sequence-parallel attention has no attention dropout; a run's "
-                     "dropout cannot change on resume)");
   if (o.min_lr > o.lr) throw UsageError("--min-lr " + format_double(o.min_lr) + " exceeds --lr " + format_double(o.lr));
 }
 

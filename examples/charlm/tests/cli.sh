@@ -467,7 +467,12 @@ sequence_parallel)
   "$charlm" train --resume mixed --iters 30 --threads 1 --sp 4 --dp 2 >/dev/null || fail "resuming at --dp 2 --sp 4 failed"
   same_losses dilated-one mixed
   expect_usage_error "--context 16 must be a multiple of --sp 3" train "${common[@]}" --out r --sp 3
-  expect_usage_error "--sp 2 needs --dropout 0" train "${TINY[@]}" --out r --iters 5 --sp 2
+  # With dropout (attention dropout too): it trains, and resumes at another --sp.
+  "$charlm" train "${TINY[@]}" "${dilated[@]}" --layers 2 --dropout 0.2 --eval-interval 5 --log-interval 1 \
+    --iters 5 --out drop --sp 2 >/dev/null 2>err.txt || fail "--sp 2 with dropout failed: $(cat err.txt)"
+  "$charlm" train --resume drop --iters 10 --threads 1 --sp 4 >/dev/null 2>err.txt ||
+    fail "resuming a dropout run at --sp 4 failed: $(cat err.txt)"
+  [ "$(wc -l <drop/log.csv)" -eq 12 ] || fail "--sp with dropout: expected 11 rows: $(cat drop/log.csv)"
   expect_usage_error "--profile times one rank; leave --sp out" train "${common[@]}" --profile 2 --sp 2
   grep -q -- "--sp" <("$charlm" train --help) || fail "train --help lacks --sp"
   ;;
