@@ -72,14 +72,15 @@ std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const 
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,
                                                          dist::Communicator& comm);
-// config.dropout for drop probability p in [0, 1), as ops::dilated_attention
-// draws it: disabled for p == 0, else one offset reserved from gen
-// (default_generator() when null; one bound to a device offset needs CUDA q).
-AttentionDropout attention_dropout(double p, Generator* gen, const Tensor& q);
 std::pair<Tensor, Tensor> seq_parallel_dilated_attention(const Tensor& q, const Tensor& k,
                                                          const Tensor& v,
                                                          const DilatedAttentionConfig& config,
                                                          dist::Communicator& comm,
                                                          const SequenceLayout& layout);
+
+// config.dropout for drop probability p in [0, 1), as ops::dilated_attention
+// draws it: disabled for p == 0, else one offset reserved from gen
+// (default_generator() when null; one bound to a device offset needs CUDA q).
+AttentionDropout attention_dropout(double p, Generator* gen, const Tensor& q);
 
 }  // namespace minidl::ops

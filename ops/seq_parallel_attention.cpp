@@ -13,7 +13,8 @@
 // the kernel's causal mask (key t' <= query t) is the exact global one.
 // Attention dropout: each kernel call carries a mask frame (core/dilated.h)
 // mapping its branches, heads and rows to the whole problem's, so every
-// piece draws the single-device op's decisions for its pairs.
+// piece draws the single-device op's decisions for its pairs; the mask the
+// forward's kernels keep (CUDA's ws bits) goes to the same call's backward.
 //
 // On the CPU everything runs in float64; on CUDA the kernels run in the
 // inputs' dtype (bfloat16 or float32) and the merged (O, L) and every
@@ -87,8 +88,10 @@ struct PieceHead {
 
 // The heads of one spanning (branch, segment) that share an assembled length
 // M: one dense attention problem (B, M, heads, D) for the kernels, whose
-// keys come from exchange `ex`. With attention dropout, one head per piece:
-// its mask frame (kernel_config) then maps the piece's rows to the head's.
+// keys come from exchange `ex`. With attention dropout and r > 1, one head
+// per piece: its mask frame (kernel_config) maps the piece's rows to the
+// head's positions; with r = 1 every head holds the same positions, all heads
+// in order.
 struct Piece {
   int64_t branch, r, M;  // branch: its index in the config
   size_t ex;
@@ -299,7 +302,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         // and their own; non-causal ones see the whole segment.
         const int64_t M = plan.causal ? head.t1 : kr.count;
         head.keys.resize(static_cast<size_t>(M));
-        Piece& piece = by_length[{M, dropout ? h : -1}];
+        // With dropout and r > 1, heads differ in base: one head per piece.
+        Piece& piece = by_length[{M, dropout && r > 1 ? h : -1}];
         piece.branch = static_cast<int64_t>(branch);
         piece.r = r;
         piece.M = M;
@@ -585,16 +589,19 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
   return kernel_config(plan, dropout, group.branches, frame);
 }
 
-// A piece's row t (a kept index) is position base + t r of its head (one
-// head with dropout; the frame is unused without).
+// A piece's row t (a kept index) is position base + t r of its head: one
+// head (r > 1), or all heads in order, their base the same (r = 1). The
+// frame is unused without dropout.
 DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const Piece& piece) {
   AttentionMaskFrame frame;
   if (dropout.enabled()) {
-    MINIDL_CHECK(piece.heads.size() == 1, kOp, ": internal: a dropout piece of ", piece.heads.size(), " heads");
+    const bool one_head = piece.heads.size() == 1;
+    MINIDL_CHECK(one_head || (piece.r == 1 && static_cast<int64_t>(piece.heads.size()) == plan.H), kOp,
+                 ": internal: a dropout piece of ", piece.heads.size(), " heads at r ", piece.r);
     frame.branch = piece.branch;
     frame.n = plan.N;
     frame.heads = plan.H;
-    frame.head = piece.heads[0].h;
+    frame.head = one_head ? piece.heads[0].h : -1;
     frame.position = piece.heads[0].base;
     frame.stride = piece.r;
   }
@@ -614,15 +621,18 @@ Types types_of(const Tensor& q) {
   return {q.dtype(), DType::Float32, DType::Float32, q.device()};
 }
 
+// bits: where the backend hands out attention dropout's mask for the
+// backward (CUDA's ws forward keeps it; null when no backward follows), which
+// attend_backward passes back (undefined: the backward draws the mask again).
 void attend_forward(const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionConfig& config,
-                    const Tensor& o, const Tensor& l) {
-  MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, o, l);
+                    const Tensor& o, const Tensor& l, Tensor* bits) {
+  MINIDL_DISPATCH(q.device(), dilated_attention_forward, q, k, v, config, o, l, bits);
 }
 
 void attend_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& O, const Tensor& L,
                      const Tensor& dO, const Tensor& dL, const DilatedAttentionConfig& config, const Tensor& dq,
-                     const Tensor& dk, const Tensor& dv) {
-  MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, O, L, dO, dL, config, dq, dk, dv);
+                     const Tensor& dk, const Tensor& dv, const Tensor& bits) {
+  MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, O, L, dO, dL, config, dq, dk, dv, bits);
 }
 
 // A piece's (B, M, heads, W) operand (W = 0: (B, M, heads), an lse): this
@@ -653,6 +663,9 @@ Tensor rows_of(const Tensor& t, int64_t x0, int64_t len) { return contiguous(t.n
 struct Forward {
   Tensor O, L;                   // (B, n, H, D) and (B, n, H): acc dtype, or compute and lse (whole_chunk)
   std::vector<Tensor> gathered;  // compute dtype, per exchange: (its size, 2, B, R, D)
+  // Attention dropout's mask as the kernels kept it, per local group (the
+  // whole chunk's: one) and per piece; undefined where none was kept.
+  std::vector<Tensor> local_bits, piece_bits;
 };
 
 // The local group, if it is the only one and its rows are the whole chunk
@@ -671,9 +684,11 @@ const LocalGroup* whole_chunk(const Plan& plan) {
 }
 
 // q, k, v: contiguous, in the compute dtype.
+// keep_bits: a backward follows (attend_forward's bits).
 Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropout, const Tensor& q, const Tensor& k,
-                const Tensor& v) {
+                const Tensor& v, bool keep_bits) {
   Forward f;
+  auto bits = [&](std::vector<Tensor>& kept) { return keep_bits ? &kept.emplace_back() : nullptr; };
   // Start shipping this rank's kept rows of spanning segments first, async:
   // the local branches below need nothing from other ranks, so on NCCL the
   // gathers run beside them (docs/scaling.md); each is waited for just before
@@ -690,7 +705,7 @@ Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropo
   if (const LocalGroup* whole = whole_chunk(plan)) {
     f.O = Tensor::empty(q.shape(), ty.of(ty.compute));
     f.L = Tensor::empty({plan.B, plan.n(), plan.H}, ty.of(ty.lse));
-    attend_forward(q, k, v, kernel_config(plan, dropout, *whole), f.O, f.L);
+    attend_forward(q, k, v, kernel_config(plan, dropout, *whole), f.O, f.L, bits(f.local_bits));
   } else {
     f.O = zeros({plan.B, plan.n(), plan.H, plan.D}, ty.of(ty.acc));
     f.L = full({plan.B, plan.n(), plan.H}, kNegInf, ty.of(ty.acc));
@@ -699,7 +714,7 @@ Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropo
       Tensor o = Tensor::empty({plan.B, len, plan.H, plan.D}, ty.of(ty.compute));
       Tensor l = Tensor::empty({plan.B, len, plan.H}, ty.of(ty.lse));
       attend_forward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len),
-                     kernel_config(plan, dropout, group), o, l);
+                     kernel_config(plan, dropout, group), o, l, bits(f.local_bits));
       merge_rows(f.O, f.L, o, l, plan.D, local_rows(plan, x0, len));
     }
   }
@@ -710,7 +725,8 @@ Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropo
     gathers[piece.ex].wait();
     const Tensor& gathered = f.gathered[piece.ex];
     attend_forward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, gathered, 0),
-                   piece_keys(plan, piece, gathered, 1), kernel_config(plan, dropout, piece), o, l);
+                   piece_keys(plan, piece, gathered, 1), kernel_config(plan, dropout, piece), o, l,
+                   bits(f.piece_bits));
     merge_rows(f.O, f.L, o, l, plan.D, Pairs::against(piece.queries));
   }
   for (dist::Work& w : gathers) w.wait();  // those no piece of this rank read: the backward reads them all
@@ -719,11 +735,13 @@ Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropo
 
 // dq, dk, dv of this rank's rows: acc dtype, or compute (whole_chunk). q, k,
 // v, O, dO contiguous in the compute dtype; L and dL (may be undefined) in
-// the lse dtype.
-std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionDropout& dropout, const Tensor& q,
-                             const Tensor& k, const Tensor& v,
-                             const Tensor& O, const Tensor& L, const std::vector<Tensor>& gathered,
+// the lse dtype; f: the forward's gathered rows and dropout bits (its O and
+// L are not read).
+std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionDropout& dropout, const Forward& f,
+                             const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& O, const Tensor& L,
                              const Tensor& dO, const Tensor& dL) {
+  const std::vector<Tensor>& gathered = f.gathered;
+  auto bits = [](const std::vector<Tensor>& kept, size_t i) { return i < kept.size() ? kept[i] : Tensor(); };
   const LocalGroup* whole = whole_chunk(plan);
   // The whole-chunk kernels write every row; the local groups' sums need zeros.
   auto grad_buffer = [&] {
@@ -752,7 +770,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
                     piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
                     piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
                     dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, dropout, piece),
-                    gq, gk, gv);
+                    gq, gk, gv, bits(f.piece_bits, piece_dq.size()));
     piece_dq.push_back(gq);
     const Tensor& s = send[piece.ex];
     add_rows(s, gk, plan.D, Pairs::against(piece.keys));
@@ -766,16 +784,17 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
     scatters.push_back(ex.comm->reduce_scatter_async(send[e], mine.back()));
   }
   if (whole) {
-    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, dropout, *whole), dq, dk, dv);
+    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, dropout, *whole), dq, dk, dv, bits(f.local_bits, 0));
   } else {
-    for (const LocalGroup& group : plan.local) {
+    for (size_t i = 0; i < plan.local.size(); ++i) {
+      const LocalGroup& group = plan.local[i];
       const int64_t x0 = group.a - plan.c0(), len = group.b - group.a;
       const Shape shape{plan.B, len, plan.H, plan.D};
       Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
              gv = Tensor::empty(shape, ty.of(ty.compute));
       attend_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len), rows_of(O, x0, len),
                       rows_of(L, x0, len), rows_of(dO, x0, len), dL.defined() ? rows_of(dL, x0, len) : Tensor(),
-                      kernel_config(plan, dropout, group), gq, gk, gv);
+                      kernel_config(plan, dropout, group), gq, gk, gv, bits(f.local_bits, i));
       const Pairs rows = local_rows(plan, x0, len);
       add_rows(dq, gq, plan.D, rows);
       add_rows(dk, gk, plan.D, rows);
@@ -823,9 +842,11 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
   MINIDL_CHECK(std::isfinite(config.scale), kOp, ": scale must be finite, got ", config.scale);
   MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{}, kOp,
                ": config.dropout.frame must be the default (the op frames its pieces itself)");
+  MINIDL_CHECK(config.dropout.threshold <= 255, kOp, ": config.dropout.threshold ", config.dropout.threshold,
+               " is past 255 (make_attention_dropout gives T8 in [1, 255])");
+  MINIDL_CHECK(!config.dropout.offset_base || q.is_cuda(), kOp, ": config.dropout reads its offset from a device "
+               "word (CUDA graph capture) but q is ", detail::describe(q), "; device offsets are for CUDA only");
 }
-
-
 
 // Both forms of the op; layout null: exchanged.
 std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
@@ -841,31 +862,32 @@ std::pair<Tensor, Tensor> seq_parallel(const Tensor& q_in, const Tensor& k_in, c
   const AttentionDropout dropout = config.dropout;
   // Inputs in the compute dtype, contiguous (no copy when they already are).
   auto prepare = [&](const Tensor& t) { return contiguous(to(t.detach(), ty.compute)); };
+  const bool grad = autograd::needs_grad({q_in, k_in, v_in});
   Tensor q, k, v, O, L;
-  std::vector<Tensor> gathered;
+  Forward f;
   {
     NoGradGuard no_grad;
     q = prepare(q_in);
     k = prepare(k_in);
     v = prepare(v_in);
-    Forward f = forward(*plan, ty, dropout, q, k, v);
+    f = forward(*plan, ty, dropout, q, k, v, grad);
     O = to(f.O, ty.compute);  // what the backward's D = dO . O reads, as the single-device op
     L = f.L;
-    gathered = std::move(f.gathered);
+    f.O = f.L = Tensor();  // the backward keeps the gathered rows and dropout bits only
   }
   const DType lse_dtype = dtype == DType::Float64 ? DType::Float64 : DType::Float32;
   Tensor out = to(O, dtype), lse = to(L, lse_dtype);
-  if (autograd::needs_grad({q_in, k_in, v_in})) {
+  if (grad) {
     autograd::record(
         kOp, {q_in, k_in, v_in}, {out, lse},
         [plan, ty, dtype, dropout, sq = SavedTensor(q, kOp), sk = SavedTensor(k, kOp), sv = SavedTensor(v, kOp),
-         so = SavedTensor(O, kOp), sl = SavedTensor(L, kOp), gathered](const Grads& g) {
+         so = SavedTensor(O, kOp), sl = SavedTensor(L, kOp), kept = std::move(f)](const Grads& g) {
           NoGradGuard no_grad;
           Tensor q = sq.get();
           Tensor dO = g[0].defined() ? contiguous(to(g[0], ty.compute)) : zeros(q.shape(), ty.of(ty.compute));
           Tensor dL = g[1].defined() ? contiguous(to(g[1], ty.lse)) : Tensor();
           std::vector<Tensor> grads =
-              backward(*plan, ty, dropout, q, sk.get(), sv.get(), so.get(), sl.get(), gathered, dO, dL);
+              backward(*plan, ty, dropout, kept, q, sk.get(), sv.get(), so.get(), sl.get(), dO, dL);
           for (Tensor& t : grads) t = to(t, dtype);
           return grads;
         },

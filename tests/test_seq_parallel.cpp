@@ -288,6 +288,12 @@ TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the 
   // Local branches not consecutive in the config (0 and 2): two calls, each
   // framed from its own first branch.
   check_case({2, 32, 3, 4, {{4, 1}, {32, 3}, {8, 2}}, true, 0.3}, {16, 16});
+  // Vanilla attention (one r = 1 branch over the sequence): its pieces keep
+  // every head, framed together.
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    check_case({2, 30, 3, 4, {{30, 1}}, causal, 0.25}, ops::SequenceLayout::even(30, 3).chunk_sizes);
+  }
 }
 
 TEST_CASE("seq_parallel_dilated_attention: only kept rows travel") {
@@ -538,6 +544,15 @@ TEST_CASE("seq_parallel_dilated_attention: rejects a framed dropout mask and mis
     const Tensor& q = q0;
     CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
                          doctest::Contains("config.dropout.frame must be the default"), Error);
+    DilatedAttentionConfig bad = config;
+    bad.dropout.frame = {};
+    bad.dropout.threshold = 300;
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, bad, comm),
+                         doctest::Contains("threshold 300 is past 255"), Error);
+    const uint64_t word = 0;
+    bad.dropout = make_attention_dropout(0.1, 1, PhiloxOffset{&word, 0});
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, bad, comm),
+                         doctest::Contains("device offsets are for CUDA only"), Error);
   });
   config.dropout = {};
   CHECK_THROWS_WITH_AS(run_ranks(2,
