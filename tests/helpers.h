@@ -10,6 +10,9 @@
 #include <vector>
 
 #include "minidl.h"
+#if defined(MINIDL_WITH_CUDA)
+#include "cuda/dilated_attention.h"
+#endif
 
 namespace minidl::testing {
 
@@ -82,5 +85,25 @@ void check_module_grads(const nn::Module& module, const Tensor& x, F forward,
   for (const Tensor& p : module.parameters()) inputs.push_back(p);
   CHECK(gradcheck([&](const std::vector<Tensor>&) { return forward(); }, inputs, options));
 }
+
+#if defined(MINIDL_WITH_CUDA)
+// Runs body() once per attention kernel version (MINIDL_ATTENTION_KERNEL) that
+// would run the forward or the backward of a problem of this dtype and head
+// dim, so every version meets the reference; restores the variable after.
+template <typename F>
+void for_each_kernel(DType dtype, int64_t d, F&& body) {
+  const ScopedEnv env("MINIDL_ATTENTION_KERNEL", nullptr);
+  for (auto kernel : {cuda::AttentionKernel::kSimt, cuda::AttentionKernel::kMmaSync,
+                      cuda::AttentionKernel::kWgmma, cuda::AttentionKernel::kWarpSpecialized}) {
+    const char* name = cuda::attention_kernel_name(kernel);
+    env.set(name);
+    if (cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kForward) != kernel &&
+        cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kBackward) != kernel)
+      continue;  // this version does not take the problem: the ones below it cover it
+    CAPTURE(name);
+    body();
+  }
+}
+#endif
 
 }  // namespace minidl::testing

@@ -22,6 +22,9 @@ using namespace minidl;
 using minidl::testing::check_close;
 using minidl::testing::random_tensor;
 using minidl::testing::ScopedEnv;
+#if defined(MINIDL_WITH_CUDA)
+using minidl::testing::for_each_kernel;
+#endif
 
 namespace {
 
@@ -1286,26 +1289,6 @@ namespace {
 #endif
   return 2e-3;
 }
-
-#if defined(MINIDL_WITH_CUDA)
-// Runs body() once per kernel version (MINIDL_ATTENTION_KERNEL) that would run
-// the forward or the backward of this problem, so every version meets the
-// reference; restores the variable after (ScopedEnv).
-template <typename F>
-void for_each_kernel(DType dtype, int64_t d, F&& body) {
-  const ScopedEnv env("MINIDL_ATTENTION_KERNEL", nullptr);
-  for (auto kernel : {cuda::AttentionKernel::kSimt, cuda::AttentionKernel::kMmaSync,
-                      cuda::AttentionKernel::kWgmma, cuda::AttentionKernel::kWarpSpecialized}) {
-    const char* name = cuda::attention_kernel_name(kernel);
-    env.set(name);
-    if (cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kForward) != kernel &&
-        cuda::choose_attention_kernel(dtype, d, cuda::AttentionPass::kBackward) != kernel)
-      continue;  // this version does not take the problem: the ones below it cover it
-    CAPTURE(name);
-    body();
-  }
-}
-#endif
 
 }  // namespace
 

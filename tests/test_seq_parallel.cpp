@@ -946,10 +946,10 @@ TEST_CASE("CUDA seq_parallel_dilated_attention (virtual ranks) equals the op: fl
 
 TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual ranks) equals the op: float32, bfloat16") {
   MINIDL_REQUIRE_CUDA();
-  // The kernels draw the whole problem's mask through each call's frame: the
-  // SIMT and mma.sync kernels (odd geometry, D = 32) and the Hopper ones
-  // (D = 64; the single-device op's ws forward keeps the mask's bits for its
-  // backward, the pieces' backwards draw it again).
+  // The kernels draw the whole problem's mask through each call's frame,
+  // every version (MINIDL_ATTENTION_KERNEL): SIMT, mma.sync and TF32 (odd
+  // geometry, D = 32), wgmma and ws (D = 64; the ws forward keeps the mask's
+  // bits for each call's backward).
   struct Split {
     Case c;
     std::vector<int64_t> sizes;
@@ -968,11 +968,13 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
       CAPTURE(sp.sizes.size());
       const CudaInputs in = cuda_inputs(sp.c, dtype);
       const Result want = single_device(sp.c, in.ref);
-      const Result one = on_cpu(single_device(sp.c, in.gpu));
-      const Result got = on_cpu(sequence_parallel(sp.c, in.gpu, sp.sizes));
-      check_result(one, want, cuda_tolerance(dtype));
-      check_result(got, want, cuda_tolerance(dtype));
-      check_result(got, one, cuda_tolerance(dtype));
+      minidl::testing::for_each_kernel(dtype, sp.c.D, [&] {
+        const Result one = on_cpu(single_device(sp.c, in.gpu));
+        const Result got = on_cpu(sequence_parallel(sp.c, in.gpu, sp.sizes));
+        check_result(one, want, cuda_tolerance(dtype));
+        check_result(got, want, cuda_tolerance(dtype));
+        check_result(got, one, cuda_tolerance(dtype));
+      });
     }
 }
 
