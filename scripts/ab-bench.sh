@@ -12,13 +12,15 @@
 # machine without the repository, a copy carried there). --env runs this
 # tree's binary once more per round with VAR=VALUE set (an experiment's
 # switch), as its own column. Defaults: bench_attention, every benchmark,
-# 2 rounds, medians of 3 runs of at least 0.2 s. Build folders: /tmp/ab-base,
+# 2 rounds, medians of 3 runs of at least 0.2 s. --filter matches the full
+# names, which end in /real_time (bench_attention's UseRealTime): a regex
+# ending in $ after the size matches nothing. Build folders: /tmp/ab-base,
 # /tmp/ab-new ($MINIDL_AB_DIR overrides /tmp/ab); dependencies from a prefix as
 # in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # usage [STATUS]: -h/--help asks for it (0); a usage error prints it on stderr (2).
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage >&2
 case $1 in -h | --help) usage 0 ;; esac
 base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
