@@ -735,13 +735,12 @@ Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropo
 
 // dq, dk, dv of this rank's rows: acc dtype, or compute (whole_chunk). q, k,
 // v, O, dO contiguous in the compute dtype; L and dL (may be undefined) in
-// the lse dtype; f: the forward's gathered rows and dropout bits (its O and
-// L are not read).
+// the lse dtype; f: the forward's gathered rows and dropout bits, one per
+// kernel call (forward with keep_bits; its O and L are not read).
 std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionDropout& dropout, const Forward& f,
                              const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& O, const Tensor& L,
                              const Tensor& dO, const Tensor& dL) {
   const std::vector<Tensor>& gathered = f.gathered;
-  auto bits = [](const std::vector<Tensor>& kept, size_t i) { return i < kept.size() ? kept[i] : Tensor(); };
   const LocalGroup* whole = whole_chunk(plan);
   // The whole-chunk kernels write every row; the local groups' sums need zeros.
   auto grad_buffer = [&] {
@@ -760,7 +759,8 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
   std::vector<Tensor> send;
   for (const Tensor& g : gathered) send.push_back(zeros(g.shape(), ty.of(ty.acc)));
   std::vector<Tensor> piece_dq;
-  for (const Piece& piece : plan.pieces) {
+  for (size_t i = 0; i < plan.pieces.size(); ++i) {
+    const Piece& piece = plan.pieces[i];
     const int64_t G = static_cast<int64_t>(piece.heads.size());
     const Shape shape{plan.B, piece.M, G, plan.D};
     Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
@@ -770,7 +770,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
                     piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
                     piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
                     dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, dropout, piece),
-                    gq, gk, gv, bits(f.piece_bits, piece_dq.size()));
+                    gq, gk, gv, f.piece_bits[i]);
     piece_dq.push_back(gq);
     const Tensor& s = send[piece.ex];
     add_rows(s, gk, plan.D, Pairs::against(piece.keys));
@@ -784,7 +784,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
     scatters.push_back(ex.comm->reduce_scatter_async(send[e], mine.back()));
   }
   if (whole) {
-    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, dropout, *whole), dq, dk, dv, bits(f.local_bits, 0));
+    attend_backward(q, k, v, O, L, dO, dL, kernel_config(plan, dropout, *whole), dq, dk, dv, f.local_bits[0]);
   } else {
     for (size_t i = 0; i < plan.local.size(); ++i) {
       const LocalGroup& group = plan.local[i];
@@ -794,7 +794,7 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
              gv = Tensor::empty(shape, ty.of(ty.compute));
       attend_backward(q.narrow(1, x0, len), k.narrow(1, x0, len), v.narrow(1, x0, len), rows_of(O, x0, len),
                       rows_of(L, x0, len), rows_of(dO, x0, len), dL.defined() ? rows_of(dL, x0, len) : Tensor(),
-                      kernel_config(plan, dropout, group), gq, gk, gv, bits(f.local_bits, i));
+                      kernel_config(plan, dropout, group), gq, gk, gv, f.local_bits[i]);
       const Pairs rows = local_rows(plan, x0, len);
       add_rows(dq, gq, plan.D, rows);
       add_rows(dk, gk, plan.D, rows);
