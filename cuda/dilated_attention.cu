@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/allocator.h"
 #include "cuda/dilated_attention.h"
 #include "cuda/dilated_attention_common.cuh"
 #include "cuda/dilated_attention_mma.cuh"
@@ -33,7 +34,7 @@ Tensor fp32_buffer(const Tensor& like) {
   return Tensor::empty(like.shape(), {DType::Float32, like.device(), false});
 }
 
-void zero(const Tensor& t) { MINIDL_CUDA_CHECK(cudaMemsetAsync(t.raw_data(), 0, t.nbytes(), stream())); }
+void zero(const Tensor& t) { backend::zero_bytes(t.raw_data(), t.device(), t.nbytes()); }
 
 // The tensor-core kernels (TF32 for float32, mma.sync, wgmma and ws for
 // bfloat16) take a problem only when every operand's rows are 16-byte
