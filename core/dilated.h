@@ -45,12 +45,12 @@ struct DilatedBranch {
 // A problem that is a part of a larger one (a sequence-parallel piece,
 // ops/seq_parallel_attention.cpp) draws the larger problem's mask through its
 // `frame`: its branch i is mask branch frame.branch + i, its head h is mask
-// head frame.head (a one-head part; -1: h), its row position p is mask
-// position frame.position + p * frame.stride, in a mask of frame.n positions
-// and frame.heads heads (0: the problem's own). Key indices and batches are
-// the larger problem's already. The default frame is the problem itself.
+// head frame.head + h * frame.head_step, its row position p is mask position
+// frame.position + p * frame.stride, in a mask of frame.n positions and
+// frame.heads heads (0: the problem's own). Key indices and batches are the
+// larger problem's already. The default frame is the problem itself.
 struct AttentionMaskFrame {
-  int64_t branch = 0, n = 0, heads = 0, head = -1, position = 0, stride = 1;
+  int64_t branch = 0, n = 0, heads = 0, head = 0, head_step = 1, position = 0, stride = 1;
   bool operator==(const AttentionMaskFrame&) const = default;
 };
 
@@ -107,12 +107,12 @@ MINIDL_HD inline AttentionMaskLayout attention_mask_layout(const AttentionDropou
   const AttentionMaskFrame& f = d.frame;
   const auto heads = static_cast<uint64_t>(f.heads > 0 ? f.heads : H);
   const auto positions = static_cast<uint64_t>(f.n > 0 ? f.n : n);
-  const auto head = static_cast<uint64_t>(f.head >= 0 ? f.head : 0);  // the one head, else h's term per_head
   AttentionMaskLayout layout;
-  layout.first = (static_cast<uint64_t>(branch + f.branch) * static_cast<uint64_t>(B) * heads + head) * positions +
+  layout.first = (static_cast<uint64_t>(branch + f.branch) * static_cast<uint64_t>(B) * heads +
+                  static_cast<uint64_t>(f.head)) * positions +
                  static_cast<uint64_t>(f.position);
   layout.per_batch = heads * positions;
-  layout.per_head = f.head >= 0 ? 0 : positions;
+  layout.per_head = static_cast<uint64_t>(f.head_step) * positions;
   layout.step = static_cast<uint64_t>(f.stride);
   return layout;
 }

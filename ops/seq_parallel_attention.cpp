@@ -88,10 +88,10 @@ struct PieceHead {
 
 // The heads of one spanning (branch, segment) that share an assembled length
 // M: one dense attention problem (B, M, heads, D) for the kernels, whose
-// keys come from exchange `ex`. With attention dropout and r > 1, one head
-// per piece: its mask frame (kernel_config) maps the piece's rows to the
-// head's positions; with r = 1 every head holds the same positions, all heads
-// in order.
+// keys come from exchange `ex`. With attention dropout, only heads of one
+// class h mod r, which keep the same positions: heads c, c + r, c + 2r, ...,
+// which the mask frame (kernel_config) maps to the whole problem's (r = 1:
+// every head, in order).
 struct Piece {
   int64_t branch, r, M;  // branch: its index in the config
   size_t ex;
@@ -278,7 +278,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       Exchange ex;
       ex.first = first;
       const bool has_rows = c0 < c1;
-      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, head with dropout, else -1)
+      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, h mod r with dropout, else -1)
       std::vector<int64_t> packed(static_cast<size_t>(last - first + 1), 0);
       for (int64_t h = 0; h < plan.H; ++h) {
         const KeptRows kr = kept_rows(plan.N, w, r, h, s);
@@ -302,8 +302,9 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         // and their own; non-causal ones see the whole segment.
         const int64_t M = plan.causal ? head.t1 : kr.count;
         head.keys.resize(static_cast<size_t>(M));
-        // With dropout and r > 1, heads differ in base: one head per piece.
-        Piece& piece = by_length[{M, dropout && r > 1 ? h : -1}];
+        // With dropout, a piece's heads share their positions (base): one
+        // class h mod r, whose heads are equally spaced for the mask frame.
+        Piece& piece = by_length[{M, dropout ? h % r : -1}];
         piece.branch = static_cast<int64_t>(branch);
         piece.r = r;
         piece.M = M;
@@ -589,20 +590,23 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
   return kernel_config(plan, dropout, group.branches, frame);
 }
 
-// A piece's row t (a kept index) is position base + t r of its head: one
-// head (r > 1), or all heads in order, their base the same (r = 1). The
-// frame is unused without dropout.
+// A piece's head g and row t (a kept index) are head h0 + g r and position
+// base + t r: its heads are one class h mod r, sharing base. The frame is
+// unused without dropout.
 DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const Piece& piece) {
   AttentionMaskFrame frame;
   if (dropout.enabled()) {
-    const bool one_head = piece.heads.size() == 1;
-    MINIDL_CHECK(one_head || (piece.r == 1 && static_cast<int64_t>(piece.heads.size()) == plan.H), kOp,
-                 ": internal: a dropout piece of ", piece.heads.size(), " heads at r ", piece.r);
+    const PieceHead& first = piece.heads[0];
+    for (size_t g = 0; g < piece.heads.size(); ++g)
+      MINIDL_CHECK(piece.heads[g].h == first.h + static_cast<int64_t>(g) * piece.r && piece.heads[g].base == first.base,
+                   kOp, ": internal: head ", piece.heads[g].h, " (base ", piece.heads[g].base,
+                   ") is not in the class of a dropout piece from head ", first.h, " at r ", piece.r);
     frame.branch = piece.branch;
     frame.n = plan.N;
     frame.heads = plan.H;
-    frame.head = one_head ? piece.heads[0].h : -1;
-    frame.position = piece.heads[0].base;
+    frame.head = first.h;
+    frame.head_step = piece.r;
+    frame.position = first.base;
     frame.stride = piece.r;
   }
   return kernel_config(plan, dropout, {{piece.M, 1}}, frame);

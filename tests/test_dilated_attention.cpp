@@ -802,15 +802,18 @@ TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dil
     // A framed part (one head, rows at a stride): its branch 0, head 0,
     // position 6 is the whole problem's branch 2, head 4, position 19 + 6 * 3.
     AttentionDropout part = d;
-    part.frame = {2, 100, 5, 4, 19, 3};
+    part.frame = {2, 100, 5, 4, 0, 19, 3};
     for (uint64_t t : {uint64_t(0), uint64_t(19), uint64_t(40)})
       CHECK(attention_keep(part, 0, 3, 1, 1, 0, 8, 6, t) == attention_keep(d, 2, 3, 1, 5, 4, 100, 37, t));
     const AttentionMaskLayout whole = attention_mask_layout(d, 2, 3, 5, 100);
     const AttentionMaskLayout framed = attention_mask_layout(part, 0, 3, 1, 8);
     CHECK(framed.rows(1, 0).at(6) == whole.rows(1, 4).at(37));
-    // Rows of a framed part without a head of its own: heads keep theirs.
-    part.frame = {1, 100, 0, -1, 40, 1};
+    // Rows of a framed part whose heads are the whole problem's: heads keep theirs.
+    part.frame = {1, 100, 0, 0, 1, 40, 1};
     CHECK(attention_mask_layout(part, 1, 3, 5, 20).rows(2, 3).at(7) == whole.rows(2, 3).at(47));
+    // A part of every second head from head 1 (a class h mod 2): its head 1 is head 3.
+    part.frame = {2, 100, 5, 1, 2, 19, 3};
+    CHECK(attention_mask_layout(part, 0, 3, 2, 8).rows(2, 1).at(6) == whole.rows(2, 3).at(37));
   }
   CHECK(kept > 0);
   CHECK(kept < checked);

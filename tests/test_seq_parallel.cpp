@@ -265,7 +265,8 @@ TEST_CASE("seq_parallel_dilated_attention: spanning pieces merged into a whole-c
 TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the op drops: P = 1 to 4") {
   // Every kernel call draws the whole problem's mask through its frame
   // (core/dilated.h): local groups (their branches, rows and positions),
-  // spanning pieces (one head each, kept index t at position base + t r).
+  // spanning pieces (one class of heads h mod r each, kept index t at
+  // position base + t r).
   for (bool causal : {true, false}) {
     CAPTURE(causal);
     Case c = kOdd;
@@ -288,6 +289,10 @@ TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the 
   // Local branches not consecutive in the config (0 and 2): two calls, each
   // framed from its own first branch.
   check_case({2, 32, 3, 4, {{4, 1}, {32, 3}, {8, 2}}, true, 0.3}, {16, 16});
+  // More heads than the spanning dilations: a piece holds one class h mod r
+  // (heads c, c + r, ...), framed together.
+  check_case({2, 32, 6, 4, {{4, 1}, {8, 2}, {32, 3}, {64, 2}}, true, 0.3}, {8, 8, 8, 8});
+  check_case({1, 45, 7, 3, {{45, 3}, {20, 2}}, false, 0.3}, {11, 20, 14});
   // Vanilla attention (one r = 1 branch over the sequence): its pieces keep
   // every head, framed together.
   for (bool causal : {true, false}) {
