@@ -32,17 +32,23 @@ std::vector<float> random_floats(int64_t count, uint64_t seed) {
   return ops::rand({count}, {DType::Float32}, &gen).to_vector<float>();
 }
 
-// cpu::gemm directly: C = op(A) op(B), n x n x n.
-void BM_CpuGemmF32(benchmark::State& state, bool trans_a, bool trans_b) {
+// cpu::gemm directly: C = op(A) op(B), n x n x n (float64: the CPU's
+// gradchecks and attention reference run on it).
+template <typename T>
+void BM_CpuGemm(benchmark::State& state, bool trans_a, bool trans_b) {
   int64_t n = state.range(0);
-  std::vector<float> a = random_floats(n * n, 1), b = random_floats(n * n, 2), c(n * n);
+  const std::vector<float> fa = random_floats(n * n, 1), fb = random_floats(n * n, 2);
+  const std::vector<T> a(fa.begin(), fa.end()), b(fb.begin(), fb.end());
+  std::vector<T> c(n * n);
   for (auto _ : state) {
-    cpu::gemm<float>(trans_a, trans_b, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    cpu::gemm<T>(trans_a, trans_b, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
   report_flops(state, 2.0 * n * n * n, "GFLOP", 1e9);
 }
+void BM_CpuGemmF32(benchmark::State& state, bool trans_a, bool trans_b) { BM_CpuGemm<float>(state, trans_a, trans_b); }
+void BM_CpuGemmF64(benchmark::State& state, bool trans_a, bool trans_b) { BM_CpuGemm<double>(state, trans_a, trans_b); }
 
 void BM_Matmul(benchmark::State& state, Device device, DType dtype) {
   if (device.is_cuda() && !cuda_is_available()) {
@@ -108,6 +114,7 @@ BENCHMARK_CAPTURE(BM_Mlp, cpu_f32_unfused, Device::cpu(), DType::Float32, false)
 BENCHMARK_CAPTURE(BM_CpuGemmF32, nn, false, false)->Arg(256)->Arg(512)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_CpuGemmF32, tn, true, false)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_CpuGemmF32, nt, false, true)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_CpuGemmF64, nn, false, false)->Arg(256)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, cpu_f32, Device::cpu(), DType::Float32)
     ->Arg(256)->Arg(512)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_Matmul, cuda_f32_tf32, Device::cuda(), DType::Float32)

@@ -42,101 +42,82 @@ MINIDL_FORCEINLINE void prefetch_tile(const T* c, int64_t ldc, int rows, int col
   }
 }
 
-#define MINIDL_F32_ROW(i)                                   \
-  {                                                         \
-    __m256 ai = _mm256_broadcast_ss(a + (i));               \
-    c##i##0 = _mm256_fmadd_ps(ai, b0, c##i##0);             \
-    c##i##1 = _mm256_fmadd_ps(ai, b1, c##i##1);             \
-  }
-#define MINIDL_F32_STORE(i)                                                              \
-  {                                                                                      \
-    float* row = c + (i) * ldc;                                                          \
-    __m256 r0 = _mm256_mul_ps(va, c##i##0), r1 = _mm256_mul_ps(va, c##i##1);             \
-    if (beta != 0.0f) {                                                                  \
-      r0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(row), r0);                                \
-      r1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(row + 8), r1);                            \
-    }                                                                                    \
-    _mm256_storeu_ps(row, r0);                                                           \
-    _mm256_storeu_ps(row + 8, r1);                                                       \
-  }
+// One AVX2 register of T, the operations the micro-kernel uses.
+template <typename T> struct Avx2;
+template <> struct Avx2<float> {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V load(const float* p) { return _mm256_load_ps(p); }
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V mul(V x, V y) { return _mm256_mul_ps(x, y); }
+  static V fmadd(V x, V y, V z) { return _mm256_fmadd_ps(x, y, z); }
+};
+template <> struct Avx2<double> {
+  using V = __m256d;
+  static constexpr int kLanes = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V set1(double x) { return _mm256_set1_pd(x); }
+  static V broadcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static V load(const double* p) { return _mm256_load_pd(p); }
+  static V loadu(const double* p) { return _mm256_loadu_pd(p); }
+  static void storeu(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static V mul(V x, V y) { return _mm256_mul_pd(x, y); }
+  static V fmadd(V x, V y, V z) { return _mm256_fmadd_pd(x, y, z); }
+};
 
-// 6 x 16 float32: 12 ymm accumulators, 2 for the B row, 1 for the A broadcast.
-void kernel_f32_6x16(int64_t kc, const float* __restrict a, const float* __restrict b,
-                     float* __restrict c, int64_t ldc, float alpha, float beta) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  prefetch_tile(c, ldc, 6, 16);
+// 6 rows x 2 registers (6 x 16 float32, 6 x 8 float64): 12 accumulators, 2
+// for the B row, 1 for the A broadcast. The loops over rows unroll fully, so
+// the accumulator array lives in registers.
+template <typename T>
+void kernel_6x2v(int64_t kc, const T* __restrict a, const T* __restrict b, T* __restrict c, int64_t ldc,
+                 T alpha, T beta) {
+  using S = Avx2<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V acc[6][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) acc[i][0] = acc[i][1] = S::zero();
+  prefetch_tile(c, ldc, 6, 2 * L);
 #pragma GCC unroll 4
   for (int64_t p = 0; p < kc; ++p) {
-    __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    MINIDL_F32_ROW(0) MINIDL_F32_ROW(1) MINIDL_F32_ROW(2)
-    MINIDL_F32_ROW(3) MINIDL_F32_ROW(4) MINIDL_F32_ROW(5)
+    const V b0 = S::load(b), b1 = S::load(b + L);
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      const V ai = S::broadcast(a + i);
+      acc[i][0] = S::fmadd(ai, b0, acc[i][0]);
+      acc[i][1] = S::fmadd(ai, b1, acc[i][1]);
+    }
     a += 6;
-    b += 16;
+    b += 2 * L;
   }
-  __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
-  MINIDL_F32_STORE(0) MINIDL_F32_STORE(1) MINIDL_F32_STORE(2)
-  MINIDL_F32_STORE(3) MINIDL_F32_STORE(4) MINIDL_F32_STORE(5)
+  const V va = S::set1(alpha), vb = S::set1(beta);
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    T* row = c + i * ldc;
+    V r0 = S::mul(va, acc[i][0]), r1 = S::mul(va, acc[i][1]);
+    if (beta != T(0)) {
+      r0 = S::fmadd(vb, S::loadu(row), r0);
+      r1 = S::fmadd(vb, S::loadu(row + L), r1);
+    }
+    S::storeu(row, r0);
+    S::storeu(row + L, r1);
+  }
 }
-#undef MINIDL_F32_ROW
-#undef MINIDL_F32_STORE
-
-#define MINIDL_F64_ROW(i)                                   \
-  {                                                         \
-    __m256d ai = _mm256_broadcast_sd(a + (i));              \
-    c##i##0 = _mm256_fmadd_pd(ai, b0, c##i##0);             \
-    c##i##1 = _mm256_fmadd_pd(ai, b1, c##i##1);             \
-  }
-#define MINIDL_F64_STORE(i)                                                              \
-  {                                                                                      \
-    double* row = c + (i) * ldc;                                                         \
-    __m256d r0 = _mm256_mul_pd(va, c##i##0), r1 = _mm256_mul_pd(va, c##i##1);           \
-    if (beta != 0.0) {                                                                   \
-      r0 = _mm256_fmadd_pd(vb, _mm256_loadu_pd(row), r0);                                \
-      r1 = _mm256_fmadd_pd(vb, _mm256_loadu_pd(row + 4), r1);                            \
-    }                                                                                    \
-    _mm256_storeu_pd(row, r0);                                                           \
-    _mm256_storeu_pd(row + 4, r1);                                                       \
-  }
-
-// 6 x 8 float64, the same shape of register block at half the lanes.
-void kernel_f64_6x8(int64_t kc, const double* __restrict a, const double* __restrict b,
-                    double* __restrict c, int64_t ldc, double alpha, double beta) {
-  __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256d c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  prefetch_tile(c, ldc, 6, 8);
-#pragma GCC unroll 4
-  for (int64_t p = 0; p < kc; ++p) {
-    __m256d b0 = _mm256_load_pd(b), b1 = _mm256_load_pd(b + 4);
-    MINIDL_F64_ROW(0) MINIDL_F64_ROW(1) MINIDL_F64_ROW(2)
-    MINIDL_F64_ROW(3) MINIDL_F64_ROW(4) MINIDL_F64_ROW(5)
-    a += 6;
-    b += 8;
-  }
-  __m256d va = _mm256_set1_pd(alpha), vb = _mm256_set1_pd(beta);
-  MINIDL_F64_STORE(0) MINIDL_F64_STORE(1) MINIDL_F64_STORE(2)
-  MINIDL_F64_STORE(3) MINIDL_F64_STORE(4) MINIDL_F64_STORE(5)
-}
-#undef MINIDL_F64_ROW
-#undef MINIDL_F64_STORE
 
 // Block sizes per accumulation type. float32 on Zen 3 (32 KiB L1d, 512 KiB
 // L2, shared L3): a B sliver KC x NR = 16 KiB sits in L1, an A block
 // MC x KC = 144 KiB in L2, a B panel KC x NC = 3 MiB in L3.
 template <typename Acc> struct Blocking;
+// MR x NR is the micro-kernel's block (kernel_6x2v).
 template <> struct Blocking<float> {
-  static constexpr int64_t MR = 6, NR = 16, MC = 144, KC = 256, NC = 3072;
-  static void kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                     float alpha, float beta) {
-    kernel_f32_6x16(kc, a, b, c, ldc, alpha, beta);
-  }
+  static constexpr int64_t MR = 6, NR = 2 * Avx2<float>::kLanes, MC = 144, KC = 256, NC = 3072;
 };
 template <> struct Blocking<double> {
-  static constexpr int64_t MR = 6, NR = 8, MC = 72, KC = 256, NC = 2048;
-  static void kernel(int64_t kc, const double* a, const double* b, double* c, int64_t ldc,
-                     double alpha, double beta) {
-    kernel_f64_6x8(kc, a, b, c, ldc, alpha, beta);
-  }
+  static constexpr int64_t MR = 6, NR = 2 * Avx2<double>::kLanes, MC = 72, KC = 256, NC = 2048;
 };
 
 // ---- scratch memory ----------------------------------------------------------
@@ -262,10 +243,10 @@ void blocked_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, A
             const Acc* as = a_block + i0 * kc;
             Acc* ct = c + (ic + i0) * ldc + jc + j0;
             if (mr == MR && nr == NR) {
-              B::kernel(kc, as, bs, ct, ldc, alpha, beta_k);
+              kernel_6x2v<Acc>(kc, as, bs, ct, ldc, alpha, beta_k);
               continue;
             }
-            B::kernel(kc, as, bs, tile, NR, Acc(1), Acc(0));
+            kernel_6x2v<Acc>(kc, as, bs, tile, NR, Acc(1), Acc(0));
             for (int64_t i = 0; i < mr; ++i)
               for (int64_t j = 0; j < nr; ++j) {
                 Acc v = alpha * tile[i * NR + j];
