@@ -137,7 +137,7 @@ if [ "$ctx8m" = 1 ]; then
     ctx_line="skipped: needs GPUs dividing $ctx and data/tinyshakespeare.txt"
   else
     # The 1M run's model (docs/BENCHMARKS.md, "Long context": 2 layers, 4
-    # heads, width 256, rope, batch 1) with LongNet's branches extended until
+    # heads, width 256, rope, batch 1, dropout 0.2) with LongNet's branches extended until
     # a segment covers the context (w = 2048·2^i, r = 2^i: 13 branches), so
     # the long segments gather across the ranks. The 90/10 split needs a
     # context + 1 characters of validation text: tiny shakespeare 80 times.
@@ -147,7 +147,7 @@ if [ "$ctx8m" = 1 ]; then
     timeout "${CTX8M_TIMEOUT:-420}" "$charlm" train --data "$work/text80.txt" --out "$work/ctx8m" --device cuda \
       --dtype bfloat16 --attention dilated --pos rope --context $ctx \
       --segments "$(join_commas "${segs[@]}")" --dilations "$(join_commas "${dils[@]}")" \
-      --batch 1 --layers 2 --heads 4 --width 256 --dropout 0 --sp "$gpus" \
+      --batch 1 --layers 2 --heads 4 --width 256 --dropout 0.2 --sp "$gpus" \
       --iters "$steps8m" --warmup 0 --eval-interval "$steps8m" --eval-iters 1 --log-interval 1 \
       >"$dest/charlm-ctx8m.log" 2>&1
     rc=$?
