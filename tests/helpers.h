@@ -86,6 +86,22 @@ void check_module_grads(const nn::Module& module, const Tensor& x, F forward,
   CHECK(gradcheck([&](const std::vector<Tensor>&) { return forward(); }, inputs, options));
 }
 
+// Causality of a sequence module (B = 1, T tokens of width C, float64):
+// changing the last token leaves the outputs before it as they were (to
+// `tol`) and changes the last one.
+template <typename M>
+void check_causal(M& module, int64_t T, int64_t C, double tol) {
+  Tensor x = random_tensor({1, T, C});
+  Tensor x2 = ops::clone(x);
+  {
+    NoGradGuard no_grad;
+    ops::copy_(x2.narrow(1, T - 1, 1), random_tensor({1, 1, C}));
+  }
+  Tensor y = module.forward(x), y2 = module.forward(x2);
+  check_close(y.narrow(1, 0, T - 1), y2.narrow(1, 0, T - 1), tol, tol);
+  CHECK(y.narrow(1, T - 1, 1).to_vector<double>() != y2.narrow(1, T - 1, 1).to_vector<double>());
+}
+
 #if defined(MINIDL_WITH_CUDA)
 // Runs body() once per attention kernel version (MINIDL_ATTENTION_KERNEL) that
 // would run the forward or the backward of a problem of this dtype and head
