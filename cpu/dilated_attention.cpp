@@ -174,11 +174,8 @@ void union_keys(int64_t b, int64_t p, int64_t h, int64_t B, int64_t H, int64_t n
     const Branch& br = branches[i];
     int64_t offset = h % br.r, local = p % br.w;
     if (local % br.r != offset) continue;  // p is not kept by this branch for head h
-    const uint64_t mask_row =
-        drop.enabled() ? attention_mask_layout(drop, static_cast<int64_t>(i), B, H, n)
-                             .rows(static_cast<uint64_t>(b), static_cast<uint64_t>(h))
-                             .at(static_cast<uint64_t>(p))
-                       : 0;
+    const DropoutRows mask = dropout_rows(config, i, B, b, H, h, n);
+    const uint64_t mask_row = mask.enabled() ? mask.rows.at(static_cast<uint64_t>(p)) : 0;
     int64_t seg_start = p - local, seg_end = std::min(seg_start + br.w, n);
     int64_t last = config.causal ? p : seg_end - 1;
     // t: the key's index among the segment's kept rows

@@ -137,9 +137,9 @@ if [ "$ctx8m" = 1 ]; then
     ctx_line="skipped: needs GPUs dividing $ctx and data/tinyshakespeare.txt"
   else
     # The 1M run's model (docs/BENCHMARKS.md, "Long context": 2 layers, 4
-    # heads, width 256, rope, batch 1, dropout 0.2) with LongNet's branches extended until
-    # a segment covers the context (w = 2048·2^i, r = 2^i: 13 branches), so
-    # the long segments gather across the ranks. The 90/10 split needs a
+    # heads, width 256, rope, batch 1, dropout 0.2) with LongNet's branches
+    # extended until a segment covers the context (w = 2048·2^i, r = 2^i: 13
+    # branches), so the long segments gather across the ranks. The 90/10 split needs a
     # context + 1 characters of validation text: tiny shakespeare 80 times.
     for _ in $(seq 80); do cat data/tinyshakespeare.txt; done >"$work/text80.txt"
     segs=() dils=()
