@@ -58,19 +58,8 @@ __device__ __forceinline__ void cross_entropy_row_warp(const S* x, const int32_t
   const S* xr = x + row * cols;
   A v[K][V];
   load_tile<S, A, V, K>(xr, cols, lane, v, -inf<A>());
-  A m = -inf<A>();
-#pragma unroll
-  for (int i = 0; i < K; ++i)
-#pragma unroll
-    for (int j = 0; j < V; ++j) m = max_(m, v[i][j]);
-  m = warp_max(m);
-  A s = 0;
-#pragma unroll
-  for (int i = 0; i < K; ++i)
-    if (tile_col<V>(i, lane) < cols)
-#pragma unroll
-      for (int j = 0; j < V; ++j) s += exp_(v[i][j] - m);
-  s = warp_sum(s);
+  A m, s;
+  warp_row_max_sum(v, cols, lane, false, m, s);
   if (lane == 0) {
     A l = m + log_(s);
     lse[row] = l;
@@ -92,14 +81,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_forward_block(
                                                                                 A* row_loss, A* lse, S* loss, A* count) {
   int64_t row = blockIdx.x;
   const S* xr = x + row * cols;
-  A m = -inf<A>(), s = 0;
-  for (int64_t p = threadIdx.x; p < cols / V; p += blockDim.x) {
-    A v[V];
-    load_vec<S, A, V>(xr + p * V, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j) online_add(m, s, v[j]);
-  }
-  block_online(m, s);
+  A m, s;
+  block_row_max_sum<S, A, V>(xr, cols, m, s);
   if (threadIdx.x == 0) {
     A l = m + log_(s);
     lse[row] = l;

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "cuda/reductions.cuh"
 #include "cuda/vec.cuh"
 
 namespace minidl::cuda::rows {
@@ -40,6 +41,45 @@ __device__ __forceinline__ void store_tile(S* row, int cols, int lane, const A (
 #pragma unroll
   for (int i = 0; i < K; ++i)
     if (tile_col<V>(i, lane) < cols) store_vec<S, A, V>(row + tile_col<V>(i, lane), v[i]);
+}
+
+// A row's softmax statistics over a warp's register tile loaded with fill
+// -inf: m its max, s the sum of exp(v - m), both returned to every lane;
+// with keep_exp, v becomes exp(v - m) (the slots past the row's end keep -inf).
+template <typename A, int V, int K>
+__device__ __forceinline__ void warp_row_max_sum(A (&v)[K][V], int cols, int lane, bool keep_exp, A& m, A& s) {
+  m = -inf<A>();
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int j = 0; j < V; ++j) m = max_(m, v[i][j]);
+  m = warp_max(m);
+  s = 0;
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+    if (tile_col<V>(i, lane) < cols)
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A e = math::exp_(v[i][j] - m);
+        s += e;
+        if (keep_exp) v[i][j] = e;
+      }
+  s = warp_sum(s);
+}
+
+// The same for a block per row (the online max/sum over V-wide packs),
+// returned to every thread.
+template <typename S, typename A, int V>
+__device__ __forceinline__ void block_row_max_sum(const S* row, int64_t cols, A& m, A& s) {
+  m = -inf<A>();
+  s = 0;
+  for (int64_t p = threadIdx.x; p < cols / V; p += blockDim.x) {
+    A v[V];
+    load_vec<S, A, V>(row + p * V, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) online_add(m, s, v[j]);
+  }
+  block_online(m, s);
 }
 
 __device__ __forceinline__ int64_t warp_row() {

@@ -27,23 +27,8 @@ __global__ void softmax_forward_warp(const S* x, S* y, int64_t rows, int cols, b
   int lane = threadIdx.x % 32;
   A v[K][V];
   load_tile<S, A, V, K>(x + row * cols, cols, lane, v, -inf<A>());
-  A m = -inf<A>();
-#pragma unroll
-  for (int i = 0; i < K; ++i)
-#pragma unroll
-    for (int j = 0; j < V; ++j) m = max_(m, v[i][j]);
-  m = warp_max(m);
-  A s = 0;
-#pragma unroll
-  for (int i = 0; i < K; ++i)
-    if (tile_col<V>(i, lane) < cols)
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        A e = exp_(v[i][j] - m);
-        s += e;
-        if (!log) v[i][j] = e;
-      }
-  s = warp_sum(s);
+  A m, s;
+  warp_row_max_sum(v, cols, lane, !log, m, s);
   A shift = m + log_(s), inv = A(1) / s;
 #pragma unroll
   for (int i = 0; i < K; ++i)
@@ -57,14 +42,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) softmax_forward_block(const 
   const S* xr = x + int64_t(blockIdx.x) * cols;
   S* yr = y + int64_t(blockIdx.x) * cols;
   int64_t packs = cols / V;
-  A m = -inf<A>(), s = 0;
-  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-    A v[V];
-    load_vec<S, A, V>(xr + p * V, v);
-#pragma unroll
-    for (int j = 0; j < V; ++j) online_add(m, s, v[j]);
-  }
-  block_online(m, s);
+  A m, s;
+  block_row_max_sum<S, A, V>(xr, cols, m, s);
   A shift = m + log_(s), inv = A(1) / s;
   for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
     A v[V];
