@@ -46,11 +46,18 @@ struct DilatedBranch {
 // ops/seq_parallel_attention.cpp) draws the larger problem's mask through its
 // `frame`: its branch i is mask branch frame.branch + i, its head h is mask
 // head frame.head + h * frame.head_step, its row position p is mask position
-// frame.position + p * frame.stride, in a mask of frame.n positions and
-// frame.heads heads (0: the problem's own). Key indices and batches are the
-// larger problem's already. The default frame is the problem itself.
+// frame.position + p * frame.stride, in a mask of frame.n positions,
+// frame.heads heads and frame.batches batches (0: the problem's own). Its
+// batch b is mask batch b, or, with batch_step > 0, b moves batch_step heads
+// and batch_shift positions instead: a piece whose batches are classes of
+// heads h mod r (each a run of heads c, c + r, ... and of positions from c)
+// and whose heads run over the larger problem's batches too (head b * H/r + j
+// of the piece is mask batch b; H/r * head_step = frame.heads carries it
+// there). Key indices are the larger problem's already. The default frame is
+// the problem itself.
 struct AttentionMaskFrame {
   int64_t branch = 0, n = 0, heads = 0, head = 0, head_step = 1, position = 0, stride = 1;
+  int64_t batches = 0, batch_step = 0, batch_shift = 0;
   bool operator==(const AttentionMaskFrame&) const = default;
 };
 
@@ -106,12 +113,15 @@ MINIDL_HD inline AttentionMaskLayout attention_mask_layout(const AttentionDropou
                                                            int64_t H, int64_t n) {
   const AttentionMaskFrame& f = d.frame;
   const auto heads = static_cast<uint64_t>(f.heads > 0 ? f.heads : H);
+  const auto batches = static_cast<uint64_t>(f.batches > 0 ? f.batches : B);
   const auto positions = static_cast<uint64_t>(f.n > 0 ? f.n : n);
   AttentionMaskLayout layout;
-  layout.first = (static_cast<uint64_t>(branch + f.branch) * static_cast<uint64_t>(B) * heads +
-                  static_cast<uint64_t>(f.head)) * positions +
+  layout.first = (static_cast<uint64_t>(branch + f.branch) * batches * heads + static_cast<uint64_t>(f.head)) *
+                     positions +
                  static_cast<uint64_t>(f.position);
-  layout.per_batch = heads * positions;
+  layout.per_batch = f.batch_step > 0
+                         ? static_cast<uint64_t>(f.batch_step) * positions + static_cast<uint64_t>(f.batch_shift)
+                         : heads * positions;
   layout.per_head = static_cast<uint64_t>(f.head_step) * positions;
   layout.step = static_cast<uint64_t>(f.stride);
   return layout;

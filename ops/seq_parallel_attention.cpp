@@ -87,19 +87,36 @@ struct PieceHead {
 };
 
 // The heads of one spanning (branch, segment) that share an assembled length
-// M: one dense attention problem (B, M, heads, D) for the kernels, whose
-// keys come from exchange `ex`. With attention dropout, only heads of one
-// class h mod r, which keep the same positions: heads c, c + r, c + 2r, ...,
-// which the mask frame (kernel_config) maps to the whole problem's (r = 1:
-// every head, in order).
+// M: one dense attention problem (batches, M, heads, D) for the kernels,
+// whose keys come from exchange `ex`. A head's kept rows depend on its class
+// h mod r only, so a piece holds whole classes. Laid out two ways:
+// - by class, when r divides H: a run of classes c0, c0 + 1, ... as the
+//   problem's batches, and as its heads b * H/r + j the batches b and the
+//   class's heads c + j r. Its mask frame (kernel_config) is then linear
+//   in both, so one call draws attention dropout for every class;
+// - by batch, otherwise: (B, M, heads) in head order; with attention dropout
+//   one class only (heads c, c + r, ..., one frame).
 struct Piece {
   int64_t branch, r, M;  // branch: its index in the config
   size_t ex;
-  std::vector<PieceHead> heads;
-  // Rows of the piece's (B, M, heads) problem: `queries` from this rank's
-  // (B, n, H) rows (its queries only), `keys` from the exchange's gathered
-  // (size, 2, B, R) rows (the k half; the v half is B * R rows further).
+  bool by_class;
+  int64_t batches, per_batch;  // the problem's batches and heads
+  std::vector<PieceHead> heads;  // in head order
+  // Rows of the piece's problem: `queries` from this rank's (B, n, H) rows
+  // (its queries only), `keys` from the exchange's gathered (size, 2, B, R)
+  // rows (the k half; the v half is B * R rows further).
   RowMap queries, keys;
+
+  // The problem's row of batch b's head heads[g], kept index t.
+  int64_t row(int64_t b, int64_t t, size_t g) const {
+    if (!by_class) return (b * M + t) * per_batch + static_cast<int64_t>(g);
+    // Class h % r is batch h % r - c0 (heads[0] is head c0), head j = h / r of its J.
+    const int64_t h = heads[g].h, J = static_cast<int64_t>(heads.size()) / batches;
+    return ((h % r - heads[0].h) * M + t) * per_batch + b * J + h / r;
+  }
+  Shape shape(int64_t W) const {  // W = 0: an lse's
+    return W ? Shape{batches, M, per_batch, W} : Shape{batches, M, per_batch};
+  }
 };
 
 // One spanning segment this rank takes part in: its ranks [first, first +
@@ -278,7 +295,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       Exchange ex;
       ex.first = first;
       const bool has_rows = c0 < c1;
-      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, h mod r with dropout, else -1)
+      std::vector<std::pair<int64_t, PieceHead>> found;  // (M, head) of the heads with queries here, in head order
       std::vector<int64_t> packed(static_cast<size_t>(last - first + 1), 0);
       for (int64_t h = 0; h < plan.H; ++h) {
         const KeptRows kr = kept_rows(plan.N, w, r, h, s);
@@ -302,13 +319,27 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         // and their own; non-causal ones see the whole segment.
         const int64_t M = plan.causal ? head.t1 : kr.count;
         head.keys.resize(static_cast<size_t>(M));
-        // With dropout, a piece's heads share their positions (base): one
-        // class h mod r, whose heads are equally spaced for the mask frame.
-        Piece& piece = by_length[{M, dropout ? h % r : -1}];
+        found.push_back({M, std::move(head)});
+      }
+      // Pieces (Piece): by class, runs of consecutive classes with one M
+      // (run[c]: the first class of c's run; the classes with queries here
+      // and one M need not be consecutive where they wrap around r); by
+      // batch, the heads of one M, and with dropout of one class.
+      const bool by_class = plan.H % r == 0;
+      std::vector<int64_t> run(by_class ? static_cast<size_t>(r) : 0), class_M(run.size(), -1);
+      for (const auto& [M, head] : found)
+        if (by_class) class_M[static_cast<size_t>(head.h % r)] = M;
+      for (size_t c = 0; c < run.size(); ++c)
+        run[c] = c > 0 && class_M[c] == class_M[c - 1] ? run[c - 1] : static_cast<int64_t>(c);
+      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, run by class; else class with dropout, or -1)
+      for (auto& [M, head] : found) {
+        const int64_t c = head.h % r;
+        Piece& piece = by_length[{M, by_class ? run[static_cast<size_t>(c)] : dropout ? c : -1}];
         piece.branch = static_cast<int64_t>(branch);
         piece.r = r;
         piece.M = M;
         piece.ex = plan.exchanges.size();
+        piece.by_class = by_class;
         piece.heads.push_back(std::move(head));
       }
       ex.R = *std::max_element(packed.begin(), packed.end());
@@ -319,14 +350,16 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
             ex.pack.add(b * ex.R + blk.offset + j, (b * n + blk.x0 + j * blk.r - c0) * H + blk.h);
       for (auto& [length, piece] : by_length) {
         const int64_t M = piece.M, G = static_cast<int64_t>(piece.heads.size());
+        piece.batches = by_class ? G / (H / r) : B;
+        piece.per_batch = by_class ? B * (H / r) : G;
         for (int64_t b = 0; b < B; ++b)
-          for (int64_t g = 0; g < G; ++g) {
-            const PieceHead& ph = piece.heads[static_cast<size_t>(g)];
+          for (size_t g = 0; g < piece.heads.size(); ++g) {
+            const PieceHead& ph = piece.heads[g];
             for (int64_t t = ph.t0; t < ph.t1; ++t)
-              piece.queries.add((b * M + t) * G + g, (b * n + ph.base + t * r - c0) * H + ph.h);
+              piece.queries.add(piece.row(b, t, g), (b * n + ph.base + t * r - c0) * H + ph.h);
             for (int64_t t = 0; t < M; ++t) {
               const auto [rank, j] = ph.keys[static_cast<size_t>(t)];
-              piece.keys.add((b * M + t) * G + g, (rank * 2 * B + b) * ex.R + j);
+              piece.keys.add(piece.row(b, t, g), (rank * 2 * B + b) * ex.R + j);
             }
           }
         plan.pieces.push_back(std::move(piece));
@@ -590,17 +623,26 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
   return kernel_config(plan, dropout, group.branches, frame);
 }
 
-// A piece's head g and row t (a kept index) are head h0 + g r and position
-// base + t r: its heads are one class h mod r, sharing base. The frame is
+// A piece's row t (a kept index) is position base + t r of its head. By
+// batch (one class c): its head g is head c + g r, all sharing base. By
+// class (classes c0, c0 + 1, ...): its batch i is class c0 + i, whose base is
+// c0's plus i, and its head b H/r + j is batch b's head c + j r. The frame is
 // unused without dropout.
 DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const Piece& piece) {
   AttentionMaskFrame frame;
   if (dropout.enabled()) {
     const PieceHead& first = piece.heads[0];
-    for (size_t g = 0; g < piece.heads.size(); ++g)
-      MINIDL_CHECK(piece.heads[g].h == first.h + static_cast<int64_t>(g) * piece.r && piece.heads[g].base == first.base,
-                   kOp, ": internal: head ", piece.heads[g].h, " (base ", piece.heads[g].base,
-                   ") is not in the class of a dropout piece from head ", first.h, " at r ", piece.r);
+    const int64_t c0 = first.h % piece.r, J = static_cast<int64_t>(piece.heads.size()) / piece.batches;
+    for (size_t g = 0; g < piece.heads.size(); ++g) {
+      const PieceHead& ph = piece.heads[g];
+      const int64_t i = piece.by_class ? ph.h % piece.r - c0 : 0;
+      const bool framed = piece.by_class ? ph.h == c0 + i + static_cast<int64_t>(g) / piece.batches * piece.r &&
+                                               i < piece.batches && J * piece.r == plan.H
+                                         : ph.h == first.h + static_cast<int64_t>(g) * piece.r;
+      MINIDL_CHECK(framed && ph.base == first.base + i, kOp, ": internal: head ", ph.h, " (base ", ph.base,
+                   ") of a dropout piece from head ", first.h, " (base ", first.base, ") at r ", piece.r,
+                   " is not where its frame puts it");
+    }
     frame.branch = piece.branch;
     frame.n = plan.N;
     frame.heads = plan.H;
@@ -608,6 +650,11 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
     frame.head_step = piece.r;
     frame.position = first.base;
     frame.stride = piece.r;
+    if (piece.by_class) {
+      frame.batches = plan.B;
+      frame.batch_step = 1;
+      frame.batch_shift = 1;
+    }
   }
   return kernel_config(plan, dropout, {{piece.M, 1}}, frame);
 }
@@ -639,19 +686,17 @@ void attend_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   MINIDL_DISPATCH(q.device(), dilated_attention_backward, q, k, v, O, L, dO, dL, config, dq, dk, dv, bits);
 }
 
-// A piece's (B, M, heads, W) operand (W = 0: (B, M, heads), an lse): this
-// rank's query rows of `local` at their kept index, zeros elsewhere.
-Tensor piece_queries(const Plan& plan, const Piece& piece, const Tensor& local, int64_t W) {
-  const int64_t G = static_cast<int64_t>(piece.heads.size());
-  Tensor out = zeros(W ? Shape{plan.B, piece.M, G, W} : Shape{plan.B, piece.M, G}, local.options());
+// A piece's operand of rows of W (W = 0: an lse; Piece::shape): this rank's
+// query rows of `local` at their kept index, zeros elsewhere.
+Tensor piece_queries(const Piece& piece, const Tensor& local, int64_t W) {
+  Tensor out = zeros(piece.shape(W), local.options());
   copy_rows(out, local, std::max<int64_t>(W, 1), Pairs::along(piece.queries));
   return out;
 }
 
 // A piece's keys (kv = 0) or values (kv = 1) from its exchange's gathered rows.
 Tensor piece_keys(const Plan& plan, const Piece& piece, const Tensor& gathered, int kv) {
-  const int64_t G = static_cast<int64_t>(piece.heads.size());
-  Tensor out = Tensor::empty({plan.B, piece.M, G, plan.D}, gathered.options());
+  Tensor out = Tensor::empty(piece.shape(plan.D), gathered.options());
   copy_rows(out, from_row(gathered, kv * plan.B * plan.exchanges[piece.ex].R, plan.D), plan.D,
             Pairs::along(piece.keys));
   return out;
@@ -723,12 +768,11 @@ Forward forward(const Plan& plan, const Types& ty, const AttentionDropout& dropo
     }
   }
   for (const Piece& piece : plan.pieces) {
-    const int64_t G = static_cast<int64_t>(piece.heads.size());
-    Tensor o = Tensor::empty({plan.B, piece.M, G, plan.D}, ty.of(ty.compute));
-    Tensor l = Tensor::empty({plan.B, piece.M, G}, ty.of(ty.lse));
+    Tensor o = Tensor::empty(piece.shape(plan.D), ty.of(ty.compute));
+    Tensor l = Tensor::empty(piece.shape(0), ty.of(ty.lse));
     gathers[piece.ex].wait();
     const Tensor& gathered = f.gathered[piece.ex];
-    attend_forward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, gathered, 0),
+    attend_forward(piece_queries(piece, q, plan.D), piece_keys(plan, piece, gathered, 0),
                    piece_keys(plan, piece, gathered, 1), kernel_config(plan, dropout, piece), o, l,
                    bits(f.piece_bits));
     merge_rows(f.O, f.L, o, l, plan.D, Pairs::against(piece.queries));
@@ -765,15 +809,14 @@ std::vector<Tensor> backward(const Plan& plan, const Types& ty, const AttentionD
   std::vector<Tensor> piece_dq;
   for (size_t i = 0; i < plan.pieces.size(); ++i) {
     const Piece& piece = plan.pieces[i];
-    const int64_t G = static_cast<int64_t>(piece.heads.size());
-    const Shape shape{plan.B, piece.M, G, plan.D};
+    const Shape shape = piece.shape(plan.D);
     Tensor gq = Tensor::empty(shape, ty.of(ty.compute)), gk = Tensor::empty(shape, ty.of(ty.compute)),
            gv = Tensor::empty(shape, ty.of(ty.compute));
     const Tensor& g = gathered[piece.ex];
-    attend_backward(piece_queries(plan, piece, q, plan.D), piece_keys(plan, piece, g, 0),
-                    piece_keys(plan, piece, g, 1), piece_queries(plan, piece, O, plan.D),
-                    piece_queries(plan, piece, L, 0), piece_queries(plan, piece, dO, plan.D),
-                    dL.defined() ? piece_queries(plan, piece, dL, 0) : Tensor(), kernel_config(plan, dropout, piece),
+    attend_backward(piece_queries(piece, q, plan.D), piece_keys(plan, piece, g, 0),
+                    piece_keys(plan, piece, g, 1), piece_queries(piece, O, plan.D),
+                    piece_queries(piece, L, 0), piece_queries(piece, dO, plan.D),
+                    dL.defined() ? piece_queries(piece, dL, 0) : Tensor(), kernel_config(plan, dropout, piece),
                     gq, gk, gv, f.piece_bits[i]);
     piece_dq.push_back(gq);
     const Tensor& s = send[piece.ex];

@@ -814,6 +814,14 @@ TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dil
     // A part of every second head from head 1 (a class h mod 2): its head 1 is head 3.
     part.frame = {2, 100, 5, 1, 2, 19, 3};
     CHECK(attention_mask_layout(part, 0, 3, 2, 8).rows(2, 1).at(6) == whole.rows(2, 3).at(37));
+    // A part whose batches are the classes h mod 2 of 4 heads from position
+    // 19 (class 1's positions from 20) and whose heads b * 2 + j run over the
+    // whole problem's 3 batches: its batch 1, head 2 * 2 + 1 is batch 2's head
+    // 1 + 1 * 2 = 3, its position 6 the whole's 20 + 6 * 2.
+    part.frame = {2, 100, 4, 0, 2, 19, 2, 3, 1, 1};
+    const AttentionMaskLayout whole4 = attention_mask_layout(d, 2, 3, 4, 100);
+    CHECK(attention_mask_layout(part, 0, 2, 6, 8).rows(1, 5).at(6) == whole4.rows(2, 3).at(32));
+    CHECK(attention_mask_layout(part, 0, 2, 6, 8).rows(0, 2).at(0) == whole4.rows(1, 0).at(19));
   }
   CHECK(kept > 0);
   CHECK(kept < checked);

@@ -265,8 +265,8 @@ TEST_CASE("seq_parallel_dilated_attention: spanning pieces merged into a whole-c
 TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the op drops: P = 1 to 4") {
   // Every kernel call draws the whole problem's mask through its frame
   // (core/dilated.h): local groups (their branches, rows and positions),
-  // spanning pieces (one class of heads h mod r each, kept index t at
-  // position base + t r).
+  // spanning pieces (classes of heads h mod r, kept index t at position
+  // base + t r).
   for (bool causal : {true, false}) {
     CAPTURE(causal);
     Case c = kOdd;
@@ -289,9 +289,16 @@ TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the 
   // Local branches not consecutive in the config (0 and 2): two calls, each
   // framed from its own first branch.
   check_case({2, 32, 3, 4, {{4, 1}, {32, 3}, {8, 2}}, true, 0.3}, {16, 16});
-  // More heads than the spanning dilations: a piece holds one class h mod r
-  // (heads c, c + r, ...), framed together.
+  // Heads a multiple of the spanning dilations: a piece holds a run of
+  // classes h mod r with one M as its batches, and the batches' heads as its
+  // heads, framed together; where a rank's classes wrap around r, classes
+  // of one M need not be consecutive (w 7, r 4, rank 1: classes 2, 3, 0).
   check_case({2, 32, 6, 4, {{4, 1}, {8, 2}, {32, 3}, {64, 2}}, true, 0.3}, {8, 8, 8, 8});
+  for (bool causal : {true, false}) {
+    CAPTURE(causal);
+    check_case({2, 21, 4, 3, {{7, 4}, {21, 2}, {3, 1}}, causal, 0.3}, {2, 3, 9, 7});
+  }
+  // Heads not a multiple: a piece holds one class (heads c, c + r, ...).
   check_case({1, 45, 7, 3, {{45, 3}, {20, 2}}, false, 0.3}, {11, 20, 14});
   // Vanilla attention (one r = 1 branch over the sequence): its pieces keep
   // every head, framed together.
@@ -965,7 +972,7 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
       {odd, ops::SequenceLayout::even(odd.N, 2).chunk_sizes},
       {odd, {13, 1, 23}},
       {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2}, ops::SequenceLayout::even(300, 3).chunk_sizes},
-      {{1, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}}};
+      {{2, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}}};
   for (DType dtype : {DType::Float32, DType::BFloat16})
     for (const Split& sp : splits) {
       CAPTURE(dtype);
