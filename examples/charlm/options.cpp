@@ -62,11 +62,11 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
                    "compute dtype (bfloat16: bf16 compute, float32 master weights; float32 on CUDA: matmuls on TF32 tensor cores)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
   flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (threads of this process: "
-                "on the CPU, sharing one GPU, or one GPU each through NCCL when N*M are visible)",
+                "on the CPU, sharing one GPU, or one GPU each through NCCL when N times --sp are visible)",
                 1, 1024);
   flags.add_int("sp", &o.sp,
-                "sequence-parallel ranks, each on --context / M consecutive positions of every sequence "
-                "(with --dp N: N*M ranks, placed as for --dp)",
+                "sequence-parallel ranks, each on --context / N consecutive positions of every sequence "
+                "(with --dp: --dp times N ranks, placed as for --dp)",
                 1, 1024);
   flags.add_switch("no-graph", &o.graph, false,
                    "CUDA: run every step eagerly instead of replaying it as one CUDA graph");
