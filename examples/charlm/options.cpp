@@ -62,7 +62,7 @@ void add_training_flags(FlagSet& flags, TrainOptions& o) {
                    "compute dtype (bfloat16: bf16 compute, float32 master weights; float32 on CUDA: matmuls on TF32 tensor cores)");
   flags.add_int("threads", &o.threads, "CPU threads (0: OpenMP's default)", 0, 4096);
   flags.add_int("dp", &o.dp, "data-parallel ranks, each on --batch / N sequences (threads of this process: "
-                "on the CPU, sharing one GPU, or one GPU each through NCCL when N times --sp are visible)",
+                "on the CPU, sharing one GPU, or one GPU each through NCCL when N times --sp GPUs are visible)",
                 1, 1024);
   flags.add_int("sp", &o.sp,
                 "sequence-parallel ranks, each on --context / N consecutive positions of every sequence "
