@@ -440,7 +440,7 @@ struct PlanKey {
   std::vector<std::pair<int64_t, int64_t>> branches;
   bool causal;
   double scale;
-  bool dropout;  // dropout plans group a piece's heads by class h mod r, and local groups by consecutive branches
+  bool dropout;  // dropout plans hold one class per piece where r does not divide H, and local groups of consecutive branches
   Device device;
   bool operator==(const PlanKey&) const = default;
 };
