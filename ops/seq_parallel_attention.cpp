@@ -50,6 +50,9 @@ using Grads = std::vector<Tensor>;
 
 constexpr const char* kOp = "seq_parallel_dilated_attention";
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+// The most heads a piece laid out by class gives one kernel call: CUDA's
+// launches take at most 65535 heads (grid y; cuda/dilated_attention_common.cuh).
+constexpr int64_t kMaxPieceHeads = 65535;
 
 // Row pairs (dst row, src row) of one data movement, built with the plan on
 // the host; on CUDA also uploaded once as int32 device arrays.
@@ -90,12 +93,14 @@ struct PieceHead {
 // M: one dense attention problem (batches, M, heads, D) for the kernels,
 // whose keys come from exchange `ex`. A head's kept rows depend on its class
 // h mod r only, so a piece holds whole classes. Laid out two ways:
-// - by class, when r divides H: a run of classes c0, c0 + 1, ... as the
-//   problem's batches, and as its heads b * H/r + j the batches b and the
-//   class's heads c + j r. Its mask frame (kernel_config) is then linear
-//   in both, so one call draws attention dropout for every class;
-// - by batch, otherwise: (B, M, heads) in head order; with attention dropout
-//   one class only (heads c, c + r, ..., one frame).
+// - by batch: (B, M, heads) in head order. Without attention dropout it
+//   holds every head of one M; with dropout one class only (heads c, c + r,
+//   ..., which one mask frame maps);
+// - by class, with attention dropout when r divides H (and the B H/r heads
+//   fit one launch, kMaxPieceHeads): a run of classes c0, c0 + 1, ... of one
+//   M as the problem's batches, and as its heads b H/r + j the batches b
+//   and the class's heads c + j r. Its mask frame (kernel_config) is then
+//   linear in both, so one call draws the mask of every class.
 struct Piece {
   int64_t branch, r, M;  // branch: its index in the config
   size_t ex;
@@ -325,7 +330,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
       // (run[c]: the first class of c's run; the classes with queries here
       // and one M need not be consecutive where they wrap around r); by
       // batch, the heads of one M, and with dropout of one class.
-      const bool by_class = plan.H % r == 0;
+      const bool by_class =
+          dropout && plan.H > 0 && plan.H % r == 0 && plan.B * (plan.H / r) <= kMaxPieceHeads;
       std::vector<int64_t> run(by_class ? static_cast<size_t>(r) : 0), class_M(run.size(), -1);
       for (const auto& [M, head] : found)
         if (by_class) class_M[static_cast<size_t>(head.h % r)] = M;
@@ -440,7 +446,7 @@ struct PlanKey {
   std::vector<std::pair<int64_t, int64_t>> branches;
   bool causal;
   double scale;
-  bool dropout;  // dropout plans hold one class per piece where r does not divide H, and local groups of consecutive branches
+  bool dropout;  // dropout plans lay pieces out by class or hold one class per piece, and local groups of consecutive branches
   Device device;
   bool operator==(const PlanKey&) const = default;
 };

@@ -300,6 +300,8 @@ TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the 
   }
   // Heads not a multiple: a piece holds one class (heads c, c + r, ...).
   check_case({1, 45, 7, 3, {{45, 3}, {20, 2}}, false, 0.3}, {11, 20, 14});
+  // No heads, a dilation of 2^40: nothing sized by r.
+  check_case({1, 8, 0, 2, {{8, int64_t(1) << 40}}, true, 0.3}, {4, 4});
   // Vanilla attention (one r = 1 branch over the sequence): its pieces keep
   // every head, framed together.
   for (bool causal : {true, false}) {
