@@ -96,11 +96,13 @@ struct PieceHead {
 // - by batch: (B, M, heads) in head order. Without attention dropout it
 //   holds every head of one M; with dropout one class only (heads c, c + r,
 //   ..., which one mask frame maps);
-// - by class, with attention dropout when r divides H (and the B H/r heads
-//   fit one launch, kMaxPieceHeads): a run of classes c0, c0 + 1, ... of one
-//   M as the problem's batches, and as its heads b H/r + j the batches b
-//   and the class's heads c + j r. Its mask frame (kernel_config) is then
-//   linear in both, so one call draws the mask of every class.
+// - by class, with attention dropout: a run of classes c0, c0 + 1, ... with
+//   one M and J heads each as the problem's batches, and as its heads
+//   b J + j the batches b and the class's heads c + j r: mask head
+//   b H + c + j r. Its mask frame (kernel_config) is linear in b J + j when
+//   J r = H (step r), J = 1 (step H) or B = 1 (step r), so one call draws
+//   the mask of every class of the run; make_plan lays a run out so where
+//   that holds and its B J heads fit one launch (kMaxPieceHeads).
 struct Piece {
   int64_t branch, r, M;  // branch: its index in the config
   size_t ex;
@@ -326,26 +328,43 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         head.keys.resize(static_cast<size_t>(M));
         found.push_back({M, std::move(head)});
       }
-      // Pieces (Piece): by class, runs of consecutive classes with one M
-      // (run[c]: the first class of c's run; the classes with queries here
-      // and one M need not be consecutive where they wrap around r); by
-      // batch, the heads of one M, and with dropout of one class.
-      const bool by_class =
-          dropout && plan.H > 0 && plan.H % r == 0 && plan.B * (plan.H / r) <= kMaxPieceHeads;
-      std::vector<int64_t> run(by_class ? static_cast<size_t>(r) : 0), class_M(run.size(), -1);
-      for (const auto& [M, head] : found)
-        if (by_class) class_M[static_cast<size_t>(head.h % r)] = M;
-      for (size_t c = 0; c < run.size(); ++c)
-        run[c] = c > 0 && class_M[c] == class_M[c - 1] ? run[c - 1] : static_cast<int64_t>(c);
-      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, run by class; else class with dropout, or -1)
-      for (auto& [M, head] : found) {
+      // Pieces (Piece). Without dropout, by batch: the heads of one M. With
+      // dropout, by class where the frame is linear (kernel_config): runs of
+      // consecutive classes with one M and one head count J (classes with
+      // queries here and one M need not be consecutive where they wrap
+      // around r); by batch otherwise, one class a piece. A piece's key:
+      // (M, the first class of its run, or its class; -1 without dropout).
+      struct Class {
+        int64_t M, J = 0, first;  // first: its piece's first class
+        bool by_class = false;
+      };
+      std::map<int64_t, Class> classes;  // h mod r of the heads with queries here
+      for (const auto& [M, head] : found) {
         const int64_t c = head.h % r;
-        Piece& piece = by_length[{M, by_class ? run[static_cast<size_t>(c)] : dropout ? c : -1}];
+        ++classes.try_emplace(c, Class{M, 0, c}).first->second.J;
+      }
+      for (auto it = classes.begin(); it != classes.end();) {
+        auto end = std::next(it);
+        while (end != classes.end() && end->first == std::prev(end)->first + 1 && end->second.M == it->second.M &&
+               end->second.J == it->second.J)
+          ++end;
+        const int64_t J = it->second.J;
+        if (dropout && (J * r == plan.H || J == 1 || plan.B == 1) && plan.B * J <= kMaxPieceHeads)
+          for (auto c = it; c != end; ++c) {
+            c->second.first = it->first;
+            c->second.by_class = true;
+          }
+        it = end;
+      }
+      std::map<std::pair<int64_t, int64_t>, Piece> by_length;  // (M, first class or -1)
+      for (auto& [M, head] : found) {
+        const Class& c = classes.at(head.h % r);
+        Piece& piece = by_length[{M, dropout ? c.first : -1}];
         piece.branch = static_cast<int64_t>(branch);
         piece.r = r;
         piece.M = M;
         piece.ex = plan.exchanges.size();
-        piece.by_class = by_class;
+        piece.by_class = dropout && c.by_class;
         piece.heads.push_back(std::move(head));
       }
       ex.R = *std::max_element(packed.begin(), packed.end());
@@ -356,8 +375,9 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
             ex.pack.add(b * ex.R + blk.offset + j, (b * n + blk.x0 + j * blk.r - c0) * H + blk.h);
       for (auto& [length, piece] : by_length) {
         const int64_t M = piece.M, G = static_cast<int64_t>(piece.heads.size());
-        piece.batches = by_class ? G / (H / r) : B;
-        piece.per_batch = by_class ? B * (H / r) : G;
+        const int64_t J = piece.by_class ? classes.at(piece.heads[0].h % r).J : 0;
+        piece.batches = piece.by_class ? G / J : B;
+        piece.per_batch = piece.by_class ? B * J : G;
         for (int64_t b = 0; b < B; ++b)
           for (size_t g = 0; g < piece.heads.size(); ++g) {
             const PieceHead& ph = piece.heads[g];
@@ -446,7 +466,7 @@ struct PlanKey {
   std::vector<std::pair<int64_t, int64_t>> branches;
   bool causal;
   double scale;
-  bool dropout;  // dropout plans lay pieces out by class or hold one class per piece, and local groups of consecutive branches
+  bool dropout;  // dropout plans lay pieces out by class (or one class a piece), local groups by consecutive branches
   Device device;
   bool operator==(const PlanKey&) const = default;
 };
@@ -631,8 +651,10 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
 
 // A piece's row t (a kept index) is position base + t r of its head. By
 // batch (one class c): its head g is head c + g r, all sharing base. By
-// class (classes c0, c0 + 1, ...): its batch i is class c0 + i, whose base is
-// c0's plus i, and its head b H/r + j is batch b's head c + j r. The frame is
+// class (classes c0, c0 + 1, ... of J heads): its batch i is class c0 + i,
+// whose base is c0's plus i, and its head b J + j is batch b's head c + j r,
+// mask head b H + c + j r: a step of r when J r = H or B = 1, of H when
+// J = 1 (make_plan lays a piece out by class only then). The frame is
 // unused without dropout.
 DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const Piece& piece) {
   AttentionMaskFrame frame;
@@ -643,7 +665,8 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
       const PieceHead& ph = piece.heads[g];
       const int64_t i = piece.by_class ? ph.h % piece.r - c0 : 0;
       const bool framed = piece.by_class ? ph.h == c0 + i + static_cast<int64_t>(g) / piece.batches * piece.r &&
-                                               i < piece.batches && J * piece.r == plan.H
+                                               i < piece.batches &&
+                                               (J * piece.r == plan.H || J == 1 || plan.B == 1)
                                          : ph.h == first.h + static_cast<int64_t>(g) * piece.r;
       MINIDL_CHECK(framed && ph.base == first.base + i, kOp, ": internal: head ", ph.h, " (base ", ph.base,
                    ") of a dropout piece from head ", first.h, " (base ", first.base, ") at r ", piece.r,
@@ -653,7 +676,7 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
     frame.n = plan.N;
     frame.heads = plan.H;
     frame.head = first.h;
-    frame.head_step = piece.r;
+    frame.head_step = piece.by_class && J == 1 ? plan.H : piece.r;
     frame.position = first.base;
     frame.stride = piece.r;
     if (piece.by_class) {

@@ -298,7 +298,12 @@ TEST_CASE("seq_parallel_dilated_attention with attention dropout drops what the 
     CAPTURE(causal);
     check_case({2, 21, 4, 3, {{7, 4}, {21, 2}, {3, 1}}, causal, 0.3}, {2, 3, 9, 7});
   }
-  // Heads not a multiple: a piece holds one class (heads c, c + r, ...).
+  // Heads not a multiple, B = 2: classes of one head (r 4: classes 2, 3 of
+  // 6 heads; r 8, more than the heads: every class) run together, the mask
+  // head stepping by H; classes of two heads (r 4: classes 0, 1) one a piece.
+  check_case({2, 32, 6, 4, {{4, 1}, {32, 4}, {64, 8}}, true, 0.3}, {8, 8, 8, 8});
+  // B = 1: runs of classes with one head count (r 3 of 7 heads: class 0 of
+  // three heads, classes 1, 2 of two).
   check_case({1, 45, 7, 3, {{45, 3}, {20, 2}}, false, 0.3}, {11, 20, 14});
   // No heads, a dilation of 2^40: nothing sized by r.
   check_case({1, 8, 0, 2, {{8, int64_t(1) << 40}}, true, 0.3}, {4, 4});
