@@ -51,10 +51,10 @@ struct DilatedBranch {
 // batch b is mask batch b, or, with batch_step > 0, b moves batch_step heads
 // and batch_shift positions instead: a piece whose batches are classes of
 // heads h mod r (each a run of heads c, c + r, ... and of positions from c)
-// and whose heads run over the larger problem's batches too (head b * H/r + j
-// of the piece is mask batch b; H/r * head_step = frame.heads carries it
-// there). Key indices are the larger problem's already. The default frame is
-// the problem itself.
+// and whose heads run over the larger problem's batches too (head b J + j of
+// the piece is mask batch b's head c + j r when J * head_step = frame.heads:
+// J heads a class at step r, or one at step H). Key indices are the larger
+// problem's already. The default frame is the problem itself.
 struct AttentionMaskFrame {
   int64_t branch = 0, n = 0, heads = 0, head = 0, head_step = 1, position = 0, stride = 1;
   int64_t batches = 0, batch_step = 0, batch_shift = 0;

@@ -54,6 +54,10 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 // launches take at most 65535 heads (grid y; cuda/dilated_attention_common.cuh).
 constexpr int64_t kMaxPieceHeads = 65535;
 
+// Whether a piece of classes with J heads each, laid out by class (Piece),
+// has a linear mask frame: its head b J + j is mask head b H + c + j r.
+bool class_frame_linear(int64_t J, int64_t r, int64_t H, int64_t B) { return J * r == H || J == 1 || B == 1; }
+
 // Row pairs (dst row, src row) of one data movement, built with the plan on
 // the host; on CUDA also uploaded once as int32 device arrays.
 struct RowMap {
@@ -349,7 +353,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
                end->second.J == it->second.J)
           ++end;
         const int64_t J = it->second.J;
-        if (dropout && (J * r == plan.H || J == 1 || plan.B == 1) && plan.B * J <= kMaxPieceHeads)
+        if (dropout && class_frame_linear(J, r, plan.H, plan.B) && plan.B * J <= kMaxPieceHeads)
           for (auto c = it; c != end; ++c) {
             c->second.first = it->first;
             c->second.by_class = true;
@@ -364,7 +368,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         piece.r = r;
         piece.M = M;
         piece.ex = plan.exchanges.size();
-        piece.by_class = dropout && c.by_class;
+        piece.by_class = c.by_class;
         piece.heads.push_back(std::move(head));
       }
       ex.R = *std::max_element(packed.begin(), packed.end());
@@ -665,8 +669,7 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
       const PieceHead& ph = piece.heads[g];
       const int64_t i = piece.by_class ? ph.h % piece.r - c0 : 0;
       const bool framed = piece.by_class ? ph.h == c0 + i + static_cast<int64_t>(g) / piece.batches * piece.r &&
-                                               i < piece.batches &&
-                                               (J * piece.r == plan.H || J == 1 || plan.B == 1)
+                                               i < piece.batches && class_frame_linear(J, piece.r, plan.H, plan.B)
                                          : ph.h == first.h + static_cast<int64_t>(g) * piece.r;
       MINIDL_CHECK(framed && ph.base == first.base + i, kOp, ": internal: head ", ph.h, " (base ", ph.base,
                    ") of a dropout piece from head ", first.h, " (base ", first.base, ") at r ", piece.r,
