@@ -60,12 +60,16 @@ Tensor Ranks::mean(const Tensor& loss) const {
   return m;
 }
 
-std::pair<Ranks::Command, double> Ranks::command(Command c, double arg) const {
-  if (!comm_) return {c, arg};
-  Tensor msg = minidl::from_vector<double>({static_cast<double>(c), arg}, {2}).to(messages_);
+Ranks::Order Ranks::command(const Order& order) const {
+  if (!comm_) return order;
+  // Step numbers travel exactly as doubles (below 2^53).
+  Tensor msg = minidl::from_vector<double>({static_cast<double>(order.command), static_cast<double>(order.first),
+                                            static_cast<double>(order.count)},
+                                           {3})
+                   .to(messages_);
   comm_->broadcast(msg, 0);
   const std::vector<double> v = msg.to_vector<double>();
-  return {static_cast<Command>(static_cast<int>(v[0])), v[1]};
+  return {static_cast<Command>(static_cast<int>(v[0])), static_cast<int64_t>(v[1]), static_cast<int64_t>(v[2])};
 }
 
 Replica::Replica(const TrainOptions& o, const nn::TransformerLMConfig& config, const nn::TrainValSplit& split,
@@ -122,7 +126,7 @@ double StartVote::exchange(double ok) {
 }
 
 void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, const nn::TrainValSplit& split,
-                  Device device, Device messages, const nn::Checkpoint* resume, dist::Communicator& comm,
+                  Device device, Device messages, bool graph, const nn::Checkpoint* resume, dist::Communicator& comm,
                   StartVote* vote) {
   if (o.threads > 0) omp_set_num_threads(static_cast<int>(o.threads));  // per thread too
   Replica replica(o, config, split, device);
@@ -130,11 +134,13 @@ void follow_rank0(const TrainOptions& o, const nn::TransformerLMConfig& config, 
   if (vote && !vote->cast()) return;  // another rank cannot start (rank 0 says why, or the failing rank)
   Ranks ranks(&comm, o.sp, messages);
   ranks.attach(replica.model);
+  StepRunner steps(replica.model, replica.optimizer, replica.train_batches, o.grad_clip, graph, &ranks);
+  const nn::WarmupCosineLR schedule = lr_schedule(o);
   for (;;) {
-    auto [command, lr] = ranks.command();
-    switch (command) {
-      case Ranks::Command::Step:
-        train_step(replica.model, replica.optimizer, replica.train_batches, lr, o.grad_clip, nullptr, &ranks);
+    const Ranks::Order order = ranks.listen();
+    switch (order.command) {
+      case Ranks::Command::Steps:
+        for (int64_t step = order.first; step < order.first + order.count; ++step) steps.step(schedule.lr_at(step));
         break;
       case Ranks::Command::EvalBegin: replica.eval_begin(); break;
       case Ranks::Command::EvalBatch: {

@@ -37,7 +37,14 @@ namespace charlm {
 // backend; the rank's GPU for NCCL, which moves device memory only).
 class Ranks {
  public:
-  enum class Command { Step, EvalBegin, EvalBatch, EvalEnd, Stop };
+  enum class Command { Steps, EvalBegin, EvalBatch, EvalEnd, Stop };
+  // What rank 0 does next. Steps: `count` training steps from step `first`,
+  // announced at once, so that the other ranks run them (graph replays on
+  // NCCL ranks) without waiting on the host in between.
+  struct Order {
+    Command command = Command::Stop;
+    int64_t first = 0, count = 0;
+  };
 
   // Collective when comm is given (the sp split): every rank constructs one.
   Ranks(minidl::dist::Communicator* comm, int64_t sp = 1, minidl::Device messages = minidl::Device::cpu());
@@ -54,9 +61,11 @@ class Ranks {
   void all_reduce_gradients() {
     if (dp_) dp_->all_reduce_gradients();
   }
-  // Rank 0 tells the other ranks what it does next (follow_rank0); the
-  // others call it without arguments to hear it.
-  std::pair<Command, double> command(Command c = Command::Stop, double arg = 0) const;
+  // Rank 0 tells the other ranks what it does next (follow_rank0), which
+  // hear it through listen(). A host wait on every rank (rank 0's too, on
+  // NCCL: the order travels in device memory).
+  Order command(const Order& order) const;
+  Order listen() const { return command({}); }
 
  private:
   minidl::dist::Communicator* comm_;
@@ -112,9 +121,10 @@ class StartVote {
 
 // Ranks 1..N-1 of --dp N: a replica each, doing what rank 0 announces.
 // `device`: this rank's (with NCCL, its own GPU); `messages`: see Ranks;
+// `graph`: its steps replay a CUDA graph (StepRunner), as rank 0's do;
 // `vote`: several processes' start vote (StartVote), cast once the replica is built.
 void follow_rank0(const TrainOptions& o, const minidl::nn::TransformerLMConfig& config,
-                  const minidl::nn::TrainValSplit& split, minidl::Device device, minidl::Device messages,
+                  const minidl::nn::TrainValSplit& split, minidl::Device device, minidl::Device messages, bool graph,
                   const minidl::nn::Checkpoint* resume, minidl::dist::Communicator& comm, StartVote* vote = nullptr);
 
 // The other ranks of --dp N --sp M (N * M > 1), on threads of their own

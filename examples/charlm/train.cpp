@@ -161,13 +161,13 @@ Tensor StepRunner::step(double lr) {
   if (!x_.defined()) {
     x_ = x;
     y_ = y;
-    return step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {});
+    return step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {}, ranks_);
   }
   ops::copy_(x_, x);
   ops::copy_(y_, y);
   if (!graph_->captured()) {
     try {
-      graph_->capture([this] { loss_ = step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {}); });
+      graph_->capture([this] { loss_ = step_on_batch(model_, optimizer_, x_, y_, grad_clip_, {}, ranks_); });
     } catch (const minidl::Error& e) {
       MINIDL_FAIL(e.what(), " (charlm: --no-graph trains without CUDA graphs)");
     }
@@ -272,7 +272,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const nn::TransformerLMConfig config = make_config(o.model, vocab.size());
   // A process of rank > 0 follows rank 0's commands and writes nothing.
   if (process_comm && process_comm->rank() != 0) {
-    follow_rank0(o, config, split, device, device, resume, *process_comm, &*vote);
+    follow_rank0(o, config, split, device, device, o.graph, resume, *process_comm, &*vote);
     RunSummary summary;
     summary.dir = dir;
     return summary;
@@ -332,19 +332,22 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   const int64_t world = o.dp * o.sp;
   const bool nccl = process_comm || (world > 1 && device.is_cuda() && device.index == 0 &&
                                      dist::nccl_available() && minidl::cuda_device_count() >= world);
+  // On CUDA every rank replays its step as a CUDA graph, unless --no-graph:
+  // one rank, or one GPU per rank (NCCL). Virtual ranks run eagerly: their
+  // in-process collectives are host rendezvous of threads sharing one stream.
+  const bool graph = o.graph && device.is_cuda() && (world == 1 || nccl);
   std::optional<OtherRanks> other_ranks;
   if (world > 1 && !process_comm)
     other_ranks.emplace(world, nccl, [&](dist::Communicator& comm) {
       const Device mine = nccl ? Device::cuda(comm.rank()) : device;
-      follow_rank0(o, config, split, mine, nccl ? mine : Device::cpu(), resume, comm);
+      follow_rank0(o, config, split, mine, nccl ? mine : Device::cpu(), graph, resume, comm);
     });
   // The run is checked and its model built: rank 0 votes.
   if (vote && !vote->cast())
     throw std::runtime_error("charlm: another rank could not start training (its output says why)");
   dist::Communicator* comm = process_comm ? process_comm.get() : other_ranks ? &other_ranks->rank0() : nullptr;
   Ranks ranks(comm, o.sp, nccl ? device : Device::cpu());
-  const int64_t decay_iters = o.decay_iters > 0 ? o.decay_iters : o.iters;
-  const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, decay_iters);
+  const nn::WarmupCosineLR schedule = lr_schedule(o);
 
   // Progress of the run, all saved in checkpoints.
   int64_t step = 0;
@@ -410,21 +413,21 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   // batches).
   auto evaluate = [&]() -> std::optional<double> {
     minidl::NoGradGuard no_grad;
-    ranks.command(Ranks::Command::EvalBegin);
+    ranks.command({Ranks::Command::EvalBegin});
     replica.eval_begin();
     Tensor sum = ops::zeros({}, {DType::Float32, device});
     progress.evaluating(step, o.iters, 0, o.eval_iters);
     for (int64_t i = 0; i < o.eval_iters; ++i) {
       if (stop_signal() != 0) {
-        ranks.command(Ranks::Command::EvalEnd);
+        ranks.command({Ranks::Command::EvalEnd});
         replica.eval_end();
         return std::nullopt;
       }
-      ranks.command(Ranks::Command::EvalBatch);
+      ranks.command({Ranks::Command::EvalBatch});
       sum = ops::add(sum, replica.val_loss(ranks));
       progress.evaluating(step, o.iters, i + 1, o.eval_iters);
     }
-    ranks.command(Ranks::Command::EvalEnd);
+    ranks.command({Ranks::Command::EvalEnd});
     replica.eval_end();
     return static_cast<double>(sum.item<float>()) / static_cast<double>(o.eval_iters);
   };
@@ -496,12 +499,7 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
     return true;
   };
 
-  // With several ranks the steps run eagerly. The sequence-parallel
-  // attention no longer waits on the host (it is given its layout), but the
-  // in-process collectives are host rendezvous of threads that share one
-  // stream (virtual ranks cannot each capture their step), and capturing a
-  // multi-GPU NCCL step (data-parallel reductions included) is not tested.
-  StepRunner steps(model, optimizer, train_batches, o.grad_clip, o.graph && device.is_cuda() && world == 1, &ranks);
+  StepRunner steps(model, optimizer, train_batches, o.grad_clip, graph, &ranks);
   bool stopped_in_eval = false;
   if (!resume) {
     progress.message("training " + std::to_string(model.master().num_parameters()) + " parameters on " +
@@ -520,26 +518,38 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
       progress.message("already at step " + std::to_string(step) + "; pass a larger --iters to train further");
   }
 
+  // The steps after `from` up to the next row (a log or evaluation step, or the last).
+  auto steps_to_row = [&](int64_t from) {
+    int64_t to = std::min(o.iters, (from / o.log_interval + 1) * o.log_interval);
+    to = std::min(to, (from / o.eval_interval + 1) * o.eval_interval);
+    return to - from;
+  };
   while (step < o.iters && !stopped_in_eval) {
     if (stop_signal() != 0) break;
-    // The batch is sampled on the device and the loss adds up there: the
-    // host waits only in log_step.
-    ranks.command(Ranks::Command::Step, schedule.lr_at(step));
-    Tensor loss = steps.step(schedule.lr_at(step));
-    {
-      minidl::NoGradGuard no_grad;
-      loss_sum = ops::add(loss_sum, loss.detach());
+    // One step at a time, so that a signal stops the run after the step in
+    // flight; with several ranks, the steps up to the next row at once (the
+    // others run them without a host wait: a signal then stops the run at
+    // that row). The batch is sampled on the device and the loss adds up
+    // there: the host waits only in log_step.
+    const int64_t count = world > 1 ? steps_to_row(step) : 1;
+    ranks.command({Ranks::Command::Steps, step, count});
+    for (int64_t i = 0; i < count; ++i) {
+      Tensor loss = steps.step(schedule.lr_at(step));
+      {
+        minidl::NoGradGuard no_grad;
+        loss_sum = ops::add(loss_sum, loss.detach());
+      }
+      ++loss_count;
+      ++step;
+      ++interval_steps;
     }
-    ++loss_count;
-    ++step;
-    ++interval_steps;
 
     const bool eval_step = step % o.eval_interval == 0 || step == o.iters;
     if (step % o.log_interval != 0 && !eval_step) continue;
     if (!log_step(eval_step)) stopped_in_eval = true;
   }
 
-  ranks.command(Ranks::Command::Stop);
+  ranks.command({Ranks::Command::Stop});
 
   RunSummary summary;
   summary.dir = dir;

@@ -26,6 +26,12 @@ inline double seconds_since(Clock::time_point t) {
 inline uint64_t train_batch_seed(uint64_t seed) { return seed * 0x9e3779b97f4a7c15ull + 0x747261696eull; }
 inline uint64_t val_batch_seed(uint64_t seed) { return seed * 0x9e3779b97f4a7c15ull + 0x76616cull; }
 
+// The learning rate of every step: --lr, --min-lr, --warmup, --decay-iters
+// (0: --iters).
+inline minidl::nn::WarmupCosineLR lr_schedule(const TrainOptions& o) {
+  return minidl::nn::WarmupCosineLR(o.lr, o.min_lr, o.warmup, o.decay_iters > 0 ? o.decay_iters : o.iters);
+}
+
 // The 90/10 split of the text must hold a context + 1 characters on each side.
 void check_split_fits(const TrainOptions& o, const minidl::nn::TrainValSplit& split);
 

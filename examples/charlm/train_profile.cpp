@@ -45,7 +45,7 @@ void profile_run(const TrainOptions& o, int64_t steps) {
   nn::AdamW optimizer(nn::weight_decay_groups(model.master(), o.weight_decay),
                       {.lr = o.lr, .beta1 = o.beta1, .beta2 = o.beta2});
   model.attach(optimizer);
-  const nn::WarmupCosineLR schedule(o.lr, o.min_lr, o.warmup, o.decay_iters > 0 ? o.decay_iters : o.iters);
+  const nn::WarmupCosineLR schedule = lr_schedule(o);
   nn::BatchSampler batches(split.train, o.batch, o.model.context, train_batch_seed(o.seed), device, "train");
   int64_t step = 0;
   auto run_step = [&](StepProfiler* profiler) {

@@ -423,6 +423,25 @@ data_parallel)
   expect_usage_error "--batch 4 must be a multiple of --dp 3" train --resume mixed --iters 40 --dp 3
   expect_usage_error "--profile times one rank; leave --dp out" train "${common[@]}" --profile 2 --dp 2
   grep -q -- "--dp" <("$charlm" train --help) || fail "train --help lacks --dp"
+  # Rank 0 announces the steps up to the next log row at once: SIGINT stops
+  # the ranks at that row, and the run resumes as if never stopped (dropout
+  # on: every rank's masks continue).
+  stop=("${TINY[@]}" --eval-interval 20 --log-interval 4 --decay-iters 100000 --dp 2)
+  "$charlm" train "${stop[@]}" --out stopped --iters 100000 >out.txt 2>err.txt &
+  pid=$!
+  wait_for_rows stopped/log.csv 4 || fail "--dp 2 logged no rows: $(cat out.txt err.txt)"
+  kill -INT $pid
+  wait $pid
+  rc=$?
+  [ $rc -eq 130 ] || fail "an interrupted --dp 2 run should exit 130, got $rc: $(cat err.txt)"
+  step=$(grep -o "interrupted by SIGINT at step [0-9]*" out.txt | grep -o "[0-9]*$")
+  [ -n "$step" ] && [ $((step % 4)) -eq 0 ] || fail "--dp 2 should stop at a log row: $(tail -2 out.txt)"
+  end=$((step + 10))
+  "$charlm" train --resume stopped --iters $end --threads 1 --device cpu --dp 2 >/dev/null 2>err.txt ||
+    fail "resuming --dp 2 failed: $(cat err.txt)"
+  "$charlm" train "${stop[@]}" --out fresh --iters $end >/dev/null || fail "the reference --dp 2 run failed"
+  diff <(log_without_timing fresh/log.csv) <(log_without_timing stopped/log.csv) >diff.txt ||
+    fail "--dp 2 stopped at step $step and resumed, the log differs from an uninterrupted run: $(cat diff.txt)"
   # Launched as several processes (WORLD_SIZE > 1): the ranks must match
   # --dp x --sp, and they train on CUDA through NCCL; nothing is written first.
   WORLD_SIZE=3 RANK=0 expect_usage_error "WORLD_SIZE=3 processes, but --dp 2 --sp 1 make 2 ranks" \
@@ -483,8 +502,9 @@ parallel_cuda)
   # the ranks are virtual, threads sharing the GPU through the in-process
   # backend; with N * M GPUs, one rank per GPU through NCCL. Either way the
   # losses equal one rank's on the same global batch, up to the dtype's
-  # rounding (the one-rank run replays a CUDA graph, the ranks run eagerly):
-  # 1e-3 relative in float32, 3e-2 in bfloat16, over 30 steps.
+  # rounding (the one-rank run and NCCL ranks replay CUDA graphs, virtual
+  # ranks run eagerly): 1e-3 relative in float32, 3e-2 in bfloat16, over 30
+  # steps.
   if ! "$charlm" train "${TINY[@]}" --device cuda --out probe --iters 2 >/dev/null 2>err.txt; then
     grep -q "no CUDA device is available" err.txt && { echo "skipped: no CUDA device"; exit 77; }
     fail "the probe run failed: $(cat err.txt)"
@@ -498,7 +518,7 @@ parallel_cuda)
     tol=$([ $dtype = float32 ] && echo 1e-3 || echo 3e-2)
     "$charlm" train "${gpu[@]}" --dtype $dtype --out $dtype-one >/dev/null 2>err.txt ||
       fail "the one-rank $dtype run failed: $(cat err.txt)"
-    for ranks in "--dp 2" "--sp 2" "--dp 2 --sp 2"; do
+    for ranks in "--dp 2" "--sp 2" "--dp 2 --sp 2" "--dp 2 --no-graph"; do
       out=$dtype-$(echo $ranks | tr -d ' -')
       # shellcheck disable=SC2086
       "$charlm" train "${gpu[@]}" --dtype $dtype --out $out $ranks >out.txt 2>err.txt ||
