@@ -344,6 +344,13 @@ std::unique_ptr<Communicator> nccl_from_env(const std::string& id_file_arg) {
 
   ncclUniqueId id;
   if (rank == 0) {
+    // A file left by an earlier job (one that failed before every rank
+    // joined) may already have been read by this job's other ranks as theirs.
+    std::error_code ec;
+    MINIDL_CHECK(!fs::exists(id_file, ec), "dist::nccl_from_env: ", id_file,
+                 " already exists, perhaps left by an earlier job that failed before every rank joined; "
+                 "the other ranks may have read it as this job's id: stop them, remove the file (or use a "
+                 "fresh path) and start again");
     MINIDL_NCCL_CHECK(ncclGetUniqueId(&id));
     // Written whole under a temporary name, then renamed: readers never see half an id.
     const std::string tmp = id_file + ".tmp." + std::to_string(getpid());

@@ -36,8 +36,8 @@ void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn);
 // current device. Rank 0 writes NCCL's unique id to `id_file`,
 // a path on a filesystem every rank sees (empty: $MINIDL_NCCL_ID_FILE); the
 // others wait for it (up to 10 minutes). Use a fresh path per job: a file
-// left by an earlier job would be read as this one's (rank 0 removes it once
-// every rank has joined).
+// left by an earlier job would be read as this one's, so rank 0 refuses to
+// start when the file exists (it removes it once every rank has joined).
 std::unique_ptr<Communicator> nccl_from_env(const std::string& id_file = "");
 
 }  // namespace minidl::dist

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <unistd.h>
@@ -371,6 +372,12 @@ TEST_CASE("NCCL backend, world size 1: run_nccl and nccl_from_env") {
   std::unique_ptr<dist::Communicator> comm = dist::nccl_from_env(id_file);
   exercise(*comm);
   CHECK_FALSE(std::filesystem::exists(id_file));  // removed once every rank joined
+
+  // A file an earlier job left is refused by rank 0, and stays for the user to remove.
+  { std::ofstream(id_file) << "stale"; }
+  CHECK_THROWS_WITH_AS(dist::nccl_from_env(id_file), doctest::Contains("already exists"), Error);
+  CHECK(std::filesystem::exists(id_file));
+  std::filesystem::remove(id_file);
 }
 
 TEST_CASE("NCCL backend, world size 1: async collectives captured in a CUDA graph and replayed") {
