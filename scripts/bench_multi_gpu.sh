@@ -76,7 +76,7 @@ gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head 
 echo "GPUs: $gpus x ${gpu_name:-?}" | tee "$dest/gpus.txt"
 
 # ---- bench_dist ----
-timeout "${BENCH_TIMEOUT:-300}" "$bench" --strong_n="$strong_n" --benchmark_repetitions="$reps" \
+timeout -k 30 "${BENCH_TIMEOUT:-300}" "$bench" --strong_n="$strong_n" --benchmark_repetitions="$reps" \
   --benchmark_report_aggregates_only=true --benchmark_out="$dest/bench_dist.json" --benchmark_out_format=json \
   >"$dest/bench_dist.txt" 2>&1
 stamp "bench_dist: rc=$? (log: $dest/bench_dist.txt)"
@@ -101,22 +101,31 @@ if [ "$gpus" -ge 1 ] && scripts/get-data.sh data >"$dest/data.log" 2>&1; then
   dp_tok_1=""
   # Every rank replays its step as a CUDA graph; "Ne" is the largest dp
   # again with --no-graph (every rank eager), to show what the graphs buy.
+  # Should a several-GPU graph run time out (NCCL warns that captures with
+  # several GPUs in one process may deadlock), the later runs go eager.
   runs=(1 2 4 8)
   top=$((gpus >= 8 ? 8 : gpus >= 4 ? 4 : gpus >= 2 ? 2 : 0))
   [ "$top" -gt 0 ] && runs+=("${top}e")
+  graphs_hung=""
   for dp in "${runs[@]}"; do
     n=${dp%e}
     [ "$n" -le "$gpus" ] || continue
+    # The eager row is a repeat once the graph runs before it went eager.
+    [ -n "$graphs_hung" ] && [ "$dp" != "$n" ] && [ "$graphs_hung" -lt "$n" ] && continue
     batch=$((dp_global ? 64 : 64 * n))
     extra=()
-    [ "$dp" != "$n" ] && extra=(--no-graph)
+    [ "$dp" != "$n" ] || [ -n "$graphs_hung" ] && extra=(--no-graph)
     run=$work/dp$dp
     # The recipe is charlm's default (nanoGPT's shakespeare_char) in bf16; one
     # evaluation batch at the start and end.
-    timeout "${DP_TIMEOUT:-120}" "$charlm" train --data data/tinyshakespeare.txt --out "$run" --device cuda \
+    timeout -k 30 "${DP_TIMEOUT:-120}" "$charlm" train --data data/tinyshakespeare.txt --out "$run" --device cuda \
       --dtype bfloat16 --batch "$batch" --dp "$n" --iters "$dp_steps" --warmup $((dp_steps < 100 ? dp_steps : 100)) \
       --eval-interval "$dp_steps" --eval-iters 1 --log-interval 10 "${extra[@]}" >"$dest/charlm-dp$dp.log" 2>&1
     rc=$?
+    if [ "$n" -gt 1 ] && [ ${#extra[@]} -eq 0 ] && { [ $rc -eq 124 ] || [ $rc -eq 137 ]; }; then
+      graphs_hung=$n
+      stamp "charlm --dp $n with CUDA graphs timed out: the larger dp run eagerly (--no-graph)"
+    fi
     [ -f "$run/log.csv" ] && cp "$run/log.csv" "$dest/charlm-dp$dp.csv"
     tok=$([ $rc -eq 0 ] && log_tok_s "$run" $((batch * 256)) 20)
     stamp "charlm --dp $n${extra[*]:+ ${extra[*]}} --batch $batch: rc=$rc, ${tok:-?} tok/s"
@@ -144,7 +153,7 @@ if [ "$ctx8m" = 1 ]; then
     for _ in $(seq 80); do cat data/tinyshakespeare.txt; done >"$work/text80.txt"
     segs=() dils=()
     for ((w = 2048, r = 1; w <= ctx; w *= 2, r *= 2)); do segs+=("$w"); dils+=("$r"); done
-    timeout "${CTX8M_TIMEOUT:-420}" "$charlm" train --data "$work/text80.txt" --out "$work/ctx8m" --device cuda \
+    timeout -k 30 "${CTX8M_TIMEOUT:-420}" "$charlm" train --data "$work/text80.txt" --out "$work/ctx8m" --device cuda \
       --dtype bfloat16 --attention dilated --pos rope --context $ctx \
       --segments "$(join_commas "${segs[@]}")" --dilations "$(join_commas "${dils[@]}")" \
       --batch 1 --layers 2 --heads 4 --width 256 --dropout 0.2 --sp "$gpus" \
@@ -173,5 +182,6 @@ fi
     echo "64 sequences per GPU"), $dp_steps steps): efficiency = tok/s(dp) / (dp · tok/s(dp 1))"
   printf '%-8s %8s %14s %9s\n' dp batch "tok/s" "vs dp 1"
   printf '%s\n' "${dp_table[@]}"
+  [ -n "${graphs_hung:-}" ] && echo "(--dp $graphs_hung with CUDA graphs timed out; the larger dp ran eagerly)"
   if [ -n "$ctx_line" ]; then echo "charlm long context: $ctx_line"; fi
 } | tee "$dest/summary.txt"

@@ -38,9 +38,10 @@ namespace charlm {
 class Ranks {
  public:
   enum class Command { Steps, EvalBegin, EvalBatch, EvalEnd, Stop };
-  // What rank 0 does next. Steps: `count` training steps from step `first`,
-  // announced at once, so that the other ranks run them (graph replays on
-  // NCCL ranks) without waiting on the host in between.
+  // What rank 0 does next. Steps: `count` training steps from step `first`
+  // (to NCCL ranks the steps up to the next log row, which they then run
+  // without a host wait; to in-process ranks, which meet on the host in
+  // every collective anyway, one step).
   struct Order {
     Command command = Command::Stop;
     int64_t first = 0, count = 0;

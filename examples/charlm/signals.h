@@ -1,6 +1,7 @@
 #pragma once
-// Ctrl-C and SIGTERM ask a training run to stop: the current step (or the
-// evaluation under way, which is abandoned) ends, last.ckpt is saved with the
+// Ctrl-C and SIGTERM ask a training run to stop: the current step (NCCL
+// ranks: the steps up to the next log row; or the evaluation under way,
+// which is abandoned) ends, last.ckpt is saved with the
 // last completed step, and the program exits 128 + the signal. The first
 // signal says so on stderr. A second signal (either of the two) ends the
 // program at once: the handlers are one-shot, and the checkpoint on disk is

@@ -527,11 +527,12 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   while (step < o.iters && !stopped_in_eval) {
     if (stop_signal() != 0) break;
     // One step at a time, so that a signal stops the run after the step in
-    // flight; with several ranks, the steps up to the next row at once (the
-    // others run them without a host wait: a signal then stops the run at
-    // that row). The batch is sampled on the device and the loss adds up
-    // there: the host waits only in log_step.
-    const int64_t count = world > 1 ? steps_to_row(step) : 1;
+    // flight; NCCL ranks get the steps up to the next row at once, so that
+    // they run them without a host wait (a signal then stops the run at
+    // that row). In-process ranks meet on the host in every collective
+    // anyway. The batch is sampled on the device and the loss adds up there:
+    // the host waits only in log_step.
+    const int64_t count = nccl ? steps_to_row(step) : 1;
     ranks.command({Ranks::Command::Steps, step, count});
     for (int64_t i = 0; i < count; ++i) {
       Tensor loss = steps.step(schedule.lr_at(step));
@@ -633,8 +634,9 @@ constexpr const char* kTrainHelp =
     "--eval-interval steps it measures the validation loss, appends to DIR/log.csv,\n"
     "saves DIR/last.ckpt (and DIR/best.ckpt when the loss improves) and redraws\n"
     "DIR/loss.png. --out refuses a directory that already holds a run's files.\n"
-    "Ctrl-C (or SIGTERM) finishes the current step or abandons the evaluation under\n"
-    "way, saves DIR/last.ckpt and exits; a second Ctrl-C quits at once.\n"
+    "Ctrl-C (or SIGTERM) finishes the current step (NCCL ranks: the steps up to the\n"
+    "next log row) or abandons the evaluation under way, saves DIR/last.ckpt and\n"
+    "exits; a second Ctrl-C quits at once.\n"
     "--resume DIR continues exactly where the run stopped, with its recipe (the\n"
     "model and optimisation flags) and its device read from the checkpoint\n"
     "(--device moves it); it refuses files of another run (each run has an id,\n"
