@@ -425,6 +425,13 @@ data_parallel)
     same_losses one dp$n
     [ "$(ls dp$n | tr '\n' ' ')" = "best.ckpt last.ckpt log.csv loss.png " ] || fail "--dp $n wrote $(ls dp$n)"
   done
+  # In bfloat16 (the masters' gradients reduced in float32 after backward)
+  # too, up to bfloat16 rounding.
+  "$charlm" train "${common[@]}" --dtype bfloat16 --out bf-one --iters 30 >/dev/null 2>err.txt ||
+    fail "the one-rank bfloat16 run failed: $(cat err.txt)"
+  "$charlm" train "${common[@]}" --dtype bfloat16 --out bf-dp2 --iters 30 --dp 2 >/dev/null 2>err.txt ||
+    fail "--dp 2 in bfloat16 failed: $(cat err.txt)"
+  same_losses bf-one bf-dp2 1e-3
   # A run resumes at another --dp (the checkpoint does not depend on it).
   "$charlm" train "${common[@]}" --out mixed --iters 10 --dp 2 >/dev/null || fail "the --dp 2 part failed"
   "$charlm" train --resume mixed --iters 20 --threads 1 >/dev/null || fail "resuming at --dp 1 failed"
