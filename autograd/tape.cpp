@@ -119,11 +119,14 @@ thread_local Deferred g_deferred;
 
 std::atomic<uint64_t> g_next_hook_id{1};
 
-// Runs a leaf's hooks (a copy of the list: a hook may remove itself).
+// Runs a leaf's hooks (a copy of the list: a hook may remove itself),
+// writing the pass's deferred gradients first if one of them reads gradients.
 void run_grad_hooks(const std::shared_ptr<TensorImpl>& leaf) {
   const auto hooks = leaf->autograd.grad_hooks;
+  for (const AutogradMeta::GradHook& h : hooks)
+    if (h.reads_gradient && !g_deferred.pending.empty()) g_deferred.flush();
   const Tensor t(leaf);
-  for (const auto& [id, hook] : hooks) hook(t);
+  for (const AutogradMeta::GradHook& h : hooks) h.fn(t);
 }
 
 // The leaves of one backward pass that have hooks, with the earliest node
@@ -152,10 +155,7 @@ class HookedLeaves {
   // (pass -1 at the end); leaves the pass gave no gradient are skipped.
   void finished_above(int64_t below) {
     for (; next_ < leaves_.size() && leaves_[next_].last_reader > below; ++next_)
-      if (leaves_[next_].got) {
-        if (!g_deferred.pending.empty()) g_deferred.flush();  // a hook may read any gradient
-        run_grad_hooks(leaves_[next_].impl);
-      }
+      if (leaves_[next_].got) run_grad_hooks(leaves_[next_].impl);
   }
 
  private:
@@ -373,6 +373,8 @@ void backward(const Tensor& root, const Tensor& seed) {
 
 bool in_backward() { return g_deferred.in_backward; }
 
+void flush_deferred() { g_deferred.flush(); }
+
 bool deferred(const void* key) {
   for (const auto& [k, fn] : g_deferred.flushes)
     if (k == key) return true;
@@ -386,19 +388,19 @@ void defer(const std::vector<Tensor>& pending, const void* key, std::function<vo
   if (!deferred(key)) g_deferred.flushes.emplace_back(key, std::move(flush));
 }
 
-uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook) {
+uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook, bool reads_gradient) {
   MINIDL_CHECK(leaf.defined() && leaf.requires_grad() && leaf.is_leaf(),
                "register_post_accumulate_grad_hook: the tensor must be a leaf that requires grad");
   MINIDL_CHECK(static_cast<bool>(hook), "register_post_accumulate_grad_hook: an empty function");
   const uint64_t id = g_next_hook_id++;
-  leaf.impl()->autograd.grad_hooks.emplace_back(id, std::move(hook));
+  leaf.impl()->autograd.grad_hooks.push_back({id, std::move(hook), reads_gradient});
   return id;
 }
 
 void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id) {
   MINIDL_CHECK(leaf.defined(), "remove_post_accumulate_grad_hook: an undefined tensor");
   auto& hooks = leaf.impl()->autograd.grad_hooks;
-  hooks.erase(std::remove_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.first == id; }), hooks.end());
+  hooks.erase(std::remove_if(hooks.begin(), hooks.end(), [&](const auto& h) { return h.id == id; }), hooks.end());
 }
 
 void clear_tape() { g_tape.reset(); }

@@ -85,6 +85,10 @@ class SavedTensor {
 bool in_backward();
 void defer(const std::vector<Tensor>& pending, const void* key, std::function<void()> flush);
 bool deferred(const void* key);
+// Runs the pass's flushes now, so that every gradient it gave is written (a
+// no-op outside a pass, or with nothing deferred): for a hook registered
+// with reads_gradient = false, before it reads a gradient after all.
+void flush_deferred();
 
 // Walks the tape from `root` (seeded with `seed`, or 1 for a scalar) and
 // accumulates into .grad() of leaves; then frees the nodes it walked. Outputs
@@ -100,8 +104,14 @@ void backward(const Tensor& root, const Tensor& seed = Tensor());
 // gradient. Hooks run with grad mode off. `leaf` must be a leaf that
 // requires grad; the id removes the hook. Register and remove hooks while no
 // other thread runs a backward pass through the leaf.
+// Before a hook runs, the pass writes its deferred gradients (flush_deferred),
+// which ends the batching of work queued so far. A hook that only notes that
+// the gradient is final (`reads_gradient` false) skips that: it must call
+// flush_deferred() before it reads any gradient during the pass (as
+// DataParallel does when a bucket is complete).
 using PostAccumulateGradHook = std::function<void(const Tensor& leaf)>;
-uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook);
+uint64_t register_post_accumulate_grad_hook(const Tensor& leaf, PostAccumulateGradHook hook,
+                                            bool reads_gradient = true);
 void remove_post_accumulate_grad_hook(const Tensor& leaf, uint64_t id);
 
 // Drops every recorded node (e.g. after an evaluation that recorded ops).

@@ -117,8 +117,13 @@ struct AutogradMeta {
   uint64_t tape_generation = 0;  // which tape recorded the producing node
   int64_t node = -1;             // index of the producing node; -1 for leaves
   int32_t output_nr = 0;         // which output of that node
-  // A leaf's post-accumulate-grad hooks, by id (autograd/tape.h).
-  std::vector<std::pair<uint64_t, std::function<void(const Tensor&)>>> grad_hooks;
+  // A leaf's post-accumulate-grad hooks (autograd/tape.h).
+  struct GradHook {
+    uint64_t id;
+    std::function<void(const Tensor&)> fn;
+    bool reads_gradient;
+  };
+  std::vector<GradHook> grad_hooks;
 };
 
 struct TensorImpl {

@@ -6,8 +6,12 @@
 
 namespace minidl::nn {
 
-DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& comm, size_t bucket_bytes)
-    : parameters_(std::move(parameters)), comm_(comm), bucket_of_(parameters_.size()), ready_(parameters_.size()) {
+DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& comm, DataParallelOptions options)
+    : parameters_(std::move(parameters)),
+      comm_(comm),
+      reduce_dtype_(options.reduce_dtype),
+      bucket_of_(parameters_.size()),
+      ready_(parameters_.size()) {
   // Reverse order: backward finishes the last layers' gradients first.
   for (size_t k = parameters_.size(); k-- > 0;) {
     const Tensor& p = parameters_[k];
@@ -15,7 +19,8 @@ DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& c
     Bucket* b = buckets_.empty() ? nullptr : &buckets_.back();
     if (b) {
       const Tensor& first = parameters_[b->params.front()];
-      const bool fits = static_cast<size_t>(b->numel + p.numel()) * element_size(p.dtype()) <= bucket_bytes;
+      const bool fits = static_cast<size_t>(b->numel + p.numel()) * element_size(reduce_dtype_.value_or(p.dtype())) <=
+                        options.bucket_bytes;
       if (first.dtype() != p.dtype() || first.device() != p.device() || !fits) b = nullptr;
     }
     if (!b) b = &buckets_.emplace_back();
@@ -33,7 +38,7 @@ DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& c
                      "(a second backward pass before all_reduce_gradients(); for gradient accumulation, call "
                      "set_reduce_in_backward(false) before the passes that only accumulate)");
         mark_ready(k);
-      });
+      }, /*reads_gradient=*/false);  // issue() writes the pass's deferred gradients when a bucket is complete
 }
 
 DataParallel::~DataParallel() {
@@ -60,14 +65,17 @@ void DataParallel::mark_ready(size_t i) {
 
 void DataParallel::issue(Bucket& b) {
   NoGradGuard no_grad;
+  autograd::flush_deferred();  // inside backward: the bucket's gradients may still be queued
   const Tensor& first = parameters_[b.params.front()];
-  if (!b.flat.defined()) b.flat = Tensor::empty({b.numel}, first.options());
+  if (!b.flat.defined()) b.flat = Tensor::empty({b.numel}, {reduce_dtype_.value_or(first.dtype()), first.device()});
+  b.packed_grad.assign(b.params.size(), false);
   for (size_t j = 0; j < b.params.size(); ++j) {
     const Tensor& p = parameters_[b.params[j]];
     Tensor slot = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.shape());
     const Tensor g = p.grad();
-    if (g.defined()) ops::copy_(slot, g);
-    else ops::copy_(slot, ops::zeros({}, first.options()));
+    b.packed_grad[j] = g.defined();
+    if (g.defined()) ops::copy_(slot, g);  // cast to the reduce dtype
+    else ops::copy_(slot, ops::zeros({}, b.flat.options()));
   }
   b.reduction = comm_.all_reduce_async(b.flat);
 }
@@ -83,8 +91,11 @@ void DataParallel::finish() {
       const Tensor& p = parameters_[b.params[j]];
       Tensor mean = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.shape());
       const Tensor g = p.grad();
-      if (g.defined()) ops::copy_(g, mean);
-      else p.set_grad(mean.clone());
+      MINIDL_CHECK(g.defined() || !b.packed_grad[j], "DataParallel: parameter ", b.params[j],
+                   "'s gradient was taken away while its bucket was reduced (with nn::MixedPrecision, call "
+                   "all_reduce_gradients() before gradients_to_masters())");
+      if (g.defined()) ops::copy_(g, mean);  // cast back
+      else p.set_grad(mean.dtype() == p.dtype() ? mean.clone() : ops::to(mean, p.dtype()));
     }
     b.ready = 0;
   }

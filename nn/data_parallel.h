@@ -14,13 +14,20 @@
 // Gradients travel in buckets: parameters are taken in reverse order (the
 // order backward finishes their gradients), grouped by dtype and device, and
 // packed into flat buffers of about `bucket_bytes` each, one all-reduce per
-// bucket. Each parameter that requires grad gets a post-accumulate-grad hook
+// bucket, in `reduce_dtype` (default: the parameters' dtype; float32 for a
+// bfloat16 model sums its gradients in float32 and rounds each mean to
+// bfloat16 once, when it is written back). Each parameter that requires grad gets a post-accumulate-grad hook
 // (autograd/tape.h) that marks it ready, so a bucket is packed and its
 // all-reduce issued during backward, as soon as it and every earlier bucket
-// are complete, in bucket order. A parameter the pass gives no gradient holds
+// are complete, in bucket order. The hooks do not read gradients, so work the
+// pass batches (every layer's weight gradients, ops/linear.cpp) stays batched
+// until a bucket is packed. A parameter the pass gives no gradient holds
 // its bucket and every later one back until all_reduce_gradients() (where it
-// counts as zeros); parameters whose gradients are set after backward (the
-// float32 masters of nn::MixedPrecision) are reduced there too. Every rank
+// counts as zeros); parameters whose gradients are set after backward are
+// reduced there too. With nn::MixedPrecision, reduce the compute model's
+// (bfloat16) parameters, with reduce_dtype float32, during backward, and
+// hand the means to the masters (gradients_to_masters) after
+// all_reduce_gradients(): a gradient moved away before is an error. Every rank
 // must run the same computation (the same parameters get gradients, in the
 // same order); where ranks differ, or collectives of another communicator run
 // inside backward in a rank-dependent order, set_reduce_in_backward(false).
@@ -34,6 +41,7 @@
 // backward and all_reduce_gradients() together: a bucket started in one
 // capture must be waited for in it (NCCL says so if not).
 #include <cstddef>
+#include <optional>
 #include <vector>
 
 #include "core/tensor.h"
@@ -41,11 +49,16 @@
 
 namespace minidl::nn {
 
+struct DataParallelOptions {
+  size_t bucket_bytes = size_t{25} << 20;  // of a bucket in reduce_dtype
+  std::optional<DType> reduce_dtype;       // default: each parameter's dtype
+};
+
 class DataParallel {
  public:
   // `parameters` must be the same list (shapes, dtypes, order) on every rank,
   // e.g. Module::parameters(). The communicator must outlive this object.
-  DataParallel(std::vector<Tensor> parameters, dist::Communicator& comm, size_t bucket_bytes = size_t{25} << 20);
+  DataParallel(std::vector<Tensor> parameters, dist::Communicator& comm, DataParallelOptions options = {});
   ~DataParallel();  // removes the hooks
   DataParallel(const DataParallel&) = delete;
   DataParallel& operator=(const DataParallel&) = delete;
@@ -85,6 +98,7 @@ class DataParallel {
     std::vector<int64_t> offsets;  // element offset of each in `flat`
     int64_t numel = 0;
     Tensor flat;                   // allocated on first use, kept
+    std::vector<bool> packed_grad;  // this step: parameter j's gradient was defined when packed
     size_t ready = 0;
     dist::Work reduction;          // this step's all-reduce of flat, until finish()
   };
@@ -92,6 +106,7 @@ class DataParallel {
 
   std::vector<Tensor> parameters_;
   dist::Communicator& comm_;
+  std::optional<DType> reduce_dtype_;
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;  // parameter -> bucket
   std::vector<bool> ready_;

@@ -258,3 +258,42 @@ TEST_CASE("post-accumulate-grad hooks: once per pass, with the final gradient, a
   autograd::remove_post_accumulate_grad_hook(unused, hu);
   CHECK(b.impl()->autograd.grad_hooks.empty());
 }
+
+TEST_CASE("post-accumulate-grad hooks that do not read gradients leave the pass's deferred work queued") {
+  // y = 2a, its gradient deferred (as ops::linear's weight gradients on CUDA).
+  static const int key = 0;
+  auto deferring_double = [](const Tensor& x) {
+    Tensor y = ops::mul(x, 2.0).detach();
+    autograd::record("deferring_double", {x}, {y}, [](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+      Tensor dx = Tensor::empty(g[0].shape(), g[0].options()), up = g[0];
+      autograd::defer({dx}, &key, [dx, up] {
+        NoGradGuard no_grad;
+        ops::copy_(dx, ops::mul(up, 2.0));
+      });
+      return {dx};
+    });
+    return y;
+  };
+  for (bool reads : {false, true}) {
+    CAPTURE(reads);
+    Tensor a = values({1, 2}, true), b = values({3, -1}, true), c = values({4}, true);
+    bool queued = false, queued_after_flush = true;
+    std::vector<double> a_grad;
+    const uint64_t hook = autograd::register_post_accumulate_grad_hook(b, [&](const Tensor&) {
+      queued = autograd::deferred(&key);
+      autograd::flush_deferred();
+      queued_after_flush = autograd::deferred(&key);
+      a_grad = a.grad().to_vector<double>();
+    }, reads);
+    // Forward c, b, a: the pass finishes a's node (deferred), then b (hook), then c.
+    Tensor w = ops::mul(c, 3.0), z1 = ops::mul(b, 2.0), z2 = deferring_double(a);
+    ops::sum(ops::add(ops::add(z1, z2), ops::sum(w))).backward();
+    CHECK(queued == !reads);  // a reading hook gets every gradient written first
+    CHECK_FALSE(queued_after_flush);
+    CHECK(a_grad == std::vector<double>{2, 2});
+    CHECK(a.grad().to_vector<double>() == std::vector<double>{2, 2});
+    CHECK(c.grad().to_vector<double>() == std::vector<double>{6});
+    autograd::remove_post_accumulate_grad_hook(b, hook);
+  }
+  autograd::flush_deferred();  // outside a pass: nothing to do
+}

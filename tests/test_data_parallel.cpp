@@ -17,6 +17,7 @@
 
 using namespace minidl;
 using minidl::testing::random_tensor;
+using minidl::testing::ScopedEnv;
 
 namespace {
 
@@ -67,7 +68,7 @@ TEST_CASE("DataParallel: averaged gradients equal one rank's on the concatenated
       dist::run_in_process(P, [&](dist::Communicator& comm) {
         const int r = comm.rank();
         const Params& p = replicas[r];
-        nn::DataParallel dp(p.list(), comm, bucket_bytes);
+        nn::DataParallel dp(p.list(), comm, {.bucket_bytes = bucket_bytes});
         dp.broadcast_parameters();
         const int64_t rows = B / P;
         loss_of(p, x.narrow(0, r * rows, rows)).backward();
@@ -102,7 +103,7 @@ TEST_CASE("DataParallel: buckets are reduced during backward, in bucket order") 
   dist::run_in_process(2, [&](dist::Communicator& comm) {
     const int r = comm.rank();
     const Params& p = replicas[r];
-    nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, 64);
+    nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, {.bucket_bytes = 64});
     REQUIRE(dp.num_buckets() == 3);
     std::vector<uint64_t> ids;
     for (const Tensor& t : {p.w2, p.b1, p.w1})  // after dp's own hooks, so they see its bucket issued
@@ -149,13 +150,13 @@ TEST_CASE("DataParallel: async bucket all-reduces, in flight until finish(), equ
         const Tensor mine = x.narrow(0, r * rows, rows);
         {
           const Params& p = plain[r];
-          nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, bucket_bytes);
+          nn::DataParallel dp({p.w1, p.b1, p.w2}, comm, {.bucket_bytes = bucket_bytes});
           loss_of(p, mine).backward();
           dp.all_reduce_gradients();
         }
         const Params& p = deferred[r];
         testing::DeferredComm deferring(comm);
-        nn::DataParallel dp({p.w1, p.b1, p.w2}, deferring, bucket_bytes);
+        nn::DataParallel dp({p.w1, p.b1, p.w2}, deferring, {.bucket_bytes = bucket_bytes});
         loss_of(p, mine).backward();
         started_in_backward[r] = deferring.started();
         dp.all_reduce_gradients();
@@ -175,6 +176,88 @@ TEST_CASE("DataParallel: async bucket all-reduces, in flight until finish(), equ
     }
 }
 
+TEST_CASE("DataParallel of a bfloat16 compute model, reduced in float32 during backward, equals reducing its masters after") {
+  // nn::MixedPrecision with ranks: the compute model's bfloat16 gradients
+  // reduced as they finish, in float32 (reduce_dtype), then handed to the
+  // masters, give the masters bit for bit the gradients of handing them over
+  // first and reducing the masters' after backward (the same float32 sums).
+  nn::TransformerLMConfig config;
+  config.vocab_size = 11;
+  config.n_layer = 2;
+  config.n_head = 2;
+  config.n_embd = 16;
+  config.block_size = 8;
+  config.dropout = 0;
+  auto mixed = [&] {
+    auto master = std::make_shared<nn::TransformerLM>(config, 3);
+    return std::make_unique<nn::MixedPrecision>(master, std::make_shared<nn::TransformerLM>(config, 3));
+  };
+  // P = 3: a mean of three bfloat16 gradients summed in bfloat16 would round
+  // differently (halving a two-rank sum is exact either way). The weight
+  // gradients batched across the pass (MINIDL_BATCH_WEIGHT_GRADS=1, as on
+  // CUDA) or not: the hooks leave them queued until a bucket is packed.
+  const ScopedEnv env("MINIDL_BATCH_WEIGHT_GRADS", nullptr);
+  for (const std::string batched : {"0", "1"})
+  for (int P : {2, 3})
+    for (size_t bucket_bytes : {size_t{1} << 20, size_t{256}}) {
+      CAPTURE(batched);
+      CAPTURE(P);
+      CAPTURE(bucket_bytes);
+      env.set(batched.c_str());
+      std::mutex mu;
+      dist::run_in_process(P, [&](dist::Communicator& comm) {
+        std::vector<int32_t> ids(16);
+        for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 7 + 3 * comm.rank()) % 11);
+        const Tensor x = from_vector(ids, {2, 8});
+        auto loss_of = [&](const nn::MixedPrecision& mp) {
+          Tensor logits = ops::to(static_cast<nn::TransformerLM&>(mp.compute()).forward(x), DType::Float32);
+          return ops::cross_entropy(logits.reshape({16, 11}), x.reshape({16}));
+        };
+
+        auto during = mixed();
+        nn::DataParallel dp(during->compute().parameters(), comm,
+                            {.bucket_bytes = bucket_bytes, .reduce_dtype = DType::Float32});
+        loss_of(*during).backward();
+        const size_t issued = dp.issued_buckets();
+        dp.all_reduce_gradients();
+        during->gradients_to_masters();
+
+        auto after = mixed();
+        nn::DataParallel dp_after(after->parameters(), comm, {.bucket_bytes = bucket_bytes});
+        loss_of(*after).backward();
+        after->gradients_to_masters();
+        const size_t issued_after = dp_after.issued_buckets();
+        dp_after.all_reduce_gradients();
+
+        // The other order hands the gradients to the masters while their
+        // buckets are reduced: an error, not a silent local update.
+        auto wrong = mixed();
+        nn::DataParallel dp_wrong(wrong->compute().parameters(), comm,
+                                  {.bucket_bytes = bucket_bytes, .reduce_dtype = DType::Float32});
+        loss_of(*wrong).backward();
+        wrong->gradients_to_masters();
+        std::string wrong_error;
+        try {
+          dp_wrong.all_reduce_gradients();
+        } catch (const Error& e) {
+          wrong_error = e.what();
+        }
+
+        std::lock_guard<std::mutex> lock(mu);
+        CHECK(dp.num_buckets() == dp_after.num_buckets());
+        CHECK(issued == dp.num_buckets());  // every gradient finished in backward
+        CHECK(issued_after == 0);           // set after backward
+        CHECK(wrong_error.find("before gradients_to_masters") != std::string::npos);
+        for (size_t i = 0; i < during->parameters().size(); ++i) {
+          const Tensor g = during->parameters()[i].grad(), want = after->parameters()[i].grad();
+          REQUIRE(g.defined());
+          CHECK(g.dtype() == DType::BFloat16);
+          CHECK(g.to_vector<float>() == want.to_vector<float>());
+        }
+      });
+    }
+}
+
 TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false); a second pass otherwise throws") {
   const Params init{random_tensor({5, 7}), random_tensor({7}), random_tensor({7, 3}), random_tensor({4})};
   const Tensor x = random_tensor({6, 5});
@@ -186,7 +269,7 @@ TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false
   dist::run_in_process(2, [&](dist::Communicator& comm) {
     const int r = comm.rank();
     const Params& p = replicas[r];
-    nn::DataParallel dp(p.list(), comm, 64);
+    nn::DataParallel dp(p.list(), comm, {.bucket_bytes = 64});
     dp.set_reduce_in_backward(false);
     loss_of(p, x.narrow(0, 3 * r, 3)).backward();
     dp.set_reduce_in_backward(true);
@@ -251,7 +334,7 @@ void check_cuda_data_parallel(int P, const std::function<void(int, const std::fu
     const Device d = Device::cuda(gpu_per_rank ? r : 0);
     const Params& s0 = start[static_cast<size_t>(r)];
     const Params p = fresh_copy({s0.w1.to(d), s0.b1.to(d), s0.w2.to(d), s0.unused.to(d)});
-    nn::DataParallel dp(with_unused ? p.list() : std::vector<Tensor>{p.w1, p.b1, p.w2}, comm, 64);
+    nn::DataParallel dp(with_unused ? p.list() : std::vector<Tensor>{p.w1, p.b1, p.w2}, comm, {.bucket_bytes = 64});
     dp.broadcast_parameters();
     const int64_t rows = B / P;
     loss_of(p, x_cpu.narrow(0, r * rows, rows).to(d)).backward();

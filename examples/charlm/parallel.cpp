@@ -25,8 +25,18 @@ Ranks::Ranks(dist::Communicator* comm, int64_t sp, Device messages) : comm_(comm
 
 void Ranks::attach(TrainModel& model) {
   if (!comm_) return;
-  dp_ = std::make_unique<nn::DataParallel>(model.parameters(), *comm_);
-  dp_->broadcast_parameters();
+  if (nn::MixedPrecision* mixed = model.mixed_precision()) {
+    // The compute model's bfloat16 gradients are reduced during backward, in
+    // float32 (the same sums as the masters' after backward, but beside it),
+    // and their means then go to the masters.
+    dp_ = std::make_unique<nn::DataParallel>(mixed->compute().parameters(), *comm_,
+                                             nn::DataParallelOptions{.reduce_dtype = DType::Float32});
+    for (const Tensor& p : mixed->parameters()) comm_->broadcast(p, 0);
+    mixed->sync_compute();
+  } else {
+    dp_ = std::make_unique<nn::DataParallel>(model.parameters(), *comm_);
+    dp_->broadcast_parameters();
+  }
   minidl::Generator& dropout = model.compute().dropout_generator();
   if (comm_->rank() > 0)
     dropout.set_state(dropout.seed() ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(comm_->rank())),

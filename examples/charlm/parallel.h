@@ -50,7 +50,9 @@ class Ranks {
   // Collective when comm is given (the sp split): every rank constructs one.
   Ranks(minidl::dist::Communicator* comm, int64_t sp = 1, minidl::Device messages = minidl::Device::cpu());
   // Once the model holds its initial (or restored) weights, on every rank:
-  // averages its gradients from now on; rank 0's weights everywhere (equal
+  // averages its gradients from now on (with mixed precision the compute
+  // model's, during backward, before they go to the masters: call
+  // all_reduce_gradients() first); rank 0's weights everywhere (equal
   // already: same seed or same checkpoint); ranks > 0 draw their own dropout;
   // with --sp, the model runs this rank's chunk across its sp group.
   void attach(TrainModel& model);

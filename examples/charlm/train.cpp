@@ -127,8 +127,8 @@ Tensor step_on_batch(TrainModel& model, nn::AdamW& optimizer, const Tensor& x, c
   mark(Phase::Forward);
   optimizer.zero_grad();  // drops the gradients: backward writes fresh ones
   loss.backward();
+  if (ranks) ranks->all_reduce_gradients();  // the buckets reduced during backward, and the rest
   model.gradients_to_masters();
-  if (ranks) ranks->all_reduce_gradients();
   mark(Phase::Backward);
   if (grad_clip > 0) nn::clip_grad_norm_(model.parameters(), grad_clip);
   optimizer.step();  // also writes the bfloat16 copy (MixedPrecision::attach)

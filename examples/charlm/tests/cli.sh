@@ -425,8 +425,8 @@ data_parallel)
     same_losses one dp$n
     [ "$(ls dp$n | tr '\n' ' ')" = "best.ckpt last.ckpt log.csv loss.png " ] || fail "--dp $n wrote $(ls dp$n)"
   done
-  # In bfloat16 (the masters' gradients reduced in float32 after backward)
-  # too, up to bfloat16 rounding.
+  # In bfloat16 (the compute model's gradients reduced in float32 during
+  # backward, then handed to the float32 masters) too, up to bfloat16 rounding.
   "$charlm" train "${common[@]}" --dtype bfloat16 --out bf-one --iters 30 >/dev/null 2>err.txt ||
     fail "the one-rank bfloat16 run failed: $(cat err.txt)"
   "$charlm" train "${common[@]}" --dtype bfloat16 --out bf-dp2 --iters 30 --dp 2 >/dev/null 2>err.txt ||
