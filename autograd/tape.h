@@ -70,8 +70,9 @@ class SavedTensor {
 // nodes' work under one key and runs it all at once). The pass runs the
 // flushes, in registration order, before the engine reads a pending gradient
 // (a node's closure given one, an accumulation into or a cast to a leaf's
-// gradient, a post-accumulate hook), when a backward() starts inside the
-// pass, before the pass returns, and while it unwinds from an exception.
+// gradient, a post-accumulate hook that reads gradients), when a backward()
+// starts inside the pass, before the pass returns, and while it unwinds from
+// an exception.
 // A pending gradient reaching a leaf with no .grad() yet, of the leaf's
 // dtype, is stored as is (no copy: it must be fresh, returned for one input,
 // kept nowhere else); otherwise it is flushed and added. Pending tensors are

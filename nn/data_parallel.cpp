@@ -11,7 +11,8 @@ DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& c
       comm_(comm),
       reduce_dtype_(options.reduce_dtype),
       bucket_of_(parameters_.size()),
-      ready_(parameters_.size()) {
+      ready_(parameters_.size()),
+      got_(parameters_.size()) {
   // Reverse order: backward finishes the last layers' gradients first.
   for (size_t k = parameters_.size(); k-- > 0;) {
     const Tensor& p = parameters_[k];
@@ -33,6 +34,7 @@ DataParallel::DataParallel(std::vector<Tensor> parameters, dist::Communicator& c
   for (size_t k = 0; k < parameters_.size(); ++k)
     if (parameters_[k].requires_grad() && parameters_[k].is_leaf())
       hook_ids_[k] = autograd::register_post_accumulate_grad_hook(parameters_[k], [this, k](const Tensor&) {
+        got_[k] = true;
         if (!reduce_in_backward_) return;
         MINIDL_CHECK(!ready_[k], "DataParallel: parameter ", k, " got a gradient after it was reduced this step "
                      "(a second backward pass before all_reduce_gradients(); for gradient accumulation, call "
@@ -59,21 +61,42 @@ void DataParallel::mark_ready(size_t i) {
   MINIDL_CHECK(!ready_[i], "DataParallel::mark_ready: parameter ", i, " marked twice in one step");
   ready_[i] = true;
   ++buckets_[bucket_of_[i]].ready;
-  for (; next_ < buckets_.size() && buckets_[next_].ready == buckets_[next_].params.size(); ++next_)
-    issue(buckets_[next_]);
+  try {
+    for (; next_ < buckets_.size() && buckets_[next_].ready == buckets_[next_].params.size(); ++next_)
+      issue(buckets_[next_]);
+  } catch (...) {
+    reset_step();
+    throw;
+  }
+}
+
+void DataParallel::check_gradients_kept(const std::vector<size_t>& params) const {
+  for (size_t k : params)
+    MINIDL_CHECK(!got_[k] || parameters_[k].grad().defined(), "DataParallel: parameter ", k,
+                 "'s gradient was taken away before it was reduced (with nn::MixedPrecision, call "
+                 "all_reduce_gradients() before gradients_to_masters())");
+}
+
+void DataParallel::reset_step() {
+  for (Bucket& b : buckets_) {
+    b.reduction = dist::Work();  // waits for one in flight
+    b.ready = 0;
+  }
+  ready_.assign(ready_.size(), false);
+  got_.assign(got_.size(), false);
+  next_ = 0;
 }
 
 void DataParallel::issue(Bucket& b) {
   NoGradGuard no_grad;
   autograd::flush_deferred();  // inside backward: the bucket's gradients may still be queued
+  check_gradients_kept(b.params);
   const Tensor& first = parameters_[b.params.front()];
   if (!b.flat.defined()) b.flat = Tensor::empty({b.numel}, {reduce_dtype_.value_or(first.dtype()), first.device()});
-  b.packed_grad.assign(b.params.size(), false);
   for (size_t j = 0; j < b.params.size(); ++j) {
     const Tensor& p = parameters_[b.params[j]];
     Tensor slot = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.shape());
     const Tensor g = p.grad();
-    b.packed_grad[j] = g.defined();
     if (g.defined()) ops::copy_(slot, g);  // cast to the reduce dtype
     else ops::copy_(slot, ops::zeros({}, b.flat.options()));
   }
@@ -82,25 +105,26 @@ void DataParallel::issue(Bucket& b) {
 
 void DataParallel::finish() {
   NoGradGuard no_grad;
-  for (; next_ < buckets_.size(); ++next_) issue(buckets_[next_]);
-  const double scale = 1.0 / static_cast<double>(comm_.size());
-  for (Bucket& b : buckets_) {
-    b.reduction.wait();
-    ops::mul_(b.flat, scale);
-    for (size_t j = 0; j < b.params.size(); ++j) {
-      const Tensor& p = parameters_[b.params[j]];
-      Tensor mean = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.shape());
-      const Tensor g = p.grad();
-      MINIDL_CHECK(g.defined() || !b.packed_grad[j], "DataParallel: parameter ", b.params[j],
-                   "'s gradient was taken away while its bucket was reduced (with nn::MixedPrecision, call "
-                   "all_reduce_gradients() before gradients_to_masters())");
-      if (g.defined()) ops::copy_(g, mean);  // cast back
-      else p.set_grad(mean.dtype() == p.dtype() ? mean.clone() : ops::to(mean, p.dtype()));
+  try {
+    for (const Bucket& b : buckets_) check_gradients_kept(b.params);  // before anything is written
+    for (; next_ < buckets_.size(); ++next_) issue(buckets_[next_]);
+    const double scale = 1.0 / static_cast<double>(comm_.size());
+    for (Bucket& b : buckets_) {
+      b.reduction.wait();
+      ops::mul_(b.flat, scale);
+      for (size_t j = 0; j < b.params.size(); ++j) {
+        const Tensor& p = parameters_[b.params[j]];
+        Tensor mean = b.flat.narrow(0, b.offsets[j], p.numel()).view(p.shape());
+        const Tensor g = p.grad();
+        if (g.defined()) ops::copy_(g, mean);  // cast back
+        else p.set_grad(mean.dtype() == p.dtype() ? mean.clone() : ops::to(mean, p.dtype()));
+      }
     }
-    b.ready = 0;
+  } catch (...) {
+    reset_step();
+    throw;
   }
-  ready_.assign(ready_.size(), false);
-  next_ = 0;
+  reset_step();
 }
 
 void DataParallel::all_reduce_gradients() {

@@ -27,7 +27,8 @@
 // reduced there too. With nn::MixedPrecision, reduce the compute model's
 // (bfloat16) parameters, with reduce_dtype float32, during backward, and
 // hand the means to the masters (gradients_to_masters) after
-// all_reduce_gradients(): a gradient moved away before is an error. Every rank
+// all_reduce_gradients(): a gradient a pass gave and that is gone before it
+// is reduced is an error. Every rank
 // must run the same computation (the same parameters get gradients, in the
 // same order); where ranks differ, or collectives of another communicator run
 // inside backward in a rank-dependent order, set_reduce_in_backward(false).
@@ -98,7 +99,6 @@ class DataParallel {
     std::vector<int64_t> offsets;  // element offset of each in `flat`
     int64_t numel = 0;
     Tensor flat;                   // allocated on first use, kept
-    std::vector<bool> packed_grad;  // this step: parameter j's gradient was defined when packed
     size_t ready = 0;
     dist::Work reduction;          // this step's all-reduce of flat, until finish()
   };
@@ -109,7 +109,14 @@ class DataParallel {
   std::optional<DType> reduce_dtype_;
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;  // parameter -> bucket
+  // Before packing (issue) and before writing back (finish): every
+  // gradient this step's passes gave is still there.
+  void check_gradients_kept(const std::vector<size_t>& params) const;
+  // This step's marks and reductions gone (waiting for those in flight):
+  // after finish(), or after an error, so the next step starts clean.
+  void reset_step();
   std::vector<bool> ready_;
+  std::vector<bool> got_;          // the step's passes gave parameter k a gradient (its hook ran)
   size_t next_ = 0;                // buckets issued this step (a prefix)
   std::vector<uint64_t> hook_ids_;  // per parameter; 0: none
   bool reduce_in_backward_ = true;

@@ -6,9 +6,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "autograd/tape.h"
 #include "minidl.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/dilated_attention.h"
@@ -100,6 +102,22 @@ void check_causal(M& module, int64_t T, int64_t C, double tol) {
   Tensor y = module.forward(x), y2 = module.forward(x2);
   check_close(y.narrow(1, 0, T - 1), y2.narrow(1, 0, T - 1), tol, tol);
   CHECK(y.narrow(1, T - 1, 1).to_vector<double>() != y2.narrow(1, T - 1, 1).to_vector<double>());
+}
+
+// y = 2x whose backward defers x's gradient under `key` (autograd::defer),
+// as ops::linear's weight gradients on CUDA; the flush throws while *fail.
+inline Tensor deferring_double(const Tensor& x, const int* key, const bool* fail = nullptr) {
+  Tensor y = ops::mul(x, 2.0).detach();
+  autograd::record("deferring_double", {x}, {y}, [key, fail](const std::vector<Tensor>& g) -> std::vector<Tensor> {
+    Tensor dx = Tensor::empty(g[0].shape(), g[0].options()), up = g[0];
+    autograd::defer({dx}, key, [dx, up, fail] {
+      if (fail && *fail) throw std::runtime_error("deferring_double: the flush failed on purpose");
+      NoGradGuard no_grad;
+      ops::copy_(dx, ops::mul(up, 2.0));
+    });
+    return {dx};
+  });
+  return y;
 }
 
 #if defined(MINIDL_WITH_CUDA)

@@ -260,20 +260,7 @@ TEST_CASE("post-accumulate-grad hooks: once per pass, with the final gradient, a
 }
 
 TEST_CASE("post-accumulate-grad hooks that do not read gradients leave the pass's deferred work queued") {
-  // y = 2a, its gradient deferred (as ops::linear's weight gradients on CUDA).
   static const int key = 0;
-  auto deferring_double = [](const Tensor& x) {
-    Tensor y = ops::mul(x, 2.0).detach();
-    autograd::record("deferring_double", {x}, {y}, [](const std::vector<Tensor>& g) -> std::vector<Tensor> {
-      Tensor dx = Tensor::empty(g[0].shape(), g[0].options()), up = g[0];
-      autograd::defer({dx}, &key, [dx, up] {
-        NoGradGuard no_grad;
-        ops::copy_(dx, ops::mul(up, 2.0));
-      });
-      return {dx};
-    });
-    return y;
-  };
   for (bool reads : {false, true}) {
     CAPTURE(reads);
     Tensor a = values({1, 2}, true), b = values({3, -1}, true), c = values({4}, true);
@@ -286,7 +273,7 @@ TEST_CASE("post-accumulate-grad hooks that do not read gradients leave the pass'
       a_grad = a.grad().to_vector<double>();
     }, reads);
     // Forward c, b, a: the pass finishes a's node (deferred), then b (hook), then c.
-    Tensor w = ops::mul(c, 3.0), z1 = ops::mul(b, 2.0), z2 = deferring_double(a);
+    Tensor w = ops::mul(c, 3.0), z1 = ops::mul(b, 2.0), z2 = minidl::testing::deferring_double(a, &key);
     ops::sum(ops::add(ops::add(z1, z2), ops::sum(w))).backward();
     CHECK(queued == !reads);  // a reading hook gets every gradient written first
     CHECK_FALSE(queued_after_flush);

@@ -181,13 +181,7 @@ TEST_CASE("DataParallel of a bfloat16 compute model, reduced in float32 during b
   // reduced as they finish, in float32 (reduce_dtype), then handed to the
   // masters, give the masters bit for bit the gradients of handing them over
   // first and reducing the masters' after backward (the same float32 sums).
-  nn::TransformerLMConfig config;
-  config.vocab_size = 11;
-  config.n_layer = 2;
-  config.n_head = 2;
-  config.n_embd = 16;
-  config.block_size = 8;
-  config.dropout = 0;
+  const nn::TransformerLMConfig config{.vocab_size = 11, .n_layer = 2, .n_head = 2, .n_embd = 16, .block_size = 8};
   auto mixed = [&] {
     auto master = std::make_shared<nn::TransformerLM>(config, 3);
     return std::make_unique<nn::MixedPrecision>(master, std::make_shared<nn::TransformerLM>(config, 3));
@@ -264,8 +258,8 @@ TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false
   Params single = fresh_copy(init);
   loss_of(single, x).backward();  // twice the batch's mean loss: twice these gradients
   std::vector<Params> replicas = {fresh_copy(init), fresh_copy(init)};
-  std::vector<std::string> errors(2);
-  std::vector<std::vector<Tensor>> accumulated(2);
+  std::vector<std::string> errors(2), taken(2);
+  std::vector<std::vector<Tensor>> accumulated(2), after_error(2);
   dist::run_in_process(2, [&](dist::Communicator& comm) {
     const int r = comm.rank();
     const Params& p = replicas[r];
@@ -285,12 +279,60 @@ TEST_CASE("DataParallel: gradient accumulation with set_reduce_in_backward(false
     }
     dp.set_reduce_in_backward(false);
     dp.all_reduce_gradients();  // the ranks meet again (a thrown pass issued part of a step)
+    // A gradient a pass gave, taken away before the reduction (as handing
+    // bfloat16 gradients to masters too early would): an error, and the next
+    // step starts clean.
+    for (const Tensor& t : p.list()) t.zero_grad();
+    loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+    p.w1.zero_grad();
+    try {
+      dp.all_reduce_gradients();
+    } catch (const Error& e) {
+      taken[r] = e.what();
+    }
+    for (const Tensor& t : p.list()) t.zero_grad();
+    dp.set_reduce_in_backward(true);
+    loss_of(p, x.narrow(0, 3 * r, 3)).backward();
+    dp.all_reduce_gradients();
+    for (size_t k = 0; k < 3; ++k) after_error[r].push_back(p.list()[k].grad().clone());
   });
   for (int r = 0; r < 2; ++r) {
     CAPTURE(r);
-    for (size_t k = 0; k < 3; ++k)
+    for (size_t k = 0; k < 3; ++k) {
       testing::check_close(accumulated[r][k], ops::mul(single.list()[k].grad(), 2.0), 1e-15, 1e-12);
+      testing::check_close(after_error[r][k], single.list()[k].grad(), 1e-15, 1e-12);
+    }
     CHECK(errors[r].find("set_reduce_in_backward(false)") != std::string::npos);
+    CHECK(taken[r].find("parameter 0's gradient was taken away before it was reduced") != std::string::npos);
+  }
+}
+
+TEST_CASE("DataParallel's hooks leave the pass's deferred gradients queued until a bucket is packed") {
+  // u, v, w in one bucket, packed once u (read first) is final; w's gradient
+  // is deferred (as the batched weight gradients on CUDA). A hook on v that
+  // does not read gradients runs after DataParallel's hooks on w and v: the
+  // work is still queued then, so they did not write it.
+  static const int key = 0;
+  std::vector<std::vector<double>> grads(2);
+  std::vector<int> queued(2, -1);
+  dist::run_in_process(2, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    Tensor u = ops::full({2}, 1.0, {DType::Float64}).requires_grad_(), v = u.detach().clone().requires_grad_(),
+           w = u.detach().clone().requires_grad_();
+    nn::DataParallel dp({u, v, w}, comm);
+    const uint64_t hook = autograd::register_post_accumulate_grad_hook(
+        v, [&](const Tensor&) { queued[r] = autograd::deferred(&key); }, /*reads_gradient=*/false);
+    const double s = r + 1;  // the ranks' losses differ: their mean is 1.5 times rank 0's
+    Tensor z0 = ops::mul(u, 3.0 * s), z1 = ops::mul(v, 2.0 * s), z2 = ops::mul(testing::deferring_double(w, &key), s);
+    ops::sum(ops::add(ops::add(z0, z1), z2)).backward();
+    dp.all_reduce_gradients();
+    autograd::remove_post_accumulate_grad_hook(v, hook);
+    for (const Tensor& t : {u, v, w}) grads[r].push_back(t.grad().to_vector<double>()[0]);
+  });
+  for (int r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    CHECK(queued[r] == 1);
+    CHECK(grads[r] == std::vector<double>{4.5, 3, 3});
   }
 }
 
