@@ -482,6 +482,13 @@ sequence_parallel)
       [ "$(ls $out | tr '\n' ' ')" = "best.ckpt last.ckpt log.csv loss.png " ] || fail "$kind $ranks wrote $(ls $out)"
     done
   done
+  # In bfloat16 (the compute model's gradients reduced during backward beside
+  # the attention's exchanges), up to bfloat16 rounding.
+  "$charlm" train "${common[@]}" "${dilated[@]}" --dtype bfloat16 --out bf-one >/dev/null 2>err.txt ||
+    fail "the one-rank bfloat16 run failed: $(cat err.txt)"
+  "$charlm" train "${common[@]}" "${dilated[@]}" --dtype bfloat16 --out bf-dp2sp2 --dp 2 --sp 2 >/dev/null 2>err.txt ||
+    fail "--dp 2 --sp 2 in bfloat16 failed: $(cat err.txt)"
+  same_losses bf-one bf-dp2sp2 1e-3
   # A run resumes at another --sp (the checkpoint does not depend on it).
   "$charlm" train "${common[@]}" "${dilated[@]}" --out mixed --iters 10 --sp 2 >/dev/null || fail "the --sp 2 part failed"
   "$charlm" train --resume mixed --iters 20 --threads 1 >/dev/null || fail "resuming at --sp 1 failed"
