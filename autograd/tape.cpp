@@ -123,8 +123,8 @@ std::atomic<uint64_t> g_next_hook_id{1};
 // writing the pass's deferred gradients first if one of them reads gradients.
 void run_grad_hooks(const std::shared_ptr<TensorImpl>& leaf) {
   const auto hooks = leaf->autograd.grad_hooks;
-  for (const AutogradMeta::GradHook& h : hooks)
-    if (h.reads_gradient && !g_deferred.pending.empty()) g_deferred.flush();
+  if (std::any_of(hooks.begin(), hooks.end(), [](const AutogradMeta::GradHook& h) { return h.reads_gradient; }))
+    g_deferred.flush();
   const Tensor t(leaf);
   for (const AutogradMeta::GradHook& h : hooks) h.fn(t);
 }

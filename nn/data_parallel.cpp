@@ -106,7 +106,8 @@ void DataParallel::issue(Bucket& b) {
 void DataParallel::finish() {
   NoGradGuard no_grad;
   try {
-    for (const Bucket& b : buckets_) check_gradients_kept(b.params);  // before anything is written
+    // The buckets packed already (issue() checks the others), before anything is written.
+    for (size_t b = 0; b < next_; ++b) check_gradients_kept(buckets_[b].params);
     for (; next_ < buckets_.size(); ++next_) issue(buckets_[next_]);
     const double scale = 1.0 / static_cast<double>(comm_.size());
     for (Bucket& b : buckets_) {
