@@ -303,7 +303,9 @@ Checkpoint load_checkpoint(const std::string& path, Device device) {
                "' has a malformed table: the data section would start past the end of the file");
   const uint64_t data_size = body_size - data_start;
   for (const Entry& e : entries) {
-    const uint64_t expected = static_cast<uint64_t>(numel(e.shape)) * element_size(e.dtype);
+    // The file's shape is untrusted: its byte count must fit int64 before it is compared.
+    const std::string what = "load_checkpoint: '" + path + "' has a malformed table: tensor '" + e.name + "'";
+    const uint64_t expected = static_cast<uint64_t>(checked_nbytes(e.shape, element_size(e.dtype), what.c_str()));
     MINIDL_CHECK(e.nbytes == expected && e.offset <= data_size && e.nbytes <= data_size - e.offset,
                  "load_checkpoint: '", path, "' has a malformed table: tensor '", e.name, "' (",
                  e.dtype, " ", shape_str(e.shape), ", ", expected, " bytes) claims ", e.nbytes,

@@ -207,6 +207,88 @@ TEST_CASE("a flipped byte fails the checksum") {
   CHECK_NOTHROW(nn::load_checkpoint(path));
 }
 
+// A checkpoint body written field by field, then given a valid header (size
+// and checksum), so that the table's own checks are reached.
+struct Body {
+  std::vector<unsigned char> bytes;
+  template <typename T> Body& put(T v) {
+    unsigned char b[sizeof(T)];
+    std::memcpy(b, &v, sizeof(T));
+    bytes.insert(bytes.end(), b, b + sizeof(T));
+    return *this;
+  }
+  Body& str(const std::string& s) {
+    bytes.insert(bytes.end(), s.begin(), s.end());
+    return *this;
+  }
+  // One table entry: name, dtype code, dims, data offset and size.
+  Body& tensor(const std::string& name, uint8_t code, const std::vector<int64_t>& dims, uint64_t offset,
+               uint64_t nbytes) {
+    put<uint32_t>(static_cast<uint32_t>(name.size())).str(name).put<uint8_t>(code);
+    put<uint8_t>(static_cast<uint8_t>(dims.size())).put<uint16_t>(0);
+    for (int64_t d : dims) put<int64_t>(d);
+    return put<uint64_t>(offset).put<uint64_t>(nbytes);
+  }
+  // Pads the table so the data section starts 64-byte aligned in the file.
+  Body& align() {
+    bytes.resize((32 + bytes.size() + 63) / 64 * 64 - 32, 0);
+    return *this;
+  }
+  void write(const std::string& path) const {
+    std::vector<unsigned char> file = {'M', 'I', 'N', 'I', 'D', 'L', 'C', 'K', 1, 0, 0, 0, 0, 0, 0, 0};
+    const uint64_t size = bytes.size(), sum = nn::fnv1a64(bytes.data(), bytes.size());
+    file.resize(32);
+    std::memcpy(file.data() + 16, &size, 8);
+    std::memcpy(file.data() + 24, &sum, 8);
+    file.insert(file.end(), bytes.begin(), bytes.end());
+    write_bytes(path, file);
+  }
+};
+
+TEST_CASE("a malformed table with a valid checksum is named, never trusted") {
+  TempDir dir;
+  const std::string path = dir.file("crafted.ckpt");
+  auto fails_with = [&](const Body& body, const char* message) {
+    body.write(path);
+    CHECK_THROWS_WITH_AS(nn::load_checkpoint(path), doctest::Contains(message), Error);
+  };
+  // The Body writer itself: a well-formed file loads.
+  Body good;
+  good.put<uint32_t>(1).put<uint32_t>(4).str("step").put<uint64_t>(2).str("42");
+  good.put<uint32_t>(1).tensor("w", 3, {2}, 0, 8).align().put<int32_t>(7).put<int32_t>(-1);
+  good.write(path);
+  nn::Checkpoint c = nn::load_checkpoint(path);
+  CHECK(c.metadata.at("step") == "42");
+  CHECK(c.tensors.at("w").to_vector<int32_t>() == std::vector<int32_t>{7, -1});
+
+  fails_with(Body().put<uint32_t>(3), "has a malformed table: metadata key length at body offset 4 needs 4 bytes, "
+                                      "only 0 remain");
+  fails_with(Body().put<uint32_t>(1).put<uint32_t>(1000).str("k"), "metadata key at body offset 8 needs 1000 bytes");
+  fails_with(Body().put<uint32_t>(2).put<uint32_t>(1).str("k").put<uint64_t>(0).put<uint32_t>(1).str("k").put<uint64_t>(0),
+             "duplicate metadata key 'k'");
+  // A value length near 2^64 must not wrap the bounds check.
+  fails_with(Body().put<uint32_t>(1).put<uint32_t>(1).str("k").put<uint64_t>(~uint64_t{0}),
+             "metadata value at body offset 17 needs");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 9, {}, 0, 4), "tensor 'w' has unknown dtype code 9");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 0, {-2}, 0, 0), "tensor 'w' has negative size -2");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 0, {3}, 0, 8).align().put<uint64_t>(0),
+             "tensor 'w' (float32 [3], 12 bytes) claims 8 bytes at data offset 0 of a 8-byte data section");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 0, {2}, 8, 8).align().put<uint64_t>(0),
+             "claims 8 bytes at data offset 8 of a 8-byte data section");
+  // Offsets near 2^64 must not wrap the bounds check either.
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 0, {2}, ~uint64_t{0} - 3, 8).align(),
+             "claims 8 bytes at data offset 18446744073709551612");
+  // Element counts that overflow int64: refused before any arithmetic trusts them.
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 0, {int64_t{1} << 40, int64_t{1} << 40}, 0, 0).align(),
+             "tensor 'w': shape [1099511627776, 1099511627776] has more elements than int64 can count");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 1, {int64_t{1} << 61}, 0, 0).align(),
+             "of 8-byte elements needs more bytes than int64 can count");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(2).tensor("w", 2, {}, 0, 2).tensor("w", 2, {}, 0, 2).align().put<uint16_t>(0),
+             "duplicate tensor 'w'");
+  fails_with(Body().put<uint32_t>(0).put<uint32_t>(1).tensor("w", 3, {0}, 0, 0),
+             "the data section would start past the end of the file");
+}
+
 TEST_CASE("atomic save: no .tmp left behind, replaces the old file, failures leave nothing") {
   TempDir dir;
   std::string path = dir.file("run.ckpt");
