@@ -235,8 +235,8 @@ Checkpoint load_checkpoint(const std::string& path, Device device) {
   MINIDL_CHECK(in.good() || size == 0, "load_checkpoint: reading '", path, "' failed");
 
   const size_t magic_seen = std::min<size_t>(size, 8);
-  const bool magic_prefix_ok = std::memcmp(file.data(), kMagic, magic_seen) == 0;
-  MINIDL_CHECK(size > 0 && magic_prefix_ok, "load_checkpoint: '", path,
+  const bool magic_prefix_ok = size > 0 && std::memcmp(file.data(), kMagic, magic_seen) == 0;  // empty: data() may be null
+  MINIDL_CHECK(magic_prefix_ok, "load_checkpoint: '", path,
                "' is not a minidl checkpoint (bad magic: expected \"MINIDLCK\", found ",
                show_bytes(file.data(), magic_seen), ")");
   MINIDL_CHECK(size >= kHeaderSize, "load_checkpoint: '", path, "' is truncated: expected at least ",

@@ -46,6 +46,7 @@ class CountingComm final : public dist::Communicator {
   std::unique_ptr<dist::Communicator> split(int color, int key) override {
     ++splits;
     std::unique_ptr<dist::Communicator> sub = inner_.split(color, key);
+    if (!sub) return nullptr;  // kNoColor
     dist::Communicator& ref = *sub;
     return std::make_unique<CountingComm>(std::move(sub), ref, log_);
   }
