@@ -270,6 +270,12 @@ interrupt_eval)
   # A second signal quits at once. Both are made pending while the process is
   # stopped; the handler of the first blocks the second, which then finds
   # the default action (the program ends, by that signal, saving nothing).
+  # ThreadSanitizer queues signals and delivers them itself: there the second
+  # does not meet the default action the first handler set.
+  if [ "${MINIDL_SANITIZE:-}" = thread ]; then
+    echo "skipped under ThreadSanitizer: the second signal (it delivers signals itself)"
+    exit 0
+  fi
   "$charlm" train "${common[@]}" --out twice --iters 10 >out.txt 2>err.txt &
   pid=$!
   wait_for_rows twice/log.csv 1 || fail "the run did not start: $(cat out.txt err.txt)"
