@@ -24,7 +24,8 @@ std::vector<double> gather_host(const Tensor& t) {
   int64_t n = t.numel();
   std::vector<double> out(static_cast<size_t>(n));
   if (n == 0) return out;
-  auto [lo, hi] = checked_extent(impl.shape, impl.strides, impl.offset, "to_vector");
+  const Extent extent = checked_extent(impl.shape, impl.strides, impl.offset, "to_vector");
+  const int64_t lo = extent.lo, hi = extent.hi;  // plain variables: the lambda below captures lo
   size_t es = element_size(impl.dtype);
   std::vector<unsigned char> bytes(static_cast<size_t>(hi - lo + 1) * es);
   const auto* base = static_cast<const unsigned char*>(impl.storage->data()) + lo * es;
