@@ -1,6 +1,7 @@
 #pragma once
 // minidl::Error and the checks that raise it. Messages name the op, the
 // shapes/dtypes/devices involved and what was expected.
+#include <exception>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -18,6 +19,17 @@ std::string concat(const Args&... args) {
   std::ostringstream os;
   (os << ... << args);
   return os.str();
+}
+
+// The message of a caught exception (for reports of a rank's failure).
+inline std::string exception_message(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& ex) {
+    return ex.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
 }
 }  // namespace detail
 

@@ -314,16 +314,6 @@ class InProcessCommunicator final : public Communicator {
   int rank_;
 };
 
-std::string message_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& ex) {
-    return ex.what();
-  } catch (...) {
-    return "an exception that is not a std::exception";
-  }
-}
-
 }  // namespace
 
 void run_in_process(int world_size, const std::function<void(Communicator&)>& fn) {
@@ -340,7 +330,7 @@ void run_in_process(int world_size, const std::function<void(Communicator&)>& fn
       world->finish(r);
     } catch (...) {
       errors[static_cast<size_t>(r)] = std::current_exception();
-      world->abort(r, message_of(errors[static_cast<size_t>(r)]));
+      world->abort(r, detail::exception_message(errors[static_cast<size_t>(r)]));
     }
   };
   std::vector<std::thread> threads;

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -307,20 +308,43 @@ void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn) {
   for (int i = 0; i < num_gpus; ++i) devices[static_cast<size_t>(i)] = i;
   MINIDL_NCCL_CHECK(ncclCommInitAll(comms.data(), num_gpus, devices.data()));
   std::vector<std::exception_ptr> errors(static_cast<size_t>(num_gpus));
+  std::mutex mu;
+  std::condition_variable cv;
+  int returned = 0, first_failed = -1;  // guarded by mu
   auto body = [&](int i) {
+    std::exception_ptr error;
     try {
       MINIDL_CUDA_CHECK(cudaSetDevice(i));
       NcclCommunicator comm(comms[static_cast<size_t>(i)], i);
       fn(comm);
     } catch (...) {
-      errors[static_cast<size_t>(i)] = std::current_exception();
+      error = std::current_exception();
     }
+    std::lock_guard<std::mutex> lock(mu);
+    errors[static_cast<size_t>(i)] = error;
+    if (error && first_failed < 0) first_failed = i;
+    ++returned;
+    cv.notify_all();
   };
   std::vector<std::thread> threads;
   for (int i = 0; i < num_gpus; ++i) threads.emplace_back(body, i);
+  {
+    // Once a rank has failed, the others may wait for it in a collective
+    // forever, and then this never returns: say why, unless they return soon.
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return returned == num_gpus || first_failed >= 0; });
+    constexpr int kGraceSeconds = 10;
+    if (!cv.wait_for(lock, std::chrono::seconds(kGraceSeconds), [&] { return returned == num_gpus; }))
+      std::fprintf(stderr,
+                   "[minidl] dist::run_nccl: rank %d of %d failed: %s\n"
+                   "[minidl] %d rank(s) have not returned %d s later: they may wait for it in a collective that "
+                   "cannot complete; if the program does not end, end it\n",
+                   first_failed, num_gpus, detail::exception_message(errors[static_cast<size_t>(first_failed)]).c_str(),
+                   num_gpus - returned, kGraceSeconds);
+  }
   for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  // The first failure is the cause; later ones may be its consequences.
+  if (first_failed >= 0) std::rethrow_exception(errors[static_cast<size_t>(first_failed)]);
 }
 
 std::unique_ptr<Communicator> nccl_from_env(const std::string& id_file_arg) {

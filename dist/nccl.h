@@ -24,10 +24,11 @@ bool nccl_available();
 
 // One process, several GPUs: runs fn(comm) on num_gpus threads, thread i on
 // CUDA device i (its current device) with rank i of one communicator made
-// for devices 0..num_gpus-1 (ncclCommInitAll), and returns when all have. An
-// exception on any rank is rethrown here; NCCL collectives of the other
-// ranks cannot be cancelled, so a failure on one rank mid-collective may
-// leave the others waiting (NCCL's own timeout or abort then applies).
+// for devices 0..num_gpus-1 (ncclCommInitAll), and returns when all have. The
+// exception of the rank that failed first is rethrown here. NCCL collectives cannot be
+// cancelled, so after a failure on one rank the others may wait for it in a
+// collective forever, and run_nccl never returns: when they have not
+// returned 10 s after it failed, its message is printed on stderr.
 void run_nccl(int num_gpus, const std::function<void(Communicator&)>& fn);
 
 // Several processes (one GPU each, on one or many nodes): the rank, world
