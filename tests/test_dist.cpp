@@ -463,3 +463,23 @@ TEST_CASE("NCCL backend on every visible GPU (2 or more): plain and async collec
   CHECK(failures.empty());
   for (const std::string& f : failures) MESSAGE(f);
 }
+
+TEST_CASE("NCCL backend on every visible GPU (2 or more): a rank's exception is rethrown, the others return") {
+  MINIDL_REQUIRE_CUDA();
+  const int P = cuda_device_count();
+  if (!dist::nccl_available() || P < 2) {
+    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", P, " visible)");
+    return;
+  }
+  // The last rank fails before any collective; the others join no collective
+  // it would miss, so every rank returns and run_nccl rethrows its error.
+  std::atomic<int> returned{0};
+  CHECK_THROWS_WITH_AS(dist::run_nccl(P,
+                                      [&](dist::Communicator& comm) {
+                                        if (comm.rank() == comm.size() - 1)
+                                          MINIDL_FAIL("rank ", comm.rank(), " fails on purpose");
+                                        ++returned;
+                                      }),
+                       doctest::Contains(("rank " + std::to_string(P - 1) + " fails on purpose").c_str()), Error);
+  CHECK(returned == P - 1);
+}
