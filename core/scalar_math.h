@@ -35,7 +35,8 @@ inline float exp_cpu(float x) {
   x = x > 88.f ? 88.f : x;
   x = x < -87.f ? -87.f : x;
   const float t = x * 1.44269504f;
-  const float n = (t + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23
+  const float shifted = t + 12582912.f;  // round to nearest: 1.5 * 2^23, n in its low mantissa bits
+  const float n = shifted - 12582912.f;
   float r = fmaf(n, -0.693145751953125f, x);      // ln2, high bits (exact product)
   r = fmaf(n, -1.42860677e-06f, r);               // ln2, the rest
   float p = 1.f / 5040.f;
@@ -46,7 +47,11 @@ inline float exp_cpu(float x) {
   p = fmaf(p, r, 0.5f);
   p = fmaf(p, r, 1.f);
   p = fmaf(p, r, 1.f);
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  // n's bits read off `shifted`, not by a float-to-int conversion, which is
+  // undefined for NaN (NaN stays NaN through p; the results are otherwise
+  // the conversion's, bit for bit, on every float).
+  const uint32_t n_bits = std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(12582912.f);
+  const float scale = std::bit_cast<float>((n_bits + 127u) << 23);
   return p * scale;
 }
 
