@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds minidl's CPU backend under a sanitizer and runs every test through
 # ctest (CUDA cases skip: compute-sanitizer covers the device side).
-#   scripts/sanitize.sh address   AddressSanitizer + UndefinedBehaviorSanitizer (leaks too)
+#   scripts/sanitize.sh address   AddressSanitizer + UndefinedBehaviorSanitizer (leaks, float-to-int overflow and
+#                                 libstdc++'s index assertions too)
 #   scripts/sanitize.sh thread    ThreadSanitizer (the in-process ranks, DataParallel's hooks, OpenMP off)
 # Build dir: build-<sanitizer> ($MINIDL_BUILD_DIR-<sanitizer> when that is set). Any report fails its test.
 set -euo pipefail
