@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "autograd/tape.h"
+#include "dist/nccl.h"
 #include "minidl.h"
 #if defined(MINIDL_WITH_CUDA)
 #include "cuda/dilated_attention.h"
@@ -25,6 +26,18 @@ namespace minidl::testing {
       MESSAGE("skipped: no CUDA device");                                               \
       return;                                                                           \
     }                                                                                   \
+  } while (0)
+
+// Skips the rest of a multi-GPU NCCL test case, visibly, unless this build
+// has NCCL and at least two GPUs are visible.
+#define MINIDL_REQUIRE_NCCL_GPUS()                                                                      \
+  do {                                                                                                  \
+    MINIDL_REQUIRE_CUDA();                                                                              \
+    const int minidl_gpus_ = ::minidl::cuda_device_count();                                             \
+    if (!::minidl::dist::nccl_available() || minidl_gpus_ < 2) {                                        \
+      MESSAGE("skipped: needs NCCL and 2 or more GPUs (", minidl_gpus_, " visible)");                  \
+      return;                                                                                           \
+    }                                                                                                   \
   } while (0)
 
 // Sets an environment variable (nullptr: unsets it) until the end of the

@@ -428,12 +428,8 @@ TEST_CASE("DataParallel on CUDA over NCCL, world size 1") {
 }
 
 TEST_CASE("DataParallel over NCCL on 2 or 3 GPUs: async buckets beside the backward equal one rank") {
-  MINIDL_REQUIRE_CUDA();
+  MINIDL_REQUIRE_NCCL_GPUS();
   const int gpus = cuda_device_count();
-  if (!dist::nccl_available() || gpus < 2) {
-    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", gpus, " visible)");
-    return;
-  }
   for (int P : {2, 3}) {
     if (P > gpus) continue;
     for (bool with_unused : {true, false}) {

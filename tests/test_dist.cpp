@@ -414,12 +414,8 @@ TEST_CASE("NCCL backend, world size 1: async collectives captured in a CUDA grap
 }
 
 TEST_CASE("NCCL backend on every visible GPU (2 or more): plain and async collectives, exact") {
-  MINIDL_REQUIRE_CUDA();
+  MINIDL_REQUIRE_NCCL_GPUS();
   const int P = cuda_device_count();
-  if (!dist::nccl_available() || P < 2) {
-    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", P, " visible)");
-    return;
-  }
   // Integer values: the sums are exact in any order NCCL adds them.
   const int64_t n = 1003;
   auto value = [](int r, int64_t i) { return static_cast<float>((i * 7 + r * 13) % 101 - 50); };
@@ -465,12 +461,8 @@ TEST_CASE("NCCL backend on every visible GPU (2 or more): plain and async collec
 }
 
 TEST_CASE("NCCL backend on every visible GPU (2 or more): a rank's exception is rethrown, the others return") {
-  MINIDL_REQUIRE_CUDA();
+  MINIDL_REQUIRE_NCCL_GPUS();
   const int P = cuda_device_count();
-  if (!dist::nccl_available() || P < 2) {
-    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", P, " visible)");
-    return;
-  }
   // The last rank fails before any collective; the others join no collective
   // it would miss, so every rank returns and run_nccl rethrows its error.
   std::atomic<int> returned{0};

@@ -1035,12 +1035,8 @@ TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-
 }
 
 TEST_CASE("CUDA seq_parallel_dilated_attention over NCCL on 2 or 3 GPUs equals the op: float32, bfloat16") {
-  MINIDL_REQUIRE_CUDA();
+  MINIDL_REQUIRE_NCCL_GPUS();
   const int gpus = cuda_device_count();
-  if (!dist::nccl_available() || gpus < 2) {
-    MESSAGE("skipped: needs NCCL and 2 or more GPUs (", gpus, " visible)");
-    return;
-  }
   // The real async path: gathers on the communication stream beside the
   // local branches, reduce-scatters beside the local backward.
   for (DType dtype : {DType::Float32, DType::BFloat16})
