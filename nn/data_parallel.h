@@ -16,22 +16,22 @@
 // packed into flat buffers of about `bucket_bytes` each, one all-reduce per
 // bucket, in `reduce_dtype` (default: the parameters' dtype; float32 for a
 // bfloat16 model sums its gradients in float32 and rounds each mean to
-// bfloat16 once, when it is written back). Each parameter that requires grad gets a post-accumulate-grad hook
-// (autograd/tape.h) that marks it ready, so a bucket is packed and its
-// all-reduce issued during backward, as soon as it and every earlier bucket
-// are complete, in bucket order. The hooks do not read gradients, so work the
-// pass batches (every layer's weight gradients, ops/linear.cpp) stays batched
-// until a bucket is packed. A parameter the pass gives no gradient holds
-// its bucket and every later one back until all_reduce_gradients() (where it
-// counts as zeros); parameters whose gradients are set after backward are
-// reduced there too. With nn::MixedPrecision, reduce the compute model's
-// (bfloat16) parameters, with reduce_dtype float32, during backward, and
-// hand the means to the masters (gradients_to_masters) after
-// all_reduce_gradients(): a gradient a pass gave and that is gone before it
-// is reduced is an error. Every rank
-// must run the same computation (the same parameters get gradients, in the
-// same order); where ranks differ, or collectives of another communicator run
-// inside backward in a rank-dependent order, set_reduce_in_backward(false).
+// bfloat16 once, when it is written back). Each parameter that requires grad
+// gets a post-accumulate-grad hook (autograd/tape.h) that marks it ready, so a
+// bucket is packed and its all-reduce issued during backward, as soon as it
+// and every earlier bucket are complete, in bucket order. The hooks do not
+// read gradients, so work the pass batches (every layer's weight gradients,
+// ops/linear.cpp) stays batched until a bucket is packed. A parameter the pass
+// gives no gradient holds its bucket and every later one back until
+// all_reduce_gradients() (where it counts as zeros); parameters whose
+// gradients are set after backward are reduced there too. With
+// nn::MixedPrecision, reduce the compute model's (bfloat16) parameters, with
+// reduce_dtype float32, during backward, and hand the means to the masters
+// (gradients_to_masters) after all_reduce_gradients(): a gradient a pass gave
+// and that is gone before it is reduced is an error. Every rank must run the
+// same computation (the same parameters get gradients, in the same order);
+// where ranks differ, or collectives of another communicator run inside
+// backward in a rank-dependent order, set_reduce_in_backward(false).
 // Each bucket's all-reduce is started asynchronously
 // (Communicator::all_reduce_async): on NCCL it runs on the communication
 // stream beside the rest of the backward, and finish() makes minidl's stream
@@ -103,18 +103,18 @@ class DataParallel {
     dist::Work reduction;          // this step's all-reduce of flat, until finish()
   };
   void issue(Bucket& bucket);
-
-  std::vector<Tensor> parameters_;
-  dist::Communicator& comm_;
-  std::optional<DType> reduce_dtype_;
-  std::vector<Bucket> buckets_;
-  std::vector<size_t> bucket_of_;  // parameter -> bucket
   // Before packing (issue) and before writing back (finish): every
   // gradient this step's passes gave is still there.
   void check_gradients_kept(const std::vector<size_t>& params) const;
   // This step's marks and reductions gone (waiting for those in flight):
   // after finish(), or after an error, so the next step starts clean.
   void reset_step();
+
+  std::vector<Tensor> parameters_;
+  dist::Communicator& comm_;
+  std::optional<DType> reduce_dtype_;
+  std::vector<Bucket> buckets_;
+  std::vector<size_t> bucket_of_;  // parameter -> bucket
   std::vector<bool> ready_;
   std::vector<bool> got_;          // the step's passes gave parameter k a gradient (its hook ran)
   size_t next_ = 0;                // buckets issued this step (a prefix)
