@@ -3,7 +3,10 @@
 
 For each kernel of a binary or object file whose name matches a pattern,
 prints its SASS size, registers at launch (setmaxnreg moves them at run
-time) and stack, and its wait map: the
+time) and stack, the local-memory accesses (spills: LDL, STL) laid out
+between its first and last wgmma, where the consumers' tile loop lies and a
+spill costs every tile (the producer's and once-per-item code lie
+outside), and its wait map: the
 WARPGROUP.DEPBAR instructions in layout order, each as "E>n", E the
 MUFU.EX2 instructions laid out since the previous one and n the groups the
 wait leaves in flight. The source places each wait after the exponentials
@@ -76,6 +79,9 @@ def main():
         sys.exit(f"sass_waits: no kernel matching {opts.kernels!r} in {opts.file}")
     for name in sorted(kernels, key=demangled_template):
         exps, waits = 0, []
+        products = [i for i, line in enumerate(kernels[name]) if "HGMMA" in line]
+        local = sum(1 for line in kernels[name][products[0]:products[-1] + 1]
+                    if re.search(r"\b(LDL|STL)\b", line)) if products else 0
         for line in kernels[name]:
             if "MUFU.EX2" in line:
                 exps += 1
@@ -85,7 +91,7 @@ def main():
                 exps = 0
         regs, stack = usage.get(name, ("?", "?"))
         print(f"{demangled_template(name):34} {len(kernels[name]):6} instr  reg {regs:>3}  stack {stack:>3}  "
-              f"waits {' '.join(waits)}")
+              f"local {local:>3}  waits {' '.join(waits)}")
 
 
 if __name__ == "__main__":
