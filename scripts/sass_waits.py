@@ -3,10 +3,10 @@
 
 For each kernel of a binary or object file whose name matches a pattern,
 prints its SASS size, registers at launch (setmaxnreg moves them at run
-time) and stack, the local-memory accesses (spills: LDL, STL) laid out
-between its first and last wgmma, where the consumers' tile loop lies and a
-spill costs every tile (the producer's and once-per-item code lie
-outside), and its wait map: the
+time) and stack, the local-memory accesses (spills: LDL, STL) inside the
+innermost loops that hold a wgmma (the consumers' tile loops, where a spill
+costs every tile; the producer's and once-per-item code lie outside), and
+its wait map: the
 WARPGROUP.DEPBAR instructions in layout order, each as "E>n", E the
 MUFU.EX2 instructions laid out since the previous one and n the groups the
 wait leaves in flight. The source places each wait after the exponentials
@@ -41,6 +41,26 @@ def demangled_template(name):
         return name
     args = re.findall(r"L[ib](\d+)E|LNS\w*?E(\d+)E", m.group(2))
     return f"{m.group(1)}<{','.join(a or b for a, b in args)}>"
+
+
+def tile_loops(lines):
+    """Indices of the lines inside the innermost loops that hold a wgmma: the
+    consumers' tile loops. A loop is a backward branch's range without an
+    EXIT: ptxas lays slow paths (mbarrier waits) out past the kernel's exits,
+    and their branches back are not loops."""
+    where = {}
+    for i, line in enumerate(lines):
+        where[int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16)] = i
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA (?:\S+ )?0x([0-9a-f]+)", line)
+        if m and where.get(int(m.group(1), 16), i) < i:
+            a = where[int(m.group(1), 16)]
+            if not any("EXIT" in lines[j] for j in range(a, i)):
+                loops.append((a, i))
+    with_products = [(a, b) for a, b in loops if any("HGMMA" in lines[i] for i in range(a, b + 1))]
+    inner = [(a, b) for a, b in with_products if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in with_products)]
+    return sorted({i for a, b in inner for i in range(a, b + 1)})
 
 
 def main():
@@ -79,9 +99,7 @@ def main():
         sys.exit(f"sass_waits: no kernel matching {opts.kernels!r} in {opts.file}")
     for name in sorted(kernels, key=demangled_template):
         exps, waits = 0, []
-        products = [i for i, line in enumerate(kernels[name]) if "HGMMA" in line]
-        local = sum(1 for line in kernels[name][products[0]:products[-1] + 1]
-                    if re.search(r"\b(LDL|STL)\b", line)) if products else 0
+        local = sum(1 for i in tile_loops(kernels[name]) if re.search(r"\b(LDL|STL)\b", kernels[name][i]))
         for line in kernels[name]:
             if "MUFU.EX2" in line:
                 exps += 1
