@@ -54,10 +54,9 @@ def tile_loops(lines):
     loops = []
     for i, line in enumerate(lines):
         m = re.search(r"\bBRA (?:\S+ )?0x([0-9a-f]+)", line)
-        if m and where.get(int(m.group(1), 16), i) < i:
-            a = where[int(m.group(1), 16)]
-            if not any("EXIT" in lines[j] for j in range(a, i)):
-                loops.append((a, i))
+        a = where.get(int(m.group(1), 16), i) if m else i
+        if a < i and not any("EXIT" in lines[j] for j in range(a, i)):
+            loops.append((a, i))
     with_products = [(a, b) for a, b in loops if any("HGMMA" in lines[i] for i in range(a, b + 1))]
     inner = [(a, b) for a, b in with_products if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in with_products)]
     return sorted({i for a, b in inner for i in range(a, b + 1)})
