@@ -16,6 +16,11 @@ D) each, w/r = 2048 for every branch): what the composition's kernels cost
 without its gathers, scatters and merge, the kernel-against-kernel anchor of
 the dilated rows.
 
+SDPA picks its backend per call (cuDNN's fused flash kernels, FlashAttention-2
+or the memory-efficient kernel); each SDPA row names the one it picked, and
+"only" rows time the same call with SDPA held to FlashAttention-2 and to
+cuDNN in turn, so that minidl stands beside each vendor kernel by name.
+
 Timed as bench_attention times minidl (Google Benchmark, --benchmark_min_time
 0.2 --benchmark_repetitions 3): calls back to back, each followed by a
 synchronize, for at least 0.2 s, three times; prints the median of the three
@@ -29,6 +34,7 @@ import math
 import time
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 H, D = 8, 64
 SEGMENTS, DILATIONS = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
@@ -55,6 +61,25 @@ def cleared(*tensors):
     """Drops the gradients of tensors (a fresh backward writes them, no accumulation)."""
     for t in tensors:
         t.grad = None
+
+
+def picked(q, k, v, dropout_p=0.0):
+    """The backend SDPA picks for a causal call on q, k, v ('?' where this PyTorch does not say)."""
+    try:
+        names = {int(b): name for name, b in SDPBackend.__members__.items()}
+        return names.get(int(torch._fused_sdp_choice(q, k, v, dropout_p=dropout_p, is_causal=True)), "?")
+    except (AttributeError, RuntimeError, TypeError):
+        return "?"
+
+
+def by_backend(label, fn):
+    """Prints fn's time with SDPA held to FlashAttention-2, then to cuDNN."""
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                print(f"  {label}, {backend.name} only: {timed(fn):.2f} ms")
+        except RuntimeError as e:  # the backend does not take the call
+            print(f"  {label}, {backend.name} only: not taken ({str(e).splitlines()[0][:100]})")
 
 
 def flash(q, k, v):
@@ -100,26 +125,32 @@ def main():
     dev = "cuda"
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
 
-    def causal_sdpa(batch, rows, d):
-        """SDPA's causal fwd and fwd+bwd ms on (batch, H, rows, d), and the tensors for more runs."""
+    def causal_rows(label, batch, rows, d, dropout=False):
+        """SDPA's causal fwd and fwd+bwd on (batch, H, rows, d): as SDPA picks, then per backend."""
         q, k, v = (torch.randn(batch, H, rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         g = torch.randn_like(q)
-        with torch.no_grad():
-            fwd = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        both = timed(lambda: (cleared(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)))
-        return fwd, both, (q, k, v, g)
 
-    for n, d in [(32768, 64), (16384, 128)]:
-        fwd, both, (q, k, v, g) = causal_sdpa(1, n, d)
-        print(f"dense causal N={n} D={d}: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
-        if d == 64:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
-            both = timed(lambda: (cleared(q, k, v),
-                                  F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=True).backward(g)))
-            print(f"dense causal N={n} D={d} dropout 0.2: fwd+bwd {both:.2f} ms")
+        def fwd():
+            with torch.no_grad():
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def both(p=0.0):
+            cleared(q, k, v)
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True).backward(g)
+
+        print(f"{label}: fwd {timed(fwd):.2f} ms, fwd+bwd {timed(both):.2f} ms (SDPA picks {picked(q, k, v)})")
+        by_backend(f"{label} fwd", fwd)
+        by_backend(f"{label} fwd+bwd", both)
+        if dropout:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
+            print(f"{label} dropout 0.2: fwd+bwd {timed(lambda: both(0.2)):.2f} ms "
+                  f"(SDPA picks {picked(q, k, v, dropout_p=0.2)})")
+            by_backend(f"{label} dropout 0.2 fwd+bwd", lambda: both(0.2))
+
+    causal_rows("dense causal N=32768 D=64", 1, 32768, 64, dropout=True)
+    causal_rows("dense causal N=16384 D=128", 1, 16384, 128)
     n, w = 1 << 20, SEGMENTS[0]
-    fwd, both, _ = causal_sdpa(n // w, w, D)
-    print(f"segments N={n} w={w} (dilation-1 branch): fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+    causal_rows(f"segments N={n} w={w} (dilation-1 branch)", n // w, w, D)
     for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)
@@ -138,10 +169,13 @@ def main():
                     F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
                 else:
                     F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        with torch.no_grad():
-            fwd = timed(lambda: kernels(False))
-        both = timed(lambda: kernels(True))
+        def kernels_fwd():
+            with torch.no_grad():
+                kernels(False)
+        fwd, both = timed(kernels_fwd), timed(lambda: kernels(True))
         print(f"dilated N={n} kernels only (SDPA per branch on gathered rows): fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
+        by_backend(f"dilated N={n} kernels only fwd", kernels_fwd)
+        by_backend(f"dilated N={n} kernels only fwd+bwd", lambda: kernels(True))
         del branches
 
 
