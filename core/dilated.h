@@ -1,6 +1,7 @@
 #pragma once
 // Dilated-attention configuration shared by the CPU and CUDA kernels and the
 // op (see docs/dilated-attention.md).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -216,6 +217,81 @@ struct DilatedAttentionConfig {
   double scale = 0;  // softmax scale; the op fills in 1/sqrt(D) when 0
   AttentionDropout dropout;
 };
+
+// ---- Pairs that nested branches share (docs/dilated-attention.md) ----
+//
+// Branches nest when, sorted by (segment, dilation), each segment (clamped to
+// n) divides the next or is n, each dilation divides the next, the smallest
+// dilation is 1, and the largest divides 8 and the smallest segment (unless
+// that is n). Then a pair of a branch is also a pair of every larger branch
+// that keeps both its rows, with the same score and value, so the multiset
+// softmax counts it once per branch holding it: the same as counting it once
+// with that number as its weight (its score plus the weight's log). Each pair
+// then belongs to the smallest branch holding it. Branch i of the sorted order
+// (i > 0) keeps only the pairs across the segments of branch i - 1: a query in
+// span b of its segment (spans of w_{i-1} / r_i kept rows) attends the keys of
+// spans before b, all of them. A pair of kept rows (tq, tk) weighs
+// 1 + min(c(tq), c(tk)), c(t) the number of larger branches keeping row t,
+// which depends on t mod 8 and the head mod 8 only. Causal configs only.
+struct BranchPairs {
+  int64_t span = 0;          // > 0: keys only from the spans of this many kept rows before the query's
+  uint32_t classes[8] = {};  // [head % 8], bits 4 (t % 8) + 0..3: c(t) of kept row t
+  MINIDL_HD int row_class(int64_t head, int64_t t) const {
+    return static_cast<int>((classes[head % 8] >> (4 * (t % 8))) & 15u);
+  }
+  MINIDL_HD int weight(int64_t head, int64_t tq, int64_t tk) const {
+    const int cq = row_class(head, tq), ck = row_class(head, tk);
+    return 1 + (cq < ck ? cq : ck);
+  }
+  // Whether key tk is one of query tq's pairs in this branch (tk <= tq, causal).
+  MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || tk < tq / span * span; }
+  bool plain() const {
+    if (span != 0) return false;
+    for (uint32_t c : classes)
+      if (c != 0) return false;
+    return true;
+  }
+};
+
+// Each branch's share of the pairs (config order) over n positions, or empty
+// when the branches do not nest (then each branch computes all its pairs).
+inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& config, int64_t n) {
+  const std::vector<DilatedBranch>& br = config.branches;
+  const size_t k = br.size();
+  if (!config.causal || k < 2 || k > 15 || n <= 0) return {};
+  for (const DilatedBranch& b : br)
+    if (b.segment < 1 || b.dilation < 1) return {};
+  auto w_of = [&](size_t i) { return br[i].segment < n ? br[i].segment : n; };
+  std::vector<size_t> order(k);
+  for (size_t i = 0; i < k; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return w_of(a) != w_of(b) ? w_of(a) < w_of(b) : br[a].dilation < br[b].dilation;
+  });
+  const int64_t w0 = w_of(order[0]), r_max = br[order[k - 1]].dilation;
+  if (br[order[0]].dilation != 1 || 8 % r_max != 0 || (w0 < n && w0 % r_max != 0)) return {};
+  for (size_t a = 0; a + 1 < k; ++a) {
+    const int64_t w = w_of(order[a]), w_next = w_of(order[a + 1]);
+    if ((w_next % w != 0 && w_next != n) || br[order[a + 1]].dilation % br[order[a]].dilation != 0) return {};
+  }
+  std::vector<BranchPairs> pairs(k);
+  for (size_t a = 0; a < k; ++a) {
+    BranchPairs& p = pairs[order[a]];
+    const int64_t r = br[order[a]].dilation;
+    if (a > 0) p.span = max_kept_rows(w_of(order[a - 1]), r);
+    // Kept row t of head h sits at offset h % r + t r of its segment, whose
+    // start every dilation divides; branch b keeps it iff that is h % r_b mod r_b.
+    for (int64_t h = 0; h < 8; ++h)
+      for (int64_t t = 0; t < 8; ++t) {
+        uint32_t c = 0;
+        for (size_t b = a + 1; b < k; ++b) {
+          const int64_t rb = br[order[b]].dilation;
+          c += (h % r + t * r) % rb == h % rb;
+        }
+        p.classes[h] |= c << (4 * t);
+      }
+  }
+  return pairs;
+}
 
 }  // namespace minidl
 

@@ -7,7 +7,9 @@
 // Branches run as one launch each and merge in place into fp32 (O, L)
 // accumulators with the log-sum-exp rule (rows of one launch are disjoint: no
 // atomics); a lone branch keeping every row writes the output directly, and
-// the ws backward finishes dK/dV in the branch that keeps every row.
+// the ws backward finishes dK/dV in the branch that keeps every row. Where the
+// branches nest, the ws kernels compute each pair several branches share once,
+// weighted (ws_nested_pairs).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -184,14 +186,17 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
     if (ws) {
       Tensor o_acc = fp32_buffer(out);
       unary(UnaryOp::Fill, lse, -INFINITY, lse);
+      // Nested branches compute each pair they share once (docs/dilated-attention.md).
+      const std::vector<BranchPairs> pairs = ws_nested_pairs(config, s.n, finish.back());
       for (size_t i = 0; i < finish.size(); ++i) {
         BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
         const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
                                : i == 0               ? MergeMode::kWrite
                                                       : MergeMode::kMerge;
-        forward_mma(kernel, qo, ko, vo, g, s.b, s.d, config.causal, scale_log2, drop_of(finish[i]), mode,
-                    static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr);
+        forward_ws(qo, ko, vo, g, s.b, config.causal, scale_log2, drop_of(finish[i]), mode,
+                   static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr,
+                   pairs.empty() ? BranchPairs{} : pairs[finish[i]]);
       }
       return;
     }
@@ -356,6 +361,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<float*>(t.raw_data()) : nullptr; };
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
       attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
+      const std::vector<BranchPairs> pairs = ws_nested_pairs(config, s.n, finish.back());
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
@@ -365,7 +371,8 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                     branch_dropout(config, finish[i], s, dropout_bits), static_cast<float*>(dq_acc.raw_data()), ptr(dk_acc),
                     ptr(dv_acc), last ? static_cast<BFloat16*>(dk.raw_data()) : nullptr,
                     last ? static_cast<BFloat16*>(dv.raw_data()) : nullptr, dk.stride(1),
-                    written.defined() ? static_cast<uint8_t*>(written.raw_data()) : nullptr);
+                    written.defined() ? static_cast<uint8_t*>(written.raw_data()) : nullptr,
+                    pairs.empty() ? BranchPairs{} : pairs[finish[i]]);
       }
       copy(dq_acc, dq);
       return;

@@ -58,13 +58,21 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
                  int64_t batch, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
                  float* dk_acc, float* dv_acc, BFloat16* dk_out = nullptr, BFloat16* dv_out = nullptr,
-                 int64_t out_row_stride = 0, uint8_t* kv_written = nullptr);
+                 int64_t out_row_stride = 0, uint8_t* kv_written = nullptr, const BranchPairs& pairs = {});
 // Head dim (g.dim) 64 or 128, forward and backward. With attention dropout the
 // backward reads the mask from dropout.bits (the forward's), which the forward
-// writes when it has them (dropout.bits.words), else it keeps none.
+// writes when it has them (dropout.bits.words), else it keeps none. `pairs`:
+// the branch's share of the pairs nested branches share (ws_nested_pairs
+// says when they take it); by default all its pairs, each of weight 1.
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                 const BranchGrid& g, int64_t batch, bool causal, float scale_log2, const BranchDropout& dropout,
-                MergeMode mode, float* o_acc, float* lse, BFloat16* out);
+                MergeMode mode, float* o_acc, float* lse, BFloat16* out, const BranchPairs& pairs = {});
+// The pairs nested branches share (nested_pairs) as the ws kernels take them:
+// causal, no dropout, the branch that keeps every row (finishing_order's
+// last) computing all its pairs, and each span a whole number of the
+// kernels' 128-row tiles (or past every row set: no pairs of its own). Empty
+// otherwise: each branch computes all its pairs.
+std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
                    const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,

@@ -373,6 +373,72 @@ TEST_CASE("hand-computed values: dense causal rows, a dilated head split, duplic
   check_lse(l4, from_vector(want_l, {1, 4, 2}), 1e-13);
 }
 
+// The plan the ws kernels take where branches nest (core/dilated.h,
+// nested_pairs): summed over the branches, the pairs each computes, at their
+// weights, are the definition's pair counts, pair for pair.
+TEST_CASE("nested branches: each shared pair is computed by one branch, weighted by the branches holding it") {
+  const std::vector<Case> nests = {
+      {"LongNet's doubling", 1, 64, 8, 1, {8, 16, 32, 64}, {1, 2, 4, 8}},
+      {"listed out of order, partial last segments", 1, 70, 8, 1, {32, 8, 16}, {4, 1, 2}},
+      {"w > N clamps to N, which 16 does not divide", 1, 50, 3, 1, {8, 100, 16}, {1, 4, 2}},
+      {"equal dilations", 1, 48, 2, 1, {8, 16}, {1, 1}},
+      {"equal segments: every pair of r = 2 is one of r = 1", 1, 40, 2, 1, {8, 8}, {1, 2}},
+      {"duplicate branches", 1, 40, 2, 1, {8, 8}, {1, 1}},
+  };
+  for (const Case& c : nests) {
+    CAPTURE(str(c));
+    const DilatedAttentionConfig config = kernel_config(c);
+    const std::vector<BranchPairs> plan = nested_pairs(config, c.N);
+    REQUIRE(plan.size() == c.segments.size());
+    std::vector<int> weighted(static_cast<size_t>(c.H * c.N * c.N), 0);
+    for (size_t i = 0; i < plan.size(); ++i) {
+      const DilatedBranch& b = config.branches[i];
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t segment = 0; segment * b.segment < c.N; ++segment) {
+          const KeptRows rows = kept_rows(c.N, b.segment, b.dilation, h, segment);
+          for (int64_t tq = 0; tq < rows.count; ++tq)
+            for (int64_t tk = 0; tk <= tq; ++tk)
+              if (plan[i].keeps(tq, tk))
+                weighted[static_cast<size_t>((h * c.N + rows.base + tq * rows.stride) * c.N + rows.base +
+                                             tk * rows.stride)] += plan[i].weight(h, tq, tk);
+        }
+    }
+    CHECK(weighted == pair_counts(c));
+  }
+  const std::vector<Case> apart = {
+      {"3 does not divide 8", 1, 48, 4, 1, {8, 16}, {1, 3}},
+      {"4 does not divide the smallest segment", 1, 48, 4, 1, {6, 12}, {1, 4}},
+      {"8 does not divide 12", 1, 48, 4, 1, {8, 12}, {1, 2}},
+      {"no dilation 1", 1, 48, 4, 1, {8, 16}, {2, 4}},
+      {"the larger segment's dilation is the smaller", 1, 48, 4, 1, {8, 16}, {2, 1}},
+      {"one branch", 1, 48, 4, 1, {8}, {1}},
+  };
+  for (const Case& c : apart) {
+    CAPTURE(str(c));
+    CHECK(nested_pairs(kernel_config(c), c.N).empty());
+  }
+  CHECK(nested_pairs(kernel_config(non_causal(nests[0])), nests[0].N).empty());
+
+  // LongNet's 1M-token problem: spans of 1,024 kept rows; head 0 of the
+  // dilation-1 branch has rows t = 0 mod 8 kept by all three larger branches,
+  // 4 mod 8 by two, 2 and 6 by one; head 3 has 3 mod 8 by three, 7 by two, 1, 5 by one.
+  DilatedAttentionConfig longnet;
+  longnet.branches = {{2048, 1}, {4096, 2}, {8192, 4}, {16384, 8}};
+  const std::vector<BranchPairs> plan = nested_pairs(longnet, int64_t(1) << 20);
+  REQUIRE(plan.size() == 4);
+  CHECK(plan[0].span == 0);
+  CHECK(plan[1].span == 1024);
+  CHECK(plan[2].span == 1024);
+  CHECK(plan[3].span == 1024);
+  CHECK(plan[0].classes[0] == 0x01020103u);
+  CHECK(plan[0].classes[3] == 0x20103010u);
+  CHECK(plan[0].weight(3, 3, 11) == 4);
+  CHECK(plan[0].weight(3, 7, 3) == 3);
+  CHECK(plan[0].weight(0, 0, 1) == 1);
+  CHECK(plan[3].classes[5] == 0u);
+  CHECK(!plan[3].plain());
+}
+
 // ---------------------------------------------------------------------------
 // The fast CPU path against the reference.
 
@@ -1277,6 +1343,11 @@ namespace {
       // charlm's --dp test model (B = 4: tail rows of r = 3 in a later batch
       // than any case above); that run disagreed with one rank on the H200.
       {"B = 4, segments 6, 5, 16, r 1, 3, 2", 4, 16, 2, 32, {6, 5, 16}, {1, 3, 2}, true},
+      // Nested branches: the ws kernels compute each shared pair once
+      // (nested_pairs), spans of 128 kept rows; listed out of order, the
+      // largest segment clamped to N (which 1024 does not divide), B = 2.
+      {"nested, LongNet's doubling / 8", 1, 1100, 8, 64, {256, 512, 1024}, {1, 2, 4}, true},
+      {"nested, r up to 8, out of order, w > N", 2, 1300, 8, 128, {2048, 256, 1024, 512}, {8, 1, 4, 2}, true},
       // head dims the tensor-core path does not take (padded SIMT kernels)
       {"D = 8", 2, 150, 4, 8, {64, 150}, {1, 2}, true},
       {"D = 48", 1, 200, 4, 48, {200}, {1}, true},
@@ -1358,6 +1429,7 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
   const std::vector<Case> cases = {
       {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true},
       {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
+      {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, true},
   };
   for (const Case& c : cases) {
     CAPTURE(str(c));

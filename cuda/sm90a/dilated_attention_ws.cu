@@ -137,6 +137,7 @@ struct WsParams {
   int64_t items;        // segments x tiles_per_segment x B H
   int64_t group;        // (segment, batch-head) pairs whose K/V share L2: fwd_item
   int* work;            // [2] zero at launch: items handed out, blocks done (the last one zeroes both)
+  BranchPairs pairs;    // kWeighted: the branch's share of pairs nested branches share (core/dilated.h)
 };
 
 // Every barrier a producer warp completes takes one arrival per lane: each
@@ -203,6 +204,18 @@ __device__ __forceinline__ void save_keep_bits(const uint32_t (&keep)[2][4], uin
     for (int g = 0; g < 4; ++g) block[g * 128] = static_cast<uint8_t>(out >> (8 * g));
 }
 
+// Nested branches (kWeighted): the log2 weights of a lane's pairs, which
+// depend on the rows' kept index mod 8 only (BranchPairs). In the accumulator
+// layout a lane's rows (queries forward, keys backward) are lane / 4 mod 8 and
+// its columns 2 (lane % 4) + x, x = 0, 1, mod 8, since tiles start at
+// multiples of 8: bias[x] for the columns of parity x, the same both ways
+// (the weight is symmetric).
+__device__ __forceinline__ void pair_log2_weights(const BranchPairs& pairs, int64_t head, int lane, float (&bias)[2]) {
+  const int lane_row = lane / 4;
+#pragma unroll
+  for (int x = 0; x < 2; ++x) bias[x] = log2f(static_cast<float>(pairs.weight(head, lane_row, 2 * (lane % 4) + x)));
+}
+
 // The online-softmax step of one tile for a lane's two rows: masks S, updates
 // m and l, and returns P as bf16 A fragments and the factor that rescales O.
 // With dropout the dropped weights are zeroed after l counts them (the
@@ -212,12 +225,13 @@ __device__ __forceinline__ void save_keep_bits(const uint32_t (&keep)[2][4], uin
 // blocks up to kb_last get the decisions. kMask: the tile
 // reaches past the row set or across the causal diagonal (a separate
 // instantiation: predicated, the mask would cost every tile its issue slots).
-template <int kBc, bool kCausal, bool kDropout, bool kMask>
+// kWeighted: each weight is 2^bias (pair_log2_weights) times the softmax's.
+template <int kBc, bool kCausal, bool kDropout, bool kMask, bool kWeighted>
 __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint32_t (&pf)[kBc / 16][4], float (&corr)[2],
                                              float (&m_row)[2], float (&l_row)[2], int64_t k0, int64_t q_row0,
                                              int64_t group_row0, int64_t count, float scale_log2,
                                              const AttentionDropout& drop, const uint64_t (&mask_rows)[2],
-                                             uint8_t* bits_row, int kb_last) {
+                                             uint8_t* bits_row, int kb_last, const float (&bias)[2]) {
   const int lane = threadIdx.x % 32;
   // s[4c + e]: key 8c + 2 (lane % 4) + (e & 1) of the tile, row q_row0 + 8 (e >> 1). The
   // mask is computed in 32-bit from offsets clamped to the tile. It goes into
@@ -241,6 +255,12 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
   }
   float m_scaled[2];
   online_softmax_max<kBc / 8, true>(s, m_row, l_row, m_scaled, corr, scale_log2);
+  // The exponent's offset: per row, and with weights per row and column parity.
+  float shift[2][2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int x = 0; x < 2; ++x) shift[r][x] = kWeighted ? bias[x] - m_scaled[r] : -m_scaled[r];
   // keep[r][g]: keys 16 g + 8 c + 2 (lane % 4) + e of the half, row r, in byte 2 c + e.
   uint32_t keep[2][4];
 #pragma unroll
@@ -257,7 +277,7 @@ __device__ __forceinline__ void softmax_tile(const float (&s_in)[kBc / 2], uint3
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, -m_scaled[e >> 1]));
+        p[c][e] = mma::exp2_ftz(fmaf(s[4 * (2 * kk + c) + e], scale_log2, shift[e >> 1][e & 1]));
         l_row[e >> 1] += p[c][e];
       }
     pf[kk][0] = mma::pack_bf16(p[0][0], p[0][1]);
@@ -361,7 +381,7 @@ __device__ __forceinline__ void finish_items(int* work, int lane) {
   }
 }
 
-template <int kBc, bool kCausal>
+template <int kBc, bool kCausal, bool kWeighted>
 __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   const BranchGrid& g = p.g;
   const ItemPlace at = item_place(p, item);
@@ -371,7 +391,11 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   w.head = bh % g.heads;
   w.rows = kept_rows(g.n, g.w, g.r, w.head, segment);
   w.t0 = (g.tiles_per_segment - 1 - rank) * kBr;
-  const int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
+  int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
+  // A nested branch's query tile lies in one span (a multiple of kBr rows,
+  // ws_nested_pairs) and sees the whole spans before it: no item in the first.
+  if constexpr (kWeighted)
+    if (p.pairs.span > 0) key_end = w.t0 / p.pairs.span * p.pairs.span;
   w.n_tiles = w.t0 < w.rows.count ? static_cast<int>((key_end + kBc - 1) / kBc) : 0;
   return w;
 }
@@ -381,7 +405,7 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
 // can start it). Q is double-buffered and the K/V ring runs on across items,
 // so the producer loads the next item's Q and first K/V tiles while the
 // consumers finish the current one (its last products, its epilogue).
-template <int kD, bool kCausal, MergeMode kMode, bool kDropout>
+template <int kD, bool kCausal, MergeMode kMode, bool kDropout, bool kWeighted>
 __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                  const __grid_constant__ CUtensorMap kmap,
                                                                  const __grid_constant__ CUtensorMap vmap,
@@ -425,7 +449,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     int ring = 0;  // K/V tiles loaded so far
     for (int n = 0;; ++n) {
       FwdItem w{};
-      while (item < p.items && (w = fwd_item<kBc, kCausal>(p, item)).n_tiles == 0) item = next_item(p.work, lane);
+      while (item < p.items && (w = fwd_item<kBc, kCausal, kWeighted>(p, item)).n_tiles == 0) item = next_item(p.work, lane);
       if (item >= p.items) w.n_tiles = -1;
       const int slot = n & 1;
       hopper::mbar_wait(&q_empty[slot], ((n >> 1) & 1) ^ 1);
@@ -531,13 +555,17 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
         if (group_row0 < rows.count) kb_last = static_cast<int>(kCausal ? qb : (rows.count - 1) / 64);
       }
 
+    float bias[2] = {0.f, 0.f};
+    if constexpr (kWeighted) pair_log2_weights(p.pairs, head, lane, bias);
     auto softmax = [&](int64_t k0, uint32_t(&p_out)[kBc / 16][4]) {
       if (k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > group_row0))
-        softmax_tile<kBc, kCausal, kDropout, true>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                              p.scale_log2, drop, mask_rows, bits_row, kb_last);
+        softmax_tile<kBc, kCausal, kDropout, true, kWeighted>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0,
+                                                              rows.count, p.scale_log2, drop, mask_rows, bits_row,
+                                                              kb_last, bias);
       else
-        softmax_tile<kBc, kCausal, kDropout, false>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0, rows.count,
-                                               p.scale_log2, drop, mask_rows, bits_row, kb_last);
+        softmax_tile<kBc, kCausal, kDropout, false, kWeighted>(s, p_out, corr, m_row, l_row, k0, q_row0, group_row0,
+                                                               rows.count, p.scale_log2, drop, mask_rows, bits_row,
+                                                               kb_last, bias);
     };
     // Ring slot and phase of this item's key tile j.
     auto stage = [&](int j) { return (ring + j) % kStages; };
@@ -742,6 +770,7 @@ struct WsBwdParams {
   int64_t items;              // segments x tiles_per_segment x B H
   int64_t group;              // (segment, batch-head) pairs whose Q/dO share L2: item_place
   int* work;                  // [2] zero at launch (the forward's scheme)
+  BranchPairs pairs;          // kWeighted: as the forward's
 };
 
 // One work item of the persistent backward: a 128-key block of one (batch,
@@ -754,7 +783,17 @@ struct BwdItem {
 };
 static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per item");
 
-template <bool kCausal>
+// The first query of a key block's tiles: causal, its own first row, or for a
+// nested branch the start of the next span (the block lies in one span:
+// a multiple of kBwdKeys rows, ws_nested_pairs); a multiple of kBm.
+template <bool kCausal, bool kWeighted>
+__device__ __forceinline__ int64_t bwd_q_first(const WsBwdParams& p, int64_t kt0) {
+  if constexpr (kWeighted)
+    if (p.pairs.span > 0) return (kt0 / p.pairs.span + 1) * p.pairs.span;
+  return kCausal ? kt0 : 0;
+}
+
+template <bool kCausal, bool kWeighted>
 __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) {
   const BranchGrid& g = p.g;
   const ItemPlace at = item_place(p, item);
@@ -763,12 +802,13 @@ __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) 
   w.head = at.bh % g.heads;
   w.rows = kept_rows(g.n, g.w, g.r, w.head, at.segment);
   w.kt0 = at.rank * kBwdKeys;
-  const int64_t q_first = kCausal ? w.kt0 : 0;  // a multiple of kBm
-  w.n_tiles = w.kt0 < w.rows.count ? static_cast<int>((w.rows.count - q_first + kBm - 1) / kBm) : 0;
+  const int64_t q_first = bwd_q_first<kCausal, kWeighted>(p, w.kt0);
+  w.n_tiles = w.kt0 < w.rows.count && q_first < w.rows.count
+                  ? static_cast<int>((w.rows.count - q_first + kBm - 1) / kBm) : 0;
   return w;
 }
 
-template <int kD, bool kCausal, bool kDirect, bool kDropout>
+template <int kD, bool kCausal, bool kDirect, bool kDropout, bool kWeighted>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
@@ -816,7 +856,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     int ring = 0;  // Q/dO tiles loaded so far, all items
     for (int n = 0;; ++n) {
       BwdItem w{};
-      while (item < p.items && (w = bwd_item<kCausal>(p, item)).n_tiles == 0) item = next_item(p.work, lane);
+      while (item < p.items && (w = bwd_item<kCausal, kWeighted>(p, item)).n_tiles == 0) item = next_item(p.work, lane);
       if (item >= p.items) w.n_tiles = -1;
       const int slot = n % kKvSlots;
       hopper::mbar_wait(&kv_empty[slot], ((n / kKvSlots) & 1) ^ 1);
@@ -830,7 +870,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       }
       const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
       const RowSet rows = w.rows;
-      const int64_t q_first = kCausal ? kt0 : 0;
+      const int64_t q_first = bwd_q_first<kCausal, kWeighted>(p, kt0);
       // The tensor maps' coordinates of row t = 0 (see the top comment).
       const int64_t first = batch * g.n + rows.base;
       const int o = static_cast<int>(first % g.r);
@@ -962,7 +1002,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
     const RowSet rows = w.rows;
     const int n_tiles = w.n_tiles;
-    const int64_t q_first = kCausal ? kt0 : 0;  // a multiple of kBm
+    const int64_t q_first = bwd_q_first<kCausal, kWeighted>(p, kt0);
+    float bias[2] = {0.f, 0.f};  // kWeighted: the lane's keys' pairs with its query columns of parity x
+    if constexpr (kWeighted) pair_log2_weights(p.pairs, head, lane, bias);
     // The tensor maps' coordinates of row t = 0 (see the top comment).
     const int64_t first = batch * g.n + rows.base;
     const int o = static_cast<int>(first % g.r);
@@ -1045,7 +1087,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         // column chunk c at a time: fused at head dim 64 (dP^T is there), at
         // 128 all of P^T first, while dP^T finishes on the tensor cores.
         auto probs = [&](int c) {
-          const float2 lc = *reinterpret_cast<const float2*>(l2 + c * 8 + 2 * (lane % 4));
+          float2 lc = *reinterpret_cast<const float2*>(l2 + c * 8 + 2 * (lane % 4));
+          if constexpr (kWeighted) {  // weight 2^bias: exp2(s - (L - bias))
+            lc.x -= bias[0];
+            lc.y -= bias[1];
+          }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float x = mma::exp2_ftz(st[4 * c + e] * scale_log2 - (e & 1 ? lc.y : lc.x));
@@ -1385,7 +1431,11 @@ template <int kD, bool kCausal, MergeMode kMode>
 void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
             const CUtensorMap& om, int64_t batch) {
   const bool drop = p.drop.mask.enabled();
-  auto kernel = drop ? forward_ws_kernel<kD, kCausal, kMode, true> : forward_ws_kernel<kD, kCausal, kMode, false>;
+  auto kernel = drop ? forward_ws_kernel<kD, kCausal, kMode, true, false>
+                     : forward_ws_kernel<kD, kCausal, kMode, false, false>;
+  // Nested branches: causal, several branches (no kSingle), no dropout (ws_nested_pairs).
+  if constexpr (kCausal && kMode != MergeMode::kSingle)
+    if (!p.pairs.plain()) kernel = forward_ws_kernel<kD, kCausal, kMode, false, true>;
   const int bytes = drop ? FwdShape<kD>::kBytes
                          : out_tiles<kD, kMode, false> ? FwdShape<kD>::kBytesOut : FwdShape<kD>::kBytes;
   allow_dynamic_smem(bytes, kernel);
@@ -1405,10 +1455,16 @@ template <int kD, bool kCausal, bool kDirect>
 void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensorMap& km, const CUtensorMap& vm,
                      const CUtensorMap& dm, const CUtensorMap& dqm, const CUtensorMap& dkm, const CUtensorMap& dvm,
                      int64_t batch) {
-  auto plain = backward_ws_kernel<kD, kCausal, kDirect, false>;
-  auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true>;
+  auto plain = backward_ws_kernel<kD, kCausal, kDirect, false, false>;
+  auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true, false>;
   constexpr int kBytes = BwdShape<kD>::kBytes;
   allow_dynamic_smem(kBytes, plain, dropout);
+  // Nested branches: causal, no dropout (ws_nested_pairs).
+  if constexpr (kCausal)
+    if (!p.pairs.plain()) {
+      plain = backward_ws_kernel<kD, kCausal, kDirect, false, true>;
+      allow_dynamic_smem(kBytes, plain);
+    }
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
 #if MINIDL_WS_TRACE
@@ -1475,10 +1531,24 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
   return batch * g.n < (int64_t(1) << 31) && g.heads < (int64_t(1) << 31);
 }
 
+std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
+  if (config.dropout.enabled()) return {};
+  std::vector<BranchPairs> pairs = nested_pairs(config, n);
+  if (pairs.empty() || pairs[finishing_branch].span != 0) return {};
+  // A forward item's query rows and a backward item's keys lie in one span.
+  static_assert(kBr == kBwdKeys && kBwdKeys % kBm == 0, "tiles of one span");
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const DilatedBranch& b = config.branches[i];
+    if (pairs[i].span % kBr != 0 && pairs[i].span < max_kept_rows(std::min(b.segment, n), b.dilation)) return {};
+  }
+  return pairs;
+}
+
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
-                float* lse, BFloat16* out) {
+                float* lse, BFloat16* out, const BranchPairs& pairs) {
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
+  p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBr - 1) / kBr;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
@@ -1522,11 +1592,12 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
                  int64_t batch, bool causal, float scale, const BranchDropout& drop, float* dq_acc, float* dk_acc,
                  float* dv_acc, BFloat16* dk_out, BFloat16* dv_out, int64_t out_row_stride,
-                 uint8_t* kv_written) {
+                 uint8_t* kv_written, const BranchPairs& pairs) {
   MINIDL_CHECK(!drop.mask.enabled() || drop.bits.words,
                "dilated_attention backward (cuda, ws): dropout without the forward's keep bits");
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
+  p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBwdKeys - 1) / kBwdKeys;
   p.batch_heads = batch * g.heads;
   p.items = p.g.segments * p.g.tiles_per_segment * p.batch_heads;
