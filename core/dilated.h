@@ -243,8 +243,10 @@ struct BranchPairs {
     const int cq = row_class(head, tq), ck = row_class(head, tk);
     return 1 + (cq < ck ? cq : ck);
   }
+  // The first kept row of row t's span (span > 0).
+  MINIDL_HD int64_t span_start(int64_t t) const { return t / span * span; }
   // Whether key tk is one of query tq's pairs in this branch (tk <= tq, causal).
-  MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || tk < tq / span * span; }
+  MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || tk < span_start(tq); }
   bool plain() const {
     if (span != 0) return false;
     for (uint32_t c : classes)

@@ -191,6 +191,9 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
       for (size_t i = 0; i < finish.size(); ++i) {
         BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
+        // A branch whose pairs all belong to smaller ones has nothing to add
+        // (kMerge takes rows no launch wrote: lse -inf).
+        if (!pairs.empty() && pairs[finish[i]].span >= max_kept_rows(g.w, g.r)) continue;
         const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
                                : i == 0               ? MergeMode::kWrite
                                                       : MergeMode::kMerge;
@@ -366,6 +369,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
         const bool last = i + 1 == finish.size();
+        if (!pairs.empty() && pairs[finish[i]].span >= max_kept_rows(g.w, g.r)) continue;  // as the forward's
         backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
                     static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
                     branch_dropout(config, finish[i], s, dropout_bits), static_cast<float*>(dq_acc.raw_data()), ptr(dk_acc),

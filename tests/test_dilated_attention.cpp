@@ -411,6 +411,7 @@ TEST_CASE("nested branches: each shared pair is computed by one branch, weighted
       {"8 does not divide 12", 1, 48, 4, 1, {8, 12}, {1, 2}},
       {"no dilation 1", 1, 48, 4, 1, {8, 16}, {2, 4}},
       {"the larger segment's dilation is the smaller", 1, 48, 4, 1, {8, 16}, {2, 1}},
+      {"dilations out of the segments' order", 1, 48, 4, 1, {8, 16, 32}, {1, 4, 2}},
       {"one branch", 1, 48, 4, 1, {8}, {1}},
   };
   for (const Case& c : apart) {
@@ -1344,8 +1345,9 @@ namespace {
       // than any case above); that run disagreed with one rank on the H200.
       {"B = 4, segments 6, 5, 16, r 1, 3, 2", 4, 16, 2, 32, {6, 5, 16}, {1, 3, 2}, true},
       // Nested branches: the ws kernels compute each shared pair once
-      // (nested_pairs), spans of 128 kept rows; listed out of order, the
-      // largest segment clamped to N (which 1024 does not divide), B = 2.
+      // (nested_pairs; a CPU case checks that they qualify), spans of 128
+      // kept rows; the second listed out of order, its largest segment
+      // clamped to N (which 1024 does not divide), B = 2.
       {"nested, LongNet's doubling / 8", 1, 1100, 8, 64, {256, 512, 1024}, {1, 2, 4}, true},
       {"nested, r up to 8, out of order, w > N", 2, 1300, 8, 128, {2048, 256, 1024, 512}, {8, 1, 4, 2}, true},
       // head dims the tensor-core path does not take (padded SIMT kernels)
@@ -1373,6 +1375,22 @@ namespace {
 }
 
 }  // namespace
+
+// The ws kernels take a nested plan whose spans are whole 128-row tiles
+// (ws_nested_pairs): the CUDA cases named "nested" must have one, or they
+// would test the per-branch path twice.
+TEST_CASE("nested branches: the CUDA cases named so have a plan the ws kernels take") {
+  int nested = 0;
+  for (const Case& c : cuda_cases()) {
+    if (c.name.rfind("nested", 0) != 0) continue;
+    CAPTURE(str(c));
+    ++nested;
+    const std::vector<BranchPairs> plan = nested_pairs(kernel_config(c), c.N);
+    REQUIRE(plan.size() == c.segments.size());
+    for (const BranchPairs& p : plan) CHECK(p.span % 128 == 0);
+  }
+  CHECK(nested == 2);
+}
 
 TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU reference") {
   MINIDL_REQUIRE_CUDA();
@@ -1438,6 +1456,7 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
            k0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16),
            v0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16);
     const DilatedAttentionConfig config = kernel_config(c);
+    if (c.name.rfind("nested", 0) == 0) REQUIRE(!nested_pairs(config, c.N).empty());
     Forward want = run_forward(cpu::dilated_attention_forward_reference, q0.to(DType::Float64),
                                k0.to(DType::Float64), v0.to(DType::Float64), config);
     Forward got = run_forward(cuda::dilated_attention_forward, q0.to(gpu), k0.to(gpu), v0.to(gpu), config);

@@ -395,7 +395,7 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   // A nested branch's query tile lies in one span (a multiple of kBr rows,
   // ws_nested_pairs) and sees the whole spans before it: no item in the first.
   if constexpr (kWeighted)
-    if (p.pairs.span > 0) key_end = w.t0 / p.pairs.span * p.pairs.span;
+    if (p.pairs.span > 0) key_end = p.pairs.span_start(w.t0);
   w.n_tiles = w.t0 < w.rows.count ? static_cast<int>((key_end + kBc - 1) / kBc) : 0;
   return w;
 }
@@ -789,7 +789,7 @@ static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per ite
 template <bool kCausal, bool kWeighted>
 __device__ __forceinline__ int64_t bwd_q_first(const WsBwdParams& p, int64_t kt0) {
   if constexpr (kWeighted)
-    if (p.pairs.span > 0) return (kt0 / p.pairs.span + 1) * p.pairs.span;
+    if (p.pairs.span > 0) return p.pairs.span_start(kt0) + p.pairs.span;
   return kCausal ? kt0 : 0;
 }
 
@@ -1547,6 +1547,8 @@ std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, i
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
                 float* lse, BFloat16* out, const BranchPairs& pairs) {
+  MINIDL_CHECK(pairs.plain() || (causal && !drop.mask.enabled() && mode != MergeMode::kSingle),
+               "dilated_attention (cuda, ws): nested pairs need a causal merging launch without dropout");
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBr - 1) / kBr;
@@ -1597,6 +1599,8 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                "dilated_attention backward (cuda, ws): dropout without the forward's keep bits");
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
+  MINIDL_CHECK(pairs.plain() || (causal && !drop.mask.enabled()),
+               "dilated_attention backward (cuda, ws): nested pairs need a causal launch without dropout");
   p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBwdKeys - 1) / kBwdKeys;
   p.batch_heads = batch * g.heads;
