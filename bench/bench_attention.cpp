@@ -80,6 +80,8 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
     step();
     synchronize(dev);
   }
+  // Effective: the definition's pairs, each shared pair as often as the
+  // branches holding it (the ws kernels compute it once where they nest).
   double flops = 4.0 * dim * attended_pairs(n, kHeads, config) * (backward ? 3.5 : 1.0);
   state.counters["TFLOP/s"] =
       benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
