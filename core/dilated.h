@@ -247,6 +247,9 @@ struct BranchPairs {
   MINIDL_HD int64_t span_start(int64_t t) const { return t / span * span; }
   // Whether key tk is one of query tq's pairs in this branch (tk <= tq, causal).
   MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || tk < span_start(tq); }
+  // Whether every pair of a branch whose segments keep at most max_rows rows
+  // belongs to a smaller branch (its span holds them all): nothing of its own.
+  MINIDL_HD bool shares_all(int64_t max_rows) const { return span >= max_rows; }
   bool plain() const {
     if (span != 0) return false;
     for (uint32_t c : classes)

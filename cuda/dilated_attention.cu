@@ -193,13 +193,13 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
         grid_of(g, s.b);  // size check
         // A branch whose pairs all belong to smaller ones has nothing to add
         // (kMerge takes rows no launch wrote: lse -inf).
-        if (!pairs.empty() && pairs[finish[i]].span >= max_kept_rows(g.w, g.r)) continue;
+        if (pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;
         const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
                                : i == 0               ? MergeMode::kWrite
                                                       : MergeMode::kMerge;
         forward_ws(qo, ko, vo, g, s.b, config.causal, scale_log2, drop_of(finish[i]), mode,
                    static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr,
-                   pairs.empty() ? BranchPairs{} : pairs[finish[i]]);
+                   pairs[finish[i]]);
       }
       return;
     }
@@ -369,14 +369,14 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
         const bool last = i + 1 == finish.size();
-        if (!pairs.empty() && pairs[finish[i]].span >= max_kept_rows(g.w, g.r)) continue;  // as the forward's
+        if (pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;  // as the forward's
         backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
                     static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
                     branch_dropout(config, finish[i], s, dropout_bits), static_cast<float*>(dq_acc.raw_data()), ptr(dk_acc),
                     ptr(dv_acc), last ? static_cast<BFloat16*>(dk.raw_data()) : nullptr,
                     last ? static_cast<BFloat16*>(dv.raw_data()) : nullptr, dk.stride(1),
                     written.defined() ? static_cast<uint8_t*>(written.raw_data()) : nullptr,
-                    pairs.empty() ? BranchPairs{} : pairs[finish[i]]);
+                    pairs[finish[i]]);
       }
       copy(dq_acc, dq);
       return;

@@ -71,8 +71,8 @@ void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Op
 // causal, no dropout, the branch that finishes every row (finishing_order's
 // last: the first dilation-1 branch listed) being the smallest, which
 // computes all its pairs, and each span a whole number of the kernels'
-// 128-row tiles (or past every row set: no pairs of its own). Empty
-// otherwise: each branch computes all its pairs.
+// 128-row tiles (or past every row set: no pairs of its own). One per
+// branch (config order); plain ones (all its pairs, weight 1) otherwise.
 std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,

@@ -1532,14 +1532,16 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 }
 
 std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
-  if (config.dropout.enabled()) return {};
+  const std::vector<BranchPairs> plain(config.branches.size());
+  if (config.dropout.enabled()) return plain;
   std::vector<BranchPairs> pairs = nested_pairs(config, n);
-  if (pairs.empty() || pairs[finishing_branch].span != 0) return {};
+  if (pairs.empty() || pairs[finishing_branch].span != 0) return plain;
   // A forward item's query rows and a backward item's keys lie in one span.
   static_assert(kBr == kBwdKeys && kBwdKeys % kBm == 0, "tiles of one span");
   for (size_t i = 0; i < pairs.size(); ++i) {
     const DilatedBranch& b = config.branches[i];
-    if (pairs[i].span % kBr != 0 && pairs[i].span < max_kept_rows(std::min(b.segment, n), b.dilation)) return {};
+    if (pairs[i].span % kBr != 0 && !pairs[i].shares_all(max_kept_rows(std::min(b.segment, n), b.dilation)))
+      return plain;
   }
   return pairs;
 }
