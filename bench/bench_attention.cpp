@@ -1,5 +1,5 @@
-// Dilated vs dense causal attention on CUDA (bf16, B=1, H=8, D=64; dense also
-// at D=128): forward
+// Dilated vs dense attention on CUDA (bf16, B=1, H=8, D=64, causal unless
+// named otherwise; dense also at D=128): forward
 // and forward+backward time, effective TFLOP/s counting only useful FLOPs
 // (4·D per attended (query, key) pair forward, 2.5x that backward) and peak
 // memory. The dilated configuration is LongNet's: w = 2048, 4096, 8192, 16384
@@ -10,7 +10,8 @@
 // dilation-1 branch alone (w = 2048, r = 1: causal attentions of 2048 rows),
 // which bench/pytorch/attention_baseline.py runs through SDPA as a batch. The
 // "_drop" problems train with attention dropout 0.2 (the char-LM recipe's),
-// against the same problem without.
+// against the same problem without; "dilated_noncausal" is the dilated
+// problem without the causal mask (LongNet as an encoder).
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -43,7 +44,8 @@ enum class Pattern { kDense, kDilated, kSegments };
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
-void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, double dropout, const char* kernel) {
+void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, double dropout, bool causal,
+         const char* kernel) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -52,6 +54,7 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
   DilatedAttentionConfig config;
+  config.causal = causal;
   if (pattern == Pattern::kDilated) config = bench::longnet_config();
   else if (pattern == Pattern::kSegments) config.branches.push_back(bench::longnet_config().branches.front());
   else config.branches.push_back({n, 1});
@@ -70,7 +73,7 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
     // over three full-size tensors, ~5% of the 1M fwd+bwd, and hold them at
     // the peak), as bench/pytorch/attention_baseline.py does too.
     for (const Tensor* t : {&q, &k, &v}) t->zero_grad();
-    auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, true, 0, dropout);
+    auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, causal, 0, dropout);
     if (backward) out.backward(seed);
   };
   step();  // warm-up: module load, allocator cache
@@ -105,6 +108,7 @@ void register_benchmarks() {
     bool backward;
     int64_t dim, min_n, max_n;
     double dropout = 0;
+    bool causal = true;
   };
   using enum Pattern;
   const Problem problems[] = {{"dilated_fwd", kDilated, false, kDim, 2048, 1 << 20},
@@ -117,7 +121,9 @@ void register_benchmarks() {
                               {"dense_d128_fwd_bwd", kDense, true, 128, 16384, 16384},
                               {"dense_drop_fwd_bwd", kDense, true, kDim, 2048, 32768, 0.2},
                               {"dilated_drop_fwd", kDilated, false, kDim, 131072, 1 << 20, 0.2},
-                              {"dilated_drop_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2}};
+                              {"dilated_drop_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2},
+                              {"dilated_noncausal_fwd", kDilated, false, kDim, 131072, 1 << 20, 0, false},
+                              {"dilated_noncausal_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0, false}};
   for (const Problem& p : problems)
     for (const char* name : {"mma", "wgmma", "ws"}) {
 #if defined(MINIDL_WITH_CUDA)
@@ -138,7 +144,7 @@ void register_benchmarks() {
 #endif
       sizes(benchmark::RegisterBenchmark(
                 (std::string(p.name) + ":" + name).c_str(),
-                [p, name](benchmark::State& st) { run(st, p.pattern, p.backward, p.dim, p.dropout, name); }),
+                [p, name](benchmark::State& st) { run(st, p.pattern, p.backward, p.dim, p.dropout, p.causal, name); }),
             p.min_n, p.max_n);
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");
@@ -170,7 +176,7 @@ class PlotReporter : public benchmark::ConsoleReporter {
   void save(const std::string& path) const {
     minidl::plot::Figure fig;
     fig.title = "attention on " + std::string(cuda_is_available() ? "CUDA" : "CPU") +
-                " (bf16, B=1, H=8, D=64, causal)";
+                " (bf16, B=1, H=8, D=64, causal unless named)";
     fig.x.label = "sequence length N";
     fig.y.label = "time (ms)";
     fig.x.log = fig.y.log = true;

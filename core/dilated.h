@@ -230,11 +230,11 @@ struct DilatedAttentionConfig {
 // then belongs to the smallest branch holding it. Branch i of the sorted order
 // (i > 0) keeps only the pairs across the segments of branch i - 1: a query in
 // span b of its segment (spans of w_{i-1} / r_i kept rows) attends the keys of
-// spans before b, all of them. A pair of kept rows (tq, tk) weighs
-// 1 + min(c(tq), c(tk)), c(t) the number of larger branches keeping row t,
-// which depends on t mod 8 and the head mod 8 only. Causal configs only.
+// the other spans, all of them (causal: those before b). A pair of kept rows
+// (tq, tk) weighs 1 + min(c(tq), c(tk)), c(t) the number of larger branches
+// keeping row t, which depends on t mod 8 and the head mod 8 only.
 struct BranchPairs {
-  int64_t span = 0;          // > 0: keys only from the spans of this many kept rows before the query's
+  int64_t span = 0;          // > 0: pairs only across spans of this many kept rows
   uint32_t classes[8] = {};  // [head % 8], bits 4 (t % 8) + 0..3: c(t) of kept row t
   MINIDL_HD int row_class(int64_t head, int64_t t) const {
     return static_cast<int>((classes[head % 8] >> (4 * (t % 8))) & 15u);
@@ -245,8 +245,15 @@ struct BranchPairs {
   }
   // The first kept row of row t's span (span > 0).
   MINIDL_HD int64_t span_start(int64_t t) const { return t / span * span; }
-  // Whether key tk is one of query tq's pairs in this branch (tk <= tq, causal).
-  MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || tk < span_start(tq); }
+  // Whether the branch's pair (tq, tk) is its own: not inside one span.
+  MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || span_start(tq) != span_start(tk); }
+  // Not causal, a block of rows in row t's span pairs with the branch's other
+  // kept rows (`count` in all): as one list, its length and its i-th row.
+  MINIDL_HD int64_t rows_outside_span(int64_t t, int64_t count) const {
+    const int64_t start = span_start(t), end = start + span < count ? start + span : count;
+    return count - (end - start);
+  }
+  MINIDL_HD int64_t row_outside_span(int64_t t, int64_t i) const { return i < span_start(t) ? i : i + span; }
   // Whether every pair of a branch whose segments keep at most max_rows rows
   // belongs to a smaller branch (its span holds them all): nothing of its own.
   MINIDL_HD bool shares_all(int64_t max_rows) const { return span >= max_rows; }
@@ -263,7 +270,7 @@ struct BranchPairs {
 inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& config, int64_t n) {
   const std::vector<DilatedBranch>& br = config.branches;
   const size_t k = br.size();
-  if (!config.causal || k < 2 || k > 15 || n <= 0) return {};
+  if (k < 2 || k > 15 || n <= 0) return {};
   for (const DilatedBranch& b : br)
     if (b.segment < 1 || b.dilation < 1) return {};
   auto w_of = [&](size_t i) { return br[i].segment < n ? br[i].segment : n; };

@@ -52,6 +52,16 @@ Case non_causal(Case c) {
   return c;
 }
 
+// Each case, then the same not causal.
+std::vector<Case> with_non_causal(const std::vector<Case>& cases) {
+  std::vector<Case> all;
+  for (const Case& c : cases) {
+    all.push_back(c);
+    all.push_back(non_causal(c));
+  }
+  return all;
+}
+
 // What the op hands the kernels: segments clamped to N, the scale filled in.
 DilatedAttentionConfig kernel_config(const Case& c, double scale = 0) {
   DilatedAttentionConfig config;
@@ -76,12 +86,7 @@ std::vector<Case> spec_cases() {
       {"head offset beyond a short last segment", 1, 9, 4, 2, {4}, {4}},
       {"duplicate branches count twice", 1, 8, 2, 2, {4, 4}, {1, 1}},
   };
-  std::vector<Case> all;
-  for (const Case& c : base) {
-    all.push_back(c);
-    all.push_back(non_causal(c));
-  }
-  return all;
+  return with_non_causal(base);
 }
 
 enum class Layout { Contiguous, Packed, HeadMajor, StridedHeadDim };
@@ -385,7 +390,7 @@ TEST_CASE("nested branches: each shared pair is computed by one branch, weighted
       {"equal segments: every pair of r = 2 is one of r = 1", 1, 40, 2, 1, {8, 8}, {1, 2}},
       {"duplicate branches", 1, 40, 2, 1, {8, 8}, {1, 1}},
   };
-  for (const Case& c : nests) {
+  for (const Case& c : with_non_causal(nests)) {
     CAPTURE(str(c));
     const DilatedAttentionConfig config = kernel_config(c);
     const std::vector<BranchPairs> plan = nested_pairs(config, c.N);
@@ -397,7 +402,7 @@ TEST_CASE("nested branches: each shared pair is computed by one branch, weighted
         for (int64_t segment = 0; segment * b.segment < c.N; ++segment) {
           const KeptRows rows = kept_rows(c.N, b.segment, b.dilation, h, segment);
           for (int64_t tq = 0; tq < rows.count; ++tq)
-            for (int64_t tk = 0; tk <= tq; ++tk)
+            for (int64_t tk = 0; tk < (c.causal ? tq + 1 : rows.count); ++tk)
               if (plan[i].keeps(tq, tk))
                 weighted[static_cast<size_t>((h * c.N + rows.base + tq * rows.stride) * c.N + rows.base +
                                              tk * rows.stride)] += plan[i].weight(h, tq, tk);
@@ -414,11 +419,10 @@ TEST_CASE("nested branches: each shared pair is computed by one branch, weighted
       {"dilations out of the segments' order", 1, 48, 4, 1, {8, 16, 32}, {1, 4, 2}},
       {"one branch", 1, 48, 4, 1, {8}, {1}},
   };
-  for (const Case& c : apart) {
+  for (const Case& c : with_non_causal(apart)) {
     CAPTURE(str(c));
     CHECK(nested_pairs(kernel_config(c), c.N).empty());
   }
-  CHECK(nested_pairs(kernel_config(non_causal(nests[0])), nests[0].N).empty());
 
   // LongNet's 1M-token problem: spans of 1,024 kept rows; head 0 of the
   // dilation-1 branch has rows t = 0 mod 8 kept by all three larger branches,
@@ -452,11 +456,7 @@ std::vector<Case> tiled_cases() {
       {"w not a multiple of r", 1, 130, 3, 9, {70, 45}, {3, 4}},
       {"rows kept nowhere", 1, 100, 2, 8, {50}, {3}},
   };
-  std::vector<Case> all;
-  for (const Case& c : base) {
-    all.push_back(c);
-    all.push_back(non_causal(c));
-  }
+  std::vector<Case> all = with_non_causal(base);
   for (const Case& c : spec_cases()) all.push_back(c);
   return all;
 }
@@ -1143,12 +1143,7 @@ std::vector<Case> readback_cases() {
       {"two 64-row tiles", 1, 256, 2, 128, {256}, {2}},
       {"D = 32", 1, 100, 2, 32, {32}, {1}},
   };
-  std::vector<Case> all;
-  for (const Case& c : base) {
-    all.push_back(c);
-    all.push_back(non_causal(c));
-  }
-  return all;
+  return with_non_causal(base);
 }
 
 void check_readback(const MaskReadback& m) {
@@ -1350,6 +1345,8 @@ namespace {
       // clamped to N (which 1024 does not divide), B = 2.
       {"nested, LongNet's doubling / 8", 1, 1100, 8, 64, {256, 512, 1024}, {1, 2, 4}, true},
       {"nested, r up to 8, out of order, w > N", 2, 1300, 8, 128, {2048, 256, 1024, 512}, {8, 1, 4, 2}, true},
+      {"nested, LongNet's doubling / 8", 1, 1100, 8, 64, {256, 512, 1024}, {1, 2, 4}, false},
+      {"nested, r up to 8, out of order, w > N", 1, 1300, 8, 128, {2048, 256, 1024, 512}, {8, 1, 4, 2}, false},
       // head dims the tensor-core path does not take (padded SIMT kernels)
       {"D = 8", 2, 150, 4, 8, {64, 150}, {1, 2}, true},
       {"D = 48", 1, 200, 4, 48, {200}, {1}, true},
@@ -1389,7 +1386,7 @@ TEST_CASE("nested branches: the CUDA cases named so have a plan the ws kernels t
     REQUIRE(plan.size() == c.segments.size());
     for (const BranchPairs& p : plan) CHECK(p.span % 128 == 0);
   }
-  CHECK(nested == 2);
+  CHECK(nested == 4);
 }
 
 TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU reference") {
@@ -1448,6 +1445,7 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
       {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true},
       {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
       {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, true},
+      {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, false},
   };
   for (const Case& c : cases) {
     CAPTURE(str(c));

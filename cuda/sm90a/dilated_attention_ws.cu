@@ -393,11 +393,23 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   w.t0 = (g.tiles_per_segment - 1 - rank) * kBr;
   int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
   // A nested branch's query tile lies in one span (a multiple of kBr rows,
-  // ws_nested_pairs) and sees the whole spans before it: no item in the first.
+  // ws_nested_pairs) and sees the whole spans before it (causal: no item in
+  // the first) or all the others (fwd_key0).
   if constexpr (kWeighted)
-    if (p.pairs.span > 0) key_end = p.pairs.span_start(w.t0);
+    if (p.pairs.span > 0)
+      key_end = kCausal ? p.pairs.span_start(w.t0) : p.pairs.rows_outside_span(w.t0, w.rows.count);
   w.n_tiles = w.t0 < w.rows.count ? static_cast<int>((key_end + kBc - 1) / kBc) : 0;
   return w;
+}
+
+// The first key of an item's key tile j. A nested branch without causality
+// skips the query tile's own span (whole tiles) in its list of keys.
+template <int kBc, bool kCausal, bool kWeighted>
+__device__ __forceinline__ int64_t fwd_key0(const WsParams& p, int64_t t0, int j) {
+  const int64_t k0 = int64_t(j) * kBc;
+  if constexpr (kWeighted && !kCausal)
+    if (p.pairs.span > 0) return p.pairs.row_outside_span(t0, k0);
+  return k0;
 }
 
 // Persistent: each block walks work items, its first one blockIdx.x, the next
@@ -411,6 +423,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const __grid_constant__ CUtensorMap omap,
                                                                  const WsParams p) {
+  static_assert(!(kDropout && kWeighted), "nested pairs take no dropout (ws_nested_pairs)");
   using Smem = FwdShape<kD>;
   using QTile = typename Smem::QTile;
   using KTile = typename Smem::KTile;
@@ -467,11 +480,12 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                      w.rows, o, j0, w.t0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
           const int s = ring % kStages;
+          const int64_t k0 = fwd_key0<kBc, kCausal, kWeighted>(p, w.t0, j);
           hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
           load_rows<kBc, kD>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
-                         w.rows, o, j0, int64_t(j) * kBc);
+                         w.rows, o, j0, k0);
           load_rows<kBc, kD>(smem + Smem::kV + s * KTile::kBytes, &vmap, p.v, &v_full[s], p.map_rows, w.batch, w.head,
-                         w.rows, o, j0, int64_t(j) * kBc);
+                         w.rows, o, j0, k0);
       }
       item = next_item(p.work, lane);
     }
@@ -567,6 +581,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                                                rows.count, p.scale_log2, drop, mask_rows, bits_row,
                                                                kb_last, bias);
     };
+    auto key0 = [&](int j) { return fwd_key0<kBc, kCausal, kWeighted>(p, w.t0, j); };
     // Ring slot and phase of this item's key tile j.
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
@@ -578,7 +593,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     // issued ahead) is in flight makes ptxas serialise every wgmma (C7515).
 #pragma unroll
     for (int i = 0; i < kD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    softmax(0, pf);
+    softmax(key0(0), pf);
     WS_TRACE(0, 3, 0);
 
     // Tile j: S(j) and O += P(j-1) V(j-1) in flight together, then softmax(j)
@@ -595,7 +610,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       wgmma::wait<1>();
       wgmma::fence_operands(s);
       WS_TRACE(0, 5, j);
-      softmax(int64_t(j) * kBc, p_out);
+      softmax(key0(j), p_out);
       WS_TRACE(0, 6, j);
       wgmma::wait<0>();
       wgmma::fence_operands(o_flat);
@@ -783,14 +798,25 @@ struct BwdItem {
 };
 static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per item");
 
-// The first query of a key block's tiles: causal, its own first row, or for a
-// nested branch the start of the next span (the block lies in one span:
-// a multiple of kBwdKeys rows, ws_nested_pairs); a multiple of kBm.
+// The first query of a key block's query tile j (a multiple of kBm): the
+// tiles run from the block's own first row (causal) or row 0; for a nested
+// branch (the block lies in one span: a multiple of kBwdKeys rows,
+// ws_nested_pairs) from the next span (causal) or over the other spans.
 template <bool kCausal, bool kWeighted>
-__device__ __forceinline__ int64_t bwd_q_first(const WsBwdParams& p, int64_t kt0) {
+__device__ __forceinline__ int64_t bwd_q0(const WsBwdParams& p, int64_t kt0, int j) {
+  const int64_t i = int64_t(j) * kBm;
   if constexpr (kWeighted)
-    if (p.pairs.span > 0) return p.pairs.span_start(kt0) + p.pairs.span;
-  return kCausal ? kt0 : 0;
+    if (p.pairs.span > 0)
+      return kCausal ? p.pairs.span_start(kt0) + p.pairs.span + i : p.pairs.row_outside_span(kt0, i);
+  return (kCausal ? kt0 : 0) + i;
+}
+
+// How many of the row set's `count` queries a key block's tiles hold.
+template <bool kCausal, bool kWeighted>
+__device__ __forceinline__ int64_t bwd_queries(const WsBwdParams& p, int64_t kt0, int64_t count) {
+  if constexpr (kWeighted && !kCausal)
+    if (p.pairs.span > 0) return p.pairs.rows_outside_span(kt0, count);
+  return count - bwd_q0<kCausal, kWeighted>(p, kt0, 0);
 }
 
 template <bool kCausal, bool kWeighted>
@@ -802,9 +828,8 @@ __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) 
   w.head = at.bh % g.heads;
   w.rows = kept_rows(g.n, g.w, g.r, w.head, at.segment);
   w.kt0 = at.rank * kBwdKeys;
-  const int64_t q_first = bwd_q_first<kCausal, kWeighted>(p, w.kt0);
-  w.n_tiles = w.kt0 < w.rows.count && q_first < w.rows.count
-                  ? static_cast<int>((w.rows.count - q_first + kBm - 1) / kBm) : 0;
+  const int64_t queries = bwd_queries<kCausal, kWeighted>(p, w.kt0, w.rows.count);
+  w.n_tiles = w.kt0 < w.rows.count && queries > 0 ? static_cast<int>((queries + kBm - 1) / kBm) : 0;
   return w;
 }
 
@@ -817,6 +842,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                                                                   const __grid_constant__ CUtensorMap dkmap,
                                                                   const __grid_constant__ CUtensorMap dvmap,
                                                                   const __grid_constant__ WsBwdParams p) {
+  static_assert(!(kDropout && kWeighted), "nested pairs take no dropout (ws_nested_pairs)");
   using L = BwdShape<kD>;
   using KTile = typename L::KTile;
   using RowTile = typename L::RowTile;
@@ -870,7 +896,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       }
       const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
       const RowSet rows = w.rows;
-      const int64_t q_first = bwd_q_first<kCausal, kWeighted>(p, kt0);
       // The tensor maps' coordinates of row t = 0 (see the top comment).
       const int64_t first = batch * g.n + rows.base;
       const int o = static_cast<int>(first % g.r);
@@ -882,7 +907,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                               head, rows, o, j0, kt0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
       const int s = ring % kBwdStages;
-      const int64_t q0 = q_first + int64_t(j) * kBm;
+      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, j);
       hopper::mbar_wait(&empty[s], ((ring / kBwdStages) & 1) ^ 1);
       // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's rows.
       float* st = stats + s * 2 * kBm;
@@ -1002,7 +1027,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const int64_t batch = w.batch, head = w.head, kt0 = w.kt0;
     const RowSet rows = w.rows;
     const int n_tiles = w.n_tiles;
-    const int64_t q_first = bwd_q_first<kCausal, kWeighted>(p, kt0);
     float bias[2] = {0.f, 0.f};  // kWeighted: the lane's keys' pairs with its query columns of parity x
     if constexpr (kWeighted) pair_log2_weights(p.pairs, head, lane, bias);
     // The tensor maps' coordinates of row t = 0 (see the top comment).
@@ -1032,7 +1056,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // and tile, loaded a tile ahead (0 where no key of the warpgroup sees the tile).
     const int64_t row_set = kDropout ? dropout_row_set(p, batch, head, rows) : 0;
     auto tile_bits = [&](int jj) -> uint32_t {
-      const int64_t qb = q_first / kBm + jj, kb = key0 / 64;
+      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, 0) / kBm + jj, kb = key0 / 64;  // (no kWeighted)
       if (jj >= n_tiles || key0 >= rows.count || (kCausal && kb > qb)) return 0u;
       return __ldcs(p.drop.bits.words + p.drop.bits.word(row_set, qb, kb) + 32 * warp + lane);
     };
@@ -1047,7 +1071,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       WS_TRACE(1, 2, j);
       if constexpr (!L::kAhead) issue_sdp(slot, t);
       const int s = t % kBwdStages;
-      const int64_t q0 = q_first + int64_t(j) * kBm;
+      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, j);
       const uint64_t q_mn_desc = wgmma::desc_offset(q_mn_desc0, s * RowTile::kBytes);
       const uint64_t do_mn_desc = wgmma::desc_offset(do_mn_desc0, s * RowTile::kBytes);
       const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (t & 1) * DsTile::kBytes);
@@ -1433,8 +1457,8 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   const bool drop = p.drop.mask.enabled();
   auto kernel = drop ? forward_ws_kernel<kD, kCausal, kMode, true, false>
                      : forward_ws_kernel<kD, kCausal, kMode, false, false>;
-  // Nested branches: causal, several branches (no kSingle), no dropout (ws_nested_pairs).
-  if constexpr (kCausal && kMode != MergeMode::kSingle)
+  // Nested branches: several branches (no kSingle), no dropout (ws_nested_pairs).
+  if constexpr (kMode != MergeMode::kSingle)
     if (!p.pairs.plain()) kernel = forward_ws_kernel<kD, kCausal, kMode, false, true>;
   const int bytes = drop ? FwdShape<kD>::kBytes
                          : out_tiles<kD, kMode, false> ? FwdShape<kD>::kBytesOut : FwdShape<kD>::kBytes;
@@ -1459,12 +1483,11 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true, false>;
   constexpr int kBytes = BwdShape<kD>::kBytes;
   allow_dynamic_smem(kBytes, plain, dropout);
-  // Nested branches: causal, no dropout (ws_nested_pairs).
-  if constexpr (kCausal)
-    if (!p.pairs.plain()) {
-      plain = backward_ws_kernel<kD, kCausal, kDirect, false, true>;
-      allow_dynamic_smem(kBytes, plain);
-    }
+  // Nested branches: no dropout (ws_nested_pairs).
+  if (!p.pairs.plain()) {
+    plain = backward_ws_kernel<kD, kCausal, kDirect, false, true>;
+    allow_dynamic_smem(kBytes, plain);
+  }
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
 #if MINIDL_WS_TRACE
@@ -1549,8 +1572,8 @@ std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, i
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
                 float* lse, BFloat16* out, const BranchPairs& pairs) {
-  MINIDL_CHECK(pairs.plain() || (causal && !drop.mask.enabled() && mode != MergeMode::kSingle),
-               "dilated_attention (cuda, ws): nested pairs need a causal merging launch without dropout");
+  MINIDL_CHECK(pairs.plain() || (!drop.mask.enabled() && mode != MergeMode::kSingle),
+               "dilated_attention (cuda, ws): nested pairs need a merging launch without dropout");
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBr - 1) / kBr;
@@ -1601,8 +1624,8 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                "dilated_attention backward (cuda, ws): dropout without the forward's keep bits");
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
-  MINIDL_CHECK(pairs.plain() || (causal && !drop.mask.enabled()),
-               "dilated_attention backward (cuda, ws): nested pairs need a causal launch without dropout");
+  MINIDL_CHECK(pairs.plain() || !drop.mask.enabled(),
+               "dilated_attention backward (cuda, ws): nested pairs need a launch without dropout");
   p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBwdKeys - 1) / kBwdKeys;
   p.batch_heads = batch * g.heads;
