@@ -176,7 +176,7 @@ class PlotReporter : public benchmark::ConsoleReporter {
   void save(const std::string& path) const {
     minidl::plot::Figure fig;
     fig.title = "attention on " + std::string(cuda_is_available() ? "CUDA" : "CPU") +
-                " (bf16, B=1, H=8, D=64, causal unless named)";
+                " (bf16, B=1, H=8, D=64)";
     fig.x.label = "sequence length N";
     fig.y.label = "time (ms)";
     fig.x.log = fig.y.log = true;

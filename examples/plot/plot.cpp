@@ -10,8 +10,9 @@
 
 namespace minidl::plot {
 
+// A benchmark's legend holds a dozen series or more.
 Color palette(size_t index) {
-  static constexpr std::array<Color, 10> kColors = {{{31, 119, 180},
+  static constexpr std::array<Color, 20> kColors = {{{31, 119, 180},
                                                      {255, 127, 14},
                                                      {44, 160, 44},
                                                      {214, 39, 40},
@@ -20,7 +21,17 @@ Color palette(size_t index) {
                                                      {227, 119, 194},
                                                      {127, 127, 127},
                                                      {188, 189, 34},
-                                                     {23, 190, 207}}};
+                                                     {23, 190, 207},
+                                                     {0, 0, 128},
+                                                     {128, 0, 0},
+                                                     {0, 128, 128},
+                                                     {230, 190, 0},
+                                                     {0, 0, 0},
+                                                     {128, 128, 0},
+                                                     {255, 0, 255},
+                                                     {90, 200, 90},
+                                                     {255, 160, 160},
+                                                     {100, 100, 255}}};
   return kColors[index % kColors.size()];
 }
 

@@ -47,7 +47,8 @@ struct Figure {
   int width = 900, height = 560;  // pixels
 };
 
-// Distinguishable line colours: blue, orange, green, red, purple, ... (cycles).
+// Distinguishable line colours: blue, orange, green, red, purple, ... (twenty,
+// then the cycle repeats).
 Color palette(size_t index);
 
 struct Tick {

@@ -52,6 +52,13 @@ TEST_CASE("format_number: plain in [0.001, 1e6), else mantissa and exponent; fou
   CHECK(format_number(9.99999) == "10");  // rounding carries into the next decade
 }
 
+TEST_CASE("palette: twenty distinct colours, then the cycle repeats") {
+  for (size_t i = 0; i < 20; ++i)
+    for (size_t j = 0; j < i; ++j) CHECK_FALSE(palette(i) == palette(j));
+  CHECK(palette(20) == palette(0));
+  CHECK(palette(27) == palette(7));
+}
+
 TEST_CASE("linear ticks: 1, 2 or 5 x 10^k steps inside the range") {
   CHECK(values(axis_ticks(0, 5000, false, 6)) == std::vector<double>{0, 1000, 2000, 3000, 4000, 5000});
   CHECK(labels(axis_ticks(0, 5000, false, 6)) ==
