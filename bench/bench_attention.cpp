@@ -54,10 +54,10 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
   const int64_t n = state.range(0);
   const Device dev = Device::cuda();
   DilatedAttentionConfig config;
-  config.causal = causal;
   if (pattern == Pattern::kDilated) config = bench::longnet_config();
   else if (pattern == Pattern::kSegments) config.branches.push_back(bench::longnet_config().branches.front());
   else config.branches.push_back({n, 1});
+  config.causal = causal;  // after the pattern's config: attended_pairs counts by it
   std::vector<int64_t> segments, dilations;
   for (const DilatedBranch& b : config.branches) {
     segments.push_back(b.segment);

@@ -247,8 +247,9 @@ struct BranchPairs {
   MINIDL_HD int64_t span_start(int64_t t) const { return t / span * span; }
   // Whether the branch's pair (tq, tk) is its own: not inside one span.
   MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || span_start(tq) != span_start(tk); }
-  // Not causal, a block of rows in row t's span pairs with the branch's other
-  // kept rows (`count` in all): as one list, its length and its i-th row.
+  // Not causal, a block of rows in row t's span (t < count) pairs with the
+  // branch's other kept rows (`count` in all): as one list, its length and
+  // its i-th row.
   MINIDL_HD int64_t rows_outside_span(int64_t t, int64_t count) const {
     const int64_t start = span_start(t), end = start + span < count ? start + span : count;
     return count - (end - start);

@@ -1347,6 +1347,9 @@ namespace {
       {"nested, r up to 8, out of order, w > N", 2, 1300, 8, 128, {2048, 256, 1024, 512}, {8, 1, 4, 2}, true},
       {"nested, LongNet's doubling / 8", 1, 1100, 8, 64, {256, 512, 1024}, {1, 2, 4}, false},
       {"nested, r up to 8, out of order, w > N", 1, 1300, 8, 128, {2048, 256, 1024, 512}, {8, 1, 4, 2}, false},
+      // Three spans a segment: a middle span has spans on both sides.
+      {"nested, three spans a segment", 1, 1700, 8, 128, {256, 768}, {1, 2}, true},
+      {"nested, three spans a segment", 1, 1700, 8, 128, {256, 768}, {1, 2}, false},
       // head dims the tensor-core path does not take (padded SIMT kernels)
       {"D = 8", 2, 150, 4, 8, {64, 150}, {1, 2}, true},
       {"D = 48", 1, 200, 4, 48, {200}, {1}, true},
@@ -1373,9 +1376,10 @@ namespace {
 
 }  // namespace
 
-// The ws kernels take a nested plan whose spans are whole 128-row tiles
-// (ws_nested_pairs): the CUDA cases named "nested" must have one, or they
-// would test the per-branch path twice.
+// The ws kernels take a nested plan whose spans are whole 128-row tiles and
+// whose finishing branch (the first dilation-1 branch listed) computes all its
+// pairs (ws_nested_pairs): the CUDA cases named "nested" must have one, or
+// they would test the per-branch path twice.
 TEST_CASE("nested branches: the CUDA cases named so have a plan the ws kernels take") {
   int nested = 0;
   for (const Case& c : cuda_cases()) {
@@ -1385,8 +1389,11 @@ TEST_CASE("nested branches: the CUDA cases named so have a plan the ws kernels t
     const std::vector<BranchPairs> plan = nested_pairs(kernel_config(c), c.N);
     REQUIRE(plan.size() == c.segments.size());
     for (const BranchPairs& p : plan) CHECK(p.span % 128 == 0);
+    const auto finishing = std::find(c.dilations.begin(), c.dilations.end(), 1);
+    REQUIRE(finishing != c.dilations.end());
+    CHECK(plan[static_cast<size_t>(finishing - c.dilations.begin())].span == 0);
   }
-  CHECK(nested == 4);
+  CHECK(nested == 6);
 }
 
 TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU reference") {
@@ -1446,6 +1453,8 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
       {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
       {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, true},
       {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, false},
+      {"nested branches, three spans a segment, several items per block", 2, 4100, 8, 64, {512, 1536}, {1, 2}, true},
+      {"nested branches, three spans a segment, several items per block", 2, 4100, 8, 64, {512, 1536}, {1, 2}, false},
   };
   for (const Case& c : cases) {
     CAPTURE(str(c));

@@ -327,8 +327,10 @@ __device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pf
 // batch-head) pairs, as many as keep their K and V within about a quarter of L2
 // (tiles of one pair read the same K/V); inside a group the causal tile rank
 // is the slowest index, heaviest first, so the last items handed out are the
-// shortest. n_tiles: key tiles; 0: the tile lies past the row set; -1: no
-// items left (the producer's stop mark to the consumers).
+// shortest. n_tiles: key tiles; 0: nothing to do (the tile lies past the row
+// set, or a nested branch's tile has no pairs of its own: causal, in the
+// first span; else in a segment of one span); -1: no items left (the
+// producer's stop mark to the consumers).
 struct FwdItem {
   int64_t batch, head, t0;
   RowSet rows;
@@ -393,8 +395,8 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   w.t0 = (g.tiles_per_segment - 1 - rank) * kBr;
   int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
   // A nested branch's query tile lies in one span (a multiple of kBr rows,
-  // ws_nested_pairs) and sees the whole spans before it (causal: no item in
-  // the first) or all the others (fwd_key0).
+  // ws_nested_pairs) and sees, causal, the whole spans before it (none in the
+  // first span), else every other span (fwd_key0).
   if constexpr (kWeighted)
     if (p.pairs.span > 0)
       key_end = kCausal ? p.pairs.span_start(w.t0) : p.pairs.rows_outside_span(w.t0, w.rows.count);
@@ -790,7 +792,8 @@ struct WsBwdParams {
 
 // One work item of the persistent backward: a 128-key block of one (batch,
 // head, segment); heaviest first in a group (causal: the first key block sees
-// every query tile). n_tiles: query tiles; 0: past the row set; -1: stop.
+// every query tile). n_tiles: query tiles; 0: nothing to do (past the row
+// set, or no pairs of its own, as the forward's); -1: stop.
 struct BwdItem {
   int64_t batch, head, kt0;
   RowSet rows;
@@ -1560,7 +1563,9 @@ std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, i
   std::vector<BranchPairs> pairs = nested_pairs(config, n);
   if (pairs.empty() || pairs[finishing_branch].span != 0) return plain;
   // A forward item's query rows and a backward item's keys lie in one span.
-  static_assert(kBr == kBwdKeys && kBwdKeys % kBm == 0, "tiles of one span");
+  static_assert(kBr == kBwdKeys && kBwdKeys % kBm == 0 && kBr % FwdShape<64>::kBc == 0 &&
+                    kBr % FwdShape<128>::kBc == 0,
+                "tiles of one span, and whole key tiles between spans (fwd_key0)");
   for (size_t i = 0; i < pairs.size(); ++i) {
     const DilatedBranch& b = config.branches[i];
     if (pairs[i].span % kBr != 0 && !pairs[i].shares_all(max_kept_rows(std::min(b.segment, n), b.dilation)))
