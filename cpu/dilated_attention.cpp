@@ -316,7 +316,8 @@ void reference_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 
 // ---------------------------------------------------------------------------
 // Fast path: tiled dense attention per (branch, b, h, segment) over the kept
-// rows, addressed in place (only small cache tiles are copied).
+// rows, addressed in place (only small cache tiles are copied). Nested
+// branches compute only their own pairs, weighted (shared_pairs).
 
 constexpr int64_t kTileQ = 32;  // query rows per tile
 constexpr int64_t kTileK = 32;  // key rows per tile (inner, vectorised dim of the score loops)
@@ -347,9 +348,11 @@ struct Simd {
 
 // exp(x) on 8 floats for softmax arguments (x <= ~0): x = n ln2 + f with
 // |f| <= ln2/2, e^f by a degree-6 polynomial (relative error ~2e-7), 2^n built
-// in the exponent bits; x < -87 gives ~1e-38 instead of 0.
+// in the exponent bits; -87 > x > -inf gives ~1e-38 instead of 0, -inf (a
+// pair left out) 0.
 inline f32x8 exp8(f32x8 x) {
   const f32x8 lo = Simd<float>::splat(-87.0f), hi = Simd<float>::splat(88.0f);
+  const auto out = x == -std::numeric_limits<float>::infinity();
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const f32x8 magic = Simd<float>::splat(12582912.0f);  // 1.5 * 2^23: rounds to an integer
@@ -364,7 +367,7 @@ inline f32x8 exp8(f32x8 x) {
   p = p * f + 1.0f;
   p = p * f + 1.0f;
   i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
-  return p * std::bit_cast<f32x8>(bits);
+  return out ? Simd<float>::splat(0.0f) : p * std::bit_cast<f32x8>(bits);
 }
 
 // s[j] = exp(s[j] - shift) for j < valid, 0 for valid <= j < kTileK; returns
@@ -495,6 +498,56 @@ void parallel_units(int64_t units, bool parallel, MakeScratch make_scratch, Body
   }
 }
 
+// Nested branches compute each pair they share once, at its weight
+// (core/dilated.h, nested_pairs); with dropout each branch's copy of a pair
+// has its own mask decision, so every branch computes all its pairs.
+std::vector<BranchPairs> shared_pairs(const DilatedAttentionConfig& config, int64_t n) {
+  std::vector<BranchPairs> pairs;
+  if (!config.dropout.enabled()) pairs = nested_pairs(config, n);
+  if (pairs.empty()) pairs.resize(config.branches.size());
+  return pairs;
+}
+
+// A nested branch's scores of row qi against keys j0 + j, j < valid: plus the
+// log of the pair's weight, or -inf for a pair a smaller branch computes (a
+// key in the row's own span).
+template <typename C>
+void weigh_pairs(const BranchPairs& pairs, int64_t h, int64_t qi, int64_t j0, int64_t valid, C* s) {
+  static constexpr double kLogWeight[16] = {
+      0.0,
+      0.0,
+      0.69314718055994531,
+      1.0986122886681098,
+      1.3862943611198906,
+      1.6094379124341004,
+      1.791759469228055,
+      1.9459101090932196,
+      2.0794415416798359,
+      2.1972245773362196,
+      2.3025850929940457,
+      2.3978952727983707,
+      2.4849066497880004,
+      2.5649493574615367,
+      2.6390573296152584,
+      2.7080502011022101};
+  const int cq = pairs.row_class(h, qi);
+  C log_weight[8];  // by key row mod 8 (row classes repeat every 8 kept rows)
+  for (int x = 0; x < 8; ++x) log_weight[x] = static_cast<C>(kLogWeight[1 + std::min(cq, pairs.row_class(h, x))]);
+  const int64_t own = pairs.span > 0 ? pairs.span_start(qi) : 0, own_end = pairs.span > 0 ? own + pairs.span : 0;
+  for (int64_t j = 0; j < valid; ++j) {
+    const int64_t tk = j0 + j;
+    s[j] = tk >= own && tk < own_end ? -std::numeric_limits<C>::infinity() : s[j] + log_weight[tk & 7];
+  }
+}
+
+// Whether rows [a, a + na) and [b, b + nb) all lie in one span of a nested
+// branch: every pair between them belongs to a smaller branch.
+bool in_one_span(const BranchPairs& pairs, int64_t a, int64_t na, int64_t b, int64_t nb) {
+  if (pairs.span == 0) return false;
+  const int64_t s = pairs.span_start(a);
+  return pairs.span_start(a + na - 1) == s && pairs.span_start(b) == s && pairs.span_start(b + nb - 1) == s;
+}
+
 // Loads keys [j0, j0 + nk) of a row set into a transposed tile (zero-padded
 // to kTileK) and optionally a row-major tile.
 template <typename T, typename C>
@@ -526,21 +579,25 @@ void load_rows(const Rows<const T>& X, int64_t b, int64_t h, const RowSet& rs, i
 // One query tile [i0, i0 + nq) of one (branch, b, h, segment): online softmax
 // over its keys, then merge the branch result (O_i, L_i) into (O, L). With
 // dropout, the softmax sum (hence L) is that of the undropped weights, while
-// the output accumulates the masked ones.
+// the output accumulates the masked ones. `pairs`: the branch's share of the
+// pairs nested branches share (a row may have none).
 template <typename T, typename C>
 void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V,
                   int64_t b, int64_t h, const RowSet& rs, int64_t i0, int64_t N, int64_t H,
-                  int64_t D, bool causal, C scale, const DropoutRows& drop, C* O, C* L,
-                  Scratch<C>& sc) {
+                  int64_t D, bool causal, C scale, const DropoutRows& drop, const BranchPairs& pairs,
+                  C* O, C* L, Scratch<C>& sc) {
   const C neg_inf = -std::numeric_limits<C>::infinity();
   const int64_t nq = std::min(kTileQ, rs.count - i0);
   load_rows(Q, b, h, rs, i0, nq, D, scale, sc.q.data());
   std::fill(sc.acc.begin(), sc.acc.end(), C(0));
   std::fill(sc.m.begin(), sc.m.end(), neg_inf);
   std::fill(sc.l.begin(), sc.l.end(), C(0));
-  const int64_t key_end = causal ? i0 + nq : rs.count;
+  const bool nested = !pairs.plain();
+  // Causal, a nested branch's row sees only the spans before its own.
+  const int64_t key_end = !causal ? rs.count : pairs.span > 0 ? pairs.span_start(i0 + nq - 1) : i0 + nq;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTileK) {
     const int64_t nk = std::min(kTileK, key_end - j0);
+    if (in_one_span(pairs, i0, nq, j0, nk)) continue;
     load_keys(K, b, h, rs, j0, nk, D, sc.kt.data(), static_cast<C*>(nullptr));
     load_keys(V, b, h, rs, j0, nk, D, static_cast<C*>(nullptr), sc.vr.data());
     for (int64_t i = 0; i < nq; ++i) {
@@ -548,7 +605,9 @@ void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<con
       if (valid <= 0) continue;
       C* s = sc.s.data();
       row_times_tile(sc.q.data() + i * D, sc.kt.data(), D, s);
+      if (nested) weigh_pairs(pairs, h, i0 + i, j0, valid, s);
       const C m_old = sc.m[i], m_new = std::max(m_old, row_max(s, valid));
+      if (m_new == neg_inf) continue;  // no pair of its own yet
       const C sum = exp_shifted(s, valid, m_new);
       C* acc = sc.acc.data() + i * D;
       if (m_old != m_new) {
@@ -568,6 +627,7 @@ void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<con
   }
   // Merge: rows of one branch are disjoint, branches run one after another.
   for (int64_t i = 0; i < nq; ++i) {
+    if (sc.l[i] == 0) continue;  // a nested branch's row with no pairs of its own
     const int64_t pos = rs.base + (i0 + i) * rs.stride;
     const int64_t row = (b * N + pos) * H + h;
     const C l_branch = sc.m[i] + std::log(sc.l[i]);
@@ -617,6 +677,7 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   using C = compute_t<T>;
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
   const std::vector<Branch> branches = clamped_branches(config, N);
+  const std::vector<BranchPairs> pairs = shared_pairs(config, N);
   const C scale = static_cast<C>(resolved_scale(config, D));
   Rows<const T> Q = rows_of<const T>(q), K = rows_of<const T>(k), V = rows_of<const T>(v);
   Accumulator<T, C> O(out);
@@ -633,6 +694,7 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
     const Branch& br = branches[bi];
     const int64_t segments = (N + br.w - 1) / br.w;
     const int64_t max_rows = max_kept_rows(br.w, br.r);
+    if (pairs[bi].shares_all(max_rows)) continue;
     const int64_t tiles = (max_rows + kTileQ - 1) / kTileQ;
     // Units in (b, h, segment, tile) order; within a branch they write disjoint rows.
     parallel_units(
@@ -644,7 +706,7 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
           const RowSet rs = kept_rows(N, br, h, s);
           if (tile * kTileQ >= rs.count) return;
           forward_tile<T, C>(Q, K, V, b, h, rs, tile * kTileQ, N, H, D, config.causal, scale,
-                             dropout_rows(config, bi, B, b, H, h, N), O.ptr, L, sc);
+                             dropout_rows(config, bi, B, b, H, h, N), pairs[bi], O.ptr, L, sc);
         });
   }
   if constexpr (!std::is_same_v<T, C>) O.write_to(out);
@@ -653,12 +715,15 @@ void fast_forward(const Tensor& q, const Tensor& k, const Tensor& v,
 // One (branch, b, h, segment), FlashAttention-2 style: per key tile, dK and dV
 // accumulate in the tile while the query tiles stream past; dQ (unscaled)
 // accumulates in place. Uses the global L and Dg = D - grad_lse per row. With
-// dropout (factors M): dS = P (M dP' - Dg), dV += (P M)^T dO.
+// dropout (factors M): dS = P (M dP' - Dg), dV += (P M)^T dO. A nested
+// branch's P is weighted (forward_tile).
 template <typename T, typename C>
 void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<const T>& V,
                    const Rows<const T>& dO, const C* L, const C* Dg, int64_t b, int64_t h,
                    const RowSet& rs, int64_t N, int64_t H, int64_t D, bool causal, C scale,
-                   const DropoutRows& drop, C* dQ, C* dK, C* dV, Scratch<C>& sc) {
+                   const DropoutRows& drop, const BranchPairs& pairs, C* dQ, C* dK, C* dV,
+                   Scratch<C>& sc) {
+  const bool nested = !pairs.plain();
   const int64_t n = rs.count;
   sc.lrow.resize(n);
   sc.drow.resize(n);
@@ -675,6 +740,7 @@ void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<co
     std::fill(sc.dv.begin(), sc.dv.end(), C(0));
     for (int64_t i0 = causal ? j0 : 0; i0 < n; i0 += kTileQ) {
       const int64_t nq = std::min(kTileQ, n - i0);
+      if (in_one_span(pairs, i0, nq, j0, nk)) continue;
       load_rows(Q, b, h, rs, i0, nq, D, scale, sc.q.data());
       load_rows(dO, b, h, rs, i0, nq, D, C(1), sc.acc.data());  // sc.acc holds the dO tile
       const C* dot = sc.acc.data();
@@ -691,6 +757,7 @@ void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<co
         row_times_tile(sc.q.data() + i * D, sc.kt.data(), D, p);
         row_times_tile(dot + i * D, sc.vt.data(), D, ds);
         const C l = sc.lrow[qi], dg = sc.drow[qi];
+        if (nested) weigh_pairs(pairs, h, qi, j0, valid, p);
         exp_shifted(p, valid, l);
         if (drop.enabled()) {
           C* mask = sc.mask.data();
@@ -734,6 +801,7 @@ void fast_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   using C = compute_t<T>;
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
   const std::vector<Branch> branches = clamped_branches(config, N);
+  const std::vector<BranchPairs> pairs = shared_pairs(config, N);
   const C scale = static_cast<C>(resolved_scale(config, D));
   Rows<const T> Q = rows_of<const T>(q), K = rows_of<const T>(k), V = rows_of<const T>(v);
   Rows<const T> dO = rows_of<const T>(grad_out);
@@ -762,6 +830,7 @@ void fast_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     const Branch& br = branches[bi];
     const int64_t segments = (N + br.w - 1) / br.w;
     const int64_t max_rows = max_kept_rows(br.w, br.r);
+    if (pairs[bi].shares_all(max_rows)) continue;
     parallel_units(
         B * H * segments, 2.5 * branch_flops(B, H, N, D, br, config.causal) > kParallelFlops,
         [&] { return Scratch<C>(D, max_rows); },
@@ -770,7 +839,8 @@ void fast_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
           const RowSet rs = kept_rows(N, br, h, s);
           if (rs.count == 0) return;
           backward_item<T, C>(Q, K, V, dO, L, Dg.data(), b, h, rs, N, H, D, config.causal, scale,
-                              dropout_rows(config, bi, B, b, H, h, N), dQ.ptr, dK.ptr, dV.ptr, sc);
+                              dropout_rows(config, bi, B, b, H, h, N), pairs[bi], dQ.ptr, dK.ptr,
+                              dV.ptr, sc);
         });
   }
   // dQ = scale * dS K: the scale is applied once here.

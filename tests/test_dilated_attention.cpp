@@ -449,12 +449,16 @@ TEST_CASE("nested branches: each shared pair is computed by one branch, weighted
 
 namespace {
 std::vector<Case> tiled_cases() {
-  // Sizes that cross the fast path's query (32) and key (64) tiles.
+  // Sizes that cross the fast path's query and key tiles (32 rows each).
   std::vector<Case> base = {
       {"dense", 1, 150, 2, 20, {150}, {1}},
       {"LongNet-like, w > N, r > H, N not a multiple of w", 2, 200, 5, 16, {32, 64, 128, 256}, {1, 2, 4, 8}},
       {"w not a multiple of r", 1, 130, 3, 9, {70, 45}, {3, 4}},
       {"rows kept nowhere", 1, 100, 2, 8, {50}, {3}},
+      // Nested branches (nested_pairs; LongNet-like above nests too, in
+      // spans of 16 rows): spans of two key tiles, three to a segment, the
+      // largest segment clamped to N.
+      {"nested, spans of whole tiles", 1, 300, 4, 8, {128, 256, 768}, {1, 2, 4}},
   };
   std::vector<Case> all = with_non_causal(base);
   for (const Case& c : spec_cases()) all.push_back(c);
@@ -478,6 +482,7 @@ TEST_CASE("fast CPU path matches the reference, forward and backward") {
       CAPTURE(str(c));
       auto [q, k, v] = make_qkv(c, dtype, Layout::Packed);
       DilatedAttentionConfig config = kernel_config(c);
+      if (c.name.rfind("nested", 0) == 0) REQUIRE(nested_pairs(config, c.N).size() == c.segments.size());
       Forward want = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
       Forward got = run_forward(cpu::dilated_attention_forward, q, k, v, config);
       check_scaled(got.out, want.out, tol);
