@@ -499,11 +499,15 @@ void parallel_units(int64_t units, bool parallel, MakeScratch make_scratch, Body
 }
 
 // Nested branches compute each pair they share once, at its weight
-// (core/dilated.h, nested_pairs); with dropout each branch's copy of a pair
-// has its own mask decision, so every branch computes all its pairs.
+// (core/dilated.h, nested_pairs), where their spans hold a key tile or more:
+// the tiles inside one span are what they skip (shorter spans would only add
+// the masking). With dropout each branch's copy of a pair has its own mask
+// decision, so every branch computes all its pairs.
 std::vector<BranchPairs> shared_pairs(const DilatedAttentionConfig& config, int64_t n) {
   std::vector<BranchPairs> pairs;
   if (!config.dropout.enabled()) pairs = nested_pairs(config, n);
+  for (const BranchPairs& p : pairs)
+    if (p.span > 0 && p.span < kTileK) pairs.clear();
   if (pairs.empty()) pairs.resize(config.branches.size());
   return pairs;
 }

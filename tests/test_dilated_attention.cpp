@@ -455,10 +455,12 @@ std::vector<Case> tiled_cases() {
       {"LongNet-like, w > N, r > H, N not a multiple of w", 2, 200, 5, 16, {32, 64, 128, 256}, {1, 2, 4, 8}},
       {"w not a multiple of r", 1, 130, 3, 9, {70, 45}, {3, 4}},
       {"rows kept nowhere", 1, 100, 2, 8, {50}, {3}},
-      // Nested branches (nested_pairs; LongNet-like above nests too, in
-      // spans of 16 rows): spans of two key tiles, three to a segment, the
-      // largest segment clamped to N.
+      // Nested branches (nested_pairs), whose spans of a key tile or more
+      // the fast path takes (LongNet-like above nests in spans of 16 rows:
+      // every pair computed): spans of two tiles, three to a segment, the
+      // largest segment clamped to N; spans of 48 rows, across tiles.
       {"nested, spans of whole tiles", 1, 300, 4, 8, {128, 256, 768}, {1, 2, 4}},
+      {"nested, spans across tiles", 1, 300, 3, 8, {96, 192}, {1, 2}},
   };
   std::vector<Case> all = with_non_causal(base);
   for (const Case& c : spec_cases()) all.push_back(c);
