@@ -457,6 +457,54 @@ inline void accumulate_rows(const C* coef, int64_t coef_stride, const C* rows, i
   }
 }
 
+// How one row sees a nested branch's pairs: the keys of its own span (a
+// smaller branch computes those pairs) and its pairs' log weights by key row
+// mod 8 (row classes repeat every 8 kept rows). Made once per row.
+template <typename C>
+struct RowPairs {
+  int64_t own = 0, own_end = 0;
+  C log_weight[8] = {};
+};
+
+template <typename C>
+RowPairs<C> row_pairs(const BranchPairs& pairs, int64_t h, int64_t qi) {
+  static constexpr double kLogWeight[16] = {
+      0.0,
+      0.0,
+      0.69314718055994531,
+      1.0986122886681098,
+      1.3862943611198906,
+      1.6094379124341004,
+      1.791759469228055,
+      1.9459101090932196,
+      2.0794415416798359,
+      2.1972245773362196,
+      2.3025850929940457,
+      2.3978952727983707,
+      2.4849066497880004,
+      2.5649493574615367,
+      2.6390573296152584,
+      2.7080502011022101};
+  RowPairs<C> row;
+  const int cq = pairs.row_class(h, qi);
+  for (int x = 0; x < 8; ++x) row.log_weight[x] = static_cast<C>(kLogWeight[1 + std::min(cq, pairs.row_class(h, x))]);
+  if (pairs.span > 0) {
+    row.own = pairs.span_start(qi);
+    row.own_end = row.own + pairs.span;
+  }
+  return row;
+}
+
+// A nested branch's scores of a row against keys j0 + j, j < valid: plus the
+// log of the pair's weight, or -inf for a key in the row's own span.
+template <typename C>
+void weigh_pairs(const RowPairs<C>& row, int64_t j0, int64_t valid, C* s) {
+  for (int64_t j = 0; j < valid; ++j) {
+    const int64_t tk = j0 + j;
+    s[j] = tk >= row.own && tk < row.own_end ? -std::numeric_limits<C>::infinity() : s[j] + row.log_weight[tk & 7];
+  }
+}
+
 // Per-thread tiles, sized once per parallel region.
 template <typename C>
 struct Scratch {
@@ -464,8 +512,10 @@ struct Scratch {
   // acc (forward output rows; backward dO rows), s (one score row), pbuf/dsbuf
   // (backward P and dS of a tile), dk/dv (backward key-tile gradients), m/l
   // (online-softmax max and sum), lrow/drow (backward L and D - grad_lse per row),
-  // mask (the dropout factors of one score row).
+  // mask (the dropout factors of one score row), row_pairs (backward: each
+  // row's view of a nested branch's pairs).
   std::vector<C> q, kt, kr, vr, vt, acc, s, pbuf, dsbuf, dk, dv, m, l, lrow, drow, mask;
+  std::vector<RowPairs<C>> row_pairs;
   explicit Scratch(int64_t D, int64_t max_rows = 0)
       : q(kTileQ * D), kt(D * kTileK), kr(kTileK * D), vr(kTileK * D), vt(D * kTileK),
         acc(kTileQ * D), s(kTileK), pbuf(kTileQ * kTileK), dsbuf(kTileQ * kTileK),
@@ -506,42 +556,10 @@ void parallel_units(int64_t units, bool parallel, MakeScratch make_scratch, Body
 std::vector<BranchPairs> shared_pairs(const DilatedAttentionConfig& config, int64_t n) {
   std::vector<BranchPairs> pairs;
   if (!config.dropout.enabled()) pairs = nested_pairs(config, n);
-  for (const BranchPairs& p : pairs)
-    if (p.span > 0 && p.span < kTileK) pairs.clear();
+  if (std::any_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.span > 0 && p.span < kTileK; }))
+    pairs.clear();
   if (pairs.empty()) pairs.resize(config.branches.size());
   return pairs;
-}
-
-// A nested branch's scores of row qi against keys j0 + j, j < valid: plus the
-// log of the pair's weight, or -inf for a pair a smaller branch computes (a
-// key in the row's own span).
-template <typename C>
-void weigh_pairs(const BranchPairs& pairs, int64_t h, int64_t qi, int64_t j0, int64_t valid, C* s) {
-  static constexpr double kLogWeight[16] = {
-      0.0,
-      0.0,
-      0.69314718055994531,
-      1.0986122886681098,
-      1.3862943611198906,
-      1.6094379124341004,
-      1.791759469228055,
-      1.9459101090932196,
-      2.0794415416798359,
-      2.1972245773362196,
-      2.3025850929940457,
-      2.3978952727983707,
-      2.4849066497880004,
-      2.5649493574615367,
-      2.6390573296152584,
-      2.7080502011022101};
-  const int cq = pairs.row_class(h, qi);
-  C log_weight[8];  // by key row mod 8 (row classes repeat every 8 kept rows)
-  for (int x = 0; x < 8; ++x) log_weight[x] = static_cast<C>(kLogWeight[1 + std::min(cq, pairs.row_class(h, x))]);
-  const int64_t own = pairs.span > 0 ? pairs.span_start(qi) : 0, own_end = pairs.span > 0 ? own + pairs.span : 0;
-  for (int64_t j = 0; j < valid; ++j) {
-    const int64_t tk = j0 + j;
-    s[j] = tk >= own && tk < own_end ? -std::numeric_limits<C>::infinity() : s[j] + log_weight[tk & 7];
-  }
 }
 
 // Whether rows [a, a + na) and [b, b + nb) all lie in one span of a nested
@@ -597,6 +615,9 @@ void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<con
   std::fill(sc.m.begin(), sc.m.end(), neg_inf);
   std::fill(sc.l.begin(), sc.l.end(), C(0));
   const bool nested = !pairs.plain();
+  RowPairs<C> row_views[kTileQ];
+  if (nested)
+    for (int64_t i = 0; i < nq; ++i) row_views[i] = row_pairs<C>(pairs, h, i0 + i);
   // Causal, a nested branch's row sees only the spans before its own.
   const int64_t key_end = !causal ? rs.count : pairs.span > 0 ? pairs.span_start(i0 + nq - 1) : i0 + nq;
   for (int64_t j0 = 0; j0 < key_end; j0 += kTileK) {
@@ -609,7 +630,7 @@ void forward_tile(const Rows<const T>& Q, const Rows<const T>& K, const Rows<con
       if (valid <= 0) continue;
       C* s = sc.s.data();
       row_times_tile(sc.q.data() + i * D, sc.kt.data(), D, s);
-      if (nested) weigh_pairs(pairs, h, i0 + i, j0, valid, s);
+      if (nested) weigh_pairs(row_views[i], j0, valid, s);
       const C m_old = sc.m[i], m_new = std::max(m_old, row_max(s, valid));
       if (m_new == neg_inf) continue;  // no pair of its own yet
       const C sum = exp_shifted(s, valid, m_new);
@@ -731,6 +752,10 @@ void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<co
   const int64_t n = rs.count;
   sc.lrow.resize(n);
   sc.drow.resize(n);
+  if (nested) {
+    sc.row_pairs.resize(n);
+    for (int64_t t = 0; t < n; ++t) sc.row_pairs[t] = row_pairs<C>(pairs, h, t);
+  }
   for (int64_t t = 0; t < n; ++t) {
     const int64_t row = (b * N + rs.base + t * rs.stride) * H + h;
     sc.lrow[t] = L[row];
@@ -761,7 +786,7 @@ void backward_item(const Rows<const T>& Q, const Rows<const T>& K, const Rows<co
         row_times_tile(sc.q.data() + i * D, sc.kt.data(), D, p);
         row_times_tile(dot + i * D, sc.vt.data(), D, ds);
         const C l = sc.lrow[qi], dg = sc.drow[qi];
-        if (nested) weigh_pairs(pairs, h, qi, j0, valid, p);
+        if (nested) weigh_pairs(sc.row_pairs[qi], j0, valid, p);
         exp_shifted(p, valid, l);
         if (drop.enabled()) {
           C* mask = sc.mask.data();
