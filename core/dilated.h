@@ -247,14 +247,14 @@ struct BranchPairs {
   MINIDL_HD int64_t span_start(int64_t t) const { return t / span * span; }
   // Whether the branch's pair (tq, tk) is its own: not inside one span.
   MINIDL_HD bool keeps(int64_t tq, int64_t tk) const { return span == 0 || span_start(tq) != span_start(tk); }
-  // Not causal, a block of rows in row t's span (t < count) pairs with the
-  // branch's other kept rows (`count` in all): as one list, its length and
-  // its i-th row.
-  MINIDL_HD int64_t rows_outside_span(int64_t t, int64_t count) const {
-    const int64_t start = span_start(t), end = start + span < count ? start + span : count;
+  // Not causal, a block of rows in the span starting at kept row `start`
+  // (start < count) pairs with the branch's other kept rows (`count` in all):
+  // as one list, its length and its i-th row.
+  MINIDL_HD int64_t rows_outside_span(int64_t start, int64_t count) const {
+    const int64_t end = start + span < count ? start + span : count;
     return count - (end - start);
   }
-  MINIDL_HD int64_t row_outside_span(int64_t t, int64_t i) const { return i < span_start(t) ? i : i + span; }
+  MINIDL_HD int64_t row_outside_span(int64_t start, int64_t i) const { return i < start ? i : i + span; }
   // Whether every pair of a branch whose segments keep at most max_rows rows
   // belongs to a smaller branch (its span holds them all): nothing of its own.
   MINIDL_HD bool shares_all(int64_t max_rows) const { return span >= max_rows; }

@@ -333,9 +333,11 @@ __device__ __forceinline__ void issue_pv(float (&o)[kD / 2], const uint32_t (&pf
 // producer's stop mark to the consumers).
 struct FwdItem {
   int64_t batch, head, t0;
+  int64_t span0;  // a nested branch's query tile: the first kept row of its span (else 0)
   RowSet rows;
   int n_tiles;
 };
+static_assert(sizeof(FwdItem) <= 64, "FwdShape's kItems reserves 64 bytes per item");
 
 // Item `item` of a persistent launch's list (forward or backward: the params'
 // g, batch_heads and group): its (segment, batch-head) pair and its rank, the
@@ -396,10 +398,15 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
   int64_t key_end = kCausal ? min(w.t0 + kBr, w.rows.count) : w.rows.count;
   // A nested branch's query tile lies in one span (a multiple of kBr rows,
   // ws_nested_pairs) and sees, causal, the whole spans before it (none in the
-  // first span), else every other span (fwd_key0).
+  // first span), else every other span (fwd_key0). The span's start is
+  // computed here, once per item: per key tile, its 64-bit division cost the
+  // non-causal items ~3% (kernel-notes, session 37).
+  w.span0 = 0;
   if constexpr (kWeighted)
-    if (p.pairs.span > 0)
-      key_end = kCausal ? p.pairs.span_start(w.t0) : p.pairs.rows_outside_span(w.t0, w.rows.count);
+    if (p.pairs.span > 0) {
+      w.span0 = p.pairs.span_start(w.t0);
+      key_end = kCausal ? w.span0 : p.pairs.rows_outside_span(w.span0, w.rows.count);
+    }
   w.n_tiles = w.t0 < w.rows.count ? static_cast<int>((key_end + kBc - 1) / kBc) : 0;
   return w;
 }
@@ -407,10 +414,10 @@ __device__ __forceinline__ FwdItem fwd_item(const WsParams& p, int64_t item) {
 // The first key of an item's key tile j. A nested branch without causality
 // skips the query tile's own span (whole tiles) in its list of keys.
 template <int kBc, bool kCausal, bool kWeighted>
-__device__ __forceinline__ int64_t fwd_key0(const WsParams& p, int64_t t0, int j) {
+__device__ __forceinline__ int64_t fwd_key0(const WsParams& p, const FwdItem& w, int j) {
   const int64_t k0 = int64_t(j) * kBc;
   if constexpr (kWeighted && !kCausal)
-    if (p.pairs.span > 0) return p.pairs.row_outside_span(t0, k0);
+    if (p.pairs.span > 0) return p.pairs.row_outside_span(w.span0, k0);
   return k0;
 }
 
@@ -482,7 +489,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                      w.rows, o, j0, w.t0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
           const int s = ring % kStages;
-          const int64_t k0 = fwd_key0<kBc, kCausal, kWeighted>(p, w.t0, j);
+          const int64_t k0 = fwd_key0<kBc, kCausal, kWeighted>(p, w, j);
           hopper::mbar_wait(&empty[s], ((ring / kStages) & 1) ^ 1);
           load_rows<kBc, kD>(smem + Smem::kK + s * KTile::kBytes, &kmap, p.k, &k_full[s], p.map_rows, w.batch, w.head,
                          w.rows, o, j0, k0);
@@ -583,7 +590,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                                                rows.count, p.scale_log2, drop, mask_rows, bits_row,
                                                                kb_last, bias);
     };
-    auto key0 = [&](int j) { return fwd_key0<kBc, kCausal, kWeighted>(p, w.t0, j); };
+    auto key0 = [&](int j) { return fwd_key0<kBc, kCausal, kWeighted>(p, w, j); };
     // Ring slot and phase of this item's key tile j.
     auto stage = [&](int j) { return (ring + j) % kStages; };
     auto phase = [&](int j) { return static_cast<uint32_t>(((ring + j) / kStages) & 1); };
@@ -805,12 +812,17 @@ static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per ite
 // tiles run from the block's own first row (causal) or row 0; for a nested
 // branch (the block lies in one span: a multiple of kBwdKeys rows,
 // ws_nested_pairs) from the next span (causal) or over the other spans.
+// ptxas takes the span's start (kt0 is the item's) out of the tile loops; a
+// BwdItem field for it, as the forward's, left the same loops and cost the
+// weighted kernels registers and the non-causal backward ~2% (kernel-notes,
+// session 37).
 template <bool kCausal, bool kWeighted>
 __device__ __forceinline__ int64_t bwd_q0(const WsBwdParams& p, int64_t kt0, int j) {
   const int64_t i = int64_t(j) * kBm;
   if constexpr (kWeighted)
     if (p.pairs.span > 0)
-      return kCausal ? p.pairs.span_start(kt0) + p.pairs.span + i : p.pairs.row_outside_span(kt0, i);
+      return kCausal ? p.pairs.span_start(kt0) + p.pairs.span + i
+                     : p.pairs.row_outside_span(p.pairs.span_start(kt0), i);
   return (kCausal ? kt0 : 0) + i;
 }
 
@@ -818,7 +830,7 @@ __device__ __forceinline__ int64_t bwd_q0(const WsBwdParams& p, int64_t kt0, int
 template <bool kCausal, bool kWeighted>
 __device__ __forceinline__ int64_t bwd_queries(const WsBwdParams& p, int64_t kt0, int64_t count) {
   if constexpr (kWeighted && !kCausal)
-    if (p.pairs.span > 0) return p.pairs.rows_outside_span(kt0, count);
+    if (p.pairs.span > 0) return p.pairs.rows_outside_span(p.pairs.span_start(kt0), count);
   return count - bwd_q0<kCausal, kWeighted>(p, kt0, 0);
 }
 
