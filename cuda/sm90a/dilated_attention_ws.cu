@@ -812,9 +812,10 @@ static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per ite
 // tiles run from the block's own first row (causal) or row 0; for a nested
 // branch (the block lies in one span: a multiple of kBwdKeys rows,
 // ws_nested_pairs) from the next span (causal) or over the other spans.
-// ptxas takes the span's start (kt0 is the item's) out of the tile loops; a
-// BwdItem field for it, as the forward's, left the same loops and cost the
-// weighted kernels registers and the non-causal backward ~2% (kernel-notes,
+// The weighted consumers find the span's start again per tile (ptxas
+// rematerialises it: a 64-bit remainder, ~20 uniform-datapath instructions of
+// a tile's ~960). A BwdItem field for it, as the forward's, took that out but
+// spilled 32-48 more bytes per item and measured no gain (kernel-notes,
 // session 37).
 template <bool kCausal, bool kWeighted>
 __device__ __forceinline__ int64_t bwd_q0(const WsBwdParams& p, int64_t kt0, int j) {
