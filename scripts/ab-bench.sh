@@ -7,12 +7,17 @@
 # keeps clock and thermal drift out of the comparison (docs/kernel-notes.md:
 # cross-call noise is 1-2%, the size of most single steps).
 #   scripts/ab-bench.sh BASE_DIR [--bench NAME] [--filter REGEX] [--rounds N]
-#                       [--env VAR=VALUE ...] [-- extra benchmark flags]
+#                       [--env VAR=VALUE ...] [--energy SECONDS]
+#                       [-- extra benchmark flags]
 # BASE_DIR: the base sources, e.g. `git worktree add ../base HEAD~1` (on a
 # machine without the repository, a copy carried there). --env runs this
 # tree's binary once more per round with VAR=VALUE set (an experiment's
 # switch), as its own column. Defaults: bench_attention, every benchmark,
-# 2 rounds, medians of 3 runs of at least 0.2 s. --filter matches the full
+# 2 rounds, medians of 3 runs of at least 0.2 s. --energy then runs each
+# benchmark of the table alone for SECONDS per binary and prints its joules
+# per call (mean power x time): at the power cap time follows energy, and
+# a change that saves cycles but not joules gains little there
+# (docs/kernel-notes.md, session 37). --filter matches the full
 # names, which end in /real_time (bench_attention's UseRealTime): a regex
 # ending in $ after the size matches nothing. Build folders: /tmp/ab-base,
 # /tmp/ab-new ($MINIDL_AB_DIR overrides /tmp/ab); dependencies from a prefix as
@@ -20,23 +25,27 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # usage [STATUS]: -h/--help asks for it (0); a usage error prints it on stderr (2).
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage >&2
 case $1 in -h | --help) usage 0 ;; esac
 base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
 shift
-bench=bench_attention filter=. rounds=2 envs=() extra=()
+bench=bench_attention filter=. rounds=2 envs=() extra=() energy=
 while [ $# -gt 0 ]; do
   case $1 in
     --bench) bench=$2; shift 2 ;;
     --filter) filter=$2; shift 2 ;;
     --rounds) rounds=$2; shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
+    --energy) energy=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "ab-bench: unknown argument $1" >&2; usage >&2 ;;
   esac
 done
 [ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "ab-bench: --rounds takes a positive integer, not '$rounds'" >&2; exit 2; }
+[ -z "$energy" ] || [[ "$energy" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
+  { echo "ab-bench: --energy takes seconds, not '$energy'" >&2; exit 2; }
 source scripts/common.sh
 minidl_use_prefix
 root=${MINIDL_AB_DIR:-/tmp/ab}
@@ -92,3 +101,27 @@ awk '
 for log in "${logs[@]}"; do
   if [ -s "${log%.txt}.clocks" ]; then printf '%-12s %s\n' "$(basename "${log%.txt}")" "$(cat "${log%.txt}.clocks")"; fi
 done
+# --energy: each benchmark of the table alone, per binary, its clock and power
+# sampled; joules per call = mean power over the run's busy samples x time.
+if [ -n "$energy" ]; then
+  names=$(awk '{ gsub(/\033\[[0-9;]*m/, "") } $1 ~ /_median$/ { n = $1; sub(/_median$/, "", n); if (!(n in s)) { s[n] = 1; print n } }' "${logs[0]}")
+  printf '%-44s %-12s %10s %10s %8s %10s\n' "benchmark (alone, ${energy} s)" binary "ms" "MHz" "W" "J/call"
+  for name in $names; do
+    for col in base new; do
+      bin=$bin_base; [ $col = new ] && bin=$bin_new
+      log=$root/energy.$col.txt
+      minidl_clocks_start "$root/energy.$col.smi.csv"
+      "$bin" --benchmark_filter="^${name}\$" --benchmark_min_time="$energy" "${extra[@]}" >"$log" 2>&1
+      minidl_clocks_stop >/dev/null
+      ms=$(awk '{ gsub(/\033\[[0-9;]*m/, "") }
+                $1 !~ /_(mean|median|stddev|cv)$/ && $3 ~ /^(ns|us|ms|s)$/ {
+                  f = $3 == "ns" ? 1e-6 : $3 == "us" ? 1e-3 : $3 == "s" ? 1e3 : 1; printf "%.4g\n", $2 * f; exit }' "$log")
+      awk -F', *' -v name="$name" -v col="$col" -v ms="${ms:--}" '
+        $2 + 0 > 300 { w += $2; c += $1; n++ }
+        END {
+          if (n == 0 || ms == "-") { printf "%-44s %-12s %10s  (no busy samples or no time)\n", name, col, ms; exit }
+          printf "%-44s %-12s %10s %10.0f %8.0f %10.3f\n", name, col, ms, c / n, w / n, w / n * ms / 1000
+        }' "$root/energy.$col.smi.csv"
+    done
+  done
+fi
