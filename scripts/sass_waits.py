@@ -5,8 +5,10 @@ For each kernel of a binary or object file whose name matches a pattern,
 prints its SASS size, registers at launch (setmaxnreg moves them at run
 time) and stack, the local-memory accesses (spills: LDL, STL) inside the
 innermost loops that hold a wgmma (the consumers' tile loops, where a spill
-costs every tile; the producer's and once-per-item code lie outside), and
-its wait map: the
+costs every tile; the producer's and once-per-item code lie outside), the
+integer divisions there (each one's reciprocal, I2F.*.RP: ptxas inlines a
+32-bit fast path of ~20 instructions and calls a 64-bit routine beside it,
+per tile; docs/kernel-notes.md, session 37), and its wait map: the
 WARPGROUP.DEPBAR instructions in layout order, each as "E>n", E the
 MUFU.EX2 instructions laid out since the previous one and n the groups the
 wait leaves in flight. The source places each wait after the exponentials
@@ -98,7 +100,9 @@ def main():
         sys.exit(f"sass_waits: no kernel matching {opts.kernels!r} in {opts.file}")
     for name in sorted(kernels, key=demangled_template):
         exps, waits = 0, []
-        local = sum(1 for i in tile_loops(kernels[name]) if re.search(r"\b(LDL|STL)\b", kernels[name][i]))
+        loops = tile_loops(kernels[name])
+        local = sum(1 for i in loops if re.search(r"\b(LDL|STL)\b", kernels[name][i]))
+        divs = sum(1 for i in loops if re.search(r"\bI2F\.U(32|64)\.RP\b", kernels[name][i]))
         for line in kernels[name]:
             if "MUFU.EX2" in line:
                 exps += 1
@@ -108,7 +112,7 @@ def main():
                 exps = 0
         regs, stack = usage.get(name, ("?", "?"))
         print(f"{demangled_template(name):34} {len(kernels[name]):6} instr  reg {regs:>3}  stack {stack:>3}  "
-              f"local {local:>3}  waits {' '.join(waits)}")
+              f"local {local:>3}  div {divs:>2}  waits {' '.join(waits)}")
 
 
 if __name__ == "__main__":
