@@ -468,26 +468,8 @@ struct RowPairs {
 
 template <typename C>
 RowPairs<C> row_pairs(const BranchPairs& pairs, int64_t h, int64_t qi) {
-  static constexpr double kLogWeight[16] = {
-      0.0,
-      0.0,
-      0.69314718055994531,
-      1.0986122886681098,
-      1.3862943611198906,
-      1.6094379124341004,
-      1.791759469228055,
-      1.9459101090932196,
-      2.0794415416798359,
-      2.1972245773362196,
-      2.3025850929940457,
-      2.3978952727983707,
-      2.4849066497880004,
-      2.5649493574615367,
-      2.6390573296152584,
-      2.7080502011022101};
   RowPairs<C> row;
-  const int cq = pairs.row_class(h, qi);
-  for (int x = 0; x < 8; ++x) row.log_weight[x] = static_cast<C>(kLogWeight[1 + std::min(cq, pairs.row_class(h, x))]);
+  for (int x = 0; x < 8; ++x) row.log_weight[x] = static_cast<C>(std::log(double(pairs.weight(h, qi, x))));
   if (pairs.span > 0) {
     row.own = pairs.span_start(qi);
     row.own_end = row.own + pairs.span;

@@ -101,27 +101,29 @@ awk '
 for log in "${logs[@]}"; do
   if [ -s "${log%.txt}.clocks" ]; then printf '%-12s %s\n' "$(basename "${log%.txt}")" "$(cat "${log%.txt}.clocks")"; fi
 done
-# --energy: each benchmark of the table alone, per binary, its clock and power
-# sampled; joules per call = mean power over the run's busy samples x time.
+# --energy: each benchmark of the table alone, per binary, its clocks summed up
+# by minidl_clocks_stop; joules per call = the busy samples' mean power x time.
 if [ -n "$energy" ]; then
   names=$(awk '{ gsub(/\033\[[0-9;]*m/, "") } $1 ~ /_median$/ { n = $1; sub(/_median$/, "", n); if (!(n in s)) { s[n] = 1; print n } }' "${logs[0]}")
-  printf '%-44s %-12s %10s %10s %8s %10s\n' "benchmark (alone, ${energy} s)" binary "ms" "MHz" "W" "J/call"
+  printf '%-44s %-12s %10s %10s %8s %10s\n' "benchmark (alone, ${energy} s)" binary "ms" "MHz (med.)" "W" "J/call"
   for name in $names; do
     for col in base new; do
       bin=$bin_base; [ $col = new ] && bin=$bin_new
       log=$root/energy.$col.txt
       minidl_clocks_start "$root/energy.$col.smi.csv"
       "$bin" --benchmark_filter="^${name}\$" --benchmark_min_time="$energy" "${extra[@]}" >"$log" 2>&1
-      minidl_clocks_stop >/dev/null
+      clocks=$(minidl_clocks_stop)
       ms=$(awk '{ gsub(/\033\[[0-9;]*m/, "") }
                 $1 !~ /_(mean|median|stddev|cv)$/ && $3 ~ /^(ns|us|ms|s)$/ {
                   f = $3 == "ns" ? 1e-6 : $3 == "us" ? 1e-3 : $3 == "s" ? 1e3 : 1; printf "%.4g\n", $2 * f; exit }' "$log")
-      awk -F', *' -v name="$name" -v col="$col" -v ms="${ms:--}" '
-        $2 + 0 > 300 { w += $2; c += $1; n++ }
-        END {
-          if (n == 0 || ms == "-") { printf "%-44s %-12s %10s  (no busy samples or no time)\n", name, col, ms; exit }
-          printf "%-44s %-12s %10s %10.0f %8.0f %10.3f\n", name, col, ms, c / n, w / n, w / n * ms / 1000
-        }' "$root/energy.$col.smi.csv"
+      mhz=$(sed -n 's/.*SM \([0-9]*\) MHz median.*/\1/p' <<<"$clocks")
+      watts=$(sed -n 's/.* \([0-9]*\) W mean.*/\1/p' <<<"$clocks")
+      if [ -z "$ms" ] || [ -z "$watts" ]; then
+        printf '%-44s %-12s %10s  (%s)\n' "$name" "$col" "${ms:--}" "${clocks:-no clocks}"
+      else
+        awk -v n="$name" -v c="$col" -v ms="$ms" -v mhz="$mhz" -v w="$watts" \
+          'BEGIN { printf "%-44s %-12s %10s %10s %8s %10.3f\n", n, c, ms, mhz, w, w * ms / 1000 }'
+      fi
     done
   done
 fi

@@ -1072,7 +1072,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // and tile, loaded a tile ahead (0 where no key of the warpgroup sees the tile).
     const int64_t row_set = kDropout ? dropout_row_set(p, batch, head, rows) : 0;
     auto tile_bits = [&](int jj) -> uint32_t {
-      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, 0) / kBm + jj, kb = key0 / 64;  // (no kWeighted)
+      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, 0) / kBm + jj, kb = key0 / 64;  // dropout: never weighted
       if (jj >= n_tiles || key0 >= rows.count || (kCausal && kb > qb)) return 0u;
       return __ldcs(p.drop.bits.words + p.drop.bits.word(row_set, qb, kb) + 32 * warp + lane);
     };
