@@ -119,6 +119,7 @@ void register_benchmarks() {
                               {"dense_fwd_bwd", kDense, true, kDim, 2048, 131072},
                               {"dense_d128_fwd", kDense, false, 128, 16384, 16384},
                               {"dense_d128_fwd_bwd", kDense, true, 128, 16384, 16384},
+                              {"dense_drop_fwd", kDense, false, kDim, 32768, 32768, 0.2},
                               {"dense_drop_fwd_bwd", kDense, true, kDim, 2048, 32768, 0.2},
                               {"dilated_drop_fwd", kDilated, false, kDim, 131072, 1 << 20, 0.2},
                               {"dilated_drop_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2},

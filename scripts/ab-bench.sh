@@ -9,6 +9,7 @@
 #   scripts/ab-bench.sh BASE_DIR [--bench NAME] [--filter REGEX] [--rounds N]
 #                       [--env VAR=VALUE ...] [--energy SECONDS]
 #                       [-- extra benchmark flags]
+#   scripts/ab-bench.sh --binaries BASE_BIN NEW_BIN [the same options]
 # BASE_DIR: the base sources, e.g. `git worktree add ../base HEAD~1` (on a
 # machine without the repository, a copy carried there). --env runs this
 # tree's binary once more per round with VAR=VALUE set (an experiment's
@@ -21,15 +22,25 @@
 # names, which end in /real_time (bench_attention's UseRealTime): a regex
 # ending in $ after the size matches nothing. Build folders: /tmp/ab-base,
 # /tmp/ab-new ($MINIDL_AB_DIR overrides /tmp/ab); dependencies from a prefix as
-# in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr.
+# in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr. --binaries skips the builds
+# and times two benchmark programs built elsewhere (e.g. on a machine without
+# a GPU, carried to one that has it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # usage [STATUS]: -h/--help asks for it (0); a usage error prints it on stderr (2).
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage >&2
 case $1 in -h | --help) usage 0 ;; esac
-base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
-shift
+base= bin_base= bin_new=
+if [ "$1" = --binaries ]; then
+  [ $# -ge 3 ] || usage >&2
+  for b in "$2" "$3"; do [ -x "$b" ] || { echo "ab-bench: $b is not an executable" >&2; exit 2; }; done
+  bin_base=$(realpath "$2") bin_new=$(realpath "$3")
+  shift 3
+else
+  base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
+  shift
+fi
 bench=bench_attention filter=. rounds=2 envs=() extra=() energy=
 while [ $# -gt 0 ]; do
   case $1 in
@@ -42,7 +53,7 @@ while [ $# -gt 0 ]; do
     *) echo "ab-bench: unknown argument $1" >&2; usage >&2 ;;
   esac
 done
-[ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }
+[ -z "$base" ] || [ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "ab-bench: --rounds takes a positive integer, not '$rounds'" >&2; exit 2; }
 [ -z "$energy" ] || [[ "$energy" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
   { echo "ab-bench: --energy takes seconds, not '$energy'" >&2; exit 2; }
@@ -55,15 +66,17 @@ build() {  # source dir, build dir
     cmake --build "$2" -j"$jobs" --target "$bench" >"$2.build.log" 2>&1
 }
 mkdir -p "$root"
-start=$(date +%s)
-build "$base" "$root-base" & pid_base=$!
-build . "$root-new" & pid_new=$!
-ok=1
-wait $pid_base || { echo "ab-bench: the base build failed ($root-base.build.log):"; grep -m5 error "$root-base.build.log"; ok=0; }
-wait $pid_new || { echo "ab-bench: this tree's build failed ($root-new.build.log):"; grep -m5 error "$root-new.build.log"; ok=0; }
-[ $ok = 1 ] || exit 1
-echo "ab-bench: built both in $(( $(date +%s) - start )) s"
-bin_base=$root-base/bench/$bench bin_new=$root-new/bench/$bench
+if [ -n "$base" ]; then
+  start=$(date +%s)
+  build "$base" "$root-base" & pid_base=$!
+  build . "$root-new" & pid_new=$!
+  ok=1
+  wait $pid_base || { echo "ab-bench: the base build failed ($root-base.build.log):"; grep -m5 error "$root-base.build.log"; ok=0; }
+  wait $pid_new || { echo "ab-bench: this tree's build failed ($root-new.build.log):"; grep -m5 error "$root-new.build.log"; ok=0; }
+  [ $ok = 1 ] || exit 1
+  echo "ab-bench: built both in $(( $(date +%s) - start )) s"
+  bin_base=$root-base/bench/$bench bin_new=$root-new/bench/$bench
+fi
 flags=(--benchmark_filter="$filter" --benchmark_min_time=0.2 --benchmark_repetitions=3
        --benchmark_report_aggregates_only=true "${extra[@]}")
 logs=()
