@@ -98,6 +98,12 @@ __device__ __forceinline__ void tile_out(int barrier, Write write, Issue issue) 
 template <int kD>
 struct FwdShape {
   static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
+  // S(j > 0) takes Q from registers (wgmma's A operand, 16 registers at head
+  // dim 64), read from shared memory once per item instead of once per key
+  // tile: a third fewer operand bytes per S. S(0) stays SS: it is issued
+  // under the previous item's epilogue, while qf still holds that item's Q.
+  // At 128 it would need 32 registers (kernel-notes, session 38).
+  static constexpr bool kQInRegisters = kD == 64;
   using QTile = AtomTile<kBr, kD>;
   using KTile = AtomTile<kBc, kD>;
   static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
@@ -305,6 +311,32 @@ __device__ __forceinline__ void issue_s(float (&s)[kBc / 2], uint64_t q_desc, ui
       if (ks == 0) wgmma::mma_64x64x16_ss<false>(s, da, db);
       else wgmma::mma_64x64x16_ss<true>(s, da, db);
     }
+  }
+  wgmma::commit();
+}
+
+// A warpgroup's 64 Q rows (its half of the item's QTile) as wgmma A
+// fragments, one per 16-column k-step: matrix i of ldmatrix.x4 is row half
+// i % 2 and column chunk 2 kk + i / 2, the mma.m16n8k16 A layout.
+template <int kD>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[kD / 16][4], char* q_tile, int consumer) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
+  const int mat = lane / 8, row = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)
+    mma::ldmatrix_x4(qf[kk], FwdShape<kD>::QTile::at(q_tile, row, 2 * kk + mat / 2));
+}
+
+// S = Q K^T with Q's fragments in registers (FwdShape::kQInRegisters).
+template <int kD>
+__device__ __forceinline__ void issue_s_rs(float (&s)[64], const uint32_t (&qf)[kD / 16][4], uint64_t k_desc) {
+  static_assert(FwdShape<kD>::kQInRegisters && FwdShape<kD>::kBc == 128);
+  wgmma::fence();
+#pragma unroll
+  for (int ks = 0; ks < kD / 16; ++ks) {
+    const uint64_t db = wgmma::desc_offset(k_desc, ks * 32);
+    if (ks == 0) wgmma::mma_64x128x16_rs<false>(s, qf[ks], db);
+    else wgmma::mma_64x128x16_rs<true>(s, qf[ks], db);
   }
   wgmma::commit();
 }
@@ -598,6 +630,9 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     wgmma::wait<0>();
     wgmma::fence_operands(s);
     WS_TRACE(0, 2, 0);
+    // After the wait: the previous item's last RS product has read qf.
+    uint32_t qf[Smem::kQInRegisters ? kD / 16 : 1][4];
+    if constexpr (Smem::kQInRegisters) load_q_fragments<kD>(qf, smem + Smem::kQ + slot * QTile::kBytes, consumer);
     // Zeroed only now: a plain write to an accumulator while a wgmma (S(0),
     // issued ahead) is in flight makes ptxas serialise every wgmma (C7515).
 #pragma unroll
@@ -613,7 +648,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       const int sj = stage(j), sp = stage(j - 1);
       WS_TRACE(0, 4, j);
       hopper::mbar_wait(&k_full[sj], phase(j));
-      issue_s<kD, kBc>(s, q_desc, k_desc(sj));
+      if constexpr (Smem::kQInRegisters) issue_s_rs<kD>(s, qf, k_desc(sj));
+      else issue_s<kD, kBc>(s, q_desc, k_desc(sj));
       hopper::mbar_wait(&v_full[sp], phase(j - 1));
       issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
       wgmma::wait<1>();
