@@ -13,7 +13,8 @@
 //   "empty" mbarrier the consumers release it on;
 // - two consumer warpgroups of 64 query rows each. Within a warpgroup,
 //   S(j) = Q K(j)^T is issued before O += P(j-1) V(j-1), and the softmax of
-//   tile j runs while that product is in flight.
+//   tile j runs while that product is in flight. At head dim 64 Q's wgmma
+//   fragments stay in registers for the item (FwdShape::kQInRegisters).
 // setmaxnreg gives the producer's registers to the consumers. Attention
 // dropout (core/dilated.h) draws the mask words of each 64-key half of a tile
 // within its softmax (8 live words per lane, not 16: the consumers' registers
