@@ -26,7 +26,6 @@
 # and times two benchmark programs built elsewhere (e.g. on a machine without
 # a GPU, carried to one that has it).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 # usage [STATUS]: -h/--help asks for it (0); a usage error prints it on stderr (2).
 usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage >&2
@@ -41,6 +40,7 @@ else
   base=$(cd "$1" 2>/dev/null && pwd) || { echo "ab-bench: no directory $1" >&2; exit 2; }
   shift
 fi
+cd "$(dirname "$0")/.."  # after the paths above are made absolute from the caller's directory
 bench=bench_attention filter=. rounds=2 envs=() extra=() energy=
 while [ $# -gt 0 ]; do
   case $1 in
