@@ -53,6 +53,8 @@ while [ $# -gt 0 ]; do
     *) echo "ab-bench: unknown argument $1" >&2; usage >&2 ;;
   esac
 done
+[ -n "$base" ] || [ "$bench" = bench_attention ] ||
+  { echo "ab-bench: --bench names a program to build; --binaries times the two it is given" >&2; exit 2; }
 [ -z "$base" ] || [ -f "$base/CMakeLists.txt" ] || { echo "ab-bench: $base holds no CMakeLists.txt" >&2; exit 2; }
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "ab-bench: --rounds takes a positive integer, not '$rounds'" >&2; exit 2; }
 [ -z "$energy" ] || [[ "$energy" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
