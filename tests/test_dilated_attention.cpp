@@ -1149,6 +1149,8 @@ std::vector<Case> readback_cases() {
       {"dilated, partial last segment", 1, 300, 3, 64, {128}, {2}},
       {"two 64-row tiles", 1, 256, 2, 128, {256}, {2}},
       {"D = 32", 1, 100, 2, 32, {32}, {1}},
+      // 2048 work items: each persistent ws block takes several, with dropout (the rings across items).
+      {"several items per block", 2, 8192, 8, 64, {64}, {1}},
   };
   return with_non_causal(base);
 }
@@ -1767,6 +1769,8 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
   // backend runs the branches in (e.g. a dilation-1 branch first).
   cases.push_back({"r = 1 branch listed last", 1, 300, 4, 64, {128, 64}, {2, 1}, true});
   cases.push_back({"r = 1 branch listed last", 2, 200, 2, 32, {200, 50, 100}, {4, 1, 2}, false});
+  // 256 work items of up to two key tiles: ws blocks take several.
+  cases.push_back({"several items per block", 2, 2048, 8, 64, {256}, {1}, true});
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     for (const Case& c : cases) for_each_kernel(dtype, c.D, [&] {
       CAPTURE(dtype);
