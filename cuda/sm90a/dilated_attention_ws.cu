@@ -60,19 +60,31 @@ struct AtomTile {
   }
 };
 
+// The address a lane gives ldmatrix / stmatrix .x4 for one 16-column k-step
+// kk of a warpgroup's 64 rows in the mma.m16n8k16 fragment layout: lane l
+// addresses row l % 8 of matrix l / 8, and matrix i is row half i % 2 and
+// 16-byte chunk 2 kk + i / 2 (row: within the warpgroup's rows).
+struct FragmentLane {
+  int row, chunk_half;
+  __device__ __forceinline__ FragmentLane() {
+    const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
+    row = warp * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+    chunk_half = lane / 16;
+  }
+  __device__ __forceinline__ int chunk(int kk) const { return 2 * kk + chunk_half; }
+};
+
 // Stores a warpgroup's 64 rows x kD columns of bf16, held as packed pairs in
 // the accumulator layout (rows[h][c]: the lane's row warp * 16 + lane / 4 +
 // 8 h, columns 8 c + 2 (lane % 4) and + 1), into a swizzled AtomTile<64, kD>
-// by stmatrix (matrix i of k-step kk: row half i % 2, column chunk 2 kk + i / 2),
-// for one TMA store; per-lane stores of 4 bytes to 8 rows at a time cost an
+// by stmatrix (FragmentLane), for one TMA store; per-lane stores of 4 bytes to 8 rows at a time cost an
 // item thousands of cycles (kernel-notes, session 18).
 template <int kD>
 __device__ __forceinline__ void store_rows_tile(char* tile, const uint32_t (&rows)[2][kD / 8]) {
-  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  const int mat = lane / 8, row = warp * 16 + (mat % 2) * 8 + lane % 8;
+  const FragmentLane f;
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)
-    hopper::stmatrix_x4(AtomTile<64, kD>::at(tile, row, 2 * kk + mat / 2), rows[0][2 * kk], rows[1][2 * kk],
+    hopper::stmatrix_x4(AtomTile<64, kD>::at(tile, f.row, f.chunk(kk)), rows[0][2 * kk], rows[1][2 * kk],
                         rows[0][2 * kk + 1], rows[1][2 * kk + 1]);
 }
 
@@ -317,15 +329,13 @@ __device__ __forceinline__ void issue_s(float (&s)[kBc / 2], uint64_t q_desc, ui
 }
 
 // A warpgroup's 64 Q rows (its half of the item's QTile) as wgmma A
-// fragments, one per 16-column k-step: matrix i of ldmatrix.x4 is row half
-// i % 2 and column chunk 2 kk + i / 2, the mma.m16n8k16 A layout.
+// fragments (the mma.m16n8k16 A layout), one ldmatrix.x4 per 16-column k-step.
 template <int kD>
 __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[kD / 16][4], char* q_tile, int consumer) {
-  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  const int mat = lane / 8, row = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
+  const FragmentLane f;
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)
-    mma::ldmatrix_x4(qf[kk], FwdShape<kD>::QTile::at(q_tile, row, 2 * kk + mat / 2));
+    mma::ldmatrix_x4(qf[kk], FwdShape<kD>::QTile::at(q_tile, consumer * 64 + f.row, f.chunk(kk)));
 }
 
 // S = Q K^T with Q's fragments in registers (FwdShape::kQInRegisters).
@@ -1215,15 +1225,14 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       };
       if (need_mask) elementwise(std::true_type{});
       else elementwise(std::false_type{});
-      // dS^T to shared memory for dQ (rows = keys, columns = queries). Matrix i
-      // of k-step kk's stmatrix is dst[kk][i]: query chunk 2 kk + i / 2, keys
-      // 8 (i % 2) .. + 7 of this warp's 16; lane l addresses row l % 8 of matrix l / 8.
+      // dS^T to shared memory for dQ (rows = keys, columns = queries): matrix i
+      // of k-step kk's stmatrix is dst[kk][i] (FragmentLane).
       {
-        const int mat = lane / 8, key = consumer * 64 + warp * 16 + (mat % 2) * 8 + lane % 8;
+        const FragmentLane f;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-          hopper::stmatrix_x4(DsTile::at(ds_tile, key, 2 * kk + mat / 2), dst[kk][0], dst[kk][1], dst[kk][2],
-                              dst[kk][3]);
+          hopper::stmatrix_x4(DsTile::at(ds_tile, consumer * 64 + f.row, f.chunk(kk)), dst[kk][0], dst[kk][1],
+                              dst[kk][2], dst[kk][3]);
       }
       wgmma::fence_proxy_async();  // dS^T stores, read next by wgmma
       WS_TRACE(1, 4, j);
