@@ -103,7 +103,10 @@ __device__ __forceinline__ void stmatrix_x4(void* row_addr, uint32_t r0, uint32_
 // ---- registers and barriers between warpgroups ----
 
 // Every warp of a warpgroup runs the same one; needs a register cap at entry
-// (__launch_bounds__(threads, 1)).
+// (__launch_bounds__(threads, 1)). setmaxnreg moves registers inside one pool
+// per block, which holds what the block was launched with (PTX ISA): a split
+// that asks for more than that makes setmaxnreg.inc wait forever, a hang and
+// not an error. Kernels check their split with the two functions below.
 template <int kRegs>
 __device__ __forceinline__ void regs_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
@@ -111,6 +114,15 @@ __device__ __forceinline__ void regs_dec() {
 template <int kRegs>
 __device__ __forceinline__ void regs_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+
+// The most registers a thread gets at launch under __launch_bounds__(threads,
+// 1): the 64K register file in ptxas's 8-register steps (168 at 384 threads).
+constexpr int max_launch_regs(int threads) { return 65536 / threads / 8 * 8; }
+// The registers a thread needs at launch for one producer warpgroup at
+// `producer` registers and the other warpgroups at `consumer`.
+constexpr int split_launch_regs(int threads, int producer, int consumer) {
+  return (128 * producer + (threads - 128) * consumer + threads - 1) / threads;
 }
 
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads.

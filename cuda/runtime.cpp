@@ -170,6 +170,18 @@ void allow_dynamic_smem(const void* kernel, int bytes) {
   done = bytes;
 }
 
+void require_launch_registers(const void* kernel, int regs, const char* what) {
+  static auto* checked = new std::map<const void*, bool>();  // leaked: used until exit
+  std::lock_guard<std::mutex> lock(g_mutex);
+  bool& done = (*checked)[kernel];
+  if (done) return;
+  cudaFuncAttributes attr{};
+  MINIDL_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  MINIDL_CHECK(attr.numRegs >= regs, what, ": compiled with ", attr.numRegs,
+               " registers a thread, but its warpgroups' register split needs ", regs, " at launch");
+  done = true;
+}
+
 // ---- host synchronisation counter ----
 
 namespace {

@@ -36,6 +36,15 @@ template <typename... Kernels>
 void allow_dynamic_smem(int bytes, Kernels... kernels) {
   (allow_dynamic_smem(reinterpret_cast<const void*>(kernels), bytes), ...);
 }
+// Fails with a clear error, once per kernel, unless ptxas gave `kernel` at
+// least `regs` registers a thread: a warp-specialised kernel's setmaxnreg
+// split can only hand out what the block was launched with, and asking for
+// more hangs (cuda/hopper.cuh).
+void require_launch_registers(const void* kernel, int regs, const char* what);
+template <typename... Kernels>
+void require_launch_registers(int regs, const char* what, Kernels... kernels) {
+  (require_launch_registers(reinterpret_cast<const void*>(kernels), regs, what), ...);
+}
 // Two ints of device memory per device, zero between launches, for the
 // work counters of persistent kernels: a launch hands out work items from
 // [0] and counts finished blocks in [1]; its last block zeroes both again.

@@ -43,7 +43,9 @@ namespace {
 constexpr int kBr = 128;  // query rows per block: two consumer warpgroups x 64
 constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three tiles ahead
 constexpr int kThreads = 3 * 128;
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;  // 128 * 56 + 256 * 224 <= 64K
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(hopper::split_launch_regs(kThreads, kProducerRegs, kConsumerRegs) <= hopper::max_launch_regs(kThreads),
+              "the forward's register split fits the block's pool");
 constexpr int kConsumerWarps = 8;
 
 // A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
@@ -798,7 +800,8 @@ struct BwdShape {
   static constexpr bool kDQTurns = kD == 64;
   static constexpr int kDQCols = kDQTurns ? kD : kD / 2;  // dQ columns a warpgroup computes
   static constexpr int kProducerRegs = kD == 64 ? 56 : 40, kConsumerRegs = kD == 64 ? 224 : 232;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 65536, "one block's registers");
+  static_assert(hopper::split_launch_regs(kThreads, kProducerRegs, kConsumerRegs) <= hopper::max_launch_regs(kThreads),
+                "the backward's register split fits the block's pool");
   using KTile = AtomTile<kBwdKeys, kD>;  // K, V
   using RowTile = AtomTile<kBm, kD>;     // a Q or dO tile
   using DsTile = AtomTile<kBwdKeys, kBm>;  // dS^T: keys x queries
@@ -1525,6 +1528,8 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   const int bytes = drop ? FwdShape<kD>::kBytes
                          : out_tiles<kD, kMode, false> ? FwdShape<kD>::kBytesOut : FwdShape<kD>::kBytes;
   allow_dynamic_smem(bytes, kernel);
+  require_launch_registers(hopper::split_launch_regs(kThreads, kProducerRegs, kConsumerRegs),
+                           "dilated_attention (cuda): the ws forward", kernel);
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
 #if MINIDL_WS_TRACE
@@ -1545,10 +1550,14 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true, false>;
   constexpr int kBytes = BwdShape<kD>::kBytes;
   allow_dynamic_smem(kBytes, plain, dropout);
+  using L = BwdShape<kD>;
+  const int regs = hopper::split_launch_regs(kThreads, L::kProducerRegs, L::kConsumerRegs);
+  require_launch_registers(regs, "dilated_attention (cuda): the ws backward", plain, dropout);
   // Nested branches: no dropout (ws_nested_pairs).
   if (!p.pairs.plain()) {
     plain = backward_ws_kernel<kD, kCausal, kDirect, false, true>;
     allow_dynamic_smem(kBytes, plain);
+    require_launch_registers(regs, "dilated_attention (cuda): the ws backward", plain);
   }
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
