@@ -8,6 +8,7 @@
 # cross-call noise is 1-2%, the size of most single steps).
 #   scripts/ab-bench.sh BASE_DIR [--bench NAME] [--filter REGEX] [--rounds N]
 #                       [--env VAR=VALUE ...] [--energy SECONDS]
+#                       [--run-limit SECONDS]
 #                       [-- extra benchmark flags]
 #   scripts/ab-bench.sh --binaries BASE_BIN NEW_BIN [the same options]
 # BASE_DIR: the base sources, e.g. `git worktree add ../base HEAD~1` (on a
@@ -24,10 +25,13 @@
 # /tmp/ab-new ($MINIDL_AB_DIR overrides /tmp/ab); dependencies from a prefix as
 # in gpu-check.sh: MINIDL_PREFIX=$PWD/.deps/usr. --binaries skips the builds
 # and times two benchmark programs built elsewhere (e.g. on a machine without
-# a GPU, carried to one that has it).
+# a GPU, carried to one that has it). --run-limit stops any one run of a
+# binary after SECONDS: a kernel that hangs then costs one run, not the
+# call, and the table still prints, with '-' in that column and a line
+# saying which run stopped (default: no limit).
 set -uo pipefail
 # usage [STATUS]: -h/--help asks for it (0); a usage error prints it on stderr (2).
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 [ $# -ge 1 ] || usage >&2
 case $1 in -h | --help) usage 0 ;; esac
 base= bin_base= bin_new=
@@ -41,7 +45,7 @@ else
   shift
 fi
 cd "$(dirname "$0")/.."  # after the paths above are made absolute from the caller's directory
-bench=bench_attention filter=. rounds=2 envs=() extra=() energy=
+bench=bench_attention filter=. rounds=2 envs=() extra=() energy= limit=
 while [ $# -gt 0 ]; do
   case $1 in
     --bench) bench=$2; shift 2 ;;
@@ -49,6 +53,7 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
     --energy) energy=$2; shift 2 ;;
+    --run-limit) limit=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "ab-bench: unknown argument $1" >&2; usage >&2 ;;
   esac
@@ -59,6 +64,8 @@ done
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "ab-bench: --rounds takes a positive integer, not '$rounds'" >&2; exit 2; }
 [ -z "$energy" ] || [[ "$energy" =~ ^[0-9]+(\.[0-9]+)?$ ]] ||
   { echo "ab-bench: --energy takes seconds, not '$energy'" >&2; exit 2; }
+[ -z "$limit" ] || [[ "$limit" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "ab-bench: --run-limit takes whole seconds, not '$limit'" >&2; exit 2; }
 source scripts/common.sh
 minidl_use_prefix
 root=${MINIDL_AB_DIR:-/tmp/ab}
@@ -81,13 +88,24 @@ if [ -n "$base" ]; then
 fi
 flags=(--benchmark_filter="$filter" --benchmark_min_time=0.2 --benchmark_repetitions=3
        --benchmark_report_aggregates_only=true "${extra[@]}")
-logs=()
+logs=() stopped=()
+limited() {  # command...: runs it under --run-limit; says so where it stopped or failed
+  local rc=0
+  if [ -n "$limit" ]; then timeout --kill-after=10 "$limit" "$@" || rc=$?; else "$@" || rc=$?; fi
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    stopped+=("stopped at the run limit of $limit s (a hang?)")
+  elif [ $rc != 0 ]; then
+    stopped+=("exited with status $rc")
+  fi
+  return $rc
+}
 timed() {  # column name, command...: one run, its log and its clocks' summary
-  local log=$root/$1.txt
+  local log=$root/$1.txt name=$1 n=${#stopped[@]}
   shift
   minidl_clocks_start "${log%.txt}.smi.csv"
-  "$@" "${flags[@]}" >"$log" 2>&1
+  limited "$@" "${flags[@]}" >"$log" 2>&1
   minidl_clocks_stop >"${log%.txt}.clocks"
+  [ ${#stopped[@]} = "$n" ] || stopped[n]="$name: ${stopped[n]}"
   logs+=("$log")
 }
 for ((r = 1; r <= rounds; ++r)); do
@@ -112,6 +130,11 @@ awk '
       print ""
     }
   }' "${logs[@]}"
+report_stops() {  # FROM: the runs that stopped or failed since entry FROM
+  local i
+  for ((i = $1; i < ${#stopped[@]}; ++i)); do echo "ab-bench: ${stopped[i]}"; done
+}
+report_stops 0
 # Each column's clocks: a change that moves the card's power moves its clock.
 for log in "${logs[@]}"; do
   if [ -s "${log%.txt}.clocks" ]; then printf '%-12s %s\n' "$(basename "${log%.txt}")" "$(cat "${log%.txt}.clocks")"; fi
@@ -126,7 +149,9 @@ if [ -n "$energy" ]; then
       bin=$bin_base; [ $col = new ] && bin=$bin_new
       log=$root/energy.$col.txt
       minidl_clocks_start "$root/energy.$col.smi.csv"
-      "$bin" --benchmark_filter="^${name}\$" --benchmark_min_time="$energy" "${extra[@]}" >"$log" 2>&1
+      n=${#stopped[@]}
+      limited "$bin" --benchmark_filter="^${name}\$" --benchmark_min_time="$energy" "${extra[@]}" >"$log" 2>&1
+      [ ${#stopped[@]} = "$n" ] || stopped[n]="$name alone, $col: ${stopped[n]}"
       clocks=$(minidl_clocks_stop)
       ms=$(awk '{ gsub(/\033\[[0-9;]*m/, "") }
                 $1 !~ /_(mean|median|stddev|cv)$/ && $3 ~ /^(ns|us|ms|s)$/ {
@@ -139,6 +164,7 @@ if [ -n "$energy" ]; then
         awk -v n="$name" -v c="$col" -v ms="$ms" -v mhz="$mhz" -v w="$watts" \
           'BEGIN { printf "%-44s %-12s %10s %10s %8s %10.3f\n", n, c, ms, mhz, w, w * ms / 1000 }'
       fi
+      report_stops "$n"
     done
   done
 fi
