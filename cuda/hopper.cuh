@@ -124,8 +124,12 @@ constexpr int max_launch_regs(int threads) { return 65536 / threads / 8 * 8; }
 constexpr int split_launch_regs(int threads, int producer, int consumer) {
   return (128 * producer + (threads - 128) * consumer + threads - 1) / threads;
 }
+// Whether that split fits the pool a launch gives the block.
+constexpr bool split_fits(int threads, int producer, int consumer) {
+  return split_launch_regs(threads, producer, consumer) <= max_launch_regs(threads);
+}
 static_assert(split_launch_regs(384, 56, 224) == max_launch_regs(384), "the ws kernels' split fills the pool exactly");
-static_assert(split_launch_regs(384, 96, 208) > max_launch_regs(384), "the split that hung (session 40) is refused");
+static_assert(!split_fits(384, 96, 208), "the split that hung (session 40) is refused");
 
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads.
 __device__ __forceinline__ void named_sync(int id, int threads) {

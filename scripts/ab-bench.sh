@@ -89,23 +89,22 @@ fi
 flags=(--benchmark_filter="$filter" --benchmark_min_time=0.2 --benchmark_repetitions=3
        --benchmark_report_aggregates_only=true "${extra[@]}")
 logs=() stopped=()
-limited() {  # command...: runs it under --run-limit; says so where it stopped or failed
-  local rc=0
+limited() {  # label, command...: runs it under --run-limit; notes where it stopped or failed
+  local label=$1 rc=0
+  shift
   if [ -n "$limit" ]; then timeout --kill-after=10 "$limit" "$@" || rc=$?; else "$@" || rc=$?; fi
   if [ $rc = 124 ] || [ $rc = 137 ]; then
-    stopped+=("stopped at the run limit of $limit s (a hang?)")
+    stopped+=("$label: stopped at the run limit of $limit s (a hang?)")
   elif [ $rc != 0 ]; then
-    stopped+=("exited with status $rc")
+    stopped+=("$label: exited with status $rc")
   fi
   return $rc
 }
 timed() {  # column name, command...: one run, its log and its clocks' summary
-  local log=$root/$1.txt name=$1 n=${#stopped[@]}
-  shift
+  local log=$root/$1.txt
   minidl_clocks_start "${log%.txt}.smi.csv"
   limited "$@" "${flags[@]}" >"$log" 2>&1
   minidl_clocks_stop >"${log%.txt}.clocks"
-  [ ${#stopped[@]} = "$n" ] || stopped[n]="$name: ${stopped[n]}"
   logs+=("$log")
 }
 for ((r = 1; r <= rounds; ++r)); do
@@ -150,8 +149,8 @@ if [ -n "$energy" ]; then
       log=$root/energy.$col.txt
       minidl_clocks_start "$root/energy.$col.smi.csv"
       n=${#stopped[@]}
-      limited "$bin" --benchmark_filter="^${name}\$" --benchmark_min_time="$energy" "${extra[@]}" >"$log" 2>&1
-      [ ${#stopped[@]} = "$n" ] || stopped[n]="$name alone, $col: ${stopped[n]}"
+      limited "$name alone, $col" "$bin" --benchmark_filter="^${name}\$" --benchmark_min_time="$energy" "${extra[@]}" \
+        >"$log" 2>&1
       clocks=$(minidl_clocks_stop)
       ms=$(awk '{ gsub(/\033\[[0-9;]*m/, "") }
                 $1 !~ /_(mean|median|stddev|cv)$/ && $3 ~ /^(ns|us|ms|s)$/ {

@@ -44,8 +44,7 @@ constexpr int kBr = 128;  // query rows per block: two consumer warpgroups x 64
 constexpr int kStages = 4;  // K/V ring depth: the producer runs up to three tiles ahead
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
-static_assert(hopper::split_launch_regs(kThreads, kProducerRegs, kConsumerRegs) <= hopper::max_launch_regs(kThreads),
-              "the forward's register split fits the block's pool");
+static_assert(hopper::split_fits(kThreads, kProducerRegs, kConsumerRegs), "the forward's register split fits the block's pool");
 constexpr int kConsumerWarps = 8;
 
 // A tile of Rows rows x kD bf16 columns as TMA's 128-byte swizzle lays out
@@ -800,8 +799,7 @@ struct BwdShape {
   static constexpr bool kDQTurns = kD == 64;
   static constexpr int kDQCols = kDQTurns ? kD : kD / 2;  // dQ columns a warpgroup computes
   static constexpr int kProducerRegs = kD == 64 ? 56 : 40, kConsumerRegs = kD == 64 ? 224 : 232;
-  static_assert(hopper::split_launch_regs(kThreads, kProducerRegs, kConsumerRegs) <= hopper::max_launch_regs(kThreads),
-                "the backward's register split fits the block's pool");
+  static_assert(hopper::split_fits(kThreads, kProducerRegs, kConsumerRegs), "the backward's register split fits the block's pool");
   using KTile = AtomTile<kBwdKeys, kD>;  // K, V
   using RowTile = AtomTile<kBm, kD>;     // a Q or dO tile
   using DsTile = AtomTile<kBwdKeys, kBm>;  // dS^T: keys x queries
