@@ -1790,6 +1790,12 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
                       cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
                           cuda::AttentionKernel::kWarpSpecialized;
       CHECK(got.dropout_bits.defined() == ws);
+      // With no backward to come (no bits asked for) the forward keeps none,
+      // and writes the same output bit for bit.
+      Forward bare = poisoned_forward(q);
+      cuda::dilated_attention_forward(q, k, v, config, bare.out, bare.lse, nullptr);
+      CHECK(bare.out.to(Device::cpu()).to_vector<double>() == got.out.to(Device::cpu()).to_vector<double>());
+      CHECK(bare.lse.to(Device::cpu()).to_vector<double>() == got.lse.to(Device::cpu()).to_vector<double>());
       check_scaled(got.out.to(Device::cpu()), want.out, tol);
       check_lse(got.lse.to(Device::cpu()), want.lse, tol);
 
