@@ -17,9 +17,11 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -44,8 +46,11 @@ enum class Pattern { kDense, kDilated, kSegments };
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
+// redraw: the forward keeps no dropout bits (as when they are past their
+// memory budget), so the backward draws the mask again; through the kernels'
+// entry points, the scale and dropout given as the op would give them.
 void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, double dropout, bool causal,
-         const char* kernel) {
+         const char* kernel, bool redraw = false) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -67,7 +72,7 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
   Tensor q = ops::randn({1, n, kHeads, dim}, opts), k = ops::randn({1, n, kHeads, dim}, opts),
          v = ops::randn({1, n, kHeads, dim}, opts);
   Tensor seed = backward ? ops::randn({1, n, kHeads, dim}, {DType::BFloat16, dev, false}) : Tensor();
-  auto step = [&] {
+  std::function<void()> step = [&] {
     // q, k, v stand for a layer's activations: each backward writes their
     // gradients afresh (accumulating into the last call's would add a pass
     // over three full-size tensors, ~5% of the 1M fwd+bwd, and hold them at
@@ -76,6 +81,21 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
     auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, causal, 0, dropout);
     if (backward) out.backward(seed);
   };
+#if defined(MINIDL_WITH_CUDA)
+  Tensor out, lse, dq, dk, dv;
+  if (redraw) {
+    DilatedAttentionConfig drawn = config;
+    drawn.scale = 1.0 / std::sqrt(static_cast<double>(dim));
+    drawn.dropout = make_attention_dropout(dropout, 1234, 0);
+    out = ops::empty(q.shape(), {DType::BFloat16, dev, false});
+    lse = ops::empty({1, n, kHeads}, {DType::Float32, dev, false});
+    for (Tensor* t : {&dq, &dk, &dv}) *t = ops::empty(q.shape(), {DType::BFloat16, dev, false});
+    step = [&, drawn] {
+      cuda::dilated_attention_forward(q, k, v, drawn, out, lse, nullptr);
+      if (backward) cuda::dilated_attention_backward(q, k, v, out, lse, seed, Tensor(), drawn, dq, dk, dv, Tensor());
+    };
+  }
+#endif
   step();  // warm-up: module load, allocator cache
   synchronize(dev);
   reset_peak_memory_stats(dev);
@@ -109,6 +129,7 @@ void register_benchmarks() {
     int64_t dim, min_n, max_n;
     double dropout = 0;
     bool causal = true;
+    bool redraw = false;  // run(): the backward draws the mask again
   };
   using enum Pattern;
   const Problem problems[] = {{"dilated_fwd", kDilated, false, kDim, 2048, 1 << 20},
@@ -123,6 +144,8 @@ void register_benchmarks() {
                               {"dense_drop_fwd_bwd", kDense, true, kDim, 2048, 32768, 0.2},
                               {"dilated_drop_fwd", kDilated, false, kDim, 131072, 1 << 20, 0.2},
                               {"dilated_drop_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2},
+                              {"dense_drop_redraw_fwd_bwd", kDense, true, kDim, 32768, 32768, 0.2, true, true},
+                              {"dilated_drop_redraw_fwd_bwd", kDilated, true, kDim, 131072, 131072, 0.2, true, true},
                               {"dilated_noncausal_fwd", kDilated, false, kDim, 131072, 1 << 20, 0, false},
                               {"dilated_noncausal_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0, false}};
   for (const Problem& p : problems)
@@ -145,7 +168,9 @@ void register_benchmarks() {
 #endif
       sizes(benchmark::RegisterBenchmark(
                 (std::string(p.name) + ":" + name).c_str(),
-                [p, name](benchmark::State& st) { run(st, p.pattern, p.backward, p.dim, p.dropout, p.causal, name); }),
+                [p, name](benchmark::State& st) {
+                  run(st, p.pattern, p.backward, p.dim, p.dropout, p.causal, name, p.redraw);
+                }),
             p.min_n, p.max_n);
     }
   unsetenv("MINIDL_ATTENTION_KERNEL");

@@ -77,8 +77,7 @@ BranchDropout branch_dropout(const DilatedAttentionConfig& config, size_t branch
 // once may take: each forward's live until its backward, so a model of many
 // layers holds all of theirs. A forward whose bits would pass it (e.g. dense
 // attention over 256K rows with 8 heads, 34 GB, or the later layers of a deep
-// model at long context) keeps none, and its backward draws the mask again,
-// on the mma.sync kernels.
+// model at long context) keeps none, and its backward draws the mask again.
 constexpr double kDropoutBitsBudget = 1.0 / 16;
 
 // The storages of the bits kept so far on each device, as weak references:
@@ -340,13 +339,12 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   // gradient), adding what the others left in fp32 accumulators for the rows
   // they wrote (a byte per row marks them); only dQ (reduced across key blocks)
   // needs a zeroed accumulator. With attention dropout they read the mask's
-  // keep bits that the ws forward saved; without those, the mma backward
-  // draws the mask.
+  // keep bits that the ws forward saved; without those, they draw the mask.
   auto rows_of_heads = [&](const Tensor& t) {  // (B, N, H, D) with each position's H x D block dense
     return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
   };
   const std::vector<size_t> finish = finishing_order(config);
-  if (rows > 0 && !fp32 && !finish.empty() && (!config.dropout.enabled() || dropout_bits.defined()) &&
+  if (rows > 0 && !fp32 && !finish.empty() &&
       choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward) ==
           AttentionKernel::kWarpSpecialized &&
       out.is_contiguous() && grad_out.is_contiguous() && rows_of_heads(dk) && dk.strides() == dv.strides()) {

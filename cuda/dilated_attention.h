@@ -53,7 +53,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& grad_lse, const DilatedAttentionConfig& config,
                                 const Tensor& dq, const Tensor& dk, const Tensor& dv);
 // dropout_bits: what the forward handed out. The ws backward reads it; without
-// it (undefined) the mma backward runs and draws the mask again.
+// it (undefined) the backward draws the mask again.
 void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& out, const Tensor& lse, const Tensor& grad_out,
                                 const Tensor& grad_lse, const DilatedAttentionConfig& config,

@@ -302,9 +302,9 @@ void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Oper
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
                   const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc) {
 #if MINIDL_WGMMA
-  // The ws backward reads attention dropout's mask from the bits the ws forward kept.
-  if (kernel == AttentionKernel::kWarpSpecialized && ws_takes(q, k, v, g, batch, &dout) &&
-      (!drop.mask.enabled() || drop.bits.words))
+  // The ws backward reads attention dropout's mask from the bits the ws
+  // forward kept, or draws it where there are none.
+  if (kernel == AttentionKernel::kWarpSpecialized && ws_takes(q, k, v, g, batch, &dout))
     return backward_ws(q, k, v, dout, lse, delta, g, batch, causal, scale, drop, dq_acc, dk_acc, dv_acc);
 #endif
   auto run = [&](auto dim) {

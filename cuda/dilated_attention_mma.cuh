@@ -61,7 +61,8 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  int64_t out_row_stride = 0, uint8_t* kv_written = nullptr, const BranchPairs& pairs = {});
 // Head dim (g.dim) 64 or 128, forward and backward. With attention dropout the
 // backward reads the mask from dropout.bits (the forward's), which the forward
-// writes when it has them (dropout.bits.words), else it keeps none. `pairs`:
+// writes when it has them (dropout.bits.words), else it keeps none and the
+// backward draws the mask again. `pairs`:
 // the branch's share of the pairs nested branches share (ws_nested_pairs
 // says when they take it); by default all its pairs, each of weight 1.
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,

@@ -1810,6 +1810,14 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
                                         config);
         check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())},
                         gw, tol);
+        if (!ws) continue;
+        // Without the forward's bits (past their memory budget) the ws backward draws the mask.
+        Forward no_bits = got;
+        no_bits.dropout_bits = Tensor();
+        Backward gd = run_cuda_backward(q, k, v, no_bits, grad_out.to(gpu),
+                                        with_lse_grad ? grad_lse.to(gpu) : Tensor(), config);
+        check_gradients({gd.dq.to(Device::cpu()), gd.dk.to(Device::cpu()), gd.dv.to(Device::cpu())},
+                        gw, tol);
       }
     });
   }
@@ -1871,6 +1879,16 @@ TEST_CASE("CUDA attention dropout: every kernel version's mask reads back exactl
       CAPTURE(dtype);
       CAPTURE(str(c));
       check_readback(mask_readback(c, dtype, Device::cuda(0), run_cuda_forward, run_cuda_backward, drop));
+      if (cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kBackward) !=
+          cuda::AttentionKernel::kWarpSpecialized)
+        return;
+      // The ws backward without the forward's bits draws the same mask.
+      auto without_bits = [](const Tensor& q, const Tensor& k, const Tensor& v, Forward f, const Tensor& grad_out,
+                             const Tensor& grad_lse, const DilatedAttentionConfig& config) {
+        f.dropout_bits = Tensor();
+        return run_cuda_backward(q, k, v, f, grad_out, grad_lse, config);
+      };
+      check_readback(mask_readback(c, dtype, Device::cuda(0), run_cuda_forward, without_bits, drop));
     });
 #endif
 }

@@ -224,6 +224,38 @@ __device__ __forceinline__ void save_keep_bits(const uint32_t (&keep)[2][4], uin
     for (int g = 0; g < 4; ++g) block[g * 128] = static_cast<uint8_t>(out >> (8 * g));
 }
 
+// The backward's keep word of a 64-query tile, drawn (for a backward whose
+// forward kept no bits): the word the forward's save_keep_bits stores for
+// this lane, bit 4 c + e keeping S^T element [4 c + e] (key kt + i + 8 (e >> 1),
+// i = lane / 4; query q0 + 8 c + 2 (lane % 4) + (e & 1)). dropout_words_keys
+// gives each query's word holding the lane's keys, in bytes (i & 1) and
+// 2 + (i & 1); rows: the queries' mask rows, count the row set's size
+// (queries past it take row 0's draws; their weights are zero).
+__device__ __forceinline__ uint32_t draw_keep_word(const AttentionDropout& d, const AttentionMaskRows& rows,
+                                                   int64_t count, int64_t q0, int64_t kt, int lane) {
+  const KeepBytesTest test = keep_bytes_test(d.threshold);
+  const int shift = 8 * ((lane >> 2) & 1);  // the lane's bytes down to 0 and 2: decisions in bits 7 and 23
+  uint32_t kept = 0;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint32_t words[8];
+    dropout_words_keys(
+        d, kt, lane, half,
+        [&](int u) {
+          const int64_t tq = q0 + 8 * (u / 2) + 2 * (lane % 4) + (u % 2);
+          return rows.at(uint64_t(tq < count ? tq : 0));
+        },
+        words);
+#pragma unroll
+    for (int w = 0; w < 8; ++w) {  // words[2 (c % 4) + e]
+      const uint32_t x = keep_bytes(words[w], test) >> shift;
+      const int bit = 4 * (4 * half + w / 2) + w % 2;
+      kept |= ((x >> 7) & 1u) << bit | ((x >> 23) & 1u) << (bit + 2);
+    }
+  }
+  return kept;
+}
+
 // Nested branches (kWeighted): the log2 weights of a lane's pairs, which
 // depend on the rows' kept index mod 8 only (BranchPairs). In the accumulator
 // layout a lane's rows (queries forward, keys backward) are lane / 4 mod 8 and
@@ -897,7 +929,7 @@ __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) 
   return w;
 }
 
-template <int kD, bool kCausal, bool kDirect, bool kDropout, bool kWeighted>
+template <int kD, bool kCausal, bool kDirect, bool kDropout, bool kWeighted, bool kDraw = false>
 __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_constant__ CUtensorMap qmap,
                                                                   const __grid_constant__ CUtensorMap kmap,
                                                                   const __grid_constant__ CUtensorMap vmap,
@@ -907,6 +939,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                                                                   const __grid_constant__ CUtensorMap dvmap,
                                                                   const __grid_constant__ WsBwdParams p) {
   static_assert(!(kDropout && kWeighted), "nested pairs take no dropout (ws_nested_pairs)");
+  static_assert(kDropout || !kDraw, "kDraw: the dropout mask drawn, not read from the forward's bits");
   using L = BwdShape<kD>;
   using KTile = typename L::KTile;
   using RowTile = typename L::RowTile;
@@ -1029,6 +1062,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int consumer = __shfl_sync(0xffffffffu, warpgroup, 0) - 1;  // warp-uniform, as in the forward
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
+  const AttentionDropout drop = resolved_dropout<kDraw>(p.drop.mask);  // kDraw: the graph offset read once
   // Tile descriptors, built once and stepped by constants (wgmma::desc_offset);
   // K's and V's per slot below.
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
@@ -1118,14 +1152,16 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const uint64_t k_cols_desc = wgmma::desc_offset(k_cols_desc0, slot * KTile::kBytes);
     // Dropout: the keep bits the forward saved (DropoutBits), a word per lane
     // and tile, loaded a tile ahead (0 where no key of the warpgroup sees the tile).
-    const int64_t row_set = kDropout ? dropout_row_set(p, batch, head, rows) : 0;
+    const int64_t row_set = kDropout && !kDraw ? dropout_row_set(p, batch, head, rows) : 0;
+    // kDraw (the forward kept no bits): the same words drawn per tile instead.
+    const AttentionMaskRows drop_rows = kDraw ? dropout_kept_rows(p.drop, batch, head, rows) : AttentionMaskRows{};
     auto tile_bits = [&](int jj) -> uint32_t {
       const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, 0) / kBm + jj, kb = key0 / 64;  // dropout: never weighted
       if (jj >= n_tiles || key0 >= rows.count || (kCausal && kb > qb)) return 0u;
       return __ldcs(p.drop.bits.words + p.drop.bits.word(row_set, qb, kb) + 32 * warp + lane);
     };
     uint32_t kept_next = 0;
-    if constexpr (kDropout) kept_next = tile_bits(0);
+    if constexpr (kDropout && !kDraw) kept_next = tile_bits(0);
     float dk[kD / 2], dv[kD / 2];
 #pragma unroll
     for (int i = 0; i < kD / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -1147,7 +1183,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
 
       // The tile's keep bits: bit 4c + e keeps element [4c + e] (below).
       uint32_t kept = 0;
-      if constexpr (kDropout) {
+      if constexpr (kDraw) {
+        kept = draw_keep_word(drop, drop_rows, rows.count, q0, key0 + warp * 16, lane);
+      } else if constexpr (kDropout) {
         kept = kept_next;
         kept_next = tile_bits(j + 1);
       }
@@ -1545,7 +1583,9 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
                      const CUtensorMap& dm, const CUtensorMap& dqm, const CUtensorMap& dkm, const CUtensorMap& dvm,
                      int64_t batch) {
   auto plain = backward_ws_kernel<kD, kCausal, kDirect, false, false>;
-  auto dropout = backward_ws_kernel<kD, kCausal, kDirect, true, false>;
+  // With dropout: the forward's keep bits read, or without them the mask drawn.
+  auto dropout = p.drop.bits.words ? backward_ws_kernel<kD, kCausal, kDirect, true, false>
+                                   : backward_ws_kernel<kD, kCausal, kDirect, true, false, true>;
   constexpr int kBytes = BwdShape<kD>::kBytes;
   allow_dynamic_smem(kBytes, plain, dropout);
   using L = BwdShape<kD>;
@@ -1691,8 +1731,6 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  int64_t batch, bool causal, float scale, const BranchDropout& drop, float* dq_acc, float* dk_acc,
                  float* dv_acc, BFloat16* dk_out, BFloat16* dv_out, int64_t out_row_stride,
                  uint8_t* kv_written, const BranchPairs& pairs) {
-  MINIDL_CHECK(!drop.mask.enabled() || drop.bits.words,
-               "dilated_attention backward (cuda, ws): dropout without the forward's keep bits");
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
   MINIDL_CHECK(pairs.plain() || !drop.mask.enabled(),
