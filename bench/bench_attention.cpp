@@ -145,6 +145,8 @@ void register_benchmarks() {
                               {"dilated_drop_fwd", kDilated, false, kDim, 131072, 1 << 20, 0.2},
                               {"dilated_drop_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2},
                               {"dense_drop_redraw_fwd_bwd", kDense, true, kDim, 32768, 32768, 0.2, true, true},
+                              {"dense_d128_drop_fwd_bwd", kDense, true, 128, 16384, 16384, 0.2},
+                              {"dense_d128_drop_redraw_fwd_bwd", kDense, true, 128, 16384, 16384, 0.2, true, true},
                               {"dilated_drop_redraw_fwd_bwd", kDilated, true, kDim, 131072, 131072, 0.2, true, true},
                               {"dilated_noncausal_fwd", kDilated, false, kDim, 131072, 1 << 20, 0, false},
                               {"dilated_noncausal_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0, false}};
