@@ -1824,6 +1824,46 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
 #endif
 }
 
+TEST_CASE("CUDA attention dropout: a backward without bits draws a framed mask, and reads a graph's offset from the device") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const std::vector<Case> cases = {{"two branches", 2, 300, 4, 64, {128, 300}, {2, 1}, true},
+                                   {"dense", 1, 200, 2, 128, {200}, {1}, false}};
+  // A device word holding the generator's offset, as a captured graph binds
+  // it: 64 bits, 5 (two little-endian int32 words).
+  Tensor word = from_vector(std::vector<int32_t>{5, 0}, {2}).to(gpu);
+  for (const Case& c : cases) {
+    CAPTURE(str(c));
+    const double tol = cuda_tolerance(DType::BFloat16, c.D, true);
+    Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16), k = random_tensor(q.shape()).to(DType::BFloat16),
+           v = random_tensor(q.shape()).to(DType::BFloat16), grad_out = random_tensor(q.shape()).to(DType::BFloat16);
+    Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+    // A part of a larger problem (a sequence-parallel piece's frame: mask
+    // branches from 1, every second head from head 1, rows at stride 3 from 7).
+    DilatedAttentionConfig framed = dropout_config(c, 0.2, 2024, 0);
+    framed.dropout.frame = {1, 3 * c.N + 7, 2 * c.H, 1, 2, 7, 3};
+    // The offset read from the device: 5 there plus 6 here, the reference's 11.
+    DilatedAttentionConfig on_device = dropout_config(c, 0.2, 2024, 6), at_11 = dropout_config(c, 0.2, 2024, 11);
+    on_device.dropout.offset_base = static_cast<const uint64_t*>(word.raw_data());
+    for (const auto& [gpu_config, cpu_config] : {std::pair{framed, framed}, std::pair{on_device, at_11}}) {
+      Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, cpu_config);
+      Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), gpu_config);
+      check_scaled(got.out.to(Device::cpu()), want.out, tol);
+      Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                 grad_out.to(DType::Float64), Tensor(), cpu_config);
+      for (bool with_bits : {true, false}) {
+        CAPTURE(with_bits);
+        Forward f = got;
+        if (!with_bits) f.dropout_bits = Tensor();
+        Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), f, grad_out.to(gpu), Tensor(), gpu_config);
+        check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+      }
+    }
+  }
+#endif
+}
+
 TEST_CASE("CUDA attention dropout: a forward the ws kernel does not take keeps no bits; the backward checks the bits it is given") {
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
