@@ -14,8 +14,8 @@
 // so the ws backward draws the mask again (as past the bits' memory budget;
 // ws only: the other versions never keep bits, their "_drop" rows are these;
 // peak_GiB there counts the preallocated outputs, not the op's gradients);
-// "dilated_noncausal" is the dilated problem without the causal mask (LongNet
-// as an encoder).
+// "_noncausal" problems drop the causal mask (an encoder's attention; for
+// dilated, LongNet as an encoder).
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -152,6 +152,10 @@ void register_benchmarks() {
                               {"dense_d128_drop_fwd_bwd", kDense, true, 128, 16384, 16384, 0.2},
                               {"dense_d128_drop_redraw_fwd_bwd", kDense, true, 128, 16384, 16384, 0.2, true, true},
                               {"dilated_drop_redraw_fwd_bwd", kDilated, true, kDim, 131072, 131072, 0.2, true, true},
+                              {"dense_noncausal_fwd", kDense, false, kDim, 32768, 32768, 0, false},
+                              {"dense_noncausal_fwd_bwd", kDense, true, kDim, 32768, 32768, 0, false},
+                              {"dense_d128_noncausal_fwd", kDense, false, 128, 16384, 16384, 0, false},
+                              {"dense_d128_noncausal_fwd_bwd", kDense, true, 128, 16384, 16384, 0, false},
                               {"dilated_noncausal_fwd", kDilated, false, kDim, 131072, 1 << 20, 0, false},
                               {"dilated_noncausal_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0, false}};
   for (const Problem& p : problems)

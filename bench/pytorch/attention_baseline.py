@@ -1,6 +1,7 @@
 """PyTorch anchor for bench_attention: the same problems through SDPA.
 
-Dense: F.scaled_dot_product_attention(is_causal=True). Segments: the same on
+Dense: F.scaled_dot_product_attention(is_causal=True), and without the mask
+for bench_attention's dense _noncausal problems. Segments: the same on
 the 1M problem's dilation-1 branch alone (512 causal attentions of 2048 rows
 per head, as a batch: no gather), the kernel-against-kernel anchor of
 bench_attention's segments_* problems. Dilated: per branch,
@@ -14,7 +15,8 @@ forward timings run under no_grad. "dilated N: kernels only" times the four
 branches' SDPA calls on tensors already in the gathered layout ((N/w, H, w/r,
 D) each, w/r = 2048 for every branch): what the composition's kernels cost
 without its gathers, scatters and merge, the kernel-against-kernel anchor of
-the dilated rows.
+the dilated rows; "dilated not causal" times the same calls without the mask,
+the anchor of the dilated_noncausal rows.
 
 SDPA picks its backend per call (cuDNN's fused flash kernels, FlashAttention-2
 or the memory-efficient kernel); each SDPA row names the one it picked, and
@@ -63,11 +65,11 @@ def cleared(*tensors):
         t.grad = None
 
 
-def picked(q, k, v, dropout_p=0.0):
-    """The backend SDPA picks for a causal call on q, k, v ('?' where this PyTorch does not say)."""
+def picked(q, k, v, dropout_p=0.0, causal=True):
+    """The backend SDPA picks for a call on q, k, v ('?' where this PyTorch does not say)."""
     try:
         names = {int(b): name for name, b in SDPBackend.__members__.items()}
-        return names.get(int(torch._fused_sdp_choice(q, k, v, dropout_p=dropout_p, is_causal=True)), "?")
+        return names.get(int(torch._fused_sdp_choice(q, k, v, dropout_p=dropout_p, is_causal=causal)), "?")
     except (AttributeError, RuntimeError, TypeError):
         return "?"
 
@@ -125,21 +127,22 @@ def main():
     dev = "cuda"
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
 
-    def causal_rows(label, batch, rows, d, dropout=False):
-        """SDPA's causal fwd and fwd+bwd on (batch, H, rows, d): as SDPA picks, then per backend."""
+    def sdpa_rows(label, batch, rows, d, dropout=False, causal=True):
+        """SDPA's fwd and fwd+bwd on (batch, H, rows, d): as SDPA picks, then per backend."""
         q, k, v = (torch.randn(batch, H, rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         g = torch.randn_like(q)
 
         def fwd():
             with torch.no_grad():
-                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         def both(p=0.0):
             cleared(q, k, v)
-            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True).backward(g)
+            F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal).backward(g)
 
-        print(f"{label}: fwd {timed(fwd):.2f} ms, fwd+bwd {timed(both):.2f} ms (SDPA picks {picked(q, k, v)})")
+        print(f"{label}: fwd {timed(fwd):.2f} ms, fwd+bwd {timed(both):.2f} ms "
+              f"(SDPA picks {picked(q, k, v, causal=causal)})")
         by_backend(f"{label} fwd", fwd)
         by_backend(f"{label} fwd+bwd", both)
         if dropout:  # attention dropout as the char-LM recipe trains (bench_attention's _drop problems)
@@ -147,10 +150,12 @@ def main():
                   f"(SDPA picks {picked(q, k, v, dropout_p=0.2)})")
             by_backend(f"{label} dropout 0.2 fwd+bwd", lambda: both(0.2))
 
-    causal_rows("dense causal N=32768 D=64", 1, 32768, 64, dropout=True)
-    causal_rows("dense causal N=16384 D=128", 1, 16384, 128)
+    sdpa_rows("dense causal N=32768 D=64", 1, 32768, 64, dropout=True)
+    sdpa_rows("dense causal N=16384 D=128", 1, 16384, 128)
+    sdpa_rows("dense not causal N=32768 D=64", 1, 32768, 64, causal=False)
+    sdpa_rows("dense not causal N=16384 D=128", 1, 16384, 128, causal=False)
     n, w = 1 << 20, SEGMENTS[0]
-    causal_rows(f"segments N={n} w={w} (dilation-1 branch)", n // w, w, D)
+    sdpa_rows(f"segments N={n} w={w} (dilation-1 branch)", n // w, w, D)
     for n in [131072, 1 << 20]:
         q, k, v = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)
@@ -162,20 +167,23 @@ def main():
         # The same branches' kernels alone, on inputs already gathered.
         branches = [tuple(torch.randn(n // w, H, w // r, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
                           for _ in range(4)) for w, r in zip(SEGMENTS, DILATIONS)]  # q, k, v, grad
-        def kernels_fwd():
+        def kernels_fwd(causal=True):
             with torch.no_grad():
                 for q, k, v, _ in branches:
-                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        def kernels_both():
+        def kernels_both(causal=True):
             for q, k, v, g in branches:
                 cleared(q, k, v)
-                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).backward(g)
 
         fwd, both = timed(kernels_fwd), timed(kernels_both)
         print(f"dilated N={n} kernels only (SDPA per branch on gathered rows): fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
         by_backend(f"dilated N={n} kernels only fwd", kernels_fwd)
         by_backend(f"dilated N={n} kernels only fwd+bwd", kernels_both)
+        # bench_attention's dilated_noncausal problems (LongNet as an encoder), kernels only.
+        fwd, both = timed(lambda: kernels_fwd(False)), timed(lambda: kernels_both(False))
+        print(f"dilated not causal N={n} kernels only: fwd {fwd:.2f} ms, fwd+bwd {both:.2f} ms")
         del branches
 
 

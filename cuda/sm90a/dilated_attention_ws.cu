@@ -907,6 +907,22 @@ __device__ __forceinline__ int64_t bwd_q0(const WsBwdParams& p, int64_t kt0, int
   return (kCausal ? kt0 : 0) + i;
 }
 
+// The order of a key block's query tiles: tile bwd_tile(kt0, j, n_tiles) is
+// the j-th it runs. Causal blocks run theirs in row order: they start at their
+// own rows, so the blocks running at once are spread over the query tiles
+// already. Other blocks start at tile kt0 / kBm and wrap around: in row order
+// the blocks of one row set running at once would all reduce into its first
+// dQ tile, then all into the next, and so on.
+template <bool kCausal>
+__device__ __forceinline__ int bwd_tile(int64_t kt0, int j, int n_tiles) {
+  if constexpr (kCausal) {
+    return j;
+  } else {
+    const int t = j + static_cast<int>((kt0 / kBm) % n_tiles);
+    return t >= n_tiles ? t - n_tiles : t;
+  }
+}
+
 // How many of the row set's `count` queries a key block's tiles hold.
 template <bool kCausal, bool kWeighted>
 __device__ __forceinline__ int64_t bwd_queries(const WsBwdParams& p, int64_t kt0, int64_t count) {
@@ -1004,7 +1020,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                               head, rows, o, j0, kt0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
       const int s = ring % kBwdStages;
-      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, j);
+      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(kt0, j, w.n_tiles));
       hopper::mbar_wait(&empty[s], ((ring / kBwdStages) & 1) ^ 1);
       // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's rows.
       float* st = stats + s * 2 * kBm;
@@ -1156,8 +1172,10 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     // kDraw (the forward kept no bits): the same words drawn per tile instead.
     const AttentionMaskRows drop_rows = kDraw ? dropout_kept_rows(p.drop, batch, head, rows) : AttentionMaskRows{};
     auto tile_bits = [&](int jj) -> uint32_t {
-      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, 0) / kBm + jj, kb = key0 / 64;  // dropout: never weighted
-      if (jj >= n_tiles || key0 >= rows.count || (kCausal && kb > qb)) return 0u;
+      if (jj >= n_tiles || key0 >= rows.count) return 0u;
+      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(kt0, jj, n_tiles)) / kBm,
+                    kb = key0 / 64;  // dropout: never weighted
+      if (kCausal && kb > qb) return 0u;
       return __ldcs(p.drop.bits.words + p.drop.bits.word(row_set, qb, kb) + 32 * warp + lane);
     };
     uint32_t kept_next = 0;
@@ -1171,7 +1189,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       WS_TRACE(1, 2, j);
       if constexpr (!L::kAhead) issue_sdp(slot, t);
       const int s = t % kBwdStages;
-      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, j);
+      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(kt0, j, n_tiles));
       const uint64_t q_mn_desc = wgmma::desc_offset(q_mn_desc0, s * RowTile::kBytes);
       const uint64_t do_mn_desc = wgmma::desc_offset(do_mn_desc0, s * RowTile::kBytes);
       const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (t & 1) * DsTile::kBytes);
