@@ -94,17 +94,23 @@ __device__ __forceinline__ void mma_64x128x16_rs(float (&d)[64], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(int(kAccumulate)));
 }
 
-// d += A B for A (64 x 16) in registers (each warp its 16 rows, in the
-// mma.m16n8k16 A layout) and B (16 x 64) in shared memory, MN-major (64-element
-// n runs contiguous: rows of V for O = P V).
-__device__ __forceinline__ void mma_64x64x16_rs_mn(float (&d)[32], const uint32_t (&a)[4],
-                                                   uint64_t desc_b) {
+// d = A B (kAccumulate = false) or d += A B for A (64 x 16) in registers
+// (each warp its 16 rows, in the mma.m16n8k16 A layout) and B (16 x 64) in
+// shared memory, K-major (S = Q K^T over a 64-key tile with Q held in
+// registers) or, kTransB = 1, MN-major (64-element n runs contiguous: rows of
+// V for O = P V).
+template <bool kAccumulate, int kTransB = 0>
+__device__ __forceinline__ void mma_64x64x16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(int(kAccumulate)), "n"(kTransB));
+}
+// d += A B with B MN-major: O += P V, and dV, dK in the backward.
+__device__ __forceinline__ void mma_64x64x16_rs_mn(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  mma_64x64x16_rs<true, 1>(d, a, desc_b);
 }
 
 // The same at n = 128 (O = P V at head dim 128): B spans two 64-element

@@ -13,8 +13,8 @@
 //   "empty" mbarrier the consumers release it on;
 // - two consumer warpgroups of 64 query rows each. Within a warpgroup,
 //   S(j) = Q K(j)^T is issued before O += P(j-1) V(j-1), and the softmax of
-//   tile j runs while that product is in flight. At head dim 64 Q's wgmma
-//   fragments stay in registers for the item (FwdShape::kQInRegisters).
+//   tile j runs while that product is in flight. Q's wgmma fragments stay
+//   in registers for the item (issue_s_rs).
 // setmaxnreg gives the producer's registers to the consumers. Attention
 // dropout (core/dilated.h) draws the mask words of each 64-key half of a tile
 // within its softmax (8 live words per lane, not 16: the consumers' registers
@@ -112,12 +112,6 @@ __device__ __forceinline__ void tile_out(int barrier, Write write, Issue issue) 
 template <int kD>
 struct FwdShape {
   static constexpr int kBc = kD == 64 ? 128 : 64;  // keys per tile
-  // S(j > 0) takes Q from registers (wgmma's A operand, 16 registers at head
-  // dim 64), read from shared memory once per item instead of once per key
-  // tile: a third fewer operand bytes per S. S(0) stays SS: it is issued
-  // under the previous item's epilogue, while qf still holds that item's Q.
-  // At 128 it would need 32 registers (kernel-notes, session 38).
-  static constexpr bool kQInRegisters = kD == 64;
   using QTile = AtomTile<kBr, kD>;
   using KTile = AtomTile<kBc, kD>;
   static constexpr int kQ = 0;                         // [2]: the current item's and the next one's
@@ -371,16 +365,27 @@ __device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[kD / 16][4], cha
     mma::ldmatrix_x4(qf[kk], FwdShape<kD>::QTile::at(q_tile, consumer * 64 + f.row, f.chunk(kk)));
 }
 
-// S = Q K^T with Q's fragments in registers (FwdShape::kQInRegisters).
-template <int kD>
-__device__ __forceinline__ void issue_s_rs(float (&s)[64], const uint32_t (&qf)[kD / 16][4], uint64_t k_desc) {
-  static_assert(FwdShape<kD>::kQInRegisters && FwdShape<kD>::kBc == 128);
+// S = Q K^T with Q's fragments in registers, for S(j > 0): Q is read from
+// shared memory once per item instead of once per key tile, a third fewer
+// operand bytes per S at head dim 64 (m64n128; 16 registers), half at 128
+// (m64n64; 32 registers). S(0) stays SS (issue_s): it is issued under the
+// previous item's epilogue, while qf still holds that item's Q (kernel-notes,
+// sessions 38 and 42). Past column 64 the k-steps read K's next atom.
+template <int kD, int kBc>
+__device__ __forceinline__ void issue_s_rs(float (&s)[kBc / 2], const uint32_t (&qf)[kD / 16][4], uint64_t k_desc) {
+  using S = FwdShape<kD>;
+  static_assert(S::kBc == kBc);
   wgmma::fence();
 #pragma unroll
   for (int ks = 0; ks < kD / 16; ++ks) {
-    const uint64_t db = wgmma::desc_offset(k_desc, ks * 32);
-    if (ks == 0) wgmma::mma_64x128x16_rs<false>(s, qf[ks], db);
-    else wgmma::mma_64x128x16_rs<true>(s, qf[ks], db);
+    const uint64_t db = wgmma::desc_offset(k_desc, (ks / 4) * S::KTile::kAtomBytes + (ks % 4) * 32);
+    if constexpr (kBc == 128) {
+      if (ks == 0) wgmma::mma_64x128x16_rs<false>(s, qf[ks], db);
+      else wgmma::mma_64x128x16_rs<true>(s, qf[ks], db);
+    } else {
+      if (ks == 0) wgmma::mma_64x64x16_rs<false>(s, qf[ks], db);
+      else wgmma::mma_64x64x16_rs<true>(s, qf[ks], db);
+    }
   }
   wgmma::commit();
 }
@@ -622,7 +627,6 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     const int n_tiles = w.n_tiles;
     const int64_t group_row0 = w.t0 + consumer * 64;
     const int64_t q_row0 = group_row0 + warp * 16 + lane / 4;  // this lane's rows: q_row0, q_row0 + 8
-    const uint64_t q_desc = q_desc_of(slot);
 
     float o[kD / 8][4];
     float(&o_flat)[kD / 2] = reinterpret_cast<float(&)[kD / 2]>(o);
@@ -675,8 +679,8 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
     wgmma::fence_operands(s);
     WS_TRACE(0, 2, 0);
     // After the wait: the previous item's last RS product has read qf.
-    uint32_t qf[Smem::kQInRegisters ? kD / 16 : 1][4];
-    if constexpr (Smem::kQInRegisters) load_q_fragments<kD>(qf, smem + Smem::kQ + slot * QTile::kBytes, consumer);
+    uint32_t qf[kD / 16][4];
+    load_q_fragments<kD>(qf, smem + Smem::kQ + slot * QTile::kBytes, consumer);
     // Zeroed only now: a plain write to an accumulator while a wgmma (S(0),
     // issued ahead) is in flight makes ptxas serialise every wgmma (C7515).
 #pragma unroll
@@ -692,8 +696,7 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
       const int sj = stage(j), sp = stage(j - 1);
       WS_TRACE(0, 4, j);
       hopper::mbar_wait(&k_full[sj], phase(j));
-      if constexpr (Smem::kQInRegisters) issue_s_rs<kD>(s, qf, k_desc(sj));
-      else issue_s<kD, kBc>(s, q_desc, k_desc(sj));
+      issue_s_rs<kD, kBc>(s, qf, k_desc(sj));
       hopper::mbar_wait(&v_full[sp], phase(j - 1));
       issue_pv<kD, kBc>(o_flat, p_in, v_desc(sp));
       wgmma::wait<1>();
