@@ -1461,9 +1461,11 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
       {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, true},
       {"several items per block, D = 128", 2, 2049, 8, 128, {512}, {1}, true},
       // Not causal: each key block starts at its own query tile and wraps
-      // around (bwd_tile), past a partial last tile.
+      // around (bwd_tile), past a partial last tile, and (r = 3, B N % 3 != 0)
+      // past a tail tile beyond the tensor maps.
       {"several items per block", 2, 2049, 8, 64, {2049}, {1}, false},
-      {"several items per block, D = 128", 1, 1025, 8, 128, {1025}, {1}, false},
+      {"several items per block, D = 128", 2, 1025, 8, 128, {1025}, {1}, false},
+      {"several items per block", 2, 4097, 8, 64, {512, 1536}, {1, 3}, false},
       {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, true},
       {"nested branches, several items per block", 2, 4100, 8, 64, {512, 1024, 2048, 4096}, {1, 2, 4, 8}, false},
       {"nested branches, three spans a segment, several items per block", 2, 4100, 8, 64, {512, 1536}, {1, 2}, true},
@@ -1775,7 +1777,8 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
   cases.push_back({"r = 1 branch listed last", 2, 200, 2, 32, {200, 50, 100}, {4, 1, 2}, false});
   // 256 work items of up to two key tiles: ws blocks take several.
   cases.push_back({"several items per block", 2, 2048, 8, 64, {256}, {1}, true});
-  cases.push_back({"several items per block", 2, 2048, 8, 64, {1024}, {1}, false});
+  // Not causal: key blocks that start mid-segment wrap around past a partial tile.
+  cases.push_back({"several items per block", 2, 2048, 8, 64, {1000}, {1}, false});
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     for (const Case& c : cases) for_each_kernel(dtype, c.D, [&] {
       CAPTURE(dtype);
