@@ -883,11 +883,12 @@ struct WsBwdParams {
 // One work item of the persistent backward: a 128-key block of one (batch,
 // head, segment); heaviest first in a group (causal: the first key block sees
 // every query tile). n_tiles: query tiles; 0: nothing to do (past the row
-// set, or no pairs of its own, as the forward's); -1: stop.
+// set, or no pairs of its own, as the forward's); -1: stop. tile0: the
+// query tile it runs first (bwd_tile).
 struct BwdItem {
   int64_t batch, head, kt0;
   RowSet rows;
-  int n_tiles;
+  int n_tiles, tile0;
 };
 static_assert(sizeof(BwdItem) <= 64, "BwdShape::kItems reserves 64 bytes per item");
 
@@ -910,19 +911,20 @@ __device__ __forceinline__ int64_t bwd_q0(const WsBwdParams& p, int64_t kt0, int
   return (kCausal ? kt0 : 0) + i;
 }
 
-// The order of a key block's query tiles: tile bwd_tile(kt0, j, n_tiles) is
-// the j-th it runs. Causal blocks run theirs in row order: they start at their
-// own rows, so the blocks running at once are spread over the query tiles
-// already. Other blocks start at tile kt0 / kBm and wrap around: in row order
-// the blocks of one row set running at once would all reduce into its first
-// dQ tile, then all into the next, and so on.
+// The order of a key block's query tiles: tile bwd_tile(w, j) is the j-th
+// it runs. Causal blocks run theirs in row order: they start at their own
+// rows, so the blocks running at once are spread over the query tiles
+// already. Other blocks start at tile w.tile0 = kt0 / kBm mod n_tiles
+// (bwd_item) and wrap around: in row order the blocks of one row set running
+// at once would all reduce into its first dQ tile, then all into the next,
+// and so on.
 template <bool kCausal>
-__device__ __forceinline__ int bwd_tile(int64_t kt0, int j, int n_tiles) {
+__device__ __forceinline__ int bwd_tile(const BwdItem& w, int j) {
   if constexpr (kCausal) {
     return j;
   } else {
-    const int t = j + static_cast<int>((kt0 / kBm) % n_tiles);
-    return t >= n_tiles ? t - n_tiles : t;
+    const int t = j + w.tile0;
+    return t >= w.n_tiles ? t - w.n_tiles : t;
   }
 }
 
@@ -945,6 +947,7 @@ __device__ __forceinline__ BwdItem bwd_item(const WsBwdParams& p, int64_t item) 
   w.kt0 = at.rank * kBwdKeys;
   const int64_t queries = bwd_queries<kCausal, kWeighted>(p, w.kt0, w.rows.count);
   w.n_tiles = w.kt0 < w.rows.count && queries > 0 ? static_cast<int>((queries + kBm - 1) / kBm) : 0;
+  w.tile0 = !kCausal && w.n_tiles > 0 ? static_cast<int>((w.kt0 / kBm) % w.n_tiles) : 0;
   return w;
 }
 
@@ -1023,7 +1026,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                               head, rows, o, j0, kt0);
       for (int j = 0; j < w.n_tiles; ++j, ++ring) {
       const int s = ring % kBwdStages;
-      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(kt0, j, w.n_tiles));
+      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(w, j));
       hopper::mbar_wait(&empty[s], ((ring / kBwdStages) & 1) ^ 1);
       // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's rows.
       float* st = stats + s * 2 * kBm;
@@ -1176,7 +1179,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     const AttentionMaskRows drop_rows = kDraw ? dropout_kept_rows(p.drop, batch, head, rows) : AttentionMaskRows{};
     auto tile_bits = [&](int jj) -> uint32_t {
       if (jj >= n_tiles || key0 >= rows.count) return 0u;
-      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(kt0, jj, n_tiles)) / kBm,
+      const int64_t qb = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(w, jj)) / kBm,
                     kb = key0 / 64;  // dropout: never weighted
       if (kCausal && kb > qb) return 0u;
       return __ldcs(p.drop.bits.words + p.drop.bits.word(row_set, qb, kb) + 32 * warp + lane);
@@ -1192,7 +1195,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       WS_TRACE(1, 2, j);
       if constexpr (!L::kAhead) issue_sdp(slot, t);
       const int s = t % kBwdStages;
-      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(kt0, j, n_tiles));
+      const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(w, j));
       const uint64_t q_mn_desc = wgmma::desc_offset(q_mn_desc0, s * RowTile::kBytes);
       const uint64_t do_mn_desc = wgmma::desc_offset(do_mn_desc0, s * RowTile::kBytes);
       const uint64_t ds_desc = wgmma::desc_offset(ds_desc0, (t & 1) * DsTile::kBytes);
