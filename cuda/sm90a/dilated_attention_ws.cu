@@ -997,6 +997,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
     hopper::regs_dec<L::kProducerRegs>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
+    const float delta_scale = kDropout ? 1.f / p.drop.mask.scale : 1.f;  // D / s (the consumers leave s out)
     int64_t item = blockIdx.x;
     int ring = 0;  // Q/dO tiles loaded so far, all items
     for (int n = 0;; ++n) {
@@ -1028,7 +1029,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
       const int s = ring % kBwdStages;
       const int64_t q0 = bwd_q0<kCausal, kWeighted>(p, kt0, bwd_tile<kCausal>(w, j));
       hopper::mbar_wait(&empty[s], ((ring / kBwdStages) & 1) ^ 1);
-      // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's rows.
+      // L (log2 units; +inf for padding rows, so P = 0) and D of the tile's
+      // rows (with dropout D / s: the consumers' element-wise pass leaves s out).
       float* st = stats + s * 2 * kBm;
       for (int i = lane; i < kBm; i += 32) {
         const int64_t t = q0 + i;
@@ -1036,7 +1038,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         if (t < rows.count) {
           const int64_t ri = kept_row_index(g, batch, head, rows, t);
           l2 = p.lse[ri] * kLog2e;
-          dd = p.delta[ri];
+          dd = p.delta[ri] * delta_scale;
         }
         st[i] = l2;
         st[kBm + i] = dd;
@@ -1085,6 +1087,11 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const float scale_log2 = p.scale * kLog2e;
   const AttentionDropout drop = resolved_dropout<kDraw>(p.drop.mask);  // kDraw: the graph offset read once
+  // With dropout the element-wise pass leaves out the keep scale s (it forms
+  // dS / s and P M / s; the producer stores D / s): dQ, dK and dV take s at
+  // their stores, beside the softmax scale, for no instruction of their own.
+  const float keep_scale = kDropout ? p.drop.mask.scale : 1.f;
+  const float ds_scale = p.scale * keep_scale;  // dQ = dS K and dK = dS^T Q
   // Tile descriptors, built once and stepped by constants (wgmma::desc_offset);
   // K's and V's per slot below.
   const uint64_t k_desc0 = wgmma::desc_sw128(smem + L::kK + consumer * 64 * 128);
@@ -1258,11 +1265,16 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const float x = st[4 * c + e];
-            // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
-            float m = 1.f;
-            if constexpr (kDropout) m = (kept >> (4 * c + e)) & 1 ? p.drop.mask.scale : 0.f;
-            pv[e] = x * m;
-            dsv[e] = x * (m * dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
+            // With dropout: dV uses P M, dS = P (M dP' - D) (core/dilated.h),
+            // M = s keep; here without s, which the stores apply (dc is D / s).
+            if constexpr (kDropout) {
+              const float xk = (kept >> (4 * c + e)) & 1 ? x : 0.f;
+              pv[e] = xk;
+              dsv[e] = fmaf(xk, dpt[4 * c + e], -x * (e & 1 ? dc.y : dc.x));
+            } else {
+              pv[e] = x;
+              dsv[e] = x * (dpt[4 * c + e] - (e & 1 ? dc.y : dc.x));
+            }
           }
           const int kk = c / 2, h = c % 2;
           pt[kk][2 * h] = mma::pack_bf16(pv[0], pv[1]);
@@ -1388,7 +1400,7 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           for (int c = 0; c < L::kDQCols / 8; ++c) {  // box c / 4, its 8-column chunk c % 4
             const int chunk = (2 * (c % 4) + (lane % 4) / 2) ^ (row % 8);
             *reinterpret_cast<float2*>(dq_tile + (c / 4) * kDQBoxBytes + row * 128 + chunk * 16 + (lane % 2) * 8) =
-                make_float2(p.scale * dq[4 * c + 2 * r], p.scale * dq[4 * c + 2 * r + 1]);
+                make_float2(ds_scale * dq[4 * c + 2 * r], ds_scale * dq[4 * c + 2 * r + 1]);
           }
         }
         wgmma::fence_proxy_async();  // st.shared, read next by the TMA unit
@@ -1413,8 +1425,8 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
           float* dst_row = p.dq_acc + kept_row_index(g, batch, head, rows, tq) * kD;
 #pragma unroll
           for (int c = 0; c < L::kDQCols / 8; ++c)
-            mma::red_add_v2(dst_row + dq_col0 + c * 8 + 2 * (lane % 4), p.scale * dq[4 * c + 2 * r],
-                            p.scale * dq[4 * c + 2 * r + 1]);
+            mma::red_add_v2(dst_row + dq_col0 + c * 8 + 2 * (lane % 4), ds_scale * dq[4 * c + 2 * r],
+                            ds_scale * dq[4 * c + 2 * r + 1]);
         }
       }
       if constexpr (!L::kAhead) {
@@ -1473,8 +1485,9 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
         }
 #pragma unroll
         for (int c = 0; c < kD / 8; ++c) {
-          pk[r][c] = mma::pack_bf16(p.scale * dk[4 * c + 2 * r] + dk0[c].x, p.scale * dk[4 * c + 2 * r + 1] + dk0[c].y);
-          pv[r][c] = mma::pack_bf16(dv[4 * c + 2 * r] + dv0[c].x, dv[4 * c + 2 * r + 1] + dv0[c].y);
+          pk[r][c] = mma::pack_bf16(ds_scale * dk[4 * c + 2 * r] + dk0[c].x, ds_scale * dk[4 * c + 2 * r + 1] + dk0[c].y);
+          pv[r][c] = mma::pack_bf16(keep_scale * dv[4 * c + 2 * r] + dv0[c].x,
+                                    keep_scale * dv[4 * c + 2 * r + 1] + dv0[c].y);
         }
       }
       // After the last item's stores have read the tiles.
@@ -1514,9 +1527,10 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
 #pragma unroll
         for (int i = 0; i < kPass; ++i) {
           const int c = c0 + i, col = c * 8 + 2 * (lane % 4);
-          const float2 a = make_float2(p.scale * dk[4 * c + 2 * r] + dk0[i].x,
-                                       p.scale * dk[4 * c + 2 * r + 1] + dk0[i].y);
-          const float2 b = make_float2(dv[4 * c + 2 * r] + dv0[i].x, dv[4 * c + 2 * r + 1] + dv0[i].y);
+          const float2 a = make_float2(ds_scale * dk[4 * c + 2 * r] + dk0[i].x,
+                                       ds_scale * dk[4 * c + 2 * r + 1] + dk0[i].y);
+          const float2 b = make_float2(keep_scale * dv[4 * c + 2 * r] + dv0[i].x,
+                                       keep_scale * dv[4 * c + 2 * r + 1] + dv0[i].y);
           if constexpr (kDirect) {
             *reinterpret_cast<uint32_t*>(p.dk_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(a.x, a.y);
             *reinterpret_cast<uint32_t*>(p.dv_out + position * p.out_sn + head * kD + col) = mma::pack_bf16(b.x, b.y);
