@@ -224,12 +224,15 @@ __device__ __forceinline__ void save_keep_bits(const uint32_t (&keep)[2][4], uin
 // i = lane / 4; query q0 + 8 c + 2 (lane % 4) + (e & 1)). dropout_words_keys
 // gives each query's word holding the lane's keys, in bytes (i & 1) and
 // 2 + (i & 1); rows: the queries' mask rows, count the row set's size
-// (queries past it take row 0's draws; their weights are zero).
+// (queries past it take row 0's draws; their weights are zero). The bits are
+// gathered as save_keep_bits gathers them: two words' decisions into bits 6
+// and 7 of each byte, the lane's bytes of two such words into one register,
+// and a multiply that moves its eight decisions into the top byte in order.
 __device__ __forceinline__ uint32_t draw_keep_word(const AttentionDropout& d, const AttentionMaskRows& rows,
                                                    int64_t count, int64_t q0, int64_t kt, int lane) {
   const KeepBytesTest test = keep_bytes_test(d.threshold);
-  const int shift = 8 * ((lane >> 2) & 1);  // the lane's bytes down to 0 and 2: decisions in bits 7 and 23
-  uint32_t kept = 0;
+  const uint32_t lane_bytes = (lane >> 2) & 1 ? 0x7531u : 0x6420u;  // bytes 1, 3 (else 0, 2) of both words
+  uint32_t top[4];  // the top byte of top[k]: bits 8 k .. 8 k + 7 of the word
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     uint32_t words[8];
@@ -241,13 +244,19 @@ __device__ __forceinline__ uint32_t draw_keep_word(const AttentionDropout& d, co
         },
         words);
 #pragma unroll
-    for (int w = 0; w < 8; ++w) {  // words[2 (c % 4) + e]
-      const uint32_t x = keep_bytes(words[w], test) >> shift;
-      const int bit = 4 * (4 * half + w / 2) + w % 2;
-      kept |= ((x >> 7) & 1u) << bit | ((x >> 23) & 1u) << (bit + 2);
+    for (int k = 0; k < 2; ++k) {  // columns c = 4 half + 2 k and c + 1
+      uint32_t m[2];  // bit 7 of each byte: words[2 c' + 1]'s decision (e odd), bit 6 words[2 c']'s
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int c = 2 * k + u;  // c % 4
+        m[u] = (keep_bytes(words[2 * c + 1], test) & 0x80808080u) |
+               ((keep_bytes(words[2 * c], test) >> 1) & 0x7F7F7F7Fu);
+      }
+      // bytes [c lo, c hi, c + 1 lo, c + 1 hi], bits 6 and 7 each, to bits 24 .. 31 in that order
+      top[2 * half + k] = (__byte_perm(m[0], m[1], lane_bytes) & 0xC0C0C0C0u) * 0x00041041u;
     }
   }
-  return kept;
+  return __byte_perm(__byte_perm(top[0], top[1], 0x0073), __byte_perm(top[2], top[3], 0x0073), 0x5410);
 }
 
 // Nested branches (kWeighted): the log2 weights of a lane's pairs, which
