@@ -192,6 +192,13 @@ __device__ __forceinline__ void load_rows(char* dst, const CUtensorMap* map, con
   hopper::mbar_arrive(bar);
 }
 
+// The top bytes of four words as one word, w[0]'s lowest: the last step of
+// the keep-bit gathers below, where a multiply has moved eight decisions
+// into each word's top byte.
+__device__ __forceinline__ uint32_t top_bytes(const uint32_t (&w)[4]) {
+  return __byte_perm(__byte_perm(w[0], w[1], 0x0073), __byte_perm(w[2], w[3], 0x0073), 0x5410);
+}
+
 // Saves a lane's keep decisions of one 64-key half (dropout_words_rows'
 // words for its two rows, keep[a][g]: byte 2 h + e of word g keeps key
 // 16 g + 8 h + 2 (lane % 4) + e of row a) into a block of DropoutBits, whose
@@ -208,7 +215,7 @@ __device__ __forceinline__ void save_keep_bits(const uint32_t (&keep)[2][4], uin
 #pragma unroll
   for (int g = 0; g < 4; ++g)
     top[g] = ((keep[1][g] & 0x80808080u) | ((keep[0][g] >> 4) & 0x08080808u)) * 0x00204081u;
-  const uint32_t bits = __byte_perm(__byte_perm(top[0], top[1], 0x0073), __byte_perm(top[2], top[3], 0x0073), 0x5410);
+  const uint32_t bits = top_bytes(top);
   const bool odd = lane & 4;  // this lane's rows are odd: it keeps e = 1
   const uint32_t own = odd ? 0xAAAAAAAAu : 0x55555555u;
   const uint32_t other = __shfl_xor_sync(0xffffffffu, bits & ~own, 4);  // the pair row's, same e as own
@@ -256,7 +263,7 @@ __device__ __forceinline__ uint32_t draw_keep_word(const AttentionDropout& d, co
       top[2 * half + k] = (__byte_perm(m[0], m[1], lane_bytes) & 0xC0C0C0C0u) * 0x00041041u;
     }
   }
-  return __byte_perm(__byte_perm(top[0], top[1], 0x0073), __byte_perm(top[2], top[3], 0x0073), 0x5410);
+  return top_bytes(top);
 }
 
 // Nested branches (kWeighted): the log2 weights of a lane's pairs, which
