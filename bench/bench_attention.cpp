@@ -15,7 +15,9 @@
 // ws only: the other versions never keep bits, their "_drop" rows are these;
 // peak_GiB there counts the preallocated outputs, not the op's gradients);
 // "_noncausal" problems drop the causal mask (an encoder's attention; for
-// dilated, LongNet as an encoder).
+// dilated, LongNet as an encoder). "_drop_per_pair" ones drop each pair the
+// nested branches share once (ops::dilated_attention's dropout_per_pair; ws
+// only, the one version that takes it).
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -54,7 +56,7 @@ enum class Pattern { kDense, kDilated, kSegments };
 // memory budget), so the backward draws the mask again; through the kernels'
 // entry points, the scale and dropout given as the op would give them.
 void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, double dropout, bool causal,
-         const char* kernel, bool redraw = false) {
+         const char* kernel, bool redraw = false, bool per_pair = false) {
   if (!cuda_is_available()) {
     state.SkipWithError("no CUDA device");
     return;
@@ -82,7 +84,7 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
     // over three full-size tensors, ~5% of the 1M fwd+bwd, and hold them at
     // the peak), as bench/pytorch/attention_baseline.py does too.
     for (const Tensor* t : {&q, &k, &v}) t->zero_grad();
-    auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, causal, 0, dropout);
+    auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, causal, 0, dropout, nullptr, per_pair);
     if (backward) out.backward(seed);
   };
 #if defined(MINIDL_WITH_CUDA)
@@ -134,6 +136,7 @@ void register_benchmarks() {
     double dropout = 0;
     bool causal = true;
     bool redraw = false;  // run(): the backward draws the mask again
+    bool per_pair = false;  // dropout_per_pair
   };
   using enum Pattern;
   const Problem problems[] = {{"dilated_fwd", kDilated, false, kDim, 2048, 1 << 20},
@@ -152,6 +155,9 @@ void register_benchmarks() {
                               {"dense_d128_drop_fwd_bwd", kDense, true, 128, 16384, 16384, 0.2},
                               {"dense_d128_drop_redraw_fwd_bwd", kDense, true, 128, 16384, 16384, 0.2, true, true},
                               {"dilated_drop_redraw_fwd_bwd", kDilated, true, kDim, 131072, 131072, 0.2, true, true},
+                              {"dilated_drop_per_pair_fwd", kDilated, false, kDim, 131072, 1 << 20, 0.2, true, false, true},
+                              {"dilated_drop_per_pair_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0.2, true, false,
+                               true},
                               {"dense_noncausal_fwd", kDense, false, kDim, 32768, 32768, 0, false},
                               {"dense_noncausal_fwd_bwd", kDense, true, kDim, 32768, 32768, 0, false},
                               {"dense_d128_noncausal_fwd", kDense, false, 128, 16384, 16384, 0, false},
@@ -165,6 +171,7 @@ void register_benchmarks() {
         if (std::string_view(name) != "mma") continue;  // one entry per problem reports the missing device
       } else {
         if (p.redraw && std::string_view(name) != "ws") continue;  // the others keep no bits anyway
+        if (p.per_pair && std::string_view(name) != "ws") continue;  // the others refuse it
         // Only the versions that run this problem's forward or backward here.
         setenv("MINIDL_ATTENTION_KERNEL", name, 1);
         auto runs = [&](cuda::AttentionPass pass) {
@@ -180,7 +187,7 @@ void register_benchmarks() {
       sizes(benchmark::RegisterBenchmark(
                 (std::string(p.name) + ":" + name).c_str(),
                 [p, name](benchmark::State& st) {
-                  run(st, p.pattern, p.backward, p.dim, p.dropout, p.causal, name, p.redraw);
+                  run(st, p.pattern, p.backward, p.dim, p.dropout, p.causal, name, p.redraw, p.per_pair);
                 }),
             p.min_n, p.max_n);
     }

@@ -68,6 +68,12 @@ struct AttentionDropout {
   uint64_t seed = 0, offset = 0;
   const uint64_t* offset_base = nullptr;  // device address, or null
   AttentionMaskFrame frame;
+  // Where the branches nest (nested_pairs): true keeps or drops a pair that
+  // several branches hold once, for all its copies, at its owner's element
+  // (pair_owner): the dropout of one attention over the branches' union.
+  // false (the default): each branch's copy has its own element, as when each
+  // branch runs its own attention with dropout. Nothing changes elsewhere.
+  bool per_pair = false;
   MINIDL_HD bool enabled() const { return threshold != 0; }
   MINIDL_HD MINIDL_FORCEINLINE uint64_t offset_now() const { return PhiloxOffset{offset_base, offset}.value(); }
 };
@@ -266,6 +272,18 @@ struct BranchPairs {
   }
 };
 
+// The branches' indices sorted by (segment clamped to n, dilation), ties in
+// config order: smaller branches first.
+inline std::vector<size_t> nesting_order(const std::vector<DilatedBranch>& br, int64_t n) {
+  auto w_of = [&](size_t i) { return br[i].segment < n ? br[i].segment : n; };
+  std::vector<size_t> order(br.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return w_of(a) != w_of(b) ? w_of(a) < w_of(b) : br[a].dilation < br[b].dilation;
+  });
+  return order;
+}
+
 // Each branch's share of the pairs (config order) over n positions, or empty
 // when the branches do not nest (then each branch computes all its pairs).
 inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& config, int64_t n) {
@@ -275,11 +293,7 @@ inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& confi
   for (const DilatedBranch& b : br)
     if (b.segment < 1 || b.dilation < 1) return {};
   auto w_of = [&](size_t i) { return br[i].segment < n ? br[i].segment : n; };
-  std::vector<size_t> order(k);
-  for (size_t i = 0; i < k; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return w_of(a) != w_of(b) ? w_of(a) < w_of(b) : br[a].dilation < br[b].dilation;
-  });
+  const std::vector<size_t> order = nesting_order(br, n);
   const int64_t w0 = w_of(order[0]), r_max = br[order[k - 1]].dilation;
   if (br[order[0]].dilation != 1 || 8 % r_max != 0 || (w0 < n && w0 % r_max != 0)) return {};
   for (size_t a = 0; a + 1 < k; ++a) {
@@ -304,6 +318,31 @@ inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& confi
       }
   }
   return pairs;
+}
+
+// Whether config's dropout decides once per distinct pair on n positions:
+// per_pair asked for, and the branches nest.
+inline bool dropout_per_pair(const DilatedAttentionConfig& config, int64_t n) {
+  return config.dropout.enabled() && config.dropout.per_pair && !nested_pairs(config, n).empty();
+}
+
+// The owner of a pair that some branch holds (dropout_per_pair): the first
+// branch in nesting order (`order`, nesting_order's) whose segment holds
+// query position p and key position k and keeps both for head h. It is the
+// branch whose share of the pairs (nested_pairs) holds the pair, so a plan
+// that computes each pair once draws its own mask there. Returns the owner's
+// index in config order and the key's index among its segment's kept rows.
+struct PairOwner {
+  size_t branch;
+  int64_t key_index;
+};
+inline PairOwner pair_owner(const std::vector<DilatedBranch>& branches, const std::vector<size_t>& order,
+                            int64_t n, int64_t h, int64_t p, int64_t k) {
+  for (size_t i : order) {
+    const int64_t w = branches[i].segment < n ? branches[i].segment : n, r = branches[i].dilation;
+    if (p / w == k / w && (p % w) % r == h % r && (k % w) % r == h % r) return {i, (k % w) / r};
+  }
+  return {order.empty() ? 0 : order.back(), -1};  // not held by any branch: not a pair
 }
 
 }  // namespace minidl

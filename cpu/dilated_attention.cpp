@@ -163,13 +163,26 @@ struct KeyPair {
   double factor;
 };
 
+// With per-pair dropout (dropout_per_pair), the nesting order the owners
+// are looked up in (pair_owner); empty otherwise.
+std::vector<size_t> owner_order(const DilatedAttentionConfig& config, int64_t n) {
+  return dropout_per_pair(config, n) ? nesting_order(config.branches, n) : std::vector<size_t>{};
+}
+
 // Appends the pairs row p of head h (batch b) sees in every branch where it
 // is kept (a key seen by two branches appears twice: the union is a multiset).
+// `owners`: owner_order's.
 void union_keys(int64_t b, int64_t p, int64_t h, int64_t B, int64_t H, int64_t n,
                 const std::vector<Branch>& branches, const DilatedAttentionConfig& config,
-                std::vector<KeyPair>& keys) {
+                const std::vector<size_t>& owners, std::vector<KeyPair>& keys) {
   keys.clear();
   const AttentionDropout& drop = config.dropout;
+  // A pair's element under per-pair dropout: its owner's row and key index.
+  auto owner_keep = [&](int64_t key) {
+    const PairOwner o = pair_owner(config.branches, owners, n, h, p, key);
+    const DropoutRows mask = dropout_rows(config, o.branch, B, b, H, h, n);
+    return attention_keep(drop, mask.rows.at(static_cast<uint64_t>(p)), static_cast<uint64_t>(o.key_index));
+  };
   for (size_t i = 0; i < branches.size(); ++i) {
     const Branch& br = branches[i];
     int64_t offset = h % br.r, local = p % br.w;
@@ -181,8 +194,10 @@ void union_keys(int64_t b, int64_t p, int64_t h, int64_t B, int64_t H, int64_t n
     // t: the key's index among the segment's kept rows
     for (int64_t j = seg_start + offset, t = 0; j <= last; ++t) {
       double factor = 1;
-      if (drop.enabled())
-        factor = attention_keep(drop, mask_row, static_cast<uint64_t>(t)) ? static_cast<double>(drop.scale) : 0.0;
+      if (drop.enabled()) {
+        const bool keep = owners.empty() ? attention_keep(drop, mask_row, static_cast<uint64_t>(t)) : owner_keep(j);
+        factor = keep ? static_cast<double>(drop.scale) : 0.0;
+      }
       keys.push_back({j, factor});
       if (last - j < br.r) break;  // the next kept row is past `last` (j + r could overflow)
       j += br.r;
@@ -218,11 +233,12 @@ void reference_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   L* lse_ptr = static_cast<L*>(lse.raw_data());
   parallel_for(B * H, reference_grain(B, H, N, D, branches, config.causal), [&](int64_t lo, int64_t hi) {
     std::vector<KeyPair> keys;
+    const std::vector<size_t> owners = owner_order(config, N);
     std::vector<double> scores, acc(static_cast<size_t>(D));
     for (int64_t bh = lo; bh < hi; ++bh) {
       int64_t b = bh / H, h = bh % H;
       for (int64_t p = 0; p < N; ++p) {
-        union_keys(b, p, h, B, H, N, branches, config, keys);
+        union_keys(b, p, h, B, H, N, branches, config, owners, keys);
         int64_t row = (b * N + p) * H + h;
         T* o_row = o + row * D;
         if (keys.empty()) {
@@ -272,6 +288,7 @@ void reference_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   // Gradients of one (b, h) only touch rows of that (b, h): parallel over them.
   parallel_for(B * H, reference_grain(B, H, N, D, branches, config.causal), [&](int64_t lo, int64_t hi) {
     std::vector<KeyPair> keys;
+    const std::vector<size_t> owners = owner_order(config, N);
     std::vector<double> gq(static_cast<size_t>(N * D)), gk(gq.size()), gv(gq.size());
     for (int64_t bh = lo; bh < hi; ++bh) {
       int64_t b = bh / H, h = bh % H;
@@ -279,7 +296,7 @@ void reference_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
       std::fill(gk.begin(), gk.end(), 0.0);
       std::fill(gv.begin(), gv.end(), 0.0);
       for (int64_t p = 0; p < N; ++p) {
-        union_keys(b, p, h, B, H, N, branches, config, keys);
+        union_keys(b, p, h, B, H, N, branches, config, owners, keys);
         if (keys.empty()) continue;
         int64_t row = (b * N + p) * H + h;
         const T* q_row = Q.row(b, p, h);
@@ -534,11 +551,15 @@ void parallel_units(int64_t units, bool parallel, MakeScratch make_scratch, Body
 // (core/dilated.h, nested_pairs), where their spans hold a key tile or more:
 // the tiles inside one span are what they skip (shorter spans would only add
 // the masking). With dropout each branch's copy of a pair has its own mask
-// decision, so every branch computes all its pairs.
+// decision, so every branch computes all its pairs; with per-pair dropout
+// (dropout_per_pair) a pair's decision is its owner's, the branch computing
+// it here, so this plan is taken whatever the spans.
 std::vector<BranchPairs> shared_pairs(const DilatedAttentionConfig& config, int64_t n) {
   std::vector<BranchPairs> pairs;
-  if (!config.dropout.enabled()) pairs = nested_pairs(config, n);
-  if (std::any_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.span > 0 && p.span < kTileK; }))
+  const bool per_pair = dropout_per_pair(config, n);
+  if (!config.dropout.enabled() || per_pair) pairs = nested_pairs(config, n);
+  if (!per_pair &&
+      std::any_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.span > 0 && p.span < kTileK; }))
     pairs.clear();
   if (pairs.empty()) pairs.resize(config.branches.size());
   return pairs;

@@ -38,6 +38,18 @@ Tensor fp32_buffer(const Tensor& like) {
 
 void zero(const Tensor& t) { backend::zero_bytes(t.raw_data(), t.device(), t.nbytes()); }
 
+// Per-pair attention dropout (AttentionDropout::per_pair) needs a plan that
+// computes each pair the branches share once, by its owner: on CUDA the ws
+// kernels' nested plan. The other kernel versions run every branch's pairs,
+// each copy with its own branch's decision, so they refuse it.
+void check_per_pair_plan(const char* op, const DilatedAttentionConfig& config, int64_t n) {
+  MINIDL_CHECK(!dropout_per_pair(config, n), op,
+               ": per-pair attention dropout runs on the CPU, and on CUDA where the Hopper ws kernels' nested "
+               "plan takes the problem (bfloat16, head dim 64 or 128, rows of whole heads, spans of whole "
+               "128-row tiles, the smallest branch listed first among those of dilation 1); this problem "
+               "takes another kernel (docs/dilated-attention.md)");
+}
+
 // The tensor-core kernels (TF32 for float32, mma.sync, wgmma and ws for
 // bfloat16) take a problem only when every operand's rows are 16-byte
 // aligned: views at odd offsets run SIMT (a misaligned cp.async would fault).
@@ -187,6 +199,8 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
       unary(UnaryOp::Fill, lse, -INFINITY, lse);
       // Nested branches compute each pair they share once (docs/dilated-attention.md).
       const std::vector<BranchPairs> pairs = ws_nested_pairs(config, s.n, finish.back());
+      if (std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
+        check_per_pair_plan("dilated_attention (cuda)", config, s.n);
       for (size_t i = 0; i < finish.size(); ++i) {
         BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
@@ -204,6 +218,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
     }
   }
 #endif
+  check_per_pair_plan("dilated_attention (cuda)", config, s.n);
   // The fp32 accumulator: float32's output itself (TF32), else a buffer.
   Tensor o_acc = fp32 ? out : fp32_buffer(out);
   if (!covers) {
@@ -299,6 +314,7 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
     forward_tensor_cores(kernel, q, k, v, config, out, lse, dropout_bits);
     return;
   }
+  check_per_pair_plan(op, config, s.n);
   Tensor o_acc = out.dtype() == DType::Float32 ? out : fp32_buffer(out);
   zero(o_acc);
   unary(UnaryOp::Fill, lse, -INFINITY, lse);
@@ -363,6 +379,8 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
       attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
       const std::vector<BranchPairs> pairs = ws_nested_pairs(config, s.n, finish.back());
+      if (std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
+        check_per_pair_plan(op, config, s.n);
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
@@ -381,6 +399,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     }
   }
 #endif
+  check_per_pair_plan(op, config, s.n);
   // Accumulators: the outputs themselves when float32 and contiguous, else
   // fp32 buffers copied into them at the end (bf16, or strided views such as
   // the parts of one fused q/k/v gradient).

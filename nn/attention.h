@@ -95,6 +95,7 @@ std::optional<double> rope_base_for(const TransformerLMConfig& config);
 // attention is one branch {kWholeSequence, 1}.
 struct AttentionBranches {
   std::vector<int64_t> segments, dilations;
+  bool dropout_per_pair = false;  // ops::dilated_attention's
 };
 constexpr int64_t kWholeSequence = INT64_MAX;  // a segment longer than any sequence
 

@@ -32,15 +32,23 @@ const std::string& required_option(const TransformerLMConfig& config, const std:
 // The options from config.attention_options, checked for unknown keys.
 struct DilatedOptions {
   std::vector<int64_t> segments, dilations;
+  bool dropout_per_pair = false;
 };
 
 DilatedOptions dilated_options(const TransformerLMConfig& config) {
   for (const auto& [key, value] : config.attention_options)
-    MINIDL_CHECK(key == "segments" || key == "dilations" || key == "rope_base",
+    MINIDL_CHECK(key == "segments" || key == "dilations" || key == "rope_base" || key == "dropout",
                  "DilatedAttention: unknown attention option '", key,
-                 "'; known: 'segments', 'dilations', 'rope_base'");
+                 "'; known: 'segments', 'dilations', 'rope_base', 'dropout'");
+  bool per_pair = false;
+  if (auto it = config.attention_options.find("dropout"); it != config.attention_options.end()) {
+    const std::string value = trimmed(it->second);
+    MINIDL_CHECK(value == "per_copy" || value == "per_pair", "DilatedAttention: attention option 'dropout' is '",
+                 it->second, "'; give 'per_copy' or 'per_pair'");
+    per_pair = value == "per_pair";
+  }
   return {parse_attention_int_list("segments", required_option(config, "segments", "64,128,256")),
-          parse_attention_int_list("dilations", required_option(config, "dilations", "1,2,4"))};
+          parse_attention_int_list("dilations", required_option(config, "dilations", "1,2,4")), per_pair};
 }
 
 }  // namespace
@@ -94,11 +102,14 @@ DilatedAttention::DilatedAttention(const AttentionInit& init)
     : DilatedAttention(init.config.n_embd, init.config.n_head, dilated_options(init.config).segments,
                        dilated_options(init.config).dilations, init.config.bias, init.config.dropout,
                        init.init_gen, init.dropout_gen, init.options, init.proj_init_std,
-                       rope_base_for(init.config)) {}
+                       rope_base_for(init.config)) {
+  dropout_per_pair = dilated_options(init.config).dropout_per_pair;
+}
 
 Tensor DilatedAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
                                 Generator* gen) {
-  return ops::dilated_attention(q, k, v, segments, dilations, /*causal=*/true, /*scale=*/0, dropout_p, gen)
+  return ops::dilated_attention(q, k, v, segments, dilations, /*causal=*/true, /*scale=*/0, dropout_p, gen,
+                                dropout_per_pair)
       .first;
 }
 

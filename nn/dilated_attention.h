@@ -19,6 +19,10 @@
 //   "dilations"  comma-separated dilations r_i >= 1, one per segment, e.g. "1,2,4"
 //   "rope_base"  optional rotary base when position_embedding == "rope"
 //                (default kDefaultRopeBase)
+//   "dropout"    optional: how attention dropout treats a pair that nested
+//                branches share: "per_copy" (default: each branch's copy on
+//                its own) or "per_pair" (once for all copies; faster on
+//                Hopper, ops::dilated_attention's dropout_per_pair)
 // Any other key is an error (catches typos such as "dilation").
 #include <cstdint>
 #include <optional>
@@ -44,11 +48,12 @@ class DilatedAttention : public MultiHeadSelfAttention {
   explicit DilatedAttention(const AttentionInit& init);
 
   std::vector<int64_t> segments, dilations;
+  bool dropout_per_pair = false;  // the "dropout" option's "per_pair"
 
  protected:
   Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
                 Generator* gen) override;
-  AttentionBranches branches() const override { return {segments, dilations}; }
+  AttentionBranches branches() const override { return {segments, dilations, dropout_per_pair}; }
 };
 
 }  // namespace minidl::nn

@@ -187,12 +187,14 @@ AttentionDropout attention_dropout(double p, Generator* gen, const Tensor& q) {
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,
                                             const std::vector<int64_t>& dilations, bool causal,
-                                            double scale, double dropout, Generator* gen) {
+                                            double scale, double dropout, Generator* gen,
+                                            bool dropout_per_pair) {
   const char* op = "dilated_attention";
   check_inputs(op, q, k, v);
   DilatedAttentionConfig config =
       make_config(op, q.size(1), segments, dilations, causal, scale, q.size(3));
   set_dropout(op, dropout, gen, q, config);
+  config.dropout.per_pair = dropout_per_pair && config.dropout.enabled();
   return attention_forward(op, q, k, v, config);
 }
 

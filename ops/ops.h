@@ -161,11 +161,17 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullpt
 // the Philox stream at one offset reserved from gen (default_generator() when
 // null), so the backward regenerates it and CPU and CUDA drop the same
 // weights. dropout 0 reserves nothing and is exactly the op without dropout.
+// dropout_per_pair: where the branches nest, a pair that several branches
+// hold is dropped or kept once for all its copies (its owner's decision;
+// AttentionDropout::per_pair, docs/dilated-attention.md). It runs on the CPU
+// and, on CUDA, where the Hopper ws kernels' nested plan takes the problem;
+// elsewhere the op says so.
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,
                                             const std::vector<int64_t>& dilations,
                                             bool causal = true, double scale = 0,
-                                            double dropout = 0, Generator* gen = nullptr);
+                                            double dropout = 0, Generator* gen = nullptr,
+                                            bool dropout_per_pair = false);
 // Vanilla attention: dilated_attention with one branch w = N, r = 1 (same
 // kernels, same dropout).
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal = true,

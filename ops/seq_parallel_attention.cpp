@@ -921,6 +921,9 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
   MINIDL_CHECK(std::isfinite(config.scale), kOp, ": scale must be finite, got ", config.scale);
   MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{}, kOp,
                ": config.dropout.frame must be the default (the op frames its pieces itself)");
+  MINIDL_CHECK(!config.dropout.per_pair || !config.dropout.enabled(), kOp,
+               ": per-pair attention dropout (config.dropout.per_pair) is not sequence parallel yet; "
+               "its pieces would need the whole problem's owners (docs/dilated-attention.md)");
   MINIDL_CHECK(config.dropout.threshold <= 255, kOp, ": config.dropout.threshold ", config.dropout.threshold,
                " is past 255 (make_attention_dropout gives T8 in [1, 255])");
   MINIDL_CHECK(!config.dropout.offset_base || q.is_cuda(), kOp, ": config.dropout reads its offset from a device "

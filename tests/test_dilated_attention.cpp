@@ -712,10 +712,35 @@ std::vector<std::vector<Pair>> pair_lists(const Case& c) {
   return pairs;
 }
 
-// M_pj = keep_pj * scale for pair j of row (b, h, p).
+// Per-pair dropout's owner of pair (p, key) for head h, from the definition:
+// the first branch in the order of (segment clamped to N, dilation), ties as
+// listed, whose segment holds both positions and keeps both for head h; with
+// the key's index among that segment's kept rows.
+Pair owner_of(const Case& c, int64_t h, int64_t p, int64_t key) {
+  std::vector<size_t> order(c.segments.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  auto w_of = [&](size_t i) { return std::min(c.segments[i], c.N); };
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::make_pair(w_of(a), c.dilations[a]) < std::make_pair(w_of(b), c.dilations[b]);
+  });
+  for (size_t i : order) {
+    const int64_t w = w_of(i), r = c.dilations[i], start = p / w * w;
+    if (key / w * w == start && (p - start) % r == h % r && (key - start) % r == h % r)
+      return {key, static_cast<int64_t>(i), (key - start) / r};
+  }
+  FAIL("no branch holds the pair");
+  return {};
+}
+
+// Whether per-pair dropout changes anything for c: the branches nest.
+bool nests(const Case& c) { return !nested_pairs(kernel_config(c), c.N).empty(); }
+
+// M_pj = keep_pj * scale for pair j of row (b, h, p): its own branch's
+// element, or with per-pair dropout where the branches nest its owner's.
 double mask_factor(const Case& c, const AttentionDropout& drop, int64_t b, int64_t h, int64_t p,
-                   const Pair& j) {
-  return attention_keep(drop, j.branch, c.B, b, c.H, h, c.N, p, j.t) ? drop.scale : 0.0;
+                   const Pair& j, bool nesting = false) {
+  const Pair at = drop.per_pair && nesting ? owner_of(c, h, p, j.key) : j;
+  return attention_keep(drop, at.branch, c.B, b, c.H, h, c.N, p, at.t) ? drop.scale : 0.0;
 }
 
 struct Grads {
@@ -729,6 +754,7 @@ Dense brute_force_dropout(const Case& c, const std::vector<double>& q, const std
                           const std::vector<double>& v, const std::vector<std::vector<Pair>>& pairs,
                           double scale, const AttentionDropout& drop) {
   const int64_t N = c.N, H = c.H, D = c.D;
+  const bool nesting = nests(c);
   Dense r{std::vector<double>(q.size(), 0.0), std::vector<double>(static_cast<size_t>(c.B * N * H), -kInf)};
   auto at = [&](int64_t b, int64_t n, int64_t h) { return static_cast<size_t>(((b * N + n) * H + h) * D); };
   for (int64_t b = 0; b < c.B; ++b)
@@ -747,7 +773,7 @@ Dense brute_force_dropout(const Case& c, const std::vector<double>& q, const std
         const double lse = std::log(z);
         r.lse[static_cast<size_t>((b * N + p) * H + h)] = lse;
         for (size_t j = 0; j < row.size(); ++j) {
-          double weight = std::exp(s[j] - lse) * mask_factor(c, drop, b, h, p, row[j]);
+          double weight = std::exp(s[j] - lse) * mask_factor(c, drop, b, h, p, row[j], nesting);
           for (int64_t d = 0; d < D; ++d) r.out[at(b, p, h) + d] += weight * v[at(b, row[j].key, h) + d];
         }
       }
@@ -763,6 +789,7 @@ Grads brute_force_dropout_backward(const Case& c, const std::vector<double>& q,
                                    const std::vector<std::vector<Pair>>& pairs, double scale,
                                    const AttentionDropout& drop) {
   const int64_t N = c.N, H = c.H, D = c.D;
+  const bool nesting = nests(c);
   Grads g{std::vector<double>(q.size(), 0.0), std::vector<double>(q.size(), 0.0),
           std::vector<double>(q.size(), 0.0)};
   auto at = [&](int64_t b, int64_t n, int64_t h) { return static_cast<size_t>(((b * N + n) * H + h) * D); };
@@ -781,7 +808,7 @@ Grads brute_force_dropout_backward(const Case& c, const std::vector<double>& q,
         for (const Pair& j : row) {
           const size_t rj = at(b, j.key, h);
           const double prob = std::exp(scale * dot(q, rp, k, rj) - f.lse[ri]);
-          const double m = mask_factor(c, drop, b, h, p, j);
+          const double m = mask_factor(c, drop, b, h, p, j, nesting);
           const double ds = prob * (m * dot(grad_out, rp, v, rj) - delta);
           for (int64_t d = 0; d < D; ++d) {
             g.dv[rj + d] += prob * m * grad_out[rp + d];
@@ -901,12 +928,78 @@ TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dil
   CHECK(kept < checked);
 }
 
+namespace {
+
+// Per-pair dropout (AttentionDropout::per_pair): nesting configs whose pairs
+// have up to four copies, spans shorter than and across the fast path's
+// tiles, and one that does not nest (per_pair changes nothing there).
+std::vector<Case> per_pair_cases() {
+  return with_non_causal({
+      {"nested, three levels, partial segments", 1, 40, 4, 2, {8, 16, 32}, {1, 2, 4}},
+      {"nested, out of order, w > N, every head class", 2, 20, 8, 2, {64, 4, 8}, {4, 1, 2}},
+      {"nested, duplicate branches", 1, 8, 2, 2, {4, 4}, {1, 1}},
+      {"nested, spans across tiles", 1, 150, 3, 4, {96, 192}, {1, 2}},
+      {"not nested (w % r != 0)", 1, 12, 3, 2, {5, 7}, {3, 2}},
+  });
+}
+
+}  // namespace
+
+TEST_CASE("per-pair dropout: the copies of a pair share their owner's decision; without nesting nothing changes") {
+  int nesting = 0;
+  for (const Case& c : per_pair_cases()) {
+    CAPTURE(str(c));
+    DilatedAttentionConfig config = dropout_config(c, 0.35, 4242, 3);
+    config.dropout.per_pair = true;
+    CHECK(dropout_per_pair(config, c.N) == nests(c));
+    const bool nested = nests(c);
+    nesting += nested;
+    // Owners as core/dilated.h finds them: the definition's.
+    const std::vector<size_t> order = nesting_order(config.branches, c.N);
+    const std::vector<std::vector<Pair>> pairs = pair_lists(c);
+    int64_t shared = 0, wrong_owners = 0, split_copies = 0;
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t p = 0; p < c.N; ++p)
+        for (const Pair& j : pairs[static_cast<size_t>(h * c.N + p)]) {
+          const Pair want = owner_of(c, h, p, j.key);
+          const PairOwner got = pair_owner(config.branches, order, c.N, h, p, j.key);
+          wrong_owners += static_cast<int64_t>(got.branch) != want.branch || got.key_index != want.t;
+          // Every copy of (p, key) takes one decision, in every batch.
+          for (int64_t b = 0; b < c.B; ++b)
+            for (const Pair& other : pairs[static_cast<size_t>(h * c.N + p)])
+              if (other.key == j.key && other.branch != j.branch && nested) {
+                ++shared;
+                split_copies += mask_factor(c, config.dropout, b, h, p, j, true) !=
+                                mask_factor(c, config.dropout, b, h, p, other, true);
+              }
+        }
+    CHECK(wrong_owners == 0);
+    CHECK(split_copies == 0);
+    CHECK((shared > 0) == nested);
+    // The reference: another function where pairs are shared, the same one, bit for bit, elsewhere.
+    auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
+    DilatedAttentionConfig per_copy = config;
+    per_copy.dropout.per_pair = false;
+    const Forward a = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
+    const Forward b = run_forward(cpu::dilated_attention_forward_reference, q, k, v, per_copy);
+    CHECK((a.out.to_vector<double>() != b.out.to_vector<double>()) == nested);
+    CHECK(a.lse.to_vector<double>() == b.lse.to_vector<double>());
+  }
+  CHECK(nesting == 8);
+}
+
 TEST_CASE("dropout: reference forward and backward match the formulas; the backward is the gradient") {
   int64_t kept = 0, dropped = 0, rows_all_dropped = 0;
-  for (const Case& c : spec_cases()) {
+  std::vector<Case> cases = spec_cases();
+  const size_t small = cases.size();  // finite differences on these only
+  for (const Case& c : per_pair_cases()) cases.push_back(c);
+  for (size_t ci = 0; ci < cases.size(); ++ci) for (bool per_pair : {false, true}) {
+    const Case& c = cases[ci];
     CAPTURE(str(c));
+    CAPTURE(per_pair);
     auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
-    const DilatedAttentionConfig config = dropout_config(c, 0.35);
+    DilatedAttentionConfig config = dropout_config(c, 0.35);
+    config.dropout.per_pair = per_pair;
     const std::vector<std::vector<Pair>> pairs = pair_lists(c);
     std::vector<std::vector<double>> x = {q.to_vector<double>(), k.to_vector<double>(), v.to_vector<double>()};
     Dense want = brute_force_dropout(c, x[0], x[1], x[2], pairs, config.scale, config.dropout);
@@ -918,7 +1011,7 @@ TEST_CASE("dropout: reference forward and backward match the formulas; the backw
         for (int64_t p = 0; p < c.N; ++p) {
           const std::vector<Pair>& row = pairs[static_cast<size_t>(h * c.N + p)];
           int64_t row_kept = 0;
-          for (const Pair& j : row) row_kept += mask_factor(c, config.dropout, b, h, p, j) != 0;
+          for (const Pair& j : row) row_kept += mask_factor(c, config.dropout, b, h, p, j, nests(c)) != 0;
           kept += row_kept;
           dropped += static_cast<int64_t>(row.size()) - row_kept;
           rows_all_dropped += !row.empty() && row_kept == 0;
@@ -942,6 +1035,7 @@ TEST_CASE("dropout: reference forward and backward match the formulas; the backw
         if (std::isfinite(d.lse[i])) s += wl[i] * d.lse[i];
       return s;
     };
+    if (ci >= small) continue;
     const std::vector<double>* analytic[3] = {&formulas.dq, &formulas.dk, &formulas.dv};
     for (int t = 0; t < 3; ++t) {
       std::vector<double> numeric = central_differences(x[t], objective);
@@ -957,13 +1051,17 @@ TEST_CASE("dropout: reference forward and backward match the formulas; the backw
 }
 
 TEST_CASE("dropout: the fast CPU path matches the reference, forward and backward") {
+  std::vector<Case> cases = tiled_cases();
+  for (const Case& c : per_pair_cases()) cases.push_back(c);
   for (DType dtype : {DType::Float64, DType::Float32, DType::BFloat16}) {
     const double tol = fast_path_tolerance(dtype);
-    for (const Case& c : tiled_cases()) {
+    for (const Case& c : cases) for (bool per_pair : {false, true}) {
       CAPTURE(dtype);
       CAPTURE(str(c));
+      CAPTURE(per_pair);
       auto [q, k, v] = make_qkv(c, dtype, Layout::Packed);
-      const DilatedAttentionConfig config = dropout_config(c, 0.2, 5, 123456789);
+      DilatedAttentionConfig config = dropout_config(c, 0.2, 5, 123456789);
+      config.dropout.per_pair = per_pair;
       Forward want = run_forward(cpu::dilated_attention_forward_reference, q, k, v, config);
       Forward got = run_forward(cpu::dilated_attention_forward, q, k, v, config);
       check_scaled(got.out, want.out, tol);
@@ -985,12 +1083,15 @@ TEST_CASE("dropout: gradcheck (float64) of the op with the generator reset to on
       {"dense", 1, 6, 2, 3, {6}, {1}},
       {"several branches, w > N, r > H", 2, 11, 3, 2, {4, 6, 20}, {1, 2, 4}},
       {"rows kept nowhere", 1, 9, 2, 2, {5}, {3}},
+      // dropout_per_pair: nested branches, each shared pair dropped once.
+      {"nested, per pair", 1, 12, 4, 2, {4, 8}, {1, 2}},
   };
   Generator gen;
   for (const Case& base : cases)
     for (bool causal : {true, false}) {
       Case c = base;
       c.causal = causal;
+      const bool per_pair = c.name == "nested, per pair";
       CAPTURE(str(c));
       auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
       q.requires_grad_(true);
@@ -999,7 +1100,7 @@ TEST_CASE("dropout: gradcheck (float64) of the op with the generator reset to on
       // The mask is a function of the generator state: fixed state, fixed function.
       auto attend = [&](const std::vector<Tensor>& x) {
         gen.set_state(4242, 17);
-        return ops::dilated_attention(x[0], x[1], x[2], c.segments, c.dilations, c.causal, 0, 0.4, &gen);
+        return ops::dilated_attention(x[0], x[1], x[2], c.segments, c.dilations, c.causal, 0, 0.4, &gen, per_pair);
       };
       Tensor nowhere;
       {
@@ -1012,6 +1113,11 @@ TEST_CASE("dropout: gradcheck (float64) of the op with the generator reset to on
         CHECK(out.to_vector<double>() != plain_out.to_vector<double>());
         check_lse(lse, plain_lse, 1e-14);
         CHECK(attend({q, k, v}).first.to_vector<double>() == out.to_vector<double>());
+        // The op's mask is the definition's: the reference's for the state it reserved.
+        DilatedAttentionConfig config = dropout_config(c, 0.4, 4242, 17);
+        config.dropout.per_pair = per_pair;
+        check_close(out, run_forward(cpu::dilated_attention_forward_reference, q.detach(), k.detach(), v.detach(),
+                                     config).out, 1e-12, 1e-12);
       }
       Tensor w_lse = random_tensor({c.B, c.N, c.H});
       CHECK(gradcheck(
@@ -1829,6 +1935,61 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       }
     });
   }
+#endif
+}
+
+// Per-pair dropout needs a plan that computes each shared pair once: on CUDA
+// the ws kernels' nested plan (the cases named "nested"); the other versions,
+// and the ws kernels where their plan does not take a nesting config, refuse it.
+TEST_CASE("CUDA per-pair attention dropout: the ws nested plan matches the float64 reference; the others refuse it") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  int planned = 0, refused = 0;
+  for (const Case& c : cuda_cases()) {
+    if (!nests(c)) continue;
+    for_each_kernel(DType::BFloat16, c.D, [&] {
+      CAPTURE(str(c));
+      const bool ws = cuda::choose_attention_kernel(DType::BFloat16, c.D, cuda::AttentionPass::kForward) ==
+                      cuda::AttentionKernel::kWarpSpecialized;
+      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(DType::BFloat16);
+      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
+      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
+      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
+      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
+      config.dropout.per_pair = true;
+      if (!ws || c.name.rfind("nested", 0) != 0) {
+        ++refused;
+        CHECK_THROWS_WITH_AS(run_cuda_forward(q, k, v, config), doctest::Contains("per-pair attention dropout"),
+                             Error);
+        return;
+      }
+      ++planned;
+      const double tol = cuda_tolerance(DType::BFloat16, c.D, true);
+      Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+      Forward got = run_cuda_forward(q, k, v, config);
+      CHECK(got.dropout_bits.defined());
+      check_scaled(got.out.to(Device::cpu()), want.out, tol);
+      check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+      Tensor grad_out = random_tensor(q.shape()).to(DType::BFloat16);
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+      Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                 grad_out.to(DType::Float64), grad_lse.to(DType::Float64), config);
+      // From the forward's keep bits, and drawing the mask without them.
+      Forward no_bits = got;
+      no_bits.dropout_bits = Tensor();
+      for (const Forward* f : {&got, &no_bits}) {
+        CAPTURE(f->dropout_bits.defined());
+        Backward gg = run_cuda_backward(q, k, v, *f, grad_out.to(gpu), grad_lse.to(gpu), config);
+        check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+      }
+    });
+  }
+  const bool hopper = cuda::choose_attention_kernel(DType::BFloat16, 64, cuda::AttentionPass::kForward) ==
+                      cuda::AttentionKernel::kWarpSpecialized;
+  CHECK(planned == (hopper ? 6 : 0));
+  CHECK(refused > 0);
 #endif
 }
 

@@ -183,8 +183,18 @@ TEST_CASE("dilated attention options parse with clear errors") {
                        Error);
   CHECK_THROWS_WITH_AS(build({{"segments", "8"}, {"dilation", "1"}}),
                        doctest::Contains("DilatedAttention: unknown attention option 'dilation'; known: "
-                                         "'segments', 'dilations', 'rope_base'"),
+                                         "'segments', 'dilations', 'rope_base', 'dropout'"),
                        Error);
+  CHECK_THROWS_WITH_AS(build({{"segments", "8"}, {"dilations", "1"}, {"dropout", "per-pair"}}),
+                       doctest::Contains("attention option 'dropout' is 'per-pair'; give 'per_copy' or 'per_pair'"),
+                       Error);
+  // "dropout" picks how the layer's attention dropout treats shared pairs.
+  for (const char* value : {"per_copy", " per_pair"}) {
+    CAPTURE(value);
+    const nn::TransformerLM model = build({{"segments", "4,8"}, {"dilations", "1,2"}, {"dropout", value}});
+    CHECK(dynamic_cast<nn::DilatedAttention*>(model.h[0]->attn.get())->dropout_per_pair ==
+          (std::string(value) == " per_pair"));
+  }
   CHECK_THROWS_WITH_AS(build({{"segments", "8"}, {"dilations", "1"}, {"rope_base", "big"}}),
                        doctest::Contains("attention option 'rope_base' must be a positive number, got 'big'"),
                        Error);
@@ -390,6 +400,14 @@ TEST_CASE("attention dropout: training uses the layer's p and generator; eval an
     Tensor want = manual_forward(*c_attn, *c_proj, x, 4, dilated ? segments : std::vector<int64_t>{9},
                                  dilated ? dilations : std::vector<int64_t>{1}, kLayerDropout, replay);
     CHECK(y.to_vector<double>() == want.to_vector<double>());
+    // Per-pair dropout (branches 3/1, 8/2 do not nest: 3 is not a multiple of 2) changes nothing here;
+    // where they nest it is the op's with dropout_per_pair (test_dilated_attention checks the op).
+    if (dilated) {
+      static_cast<nn::DilatedAttention&>(*with_dropout).dropout_per_pair = true;
+      drop_gen.set_state(77, 0);
+      CHECK(with_dropout->forward(x).to_vector<double>() == y.to_vector<double>());
+      static_cast<nn::DilatedAttention&>(*with_dropout).dropout_per_pair = false;
+    }
     // Only the residual dropout (ops::dropout at offset 1) would give another output.
     Generator residual_only(77);
     residual_only.next_offset();

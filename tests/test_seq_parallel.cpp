@@ -564,6 +564,13 @@ TEST_CASE("seq_parallel_dilated_attention: rejects a framed dropout mask and mis
     const Tensor& q = q0;
     CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
                          doctest::Contains("config.dropout.frame must be the default"), Error);
+    DilatedAttentionConfig per_pair = config;
+    per_pair.dropout.frame = {};
+    per_pair.dropout.per_pair = true;
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, per_pair, comm),
+                         doctest::Contains("per-pair attention dropout (config.dropout.per_pair) is not sequence "
+                                           "parallel yet"),
+                         Error);
     DilatedAttentionConfig bad = config;
     bad.dropout.frame = {};
     bad.dropout.threshold = 300;

@@ -529,7 +529,6 @@ __global__ __launch_bounds__(kThreads, 1) void forward_ws_kernel(const __grid_co
                                                                  const __grid_constant__ CUtensorMap vmap,
                                                                  const __grid_constant__ CUtensorMap omap,
                                                                  const WsParams p) {
-  static_assert(!(kDropout && kWeighted), "nested pairs take no dropout (ws_nested_pairs)");
   using Smem = FwdShape<kD>;
   using QTile = typename Smem::QTile;
   using KTile = typename Smem::KTile;
@@ -976,7 +975,6 @@ __global__ __launch_bounds__(kThreads, 1) void backward_ws_kernel(const __grid_c
                                                                   const __grid_constant__ CUtensorMap dkmap,
                                                                   const __grid_constant__ CUtensorMap dvmap,
                                                                   const __grid_constant__ WsBwdParams p) {
-  static_assert(!(kDropout && kWeighted), "nested pairs take no dropout (ws_nested_pairs)");
   static_assert(kDropout || !kDraw, "kDraw: the dropout mask drawn, not read from the forward's bits");
   using L = BwdShape<kD>;
   using KTile = typename L::KTile;
@@ -1612,9 +1610,10 @@ void launch(const WsParams& p, const CUtensorMap& qm, const CUtensorMap& km, con
   const bool drop = p.drop.mask.enabled();
   auto kernel = drop ? forward_ws_kernel<kD, kCausal, kMode, true, false>
                      : forward_ws_kernel<kD, kCausal, kMode, false, false>;
-  // Nested branches: several branches (no kSingle), no dropout (ws_nested_pairs).
+  // Nested branches: several branches (no kSingle); dropout only per pair (ws_nested_pairs).
   if constexpr (kMode != MergeMode::kSingle)
-    if (!p.pairs.plain()) kernel = forward_ws_kernel<kD, kCausal, kMode, false, true>;
+    if (!p.pairs.plain())
+      kernel = drop ? forward_ws_kernel<kD, kCausal, kMode, true, true> : forward_ws_kernel<kD, kCausal, kMode, false, true>;
   const int bytes = drop ? FwdShape<kD>::kBytes
                          : out_tiles<kD, kMode, false> ? FwdShape<kD>::kBytesOut : FwdShape<kD>::kBytes;
   allow_dynamic_smem(bytes, kernel);
@@ -1645,11 +1644,13 @@ void launch_backward(const WsBwdParams& p, const CUtensorMap& qm, const CUtensor
   using L = BwdShape<kD>;
   const int regs = hopper::split_launch_regs(kThreads, L::kProducerRegs, L::kConsumerRegs);
   require_launch_registers(regs, "dilated_attention (cuda): the ws backward", plain, dropout);
-  // Nested branches: no dropout (ws_nested_pairs).
+  // Nested branches: dropout only per pair (ws_nested_pairs).
   if (!p.pairs.plain()) {
     plain = backward_ws_kernel<kD, kCausal, kDirect, false, true>;
-    allow_dynamic_smem(kBytes, plain);
-    require_launch_registers(regs, "dilated_attention (cuda): the ws backward", plain);
+    dropout = p.drop.bits.words ? backward_ws_kernel<kD, kCausal, kDirect, true, true>
+                                : backward_ws_kernel<kD, kCausal, kDirect, true, true, true>;
+    allow_dynamic_smem(kBytes, plain, dropout);
+    require_launch_registers(regs, "dilated_attention (cuda): the ws backward", plain, dropout);
   }
   // Persistent: one block per SM (at most one item each when there are fewer).
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.items, multiprocessor_count()));
@@ -1719,7 +1720,8 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 
 std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
   const std::vector<BranchPairs> plain(config.branches.size());
-  if (config.dropout.enabled()) return plain;
+  // Dropout per copy: each branch computes all its pairs, each with its own decision.
+  if (config.dropout.enabled() && !dropout_per_pair(config, n)) return plain;
   std::vector<BranchPairs> pairs = nested_pairs(config, n);
   if (pairs.empty() || pairs[finishing_branch].span != 0) return plain;
   // A forward item's query rows and a backward item's keys lie in one span.
@@ -1737,8 +1739,8 @@ std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, i
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v, const BranchGrid& g,
                 int64_t batch, bool causal, float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc,
                 float* lse, BFloat16* out, const BranchPairs& pairs) {
-  MINIDL_CHECK(pairs.plain() || (!drop.mask.enabled() && mode != MergeMode::kSingle),
-               "dilated_attention (cuda, ws): nested pairs need a merging launch without dropout");
+  MINIDL_CHECK(pairs.plain() || mode != MergeMode::kSingle,
+               "dilated_attention (cuda, ws): nested pairs need a merging launch");
   WsParams p{g, q, k, v, 0, scale_log2, drop, o_acc, lse, out};
   p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBr - 1) / kBr;
@@ -1787,8 +1789,6 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
                  uint8_t* kv_written, const BranchPairs& pairs) {
   WsBwdParams p{g, q, k, v, dout, 0, lse, delta, scale, drop, dq_acc, dk_acc, dv_acc, dk_out, dv_out, out_row_stride,
                 kv_written};
-  MINIDL_CHECK(pairs.plain() || !drop.mask.enabled(),
-               "dilated_attention backward (cuda, ws): nested pairs need a launch without dropout");
   p.pairs = pairs;
   p.g.tiles_per_segment = (max_kept_rows(g.w, g.r) + kBwdKeys - 1) / kBwdKeys;
   p.batch_heads = batch * g.heads;

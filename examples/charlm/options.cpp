@@ -34,6 +34,9 @@ void add_model_flags(FlagSet& flags, ModelOptions& m, bool with_attention) {
                      "attention layer: vanilla causal or LongNet dilated");
   flags.add_int_list("segments", &m.segments, "dilated attention: segment length of each branch");
   flags.add_int_list("dilations", &m.dilations, "dilated attention: dilation of each branch");
+  flags.add_choice("attention-dropout", &m.attention_dropout, {"per_copy", "per_pair"},
+                   "dilated attention: dropout of a pair nested branches share, per branch copy or once per "
+                   "pair (faster on Hopper; docs/dilated-attention.md)");
   flags.add_choice("pos", &m.pos, {"learned", "rope"},
                    "positions: learned embedding table or rotary (RoPE)");
 }
@@ -76,10 +79,9 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
   const ModelOptions& m = o.model;
   if (m.width % m.heads != 0)
     throw UsageError("--heads " + std::to_string(m.heads) + " must divide --width " + std::to_string(m.width));
-  const bool dilated_flags = flags.given("segments") || flags.given("dilations");
-  if (dilated_flags && m.attention != "dilated")
-    throw UsageError(std::string("--") + (flags.given("segments") ? "segments" : "dilations") +
-                     " applies to --attention dilated only");
+  for (const char* flag : {"segments", "dilations", "attention-dropout"})
+    if (flags.given(flag) && m.attention != "dilated")
+      throw UsageError(std::string("--") + flag + " applies to --attention dilated only");
   if (m.segments.size() != m.dilations.size())
     throw UsageError("--segments (" + join(m.segments) + ") and --dilations (" + join(m.dilations) +
                      ") must have the same number of entries");
@@ -113,6 +115,7 @@ nn::TransformerLMConfig config_of(const ModelOptions& m, int64_t vocab_size) {
   if (m.attention == "dilated") {
     c.attention_options["segments"] = join(m.segments);
     c.attention_options["dilations"] = join(m.dilations);
+    if (m.attention_dropout != "per_copy") c.attention_options["dropout"] = m.attention_dropout;
   }
   c.position_embedding = m.pos;
   return c;
@@ -153,6 +156,7 @@ const std::vector<std::pair<const char*, const char*>> kRecipeFlags = {
     {"attention", "model.attention"},
     {"segments", "model.attention.segments"},
     {"dilations", "model.attention.dilations"},
+    {"attention-dropout", "model.attention.dropout"},
     {"pos", "model.position_embedding"},
     {"batch", "train.batch"},
     {"lr", "train.lr"},
@@ -232,6 +236,7 @@ TrainOptions recipe_from_metadata(const nn::Metadata& meta) {
   if (c.attention == "dilated") {
     o.model.segments = parse_int_list("segments", required(meta, "model.attention.segments"), 1);
     o.model.dilations = parse_int_list("dilations", required(meta, "model.attention.dilations"), 1);
+    if (auto it = meta.find("model.attention.dropout"); it != meta.end()) o.model.attention_dropout = it->second;
   }
   o.model.pos = c.position_embedding;
   o.batch = meta_int(meta, "train.batch");
@@ -273,10 +278,10 @@ void check_resume_flags(const FlagSet& flags, const TrainOptions& requested, con
   // (the defaults' vanilla has no segments or dilations to compare).
   TrainOptions asked = requested;
   if (!flags.given("attention")) asked.model.attention = recipe.model.attention;
-  if ((flags.given("segments") || flags.given("dilations")) && asked.model.attention != "dilated")
-    throw UsageError(std::string("--") + (flags.given("segments") ? "segments" : "dilations") +
-                     " applies to --attention dilated only, and the checkpoint's run has " +
-                     recipe.model.attention + " attention");
+  for (const char* flag : {"segments", "dilations", "attention-dropout"})
+    if (flags.given(flag) && asked.model.attention != "dilated")
+      throw UsageError(std::string("--") + flag + " applies to --attention dilated only, and the checkpoint's run has " +
+                       recipe.model.attention + " attention");
   const nn::Metadata want = recipe_metadata(asked, 1), have = recipe_metadata(recipe, 1);
   auto value = [](const nn::Metadata& m, const char* key) {
     auto it = m.find(key);

@@ -20,6 +20,7 @@ struct ModelOptions {
   std::string attention = "vanilla";  // vanilla | dilated
   std::vector<int64_t> segments = {64, 128, 256};
   std::vector<int64_t> dilations = {1, 2, 4};
+  std::string attention_dropout = "per_copy";  // per_copy | per_pair (nn::DilatedAttention's "dropout")
   std::string pos = "learned";  // learned | rope
 };
 
