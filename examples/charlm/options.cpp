@@ -95,6 +95,8 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
   if (o.batch % o.dp != 0)
     throw UsageError("--batch " + std::to_string(o.batch) + " must be a multiple of --dp " + std::to_string(o.dp) +
                      " (--batch is the global batch, split evenly over the ranks)");
+  if (o.sp > 1 && m.attention_dropout == "per_pair")
+    throw UsageError("--attention-dropout per_pair is not sequence parallel yet; leave out --sp or use per_copy");
   if (m.context % o.sp != 0)
     throw UsageError("--context " + std::to_string(m.context) + " must be a multiple of --sp " + std::to_string(o.sp) +
                      " (every rank holds context / sp positions of each sequence)");
