@@ -140,6 +140,16 @@ std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
   return order;
 }
 
+// The pairs each branch computes on the ws kernels (ws_nested_pairs): with
+// per-pair dropout the plan must be a nested one.
+std::vector<BranchPairs> ws_plan_pairs(const char* op, const DilatedAttentionConfig& config, int64_t n,
+                                       size_t finishing_branch) {
+  std::vector<BranchPairs> pairs = ws_nested_pairs(config, n, finishing_branch);
+  if (std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
+    check_per_pair_plan(op, config, n);
+  return pairs;
+}
+
 #endif
 
 // bfloat16 (and float32 as TF32) on tensor cores. A branch with dilation 1 keeps every row, so
@@ -198,9 +208,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
       Tensor o_acc = fp32_buffer(out);
       unary(UnaryOp::Fill, lse, -INFINITY, lse);
       // Nested branches compute each pair they share once (docs/dilated-attention.md).
-      const std::vector<BranchPairs> pairs = ws_nested_pairs(config, s.n, finish.back());
-      if (std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
-        check_per_pair_plan("dilated_attention (cuda)", config, s.n);
+      const std::vector<BranchPairs> pairs = ws_plan_pairs("dilated_attention (cuda)", config, s.n, finish.back());
       for (size_t i = 0; i < finish.size(); ++i) {
         BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
@@ -378,9 +386,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<float*>(t.raw_data()) : nullptr; };
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
       attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
-      const std::vector<BranchPairs> pairs = ws_nested_pairs(config, s.n, finish.back());
-      if (std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
-        check_per_pair_plan(op, config, s.n);
+      const std::vector<BranchPairs> pairs = ws_plan_pairs(op, config, s.n, finish.back());
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
