@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/error.h"
 #include "core/generator.h"
 #include "core/macros.h"
 #include "core/philox.h"
@@ -272,10 +273,13 @@ struct BranchPairs {
   }
 };
 
+// A segment as n positions see it (w > n covers them all).
+inline int64_t clamped_segment(const DilatedBranch& b, int64_t n) { return b.segment < n ? b.segment : n; }
+
 // The branches' indices sorted by (segment clamped to n, dilation), ties in
 // config order: smaller branches first.
 inline std::vector<size_t> nesting_order(const std::vector<DilatedBranch>& br, int64_t n) {
-  auto w_of = [&](size_t i) { return br[i].segment < n ? br[i].segment : n; };
+  auto w_of = [&](size_t i) { return clamped_segment(br[i], n); };
   std::vector<size_t> order(br.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
@@ -292,7 +296,7 @@ inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& confi
   if (k < 2 || k > 15 || n <= 0) return {};
   for (const DilatedBranch& b : br)
     if (b.segment < 1 || b.dilation < 1) return {};
-  auto w_of = [&](size_t i) { return br[i].segment < n ? br[i].segment : n; };
+  auto w_of = [&](size_t i) { return clamped_segment(br[i], n); };
   const std::vector<size_t> order = nesting_order(br, n);
   const int64_t w0 = w_of(order[0]), r_max = br[order[k - 1]].dilation;
   if (br[order[0]].dilation != 1 || 8 % r_max != 0 || (w0 < n && w0 % r_max != 0)) return {};
@@ -321,9 +325,15 @@ inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& confi
 }
 
 // Whether config's dropout decides once per distinct pair on n positions:
-// per_pair asked for, and the branches nest.
+// per_pair asked for, and the branches nest. Owners are found in the
+// problem's own positions, so a framed part of a larger problem (a
+// sequence-parallel piece) cannot take it.
 inline bool dropout_per_pair(const DilatedAttentionConfig& config, int64_t n) {
-  return config.dropout.enabled() && config.dropout.per_pair && !nested_pairs(config, n).empty();
+  if (!config.dropout.enabled() || !config.dropout.per_pair) return false;
+  MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{},
+               "dilated attention: per-pair dropout needs the problem's own mask frame; a part of a larger "
+               "problem would need that problem's owners");
+  return !nested_pairs(config, n).empty();
 }
 
 // The owner of a pair that some branch holds (dropout_per_pair): the first
@@ -339,10 +349,10 @@ struct PairOwner {
 inline PairOwner pair_owner(const std::vector<DilatedBranch>& branches, const std::vector<size_t>& order,
                             int64_t n, int64_t h, int64_t p, int64_t k) {
   for (size_t i : order) {
-    const int64_t w = branches[i].segment < n ? branches[i].segment : n, r = branches[i].dilation;
+    const int64_t w = clamped_segment(branches[i], n), r = branches[i].dilation;
     if (p / w == k / w && (p % w) % r == h % r && (k % w) % r == h % r) return {i, (k % w) / r};
   }
-  return {order.empty() ? 0 : order.back(), -1};  // not held by any branch: not a pair
+  MINIDL_FAIL("pair_owner: no branch holds the pair (", p, ", ", k, ") of head ", h);
 }
 
 }  // namespace minidl

@@ -231,9 +231,9 @@ void reference_forward(const Tensor& q, const Tensor& k, const Tensor& v,
   Rows<const T> Q = rows_of<const T>(q), K = rows_of<const T>(k), V = rows_of<const T>(v);
   T* o = static_cast<T*>(out.raw_data());
   L* lse_ptr = static_cast<L*>(lse.raw_data());
+  const std::vector<size_t> owners = owner_order(config, N);
   parallel_for(B * H, reference_grain(B, H, N, D, branches, config.causal), [&](int64_t lo, int64_t hi) {
     std::vector<KeyPair> keys;
-    const std::vector<size_t> owners = owner_order(config, N);
     std::vector<double> scores, acc(static_cast<size_t>(D));
     for (int64_t bh = lo; bh < hi; ++bh) {
       int64_t b = bh / H, h = bh % H;
@@ -286,9 +286,9 @@ void reference_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   T *dq_ptr = static_cast<T*>(dq.raw_data()), *dk_ptr = static_cast<T*>(dk.raw_data()),
     *dv_ptr = static_cast<T*>(dv.raw_data());
   // Gradients of one (b, h) only touch rows of that (b, h): parallel over them.
+  const std::vector<size_t> owners = owner_order(config, N);
   parallel_for(B * H, reference_grain(B, H, N, D, branches, config.causal), [&](int64_t lo, int64_t hi) {
     std::vector<KeyPair> keys;
-    const std::vector<size_t> owners = owner_order(config, N);
     std::vector<double> gq(static_cast<size_t>(N * D)), gk(gq.size()), gv(gq.size());
     for (int64_t bh = lo; bh < hi; ++bh) {
       int64_t b = bh / H, h = bh % H;

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <sstream>
 
+#include "core/dilated.h"
 #include "ops/ops.h"
 
 namespace minidl::nn {
@@ -104,6 +105,15 @@ DilatedAttention::DilatedAttention(const AttentionInit& init)
                        init.init_gen, init.dropout_gen, init.options, init.proj_init_std,
                        rope_base_for(init.config)) {
   dropout_per_pair = dilated_options(init.config).dropout_per_pair;
+  // Asked for where no pair is shared, the option would change nothing: say so.
+  DilatedAttentionConfig config;
+  for (size_t i = 0; i < segments.size(); ++i) config.branches.push_back({segments[i], dilations[i]});
+  MINIDL_CHECK(!dropout_per_pair || !nested_pairs(config, init.config.block_size).empty(),
+               "DilatedAttention: attention option 'dropout' is 'per_pair', but segments ", list_str(segments),
+               " and dilations ", list_str(dilations), " do not nest at block_size ", init.config.block_size,
+               " (sorted, each segment a multiple of the last, each dilation of the last, the smallest dilation 1, "
+               "the largest dividing 8 and the smallest segment; docs/dilated-attention.md): no pair is shared, "
+               "so it would change nothing");
 }
 
 Tensor DilatedAttention::attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,

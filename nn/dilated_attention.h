@@ -21,8 +21,9 @@
 //                (default kDefaultRopeBase)
 //   "dropout"    optional: how attention dropout treats a pair that nested
 //                branches share: "per_copy" (default: each branch's copy on
-//                its own) or "per_pair" (once for all copies; faster on
-//                Hopper, ops::dilated_attention's dropout_per_pair)
+//                its own) or "per_pair" (once for all copies, the branches
+//                nesting at block_size; ops::dilated_attention's
+//                dropout_per_pair, which says where it runs)
 // Any other key is an error (catches typos such as "dilation").
 #include <cstdint>
 #include <optional>

@@ -188,6 +188,11 @@ TEST_CASE("dilated attention options parse with clear errors") {
   CHECK_THROWS_WITH_AS(build({{"segments", "8"}, {"dilations", "1"}, {"dropout", "per-pair"}}),
                        doctest::Contains("attention option 'dropout' is 'per-pair'; give 'per_copy' or 'per_pair'"),
                        Error);
+  // LongNet's dilation 16 does not divide 8: no nesting, nothing for per_pair to change.
+  CHECK_THROWS_WITH_AS(build({{"segments", "4,8"}, {"dilations", "1,16"}, {"dropout", "per_pair"}}),
+                       doctest::Contains("attention option 'dropout' is 'per_pair', but segments [4, 8] and "
+                                         "dilations [1, 16] do not nest at block_size"),
+                       Error);
   // "dropout" picks how the layer's attention dropout treats shared pairs.
   for (const char* value : {"per_copy", " per_pair"}) {
     CAPTURE(value);

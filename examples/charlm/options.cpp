@@ -36,7 +36,7 @@ void add_model_flags(FlagSet& flags, ModelOptions& m, bool with_attention) {
   flags.add_int_list("dilations", &m.dilations, "dilated attention: dilation of each branch");
   flags.add_choice("attention-dropout", &m.attention_dropout, {"per_copy", "per_pair"},
                    "dilated attention: dropout of a pair nested branches share, per branch copy or once per "
-                   "pair (faster on Hopper; docs/dilated-attention.md)");
+                   "pair (on CUDA: bfloat16 on Hopper, spans of whole 128-row tiles; docs/dilated-attention.md)");
   flags.add_choice("pos", &m.pos, {"learned", "rope"},
                    "positions: learned embedding table or rotary (RoPE)");
 }
@@ -293,6 +293,7 @@ void check_resume_flags(const FlagSet& flags, const TrainOptions& requested, con
     if (!flags.given(flag) || value(want, key) == value(have, key)) continue;
     std::string shown = value(have, key);
     if (std::string(flag) == "attention") shown = recipe.model.attention;
+    if (std::string(flag) == "attention-dropout") shown = recipe.model.attention_dropout;
     throw UsageError(std::string("--") + flag + ": a resumed run keeps its recipe, and the checkpoint has " +
                      shown + " (leave the flag out to continue that run)");
   }

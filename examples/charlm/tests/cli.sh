@@ -225,16 +225,21 @@ resume)
     train --resume split --attention dilated
   expect_usage_error "--segments applies to --attention dilated only, and the checkpoint's run has vanilla attention" \
     train --resume split --segments 8,16
-  # A dilated run's own --segments are its recipe, not a change (its
-  # branches nest: per-pair attention dropout applies, and is kept too).
-  "$charlm" train "${common[@]}" --attention dilated --segments 8,16 --dilations 1,2 --attention-dropout per_pair \
-    --out dil --iters 4 >/dev/null || fail "the dilated run failed"
+  # A dilated run's own --segments are its recipe, not a change.
+  "$charlm" train "${common[@]}" --attention dilated --segments 8,16 --dilations 1,2 --out dil --iters 4 \
+    >/dev/null || fail "the dilated run failed"
   "$charlm" train --resume dil --iters 6 --segments 8,16 --threads 1 >/dev/null ||
     fail "resuming a dilated run with its own --segments failed"
   expect_usage_error "--segments: a resumed run keeps its recipe, and the checkpoint has 8,16" \
     train --resume dil --segments 8,32
+  expect_usage_error "--attention-dropout: a resumed run keeps its recipe, and the checkpoint has per_copy" \
+    train --resume dil --attention-dropout per_pair
+  # Per-pair attention dropout (these branches nest) is kept as well.
+  "$charlm" train "${common[@]}" --attention dilated --segments 8,16 --dilations 1,2 --attention-dropout per_pair \
+    --out dilpp --iters 4 >/dev/null || fail "the per-pair dilated run failed"
+  "$charlm" train --resume dilpp --iters 6 --threads 1 >/dev/null || fail "resuming the per-pair run failed"
   expect_usage_error "--attention-dropout: a resumed run keeps its recipe, and the checkpoint has per_pair" \
-    train --resume dil --attention-dropout per_copy
+    train --resume dilpp --attention-dropout per_copy
   [ "$(log_run_id split | wc -l)" -eq 1 ] || fail "the resumed run's log has several run ids: $(cat split/log.csv)"
   ;;
 
