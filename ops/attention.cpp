@@ -194,7 +194,7 @@ std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, co
   DilatedAttentionConfig config =
       make_config(op, q.size(1), segments, dilations, causal, scale, q.size(3));
   set_dropout(op, dropout, gen, q, config);
-  config.dropout.per_pair = dropout_per_pair && config.dropout.enabled();
+  config.dropout.per_pair = dropout_per_pair;
   return attention_forward(op, q, k, v, config);
 }
 
