@@ -16,8 +16,7 @@
 // peak_GiB there counts the preallocated outputs, not the op's gradients);
 // "_noncausal" problems drop the causal mask (an encoder's attention; for
 // dilated, LongNet as an encoder). "_drop_per_pair" ones drop each pair the
-// nested branches share once (ops::dilated_attention's dropout_per_pair; ws
-// only, the one version that takes it).
+// nested branches share once (ops::dilated_attention's dropout_per_pair).
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -171,7 +170,6 @@ void register_benchmarks() {
         if (std::string_view(name) != "mma") continue;  // one entry per problem reports the missing device
       } else {
         if (p.redraw && std::string_view(name) != "ws") continue;  // the others keep no bits anyway
-        if (p.per_pair && std::string_view(name) != "ws") continue;  // the others refuse it
         // Only the versions that run this problem's forward or backward here.
         setenv("MINIDL_ATTENTION_KERNEL", name, 1);
         auto runs = [&](cuda::AttentionPass pass) {

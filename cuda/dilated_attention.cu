@@ -8,8 +8,9 @@
 // accumulators with the log-sum-exp rule (rows of one launch are disjoint: no
 // atomics); a lone branch keeping every row writes the output directly, and
 // the ws backward finishes dK/dV in the branch that keeps every row. Where the
-// branches nest, the ws kernels compute each pair several branches share once,
-// weighted (ws_nested_pairs).
+// branches nest, every version computes each pair several branches share once,
+// weighted (ws_nested_pairs for the ws kernels' plan, branch_pairs for the
+// per-branch launches).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -38,16 +39,35 @@ Tensor fp32_buffer(const Tensor& like) {
 
 void zero(const Tensor& t) { backend::zero_bytes(t.raw_data(), t.device(), t.nbytes()); }
 
-// Per-pair attention dropout (AttentionDropout::per_pair) needs a plan that
-// computes each pair the branches share once, by its owner: on CUDA the ws
-// kernels' nested plan. The other kernel versions run every branch's pairs,
-// each copy with its own branch's decision, so they refuse it.
-void check_per_pair_plan(const char* op, const DilatedAttentionConfig& config, int64_t n) {
-  MINIDL_CHECK(!dropout_per_pair(config, n), op,
-               ": per-pair attention dropout runs on the CPU, and on CUDA where the Hopper ws kernels' nested "
-               "plan takes the problem (bfloat16, head dim 64 or 128, rows of whole heads, spans of whole "
-               "128-row tiles, the smallest branch listed first among those of dilation 1); this problem "
-               "takes another kernel (docs/dilated-attention.md)");
+// The pairs each branch computes on the per-branch kernels (mma.sync, TF32,
+// SIMT), config order: where the branches nest and dropout, if on, is per
+// pair, each branch's share (nested_pairs: a pair the branches share once,
+// by its owner, weighted by the branches holding it); else all of each
+// branch's pairs. Per-copy dropout needs every copy.
+std::vector<BranchPairs> branch_pairs(const DilatedAttentionConfig& config, int64_t n) {
+  std::vector<BranchPairs> pairs;
+  // The kernels find spans in 32 bits (span_lo_of); dropout needs fewer
+  // positions anyway (mask rows below 2^32).
+  if ((!config.dropout.enabled() || dropout_per_pair(config, n)) && n <= int64_t(UINT32_MAX))
+    pairs = nested_pairs(config, n);
+  pairs.resize(config.branches.size());  // plain where none nest
+  return pairs;
+}
+
+// The branches' launch order on the per-branch kernels: a branch with
+// dilation 1 first (it keeps every row, so it overwrites the accumulators
+// and no init pass is needed), then the others as listed; a branch whose
+// pairs all belong to smaller ones is left out (nothing to add).
+std::vector<size_t> branch_launch_order(const DilatedAttentionConfig& config, const Shape4& s,
+                                        const std::vector<BranchPairs>& pairs) {
+  std::vector<size_t> order;
+  for (size_t i = 0; i < config.branches.size(); ++i) {
+    const BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
+    if (!pairs[i].shares_all(max_kept_rows(g.w, g.r))) order.push_back(i);
+  }
+  auto dense = std::find_if(order.begin(), order.end(), [&](size_t i) { return config.branches[i].dilation == 1; });
+  if (dense != order.end()) std::rotate(order.begin(), dense, dense + 1);
+  return order;
 }
 
 // The tensor-core kernels (TF32 for float32, mma.sync, wgmma and ws for
@@ -140,93 +160,99 @@ std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
   return order;
 }
 
-// The pairs each branch computes on the ws kernels (ws_nested_pairs): with
-// per-pair dropout the plan must be a nested one.
-std::vector<BranchPairs> ws_plan_pairs(const char* op, const DilatedAttentionConfig& config, int64_t n,
-                                       size_t finishing_branch) {
+// The pairs each branch computes on the ws kernels' finishing plan
+// (ws_nested_pairs), or empty where per-pair dropout needs a nested plan
+// and theirs does not take the problem: the per-branch kernels' plan
+// (branch_pairs) then runs it, forward and backward alike.
+std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
   std::vector<BranchPairs> pairs = ws_nested_pairs(config, n, finishing_branch);
-  if (std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
-    check_per_pair_plan(op, config, n);
+  if (dropout_per_pair(config, n) &&
+      std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
+    return {};
   return pairs;
 }
 
 #endif
 
-// bfloat16 (and float32 as TF32) on tensor cores. A branch with dilation 1 keeps every row, so
-// running it first lets it overwrite the accumulators (no init pass); a lone
-// such branch (vanilla attention) writes the bf16 output directly. `order`
-// holds indices into config.branches: the dropout mask of a branch is keyed by
-// its index there, not by its place in the launch order. dropout_bits: as
-// dilated_attention_forward's.
+// bfloat16 (and float32 as TF32) on tensor cores, one launch per branch
+// (branch_launch_order: a dilation-1 branch first overwrites the
+// accumulators); a lone branch keeping every row (vanilla attention) writes
+// the bf16 output directly. The dropout mask of a branch is keyed by its
+// index in config.branches, not by its place in the launch order.
+// dropout_bits: as dilated_attention_forward's.
 void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor& k, const Tensor& v,
                           const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
                           Tensor* dropout_bits) {
   Shape4 s = shape_of(q);
-  // For a backward to come (dropout_bits), the ws forward keeps attention
-  // dropout's mask as it draws it, every branch in its region, when
-  // forward_mma runs the problem on it and the bits fit kDropoutBitsBudget
-  // beside those still alive.
-  Tensor bits;
+  const bool fp32 = q.dtype() == DType::Float32;
+  const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
+  auto* lse_ptr = static_cast<float*>(lse.raw_data());
+  auto* out_ptr = fp32 ? nullptr : static_cast<BFloat16*>(out.raw_data());
+  if (dropout_bits) *dropout_bits = Tensor();
 #if MINIDL_WGMMA
-  if (dropout_bits && config.dropout.enabled() && q.dtype() == DType::BFloat16 &&
+  // ws, bfloat16, several branches, one keeping every row: the ws kernels'
+  // plan, when it takes the problem (ws_plan_pairs).
+  const std::vector<size_t> finish = finishing_order(config);
+  std::vector<BranchPairs> ws_pairs;
+  if (!fp32 && kernel == AttentionKernel::kWarpSpecialized && finish.size() > 1) {
+    const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
+    bool ws = true;
+    for (size_t i : finish) ws = ws && ws_takes(qo, ko, vo, branch_grid(s, config.branches[i], kMmaRows), s.b);
+    if (ws) ws_pairs = ws_plan_pairs(config, s.n, finish.back());
+  }
+  // The pairs of the per-branch launches, when the ws plan does not run.
+  const std::vector<BranchPairs> pairs = ws_pairs.empty() ? branch_pairs(config, s.n) : std::vector<BranchPairs>{};
+  // For a backward to come (dropout_bits), the ws forward keeps attention
+  // dropout's mask as it draws it, every branch in its region, when the ws
+  // kernels run the problem (the ws plan, or forward_mma for every branch's
+  // pairs) and the bits fit kDropoutBitsBudget beside those still alive.
+  Tensor bits;
+  if (dropout_bits && config.dropout.enabled() && !fp32 &&
       ws_forward_runs(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
-                      branch_grid(s, config.branches[0], kMmaRows), s.b)) {
+                      branch_grid(s, config.branches[0], kMmaRows), s.b) &&
+      (!ws_pairs.empty() || std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))) {
     const int64_t words = dropout_bits_offset(config, s, config.branches.size());
     bits = live_dropout_bits().keep(q.device(), words);
   }
-#endif
   if (dropout_bits) *dropout_bits = bits;
+#else
+  const std::vector<BranchPairs> pairs = branch_pairs(config, s.n);
+  Tensor bits;
+#endif
   auto drop_of = [&](size_t branch) { return branch_dropout(config, branch, s, bits); };
-  std::vector<size_t> order(config.branches.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  auto dense = std::find_if(order.begin(), order.end(),
-                            [&](size_t i) { return config.branches[i].dilation == 1; });
-  if (dense != order.end()) std::rotate(order.begin(), dense, dense + 1);
-  const bool covers = config.branches[order.front()].dilation == 1;
-  const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
-  auto* lse_ptr = static_cast<float*>(lse.raw_data());
-  const bool fp32 = q.dtype() == DType::Float32;
-  auto* out_ptr = fp32 ? nullptr : static_cast<BFloat16*>(out.raw_data());
-  if (!fp32 && order.size() == 1 && covers) {
+#if MINIDL_WGMMA
+  // The ws plan: the other branches write and merge into the fp32
+  // accumulators the rows they keep (lse -inf marks the rows none has
+  // written: their accumulators are never read), then the finishing branch
+  // merges every row and writes the output (MergeMode::kFinish).
+  if (!ws_pairs.empty()) {
+    const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
+    Tensor o_acc = fp32_buffer(out);
+    unary(UnaryOp::Fill, lse, -INFINITY, lse);
+    for (size_t i = 0; i < finish.size(); ++i) {
+      BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
+      grid_of(g, s.b);  // size check
+      // A branch whose pairs all belong to smaller ones has nothing to add
+      // (kMerge takes rows no launch wrote: lse -inf).
+      if (ws_pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;
+      const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
+                             : i == 0               ? MergeMode::kWrite
+                                                    : MergeMode::kMerge;
+      forward_ws(qo, ko, vo, g, s.b, config.causal, scale_log2, drop_of(finish[i]), mode,
+                 static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr, ws_pairs[finish[i]]);
+    }
+    return;
+  }
+#endif
+  const std::vector<size_t> order = branch_launch_order(config, s, pairs);
+  const bool covers = !order.empty() && config.branches[order.front()].dilation == 1;
+  if (!fp32 && config.branches.size() == 1 && covers) {
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s.b);  // size check
     forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,
                 config.causal, scale_log2, drop_of(0), MergeMode::kSingle, nullptr, lse_ptr, out_ptr);
     return;
   }
-#if MINIDL_WGMMA
-  // ws, bfloat16, several branches, one keeping every row: the others write
-  // and merge into the fp32 accumulators the rows they keep (lse -inf marks
-  // the rows none has written: their accumulators are never read), then that
-  // branch merges every row and writes the output (MergeMode::kFinish).
-  const std::vector<size_t> finish = finishing_order(config);
-  if (!fp32 && kernel == AttentionKernel::kWarpSpecialized && finish.size() > 1) {
-    const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
-    bool ws = true;
-    for (size_t i : finish) ws = ws && ws_takes(qo, ko, vo, branch_grid(s, config.branches[i], kMmaRows), s.b);
-    if (ws) {
-      Tensor o_acc = fp32_buffer(out);
-      unary(UnaryOp::Fill, lse, -INFINITY, lse);
-      // Nested branches compute each pair they share once (docs/dilated-attention.md).
-      const std::vector<BranchPairs> pairs = ws_plan_pairs("dilated_attention (cuda)", config, s.n, finish.back());
-      for (size_t i = 0; i < finish.size(); ++i) {
-        BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
-        grid_of(g, s.b);  // size check
-        // A branch whose pairs all belong to smaller ones has nothing to add
-        // (kMerge takes rows no launch wrote: lse -inf).
-        if (pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;
-        const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
-                               : i == 0               ? MergeMode::kWrite
-                                                      : MergeMode::kMerge;
-        forward_ws(qo, ko, vo, g, s.b, config.causal, scale_log2, drop_of(finish[i]), mode,
-                   static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr,
-                   pairs[finish[i]]);
-      }
-      return;
-    }
-  }
-#endif
-  check_per_pair_plan("dilated_attention (cuda)", config, s.n);
   // The fp32 accumulator: float32's output itself (TF32), else a buffer.
   Tensor o_acc = fp32 ? out : fp32_buffer(out);
   if (!covers) {
@@ -241,10 +267,10 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
     auto* acc = static_cast<float*>(o_acc.raw_data());
     if (fp32)
       forward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), g, s.b, s.d, config.causal, scale_log2,
-                   drop, mode, acc, lse_ptr);
+                   drop, mode, acc, lse_ptr, pairs[order[i]]);
     else
       forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,
-                  config.causal, scale_log2, drop, mode, acc, lse_ptr, out_ptr);
+                  config.causal, scale_log2, drop, mode, acc, lse_ptr, out_ptr, pairs[order[i]]);
   }
   if (!fp32) copy(o_acc, out);
 }
@@ -322,12 +348,11 @@ void dilated_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v
     forward_tensor_cores(kernel, q, k, v, config, out, lse, dropout_bits);
     return;
   }
-  check_per_pair_plan(op, config, s.n);
   Tensor o_acc = out.dtype() == DType::Float32 ? out : fp32_buffer(out);
   zero(o_acc);
   unary(UnaryOp::Fill, lse, -INFINITY, lse);
   if (s.b * s.n * s.h == 0) return;
-  attn::forward_simt(op, q, k, v, config, o_acc, lse);
+  attn::forward_simt(op, q, k, v, config, branch_pairs(config, s.n), o_acc, lse);
   if (o_acc.impl() != out.impl()) copy(o_acc, out);
 }
 
@@ -374,7 +399,11 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       out.is_contiguous() && grad_out.is_contiguous() && rows_of_heads(dk) && dk.strides() == dv.strides()) {
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v),
                             go = operand<BFloat16>(grad_out);
-    if (ws_takes(qo, ko, vo, branch_grid(s, config.branches[0], kMmaRows), s.b, &go)) {
+    // The ws plan, where it takes the problem (ws_plan_pairs; the forward's choice).
+    const std::vector<BranchPairs> pairs = ws_takes(qo, ko, vo, branch_grid(s, config.branches[0], kMmaRows), s.b, &go)
+                                               ? ws_plan_pairs(config, s.n, finish.back())
+                                               : std::vector<BranchPairs>{};
+    if (!pairs.empty()) {
       Tensor dq_acc = fp32_buffer(dq);  // zeroed by backward_delta
       Tensor dk_acc, dv_acc, written;  // for the branches before the last
       if (finish.size() > 1) {
@@ -386,7 +415,6 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<float*>(t.raw_data()) : nullptr; };
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
       attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
-      const std::vector<BranchPairs> pairs = ws_plan_pairs(op, config, s.n, finish.back());
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
@@ -405,7 +433,6 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
     }
   }
 #endif
-  check_per_pair_plan(op, config, s.n);
   // Accumulators: the outputs themselves when float32 and contiguous, else
   // fp32 buffers copied into them at the end (bf16, or strided views such as
   // the parts of one fused q/k/v gradient).
@@ -419,32 +446,30 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   }
   MINIDL_CHECK(out.is_contiguous() && grad_out.is_contiguous(), op,
                ": out and grad_out must be contiguous");
+  const AttentionKernel kernel = choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward);
+  const bool tensor_cores = kernel != AttentionKernel::kSimt && tensor_cores_take(q, k, v, &grad_out);
+  const std::vector<BranchPairs> pairs = branch_pairs(config, s.n);
   Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
   attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);  // zeroes dq_acc
   const float* l = static_cast<const float*>(lse.raw_data());
   const float* dl = static_cast<const float*>(delta.raw_data());
-  const AttentionKernel kernel = choose_attention_kernel(q.dtype(), s.d, AttentionPass::kBackward);
-  if (kernel != AttentionKernel::kSimt && q.dtype() == DType::BFloat16 &&
-      tensor_cores_take(q, k, v, &grad_out)) {  // tensor cores
-    for (size_t i = 0; i < config.branches.size(); ++i) {
+  if (tensor_cores) {  // one launch per branch; each adds its share of nested pairs (branch_pairs)
+    for (size_t i : branch_launch_order(config, s, pairs)) {
       BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
       grid_of(g, s.b);
-      backward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
-                   operand<BFloat16>(grad_out), l, dl, g, s.b, s.d, config.causal, scale,
-                   branch_dropout(config, i, s, dropout_bits), static_cast<float*>(dq_acc.raw_data()),
-                   static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()));
-    }
-  } else if (kernel != AttentionKernel::kSimt && fp32 && tensor_cores_take(q, k, v, &grad_out)) {  // TF32 tensor cores
-    for (size_t i = 0; i < config.branches.size(); ++i) {
-      BranchGrid g = branch_grid(s, config.branches[i], kMmaRows);
-      grid_of(g, s.b);
-      backward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), operand<float>(grad_out), l, dl, g,
-                    s.b, s.d, config.causal, scale, branch_dropout(config, i, s),
-                    static_cast<float*>(dq_acc.raw_data()), static_cast<float*>(dk_acc.raw_data()),
-                    static_cast<float*>(dv_acc.raw_data()));
+      if (fp32)  // TF32
+        backward_tf32(operand<float>(q), operand<float>(k), operand<float>(v), operand<float>(grad_out), l, dl, g,
+                      s.b, s.d, config.causal, scale, branch_dropout(config, i, s),
+                      static_cast<float*>(dq_acc.raw_data()), static_cast<float*>(dk_acc.raw_data()),
+                      static_cast<float*>(dv_acc.raw_data()), pairs[i]);
+      else
+        backward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v),
+                     operand<BFloat16>(grad_out), l, dl, g, s.b, s.d, config.causal, scale,
+                     branch_dropout(config, i, s, dropout_bits), static_cast<float*>(dq_acc.raw_data()),
+                     static_cast<float*>(dk_acc.raw_data()), static_cast<float*>(dv_acc.raw_data()), pairs[i]);
     }
   } else {
-    attn::backward_simt(q, k, v, grad_out, lse, delta, config, dq_acc, dk_acc, dv_acc);
+    attn::backward_simt(q, k, v, grad_out, lse, delta, config, pairs, dq_acc, dk_acc, dv_acc);
   }
   for (auto [acc, grad] : {std::pair{dq_acc, dq}, std::pair{dk_acc, dk}, std::pair{dv_acc, dv}})
     if (acc.impl() != grad.impl()) copy(acc, grad);

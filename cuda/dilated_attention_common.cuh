@@ -173,6 +173,86 @@ __device__ __forceinline__ AttentionMaskRows dropout_kept_rows(const BranchDropo
   return {dropout_rows(d, batch, head).at(static_cast<uint64_t>(rows.base)), d.kept_step};
 }
 
+// ---- Nested pairs (core/dilated.h, BranchPairs): a branch computes only
+// the pairs that no smaller branch holds, each weighted by the branches
+// holding it.
+//
+// A block owns rows [own_first, own_last] of a row set of `count` rows
+// (queries in the forward, keys in the backward) and walks the other side's
+// rows [first, end) in tiles of kTile rows, tile i starting at row
+// first + i kTile. A pair inside one span belongs to a smaller branch: with
+// kNested, the tiles inside the span of every row the block owns are left
+// out of the walk, and the tiles that reach into the span of one of its
+// rows are masked per element (SpanCols). Without, every tile is walked.
+template <int kTile>
+struct SpanWalk {
+  int64_t first = 0;
+  int n = 0;                           // tiles walked
+  int skip_first = 0, skipped = 0;     // tiles [skip_first, skip_first + skipped) are left out
+  int64_t reach_lo = 0, reach_hi = 0;  // the rows of the spans of the block's rows
+  // The first row of the j-th tile walked.
+  __device__ __forceinline__ int64_t row(int j) const {
+    return first + int64_t(j < skip_first ? j : j + skipped) * kTile;
+  }
+  // Whether the tile of rows [t, t + kTile) reaches into a span of the block's rows.
+  __device__ __forceinline__ bool reaches(int64_t t) const { return t < reach_hi && t + kTile > reach_lo; }
+};
+
+// The first row of row t's span (0 for plain pairs). In 32 bits: a 64-bit
+// division is a call, whose saved registers spill (the per-branch kernels
+// take nested pairs for fewer than 2^32 positions: branch_pairs).
+__device__ __forceinline__ int64_t span_lo_of(const BranchPairs& p, int64_t t) {
+  if (p.span == 0) return 0;
+  const auto span = static_cast<uint32_t>(p.span);
+  return static_cast<int64_t>(static_cast<uint32_t>(t) / span * span);
+}
+
+template <int kTile, bool kNested>
+__device__ __forceinline__ SpanWalk<kTile> span_walk(const BranchPairs& p, int64_t own_first, int64_t own_last,
+                                                     int64_t first, int64_t end, int64_t count) {
+  SpanWalk<kTile> w;
+  w.first = first;
+  const int n_tiles = static_cast<int>((end - first + kTile - 1) / kTile);
+  w.n = n_tiles;
+  if (!kNested || p.span == 0) return w;
+  const int64_t lo = span_lo_of(p, own_first), last_lo = span_lo_of(p, own_last);
+  w.reach_lo = lo;
+  w.reach_hi = last_lo + p.span;
+  if (lo != last_lo) return w;  // the block's rows lie in two spans: every tile is walked
+  // Tile i lies inside [lo, lo + span) when it starts there and every row
+  // of it that exists (< count) ends there.
+  const int64_t i_lo = lo <= first ? 0 : (lo - first + kTile - 1) / kTile;
+  const int64_t i_hi = lo + p.span >= count ? n_tiles : (lo + p.span - first) / kTile;
+  if (i_hi > i_lo && i_lo < n_tiles) {
+    w.skip_first = static_cast<int>(i_lo);
+    w.skipped = static_cast<int>((i_hi < n_tiles ? i_hi : n_tiles) - i_lo);
+    w.n -= w.skipped;
+  }
+  return w;
+}
+
+// The columns [lo, hi) of a tile starting at row t that lie in the span
+// starting at row span_lo (span_start of one of the block's rows).
+struct SpanCols {
+  int lo = 0, hi = 0;
+  __device__ __forceinline__ bool excludes(int col) const { return col >= lo && col < hi; }
+};
+
+template <int kTile>
+__device__ __forceinline__ SpanCols span_cols(const BranchPairs& p, int64_t span_lo, int64_t t) {
+  if (p.span == 0) return {};
+  const int64_t lo = span_lo - t, hi = lo + p.span;
+  auto clamp = [](int64_t x) { return static_cast<int>(x < 0 ? 0 : x > kTile ? kTile : x); };
+  return {clamp(lo), clamp(hi)};
+}
+
+// The weight of pair (tq, tk) (BranchPairs::weight) from cls =
+// classes[head % 8] and tq's class cq, both found once per row.
+__device__ __forceinline__ float pair_weight(uint32_t cls, int cq, int64_t tk) {
+  const int ck = static_cast<int>((cls >> (4 * (tk & 7))) & 15u);
+  return static_cast<float>(1 + (cq < ck ? cq : ck));
+}
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(BFloat16 x) { return static_cast<float>(x); }
 

@@ -32,11 +32,14 @@ struct FwdShape {
   static constexpr int kSmem = kV + 2 * KTile::kBytes;
 };
 
-template <int D, int kM, int kBc, bool kCausal, MergeMode kMode, bool kDropout>
+// kNested: `pairs` is a share of nested pairs (a separate instantiation: its
+// spans and weights would cost the plain kernel registers).
+template <int D, int kM, int kBc, bool kCausal, MergeMode kMode, bool kDropout, bool kNested>
 __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16> q, Operand<BFloat16> k,
                                                                Operand<BFloat16> v, BranchGrid g,
                                                                float scale_log2, BranchDropout drop,
-                                                               float* o_acc, float* lse, BFloat16* out) {
+                                                               BranchPairs pairs, float* o_acc, float* lse,
+                                                               BFloat16* out) {
   using F = FwdShape<D, kM, kBc>;
   using QT = typename F::QTile;
   using KT = typename F::KTile;
@@ -54,12 +57,16 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
-  const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
+  const SpanWalk<kBc> walk =
+      span_walk<kBc, kNested>(pairs, t0, min(t0 + kBr, rows.count) - 1, 0, key_end, rows.count);
+  const int n_tiles = walk.n;
 
-  load_tile_async<kBr, D, kThreads>(smem + F::kQ, q, batch, head, rows, t0);
-  load_tile_async<kBc, D, kThreads>(smem + F::kK, k, batch, head, rows, 0);
-  load_tile_async<kBc, D, kThreads>(smem + F::kV, v, batch, head, rows, 0);
-  cp_async_commit();
+  if (!kNested || n_tiles > 0) {
+    load_tile_async<kBr, D, kThreads>(smem + F::kQ, q, batch, head, rows, t0);
+    load_tile_async<kBc, D, kThreads>(smem + F::kK, k, batch, head, rows, walk.row(0));
+    load_tile_async<kBc, D, kThreads>(smem + F::kV, v, batch, head, rows, walk.row(0));
+    cp_async_commit();
+  }
 
   uint32_t qf[kM][kSteps][4];
   float o[kM][kDTiles][4];
@@ -78,14 +85,17 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   // Dropout: mask row of kept row tq is drop_rows.at(tq) (core/dilated.h).
   const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
   static_assert(!kDropout || kBc == 64, "the dropout words cover 4 16-key groups per tile");
+  // Nested pairs: the lane's log2 pair weights.
+  float bias[2] = {0.f, 0.f};
+  if constexpr (kNested) pair_log2_weights(pairs, head, lane, bias);
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = j & 1;
     if (j + 1 < n_tiles) {  // prefetch the next tile into the other buffer
       load_tile_async<kBc, D, kThreads>(smem + F::kK + (buf ^ 1) * KT::kBytes, k, batch, head, rows,
-                              int64_t(j + 1) * kBc);
+                                        walk.row(j + 1));
       load_tile_async<kBc, D, kThreads>(smem + F::kV + (buf ^ 1) * KT::kBytes, v, batch, head, rows,
-                              int64_t(j + 1) * kBc);
+                                        walk.row(j + 1));
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -101,6 +111,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
     }
     char* ks_tile = smem + F::kK + buf * KT::kBytes;
     char* vs_tile = smem + F::kV + buf * KT::kBytes;
+    const int64_t k0 = walk.row(j);
 
     // Dropout mask words of this lane's rows, drawn before S is live:
     // keep_words[mt][r][kk] decides keys (2kk + h) * 8 + 2 * (lane % 4) + e of
@@ -112,8 +123,8 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int64_t tq = q_row0 + mt * 16 + r * 8;
-          dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)),
-                             int64_t(j) * kBc, lane, keep_words[mt][r]);
+          dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)), k0, lane,
+                             keep_words[mt][r]);
         }
     }
     // S = Q K^T for this warp's rows and the kBc keys.
@@ -136,22 +147,29 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
       }
     }
 
-    // Mask (only tiles that cross the causal diagonal or the end), then the
-    // online softmax: two rows per lane per m-tile, reduced over the quad.
-    const int64_t k0 = int64_t(j) * kBc;
-    const bool need_mask = k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > t0);
+    // Mask (only tiles that cross the causal diagonal, the end or a span of
+    // the block's rows), then the online softmax: two rows per lane per
+    // m-tile, reduced over the quad.
+    const bool need_mask =
+        k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > t0) || (kNested && walk.reaches(k0));
     if (need_mask) {
       const int64_t limit = rows.count - k0;  // keys at index >= limit do not exist
 #pragma unroll
-      for (int mt = 0; mt < kM; ++mt)
+      for (int mt = 0; mt < kM; ++mt) {
+        SpanCols own[2];  // the keys in each row's span (found here: a rare tile)
+        if constexpr (kNested)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) own[r] = span_cols<kBc>(pairs, span_lo_of(pairs, q_row0 + mt * 16 + r * 8), k0);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             int col = nt * 8 + 2 * (lane % 4) + (e & 1);
             int64_t tq = q_row0 + mt * 16 + (e >> 1) * 8;
-            if (col >= limit || (kCausal && k0 + col > tq)) s[mt][nt][e] = -INFINITY;
+            if (col >= limit || (kCausal && k0 + col > tq) || (kNested && own[e >> 1].excludes(col)))
+              s[mt][nt][e] = -INFINITY;
           }
+      }
     }
     uint32_t pf[kM][kBc / 16][4];
 #pragma unroll
@@ -159,6 +177,9 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
       float m_scaled[2], corr[2];
       online_softmax_max<kNTiles>(reinterpret_cast<const float(&)[kNTiles * 4]>(s[mt]), m_row[mt], l_row[mt],
                                   m_scaled, corr, scale_log2);
+      // The exponent's offset per row and column parity: the weight 2^bias.
+      const float offset[2][2] = {{kNested ? bias[0] - m_scaled[0] : -m_scaled[0], kNested ? bias[1] - m_scaled[0] : -m_scaled[0]},
+                                  {kNested ? bias[0] - m_scaled[1] : -m_scaled[1], kNested ? bias[1] - m_scaled[1] : -m_scaled[1]}};
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
         o[mt][dt][0] *= corr[0];
@@ -175,7 +196,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            p[h][e] = exp2f(fmaf(s[mt][2 * kk + h][e], scale_log2, -m_scaled[e >> 1]));
+            p[h][e] = exp2f(fmaf(s[mt][2 * kk + h][e], scale_log2, offset[e >> 1][e & 1]));
             l_row[mt][e >> 1] += p[h][e];  // the normaliser counts every key
           }
         pf[mt][kk][0] = pack_bf16(p[0][0], p[0][1]);
@@ -213,17 +234,25 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 template <int D, int kM, int kBc, bool kCausal, MergeMode kMode>
 void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                     BranchGrid g, int64_t batch, float scale_log2, const BranchDropout& drop,
-                    float* o_acc, float* lse, BFloat16* out) {
+                    const BranchPairs& pairs, float* o_acc, float* lse, BFloat16* out) {
   using F = FwdShape<D, kM, kBc>;
   // Dropout is a separate instantiation: its mask arithmetic would otherwise
-  // cost registers (and spills) in the plain kernel.
-  auto kernel = drop.mask.enabled() ? forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>
-                                    : forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>;
-  allow_dynamic_smem(F::kSmem, forward_mma_kernel<D, kM, kBc, kCausal, kMode, true>,
-                     forward_mma_kernel<D, kM, kBc, kCausal, kMode, false>);
+  // cost registers (and spills) in the plain kernel. So are nested pairs,
+  // which a lone branch (kSingle) never has.
+  constexpr bool kNests = kMode != MergeMode::kSingle;
+  MINIDL_CHECK(kNests || pairs.plain(), "dilated_attention (cuda, mma): a lone branch has all its pairs");
+  auto kernel = drop.mask.enabled()
+                    ? pairs.plain() ? forward_mma_kernel<D, kM, kBc, kCausal, kMode, true, false>
+                                    : forward_mma_kernel<D, kM, kBc, kCausal, kMode, true, kNests>
+                : pairs.plain() ? forward_mma_kernel<D, kM, kBc, kCausal, kMode, false, false>
+                                : forward_mma_kernel<D, kM, kBc, kCausal, kMode, false, kNests>;
+  allow_dynamic_smem(F::kSmem, forward_mma_kernel<D, kM, kBc, kCausal, kMode, true, false>,
+                     forward_mma_kernel<D, kM, kBc, kCausal, kMode, false, false>,
+                     forward_mma_kernel<D, kM, kBc, kCausal, kMode, true, kNests>,
+                     forward_mma_kernel<D, kM, kBc, kCausal, kMode, false, kNests>);
   g.tiles_per_segment = (max_kept_rows(g.w, g.r) + F::kBr - 1) / F::kBr;
   const dim3 grid = grid_of(g, batch);
-  kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse, out);
+  kernel<<<grid, kThreads, F::kSmem, stream()>>>(q, k, v, g, scale_log2, drop, pairs, o_acc, lse, out);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -233,19 +262,20 @@ void launch_forward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, cons
 template <int D, bool kCausal, MergeMode kMode>
 void forward_variants(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                       const BranchGrid& g, int64_t batch, float scale_log2, const BranchDropout& drop,
-                      float* o_acc, float* lse, BFloat16* out) {
+                      const BranchPairs& pairs, float* o_acc, float* lse, BFloat16* out) {
   constexpr int kM = D <= 64 ? 2 : 1;
-  launch_forward<D, kM, 64, kCausal, kMode>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+  launch_forward<D, kM, 64, kCausal, kMode>(q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse, out);
 }
 
 template <int D, bool kCausal>
 void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
                       const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, float scale_log2,
-                      const BranchDropout& drop, float* o_acc, float* lse, BFloat16* out) {
+                      const BranchDropout& drop, const BranchPairs& pairs, float* o_acc, float* lse,
+                      BFloat16* out) {
   switch (mode) {
-    case MergeMode::kWrite: return forward_variants<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
-    case MergeMode::kMerge: return forward_variants<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
-    case MergeMode::kSingle: return forward_variants<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    case MergeMode::kWrite: return forward_variants<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse, out);
+    case MergeMode::kMerge: return forward_variants<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse, out);
+    case MergeMode::kSingle: return forward_variants<D, kCausal, MergeMode::kSingle>(q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse, out);
     case MergeMode::kFinish: MINIDL_FAIL("dilated_attention (cuda, mma): kFinish is the ws kernel's");
   }
 }
@@ -255,17 +285,19 @@ void forward_for_mode(MergeMode mode, const Operand<BFloat16>& q, const Operand<
 void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
                  const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d, bool causal,
                  float scale_log2, const BranchDropout& drop, MergeMode mode, float* o_acc, float* lse,
-                 BFloat16* out) {
+                 BFloat16* out, const BranchPairs& pairs) {
 #if MINIDL_WGMMA
-  if (ws_forward_runs(kernel, q, k, v, g, batch))
+  // The Hopper kernels here take all of a branch's pairs (the ws kernels'
+  // own nested plan is forward_tensor_cores'); a share of nested pairs runs mma.sync.
+  if (pairs.plain() && ws_forward_runs(kernel, q, k, v, g, batch))
     return forward_ws(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
-  if (kernel >= AttentionKernel::kWgmma && d == 64)
+  if (pairs.plain() && kernel >= AttentionKernel::kWgmma && d == 64)
     return forward_wgmma(q, k, v, g, batch, causal, scale_log2, drop, mode, o_acc, lse, out);
 #endif
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    if (causal) forward_for_mode<D, true>(mode, q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
-    else forward_for_mode<D, false>(mode, q, k, v, g, batch, scale_log2, drop, o_acc, lse, out);
+    if (causal) forward_for_mode<D, true>(mode, q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse, out);
+    else forward_for_mode<D, false>(mode, q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse, out);
   };
   switch (d) {
     case 32: return run(std::integral_constant<int, 32>{});
@@ -286,13 +318,13 @@ template <int D, bool kCausal>
 void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                      const Operand<BFloat16>& dout, const float* lse, const float* delta,
                      const BranchGrid& g, int64_t batch, float scale, const BranchDropout& drop,
-                     float* dq_acc, float* dk_acc, float* dv_acc) {
+                     const BranchPairs& pairs, float* dq_acc, float* dk_acc, float* dv_acc) {
   // Capping registers for 3 blocks per SM pays for D <= 64 (H100, measured);
   // D = 128 needs them all. The dropout variant fits the same cap without
   // spills since its mask takes 2 Philox calls per lane per tile (ptxas, sm_90).
   constexpr int kMinBlocks = D <= 64 ? 3 : 1;
-  launch_backward_mma<MmaBf16, D, kCausal, kMinBlocks>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc,
-                                                       dk_acc, dv_acc);
+  launch_backward_mma<MmaBf16, D, kCausal, kMinBlocks>(q, k, v, dout, lse, delta, g, batch, scale, drop, pairs,
+                                                       dq_acc, dk_acc, dv_acc);
 }
 
 }  // namespace
@@ -300,17 +332,18 @@ void launch_backward(const Operand<BFloat16>& q, const Operand<BFloat16>& k, con
 void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
                   const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
-                  const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc) {
+                  const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc, const BranchPairs& pairs) {
 #if MINIDL_WGMMA
   // The ws backward reads attention dropout's mask from the bits the ws
-  // forward kept, or draws it where there are none.
-  if (kernel == AttentionKernel::kWarpSpecialized && ws_takes(q, k, v, g, batch, &dout))
+  // forward kept, or draws it where there are none. It takes all of a
+  // branch's pairs here, as forward_mma's Hopper kernels do.
+  if (pairs.plain() && kernel == AttentionKernel::kWarpSpecialized && ws_takes(q, k, v, g, batch, &dout))
     return backward_ws(q, k, v, dout, lse, delta, g, batch, causal, scale, drop, dq_acc, dk_acc, dv_acc);
 #endif
   auto run = [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    if (causal) launch_backward<D, true>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
-    else launch_backward<D, false>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
+    if (causal) launch_backward<D, true>(q, k, v, dout, lse, delta, g, batch, scale, drop, pairs, dq_acc, dk_acc, dv_acc);
+    else launch_backward<D, false>(q, k, v, dout, lse, delta, g, batch, scale, drop, pairs, dq_acc, dk_acc, dv_acc);
   };
   switch (d) {
     case 32: return run(std::integral_constant<int, 32>{});

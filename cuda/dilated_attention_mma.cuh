@@ -24,11 +24,14 @@ constexpr int kMmaRows = 64;  // backward: key rows per block (4 warps x 16)
 inline bool mma_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
 // The tensor-core forward of one branch with `kernel` (kMmaSync, or a Hopper
-// version that choose_attention_kernel allowed).
+// version that choose_attention_kernel allowed). `pairs`: the branch's share
+// of the pairs nested branches share (nested_pairs; rows with none of their
+// own get lse -inf, weight 0 in a merge); by default all its pairs, each of
+// weight 1. A share runs mma.sync.
 void forward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
                  const Operand<BFloat16>& v, const BranchGrid& g, int64_t batch, int64_t d, bool causal,
                  float scale_log2, const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,
-                 BFloat16* out);
+                 BFloat16* out, const BranchPairs& pairs = {});
 
 // The Hopper forward (cuda/sm90a/, built when sm_90 is a target): head dim 64
 // on a device of compute capability 9.0; the same contract as forward_mma.
@@ -86,10 +89,12 @@ void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const
 // disjoint) into the fp32 accumulators. lse and delta are the global
 // per-row values (B, N, H); delta = rowsum(dO * O) - dL.
 // `kernel`: kMmaSync, or the Hopper version choose_attention_kernel allowed.
+// `pairs`: as forward_mma's.
 void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Operand<BFloat16>& k,
                   const Operand<BFloat16>& v, const Operand<BFloat16>& dout, const float* lse, const float* delta,
                   const BranchGrid& g, int64_t batch, int64_t d, bool causal, float scale,
-                  const BranchDropout& dropout, float* dq_acc, float* dk_acc, float* dv_acc);
+                  const BranchDropout& dropout, float* dq_acc, float* dk_acc, float* dv_acc,
+                  const BranchPairs& pairs = {});
 
 // float32 on TF32 tensor cores (mma.sync m16n8k8, sm_80+; head dims 32, 64,
 // 128): the contracts of forward_mma (mode kWrite or kMerge only: o_acc may be
@@ -97,11 +102,11 @@ void backward_mma(AttentionKernel kernel, const Operand<BFloat16>& q, const Oper
 // be 16-byte aligned (rows_aligned).
 void forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v, const BranchGrid& g,
                   int64_t batch, int64_t d, bool causal, float scale_log2, const BranchDropout& dropout,
-                  MergeMode mode, float* o_acc, float* lse);
+                  MergeMode mode, float* o_acc, float* lse, const BranchPairs& pairs = {});
 void backward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v,
                    const Operand<float>& dout, const float* lse, const float* delta, const BranchGrid& g,
                    int64_t batch, int64_t d, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,
-                   float* dk_acc, float* dv_acc);
+                   float* dk_acc, float* dv_acc, const BranchPairs& pairs = {});
 
 // Whether every row of x starts on a 16-byte boundary: the tensor-core
 // kernels load rows by 16-byte cp.async (or TMA), float32 and bfloat16 alike.

@@ -48,11 +48,15 @@ __device__ __forceinline__ void mma_ntiles(float (&d)[N][4], int n0, const uint3
 
 // Tr: MmaBf16 or MmaTf32 (cuda/dilated_attention_tiles.cuh). kMinBlocks: the
 // launch bound's blocks per SM (0: none, ptxas's own register choice).
-template <class Tr, int D, bool kCausal, int kMinBlocks, bool kDropout>
+// kNested: `pairs` is the branch's share of nested pairs (a query tile
+// inside the keys' span is left out, one reaching into it masked, each pair
+// weighted); a separate instantiation, since its spans and weights would
+// cost the plain kernel registers.
+template <class Tr, int D, bool kCausal, int kMinBlocks, bool kDropout, bool kNested>
 __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kernel(
     Operand<typename Tr::Elem> q, Operand<typename Tr::Elem> k, Operand<typename Tr::Elem> v,
     Operand<typename Tr::Elem> dout, const float* __restrict__ lse, const float* __restrict__ delta, BranchGrid g,
-    float scale, BranchDropout drop, float* __restrict__ dq_acc, float* __restrict__ dk_acc,
+    float scale, BranchDropout drop, BranchPairs pairs, float* __restrict__ dq_acc, float* __restrict__ dk_acc,
     float* __restrict__ dv_acc) {
   using L = MmaBwdSmem<Tr, D>;
   using T = typename L::Tile;
@@ -75,7 +79,10 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
   const float scale_log2 = scale * kLog2e;
 
   const int64_t q_first = kCausal ? kt0 : 0;  // kt0 is a multiple of 64 = kQRows
-  const int n_tiles = static_cast<int>((rows.count - q_first + kQRows - 1) / kQRows);
+  const SpanWalk<kQRows> walk =
+      span_walk<kQRows, kNested>(pairs, kt0, min(kt0 + 64, rows.count) - 1, q_first, rows.count, rows.count);
+  const int n_tiles = walk.n;
+  if (kNested && n_tiles == 0) return;  // every pair of these keys belongs to a smaller branch
   float* l2s = reinterpret_cast<float*>(smem + L::kL);
   float* dls = reinterpret_cast<float*>(smem + L::kDelta);
   char* ks_tile = smem + L::kK;
@@ -84,10 +91,10 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
 
   Tr::template load_tile<64, D, kThreads>(ks_tile, k, batch, head, rows, kt0);
   Tr::template load_tile<64, D, kThreads>(vs_tile, v, batch, head, rows, kt0);
-  Tr::template load_tile<64, D, kThreads>(smem + L::kQ, q, batch, head, rows, q_first);
-  Tr::template load_tile<64, D, kThreads>(smem + L::kDO, dout, batch, head, rows, q_first);
+  Tr::template load_tile<64, D, kThreads>(smem + L::kQ, q, batch, head, rows, walk.row(0));
+  Tr::template load_tile<64, D, kThreads>(smem + L::kDO, dout, batch, head, rows, walk.row(0));
   mma::cp_async_commit();
-  load_row_stats<kThreads>(l2s, dls, lse, delta, g, batch, head, rows, q_first);
+  load_row_stats<kThreads>(l2s, dls, lse, delta, g, batch, head, rows, walk.row(0));
 
   float dk[kDTiles][4], dv[kDTiles][4];
 #pragma unroll
@@ -100,19 +107,23 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
   // this warp's 16 keys are one group; this lane's keys are bytes key_byte and key_byte + 2.
   const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
   const int key_byte = (lane / 4) & 1;
+  // Nested pairs: the lane's log2 pair weights.
+  float bias[2] = {0.f, 0.f};
+  if constexpr (kNested) pair_log2_weights(pairs, head, lane, bias);
 
   for (int j = 0; j < n_tiles; ++j) {
     const int buf = kDouble ? j & 1 : 0;
-    const int64_t q0 = q_first + int64_t(j) * kQRows;
+    const int64_t q0 = walk.row(j);
+    const int64_t q_next = walk.row(j + 1);  // read when j + 1 < n_tiles
     if constexpr (kDouble) {
       if (j + 1 < n_tiles) {
         Tr::template load_tile<64, D, kThreads>(smem + L::kQ + (buf ^ 1) * T::kBytes, q, batch, head, rows,
-                                                q0 + kQRows);
+                                                q_next);
         Tr::template load_tile<64, D, kThreads>(smem + L::kDO + (buf ^ 1) * T::kBytes, dout, batch, head, rows,
-                                                q0 + kQRows);
+                                                q_next);
         mma::cp_async_commit();
         load_row_stats<kThreads>(l2s + (buf ^ 1) * 64, dls + (buf ^ 1) * 64, lse, delta, g, batch, head, rows,
-                                 q0 + kQRows);
+                                 q_next);
         mma::cp_async_wait<1>();
       } else {
         mma::cp_async_wait<0>();
@@ -151,7 +162,13 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
     uint32_t keep_words[8];
     const int64_t drop_tq0 = q0 + 2 * (lane % 4);
     // P^T = exp2(S^T * scale_log2 - L2[q]), dS^T = P^T (dP^T - delta[q]).
-    const bool need_mask = kt0 + 64 > rows.count || q0 + kQRows > rows.count || (kCausal && q0 < kt0 + 63);
+    const bool need_mask = kt0 + 64 > rows.count || q0 + kQRows > rows.count || (kCausal && q0 < kt0 + 63) ||
+                           (kNested && walk.reaches(q0));
+    SpanCols own[2];  // the queries in each key's span
+    if constexpr (kNested)
+      if (walk.reaches(q0))
+#pragma unroll
+        for (int r = 0; r < 2; ++r) own[r] = span_cols<kQRows>(pairs, span_lo_of(pairs, key_row0 + r * 8), q0);
     uint32_t pf[kQSteps][4], dsf[kQSteps][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
@@ -170,10 +187,12 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
-        float x = exp2f(s[nt][e] * scale_log2 - l2[col]);
+        // With weights: exp2(s - (L - bias)), the weight 2^bias.
+        float x = exp2f(s[nt][e] * scale_log2 - (kNested ? l2[col] - bias[e & 1] : l2[col]));
         if (need_mask) {
           const int64_t tk = key_row0 + (e >> 1) * 8, tq = q0 + col;
-          if (tk >= rows.count || tq >= rows.count || (kCausal && tq < tk)) x = 0.f;
+          if (tk >= rows.count || tq >= rows.count || (kCausal && tq < tk) || (kNested && own[e >> 1].excludes(col)))
+            x = 0.f;
         }
         // With dropout: dV uses P * M, dS = P (M dP' - D) (core/dilated.h).
         float m = 1.f;
@@ -209,10 +228,10 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
     float next_l2 = INFINITY, next_dl = 0.f;  // +inf makes P = 0 for padding rows
     if constexpr (!kDouble) {
       if (more) {
-        Tr::template load_tile<64, D, kThreads>(qs, q, batch, head, rows, q0 + kQRows);
-        Tr::template load_tile<64, D, kThreads>(dos, dout, batch, head, rows, q0 + kQRows);
+        Tr::template load_tile<64, D, kThreads>(qs, q, batch, head, rows, q_next);
+        Tr::template load_tile<64, D, kThreads>(dos, dout, batch, head, rows, q_next);
         mma::cp_async_commit();
-        const int64_t t = q0 + kQRows + threadIdx.x;
+        const int64_t t = q_next + threadIdx.x;
         if (threadIdx.x < 64 && t < rows.count) {
           const int64_t ri = kept_row_index(g, batch, head, rows, t);
           next_l2 = lse[ri] * kLog2e;
@@ -273,20 +292,27 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
 }
 
 // Launches backward_mma_kernel (the dropout instantiation when the mask is
-// on): the contract of backward_mma / backward_tf32 for head dim D.
+// on, the nested one for a share of nested pairs): the contract of
+// backward_mma / backward_tf32 for head dim D.
 template <class Tr, int D, bool kCausal, int kMinBlocks>
 void launch_backward_mma(const Operand<typename Tr::Elem>& q, const Operand<typename Tr::Elem>& k,
                          const Operand<typename Tr::Elem>& v, const Operand<typename Tr::Elem>& dout,
                          const float* lse, const float* delta, const BranchGrid& g, int64_t batch, float scale,
-                         const BranchDropout& drop, float* dq_acc, float* dk_acc, float* dv_acc) {
-  auto kernel = drop.mask.enabled() ? backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true>
-                                    : backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false>;
+                         const BranchDropout& drop, const BranchPairs& pairs, float* dq_acc, float* dk_acc,
+                         float* dv_acc) {
+  const bool nested = !pairs.plain();
+  auto kernel = drop.mask.enabled() ? nested ? backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true, true>
+                                             : backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true, false>
+                : nested ? backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false, true>
+                         : backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false, false>;
   constexpr int smem = MmaBwdSmem<Tr, D>::kBytes;
-  allow_dynamic_smem(smem, backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true>,
-                     backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false>);
+  allow_dynamic_smem(smem, backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true, true>,
+                     backward_mma_kernel<Tr, D, kCausal, kMinBlocks, true, false>,
+                     backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false, true>,
+                     backward_mma_kernel<Tr, D, kCausal, kMinBlocks, false, false>);
   const dim3 grid = grid_of(g, batch);
-  kernel<<<grid, kMmaWarps * 32, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, dq_acc, dk_acc,
-                                                   dv_acc);
+  kernel<<<grid, kMmaWarps * 32, smem, stream()>>>(q, k, v, dout, lse, delta, g, scale, drop, pairs, dq_acc,
+                                                   dk_acc, dv_acc);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 

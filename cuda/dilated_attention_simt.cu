@@ -11,6 +11,9 @@
 // Attention dropout (config.dropout, core/dilated.h) runs on these kernels for
 // every dtype: each weight P = exp(S - L) (L undropped) is multiplied by
 // M = keep * scale before it meets V (forward, dV), and dS = P (M dP' - D).
+//
+// Nested pairs (BranchPairs): a branch's share leaves out the keys (queries)
+// in its row's span and weighs each pair it keeps (P times the weight).
 #include "cuda/dilated_attention_simt.cuh"
 
 #include <cmath>
@@ -123,10 +126,23 @@ struct DropoutGrid {
   }
 };
 
+// A row's share of nested pairs: the other side's rows [lo, hi) (its span)
+// are left out; cls and cls_row give pair_weight's classes.
+struct RowPairs {
+  int64_t lo, hi;
+  uint32_t cls;
+  int cls_row;
+  __device__ RowPairs(const BranchPairs& p, int64_t head, int64_t t)
+      : lo(span_lo_of(p, t)), hi(p.span > 0 ? lo + p.span : 0), cls(p.classes[head % 8]),
+        cls_row(static_cast<int>((cls >> (4 * (t & 7))) & 15u)) {}
+  __device__ __forceinline__ bool keeps(int64_t other) const { return other < lo || other >= hi; }
+  __device__ __forceinline__ float weight(int64_t other) const { return pair_weight(cls, cls_row, other); }
+};
+
 template <typename T, int D, bool kCausal>
 __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Operand<T> k, Operand<T> v,
                                                          BranchGrid g, float scale_log2,
-                                                         DropoutGrid drop,
+                                                         DropoutGrid drop, BranchPairs pairs,
                                                          float* __restrict__ o_acc,
                                                          float* __restrict__ lse) {
   using S = Split<D>;
@@ -141,6 +157,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
   const bool dropping = drop.enabled();
   const uint64_t drop_row = drop.row(w.batch, w.head, pos);
   philox::U32x4 bits{};
+  const RowPairs own(pairs, w.head, t);
 
   float qr[32], o[32];
   load_row<T, D>(q.row(w.batch, pos, w.head), scale_log2, qr, g.dim);
@@ -161,7 +178,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
       for (int i = 0; i < 32; ++i) acc += qr[i] * ks[j][S::dim(i, part)];
       acc = S::reduce(acc);
       int64_t tk = k0 + j;
-      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
+      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t) && own.keeps(tk);
       s[j] = visible ? acc : -INFINITY;
       tile_max = fmaxf(tile_max, s[j]);
     }
@@ -173,7 +190,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
     for (int i = 0; i < 32; ++i) o[i] *= corr;
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
-      float p = exp2f(s[j] - m_new);
+      float p = exp2f(s[j] - m_new) * own.weight(k0 + j);
       l += p;  // the softmax sum (hence L) is that of the undropped weights
       if (dropping) {
         if ((j & 15) == 0) drop.refresh(bits, drop_row, k0 + j);
@@ -188,7 +205,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
   const int64_t ri = row_index(g, w.batch, pos, w.head);
   float l_old = active ? lse[ri] : 0.f;
   __syncwarp();  // every lane of the group has read lse before part 0 rewrites it
-  if (!active) return;
+  if (!active || l == 0.f) return;  // l == 0: the row has no pair of its own here
   float l_branch = (m + log2f(l)) * kLn2;
   float l_new = l_old == -INFINITY ? l_branch
                                    : fmaxf(l_old, l_branch) + log1pf(expf(-fabsf(l_old - l_branch)));
@@ -240,7 +257,7 @@ __global__ void backward_delta_kernel(const T* __restrict__ out, const T* __rest
 template <typename T, int D, bool kCausal>
 __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop,
+    const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop, BranchPairs pairs,
     float* __restrict__ dq_acc) {
   using S = Split<D>;
   __shared__ float ks[kTile][D], vs[kTile][D];
@@ -255,6 +272,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   const bool dropping = drop.enabled();
   const uint64_t drop_row = drop.row(w.batch, w.head, pos);
   philox::U32x4 bits{};
+  const RowPairs own(pairs, w.head, t);
 
   float qr[32], dor[32], dq[32];
   load_row<T, D>(q.row(w.batch, pos, w.head), scale * kLog2e, qr, g.dim);
@@ -272,13 +290,14 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     for (int j = 0; j < kTile; ++j) {
       const auto [s, dp] = dot_pair<D>(qr, ks[j], dor, vs[j], part);
       int64_t tk = k0 + j;
-      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t);
+      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t) && own.keeps(tk);
+      const float p = visible ? exp2f(s - l2) * own.weight(tk) : 0.f;
       float ds;
       if (dropping) {  // dS = P (M dP' - D)
         if ((j & 15) == 0) drop.refresh(bits, drop_row, tk);
-        ds = visible ? exp2f(s - l2) * (drop.factor(bits, j) * dp - dp_row) : 0.f;  // as j: k0 % 16 == 0
+        ds = p * (drop.factor(bits, j) * dp - dp_row);  // as j: k0 % 16 == 0
       } else {
-        ds = visible ? exp2f(s - l2) * (dp - dp_row) : 0.f;
+        ds = p * (dp - dp_row);
       }
 #pragma unroll
       for (int i = 0; i < 32; ++i) dq[i] += ds * ks[j][S::dim(i, part)];
@@ -296,7 +315,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
 template <typename T, int D, bool kCausal>
 __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
-    const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop,
+    const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop, BranchPairs pairs,
     float* __restrict__ dk_acc, float* __restrict__ dv_acc) {
   using S = Split<D>;
   // Dropout: the block's keys form kGroups 16-key groups (t0 is a multiple of
@@ -315,6 +334,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   const int64_t pos = w.rows.base + (active ? t : w.t0) * w.rows.stride;
   const bool dropping = drop.enabled();
   const int key_word = 4 * static_cast<int>((t - w.t0) / 16) + static_cast<int>((t & 7) >> 1);
+  const RowPairs own(pairs, w.head, t);  // the weight is symmetric
 
   float kr[32], vr[32], dk[32], dv[32];
   load_row<T, D>(k.row(w.batch, pos, w.head), scale * kLog2e, kr, g.dim);
@@ -354,8 +374,8 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     for (int j = 0; j < kTile; ++j) {
       const auto [s, dp] = dot_pair<D>(kr, qs[j], vr, dos[j], part);
       int64_t tq = q0 + j;
-      bool visible = active && tq < w.rows.count && (!kCausal || tq >= t);
-      float p = visible ? exp2f(s - l2s[j]) : 0.f;
+      bool visible = active && tq < w.rows.count && (!kCausal || tq >= t) && own.keeps(tq);
+      float p = visible ? exp2f(s - l2s[j]) * own.weight(tq) : 0.f;
       float ds;
       if (dropping && visible) {  // this thread's key t in query tq's mask row
         float m = drop.factor_from_word(keep_words[j][key_word], t);
@@ -404,7 +424,8 @@ void visit_kernel_types(const char* op, DType dtype, int64_t d, F&& f) {
 }  // namespace
 
 void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor& v,
-                  const DilatedAttentionConfig& config, const Tensor& o_acc, const Tensor& lse) {
+                  const DilatedAttentionConfig& config, const std::vector<BranchPairs>& pairs, const Tensor& o_acc,
+                  const Tensor& lse) {
   const Shape4 s = shape_of(q);
   const float scale_log2 = static_cast<float>(config.scale) * kLog2e;
   visit_kernel_types(op, q.dtype(), s.d, [&](auto tag, auto dim) {
@@ -412,10 +433,11 @@ void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor
     constexpr int D = decltype(dim)::value;
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
+      if (pairs[i].shares_all(max_kept_rows(g.w, g.r))) continue;  // nothing of its own
       auto kernel = config.causal ? forward_simt_kernel<T, D, true> : forward_simt_kernel<T, D, false>;
       kernel<<<grid_of(g, s.b), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
                                                          g, scale_log2, DropoutGrid(branch_dropout(config, i, s)),
-                                                         static_cast<float*>(o_acc.raw_data()),
+                                                         pairs[i], static_cast<float*>(o_acc.raw_data()),
                                                          static_cast<float*>(lse.raw_data()));
       MINIDL_CUDA_LAUNCH_CHECK();
     }
@@ -441,8 +463,8 @@ void backward_delta(const char* op, const Tensor& out, const Tensor& grad_out, c
 }
 
 void backward_simt(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& grad_out, const Tensor& lse,
-                   const Tensor& delta, const DilatedAttentionConfig& config, const Tensor& dq_acc,
-                   const Tensor& dk_acc, const Tensor& dv_acc) {
+                   const Tensor& delta, const DilatedAttentionConfig& config, const std::vector<BranchPairs>& pairs,
+                   const Tensor& dq_acc, const Tensor& dk_acc, const Tensor& dv_acc) {
   const Shape4 s = shape_of(q);
   const float scale = static_cast<float>(config.scale);
   const float* l = static_cast<const float*>(lse.raw_data());
@@ -453,15 +475,16 @@ void backward_simt(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
       dim3 grid = grid_of(g, s.b);
+      if (pairs[i].shares_all(max_kept_rows(g.w, g.r))) continue;  // nothing of its own
       const DropoutGrid drop(branch_dropout(config, i, s));
       auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
       dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                 operand<T>(grad_out), l, dl, g, scale, drop,
+                                                 operand<T>(grad_out), l, dl, g, scale, drop, pairs[i],
                                                  static_cast<float*>(dq_acc.raw_data()));
       MINIDL_CUDA_LAUNCH_CHECK();
       auto dkv_kernel = config.causal ? backward_dkv_simt<T, D, true> : backward_dkv_simt<T, D, false>;
       dkv_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
-                                                  operand<T>(grad_out), l, dl, g, scale, drop,
+                                                  operand<T>(grad_out), l, dl, g, scale, drop, pairs[i],
                                                   static_cast<float*>(dk_acc.raw_data()),
                                                   static_cast<float*>(dv_acc.raw_data()));
       MINIDL_CUDA_LAUNCH_CHECK();

@@ -42,11 +42,12 @@ struct Tf32FwdSmem {
   static constexpr int kBytes = 3 * Tile::kBytes;  // D = 64: 52 KiB, D = 128: 99 KiB
 };
 
-template <int D, bool kCausal, MergeMode kMode, bool kDropout>
+// kNested: `pairs` is a share of nested pairs (forward_mma_kernel's).
+template <int D, bool kCausal, MergeMode kMode, bool kDropout, bool kNested>
 __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q, Operand<float> k,
                                                                 Operand<float> v, BranchGrid g,
                                                                 float scale_log2, BranchDropout drop,
-                                                                float* o_acc, float* lse) {
+                                                                BranchPairs pairs, float* o_acc, float* lse) {
   static_assert(kMode != MergeMode::kSingle, "float32 writes its output as the fp32 accumulator (kWrite)");
   using L = Tf32FwdSmem<D>;
   using T = typename L::Tile;
@@ -65,16 +66,20 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int lr = lane / 4, lc = lane % 4;  // fragment row and column of this lane
   const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
-  const int n_tiles = static_cast<int>((key_end + kBc - 1) / kBc);
+  const SpanWalk<kBc> walk =
+      span_walk<kBc, kNested>(pairs, t0, min(t0 + kBr, rows.count) - 1, 0, key_end, rows.count);
+  const int n_tiles = walk.n;
 
   // cp.async groups, in order: {Q, K_0}, {V_0}, then K_{j+1} after S_j and
   // V_{j+1} after P_j V_j, so "all but the newest group" is always the tile
   // about to be read.
-  load_tile_f32_async<kBr, D, kThreads>(smem + L::kQ, q, batch, head, rows, t0);
-  load_tile_f32_async<kBc, D, kThreads>(smem + L::kK, k, batch, head, rows, 0);
-  cp_async_commit();
-  load_tile_f32_async<kBc, D, kThreads>(smem + L::kV, v, batch, head, rows, 0);
-  cp_async_commit();
+  if (!kNested || n_tiles > 0) {
+    load_tile_f32_async<kBr, D, kThreads>(smem + L::kQ, q, batch, head, rows, t0);
+    load_tile_f32_async<kBc, D, kThreads>(smem + L::kK, k, batch, head, rows, walk.row(0));
+    cp_async_commit();
+    load_tile_f32_async<kBc, D, kThreads>(smem + L::kV, v, batch, head, rows, walk.row(0));
+    cp_async_commit();
+  }
 
   uint32_t qf[kSteps][4];
   float o[kDTiles][4];
@@ -85,11 +90,15 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
   // This lane's rows: q_row0 and q_row0 + 8.
   const int64_t q_row0 = t0 + warp * 16 + lr;
   const AttentionMaskRows drop_rows = kDropout ? dropout_kept_rows(drop, batch, head, rows) : AttentionMaskRows{};
+  // Nested pairs: the lane's log2 pair weights.
+  float bias[2] = {0.f, 0.f};
+  if constexpr (kNested) pair_log2_weights(pairs, head, lane, bias);
   char* qs = smem + L::kQ;
   char* ks_tile = smem + L::kK;
   char* vs_tile = smem + L::kV;
 
   for (int j = 0; j < n_tiles; ++j) {
+    const int64_t k0 = walk.row(j);
     cp_async_wait<1>();  // K_j (and Q)
     __syncthreads();
     if (j == 0) {
@@ -108,8 +117,8 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int64_t tq = q_row0 + r * 8;
-        dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)),
-                           int64_t(j) * kBc, lane, keep_words[r]);
+        dropout_words_rows(drop.mask, drop_rows.at(uint64_t(tq < rows.count ? tq : 0)), k0, lane,
+                           keep_words[r]);
       }
     }
     // S = Q K^T: B[d][key] = K[key][d].
@@ -124,28 +133,37 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
                  to_tf32(*T::at(ks_tile, nt * 8 + lr, ks * 8 + lc + 4)));
     __syncthreads();  // every warp is done with K_j
     if (j + 1 < n_tiles) {
-      load_tile_f32_async<kBc, D, kThreads>(ks_tile, k, batch, head, rows, int64_t(j + 1) * kBc);
+      load_tile_f32_async<kBc, D, kThreads>(ks_tile, k, batch, head, rows, walk.row(j + 1));
       cp_async_commit();
     }
 
-    // Mask (only tiles that cross the causal diagonal or the end), then the
-    // online softmax: two rows per lane, reduced over the quad.
-    const int64_t k0 = int64_t(j) * kBc;
-    const bool need_mask = k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > t0);
+    // Mask (only tiles that cross the causal diagonal, the end or a span of
+    // the block's rows), then the online softmax: two rows per lane, reduced
+    // over the quad.
+    const bool need_mask =
+        k0 + kBc > rows.count || (kCausal && k0 + kBc - 1 > t0) || (kNested && walk.reaches(k0));
     if (need_mask) {
       const int64_t limit = rows.count - k0;  // keys at index >= limit do not exist
+      SpanCols own[2];  // the keys in each row's span (found here: a rare tile)
+      if constexpr (kNested)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) own[r] = span_cols<kBc>(pairs, span_lo_of(pairs, q_row0 + r * 8), k0);
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           int col = nt * 8 + 2 * lc + (e & 1);
           int64_t tq = q_row0 + (e >> 1) * 8;
-          if (col >= limit || (kCausal && k0 + col > tq)) s[nt][e] = -INFINITY;
+          if (col >= limit || (kCausal && k0 + col > tq) || (kNested && own[e >> 1].excludes(col)))
+            s[nt][e] = -INFINITY;
         }
     }
     float m_scaled[2], corr[2];
     online_softmax_max<kNTiles>(reinterpret_cast<const float(&)[kNTiles * 4]>(s), m_row, l_row, m_scaled, corr,
                                 scale_log2);
+    // The exponent's offset per row and column parity: the weight 2^bias.
+    const float offset[2][2] = {{kNested ? bias[0] - m_scaled[0] : -m_scaled[0], kNested ? bias[1] - m_scaled[0] : -m_scaled[0]},
+                                {kNested ? bias[0] - m_scaled[1] : -m_scaled[1], kNested ? bias[1] - m_scaled[1] : -m_scaled[1]}};
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
       o[dt][0] *= corr[0];
@@ -161,7 +179,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
       float p[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        p[e] = exp2f(fmaf(s[nt][e], scale_log2, -m_scaled[e >> 1]));
+        p[e] = exp2f(fmaf(s[nt][e], scale_log2, offset[e >> 1][e & 1]));
         l_row[e >> 1] += p[e];  // the normaliser counts every key
         // Dropped weights are zeroed; the kept ones' scale is applied at the store.
         if constexpr (kDropout)
@@ -184,7 +202,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
                  to_tf32(*T::at(vs_tile, kk * 8 + 2 * lc + 1, dt * 8 + lr)));
     __syncthreads();  // every warp is done with V_j
     if (j + 1 < n_tiles) {
-      load_tile_f32_async<kBc, D, kThreads>(vs_tile, v, batch, head, rows, int64_t(j + 1) * kBc);
+      load_tile_f32_async<kBc, D, kThreads>(vs_tile, v, batch, head, rows, walk.row(j + 1));
       cp_async_commit();
     }
   }
@@ -195,14 +213,20 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
 template <int D, bool kCausal, MergeMode kMode>
 void launch_forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v,
                          BranchGrid g, int64_t batch, float scale_log2, const BranchDropout& drop,
-                         float* o_acc, float* lse) {
+                         const BranchPairs& pairs, float* o_acc, float* lse) {
   constexpr int smem = Tf32FwdSmem<D>::kBytes;
-  auto kernel = drop.mask.enabled() ? forward_tf32_kernel<D, kCausal, kMode, true>
-                                    : forward_tf32_kernel<D, kCausal, kMode, false>;
-  allow_dynamic_smem(smem, forward_tf32_kernel<D, kCausal, kMode, true>, forward_tf32_kernel<D, kCausal, kMode, false>);
+  const bool nested = !pairs.plain();
+  auto kernel = drop.mask.enabled() ? nested ? forward_tf32_kernel<D, kCausal, kMode, true, true>
+                                             : forward_tf32_kernel<D, kCausal, kMode, true, false>
+                : nested ? forward_tf32_kernel<D, kCausal, kMode, false, true>
+                         : forward_tf32_kernel<D, kCausal, kMode, false, false>;
+  allow_dynamic_smem(smem, forward_tf32_kernel<D, kCausal, kMode, true, true>,
+                     forward_tf32_kernel<D, kCausal, kMode, true, false>,
+                     forward_tf32_kernel<D, kCausal, kMode, false, true>,
+                     forward_tf32_kernel<D, kCausal, kMode, false, false>);
   g.tiles_per_segment = (max_kept_rows(g.w, g.r) + 63) / 64;
   const dim3 grid = grid_of(g, batch);
-  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, drop, o_acc, lse);
+  kernel<<<grid, kThreads, smem, stream()>>>(q, k, v, g, scale_log2, drop, pairs, o_acc, lse);
   MINIDL_CUDA_LAUNCH_CHECK();
 }
 
@@ -221,7 +245,7 @@ void with_head_dim(const char* op, int64_t d, F&& f) {
 
 void forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v, const BranchGrid& g,
                   int64_t batch, int64_t d, bool causal, float scale_log2, const BranchDropout& drop,
-                  MergeMode mode, float* o_acc, float* lse) {
+                  MergeMode mode, float* o_acc, float* lse, const BranchPairs& pairs) {
   MINIDL_CHECK(mode != MergeMode::kSingle, "dilated_attention (cuda, tf32): kSingle is bf16 only; float32 "
                "writes its output with kWrite");
   with_head_dim("dilated_attention (cuda, tf32)", d, [&](auto dim) {
@@ -229,9 +253,9 @@ void forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operan
     auto run = [&](auto causal_tag) {
       constexpr bool kCausal = decltype(causal_tag)::value;
       if (mode == MergeMode::kWrite)
-        launch_forward_tf32<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, o_acc, lse);
+        launch_forward_tf32<D, kCausal, MergeMode::kWrite>(q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse);
       else
-        launch_forward_tf32<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, o_acc, lse);
+        launch_forward_tf32<D, kCausal, MergeMode::kMerge>(q, k, v, g, batch, scale_log2, drop, pairs, o_acc, lse);
     };
     if (causal) run(std::true_type{});
     else run(std::false_type{});
@@ -241,12 +265,12 @@ void forward_tf32(const Operand<float>& q, const Operand<float>& k, const Operan
 void backward_tf32(const Operand<float>& q, const Operand<float>& k, const Operand<float>& v,
                    const Operand<float>& dout, const float* lse, const float* delta, const BranchGrid& g,
                    int64_t batch, int64_t d, bool causal, float scale, const BranchDropout& drop, float* dq_acc,
-                   float* dk_acc, float* dv_acc) {
+                   float* dk_acc, float* dv_acc, const BranchPairs& pairs) {
   with_head_dim("dilated_attention backward (cuda, tf32)", d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     // No minimum of blocks per SM: ptxas's own register choice (the bf16 cap does not apply).
-    if (causal) launch_backward_mma<MmaTf32, D, true, 0>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
-    else launch_backward_mma<MmaTf32, D, false, 0>(q, k, v, dout, lse, delta, g, batch, scale, drop, dq_acc, dk_acc, dv_acc);
+    if (causal) launch_backward_mma<MmaTf32, D, true, 0>(q, k, v, dout, lse, delta, g, batch, scale, drop, pairs, dq_acc, dk_acc, dv_acc);
+    else launch_backward_mma<MmaTf32, D, false, 0>(q, k, v, dout, lse, delta, g, batch, scale, drop, pairs, dq_acc, dk_acc, dv_acc);
   });
 }
 

@@ -222,6 +222,21 @@ __device__ __forceinline__ void online_softmax_max(const float (&s)[kN * 4], flo
   }
 }
 
+// ---- Nested pairs (SpanWalk and the rest in
+// cuda/dilated_attention_common.cuh): the tensor-core kernels' weights.
+
+// The log2 weights of a lane's pairs, which depend on the rows' kept index
+// mod 8 only (BranchPairs). In the accumulator layout a lane's rows (queries
+// forward, keys backward) are lane / 4 mod 8 and its columns 2 (lane % 4) + x,
+// x = 0, 1, mod 8, since tiles start at multiples of 8: bias[x] for the
+// columns of parity x, the same both ways (the weight is symmetric). 0 for
+// plain pairs.
+__device__ __forceinline__ void pair_log2_weights(const BranchPairs& pairs, int64_t head, int lane, float (&bias)[2]) {
+  const int lane_row = lane / 4;
+#pragma unroll
+  for (int x = 0; x < 2; ++x) bias[x] = log2f(static_cast<float>(pairs.weight(head, lane_row, 2 * (lane % 4) + x)));
+}
+
 // ---- Dropout (core/dilated.h): one Philox block per (mask row, 16-key
 // group), shared between lanes by shuffles. Word arrays stay statically
 // indexed (a runtime index would put them in local memory).
@@ -383,8 +398,10 @@ __device__ __forceinline__ RowFinish finish_row(float m, float l, float scale_lo
                                                 float lse_old) {
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  const float lse2_branch = m * scale_log2 + log2f(l);  // the branch's lse, base 2
-  const float inv_l = out_scale / l;
+  // A row with no pair of its own (nested pairs: the first span's, causal)
+  // adds nothing: lse -inf, weight 0.
+  const float lse2_branch = l > 0.f ? m * scale_log2 + log2f(l) : -INFINITY;  // the branch's lse, base 2
+  const float inv_l = l > 0.f ? out_scale / l : 0.f;
   RowFinish f{0.f, inv_l, lse2_branch * kLn2};
   if constexpr (kMode == MergeMode::kMerge || kMode == MergeMode::kFinish) {
     if (lse_old != -INFINITY) {

@@ -163,9 +163,8 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullpt
 // weights. dropout 0 reserves nothing and is exactly the op without dropout.
 // dropout_per_pair: where the branches nest, a pair that several branches
 // hold is dropped or kept once for all its copies (its owner's decision;
-// AttentionDropout::per_pair, docs/dilated-attention.md). It runs on the CPU
-// and, on CUDA, where the Hopper ws kernels' nested plan takes the problem;
-// elsewhere the op says so.
+// AttentionDropout::per_pair, docs/dilated-attention.md), on every backend
+// and kernel version (not sequence parallel: seq_parallel_attention refuses it).
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,
                                             const std::vector<int64_t>& dilations,

@@ -266,18 +266,6 @@ __device__ __forceinline__ uint32_t draw_keep_word(const AttentionDropout& d, co
   return top_bytes(top);
 }
 
-// Nested branches (kWeighted): the log2 weights of a lane's pairs, which
-// depend on the rows' kept index mod 8 only (BranchPairs). In the accumulator
-// layout a lane's rows (queries forward, keys backward) are lane / 4 mod 8 and
-// its columns 2 (lane % 4) + x, x = 0, 1, mod 8, since tiles start at
-// multiples of 8: bias[x] for the columns of parity x, the same both ways
-// (the weight is symmetric).
-__device__ __forceinline__ void pair_log2_weights(const BranchPairs& pairs, int64_t head, int lane, float (&bias)[2]) {
-  const int lane_row = lane / 4;
-#pragma unroll
-  for (int x = 0; x < 2; ++x) bias[x] = log2f(static_cast<float>(pairs.weight(head, lane_row, 2 * (lane % 4) + x)));
-}
-
 // The online-softmax step of one tile for a lane's two rows: masks S, updates
 // m and l, and returns P as bf16 A fragments and the factor that rescales O.
 // With dropout the dropped weights are zeroed after l counts them (the
