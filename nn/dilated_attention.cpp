@@ -30,13 +30,15 @@ const std::string& required_option(const TransformerLMConfig& config, const std:
   return it->second;
 }
 
+}  // namespace
+
 // The options from config.attention_options, checked for unknown keys.
-struct DilatedOptions {
+struct DilatedAttention::Options {
   std::vector<int64_t> segments, dilations;
   bool dropout_per_pair = false;
 };
 
-DilatedOptions dilated_options(const TransformerLMConfig& config) {
+DilatedAttention::Options DilatedAttention::parse_options(const TransformerLMConfig& config) {
   for (const auto& [key, value] : config.attention_options)
     MINIDL_CHECK(key == "segments" || key == "dilations" || key == "rope_base" || key == "dropout",
                  "DilatedAttention: unknown attention option '", key,
@@ -51,8 +53,6 @@ DilatedOptions dilated_options(const TransformerLMConfig& config) {
   return {parse_attention_int_list("segments", required_option(config, "segments", "64,128,256")),
           parse_attention_int_list("dilations", required_option(config, "dilations", "1,2,4")), per_pair};
 }
-
-}  // namespace
 
 std::vector<int64_t> parse_attention_int_list(const std::string& key, const std::string& text) {
   std::vector<int64_t> values;
@@ -98,13 +98,13 @@ DilatedAttention::DilatedAttention(int64_t n_embd, int64_t n_head, std::vector<i
   }
 }
 
-// (The options are parsed once per argument; they are a few bytes of text.)
-DilatedAttention::DilatedAttention(const AttentionInit& init)
-    : DilatedAttention(init.config.n_embd, init.config.n_head, dilated_options(init.config).segments,
-                       dilated_options(init.config).dilations, init.config.bias, init.config.dropout,
-                       init.init_gen, init.dropout_gen, init.options, init.proj_init_std,
+DilatedAttention::DilatedAttention(const AttentionInit& init) : DilatedAttention(init, parse_options(init.config)) {}
+
+DilatedAttention::DilatedAttention(const AttentionInit& init, const Options& parsed)
+    : DilatedAttention(init.config.n_embd, init.config.n_head, parsed.segments, parsed.dilations, init.config.bias,
+                       init.config.dropout, init.init_gen, init.dropout_gen, init.options, init.proj_init_std,
                        rope_base_for(init.config)) {
-  dropout_per_pair = dilated_options(init.config).dropout_per_pair;
+  dropout_per_pair = parsed.dropout_per_pair;
   // Asked for where no pair is shared, the option would change nothing: say so.
   DilatedAttentionConfig config;
   for (size_t i = 0; i < segments.size(); ++i) config.branches.push_back({segments[i], dilations[i]});

@@ -23,7 +23,7 @@
 //                branches share: "per_copy" (default: each branch's copy on
 //                its own) or "per_pair" (once for all copies, the branches
 //                nesting at block_size; ops::dilated_attention's
-//                dropout_per_pair, which says where it runs)
+//                dropout_per_pair: not sequence parallel)
 // Any other key is an error (catches typos such as "dilation").
 #include <cstdint>
 #include <optional>
@@ -50,6 +50,11 @@ class DilatedAttention : public MultiHeadSelfAttention {
 
   std::vector<int64_t> segments, dilations;
   bool dropout_per_pair = false;  // the "dropout" option's "per_pair"
+
+ private:
+  struct Options;  // the attention options, parsed once (nn/dilated_attention.cpp)
+  static Options parse_options(const TransformerLMConfig& config);
+  DilatedAttention(const AttentionInit& init, const Options& parsed);
 
  protected:
   Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
