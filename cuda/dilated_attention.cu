@@ -47,9 +47,11 @@ void zero(const Tensor& t) { backend::zero_bytes(t.raw_data(), t.device(), t.nby
 std::vector<BranchPairs> branch_pairs(const DilatedAttentionConfig& config, int64_t n) {
   std::vector<BranchPairs> pairs;
   // The kernels find spans in 32 bits (span_lo_of); dropout needs fewer
-  // positions anyway (mask rows below 2^32).
-  if ((!config.dropout.enabled() || dropout_per_pair(config, n)) && n <= int64_t(UINT32_MAX))
-    pairs = nested_pairs(config, n);
+  // positions anyway (mask rows below 2^32, which the ops check).
+  const bool per_pair = dropout_per_pair(config, n);
+  MINIDL_CHECK(!per_pair || n <= int64_t(UINT32_MAX), "dilated_attention (cuda): per-pair attention dropout over ",
+               n, " positions; the kernels take at most 2^32 - 1");
+  if ((!config.dropout.enabled() || per_pair) && n <= int64_t(UINT32_MAX)) pairs = nested_pairs(config, n);
   pairs.resize(config.branches.size());  // plain where none nest
   return pairs;
 }

@@ -1950,7 +1950,8 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
 
 // Per-pair dropout needs a plan that computes each shared pair once: on CUDA
 // every version has one (the ws kernels their own where it takes the
-// problem: the cases named "nested"; else the per-branch kernels').
+// problem: the cases named "nested"; else the per-branch kernels', where a
+// branch's share runs mma.sync under the wgmma and ws settings too).
 TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the float64 reference") {
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
