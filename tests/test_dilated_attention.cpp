@@ -2029,6 +2029,45 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
 #endif
 }
 
+// The nested plans' edge cases on every version, without dropout and with
+// per-pair dropout: a branch whose pairs all belong to a smaller one (the
+// second w 128, r 1: not launched), and a dilation-1 branch that runs first
+// but is not the smallest (w 192 before 96), so that its first span's rows
+// have no pair of their own in that launch.
+TEST_CASE("CUDA nested pairs: a branch with none of its own, and rows with none in the first launch") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  const std::vector<Case> cases = {{"a branch with no pairs of its own", 1, 300, 4, 64, {128, 128, 256}, {1, 1, 2}, true},
+                                   {"rows with no pairs in the first launch", 2, 400, 4, 32, {192, 96, 384}, {1, 1, 2}, true}};
+  for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (const Case& c : cases) {
+      REQUIRE(nests(c));
+      for_each_kernel(dtype, c.D, [&] {
+        CAPTURE(dtype);
+        CAPTURE(str(c));
+        const double tol = cuda_tolerance(dtype, c.D, true);
+        Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
+               v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
+        Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+        DilatedAttentionConfig per_pair = dropout_config(c, 0.2, 77, 3);
+        per_pair.dropout.per_pair = true;
+        for (const DilatedAttentionConfig& config : {kernel_config(c), per_pair}) {
+          CAPTURE(config.dropout.enabled());
+          Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+          Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), config);
+          check_scaled(got.out.to(Device::cpu()), want.out, tol);
+          check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+          Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                     grad_out.to(DType::Float64), Tensor(), config);
+          Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), got, grad_out.to(gpu), Tensor(), config);
+          check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+        }
+      });
+    }
+#endif
+}
+
 TEST_CASE("CUDA attention dropout: a backward without bits draws a framed mask, and reads a graph's offset from the device") {
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
