@@ -265,14 +265,13 @@ struct BranchPairs {
   // Whether every pair of a branch whose segments keep at most max_rows rows
   // belongs to a smaller branch (its span holds them all): nothing of its own.
   MINIDL_HD bool shares_all(int64_t max_rows) const { return span >= max_rows; }
-  // Whether some pair weighs more than 1.
-  bool weighted() const {
-    for (uint32_t c : classes)
-      if (c != 0) return true;
-    return false;
-  }
   // All of the branch's pairs, each of weight 1.
-  bool plain() const { return span == 0 && !weighted(); }
+  bool plain() const {
+    if (span != 0) return false;
+    for (uint32_t c : classes)
+      if (c != 0) return false;
+    return true;
+  }
 };
 
 // A segment as n positions see it (w > n covers them all).
