@@ -325,16 +325,25 @@ inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& confi
   return pairs;
 }
 
-// Whether config's dropout decides once per distinct pair on n positions:
-// per_pair asked for, and the branches nest. Owners are found in the
-// problem's own positions, so a framed part of a larger problem (a
-// sequence-parallel piece) cannot take it.
-inline bool dropout_per_pair(const DilatedAttentionConfig& config, int64_t n) {
-  if (!config.dropout.enabled() || !config.dropout.per_pair) return false;
+// The pairs each branch may compute once for all branches given config's
+// dropout: nested_pairs where dropout is off or per pair; empty with
+// per-copy dropout, whose every branch needs its own copy of each pair. With
+// dropout, a non-empty result means per-pair decisions (dropout_per_pair).
+// Owners are found in the problem's own positions, so a framed part of a
+// larger problem (a sequence-parallel piece) cannot take per-pair dropout.
+inline std::vector<BranchPairs> sharing_pairs(const DilatedAttentionConfig& config, int64_t n) {
+  if (!config.dropout.enabled()) return nested_pairs(config, n);
+  if (!config.dropout.per_pair) return {};
   MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{},
                "dilated attention: per-pair dropout needs the problem's own mask frame; a part of a larger "
                "problem would need that problem's owners");
-  return !nested_pairs(config, n).empty();
+  return nested_pairs(config, n);
+}
+
+// Whether config's dropout decides once per distinct pair on n positions:
+// per_pair asked for, and the branches nest.
+inline bool dropout_per_pair(const DilatedAttentionConfig& config, int64_t n) {
+  return config.dropout.enabled() && !sharing_pairs(config, n).empty();
 }
 
 // The owner of a pair that some branch holds (dropout_per_pair): the first

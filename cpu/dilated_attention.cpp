@@ -555,9 +555,8 @@ void parallel_units(int64_t units, bool parallel, MakeScratch make_scratch, Body
 // (dropout_per_pair) a pair's decision is its owner's, the branch computing
 // it here, so this plan is taken whatever the spans.
 std::vector<BranchPairs> shared_pairs(const DilatedAttentionConfig& config, int64_t n) {
-  std::vector<BranchPairs> pairs;
-  const bool per_pair = dropout_per_pair(config, n);
-  if (!config.dropout.enabled() || per_pair) pairs = nested_pairs(config, n);
+  std::vector<BranchPairs> pairs = sharing_pairs(config, n);
+  const bool per_pair = config.dropout.enabled() && !pairs.empty();
   if (!per_pair &&
       std::any_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.span > 0 && p.span < kTileK; }))
     pairs.clear();

@@ -45,13 +45,13 @@ void zero(const Tensor& t) { backend::zero_bytes(t.raw_data(), t.device(), t.nby
 // by its owner, weighted by the branches holding it); else all of each
 // branch's pairs. Per-copy dropout needs every copy.
 std::vector<BranchPairs> branch_pairs(const DilatedAttentionConfig& config, int64_t n) {
-  std::vector<BranchPairs> pairs;
+  std::vector<BranchPairs> pairs = sharing_pairs(config, n);
   // The kernels find spans in 32 bits (span_lo_of); dropout needs fewer
   // positions anyway (mask rows below 2^32, which the ops check).
-  const bool per_pair = dropout_per_pair(config, n);
+  const bool per_pair = config.dropout.enabled() && !pairs.empty();
   MINIDL_CHECK(!per_pair || n <= int64_t(UINT32_MAX), "dilated_attention (cuda): per-pair attention dropout over ",
                n, " positions; the kernels take at most 2^32 - 1");
-  if ((!config.dropout.enabled() || per_pair) && n <= int64_t(UINT32_MAX)) pairs = nested_pairs(config, n);
+  if (n > int64_t(UINT32_MAX)) pairs.clear();
   pairs.resize(config.branches.size());  // plain where none nest
   return pairs;
 }

@@ -231,6 +231,15 @@ __device__ __forceinline__ SpanWalk<kTile> span_walk(const BranchPairs& p, int64
   return w;
 }
 
+// A query-major block's walk over key tiles (the forwards, SIMT's dQ pass):
+// it owns query rows [t0, t0 + kBr) of `count` and sees keys [0, count),
+// causal only those up to its last row.
+template <int kBr, int kBc, bool kCausal, bool kNested>
+__device__ __forceinline__ SpanWalk<kBc> key_walk(const BranchPairs& p, int64_t t0, int64_t count) {
+  const int64_t own_end = t0 + kBr < count ? t0 + kBr : count;
+  return span_walk<kBc, kNested>(p, t0, own_end - 1, 0, kCausal ? own_end : count, count);
+}
+
 // The columns [lo, hi) of a tile starting at row t that lie in the span
 // starting at row span_lo (span_start of one of the block's rows).
 struct SpanCols {

@@ -56,9 +56,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
   if (t0 >= rows.count) return;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
-  const SpanWalk<kBc> walk =
-      span_walk<kBc, kNested>(pairs, t0, min(t0 + kBr, rows.count) - 1, 0, key_end, rows.count);
+  const SpanWalk<kBc> walk = key_walk<kBr, kBc, kCausal, kNested>(pairs, t0, rows.count);
   const int n_tiles = walk.n;
 
   if (!kNested || n_tiles > 0) {

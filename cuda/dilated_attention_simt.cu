@@ -12,8 +12,10 @@
 // every dtype: each weight P = exp(S - L) (L undropped) is multiplied by
 // M = keep * scale before it meets V (forward, dV), and dS = P (M dP' - D).
 //
-// Nested pairs (BranchPairs): a branch's share leaves out the keys (queries)
-// in its row's span and weighs each pair it keeps (P times the weight).
+// Nested pairs (BranchPairs; kNested, a separate instantiation so that plain
+// launches pay nothing): a branch's share leaves out the tiles inside the
+// span of every row of a block (SpanWalk), masks the keys (queries) in each
+// row's span and weighs each pair it keeps (P times the weight).
 #include "cuda/dilated_attention_simt.cuh"
 
 #include <cmath>
@@ -139,7 +141,7 @@ struct RowPairs {
   __device__ __forceinline__ float weight(int64_t other) const { return pair_weight(cls, cls_row, other); }
 };
 
-template <typename T, int D, bool kCausal>
+template <typename T, int D, bool kCausal, bool kNested>
 __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Operand<T> k, Operand<T> v,
                                                          BranchGrid g, float scale_log2,
                                                          DropoutGrid drop, BranchPairs pairs,
@@ -164,8 +166,9 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
 #pragma unroll
   for (int i = 0; i < 32; ++i) o[i] = 0;
   float m = -INFINITY, l = 0;
-  const int64_t key_end = kCausal ? min(w.t0 + S::kRows, w.rows.count) : w.rows.count;
-  for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
+  const SpanWalk<kTile> walk = key_walk<S::kRows, kTile, kCausal, kNested>(pairs, w.t0, w.rows.count);
+  for (int jt = 0; jt < walk.n; ++jt) {
+    const int64_t k0 = walk.row(jt);  // a multiple of 16, for the dropout groups
     __syncthreads();
     stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs, g.dim);
     __syncthreads();
@@ -178,7 +181,7 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
       for (int i = 0; i < 32; ++i) acc += qr[i] * ks[j][S::dim(i, part)];
       acc = S::reduce(acc);
       int64_t tk = k0 + j;
-      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t) && own.keeps(tk);
+      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t) && (!kNested || own.keeps(tk));
       s[j] = visible ? acc : -INFINITY;
       tile_max = fmaxf(tile_max, s[j]);
     }
@@ -190,7 +193,8 @@ __global__ __launch_bounds__(kThreads) void forward_simt_kernel(Operand<T> q, Op
     for (int i = 0; i < 32; ++i) o[i] *= corr;
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
-      float p = exp2f(s[j] - m_new) * own.weight(k0 + j);
+      float p = exp2f(s[j] - m_new);
+      if constexpr (kNested) p *= own.weight(k0 + j);
       l += p;  // the softmax sum (hence L) is that of the undropped weights
       if (dropping) {
         if ((j & 15) == 0) drop.refresh(bits, drop_row, k0 + j);
@@ -254,7 +258,7 @@ __global__ void backward_delta_kernel(const T* __restrict__ out, const T* __rest
   if (row < rows && part == 0) delta[row] = acc - (grad_lse ? grad_lse[row] : 0.f);
 }
 
-template <typename T, int D, bool kCausal>
+template <typename T, int D, bool kCausal, bool kNested>
 __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
     const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop, BranchPairs pairs,
@@ -281,8 +285,9 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   for (int i = 0; i < 32; ++i) dq[i] = 0;
   const float l2 = active ? lse[ri] * kLog2e : 0.f;
   const float dp_row = active ? delta[ri] : 0.f;
-  const int64_t key_end = kCausal ? min(w.t0 + S::kRows, w.rows.count) : w.rows.count;
-  for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
+  const SpanWalk<kTile> walk = key_walk<S::kRows, kTile, kCausal, kNested>(pairs, w.t0, w.rows.count);
+  for (int jt = 0; jt < walk.n; ++jt) {
+    const int64_t k0 = walk.row(jt);
     __syncthreads();
     stage_rows<T, D>(k, v, w.batch, w.head, w.rows, k0, ks, vs, g.dim);
     __syncthreads();
@@ -290,8 +295,8 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
     for (int j = 0; j < kTile; ++j) {
       const auto [s, dp] = dot_pair<D>(qr, ks[j], dor, vs[j], part);
       int64_t tk = k0 + j;
-      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t) && own.keeps(tk);
-      const float p = visible ? exp2f(s - l2) * own.weight(tk) : 0.f;
+      bool visible = active && tk < w.rows.count && (!kCausal || tk <= t) && (!kNested || own.keeps(tk));
+      const float p = visible ? exp2f(s - l2) * (kNested ? own.weight(tk) : 1.f) : 0.f;
       float ds;
       if (dropping) {  // dS = P (M dP' - D)
         if ((j & 15) == 0) drop.refresh(bits, drop_row, tk);
@@ -312,7 +317,7 @@ __global__ __launch_bounds__(kThreads) void backward_dq_simt(
   }
 }
 
-template <typename T, int D, bool kCausal>
+template <typename T, int D, bool kCausal, bool kNested>
 __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     Operand<T> q, Operand<T> k, Operand<T> v, Operand<T> dout, const float* __restrict__ lse,
     const float* __restrict__ delta, BranchGrid g, float scale, DropoutGrid drop, BranchPairs pairs,
@@ -343,7 +348,10 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0;
   // Causal: only queries at or after the block's first key see it.
   const int64_t q_begin = kCausal ? (w.t0 / kTile) * kTile : 0;
-  for (int64_t q0 = q_begin; q0 < w.rows.count; q0 += kTile) {
+  const SpanWalk<kTile> walk = span_walk<kTile, kNested>(pairs, w.t0, min(w.t0 + S::kRows, w.rows.count) - 1,
+                                                         q_begin, w.rows.count, w.rows.count);
+  for (int jt = 0; jt < walk.n; ++jt) {
+    const int64_t q0 = walk.row(jt);
     __syncthreads();
     stage_rows<T, D>(q, dout, w.batch, w.head, w.rows, q0, qs, dos, g.dim);
     if (threadIdx.x < kTile) {
@@ -374,8 +382,8 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
     for (int j = 0; j < kTile; ++j) {
       const auto [s, dp] = dot_pair<D>(kr, qs[j], vr, dos[j], part);
       int64_t tq = q0 + j;
-      bool visible = active && tq < w.rows.count && (!kCausal || tq >= t) && own.keeps(tq);
-      float p = visible ? exp2f(s - l2s[j]) * own.weight(tq) : 0.f;
+      bool visible = active && tq < w.rows.count && (!kCausal || tq >= t) && (!kNested || own.keeps(tq));
+      float p = visible ? exp2f(s - l2s[j]) * (kNested ? own.weight(tq) : 1.f) : 0.f;
       float ds;
       if (dropping && visible) {  // this thread's key t in query tq's mask row
         float m = drop.factor_from_word(keep_words[j][key_word], t);
@@ -406,6 +414,13 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
   }
 }
 
+// The kernel instantiated for (causal, nested), given in that order: (true,
+// true), (true, false), (false, true), (false, false).
+template <typename K>
+K pick(bool causal, bool nested, K causal_nested, K causal_plain, K full_nested, K full_plain) {
+  return causal ? (nested ? causal_nested : causal_plain) : (nested ? full_nested : full_plain);
+}
+
 // Calls f(T{}, std::integral_constant<int, D>{}) for the tensor's dtype and
 // the head dim padded to the SIMT kernels' width (32, 64 or 128).
 template <typename F>
@@ -434,7 +449,9 @@ void forward_simt(const char* op, const Tensor& q, const Tensor& k, const Tensor
     for (size_t i = 0; i < config.branches.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[i], Split<D>::kRows);
       if (pairs[i].shares_all(max_kept_rows(g.w, g.r))) continue;  // nothing of its own
-      auto kernel = config.causal ? forward_simt_kernel<T, D, true> : forward_simt_kernel<T, D, false>;
+      auto kernel = pick(config.causal, !pairs[i].plain(), forward_simt_kernel<T, D, true, true>,
+                         forward_simt_kernel<T, D, true, false>, forward_simt_kernel<T, D, false, true>,
+                         forward_simt_kernel<T, D, false, false>);
       kernel<<<grid_of(g, s.b), kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
                                                          g, scale_log2, DropoutGrid(branch_dropout(config, i, s)),
                                                          pairs[i], static_cast<float*>(o_acc.raw_data()),
@@ -477,12 +494,16 @@ void backward_simt(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
       dim3 grid = grid_of(g, s.b);
       if (pairs[i].shares_all(max_kept_rows(g.w, g.r))) continue;  // nothing of its own
       const DropoutGrid drop(branch_dropout(config, i, s));
-      auto dq_kernel = config.causal ? backward_dq_simt<T, D, true> : backward_dq_simt<T, D, false>;
+      const bool nested = !pairs[i].plain();
+      auto dq_kernel = pick(config.causal, nested, backward_dq_simt<T, D, true, true>, backward_dq_simt<T, D, true, false>,
+                            backward_dq_simt<T, D, false, true>, backward_dq_simt<T, D, false, false>);
       dq_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
                                                  operand<T>(grad_out), l, dl, g, scale, drop, pairs[i],
                                                  static_cast<float*>(dq_acc.raw_data()));
       MINIDL_CUDA_LAUNCH_CHECK();
-      auto dkv_kernel = config.causal ? backward_dkv_simt<T, D, true> : backward_dkv_simt<T, D, false>;
+      auto dkv_kernel = pick(config.causal, nested, backward_dkv_simt<T, D, true, true>,
+                             backward_dkv_simt<T, D, true, false>, backward_dkv_simt<T, D, false, true>,
+                             backward_dkv_simt<T, D, false, false>);
       dkv_kernel<<<grid, kThreads, 0, stream()>>>(operand<T>(q), operand<T>(k), operand<T>(v),
                                                   operand<T>(grad_out), l, dl, g, scale, drop, pairs[i],
                                                   static_cast<float*>(dk_acc.raw_data()),

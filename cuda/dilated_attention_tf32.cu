@@ -65,9 +65,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int lr = lane / 4, lc = lane % 4;  // fragment row and column of this lane
-  const int64_t key_end = kCausal ? min(t0 + kBr, rows.count) : rows.count;
-  const SpanWalk<kBc> walk =
-      span_walk<kBc, kNested>(pairs, t0, min(t0 + kBr, rows.count) - 1, 0, key_end, rows.count);
+  const SpanWalk<kBc> walk = key_walk<kBr, kBc, kCausal, kNested>(pairs, t0, rows.count);
   const int n_tiles = walk.n;
 
   // cp.async groups, in order: {Q, K_0}, {V_0}, then K_{j+1} after S_j and

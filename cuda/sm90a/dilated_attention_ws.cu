@@ -1708,9 +1708,8 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
 
 std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
   const std::vector<BranchPairs> plain(config.branches.size());
-  // Dropout per copy: each branch computes all its pairs, each with its own decision.
-  if (config.dropout.enabled() && !dropout_per_pair(config, n)) return plain;
-  std::vector<BranchPairs> pairs = nested_pairs(config, n);
+  // Empty with dropout per copy: each branch computes all its pairs, each with its own decision.
+  std::vector<BranchPairs> pairs = sharing_pairs(config, n);
   if (pairs.empty() || pairs[finishing_branch].span != 0) return plain;
   // A forward item's query rows and a backward item's keys lie in one span.
   static_assert(kBr == kBwdKeys && kBwdKeys % kBm == 0 && kBr % FwdShape<64>::kBc == 0 &&
