@@ -179,7 +179,9 @@ std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int
 // bfloat16 (and float32 as TF32) on tensor cores, one launch per branch
 // (branch_launch_order: a dilation-1 branch first overwrites the
 // accumulators); a lone branch keeping every row (vanilla attention) writes
-// the bf16 output directly. The dropout mask of a branch is keyed by its
+// the bf16 output directly, unless it computes a share of a larger problem's
+// nested pairs (config.pairs: a sequence-parallel piece), whose rows may have
+// none. The dropout mask of a branch is keyed by its
 // index in config.branches, not by its place in the launch order.
 // dropout_bits: as dilated_attention_forward's.
 void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -248,7 +250,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
 #endif
   const std::vector<size_t> order = branch_launch_order(config, s, pairs);
   const bool covers = !order.empty() && config.branches[order.front()].dilation == 1;
-  if (!fp32 && config.branches.size() == 1 && covers) {
+  if (!fp32 && config.branches.size() == 1 && covers && pairs[0].plain()) {
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s.b);  // size check
     forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,

@@ -137,8 +137,6 @@ bad_flags)
   expect_usage_error "--segments applies to --attention dilated only" train --data text.txt --out r --segments 8,16
   expect_usage_error "--attention-dropout applies to --attention dilated only" \
     train --data text.txt --out r --attention-dropout per_pair
-  expect_usage_error "--attention-dropout per_pair is not sequence parallel yet" \
-    train --data text.txt --out r --attention dilated --attention-dropout per_pair --sp 2
   expect_usage_error "--warmup 100 exceeds the decay length 10" train --data text.txt --out r --iters 10
   expect_usage_error "--data is required" train --out r
   expect_usage_error "--data: cannot read 'missing.txt': No such file or directory" train --data missing.txt --out r --iters 200
