@@ -6,11 +6,11 @@
 //
 // Branches run as one launch each and merge in place into fp32 (O, L)
 // accumulators with the log-sum-exp rule (rows of one launch are disjoint: no
-// atomics); a lone branch keeping every row writes the output directly, and
-// the ws backward finishes dK/dV in the branch that keeps every row. Where the
-// branches nest, every version computes each pair several branches share once,
-// weighted (ws_nested_pairs for the ws kernels' plan, branch_pairs for the
-// per-branch launches).
+// atomics); a lone branch keeping every row writes the output directly (when
+// it computes all its pairs), and the ws backward finishes dK/dV in the branch
+// that keeps every row. Where the branches nest, every version computes each
+// pair several branches share once, weighted (ws_nested_pairs for the ws
+// kernels' plan, branch_pairs for the per-branch launches).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -180,9 +180,10 @@ std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int
 // (branch_launch_order: a dilation-1 branch first overwrites the
 // accumulators); a lone branch keeping every row (vanilla attention) writes
 // the bf16 output directly, unless it computes a share of a larger problem's
-// nested pairs (config.pairs: a sequence-parallel piece), whose rows may have
-// none. The dropout mask of a branch is keyed by its
-// index in config.branches, not by its place in the launch order.
+// nested pairs (config.pairs: a sequence-parallel piece), which the kernels
+// weigh only in their merging modes (kWrite, kMerge). The dropout mask of a
+// branch is keyed by its index in config.branches, not by its place in the
+// launch order.
 // dropout_bits: as dilated_attention_forward's.
 void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor& k, const Tensor& v,
                           const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,

@@ -1022,16 +1022,11 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
   };
   Case odd = kOddCuda;
   odd.dropout = 0.3;
-  // Per pair: each call computes its branches' shares of the whole
-  // problem's nested pairs (a piece: a lone branch with a share, kWrite).
   const std::vector<Split> splits{
       {odd, ops::SequenceLayout::even(odd.N, 2).chunk_sizes},
       {odd, {13, 1, 23}},
       {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2}, ops::SequenceLayout::even(300, 3).chunk_sizes},
-      {{2, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}},
-      {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2, true}, ops::SequenceLayout::even(300, 3).chunk_sizes},
-      {{2, 256, 9, 32, {{128, 2}, {64, 1}, {256, 4}}, false, 0.2, true}, {100, 156}},
-      {{2, 256, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2, true}, {128, 128}}};
+      {{2, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}}};
   for (DType dtype : {DType::Float32, DType::BFloat16})
     for (const Split& sp : splits) {
       CAPTURE(dtype);
@@ -1047,6 +1042,21 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
         check_result(got, one, cuda_tolerance(dtype));
       });
     }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention: per-pair dropout on CUDA tensors is refused, with what to use") {
+  MINIDL_REQUIRE_CUDA();
+  DilatedAttentionConfig config;
+  config.branches = {{4, 1}, {8, 2}};
+  config.dropout = make_attention_dropout(0.2, 1, 0);
+  config.dropout.per_pair = true;
+  const Tensor q = random_tensor({1, 8, 2, 4}).to(Device::cuda());
+  run_ranks(1, [&](dist::Communicator& comm) {
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
+                         doctest::Contains("per-pair attention dropout on CUDA tensors is not sequence parallel yet "
+                                           "(the CPU runs it); use per-copy dropout"),
+                         Error);
+  });
 }
 
 TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-process and NCCL)") {
