@@ -218,13 +218,6 @@ MINIDL_HD MINIDL_FORCEINLINE KeptRows kept_rows(int64_t n, int64_t w, int64_t r,
 // ceil(w / r)), for sizing tiles and grids.
 MINIDL_HD MINIDL_FORCEINLINE int64_t max_kept_rows(int64_t w, int64_t r) { return w > 0 ? (w - 1) / r + 1 : 0; }
 
-struct DilatedAttentionConfig {
-  std::vector<DilatedBranch> branches;
-  bool causal = true;
-  double scale = 0;  // softmax scale; the op fills in 1/sqrt(D) when 0
-  AttentionDropout dropout;
-};
-
 // ---- Pairs that nested branches share (docs/dilated-attention.md) ----
 //
 // Branches nest when, sorted by (segment, dilation), each segment (clamped to
@@ -272,6 +265,19 @@ struct BranchPairs {
       if (c != 0) return false;
     return true;
   }
+};
+
+struct DilatedAttentionConfig {
+  std::vector<DilatedBranch> branches;
+  bool causal = true;
+  double scale = 0;  // softmax scale; the op fills in 1/sqrt(D) when 0
+  AttentionDropout dropout;
+  // A framed part of a larger problem with per-pair dropout (a
+  // sequence-parallel piece; dropout.frame): each branch's share of that
+  // problem's nested pairs, rows and heads as this problem numbers them
+  // (sharing_pairs). Empty: the config's own (nested_pairs). Read only with
+  // per-pair dropout: without dropout a part's own nesting is exact.
+  std::vector<BranchPairs> pairs;
 };
 
 // A segment as n positions see it (w > n covers them all).
@@ -329,14 +335,20 @@ inline std::vector<BranchPairs> nested_pairs(const DilatedAttentionConfig& confi
 // dropout: nested_pairs where dropout is off or per pair; empty with
 // per-copy dropout, whose every branch needs its own copy of each pair. With
 // dropout, a non-empty result means per-pair decisions (dropout_per_pair).
-// Owners are found in the problem's own positions, so a framed part of a
-// larger problem (a sequence-parallel piece) cannot take per-pair dropout.
+// A framed part of a larger problem (a sequence-parallel piece) takes per-pair
+// dropout only with its shares given (config.pairs): its own positions do not
+// tell which branch owns a pair.
 inline std::vector<BranchPairs> sharing_pairs(const DilatedAttentionConfig& config, int64_t n) {
   if (!config.dropout.enabled()) return nested_pairs(config, n);
   if (!config.dropout.per_pair) return {};
+  if (!config.pairs.empty()) {
+    MINIDL_CHECK(config.pairs.size() == config.branches.size(), "dilated attention: ", config.pairs.size(),
+                 " given shares of nested pairs for ", config.branches.size(), " branches");
+    return config.pairs;
+  }
   MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{},
-               "dilated attention: per-pair dropout needs the problem's own mask frame; a part of a larger "
-               "problem would need that problem's owners");
+               "dilated attention: per-pair dropout on a framed part of a larger problem needs that problem's "
+               "shares of its nested pairs (config.pairs)");
   return nested_pairs(config, n);
 }
 

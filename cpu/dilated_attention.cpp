@@ -166,6 +166,9 @@ struct KeyPair {
 // With per-pair dropout (dropout_per_pair), the nesting order the owners
 // are looked up in (pair_owner); empty otherwise.
 std::vector<size_t> owner_order(const DilatedAttentionConfig& config, int64_t n) {
+  MINIDL_CHECK(config.pairs.empty() || !config.dropout.enabled() || !config.dropout.per_pair,
+               "dilated attention (cpu reference): given shares of nested pairs (config.pairs) with per-pair "
+               "dropout; the reference finds owners itself, in the problem's own positions");
   return dropout_per_pair(config, n) ? nesting_order(config.branches, n) : std::vector<size_t>{};
 }
 

@@ -6,11 +6,11 @@
 //
 // Branches run as one launch each and merge in place into fp32 (O, L)
 // accumulators with the log-sum-exp rule (rows of one launch are disjoint: no
-// atomics); a lone branch keeping every row writes the output directly, and
-// the ws backward finishes dK/dV in the branch that keeps every row. Where the
-// branches nest, every version computes each pair several branches share once,
-// weighted (ws_nested_pairs for the ws kernels' plan, branch_pairs for the
-// per-branch launches).
+// atomics); a lone branch keeping every row writes the output directly (when
+// it computes all its pairs), and the ws backward finishes dK/dV in the branch
+// that keeps every row. Where the branches nest, every version computes each
+// pair several branches share once, weighted (ws_nested_pairs for the ws
+// kernels' plan, branch_pairs for the per-branch launches).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -179,8 +179,11 @@ std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int
 // bfloat16 (and float32 as TF32) on tensor cores, one launch per branch
 // (branch_launch_order: a dilation-1 branch first overwrites the
 // accumulators); a lone branch keeping every row (vanilla attention) writes
-// the bf16 output directly. The dropout mask of a branch is keyed by its
-// index in config.branches, not by its place in the launch order.
+// the bf16 output directly, unless it computes a share of a larger problem's
+// nested pairs (config.pairs: a sequence-parallel piece), which the kernels
+// weigh only in their merging modes (kWrite, kMerge). The dropout mask of a
+// branch is keyed by its index in config.branches, not by its place in the
+// launch order.
 // dropout_bits: as dilated_attention_forward's.
 void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor& k, const Tensor& v,
                           const DilatedAttentionConfig& config, const Tensor& out, const Tensor& lse,
@@ -248,7 +251,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
 #endif
   const std::vector<size_t> order = branch_launch_order(config, s, pairs);
   const bool covers = !order.empty() && config.branches[order.front()].dilation == 1;
-  if (!fp32 && config.branches.size() == 1 && covers) {
+  if (!fp32 && config.branches.size() == 1 && covers && pairs[0].plain()) {
     BranchGrid g = branch_grid(s, config.branches[0], kMmaRows);
     grid_of(g, s.b);  // size check
     forward_mma(kernel, operand<BFloat16>(q), operand<BFloat16>(k), operand<BFloat16>(v), g, s.b, s.d,

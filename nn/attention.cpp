@@ -232,7 +232,7 @@ Tensor MultiHeadSelfAttention::forward_before_dropout(const Tensor& x) {
     DilatedAttentionConfig config;
     for (size_t i = 0; i < b.segments.size(); ++i) config.branches.push_back({b.segments[i], b.dilations[i]});
     config.dropout = ops::attention_dropout(dropout_p, resid_drop->gen, qkv[0]);
-    config.dropout.per_pair = b.dropout_per_pair;  // the op refuses it
+    config.dropout.per_pair = b.dropout_per_pair;
     Tensor y = (sp.layout() ? ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm(),
                                                                   *sp.layout())
                             : ops::seq_parallel_dilated_attention(qkv[0], qkv[1], qkv[2], config, *sp.comm()))

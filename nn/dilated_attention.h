@@ -23,7 +23,7 @@
 //                branches share: "per_copy" (default: each branch's copy on
 //                its own) or "per_pair" (once for all copies, the branches
 //                nesting at block_size; ops::dilated_attention's
-//                dropout_per_pair: not sequence parallel)
+//                dropout_per_pair)
 // Any other key is an error (catches typos such as "dilation").
 #include <cstdint>
 #include <optional>

@@ -165,6 +165,11 @@ struct Plan {
   std::vector<Piece> pieces;
   std::vector<Exchange> exchanges;  // in (branch, segment) order on every rank
   std::vector<std::pair<int, int>> spans;  // every spanning segment's ranks [first, last], this rank's or not
+  // Per-pair dropout where the branches nest over the whole sequence: each
+  // branch's share of the whole problem's nested pairs (nested_pairs, config
+  // order), which its calls compute; empty otherwise (every call then drops
+  // per copy, as the op does).
+  std::vector<BranchPairs> shares;
   int64_t c0() const { return starts[rank]; }
   int64_t c1() const { return starts[rank + 1]; }
   int64_t n() const { return c1() - c0(); }
@@ -268,6 +273,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
 
   const int64_t c0 = plan.c0(), c1 = plan.c1();
   const bool dropout = config.dropout.enabled();
+  if (dropout && config.dropout.per_pair) plan.shares = nested_pairs(config, plan.N);
+  const bool per_pair = !plan.shares.empty();
   for (size_t branch = 0; branch < config.branches.size(); ++branch) {
     const DilatedBranch& given = config.branches[branch];
     const int64_t w = std::max<int64_t>(1, std::min(given.segment, plan.N)), r = given.dilation;
@@ -333,7 +340,8 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
         found.push_back({M, std::move(head)});
       }
       // Pieces (Piece). Without dropout, by batch: the heads of one M. With
-      // dropout, by class where the frame is linear (kernel_config): runs of
+      // per-pair dropout, by batch, one class a piece (piece_share). With
+      // dropout per copy, by class where the frame is linear (kernel_config): runs of
       // consecutive classes with one M and one head count J (classes with
       // queries here and one M need not be consecutive where they wrap
       // around r); by batch otherwise, one class a piece. A piece's key:
@@ -353,7 +361,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
                end->second.J == it->second.J)
           ++end;
         const int64_t J = it->second.J;
-        if (dropout && class_frame_linear(J, r, plan.H, plan.B) && plan.B * J <= kMaxPieceHeads)
+        if (dropout && !per_pair && class_frame_linear(J, r, plan.H, plan.B) && plan.B * J <= kMaxPieceHeads)
           for (auto c = it; c != end; ++c) {
             c->second.first = it->first;
             c->second.by_class = true;
@@ -471,6 +479,7 @@ struct PlanKey {
   bool causal;
   double scale;
   bool dropout;  // dropout plans lay pieces out by class (or one class a piece), local groups by consecutive branches
+  bool per_pair;  // per-pair dropout plans hold the branches' shares and lay pieces out one class each
   Device device;
   bool operator==(const PlanKey&) const = default;
 };
@@ -496,7 +505,7 @@ std::shared_ptr<const Plan> cached_plan(const Tensor& q, const DilatedAttentionC
   std::vector<Kept>& plans = cache.plans;
   std::vector<int64_t> starts = layout ? starts_of(*layout) : exchange_starts(q, comm, nullptr);
   PlanKey key{starts, q.size(0), q.size(2), q.size(3), {}, config.causal, config.scale, config.dropout.enabled(),
-              q.device()};
+              config.dropout.enabled() && config.dropout.per_pair, q.device()};
   for (const DilatedBranch& b : config.branches) key.branches.push_back({b.segment, b.dilation});
   const bool pin = capturing(q.device());
   for (size_t i = 0; i < plans.size(); ++i)
@@ -633,24 +642,50 @@ void merge_rows(const Tensor& O, const Tensor& L, const Tensor& o, const Tensor&
 // The kernel calls' configs. With attention dropout, each carries the mask
 // frame that puts its rows where they are in the whole problem
 // (core/dilated.h), so the pieces drop exactly what the single-device op does.
+// With per-pair dropout (Plan::shares) each also carries its branches' shares
+// of the whole problem's pairs: a call computes only the pairs its branches
+// own, so each draws its owner's decisions through its own frame.
 DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout,
-                                     std::vector<DilatedBranch> branches, const AttentionMaskFrame& frame) {
+                                     std::vector<DilatedBranch> branches, const AttentionMaskFrame& frame,
+                                     std::vector<BranchPairs> shares) {
   DilatedAttentionConfig c;
   c.branches = std::move(branches);
   c.causal = plan.causal;
   c.scale = plan.scale;
   c.dropout = dropout;
   c.dropout.frame = frame;
+  c.dropout.per_pair = !plan.shares.empty();  // per copy where the branches do not nest, as the op
+  c.pairs = std::move(shares);
   return c;
 }
 
-// A local group's rows [a, b) are positions a.. of the whole sequence.
+// A local group's rows [a, b) are positions a.. of the whole sequence; a is
+// a multiple of its branches' segments, so its kept indices are the whole
+// problem's, and so are its heads: its shares are its branches'.
 DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& dropout, const LocalGroup& group) {
   AttentionMaskFrame frame;
   frame.branch = group.first_branch;
   frame.n = plan.N;
   frame.position = group.a;
-  return kernel_config(plan, dropout, group.branches, frame);
+  std::vector<BranchPairs> shares;
+  if (!plan.shares.empty()) {
+    const auto first = plan.shares.begin() + group.first_branch;
+    shares.assign(first, first + static_cast<std::ptrdiff_t>(group.branches.size()));
+  }
+  return kernel_config(plan, dropout, group.branches, frame, std::move(shares));
+}
+
+// A piece's share of its branch's pairs (Plan::shares). Its rows are kept
+// indices already; per-pair plans lay it out by batch, one class c, so its
+// head g is head c + g r, whose classes are the branch's classes[(c + g r) %
+// 8] (periodic in g mod 8: r divides 8 where the branches nest).
+BranchPairs piece_share(const Plan& plan, const Piece& piece) {
+  const BranchPairs& share = plan.shares[static_cast<size_t>(piece.branch)];
+  MINIDL_CHECK(!piece.by_class, kOp, ": internal: a per-pair piece laid out by class");
+  BranchPairs p = share;
+  const int64_t c = piece.heads[0].h;
+  for (int64_t g = 0; g < 8; ++g) p.classes[g] = share.classes[(c + g * piece.r) % 8];
+  return p;
 }
 
 // A piece's row t (a kept index) is position base + t r of its head. By
@@ -688,7 +723,9 @@ DilatedAttentionConfig kernel_config(const Plan& plan, const AttentionDropout& d
       frame.batch_shift = 1;
     }
   }
-  return kernel_config(plan, dropout, {{piece.M, 1}}, frame);
+  std::vector<BranchPairs> shares;
+  if (!plan.shares.empty()) shares.push_back(piece_share(plan, piece));
+  return kernel_config(plan, dropout, {{piece.M, 1}}, frame, std::move(shares));
 }
 
 // The dtypes of one call: the kernels' operands (`compute`: float64 on the
@@ -921,9 +958,12 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
   MINIDL_CHECK(std::isfinite(config.scale), kOp, ": scale must be finite, got ", config.scale);
   MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{}, kOp,
                ": config.dropout.frame must be the default (the op frames its pieces itself)");
-  MINIDL_CHECK(!config.dropout.per_pair || !config.dropout.enabled(), kOp,
-               ": per-pair attention dropout (config.dropout.per_pair) is not sequence parallel yet; "
-               "its pieces would need the whole problem's owners (docs/dilated-attention.md)");
+  MINIDL_CHECK(config.pairs.empty(), kOp, ": config.pairs must be empty (the op gives its pieces their shares)");
+  // Per pair on CUDA: its kernel calls (a piece is a lone branch computing a
+  // share) have not run on a GPU yet, so the path stays closed until they have.
+  MINIDL_CHECK(!q.is_cuda() || !config.dropout.enabled() || !config.dropout.per_pair, kOp,
+               ": per-pair attention dropout on CUDA tensors is not sequence parallel yet (the CPU runs it); "
+               "use per-copy dropout (config.dropout.per_pair = false)");
   MINIDL_CHECK(config.dropout.threshold <= 255, kOp, ": config.dropout.threshold ", config.dropout.threshold,
                " is past 255 (make_attention_dropout gives T8 in [1, 255])");
   MINIDL_CHECK(!config.dropout.offset_base || q.is_cuda(), kOp, ": config.dropout reads its offset from a device "

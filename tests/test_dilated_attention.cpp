@@ -986,16 +986,21 @@ TEST_CASE("per-pair dropout: the copies of a pair share their owner's decision; 
     CHECK(a.lse.to_vector<double>() == b.lse.to_vector<double>());
   }
   CHECK(nesting == 8);
-  // Owners are the problem's own: a framed part of a larger problem is refused.
+  // Owners are the problem's own: a framed part of a larger problem is
+  // refused unless it is given its shares (config.pairs), which the
+  // reference, looking owners up, does not take.
   const Case c = per_pair_cases().front();
   DilatedAttentionConfig framed = dropout_config(c, 0.35, 4242, 3);
   framed.dropout.per_pair = true;
   framed.dropout.frame.position = 8;
   auto [q, k, v] = make_qkv(c, DType::Float64, Layout::Packed);
   CHECK_THROWS_WITH_AS(run_forward(cpu::dilated_attention_forward_reference, q, k, v, framed),
-                       doctest::Contains("per-pair dropout needs the problem's own mask frame"), Error);
+                       doctest::Contains("needs that problem's shares of its nested pairs"), Error);
   CHECK_THROWS_WITH_AS(run_forward(cpu::dilated_attention_forward, q, k, v, framed),
-                       doctest::Contains("per-pair dropout needs the problem's own mask frame"), Error);
+                       doctest::Contains("needs that problem's shares of its nested pairs"), Error);
+  framed.pairs = nested_pairs(framed, c.N);
+  CHECK_THROWS_WITH_AS(run_forward(cpu::dilated_attention_forward_reference, q, k, v, framed),
+                       doctest::Contains("the reference finds owners itself"), Error);
 }
 
 TEST_CASE("dropout: reference forward and backward match the formulas; the backward is the gradient") {

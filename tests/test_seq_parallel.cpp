@@ -72,6 +72,7 @@ struct Case {
   std::vector<DilatedBranch> branches;
   bool causal;
   double dropout = 0;  // attention dropout, drawn at (kDropoutSeed, offset 0)
+  bool per_pair = false;  // AttentionDropout::per_pair
 };
 
 constexpr uint64_t kDropoutSeed = 0xd209;
@@ -108,7 +109,7 @@ Result single_device(const Case& c, const Inputs& in) {
     dilations.push_back(b.dilation);
   }
   Generator gen(kDropoutSeed);
-  auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, c.causal, 0, c.dropout, &gen);
+  auto [out, lse] = ops::dilated_attention(q, k, v, segments, dilations, c.causal, 0, c.dropout, &gen, c.per_pair);
   loss_of(out, lse, in.w_out, in.w_lse).backward();
   return {out.detach(), lse.detach(), q.grad(), k.grad(), v.grad()};
 }
@@ -146,6 +147,7 @@ Result sequence_parallel(const Case& c, const Inputs& in, const std::vector<int6
   config.branches = c.branches;
   config.causal = c.causal;
   config.dropout = make_attention_dropout(c.dropout, kDropoutSeed, 0);
+  config.dropout.per_pair = c.per_pair;
   auto cpu = [](const Tensor& t) { return t.to(Device::cpu()); };
   // NCCL ranks take their rows from the CPU (ops run on the thread's device).
   const Inputs src = how.nccl ? Inputs{cpu(in.q), cpu(in.k), cpu(in.v), cpu(in.w_out), cpu(in.w_lse)} : in;
@@ -553,6 +555,45 @@ TEST_CASE("seq_parallel_dilated_attention: float32 inputs match the float32 op")
   minidl::testing::check_close(got.dv, want.dv, 1e-5, 1e-4);
 }
 
+TEST_CASE("seq_parallel_dilated_attention with per-pair dropout drops what the op drops: P = 1 to 4") {
+  // Every call computes its branches' shares of the whole problem's nested
+  // pairs (a local group's branches as they are; a spanning piece's with its
+  // head classes), so each pair is drawn once, by its owner, through the
+  // call's frame. Spans of the nested branches straddle the chunks; chunks
+  // hold whole segments of the small branches only; the branches listed out
+  // of order; heads past 8 (the classes repeat).
+  const std::vector<Case> cases{
+      {2, 40, 4, 3, {{4, 1}, {8, 2}, {16, 4}}, true, 0.3, true},
+      {1, 40, 10, 3, {{16, 4}, {4, 1}, {8, 2}}, true, 0.3, true},
+      {2, 37, 3, 4, {{8, 1}, {16, 2}, {64, 8}}, true, 0.4, true},
+      {1, 48, 9, 2, {{4, 1}, {8, 1}, {24, 2}, {48, 4}}, true, 0.3, true},
+  };
+  {  // (The cases nest: per pair drops otherwise than per copy.)
+    Case copy = cases[0];
+    copy.per_pair = false;
+    const Inputs in = make_inputs(copy);
+    CHECK(single_device(cases[0], in).out.to_vector<double>() != single_device(copy, in).out.to_vector<double>());
+  }
+  for (bool causal : {true, false})
+    for (Case c : cases) {
+      c.causal = causal;
+      CAPTURE(causal);
+      CAPTURE(c.N);
+      check_case(c, {c.N}, 0.0);
+      for (int P : {2, 3, 4}) {
+        CAPTURE(P);
+        check_case(c, ops::SequenceLayout::even(c.N, P).chunk_sizes);
+      }
+      check_case(c, {13, 1, 0, c.N - 14});
+    }
+  // A whole-chunk local group: bit for bit when nothing spans, and with
+  // pieces merged into it; a config that does not nest (per pair then drops
+  // per copy, as the op does).
+  check_case({2, 32, 3, 4, {{4, 1}, {8, 2}, {16, 4}}, true, 0.3, true}, {16, 16}, 0.0);
+  check_case({2, 32, 3, 4, {{4, 1}, {8, 2}, {32, 4}}, true, 0.3, true}, {8, 8, 8, 8});
+  check_case({2, 37, 3, 4, {{8, 1}, {10, 3}, {16, 5}}, true, 0.3, true}, {13, 1, 23});
+}
+
 TEST_CASE("seq_parallel_dilated_attention: rejects a framed dropout mask and mismatched ranks") {
   DilatedAttentionConfig config;
   config.branches = {{4, 1}};
@@ -564,13 +605,11 @@ TEST_CASE("seq_parallel_dilated_attention: rejects a framed dropout mask and mis
     const Tensor& q = q0;
     CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
                          doctest::Contains("config.dropout.frame must be the default"), Error);
-    DilatedAttentionConfig per_pair = config;
-    per_pair.dropout.frame = {};
-    per_pair.dropout.per_pair = true;
-    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, per_pair, comm),
-                         doctest::Contains("per-pair attention dropout (config.dropout.per_pair) is not sequence "
-                                           "parallel yet"),
-                         Error);
+    DilatedAttentionConfig shares = config;
+    shares.dropout.frame = {};
+    shares.pairs.resize(1);
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, shares, comm),
+                         doctest::Contains("config.pairs must be empty"), Error);
     DilatedAttentionConfig bad = config;
     bad.dropout.frame = {};
     bad.dropout.threshold = 300;
@@ -1003,6 +1042,21 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
         check_result(got, one, cuda_tolerance(dtype));
       });
     }
+}
+
+TEST_CASE("CUDA seq_parallel_dilated_attention: per-pair dropout on CUDA tensors is refused, with what to use") {
+  MINIDL_REQUIRE_CUDA();
+  DilatedAttentionConfig config;
+  config.branches = {{4, 1}, {8, 2}};
+  config.dropout = make_attention_dropout(0.2, 1, 0);
+  config.dropout.per_pair = true;
+  const Tensor q = random_tensor({1, 8, 2, 4}).to(Device::cuda());
+  run_ranks(1, [&](dist::Communicator& comm) {
+    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
+                         doctest::Contains("per-pair attention dropout on CUDA tensors is not sequence parallel yet "
+                                           "(the CPU runs it); use per-copy dropout"),
+                         Error);
+  });
 }
 
 TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-process and NCCL)") {

@@ -36,7 +36,7 @@ void add_model_flags(FlagSet& flags, ModelOptions& m, bool with_attention) {
   flags.add_int_list("dilations", &m.dilations, "dilated attention: dilation of each branch");
   flags.add_choice("attention-dropout", &m.attention_dropout, {"per_copy", "per_pair"},
                    "dilated attention: dropout of a pair nested branches share, per branch copy or once per "
-                   "pair (not with --sp; docs/dilated-attention.md)");
+                   "pair (with --sp: CPU only for now; docs/dilated-attention.md)");
   flags.add_choice("pos", &m.pos, {"learned", "rope"},
                    "positions: learned embedding table or rotary (RoPE)");
 }
@@ -95,8 +95,6 @@ void check_options(const FlagSet& flags, const TrainOptions& o) {
   if (o.batch % o.dp != 0)
     throw UsageError("--batch " + std::to_string(o.batch) + " must be a multiple of --dp " + std::to_string(o.dp) +
                      " (--batch is the global batch, split evenly over the ranks)");
-  if (o.sp > 1 && m.attention_dropout == "per_pair")
-    throw UsageError("--attention-dropout per_pair is not sequence parallel yet; leave out --sp or use per_copy");
   if (m.context % o.sp != 0)
     throw UsageError("--context " + std::to_string(m.context) + " must be a multiple of --sp " + std::to_string(o.sp) +
                      " (every rank holds context / sp positions of each sequence)");

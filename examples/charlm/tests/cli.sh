@@ -137,8 +137,6 @@ bad_flags)
   expect_usage_error "--segments applies to --attention dilated only" train --data text.txt --out r --segments 8,16
   expect_usage_error "--attention-dropout applies to --attention dilated only" \
     train --data text.txt --out r --attention-dropout per_pair
-  expect_usage_error "--attention-dropout per_pair is not sequence parallel yet" \
-    train --data text.txt --out r --attention dilated --attention-dropout per_pair --sp 2
   expect_usage_error "--warmup 100 exceeds the decay length 10" train --data text.txt --out r --iters 10
   expect_usage_error "--data is required" train --out r
   expect_usage_error "--data: cannot read 'missing.txt': No such file or directory" train --data missing.txt --out r --iters 200
@@ -519,6 +517,11 @@ sequence_parallel)
   "$charlm" train --resume drop --iters 10 --threads 1 --sp 4 >/dev/null 2>err.txt ||
     fail "resuming a dropout run at --sp 4 failed: $(cat err.txt)"
   [ "$(wc -l <drop/log.csv)" -eq 12 ] || fail "--sp with dropout: expected 11 rows: $(cat drop/log.csv)"
+  # Per-pair attention dropout over nested branches (on the CPU, as here).
+  "$charlm" train "${TINY[@]}" --attention dilated --segments 4,8,16 --dilations 1,2,4 --attention-dropout per_pair \
+    --layers 2 --dropout 0.2 --eval-interval 5 --log-interval 1 --iters 5 --out pair --sp 2 >/dev/null 2>err.txt ||
+    fail "--sp 2 with per-pair dropout failed: $(cat err.txt)"
+  [ "$(wc -l <pair/log.csv)" -eq 7 ] || fail "--sp with per-pair dropout: expected 6 rows: $(cat pair/log.csv)"
   expect_usage_error "--profile times one rank; leave --sp out" train "${common[@]}" --profile 2 --sp 2
   grep -q -- "--sp" <("$charlm" train --help) || fail "train --help lacks --sp"
   ;;
