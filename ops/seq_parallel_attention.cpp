@@ -273,7 +273,7 @@ Plan make_plan(const Tensor& q, const DilatedAttentionConfig& config, dist::Comm
 
   const int64_t c0 = plan.c0(), c1 = plan.c1();
   const bool dropout = config.dropout.enabled();
-  if (dropout && config.dropout.per_pair) plan.shares = nested_pairs(config, plan.N);
+  if (dropout) plan.shares = sharing_pairs(config, plan.N);  // none per copy
   const bool per_pair = !plan.shares.empty();
   for (size_t branch = 0; branch < config.branches.size(); ++branch) {
     const DilatedBranch& given = config.branches[branch];
