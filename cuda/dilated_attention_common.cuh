@@ -240,6 +240,15 @@ __device__ __forceinline__ SpanWalk<kBc> key_walk(const BranchPairs& p, int64_t 
   return span_walk<kBc, kNested>(p, t0, own_end - 1, 0, kCausal ? own_end : count, count);
 }
 
+// A key-major block's walk over query tiles (the dK/dV passes): it owns key
+// rows [t0, t0 + kBk) of `count` and sees queries [0, count), causal only
+// those from the query tile holding its first row on.
+template <int kBk, int kTile, bool kCausal, bool kNested>
+__device__ __forceinline__ SpanWalk<kTile> query_walk(const BranchPairs& p, int64_t t0, int64_t count) {
+  const int64_t own_end = t0 + kBk < count ? t0 + kBk : count;
+  return span_walk<kTile, kNested>(p, t0, own_end - 1, kCausal ? t0 / kTile * kTile : 0, count, count);
+}
+
 // The columns [lo, hi) of a tile starting at row t that lie in the span
 // starting at row span_lo (span_start of one of the block's rows).
 struct SpanCols {
@@ -253,6 +262,14 @@ __device__ __forceinline__ SpanCols span_cols(const BranchPairs& p, int64_t span
   const int64_t lo = span_lo - t, hi = lo + p.span;
   auto clamp = [](int64_t x) { return static_cast<int>(x < 0 ? 0 : x > kTile ? kTile : x); };
   return {clamp(lo), clamp(hi)};
+}
+
+// The span columns of an mma fragment's two rows, row0 and row0 + 8, in the
+// tile starting at row t.
+template <int kTile>
+__device__ __forceinline__ void fragment_span_cols(SpanCols (&own)[2], const BranchPairs& p, int64_t row0, int64_t t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) own[r] = span_cols<kTile>(p, span_lo_of(p, row0 + r * 8), t);
 }
 
 // The weight of pair (tq, tk) (BranchPairs::weight) from cls =

@@ -155,9 +155,7 @@ __global__ __launch_bounds__(kThreads) void forward_mma_kernel(Operand<BFloat16>
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt) {
         SpanCols own[2];  // the keys in each row's span (found here: a rare tile)
-        if constexpr (kNested)
-#pragma unroll
-          for (int r = 0; r < 2; ++r) own[r] = span_cols<kBc>(pairs, span_lo_of(pairs, q_row0 + mt * 16 + r * 8), k0);
+        if constexpr (kNested) fragment_span_cols<kBc>(own, pairs, q_row0 + mt * 16, k0);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll

@@ -78,9 +78,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float scale_log2 = scale * kLog2e;
 
-  const int64_t q_first = kCausal ? kt0 : 0;  // kt0 is a multiple of 64 = kQRows
-  const SpanWalk<kQRows> walk =
-      span_walk<kQRows, kNested>(pairs, kt0, min(kt0 + 64, rows.count) - 1, q_first, rows.count, rows.count);
+  const SpanWalk<kQRows> walk = query_walk<64, kQRows, kCausal, kNested>(pairs, kt0, rows.count);
   const int n_tiles = walk.n;
   if (kNested && n_tiles == 0) return;  // every pair of these keys belongs to a smaller branch
   float* l2s = reinterpret_cast<float*>(smem + L::kL);
@@ -166,9 +164,7 @@ __global__ __launch_bounds__(kMmaWarps * 32, kMinBlocks) void backward_mma_kerne
                            (kNested && walk.reaches(q0));
     SpanCols own[2];  // the queries in each key's span
     if constexpr (kNested)
-      if (walk.reaches(q0))
-#pragma unroll
-        for (int r = 0; r < 2; ++r) own[r] = span_cols<kQRows>(pairs, span_lo_of(pairs, key_row0 + r * 8), q0);
+      if (walk.reaches(q0)) fragment_span_cols<kQRows>(own, pairs, key_row0, q0);
     uint32_t pf[kQSteps][4], dsf[kQSteps][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {

@@ -347,9 +347,7 @@ __global__ __launch_bounds__(kThreads) void backward_dkv_simt(
 #pragma unroll
   for (int i = 0; i < 32; ++i) dk[i] = dv[i] = 0;
   // Causal: only queries at or after the block's first key see it.
-  const int64_t q_begin = kCausal ? (w.t0 / kTile) * kTile : 0;
-  const SpanWalk<kTile> walk = span_walk<kTile, kNested>(pairs, w.t0, min(w.t0 + S::kRows, w.rows.count) - 1,
-                                                         q_begin, w.rows.count, w.rows.count);
+  const SpanWalk<kTile> walk = query_walk<S::kRows, kTile, kCausal, kNested>(pairs, w.t0, w.rows.count);
   for (int jt = 0; jt < walk.n; ++jt) {
     const int64_t q0 = walk.row(jt);
     __syncthreads();

@@ -143,9 +143,7 @@ __global__ __launch_bounds__(kThreads) void forward_tf32_kernel(Operand<float> q
     if (need_mask) {
       const int64_t limit = rows.count - k0;  // keys at index >= limit do not exist
       SpanCols own[2];  // the keys in each row's span (found here: a rare tile)
-      if constexpr (kNested)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) own[r] = span_cols<kBc>(pairs, span_lo_of(pairs, q_row0 + r * 8), k0);
+      if constexpr (kNested) fragment_span_cols<kBc>(own, pairs, q_row0, k0);
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll

@@ -164,7 +164,7 @@ Tensor dropout(const Tensor& x, double p, bool training, Generator* gen = nullpt
 // dropout_per_pair: where the branches nest, a pair that several branches
 // hold is dropped or kept once for all its copies (its owner's decision;
 // AttentionDropout::per_pair, docs/dilated-attention.md), on every backend
-// and kernel version; sequence parallel on the CPU (seq_parallel_attention).
+// and kernel version, and sequence parallel (seq_parallel_attention).
 std::pair<Tensor, Tensor> dilated_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                             const std::vector<int64_t>& segments,
                                             const std::vector<int64_t>& dilations,

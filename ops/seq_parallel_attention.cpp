@@ -959,11 +959,6 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Dilat
   MINIDL_CHECK(config.dropout.frame == AttentionMaskFrame{}, kOp,
                ": config.dropout.frame must be the default (the op frames its pieces itself)");
   MINIDL_CHECK(config.pairs.empty(), kOp, ": config.pairs must be empty (the op gives its pieces their shares)");
-  // Per pair on CUDA: its kernel calls (a piece is a lone branch computing a
-  // share) have not run on a GPU yet, so the path stays closed until they have.
-  MINIDL_CHECK(!q.is_cuda() || !config.dropout.enabled() || !config.dropout.per_pair, kOp,
-               ": per-pair attention dropout on CUDA tensors is not sequence parallel yet (the CPU runs it); "
-               "use per-copy dropout (config.dropout.per_pair = false)");
   MINIDL_CHECK(config.dropout.threshold <= 255, kOp, ": config.dropout.threshold ", config.dropout.threshold,
                " is past 255 (make_attention_dropout gives T8 in [1, 255])");
   MINIDL_CHECK(!config.dropout.offset_base || q.is_cuda(), kOp, ": config.dropout reads its offset from a device "

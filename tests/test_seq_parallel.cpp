@@ -1022,15 +1022,33 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
   };
   Case odd = kOddCuda;
   odd.dropout = 0.3;
+  // Per pair, over branches that nest: each call computes its branches'
+  // shares of the whole problem's pairs (local groups' shares as they are,
+  // spanning pieces as lone branches with a share, whose kernels run the
+  // accumulating path). The last config's spans are whole ws blocks: the ws
+  // plan with shares in a local group, and a piece of its smallest branch
+  // (weights only, no span of its own). The odd geometry does not nest:
+  // per pair is per copy there.
+  Case odd_pair = odd;
+  odd_pair.per_pair = true;
+  const Case nested{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2, true};
+  const Case listed{2, 256, 9, 32, {{128, 2}, {64, 1}, {256, 4}}, false, 0.2, true};
+  const Case blocks{1, 2048, 4, 64, {{512, 1}, {1024, 2}, {2048, 4}}, true, 0.2, true};
   const std::vector<Split> splits{
       {odd, ops::SequenceLayout::even(odd.N, 2).chunk_sizes},
       {odd, {13, 1, 23}},
       {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2}, ops::SequenceLayout::even(300, 3).chunk_sizes},
-      {{2, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}}};
+      {{2, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}},
+      {odd_pair, {13, 1, 23}},
+      {nested, ops::SequenceLayout::even(nested.N, 3).chunk_sizes},
+      {listed, {100, 156}},
+      {blocks, {1024, 1024}},
+      {blocks, ops::SequenceLayout::even(blocks.N, 3).chunk_sizes}};
   for (DType dtype : {DType::Float32, DType::BFloat16})
     for (const Split& sp : splits) {
       CAPTURE(dtype);
       CAPTURE(sp.c.N);
+      CAPTURE(sp.c.per_pair);
       CAPTURE(sp.sizes.size());
       const CudaInputs in = cuda_inputs(sp.c, dtype);
       const Result want = single_device(sp.c, in.ref);
@@ -1042,21 +1060,6 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
         check_result(got, one, cuda_tolerance(dtype));
       });
     }
-}
-
-TEST_CASE("CUDA seq_parallel_dilated_attention: per-pair dropout on CUDA tensors is refused, with what to use") {
-  MINIDL_REQUIRE_CUDA();
-  DilatedAttentionConfig config;
-  config.branches = {{4, 1}, {8, 2}};
-  config.dropout = make_attention_dropout(0.2, 1, 0);
-  config.dropout.per_pair = true;
-  const Tensor q = random_tensor({1, 8, 2, 4}).to(Device::cuda());
-  run_ranks(1, [&](dist::Communicator& comm) {
-    CHECK_THROWS_WITH_AS(ops::seq_parallel_dilated_attention(q, q, q, config, comm),
-                         doctest::Contains("per-pair attention dropout on CUDA tensors is not sequence parallel yet "
-                                           "(the CPU runs it); use per-copy dropout"),
-                         Error);
-  });
 }
 
 TEST_CASE("CUDA seq_parallel_dilated_attention: one rank equals the CUDA op (in-process and NCCL)") {

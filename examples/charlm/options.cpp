@@ -36,7 +36,7 @@ void add_model_flags(FlagSet& flags, ModelOptions& m, bool with_attention) {
   flags.add_int_list("dilations", &m.dilations, "dilated attention: dilation of each branch");
   flags.add_choice("attention-dropout", &m.attention_dropout, {"per_copy", "per_pair"},
                    "dilated attention: dropout of a pair nested branches share, per branch copy or once per "
-                   "pair (with --sp: CPU only for now; docs/dilated-attention.md)");
+                   "pair (docs/dilated-attention.md)");
   flags.add_choice("pos", &m.pos, {"learned", "rope"},
                    "positions: learned embedding table or rotary (RoPE)");
 }

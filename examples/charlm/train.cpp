@@ -245,9 +245,6 @@ RunSummary train_run(const TrainOptions& o, const nn::Checkpoint* resume, const 
   std::optional<StartVote> vote;
   if (process_comm) vote.emplace(*process_comm, device);
   else device = resolve_device(o.device);
-  if (o.sp > 1 && o.model.attention_dropout == "per_pair" && device.is_cuda())
-    throw UsageError("--attention-dropout per_pair with --sp runs on the CPU only for now (--device cpu); on CUDA "
-                     "use per_copy");
   const std::string dir = o.out;
   const std::string last_path = (fs::path(dir) / "last.ckpt").string();
   const std::string best_path = (fs::path(dir) / "best.ckpt").string();

@@ -559,6 +559,12 @@ parallel_cuda)
       [ "$(ls $out | tr '\n' ' ')" = "best.ckpt last.ckpt log.csv loss.png " ] || fail "$dtype $ranks wrote $(ls $out)"
     done
   done
+  # Per-pair attention dropout over nested branches, sequence parallel: a
+  # spanning piece computes its branch's share of the nested pairs.
+  "$charlm" train "${TINY[@]}" --device cuda --dtype bfloat16 --attention dilated --segments 4,8,16 \
+    --dilations 1,2,4 --attention-dropout per_pair --layers 2 --dropout 0.2 --eval-interval 5 --log-interval 1 \
+    --iters 5 --out pair --sp 2 >/dev/null 2>err.txt || fail "--sp 2 with per-pair dropout on CUDA failed: $(cat err.txt)"
+  [ "$(wc -l <pair/log.csv)" -eq 7 ] || fail "--sp with per-pair dropout on CUDA: expected 6 rows: $(cat pair/log.csv)"
   # Checkpoints written by rank 0 resume at another --dp and --sp.
   "$charlm" train "${gpu[@]}" --dtype float32 --out mixed --iters 10 --dp 2 --sp 2 >/dev/null 2>err.txt ||
     fail "the --dp 2 --sp 2 part failed: $(cat err.txt)"
