@@ -1032,12 +1032,14 @@ TEST_CASE("CUDA seq_parallel_dilated_attention with attention dropout (virtual r
   Case odd_pair = odd;
   odd_pair.per_pair = true;
   const Case nested{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2, true};
+  Case nested_copy = nested;
+  nested_copy.per_pair = false;
   const Case listed{2, 256, 9, 32, {{128, 2}, {64, 1}, {256, 4}}, false, 0.2, true};
   const Case blocks{1, 2048, 4, 64, {{512, 1}, {1024, 2}, {2048, 4}}, true, 0.2, true};
   const std::vector<Split> splits{
       {odd, ops::SequenceLayout::even(odd.N, 2).chunk_sizes},
       {odd, {13, 1, 23}},
-      {{1, 300, 4, 64, {{64, 1}, {128, 2}, {256, 4}}, true, 0.2}, ops::SequenceLayout::even(300, 3).chunk_sizes},
+      {nested_copy, ops::SequenceLayout::even(nested.N, 3).chunk_sizes},
       {{2, 256, 4, 64, {{64, 1}, {256, 2}, {128, 4}}, true, 0.2}, {128, 128}},
       {odd_pair, {13, 1, 23}},
       {nested, ops::SequenceLayout::even(nested.N, 3).chunk_sizes},
