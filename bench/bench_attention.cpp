@@ -17,6 +17,11 @@
 // "_noncausal" problems drop the causal mask (an encoder's attention; for
 // dilated, LongNet as an encoder). "_drop_per_pair" ones drop each pair the
 // nested branches share once (ops::dilated_attention's dropout_per_pair).
+// "piece_drop_per_pair" is what sequence parallelism with per-pair dropout
+// gives the kernels for a segment of the largest branch spanning ranks: a
+// lone dilation-1 attention over that segment's 2048 kept rows, computing
+// only the branch's share of the pairs (spans of 1024 kept rows hold the
+// smaller branches' pairs), through the kernels' entry points.
 //   bench_attention [--plot=FILE.png] [Google Benchmark flags]
 // --plot draws time against N on log-log axes, one line per benchmark.
 #include <benchmark/benchmark.h>
@@ -46,8 +51,10 @@ namespace {
 constexpr int64_t kHeads = 8, kDim = 64;
 
 // dense: one causal attention over all N rows; dilated: LongNet's branches;
-// segments: their first branch alone (w = 2048, r = 1).
-enum class Pattern { kDense, kDilated, kSegments };
+// segments: their first branch alone (w = 2048, r = 1); piece: the last
+// branch's share (w = 16384, r = 8) as a spanning sequence-parallel piece
+// (segments of 2048 rows, r = 1), with per-pair dropout.
+enum class Pattern { kDense, kDilated, kSegments, kPiece };
 
 // Runs with MINIDL_ATTENTION_KERNEL = `kernel` (the newest version the
 // problem may use), restoring no state: every benchmark sets its own.
@@ -66,7 +73,10 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
   DilatedAttentionConfig config;
   if (pattern == Pattern::kDilated) config = bench::longnet_config();
   else if (pattern == Pattern::kSegments) config.branches.push_back(bench::longnet_config().branches.front());
-  else config.branches.push_back({n, 1});
+  else if (pattern == Pattern::kPiece) {
+    const DilatedBranch& last = bench::longnet_config().branches.back();
+    config.branches.push_back({last.segment / last.dilation, 1});
+  } else config.branches.push_back({n, 1});
   config.causal = causal;  // after the pattern's config: attended_pairs counts by it
   std::vector<int64_t> segments, dilations;
   for (const DilatedBranch& b : config.branches) {
@@ -87,8 +97,23 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
     if (backward) out.backward(seed);
   };
 #if defined(MINIDL_WITH_CUDA)
-  Tensor out, lse, dq, dk, dv;
-  if (redraw) {
+  Tensor out, lse, dq, dk, dv, bits;
+  if (pattern == Pattern::kPiece) {  // the ws forward keeps the bits, as the op would
+    DilatedAttentionConfig piece = config;
+    piece.scale = 1.0 / std::sqrt(static_cast<double>(dim));
+    piece.dropout = make_attention_dropout(dropout, 1234, 0);
+    piece.dropout.per_pair = true;
+    DilatedAttentionConfig whole = bench::longnet_config();
+    whole.causal = causal;
+    piece.pairs = {nested_pairs(whole, n).back()};
+    out = ops::empty(q.shape(), {DType::BFloat16, dev, false});
+    lse = ops::empty({1, n, kHeads}, {DType::Float32, dev, false});
+    for (Tensor* t : {&dq, &dk, &dv}) *t = ops::empty(q.shape(), {DType::BFloat16, dev, false});
+    step = [&, piece] {
+      cuda::dilated_attention_forward(q, k, v, piece, out, lse, backward ? &bits : nullptr);
+      if (backward) cuda::dilated_attention_backward(q, k, v, out, lse, seed, Tensor(), piece, dq, dk, dv, bits);
+    };
+  } else if (redraw) {
     DilatedAttentionConfig drawn = config;
     drawn.scale = 1.0 / std::sqrt(static_cast<double>(dim));
     drawn.dropout = make_attention_dropout(dropout, 1234, 0);
@@ -110,7 +135,13 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
   }
   // Effective: the definition's pairs, each shared pair as often as the
   // branches holding it (the ws kernels compute it once where they nest).
-  double flops = 4.0 * dim * attended_pairs(n, kHeads, config) * (backward ? 3.5 : 1.0);
+  double pairs = attended_pairs(n, kHeads, config);
+  if (pattern == Pattern::kPiece) {  // only the pairs across its spans (half a segment's rows each)
+    DilatedAttentionConfig span = config;
+    span.branches.front().segment /= 2;
+    pairs -= attended_pairs(n, kHeads, span);
+  }
+  double flops = 4.0 * dim * pairs * (backward ? 3.5 : 1.0);
   state.counters["TFLOP/s"] =
       benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_GiB"] = double(memory_stats(dev).peak_allocated) / double(1 << 30);
@@ -162,7 +193,9 @@ void register_benchmarks() {
                               {"dense_d128_noncausal_fwd", kDense, false, 128, 16384, 16384, 0, false},
                               {"dense_d128_noncausal_fwd_bwd", kDense, true, 128, 16384, 16384, 0, false},
                               {"dilated_noncausal_fwd", kDilated, false, kDim, 131072, 1 << 20, 0, false},
-                              {"dilated_noncausal_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0, false}};
+                              {"dilated_noncausal_fwd_bwd", kDilated, true, kDim, 131072, 1 << 20, 0, false},
+                              {"piece_drop_per_pair_fwd_bwd", kPiece, true, kDim, 1 << 20, 1 << 20, 0.2, true, false,
+                               true}};
   for (const Problem& p : problems)
     for (const char* name : {"mma", "wgmma", "ws"}) {
 #if defined(MINIDL_WITH_CUDA)

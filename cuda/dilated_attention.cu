@@ -162,16 +162,28 @@ std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
   return order;
 }
 
-// The pairs each branch computes on the ws kernels' finishing plan
-// (ws_nested_pairs), or empty where per-pair dropout needs a nested plan
-// and theirs does not take the problem: the per-branch kernels' plan
-// (branch_pairs) then runs it, forward and backward alike.
+// The pairs each branch computes on the ws kernels' plan (ws_nested_pairs),
+// or empty where per-pair dropout needs the branches' shares and the ws
+// kernels do not take them: the per-branch kernels' plan (branch_pairs) then
+// runs it, forward and backward alike. Without per-pair dropout the shares
+// are taken only where the finishing branch computes all its pairs
+// (ws_finishes), else every branch computes all of its own.
 std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
-  std::vector<BranchPairs> pairs = ws_nested_pairs(config, n, finishing_branch);
-  if (dropout_per_pair(config, n) &&
-      std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); }))
-    return {};
+  std::vector<BranchPairs> pairs = ws_nested_pairs(config, n);
+  const bool plain = std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); });
+  if (dropout_per_pair(config, n)) return plain ? std::vector<BranchPairs>{} : pairs;
+  if (pairs[finishing_branch].span != 0) return std::vector<BranchPairs>(pairs.size());
   return pairs;
+}
+
+// Whether the ws plan's finishing branch has a pair in every row (no span:
+// all its pairs, maybe weighted), so that it writes the forward's output and
+// the backward's dK and dV in their dtype. Else (a dilation-1 branch that is
+// not the smallest, or a spanning sequence-parallel piece, with per-pair
+// dropout) every branch merges into zeroed fp32 accumulators, converted once
+// at the end.
+bool ws_finishes(const std::vector<BranchPairs>& pairs, size_t finishing_branch) {
+  return pairs[finishing_branch].span == 0;
 }
 
 #endif
@@ -199,11 +211,13 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   // plan, when it takes the problem (ws_plan_pairs).
   const std::vector<size_t> finish = finishing_order(config);
   std::vector<BranchPairs> ws_pairs;
-  if (!fp32 && kernel == AttentionKernel::kWarpSpecialized && finish.size() > 1) {
+  if (!fp32 && kernel == AttentionKernel::kWarpSpecialized && !finish.empty()) {
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
     bool ws = true;
     for (size_t i : finish) ws = ws && ws_takes(qo, ko, vo, branch_grid(s, config.branches[i], kMmaRows), s.b);
     if (ws) ws_pairs = ws_plan_pairs(config, s.n, finish.back());
+    // A lone branch with all its pairs (vanilla attention) runs kSingle below.
+    if (ws_pairs.size() == 1 && ws_pairs[0].plain()) ws_pairs.clear();
   }
   // The pairs of the per-branch launches, when the ws plan does not run.
   const std::vector<BranchPairs> pairs = ws_pairs.empty() ? branch_pairs(config, s.n) : std::vector<BranchPairs>{};
@@ -229,10 +243,14 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   // The ws plan: the other branches write and merge into the fp32
   // accumulators the rows they keep (lse -inf marks the rows none has
   // written: their accumulators are never read), then the finishing branch
-  // merges every row and writes the output (MergeMode::kFinish).
+  // merges every row and writes the output (MergeMode::kFinish), or where it
+  // does not finish (ws_finishes) merges too, and the zeroed accumulators
+  // become the output (a row without pairs: 0, lse -inf).
   if (!ws_pairs.empty()) {
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
+    const bool finishes = ws_finishes(ws_pairs, finish.back());
     Tensor o_acc = fp32_buffer(out);
+    if (!finishes) zero(o_acc);
     unary(UnaryOp::Fill, lse, -INFINITY, lse);
     for (size_t i = 0; i < finish.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
@@ -240,12 +258,13 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
       // A branch whose pairs all belong to smaller ones has nothing to add
       // (kMerge takes rows no launch wrote: lse -inf).
       if (ws_pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;
-      const MergeMode mode = i + 1 == finish.size() ? MergeMode::kFinish
-                             : i == 0               ? MergeMode::kWrite
-                                                    : MergeMode::kMerge;
+      const MergeMode mode = i + 1 == finish.size() && finishes ? MergeMode::kFinish
+                             : i == 0                           ? MergeMode::kWrite
+                                                                : MergeMode::kMerge;
       forward_ws(qo, ko, vo, g, s.b, config.causal, scale_log2, drop_of(finish[i]), mode,
                  static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr, ws_pairs[finish[i]]);
     }
+    if (!finishes) copy(o_acc, out);
     return;
   }
 #endif
@@ -409,11 +428,19 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                                                ? ws_plan_pairs(config, s.n, finish.back())
                                                : std::vector<BranchPairs>{};
     if (!pairs.empty()) {
+      // Where the finishing branch does not finish (ws_finishes), every
+      // branch adds into zeroed dK/dV accumulators, converted at the end.
+      const bool finishes = ws_finishes(pairs, finish.back());
       Tensor dq_acc = fp32_buffer(dq);  // zeroed by backward_delta
       Tensor dk_acc, dv_acc, written;  // for the branches before the last
-      if (finish.size() > 1) {
+      if (finish.size() > 1 || !finishes) {
         dk_acc = fp32_buffer(dk);
         dv_acc = fp32_buffer(dv);
+      }
+      if (!finishes) {
+        zero(dk_acc);
+        zero(dv_acc);
+      } else if (finish.size() > 1) {
         written = Tensor::empty({(rows + 3) / 4}, {DType::Int32, q.device(), false});  // a byte per row
         zero(written);
       }
@@ -423,7 +450,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
-        const bool last = i + 1 == finish.size();
+        const bool last = i + 1 == finish.size() && finishes;
         if (pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;  // as the forward's
         backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
                     static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
@@ -434,6 +461,10 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                     pairs[finish[i]]);
       }
       copy(dq_acc, dq);
+      if (!finishes) {
+        copy(dk_acc, dk);
+        copy(dv_acc, dv);
+      }
       return;
     }
   }

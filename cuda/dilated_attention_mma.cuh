@@ -71,14 +71,13 @@ void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const O
 void forward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                 const BranchGrid& g, int64_t batch, bool causal, float scale_log2, const BranchDropout& dropout,
                 MergeMode mode, float* o_acc, float* lse, BFloat16* out, const BranchPairs& pairs = {});
-// The pairs nested branches share (nested_pairs) as the ws kernels take them:
-// no dropout or dropout per pair (dropout_per_pair), the branch that
-// finishes every row (finishing_order's last: the first dilation-1 branch
-// listed) being the smallest, which computes all its pairs, and each span a
-// whole number of the kernels' 128-row tiles (or past every row set: no
-// pairs of its own). One per branch (config order); plain ones (all its
-// pairs, weight 1) otherwise.
-std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch);
+// The branches' shares of the pairs they share (sharing_pairs: nested
+// branches without dropout or with dropout per pair, or a sequence-parallel
+// piece's given shares) as the ws kernels take them: each span a whole number
+// of the kernels' 128-row tiles (or past every row set: no pairs of its own).
+// One per branch (config order); plain ones (all its pairs, weight 1)
+// otherwise.
+std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n);
 void forward_wgmma(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                    const BranchGrid& g, int64_t batch, bool causal, float scale_log2,
                    const BranchDropout& dropout, MergeMode mode, float* o_acc, float* lse,

@@ -1706,11 +1706,11 @@ bool ws_takes(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Oper
   return batch * g.n < (int64_t(1) << 31) && g.heads < (int64_t(1) << 31);
 }
 
-std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
+std::vector<BranchPairs> ws_nested_pairs(const DilatedAttentionConfig& config, int64_t n) {
   const std::vector<BranchPairs> plain(config.branches.size());
   // Empty with dropout per copy: each branch computes all its pairs, each with its own decision.
   std::vector<BranchPairs> pairs = sharing_pairs(config, n);
-  if (pairs.empty() || pairs[finishing_branch].span != 0) return plain;
+  if (pairs.empty()) return plain;
   // A forward item's query rows and a backward item's keys lie in one span.
   static_assert(kBr == kBwdKeys && kBwdKeys % kBm == 0 && kBr % FwdShape<64>::kBc == 0 &&
                     kBr % FwdShape<128>::kBc == 0,
