@@ -167,7 +167,7 @@ std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
 // kernels do not take them: the per-branch kernels' plan (branch_pairs) then
 // runs it, forward and backward alike. Without per-pair dropout the shares
 // are taken only where the finishing branch computes all its pairs
-// (ws_finishes), else every branch computes all of its own.
+// (WsFinish::kWrites), else every branch computes all of its own.
 std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int64_t n, size_t finishing_branch) {
   std::vector<BranchPairs> pairs = ws_nested_pairs(config, n);
   const bool plain = std::all_of(pairs.begin(), pairs.end(), [](const BranchPairs& p) { return p.plain(); });
@@ -176,14 +176,23 @@ std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int
   return pairs;
 }
 
-// Whether the ws plan's finishing branch has a pair in every row (no span:
-// all its pairs, maybe weighted), so that it writes the forward's output and
-// the backward's dK and dV in their dtype. Else (a dilation-1 branch that is
-// not the smallest, or a spanning sequence-parallel piece, with per-pair
-// dropout) every branch merges into zeroed fp32 accumulators, converted once
-// at the end.
-bool ws_finishes(const std::vector<BranchPairs>& pairs, size_t finishing_branch) {
-  return pairs[finishing_branch].span == 0;
+// How the ws plan's finishing branch (finishing_order's last) ends it.
+enum class WsFinish {
+  // It has a pair in every row (no span): it writes the forward's output
+  // and the backward's dK and dV in their dtype, adding what the others left
+  // in fp32 accumulators.
+  kWrites,
+  // Alone, with spans (a spanning sequence-parallel piece): the same, over
+  // outputs zeroed first, which the rows without a pair of its own keep.
+  kWritesZeroed,
+  // With spans beside other branches (a dilation-1 branch that is not the
+  // smallest): every branch merges into zeroed fp32 accumulators, converted
+  // once at the end.
+  kMerges,
+};
+WsFinish ws_finish(const std::vector<BranchPairs>& pairs, const std::vector<size_t>& finish) {
+  if (pairs[finish.back()].span == 0) return WsFinish::kWrites;
+  return finish.size() == 1 ? WsFinish::kWritesZeroed : WsFinish::kMerges;
 }
 
 #endif
@@ -243,14 +252,15 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   // The ws plan: the other branches write and merge into the fp32
   // accumulators the rows they keep (lse -inf marks the rows none has
   // written: their accumulators are never read), then the finishing branch
-  // merges every row and writes the output (MergeMode::kFinish), or where it
-  // does not finish (ws_finishes) merges too, and the zeroed accumulators
-  // become the output (a row without pairs: 0, lse -inf).
+  // merges every row and writes the output (MergeMode::kFinish), or as
+  // ws_finish says.
   if (!ws_pairs.empty()) {
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
-    const bool finishes = ws_finishes(ws_pairs, finish.back());
-    Tensor o_acc = fp32_buffer(out);
-    if (!finishes) zero(o_acc);
+    const WsFinish how = ws_finish(ws_pairs, finish);
+    // Alone, kFinish reads no accumulator (every lse -inf).
+    Tensor o_acc = how == WsFinish::kWritesZeroed ? Tensor() : fp32_buffer(out);
+    if (how == WsFinish::kMerges) zero(o_acc);
+    if (how == WsFinish::kWritesZeroed) zero(out);
     unary(UnaryOp::Fill, lse, -INFINITY, lse);
     for (size_t i = 0; i < finish.size(); ++i) {
       BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
@@ -258,13 +268,14 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
       // A branch whose pairs all belong to smaller ones has nothing to add
       // (kMerge takes rows no launch wrote: lse -inf).
       if (ws_pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;
-      const MergeMode mode = i + 1 == finish.size() && finishes ? MergeMode::kFinish
-                             : i == 0                           ? MergeMode::kWrite
-                                                                : MergeMode::kMerge;
+      const MergeMode mode = i + 1 == finish.size() && how != WsFinish::kMerges ? MergeMode::kFinish
+                             : i == 0                                           ? MergeMode::kWrite
+                                                                                : MergeMode::kMerge;
       forward_ws(qo, ko, vo, g, s.b, config.causal, scale_log2, drop_of(finish[i]), mode,
-                 static_cast<float*>(o_acc.raw_data()), lse_ptr, out_ptr, ws_pairs[finish[i]]);
+                 o_acc.defined() ? static_cast<float*>(o_acc.raw_data()) : nullptr, lse_ptr, out_ptr,
+                 ws_pairs[finish[i]]);
     }
-    if (!finishes) copy(o_acc, out);
+    if (how == WsFinish::kMerges) copy(o_acc, out);
     return;
   }
 #endif
@@ -428,29 +439,29 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                                                ? ws_plan_pairs(config, s.n, finish.back())
                                                : std::vector<BranchPairs>{};
     if (!pairs.empty()) {
-      // Where the finishing branch does not finish (ws_finishes), every
-      // branch adds into zeroed dK/dV accumulators, converted at the end.
-      const bool finishes = ws_finishes(pairs, finish.back());
+      const WsFinish how = ws_finish(pairs, finish);
       Tensor dq_acc = fp32_buffer(dq);  // zeroed by backward_delta
-      Tensor dk_acc, dv_acc, written;  // for the branches before the last
-      if (finish.size() > 1 || !finishes) {
+      Tensor dk_acc, dv_acc, written;  // for the branches before the last, or all (kMerges)
+      if (how == WsFinish::kMerges) {
+        for (Tensor* t : {&dk_acc, &dv_acc}) {
+          *t = fp32_buffer(dk);
+          zero(*t);
+        }
+      } else if (finish.size() > 1) {
         dk_acc = fp32_buffer(dk);
         dv_acc = fp32_buffer(dv);
-      }
-      if (!finishes) {
-        zero(dk_acc);
-        zero(dv_acc);
-      } else if (finish.size() > 1) {
         written = Tensor::empty({(rows + 3) / 4}, {DType::Int32, q.device(), false});  // a byte per row
         zero(written);
       }
+      if (how == WsFinish::kWritesZeroed)
+        for (const Tensor* t : {&dk, &dv}) unary(UnaryOp::Fill, *t, 0.0, *t);
       auto ptr = [](const Tensor& t) { return t.defined() ? static_cast<float*>(t.raw_data()) : nullptr; };
       Tensor delta = Tensor::empty({s.b, s.n, s.h}, {DType::Float32, q.device(), false});
       attn::backward_delta(op, out, grad_out, grad_lse, delta, dq_acc);
       for (size_t i = 0; i < finish.size(); ++i) {
         const BranchGrid g = branch_grid(s, config.branches[finish[i]], kMmaRows);
         grid_of(g, s.b);  // size check
-        const bool last = i + 1 == finish.size() && finishes;
+        const bool last = i + 1 == finish.size() && how != WsFinish::kMerges;
         if (pairs[finish[i]].shares_all(max_kept_rows(g.w, g.r))) continue;  // as the forward's
         backward_ws(qo, ko, vo, go, static_cast<const float*>(lse.raw_data()),
                     static_cast<const float*>(delta.raw_data()), g, s.b, config.causal, scale,
@@ -461,7 +472,7 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
                     pairs[finish[i]]);
       }
       copy(dq_acc, dq);
-      if (!finishes) {
+      if (how == WsFinish::kMerges) {
         copy(dk_acc, dk);
         copy(dv_acc, dv);
       }
