@@ -2080,6 +2080,65 @@ TEST_CASE("CUDA nested pairs: a branch with none of its own, and rows with none 
 #endif
 }
 
+// A spanning sequence-parallel piece with per-pair dropout hands the kernels
+// a lone dilation-1 branch over the segment's kept rows with its branch's
+// share of the whole problem's pairs (config.pairs): here the w 2048, r 4
+// branch's share of {512/1, 1024/2, 2048/4}, spans of 256 kept rows. On the
+// ws kernels (spans of whole tiles) the branch writes over zeroed outputs
+// (the rows of a causal first span have no pair of their own) and keeps the
+// mask's bits; every version matches the float64 CPU path on the same share.
+TEST_CASE("CUDA per-pair dropout: a lone branch's share, as a spanning piece runs it, on every version") {
+  MINIDL_REQUIRE_CUDA();
+#if defined(MINIDL_WITH_CUDA)
+  const Device gpu = Device::cuda(0);
+  DilatedAttentionConfig whole{{{512, 1}, {1024, 2}, {2048, 4}}};
+  whole.dropout = dropout_of(0.2, 4242, 9);
+  whole.dropout.per_pair = true;
+  const BranchPairs share = nested_pairs(whole, 2048).back();
+  REQUIRE(share.span == 256);
+  const ForwardFn cpu_forward = [](const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionConfig& c,
+                                   const Tensor& out, const Tensor& lse) {
+    cpu::dilated_attention_forward(q, k, v, c, out, lse);
+  };
+  const BackwardFn cpu_backward = [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                     const Tensor& lse, const Tensor& go, const Tensor& gl,
+                                     const DilatedAttentionConfig& c, const Tensor& dq, const Tensor& dk,
+                                     const Tensor& dv) {
+    cpu::dilated_attention_backward(q, k, v, out, lse, go, gl, c, dq, dk, dv);
+  };
+  int ws_runs = 0;
+  for (const Case& c : {Case{"piece", 2, 1024, 4, 64, {512}, {1}, true}, Case{"piece", 1, 1280, 4, 128, {512}, {1}, false}})
+    for (DType dtype : {DType::Float32, DType::BFloat16})
+      for_each_kernel(dtype, c.D, [&] {
+        CAPTURE(dtype);
+        CAPTURE(str(c));
+        DilatedAttentionConfig config = dropout_config(c, 0.2, 4242, 9);
+        config.dropout.per_pair = true;
+        config.pairs = {share};
+        const bool ws = dtype == DType::BFloat16 && cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
+                                                        cuda::AttentionKernel::kWarpSpecialized;
+        ws_runs += ws;
+        const double tol = cuda_tolerance(dtype, c.D, true);
+        Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
+               v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
+        Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+        Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+        Forward want = run_forward(cpu_forward, q64, k64, v64, config);
+        Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), config);
+        CHECK(got.dropout_bits.defined() == ws);
+        check_scaled(got.out.to(Device::cpu()), want.out, tol);
+        check_lse(got.lse.to(Device::cpu()), want.lse, tol);
+        Backward gw = run_backward(cpu_backward, q64, k64, v64, want, grad_out.to(DType::Float64),
+                                   grad_lse.to(DType::Float64), config);
+        Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), got, grad_out.to(gpu), grad_lse.to(gpu), config);
+        check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+      });
+  const bool hopper = cuda::choose_attention_kernel(DType::BFloat16, 64, cuda::AttentionPass::kForward) ==
+                      cuda::AttentionKernel::kWarpSpecialized;
+  CHECK(ws_runs == (hopper ? 2 : 0));
+#endif
+}
+
 TEST_CASE("CUDA attention dropout: a backward without bits draws a framed mask, and reads a graph's offset from the device") {
   MINIDL_REQUIRE_CUDA();
 #if defined(MINIDL_WITH_CUDA)
