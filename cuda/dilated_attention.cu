@@ -442,14 +442,14 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
       const WsFinish how = ws_finish(pairs, finish);
       Tensor dq_acc = fp32_buffer(dq);  // zeroed by backward_delta
       Tensor dk_acc, dv_acc, written;  // for the branches before the last, or all (kMerges)
-      if (how == WsFinish::kMerges) {
-        for (Tensor* t : {&dk_acc, &dv_acc}) {
-          *t = fp32_buffer(dk);
-          zero(*t);
-        }
-      } else if (finish.size() > 1) {
+      if (finish.size() > 1) {
         dk_acc = fp32_buffer(dk);
         dv_acc = fp32_buffer(dv);
+      }
+      if (how == WsFinish::kMerges) {  // (several branches)
+        zero(dk_acc);
+        zero(dv_acc);
+      } else if (finish.size() > 1) {
         written = Tensor::empty({(rows + 3) / 4}, {DType::Int32, q.device(), false});  // a byte per row
         zero(written);
       }
