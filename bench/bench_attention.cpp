@@ -203,6 +203,7 @@ void register_benchmarks() {
         if (std::string_view(name) != "mma") continue;  // one entry per problem reports the missing device
       } else {
         if (p.redraw && std::string_view(name) != "ws") continue;  // the others keep no bits anyway
+        if (p.pattern == kPiece && std::string_view(name) == "wgmma") continue;  // a share runs mma.sync there
         // Only the versions that run this problem's forward or backward here.
         setenv("MINIDL_ATTENTION_KERNEL", name, 1);
         auto runs = [&](cuda::AttentionPass pass) {

@@ -7,10 +7,11 @@
 // Branches run as one launch each and merge in place into fp32 (O, L)
 // accumulators with the log-sum-exp rule (rows of one launch are disjoint: no
 // atomics); a lone branch keeping every row writes the output directly (when
-// it computes all its pairs), and the ws backward finishes dK/dV in the branch
-// that keeps every row. Where the branches nest, every version computes each
-// pair several branches share once, weighted (ws_nested_pairs for the ws
-// kernels' plan, branch_pairs for the per-branch launches).
+// it computes all its pairs; on the ws kernels also a share of them), and the
+// ws plan finishes the output and dK/dV in the branch that keeps every row
+// (WsFinish). Where the branches nest, every version computes each pair
+// several branches share once, weighted (ws_nested_pairs for the ws kernels'
+// plan, branch_pairs for the per-branch launches).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -148,8 +149,9 @@ LiveDropoutBits& live_dropout_bits() {
 // The order in which the ws kernels run a config's branches when one of them
 // keeps every row (dilation 1): the others first, as listed, then that one,
 // which finishes every row in the output's dtype (the forward's O and lse,
-// the backward's dK and dV), so that no accumulator is zeroed or converted.
-// Empty when no branch keeps every row.
+// the backward's dK and dV), so that no accumulator is zeroed or converted
+// (WsFinish::kWrites; see there for the plans with spans). Empty when no
+// branch keeps every row.
 std::vector<size_t> finishing_order(const DilatedAttentionConfig& config) {
   const auto& branches = config.branches;
   const auto dense = std::find_if(branches.begin(), branches.end(), [](const DilatedBranch& b) { return b.dilation == 1; });
@@ -178,9 +180,10 @@ std::vector<BranchPairs> ws_plan_pairs(const DilatedAttentionConfig& config, int
 
 // How the ws plan's finishing branch (finishing_order's last) ends it.
 enum class WsFinish {
-  // It has a pair in every row (no span): it writes the forward's output
-  // and the backward's dK and dV in their dtype, adding what the others left
-  // in fp32 accumulators.
+  // It has a pair in every row (no span; alone, maybe weighted: a spanning
+  // sequence-parallel piece of the smallest branch): it writes the forward's
+  // output and the backward's dK and dV in their dtype, adding what the
+  // others left in fp32 accumulators.
   kWrites,
   // Alone, with spans (a spanning sequence-parallel piece): the same, over
   // outputs zeroed first, which the rows without a pair of its own keep.
@@ -216,8 +219,9 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
   auto* out_ptr = fp32 ? nullptr : static_cast<BFloat16*>(out.raw_data());
   if (dropout_bits) *dropout_bits = Tensor();
 #if MINIDL_WGMMA
-  // ws, bfloat16, several branches, one keeping every row: the ws kernels'
-  // plan, when it takes the problem (ws_plan_pairs).
+  // ws, bfloat16, several branches, one keeping every row, or one such
+  // branch with a share of a larger problem's pairs: the ws kernels' plan,
+  // when it takes the problem (ws_plan_pairs).
   const std::vector<size_t> finish = finishing_order(config);
   std::vector<BranchPairs> ws_pairs;
   if (!fp32 && kernel == AttentionKernel::kWarpSpecialized && !finish.empty()) {
@@ -258,7 +262,7 @@ void forward_tensor_cores(AttentionKernel kernel, const Tensor& q, const Tensor&
     const Operand<BFloat16> qo = operand<BFloat16>(q), ko = operand<BFloat16>(k), vo = operand<BFloat16>(v);
     const WsFinish how = ws_finish(ws_pairs, finish);
     // Alone, kFinish reads no accumulator (every lse -inf).
-    Tensor o_acc = how == WsFinish::kWritesZeroed ? Tensor() : fp32_buffer(out);
+    Tensor o_acc = finish.size() == 1 ? Tensor() : fp32_buffer(out);
     if (how == WsFinish::kMerges) zero(o_acc);
     if (how == WsFinish::kWritesZeroed) zero(out);
     unary(UnaryOp::Fill, lse, -INFINITY, lse);
@@ -422,8 +426,9 @@ void dilated_attention_backward(const Tensor& q, const Tensor& k, const Tensor& 
   // dV once in bf16 (rows of any stride: e.g. the parts of one fused q/k/v
   // gradient), adding what the others left in fp32 accumulators for the rows
   // they wrote (a byte per row marks them); only dQ (reduced across key blocks)
-  // needs a zeroed accumulator. With attention dropout they read the mask's
-  // keep bits that the ws forward saved; without those, they draw the mask.
+  // needs a zeroed accumulator (WsFinish: the plans with spans). With attention
+  // dropout they read the mask's keep bits that the ws forward saved; without
+  // those, they draw the mask.
   auto rows_of_heads = [&](const Tensor& t) {  // (B, N, H, D) with each position's H x D block dense
     return t.stride(3) == 1 && t.stride(2) == s.d && t.stride(0) == s.n * t.stride(1) && t.stride(1) % 2 == 0;
   };

@@ -13,8 +13,9 @@ enum class MergeMode {
   kWrite,   // first branch covering every row: overwrite the fp32 accumulators
   kMerge,   // combine with the accumulators by log-sum-exp
   kSingle,  // the only branch: write the bf16 output and lse directly
-  kFinish,  // the last branch, covering every row: merge with the accumulators
-            // (rows with lse -inf hold nothing yet), write the bf16 output and lse (ws only)
+  kFinish,  // the last branch, keeping every row: merge with the accumulators
+            // (rows with lse -inf hold nothing yet), write the bf16 output and lse
+            // of the rows it has pairs for (ws only)
 };
 
 constexpr int kMmaWarps = 4;  // warps per block of the mma.sync kernels (bf16 and TF32)
@@ -56,7 +57,8 @@ inline bool ws_forward_runs(AttentionKernel kernel, const Operand<BFloat16>& q, 
 // finishes them instead: it writes dK and dV there once, plus the
 // accumulators' values where kv_written marks the row (none without it). That is for the last
 // branch, one keeping every row: vanilla attention, or the dilation-1 branch of
-// a dilated config, which then needs no zeroed or converted dK/dV accumulators.
+// a dilated config, which then needs no zeroed or converted dK/dV accumulators
+// (keys it has no pair for are not written: a lone share zeroes dK and dV first).
 void backward_ws(const Operand<BFloat16>& q, const Operand<BFloat16>& k, const Operand<BFloat16>& v,
                  const Operand<BFloat16>& dout, const float* lse, const float* delta, const BranchGrid& g,
                  int64_t batch, bool causal, float scale, const BranchDropout& dropout, float* dq_acc,

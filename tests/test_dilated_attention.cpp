@@ -1506,10 +1506,11 @@ namespace {
 
 }  // namespace
 
-// The ws kernels take a nested plan whose spans are whole 128-row tiles and
-// whose finishing branch (the first dilation-1 branch listed) computes all its
-// pairs (ws_nested_pairs): the CUDA cases named "nested" must have one, or
-// they would test the per-branch path twice.
+// The ws kernels take a nested plan whose spans are whole 128-row tiles
+// (ws_nested_pairs), without per-pair dropout only where its finishing branch
+// (the first dilation-1 branch listed) computes all its pairs (ws_plan_pairs):
+// the CUDA cases named "nested" must have one, or they would test the
+// per-branch path twice.
 TEST_CASE("nested branches: the CUDA cases named so have a plan the ws kernels take") {
   int nested = 0;
   for (const Case& c : cuda_cases()) {
@@ -1969,9 +1970,10 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
   cases.push_back({"nested, several items per block", 2, 4096, 8, 64, {256, 512, 1024}, {1, 2, 4}, false});
   // The finishing branch (the first dilation-1 one listed, w 512) is not the
   // smallest: it has spans of 256 kept rows, so on the ws kernels every
-  // branch merges into the accumulators (ws_finishes), the rows of a causal
-  // first span with no pairs of their own there. N = 768 leaves the largest
-  // segments partial, the second w 512 one a single span.
+  // branch merges into the accumulators (WsFinish::kMerges), the rows of a
+  // causal first span with no pairs of their own there. At N = 768 the w 1024
+  // segment is clamped to 768 rows (a partial last span) and the second w 512
+  // one is a single span.
   cases.push_back({"nested, the finishing branch not the smallest", 1, 1536, 4, 64, {512, 256, 1024}, {1, 1, 2}, true});
   cases.push_back({"nested, the finishing branch not the smallest", 2, 768, 4, 128, {512, 256, 1024}, {1, 1, 2}, false});
   // Spans of 96 and 48 kept rows: query and key tiles that straddle a span
@@ -2130,8 +2132,15 @@ TEST_CASE("CUDA per-pair dropout: a lone branch's share, as a spanning piece run
         check_lse(got.lse.to(Device::cpu()), want.lse, tol);
         Backward gw = run_backward(cpu_backward, q64, k64, v64, want, grad_out.to(DType::Float64),
                                    grad_lse.to(DType::Float64), config);
-        Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), got, grad_out.to(gpu), grad_lse.to(gpu), config);
-        check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+        // From the forward's keep bits, and drawing the mask without them.
+        Forward no_bits = got;
+        no_bits.dropout_bits = Tensor();
+        for (const Forward* f : {&got, &no_bits}) {
+          CAPTURE(f->dropout_bits.defined());
+          Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), *f, grad_out.to(gpu), grad_lse.to(gpu),
+                                          config);
+          check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
+        }
       });
   const bool hopper = cuda::choose_attention_kernel(DType::BFloat16, 64, cuda::AttentionPass::kForward) ==
                       cuda::AttentionKernel::kWarpSpecialized;
