@@ -97,32 +97,25 @@ void run(benchmark::State& state, Pattern pattern, bool backward, int64_t dim, d
     if (backward) out.backward(seed);
   };
 #if defined(MINIDL_WITH_CUDA)
+  // redraw and the piece: the kernels' entry points (the piece with its
+  // share of the pairs, its ws forward keeping the bits as the op would).
   Tensor out, lse, dq, dk, dv, bits;
-  if (pattern == Pattern::kPiece) {  // the ws forward keeps the bits, as the op would
-    DilatedAttentionConfig piece = config;
-    piece.scale = 1.0 / std::sqrt(static_cast<double>(dim));
-    piece.dropout = make_attention_dropout(dropout, 1234, 0);
-    piece.dropout.per_pair = true;
-    DilatedAttentionConfig whole = bench::longnet_config();
-    whole.causal = causal;
-    piece.pairs = {nested_pairs(whole, n).back()};
+  if (redraw || pattern == Pattern::kPiece) {
+    DilatedAttentionConfig direct = config;
+    direct.scale = 1.0 / std::sqrt(static_cast<double>(dim));
+    direct.dropout = make_attention_dropout(dropout, 1234, 0);
+    if (pattern == Pattern::kPiece) {
+      direct.dropout.per_pair = true;
+      DilatedAttentionConfig whole = bench::longnet_config();
+      whole.causal = causal;
+      direct.pairs = {nested_pairs(whole, n).back()};
+    }
     out = ops::empty(q.shape(), {DType::BFloat16, dev, false});
     lse = ops::empty({1, n, kHeads}, {DType::Float32, dev, false});
     for (Tensor* t : {&dq, &dk, &dv}) *t = ops::empty(q.shape(), {DType::BFloat16, dev, false});
-    step = [&, piece] {
-      cuda::dilated_attention_forward(q, k, v, piece, out, lse, backward ? &bits : nullptr);
-      if (backward) cuda::dilated_attention_backward(q, k, v, out, lse, seed, Tensor(), piece, dq, dk, dv, bits);
-    };
-  } else if (redraw) {
-    DilatedAttentionConfig drawn = config;
-    drawn.scale = 1.0 / std::sqrt(static_cast<double>(dim));
-    drawn.dropout = make_attention_dropout(dropout, 1234, 0);
-    out = ops::empty(q.shape(), {DType::BFloat16, dev, false});
-    lse = ops::empty({1, n, kHeads}, {DType::Float32, dev, false});
-    for (Tensor* t : {&dq, &dk, &dv}) *t = ops::empty(q.shape(), {DType::BFloat16, dev, false});
-    step = [&, drawn] {
-      cuda::dilated_attention_forward(q, k, v, drawn, out, lse, nullptr);
-      if (backward) cuda::dilated_attention_backward(q, k, v, out, lse, seed, Tensor(), drawn, dq, dk, dv, Tensor());
+    step = [&, direct] {
+      cuda::dilated_attention_forward(q, k, v, direct, out, lse, backward && !redraw ? &bits : nullptr);
+      if (backward) cuda::dilated_attention_backward(q, k, v, out, lse, seed, Tensor(), direct, dq, dk, dv, bits);
     };
   }
 #endif

@@ -833,6 +833,23 @@ void check_gradients(const Backward& got, const Backward& want, double tol) {
   check_close(got.dv, want.dv, tol * peak, tol);
 }
 
+#if defined(MINIDL_WITH_CUDA)
+// The CUDA backward of the forward `got` (q, k, v, grad_out and grad_lse on
+// the GPU) against `want`, from the forward's keep bits and drawing the mask
+// without them (as past their memory budget).
+void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k, const Tensor& v, const Forward& got,
+                                               const Tensor& grad_out, const Tensor& grad_lse,
+                                               const DilatedAttentionConfig& config, const Backward& want,
+                                               double tol) {
+  const Forward no_bits{got.out, got.lse, Tensor()};
+  for (const Forward* f : {&got, &no_bits}) {
+    CAPTURE(f->dropout_bits.defined());
+    Backward gg = run_cuda_backward(q, k, v, *f, grad_out, grad_lse, config);
+    check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, want, tol);
+  }
+}
+#endif
+
 }  // namespace
 
 TEST_CASE("dropout mask: 8-bit thresholds, 16 keys per Philox block, as core/dilated.h defines it") {
@@ -2011,14 +2028,7 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
         Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
         Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
                                    grad_out.to(DType::Float64), grad_lse.to(DType::Float64), config);
-        // From the forward's keep bits, and drawing the mask without them.
-        Forward no_bits = got;
-        no_bits.dropout_bits = Tensor();
-        for (const Forward* f : {&got, &no_bits}) {
-          CAPTURE(f->dropout_bits.defined());
-          Backward gg = run_cuda_backward(q, k, v, *f, grad_out.to(gpu), grad_lse.to(gpu), config);
-          check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
-        }
+        check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out.to(gpu), grad_lse.to(gpu), config, gw, tol);
         // The offset read from the device, as a captured graph binds it: 5
         // there plus 6 here, the reference's 11.
         DilatedAttentionConfig on_device = dropout_config(c, 0.2, 31337, 6), at_11 = dropout_config(c, 0.2, 31337, 11);
@@ -2098,16 +2108,6 @@ TEST_CASE("CUDA per-pair dropout: a lone branch's share, as a spanning piece run
   whole.dropout.per_pair = true;
   const BranchPairs share = nested_pairs(whole, 2048).back();
   REQUIRE(share.span == 256);
-  const ForwardFn cpu_forward = [](const Tensor& q, const Tensor& k, const Tensor& v, const DilatedAttentionConfig& c,
-                                   const Tensor& out, const Tensor& lse) {
-    cpu::dilated_attention_forward(q, k, v, c, out, lse);
-  };
-  const BackwardFn cpu_backward = [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                                     const Tensor& lse, const Tensor& go, const Tensor& gl,
-                                     const DilatedAttentionConfig& c, const Tensor& dq, const Tensor& dk,
-                                     const Tensor& dv) {
-    cpu::dilated_attention_backward(q, k, v, out, lse, go, gl, c, dq, dk, dv);
-  };
   int ws_runs = 0;
   for (const Case& c : {Case{"piece", 2, 1024, 4, 64, {512}, {1}, true}, Case{"piece", 1, 1280, 4, 128, {512}, {1}, false}})
     for (DType dtype : {DType::Float32, DType::BFloat16})
@@ -2125,22 +2125,15 @@ TEST_CASE("CUDA per-pair dropout: a lone branch's share, as a spanning piece run
                v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
         Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
         Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
-        Forward want = run_forward(cpu_forward, q64, k64, v64, config);
+        Forward want = run_forward(cpu::dilated_attention_forward, q64, k64, v64, config);
         Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), config);
         CHECK(got.dropout_bits.defined() == ws);
         check_scaled(got.out.to(Device::cpu()), want.out, tol);
         check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-        Backward gw = run_backward(cpu_backward, q64, k64, v64, want, grad_out.to(DType::Float64),
+        Backward gw = run_backward(cpu::dilated_attention_backward, q64, k64, v64, want, grad_out.to(DType::Float64),
                                    grad_lse.to(DType::Float64), config);
-        // From the forward's keep bits, and drawing the mask without them.
-        Forward no_bits = got;
-        no_bits.dropout_bits = Tensor();
-        for (const Forward* f : {&got, &no_bits}) {
-          CAPTURE(f->dropout_bits.defined());
-          Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), *f, grad_out.to(gpu), grad_lse.to(gpu),
-                                          config);
-          check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
-        }
+        check_cuda_backward_with_and_without_bits(q.to(gpu), k.to(gpu), v.to(gpu), got, grad_out.to(gpu),
+                                                  grad_lse.to(gpu), config, gw, tol);
       });
   const bool hopper = cuda::choose_attention_kernel(DType::BFloat16, 64, cuda::AttentionPass::kForward) ==
                       cuda::AttentionKernel::kWarpSpecialized;
