@@ -375,11 +375,13 @@ __device__ __forceinline__ void load_merge_acc(MergeInputs<D>& in, int64_t q_row
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float* src = o_acc + merge_row(q_row + r * 8, g, batch, head, rows) * D + 2 * (lane % 4);
+    // An offset, not a pointer, until a row reads: a lone branch with spans
+    // (kFinish over zeroed outputs) passes no accumulator at all.
+    const int64_t src = merge_row(q_row + r * 8, g, batch, head, rows) * D + 2 * (lane % 4);
     const bool holds = in.lse[r] != -INFINITY;  // also false past the row set
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      in.acc[r][dt] = holds ? *reinterpret_cast<const float2*>(src + dt * 8) : make_float2(0.f, 0.f);
+      in.acc[r][dt] = holds ? *reinterpret_cast<const float2*>(o_acc + src + dt * 8) : make_float2(0.f, 0.f);
   }
 }
 
