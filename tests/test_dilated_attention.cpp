@@ -3,6 +3,7 @@
 // reference, float64 gradchecks of the op, CUDA against the CPU reference, and
 // the op's error messages.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -848,6 +849,25 @@ void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k,
     check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, want, tol);
   }
 }
+
+// A CUDA case's float64 reference (q64, k64, v64 and grad_out64 in float64),
+// computed once for every kernel version: it takes most of the case's time.
+// The backward runs with the lse gradient (grad_lse[0], float32) and without
+// one (grad_lse[1], undefined).
+struct Reference {
+  Forward f;
+  std::array<Tensor, 2> grad_lse;
+  std::array<Backward, 2> grads;
+};
+Reference reference_with_and_without_lse_grad(const Tensor& q64, const Tensor& k64, const Tensor& v64,
+                                              const Tensor& grad_out64, const Tensor& grad_lse,
+                                              const DilatedAttentionConfig& config) {
+  Reference r{run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config), {grad_lse, Tensor()}, {}};
+  for (size_t i = 0; i < 2; ++i)
+    r.grads[i] = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, r.f, grad_out64,
+                              r.grad_lse[i].defined() ? r.grad_lse[i].to(DType::Float64) : Tensor(), config);
+  return r;
+}
 #endif
 
 }  // namespace
@@ -1549,39 +1569,37 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
 #if defined(MINIDL_WITH_CUDA)
   const Device gpu = Device::cuda(0);
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
-    for (const Case& c : cuda_cases()) for_each_kernel(dtype, c.D, [&] {
+    for (const Case& c : cuda_cases()) {
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D);
       // One packed projection: the GPU gets strided views of it in `dtype`,
-      // the reference the same (rounded) values in float64.
+      // the reference the same (rounded) values in float64, once for every
+      // kernel version (the reference takes most of the case's time).
       Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
       Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
       auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
       Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
       Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
-      DilatedAttentionConfig config = kernel_config(c);
-
-      Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-      Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
-      CHECK(got.lse.dtype() == DType::Float32);
-      check_scaled(got.out.to(Device::cpu()), want.out, tol);
-      check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-
+      const DilatedAttentionConfig config = kernel_config(c);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
-      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
-      for (bool with_lse_grad : {true, false}) {
-        CAPTURE(with_lse_grad);
-        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
-                                   grad_out.to(DType::Float64),
-                                   with_lse_grad ? grad_lse.to(DType::Float64) : Tensor(), config);
-        Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out.to(gpu),
-                                   with_lse_grad ? grad_lse.to(gpu) : Tensor(), config);
-        check_scaled(gg.dq.to(Device::cpu()), gw.dq, tol);
-        check_scaled(gg.dk.to(Device::cpu()), gw.dk, tol);
-        check_scaled(gg.dv.to(Device::cpu()), gw.dv, tol);
-      }
-    });
+      const Reference want = reference_with_and_without_lse_grad(
+          q64, k64, v64, grad_out.to(DType::Float64), random_tensor({c.B, c.N, c.H}).to(DType::Float32), config);
+      for_each_kernel(dtype, c.D, [&] {
+        Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
+        CHECK(got.lse.dtype() == DType::Float32);
+        check_scaled(got.out.to(Device::cpu()), want.f.out, tol);
+        check_lse(got.lse.to(Device::cpu()), want.f.lse, tol);
+        for (size_t i = 0; i < 2; ++i) {
+          CAPTURE(want.grad_lse[i].defined());
+          Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out.to(gpu),
+                                     want.grad_lse[i].defined() ? want.grad_lse[i].to(gpu) : Tensor(), config);
+          check_scaled(gg.dq.to(Device::cpu()), want.grads[i].dq, tol);
+          check_scaled(gg.dk.to(Device::cpu()), want.grads[i].dk, tol);
+          check_scaled(gg.dv.to(Device::cpu()), want.grads[i].dv, tol);
+        }
+      });
+    }
   }
 #endif
 }
@@ -1919,7 +1937,7 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
   // Not causal: key blocks that start mid-segment wrap around past a partial tile.
   cases.push_back({"several items per block", 2, 2048, 8, 64, {1000}, {1}, false});
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
-    for (const Case& c : cases) for_each_kernel(dtype, c.D, [&] {
+    for (const Case& c : cases) {
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
@@ -1929,44 +1947,33 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
       Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
       const DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
-
-      Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-      Forward got = run_cuda_forward(q, k, v, config);
-      // The ws forward keeps the mask's bits, and the ws backward reads them.
-      const bool ws = dtype == DType::BFloat16 &&
-                      cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
-                          cuda::AttentionKernel::kWarpSpecialized;
-      CHECK(got.dropout_bits.defined() == ws);
-      // With no backward to come (no bits asked for) the forward keeps none,
-      // and writes the same output bit for bit.
-      Forward bare = poisoned_forward(q);
-      cuda::dilated_attention_forward(q, k, v, config, bare.out, bare.lse, nullptr);
-      CHECK(bare.out.to(Device::cpu()).to_vector<double>() == got.out.to(Device::cpu()).to_vector<double>());
-      CHECK(bare.lse.to(Device::cpu()).to_vector<double>() == got.lse.to(Device::cpu()).to_vector<double>());
-      check_scaled(got.out.to(Device::cpu()), want.out, tol);
-      check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
-      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
-      for (bool with_lse_grad : {true, false}) {
-        CAPTURE(with_lse_grad);
-        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
-                                   grad_out.to(DType::Float64),
-                                   with_lse_grad ? grad_lse.to(DType::Float64) : Tensor(), config);
-        Backward gg = run_cuda_backward(q, k, v, got, grad_out.to(gpu), with_lse_grad ? grad_lse.to(gpu) : Tensor(),
-                                        config);
-        check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())},
-                        gw, tol);
-        if (!ws) continue;
-        // Without the forward's bits (past their memory budget) the ws backward draws the mask.
-        Forward no_bits = got;
-        no_bits.dropout_bits = Tensor();
-        Backward gd = run_cuda_backward(q, k, v, no_bits, grad_out.to(gpu),
-                                        with_lse_grad ? grad_lse.to(gpu) : Tensor(), config);
-        check_gradients({gd.dq.to(Device::cpu()), gd.dk.to(Device::cpu()), gd.dv.to(Device::cpu())},
-                        gw, tol);
-      }
-    });
+      const Reference want = reference_with_and_without_lse_grad(
+          q64, k64, v64, grad_out.to(DType::Float64), random_tensor({c.B, c.N, c.H}).to(DType::Float32), config);
+      for_each_kernel(dtype, c.D, [&] {
+        Forward got = run_cuda_forward(q, k, v, config);
+        // The ws forward keeps the mask's bits, and the ws backward reads them.
+        const bool ws = dtype == DType::BFloat16 &&
+                        cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
+                            cuda::AttentionKernel::kWarpSpecialized;
+        CHECK(got.dropout_bits.defined() == ws);
+        // With no backward to come (no bits asked for) the forward keeps none,
+        // and writes the same output bit for bit.
+        Forward bare = poisoned_forward(q);
+        cuda::dilated_attention_forward(q, k, v, config, bare.out, bare.lse, nullptr);
+        CHECK(bare.out.to(Device::cpu()).to_vector<double>() == got.out.to(Device::cpu()).to_vector<double>());
+        CHECK(bare.lse.to(Device::cpu()).to_vector<double>() == got.lse.to(Device::cpu()).to_vector<double>());
+        check_scaled(got.out.to(Device::cpu()), want.f.out, tol);
+        check_lse(got.lse.to(Device::cpu()), want.f.lse, tol);
+        for (size_t i = 0; i < 2; ++i) {
+          CAPTURE(want.grad_lse[i].defined());
+          // Also without the forward's bits (past their memory budget): the ws backward draws the mask.
+          check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out.to(gpu),
+                                                    want.grad_lse[i].defined() ? want.grad_lse[i].to(gpu) : Tensor(),
+                                                    config, want.grads[i], tol);
+        }
+      });
+    }
   }
 #endif
 }
@@ -2002,43 +2009,43 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     for (const Case& c : cases) {
       if (!nests(c)) continue;
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      const double tol = cuda_tolerance(dtype, c.D, true);
+      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
+      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
+      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
+      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
+      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
+      config.dropout.per_pair = true;
+      Tensor grad_out = random_tensor(q.shape()).to(dtype);
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+      const Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+      const Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                       grad_out.to(DType::Float64), grad_lse.to(DType::Float64), config);
+      // The offset read from the device, as a captured graph binds it: 5
+      // there plus 6 here, the reference's 11.
+      DilatedAttentionConfig on_device = dropout_config(c, 0.2, 31337, 6), at_11 = dropout_config(c, 0.2, 31337, 11);
+      on_device.dropout.per_pair = at_11.dropout.per_pair = true;
+      on_device.dropout.offset_base = static_cast<const uint64_t*>(offset_word.raw_data());
+      const Forward want11 = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, at_11);
+      const Backward gw11 = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want11,
+                                         grad_out.to(DType::Float64), Tensor(), at_11);
       for_each_kernel(dtype, c.D, [&] {
-        CAPTURE(dtype);
-        CAPTURE(str(c));
         const cuda::AttentionKernel kernel = cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward);
-        Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
-        Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
-        auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
-        Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
-        Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
-        DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
-        config.dropout.per_pair = true;
         ++planned;
         // The ws forward keeps the mask's bits where the ws plan runs the problem.
         const bool ws_plan = dtype == DType::BFloat16 && kernel == cuda::AttentionKernel::kWarpSpecialized &&
                              c.name.rfind("nested", 0) == 0;
         ws_planned += ws_plan;
-        const double tol = cuda_tolerance(dtype, c.D, true);
-        Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
         Forward got = run_cuda_forward(q, k, v, config);
         CHECK(got.dropout_bits.defined() == ws_plan);
         check_scaled(got.out.to(Device::cpu()), want.out, tol);
         check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-        Tensor grad_out = random_tensor(q.shape()).to(dtype);
-        Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
-        Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
-                                   grad_out.to(DType::Float64), grad_lse.to(DType::Float64), config);
         check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out.to(gpu), grad_lse.to(gpu), config, gw, tol);
-        // The offset read from the device, as a captured graph binds it: 5
-        // there plus 6 here, the reference's 11.
-        DilatedAttentionConfig on_device = dropout_config(c, 0.2, 31337, 6), at_11 = dropout_config(c, 0.2, 31337, 11);
-        on_device.dropout.per_pair = at_11.dropout.per_pair = true;
-        on_device.dropout.offset_base = static_cast<const uint64_t*>(offset_word.raw_data());
-        Forward want11 = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, at_11);
         Forward got11 = run_cuda_forward(q, k, v, on_device);
         check_scaled(got11.out.to(Device::cpu()), want11.out, tol);
-        Backward gw11 = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want11,
-                                     grad_out.to(DType::Float64), Tensor(), at_11);
         got11.dropout_bits = Tensor();  // the drawing backward reads the offset itself
         Backward gg11 = run_cuda_backward(q, k, v, got11, grad_out.to(gpu), Tensor(), on_device);
         check_gradients({gg11.dq.to(Device::cpu()), gg11.dk.to(Device::cpu()), gg11.dv.to(Device::cpu())}, gw11,
