@@ -850,10 +850,22 @@ void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k,
   }
 }
 
+// One packed projection (B, N, 3, H, D) of random values in `dtype`: q, k and
+// v are strided views of it on the GPU, q64, k64 and v64 of the same
+// (rounded) values in float64 on the CPU, for the reference.
+struct PackedQkv {
+  Tensor q, k, v, q64, k64, v64;
+};
+PackedQkv packed_qkv(const Case& c, DType dtype, const Device& gpu) {
+  Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
+  Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
+  auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
+  return {view(qkv_gpu, 0), view(qkv_gpu, 1), view(qkv_gpu, 2), view(qkv64, 0), view(qkv64, 1), view(qkv64, 2)};
+}
+
 // A CUDA case's float64 reference (q64, k64, v64 and grad_out64 in float64),
-// computed once for every kernel version: it takes most of the case's time.
-// The backward runs with the lse gradient (grad_lse[0], float32) and without
-// one (grad_lse[1], undefined).
+// computed once for every kernel version. The backward runs with the lse
+// gradient (grad_lse[0], float32) and without one (grad_lse[1], undefined).
 struct Reference {
   Forward f;
   std::array<Tensor, 2> grad_lse;
@@ -1573,14 +1585,7 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D);
-      // One packed projection: the GPU gets strided views of it in `dtype`,
-      // the reference the same (rounded) values in float64, once for every
-      // kernel version (the reference takes most of the case's time).
-      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
-      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
-      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
-      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
-      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      const auto [q, k, v, q64, k64, v64] = packed_qkv(c, dtype, gpu);
       const DilatedAttentionConfig config = kernel_config(c);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
       const Reference want = reference_with_and_without_lse_grad(
@@ -1941,11 +1946,7 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
-      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
-      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
-      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
-      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      const auto [q, k, v, q64, k64, v64] = packed_qkv(c, dtype, gpu);
       const DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
       const Reference want = reference_with_and_without_lse_grad(
@@ -2012,11 +2013,7 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
-      Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
-      auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
-      Tensor q = view(qkv_gpu, 0), k = view(qkv_gpu, 1), v = view(qkv_gpu, 2);
-      Tensor q64 = view(qkv64, 0), k64 = view(qkv64, 1), v64 = view(qkv64, 2);
+      const auto [q, k, v, q64, k64, v64] = packed_qkv(c, dtype, gpu);
       DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
       config.dropout.per_pair = true;
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
