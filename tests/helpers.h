@@ -71,11 +71,10 @@ inline Tensor random_tensor(const Shape& shape, TensorOptions options = {DType::
   return t;
 }
 
-// Max |a - b| / (atol + rtol |b|) <= 1, elementwise, after moving both to
-// float64 on the CPU; reports the worst element on failure.
-inline void check_close(const Tensor& a, const Tensor& b, double atol, double rtol) {
-  REQUIRE(a.shape() == b.shape());
-  std::vector<double> x = a.to_vector<double>(), y = b.to_vector<double>();
+// Max |x - y| / (atol + rtol |y|) <= 1, elementwise; reports the worst
+// element on failure.
+inline void check_close(const std::vector<double>& x, const std::vector<double>& y, double atol, double rtol) {
+  REQUIRE(x.size() == y.size());
   double worst = 0;
   size_t at = 0;
   for (size_t i = 0; i < x.size(); ++i) {
@@ -88,6 +87,13 @@ inline void check_close(const Tensor& a, const Tensor& b, double atol, double rt
   }
   INFO("worst element ", at, ": ", x.empty() ? 0.0 : x[at], " vs ", y.empty() ? 0.0 : y[at]);
   CHECK(worst <= 1.0);
+}
+
+// The same for two tensors of one shape, after moving both to float64 on
+// the CPU.
+inline void check_close(const Tensor& a, const Tensor& b, double atol, double rtol) {
+  REQUIRE(a.shape() == b.shape());
+  check_close(a.to_vector<double>(), b.to_vector<double>(), atol, rtol);
 }
 
 // Float64 gradcheck of forward() over x (first, when defined) and every

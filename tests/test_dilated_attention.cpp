@@ -193,10 +193,11 @@ Dense brute_force(const Case& c, const std::vector<double>& q, const std::vector
 // Closeness with an absolute floor relative to the reference's scale:
 // |a - b| <= tol (max|b| + |b|).
 void check_scaled(const Tensor& a, const Tensor& b, double tol) {
-  std::vector<double> y = b.to_vector<double>();
+  REQUIRE(a.shape() == b.shape());
+  const std::vector<double> y = b.to_vector<double>();
   double peak = 0;
   for (double x : y) peak = std::max(peak, std::abs(x));
-  check_close(a, b, tol * std::max(peak, 1e-30), tol);
+  check_close(a.to_vector<double>(), y, tol * std::max(peak, 1e-30), tol);
 }
 
 // lse: -inf exactly where the reference has -inf, close elsewhere.
@@ -826,12 +827,16 @@ Grads brute_force_dropout_backward(const Case& c, const std::vector<double>& q,
 // is kept: P = 1, M dP' = D), its float value is rounding noise of terms the
 // size of the others.
 void check_gradients(const Backward& got, const Backward& want, double tol) {
+  const std::array<std::pair<const Tensor*, const Tensor*>, 3> grads = {
+      {{&got.dq, &want.dq}, {&got.dk, &want.dk}, {&got.dv, &want.dv}}};
+  std::array<std::vector<double>, 3> wanted;  // each converted once: these hold millions of elements
   double peak = 1e-30;
-  for (const Tensor* t : {&want.dq, &want.dk, &want.dv})
-    for (double x : t->to_vector<double>()) peak = std::max(peak, std::abs(x));
-  check_close(got.dq, want.dq, tol * peak, tol);
-  check_close(got.dk, want.dk, tol * peak, tol);
-  check_close(got.dv, want.dv, tol * peak, tol);
+  for (size_t i = 0; i < 3; ++i) {
+    REQUIRE(grads[i].first->shape() == grads[i].second->shape());
+    wanted[i] = grads[i].second->to_vector<double>();
+    for (double x : wanted[i]) peak = std::max(peak, std::abs(x));
+  }
+  for (size_t i = 0; i < 3; ++i) check_close(grads[i].first->to_vector<double>(), wanted[i], tol * peak, tol);
 }
 
 #if defined(MINIDL_WITH_CUDA)
