@@ -857,7 +857,9 @@ void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k,
 
 // One packed projection (B, N, 3, H, D) of random values in `dtype`: q, k and
 // v are strided views of it on the GPU, q64, k64 and v64 of the same
-// (rounded) values in float64 on the CPU, for the reference.
+// (rounded) values in float64 on the CPU, for the reference. Callers bind
+// its fields to references, not structured bindings, which lambdas cannot
+// capture before Clang 16.
 struct PackedQkv {
   Tensor q, k, v, q64, k64, v64;
 };
@@ -1590,7 +1592,8 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D);
-      const auto [q, k, v, q64, k64, v64] = packed_qkv(c, dtype, gpu);
+      const PackedQkv in = packed_qkv(c, dtype, gpu);
+      const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
       const DilatedAttentionConfig config = kernel_config(c);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
       const Reference want = reference_with_and_without_lse_grad(
@@ -1951,7 +1954,8 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      const auto [q, k, v, q64, k64, v64] = packed_qkv(c, dtype, gpu);
+      const PackedQkv in = packed_qkv(c, dtype, gpu);
+      const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
       const DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
       const Reference want = reference_with_and_without_lse_grad(
@@ -2018,7 +2022,8 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      const auto [q, k, v, q64, k64, v64] = packed_qkv(c, dtype, gpu);
+      const PackedQkv in = packed_qkv(c, dtype, gpu);
+      const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
       DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
       config.dropout.per_pair = true;
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
