@@ -2082,27 +2082,29 @@ TEST_CASE("CUDA nested pairs: a branch with none of its own, and rows with none 
   for (DType dtype : {DType::Float32, DType::BFloat16})
     for (const Case& c : cases) {
       REQUIRE(nests(c));
-      for_each_kernel(dtype, c.D, [&] {
-        CAPTURE(dtype);
-        CAPTURE(str(c));
-        const double tol = cuda_tolerance(dtype, c.D, true);
-        Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
-               v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
-        Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
-        DilatedAttentionConfig per_pair = dropout_config(c, 0.2, 77, 3);
-        per_pair.dropout.per_pair = true;
-        for (const DilatedAttentionConfig& config : {kernel_config(c), per_pair}) {
-          CAPTURE(config.dropout.enabled());
-          Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-          Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), config);
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      const double tol = cuda_tolerance(dtype, c.D, true);
+      Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
+             v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
+      Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+      Tensor q_gpu = q.to(gpu), k_gpu = k.to(gpu), v_gpu = v.to(gpu), grad_out_gpu = grad_out.to(gpu);
+      DilatedAttentionConfig per_pair = dropout_config(c, 0.2, 77, 3);
+      per_pair.dropout.per_pair = true;
+      for (const DilatedAttentionConfig& config : {kernel_config(c), per_pair}) {
+        CAPTURE(config.dropout.enabled());
+        // The float64 reference, shared by every kernel version.
+        const Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
+        const Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+                                         grad_out.to(DType::Float64), Tensor(), config);
+        for_each_kernel(dtype, c.D, [&] {
+          Forward got = run_cuda_forward(q_gpu, k_gpu, v_gpu, config);
           check_scaled(got.out.to(Device::cpu()), want.out, tol);
           check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-          Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
-                                     grad_out.to(DType::Float64), Tensor(), config);
-          Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), got, grad_out.to(gpu), Tensor(), config);
+          Backward gg = run_cuda_backward(q_gpu, k_gpu, v_gpu, got, grad_out_gpu, Tensor(), config);
           check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
-        }
-      });
+        });
+      }
     }
 #endif
 }
@@ -2125,31 +2127,34 @@ TEST_CASE("CUDA per-pair dropout: a lone branch's share, as a spanning piece run
   REQUIRE(share.span == 256);
   int ws_runs = 0;
   for (const Case& c : {Case{"piece", 2, 1024, 4, 64, {512}, {1}, true}, Case{"piece", 1, 1280, 4, 128, {512}, {1}, false}})
-    for (DType dtype : {DType::Float32, DType::BFloat16})
+    for (DType dtype : {DType::Float32, DType::BFloat16}) {
+      CAPTURE(dtype);
+      CAPTURE(str(c));
+      DilatedAttentionConfig config = dropout_config(c, 0.2, 4242, 9);
+      config.dropout.per_pair = true;
+      config.pairs = {share};
+      const double tol = cuda_tolerance(dtype, c.D, true);
+      // Inputs and the float64 CPU path's results, shared by every kernel version.
+      Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
+             v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
+      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
+      Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+      const Forward want = run_forward(cpu::dilated_attention_forward, q64, k64, v64, config);
+      const Backward gw = run_backward(cpu::dilated_attention_backward, q64, k64, v64, want,
+                                       grad_out.to(DType::Float64), grad_lse.to(DType::Float64), config);
+      Tensor q_gpu = q.to(gpu), k_gpu = k.to(gpu), v_gpu = v.to(gpu), grad_out_gpu = grad_out.to(gpu),
+             grad_lse_gpu = grad_lse.to(gpu);
       for_each_kernel(dtype, c.D, [&] {
-        CAPTURE(dtype);
-        CAPTURE(str(c));
-        DilatedAttentionConfig config = dropout_config(c, 0.2, 4242, 9);
-        config.dropout.per_pair = true;
-        config.pairs = {share};
         const bool ws = dtype == DType::BFloat16 && cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
                                                         cuda::AttentionKernel::kWarpSpecialized;
         ws_runs += ws;
-        const double tol = cuda_tolerance(dtype, c.D, true);
-        Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
-               v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
-        Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
-        Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
-        Forward want = run_forward(cpu::dilated_attention_forward, q64, k64, v64, config);
-        Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), config);
+        Forward got = run_cuda_forward(q_gpu, k_gpu, v_gpu, config);
         CHECK(got.dropout_bits.defined() == ws);
         check_scaled(got.out.to(Device::cpu()), want.out, tol);
         check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-        Backward gw = run_backward(cpu::dilated_attention_backward, q64, k64, v64, want, grad_out.to(DType::Float64),
-                                   grad_lse.to(DType::Float64), config);
-        check_cuda_backward_with_and_without_bits(q.to(gpu), k.to(gpu), v.to(gpu), got, grad_out.to(gpu),
-                                                  grad_lse.to(gpu), config, gw, tol);
+        check_cuda_backward_with_and_without_bits(q_gpu, k_gpu, v_gpu, got, grad_out_gpu, grad_lse_gpu, config, gw, tol);
       });
+    }
   const bool hopper = cuda::choose_attention_kernel(DType::BFloat16, 64, cuda::AttentionPass::kForward) ==
                       cuda::AttentionKernel::kWarpSpecialized;
   CHECK(ws_runs == (hopper ? 2 : 0));
