@@ -856,15 +856,25 @@ void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k,
   }
 }
 
-// One packed projection (B, N, 3, H, D) of random values in `dtype`: q, k and
-// v are strided views of it on the GPU, q64, k64 and v64 of the same
-// (rounded) values in float64 on the CPU, for the reference. Callers bind
-// its fields to references, not structured bindings, which lambdas cannot
-// capture before Clang 16.
-struct PackedQkv {
+// A CUDA case's inputs: q, k and v (B, N, H, D) of random values in `dtype`
+// on the GPU, q64, k64 and v64 of the same (rounded) values in float64 on the
+// CPU, for the reference. Callers bind its fields to references, not
+// structured bindings, which lambdas cannot capture before Clang 16.
+struct Qkv {
   Tensor q, k, v, q64, k64, v64;
 };
-PackedQkv packed_qkv(const Case& c, DType dtype, const Device& gpu) {
+// Three tensors of their own.
+Qkv random_qkv(const Case& c, DType dtype, const Device& gpu) {
+  Qkv in;
+  for (auto [t, t64] : {std::pair{&in.q, &in.q64}, std::pair{&in.k, &in.k64}, std::pair{&in.v, &in.v64}}) {
+    const Tensor x = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
+    *t = x.to(gpu);
+    *t64 = x.to(DType::Float64);
+  }
+  return in;
+}
+// Strided views of one packed projection (B, N, 3, H, D).
+Qkv packed_qkv(const Case& c, DType dtype, const Device& gpu) {
   Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
   Tensor qkv64 = qkv.to(DType::Float64), qkv_gpu = qkv.to(gpu);
   auto view = [](const Tensor& t, int64_t i) { return t.slice(2, i, i + 1).squeeze(2); };
@@ -1593,12 +1603,14 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D);
-      const PackedQkv in = packed_qkv(c, dtype, gpu);
+      const Qkv in = packed_qkv(c, dtype, gpu);
       const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
       const DilatedAttentionConfig config = kernel_config(c);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
       const Reference want = reference_with_and_without_lse_grad(
           q64, k64, v64, grad_out.to(DType::Float64), random_tensor({c.B, c.N, c.H}).to(DType::Float32), config);
+      const Tensor grad_out_gpu = grad_out.to(gpu);
+      const std::array<Tensor, 2> grad_lse_gpu = {want.grad_lse[0].to(gpu), Tensor()};  // [1] undefined, as in want
       for_each_kernel(dtype, c.D, [&] {
         Forward got = run_forward(cuda::dilated_attention_forward, q, k, v, config);
         CHECK(got.lse.dtype() == DType::Float32);
@@ -1606,8 +1618,8 @@ TEST_CASE("CUDA dilated attention forward and backward match the float64 CPU ref
         check_lse(got.lse.to(Device::cpu()), want.f.lse, tol);
         for (size_t i = 0; i < 2; ++i) {
           CAPTURE(want.grad_lse[i].defined());
-          Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out.to(gpu),
-                                     want.grad_lse[i].defined() ? want.grad_lse[i].to(gpu) : Tensor(), config);
+          Backward gg = run_backward(cuda::dilated_attention_backward, q, k, v, got, grad_out_gpu, grad_lse_gpu[i],
+                                     config);
           check_scaled(gg.dq.to(Device::cpu()), want.grads[i].dq, tol);
           check_scaled(gg.dk.to(Device::cpu()), want.grads[i].dk, tol);
           check_scaled(gg.dv.to(Device::cpu()), want.grads[i].dv, tol);
@@ -1645,22 +1657,18 @@ TEST_CASE("CUDA ws kernels: blocks that take several work items match the float6
   for (const Case& c : cases) {
     CAPTURE(str(c));
     const double tol = cuda_tolerance(DType::BFloat16, c.D);
-    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16),
-           k0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16),
-           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16);
+    const Qkv in = random_qkv(c, DType::BFloat16, gpu);
     const DilatedAttentionConfig config = kernel_config(c);
     if (c.name.rfind("nested", 0) == 0) REQUIRE(!nested_pairs(config, c.N).empty());
-    Forward want = run_forward(cpu::dilated_attention_forward_reference, q0.to(DType::Float64),
-                               k0.to(DType::Float64), v0.to(DType::Float64), config);
-    Forward got = run_forward(cuda::dilated_attention_forward, q0.to(gpu), k0.to(gpu), v0.to(gpu), config);
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, in.q64, in.k64, in.v64, config);
+    Forward got = run_forward(cuda::dilated_attention_forward, in.q, in.k, in.v, config);
     check_scaled(got.out.to(Device::cpu()), want.out, tol);
     check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-    Tensor grad_out = random_tensor(q0.shape()).to(DType::BFloat16);
-    Backward gw = run_backward(cpu::dilated_attention_backward_reference, q0.to(DType::Float64),
-                               k0.to(DType::Float64), v0.to(DType::Float64), want, grad_out.to(DType::Float64),
-                               Tensor(), config);
-    Backward gg = run_backward(cuda::dilated_attention_backward, q0.to(gpu), k0.to(gpu), v0.to(gpu), got,
-                               grad_out.to(gpu), Tensor(), config);
+    Tensor grad_out = random_tensor(in.q.shape()).to(DType::BFloat16);
+    Backward gw = run_backward(cpu::dilated_attention_backward_reference, in.q64, in.k64, in.v64, want,
+                               grad_out.to(DType::Float64), Tensor(), config);
+    Backward gg = run_backward(cuda::dilated_attention_backward, in.q, in.k, in.v, got, grad_out.to(gpu), Tensor(),
+                               config);
     check_scaled(gg.dq.to(Device::cpu()), gw.dq, tol);
     check_scaled(gg.dk.to(Device::cpu()), gw.dk, tol);
     check_scaled(gg.dv.to(Device::cpu()), gw.dv, tol);
@@ -1675,10 +1683,8 @@ TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     CAPTURE(dtype);
     const double tol = cuda_tolerance(dtype, c.D);
-    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype),
-           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
-    Tensor q = q0.to(gpu).requires_grad_(true), k = k0.to(gpu).requires_grad_(true),
-           v = v0.to(gpu).requires_grad_(true);
+    Qkv in = random_qkv(c, dtype, gpu);
+    const Tensor &q = in.q.requires_grad_(true), &k = in.k.requires_grad_(true), &v = in.v.requires_grad_(true);
     Tensor seed_out = random_tensor(q.shape()).to(dtype), seed_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
     auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations);
     CHECK(lse.dtype() == DType::Float32);
@@ -1686,10 +1692,9 @@ TEST_CASE("CUDA dilated_attention op: autograd gradients match the CPU reference
     ops::add(ops::sum(ops::mul(out, seed_out.to(gpu))).to(DType::Float32),
              ops::sum(ops::mul(lse_finite, seed_lse.to(gpu))))
         .backward();
-    Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
     DilatedAttentionConfig config = kernel_config(c);
-    Forward f = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-    Backward g = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, f,
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, in.q64, in.k64, in.v64, config);
+    Backward g = run_backward(cpu::dilated_attention_backward_reference, in.q64, in.k64, in.v64, f,
                               seed_out.to(DType::Float64), seed_lse.to(DType::Float64), config);
     check_scaled(out.to(Device::cpu()), f.out, tol);
     check_scaled(q.grad().to(Device::cpu()), g.dq, tol);
@@ -1908,19 +1913,19 @@ TEST_CASE("CUDA attention over more than 65535 batch-heads matches the float64 C
   const DilatedAttentionConfig config = kernel_config(c);
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     CAPTURE(dtype);
-    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype),
-           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), go = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
-    Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
-    Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-    Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
+    const Qkv in = random_qkv(c, dtype, gpu);
+    const Tensor &q = in.q, &k = in.k, &v = in.v;
+    Tensor go = random_tensor(q.shape()).to(dtype);
+    Forward want = run_forward(cpu::dilated_attention_forward_reference, in.q64, in.k64, in.v64, config);
+    Backward gw = run_backward(cpu::dilated_attention_backward_reference, in.q64, in.k64, in.v64, want,
                                go.to(DType::Float64), Tensor(), config);
-    Tensor q = q0.to(gpu), k = k0.to(gpu), v = v0.to(gpu);
+    const Tensor go_gpu = go.to(gpu);
     for_each_kernel(dtype, c.D, [&] {
       const double tol = cuda_tolerance(dtype, c.D);
       Forward got = run_cuda_forward(q, k, v, config);
       check_scaled(got.out.to(Device::cpu()), want.out, tol);
       check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-      Backward gg = run_cuda_backward(q, k, v, got, go.to(gpu), Tensor(), config);
+      Backward gg = run_cuda_backward(q, k, v, got, go_gpu, Tensor(), config);
       check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
     });
   }
@@ -1955,12 +1960,14 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      const PackedQkv in = packed_qkv(c, dtype, gpu);
+      const Qkv in = packed_qkv(c, dtype, gpu);
       const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
       const DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
       Tensor grad_out = random_tensor(q.shape()).to(dtype);
       const Reference want = reference_with_and_without_lse_grad(
           q64, k64, v64, grad_out.to(DType::Float64), random_tensor({c.B, c.N, c.H}).to(DType::Float32), config);
+      const Tensor grad_out_gpu = grad_out.to(gpu);
+      const std::array<Tensor, 2> grad_lse_gpu = {want.grad_lse[0].to(gpu), Tensor()};  // [1] undefined, as in want
       for_each_kernel(dtype, c.D, [&] {
         Forward got = run_cuda_forward(q, k, v, config);
         // The ws forward keeps the mask's bits, and the ws backward reads them.
@@ -1979,9 +1986,8 @@ TEST_CASE("CUDA attention dropout: forward and backward match the float64 CPU re
         for (size_t i = 0; i < 2; ++i) {
           CAPTURE(want.grad_lse[i].defined());
           // Also without the forward's bits (past their memory budget): the ws backward draws the mask.
-          check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out.to(gpu),
-                                                    want.grad_lse[i].defined() ? want.grad_lse[i].to(gpu) : Tensor(),
-                                                    config, want.grads[i], tol);
+          check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out_gpu, grad_lse_gpu[i], config,
+                                                    want.grads[i], tol);
         }
       });
     }
@@ -2023,7 +2029,7 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      const PackedQkv in = packed_qkv(c, dtype, gpu);
+      const Qkv in = packed_qkv(c, dtype, gpu);
       const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
       DilatedAttentionConfig config = dropout_config(c, 0.2, 31337, 12);
       config.dropout.per_pair = true;
@@ -2040,6 +2046,7 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
       const Forward want11 = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, at_11);
       const Backward gw11 = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want11,
                                          grad_out.to(DType::Float64), Tensor(), at_11);
+      const Tensor grad_out_gpu = grad_out.to(gpu), grad_lse_gpu = grad_lse.to(gpu);
       for_each_kernel(dtype, c.D, [&] {
         const cuda::AttentionKernel kernel = cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward);
         ++planned;
@@ -2051,11 +2058,11 @@ TEST_CASE("CUDA per-pair attention dropout: every kernel version matches the flo
         CHECK(got.dropout_bits.defined() == ws_plan);
         check_scaled(got.out.to(Device::cpu()), want.out, tol);
         check_lse(got.lse.to(Device::cpu()), want.lse, tol);
-        check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out.to(gpu), grad_lse.to(gpu), config, gw, tol);
+        check_cuda_backward_with_and_without_bits(q, k, v, got, grad_out_gpu, grad_lse_gpu, config, gw, tol);
         Forward got11 = run_cuda_forward(q, k, v, on_device);
         check_scaled(got11.out.to(Device::cpu()), want11.out, tol);
         got11.dropout_bits = Tensor();  // the drawing backward reads the offset itself
-        Backward gg11 = run_cuda_backward(q, k, v, got11, grad_out.to(gpu), Tensor(), on_device);
+        Backward gg11 = run_cuda_backward(q, k, v, got11, grad_out_gpu, Tensor(), on_device);
         check_gradients({gg11.dq.to(Device::cpu()), gg11.dk.to(Device::cpu()), gg11.dv.to(Device::cpu())}, gw11,
                         tol);
       });
@@ -2085,10 +2092,9 @@ TEST_CASE("CUDA nested pairs: a branch with none of its own, and rows with none 
       CAPTURE(dtype);
       CAPTURE(str(c));
       const double tol = cuda_tolerance(dtype, c.D, true);
-      Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
-             v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
-      Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
-      Tensor q_gpu = q.to(gpu), k_gpu = k.to(gpu), v_gpu = v.to(gpu), grad_out_gpu = grad_out.to(gpu);
+      const Qkv in = random_qkv(c, dtype, gpu);
+      const Tensor &q_gpu = in.q, &k_gpu = in.k, &v_gpu = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
+      Tensor grad_out = random_tensor(q_gpu.shape()).to(dtype), grad_out_gpu = grad_out.to(gpu);
       DilatedAttentionConfig per_pair = dropout_config(c, 0.2, 77, 3);
       per_pair.dropout.per_pair = true;
       for (const DilatedAttentionConfig& config : {kernel_config(c), per_pair}) {
@@ -2135,15 +2141,13 @@ TEST_CASE("CUDA per-pair dropout: a lone branch's share, as a spanning piece run
       config.pairs = {share};
       const double tol = cuda_tolerance(dtype, c.D, true);
       // Inputs and the float64 CPU path's results, shared by every kernel version.
-      Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k = random_tensor(q.shape()).to(dtype),
-             v = random_tensor(q.shape()).to(dtype), grad_out = random_tensor(q.shape()).to(dtype);
-      Tensor grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
-      Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+      const Qkv in = random_qkv(c, dtype, gpu);
+      const Tensor &q_gpu = in.q, &k_gpu = in.k, &v_gpu = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
+      Tensor grad_out = random_tensor(q_gpu.shape()).to(dtype), grad_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
       const Forward want = run_forward(cpu::dilated_attention_forward, q64, k64, v64, config);
       const Backward gw = run_backward(cpu::dilated_attention_backward, q64, k64, v64, want,
                                        grad_out.to(DType::Float64), grad_lse.to(DType::Float64), config);
-      Tensor q_gpu = q.to(gpu), k_gpu = k.to(gpu), v_gpu = v.to(gpu), grad_out_gpu = grad_out.to(gpu),
-             grad_lse_gpu = grad_lse.to(gpu);
+      const Tensor grad_out_gpu = grad_out.to(gpu), grad_lse_gpu = grad_lse.to(gpu);
       for_each_kernel(dtype, c.D, [&] {
         const bool ws = dtype == DType::BFloat16 && cuda::choose_attention_kernel(dtype, c.D, cuda::AttentionPass::kForward) ==
                                                         cuda::AttentionKernel::kWarpSpecialized;
@@ -2173,9 +2177,9 @@ TEST_CASE("CUDA attention dropout: a backward without bits draws a framed mask, 
   for (const Case& c : cases) {
     CAPTURE(str(c));
     const double tol = cuda_tolerance(DType::BFloat16, c.D, true);
-    Tensor q = random_tensor({c.B, c.N, c.H, c.D}).to(DType::BFloat16), k = random_tensor(q.shape()).to(DType::BFloat16),
-           v = random_tensor(q.shape()).to(DType::BFloat16), grad_out = random_tensor(q.shape()).to(DType::BFloat16);
-    Tensor q64 = q.to(DType::Float64), k64 = k.to(DType::Float64), v64 = v.to(DType::Float64);
+    const Qkv in = random_qkv(c, DType::BFloat16, gpu);
+    const Tensor &q = in.q, &k = in.k, &v = in.v, &q64 = in.q64, &k64 = in.k64, &v64 = in.v64;
+    Tensor grad_out = random_tensor(q.shape()).to(DType::BFloat16), grad_out_gpu = grad_out.to(gpu);
     // A part of a larger problem (a sequence-parallel piece's frame: mask
     // branches from 1, every second head from head 1, rows at stride 3 from 7).
     DilatedAttentionConfig framed = dropout_config(c, 0.2, 2024, 0);
@@ -2185,7 +2189,7 @@ TEST_CASE("CUDA attention dropout: a backward without bits draws a framed mask, 
     on_device.dropout.offset_base = static_cast<const uint64_t*>(word.raw_data());
     for (const auto& [gpu_config, cpu_config] : {std::pair{framed, framed}, std::pair{on_device, at_11}}) {
       Forward want = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, cpu_config);
-      Forward got = run_cuda_forward(q.to(gpu), k.to(gpu), v.to(gpu), gpu_config);
+      Forward got = run_cuda_forward(q, k, v, gpu_config);
       check_scaled(got.out.to(Device::cpu()), want.out, tol);
       Backward gw = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, want,
                                  grad_out.to(DType::Float64), Tensor(), cpu_config);
@@ -2193,7 +2197,7 @@ TEST_CASE("CUDA attention dropout: a backward without bits draws a framed mask, 
         CAPTURE(with_bits);
         Forward f = got;
         if (!with_bits) f.dropout_bits = Tensor();
-        Backward gg = run_cuda_backward(q.to(gpu), k.to(gpu), v.to(gpu), f, grad_out.to(gpu), Tensor(), gpu_config);
+        Backward gg = run_cuda_backward(q, k, v, f, grad_out_gpu, Tensor(), gpu_config);
         check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, gw, tol);
       }
     }
@@ -2278,10 +2282,8 @@ TEST_CASE("CUDA dilated_attention op with dropout: the CPU's mask for the same g
   for (DType dtype : {DType::Float32, DType::BFloat16}) {
     CAPTURE(dtype);
     const double tol = cuda_tolerance(dtype, c.D, true);
-    Tensor q0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype), k0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype),
-           v0 = random_tensor({c.B, c.N, c.H, c.D}).to(dtype);
-    Tensor q = q0.to(gpu).requires_grad_(true), k = k0.to(gpu).requires_grad_(true),
-           v = v0.to(gpu).requires_grad_(true);
+    Qkv in = random_qkv(c, dtype, gpu);
+    const Tensor &q = in.q.requires_grad_(true), &k = in.k.requires_grad_(true), &v = in.v.requires_grad_(true);
     Tensor seed_out = random_tensor(q.shape()).to(dtype), seed_lse = random_tensor({c.B, c.N, c.H}).to(DType::Float32);
     gen.set_state(99, 1000);
     auto [out, lse] = ops::dilated_attention(q, k, v, c.segments, c.dilations, true, 0, 0.15, &gen);
@@ -2290,11 +2292,10 @@ TEST_CASE("CUDA dilated_attention op with dropout: the CPU's mask for the same g
     ops::add(ops::sum(ops::mul(out, seed_out.to(gpu))).to(DType::Float32),
              ops::sum(ops::mul(lse_finite, seed_lse.to(gpu))))
         .backward();
-    Tensor q64 = q0.to(DType::Float64), k64 = k0.to(DType::Float64), v64 = v0.to(DType::Float64);
     DilatedAttentionConfig config = kernel_config(c);
     config.dropout = dropout_of(0.15, 99, 1000);
-    Forward f = run_forward(cpu::dilated_attention_forward_reference, q64, k64, v64, config);
-    Backward g = run_backward(cpu::dilated_attention_backward_reference, q64, k64, v64, f,
+    Forward f = run_forward(cpu::dilated_attention_forward_reference, in.q64, in.k64, in.v64, config);
+    Backward g = run_backward(cpu::dilated_attention_backward_reference, in.q64, in.k64, in.v64, f,
                               seed_out.to(DType::Float64), seed_lse.to(DType::Float64), config);
     check_scaled(out.to(Device::cpu()), f.out, tol);
     check_lse(lse.to(Device::cpu()), f.lse, tol);
