@@ -839,23 +839,6 @@ void check_gradients(const Backward& got, const Backward& want, double tol) {
   for (size_t i = 0; i < 3; ++i) check_close(grads[i].first->to_vector<double>(), wanted[i], tol * peak, tol);
 }
 
-#if defined(MINIDL_WITH_CUDA)
-// The CUDA backward of the forward `got` (q, k, v, grad_out and grad_lse on
-// the GPU) against `want`, from the forward's keep bits if it kept any, and
-// drawing the mask without them (as past their memory budget).
-void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k, const Tensor& v, const Forward& got,
-                                               const Tensor& grad_out, const Tensor& grad_lse,
-                                               const DilatedAttentionConfig& config, const Backward& want,
-                                               double tol) {
-  const Forward no_bits{got.out, got.lse, Tensor()};
-  for (const Forward* f : {&got, &no_bits}) {
-    if (f == &got && !got.dropout_bits.defined()) continue;  // the same run as the next
-    CAPTURE(f->dropout_bits.defined());
-    Backward gg = run_cuda_backward(q, k, v, *f, grad_out, grad_lse, config);
-    check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, want, tol);
-  }
-}
-
 // A CUDA case's inputs: q, k and v (B, N, H, D) of random values in `dtype`
 // on the GPU, q64, k64 and v64 of the same (rounded) values in float64 on the
 // CPU, for the reference. Callers bind its fields to references, not
@@ -873,6 +856,24 @@ Qkv random_qkv(const Case& c, DType dtype, const Device& gpu) {
   }
   return in;
 }
+
+#if defined(MINIDL_WITH_CUDA)
+// The CUDA backward of the forward `got` (q, k, v, grad_out and grad_lse on
+// the GPU) against `want`, from the forward's keep bits if it kept any, and
+// drawing the mask without them (as past their memory budget).
+void check_cuda_backward_with_and_without_bits(const Tensor& q, const Tensor& k, const Tensor& v, const Forward& got,
+                                               const Tensor& grad_out, const Tensor& grad_lse,
+                                               const DilatedAttentionConfig& config, const Backward& want,
+                                               double tol) {
+  const Forward no_bits{got.out, got.lse, Tensor()};
+  for (const Forward* f : {&got, &no_bits}) {
+    if (f == &got && !got.dropout_bits.defined()) continue;  // the same run as the next
+    CAPTURE(f->dropout_bits.defined());
+    Backward gg = run_cuda_backward(q, k, v, *f, grad_out, grad_lse, config);
+    check_gradients({gg.dq.to(Device::cpu()), gg.dk.to(Device::cpu()), gg.dv.to(Device::cpu())}, want, tol);
+  }
+}
+
 // Strided views of one packed projection (B, N, 3, H, D).
 Qkv packed_qkv(const Case& c, DType dtype, const Device& gpu) {
   Tensor qkv = random_tensor({c.B, c.N, 3, c.H, c.D}).to(dtype);
